@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# medbot's one command.
+#   ./build.sh                  build ./medbot (and the tiny demo model weights/tiny if missing)
+#   ./build.sh test [FILTER]    build and run the tests whose names contain FILTER
+#   ./build.sh test --sanitize [FILTER]   the same under AddressSanitizer + UBSan
+#   ./build.sh bench [FILTER]   build and run the benchmarks (tests/bench/)
+#   ./build.sh clean
+# Environment: CC (default cc), CFLAGS (extra flags), STB_INCLUDE (folder holding stb/stb_ds.h),
+# MEDBOT_NATIVE=0 to build without -march=native (for a binary that runs on other CPUs).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+CC=${CC:-cc}
+WARN="-std=c99 -Wall -Wextra -Wpedantic"
+OPT="-O3 -ffp-contract=fast"
+LIBS="-lm -lpthread"
+BUILD=build
+
+die() { echo "build.sh: $*" >&2; exit 1; }
+
+find_stb() {
+  local d
+  for d in "${STB_INCLUDE:-}" /usr/include /usr/local/include /opt/homebrew/include; do
+    if [ -n "$d" ] && [ -f "$d/stb/stb_ds.h" ]; then echo "$d"; return 0; fi
+  done
+  return 1
+}
+
+setup() {
+  command -v "$CC" >/dev/null || die "no C compiler '$CC' --> install gcc or clang, or set CC"
+  local stb
+  stb=$(find_stb) || die "stb_ds.h not found --> Debian/Ubuntu: sudo apt-get install libstb-dev; macOS: brew install stb; or set STB_INCLUDE to the folder that holds stb/stb_ds.h"
+  INC="-I$stb"
+  NATIVE=""
+  if [ "${MEDBOT_NATIVE:-1}" != 0 ] && echo 'int main(void){return 0;}' | $CC -march=native -x c - -o /dev/null 2>/dev/null; then
+    NATIVE="-march=native"
+  fi
+  mkdir -p "$BUILD"
+}
+
+# build_bin OUT SRC EXTRA_FLAGS...: compiles when SRC, medbot.c or medbot.h is newer than OUT
+build_bin() {
+  local out=$1 src=$2; shift 2
+  if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ medbot.c -nt "$out" ] || [ medbot.h -nt "$out" ] ||
+     { [ -f tests/test.h ] && [ tests/test.h -nt "$out" ]; } || [ build.sh -nt "$out" ]; then
+    # shellcheck disable=SC2086
+    $CC $WARN "$@" $INC ${CFLAGS:-} -o "$out" "$src" $LIBS
+  fi
+}
+
+build_medbot() {
+  build_bin medbot medbot.c $OPT $NATIVE
+  if [ ! -f weights/tiny/model.safetensors ]; then
+    ./medbot init --config weights/tiny/config.json --output weights/tiny --seed 0 --dtype bf16 >/dev/null
+  fi
+}
+
+run_tests() {
+  local sanitize=0 filter=""
+  for a in "$@"; do
+    case "$a" in
+      --sanitize) sanitize=1 ;;
+      *) filter="$a" ;;
+    esac
+  done
+  build_medbot
+  local dir=$BUILD flags="$OPT $NATIVE"
+  export MEDBOT_BIN=./medbot
+  if [ $sanitize = 1 ]; then
+    dir=$BUILD/san
+    flags="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+    mkdir -p "$dir"
+    build_bin "$dir/medbot" medbot.c $flags
+    export MEDBOT_BIN=$dir/medbot MB_TEST_SANITIZE=1
+    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0} UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
+  fi
+  local srcs=(tests/test_*.c) pids=() names=()
+  for src in "${srcs[@]}"; do
+    local name; name=$(basename "$src" .c)
+    build_bin "$dir/$name" "$src" $flags &
+    pids+=($!); names+=("$name")
+    if [ ${#pids[@]} -ge "${MEDBOT_JOBS:-2}" ]; then wait "${pids[0]}" || die "building ${names[0]} failed"; pids=("${pids[@]:1}"); names=("${names[@]:1}"); fi
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}" || die "building ${names[$i]} failed"; done
+  local passed=0 failed=0 out line rc
+  for src in "${srcs[@]}"; do
+    local name; name=$(basename "$src" .c)
+    set +e
+    "$dir/$name" "$filter" > "$dir/$name.log" 2>&1
+    rc=$?
+    set -e
+    cat "$dir/$name.log"
+    line=$(tail -1 "$dir/$name.log" | grep -E '^[0-9]+ passed, [0-9]+ failed$' || true)
+    if [ -z "$line" ]; then
+      echo "FAIL $name: crashed or exited without a summary (exit $rc)" >&2
+      failed=$((failed + 1))
+      continue
+    fi
+    passed=$((passed + $(echo "$line" | cut -d' ' -f1)))
+    failed=$((failed + $(echo "$line" | cut -d' ' -f3)))
+    if [ "$rc" != 0 ] && [ "$(echo "$line" | cut -d' ' -f3)" = 0 ]; then
+      echo "FAIL $name: exit $rc after reporting no failures" >&2
+      failed=$((failed + 1))
+    fi
+  done
+  echo "$passed passed, $failed failed"
+  [ $failed = 0 ]
+}
+
+run_bench() {
+  build_medbot
+  local filter=${1:-}
+  for src in tests/bench/bench_*.c; do
+    local name; name=$(basename "$src" .c)
+    build_bin "$BUILD/$name" "$src" $OPT $NATIVE
+    "$BUILD/$name" "$filter"
+  done
+}
+
+cmd=${1:-build}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  build) setup; build_medbot; echo "built ./medbot" ;;
+  test) setup; run_tests "$@" ;;
+  bench) setup; run_bench "$@" ;;
+  clean) rm -rf "$BUILD" medbot weights/tiny/model.safetensors; echo "cleaned" ;;
+  -h|--help|help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' --> ./build.sh [build|test [--sanitize] [FILTER]|bench|clean]" ;;
+esac
