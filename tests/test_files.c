@@ -69,13 +69,21 @@ static void dtype_conversions_round_to_nearest_even(void) {
     CHECK(bad == 0, "%d bf16 values do not round-trip", bad);
 }
 
+static char dir_[64];
+
+static void remove_tmpdir(void) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir_);
+    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir_);
+}
+
 static const char *tmpdir(void) {
-    static char dir[64];
-    if (!dir[0]) {
-        snprintf(dir, sizeof dir, "/tmp/medbot-test-files-%ld", (long)getpid());
-        mkdir(dir, 0700);
+    if (!dir_[0]) {
+        snprintf(dir_, sizeof dir_, "/tmp/medbot-test-files-%ld", (long)getpid());
+        mkdir(dir_, 0700);
+        atexit(remove_tmpdir);
     }
-    return dir;
+    return dir_;
 }
 
 static void safetensors_round_trip(void) {
