@@ -36,6 +36,37 @@ setup() {
     NATIVE="-march=native"
   fi
   mkdir -p "$BUILD"
+  find_cuda
+}
+
+# The CUDA toolkit (nvcc, NVRTC): CUDA_HOME, nvcc on PATH, or /usr/local/cuda.
+find_cuda() {
+  CUDA_DIR=""
+  local d
+  for d in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")" /usr/local/cuda; do
+    if [ -n "$d" ] && [ -f "$d/include/nvrtc.h" ]; then CUDA_DIR=$d; break; fi
+  done
+  local lib
+  for lib in lib64 lib lib/x64 targets/x86_64-linux/lib targets/sbsa-linux/lib; do
+    if [ -n "$CUDA_DIR" ] && ls "$CUDA_DIR/$lib"/libnvrtc.* >/dev/null 2>&1; then CUDA_LIB=$CUDA_DIR/$lib; return; fi
+  done
+  CUDA_DIR=""
+}
+
+# gen_kernels (with NVRTC when the toolkit is there) and the embedded kernel source
+build_kernels() {
+  local flags=""
+  if [ -n "$CUDA_DIR" ]; then
+    flags="-DMB_HAVE_NVRTC -I$CUDA_DIR/include -L$CUDA_LIB -Wl,-rpath,$CUDA_LIB -lnvrtc"
+  fi
+  if [ ! -f "$BUILD/gen_kernels" ] || [ gen_kernels.c -nt "$BUILD/gen_kernels" ] || [ build.sh -nt "$BUILD/gen_kernels" ]; then
+    # shellcheck disable=SC2086
+    $CC $WARN -O2 -o "$BUILD/gen_kernels" gen_kernels.c $flags
+  fi
+  if [ ! -f kernels.gen.h ] || [ kernels.cu.in -nt kernels.gen.h ] || [ "$BUILD/gen_kernels" -nt kernels.gen.h ]; then
+    "$BUILD/gen_kernels" kernels.cu.in kernels.gen.h
+  fi
+  export MB_HAVE_NVRTC=$([ -n "$CUDA_DIR" ] && echo 1 || echo 0)
 }
 
 # build_bin OUT SRC EXTRA_FLAGS...: compiles when SRC, medbot.c or medbot.h is newer than OUT
@@ -49,6 +80,7 @@ build_bin() {
 }
 
 build_medbot() {
+  build_kernels
   build_bin medbot medbot.c $OPT $NATIVE
   if [ ! -f weights/tiny/model.safetensors ]; then
     ./medbot init --config weights/tiny/config.json --output weights/tiny --seed 0 --dtype bf16 >/dev/null
