@@ -1550,10 +1550,53 @@ struct MbOps {
                               int K, int D);
     /* out (n) = silu(gate) * up : LlamaMLP's act_fn(gate_proj(x)) * up_proj(x) */
     void (*swiglu_forward)(MbOps *, float *out, const float *gate, const float *up, size_t n);
-    /* x (n) += y (n) : the residual connection */
-    void (*residual_forward)(MbOps *, float *x, const float *y, size_t n);
     /* out (n, C) = inp[rows[i]] for i < n */
     void (*gather_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t C);
+    /* out (n) = a (n) + b (n); out may alias a or b : the residual connection */
+    void (*add_forward)(MbOps *, float *out, const float *a, const float *b, size_t n);
+    /* u (N, R) = x (N, I) @ A^T; out (N, O) += scale * u @ B^T : PEFT's lora_B(lora_A(x)) * scaling.
+     * A (R, I) and B (O, R) are fp32 weights. */
+    void (*lora_forward)(MbOps *, float *out, float *u, const float *x, const MbWeight *A, const MbWeight *B,
+                         size_t N, float scale);
+    /* log-probabilities of targets under logits = x @ w^T without keeping the logits:
+     * logp (M) = logits[m][targets[m]] - lse[m], lse (M) = logsumexp(logits[m]),
+     * lsum (M) = sum over the vocabulary of logits[m] (for TRL's logits/chosen and logits/rejected), fp32 :
+     * selective_log_softmax(lm_head(x), targets) */
+    void (*logprob_forward)(MbOps *, float *logp, float *lse, double *lsum, const float *x, const MbWeight *w,
+                            const int32_t *targets, size_t M);
+
+    /* ---- backward (parameter gradients +=, activation gradients = unless `accumulate`) ---- */
+    /* dinp (N, I) (+)= dout (N, O) @ w (O, I) */
+    void (*matmul_backward)(MbOps *, float *dinp, const float *dout, const MbWeight *w, size_t N, int accumulate);
+    /* dinp (N, C) (+)= d rmsnorm(inp)/d inp . dout; w frozen (no weight gradient) */
+    void (*rmsnorm_backward)(MbOps *, float *dinp, const float *dout, const float *inp, const MbWeight *w,
+                             const float *rstd, size_t N, int accumulate);
+    /* dx (B, T, nh, D) rotated back in place (the transpose of rope_forward) */
+    void (*rope_backward)(MbOps *, float *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D);
+    /* dq (B, T, H, D), dk, dv (B, T, K, D) = gradients of attention_forward (pos0 0, S = T) given
+     * dout, the inputs and the saved out and lse */
+    void (*attention_backward)(MbOps *, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                               const float *k, const float *v, const float *out, const float *lse,
+                               const int *lens, int B, int T, int H, int K, int D);
+    /* dgate, dup (n) = gradients of swiglu_forward */
+    void (*swiglu_backward)(MbOps *, float *dgate, float *dup, const float *dout, const float *gate,
+                            const float *up, size_t n);
+    /* dA (R, I) += du^T x, dB (O, R) += scale dout^T u, dx (N, I) += du @ A with du = scale dout @ B */
+    void (*lora_backward)(MbOps *, float *dx, float *dA, float *dB, const float *dout, const float *x,
+                          const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale);
+    /* dx (M, C) = d(sum_m g[m] logp[m]) / dx : the backward of logprob_forward */
+    void (*logprob_backward)(MbOps *, float *dx, const float *g, const float *x, const MbWeight *w,
+                             const int32_t *targets, const float *lse, size_t M);
+    /* out (N, C) = 0 except rows[i] = inp[i] for i < n : the backward of gather_rows */
+    void (*scatter_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C);
+
+    /* ---- optimizer state (fp32 vectors of n) ---- */
+    double (*sumsq)(MbOps *, const float *x, size_t n);                  /* sum of x^2 */
+    void (*scale)(MbOps *, float *x, float s, size_t n);                  /* x *= s */
+    void (*fill)(MbOps *, float *x, float v, size_t n);                   /* x = v */
+    /* torch.optim.AdamW step `step` (1-based) with decoupled weight decay */
+    void (*adamw)(MbOps *, float *p, const float *g, float *m, float *v, size_t n, double lr, double beta1,
+                  double beta2, double eps, double wd, long step);
 };
 
 static float *mb_act_at(const MbOps *ops, float *base, size_t elems) {
@@ -1814,14 +1857,325 @@ static void cpu_swiglu_forward(MbOps *ops, float *out, const float *gate, const 
     for (size_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-static void cpu_residual_forward(MbOps *ops, float *x, const float *y, size_t n) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) x[i] += y[i];
-}
-
 static void cpu_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
     (void)ops;
     for (size_t i = 0; i < n; i++) memcpy(out + i * C, inp + (size_t)rows[i] * C, C * sizeof(float));
+}
+
+static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float *b, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+/* The tile rows [r0, r0+nr) x cols [c0, c0+nc) of w in fp32, as stored: dst[r * ld + c]. */
+static void weight_tile(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst, size_t ld) {
+    for (size_t r = 0; r < nr; r++) weight_row_f32(w, r0 + r, c0, nc, dst + r * ld);
+}
+
+/* dinp (N, I) = dout (N, O) @ W: the forward kernel with the roles of rows and columns of W
+ * swapped (tiles of MM_IB weight rows x MM_OB weight columns, as stored). Threads take disjoint
+ * blocks of I. */
+typedef struct {
+    MbCpu *cpu;
+    float *dinp;
+    const float *dout;
+    const MbWeight *w;
+    size_t N;
+    int accumulate;
+} MatmulBwdTask;
+
+static void matmul_backward_task(void *ctx, int tid, int nt) {
+    MatmulBwdTask *t = ctx;
+    size_t O = t->w->rows, I = t->w->cols, nblocks = (I + MM_OB - 1) / MM_OB, b0, b1;
+    mb_split(nblocks, tid, nt, &b0, &b1);
+    float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
+    for (size_t b = b0; b < b1; b++) {
+        size_t c0 = b * MM_OB, nc = MB_MIN((size_t)MM_OB, I - c0);
+        for (size_t o0 = 0; o0 < O; o0 += MM_IB) {
+            size_t no = MB_MIN((size_t)MM_IB, O - o0);
+            if (nc < MM_OB) memset(wt, 0, (size_t)MM_IB * MM_OB * sizeof(float));
+            weight_tile(t->w, o0, no, c0, nc, wt, MM_OB);
+            for (size_t n0 = 0; n0 < t->N; n0 += MM_MR)
+                matmul_kernel(t->dinp + n0 * I + c0, I, t->dout + n0 * O + o0, O, wt, no, nc,
+                              MB_MIN((size_t)MM_MR, t->N - n0), o0 == 0 && !t->accumulate);
+        }
+    }
+}
+
+static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
+                                int accumulate) {
+    MbCpu *cpu = ops->ctx;
+    MatmulBwdTask t = {cpu, dinp, dout, w, N, accumulate};
+    mb_pool_run(cpu->pool, matmul_backward_task, &t);
+}
+
+/* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
+ * dx = r * (w dy) - r^3 / C * x * sum(w dy x) */
+static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
+                                 const float *rstd, size_t N, int accumulate) {
+    (void)ops;
+    size_t C = w->cols;
+    float *wf = mb_malloc(C * sizeof(float));
+    weight_row_f32(w, 0, 0, C, wf);
+    for (size_t n = 0; n < N; n++) {
+        const float *x = inp + n * C, *dy = dout + n * C;
+        float r = rstd[n], dot = 0.0f;
+        for (size_t c = 0; c < C; c++) dot += wf[c] * dy[c] * x[c];
+        float k = r * r * r * dot / (float)C;
+        float *dx = dinp + n * C;
+        for (size_t c = 0; c < C; c++) {
+            float g = r * wf[c] * dy[c] - k * x[c];
+            dx[c] = accumulate ? dx[c] + g : g;
+        }
+    }
+    free(wf);
+}
+
+static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
+                              int D) {
+    (void)ops;
+    int half = D / 2;
+    float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float));
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < half; j++) {
+            float f = (float)(pos0 + t) * inv_freq[j];
+            cs[(size_t)t * D + j] = cosf(f);
+            cs[(size_t)t * D + half + j] = sinf(f);
+        }
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *c = cs + (size_t)t * D, *s = c + half;
+            for (int h = 0; h < nh; h++) {
+                float *v = dx + (((size_t)b * T + t) * nh + h) * D;
+                for (int j = 0; j < half; j++) {
+                    float g1 = v[j], g2 = v[j + half];
+                    v[j] = g1 * c[j] + g2 * s[j];
+                    v[j + half] = g2 * c[j] - g1 * s[j];
+                }
+            }
+        }
+    free(cs);
+}
+
+typedef struct {
+    MbCpu *cpu;
+    float *dq, *dk, *dv;
+    const float *dout, *q, *k, *v, *out, *lse;
+    const int *lens;
+    int B, T, H, K, D;
+} AttnBwdTask;
+
+/* One thread per (b, kv head): it owns dk and dv of that head, so GQA needs no atomics. */
+static void attention_backward_task(void *ctx, int tid, int nt) {
+    AttnBwdTask *a = ctx;
+    size_t lo, hi;
+    mb_split((size_t)a->B * a->K, tid, nt, &lo, &hi);
+    int D = a->D, T = a->T, H = a->H, K = a->K, group = H / K, QD = H * D, KD = K * D;
+    float scale = 1.0f / sqrtf((float)D);
+    float *p = cpu_scratch(a->cpu, tid, (size_t)T);
+    for (size_t bk = lo; bk < hi; bk++) {
+        int b = (int)(bk / (size_t)K), kh = (int)(bk % (size_t)K), len = a->lens ? a->lens[b] : T;
+        size_t seq = (size_t)b * T;
+        for (int t = 0; t < T; t++)
+            for (int d = 0; d < D; d++) {
+                a->dk[(seq + t) * KD + (size_t)kh * D + d] = 0.0f;
+                a->dv[(seq + t) * KD + (size_t)kh * D + d] = 0.0f;
+            }
+        for (int h = kh * group; h < (kh + 1) * group; h++)
+            for (int t = 0; t < T; t++) {
+                const float *q = a->q + (seq + t) * QD + (size_t)h * D;
+                const float *o = a->out + (seq + t) * QD + (size_t)h * D;
+                const float *dO = a->dout + (seq + t) * QD + (size_t)h * D;
+                float *dq = a->dq + (seq + t) * QD + (size_t)h * D;
+                float lse = a->lse[((size_t)b * H + h) * T + t];
+                int nk = MB_MIN(t + 1, len);
+                float Dt = 0.0f;
+                for (int d = 0; d < D; d++) Dt += dO[d] * o[d];
+                for (int d = 0; d < D; d++) dq[d] = 0.0f;
+                for (int j = 0; j < nk; j++) {
+                    const float *kj = a->k + (seq + j) * KD + (size_t)kh * D;
+                    const float *vj = a->v + (seq + j) * KD + (size_t)kh * D;
+                    float s = 0.0f, dp = 0.0f;
+                    for (int d = 0; d < D; d++) s += q[d] * kj[d], dp += dO[d] * vj[d];
+                    p[j] = expf(s * scale - lse);
+                    float ds = p[j] * (dp - Dt) * scale;
+                    float *dkj = a->dk + (seq + j) * KD + (size_t)kh * D;
+                    float *dvj = a->dv + (seq + j) * KD + (size_t)kh * D;
+                    for (int d = 0; d < D; d++) {
+                        dq[d] += ds * kj[d];
+                        dkj[d] += ds * q[d];
+                        dvj[d] += p[j] * dO[d];
+                    }
+                }
+            }
+    }
+}
+
+static void cpu_attention_backward(MbOps *ops, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                   const float *k, const float *v, const float *out, const float *lse,
+                                   const int *lens, int B, int T, int H, int K, int D) {
+    MbCpu *cpu = ops->ctx;
+    AttnBwdTask a = {cpu, dq, dk, dv, dout, q, k, v, out, lse, lens, B, T, H, K, D};
+    mb_pool_run(cpu->pool, attention_backward_task, &a);
+}
+
+static void cpu_swiglu_backward(MbOps *ops, float *dgate, float *dup, const float *dout, const float *gate,
+                                const float *up, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i], s = 1.0f / (1.0f + expf(-g)), silu = g * s;
+        dup[i] = dout[i] * silu;
+        dgate[i] = dout[i] * up[i] * (s * (1.0f + g * (1.0f - s)));
+    }
+}
+
+/* C (Mr, Kc) += alpha * A^T B with A (N, Mr) and B (N, Kc), both row-major; threads take rows of C.
+ * The sum over n runs in order, so the result does not depend on the thread count. */
+typedef struct {
+    float *c;
+    const float *a, *b;
+    size_t N, Mr, Kc;
+    float alpha;
+} GemmTnTask;
+
+static void gemm_tn_task(void *ctx, int tid, int nt) {
+    GemmTnTask *t = ctx;
+    size_t lo, hi;
+    mb_split(t->Mr, tid, nt, &lo, &hi);
+    for (size_t m = lo; m < hi; m++) {
+        float *c = t->c + m * t->Kc;
+        for (size_t n = 0; n < t->N; n++) {
+            float s = t->alpha * t->a[n * t->Mr + m];
+            const float *b = t->b + n * t->Kc;
+            for (size_t k = 0; k < t->Kc; k++) c[k] += s * b[k];
+        }
+    }
+}
+
+static void cpu_gemm_tn_acc(MbCpu *cpu, float *c, const float *a, const float *b, size_t N, size_t Mr, size_t Kc,
+                            float alpha) {
+    GemmTnTask t = {c, a, b, N, Mr, Kc, alpha};
+    mb_pool_run(cpu->pool, gemm_tn_task, &t);
+}
+
+/* out (N, O) += scale * u (N, R) @ B^T, threads over O */
+typedef struct {
+    float *out;
+    const float *u;
+    const MbWeight *B;
+    size_t N;
+    float scale;
+} LoraUpTask;
+
+static void lora_up_task(void *ctx, int tid, int nt) {
+    LoraUpTask *t = ctx;
+    size_t O = t->B->rows, R = t->B->cols, lo, hi;
+    mb_split(O, tid, nt, &lo, &hi);
+    const float *Bw = t->B->data;
+    for (size_t o = lo; o < hi; o++)
+        for (size_t n = 0; n < t->N; n++) t->out[n * O + o] += t->scale * dot_f32(t->u + n * R, Bw + o * R, R);
+}
+
+static void cpu_lora_forward(MbOps *ops, float *out, float *u, const float *x, const MbWeight *A, const MbWeight *B,
+                             size_t N, float scale) {
+    MbCpu *cpu = ops->ctx;
+    cpu_matmul_forward(ops, u, x, A, N);
+    LoraUpTask t = {out, u, B, N, scale};
+    mb_pool_run(cpu->pool, lora_up_task, &t);
+}
+
+static void cpu_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, const float *dout, const float *x,
+                              const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale) {
+    MbCpu *cpu = ops->ctx;
+    size_t R = A->rows, I = A->cols, O = B->rows;
+    float *du = mb_aligned_alloc(N * R * sizeof(float));
+    cpu_gemm_tn_acc(cpu, dB, dout, u, N, O, R, scale);         /* dB += scale dout^T u */
+    cpu_matmul_backward(ops, du, dout, B, N, 0);                /* du = dout @ B */
+    for (size_t i = 0; i < N * R; i++) du[i] *= scale;
+    cpu_gemm_tn_acc(cpu, dA, du, x, N, R, I, 1.0f);             /* dA += du^T x */
+    cpu_matmul_backward(ops, dx, du, A, N, 1);                  /* dx += du @ A */
+    free(du);
+}
+
+/* rows of logits are made LP_ROWS at a time (never the whole (M, V) block) */
+#define LP_ROWS 16
+
+static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, double *lsum, const float *x, const MbWeight *w,
+                                const int32_t *targets, size_t M) {
+    size_t V = w->rows, C = w->cols;
+    float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
+    for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
+        size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
+        cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
+        for (size_t r = 0; r < rows; r++) {
+            const float *l = logits + r * V;
+            float mx = -INFINITY;
+            double sum = 0.0;
+            for (size_t v = 0; v < V; v++) mx = MB_MAX(mx, l[v]), sum += l[v];
+            float se = 0.0f;
+            for (size_t v = 0; v < V; v++) se += expf(l[v] - mx);
+            lse[m0 + r] = mx + logf(se);
+            logp[m0 + r] = l[targets[m0 + r]] - lse[m0 + r];
+            lsum[m0 + r] = sum;
+        }
+    }
+    free(logits);
+}
+
+static void cpu_logprob_backward(MbOps *ops, float *dx, const float *g, const float *x, const MbWeight *w,
+                                 const int32_t *targets, const float *lse, size_t M) {
+    size_t V = w->rows, C = w->cols;
+    float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
+    for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
+        size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
+        cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
+        for (size_t r = 0; r < rows; r++) { /* d logp / d logits = onehot(target) - softmax */
+            float *l = logits + r * V, gr = g[m0 + r], ls = lse[m0 + r];
+            for (size_t v = 0; v < V; v++) l[v] = -gr * expf(l[v] - ls);
+            l[targets[m0 + r]] += gr;
+        }
+        cpu_matmul_backward(ops, dx + m0 * C, logits, w, rows, 0);
+    }
+    free(logits);
+}
+
+static void cpu_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
+    (void)ops;
+    memset(out, 0, N * C * sizeof(float));
+    for (size_t i = 0; i < n; i++) memcpy(out + (size_t)rows[i] * C, inp + i * C, C * sizeof(float));
+}
+
+static double cpu_sumsq(MbOps *ops, const float *x, size_t n) {
+    (void)ops;
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
+static void cpu_scale(MbOps *ops, float *x, float s, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+static void cpu_fill(MbOps *ops, float *x, float v, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) x[i] = v;
+}
+
+/* torch.optim.AdamW (foreach=False) in fp32 with the bias corrections in double, as torch does */
+static void cpu_adamw(MbOps *ops, float *p, const float *g, float *m, float *v, size_t n, double lr, double beta1,
+                      double beta2, double eps, double wd, long step) {
+    (void)ops;
+    double bc1 = 1.0 - pow(beta1, (double)step), bc2 = 1.0 - pow(beta2, (double)step);
+    float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2), decay = (float)(1.0 - lr * wd);
+    float b1 = (float)beta1, b2 = (float)beta2, e = (float)eps;
+    for (size_t i = 0; i < n; i++) {
+        p[i] *= decay;
+        m[i] += (g[i] - m[i]) * (1.0f - b1);
+        v[i] = v[i] * b2 + (1.0f - b2) * g[i] * g[i];
+        float denom = sqrtf(v[i]) / bc2_sqrt + e;
+        p[i] -= step_size * (m[i] / denom);
+    }
 }
 
 static void cpu_destroy(MbOps *ops) {
@@ -1855,8 +2209,22 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->kv_store = cpu_kv_store;
     ops->attention_forward = cpu_attention_forward;
     ops->swiglu_forward = cpu_swiglu_forward;
-    ops->residual_forward = cpu_residual_forward;
     ops->gather_rows = cpu_gather_rows;
+    ops->add_forward = cpu_add_forward;
+    ops->lora_forward = cpu_lora_forward;
+    ops->logprob_forward = cpu_logprob_forward;
+    ops->matmul_backward = cpu_matmul_backward;
+    ops->rmsnorm_backward = cpu_rmsnorm_backward;
+    ops->rope_backward = cpu_rope_backward;
+    ops->attention_backward = cpu_attention_backward;
+    ops->swiglu_backward = cpu_swiglu_backward;
+    ops->lora_backward = cpu_lora_backward;
+    ops->logprob_backward = cpu_logprob_backward;
+    ops->scatter_rows = cpu_scatter_rows;
+    ops->sumsq = cpu_sumsq;
+    ops->scale = cpu_scale;
+    ops->fill = cpu_fill;
+    ops->adamw = cpu_adamw;
     return ops;
 }
 
@@ -1906,20 +2274,59 @@ typedef struct {
     MbWeight w[MB_LAYER_WEIGHTS];
 } MbLayer;
 
-/* Activations of one forward pass over N = B*T rows: one block, pointed into by a table. */
+/* LoRA adapters as the model sees them (the functions that make, load and save them are in
+ * section 7). For each decoder layer and each targeted projection: y += scale * B (A x). */
 typedef struct {
-    size_t N;        /* rows the buffers hold */
+    MbWeight A, B;      /* (R, in), (out, R): fp32 views into the adapter's parameter block */
+    float *gA, *gB;     /* their gradients, same layout, in the gradient block */
+} MbLoraPair;
+
+struct MbLora {
+    int r;
+    double alpha, dropout;
+    int use_rslora;
+    unsigned targets;   /* bit i: MbLayerWeightId i is adapted */
+    float scale;        /* alpha / r, or alpha / sqrt(r) with use_rslora */
+    int L;
+    MbLoraPair *pairs;  /* (L, MB_LAYER_WEIGHTS); A.data == NULL where not targeted */
+    float *params;      /* (n_params) every A and B, fp32 master weights (backend memory) */
+    float *grads;       /* (n_params) */
+    size_t n_params;
+    int enabled;        /* 0: the model is the reference policy (adapters disabled) */
+};
+
+/* Activations saved by one decoder layer for its backward. */
+typedef struct {
+    float *x_in;        /* (N, C) the layer's input: a slot of the residual stream */
+    float *xn1, *rstd1; /* (N, C), (N) input_layernorm */
+    float *q;           /* (N, H*D) after rope */
+    float *k, *v;       /* (N, K*D), k after rope (training: the attention's keys and values) */
+    float *att, *lse;   /* (N, H*D) attention output, (B, H, T) its log-sum-exp */
+    float *x_mid;       /* (N, C) x_in + o_proj(att) */
+    float *xn2, *rstd2; /* (N, C), (N) post_attention_layernorm */
+    float *gate, *up;   /* (N, F) */
+    float *hid;         /* (N, F) silu(gate) * up */
+    float *u[MB_LAYER_WEIGHTS]; /* (N, R) lora_A(x) of each adapted projection */
+} MbLayerActs;
+
+/* Every activation buffer of a forward (and backward) over N rows: one block, a pointer table.
+ * Inference keeps one layer's activations and two residual slots. Training keeps the residual
+ * stream at every layer boundary (L + 1 slots) and either every layer's activations or, with
+ * gradient checkpointing, one layer's, recomputed from its input slot during the backward. */
+typedef struct {
+    size_t N;            /* rows the buffers hold */
+    int train, checkpointing, R;
+    unsigned lora_targets;
     float *block;
-    float *x;        /* (N, C) residual stream */
-    float *xn;       /* (N, C) normed */
-    float *q;        /* (N, H*D) */
-    float *k, *v;    /* (N, K*D) */
-    float *att;      /* (N, H*D) attention output */
-    float *tmp;      /* (N, C) projection back to the residual */
-    float *gate, *up;/* (N, F) */
-    float *hid;      /* (N, F) silu(gate) * up */
-    float *rstd;     /* (N) */
-    float *logits;   /* (N, V) when the backend's memory is not the host's */
+    float **stream;      /* (L + 1) training, (1) inference: slots of (N, C) */
+    MbLayerActs *layer;  /* (L) training without checkpointing, else (1) */
+    int n_layer_sets;
+    float *tmp;          /* (N, C) a projection's output before its residual add */
+    float *xf, *rstd_f;  /* (N, C), (N) the final norm */
+    float *logits;       /* (N, V) inference logits when backend memory is not host memory */
+    float *xg;           /* (N, C) rows of xf that predict a loss token */
+    float *logp, *lse_rows, *g_rows; /* (N) per loss row */
+    float *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
 } MbActs;
 
 struct MbModel {
@@ -1932,6 +2339,14 @@ struct MbModel {
     float *inv_freq;        /* (D/2) rope frequencies, llama3-scaled */
     MbOps *ops;
     MbActs acts;
+    MbLora *lora;           /* attached adapters, or NULL (not owned) */
+    int gradient_checkpointing;
+    /* the training batch the saved activations belong to (for the backward) */
+    const int *train_lens;
+    int train_B, train_T;
+    const int *train_pos;
+    const int32_t *train_target;
+    size_t train_M;
 };
 
 struct MbKVCache {
@@ -1970,35 +2385,70 @@ static void rope_inv_freq(const MbConfig *c, float *inv_freq) {
 
 static void acts_free(MbModel *m) {
     if (m->acts.block) m->ops->free(m->ops, m->acts.block);
+    free(m->acts.stream);
+    free(m->acts.layer);
     memset(&m->acts, 0, sizeof m->acts);
 }
 
-/* Makes the activation block hold N rows (with logits when the backend needs its own copy). */
-static void acts_ensure(MbModel *m, size_t N) {
-    if (m->acts.block && m->acts.N >= N) return;
+typedef struct {
+    float **ptr;
+    size_t count;
+} MbBufSpec;
+
+static void buf_spec(MbBufSpec **spec, float **p, size_t n) {
+    MbBufSpec s = {p, n};
+    arrput(*spec, s);
+}
+
+/* Makes the activation block hold N rows for inference (train 0) or training (train 1). */
+static void acts_ensure(MbModel *m, size_t N, int train) {
+    MbActs *a = &m->acts;
+    const MbLora *lo = m->lora;
+    int R = lo ? lo->r : 0, ckpt = train && m->gradient_checkpointing;
+    unsigned targets = lo ? lo->targets : 0;
+    if (a->block && a->N >= N && a->train == train && a->checkpointing == ckpt && a->R == R &&
+        a->lora_targets == targets)
+        return;
     acts_free(m);
     const MbConfig *c = &m->cfg;
     size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
-           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size;
-    MbActs *a = &m->acts;
-    struct {
-        float **ptr;
-        size_t count;
-    } spec[] = {
-        {&a->x, N * C},    {&a->xn, N * C},  {&a->q, N * QD},  {&a->k, N * KVD},
-        {&a->v, N * KVD},  {&a->att, N * QD}, {&a->tmp, N * C}, {&a->gate, N * F},
-        {&a->up, N * F},   {&a->hid, N * F},  {&a->rstd, N},
-        {&a->logits, m->ops->host_memory ? 0 : N * V},
-    };
-    size_t n = sizeof spec / sizeof *spec, total = 0;
-    for (size_t i = 0; i < n; i++) total += spec[i].count;
+           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
+           H = (size_t)c->num_attention_heads;
+    a->N = N, a->train = train, a->checkpointing = ckpt, a->R = R, a->lora_targets = targets;
+    size_t n_stream = train ? L + 1 : 1;
+    a->n_layer_sets = train && !ckpt ? (int)L : 1;
+    a->stream = mb_calloc(n_stream, sizeof *a->stream);
+    a->layer = mb_calloc((size_t)a->n_layer_sets, sizeof *a->layer);
+    MbBufSpec *spec = NULL; /* stb_ds array */
+#define BUF(p, n) buf_spec(&spec, &(p), (n))
+    for (size_t i = 0; i < n_stream; i++) BUF(a->stream[i], N * C);
+    for (int i = 0; i < a->n_layer_sets; i++) {
+        MbLayerActs *la = &a->layer[i];
+        BUF(la->xn1, N * C), BUF(la->rstd1, N), BUF(la->q, N * QD), BUF(la->k, N * KVD);
+        BUF(la->v, N * KVD), BUF(la->att, N * QD), BUF(la->lse, N * H), BUF(la->x_mid, N * C);
+        BUF(la->xn2, N * C), BUF(la->rstd2, N), BUF(la->gate, N * F), BUF(la->up, N * F);
+        BUF(la->hid, N * F);
+        for (int w = 0; w < MB_LAYER_WEIGHTS; w++)
+            if (targets & (1u << w)) BUF(la->u[w], N * (size_t)R);
+    }
+    BUF(a->tmp, N * C), BUF(a->xf, N * C), BUF(a->rstd_f, N);
+    if (!m->ops->host_memory && !train) BUF(a->logits, N * V);
+    if (train) {
+        BUF(a->xg, N * C), BUF(a->dxg, N * C), BUF(a->logp, N), BUF(a->lse_rows, N), BUF(a->g_rows, N);
+        BUF(a->dx, N * C), BUF(a->dx_mid, N * C), BUF(a->dxn, N * C);
+        BUF(a->datt, N * QD), BUF(a->dq, N * QD), BUF(a->dk, N * KVD), BUF(a->dv, N * KVD);
+        BUF(a->dgate, N * F), BUF(a->dup, N * F), BUF(a->dhid, N * F);
+    }
+#undef BUF
+    size_t total = 0;
+    for (ptrdiff_t i = 0; i < arrlen(spec); i++) total += spec[i].count;
     a->block = m->ops->alloc(m->ops, total);
-    a->N = N;
     size_t off = 0;
-    for (size_t i = 0; i < n; i++) {
-        *spec[i].ptr = spec[i].count ? mb_act_at(m->ops, a->block, off) : NULL;
+    for (ptrdiff_t i = 0; i < arrlen(spec); i++) {
+        *spec[i].ptr = mb_act_at(m->ops, a->block, off);
         off += spec[i].count;
     }
+    arrfree(spec);
 }
 
 void mb_model_free(MbModel *m) {
@@ -2104,38 +2554,98 @@ void mb_kvcache_reset(MbKVCache *kv) {
     kv->padded = 0;
 }
 
-/* One decoder layer on the activations (N = B*T rows), keys/values appended to the cache. */
-static void layer_forward(MbModel *m, int l, MbKVCache *kv, int B, int T, const int *lens) {
+/* The adapter on projection id of layer l, or NULL (none attached, disabled, not targeted). */
+static const MbLoraPair *lora_pair(const MbModel *m, int l, MbLayerWeightId id) {
+    const MbLora *lo = m->lora;
+    if (!lo || !lo->enabled || !(lo->targets & (1u << id))) return NULL;
+    return &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + id];
+}
+
+/* out (N, O) = in (N, I) @ W^T (+ scale * B A in, when adapted) */
+static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, const float *in, MbLayerActs *a,
+                         size_t N) {
+    MbOps *ops = m->ops;
+    ops->matmul_forward(ops, out, in, &m->layers[l].w[id], N);
+    const MbLoraPair *lp = lora_pair(m, l, id);
+    if (lp) ops->lora_forward(ops, out, a->u[id], in, &lp->A, &lp->B, N, m->lora->scale);
+}
+
+/* dinp (N, I) (+)= dout @ W (+ the adapter's path), and the adapter's gradients += */
+static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, const float *dout, const float *in,
+                          const MbLayerActs *a, size_t N, int accumulate) {
+    MbOps *ops = m->ops;
+    ops->matmul_backward(ops, dinp, dout, &m->layers[l].w[id], N, accumulate);
+    const MbLoraPair *lp = lora_pair(m, l, id);
+    if (lp) ops->lora_backward(ops, dinp, lp->gA, lp->gB, dout, in, a->u[id], &lp->A, &lp->B, N, m->lora->scale);
+}
+
+/* One decoder layer over N = B*T rows: a->x_in -> x_out (which may alias x_in). Keys and values
+ * go to kc/vc (B, S, K*D) at positions pos0.. (inference, a KV cache), or with kc NULL stay in
+ * a->k, a->v as the attention's whole key/value set (training: S = T, pos0 = 0). */
+static void layer_forward(MbModel *m, int l, MbLayerActs *a, float *x_out, float *kc, float *vc, int S, int pos0,
+                          int B, int T, const int *lens) {
     MbOps *ops = m->ops;
     const MbConfig *c = &m->cfg;
     const MbLayer *ly = &m->layers[l];
-    MbActs *a = &m->acts;
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), F = mb_dim(c, MB_DIM_F);
-    int H = c->num_attention_heads, K = c->num_key_value_heads, D = c->head_dim, pos0 = kv->len;
+    int H = c->num_attention_heads, K = c->num_key_value_heads, D = c->head_dim;
+    float *tmp = m->acts.tmp;
 
-    ops->rmsnorm_forward(ops, a->xn, a->rstd, a->x, &ly->w[MB_W_INPUT_LAYERNORM], N, c->rms_norm_eps);
-    ops->matmul_forward(ops, a->q, a->xn, &ly->w[MB_W_Q_PROJ], N);
-    ops->matmul_forward(ops, a->k, a->xn, &ly->w[MB_W_K_PROJ], N);
-    ops->matmul_forward(ops, a->v, a->xn, &ly->w[MB_W_V_PROJ], N);
+    ops->rmsnorm_forward(ops, a->xn1, a->rstd1, a->x_in, &ly->w[MB_W_INPUT_LAYERNORM], N, c->rms_norm_eps);
+    proj_forward(m, l, MB_W_Q_PROJ, a->q, a->xn1, a, N);
+    proj_forward(m, l, MB_W_K_PROJ, a->k, a->xn1, a, N);
+    proj_forward(m, l, MB_W_V_PROJ, a->v, a->xn1, a, N);
     ops->rope_forward(ops, a->q, m->inv_freq, B, T, pos0, H, D);
     ops->rope_forward(ops, a->k, m->inv_freq, B, T, pos0, K, D);
-    ops->kv_store(ops, kv->k[l], a->k, B, T, kv->S, pos0, K * D);
-    ops->kv_store(ops, kv->v[l], a->v, B, T, kv->S, pos0, K * D);
-    ops->attention_forward(ops, a->att, NULL, a->q, kv->k[l], kv->v[l], lens, B, T, kv->S, pos0, H, K, D);
-    ops->matmul_forward(ops, a->tmp, a->att, &ly->w[MB_W_O_PROJ], N);
-    ops->residual_forward(ops, a->x, a->tmp, N * C);
+    if (kc) {
+        ops->kv_store(ops, kc, a->k, B, T, S, pos0, K * D);
+        ops->kv_store(ops, vc, a->v, B, T, S, pos0, K * D);
+    } else {
+        kc = a->k, vc = a->v, S = T;
+    }
+    ops->attention_forward(ops, a->att, a->lse, a->q, kc, vc, lens, B, T, S, pos0, H, K, D);
+    proj_forward(m, l, MB_W_O_PROJ, tmp, a->att, a, N);
+    ops->add_forward(ops, a->x_mid, a->x_in, tmp, N * C);
 
-    ops->rmsnorm_forward(ops, a->xn, a->rstd, a->x, &ly->w[MB_W_POST_ATTENTION_LAYERNORM], N, c->rms_norm_eps);
-    ops->matmul_forward(ops, a->gate, a->xn, &ly->w[MB_W_GATE_PROJ], N);
-    ops->matmul_forward(ops, a->up, a->xn, &ly->w[MB_W_UP_PROJ], N);
+    ops->rmsnorm_forward(ops, a->xn2, a->rstd2, a->x_mid, &ly->w[MB_W_POST_ATTENTION_LAYERNORM], N, c->rms_norm_eps);
+    proj_forward(m, l, MB_W_GATE_PROJ, a->gate, a->xn2, a, N);
+    proj_forward(m, l, MB_W_UP_PROJ, a->up, a->xn2, a, N);
     ops->swiglu_forward(ops, a->hid, a->gate, a->up, N * F);
-    ops->matmul_forward(ops, a->tmp, a->hid, &ly->w[MB_W_DOWN_PROJ], N);
-    ops->residual_forward(ops, a->x, a->tmp, N * C);
+    proj_forward(m, l, MB_W_DOWN_PROJ, tmp, a->hid, a, N);
+    ops->add_forward(ops, x_out, a->x_mid, tmp, N * C);
 }
 
-MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, int B, int T,
-                          const int *lens, float *logits, int last_only) {
+/* The backward of layer_forward (training layout). dx: on entry the gradient of the layer's
+ * output, on return the gradient of its input. LoRA gradients +=. */
+static void layer_backward(MbModel *m, int l, const MbLayerActs *a, float *dx, int B, int T, const int *lens) {
+    MbOps *ops = m->ops;
+    MbActs *g = &m->acts;
     const MbConfig *c = &m->cfg;
+    const MbLayer *ly = &m->layers[l];
+    size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), F = mb_dim(c, MB_DIM_F);
+    int H = c->num_attention_heads, K = c->num_key_value_heads, D = c->head_dim;
+
+    /* x_out = x_mid + down(silu(gate(xn2)) * up(xn2)), xn2 = norm2(x_mid) */
+    proj_backward(m, l, MB_W_DOWN_PROJ, g->dhid, dx, a->hid, a, N, 0);
+    ops->swiglu_backward(ops, g->dgate, g->dup, g->dhid, a->gate, a->up, N * F);
+    proj_backward(m, l, MB_W_GATE_PROJ, g->dxn, g->dgate, a->xn2, a, N, 0);
+    proj_backward(m, l, MB_W_UP_PROJ, g->dxn, g->dup, a->xn2, a, N, 1);
+    ops->rmsnorm_backward(ops, g->dx_mid, g->dxn, a->x_mid, &ly->w[MB_W_POST_ATTENTION_LAYERNORM], a->rstd2, N, 0);
+    ops->add_forward(ops, g->dx_mid, g->dx_mid, dx, N * C);
+
+    /* x_mid = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = norm1(x_in) */
+    proj_backward(m, l, MB_W_O_PROJ, g->datt, g->dx_mid, a->att, a, N, 0);
+    ops->attention_backward(ops, g->dq, g->dk, g->dv, g->datt, a->q, a->k, a->v, a->att, a->lse, lens, B, T, H, K, D);
+    ops->rope_backward(ops, g->dq, m->inv_freq, B, T, 0, H, D);
+    ops->rope_backward(ops, g->dk, m->inv_freq, B, T, 0, K, D);
+    proj_backward(m, l, MB_W_Q_PROJ, g->dxn, g->dq, a->xn1, a, N, 0);
+    proj_backward(m, l, MB_W_K_PROJ, g->dxn, g->dk, a->xn1, a, N, 1);
+    proj_backward(m, l, MB_W_V_PROJ, g->dxn, g->dv, a->xn1, a, N, 1);
+    ops->rmsnorm_backward(ops, dx, g->dxn, a->x_in, &ly->w[MB_W_INPUT_LAYERNORM], a->rstd1, N, 0);
+    ops->add_forward(ops, dx, dx, g->dx_mid, N * C);
+}
+
+static MbStatus check_tokens(const MbConfig *c, const int32_t *tokens, int B, int T, const int *lens) {
     if (B < 1 || T < 1) return mb_fail(MB_ERR_ARG, "forward: batch %d x %d tokens is empty", B, T);
     for (size_t i = 0; i < (size_t)B * T; i++)
         if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
@@ -2146,10 +2656,17 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
             if (lens[b] < 1 || lens[b] > T)
                 return mb_fail(MB_ERR_ARG, "forward: sequence %d has length %d, outside [1, %d]", b,
                                lens[b], T);
+    return MB_OK;
+}
+
+MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, int B, int T,
+                          const int *lens, float *logits, int last_only) {
+    const MbConfig *c = &m->cfg;
+    MbStatus rc = check_tokens(c, tokens, B, T, lens);
+    if (rc) return rc;
     MbKVCache *kv = cache, *tmp_kv = NULL;
     if (!kv) {
-        MbStatus rc = mb_kvcache_new(m, B, T, &tmp_kv);
-        if (rc) return rc;
+        if ((rc = mb_kvcache_new(m, B, T, &tmp_kv))) return rc;
         kv = tmp_kv;
     }
     if (kv->B != B || kv->len + T > kv->S)
@@ -2162,23 +2679,25 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
 
     MbOps *ops = m->ops;
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
-    acts_ensure(m, N);
+    acts_ensure(m, N, 0);
     MbActs *a = &m->acts;
-    ops->embedding_forward(ops, a->x, tokens, &m->embed_tokens, N);
-    for (int l = 0; l < c->num_hidden_layers; l++) layer_forward(m, l, kv, B, T, kv->lens);
+    float *x = a->stream[0];
+    ops->embedding_forward(ops, x, tokens, &m->embed_tokens, N);
+    a->layer[0].x_in = x;
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        layer_forward(m, l, &a->layer[0], x, kv->k[l], kv->v[l], kv->S, kv->len, B, T, kv->lens);
     if (logits) {
         size_t rows = N;
         if (last_only) { /* the last real position of each sequence */
             int *idx = mb_malloc((size_t)B * sizeof *idx);
             for (int b = 0; b < B; b++) idx[b] = b * T + (lens ? lens[b] : T) - 1;
-            ops->gather_rows(ops, a->tmp, a->x, idx, (size_t)B, C);
+            ops->gather_rows(ops, a->tmp, x, idx, (size_t)B, C);
             free(idx);
             rows = (size_t)B;
         }
-        const float *src = last_only ? a->tmp : a->x;
-        ops->rmsnorm_forward(ops, a->xn, a->rstd, src, &m->norm, rows, c->rms_norm_eps);
+        ops->rmsnorm_forward(ops, a->xf, a->rstd_f, last_only ? a->tmp : x, &m->norm, rows, c->rms_norm_eps);
         float *dst = a->logits ? a->logits : logits;
-        ops->matmul_forward(ops, dst, a->xn, &m->lm_head, rows);
+        ops->matmul_forward(ops, dst, a->xf, &m->lm_head, rows);
         ops->to_host(ops, logits, dst, rows * V);
     }
     kv->len += T;
@@ -2186,6 +2705,65 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         if (lens[b] < T) kv->padded = 1;
     mb_kvcache_free(tmp_kv);
     return MB_OK;
+}
+
+/* The training forward: tokens (B, T) right-padded to lens, positions 0..T-1. For each of the
+ * M loss rows, pos[i] = b * T + t is a position whose logits predict target[i] (the token at
+ * t + 1); logp[i] = log softmax(logits[pos[i]])[target[i]] and lsum[i] = sum of those logits
+ * over the vocabulary go to host memory. With `train` the activations stay for
+ * model_backward (the arrays must outlive it); otherwise nothing is kept. */
+static MbStatus model_forward_rows(MbModel *m, const int32_t *tokens, const int *lens, int B, int T, const int *pos,
+                                   const int32_t *target, size_t M, float *logp, float *lsum, int train) {
+    const MbConfig *c = &m->cfg;
+    MbStatus rc = check_tokens(c, tokens, B, T, lens);
+    if (rc) return rc;
+    size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), L = (size_t)c->num_hidden_layers;
+    if (M == 0 || M > N) return mb_fail(MB_ERR_ARG, "forward: %zu loss rows for %zu positions", M, N);
+    for (size_t i = 0; i < M; i++)
+        if (pos[i] < 0 || (size_t)pos[i] >= N || target[i] < 0 || target[i] >= c->vocab_size)
+            return mb_fail(MB_ERR_ARG, "forward: loss row %zu (position %d, target %d) out of range", i, pos[i],
+                           (int)target[i]);
+    MbOps *ops = m->ops;
+    acts_ensure(m, N, 1);
+    MbActs *a = &m->acts;
+    ops->embedding_forward(ops, a->stream[0], tokens, &m->embed_tokens, N);
+    for (size_t l = 0; l < L; l++) {
+        MbLayerActs *la = &a->layer[a->n_layer_sets > 1 ? l : 0];
+        la->x_in = a->stream[l];
+        layer_forward(m, (int)l, la, a->stream[l + 1], NULL, NULL, T, 0, B, T, lens);
+    }
+    ops->rmsnorm_forward(ops, a->xf, a->rstd_f, a->stream[L], &m->norm, N, c->rms_norm_eps);
+    ops->gather_rows(ops, a->xg, a->xf, pos, M, C);
+    double *ls = mb_malloc(M * sizeof *ls);
+    ops->logprob_forward(ops, a->logp, a->lse_rows, ls, a->xg, &m->lm_head, target, M);
+    ops->to_host(ops, logp, a->logp, M);
+    for (size_t i = 0; i < M; i++) lsum[i] = (float)ls[i];
+    free(ls);
+    m->train_lens = lens, m->train_B = B, m->train_T = T;
+    m->train_pos = pos, m->train_target = target, m->train_M = train ? M : 0;
+    return MB_OK;
+}
+
+/* Backpropagates sum_i g[i] * logp[i] of the last training forward into the LoRA gradients
+ * (+=). With gradient checkpointing each layer's activations are recomputed from its input. */
+static void model_backward_rows(MbModel *m, const float *g) {
+    const MbConfig *c = &m->cfg;
+    MbOps *ops = m->ops;
+    MbActs *a = &m->acts;
+    int B = m->train_B, T = m->train_T;
+    size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), L = (size_t)c->num_hidden_layers, M = m->train_M;
+    memcpy(a->g_rows, g, M * sizeof(float)); /* host -> backend: the CPU's memory is the host's */
+    ops->logprob_backward(ops, a->dxg, a->g_rows, a->xg, &m->lm_head, m->train_target, a->lse_rows, M);
+    ops->scatter_rows(ops, a->dxn, a->dxg, m->train_pos, M, N, C);
+    ops->rmsnorm_backward(ops, a->dx, a->dxn, a->stream[L], &m->norm, a->rstd_f, N, 0);
+    for (size_t l = L; l-- > 0;) {
+        MbLayerActs *la = &a->layer[a->n_layer_sets > 1 ? l : 0];
+        if (a->n_layer_sets == 1) { /* checkpointing: recompute this layer from its input */
+            la->x_in = a->stream[l];
+            layer_forward(m, (int)l, la, a->tmp, NULL, NULL, T, 0, B, T, m->train_lens);
+        }
+        layer_backward(m, (int)l, la, a->dx, B, T, m->train_lens);
+    }
 }
 
 /* Writes a model folder with random weights (transformers' init: normal(0, std) for linear and

@@ -121,6 +121,7 @@ MbStatus mb_config_load(const char *path, MbConfig *cfg);
 
 typedef struct MbModel MbModel;
 typedef struct MbKVCache MbKVCache;
+typedef struct MbLora MbLora;
 
 typedef struct {
     int threads;                  /* CPU threads for the ops; 0 = all online cores */
