@@ -93,6 +93,72 @@ typedef struct {
 MbStatus mb_safetensors_write(const char *path, const MbTensorOut *tensors, size_t n,
                               const char *const *metadata);
 
+/* ---------- tokenizer ---------- */
+
+/* Llama 3's byte-level BPE, loaded from a Hugging Face tokenizer.json or from Meta's
+ * tokenizer.model (tiktoken format; the 256 Llama 3.1 special tokens follow its last rank).
+ * Both give the same ids as `tokenizers` and tiktoken. A loaded tokenizer is read-only: any
+ * number of threads may encode and decode with it at once. */
+typedef struct MbTokenizer MbTokenizer;
+
+/* PATH: a tokenizer.json, a tokenizer.model, or a folder holding either (tokenizer.json is
+ * preferred when both are there). */
+MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out);
+void mb_tokenizer_free(MbTokenizer *tok);
+
+size_t mb_tokenizer_vocab_size(const MbTokenizer *tok); /* V: largest id + 1 (128256) */
+int32_t mb_tokenizer_bos_id(const MbTokenizer *tok);    /* <|begin_of_text|> (128000), -1 if none */
+int32_t mb_tokenizer_eos_id(const MbTokenizer *tok);    /* <|end_of_text|> (128001), -1 if none */
+/* The id of the token whose text is exactly `text` (a special token such as "<|eot_id|>", or
+ * any vocabulary entry), or -1. */
+int32_t mb_tokenizer_token_id(const MbTokenizer *tok, const char *text);
+/* The bytes of token `id` (not NUL-terminated; a special token's bytes are its text), or NULL
+ * when no token has that id. */
+const char *mb_tokenizer_token_bytes(const MbTokenizer *tok, int32_t id, size_t *len);
+int mb_tokenizer_is_special(const MbTokenizer *tok, int32_t id);
+
+/* Flags of mb_tokenizer_encode. By default text that spells a special or added token
+ * ("<|eot_id|>") becomes that token, as in Hugging Face and tiktoken with allowed_special="all". */
+enum {
+    MB_ENCODE_ADD_BOS = 1,          /* add the template's special tokens (HF add_special_tokens=True):
+                                       for Llama 3, <|begin_of_text|> in front */
+    MB_ENCODE_SPECIALS_AS_TEXT = 2  /* encode "<|eot_id|>" as ordinary text (tiktoken
+                                       encode_ordinary, HF split_special_tokens=True); use it for
+                                       untrusted user text */
+};
+
+/* Encodes len bytes of text. Any bytes are accepted: each byte that is not part of valid UTF-8
+ * becomes its own single-byte token. *ids is malloc'd (free() it); *n its count. */
+MbStatus mb_tokenizer_encode(const MbTokenizer *tok, const char *text, size_t len, unsigned flags,
+                             int32_t **ids, size_t *n);
+
+/* Decodes ids to text (malloc'd, NUL-terminated, *len bytes). Bytes that do not form valid
+ * UTF-8 become U+FFFD, one per maximal invalid subsequence (as Python's errors="replace" and
+ * Rust's from_utf8_lossy). skip_special_tokens drops special tokens (HF's flag). An id that
+ * names no token is an error. */
+MbStatus mb_tokenizer_decode(const MbTokenizer *tok, const int32_t *ids, size_t n,
+                             int skip_special_tokens, char **text, size_t *len);
+
+/* Streaming decode for generation: feed ids one at a time; each call returns the text that is
+ * now complete. A UTF-8 character split across tokens is held back until its last byte arrives,
+ * so the output never ends in a broken character; the pieces joined equal mb_tokenizer_decode.
+ * Fields are private. */
+typedef struct {
+    const MbTokenizer *tok;
+    int skip_special_tokens;
+    unsigned char held[4];  /* the start of a character still waiting for its last bytes */
+    size_t n_held;
+    char *buf;              /* the text of the last call */
+    size_t cap;
+} MbTokenStream;
+
+void mb_token_stream_init(MbTokenStream *s, const MbTokenizer *tok, int skip_special_tokens);
+/* *text points into s and stays valid until the next call on s. */
+MbStatus mb_token_stream_put(MbTokenStream *s, int32_t id, const char **text, size_t *len);
+/* End of stream: a character still held back (it never completed) comes out as U+FFFD. */
+void mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len);
+void mb_token_stream_free(MbTokenStream *s);
+
 /* ---------- model ---------- */
 
 typedef struct {
