@@ -47,6 +47,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -178,6 +179,24 @@ static int mb_is_dir(const char *path) {
 static int mb_is_file(const char *path) {
     struct stat sb;
     return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+/* Removes a folder and everything in it (a folder that is not there is fine). */
+static MbStatus mb_rmdir_r(const char *path) {
+    DIR *d = opendir(path);
+    if (!d) return errno == ENOENT ? MB_OK : mb_fail(MB_ERR_IO, "%s: cannot open the folder: %s", path, strerror(errno));
+    struct dirent *e;
+    MbStatus rc = MB_OK;
+    while (!rc && (e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        char *p = mb_path_join(path, e->d_name);
+        if (mb_is_dir(p)) rc = mb_rmdir_r(p);
+        else if (remove(p) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", p, strerror(errno));
+        free(p);
+    }
+    closedir(d);
+    if (!rc && rmdir(path) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", path, strerror(errno));
+    return rc;
 }
 
 /* Reads a whole file into a NUL-terminated buffer. */
@@ -1231,8 +1250,13 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     return MB_OK;
 }
 
-MbStatus mb_safetensors_write(const char *path, const MbTensorOut *tensors, size_t n,
-                              const char *const *metadata) {
+/* Fills dst with the bytes of tensor i (for tensors too big to hold all at once). */
+typedef MbStatus (*MbTensorFill)(void *ctx, size_t i, void *dst);
+
+/* Writes a safetensors file; tensor data comes from tensors[i].data or, when that is NULL,
+ * from fill (one tensor in memory at a time). */
+static MbStatus st_write(const char *path, const MbTensorOut *tensors, size_t n, const char *const *metadata,
+                         MbTensorFill fill, void *ctx) {
     char *hdr = NULL;
     size_t offset = 0;
     sb_printf(&hdr, "{");
@@ -1278,13 +1302,34 @@ MbStatus mb_safetensors_write(const char *path, const MbTensorOut *tensors, size
     mb_wfile_write(&w, lenbuf, 8);
     mb_wfile_write(&w, hdr, hlen);
     arrfree(hdr);
+    void *buf = NULL;
     for (size_t i = 0; i < n; i++) {
         const MbTensorOut *t = &tensors[i];
         size_t numel = 1;
         for (int d = 0; d < t->ndim; d++) numel *= t->shape[d];
-        mb_wfile_write(&w, t->data, numel * mb_dtype_size(t->dtype));
+        size_t bytes = numel * mb_dtype_size(t->dtype);
+        if (t->data) {
+            mb_wfile_write(&w, t->data, bytes);
+            continue;
+        }
+        free(buf);
+        buf = mb_malloc(bytes);
+        if ((rc = fill(ctx, i, buf))) {
+            free(buf);
+            mb_wfile_abort(&w);
+            return rc;
+        }
+        mb_wfile_write(&w, buf, bytes);
     }
+    free(buf);
     return mb_wfile_commit(&w);
+}
+
+MbStatus mb_safetensors_write(const char *path, const MbTensorOut *tensors, size_t n,
+                              const char *const *metadata) {
+    for (size_t i = 0; i < n; i++)
+        if (!tensors[i].data) return mb_fail(MB_ERR_ARG, "%s: tensor '%s' has no data", path, tensors[i].name);
+    return st_write(path, tensors, n, metadata, NULL, NULL);
 }
 
 /* ---- config.json (transformers' LlamaConfig) ---- */
@@ -4002,9 +4047,1375 @@ MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t
 }
 
 // ============================================================================================
-// ---------- 7. lora ----------  (the DPO issue)
-// ---------- 8. data ----------  (the DPO issue)
-// ---------- 9. dpo ----------   (the DPO issue)
+// ---------- 7. lora ----------
+// PEFT's LoRA: for each targeted projection W of each layer, y = W x + scale * B (A x) with
+// A (R, in) ~ kaiming_uniform(a=sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B (out, R) = 0 and
+// scale = alpha / R (alpha / sqrt(R) with use_rslora). All A and B live in one fp32 block,
+// their gradients in another, in the order layer, projection (q k v o gate up down), A, B.
+// Files: PEFT's adapter_config.json + adapter_model.safetensors (keys
+// base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...). The math is the ops'
+// lora_forward / lora_backward; training and generation share this one implementation.
+// ============================================================================================
+
+#define MB_LORA_PREFIX "base_model.model.model.layers."
+
+/* "q_proj" -> MB_W_Q_PROJ (the part of the weight name after the last '.'), -1 if none */
+static int lora_target_id(const char *name, size_t n) {
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+        const char *full = mb_layer_weights[i].name, *dot = strrchr(full, '.');
+        if (mb_layer_weights[i].rows == MB_DIM_1 || !dot) continue;
+        if (strlen(dot + 1) == n && !memcmp(dot + 1, name, n)) return i;
+    }
+    return -1;
+}
+
+/* "q_proj,k_proj" (or "all-linear") -> target bits */
+static MbStatus lora_parse_targets(const char *list, unsigned *targets) {
+    *targets = 0;
+    if (!strcmp(list, "all-linear")) {
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+            if (mb_layer_weights[i].rows != MB_DIM_1) *targets |= 1u << i;
+        return MB_OK;
+    }
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        while (n && *p == ' ') p++, n--;
+        while (n && p[n - 1] == ' ') n--;
+        int id = lora_target_id(p, n);
+        if (id < 0)
+            return mb_fail(MB_ERR_ARG, "lora_target_modules: unknown module '%.*s' --> use q_proj, k_proj, "
+                           "v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear", (int)n, p);
+        *targets |= 1u << id;
+        p = e ? e + 1 : p + n;
+    }
+    if (!*targets) return mb_fail(MB_ERR_ARG, "lora_target_modules: empty list");
+    return MB_OK;
+}
+
+static const char *lora_module_name(int id) { return strrchr(mb_layer_weights[id].name, '.') + 1; }
+
+void mb_lora_free(MbLora *lo) {
+    if (!lo) return;
+    free(lo->pairs);
+    free(lo->params);
+    free(lo->grads);
+    free(lo);
+}
+
+/* An adapter for model m with zeroed A and B (callers fill them). */
+static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **out) {
+    *out = NULL;
+    if (cfg->r < 1) return mb_fail(MB_ERR_ARG, "lora: r must be >= 1, got %d", cfg->r);
+    if (!(cfg->alpha > 0)) return mb_fail(MB_ERR_ARG, "lora: lora_alpha must be > 0");
+    if (!(cfg->dropout >= 0 && cfg->dropout < 1)) return mb_fail(MB_ERR_ARG, "lora: lora_dropout must be in [0, 1)");
+    if (!cfg->targets) return mb_fail(MB_ERR_ARG, "lora: no target modules");
+    const MbConfig *c = &m->cfg;
+    MbLora *lo = mb_calloc(1, sizeof *lo);
+    lo->r = cfg->r;
+    lo->alpha = cfg->alpha;
+    lo->dropout = cfg->dropout;
+    lo->use_rslora = cfg->use_rslora;
+    lo->targets = cfg->targets;
+    lo->scale = (float)(cfg->use_rslora ? cfg->alpha / sqrt((double)cfg->r) : cfg->alpha / cfg->r);
+    lo->L = c->num_hidden_layers;
+    lo->enabled = 1;
+    lo->pairs = mb_calloc((size_t)lo->L * MB_LAYER_WEIGHTS, sizeof *lo->pairs);
+    size_t R = (size_t)cfg->r, n = 0;
+    for (int l = 0; l < lo->L; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+            if (lo->targets & (1u << i))
+                n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
+    lo->n_params = n;
+    lo->params = mb_aligned_alloc(n * sizeof(float));
+    lo->grads = mb_aligned_alloc(n * sizeof(float));
+    memset(lo->params, 0, n * sizeof(float));
+    memset(lo->grads, 0, n * sizeof(float));
+    size_t off = 0;
+    for (int l = 0; l < lo->L; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            if (!(lo->targets & (1u << i))) continue;
+            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
+            size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
+            p->A = (MbWeight){MB_DT_F32, R, in, lo->params + off, NULL};
+            p->gA = lo->grads + off;
+            off += R * in;
+            p->B = (MbWeight){MB_DT_F32, outd, R, lo->params + off, NULL};
+            p->gB = lo->grads + off;
+            off += outd * R;
+        }
+    *out = lo;
+    return MB_OK;
+}
+
+MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, MbLora **out) {
+    MbStatus rc = lora_alloc(m, cfg, out);
+    if (rc) return rc;
+    MbLora *lo = *out;
+    MbRng rng;
+    mb_rng_seed(&rng, seed);
+    for (int l = 0; l < lo->L; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
+            if (!p->A.data) continue;
+            float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)p->A.data;
+            for (size_t k = 0; k < p->A.rows * p->A.cols; k++)
+                a[k] = (float)((2.0 * mb_rng_uniform(&rng) - 1.0) * bound);
+        }
+    return MB_OK;
+}
+
+void mb_model_set_lora(MbModel *m, MbLora *lo) { m->lora = lo; }
+void mb_lora_set_enabled(MbLora *lo, int enabled) { lo->enabled = enabled; }
+size_t mb_lora_num_params(const MbLora *lo) { return lo->n_params; }
+
+/* ---- PEFT files ---- */
+
+static MbStatus lora_read_config(const char *path, MbLoraConfig *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    char *text;
+    size_t n;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    MbJsonDoc doc;
+    rc = json_parse(path, text, n, &doc);
+    free(text);
+    if (rc) return rc;
+    const MbJson *r = json_root(&doc), *v;
+    v = json_get(&doc, r, "peft_type");
+    if (!v || v->kind != MB_JSON_STRING || strcmp(json_str(&doc, v), "LORA")) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: not a LoRA adapter (peft_type must be \"LORA\")", path);
+        goto done;
+    }
+    v = json_get(&doc, r, "r");
+    if (!v || v->kind != MB_JSON_NUMBER || !v->is_int || v->i < 1 || v->i > 65536) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: \"r\" must be a positive integer", path);
+        goto done;
+    }
+    cfg->r = (int)v->i;
+    cfg->alpha = 8; /* PEFT's default */
+    v = json_get(&doc, r, "lora_alpha");
+    if (v && v->kind == MB_JSON_NUMBER) cfg->alpha = v->num;
+    v = json_get(&doc, r, "lora_dropout");
+    if (v && v->kind == MB_JSON_NUMBER) cfg->dropout = v->num;
+    v = json_get(&doc, r, "use_rslora");
+    cfg->use_rslora = v && v->kind == MB_JSON_BOOL && v->boolean;
+    v = json_get(&doc, r, "target_modules");
+    if (v && v->kind == MB_JSON_STRING) {
+        if ((rc = lora_parse_targets(json_str(&doc, v), &cfg->targets))) {
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: target_modules \"%s\": medbot reads a list of module names or "
+                         "\"all-linear\"", path, json_str(&doc, v));
+            goto done;
+        }
+    } else if (v && v->kind == MB_JSON_ARRAY) {
+        for (const MbJson *e = json_first(&doc, v); e; e = json_next(&doc, e)) {
+            int id = e->kind == MB_JSON_STRING ? lora_target_id(json_str(&doc, e), e->len) : -1;
+            if (id < 0) {
+                rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: target module '%s' is not a Llama projection", path,
+                             e->kind == MB_JSON_STRING ? json_str(&doc, e) : "?");
+                goto done;
+            }
+            cfg->targets |= 1u << id;
+        }
+    }
+    if (!cfg->targets) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: no target_modules", path);
+        goto done;
+    }
+    /* settings that change the math medbot does not implement */
+    struct {
+        const char *key, *why;
+    } refuse[] = {{"use_dora", "DoRA"}, {"fan_in_fan_out", "fan_in_fan_out"}, {"lora_bias", "lora_bias"}};
+    for (size_t i = 0; i < sizeof refuse / sizeof *refuse; i++) {
+        v = json_get(&doc, r, refuse[i].key);
+        if (v && v->kind == MB_JSON_BOOL && v->boolean) {
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: %s adapters are not supported", path, refuse[i].why);
+            goto done;
+        }
+    }
+    const char *nonempty[] = {"rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"};
+    for (size_t i = 0; i < sizeof nonempty / sizeof *nonempty; i++) {
+        v = json_get(&doc, r, nonempty[i]);
+        if (v && v->kind != MB_JSON_NULL && !((v->kind == MB_JSON_OBJECT || v->kind == MB_JSON_ARRAY) && !v->count)) {
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: \"%s\" is not supported", path, nonempty[i]);
+            goto done;
+        }
+    }
+    v = json_get(&doc, r, "bias");
+    if (v && v->kind == MB_JSON_STRING && strcmp(json_str(&doc, v), "none")) {
+        rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: bias \"%s\" is not supported (only \"none\")", path, json_str(&doc, v));
+        goto done;
+    }
+done:
+    json_free(&doc);
+    return rc;
+}
+
+/* Loads a PEFT adapter folder (fp32, bf16 or f16 weights) for model m. */
+MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
+    *out = NULL;
+    char *cfg_path = mb_path_join(dir, "adapter_config.json");
+    char *st_path = mb_path_join(dir, "adapter_model.safetensors");
+    MbLoraConfig cfg;
+    MbSafetensors *st = NULL;
+    MbLora *lo = NULL;
+    MbStatus rc = lora_read_config(cfg_path, &cfg);
+    if (!rc) rc = mb_safetensors_open(st_path, &st);
+    if (!rc) rc = lora_alloc(m, &cfg, &lo);
+    char name[256];
+    size_t found = 0;
+    for (int l = 0; !rc && l < lo->L; l++)
+        for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
+            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
+            if (!p->A.data) continue;
+            for (int ab = 0; !rc && ab < 2; ab++) {
+                MbWeight *w = ab ? &p->B : &p->A;
+                snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
+                         ab ? 'B' : 'A');
+                const MbTensorInfo *t = mb_safetensors_find(st, name);
+                if (!t) {
+                    rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing --> was the adapter made for this "
+                                 "model?", st_path, name);
+                    break;
+                }
+                if (t->ndim != 2 || t->shape[0] != w->rows || t->shape[1] != w->cols) {
+                    rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' has shape (%zu, %zu), the model needs (%zu, %zu)",
+                                 st_path, name, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, w->rows, w->cols);
+                    break;
+                }
+                if (t->dtype != MB_DT_F32 && t->dtype != MB_DT_BF16 && t->dtype != MB_DT_F16) {
+                    rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s", st_path, name,
+                                 mb_dtype_name(t->dtype));
+                    break;
+                }
+                mb_convert_to_f32(t->dtype, t->data, (float *)w->data, t->numel);
+                found++;
+            }
+        }
+    if (!rc && found != mb_safetensors_count(st))
+        rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: holds %zu tensors, medbot used %zu (adapters on other modules, or "
+                     "modules_to_save?)", st_path, mb_safetensors_count(st), found);
+    mb_safetensors_close(st);
+    free(cfg_path);
+    free(st_path);
+    if (rc) {
+        mb_lora_free(lo);
+        return rc;
+    }
+    *out = lo;
+    return MB_OK;
+}
+
+/* adapter_config.json as PEFT writes it (the fields every PEFT version reads) */
+static char *lora_config_json(const MbLora *lo, const char *base_model) {
+    char *j = NULL;
+    sb_printf(&j, "{\n  \"task_type\": \"CAUSAL_LM\",\n  \"peft_type\": \"LORA\",\n  \"base_model_name_or_path\": ");
+    if (base_model) sb_json_string(&j, base_model, strlen(base_model));
+    else sb_printf(&j, "null");
+    sb_printf(&j, ",\n  \"revision\": null,\n  \"inference_mode\": true,\n  \"r\": %d,\n  \"target_modules\": [", lo->r);
+    int first = 1;
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+        if (lo->targets & (1u << i)) {
+            sb_printf(&j, "%s\"%s\"", first ? "" : ", ", lora_module_name(i));
+            first = 0;
+        }
+    sb_printf(&j, "],\n  \"lora_alpha\": %.17g,\n  \"lora_dropout\": %.17g,\n  \"fan_in_fan_out\": false,\n"
+              "  \"bias\": \"none\",\n  \"use_rslora\": %s,\n  \"modules_to_save\": null,\n"
+              "  \"init_lora_weights\": true,\n  \"layers_to_transform\": null,\n  \"layers_pattern\": null,\n"
+              "  \"rank_pattern\": {},\n  \"alpha_pattern\": {},\n  \"use_dora\": false,\n  \"lora_bias\": false\n}\n",
+              lo->alpha, lo->dropout, lo->use_rslora ? "true" : "false");
+    return j;
+}
+
+/* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block. */
+static MbTensorOut *lora_tensors(const MbLora *lo, char ***names) {
+    MbTensorOut *ts = NULL;
+    for (int l = 0; l < lo->L; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            const MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
+            if (!p->A.data) continue;
+            for (int ab = 0; ab < 2; ab++) {
+                const MbWeight *w = ab ? &p->B : &p->A;
+                char name[256];
+                snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
+                         ab ? 'B' : 'A');
+                MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, w->data};
+                arrput(*names, (char *)t.name);
+                arrput(ts, t);
+            }
+        }
+    return ts;
+}
+
+/* Writes DIR/adapter_model.safetensors and DIR/adapter_config.json (each through a temporary
+ * file) from the adapter's fp32 parameters. */
+MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model) {
+    if (!mb_is_dir(dir) && mkdir(dir, 0755) != 0)
+        return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", dir, strerror(errno));
+    char **names = NULL;
+    MbTensorOut *ts = lora_tensors(lo, &names);
+    char *st_path = mb_path_join(dir, "adapter_model.safetensors");
+    const char *meta[] = {"format", "pt", NULL};
+    MbStatus rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
+    free(st_path);
+    for (ptrdiff_t i = 0; i < arrlen(names); i++) free(names[i]);
+    arrfree(names);
+    arrfree(ts);
+    if (rc) return rc;
+    char *j = lora_config_json(lo, base_model);
+    char *cfg_path = mb_path_join(dir, "adapter_config.json");
+    rc = mb_write_file(cfg_path, j, strlen(j));
+    free(cfg_path);
+    arrfree(j);
+    return rc;
+}
+
+/* ---- merge: W' = W + scale B A in fp32 on the (dequantized) base weight ---- */
+
+typedef struct {
+    const MbModel *m;
+    const MbLora *lo;
+    const MbTensorOut *ts;
+    int *layer, *id;   /* per output tensor: its layer and MbLayerWeightId, or -1 */
+    const MbWeight **src;
+} MergeCtx;
+
+/* Row r of W + scale B A in fp32 (PEFT's merge: W += (B @ A) * scaling). */
+static void lora_merge_row(const MbWeight *w, const MbLoraPair *p, float scale, size_t r, float *row) {
+    size_t cols = w->cols;
+    weight_row_f32(w, r, 0, cols, row);
+    if (!p) return;
+    const float *B = (const float *)p->B.data + r * p->B.cols, *A = p->A.data;
+    float *ba = mb_calloc(cols, sizeof(float));
+    for (size_t k = 0; k < p->B.cols; k++)
+        for (size_t c = 0; c < cols; c++) ba[c] += B[k] * A[k * cols + c];
+    for (size_t c = 0; c < cols; c++) row[c] += ba[c] * scale;
+    free(ba);
+}
+
+static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
+    MergeCtx *mc = ctx;
+    const MbWeight *w = mc->src[i];
+    size_t rows = w->rows, cols = w->cols;
+    float *row = mb_malloc(cols * sizeof(float));
+    const MbLoraPair *p = mc->id[i] >= 0 && (mc->lo->targets & (1u << mc->id[i]))
+                              ? &mc->lo->pairs[(size_t)mc->layer[i] * MB_LAYER_WEIGHTS + mc->id[i]]
+                              : NULL;
+    for (size_t r = 0; r < rows; r++) {
+        lora_merge_row(w, p, mc->lo->scale, r, row);
+        mb_convert_from_f32(MB_DT_BF16, row, (unsigned char *)dst + r * cols * 2, cols);
+    }
+    free(row);
+    return MB_OK;
+}
+
+/* Writes OUT/model.safetensors: every weight of m in bf16, with the adapter merged into its
+ * projections (fp32 math, never re-quantized), plus OUT/config.json. */
+MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *model_dir, const char *out_dir) {
+    const MbConfig *c = &m->cfg;
+    if (!mb_is_dir(out_dir) && mkdir(out_dir, 0755) != 0)
+        return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", out_dir, strerror(errno));
+    size_t L = (size_t)c->num_hidden_layers, n = 0, cap = L * MB_LAYER_WEIGHTS + 3;
+    MbTensorOut *ts = mb_calloc(cap, sizeof *ts);
+    int *layer = mb_calloc(cap, sizeof *layer), *id = mb_calloc(cap, sizeof *id);
+    const MbWeight **src = mb_calloc(cap, sizeof *src);
+    char **names = mb_calloc(cap, sizeof *names);
+    char name[256];
+#define ADD(nm, w, lay, idx, nd)                                                                   \
+    do {                                                                                          \
+        names[n] = mb_strdup(nm);                                                                 \
+        ts[n] = (MbTensorOut){names[n], MB_DT_BF16, (nd), {(nd) == 1 ? (w)->cols : (w)->rows, (w)->cols}, NULL}; \
+        src[n] = (w), layer[n] = (lay), id[n] = (idx), n++;                                       \
+    } while (0)
+    ADD("model.embed_tokens.weight", &m->embed_tokens, -1, -1, 2);
+    for (size_t l = 0; l < L; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, mb_layer_weights[i].name);
+            int is_norm = mb_layer_weights[i].rows == MB_DIM_1;
+            ADD(name, &m->layers[l].w[i], (int)l, is_norm ? -1 : i, is_norm ? 1 : 2);
+        }
+    ADD("model.norm.weight", &m->norm, -1, -1, 1);
+    if (!c->tie_word_embeddings) ADD("lm_head.weight", &m->lm_head, -1, -1, 2);
+#undef ADD
+    MergeCtx mc = {m, lo, ts, layer, id, src};
+    char *st_path = mb_path_join(out_dir, "model.safetensors");
+    const char *meta[] = {"format", "pt", NULL};
+    MbStatus rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
+    free(st_path);
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names), free(ts), free(layer), free(id), free(src);
+    if (rc) return rc;
+    /* config.json as it was, with torch_dtype bfloat16 */
+    char *cfg_in = mb_path_join(model_dir, "config.json"), *text;
+    size_t tn;
+    rc = mb_read_file(cfg_in, &text, &tn);
+    free(cfg_in);
+    if (rc) return rc;
+    char *cfg_out = mb_path_join(out_dir, "config.json");
+    rc = mb_write_file(cfg_out, text, tn);
+    free(cfg_out);
+    free(text);
+    return rc;
+}
+
+// ============================================================================================
+// ---------- 8. data ----------
+// Preference pairs from JSONL, tokenized and truncated exactly as TRL 0.27.2's DPOTrainer does
+// for plain-text data: prompt, chosen and rejected tokenized separately without special tokens,
+// EOS appended to both completions, the prompt keeps its last max_prompt_length tokens, each
+// completion its first max_completion_length; then each sequence prompt + completion keeps its
+// last max_length tokens (truncation_mode keep_end). Field layouts:
+//   {"prompt", "chosen", "rejected"}                      the prompt used as it is
+//   {"system"?, "question", "chosen"|"response_chosen", "rejected"|"response_rejected"}
+//                                                          the prompt rendered with the card's template
+// ============================================================================================
+
+#define MB_DEFAULT_SYSTEM "You are a Medical Chatbot, you should friendly answer the question."
+
+/* The card's prompt template. Returns a malloc'd string. */
+static char *mb_render_prompt(const char *system, const char *question) {
+    char *s = NULL;
+    sb_printf(&s, "###System: %s\n###Question: %s\n###Answer: ", system ? system : MB_DEFAULT_SYSTEM, question);
+    char *out = mb_strdup(s);
+    arrfree(s);
+    return out;
+}
+
+typedef struct {
+    int32_t *prompt, *chosen, *rejected; /* token ids after TRL's tokenize_row (malloc'd) */
+    int np, nc, nr;
+    int line;                            /* 1-based line in the file */
+} MbPair;
+
+typedef struct {
+    char *path;
+    MbPair *pairs;       /* stb_ds array */
+    int skipped_empty;   /* pairs with an empty prompt or completion */
+    int skipped_long;    /* pairs whose prompt leaves no room for a completion within max_length */
+    int first_skipped_line;
+} MbDataset;
+
+typedef struct {
+    int max_length, max_prompt_length, max_completion_length; /* <= 0: no limit */
+    int add_bos;
+} MbDataOptions;
+
+static void dataset_free(MbDataset *ds) {
+    for (ptrdiff_t i = 0; i < arrlen(ds->pairs); i++) {
+        free(ds->pairs[i].prompt);
+        free(ds->pairs[i].chosen);
+        free(ds->pairs[i].rejected);
+    }
+    arrfree(ds->pairs);
+    free(ds->path);
+    memset(ds, 0, sizeof *ds);
+}
+
+static const MbJson *json_str_field(const MbJsonDoc *doc, const MbJson *obj, const char *a, const char *b) {
+    const MbJson *v = json_get(doc, obj, a);
+    if (!v && b) v = json_get(doc, obj, b);
+    return v;
+}
+
+/* Tokenizes one pair as TRL's tokenize_row (add_special_tokens False) and truncates it. */
+static MbStatus pair_tokenize(const MbTokenizer *tok, const MbDataOptions *opt, const char *prompt, size_t plen,
+                              const char *chosen, size_t clen, const char *rejected, size_t rlen, MbPair *p) {
+    int32_t *ids[3] = {NULL, NULL, NULL};
+    size_t n[3] = {0, 0, 0};
+    const char *text[3] = {prompt, chosen, rejected};
+    size_t len[3] = {plen, clen, rlen};
+    MbStatus rc = MB_OK;
+    for (int i = 0; i < 3 && !rc; i++) rc = mb_tokenizer_encode(tok, text[i], len[i], 0, &ids[i], &n[i]);
+    if (rc) goto fail;
+    int32_t bos = mb_tokenizer_bos_id(tok), eos = mb_tokenizer_eos_id(tok);
+    if (eos < 0) {
+        rc = mb_fail(MB_ERR_FORMAT, "tokenizer has no EOS token");
+        goto fail;
+    }
+    if (opt->add_bos && bos >= 0 && !(n[0] > 0 && ids[0][0] == bos)) { /* never a second BOS */
+        int32_t *q = mb_malloc((n[0] + 1) * sizeof *q);
+        q[0] = bos;
+        memcpy(q + 1, ids[0], n[0] * sizeof *q);
+        free(ids[0]);
+        ids[0] = q;
+        n[0]++;
+    }
+    for (int i = 1; i < 3; i++) { /* EOS on both completions, before truncation */
+        int32_t *q = realloc(ids[i], (n[i] + 1) * sizeof *q);
+        if (!q) {
+            rc = mb_fail(MB_ERR_OOM, "out of memory");
+            goto fail;
+        }
+        q[n[i]++] = eos;
+        ids[i] = q;
+    }
+    if (opt->max_prompt_length > 0 && n[0] > (size_t)opt->max_prompt_length) { /* keep the last tokens */
+        size_t cut = n[0] - (size_t)opt->max_prompt_length;
+        memmove(ids[0], ids[0] + cut, (size_t)opt->max_prompt_length * sizeof(int32_t));
+        n[0] = (size_t)opt->max_prompt_length;
+    }
+    for (int i = 1; i < 3; i++)
+        if (opt->max_completion_length > 0 && n[i] > (size_t)opt->max_completion_length)
+            n[i] = (size_t)opt->max_completion_length; /* keep the first tokens */
+    p->prompt = ids[0], p->chosen = ids[1], p->rejected = ids[2];
+    p->np = (int)n[0], p->nc = (int)n[1], p->nr = (int)n[2];
+    return MB_OK;
+fail:
+    for (int i = 0; i < 3; i++) free(ids[i]);
+    return rc;
+}
+
+/* Reads a JSONL file of preference pairs. Bad lines (not JSON, a field missing or not a
+ * string, text that is not UTF-8) stop the load with "FILE:LINE: problem"; pairs with an empty
+ * prompt or completion, or a prompt that leaves no room for the completion within max_length,
+ * are skipped and counted. */
+static MbStatus dataset_load(const char *path, const MbTokenizer *tok, const MbDataOptions *opt, MbDataset *ds) {
+    memset(ds, 0, sizeof *ds);
+    char *text;
+    size_t n;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    ds->path = mb_strdup(path);
+    int line = 0;
+    char where[600];
+    for (size_t at = 0; at < n && !rc;) {
+        size_t end = at;
+        while (end < n && text[end] != '\n') end++;
+        line++;
+        size_t len = end - at;
+        if (len && text[at + len - 1] == '\r') len--;
+        const char *s = text + at;
+        at = end + 1;
+        size_t k = 0;
+        while (k < len && (s[k] == ' ' || s[k] == '\t')) k++;
+        if (k == len) continue; /* blank line */
+        snprintf(where, sizeof where, "%s:%d", path, line);
+        MbJsonDoc doc;
+        if ((rc = json_parse(where, s, len, &doc))) break;
+        const MbJson *r = json_root(&doc);
+        const MbJson *p = json_get(&doc, r, "prompt"), *q = json_get(&doc, r, "question"),
+                     *sys = json_get(&doc, r, "system"),
+                     *c = json_str_field(&doc, r, "chosen", "response_chosen"),
+                     *j = json_str_field(&doc, r, "rejected", "response_rejected");
+        const char *missing = r->kind != MB_JSON_OBJECT ? "a JSON object"
+                              : !p && !q                ? "\"prompt\" or \"question\""
+                              : !c                      ? "\"chosen\" (or \"response_chosen\")"
+                              : !j                      ? "\"rejected\" (or \"response_rejected\")"
+                                                        : NULL;
+        const MbJson *fields[] = {p ? p : q, c, j, sys};
+        for (int f = 0; !missing && f < 4; f++)
+            if (fields[f] && fields[f]->kind != MB_JSON_STRING) missing = "string values";
+        if (missing) {
+            rc = mb_fail(MB_ERR_FORMAT, "%s: a preference pair needs %s", where, missing);
+            json_free(&doc);
+            break;
+        }
+        char *prompt = p ? mb_strdup(json_str(&doc, p))
+                         : mb_render_prompt(sys ? json_str(&doc, sys) : NULL, json_str(&doc, q));
+        int empty = !prompt[0] || !c->len || !j->len;
+        MbPair pair;
+        memset(&pair, 0, sizeof pair);
+        pair.line = line;
+        if (!empty)
+            rc = pair_tokenize(tok, opt, prompt, strlen(prompt), json_str(&doc, c), c->len, json_str(&doc, j), j->len,
+                               &pair);
+        free(prompt);
+        json_free(&doc);
+        if (rc) {
+            rc = mb_fail(rc, "%s: %s", where, mb_last_error());
+            break;
+        }
+        int too_long = !empty && opt->max_length > 0 && pair.np >= opt->max_length;
+        if (empty || too_long) {
+            if (empty) ds->skipped_empty++;
+            else ds->skipped_long++;
+            if (!ds->first_skipped_line) ds->first_skipped_line = line;
+            free(pair.prompt), free(pair.chosen), free(pair.rejected);
+            continue;
+        }
+        arrput(ds->pairs, pair);
+    }
+    free(text);
+    if (!rc && arrlen(ds->pairs) == 0)
+        rc = mb_fail(MB_ERR_FORMAT, "%s: no usable preference pairs (%d skipped)", path,
+                     ds->skipped_empty + ds->skipped_long);
+    if (rc) dataset_free(ds);
+    return rc;
+}
+
+/* A batch of sequences for one forward pass, laid out as TRL's concatenated_forward: for P
+ * pairs, sequences 0..P-1 are prompt + chosen and P..2P-1 prompt + rejected (sft: only the P
+ * chosen), each keeping its last max_length tokens, right-padded to T. Loss rows: every
+ * position t whose next token is a completion token (t + 1 >= the prompt's part, t >= 0). */
+typedef struct {
+    int B, T;
+    int32_t *tokens;   /* (B, T) */
+    int *lens;         /* (B) */
+    size_t M;          /* loss rows */
+    int *pos;          /* (M) b * T + t */
+    int32_t *target;   /* (M) token t + 1 */
+    int *seq;          /* (M) b */
+    int *count;        /* (B) loss rows of each sequence */
+} MbBatch;
+
+static void batch_free(MbBatch *b) {
+    free(b->tokens), free(b->lens), free(b->pos), free(b->target), free(b->seq), free(b->count);
+    memset(b, 0, sizeof *b);
+}
+
+static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with_rejected, int max_length, int32_t pad) {
+    memset(bt, 0, sizeof *bt);
+    int B = with_rejected ? 2 * P : P, T = 1;
+    int *np = mb_calloc((size_t)B, sizeof *np), *nc = mb_calloc((size_t)B, sizeof *nc);
+    for (int b = 0; b < B; b++) {
+        const MbPair *p = pairs[b % P];
+        int n = p->np + (b < P ? p->nc : p->nr), cut = max_length > 0 && n > max_length ? n - max_length : 0;
+        np[b] = MB_MAX(p->np - cut, 0);                        /* prompt tokens left after keep_end */
+        nc[b] = (b < P ? p->nc : p->nr) - MB_MAX(cut - p->np, 0); /* completion tokens left */
+        T = MB_MAX(T, np[b] + nc[b]);
+    }
+    bt->B = B, bt->T = T;
+    bt->tokens = mb_malloc((size_t)B * T * sizeof *bt->tokens);
+    bt->lens = mb_calloc((size_t)B, sizeof *bt->lens);
+    bt->count = mb_calloc((size_t)B, sizeof *bt->count);
+    bt->pos = mb_malloc((size_t)B * T * sizeof *bt->pos);
+    bt->target = mb_malloc((size_t)B * T * sizeof *bt->target);
+    bt->seq = mb_malloc((size_t)B * T * sizeof *bt->seq);
+    for (int b = 0; b < B; b++) {
+        const MbPair *p = pairs[b % P];
+        const int32_t *comp = b < P ? p->chosen : p->rejected;
+        int32_t *row = bt->tokens + (size_t)b * T;
+        int ncomp_all = b < P ? p->nc : p->nr;
+        memcpy(row, p->prompt + (p->np - np[b]), (size_t)np[b] * sizeof *row);
+        memcpy(row + np[b], comp + (ncomp_all - nc[b]), (size_t)nc[b] * sizeof *row);
+        bt->lens[b] = np[b] + nc[b];
+        for (int t = bt->lens[b]; t < T; t++) row[t] = pad;
+        for (int t = MB_MAX(np[b], 1); t < bt->lens[b]; t++) { /* token t is a completion token */
+            bt->pos[bt->M] = b * T + t - 1;
+            bt->target[bt->M] = row[t];
+            bt->seq[bt->M] = b;
+            bt->count[b]++;
+            bt->M++;
+        }
+    }
+    free(np);
+    free(nc);
+}
+
+// ============================================================================================
+// ---------- 9. dpo ----------
+// TRL 0.27.2's DPOTrainer (and a next-token SFT trainer on the same machinery). One micro-batch
+// of P pairs: the 2P sequences (chosen, then rejected) run in one forward pass with the adapter
+// disabled (the reference policy, no gradient) and once enabled (the policy); completion
+// log-probs are summed per sequence in fp32; the loss of each pair is a function of
+// d = (pc - rc) - (pr - rr); its mean over the pairs, divided by the micro-batches of the
+// optimizer step, is backpropagated. Then: global grad norm, clipping, AdamW, the schedule.
+// ============================================================================================
+
+enum { MB_LOSS_SIGMOID, MB_LOSS_HINGE, MB_LOSS_IPO, MB_LOSS_ROBUST };
+static const char *const mb_loss_names[] = {"sigmoid", "hinge", "ipo", "robust"};
+enum { MB_SCHED_LINEAR, MB_SCHED_COSINE, MB_SCHED_CONSTANT, MB_SCHED_CONSTANT_WITH_WARMUP };
+static const char *const mb_sched_names[] = {"linear", "cosine", "constant", "constant_with_warmup"};
+
+/* The metrics TRL logs, in its names; an eval pass prefixes them with eval_. */
+enum {
+    MET_LOSS, MET_REWARDS_CHOSEN, MET_REWARDS_REJECTED, MET_REWARDS_ACCURACIES, MET_REWARDS_MARGINS,
+    MET_LOGPS_CHOSEN, MET_LOGPS_REJECTED, MET_LOGITS_CHOSEN, MET_LOGITS_REJECTED, MET_COUNT
+};
+static const char *const mb_metric_names[MET_COUNT] = {
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"};
+
+void mb_train_config_defaults(MbTrainConfig *c) {
+    memset(c, 0, sizeof *c);
+    /* TRL's DPOConfig / transformers' TrainingArguments defaults */
+    c->beta = 0.1;
+    c->loss_type = MB_LOSS_SIGMOID;
+    c->learning_rate = 1e-6;
+    c->adam_beta1 = 0.9, c->adam_beta2 = 0.999, c->adam_epsilon = 1e-8;
+    c->max_grad_norm = 1.0;
+    c->lr_scheduler_type = MB_SCHED_LINEAR;
+    c->per_device_train_batch_size = 8, c->per_device_eval_batch_size = 8;
+    c->gradient_accumulation_steps = 1;
+    c->num_train_epochs = 3;
+    c->max_steps = -1;
+    c->max_length = 1024, c->max_prompt_length = 512, c->max_completion_length = 0;
+    c->seed = 42;
+    c->logging_steps = 10, c->save_steps = 500, c->eval_steps = 0;
+    c->shuffle = 1;
+    c->lora.r = 8, c->lora.alpha = 8, c->lora.targets = (1u << MB_W_Q_PROJ) | (1u << MB_W_K_PROJ);
+}
+
+/* Per pair: the loss and dloss/dd for d = (pc - rc) - (pr - rr) (TRL's dpo_loss). */
+static double dpo_pair_loss(const MbTrainConfig *c, double d, double *dloss_dd) {
+    double b = c->beta, e = c->label_smoothing, z = b * d;
+    /* log sigmoid(x) = -softplus(-x), computed without overflow */
+    double ls_pos = z >= 0 ? -log1p(exp(-z)) : z - log1p(exp(z));   /* log s(z) */
+    double ls_neg = ls_pos - z;                                      /* log s(-z) */
+    double s_pos = exp(ls_pos), s_neg = exp(ls_neg);                 /* s(z), s(-z) */
+    switch (c->loss_type) {
+    case MB_LOSS_HINGE:
+        *dloss_dd = 1.0 - z > 0 ? -b : 0.0;
+        return MB_MAX(0.0, 1.0 - z);
+    case MB_LOSS_IPO: {
+        double t = d - 1.0 / (2.0 * b);
+        *dloss_dd = 2.0 * t;
+        return t * t;
+    }
+    case MB_LOSS_ROBUST:
+        *dloss_dd = (-(1.0 - e) * b * s_neg - e * b * s_pos) / (1.0 - 2.0 * e);
+        return (-(1.0 - e) * ls_pos + e * ls_neg) / (1.0 - 2.0 * e);
+    default:
+        *dloss_dd = -(1.0 - e) * b * s_neg + e * b * s_pos;
+        return -(1.0 - e) * ls_pos - e * ls_neg;
+    }
+}
+
+typedef struct {
+    MbModel *m;
+    MbLora *lo;
+    const MbTokenizer *tok;
+    MbTrainConfig cfg;
+    int sft;                 /* next-token loss on the chosen completion instead of DPO */
+    MbDataset train, eval;
+    float *ref_cache;        /* (n_train + n_eval, 2) precomputed reference log-probs (summed), or NULL */
+    float *exp_avg, *exp_avg_sq; /* (n_params) AdamW moments */
+    long step, total_steps;  /* optimizer steps done, to do */
+    long micro_done;         /* micro-batches consumed since the start of training */
+    double tokens_seen;
+    const char *model_dir, *output_dir;
+    uint64_t fingerprint;    /* model + data + settings: checkpoints and the reference cache */
+} MbTrainer;
+
+/* Runs one micro-batch of P pairs (indices into ds). Writes TRL's metrics for it; with
+ * backward, adds d(loss * grad_scale)/d(LoRA params) into the gradients. */
+static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *idx, int P, size_t ref_base,
+                                 int backward, double grad_scale, double *met) {
+    MbTrainConfig *c = &tr->cfg;
+    const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
+    for (int i = 0; i < P; i++) pairs[i] = &ds->pairs[idx[i]];
+    MbBatch bt;
+    int32_t pad = mb_tokenizer_eos_id(tr->tok);
+    batch_build(&bt, pairs, P, !tr->sft, c->max_length, pad);
+    float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
+    double *pol = mb_calloc((size_t)bt.B, sizeof *pol), *ref = mb_calloc((size_t)bt.B, sizeof *ref);
+    MbStatus rc = MB_OK;
+    if (!tr->sft) { /* the reference: adapter disabled, no gradient */
+        if (tr->ref_cache) {
+            for (int b = 0; b < bt.B; b++) ref[b] = tr->ref_cache[2 * (ref_base + (size_t)idx[b % P]) + (b >= P)];
+        } else {
+            tr->lo->enabled = 0;
+            rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
+            tr->lo->enabled = 1;
+            for (size_t i = 0; !rc && i < bt.M; i++) ref[bt.seq[i]] += logp[i];
+        }
+    }
+    if (!rc) rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, backward);
+    if (rc) goto done;
+    double lsum_c = 0, lsum_r = 0;
+    size_t rows_c = 0, rows_r = 0;
+    for (size_t i = 0; i < bt.M; i++) {
+        pol[bt.seq[i]] += logp[i];
+        if (bt.seq[i] < P) lsum_c += lsum[i], rows_c++;
+        else lsum_r += lsum[i], rows_r++;
+    }
+    for (int k = 0; k < MET_COUNT; k++) met[k] = 0;
+    float *g = mb_calloc(bt.M, sizeof *g);
+    if (tr->sft) { /* mean next-token loss over the completion tokens of the micro-batch */
+        double nll = 0;
+        for (size_t i = 0; i < bt.M; i++) nll -= logp[i], g[i] = (float)(-grad_scale / (double)bt.M);
+        met[MET_LOSS] = nll / (double)bt.M;
+    } else {
+        double V = (double)tr->m->cfg.vocab_size;
+        for (int p = 0; p < P; p++) {
+            double pc = pol[p], pr = pol[P + p], rc_ = ref[p], rr = ref[P + p];
+            double nc = bt.count[p], nr = bt.count[P + p];
+            if (c->loss_type == MB_LOSS_IPO) pc /= nc, pr /= nr, rc_ /= nc, rr /= nr; /* per-token average */
+            double dd, d = (pc - rc_) - (pr - rr), loss = dpo_pair_loss(c, d, &dd);
+            double rw_c = c->beta * (pc - rc_), rw_r = c->beta * (pr - rr);
+            met[MET_LOSS] += loss / P;
+            met[MET_REWARDS_CHOSEN] += rw_c / P;
+            met[MET_REWARDS_REJECTED] += rw_r / P;
+            met[MET_REWARDS_ACCURACIES] += (rw_c > rw_r) / (double)P;
+            met[MET_REWARDS_MARGINS] += (rw_c - rw_r) / P;
+            met[MET_LOGPS_CHOSEN] += pc / P;
+            met[MET_LOGPS_REJECTED] += pr / P;
+            /* d loss_mean / d logp of each token: dd/P, with the IPO average's 1/count */
+            double gc = dd / P * grad_scale / (c->loss_type == MB_LOSS_IPO ? nc : 1.0);
+            double gr = -dd / P * grad_scale / (c->loss_type == MB_LOSS_IPO ? nr : 1.0);
+            for (size_t i = 0; i < bt.M; i++)
+                if (bt.seq[i] == p) g[i] = (float)gc;
+                else if (bt.seq[i] == P + p) g[i] = (float)gr;
+        }
+        met[MET_LOGITS_CHOSEN] = rows_c ? lsum_c / ((double)rows_c * V) : 0;
+        met[MET_LOGITS_REJECTED] = rows_r ? lsum_r / ((double)rows_r * V) : 0;
+    }
+    if (backward) model_backward_rows(tr->m, g);
+    free(g);
+    for (int b = 0; b < bt.B; b++) tr->tokens_seen += bt.lens[b];
+done:
+    free(logp), free(lsum), free(pol), free(ref), free(pairs);
+    batch_free(&bt);
+    return rc;
+}
+
+/* The learning rate of optimizer step `step` (0-based), as transformers' schedules. */
+static double sched_lr(const MbTrainConfig *c, long step, long total, long warmup) {
+    double lr0 = c->learning_rate;
+    if (c->lr_scheduler_type == MB_SCHED_CONSTANT) return lr0;
+    if (step < warmup) return lr0 * (double)step / (double)MB_MAX(1, warmup);
+    if (c->lr_scheduler_type == MB_SCHED_CONSTANT_WITH_WARMUP) return lr0;
+    double progress = (double)(step - warmup) / (double)MB_MAX(1, total - warmup);
+    if (c->lr_scheduler_type == MB_SCHED_COSINE) return lr0 * MB_MAX(0.0, 0.5 * (1.0 + cos(M_PI * progress)));
+    return lr0 * MB_MAX(0.0, (double)(total - step) / (double)MB_MAX(1, total - warmup));
+}
+
+static long warmup_steps(const MbTrainConfig *c, long total) {
+    return c->warmup_steps > 0 ? c->warmup_steps : (long)ceil(c->warmup_ratio * (double)total);
+}
+
+/* The pair order of epoch e: the file order, or a permutation drawn from (seed, e). */
+static void epoch_order(const MbTrainConfig *c, size_t n, long e, int *order) {
+    for (size_t i = 0; i < n; i++) order[i] = (int)i;
+    if (!c->shuffle) return;
+    MbRng rng;
+    mb_rng_seed(&rng, (uint64_t)c->seed * 1000003u + (uint64_t)e);
+    for (size_t i = n; i > 1; i--) {
+        size_t j = (size_t)(mb_rng_u64(&rng) % i);
+        int t = order[i - 1];
+        order[i - 1] = order[j];
+        order[j] = t;
+    }
+}
+
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
+    const unsigned char *s = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* Identifies the model files, the tokenized data and every setting that changes the numbers. */
+static uint64_t trainer_fingerprint(const MbTrainer *tr) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    const MbSafetensors *st = tr->m->st;
+    for (ptrdiff_t i = 0; i < arrlen(st->files); i++) {
+        struct stat sb;
+        if (stat(st->files[i], &sb) == 0) {
+            long long sz = (long long)sb.st_size, mt = (long long)sb.st_mtime;
+            h = fnv1a(h, &sz, sizeof sz), h = fnv1a(h, &mt, sizeof mt);
+        }
+        h = fnv1a(h, st->maps[i].data, MB_MIN(st->maps[i].size, (size_t)4096));
+    }
+    const MbDataset *sets[2] = {&tr->train, &tr->eval};
+    for (int s = 0; s < 2; s++)
+        for (ptrdiff_t i = 0; i < arrlen(sets[s]->pairs); i++) {
+            const MbPair *p = &sets[s]->pairs[i];
+            h = fnv1a(h, p->prompt, (size_t)p->np * 4), h = fnv1a(h, p->chosen, (size_t)p->nc * 4);
+            h = fnv1a(h, p->rejected, (size_t)p->nr * 4), h = fnv1a(h, &p->np, sizeof p->np);
+        }
+    const MbTrainConfig *c = &tr->cfg;
+    int ints[] = {c->max_length, tr->sft, c->lora.r, (int)c->lora.targets};
+    h = fnv1a(h, ints, sizeof ints);
+    return h;
+}
+
+/* ---- reference log-probs computed once (--precompute_ref_log_probs), cached on disk ---- */
+
+static MbStatus precompute_ref(MbTrainer *tr) {
+    size_t nt = (size_t)arrlen(tr->train.pairs), ne = (size_t)arrlen(tr->eval.pairs);
+    char *path = mb_path_join(tr->output_dir, "ref_logps.safetensors");
+    char key[32];
+    snprintf(key, sizeof key, "%016llx", (unsigned long long)tr->fingerprint);
+    tr->ref_cache = mb_malloc((nt + ne) * 2 * sizeof(float));
+    MbSafetensors *st = NULL;
+    if (mb_is_file(path) && mb_safetensors_open(path, &st) == MB_OK) {
+        const MbTensorInfo *t = mb_safetensors_find(st, "ref_logps"), *k = mb_safetensors_find(st, key);
+        if (t && k && t->dtype == MB_DT_F32 && t->numel == (nt + ne) * 2) { /* the key names a tensor */
+            memcpy(tr->ref_cache, t->data, t->nbytes);
+            mb_safetensors_close(st);
+            printf("reference log-probs: %s (cached, key %s)\n", path, key);
+            free(path);
+            return MB_OK;
+        }
+        mb_safetensors_close(st);
+        printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
+    }
+    tr->lo->enabled = 0;
+    const MbDataset *sets[2] = {&tr->train, &tr->eval};
+    size_t base = 0;
+    MbStatus rc = MB_OK;
+    for (int s = 0; s < 2 && !rc; s++) {
+        size_t n = (size_t)arrlen(sets[s]->pairs);
+        int bs = tr->cfg.per_device_train_batch_size;
+        for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs) {
+            int P = (int)MB_MIN((size_t)bs, n - i0);
+            const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
+            for (int i = 0; i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
+            MbBatch bt;
+            batch_build(&bt, pairs, P, 1, tr->cfg.max_length, mb_tokenizer_eos_id(tr->tok));
+            float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
+            rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
+            for (int b = 0; b < bt.B; b++) tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] = 0;
+            for (size_t i = 0; !rc && i < bt.M; i++) {
+                int b = bt.seq[i];
+                tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
+            }
+            free(logp), free(lsum), free(pairs);
+            batch_free(&bt);
+        }
+        base += n;
+    }
+    tr->lo->enabled = 1;
+    if (!rc) {
+        float one = 1;
+        MbTensorOut ts[2] = {{"ref_logps", MB_DT_F32, 2, {nt + ne, 2}, tr->ref_cache}, {key, MB_DT_F32, 1, {1}, &one}};
+        rc = mb_safetensors_write(path, ts, 2, NULL);
+        if (!rc) printf("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
+    }
+    free(path);
+    return rc;
+}
+
+/* ---- checkpoints: OUTPUT/checkpoint-N/ written as a temporary folder and renamed ---- */
+
+static MbStatus checkpoint_save(MbTrainer *tr) {
+    char final[4096], tmp[4200];
+    snprintf(final, sizeof final, "%s/checkpoint-%ld", tr->output_dir, tr->step);
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", final, (long)getpid());
+    mb_rmdir_r(tmp);
+    if (mkdir(tmp, 0755) != 0) return mb_fail(MB_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+    MbStatus rc = mb_lora_save(tr->lo, tmp, tr->model_dir);
+    if (!rc) {
+        char *p = mb_path_join(tmp, "optimizer.safetensors");
+        size_t n = tr->lo->n_params;
+        MbTensorOut ts[2] = {{"exp_avg", MB_DT_F32, 1, {n}, tr->exp_avg}, {"exp_avg_sq", MB_DT_F32, 1, {n}, tr->exp_avg_sq}};
+        rc = mb_safetensors_write(p, ts, 2, NULL);
+        free(p);
+    }
+    if (!rc) {
+        char *j = NULL;
+        sb_printf(&j, "{\n  \"global_step\": %ld,\n  \"micro_batches_done\": %ld,\n  \"total_steps\": %ld,\n"
+                  "  \"tokens_seen\": %.0f,\n  \"fingerprint\": \"%016llx\",\n  \"seed\": %d\n}\n",
+                  tr->step, tr->micro_done, tr->total_steps, tr->tokens_seen, (unsigned long long)tr->fingerprint,
+                  tr->cfg.seed);
+        char *p = mb_path_join(tmp, "trainer_state.json");
+        rc = mb_write_file(p, j, strlen(j));
+        free(p);
+        arrfree(j);
+    }
+    if (!rc && mb_is_dir(final)) rc = mb_rmdir_r(final);
+    if (!rc && rename(tmp, final) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot rename to %s: %s", tmp, final, strerror(errno));
+    if (rc) mb_rmdir_r(tmp);
+    return rc;
+}
+
+static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
+    char *state = mb_path_join(dir, "trainer_state.json"), *opt = mb_path_join(dir, "optimizer.safetensors");
+    char *text = NULL;
+    size_t n;
+    MbJsonDoc doc;
+    memset(&doc, 0, sizeof doc);
+    MbLora *lo = NULL;
+    MbSafetensors *st = NULL;
+    MbStatus rc = mb_is_dir(dir) ? MB_OK : mb_fail(MB_ERR_IO, "%s: no such checkpoint folder", dir);
+    if (!rc) rc = mb_read_file(state, &text, &n);
+    if (!rc) rc = json_parse(state, text, n, &doc);
+    if (!rc) {
+        const MbJson *r = json_root(&doc), *gs = json_get(&doc, r, "global_step"),
+                     *mb = json_get(&doc, r, "micro_batches_done"), *fp = json_get(&doc, r, "fingerprint"),
+                     *tk = json_get(&doc, r, "tokens_seen");
+        char want[32];
+        snprintf(want, sizeof want, "%016llx", (unsigned long long)tr->fingerprint);
+        if (!gs || !gs->is_int || gs->i < 0 || !mb || !mb->is_int || mb->i < 0 || !fp || fp->kind != MB_JSON_STRING)
+            rc = mb_fail(MB_ERR_FORMAT, "%s: incomplete trainer state --> the checkpoint is corrupt", state);
+        else if (strcmp(json_str(&doc, fp), want))
+            rc = mb_fail(MB_ERR_ARG, "%s: made with another model, data or settings (fingerprint %s, this run %s)",
+                         state, json_str(&doc, fp), want);
+        else {
+            tr->step = (long)gs->i;
+            tr->micro_done = (long)mb->i;
+            tr->tokens_seen = tk && tk->kind == MB_JSON_NUMBER ? tk->num : 0;
+        }
+    }
+    if (!rc) rc = mb_lora_load(tr->m, dir, &lo);
+    if (!rc && (lo->r != tr->lo->r || lo->targets != tr->lo->targets || lo->n_params != tr->lo->n_params))
+        rc = mb_fail(MB_ERR_ARG, "%s: adapter shape differs from this run's settings", dir);
+    if (!rc) rc = mb_safetensors_open(opt, &st);
+    if (!rc) {
+        const MbTensorInfo *a = mb_safetensors_find(st, "exp_avg"), *b = mb_safetensors_find(st, "exp_avg_sq");
+        size_t np = tr->lo->n_params;
+        if (!a || !b || a->dtype != MB_DT_F32 || b->dtype != MB_DT_F32 || a->numel != np || b->numel != np)
+            rc = mb_fail(MB_ERR_FORMAT, "%s: optimizer moments missing or of the wrong size --> the checkpoint is "
+                         "corrupt", opt);
+        else {
+            memcpy(tr->exp_avg, a->data, np * sizeof(float));
+            memcpy(tr->exp_avg_sq, b->data, np * sizeof(float));
+            memcpy(tr->lo->params, lo->params, np * sizeof(float));
+        }
+    }
+    mb_safetensors_close(st);
+    mb_lora_free(lo);
+    json_free(&doc);
+    free(text), free(state), free(opt);
+    return rc;
+}
+
+/* ---- logging: metrics.jsonl, a line per logging step, a progress bar, an SVG at the end ---- */
+
+typedef struct {
+    long step;
+    double epoch, lr, grad_norm, met[MET_COUNT];
+} MbLogRow;
+
+static void log_append(const MbTrainer *tr, const MbLogRow *r, const char *prefix, int eval) {
+    char *j = NULL;
+    sb_printf(&j, "{\"step\": %ld, \"epoch\": %.6g", r->step, r->epoch);
+    if (!eval) sb_printf(&j, ", \"learning_rate\": %.10g, \"grad_norm\": %.10g", r->lr, r->grad_norm);
+    for (int k = 0; k < (tr->sft ? 1 : MET_COUNT); k++)
+        sb_printf(&j, ", \"%s%s\": %.10g", prefix, mb_metric_names[k], r->met[k]);
+    sb_printf(&j, "}\n");
+    char *p = mb_path_join(tr->output_dir, "metrics.jsonl");
+    FILE *f = fopen(p, "ab");
+    if (f) {
+        fputs(j, f);
+        fclose(f);
+    }
+    free(p);
+    arrfree(j);
+}
+
+static void log_print(const MbTrainer *tr, const MbLogRow *r, const char *prefix, int eval) {
+    printf("%sstep %ld/%ld epoch %.2f", eval ? "eval " : "", r->step, tr->total_steps, r->epoch);
+    printf(" %sloss %.4f", prefix, r->met[MET_LOSS]);
+    if (!tr->sft)
+        printf(" %srewards/accuracies %.3f %srewards/margins %.4f", prefix, r->met[MET_REWARDS_ACCURACIES], prefix,
+               r->met[MET_REWARDS_MARGINS]);
+    if (!eval) printf(" lr %.3g grad_norm %.4f", r->lr, r->grad_norm);
+    printf("\n");
+    fflush(stdout);
+}
+
+static void progress_bar(const MbTrainer *tr, double loss, double acc, double t0) {
+    if (!isatty(fileno(stderr))) return;
+    double el = mb_now() - t0, frac = (double)tr->step / (double)MB_MAX(1, tr->total_steps);
+    double eta = frac > 0 ? el * (1 - frac) / frac : 0;
+    char bar[31];
+    int fill = (int)(frac * 30);
+    for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
+    bar[30] = 0;
+    fprintf(stderr, "\r%ld/%ld [%s] loss %.4f acc %.2f %.0f tok/s ETA %dm%02ds  ", tr->step, tr->total_steps, bar, loss,
+            acc, tr->tokens_seen / MB_MAX(el, 1e-9), (int)eta / 60, (int)eta % 60);
+    if (tr->step == tr->total_steps) fprintf(stderr, "\n");
+    fflush(stderr);
+}
+
+/* An SVG with one panel per series (loss, margins, accuracies) over the optimizer steps. */
+static MbStatus write_svg(const MbTrainer *tr, const MbLogRow *rows, size_t n) {
+    int series[] = {MET_LOSS, MET_REWARDS_MARGINS, MET_REWARDS_ACCURACIES};
+    int ns = tr->sft ? 1 : 3, W = 900, Hp = 220;
+    char *s = NULL;
+    sb_printf(&s, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+              "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, Hp * ns + 20);
+    for (int k = 0; k < ns && n > 0; k++) {
+        double lo = 1e300, hi = -1e300;
+        for (size_t i = 0; i < n; i++) lo = MB_MIN(lo, rows[i].met[series[k]]), hi = MB_MAX(hi, rows[i].met[series[k]]);
+        if (hi - lo < 1e-12) hi = lo + 1;
+        int y0 = k * Hp + 20, x0 = 70, pw = W - 100, ph = Hp - 60;
+        sb_printf(&s, "<text x=\"%d\" y=\"%d\" font-weight=\"bold\">%s</text>\n", x0, y0 + 5, mb_metric_names[series[k]]);
+        sb_printf(&s, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", x0, y0 + 15,
+                  pw, ph);
+        sb_printf(&s, "<text x=\"5\" y=\"%d\">%.4g</text><text x=\"5\" y=\"%d\">%.4g</text>\n", y0 + 25, hi, y0 + 15 + ph,
+                  lo);
+        sb_printf(&s, "<text x=\"%d\" y=\"%d\">step %ld</text>\n", x0 + pw - 60, y0 + ph + 30, rows[n - 1].step);
+        sb_printf(&s, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"");
+        for (size_t i = 0; i < n; i++) {
+            double x = x0 + (n > 1 ? (double)i / (double)(n - 1) : 0.5) * pw;
+            double y = y0 + 15 + ph - (rows[i].met[series[k]] - lo) / (hi - lo) * ph;
+            sb_printf(&s, "%.1f,%.1f ", x, y);
+        }
+        sb_printf(&s, "\"/>\n");
+    }
+    sb_printf(&s, "</svg>\n");
+    char *p = mb_path_join(tr->output_dir, "training.svg");
+    MbStatus rc = mb_write_file(p, s, strlen(s));
+    free(p);
+    arrfree(s);
+    return rc;
+}
+
+/* Evaluation over the eval pairs in order: metrics are means over batches (TRL), the loss is
+ * the mean over pairs. */
+static MbStatus train_evaluate(MbTrainer *tr, double *met) {
+    size_t n = (size_t)arrlen(tr->eval.pairs), nt = (size_t)arrlen(tr->train.pairs);
+    int bs = tr->cfg.per_device_eval_batch_size, *idx = mb_malloc((size_t)bs * sizeof *idx), batches = 0;
+    double bm[MET_COUNT], loss = 0;
+    for (int k = 0; k < MET_COUNT; k++) met[k] = 0;
+    MbStatus rc = MB_OK;
+    for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs) {
+        int P = (int)MB_MIN((size_t)bs, n - i0);
+        for (int i = 0; i < P; i++) idx[i] = (int)(i0 + (size_t)i);
+        rc = train_microbatch(tr, &tr->eval, idx, P, nt, 0, 1.0, bm);
+        for (int k = 0; k < MET_COUNT; k++) met[k] += bm[k];
+        loss += bm[MET_LOSS] * P;
+        batches++;
+    }
+    for (int k = 0; k < MET_COUNT; k++) met[k] /= MB_MAX(batches, 1);
+    met[MET_LOSS] = loss / (double)MB_MAX(n, 1);
+    free(idx);
+    return rc;
+}
+
+/* The training loop of transformers' Trainer: epochs of micro-batches, grouped into optimizer
+ * steps of gradient_accumulation_steps (the last of an epoch may be shorter; its loss is divided
+ * by the micro-batches it has). */
+static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
+    MbTrainConfig *c = &tr->cfg;
+    MbOps *ops = tr->m->ops;
+    size_t n = (size_t)arrlen(tr->train.pairs), np = tr->lo->n_params;
+    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps;
+    long mb_per_epoch = (long)((n + (size_t)bs - 1) / (size_t)bs);
+    long steps_per_epoch = MB_MAX(1, (mb_per_epoch + ga - 1) / ga);
+    tr->total_steps = c->max_steps > 0 ? c->max_steps : (long)ceil(c->num_train_epochs * (double)steps_per_epoch);
+    long warmup = warmup_steps(c, tr->total_steps);
+    tr->exp_avg = mb_calloc(np, sizeof(float));
+    tr->exp_avg_sq = mb_calloc(np, sizeof(float));
+    MbStatus rc = MB_OK;
+    if (resume && (rc = checkpoint_load(tr, resume))) return rc;
+    if (resume) printf("resumed from %s at step %ld\n", resume, tr->step);
+    int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
+    MbLogRow *hist = NULL, win;
+    memset(&win, 0, sizeof win);
+    int win_micro = 0, win_steps = 0;
+    double win_loss = 0;
+    double t0 = mb_now(), met[MET_COUNT];
+    long epoch = tr->micro_done / mb_per_epoch;
+    epoch_order(c, n, epoch, order);
+    while (!rc && tr->step < tr->total_steps) {
+        long in_epoch = tr->micro_done % mb_per_epoch;
+        if (in_epoch == 0 && tr->micro_done / mb_per_epoch != epoch) epoch_order(c, n, epoch = tr->micro_done / mb_per_epoch, order);
+        long count = MB_MIN((long)ga, mb_per_epoch - in_epoch); /* micro-batches of this optimizer step */
+        ops->fill(ops, tr->lo->grads, 0.0f, np);
+        double step_met[MET_COUNT] = {0};
+        for (long k = 0; k < count && !rc; k++) {
+            long mbi = in_epoch + k;
+            int P = (int)MB_MIN((size_t)bs, n - (size_t)mbi * (size_t)bs);
+            for (int i = 0; i < P; i++) idx[i] = order[(size_t)mbi * (size_t)bs + (size_t)i];
+            rc = train_microbatch(tr, &tr->train, idx, P, 0, 1, 1.0 / (double)count, met);
+            if (!rc && !isfinite(met[MET_LOSS]))
+                rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the loss is %g --> lower --learning_rate; "
+                             "the last checkpoint (if any) is intact", tr->step + 1, met[MET_LOSS]);
+            for (int q = 0; q < MET_COUNT; q++) step_met[q] += met[q] / (double)count, win.met[q] += met[q];
+            win_micro++;
+        }
+        if (rc) break;
+        double norm = sqrt(ops->sumsq(ops, tr->lo->grads, np));
+        if (!isfinite(norm)) {
+            rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the gradient norm is %g; the last checkpoint (if "
+                         "any) is intact", tr->step + 1, norm);
+            break;
+        }
+        if (c->max_grad_norm > 0) { /* torch.nn.utils.clip_grad_norm_ */
+            double coef = c->max_grad_norm / (norm + 1e-6);
+            if (coef < 1.0) ops->scale(ops, tr->lo->grads, (float)coef, np);
+        }
+        double lr = sched_lr(c, tr->step, tr->total_steps, warmup);
+        ops->adamw(ops, tr->lo->params, tr->lo->grads, tr->exp_avg, tr->exp_avg_sq, np, lr, c->adam_beta1,
+                   c->adam_beta2, c->adam_epsilon, c->weight_decay, tr->step + 1);
+        tr->step++;
+        tr->micro_done += count;
+        win_steps++;
+        win_loss += step_met[MET_LOSS];
+        MbLogRow row = {tr->step, (double)tr->micro_done / (double)mb_per_epoch, lr, norm, {0}};
+        for (int q = 0; q < MET_COUNT; q++) row.met[q] = step_met[q];
+        arrput(hist, row);
+        progress_bar(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
+        if ((c->logging_steps > 0 && tr->step % c->logging_steps == 0) || tr->step == tr->total_steps) {
+            /* TRL: stored metrics averaged over the micro-batches since the last log */
+            MbLogRow lr_row = row;
+            for (int q = 0; q < MET_COUNT; q++) lr_row.met[q] = win.met[q] / MB_MAX(win_micro, 1);
+            lr_row.met[MET_LOSS] = win_loss / MB_MAX(win_steps, 1); /* Trainer: mean over the steps */
+            log_append(tr, &lr_row, "", 0);
+            log_print(tr, &lr_row, "", 0);
+            memset(&win, 0, sizeof win);
+            win_micro = win_steps = 0;
+            win_loss = 0;
+        }
+        int last = tr->step == tr->total_steps;
+        if (arrlen(tr->eval.pairs) && ((c->eval_steps > 0 && tr->step % c->eval_steps == 0) || last)) {
+            double em[MET_COUNT];
+            if ((rc = train_evaluate(tr, em))) break;
+            MbLogRow er = row;
+            memcpy(er.met, em, sizeof em);
+            log_append(tr, &er, "eval_", 1);
+            log_print(tr, &er, "eval_", 1);
+        }
+        if ((c->save_steps > 0 && tr->step % c->save_steps == 0) || last) rc = checkpoint_save(tr);
+    }
+    if (!rc && arrlen(hist)) rc = write_svg(tr, hist, (size_t)arrlen(hist));
+    arrfree(hist);
+    free(order), free(idx);
+    return rc;
+}
+
+static void trainer_free(MbTrainer *tr) {
+    dataset_free(&tr->train);
+    dataset_free(&tr->eval);
+    free(tr->ref_cache), free(tr->exp_avg), free(tr->exp_avg_sq);
+    if (tr->m) mb_model_set_lora(tr->m, NULL);
+    mb_lora_free(tr->lo);
+    mb_tokenizer_free((MbTokenizer *)tr->tok);
+    mb_model_free(tr->m);
+    memset(tr, 0, sizeof *tr);
+}
+
+/* Moves a seeded random share `frac` of train's pairs (at least one) into eval, both keeping
+ * the file order. */
+static void split_eval(MbDataset *train, MbDataset *eval, double frac, int seed) {
+    size_t n = (size_t)arrlen(train->pairs), k = (size_t)ceil(frac * (double)n);
+    if (k < 1 || n < 2) return;
+    if (k >= n) k = n - 1;
+    char *pick = mb_calloc(n, 1);
+    MbRng rng;
+    mb_rng_seed(&rng, (uint64_t)seed ^ 0xe7a1u);
+    for (size_t chosen = 0; chosen < k;) {
+        size_t i = (size_t)(mb_rng_u64(&rng) % n);
+        if (!pick[i]) pick[i] = 1, chosen++;
+    }
+    MbPair *keep = NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (pick[i]) arrput(eval->pairs, train->pairs[i]);
+        else arrput(keep, train->pairs[i]);
+    }
+    arrfree(train->pairs);
+    train->pairs = keep;
+    eval->path = mb_strdup(train->path);
+    free(pick);
+}
+
+/* Loads model, tokenizer, data and adapter for a job. */
+static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_train_data) {
+    memset(tr, 0, sizeof *tr);
+    tr->cfg = job->cfg;
+    tr->sft = job->sft;
+    tr->model_dir = job->model_dir;
+    tr->output_dir = job->output_dir;
+    MbTrainConfig *c = &tr->cfg;
+    if (c->per_device_train_batch_size < 1 || c->per_device_eval_batch_size < 1 || c->gradient_accumulation_steps < 1)
+        return mb_fail(MB_ERR_ARG, "batch sizes and gradient_accumulation_steps must be >= 1");
+    if (c->loss_type == MB_LOSS_ROBUST && !(c->label_smoothing < 0.5))
+        return mb_fail(MB_ERR_ARG, "the robust loss needs label_smoothing < 0.5");
+    if (!(c->beta > 0)) return mb_fail(MB_ERR_ARG, "beta must be > 0");
+    MbLoadOptions lopt = {job->threads};
+    MbStatus rc = mb_model_load(job->model_dir, &lopt, &tr->m);
+    MbTokenizer *tok = NULL;
+    if (!rc) rc = mb_tokenizer_load(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &tok);
+    tr->tok = tok;
+    if (!rc && mb_tokenizer_vocab_size(tok) > (size_t)tr->m->cfg.vocab_size)
+        rc = mb_fail(MB_ERR_ARG, "the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
+                     "model's own tokenizer", mb_tokenizer_vocab_size(tok), tr->m->cfg.vocab_size);
+    MbDataOptions dopt = {c->max_length, c->max_prompt_length, c->max_completion_length, c->add_bos};
+    if (!rc && need_train_data) rc = dataset_load(job->data_path, tok, &dopt, &tr->train);
+    if (!rc && job->eval_data_path) rc = dataset_load(job->eval_data_path, tok, &dopt, &tr->eval);
+    else if (!rc && need_train_data && c->eval_split > 0) split_eval(&tr->train, &tr->eval, c->eval_split, c->seed);
+    if (!rc) rc = job->lora_init ? mb_lora_load(tr->m, job->lora_init, &tr->lo) : mb_lora_new(tr->m, &c->lora, (uint64_t)c->seed, &tr->lo);
+    if (rc) {
+        trainer_free(tr);
+        return rc;
+    }
+    c->lora.r = tr->lo->r, c->lora.alpha = tr->lo->alpha, c->lora.targets = tr->lo->targets;
+    mb_model_set_lora(tr->m, tr->lo);
+    tr->m->gradient_checkpointing = c->gradient_checkpointing;
+    return MB_OK;
+}
+
+static void report_skips(const MbDataset *ds) {
+    if (ds->skipped_empty)
+        printf("%s: skipped %d pairs with an empty prompt or completion (first at line %d)\n", ds->path,
+               ds->skipped_empty, ds->first_skipped_line);
+    if (ds->skipped_long)
+        printf("%s: skipped %d pairs whose prompt fills max_length (first at line %d)\n", ds->path, ds->skipped_long,
+               ds->first_skipped_line);
+}
+
+/* The newest OUTPUT/checkpoint-N, or NULL. */
+static char *latest_checkpoint(const char *out) {
+    DIR *d = opendir(out);
+    if (!d) return NULL;
+    long best = -1;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        char *end;
+        if (strncmp(e->d_name, "checkpoint-", 11)) continue;
+        long k = strtol(e->d_name + 11, &end, 10);
+        if (*end == 0 && k > best) best = k;
+    }
+    closedir(d);
+    if (best < 0) return NULL;
+    char buf[64];
+    snprintf(buf, sizeof buf, "checkpoint-%ld", best);
+    return mb_path_join(out, buf);
+}
+
+MbStatus mb_train(const MbTrainJob *job) {
+    if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
+    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0)
+        return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
+    MbTrainer tr;
+    MbStatus rc = trainer_setup(&tr, job, 1);
+    if (rc) return rc;
+    report_skips(&tr.train);
+    if (arrlen(tr.eval.pairs) && job->eval_data_path) report_skips(&tr.eval);
+    tr.fingerprint = trainer_fingerprint(&tr);
+    const MbTrainConfig *c = &tr.cfg;
+    printf("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on", job->sft ? "sft" : "dpo",
+           (size_t)arrlen(tr.train.pairs), (size_t)arrlen(tr.eval.pairs), tr.lo->r, tr.lo->alpha);
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+        if (tr.lo->targets & (1u << i)) printf(" %s", lora_module_name(i));
+    printf(" (%zu trainable parameters)\n", tr.lo->n_params);
+    if (!job->sft)
+        printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
+               c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
+               c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
+    if (!job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
+    char *resume = NULL;
+    if (!rc && job->resume && job->resume[0]) {
+        if (!strcmp(job->resume, "true") || !strcmp(job->resume, "latest")) {
+            resume = latest_checkpoint(job->output_dir);
+            if (!resume) rc = mb_fail(MB_ERR_ARG, "%s: no checkpoint-N folder to resume from", job->output_dir);
+        } else {
+            resume = mb_strdup(job->resume);
+        }
+    }
+    double t0 = mb_now();
+    if (!rc) rc = trainer_run(&tr, resume);
+    free(resume);
+    if (!rc) rc = mb_lora_save(tr.lo, job->output_dir, job->model_dir);
+    if (!rc)
+        printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
+               "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
+               job->output_dir, job->output_dir);
+    trainer_free(&tr);
+    return rc;
+}
+
+MbStatus mb_evaluate(const MbTrainJob *job) {
+    MbTrainer tr;
+    MbTrainJob j = *job;
+    j.eval_data_path = job->data_path; /* everything in the file is evaluated */
+    MbStatus rc = trainer_setup(&tr, &j, 0);
+    if (rc) return rc;
+    report_skips(&tr.eval);
+    double met[MET_COUNT];
+    rc = train_evaluate(&tr, met);
+    if (!rc) {
+        printf("%zu pairs of %s\n", (size_t)arrlen(tr.eval.pairs), job->data_path);
+        for (int k = 0; k < (job->sft ? 1 : MET_COUNT); k++) printf("  eval_%-20s %.6f\n", mb_metric_names[k], met[k]);
+    }
+    trainer_free(&tr);
+    return rc;
+}
+
+// ============================================================================================
 // ---------- 10. sampler ----------  (the generation issue)
 // ---------- 11. coordinator ----------  (the distributed issue)
 // ---------- 12. cuda ----------  (the CUDA issue)
@@ -4022,10 +5433,13 @@ typedef struct {
     char **argv;
     char *used;        /* (argc) which argv entries a command consumed */
     const char *cmd;
+    /* options from a --config file: consulted after the command line */
+    char **cfg_key, **cfg_val; /* stb_ds arrays */
+    int *cfg_line;
+    char *cfg_used;
+    const char *cfg_path;
 } MbArgs;
 
-/* The value of --name, or NULL. A flag given as the last argument or before another option
- * has value "" (see arg_flag). */
 static const char *arg_get(MbArgs *a, const char *name) {
     size_t n = strlen(name);
     for (int i = 2; i < a->argc; i++) {
@@ -4044,7 +5458,50 @@ static const char *arg_get(MbArgs *a, const char *name) {
             return "";
         }
     }
+    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
+        if (!strcmp(a->cfg_key[i], name)) {
+            a->cfg_used[i] = 1;
+            return a->cfg_val[i];
+        }
     return NULL;
+}
+
+static int is_bool_word(const char *v, int *out) {
+    const char *t[] = {"true", "True", "TRUE", "1", "yes"}, *f[] = {"false", "False", "FALSE", "0", "no"};
+    for (int i = 0; i < 5; i++) {
+        if (!strcmp(v, t[i])) return *out = 1, 1;
+        if (!strcmp(v, f[i])) return *out = 0, 1;
+    }
+    return 0;
+}
+
+/* --name alone means true; --name true|false (or =value) sets it; a following word that is not
+ * a boolean is left for the positional arguments. */
+static MbStatus arg_bool(MbArgs *a, const char *name, int *out) {
+    size_t n = strlen(name);
+    for (int i = 2; i < a->argc; i++) {
+        const char *s = a->argv[i];
+        if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n) || (s[2 + n] && s[2 + n] != '=')) continue;
+        a->used[i] = 1;
+        if (s[2 + n] == '=') {
+            if (!is_bool_word(s + 3 + n, out))
+                return mb_fail(MB_ERR_ARG, "%s: --%s needs true or false, got '%s'", a->cmd, name, s + 3 + n);
+        } else if (i + 1 < a->argc && is_bool_word(a->argv[i + 1], out)) {
+            a->used[i + 1] = 1;
+        } else {
+            *out = 1;
+        }
+        return MB_OK;
+    }
+    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
+        if (!strcmp(a->cfg_key[i], name)) {
+            a->cfg_used[i] = 1;
+            if (!is_bool_word(a->cfg_val[i], out))
+                return mb_fail(MB_ERR_ARG, "%s:%d: %s needs true or false, got '%s'", a->cfg_path, a->cfg_line[i], name,
+                               a->cfg_val[i]);
+            return MB_OK;
+        }
+    return MB_OK;
 }
 
 static MbStatus arg_int(MbArgs *a, const char *name, int *out) {
@@ -4085,8 +5542,76 @@ static MbStatus args_done(MbArgs *a) {
         if (!a->used[i])
             return mb_fail(MB_ERR_ARG, "%s: unknown option or extra argument '%s' --> see medbot %s --help",
                            a->cmd, a->argv[i], a->cmd);
+    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
+        if (!a->cfg_used[i])
+            return mb_fail(MB_ERR_ARG, "%s:%d: unknown setting '%s' for medbot %s", a->cfg_path, a->cfg_line[i],
+                           a->cfg_key[i], a->cmd);
     return MB_OK;
 }
+
+static void args_free(MbArgs *a) {
+    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++) free(a->cfg_key[i]), free(a->cfg_val[i]);
+    arrfree(a->cfg_key), arrfree(a->cfg_val), arrfree(a->cfg_line);
+    free(a->cfg_used);
+    free(a->used);
+}
+
+/* The card's `key: value  # comment` blocks (its YAML hyperparameters and its Python QLoRA
+ * settings, as written) as options. Keys the card uses for an option with another name are
+ * renamed; informational keys are checked or noted. */
+static MbStatus args_read_config(MbArgs *a, const char *path) {
+    static const char *const rename_keys[][2] = {
+        {"seq_length", "max_length"}, {"batch_size", "per_device_train_batch_size"}, {"r", "lora_r"},
+        {"target_modules", "lora_target_modules"}, {"output_dir", "output"}};
+    char *text;
+    size_t n;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    a->cfg_path = path;
+    int line = 0;
+    for (char *s = text; s && *s;) {
+        char *nl = strchr(s, '\n');
+        if (nl) *nl = 0;
+        line++;
+        char *hash = strchr(s, '#');
+        if (hash) *hash = 0;
+        char *colon = strchr(s, ':');
+        char *k = s;
+        s = nl ? nl + 1 : NULL;
+        while (*k == ' ' || *k == '\t') k++;
+        if (!*k || !strncmp(k, "```", 3)) continue;
+        if (!colon) {
+            for (char *e = k + strlen(k); e > k && (e[-1] == ' ' || e[-1] == '\r' || e[-1] == '\t');) *--e = 0;
+            if (!*k) continue;
+            free(text);
+            return mb_fail(MB_ERR_FORMAT, "%s:%d: expected 'key: value', got '%s'", path, line, k);
+        }
+        *colon = 0;
+        char *v = colon + 1;
+        for (char *e = colon; e > k && (e[-1] == ' ' || e[-1] == '\t');) *--e = 0;
+        while (*v == ' ' || *v == '\t') v++;
+        for (char *e = v + strlen(v); e > v && (e[-1] == ' ' || e[-1] == '\r' || e[-1] == '\t');) *--e = 0;
+        size_t vl = strlen(v);
+        if (vl >= 2 && ((v[0] == '"' && v[vl - 1] == '"') || (v[0] == '\'' && v[vl - 1] == '\''))) v[vl - 1] = 0, v++;
+        if (v[0] == '[') { /* [q_proj, k_proj] -> q_proj,k_proj */
+            char *w = v;
+            for (char *r = v + 1; *r && *r != ']'; r++)
+                if (*r != ' ' && *r != '"' && *r != '\'') *w++ = *r;
+            *w = 0;
+        }
+        const char *key = k;
+        for (size_t i = 0; i < sizeof rename_keys / sizeof *rename_keys; i++)
+            if (!strcmp(k, rename_keys[i][0])) key = rename_keys[i][1];
+        arrput(a->cfg_key, mb_strdup(key));
+        arrput(a->cfg_val, mb_strdup(v));
+        arrput(a->cfg_line, line);
+    }
+    free(text);
+    a->cfg_used = mb_calloc((size_t)arrlen(a->cfg_key) + 1, 1);
+    return MB_OK;
+}
+
+
 
 static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
@@ -4178,12 +5703,215 @@ fail:
     return 1;
 }
 
+static MbStatus arg_choice(MbArgs *a, const char *name, const char *const *choices, int n, int *out) {
+    const char *v = arg_get(a, name);
+    if (!v) return MB_OK;
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v, choices[i])) return *out = i, MB_OK;
+    char list[256] = "";
+    for (int i = 0; i < n; i++) snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "", choices[i]);
+    return mb_fail(MB_ERR_ARG, "%s: --%s must be one of %s, got '%s'", a->cmd, name, list, v);
+}
+
+static MbStatus arg_path(MbArgs *a, const char *name, const char **out) {
+    const char *v = arg_get(a, name);
+    if (!v) return MB_OK;
+    if (!v[0]) return mb_fail(MB_ERR_ARG, "%s: --%s needs a path", a->cmd, name);
+    *out = v;
+    return MB_OK;
+}
+
+/* The demo that `medbot dpo` runs with no arguments: the tiny model in weights/ learns the
+ * preferences of the bilingual sample pairs in weights/demo/. */
+static const char *const mb_demo_args[] = {
+    "--model", "weights/tiny", "--tokenizer", "weights/llama3/tokenizer.model", "--data",
+    "weights/demo/pairs.jsonl", "--eval_split", "0.15", "--output", "demo-output", "--lora_r", "16", "--lora_alpha",
+    "32", "--lora_target_modules", "all-linear", "--learning_rate", "2e-3", "--lr_scheduler_type", "cosine",
+    "--warmup_ratio", "0.05", "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
+    "--gradient_accumulation_steps", "2", "--max_length", "256", "--max_prompt_length", "128",
+    "--max_completion_length", "128", "--logging_steps", "5", "--eval_steps", "10", "--save_steps", "1000",
+    "--gradient_checkpointing", "true", "--seed", "42", NULL};
+
+/* Options shared by dpo, sft and eval, with TRL's names. */
+static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
+    memset(job, 0, sizeof *job);
+    job->sft = sft;
+    MbTrainConfig *c = &job->cfg;
+    mb_train_config_defaults(c);
+    MbStatus rc;
+    const char *cfg_file = arg_get(a, "config");
+    if (cfg_file && (rc = args_read_config(a, cfg_file))) return rc;
+    const char *targets = NULL, *bnb = NULL;
+    int ignored_bool = 0, effective = 0, load_4bit = 0;
+    if ((rc = arg_path(a, "model", &job->model_dir)) || (rc = arg_path(a, "tokenizer", &job->tokenizer_path)) ||
+        (rc = arg_path(a, "data", &job->data_path)) || (rc = arg_path(a, "eval_data", &job->eval_data_path)) ||
+        (rc = arg_path(a, "output", &job->output_dir)) || (rc = arg_path(a, "lora", &job->lora_init)) ||
+        (rc = arg_path(a, "resume_from_checkpoint", &job->resume)) || (rc = arg_int(a, "threads", &job->threads)) ||
+        (rc = arg_choice(a, "loss_type", mb_loss_names, 4, &c->loss_type)) ||
+        (rc = arg_choice(a, "lr_scheduler_type", mb_sched_names, 4, &c->lr_scheduler_type)) ||
+        (rc = arg_double(a, "beta", &c->beta)) || (rc = arg_double(a, "label_smoothing", &c->label_smoothing)) ||
+        (rc = arg_double(a, "learning_rate", &c->learning_rate)) ||
+        (rc = arg_double(a, "weight_decay", &c->weight_decay)) || (rc = arg_double(a, "adam_beta1", &c->adam_beta1)) ||
+        (rc = arg_double(a, "adam_beta2", &c->adam_beta2)) || (rc = arg_double(a, "adam_epsilon", &c->adam_epsilon)) ||
+        (rc = arg_double(a, "max_grad_norm", &c->max_grad_norm)) ||
+        (rc = arg_double(a, "warmup_ratio", &c->warmup_ratio)) || (rc = arg_int(a, "warmup_steps", &c->warmup_steps)) ||
+        (rc = arg_int(a, "per_device_train_batch_size", &c->per_device_train_batch_size)) ||
+        (rc = arg_int(a, "per_device_eval_batch_size", &c->per_device_eval_batch_size)) ||
+        (rc = arg_int(a, "gradient_accumulation_steps", &c->gradient_accumulation_steps)) ||
+        (rc = arg_double(a, "num_train_epochs", &c->num_train_epochs)) || (rc = arg_int(a, "max_steps", &c->max_steps)) ||
+        (rc = arg_int(a, "max_length", &c->max_length)) || (rc = arg_int(a, "max_prompt_length", &c->max_prompt_length)) ||
+        (rc = arg_int(a, "max_completion_length", &c->max_completion_length)) ||
+        (rc = arg_bool(a, "add_bos", &c->add_bos)) ||
+        (rc = arg_int(a, "lora_r", &c->lora.r)) || (rc = arg_double(a, "lora_alpha", &c->lora.alpha)) ||
+        (rc = arg_double(a, "lora_dropout", &c->lora.dropout)) || (rc = arg_bool(a, "use_rslora", &c->lora.use_rslora)) ||
+        (rc = arg_path(a, "lora_target_modules", &targets)) ||
+        (rc = arg_bool(a, "gradient_checkpointing", &c->gradient_checkpointing)) ||
+        (rc = arg_bool(a, "precompute_ref_log_probs", &c->precompute_ref_log_probs)) ||
+        (rc = arg_bool(a, "shuffle", &c->shuffle)) || (rc = arg_int(a, "seed", &c->seed)) ||
+        (rc = arg_int(a, "logging_steps", &c->logging_steps)) || (rc = arg_int(a, "save_steps", &c->save_steps)) ||
+        (rc = arg_int(a, "eval_steps", &c->eval_steps)) || (rc = arg_double(a, "eval_split", &c->eval_split)) ||
+        (rc = arg_bool(a, "load_in_4bit", &load_4bit)) ||
+        /* the card's informational settings: accepted, checked or noted */
+        (rc = arg_bool(a, "bf16", &ignored_bool)) || (rc = arg_int(a, "effective_batch_size", &effective)) ||
+        (rc = arg_bool(a, "bnb_4bit_use_double_quant", &ignored_bool)))
+        return rc;
+    (void)arg_get(a, "trainable_params");
+    if ((bnb = arg_get(a, "bnb_4bit_quant_type")) && strcmp(bnb, "nf4"))
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: bnb_4bit_quant_type '%s': medbot implements nf4", a->cmd, bnb);
+    (void)arg_get(a, "bnb_4bit_compute_dtype");
+    if ((bnb = arg_get(a, "bias")) && strcmp(bnb, "none"))
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: bias '%s': medbot trains LoRA with bias none", a->cmd, bnb);
+    if (load_4bit)
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --load_in_4bit arrives with the NF4 weights section (issue 4)", a->cmd);
+    if (effective && effective != c->per_device_train_batch_size * c->gradient_accumulation_steps)
+        printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
+               "this run uses one process: %d pairs per step\n", effective,
+               c->per_device_train_batch_size * c->gradient_accumulation_steps);
+    if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
+    if (!job->model_dir || (!job->data_path && a->cmd[0] != 'm'))
+        return mb_fail(MB_ERR_ARG, "%s: --model DIR and --data FILE are required (medbot %s --help)", a->cmd, a->cmd);
+    return MB_OK;
+}
+
+static int cmd_train(MbArgs *a, int sft) {
+    MbArgs demo;
+    int is_demo = a->argc == 2 && !sft;
+    if (is_demo) { /* `medbot dpo` alone: the bundled demo */
+        memset(&demo, 0, sizeof demo);
+        int n = 0;
+        while (mb_demo_args[n]) n++;
+        char **argv = mb_calloc((size_t)n + 3, sizeof *argv);
+        argv[0] = a->argv[0], argv[1] = a->argv[1];
+        for (int i = 0; i < n; i++) argv[i + 2] = (char *)mb_demo_args[i];
+        demo.argc = n + 2, demo.argv = argv, demo.used = mb_calloc((size_t)n + 2, 1), demo.cmd = a->cmd;
+        a = &demo;
+        printf("medbot dpo demo: the tiny Llama in weights/tiny learns the bilingual preference pairs of "
+               "weights/demo/pairs.jsonl (%s)\n", "a held-out 15% measures it");
+    }
+    MbTrainJob job;
+    MbStatus rc = train_args(a, &job, sft);
+    if (!rc) rc = args_done(a);
+    if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
+    if (!rc) rc = mb_train(&job);
+    if (is_demo) {
+        free(demo.argv);
+        free(demo.used);
+    }
+    if (rc) {
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_dpo(MbArgs *a) { return cmd_train(a, 0); }
+static int cmd_sft(MbArgs *a) { return cmd_train(a, 1); }
+
+static int cmd_eval(MbArgs *a) {
+    MbTrainJob job;
+    int sft = 0;
+    MbStatus rc = arg_bool(a, "sft", &sft);
+    if (!rc) rc = train_args(a, &job, sft);
+    if (!rc) rc = args_done(a);
+    if (!rc) rc = mb_evaluate(&job);
+    if (rc) {
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_merge(MbArgs *a) {
+    const char *model = NULL, *lora = NULL, *out = NULL;
+    int threads = 0;
+    MbStatus rc;
+    MbModel *m = NULL;
+    MbLora *lo = NULL;
+    if ((rc = arg_path(a, "model", &model)) || (rc = arg_path(a, "lora", &lora)) || (rc = arg_path(a, "output", &out)) ||
+        (rc = arg_int(a, "threads", &threads)) || (rc = args_done(a)))
+        goto fail;
+    if (!model || !lora || !out) {
+        rc = mb_fail(MB_ERR_ARG, "merge: --model DIR --lora ADAPTER_DIR --output DIR are required");
+        goto fail;
+    }
+    MbLoadOptions opt = {threads};
+    if ((rc = mb_model_load(model, &opt, &m)) || (rc = mb_lora_load(m, lora, &lo)) ||
+        (rc = mb_model_merge_save(m, lo, model, out)))
+        goto fail;
+    /* the tokenizer travels with the merged model */
+    const char *tok_files[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"};
+    for (size_t i = 0; i < sizeof tok_files / sizeof *tok_files; i++) {
+        char *src = mb_path_join(model, tok_files[i]);
+        if (!mb_is_file(src)) {
+            free(src);
+            src = mb_path_join(lora, tok_files[i]);
+        }
+        if (mb_is_file(src)) {
+            char *text, *dst = mb_path_join(out, tok_files[i]);
+            size_t n;
+            if (!(rc = mb_read_file(src, &text, &n))) {
+                rc = mb_write_file(dst, text, n);
+                free(text);
+            }
+            free(dst);
+        }
+        free(src);
+        if (rc) goto fail;
+    }
+    printf("merged %s into %s: %s/model.safetensors (bf16)\n", lora, model, out);
+    mb_lora_free(lo);
+    mb_model_free(m);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    mb_lora_free(lo);
+    mb_model_free(m);
+    return 1;
+}
+
 static const struct {
     const char *name;
     int (*fn)(MbArgs *);
     const char *usage;
 } mb_commands[] = {
     {"info", cmd_info, "info MODEL_DIR\n    config, parameter count by kind, bytes per dtype"},
+    {"dpo", cmd_dpo, "dpo --model DIR --data FILE.jsonl --output DIR [options]   (no arguments: the bundled demo)\n"
+                     "    trains a LoRA adapter with DPO as TRL's DPOTrainer. Options (TRL names): --beta --loss_type\n"
+                     "    sigmoid|hinge|ipo|robust --label_smoothing --learning_rate --lr_scheduler_type\n"
+                     "    linear|cosine|constant|constant_with_warmup --warmup_ratio --warmup_steps --num_train_epochs\n"
+                     "    --max_steps --per_device_train_batch_size --per_device_eval_batch_size\n"
+                     "    --gradient_accumulation_steps --max_length --max_prompt_length --max_completion_length\n"
+                     "    --max_grad_norm --weight_decay --lora_r --lora_alpha --lora_dropout --lora_target_modules\n"
+                     "    --use_rslora --gradient_checkpointing --precompute_ref_log_probs --seed --logging_steps\n"
+                     "    --save_steps --eval_steps --eval_data FILE --eval_split 0.05 --resume_from_checkpoint DIR|latest\n"
+                     "    --lora ADAPTER_DIR (start from an adapter) --tokenizer PATH --shuffle true|false --add_bos\n"
+                     "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)"},
+    {"sft", cmd_sft, "sft --model DIR --data FILE.jsonl --output DIR [options]\n"
+                     "    trains a LoRA adapter with next-token loss on the chosen completions (options as dpo)"},
+    {"eval", cmd_eval, "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [--sft]\n"
+                       "    prints TRL's DPO metrics (eval_loss, eval_rewards/..., eval_logps/...) on a file"},
+    {"merge", cmd_merge, "merge --model DIR --lora ADAPTER_DIR --output DIR\n"
+                         "    writes the model with the adapter merged (fp32 math), bf16 safetensors + config + tokenizer"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
 };
@@ -4212,9 +5940,11 @@ int main(int argc, char **argv) {
                 printf("usage: medbot %s\n", mb_commands[i].usage);
                 return 0;
             }
-        MbArgs a = {argc, argv, mb_calloc((size_t)argc, 1), mb_commands[i].name};
+        MbArgs a;
+        memset(&a, 0, sizeof a);
+        a.argc = argc, a.argv = argv, a.used = mb_calloc((size_t)argc, 1), a.cmd = mb_commands[i].name;
         int rc = mb_commands[i].fn(&a);
-        free(a.used);
+        args_free(&a);
         return rc;
     }
     fprintf(stderr, "medbot: unknown command '%s' --> medbot --help lists them\n", argv[1]);

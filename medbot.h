@@ -213,6 +213,74 @@ void mb_kvcache_reset(MbKVCache *c);
 MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, int B, int T,
                           const int *lens, float *logits, int last_only);
 
+/* ---------- lora ---------- */
+
+typedef struct {
+    int r;                /* rank R */
+    double alpha;         /* lora_alpha: scale = alpha / r (alpha / sqrt(r) with use_rslora) */
+    double dropout;       /* lora_dropout (training only) */
+    int use_rslora;
+    unsigned targets;     /* bit i set: projection i adapted (q, k, v, o, gate, up, down = 1..7) */
+} MbLoraConfig;
+
+/* A new adapter initialised as PEFT does (A kaiming-uniform from seed, B zero). */
+MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, MbLora **out);
+/* A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, fp32/bf16/f16). */
+MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out);
+/* Writes a PEFT adapter folder that PeftModel.from_pretrained loads (weights fp32). */
+MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model);
+void mb_lora_free(MbLora *lo);
+size_t mb_lora_num_params(const MbLora *lo);
+/* Attaches lo to m (NULL detaches); the model uses it when enabled (the reference policy of
+ * DPO is the model with the adapter disabled). m does not own lo. */
+void mb_model_set_lora(MbModel *m, MbLora *lo);
+void mb_lora_set_enabled(MbLora *lo, int enabled);
+/* Writes OUT/model.safetensors (bf16; adapter merged in fp32: W + scale B A) and OUT/config.json. */
+MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *model_dir, const char *out_dir);
+
+/* ---------- training (DPO, SFT) ---------- */
+
+/* Every setting of a run, named as TRL's DPOConfig / transformers' TrainingArguments. */
+typedef struct {
+    MbLoraConfig lora;
+    int loss_type;                  /* 0 sigmoid, 1 hinge, 2 ipo, 3 robust */
+    double beta, label_smoothing;
+    double learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm;
+    int lr_scheduler_type;          /* 0 linear, 1 cosine, 2 constant, 3 constant_with_warmup */
+    double warmup_ratio;
+    int warmup_steps;               /* > 0 overrides warmup_ratio */
+    int per_device_train_batch_size, per_device_eval_batch_size, gradient_accumulation_steps;
+    double num_train_epochs;
+    int max_steps;                  /* > 0 overrides num_train_epochs */
+    int max_length, max_prompt_length, max_completion_length; /* <= 0: no limit */
+    int add_bos;                    /* prepend <|begin_of_text|> to prompts (TRL does not) */
+    int gradient_checkpointing, precompute_ref_log_probs;
+    int shuffle;                    /* shuffle the pairs each epoch (seeded); 0: file order */
+    int seed, logging_steps, save_steps, eval_steps;
+    double eval_split;              /* hold out this share of the data when no eval file is given */
+} MbTrainConfig;
+
+void mb_train_config_defaults(MbTrainConfig *c);
+
+typedef struct {
+    const char *model_dir;          /* Hugging Face model folder */
+    const char *tokenizer_path;     /* NULL: the model folder's tokenizer */
+    const char *data_path;          /* JSONL preference pairs */
+    const char *eval_data_path;     /* NULL: eval_split of data_path (or no evaluation) */
+    const char *output_dir;         /* adapter, checkpoint-N/, metrics.jsonl, training.svg */
+    const char *lora_init;          /* NULL: a new adapter (cfg.lora); else a PEFT adapter to start from */
+    const char *resume;             /* a checkpoint folder, "latest", or NULL */
+    int sft;                        /* 1: next-token loss on the chosen completion (SFT) */
+    int threads;                    /* CPU threads, 0 = all cores */
+    MbTrainConfig cfg;
+} MbTrainJob;
+
+/* Trains a LoRA adapter with DPO (or SFT) as TRL's DPOTrainer does and saves it (PEFT format)
+ * in output_dir, with checkpoints every cfg.save_steps. */
+MbStatus mb_train(const MbTrainJob *job);
+/* Prints TRL's eval_ metrics of the model + adapter (lora_init) on data_path. */
+MbStatus mb_evaluate(const MbTrainJob *job);
+
 /* Writes DIR/config.json (a copy of cfg_path) and DIR/model.safetensors with random weights
  * drawn as transformers initialises a Llama: normal(0, std) for linear and embedding weights,
  * ones for norms. dtype: MB_DT_BF16, MB_DT_F16 or MB_DT_F32. */
