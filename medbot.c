@@ -1816,7 +1816,9 @@ static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     w = 0;
     memcpy(&w, s, n);
     h = (h ^ w) * 0x94D049BB133111EBull;
-    return h ^ (h >> 29);
+    /* bytes 3 and 7 below 0x80: stb_ds hashes an 8-byte key with (int)byte << 24, which is
+     * undefined behaviour for larger bytes (UBSan reports it) */
+    return (h ^ (h >> 29)) & 0x7FFFFFFF7FFFFFFFull;
 }
 
 /* The id whose bytes are s[0..n) in a map built by tok_index, or -1. */
@@ -2762,6 +2764,10 @@ struct MbOps {
      * A (R, I) and B (O, R) are fp32 weights. */
     void (*lora_forward)(MbOps *, float *out, float *u, const float *x, const MbWeight *A, const MbWeight *B,
                          size_t N, float scale);
+    /* out (n) = inp * keep / (1 - p) with keep[i] = hash(seed, i) >= p : nn.Dropout with a
+     * counter-based mask, so the backward (the same call on the gradient) and a recomputation
+     * under gradient checkpointing see the same mask */
+    void (*dropout_forward)(MbOps *, float *out, const float *inp, size_t n, float p, uint64_t seed);
     /* log-probabilities of targets under logits = x @ w^T without keeping the logits:
      * logp (M) = logits[m][targets[m]] - lse[m], lse (M) = logsumexp(logits[m]),
      * lsum (M) = sum over the vocabulary of logits[m] (for TRL's logits/chosen and logits/rejected), fp32 :
@@ -3064,6 +3070,18 @@ static void cpu_swiglu_forward(MbOps *ops, float *out, const float *gate, const 
 static void cpu_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
     (void)ops;
     for (size_t i = 0; i < n; i++) memcpy(out + i * C, inp + (size_t)rows[i] * C, C * sizeof(float));
+}
+
+/* A uniform in [0, 1) from (seed, i): splitmix64 of their mix (same on every backend). */
+static float mb_hash_uniform(uint64_t seed, uint64_t i) {
+    uint64_t x = seed ^ (i * 0xD1B54A32D192ED03ull);
+    return (float)(mb_splitmix64(&x) >> 40) * 0x1.0p-24f;
+}
+
+static void cpu_dropout_forward(MbOps *ops, float *out, const float *inp, size_t n, float p, uint64_t seed) {
+    (void)ops;
+    float s = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < n; i++) out[i] = mb_hash_uniform(seed, i) >= p ? inp[i] * s : 0.0f;
 }
 
 static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float *b, size_t n) {
@@ -3415,6 +3433,7 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->swiglu_forward = cpu_swiglu_forward;
     ops->gather_rows = cpu_gather_rows;
     ops->add_forward = cpu_add_forward;
+    ops->dropout_forward = cpu_dropout_forward;
     ops->lora_forward = cpu_lora_forward;
     ops->logprob_forward = cpu_logprob_forward;
     ops->matmul_backward = cpu_matmul_backward;
@@ -3519,7 +3538,7 @@ typedef struct {
  * gradient checkpointing, one layer's, recomputed from its input slot during the backward. */
 typedef struct {
     size_t N;            /* rows the buffers hold */
-    int train, checkpointing, R;
+    int train, checkpointing, R, dropout;
     unsigned lora_targets;
     float *block;
     float **stream;      /* (L + 1) training, (1) inference: slots of (N, C) */
@@ -3531,6 +3550,7 @@ typedef struct {
     float *xg;           /* (N, C) rows of xf that predict a loss token */
     float *logp, *lse_rows, *g_rows; /* (N) per loss row */
     float *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
+    float *drop, *ddrop; /* (N, max(C, F)) LoRA dropout's masked input and its gradient */
 } MbActs;
 
 struct MbModel {
@@ -3545,6 +3565,7 @@ struct MbModel {
     MbActs acts;
     MbLora *lora;           /* attached adapters, or NULL (not owned) */
     int gradient_checkpointing;
+    uint64_t dropout_seed;  /* != 0: LoRA dropout is on (a training forward); keys the masks */
     /* the training batch the saved activations belong to (for the backward) */
     const int *train_lens;
     int train_B, train_T;
@@ -3610,15 +3631,16 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     const MbLora *lo = m->lora;
     int R = lo ? lo->r : 0, ckpt = train && m->gradient_checkpointing;
     unsigned targets = lo ? lo->targets : 0;
+    int dropout = train && lo && lo->dropout > 0;
     if (a->block && a->N >= N && a->train == train && a->checkpointing == ckpt && a->R == R &&
-        a->lora_targets == targets)
+        a->lora_targets == targets && a->dropout == dropout)
         return;
     acts_free(m);
     const MbConfig *c = &m->cfg;
     size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
            F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
            H = (size_t)c->num_attention_heads;
-    a->N = N, a->train = train, a->checkpointing = ckpt, a->R = R, a->lora_targets = targets;
+    a->N = N, a->train = train, a->checkpointing = ckpt, a->R = R, a->lora_targets = targets, a->dropout = dropout;
     size_t n_stream = train ? L + 1 : 1;
     a->n_layer_sets = train && !ckpt ? (int)L : 1;
     a->stream = mb_calloc(n_stream, sizeof *a->stream);
@@ -3643,6 +3665,7 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
         BUF(a->datt, N * QD), BUF(a->dq, N * QD), BUF(a->dk, N * KVD), BUF(a->dv, N * KVD);
         BUF(a->dgate, N * F), BUF(a->dup, N * F), BUF(a->dhid, N * F);
     }
+    if (dropout) BUF(a->drop, N * MB_MAX(C, F)), BUF(a->ddrop, N * MB_MAX(C, F));
 #undef BUF
     size_t total = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) total += spec[i].count;
@@ -3765,22 +3788,46 @@ static const MbLoraPair *lora_pair(const MbModel *m, int l, MbLayerWeightId id) 
     return &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + id];
 }
 
-/* out (N, O) = in (N, I) @ W^T (+ scale * B A in, when adapted) */
+/* The dropout mask key of projection id of layer l in the current training forward. */
+static uint64_t lora_dropout_key(const MbModel *m, int l, MbLayerWeightId id) {
+    return m->dropout_seed * 0x9E3779B97F4A7C15ull + (uint64_t)l * MB_LAYER_WEIGHTS + (uint64_t)id + 1;
+}
+
+/* out (N, O) = in (N, I) @ W^T (+ scale * B A dropout(in), when adapted) */
 static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, const float *in, MbLayerActs *a,
                          size_t N) {
     MbOps *ops = m->ops;
-    ops->matmul_forward(ops, out, in, &m->layers[l].w[id], N);
+    const MbWeight *w = &m->layers[l].w[id];
+    ops->matmul_forward(ops, out, in, w, N);
     const MbLoraPair *lp = lora_pair(m, l, id);
-    if (lp) ops->lora_forward(ops, out, a->u[id], in, &lp->A, &lp->B, N, m->lora->scale);
+    if (!lp) return;
+    if (m->dropout_seed && m->lora->dropout > 0) { /* PEFT: lora_B(lora_A(dropout(x))) */
+        float *xd = m->acts.drop;
+        ops->dropout_forward(ops, xd, in, N * w->cols, (float)m->lora->dropout, lora_dropout_key(m, l, id));
+        in = xd;
+    }
+    ops->lora_forward(ops, out, a->u[id], in, &lp->A, &lp->B, N, m->lora->scale);
 }
 
 /* dinp (N, I) (+)= dout @ W (+ the adapter's path), and the adapter's gradients += */
 static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, const float *dout, const float *in,
                           const MbLayerActs *a, size_t N, int accumulate) {
     MbOps *ops = m->ops;
-    ops->matmul_backward(ops, dinp, dout, &m->layers[l].w[id], N, accumulate);
+    const MbWeight *w = &m->layers[l].w[id];
+    ops->matmul_backward(ops, dinp, dout, w, N, accumulate);
     const MbLoraPair *lp = lora_pair(m, l, id);
-    if (lp) ops->lora_backward(ops, dinp, lp->gA, lp->gB, dout, in, a->u[id], &lp->A, &lp->B, N, m->lora->scale);
+    if (!lp) return;
+    if (m->dropout_seed && m->lora->dropout > 0) { /* the same mask on the input and on its gradient */
+        float *xd = m->acts.drop, *dxd = m->acts.ddrop, p = (float)m->lora->dropout;
+        uint64_t key = lora_dropout_key(m, l, id);
+        ops->dropout_forward(ops, xd, in, N * w->cols, p, key);
+        ops->fill(ops, dxd, 0.0f, N * w->cols);
+        ops->lora_backward(ops, dxd, lp->gA, lp->gB, dout, xd, a->u[id], &lp->A, &lp->B, N, m->lora->scale);
+        ops->dropout_forward(ops, dxd, dxd, N * w->cols, p, key);
+        ops->add_forward(ops, dinp, dinp, dxd, N * w->cols);
+        return;
+    }
+    ops->lora_backward(ops, dinp, lp->gA, lp->gB, dout, in, a->u[id], &lp->A, &lp->B, N, m->lora->scale);
 }
 
 /* One decoder layer over N = B*T rows: a->x_in -> x_out (which may alias x_in). Keys and values
@@ -4810,6 +4857,8 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
             for (size_t i = 0; !rc && i < bt.M; i++) ref[bt.seq[i]] += logp[i];
         }
     }
+    /* LoRA dropout in the policy's training forward only, a fresh mask per micro-batch */
+    tr->m->dropout_seed = backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_done * 4096u + (uint64_t)idx[0] + 1 : 0;
     if (!rc) rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, backward);
     if (rc) goto done;
     double lsum_c = 0, lsum_r = 0;
@@ -4851,6 +4900,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         met[MET_LOGITS_REJECTED] = rows_r ? lsum_r / ((double)rows_r * V) : 0;
     }
     if (backward) model_backward_rows(tr->m, g);
+    tr->m->dropout_seed = 0;
     free(g);
     for (int b = 0; b < bt.B; b++) tr->tokens_seen += bt.lens[b];
 done:
@@ -5440,30 +5490,31 @@ typedef struct {
     const char *cfg_path;
 } MbArgs;
 
+/* The value of --name (the last one when given twice, as argparse), or NULL. */
 static const char *arg_get(MbArgs *a, const char *name) {
     size_t n = strlen(name);
+    const char *found = NULL;
     for (int i = 2; i < a->argc; i++) {
         const char *s = a->argv[i];
         if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n)) continue;
         if (s[2 + n] == '=') {
             a->used[i] = 1;
-            return s + 3 + n;
-        }
-        if (s[2 + n] == 0) {
+            found = s + 3 + n;
+        } else if (s[2 + n] == 0) {
             a->used[i] = 1;
+            found = "";
             if (i + 1 < a->argc && strncmp(a->argv[i + 1], "--", 2)) {
                 a->used[i + 1] = 1;
-                return a->argv[i + 1];
+                found = a->argv[i + 1];
             }
-            return "";
         }
     }
     for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
         if (!strcmp(a->cfg_key[i], name)) {
-            a->cfg_used[i] = 1;
-            return a->cfg_val[i];
+            a->cfg_used[i] = 1; /* known, even when the command line wins */
+            if (!found) found = a->cfg_val[i];
         }
-    return NULL;
+    return found;
 }
 
 static int is_bool_word(const char *v, int *out) {
@@ -5479,10 +5530,12 @@ static int is_bool_word(const char *v, int *out) {
  * a boolean is left for the positional arguments. */
 static MbStatus arg_bool(MbArgs *a, const char *name, int *out) {
     size_t n = strlen(name);
-    for (int i = 2; i < a->argc; i++) {
+    int found = 0;
+    for (int i = 2; i < a->argc; i++) { /* the last one wins */
         const char *s = a->argv[i];
         if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n) || (s[2 + n] && s[2 + n] != '=')) continue;
         a->used[i] = 1;
+        found = 1;
         if (s[2 + n] == '=') {
             if (!is_bool_word(s + 3 + n, out))
                 return mb_fail(MB_ERR_ARG, "%s: --%s needs true or false, got '%s'", a->cmd, name, s + 3 + n);
@@ -5491,11 +5544,11 @@ static MbStatus arg_bool(MbArgs *a, const char *name, int *out) {
         } else {
             *out = 1;
         }
-        return MB_OK;
     }
     for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
         if (!strcmp(a->cfg_key[i], name)) {
             a->cfg_used[i] = 1;
+            if (found) continue;
             if (!is_bool_word(a->cfg_val[i], out))
                 return mb_fail(MB_ERR_ARG, "%s:%d: %s needs true or false, got '%s'", a->cfg_path, a->cfg_line[i], name,
                                a->cfg_val[i]);

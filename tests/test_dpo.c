@@ -60,9 +60,9 @@ static void job_defaults(MbTrainJob *job, const char *adapter) {
     c->shuffle = 0;
 }
 
-/* The scale a metric's error is measured against. rewards/* are beta times differences of
+/* The scale a metric's error is measured against. The rewards are beta times differences of
  * summed log-probs (about 100 here) that nearly cancel: both TRL and medbot form them in fp32, so
- * their error is relative to beta * |logps|, not to the small difference. logits/* are means of
+ * their error is relative to beta * |logps|, not to the small difference. logits/chosen and logits/rejected are means of
  * logits of size ~1 that also nearly cancel: measured in logit units. */
 static double metric_scale(int k, double ref, double beta, double logps_c, double logps_r) {
     if (k == MET_REWARDS_CHOSEN || k == MET_REWARDS_REJECTED || k == MET_REWARDS_MARGINS)
