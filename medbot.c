@@ -4830,6 +4830,7 @@ typedef struct {
     long step, total_steps;  /* optimizer steps done, to do */
     long micro_done;         /* micro-batches consumed since the start of training */
     double tokens_seen;
+    int32_t pad;             /* fills the padding (masked; any id works) */
     const char *model_dir, *output_dir;
     uint64_t fingerprint;    /* model + data + settings: checkpoints and the reference cache */
 } MbTrainer;
@@ -4842,8 +4843,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
     const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
     for (int i = 0; i < P; i++) pairs[i] = &ds->pairs[idx[i]];
     MbBatch bt;
-    int32_t pad = mb_tokenizer_eos_id(tr->tok);
-    batch_build(&bt, pairs, P, !tr->sft, c->max_length, pad);
+    batch_build(&bt, pairs, P, !tr->sft, c->max_length, tr->pad);
     float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
     double *pol = mb_calloc((size_t)bt.B, sizeof *pol), *ref = mb_calloc((size_t)bt.B, sizeof *ref);
     MbStatus rc = MB_OK;
@@ -5002,7 +5002,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
             const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
             for (int i = 0; i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
             MbBatch bt;
-            batch_build(&bt, pairs, P, 1, tr->cfg.max_length, mb_tokenizer_eos_id(tr->tok));
+            batch_build(&bt, pairs, P, 1, tr->cfg.max_length, tr->pad);
             float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
             rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
             for (int b = 0; b < bt.B; b++) tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] = 0;
@@ -5363,6 +5363,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     if (!rc && mb_tokenizer_vocab_size(tok) > (size_t)tr->m->cfg.vocab_size)
         rc = mb_fail(MB_ERR_ARG, "the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
                      "model's own tokenizer", mb_tokenizer_vocab_size(tok), tr->m->cfg.vocab_size);
+    if (!rc) tr->pad = MB_MAX(mb_tokenizer_eos_id(tok), 0);
     MbDataOptions dopt = {c->max_length, c->max_prompt_length, c->max_completion_length, c->add_bos};
     if (!rc && need_train_data) rc = dataset_load(job->data_path, tok, &dopt, &tr->train);
     if (!rc && job->eval_data_path) rc = dataset_load(job->eval_data_path, tok, &dopt, &tr->eval);
