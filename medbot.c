@@ -2807,6 +2807,11 @@ struct MbOps {
     /* torch.optim.AdamW step `step` (1-based) with decoupled weight decay */
     void (*adamw)(MbOps *, float *p, const float *g, float *m, float *v, size_t n, double lr, double beta1,
                   double beta2, double eps, double wd, long step);
+    /* acc (n) += x (n) in fp64: a step's gradients summed over micro-batches and ranks in any
+     * order give the same fp32 result */
+    void (*accumulate_f64)(MbOps *, double *acc, const float *x, size_t n);
+    void (*from_f64)(MbOps *, float *out, const double *in, size_t n);   /* out = (float)in */
+    void (*fill_f64)(MbOps *, double *x, size_t n);                      /* x = 0 */
 };
 
 static float *mb_act_at(const MbOps *ops, float *base, size_t elems) {
@@ -3319,43 +3324,73 @@ static void cpu_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, const
     free(du);
 }
 
-/* rows of logits are made LP_ROWS at a time (never the whole (M, V) block) */
-#define LP_ROWS 16
+/* rows of logits are made LP_ROWS at a time (never the whole (M, V) block); the softmax work of
+ * a chunk is split over the threads by rows */
+#define LP_ROWS 32
+
+typedef struct {
+    float *logits;          /* (rows, V) */
+    size_t rows, V, m0;
+    const int32_t *targets;
+    float *logp, *lse;      /* forward: written; backward: lse read */
+    double *lsum;
+    const float *g;         /* backward: d loss / d logp */
+} LogprobTask;
+
+static void logprob_rows_forward(void *ctx, int tid, int nt) {
+    LogprobTask *t = ctx;
+    size_t lo, hi;
+    mb_split(t->rows, tid, nt, &lo, &hi);
+    for (size_t r = lo; r < hi; r++) {
+        const float *l = t->logits + r * t->V;
+        float mx = -INFINITY;
+        double sum = 0.0;
+        for (size_t v = 0; v < t->V; v++) mx = MB_MAX(mx, l[v]), sum += l[v];
+        float se = 0.0f;
+        for (size_t v = 0; v < t->V; v++) se += expf(l[v] - mx);
+        size_t m = t->m0 + r;
+        t->lse[m] = mx + logf(se);
+        t->logp[m] = l[t->targets[m]] - t->lse[m];
+        t->lsum[m] = sum;
+    }
+}
+
+static void logprob_rows_backward(void *ctx, int tid, int nt) {
+    LogprobTask *t = ctx;
+    size_t lo, hi;
+    mb_split(t->rows, tid, nt, &lo, &hi);
+    for (size_t r = lo; r < hi; r++) { /* d logp / d logits = onehot(target) - softmax */
+        size_t m = t->m0 + r;
+        float *l = t->logits + r * t->V, gr = t->g[m], ls = t->lse[m];
+        for (size_t v = 0; v < t->V; v++) l[v] = -gr * expf(l[v] - ls);
+        l[t->targets[m]] += gr;
+    }
+}
 
 static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, double *lsum, const float *x, const MbWeight *w,
                                 const int32_t *targets, size_t M) {
+    MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
     float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
     for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
-        for (size_t r = 0; r < rows; r++) {
-            const float *l = logits + r * V;
-            float mx = -INFINITY;
-            double sum = 0.0;
-            for (size_t v = 0; v < V; v++) mx = MB_MAX(mx, l[v]), sum += l[v];
-            float se = 0.0f;
-            for (size_t v = 0; v < V; v++) se += expf(l[v] - mx);
-            lse[m0 + r] = mx + logf(se);
-            logp[m0 + r] = l[targets[m0 + r]] - lse[m0 + r];
-            lsum[m0 + r] = sum;
-        }
+        LogprobTask t = {logits, rows, V, m0, targets, logp, lse, lsum, NULL};
+        mb_pool_run(cpu->pool, logprob_rows_forward, &t);
     }
     free(logits);
 }
 
 static void cpu_logprob_backward(MbOps *ops, float *dx, const float *g, const float *x, const MbWeight *w,
                                  const int32_t *targets, const float *lse, size_t M) {
+    MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
     float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
     for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
-        for (size_t r = 0; r < rows; r++) { /* d logp / d logits = onehot(target) - softmax */
-            float *l = logits + r * V, gr = g[m0 + r], ls = lse[m0 + r];
-            for (size_t v = 0; v < V; v++) l[v] = -gr * expf(l[v] - ls);
-            l[targets[m0 + r]] += gr;
-        }
+        LogprobTask t = {logits, rows, V, m0, targets, NULL, (float *)lse, NULL, g};
+        mb_pool_run(cpu->pool, logprob_rows_backward, &t);
         cpu_matmul_backward(ops, dx + m0 * C, logits, w, rows, 0);
     }
     free(logits);
@@ -3382,6 +3417,21 @@ static void cpu_scale(MbOps *ops, float *x, float s, size_t n) {
 static void cpu_fill(MbOps *ops, float *x, float v, size_t n) {
     (void)ops;
     for (size_t i = 0; i < n; i++) x[i] = v;
+}
+
+static void cpu_accumulate_f64(MbOps *ops, double *acc, const float *x, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) acc[i] += x[i];
+}
+
+static void cpu_from_f64(MbOps *ops, float *out, const double *in, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) out[i] = (float)in[i];
+}
+
+static void cpu_fill_f64(MbOps *ops, double *x, size_t n) {
+    (void)ops;
+    memset(x, 0, n * sizeof *x);
 }
 
 /* torch.optim.AdamW (foreach=False) in fp32 with the bias corrections in double, as torch does */
@@ -3448,6 +3498,9 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->scale = cpu_scale;
     ops->fill = cpu_fill;
     ops->adamw = cpu_adamw;
+    ops->accumulate_f64 = cpu_accumulate_f64;
+    ops->from_f64 = cpu_from_f64;
+    ops->fill_f64 = cpu_fill_f64;
     return ops;
 }
 
@@ -4759,6 +4812,26 @@ static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with
 // optimizer step, is backpropagated. Then: global grad norm, clipping, AdamW, the schedule.
 // ============================================================================================
 
+/* The collectives a data-parallel run needs (their backends are in section 11). */
+typedef struct MbComm MbComm;
+struct MbComm {
+    int rank, world;
+    void *ctx;
+    void (*all_reduce)(MbComm *, float *x, size_t n);                           /* x = sum over ranks */
+    /* shard (n / world) = the sum over ranks of this rank's slice of x (n); n % world == 0 */
+    void (*reduce_scatter)(MbComm *, float *shard, const float *x, size_t n);
+    /* x (n) = every rank's shard (n / world), in rank order */
+    void (*all_gather)(MbComm *, float *x, const float *shard, size_t n);
+    void (*broadcast)(MbComm *, float *x, size_t n, int root);
+    void (*barrier)(MbComm *);
+    void (*destroy)(MbComm *);
+    /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
+    void (*all_reduce_f64)(MbComm *, double *x, size_t n);
+    void (*reduce_scatter_f64)(MbComm *, double *shard, const double *x, size_t n);
+};
+
+static void mb_comm_threads_new(int world, MbComm **comms);
+
 enum { MB_LOSS_SIGMOID, MB_LOSS_HINGE, MB_LOSS_IPO, MB_LOSS_ROBUST };
 static const char *const mb_loss_names[] = {"sigmoid", "hinge", "ipo", "robust"};
 enum { MB_SCHED_LINEAR, MB_SCHED_COSINE, MB_SCHED_CONSTANT, MB_SCHED_CONSTANT_WITH_WARMUP };
@@ -4829,8 +4902,14 @@ typedef struct {
     float *exp_avg, *exp_avg_sq; /* (n_params) AdamW moments */
     long step, total_steps;  /* optimizer steps done, to do */
     long micro_done;         /* micro-batches consumed since the start of training */
+    long micro_key;          /* the global number of the micro-batch being run (LoRA dropout masks) */
     double tokens_seen;
     int32_t pad;             /* fills the padding (masked; any id works) */
+    MbComm *comm;            /* the data-parallel group (a group of one without --nproc) */
+    int zero;                /* ZeRO stage 1: AdamW moments sharded over the ranks */
+    size_t n_pad, shard;     /* parameters padded to a multiple of the world size; per rank */
+    float *gshard;           /* (shard) this rank's slice of the summed gradients (ZeRO) */
+    double *acc, *acc_shard; /* (n_pad), (shard): the step's gradient sum in fp64 */
     const char *model_dir, *output_dir;
     uint64_t fingerprint;    /* model + data + settings: checkpoints and the reference cache */
 } MbTrainer;
@@ -4858,7 +4937,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         }
     }
     /* LoRA dropout in the policy's training forward only, a fresh mask per micro-batch */
-    tr->m->dropout_seed = backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_done * 4096u + (uint64_t)idx[0] + 1 : 0;
+    tr->m->dropout_seed = backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_key + 1 : 0;
     if (!rc) rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, backward);
     if (rc) goto done;
     double lsum_c = 0, lsum_r = 0;
@@ -4972,32 +5051,41 @@ static uint64_t trainer_fingerprint(const MbTrainer *tr) {
 /* ---- reference log-probs computed once (--precompute_ref_log_probs), cached on disk ---- */
 
 static MbStatus precompute_ref(MbTrainer *tr) {
+    MbComm *comm = tr->comm;
+    int lead = comm->rank == 0;
     size_t nt = (size_t)arrlen(tr->train.pairs), ne = (size_t)arrlen(tr->eval.pairs);
     char *path = mb_path_join(tr->output_dir, "ref_logps.safetensors");
     char key[32];
     snprintf(key, sizeof key, "%016llx", (unsigned long long)tr->fingerprint);
-    tr->ref_cache = mb_malloc((nt + ne) * 2 * sizeof(float));
+    tr->ref_cache = mb_calloc((nt + ne) * 2, sizeof(float));
     MbSafetensors *st = NULL;
+    int cached = 0, stale = 0;
     if (mb_is_file(path) && mb_safetensors_open(path, &st) == MB_OK) {
         const MbTensorInfo *t = mb_safetensors_find(st, "ref_logps"), *k = mb_safetensors_find(st, key);
         if (t && k && t->dtype == MB_DT_F32 && t->numel == (nt + ne) * 2) { /* the key names a tensor */
             memcpy(tr->ref_cache, t->data, t->nbytes);
-            mb_safetensors_close(st);
-            printf("reference log-probs: %s (cached, key %s)\n", path, key);
-            free(path);
-            return MB_OK;
+            cached = 1;
+        } else {
+            stale = 1;
         }
         mb_safetensors_close(st);
-        printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
     }
+    comm->barrier(comm); /* every rank has looked before rank 0 may write */
+    if (cached) {
+        if (lead) printf("reference log-probs: %s (cached, key %s)\n", path, key);
+        free(path);
+        return MB_OK;
+    }
+    if (stale && lead) printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
     tr->lo->enabled = 0;
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
-    size_t base = 0;
+    size_t base = 0, batch = 0;
     MbStatus rc = MB_OK;
-    for (int s = 0; s < 2 && !rc; s++) {
+    for (int s = 0; s < 2; s++) {
         size_t n = (size_t)arrlen(sets[s]->pairs);
         int bs = tr->cfg.per_device_train_batch_size;
-        for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs) {
+        for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs, batch++) {
+            if ((int)(batch % (size_t)comm->world) != comm->rank) continue; /* the batches are dealt to the ranks */
             int P = (int)MB_MIN((size_t)bs, n - i0);
             const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
             for (int i = 0; i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
@@ -5005,7 +5093,6 @@ static MbStatus precompute_ref(MbTrainer *tr) {
             batch_build(&bt, pairs, P, 1, tr->cfg.max_length, tr->pad);
             float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
             rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
-            for (int b = 0; b < bt.B; b++) tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] = 0;
             for (size_t i = 0; !rc && i < bt.M; i++) {
                 int b = bt.seq[i];
                 tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
@@ -5016,19 +5103,26 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         base += n;
     }
     tr->lo->enabled = 1;
-    if (!rc) {
+    float failed = rc != MB_OK;
+    comm->all_reduce(comm, tr->ref_cache, (nt + ne) * 2); /* each pair was computed by one rank */
+    if (!rc && lead) {
         float one = 1;
         MbTensorOut ts[2] = {{"ref_logps", MB_DT_F32, 2, {nt + ne, 2}, tr->ref_cache}, {key, MB_DT_F32, 1, {1}, &one}};
         rc = mb_safetensors_write(path, ts, 2, NULL);
         if (!rc) printf("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
+        failed = rc != MB_OK;
     }
+    comm->all_reduce(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "computing the reference log-probs failed on another rank");
     free(path);
     return rc;
 }
 
 /* ---- checkpoints: OUTPUT/checkpoint-N/ written as a temporary folder and renamed ---- */
 
-static MbStatus checkpoint_save(MbTrainer *tr) {
+/* Rank 0 writes the checkpoint; with ZeRO the moment slices are gathered first. Every rank
+ * learns whether it worked. */
+static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const float *exp_avg_sq) {
     char final[4096], tmp[4200];
     snprintf(final, sizeof final, "%s/checkpoint-%ld", tr->output_dir, tr->step);
     snprintf(tmp, sizeof tmp, "%s.tmp.%ld", final, (long)getpid());
@@ -5038,16 +5132,17 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
     if (!rc) {
         char *p = mb_path_join(tmp, "optimizer.safetensors");
         size_t n = tr->lo->n_params;
-        MbTensorOut ts[2] = {{"exp_avg", MB_DT_F32, 1, {n}, tr->exp_avg}, {"exp_avg_sq", MB_DT_F32, 1, {n}, tr->exp_avg_sq}};
+        MbTensorOut ts[2] = {{"exp_avg", MB_DT_F32, 1, {n}, exp_avg}, {"exp_avg_sq", MB_DT_F32, 1, {n}, exp_avg_sq}};
         rc = mb_safetensors_write(p, ts, 2, NULL);
         free(p);
     }
     if (!rc) {
         char *j = NULL;
         sb_printf(&j, "{\n  \"global_step\": %ld,\n  \"micro_batches_done\": %ld,\n  \"total_steps\": %ld,\n"
-                  "  \"tokens_seen\": %.0f,\n  \"fingerprint\": \"%016llx\",\n  \"seed\": %d\n}\n",
+                  "  \"tokens_seen\": %.0f,\n  \"fingerprint\": \"%016llx\",\n  \"seed\": %d,\n  \"world_size\": %d,\n"
+                  "  \"zero_stage\": %d\n}\n",
                   tr->step, tr->micro_done, tr->total_steps, tr->tokens_seen, (unsigned long long)tr->fingerprint,
-                  tr->cfg.seed);
+                  tr->cfg.seed, tr->comm->world, tr->zero);
         char *p = mb_path_join(tmp, "trainer_state.json");
         rc = mb_write_file(p, j, strlen(j));
         free(p);
@@ -5056,6 +5151,22 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
     if (!rc && mb_is_dir(final)) rc = mb_rmdir_r(final);
     if (!rc && rename(tmp, final) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot rename to %s: %s", tmp, final, strerror(errno));
     if (rc) mb_rmdir_r(tmp);
+    return rc;
+}
+
+static MbStatus checkpoint_save(MbTrainer *tr) {
+    MbComm *comm = tr->comm;
+    float *m1 = tr->exp_avg, *m2 = tr->exp_avg_sq;
+    if (tr->zero && comm->world > 1) { /* every rank's slice, in one file */
+        m1 = mb_calloc(tr->n_pad, sizeof(float)), m2 = mb_calloc(tr->n_pad, sizeof(float));
+        comm->all_gather(comm, m1, tr->exp_avg, tr->n_pad);
+        comm->all_gather(comm, m2, tr->exp_avg_sq, tr->n_pad);
+    }
+    MbStatus rc = comm->rank == 0 ? checkpoint_write(tr, m1, m2) : MB_OK;
+    if (m1 != tr->exp_avg) free(m1), free(m2);
+    float failed = rc != MB_OK;
+    comm->all_reduce(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_IO, "rank 0 could not write checkpoint-%ld", tr->step);
     return rc;
 }
 
@@ -5097,9 +5208,13 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
         if (!a || !b || a->dtype != MB_DT_F32 || b->dtype != MB_DT_F32 || a->numel != np || b->numel != np)
             rc = mb_fail(MB_ERR_FORMAT, "%s: optimizer moments missing or of the wrong size --> the checkpoint is "
                          "corrupt", opt);
-        else {
-            memcpy(tr->exp_avg, a->data, np * sizeof(float));
-            memcpy(tr->exp_avg_sq, b->data, np * sizeof(float));
+        else { /* the file holds every slice: any world size can take its own */
+            size_t off = tr->zero ? (size_t)tr->comm->rank * tr->shard : 0, len = tr->zero ? tr->shard : tr->n_pad;
+            const float *fa = a->data, *fb = b->data;
+            for (size_t i = 0; i < len; i++) {
+                tr->exp_avg[i] = off + i < np ? fa[off + i] : 0.0f;
+                tr->exp_avg_sq[i] = off + i < np ? fb[off + i] : 0.0f;
+            }
             memcpy(tr->lo->params, lo->params, np * sizeof(float));
         }
     }
@@ -5194,83 +5309,139 @@ static MbStatus write_svg(const MbTrainer *tr, const MbLogRow *rows, size_t n) {
 }
 
 /* Evaluation over the eval pairs in order: metrics are means over batches (TRL), the loss is
- * the mean over pairs. */
+ * the mean over pairs. The batches are dealt to the ranks in turn. */
 static MbStatus train_evaluate(MbTrainer *tr, double *met) {
     size_t n = (size_t)arrlen(tr->eval.pairs), nt = (size_t)arrlen(tr->train.pairs);
-    int bs = tr->cfg.per_device_eval_batch_size, *idx = mb_malloc((size_t)bs * sizeof *idx), batches = 0;
-    double bm[MET_COUNT], loss = 0;
-    for (int k = 0; k < MET_COUNT; k++) met[k] = 0;
+    int bs = tr->cfg.per_device_eval_batch_size, *idx = mb_malloc((size_t)bs * sizeof *idx);
+    MbComm *comm = tr->comm;
+    double bm[MET_COUNT] = {0};
+    float sums[MET_COUNT + 3] = {0}; /* metric sums, loss x pairs, batches, failed */
     MbStatus rc = MB_OK;
-    for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs) {
+    size_t b = 0;
+    for (size_t i0 = 0; i0 < n; i0 += (size_t)bs, b++) {
+        if ((int)(b % (size_t)comm->world) != comm->rank || rc) continue;
         int P = (int)MB_MIN((size_t)bs, n - i0);
         for (int i = 0; i < P; i++) idx[i] = (int)(i0 + (size_t)i);
         rc = train_microbatch(tr, &tr->eval, idx, P, nt, 0, 1.0, bm);
-        for (int k = 0; k < MET_COUNT; k++) met[k] += bm[k];
-        loss += bm[MET_LOSS] * P;
-        batches++;
+        for (int k = 0; k < MET_COUNT; k++) sums[k] += (float)bm[k];
+        sums[MET_COUNT] += (float)(bm[MET_LOSS] * P);
+        sums[MET_COUNT + 1] += 1;
     }
-    for (int k = 0; k < MET_COUNT; k++) met[k] /= MB_MAX(batches, 1);
-    met[MET_LOSS] = loss / (double)MB_MAX(n, 1);
+    sums[MET_COUNT + 2] = rc != MB_OK;
+    comm->all_reduce(comm, sums, MET_COUNT + 3);
+    for (int k = 0; k < MET_COUNT; k++) met[k] = sums[k] / MB_MAX(sums[MET_COUNT + 1], 1.0f);
+    met[MET_LOSS] = sums[MET_COUNT] / (double)MB_MAX(n, 1);
+    if (!rc && sums[MET_COUNT + 2] > 0) rc = mb_fail(MB_ERR_ARG, "evaluation failed on another rank");
     free(idx);
     return rc;
 }
 
+/* The summed gradient of this step, clipped, applied with AdamW. Without ZeRO every rank sums
+ * the whole gradient and updates every parameter; with ZeRO-1 each rank gets the sum of its
+ * slice (reduce-scatter), updates that slice with its slice of the moments, and the slices are
+ * all-gathered. Returns the global gradient norm before clipping. */
+static double optimizer_step(MbTrainer *tr, double lr) {
+    MbTrainConfig *c = &tr->cfg;
+    MbOps *ops = tr->m->ops;
+    MbComm *comm = tr->comm;
+    float *p = tr->lo->params, *g = tr->lo->grads;
+    size_t off = (size_t)comm->rank * tr->shard, len = tr->n_pad;
+    float *gs = g;
+    if (tr->zero) {
+        comm->reduce_scatter_f64(comm, tr->acc_shard, tr->acc, tr->n_pad);
+        ops->from_f64(ops, tr->gshard, tr->acc_shard, tr->shard);
+        gs = tr->gshard, len = tr->shard;
+    } else {
+        if (comm->world > 1) comm->all_reduce_f64(comm, tr->acc, tr->n_pad);
+        ops->from_f64(ops, g, tr->acc, tr->n_pad);
+    }
+    double ss = ops->sumsq(ops, gs, len);
+    if (tr->zero && comm->world > 1) { /* the slices' sums of squares, added in fp64 */
+        double *one = mb_calloc((size_t)comm->world, sizeof(double));
+        one[comm->rank] = ss;
+        comm->all_reduce_f64(comm, one, (size_t)comm->world);
+        ss = 0;
+        for (int r = 0; r < comm->world; r++) ss += one[r];
+        free(one);
+    }
+    double norm = sqrt(ss);
+    if (!isfinite(norm)) return norm;
+    if (c->max_grad_norm > 0) { /* torch.nn.utils.clip_grad_norm_ */
+        double coef = c->max_grad_norm / (norm + 1e-6);
+        if (coef < 1.0) ops->scale(ops, gs, (float)coef, len);
+    }
+    ops->adamw(ops, tr->zero ? p + off : p, gs, tr->exp_avg, tr->exp_avg_sq, len, lr, c->adam_beta1, c->adam_beta2,
+               c->adam_epsilon, c->weight_decay, tr->step + 1);
+    if (tr->zero) comm->all_gather(comm, p, p + off, tr->n_pad);
+    return norm;
+}
+
 /* The training loop of transformers' Trainer: epochs of micro-batches, grouped into optimizer
- * steps of gradient_accumulation_steps (the last of an epoch may be shorter; its loss is divided
- * by the micro-batches it has). */
+ * steps of gradient_accumulation_steps x world micro-batches (the last of an epoch may be
+ * shorter; the loss is divided by the micro-batches the step has). Rank r runs its contiguous
+ * share of each step's micro-batches, so any world size sees the batches one rank would see. */
 static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     MbTrainConfig *c = &tr->cfg;
     MbOps *ops = tr->m->ops;
-    size_t n = (size_t)arrlen(tr->train.pairs), np = tr->lo->n_params;
-    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps;
+    MbComm *comm = tr->comm;
+    int lead = comm->rank == 0;
+    size_t n = (size_t)arrlen(tr->train.pairs);
+    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps * comm->world;
     long mb_per_epoch = (long)((n + (size_t)bs - 1) / (size_t)bs);
     long steps_per_epoch = MB_MAX(1, (mb_per_epoch + ga - 1) / ga);
     tr->total_steps = c->max_steps > 0 ? c->max_steps : (long)ceil(c->num_train_epochs * (double)steps_per_epoch);
     long warmup = warmup_steps(c, tr->total_steps);
-    tr->exp_avg = mb_calloc(np, sizeof(float));
-    tr->exp_avg_sq = mb_calloc(np, sizeof(float));
+    size_t moments = tr->zero ? tr->shard : tr->n_pad;
+    tr->exp_avg = mb_calloc(moments, sizeof(float));
+    tr->exp_avg_sq = mb_calloc(moments, sizeof(float));
     MbStatus rc = MB_OK;
     if (resume && (rc = checkpoint_load(tr, resume))) return rc;
-    if (resume) printf("resumed from %s at step %ld\n", resume, tr->step);
+    if (resume && lead) printf("resumed from %s at step %ld\n", resume, tr->step);
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
     MbLogRow *hist = NULL, win;
     memset(&win, 0, sizeof win);
     int win_micro = 0, win_steps = 0;
     double win_loss = 0;
-    double t0 = mb_now(), met[MET_COUNT];
+    double t0 = mb_now(), met[MET_COUNT] = {0};
     long epoch = tr->micro_done / mb_per_epoch;
     epoch_order(c, n, epoch, order);
     while (!rc && tr->step < tr->total_steps) {
         long in_epoch = tr->micro_done % mb_per_epoch;
         if (in_epoch == 0 && tr->micro_done / mb_per_epoch != epoch) epoch_order(c, n, epoch = tr->micro_done / mb_per_epoch, order);
         long count = MB_MIN((long)ga, mb_per_epoch - in_epoch); /* micro-batches of this optimizer step */
-        ops->fill(ops, tr->lo->grads, 0.0f, np);
-        double step_met[MET_COUNT] = {0};
-        for (long k = 0; k < count && !rc; k++) {
+        size_t mine0, mine1;
+        mb_split((size_t)count, comm->rank, comm->world, &mine0, &mine1);
+        ops->fill_f64(ops, tr->acc, tr->n_pad);
+        float sums[MET_COUNT + 2] = {0}; /* metric sums over the step's micro-batches, tokens, failed */
+        double tokens0 = tr->tokens_seen;
+        for (long k = (long)mine0; k < (long)mine1 && !rc; k++) {
             long mbi = in_epoch + k;
             int P = (int)MB_MIN((size_t)bs, n - (size_t)mbi * (size_t)bs);
             for (int i = 0; i < P; i++) idx[i] = order[(size_t)mbi * (size_t)bs + (size_t)i];
+            tr->micro_key = tr->micro_done + k; /* the global micro-batch number keys LoRA dropout */
+            ops->fill(ops, tr->lo->grads, 0.0f, tr->n_pad); /* this micro-batch's gradient alone ... */
             rc = train_microbatch(tr, &tr->train, idx, P, 0, 1, 1.0 / (double)count, met);
-            if (!rc && !isfinite(met[MET_LOSS]))
-                rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the loss is %g --> lower --learning_rate; "
-                             "the last checkpoint (if any) is intact", tr->step + 1, met[MET_LOSS]);
-            for (int q = 0; q < MET_COUNT; q++) step_met[q] += met[q] / (double)count, win.met[q] += met[q];
-            win_micro++;
+            ops->accumulate_f64(ops, tr->acc, tr->lo->grads, tr->n_pad); /* ... added to the step's in fp64 */
+            for (int q = 0; q < MET_COUNT; q++) sums[q] += (float)met[q];
         }
+        sums[MET_COUNT] = (float)(tr->tokens_seen - tokens0);
+        sums[MET_COUNT + 1] = rc != MB_OK;
+        comm->all_reduce(comm, sums, MET_COUNT + 2); /* also tells every rank when one failed */
+        tr->tokens_seen = tokens0 + sums[MET_COUNT];
+        if (!rc && sums[MET_COUNT + 1] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: another rank failed");
+        if (!rc && !isfinite(sums[MET_LOSS]))
+            rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the loss is %g --> lower --learning_rate; "
+                         "the last checkpoint (if any) is intact", tr->step + 1, sums[MET_LOSS]);
         if (rc) break;
-        double norm = sqrt(ops->sumsq(ops, tr->lo->grads, np));
+        double step_met[MET_COUNT];
+        for (int q = 0; q < MET_COUNT; q++) step_met[q] = sums[q] / (double)count, win.met[q] += sums[q];
+        win_micro += (int)count;
+        double lr = sched_lr(c, tr->step, tr->total_steps, warmup), norm = optimizer_step(tr, lr);
         if (!isfinite(norm)) {
             rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the gradient norm is %g; the last checkpoint (if "
                          "any) is intact", tr->step + 1, norm);
             break;
         }
-        if (c->max_grad_norm > 0) { /* torch.nn.utils.clip_grad_norm_ */
-            double coef = c->max_grad_norm / (norm + 1e-6);
-            if (coef < 1.0) ops->scale(ops, tr->lo->grads, (float)coef, np);
-        }
-        double lr = sched_lr(c, tr->step, tr->total_steps, warmup);
-        ops->adamw(ops, tr->lo->params, tr->lo->grads, tr->exp_avg, tr->exp_avg_sq, np, lr, c->adam_beta1,
-                   c->adam_beta2, c->adam_epsilon, c->weight_decay, tr->step + 1);
         tr->step++;
         tr->micro_done += count;
         win_steps++;
@@ -5278,14 +5449,13 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         MbLogRow row = {tr->step, (double)tr->micro_done / (double)mb_per_epoch, lr, norm, {0}};
         for (int q = 0; q < MET_COUNT; q++) row.met[q] = step_met[q];
         arrput(hist, row);
-        progress_bar(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
+        if (lead) progress_bar(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
         if ((c->logging_steps > 0 && tr->step % c->logging_steps == 0) || tr->step == tr->total_steps) {
             /* TRL: stored metrics averaged over the micro-batches since the last log */
             MbLogRow lr_row = row;
             for (int q = 0; q < MET_COUNT; q++) lr_row.met[q] = win.met[q] / MB_MAX(win_micro, 1);
             lr_row.met[MET_LOSS] = win_loss / MB_MAX(win_steps, 1); /* Trainer: mean over the steps */
-            log_append(tr, &lr_row, "", 0);
-            log_print(tr, &lr_row, "", 0);
+            if (lead) log_append(tr, &lr_row, "", 0), log_print(tr, &lr_row, "", 0);
             memset(&win, 0, sizeof win);
             win_micro = win_steps = 0;
             win_loss = 0;
@@ -5296,12 +5466,14 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
             if ((rc = train_evaluate(tr, em))) break;
             MbLogRow er = row;
             memcpy(er.met, em, sizeof em);
-            log_append(tr, &er, "eval_", 1);
-            log_print(tr, &er, "eval_", 1);
+            if (lead) log_append(tr, &er, "eval_", 1), log_print(tr, &er, "eval_", 1);
+            if (lead && last && !tr->sft)
+                printf("held-out eval_rewards/accuracies %.3f (%zu pairs)\n", em[MET_REWARDS_ACCURACIES],
+                       (size_t)arrlen(tr->eval.pairs));
         }
         if ((c->save_steps > 0 && tr->step % c->save_steps == 0) || last) rc = checkpoint_save(tr);
     }
-    if (!rc && arrlen(hist)) rc = write_svg(tr, hist, (size_t)arrlen(hist));
+    if (!rc && lead && arrlen(hist)) rc = write_svg(tr, hist, (size_t)arrlen(hist));
     arrfree(hist);
     free(order), free(idx);
     return rc;
@@ -5407,26 +5579,63 @@ static char *latest_checkpoint(const char *out) {
     return mb_path_join(out, buf);
 }
 
-MbStatus mb_train(const MbTrainJob *job) {
-    if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
-    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0)
-        return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
+/* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
+ * ZeRO's slices are equal; the views into them follow. */
+static void lora_reserve(MbLora *lo, size_t n_pad) {
+    float *p = mb_aligned_alloc(n_pad * sizeof(float)), *g = mb_aligned_alloc(n_pad * sizeof(float));
+    memset(p, 0, n_pad * sizeof(float)), memset(g, 0, n_pad * sizeof(float));
+    memcpy(p, lo->params, lo->n_params * sizeof(float));
+    for (size_t i = 0; i < (size_t)lo->L * MB_LAYER_WEIGHTS; i++) {
+        MbLoraPair *q = &lo->pairs[i];
+        if (!q->A.data) continue;
+        q->A.data = p + ((const float *)q->A.data - lo->params), q->B.data = p + ((const float *)q->B.data - lo->params);
+        q->gA = g + (q->gA - lo->grads), q->gB = g + (q->gB - lo->grads);
+    }
+    free(lo->params), free(lo->grads);
+    lo->params = p, lo->grads = g;
+}
+
+/* One rank of a run: its own model, data and adapter copy, joined to the others by comm. Only
+ * rank 0 prints and writes files. */
+static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
+    MbTrainJob j = *job;
+    j.threads = threads;
     MbTrainer tr;
-    MbStatus rc = trainer_setup(&tr, job, 1);
+    int lead = comm->rank == 0;
+    MbStatus rc = trainer_setup(&tr, &j, 1);
+    float failed = rc != MB_OK; /* a rank that cannot start stops every rank */
+    comm->all_reduce(comm, &failed, 1);
     if (rc) return rc;
-    report_skips(&tr.train);
-    if (arrlen(tr.eval.pairs) && job->eval_data_path) report_skips(&tr.eval);
+    if (failed > 0) {
+        trainer_free(&tr);
+        return mb_fail(MB_ERR_ARG, "another rank could not start");
+    }
+    tr.comm = comm;
+    tr.zero = job->zero_stage < 0 ? comm->world > 1 : job->zero_stage >= 1;
+    tr.shard = (tr.lo->n_params + (size_t)comm->world - 1) / (size_t)comm->world;
+    tr.n_pad = tr.shard * (size_t)comm->world;
+    lora_reserve(tr.lo, tr.n_pad);
+    if (tr.zero) tr.gshard = mb_calloc(tr.shard, sizeof(float)), tr.acc_shard = mb_calloc(tr.shard, sizeof(double));
+    tr.acc = mb_calloc(tr.n_pad, sizeof(double));
     tr.fingerprint = trainer_fingerprint(&tr);
     const MbTrainConfig *c = &tr.cfg;
-    printf("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on", job->sft ? "sft" : "dpo",
-           (size_t)arrlen(tr.train.pairs), (size_t)arrlen(tr.eval.pairs), tr.lo->r, tr.lo->alpha);
-    for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
-        if (tr.lo->targets & (1u << i)) printf(" %s", lora_module_name(i));
-    printf(" (%zu trainable parameters)\n", tr.lo->n_params);
-    if (!job->sft)
-        printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
-               c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
-               c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
+    if (lead) {
+        report_skips(&tr.train);
+        if (arrlen(tr.eval.pairs) && job->eval_data_path) report_skips(&tr.eval);
+        printf("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on", job->sft ? "sft" : "dpo",
+               (size_t)arrlen(tr.train.pairs), (size_t)arrlen(tr.eval.pairs), tr.lo->r, tr.lo->alpha);
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+            if (tr.lo->targets & (1u << i)) printf(" %s", lora_module_name(i));
+        printf(" (%zu trainable parameters)\n", tr.lo->n_params);
+        if (!job->sft)
+            printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
+                   c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
+                   c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
+        if (comm->world > 1)
+            printf("data parallel: %d ranks x %d threads, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
+                   comm->world, threads, c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world,
+                   tr.zero, tr.zero ? tr.shard : tr.lo->n_params);
+    }
     if (!job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
     char *resume = NULL;
     if (!rc && job->resume && job->resume[0]) {
@@ -5437,15 +5646,69 @@ MbStatus mb_train(const MbTrainJob *job) {
             resume = mb_strdup(job->resume);
         }
     }
+    failed = rc != MB_OK;
+    comm->all_reduce(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     double t0 = mb_now();
     if (!rc) rc = trainer_run(&tr, resume);
     free(resume);
-    if (!rc) rc = mb_lora_save(tr.lo, job->output_dir, job->model_dir);
-    if (!rc)
+    if (!rc && lead) rc = mb_lora_save(tr.lo, job->output_dir, job->model_dir);
+    if (!rc && lead)
         printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
                "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
                job->output_dir, job->output_dir);
+    free(tr.gshard), free(tr.acc), free(tr.acc_shard);
     trainer_free(&tr);
+    return rc;
+}
+
+typedef struct {
+    const MbTrainJob *job;
+    MbComm *comm;
+    int threads;
+    MbStatus rc;
+    char err[1024];
+} MbRankRun;
+
+static void *train_rank_thread(void *arg) {
+    MbRankRun *r = arg;
+    r->rc = train_rank(r->job, r->comm, r->threads);
+    if (r->rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
+    return NULL;
+}
+
+MbStatus mb_train(const MbTrainJob *job) {
+    if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
+    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0)
+        return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
+    MbStatus rc = MB_OK;
+    int world = job->nproc > 1 ? job->nproc : 1;
+    if (world > 256) return mb_fail(MB_ERR_ARG, "--nproc %d: at most 256 ranks", world);
+    int total = job->threads > 0 ? job->threads : mb_cpu_count(), per = MB_MAX(1, total / world);
+    MbComm **comms = mb_calloc((size_t)world, sizeof *comms);
+    mb_comm_threads_new(world, comms);
+    if (world == 1) {
+        rc = train_rank(job, comms[0], per);
+    } else {
+        MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
+        pthread_t *th = mb_calloc((size_t)world, sizeof *th);
+        for (int r = 0; r < world; r++) {
+            runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = per;
+            if (pthread_create(&th[r], NULL, train_rank_thread, &runs[r]) != 0) {
+                fprintf(stderr, "medbot: cannot start rank %d of %d\n", r, world);
+                exit(1); /* the ranks already started wait for it forever */
+            }
+        }
+        for (int r = 0; r < world; r++) pthread_join(th[r], NULL);
+        /* report the rank that failed first, not the ranks that stopped because of it */
+        for (int r = 0; r < world && !rc; r++)
+            if (runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+        for (int r = 0; r < world && !rc; r++)
+            if (runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+        free(runs), free(th);
+    }
+    for (int r = 0; r < world; r++) comms[r]->destroy(comms[r]);
+    free(comms);
     return rc;
 }
 
@@ -5457,7 +5720,9 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
     if (rc) return rc;
     report_skips(&tr.eval);
     double met[MET_COUNT];
+    mb_comm_threads_new(1, &tr.comm);
     rc = train_evaluate(&tr, met);
+    tr.comm->destroy(tr.comm);
     if (!rc) {
         printf("%zu pairs of %s\n", (size_t)arrlen(tr.eval.pairs), job->data_path);
         for (int k = 0; k < (job->sft ? 1 : MET_COUNT); k++) printf("  eval_%-20s %.6f\n", mb_metric_names[k], met[k]);
@@ -5468,7 +5733,473 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
 
 // ============================================================================================
 // ---------- 10. sampler ----------  (the generation issue)
-// ---------- 11. coordinator ----------  (the distributed issue)
+// ============================================================================================
+
+// ============================================================================================
+// ---------- 11. coordinator ----------
+// Data parallelism as DeepSpeed runs the card: every rank holds the model and the adapter, runs
+// its share of the micro-batches, and the gradients are summed across ranks. MbComm is the
+// collective interface, on fp32 buffers, with two backends: in-process threads (CPU ranks; what
+// the tests use) and NCCL (one rank per GPU, several processes joined by a TCP rendezvous that
+// reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT). Sums run over the ranks in
+// rank order, so every rank gets bit-identical results.
+// ============================================================================================
+
+/* ---- in-process threads ---- */
+
+typedef struct {
+    int world;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int waiting;
+    unsigned long generation;
+    const float **slot;   /* (world) each rank's published buffer */
+    float **part;         /* (world) each rank's reduced slice */
+    int refs;
+} MbThreadGroup;
+
+typedef struct {
+    MbThreadGroup *g;
+} MbThreadComm;
+
+static void tg_barrier(MbThreadGroup *g) {
+    pthread_mutex_lock(&g->mu);
+    unsigned long gen = g->generation;
+    if (++g->waiting == g->world) {
+        g->waiting = 0;
+        g->generation++;
+        pthread_cond_broadcast(&g->cv);
+    } else {
+        while (gen == g->generation) pthread_cond_wait(&g->cv, &g->mu);
+    }
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void tc_barrier(MbComm *c) { tg_barrier(((MbThreadComm *)c->ctx)->g); }
+
+/* out[0..len) = sum over ranks r (in order) of slot[r][off + i] */
+static void tg_sum(MbThreadGroup *g, float *out, size_t off, size_t len) {
+    for (size_t i = 0; i < len; i++) {
+        float s = g->slot[0][off + i];
+        for (int r = 1; r < g->world; r++) s += g->slot[r][off + i];
+        out[i] = s;
+    }
+}
+
+static void tc_all_reduce(MbComm *c, float *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t lo, hi;
+    mb_split(n, c->rank, c->world, &lo, &hi);
+    float *mine = mb_malloc((hi - lo + 1) * sizeof(float));
+    g->slot[c->rank] = x;
+    tg_barrier(g);
+    tg_sum(g, mine, lo, hi - lo);
+    g->part[c->rank] = mine;
+    tg_barrier(g); /* every slice reduced: now x may be overwritten */
+    for (int r = 0; r < c->world; r++) {
+        size_t a, b;
+        mb_split(n, r, c->world, &a, &b);
+        memcpy(x + a, g->part[r], (b - a) * sizeof(float));
+    }
+    tg_barrier(g);
+    free(mine);
+}
+
+static void tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t per = n / (size_t)c->world;
+    g->slot[c->rank] = x;
+    tg_barrier(g);
+    tg_sum(g, shard, (size_t)c->rank * per, per);
+    tg_barrier(g);
+}
+
+static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t per = n / (size_t)c->world;
+    g->slot[c->rank] = shard;
+    tg_barrier(g);
+    for (int r = 0; r < c->world; r++)
+        if (x + (size_t)r * per != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
+    tg_barrier(g);
+}
+
+static void tc_broadcast(MbComm *c, float *x, size_t n, int root) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    g->slot[c->rank] = x;
+    tg_barrier(g);
+    if (c->rank != root) memcpy(x, g->slot[root], n * sizeof(float));
+    tg_barrier(g);
+}
+
+static void tc_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t lo, hi;
+    mb_split(n, c->rank, c->world, &lo, &hi);
+    double *mine = mb_malloc((hi - lo + 1) * sizeof(double));
+    g->slot[c->rank] = (const float *)(const void *)x;
+    tg_barrier(g);
+    for (size_t i = lo; i < hi; i++) {
+        double s = ((const double *)(const void *)g->slot[0])[i];
+        for (int r = 1; r < g->world; r++) s += ((const double *)(const void *)g->slot[r])[i];
+        mine[i - lo] = s;
+    }
+    g->part[c->rank] = (float *)(void *)mine;
+    tg_barrier(g);
+    for (int r = 0; r < c->world; r++) {
+        size_t a, b;
+        mb_split(n, r, c->world, &a, &b);
+        memcpy(x + a, g->part[r], (b - a) * sizeof(double));
+    }
+    tg_barrier(g);
+    free(mine);
+}
+
+static void tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t per = n / (size_t)c->world, off = (size_t)c->rank * per;
+    g->slot[c->rank] = (const float *)(const void *)x;
+    tg_barrier(g);
+    for (size_t i = 0; i < per; i++) {
+        double s = ((const double *)(const void *)g->slot[0])[off + i];
+        for (int r = 1; r < g->world; r++) s += ((const double *)(const void *)g->slot[r])[off + i];
+        shard[i] = s;
+    }
+    tg_barrier(g);
+}
+
+static void tc_destroy(MbComm *c) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    pthread_mutex_lock(&g->mu);
+    int last = --g->refs == 0;
+    pthread_mutex_unlock(&g->mu);
+    if (last) {
+        pthread_mutex_destroy(&g->mu);
+        pthread_cond_destroy(&g->cv);
+        free(g->slot), free(g->part), free(g);
+    }
+    free(c->ctx);
+    free(c);
+}
+
+/* world communicators of one in-process group (rank r is comms[r]); each destroys its own. */
+static void mb_comm_threads_new(int world, MbComm **comms) {
+    MbThreadGroup *g = mb_calloc(1, sizeof *g);
+    g->world = world;
+    g->refs = world;
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->slot = mb_calloc((size_t)world, sizeof *g->slot);
+    g->part = mb_calloc((size_t)world, sizeof *g->part);
+    for (int r = 0; r < world; r++) {
+        MbComm *c = mb_calloc(1, sizeof *c);
+        MbThreadComm *tc = mb_calloc(1, sizeof *tc);
+        tc->g = g;
+        c->rank = r, c->world = world, c->ctx = tc;
+        c->all_reduce = tc_all_reduce, c->reduce_scatter = tc_reduce_scatter, c->all_gather = tc_all_gather;
+        c->broadcast = tc_broadcast, c->barrier = tc_barrier, c->destroy = tc_destroy;
+        c->all_reduce_f64 = tc_all_reduce_f64, c->reduce_scatter_f64 = tc_reduce_scatter_f64;
+        comms[r] = c;
+    }
+}
+
+/* ---- TCP rendezvous: rank 0 hands a blob (NCCL's unique id) to every other rank ----
+ * Rank 0 listens on MASTER_ADDR:MASTER_PORT only; each other rank connects (retrying until the
+ * timeout) and sends {magic, rank, world}; rank 0 checks every hello (world size agrees, rank in
+ * range and unique) and answers each with a status and the blob, or with the reason it refused. */
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#define MB_RDV_MAGIC 0x6d6564626f745231ull /* "medbotR1" */
+#define MB_RDV_MAX_BLOB 4096
+
+#ifndef MSG_NOSIGNAL /* macOS: SO_NOSIGPIPE on the socket instead */
+#define MSG_NOSIGNAL 0
+#endif
+
+/* a peer that hung up must not kill us with SIGPIPE */
+static void rdv_nosigpipe(int fd) {
+#ifdef SO_NOSIGPIPE
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#else
+    (void)fd;
+#endif
+}
+
+static int rdv_write_all(int fd, const void *p, size_t n) {
+    const char *s = p;
+    rdv_nosigpipe(fd);
+    while (n) {
+        ssize_t k = send(fd, s, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return 0;
+        s += k, n -= (size_t)k;
+    }
+    return 1;
+}
+
+/* reads n bytes before the deadline (mb_now seconds) */
+static int rdv_read_all(int fd, void *p, size_t n, double deadline) {
+    char *s = p;
+    while (n) {
+        int ms = (int)((deadline - mb_now()) * 1000);
+        if (ms <= 0) return 0;
+        struct pollfd pf = {fd, POLLIN, 0};
+        int r = poll(&pf, 1, ms);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return 0;
+        ssize_t k = recv(fd, s, n, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return 0;
+        s += k, n -= (size_t)k;
+    }
+    return 1;
+}
+
+static void rdv_put_u64(unsigned char *b, uint64_t v) {
+    for (int i = 0; i < 8; i++) b[i] = (unsigned char)(v >> (8 * i));
+}
+static uint64_t rdv_get_u64(const unsigned char *b) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | b[i];
+    return v;
+}
+
+static MbStatus rdv_resolve(const char *addr, int port, struct addrinfo **out) {
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    char ps[16];
+    snprintf(ps, sizeof ps, "%d", port);
+    int e = getaddrinfo(addr, ps, &hints, out);
+    if (e) return mb_fail(MB_ERR_ARG, "rendezvous: MASTER_ADDR %s: %s", addr, gai_strerror(e));
+    return MB_OK;
+}
+
+/* Rank 0: accepts world - 1 ranks, then sends each the blob (or the reason for refusing). */
+static MbStatus rdv_serve(const char *addr, int port, int world, const void *blob, size_t n, double timeout) {
+    struct addrinfo *ai;
+    MbStatus rc = rdv_resolve(addr, port, &ai);
+    if (rc) return rc;
+    int fd = socket(ai->ai_family, SOCK_STREAM, 0), one = 1;
+    if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, world) != 0) {
+        int e = errno;
+        freeaddrinfo(ai);
+        if (fd >= 0) close(fd);
+        return mb_fail(MB_ERR_ARG, "rendezvous: cannot listen on %s:%d: %s%s", addr, port, strerror(e),
+                       e == EADDRINUSE ? " --> another job uses MASTER_PORT; pick a free one" : "");
+    }
+    freeaddrinfo(ai);
+    int *peer = mb_malloc((size_t)world * sizeof *peer);
+    for (int r = 0; r < world; r++) peer[r] = -1;
+    double deadline = mb_now() + timeout;
+    char why[256] = "";
+    int joined = 1;
+    while (joined < world && !why[0]) {
+        int ms = (int)((deadline - mb_now()) * 1000);
+        struct pollfd pf = {fd, POLLIN, 0};
+        if (ms <= 0 || poll(&pf, 1, ms) <= 0) break;
+        int c = accept(fd, NULL, NULL);
+        if (c < 0) continue;
+        unsigned char hello[24];
+        if (!rdv_read_all(c, hello, sizeof hello, deadline) || rdv_get_u64(hello) != MB_RDV_MAGIC) {
+            close(c); /* not one of ours */
+            continue;
+        }
+        int r = (int)rdv_get_u64(hello + 8), w = (int)rdv_get_u64(hello + 16);
+        if (w != world)
+            snprintf(why, sizeof why, "rank %d says WORLD_SIZE=%d, rank 0 has WORLD_SIZE=%d", r, w, world);
+        else if (r <= 0 || r >= world || peer[r] >= 0)
+            snprintf(why, sizeof why, "a rank joined as RANK=%d, which is %s", r,
+                     r <= 0 || r >= world ? "outside 1..WORLD_SIZE-1" : "taken twice");
+        if (why[0]) { /* tell the offender too */
+            unsigned char st[16];
+            rdv_put_u64(st, 1), rdv_put_u64(st + 8, strlen(why));
+            rdv_write_all(c, st, 16), rdv_write_all(c, why, strlen(why));
+            close(c);
+            break;
+        }
+        peer[r] = c;
+        joined++;
+    }
+    if (!why[0] && joined < world) {
+        char *missing = NULL;
+        for (int r = 1; r < world; r++)
+            if (peer[r] < 0) sb_printf(&missing, "%s%d", missing ? ", " : "", r);
+        snprintf(why, sizeof why, "rank%s %s of %d never arrived within %g s", strchr(missing, ',') ? "s" : "",
+                 missing, world, timeout);
+        arrfree(missing);
+    }
+    for (int r = 1; r < world; r++) {
+        if (peer[r] < 0) continue;
+        unsigned char st[16];
+        size_t len = why[0] ? strlen(why) : n;
+        rdv_put_u64(st, why[0] ? 1 : 0), rdv_put_u64(st + 8, len);
+        rdv_write_all(peer[r], st, 16);
+        rdv_write_all(peer[r], why[0] ? (const void *)why : blob, len);
+        close(peer[r]);
+    }
+    close(fd);
+    free(peer);
+    if (why[0]) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d: %s", addr, port, why);
+    return MB_OK;
+}
+
+/* Rank > 0: connects to rank 0 (retrying until the timeout) and receives the blob. */
+static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
+    double deadline = mb_now() + timeout;
+    for (;;) {
+        struct addrinfo *ai;
+        MbStatus rc = rdv_resolve(addr, port, &ai);
+        if (rc) return rc;
+        int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+        int ok = fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0;
+        freeaddrinfo(ai);
+        if (ok) {
+            unsigned char hello[24], st[16];
+            rdv_put_u64(hello, MB_RDV_MAGIC), rdv_put_u64(hello + 8, (uint64_t)rank), rdv_put_u64(hello + 16, (uint64_t)world);
+            /* rank 0 answers by its own deadline at the latest: wait a timeout longer */
+            double answer_by = mb_now() + timeout + 5.0;
+            if (!rdv_write_all(fd, hello, sizeof hello) || !rdv_read_all(fd, st, 16, answer_by)) {
+                close(fd);
+                return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not answer rank %d within %.0f s", addr,
+                               port, rank, timeout);
+            }
+            uint64_t status = rdv_get_u64(st), len = rdv_get_u64(st + 8);
+            if (len > MB_RDV_MAX_BLOB || (status == 0 && len != n)) {
+                close(fd);
+                return mb_fail(MB_ERR_ARG, "rendezvous: a malformed answer from %s:%d", addr, port);
+            }
+            char buf[MB_RDV_MAX_BLOB + 1];
+            int got = rdv_read_all(fd, buf, (size_t)len, answer_by);
+            close(fd);
+            if (!got) return mb_fail(MB_ERR_ARG, "rendezvous: the answer from %s:%d broke off", addr, port);
+            buf[len] = 0;
+            if (status) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d refused rank %d: %s", addr, port, rank, buf);
+            memcpy(blob, buf, n);
+            return MB_OK;
+        }
+        if (fd >= 0) close(fd);
+        if (mb_now() > deadline)
+            return mb_fail(MB_ERR_ARG, "rendezvous: rank %d could not reach rank 0 at %s:%d within %.0f s --> is rank 0 "
+                           "running, and MASTER_ADDR/MASTER_PORT the same on every rank?", rank, addr, port, timeout);
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Every rank calls this: rank 0's blob ends up in every rank's blob. */
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
+    if (world < 1 || rank < 0 || rank >= world)
+        return mb_fail(MB_ERR_ARG, "rendezvous: RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", rank, world);
+    if (port <= 0 || port > 65535) return mb_fail(MB_ERR_ARG, "rendezvous: MASTER_PORT %d is not a port", port);
+    if (n > MB_RDV_MAX_BLOB) return mb_fail(MB_ERR_ARG, "rendezvous: blob of %zu bytes is too large", n);
+    if (world == 1) return MB_OK;
+    return rank == 0 ? rdv_serve(addr, port, world, blob, n, timeout) : rdv_join(addr, port, rank, world, blob, n, timeout);
+}
+
+/* torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Returns 0
+ * when WORLD_SIZE is unset (a single process). */
+typedef struct {
+    int rank, world, local_rank, port;
+    char addr[256];
+} MbLaunchEnv;
+
+#ifdef MEDBOT_NCCL
+/* ---- NCCL: one rank per GPU; buffers are device memory on the rank's GPU ---- */
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+typedef struct {
+    ncclComm_t comm;
+    cudaStream_t stream;
+} MbNcclComm;
+
+static void nccl_check_(ncclResult_t r, const char *what, const char *file, int line) {
+    if (r != ncclSuccess) {
+        fprintf(stderr, "medbot: %s:%d: %s failed: %s --> check NCCL_DEBUG=INFO output\n", file, line, what,
+                ncclGetErrorString(r));
+        exit(1);
+    }
+}
+#define nccl_check(call) nccl_check_((call), #call, __FILE__, __LINE__)
+
+static void nc_sync(MbNcclComm *c) { cudaStreamSynchronize(c->stream); }
+
+static void nc_all_reduce(MbComm *c, float *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclAllReduce(x, x, n, ncclFloat, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclReduceScatter(x, shard, n / (size_t)c->world, ncclFloat, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclAllGather(shard, x, n / (size_t)c->world, ncclFloat, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_broadcast(MbComm *c, float *x, size_t n, int root) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclBroadcast(x, x, n, ncclFloat, root, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclAllReduce(x, x, n, ncclDouble, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclReduceScatter(x, shard, n / (size_t)c->world, ncclDouble, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_barrier(MbComm *c) {
+    MbNcclComm *k = c->ctx;
+    float *one;
+    cudaMalloc((void **)&one, sizeof(float));
+    nccl_check(ncclAllReduce(one, one, 1, ncclFloat, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+    cudaFree(one);
+}
+static void nc_destroy(MbComm *c) {
+    MbNcclComm *k = c->ctx;
+    ncclCommDestroy(k->comm);
+    cudaStreamDestroy(k->stream);
+    free(k);
+    free(c);
+}
+
+/* A communicator of a multi-process job: rank 0 makes the NCCL unique id and the TCP rendezvous
+ * hands it to the others. The CUDA backend (device buffers) is what calls it. */
+MB_UNUSED static MbStatus mb_comm_nccl_new(const MbLaunchEnv *e, int device, MbComm **out) {
+    ncclUniqueId id;
+    if (e->rank == 0) nccl_check(ncclGetUniqueId(&id));
+    MbStatus rc = mb_rendezvous(e->addr, e->port, e->rank, e->world, &id, sizeof id, 300.0);
+    if (rc) return rc;
+    if (cudaSetDevice(device) != cudaSuccess) return mb_fail(MB_ERR_DEVICE, "rank %d: cannot use GPU %d", e->rank, device);
+    MbNcclComm *k = mb_calloc(1, sizeof *k);
+    cudaStreamCreate(&k->stream);
+    nccl_check(ncclCommInitRank(&k->comm, e->world, id, e->rank));
+    MbComm *c = mb_calloc(1, sizeof *c);
+    c->rank = e->rank, c->world = e->world, c->ctx = k;
+    c->all_reduce = nc_all_reduce, c->reduce_scatter = nc_reduce_scatter, c->all_gather = nc_all_gather;
+    c->broadcast = nc_broadcast, c->barrier = nc_barrier, c->destroy = nc_destroy;
+    c->all_reduce_f64 = nc_all_reduce_f64, c->reduce_scatter_f64 = nc_reduce_scatter_f64;
+    *out = c;
+    return MB_OK;
+}
+#endif
+
+// ============================================================================================
 // ---------- 12. cuda ----------  (the CUDA issue)
 // ============================================================================================
 
@@ -5757,6 +6488,30 @@ fail:
     return 1;
 }
 
+static int env_int(const char *name, int def, int *ok) {
+    const char *v = getenv(name);
+    if (!v || !v[0]) return def;
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || x < 0 || x > INT_MAX) *ok = 0;
+    return (int)x;
+}
+
+static MbStatus mb_launch_env(MbLaunchEnv *e) {
+    memset(e, 0, sizeof *e);
+    int ok = 1;
+    e->world = env_int("WORLD_SIZE", 0, &ok);
+    e->rank = env_int("RANK", 0, &ok);
+    e->local_rank = env_int("LOCAL_RANK", e->rank, &ok);
+    e->port = env_int("MASTER_PORT", 29500, &ok);
+    const char *a = getenv("MASTER_ADDR");
+    snprintf(e->addr, sizeof e->addr, "%s", a && a[0] ? a : "127.0.0.1");
+    if (!ok) return mb_fail(MB_ERR_ARG, "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be non-negative integers");
+    if (e->world && e->rank >= e->world)
+        return mb_fail(MB_ERR_ARG, "RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", e->rank, e->world);
+    return MB_OK;
+}
+
 static MbStatus arg_choice(MbArgs *a, const char *name, const char *const *choices, int n, int *out) {
     const char *v = arg_get(a, name);
     if (!v) return MB_OK;
@@ -5790,6 +6545,7 @@ static const char *const mb_demo_args[] = {
 static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     memset(job, 0, sizeof *job);
     job->sft = sft;
+    job->nproc = 1, job->zero_stage = -1;
     MbTrainConfig *c = &job->cfg;
     mb_train_config_defaults(c);
     MbStatus rc;
@@ -5801,6 +6557,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
         (rc = arg_path(a, "data", &job->data_path)) || (rc = arg_path(a, "eval_data", &job->eval_data_path)) ||
         (rc = arg_path(a, "output", &job->output_dir)) || (rc = arg_path(a, "lora", &job->lora_init)) ||
         (rc = arg_path(a, "resume_from_checkpoint", &job->resume)) || (rc = arg_int(a, "threads", &job->threads)) ||
+        (rc = arg_int(a, "nproc", &job->nproc)) || (rc = arg_int(a, "zero_stage", &job->zero_stage)) ||
         (rc = arg_choice(a, "loss_type", mb_loss_names, 4, &c->loss_type)) ||
         (rc = arg_choice(a, "lr_scheduler_type", mb_sched_names, 4, &c->lr_scheduler_type)) ||
         (rc = arg_double(a, "beta", &c->beta)) || (rc = arg_double(a, "label_smoothing", &c->label_smoothing)) ||
@@ -5842,6 +6599,9 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
                "this run uses one process: %d pairs per step\n", effective,
                c->per_device_train_batch_size * c->gradient_accumulation_steps);
     if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
+    if (job->nproc < 1) return mb_fail(MB_ERR_ARG, "%s: --nproc must be >= 1", a->cmd);
+    if (job->zero_stage > 1)
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --zero_stage %d: medbot implements ZeRO stages 0 and 1", a->cmd, job->zero_stage);
     if (!job->model_dir || (!job->data_path && a->cmd[0] != 'm'))
         return mb_fail(MB_ERR_ARG, "%s: --model DIR and --data FILE are required (medbot %s --help)", a->cmd, a->cmd);
     return MB_OK;
@@ -5863,9 +6623,14 @@ static int cmd_train(MbArgs *a, int sft) {
                "weights/demo/pairs.jsonl (%s)\n", "a held-out 15% measures it");
     }
     MbTrainJob job;
+    MbLaunchEnv env;
     MbStatus rc = train_args(a, &job, sft);
     if (!rc) rc = args_done(a);
     if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
+    if (!rc) rc = mb_launch_env(&env);
+    if (!rc && env.world > 1) /* torchrun started this process as one rank of several */
+        rc = mb_fail(MB_ERR_UNSUPPORTED, "WORLD_SIZE=%d: ranks in separate processes need NCCL and the CUDA backend "
+                     "(the CUDA issue); on CPU use --nproc N ranks in one process", env.world);
     if (!rc) rc = mb_train(&job);
     if (is_demo) {
         free(demo.argv);
@@ -5959,7 +6724,8 @@ static const struct {
                      "    --use_rslora --gradient_checkpointing --precompute_ref_log_probs --seed --logging_steps\n"
                      "    --save_steps --eval_steps --eval_data FILE --eval_split 0.05 --resume_from_checkpoint DIR|latest\n"
                      "    --lora ADAPTER_DIR (start from an adapter) --tokenizer PATH --shuffle true|false --add_bos\n"
-                     "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)"},
+                     "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)\n"
+                     "    --nproc N (data-parallel ranks; CPU: in this process) --zero_stage 0|1 (default 1 with ranks)"},
     {"sft", cmd_sft, "sft --model DIR --data FILE.jsonl --output DIR [options]\n"
                      "    trains a LoRA adapter with next-token loss on the chosen completions (options as dpo)"},
     {"eval", cmd_eval, "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [--sft]\n"

@@ -271,7 +271,9 @@ typedef struct {
     const char *lora_init;          /* NULL: a new adapter (cfg.lora); else a PEFT adapter to start from */
     const char *resume;             /* a checkpoint folder, "latest", or NULL */
     int sft;                        /* 1: next-token loss on the chosen completion (SFT) */
-    int threads;                    /* CPU threads, 0 = all cores */
+    int threads;                    /* CPU threads in all, 0 = all cores */
+    int nproc;                      /* data-parallel ranks in this process (CPU: threads), >= 1 */
+    int zero_stage;                 /* -1: 1 with several ranks, else 0; 1: AdamW moments sharded */
     MbTrainConfig cfg;
 } MbTrainJob;
 
@@ -279,6 +281,10 @@ typedef struct {
  * in output_dir, with checkpoints every cfg.save_steps. */
 MbStatus mb_train(const MbTrainJob *job);
 /* Prints TRL's eval_ metrics of the model + adapter (lora_init) on data_path. */
+/* torchrun-style rendezvous: every rank calls it with MASTER_ADDR/MASTER_PORT; rank 0's blob
+ * (n bytes) reaches every other rank; a rank missing after timeout seconds, a WORLD_SIZE that
+ * differs between ranks, or a rank given twice is an error naming it. */
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout);
 MbStatus mb_evaluate(const MbTrainJob *job);
 
 /* Writes DIR/config.json (a copy of cfg_path) and DIR/model.safetensors with random weights
