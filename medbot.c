@@ -2928,17 +2928,260 @@ static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
 }
 
+/* A boolean flag: --name, or --name=true|false|1|0. Unlike arg_get it never takes the next
+ * argument as its value, so a flag can stand anywhere. */
+static MbStatus arg_flag(MbArgs *a, const char *name, int *out) {
+    size_t n = strlen(name);
+    for (int i = 2; i < a->argc; i++) {
+        const char *s = a->argv[i];
+        if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n)) continue;
+        const char *v = s[2 + n] == '=' ? s + 3 + n : s[2 + n] == 0 ? "true" : NULL;
+        if (!v) continue;
+        a->used[i] = 1;
+        if (!strcmp(v, "true") || !strcmp(v, "1")) *out = 1;
+        else if (!strcmp(v, "false") || !strcmp(v, "0")) *out = 0;
+        else return mb_fail(MB_ERR_ARG, "%s: --%s is a flag (--%s or --%s=false), got '%s'", a->cmd, name,
+                            name, name, v);
+    }
+    return MB_OK;
+}
+
+/* ---- info --plan: the memory of one DPO training step, per device, from config.json alone ----
+ * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
+ * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
+ * N = 2 B T tokens (chosen and rejected, T = max_length each). Each row's derivation is in
+ * plan_compute; the printed note says what is assumed and what is not counted. */
+
+typedef struct {
+    int load_in_4bit, lora_r, batch, max_length, gradient_checkpointing, gpus, zero_stage;
+    double lora_alpha;
+    unsigned targets; /* bit i: MbLayerWeightId i carries a LoRA adapter */
+} MbPlanOptions;
+
+enum { PLAN_QUANT, PLAN_ABSMAX, PLAN_BF16, PLAN_LORA, PLAN_GRADS, PLAN_ADAM, PLAN_ACTS, PLAN_LOGITS,
+       PLAN_WORKSPACE, PLAN_ROWS };
+
+static const char *plan_kinds[PLAN_ROWS] = {
+    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "Adam moments",
+    "activations", "logits", "workspace",
+};
+
+typedef struct {
+    size_t bytes[PLAN_ROWS];
+    char how[PLAN_ROWS][200];
+    size_t trainable, full_logits;
+} MbPlan;
+
+static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
+
+static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
+    memset(p, 0, sizeof *p);
+    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
+           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
+           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
+           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
+    unsigned tg = o->targets;
+#define TARGETED(id) ((tg >> (id)) & 1u)
+
+    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
+     * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
+     * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
+     * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
+    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
+        size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
+        size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
+        lin += L * n, lin_max = MB_MAX(lin_max, n);
+        packed += L * (n / 2);
+        absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
+        /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
+        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
+    }
+    size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
+    if (o->load_in_4bit) {
+        p->bytes[PLAN_QUANT] = packed;
+        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "%zu values x 0.5 B (NF4 codes, 7 projections x %zu layers)",
+                 lin, L);
+        p->bytes[PLAN_ABSMAX] = absmax;
+        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "1 B per 64 values + 4 B per 256 blocks (double quant)");
+    } else {
+        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "none (no --load_in_4bit)");
+        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "none");
+    }
+    p->bytes[PLAN_BF16] = 2 * dense;
+    snprintf(p->how[PLAN_BF16], sizeof p->how[0], "%zu values x 2 B (embeddings, norms, lm_head%s)", dense,
+             o->load_in_4bit ? "" : ", projections");
+
+    /* Trainable state, fp32: params 4 B, grads 4 B, Adam m and v 8 B per trainable value. ZeRO-1
+     * splits the Adam moments over the G data-parallel ranks, ZeRO-2 the gradients too. */
+    size_t shard = plan_ceil(p->trainable, G);
+    p->bytes[PLAN_LORA] = 4 * p->trainable;
+    snprintf(p->how[PLAN_LORA], sizeof p->how[0], "%zu x 4 B (fp32)", p->trainable);
+    p->bytes[PLAN_GRADS] = 4 * (o->zero_stage >= 2 ? shard : p->trainable);
+    snprintf(p->how[PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
+             o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
+    p->bytes[PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
+    snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)", o->zero_stage >= 1 ? shard : p->trainable,
+             o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
+
+    /* Activations saved for the backward, bf16 (2 B) per token and layer:
+     *   x_in, x_mid (C each): the inputs of the two RMSNorms; q, att (H*D each); k, v (K*D each)
+     *   for the attention backward; gate, up (F each) for the SwiGLU backward; the input of each
+     *   adapted projection unless already saved (xn1 (C) for q/k/v, xn2 (C) for gate/up, hid (F)
+     *   for down; o_proj's is att) and its A x (R); in fp32: the attention's log-sum-exp (H) and
+     *   the two norms' rstd (2). The frozen base needs no input for its own weights.
+     * Gradient checkpointing keeps only each layer's input (C) and recomputes one layer's saved
+     * set during its backward; without it every layer keeps its set. After the last layer: the
+     * final norm's input and output (C each, bf16: the logits are recomputed from the output) and
+     * its rstd (fp32). */
+    size_t S = 2 * C + 2 * QD + 2 * KVD + 2 * F + R * ntarget;
+    if (TARGETED(MB_W_Q_PROJ) || TARGETED(MB_W_K_PROJ) || TARGETED(MB_W_V_PROJ)) S += C;
+    if (TARGETED(MB_W_GATE_PROJ) || TARGETED(MB_W_UP_PROJ)) S += C;
+    if (TARGETED(MB_W_DOWN_PROJ)) S += F;
+    size_t per_tok = 2 * S + 4 * (H + 2), final = N * (2 * 2 * C + 4);
+    if (o->gradient_checkpointing) {
+        p->bytes[PLAN_ACTS] = L * N * 2 * C + N * (per_tok - 2 * C) + final;
+        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x (%zu layer inputs x %zu B + one layer's %zu B) "
+                 "+ final norm", N, L, 2 * C, per_tok - 2 * C);
+    } else {
+        p->bytes[PLAN_ACTS] = L * N * per_tok + final;
+        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x %zu layers x %zu B + final norm", N, L, per_tok);
+    }
+
+    /* Logits: a fused lm_head + log-softmax takes one sequence (T tokens) at a time: T x V fp32
+     * logits, their gradient written over them in the backward; for all N tokens only the
+     * log-prob of the target and the log-sum-exp (fp32) stay. */
+    p->bytes[PLAN_LOGITS] = T * V * 4 + N * 8;
+    p->full_logits = N * V * 4;
+    snprintf(p->how[PLAN_LOGITS], sizeof p->how[0], "one sequence: %zu x %zu x 4 B (fused lm_head + log-softmax)", T, V);
+
+    /* Workspace: the larger of one layer's forward temporaries (q, k, v, att, gate, up, hid and a
+     * C-wide projection output, bf16) in the no-grad reference pass and one layer's activation
+     * gradients in the backward (as many as its saved activations); plus the residual stream's
+     * gradient (fp32), one NF4 weight dequantized to bf16 for the GEMM, and 32 MiB of cuBLAS
+     * workspace. */
+    size_t fwd = N * (2 * QD + 2 * KVD + 3 * F + C) * 2, bwd = N * per_tok;
+    p->bytes[PLAN_WORKSPACE] = MB_MAX(fwd, bwd) + N * C * 4 + (o->load_in_4bit ? 2 * lin_max : 0) + ((size_t)32 << 20);
+    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0], "max(layer fwd %zu, layer grads %zu) + dx fp32%s + cuBLAS 32 MiB",
+             fwd, bwd, o->load_in_4bit ? " + one weight in bf16" : "");
+#undef TARGETED
+}
+
+static int cmd_info_plan(MbArgs *a, const char *dir) {
+    MbStatus rc;
+    MbPlanOptions o = {.lora_r = 64, .lora_alpha = 8.0, .batch = 4, .max_length = 512, .gpus = 1,
+                       .targets = (1u << MB_W_Q_PROJ) | (1u << MB_W_K_PROJ)}; /* the card's, but flags off */
+    const char *targets = arg_get(a, "lora_target_modules");
+    if ((rc = arg_flag(a, "load_in_4bit", &o.load_in_4bit)) ||
+        (rc = arg_flag(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
+        (rc = arg_int(a, "lora_r", &o.lora_r)) || (rc = arg_double(a, "lora_alpha", &o.lora_alpha)) ||
+        (rc = arg_int(a, "per_device_train_batch_size", &o.batch)) || (rc = arg_int(a, "max_length", &o.max_length)) ||
+        (rc = arg_int(a, "gpus", &o.gpus)) || (rc = arg_int(a, "zero_stage", &o.zero_stage)) ||
+        (rc = args_done(a)))
+        return rc;
+    if (o.lora_r < 1 || o.batch < 1 || o.max_length < 1 || o.gpus < 1)
+        return mb_fail(MB_ERR_ARG, "info: --lora_r, --per_device_train_batch_size, --max_length and --gpus "
+                       "must be >= 1");
+    if (o.zero_stage < 0 || o.zero_stage > 2)
+        return mb_fail(MB_ERR_ARG, "info: --zero_stage must be 0, 1 or 2 (stage 3 is not planned: medbot "
+                       "shards optimizer state, ZeRO-1)");
+    if (targets) {
+        o.targets = 0;
+        char *list = mb_strdup(targets), *save = list;
+        for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+            int found = 0;
+            for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+                const char *short_name = strchr(mb_layer_weights[i].name, '.');
+                if (short_name && (!strcmp(tok, short_name + 1) || !strcmp(tok, "all-linear")))
+                    o.targets |= 1u << i, found = 1;
+            }
+            if (!found) {
+                rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules: unknown module '%s' --> q_proj, k_proj, "
+                             "v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear", tok);
+                break;
+            }
+        }
+        free(save);
+        if (!rc && !o.targets) rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules is empty");
+        if (rc) return rc;
+    }
+    /* config.json alone is enough: a folder without weights, or the file itself */
+    char *cfg_path = mb_is_dir(dir) ? mb_path_join(dir, "config.json") : mb_strdup(dir);
+    MbConfig c;
+    rc = mb_config_load(cfg_path, &c);
+    if (rc) {
+        free(cfg_path);
+        return rc;
+    }
+    MbPlan p;
+    plan_compute(&c, &o, &p);
+    printf("memory plan per device: %s (L=%d C=%d H=%d K=%d D=%d F=%d V=%d)\n", cfg_path, c.num_hidden_layers,
+           c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
+           c.vocab_size);
+    free(cfg_path);
+    printf("  base %s; LoRA r=%d alpha=%g (scale %g) on", o.load_in_4bit ? "NF4 (blocksize 64, double quant)" : "bf16",
+           o.lora_r, o.lora_alpha, o.lora_alpha / o.lora_r);
+    for (int i = 0, first = 1; i < MB_LAYER_WEIGHTS; i++)
+        if ((o.targets >> i) & 1u) printf("%s%s", first ? " " : ",", strchr(mb_layer_weights[i].name, '.') + 1), first = 0;
+    printf("\n  DPO step: %d pairs = %d sequences x %d tokens, gradient checkpointing %s; %d GPU%s, ZeRO stage %d\n",
+           o.batch, 2 * o.batch, o.max_length, o.gradient_checkpointing ? "on" : "off", o.gpus, o.gpus > 1 ? "s" : "",
+           o.zero_stage);
+    printf("  %-18s %14s %10s  %s\n", "kind", "bytes", "MiB", "how");
+    size_t total = 0;
+    for (int k = 0; k < PLAN_ROWS; k++) {
+        total += p.bytes[k];
+        printf("  %-18s %14zu %10.1f  %s\n", plan_kinds[k], p.bytes[k], (double)p.bytes[k] / 1048576.0, p.how[k]);
+    }
+    printf("  %-18s %14zu %10.1f  (%.2f GiB)\n", "total", total, (double)total / 1048576.0,
+           (double)total / 1073741824.0);
+    printf("trainable parameters: %zu\n", p.trainable);
+    printf("assumptions: bf16 activations, fp32 trainable state; logits through a fused lm_head + log-softmax one "
+           "sequence at a time (the batch's full fp32 logits would be %.1f MiB); not counted: the CUDA context and "
+           "allocator slack (typically 0.3-1 GiB)\n", (double)p.full_logits / 1048576.0);
+    return 0;
+}
+
+/* Bytes of the 4-bit weights of m: packed codes, absmax (codes and scales, or fp32). */
+static void info_nf4(const MbModel *m) {
+    size_t count = 0, values = 0, packed = 0, absmax = 0;
+    int nested = 0;
+    MbDtype compute = MB_DT_F32;
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            const MbWeight *w = &m->layers[l].w[i];
+            const MbNf4 *q = weight_nf4(w);
+            if (!q) continue;
+            count++, values += w->rows * w->cols, packed += w->rows * w->cols / 2;
+            if (q->absmax_q) absmax += q->nblocks + 4 * plan_ceil(q->nblocks, q->nested_blocksize) + 4, nested = 1;
+            else absmax += 4 * q->nblocks;
+            compute = q->compute;
+        }
+    if (!count) return;
+    printf("4-bit weights: NF4 (bitsandbytes)%s, compute dtype %s\n", nested ? ", double quant" : "",
+           compute == MB_DT_BF16 ? "bfloat16" : compute == MB_DT_F16 ? "float16" : "float32");
+    printf("  %-22s %14zu\n", "linear weights", count);
+    printf("  %-22s %14zu\n", "values", values);
+    printf("  %-22s %14zu bytes (%.3f B/value)\n", "packed codes", packed, (double)packed / (double)values);
+    printf("  %-22s %14zu bytes (%.4f B/value)\n", "absmax", absmax, (double)absmax / (double)values);
+}
+
 static int cmd_info(MbArgs *a) {
     MbStatus rc;
-    int threads = 0;
-    if ((rc = arg_int(a, "threads", &threads))) goto fail;
+    int threads = 0, plan = 0;
+    MbLoadOptions opt = {.threads = 1};
+    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_flag(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
         rc = mb_fail(MB_ERR_ARG, "info: which model? --> medbot info MODEL_DIR");
         goto fail;
     }
-    if ((rc = args_done(a))) goto fail;
-    MbLoadOptions opt = {.threads = 1};
+    if (plan) {
+        if ((rc = cmd_info_plan(a, dir))) goto fail;
+        return 0;
+    }
+    opt.bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
+    if ((rc = arg_flag(a, "load_in_4bit", &opt.load_in_4bit)) || (rc = args_done(a))) goto fail;
     MbModel *m;
     if ((rc = mb_model_load(dir, &opt, &m))) goto fail;
     const MbConfig *c = &m->cfg;
@@ -2981,6 +3224,7 @@ static int cmd_info(MbArgs *a) {
         if (count[t])
             printf("  %-6s %5zu tensors %14zu values %14zu bytes (%.1f MiB)\n", mb_dtype_name((MbDtype)t),
                    count[t], numel[t], bytes[t], (double)bytes[t] / (1024.0 * 1024.0));
+    info_nf4(m);
     mb_model_free(m);
     return 0;
 fail:
@@ -3019,7 +3263,12 @@ static const struct {
     int (*fn)(MbArgs *);
     const char *usage;
 } mb_commands[] = {
-    {"info", cmd_info, "info MODEL_DIR\n    config, parameter count by kind, bytes per dtype"},
+    {"info", cmd_info, "info MODEL_DIR [--load_in_4bit] [--bnb_4bit_compute_dtype float32|bfloat16]\n"
+                       "    config, parameter count by kind, bytes per dtype (and of the 4-bit weights)\n"
+                       "  medbot info MODEL_DIR --plan [--load_in_4bit] [--lora_r 64 --lora_alpha 8\n"
+                       "      --lora_target_modules q_proj,k_proj] [--per_device_train_batch_size 4 --max_length 512\n"
+                       "      --gradient_checkpointing] [--gpus 1 --zero_stage 0]\n"
+                       "    memory per device of a DPO training step, from config.json alone"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
 };

@@ -7,7 +7,8 @@
  *     max |ref| <= 1e-5 with compute dtype float32, <= 1e-2 with bfloat16 (whose reference also
  *     rounds activations to bf16), <= 1e-5 against bf16-rounded weights with fp32 activations;
  *   - checkpoints saved 4-bit by transformers load and give the same logits; broken ones fail
- *     with one line naming the file. */
+ *     with one line naming the file;
+ *   - medbot info --plan on Llama-3.1-8B's config.json. */
 #include "test.h"
 
 #define Q_FIX "tests/fixtures/nf4/quant.safetensors"
@@ -548,8 +549,96 @@ static void nf4_bad_prequantized_checkpoints_fail_cleanly(void) {
     expect_broken(dir, file, "load_in_8bit");
 }
 
+/* ---- medbot info ---- */
+
+/* the number after `label` on its line of `out` ("  label   123 ...") */
+static size_t line_value(const char *out, const char *label) {
+    char key[64];
+    snprintf(key, sizeof key, "\n  %s ", label);
+    const char *p = strstr(out, key);
+    CHECK(p != NULL, "a line '%s'", label);
+    return p ? (size_t)strtoull(p + strlen(key), NULL, 10) : 0;
+}
+
+static int run_info(const char *args, char *out, size_t cap) {
+    char cmd[700];
+    snprintf(cmd, sizeof cmd, "%s info %s", t_medbot(), args);
+    int rc = t_run(cmd, out, cap);
+    CHECK(!strstr(out, "Sanitizer"), "sanitizer report");
+    return rc;
+}
+
+/* the bytes column of a plan row */
+static size_t plan_row(const char *out, const char *kind) { return line_value(out, kind); }
+
+static void nf4_plan_8b_card(void) {
+    static char out[16384];
+    const char *card = "weights/llama-3.1-8b --plan --load_in_4bit --lora_r 64 --lora_alpha 8 --lora_target_modules "
+                       "q_proj,k_proj --per_device_train_batch_size 4 --max_length 512 --gradient_checkpointing "
+                       "--gpus 8 --zero_stage 1";
+    int rc = run_info(card, out, sizeof out);
+    printf("%s", out);
+    CHECK(rc == 0, "exit %d", rc);
+    CHECK(strstr(out, "trainable parameters: 27262976\n"), "the card's 27,262,976 trainable parameters");
+    /* 32 x (2 x 4096^2 + 2 x 1024 x 4096 + 3 x 14336 x 4096) values x 0.5 B */
+    CHECK(plan_row(out, "quantized weights") == 3489660928u, "NF4 codes");
+    /* (2 x 128256 x 4096 + 65 x 4096) x 2 B */
+    CHECK(plan_row(out, "bf16 weights") == 2101878784u, "embeddings, lm_head, norms in bf16");
+    CHECK(plan_row(out, "LoRA params") == 4u * 27262976u && plan_row(out, "LoRA grads") == 4u * 27262976u, "fp32 LoRA");
+    CHECK(plan_row(out, "Adam moments") == 8u * 27262976u / 8u, "ZeRO-1 over 8 GPUs");
+    static const char *kinds[] = {"quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads",
+                                  "Adam moments", "activations", "logits", "workspace"};
+    size_t sum = 0;
+    for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++) sum += plan_row(out, kinds[i]);
+    CHECK(plan_row(out, "total") == sum, "total %zu = the sum of the rows %zu", plan_row(out, "total"), sum);
+    CHECK(sum < (size_t)24e9, "the card's run fits a 24 GB A5000");
+    size_t gc = plan_row(out, "activations");
+
+    /* without checkpointing every layer keeps its activations; bf16 base; all projections */
+    rc = run_info("weights/llama-3.1-8b --plan --lora_target_modules all-linear --gpus 8 --zero_stage 2", out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "trainable parameters: 167772160\n"), "all-linear r=64: 32 x 5242880\n%s", out);
+    CHECK(plan_row(out, "quantized weights") == 0 && plan_row(out, "bf16 weights") == 2u * 8030261248u,
+          "bf16 base: 8,030,261,248 values x 2 B");
+    CHECK(plan_row(out, "LoRA grads") == 4u * 167772160u / 8u, "ZeRO-2 shards the gradients");
+    CHECK(plan_row(out, "activations") > 10 * gc, "no checkpointing: far more activations");
+
+    /* the tiny fixture: trainable = 2 layers x r x (in + out) over the targets */
+    rc = run_info("tests/fixtures/llama/gqa2_f32/config.json --plan --lora_r 8 --lora_target_modules v_proj,down_proj",
+                  out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "trainable parameters: 6400\n"), "2 x 8 x ((48 + 96) + (96 + 160))\n%s", out);
+
+    static const char *bad[] = {"weights/llama-3.1-8b --plan --zero_stage 3", "weights/llama-3.1-8b --plan --lora_r 0",
+                                "weights/llama-3.1-8b --plan --lora_target_modules q_proj,lm_head",
+                                "weights/llama-3.1-8b --plan --load_in_4bit=maybe", "weights/nonexistent --plan"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        rc = run_info(bad[i], out, sizeof out);
+        size_t lines = 0;
+        for (char *p = out; *p; p++) lines += *p == '\n';
+        printf("    $ medbot info %s\n    -> exit %d: %s", bad[i], rc, out);
+        CHECK(rc == 1 && lines == 1, "one line, exit 1");
+    }
+}
+
+static void nf4_info_reports_4bit_weights(void) {
+    static char out[16384];
+    int rc = run_info("tests/fixtures/nf4/tied_mqa_bf16_4bit", out, sizeof out);
+    CHECK(rc == 0, "exit %d: %s", rc, out);
+    /* 2 layers x (64x64 + 16x64 + 16x64 + 64x64 + 3 x 128x64) = 2 x 34816 values */
+    CHECK(strstr(out, "4-bit weights: NF4 (bitsandbytes), double quant, compute dtype float32"), "%s", out);
+    CHECK(line_value(out, "linear weights") == 14 && line_value(out, "values") == 69632 &&
+          line_value(out, "packed codes") == 34816, "%s", out);
+    /* absmax: 1 B per block of 64 + 4 B per 256 blocks + the 4-byte offset, per weight */
+    CHECK(line_value(out, "absmax") == 69632 / 64 + 14 * 8, "%s", out);
+    rc = run_info("tests/fixtures/llama/gqa2_f32 --load_in_4bit --bnb_4bit_compute_dtype bfloat16", out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "compute dtype bfloat16"), "%s", out);
+    rc = run_info("tests/fixtures/llama/gqa2_f32 --bnb_4bit_compute_dtype float8", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "float8"), "%s", out);
+    rc = run_info("tests/fixtures/llama/gqa2_f32", out, sizeof out);
+    CHECK(rc == 0 && !strstr(out, "4-bit"), "no 4-bit section without --load_in_4bit");
+}
+
 MB_TEST_MAIN("nf4", T(nf4_quantize_matches_bitsandbytes), T(nf4_dequant_matches_bitsandbytes),
              T(nf4_blockwise8_ties_go_to_the_lower_entry), T(nf4_offset_sums_in_torch_order),
              T(nf4_thresholds_agree_with_the_nearest_rule), T(nf4_forward_matches_transformers),
              T(nf4_forward_same_result_with_any_thread_count), T(nf4_prequantized_checkpoint_loads),
-             T(nf4_bad_prequantized_checkpoints_fail_cleanly))
+             T(nf4_bad_prequantized_checkpoints_fail_cleanly), T(nf4_plan_8b_card), T(nf4_info_reports_4bit_weights))
