@@ -1442,8 +1442,8 @@ done:
 // ---------- 4. weights ----------
 // A weight is an opaque matrix to the model: (rows, cols) values stored in a format this
 // section knows how to expand: F32 / F16 / BF16 as in the file, or NF4 (bitsandbytes' 4-bit
-// NormalFloat with double quantization, QLoRA). The ops only ask for fp32 tiles (weight_tile_t,
-// weight_tile) or rows (weight_row_f32) and never learn which format they read.
+// NormalFloat with double quantization, QLoRA). The ops only ask for fp32 tiles (weight_tile_t)
+// or rows (weight_row_f32) and never learn which format they read.
 // ============================================================================================
 
 /* ---- NF4 ----
@@ -1659,18 +1659,10 @@ static void nf4_dequant(const MbNf4 *q, size_t e, size_t n, float *dst, size_t s
             *dst = lut[packed[e >> 1] & 15];
             dst += stride, e++;
         }
-        if (stride == 1) {
-            for (; e + 2 <= bend; e += 2, dst += 2) {
-                uint8_t byte = packed[e >> 1];
-                dst[0] = lut[byte >> 4];
-                dst[1] = lut[byte & 15];
-            }
-        } else {
-            for (; e + 2 <= bend; e += 2, dst += 2 * stride) {
-                uint8_t byte = packed[e >> 1];
-                dst[0] = lut[byte >> 4];
-                dst[stride] = lut[byte & 15];
-            }
+        for (; e + 2 <= bend; e += 2, dst += 2 * stride) {
+            uint8_t byte = packed[e >> 1];
+            dst[0] = lut[byte >> 4];
+            dst[stride] = lut[byte & 15];
         }
         if (e < bend) {
             *dst = lut[packed[e >> 1] >> 4];
@@ -2595,7 +2587,8 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
         return mb_fail(MB_ERR_IO, "%s: no such folder --> pass a Hugging Face model folder "
                        "(config.json + *.safetensors)", dir);
     MbModel *m = mb_calloc(1, sizeof *m);
-    char *cfg_path = mb_path_join(dir, "config.json"), cfg_compute[32];
+    char *cfg_path = mb_path_join(dir, "config.json");
+    char cfg_compute[32];
     MbStatus rc = mb_config_load(cfg_path, &m->cfg);
     if (!rc) rc = bnb_config_load(cfg_path, cfg_compute, sizeof cfg_compute);
     free(cfg_path);
@@ -2611,8 +2604,9 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     }
     const MbConfig *c = &m->cfg;
     size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
-    /* load_in_4bit: the projections are quantized as they are read, on all the ops' threads */
-    MbPool *quantize = opt && opt->load_in_4bit ? mb_pool_new(opt->threads > 0 ? opt->threads : mb_cpu_count()) : NULL;
+    /* load_in_4bit: the projections are quantized as they are read, on as many threads as the ops */
+    MbPool *quantize = NULL;
+    if (opt && opt->load_in_4bit) quantize = mb_pool_new(opt->threads > 0 ? opt->threads : mb_cpu_count());
     char name[256];
     rc = model_weight(m, dir, "model.embed_tokens.weight", V, C, &m->embed_tokens);
     m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
@@ -3022,8 +3016,8 @@ static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
     snprintf(p->how[PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
              o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
     p->bytes[PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
-    snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)", o->zero_stage >= 1 ? shard : p->trainable,
-             o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
+    snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
+             o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
 
     /* Activations saved for the backward, bf16 (2 B) per token and layer:
      *   x_in, x_mid (C each): the inputs of the two RMSNorms; q, att (H*D each); k, v (K*D each)
@@ -3063,8 +3057,9 @@ static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
      * workspace. */
     size_t fwd = N * (2 * QD + 2 * KVD + 3 * F + C) * 2, bwd = N * per_tok;
     p->bytes[PLAN_WORKSPACE] = MB_MAX(fwd, bwd) + N * C * 4 + (o->load_in_4bit ? 2 * lin_max : 0) + ((size_t)32 << 20);
-    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0], "max(layer fwd %zu, layer grads %zu) + dx fp32%s + cuBLAS 32 MiB",
-             fwd, bwd, o->load_in_4bit ? " + one weight in bf16" : "");
+    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0],
+             "max(layer fwd %zu, layer grads %zu) + dx fp32%s + cuBLAS 32 MiB", fwd, bwd,
+             o->load_in_4bit ? " + one weight in bf16" : "");
 #undef TARGETED
 }
 
@@ -3123,7 +3118,8 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     printf("  base %s; LoRA r=%d alpha=%g (scale %g) on", o.load_in_4bit ? "NF4 (blocksize 64, double quant)" : "bf16",
            o.lora_r, o.lora_alpha, o.lora_alpha / o.lora_r);
     for (int i = 0, first = 1; i < MB_LAYER_WEIGHTS; i++)
-        if ((o.targets >> i) & 1u) printf("%s%s", first ? " " : ",", strchr(mb_layer_weights[i].name, '.') + 1), first = 0;
+        if ((o.targets >> i) & 1u)
+            printf("%s%s", first ? " " : ",", strchr(mb_layer_weights[i].name, '.') + 1), first = 0;
     printf("\n  DPO step: %d pairs = %d sequences x %d tokens, gradient checkpointing %s; %d GPU%s, ZeRO stage %d\n",
            o.batch, 2 * o.batch, o.max_length, o.gradient_checkpointing ? "on" : "off", o.gpus, o.gpus > 1 ? "s" : "",
            o.zero_stage);
