@@ -1507,7 +1507,7 @@ static const float mb_dynamic_map_pos[127] = {
 };
 
 /* The full map, sorted: -pos reversed, 0, pos, 1; entry 0 is -1 where create_dynamic_map() has
- * -0.99296875, as bitsandbytes' CPU quantize_blockwise kernel sets it before it quantizes (and
+ * -0.99296874, as bitsandbytes' CPU quantize_blockwise kernel sets it before it quantizes (and
  * the map saved with the weight, nested_quant_map, is that one). */
 static void nf4_dynamic_map(float map[256]) {
     for (int i = 0; i < 127; i++) {
