@@ -414,16 +414,19 @@ static void remove_workdir(void) {
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", work);
 }
 
-/* DIR = a copy of tied_mqa_bf16_4bit whose model.safetensors has `name` replaced (NULL data:
- * dropped; new_name: renamed) */
+/* One change to tied_mqa_bf16_4bit/model.safetensors: tensor `name` dropped, renamed to new_name,
+ * or given new contents (numel values of dtype at data, 1-D). */
 typedef struct {
-    const char *name, *new_name;
-    MbDtype dtype;
-    size_t numel;          /* 0: keep */
-    const void *data;      /* NULL with numel 0 and no new_name: drop the tensor */
+    const char *name;
     int drop;
+    const char *new_name;  /* NULL: keep the name */
+    MbDtype dtype;
+    size_t numel;          /* 0: keep the contents */
+    const void *data;
 } Edit;
 
+/* DIR = a copy of tied_mqa_bf16_4bit with edit e (NULL: none) applied to model.safetensors and,
+ * when config_from is given, config.json's text config_from replaced by config_to. */
 static void write_broken(const char *dir, const Edit *e, const char *config_from, const char *config_to) {
     char cmd[600], path[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s && cp tests/fixtures/nf4/tied_mqa_bf16_4bit/config.json %s/",
@@ -485,64 +488,49 @@ static void expect_broken(const char *dir, const char *needle1, const char *need
     CHECK(strstr(mb_last_error(), needle1), "mb_last_error: %s", mb_last_error());
 }
 
+static const uint8_t zero_codes[400];
+static const float zero_floats[300];
+static const char fp4_state[] = "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", \"shape\": [64, 64], "
+                                "\"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": 0.1}";
+static const char shape_state[] = "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", \"shape\": [32, 128], "
+                                  "\"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": 0.1}";
+static const char cut_state[] = "{\"quant_type\": \"nf4\", \"blocksize\": 6";
+
 static void nf4_bad_prequantized_checkpoints_fail_cleanly(void) {
+    static const struct {
+        const char *what;
+        Edit e;
+        const char *needle;
+    } cases[] = {
+        {"absmax one value short", {"model.layers.0.self_attn.q_proj.weight.absmax", 0, NULL, MB_DT_U8, 63, zero_codes},
+         "needs 64"},
+        {"quant_state missing", {"model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__nf4", 1, NULL, MB_DT_U8, 0, NULL},
+         "quant_state.bitsandbytes__nf4"},
+        {"quant type fp4", {"model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4", 0,
+                            "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__fp4", MB_DT_U8,
+                            sizeof fp4_state - 1, fp4_state}, "fp4 is not supported"},
+        {"quant_state shape not the config's", {"model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4", 0,
+                                                NULL, MB_DT_U8, sizeof shape_state - 1, shape_state},
+         "\"shape\" is not [64, 64]"},
+        {"quant_state not JSON", {"model.layers.1.self_attn.o_proj.weight.quant_state.bitsandbytes__nf4", 0, NULL,
+                                  MB_DT_U8, sizeof cut_state - 1, cut_state}, "invalid JSON"},
+        {"nested_absmax of the wrong length", {"model.layers.1.mlp.down_proj.weight.nested_absmax", 0, NULL, MB_DT_F32,
+                                               3, zero_floats}, "nested_absmax"},
+        {"quant_map not the NF4 code book", {"model.layers.0.mlp.gate_proj.weight.quant_map", 0, NULL, MB_DT_F32, 16,
+                                             zero_floats}, "not the NF4 code book"},
+        {"packed weight of the wrong size", {"model.layers.0.self_attn.k_proj.weight", 0, NULL, MB_DT_U8, 300, zero_codes},
+         "is U8 with 512"},
+    };
     snprintf(work, sizeof work, "/tmp/medbot-test-nf4-%ld", (long)getpid());
     atexit(remove_workdir);
     char dir[200], file[240];
     snprintf(dir, sizeof dir, "%s/bad", work);
     snprintf(file, sizeof file, "%s/model.safetensors", dir);
-    static const uint8_t codes[400];
-    static const float floats[300];
-
-    printf("    absmax one value short\n");
-    Edit e1 = {"model.layers.0.self_attn.q_proj.weight.absmax", NULL, MB_DT_U8, 63, codes, 0};
-    write_broken(dir, &e1, NULL, NULL);
-    expect_broken(dir, file, "needs 64");
-
-    printf("    quant_state missing\n");
-    Edit e2 = {"model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__nf4", NULL, 0, 0, NULL, 1};
-    write_broken(dir, &e2, NULL, NULL);
-    expect_broken(dir, file, "quant_state.bitsandbytes__nf4");
-
-    printf("    quant type fp4\n");
-    char fp4_json[] = "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", \"shape\": [64, 64], "
-                      "\"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": 0.1}";
-    Edit e3 = {"model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4",
-               "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__fp4", MB_DT_U8, strlen(fp4_json),
-               fp4_json, 0};
-    write_broken(dir, &e3, NULL, NULL);
-    expect_broken(dir, file, "fp4 is not supported");
-
-    printf("    quant_state shape not the config's\n");
-    char shape_json[] = "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", \"shape\": [32, 128], "
-                        "\"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": 0.1}";
-    Edit e4 = {"model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4", NULL, MB_DT_U8,
-               strlen(shape_json), shape_json, 0};
-    write_broken(dir, &e4, NULL, NULL);
-    expect_broken(dir, file, "\"shape\" is not [64, 64]");
-
-    printf("    quant_state not JSON\n");
-    char junk[] = "{\"quant_type\": \"nf4\", \"blocksize\": 6";
-    Edit e5 = {"model.layers.1.self_attn.o_proj.weight.quant_state.bitsandbytes__nf4", NULL, MB_DT_U8, strlen(junk),
-               junk, 0};
-    write_broken(dir, &e5, NULL, NULL);
-    expect_broken(dir, file, "invalid JSON");
-
-    printf("    nested_absmax of the wrong length\n");
-    Edit e6 = {"model.layers.1.mlp.down_proj.weight.nested_absmax", NULL, MB_DT_F32, 3, floats, 0};
-    write_broken(dir, &e6, NULL, NULL);
-    expect_broken(dir, file, "nested_absmax");
-
-    printf("    quant_map not the NF4 code book\n");
-    Edit e7 = {"model.layers.0.mlp.gate_proj.weight.quant_map", NULL, MB_DT_F32, 16, floats, 0};
-    write_broken(dir, &e7, NULL, NULL);
-    expect_broken(dir, file, "not the NF4 code book");
-
-    printf("    packed weight of the wrong size\n");
-    Edit e8 = {"model.layers.0.self_attn.k_proj.weight", NULL, MB_DT_U8, 300, codes, 0};
-    write_broken(dir, &e8, NULL, NULL);
-    expect_broken(dir, file, "is U8 with 512");
-
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        printf("    %s\n", cases[i].what);
+        write_broken(dir, &cases[i].e, NULL, NULL);
+        expect_broken(dir, file, cases[i].needle);
+    }
     printf("    quantization_config asks for 8-bit\n");
     write_broken(dir, NULL, "\"load_in_8bit\": false,\n    \"quant_method\"", "\"load_in_8bit\": true,\n    \"quant_method\"");
     snprintf(file, sizeof file, "%s/config.json", dir);

@@ -97,6 +97,22 @@ def reference_dequant(q, qs, dtype):
     return w.reshape(qs.shape).to(dtype)
 
 
+def near_midpoint(lo, hi, span):
+    """the fp32 values within `span` steps of the fp32 midpoint of lo and hi"""
+    v = np.float32((np.float64(lo) + np.float64(hi)) / 2)
+    out = []
+    for k in range(-span, span + 1):
+        s = v
+        for _ in range(abs(k)):
+            s = np.nextafter(s, np.float32(np.inf if k > 0 else -np.inf))
+        out.append(s)
+    return out
+
+
+def f32_dist(s, c):
+    return abs(np.float32(s - c))
+
+
 def quant_cases():
     rng = np.random.default_rng(4)
     cases = []
@@ -123,17 +139,12 @@ def quant_cases():
     code = F.get_4bit_type("nf4", device="cpu").numpy()
     vals = []
     for i in range(15):
-        v = np.float32((np.float64(code[i]) + np.float64(code[i + 1])) / 2)
-        for k in range(-8, 9):
-            s = v
-            for _ in range(abs(k)):
-                s = np.nextafter(s, np.float32(np.inf if k > 0 else -np.inf))
-            if abs(np.float32(s - code[i])) == abs(np.float32(s - code[i + 1])):
+        for s in near_midpoint(code[i], code[i + 1], 8):
+            up = np.nextafter(s, np.float32(np.inf))
+            if f32_dist(s, code[i]) == f32_dist(s, code[i + 1]):
                 vals.append(s)
-            if abs(np.float32(s - code[i])) < abs(np.float32(s - code[i + 1])) and \
-                    abs(np.float32(np.nextafter(s, np.float32(np.inf)) - code[i])) > \
-                    abs(np.float32(np.nextafter(s, np.float32(np.inf)) - code[i + 1])):
-                vals += [s, np.nextafter(s, np.float32(np.inf))]  # the last lower, the first upper
+            if f32_dist(s, code[i]) < f32_dist(s, code[i + 1]) and f32_dist(up, code[i]) > f32_dist(up, code[i + 1]):
+                vals += [s, up]  # the last value that goes lower, the first that goes upper
     vals += list(code) + [np.float32(0.0), np.float32(-0.0)]
     vals = np.array(vals, np.float32)
     nb = (len(vals) + 62) // 63
@@ -235,15 +246,8 @@ def make_quant():
     # 8-bit blockwise (the double quant's kernel) on fp32 ties between map entries
     dyn = F.create_dynamic_map().numpy().copy()
     dyn[0] = -1.0  # what bitsandbytes' CPU kernel quantizes against (it sets code[0] = -1)
-    ties = []
-    for i in range(255):
-        v = np.float32((np.float64(dyn[i]) + np.float64(dyn[i + 1])) / 2)
-        for k in range(-6, 7):
-            s = v
-            for _ in range(abs(k)):
-                s = np.nextafter(s, np.float32(np.inf if k > 0 else -np.inf))
-            if dyn[i] < s < dyn[i + 1] and abs(np.float32(s - dyn[i])) == abs(np.float32(s - dyn[i + 1])):
-                ties.append(s)
+    ties = [s for i in range(255) for s in near_midpoint(dyn[i], dyn[i + 1], 6)
+            if dyn[i] < s < dyn[i + 1] and f32_dist(s, dyn[i]) == f32_dist(s, dyn[i + 1])]
     vals = np.array(ties + list(dyn), np.float32)
     nb = (len(vals) + 254) // 255
     a = np.zeros(nb * 256, np.float32)
