@@ -349,8 +349,9 @@ static void nf4_prequantized_checkpoint_loads(void) {
     MbModel *pre, *own;
     MbSafetensors *ref;
     CHECK_OK(mb_safetensors_open("tests/fixtures/nf4/tied_mqa_bf16_4bit/ref.safetensors", &ref));
-    if (ref && open_model("tests/fixtures/nf4/tied_mqa_bf16_4bit", 0, NULL, 2, &pre) &&
-        open_model("tests/fixtures/llama/tied_mqa_bf16", 1, NULL, 2, &own)) {
+    int opened = open_model("tests/fixtures/nf4/tied_mqa_bf16_4bit", 0, NULL, 2, &pre);
+    opened &= open_model("tests/fixtures/llama/tied_mqa_bf16", 1, NULL, 2, &own);
+    if (ref && opened) {
         const MbNf4 *q = weight_nf4(&pre->layers[1].w[MB_W_DOWN_PROJ]);
         CHECK(q && q->absmax_q && q->compute == MB_DT_F32 && pre->embed_tokens.dtype == MB_DT_BF16,
               "NF4 with double quant, compute float32, embeddings BF16");
@@ -360,9 +361,12 @@ static void nf4_prequantized_checkpoint_loads(void) {
             for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
                 const MbNf4 *a = weight_nf4(&pre->layers[l].w[i]), *b = weight_nf4(&own->layers[l].w[i]);
                 if (!a || !b) continue;
-                size_t n = pre->layers[l].w[i].rows * pre->layers[l].w[i].cols;
-                same &= !memcmp(a->packed, b->packed, n / 2) && !memcmp(a->absmax_q, b->absmax_q, a->nblocks) &&
-                        !memcmp(a->nested_absmax, b->nested_absmax, 4) && a->offset == b->offset;
+                size_t n = pre->layers[l].w[i].rows * pre->layers[l].w[i].cols,
+                       ns = (a->nblocks + a->nested_blocksize - 1) / a->nested_blocksize;
+                same &= a->nblocks == b->nblocks && a->nested_blocksize == b->nested_blocksize &&
+                        !memcmp(a->packed, b->packed, n / 2) && !memcmp(a->absmax_q, b->absmax_q, a->nblocks) &&
+                        !memcmp(a->nested_absmax, b->nested_absmax, 4 * ns) && a->offset == b->offset &&
+                        !memcmp(a->nested_quant_map, b->nested_quant_map, sizeof a->nested_quant_map);
             }
         CHECK(same, "the checkpoint's codes equal medbot's own quantization of the bf16 model");
         size_t B, T, V = (size_t)pre->cfg.vocab_size;
@@ -376,9 +380,9 @@ static void nf4_prequantized_checkpoint_loads(void) {
         free(got);
         free(mine);
         free(want);
-        mb_model_free(pre);
-        mb_model_free(own);
     }
+    mb_model_free(pre);
+    mb_model_free(own);
     mb_safetensors_close(ref);
 
     /* no double quant (fp32 absmax), sharded, compute dtype bfloat16 in its config.json */
@@ -393,7 +397,8 @@ static void nf4_prequantized_checkpoint_loads(void) {
         free(want);
         mb_model_free(pre);
         if (open_model("tests/fixtures/nf4/gqa4_nodq_4bit", 0, "float32", 2, &pre)) {
-            CHECK(weight_nf4(&pre->layers[0].w[MB_W_UP_PROJ])->compute == MB_DT_F32, "the option wins over config.json");
+            const MbNf4 *up = weight_nf4(&pre->layers[0].w[MB_W_UP_PROJ]);
+            CHECK(up && up->compute == MB_DT_F32, "the option wins over config.json");
             got = run_tokens(pre, ref, "tokens", &B, &T), want = fix_tensor(ref, "logits_f32", MB_DT_F32, NULL);
             if (got && want) t_close_rel("gqa4_nodq_4bit compute fp32 (option)", got, want, B * T * V, FWD_TOL);
             free(got);
