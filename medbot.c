@@ -2646,19 +2646,244 @@ void mb_token_stream_free(MbTokenStream *s) {
 
 // ============================================================================================
 // ---------- 4. weights ----------
-// A weight is an opaque matrix to the model: (rows, cols) values stored in a dtype the weights
-// section knows how to expand. The ops only ask for fp32 tiles (weight_tile_t) or rows.
+// A weight is an opaque matrix to the model: (rows, cols) values stored in a format this
+// section knows how to expand: F32 / F16 / BF16 as in the file, or NF4 (bitsandbytes' 4-bit
+// NormalFloat with double quantization, QLoRA). The ops only ask for fp32 tiles (weight_tile_t)
+// or rows (weight_row_f32) and never learn which format they read.
 // ============================================================================================
 
+/* ---- NF4 ----
+ * What bitsandbytes 0.49.1 computes (CPU backend, the reference of tests/ref/make_nf4_fixtures.py)
+ * and medbot reproduces bit for bit:
+ *   quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True):
+ *   - the (O, I) weight flattened row-major, in blocks of 64 values (the last block may be short;
+ *     a block straddles two rows when I is not a multiple of 64); absmax = max |x| of the block;
+ *   - s = fl32(x * fl32(1 / absmax)) (a product with the reciprocal, not x / absmax), clamped to
+ *     [-1, 1]; in a short last block of a BF16/F16 weight s is rounded to that dtype (torch's type
+ *     promotion with a 0-dim tensor);
+ *   - q = the nearest of the 16 NF4 codes, distances |s - code| compared in fp32, a tie going to
+ *     the lower code (torch.argmin); NaN (an all-zero block: 0 * inf) gives code 0;
+ *   - two codes per byte, the first in the high nibble.
+ *   Double quant: offset = mean(absmax) (fp32, summed in torch's order: torch_sum_f32); the
+ *   absmax - offset in blocks of 256 against bitsandbytes' signed dynamic 8-bit map, whose first
+ *   entry the CPU kernel sets to -1: scale2 = max |a| of the block, a / scale2 (a division here)
+ *   to the nearest map entry, ties to the lower.
+ *   Dequant (dequantize_4bit): w = code[q] * absmax with absmax = map8[qa] * scale2 + offset, each
+ *   operation rounded to fp32 (no fused multiply-add), then rounded to the compute dtype
+ *   (bnb_4bit_compute_dtype) with round-to-nearest-even.
+ * Memory per weight: 0.5 B per value (packed codes) + absmax: 1 B per block of 64 and 4 B per
+ * 256 blocks (double quant), or 4 B per block without it. */
+
+#define MB_NF4_BLOCKSIZE 64
+#define MB_NF4_NESTED_BLOCKSIZE 256
+
+/* bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")) */
+static const float mb_nf4_code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+/* The 127 positive entries below 1 of bitsandbytes' signed dynamic 8-bit map
+ * (functional.create_dynamic_map(), computed with torch.linspace in fp32, copied bit for bit) */
+static const float mb_dynamic_map_pos[127] = {
+    0x1.27476ep-21f, 0x1.b43528p-19f, 0x1.040bfep-17f, 0x1.64840cp-16f, 0x1.6f0068p-15f, 0x1.15df66p-14f,
+    0x1.743e96p-14f, 0x1.47ae16p-13f, 0x1.19ce0ap-12f, 0x1.8fc506p-12f, 0x1.02de02p-11f, 0x1.3dd982p-11f,
+    0x1.78d5p-11f, 0x1.b3d07cp-11f, 0x1.eecbfep-11f, 0x1.4fdf3ap-10f, 0x1.e353f8p-10f, 0x1.3b645ap-9f,
+    0x1.851eb8p-9f, 0x1.ced914p-9f, 0x1.0c49bap-8f, 0x1.3126e8p-8f, 0x1.56041ap-8f, 0x1.7ae148p-8f,
+    0x1.9fbe76p-8f, 0x1.c49ba6p-8f, 0x1.e978d4p-8f, 0x1.072b02p-7f, 0x1.19999ap-7f, 0x1.2c083p-7f,
+    0x1.3e76c8p-7f, 0x1.75c29p-7f, 0x1.d1eb86p-7f, 0x1.170a3ep-6f, 0x1.451ebap-6f, 0x1.733334p-6f,
+    0x1.a147aep-6f, 0x1.cf5c2ap-6f, 0x1.fd70a4p-6f, 0x1.15c29p-5f, 0x1.2ccccep-5f, 0x1.43d70ap-5f,
+    0x1.5ae146p-5f, 0x1.71eb86p-5f, 0x1.88f5c2p-5f, 0x1.ap-5f, 0x1.b70a3ep-5f, 0x1.ce147ap-5f,
+    0x1.e51ebap-5f, 0x1.fc28f6p-5f, 0x1.09999ap-4f, 0x1.151ebap-4f, 0x1.20a3d6p-4f, 0x1.2c28f6p-4f,
+    0x1.37ae14p-4f, 0x1.433334p-4f, 0x1.4eb854p-4f, 0x1.5a3d7p-4f, 0x1.65c29p-4f, 0x1.7147aep-4f,
+    0x1.7ccccep-4f, 0x1.8851eep-4f, 0x1.93d70ap-4f, 0x1.b66668p-4f, 0x1.fp-4f, 0x1.14ccccp-3f,
+    0x1.31999ap-3f, 0x1.4e6666p-3f, 0x1.6b3334p-3f, 0x1.88p-3f, 0x1.a4ccccp-3f, 0x1.c1999ap-3f,
+    0x1.de6666p-3f, 0x1.fb3332p-3f, 0x1.0cp-2f, 0x1.1a6668p-2f, 0x1.28ccccp-2f, 0x1.373334p-2f,
+    0x1.459998p-2f, 0x1.54p-2f, 0x1.626666p-2f, 0x1.70ccccp-2f, 0x1.7f3334p-2f, 0x1.8d9998p-2f,
+    0x1.9cp-2f, 0x1.aa6666p-2f, 0x1.b8ccccp-2f, 0x1.c73334p-2f, 0x1.d59998p-2f, 0x1.e4p-2f,
+    0x1.f26664p-2f, 0x1.006666p-1f, 0x1.079998p-1f, 0x1.0eccccp-1f, 0x1.16p-1f, 0x1.1d3334p-1f,
+    0x1.246668p-1f, 0x1.2b999ap-1f, 0x1.32ccccp-1f, 0x1.3ap-1f, 0x1.413334p-1f, 0x1.486668p-1f,
+    0x1.4f999ap-1f, 0x1.56ccccp-1f, 0x1.5ep-1f, 0x1.653334p-1f, 0x1.6c6668p-1f, 0x1.73999ap-1f,
+    0x1.7accccp-1f, 0x1.82p-1f, 0x1.893334p-1f, 0x1.906666p-1f, 0x1.97999ap-1f, 0x1.9eccccp-1f,
+    0x1.a6p-1f, 0x1.ad3334p-1f, 0x1.b46666p-1f, 0x1.bb999ap-1f, 0x1.c2ccccp-1f, 0x1.cap-1f,
+    0x1.d13334p-1f, 0x1.d86666p-1f, 0x1.df999ap-1f, 0x1.e6ccccp-1f, 0x1.eep-1f, 0x1.f53334p-1f,
+    0x1.fc6666p-1f,
+};
+
+/* The full map, sorted: -pos reversed, 0, pos, 1; entry 0 is -1 where create_dynamic_map() has
+ * -0.99296874, as bitsandbytes' CPU quantize_blockwise kernel sets it before it quantizes (and
+ * the map saved with the weight, nested_quant_map, is that one). */
+static void nf4_dynamic_map(float map[256]) {
+    for (int i = 0; i < 127; i++) {
+        map[126 - i] = -mb_dynamic_map_pos[i];
+        map[128 + i] = mb_dynamic_map_pos[i];
+    }
+    map[127] = 0.0f;
+    map[255] = 1.0f;
+    map[0] = -1.0f;
+}
+
+/* The NF4 state of a 4-bit weight, named as bitsandbytes' QuantState saves it. The (rows, cols)
+ * weight is flattened row-major into nblocks blocks of blocksize values. The arrays point into
+ * the mapped checkpoint or into the weight's `owned` block; fp32 arrays are read with memcpy
+ * because a checkpoint may hold them at any byte offset. */
 typedef struct {
-    MbDtype dtype;      /* F32 / F16 / BF16 */
+    const uint8_t *packed;               /* (rows * cols / 2) two codes per byte, the first high */
+    size_t blocksize;                    /* 64 */
+    size_t nblocks;                      /* ceil(rows * cols / blocksize) */
+    const uint8_t *absmax_q;             /* (nblocks) absmax codes into nested_quant_map, or NULL
+                                            when the absmax is kept in fp32 (no double quant) */
+    const unsigned char *absmax;         /* (nblocks) fp32 absmax without double quant, else NULL */
+    const unsigned char *nested_absmax;  /* (ceil(nblocks / nested_blocksize)) fp32 scales */
+    size_t nested_blocksize;             /* 256 */
+    float offset;                        /* nested_offset: the mean absmax, added back */
+    float nested_quant_map[256];         /* the 8-bit map the absmax codes index */
+    MbDtype compute;                     /* F32, BF16 or F16: what dequantized values round to */
+} MbNf4;
+
+typedef struct {
+    MbDtype dtype;      /* F32 / F16 / BF16; U8: NF4 (bitsandbytes stores the codes as uint8) */
     size_t rows, cols;  /* (O, I) for a linear layer, (V, C) for the embedding, (1, C) a norm */
-    const void *data;   /* rows * cols values, row-major (mapped file or `owned`) */
-    void *owned;        /* our copy when the file's bytes are misaligned, or random init */
+    const void *data;   /* rows * cols values, row-major (mapped file or `owned`); NF4: its MbNf4 */
+    void *owned;        /* our copy when the file's bytes are misaligned, or random init; NF4: the
+                           MbNf4 (and, quantized at load, its codes and scales in the same block) */
 } MbWeight;
+
+/* The NF4 state of w, or NULL when w is dense */
+static const MbNf4 *weight_nf4(const MbWeight *w) {
+    return w->dtype == MB_DT_U8 ? (const MbNf4 *)w->data : NULL;
+}
+
+/* Index of the entry of code (n ascending values, n a power of two) nearest to s: distances
+ * |s - code[i]| compared in fp32, a tie going to the lower index, as torch.argmin and
+ * bitsandbytes' CPU quantize_block decide it. NaN gives 0, as torch.argmin does. */
+static int code_nearest(const float *code, int n, float s) {
+    int lo = 0; /* the largest i with code[i] <= s (0 if none): a branch-free binary search */
+    for (int step = n / 2; step > 0; step /= 2) lo += code[lo + step] <= s ? step : 0;
+    if (lo + 1 < n && fabsf(s - code[lo + 1]) < fabsf(s - code[lo])) lo++;
+    return lo;
+}
+
+/* Where the nearest NF4 code steps up: t[i] is the smallest fp32 s for which code_nearest gives
+ * i + 1. Then the code of s in [-1, 1] is the number of t[i] <= s (0 for NaN): branch-free. */
+static void nf4_thresholds(float t[15]) {
+    for (int i = 0; i < 15; i++) {
+        float s = 0.5f * (mb_nf4_code[i] + mb_nf4_code[i + 1]);
+        while (code_nearest(mb_nf4_code, 16, s) > i) s = nextafterf(s, -INFINITY);
+        while (code_nearest(mb_nf4_code, 16, s) <= i) s = nextafterf(s, INFINITY);
+        t[i] = s;
+    }
+}
+
+/* torch.sum of n fp32 values on the CPU, one thread, bit for bit: aten/src/ATen/native/cpu/
+ * SumKernel.cpp (cascade_sum -> vectorized_inner_sum -> row_sum -> multi_row_sum) with 8-lane
+ * vectors, 4 rows summed in parallel and 4 levels of partial sums. torch.mean is this sum / n.
+ * (From 32768 values on, torch splits a sum over its threads; the fixtures run it with one.) */
+#define TS_LANES 8
+#define TS_ILP 4
+#define TS_LEVELS 4
+
+/* row_sum over `size` items of w floats each (w = TS_LANES: vectors; w = 1: scalars) -> out[w] */
+static void torch_row_sum(const float *x, size_t size, size_t w, float *out) {
+    float acc[TS_LEVELS][TS_ILP][TS_LANES];
+    memset(acc, 0, sizeof acc);
+    size_t rows = size / TS_ILP, bits = 0;
+    while (rows > 2 && ((size_t)1 << bits) < rows) bits++; /* utils::CeilLog2 (>= 20 rows matter) */
+    size_t power = MB_MAX((size_t)4, bits / TS_LEVELS), step = (size_t)1 << power, i = 0;
+    while (i + step <= rows) {
+        for (size_t j = 0; j < step; j++, i++)
+            for (size_t k = 0; k < TS_ILP; k++)
+                for (size_t l = 0; l < w; l++) acc[0][k][l] += x[(i * TS_ILP + k) * w + l];
+        for (size_t j = 1; j < TS_LEVELS; j++) {
+            for (size_t k = 0; k < TS_ILP; k++)
+                for (size_t l = 0; l < w; l++) acc[j][k][l] += acc[j - 1][k][l], acc[j - 1][k][l] = 0.0f;
+            if (i & ((step - 1) << (j * power))) break;
+        }
+    }
+    for (; i < rows; i++)
+        for (size_t k = 0; k < TS_ILP; k++)
+            for (size_t l = 0; l < w; l++) acc[0][k][l] += x[(i * TS_ILP + k) * w + l];
+    for (size_t j = 1; j < TS_LEVELS; j++)
+        for (size_t k = 0; k < TS_ILP; k++)
+            for (size_t l = 0; l < w; l++) acc[0][k][l] += acc[j][k][l];
+    for (size_t t = rows * TS_ILP; t < size; t++) /* row_sum: the tail goes to partial 0 */
+        for (size_t l = 0; l < w; l++) acc[0][0][l] += x[t * w + l];
+    for (size_t k = 1; k < TS_ILP; k++)
+        for (size_t l = 0; l < w; l++) acc[0][0][l] += acc[0][k][l];
+    for (size_t l = 0; l < w; l++) out[l] = acc[0][0][l];
+}
+
+static float torch_sum_f32(const float *x, size_t n) {
+    float v[TS_LANES];
+    if (n < TS_LANES) { /* scalar_inner_sum */
+        torch_row_sum(x, n, 1, v);
+        return v[0];
+    }
+    size_t nv = n / TS_LANES; /* vectorized_inner_sum: vectors, then the scalar tail, then lanes */
+    torch_row_sum(x, nv, TS_LANES, v);
+    float s = 0.0f;
+    for (size_t k = nv * TS_LANES; k < n; k++) s += x[k];
+    for (size_t l = 0; l < TS_LANES; l++) s += v[l];
+    return s;
+}
+
+/* absmax of block b: map8[qa] * scale2 + offset, the product rounded to fp32 before the sum
+ * (bitsandbytes dequantizes the absmax tensor, then adds the offset to it) */
+static float nf4_absmax(const MbNf4 *q, size_t b) {
+    float a;
+    if (!q->absmax_q) {
+        memcpy(&a, q->absmax + 4 * b, 4);
+        return a;
+    }
+    memcpy(&a, q->nested_absmax + 4 * (b / q->nested_blocksize), 4);
+    volatile float prod = q->nested_quant_map[q->absmax_q[b]] * a; /* volatile: never an FMA */
+    return prod + q->offset;
+}
+
+/* The 16 values block b dequantizes to: lut[k] = code[k] * absmax in the compute dtype */
+static void nf4_block_lut(const MbNf4 *q, size_t b, float lut[16]) {
+    float a = nf4_absmax(q, b);
+    for (int k = 0; k < 16; k++) lut[k] = mb_nf4_code[k] * a;
+    if (q->compute == MB_DT_BF16)
+        for (int k = 0; k < 16; k++) lut[k] = bf16_to_f32(f32_to_bf16(lut[k]));
+    else if (q->compute == MB_DT_F16)
+        for (int k = 0; k < 16; k++) lut[k] = f16_to_f32(f32_to_f16(lut[k]));
+}
+
+/* Values [e, e + n) of the flattened NF4 weight -> dst[0], dst[stride], dst[2 * stride], ...
+ * One 16-entry table per block, then one lookup per value. */
+static void nf4_dequant(const MbNf4 *q, size_t e, size_t n, float *dst, size_t stride) {
+    const uint8_t *packed = q->packed;
+    size_t end = e + n;
+    while (e < end) {
+        size_t b = e / q->blocksize, bend = MB_MIN((b + 1) * q->blocksize, end);
+        float lut[16];
+        nf4_block_lut(q, b, lut);
+        if (e & 1) { /* a range that starts on a low nibble */
+            *dst = lut[packed[e >> 1] & 15];
+            dst += stride, e++;
+        }
+        for (; e + 2 <= bend; e += 2, dst += 2 * stride) {
+            uint8_t byte = packed[e >> 1];
+            dst[0] = lut[byte >> 4];
+            dst[stride] = lut[byte & 15];
+        }
+        if (e < bend) {
+            *dst = lut[packed[e >> 1] >> 4];
+            dst += stride, e++;
+        }
+    }
+}
 
 /* Row r, columns [c0, c0+n) of w -> fp32 dst[0..n). */
 static void weight_row_f32(const MbWeight *w, size_t r, size_t c0, size_t n, float *dst) {
+    const MbNf4 *q = weight_nf4(w);
+    if (q) {
+        nf4_dequant(q, r * w->cols + c0, n, dst, 1);
+        return;
+    }
     const unsigned char *p = (const unsigned char *)w->data + (r * w->cols + c0) * mb_dtype_size(w->dtype);
     mb_convert_to_f32(w->dtype, p, dst, n);
 }
@@ -2667,6 +2892,11 @@ static void weight_row_f32(const MbWeight *w, size_t r, size_t c0, size_t n, flo
  * dst[c * ld + r] = w[r0 + r][c0 + c]. This is what a matmul kernel consumes. */
 static void weight_tile_t(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst,
                           size_t ld) {
+    const MbNf4 *q = weight_nf4(w);
+    if (q) { /* a tile at a time, never the whole matrix */
+        for (size_t r = 0; r < nr; r++) nf4_dequant(q, (r0 + r) * w->cols + c0, nc, dst + r, ld);
+        return;
+    }
     size_t es = mb_dtype_size(w->dtype);
     for (size_t r = 0; r < nr; r++) {
         const unsigned char *p = (const unsigned char *)w->data + ((r0 + r) * w->cols + c0) * es;
@@ -2717,6 +2947,273 @@ static MbStatus weight_from_tensor(const MbTensorInfo *t, size_t rows, size_t co
 static void weight_free(MbWeight *w) {
     free(w->owned);
     memset(w, 0, sizeof *w);
+}
+
+/* ---- NF4 quantization (load_in_4bit) ---- */
+
+/* Quantizes one block of n <= 64 fp32 values (of a weight in dtype dt; `short_block`: the last
+ * block of the weight, shorter than 64) to codes q[0..n) and returns its absmax. The clamp to
+ * [-1, 1] is implicit: every threshold lies inside, so a value beyond 1 gets code 15 either way. */
+static float nf4_quantize_block(const float *x, size_t n, MbDtype dt, int short_block, const float t[15],
+                                uint8_t *q) {
+    float absmax = 0.0f, s[MB_NF4_BLOCKSIZE], m[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) /* 8 running maxima: vectorizes, and max does not depend on order */
+        for (size_t l = 0; l < 8; l++) m[l] = MB_MAX(m[l], fabsf(x[i + l]));
+    for (; i < n; i++) absmax = MB_MAX(absmax, fabsf(x[i]));
+    for (size_t l = 0; l < 8; l++) absmax = MB_MAX(absmax, m[l]);
+    float r = 1.0f / absmax;
+    for (i = 0; i < n; i++) s[i] = x[i] * r;
+    if (short_block && dt == MB_DT_BF16)
+        for (i = 0; i < n; i++) s[i] = bf16_to_f32(f32_to_bf16(s[i]));
+    if (short_block && dt == MB_DT_F16)
+        for (i = 0; i < n; i++) s[i] = f16_to_f32(f32_to_f16(s[i]));
+    for (i = 0; i < n; i++) q[i] = 0; /* NaN (an all-zero block) compares false: code 0 */
+    for (int k = 0; k < 15; k++)
+        for (i = 0; i < n; i++) q[i] += s[i] >= t[k]; /* branch-free, vectorizes */
+    return absmax;
+}
+
+/* bitsandbytes' quantize_blockwise on the CPU (quantize_cpu / quantize_block): n fp32 values in
+ * blocks of `blocksize`, each scaled by its max |a| (a true division) to the nearest entry of
+ * map (256 ascending values), ties to the lower. */
+static void blockwise8_quantize(const float *a, size_t n, size_t blocksize, const float map[256], uint8_t *codes,
+                                float *scales) {
+    for (size_t b0 = 0; b0 < n; b0 += blocksize) {
+        size_t m = MB_MIN(blocksize, n - b0);
+        float amax = -FLT_MAX;
+        for (size_t i = 0; i < m; i++) amax = fmaxf(amax, fabsf(a[b0 + i]));
+        scales[b0 / blocksize] = amax;
+        for (size_t i = 0; i < m; i++) codes[b0 + i] = (uint8_t)code_nearest(map, 256, a[b0 + i] / amax);
+    }
+}
+
+/* Double quantization of the nb block absmax values into q (offset, map), codes and scales: the
+ * second half of bitsandbytes' quantize_4bit(compress_statistics=True). */
+static void nf4_double_quant(const float *absmax, size_t nb, MbNf4 *q, uint8_t *codes, float *scales) {
+    nf4_dynamic_map(q->nested_quant_map);
+    q->nested_blocksize = MB_NF4_NESTED_BLOCKSIZE;
+    q->offset = torch_sum_f32(absmax, nb) / (float)nb; /* torch.mean */
+    float *a = mb_malloc(nb * sizeof(float));
+    for (size_t i = 0; i < nb; i++) a[i] = absmax[i] - q->offset;
+    blockwise8_quantize(a, nb, MB_NF4_NESTED_BLOCKSIZE, q->nested_quant_map, codes, scales);
+    free(a);
+}
+
+/* The first half of quantize_4bit: blocks [b0, b1) of w -> packed codes and absmax. Threads take
+ * disjoint ranges of blocks, so the result does not depend on their number. */
+typedef struct {
+    const MbWeight *w;
+    size_t n, nb;
+    float t[15];
+    float *absmax;      /* (nb) */
+    uint8_t *packed;    /* (n / 2) */
+} Nf4QuantTask;
+
+static void nf4_quantize_task(void *ctx, int tid, int nt) {
+    Nf4QuantTask *a = ctx;
+    size_t b0, b1, es = mb_dtype_size(a->w->dtype);
+    mb_split(a->nb, tid, nt, &b0, &b1);
+    float x[MB_NF4_BLOCKSIZE];
+    uint8_t c[MB_NF4_BLOCKSIZE];
+    for (size_t b = b0; b < b1; b++) {
+        size_t e0 = b * MB_NF4_BLOCKSIZE, m = MB_MIN((size_t)MB_NF4_BLOCKSIZE, a->n - e0);
+        mb_convert_to_f32(a->w->dtype, (const unsigned char *)a->w->data + e0 * es, x, m);
+        a->absmax[b] = nf4_quantize_block(x, m, a->w->dtype, m < MB_NF4_BLOCKSIZE, a->t, c);
+        for (size_t i = 0; i < m; i += 2) a->packed[(e0 + i) / 2] = (uint8_t)(c[i] << 4 | c[i + 1]);
+    }
+}
+
+/* Quantizes the dense weight w (F32, F16 or BF16) to NF4 with double quantization, as
+ * bitsandbytes' quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) does;
+ * w then owns its 4-bit state. compute: the dtype dequantized values round to; pool: threads for
+ * the blocks (NULL: this thread). name: for messages. */
+static MbStatus weight_quantize_nf4(MbWeight *w, const char *name, MbDtype compute, MbPool *pool) {
+    size_t n = w->rows * w->cols, nb = (n + MB_NF4_BLOCKSIZE - 1) / MB_NF4_BLOCKSIZE,
+           ns = (nb + MB_NF4_NESTED_BLOCKSIZE - 1) / MB_NF4_NESTED_BLOCKSIZE;
+    if (n % 2)
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: %zu values: an NF4 weight packs two codes per byte "
+                       "and needs an even count", name, n);
+    /* one block: the MbNf4, the nested scales (fp32), the packed codes, the absmax codes */
+    size_t head = (sizeof(MbNf4) + 63) / 64 * 64;
+    unsigned char *block = mb_aligned_alloc(head + 4 * ns + n / 2 + nb);
+    MbNf4 *q = (MbNf4 *)(void *)block;
+    memset(q, 0, sizeof *q);
+    float *scales = (float *)(void *)(block + head);
+    uint8_t *packed = block + head + 4 * ns, *codes = packed + n / 2;
+    Nf4QuantTask task = {w, n, nb, {0}, mb_malloc(nb * sizeof(float)), packed};
+    nf4_thresholds(task.t);
+    if (pool) mb_pool_run(pool, nf4_quantize_task, &task);
+    else nf4_quantize_task(&task, 0, 1);
+    q->packed = packed;
+    q->blocksize = MB_NF4_BLOCKSIZE;
+    q->nblocks = nb;
+    q->compute = compute;
+    nf4_double_quant(task.absmax, nb, q, codes, scales);
+    q->absmax_q = codes;
+    q->nested_absmax = (const unsigned char *)scales;
+    free(task.absmax);
+    free(w->owned);
+    w->owned = block;
+    w->data = q;
+    w->dtype = MB_DT_U8;
+    return MB_OK;
+}
+
+/* ---- NF4 checkpoints saved by bitsandbytes through transformers (Linear4bit's state dict) ----
+ *   NAME                                  U8 (rows * cols / 2, 1) packed codes
+ *   NAME.absmax                           U8 (blocks) codes with double quant, else F32 (blocks)
+ *   NAME.quant_map                        F32 (16) the NF4 code book
+ *   NAME.nested_absmax                    F32 (ceil(blocks / nested_blocksize)) (double quant)
+ *   NAME.nested_quant_map                 F32 (256) (double quant)
+ *   NAME.quant_state.bitsandbytes__nf4    U8: JSON {quant_type, blocksize, dtype, shape,
+ *                                         nested_blocksize, nested_dtype, nested_offset}
+ * The tensors stay in the mapped file. */
+
+/* Whether the checkpoint holds `name` as a bitsandbytes 4-bit weight. */
+static int bnb_is_4bit(const MbSafetensors *st, const char *name) {
+    static const char *suffix[] = {".absmax", ".quant_state.bitsandbytes__nf4",
+                                   ".quant_state.bitsandbytes__fp4", ".quant_map"};
+    char key[512];
+    for (size_t i = 0; i < sizeof suffix / sizeof *suffix; i++) {
+        snprintf(key, sizeof key, "%s%s", name, suffix[i]);
+        if (mb_safetensors_find(st, key)) return 1;
+    }
+    const MbTensorInfo *t = mb_safetensors_find(st, name);
+    return t && t->dtype == MB_DT_U8;
+}
+
+/* NAME.suffix of dtype dt holding n values (n == 0: any), or an error naming its file */
+static MbStatus bnb_tensor(const MbSafetensors *st, const MbTensorInfo *w, const char *suffix, MbDtype dt,
+                           size_t n, const char *why, const MbTensorInfo **out) {
+    char key[512];
+    snprintf(key, sizeof key, "%s%s", w->name, suffix);
+    const MbTensorInfo *t = mb_safetensors_find(st, key);
+    *out = t;
+    if (!t)
+        return mb_fail(MB_ERR_FORMAT, "%s: bitsandbytes 4-bit weight '%s' has no '%s' --> the "
+                       "checkpoint is incomplete; save it again with save_pretrained", w->file, w->name, key);
+    if (t->dtype != dt)
+        return mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' has dtype %s, want %s", t->file, key,
+                       mb_dtype_name(t->dtype), mb_dtype_name(dt));
+    if (n && t->numel != n)
+        return mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' holds %zu values; %s needs %zu", t->file, key,
+                       t->numel, why, n);
+    return MB_OK;
+}
+
+static MbStatus bnb_json_size(const char *file, const char *key, const MbJsonDoc *doc, const char *field,
+                              size_t *out) {
+    const MbJson *v = json_get(doc, json_root(doc), field);
+    if (!json_size(v, out) || *out == 0)
+        return mb_fail(MB_ERR_FORMAT, "%s: quant state '%s' has no positive integer \"%s\"", file, key, field);
+    return MB_OK;
+}
+
+/* The NF4 weight `t` (rows, cols) with its bitsandbytes companions, validated, as w. */
+static MbStatus weight_from_bnb(const MbSafetensors *st, const MbTensorInfo *t, size_t rows, size_t cols,
+                                MbDtype compute, MbWeight *w) {
+    memset(w, 0, sizeof *w);
+    char key[512], qkey[512], why[128];
+    snprintf(qkey, sizeof qkey, "%s.quant_state.bitsandbytes__nf4", t->name);
+    const MbTensorInfo *qs = mb_safetensors_find(st, qkey);
+    if (!qs) {
+        snprintf(key, sizeof key, "%s.quant_state.bitsandbytes__fp4", t->name);
+        const MbTensorInfo *fp4 = mb_safetensors_find(st, key);
+        if (fp4)
+            return mb_fail(MB_ERR_UNSUPPORTED, "%s: '%s': 4-bit quant type fp4 is not supported --> "
+                           "medbot reads NF4 (bnb_4bit_quant_type=\"nf4\")", fp4->file, key);
+        return mb_fail(MB_ERR_FORMAT, "%s: bitsandbytes 4-bit weight '%s' has no '%s.quant_state."
+                       "bitsandbytes__nf4' --> the checkpoint is incomplete; save it again with "
+                       "save_pretrained", t->file, t->name, t->name);
+    }
+    if (qs->dtype != MB_DT_U8)
+        return mb_fail(MB_ERR_FORMAT, "%s: quant state '%s' is %s, want U8 (JSON bytes)", qs->file, qkey,
+                       mb_dtype_name(qs->dtype));
+    char where[600];
+    snprintf(where, sizeof where, "%s: quant state '%s'", qs->file, qkey);
+    MbJsonDoc doc;
+    MbStatus rc = json_parse(where, (const char *)qs->data, qs->nbytes, &doc);
+    if (rc) return rc;
+    const MbJson *root = json_root(&doc), *v;
+    size_t blocksize = 0, nested_bs = 0, n = rows * cols, dims[2] = {0, 0};
+    MbNf4 q;
+    memset(&q, 0, sizeof q);
+    v = json_get(&doc, root, "quant_type");
+    if (root->kind != MB_JSON_OBJECT || !v || v->kind != MB_JSON_STRING || strcmp(json_str(&doc, v), "nf4")) {
+        rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quant_type is not \"nf4\" (medbot reads NF4 4-bit weights)", where);
+        goto done;
+    }
+    v = json_get(&doc, root, "shape");
+    if (!v || v->kind != MB_JSON_ARRAY || v->count != 2 || !json_size(json_first(&doc, v), &dims[0]) ||
+        !json_size(json_next(&doc, json_first(&doc, v)), &dims[1]) || dims[0] != rows || dims[1] != cols) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: \"shape\" is not [%zu, %zu] (config.json's shape of '%s')", where,
+                     rows, cols, t->name);
+        goto done;
+    }
+    if ((rc = bnb_json_size(qs->file, qkey, &doc, "blocksize", &blocksize))) goto done;
+    if (blocksize % 2 || n % 2) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: blocksize %zu and %zu values must be even", where, blocksize, n);
+        goto done;
+    }
+    if (t->dtype != MB_DT_U8 || t->numel != n / 2) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: 4-bit weight '%s' is %s with %zu values; a (%zu, %zu) NF4 weight "
+                     "is U8 with %zu (bnb_4bit_quant_storage other than uint8 is not supported)", t->file,
+                     t->name, mb_dtype_name(t->dtype), t->numel, rows, cols, n / 2);
+        goto done;
+    }
+    q.packed = t->data;
+    q.blocksize = blocksize;
+    q.nblocks = (n + blocksize - 1) / blocksize;
+    q.compute = compute;
+    const MbTensorInfo *absmax, *qmap, *nested, *nmap;
+    snprintf(why, sizeof why, "a (%zu, %zu) weight in blocks of %zu", rows, cols, blocksize);
+    if ((rc = bnb_tensor(st, t, ".quant_map", MB_DT_F32, 16, "the NF4 code book", &qmap))) goto done;
+    for (int k = 0; k < 16; k++) {
+        float c;
+        memcpy(&c, (const unsigned char *)qmap->data + 4 * k, 4);
+        if (c != mb_nf4_code[k]) {
+            rc = mb_fail(MB_ERR_FORMAT, "%s: '%s' is not the NF4 code book (entry %d is %g, want %g)",
+                         qmap->file, qmap->name, k, (double)c, (double)mb_nf4_code[k]);
+            goto done;
+        }
+    }
+    snprintf(key, sizeof key, "%s.nested_absmax", t->name);
+    if (!mb_safetensors_find(st, key) && !json_get(&doc, root, "nested_offset")) { /* no double quant */
+        if ((rc = bnb_tensor(st, t, ".absmax", MB_DT_F32, q.nblocks, why, &absmax))) goto done;
+        q.absmax = absmax->data;
+    } else {
+        double off;
+        if ((rc = bnb_json_size(qs->file, qkey, &doc, "nested_blocksize", &nested_bs))) goto done;
+        v = json_get(&doc, root, "nested_dtype");
+        if (!json_num(json_get(&doc, root, "nested_offset"), &off) || !v || v->kind != MB_JSON_STRING ||
+            strcmp(json_str(&doc, v), "float32")) {
+            rc = mb_fail(MB_ERR_FORMAT, "%s: double quant needs a numeric \"nested_offset\" and "
+                         "\"nested_dtype\": \"float32\"", where);
+            goto done;
+        }
+        size_t ns = (q.nblocks + nested_bs - 1) / nested_bs;
+        char why2[160];
+        snprintf(why2, sizeof why2, "%zu absmax codes in blocks of %zu", q.nblocks, nested_bs);
+        if ((rc = bnb_tensor(st, t, ".absmax", MB_DT_U8, q.nblocks, why, &absmax)) ||
+            (rc = bnb_tensor(st, t, ".nested_absmax", MB_DT_F32, ns, why2, &nested)) ||
+            (rc = bnb_tensor(st, t, ".nested_quant_map", MB_DT_F32, 256, "the 8-bit map", &nmap)))
+            goto done;
+        q.absmax_q = absmax->data;
+        q.nested_absmax = nested->data;
+        q.nested_blocksize = nested_bs;
+        q.offset = (float)off; /* saved as the fp32 value's exact decimal */
+        memcpy(q.nested_quant_map, nmap->data, sizeof q.nested_quant_map);
+    }
+    MbNf4 *state = mb_malloc(sizeof q);
+    *state = q;
+    w->dtype = MB_DT_U8;
+    w->rows = rows;
+    w->cols = cols;
+    w->data = w->owned = state;
+done:
+    json_free(&doc);
+    return rc;
 }
 
 // ============================================================================================
@@ -3756,6 +4253,64 @@ static MbStatus model_weight(MbModel *m, const char *dir, const char *name, size
     return weight_from_tensor(t, rows, cols, w);
 }
 
+/* A linear projection: NF4 as bitsandbytes saved it, or dense and, with load_in_4bit, quantized
+ * to NF4 now (the 7 projections of each layer only, as transformers' BitsAndBytesConfig does). */
+static MbStatus model_linear(MbModel *m, const char *dir, const char *name, size_t rows, size_t cols,
+                             MbPool *quantize, MbDtype compute, MbWeight *w) {
+    const MbTensorInfo *t = mb_safetensors_find(m->st, name);
+    if (t && bnb_is_4bit(m->st, name)) return weight_from_bnb(m->st, t, rows, cols, compute, w);
+    MbStatus rc = model_weight(m, dir, name, rows, cols, w);
+    if (!rc && quantize) {
+        char what[600];
+        snprintf(what, sizeof what, "%s: tensor '%s'", t->file, name);
+        rc = weight_quantize_nf4(w, what, compute, quantize);
+    }
+    return rc;
+}
+
+/* bnb_4bit_compute_dtype names (torch's, and the short ones) -> F32 / BF16 / F16 */
+static int compute_dtype_parse(const char *s, MbDtype *out) {
+    if (!strcmp(s, "float32") || !strcmp(s, "fp32")) *out = MB_DT_F32;
+    else if (!strcmp(s, "bfloat16") || !strcmp(s, "bf16")) *out = MB_DT_BF16;
+    else if (!strcmp(s, "float16") || !strcmp(s, "fp16")) *out = MB_DT_F16;
+    else return 0;
+    return 1;
+}
+
+/* config.json's quantization_config (transformers' BitsAndBytesConfig, saved with a quantized
+ * checkpoint): medbot reads bitsandbytes 4-bit NF4; compute gets bnb_4bit_compute_dtype ("" when
+ * the config has none). */
+static MbStatus bnb_config_load(const char *path, char *compute, size_t n) {
+    compute[0] = 0;
+    char *text;
+    size_t len;
+    MbStatus rc = mb_read_file(path, &text, &len);
+    if (rc) return rc;
+    MbJsonDoc doc;
+    rc = json_parse(path, text, len, &doc);
+    free(text);
+    if (rc) return rc;
+    const MbJson *qc = json_get(&doc, json_root(&doc), "quantization_config"), *v;
+    if (qc && qc->kind == MB_JSON_OBJECT) {
+        v = json_get(&doc, qc, "quant_method");
+        const char *method = v && v->kind == MB_JSON_STRING ? json_str(&doc, v) : "bitsandbytes";
+        const MbJson *in8 = json_get(&doc, qc, "load_in_8bit"), *qt = json_get(&doc, qc, "bnb_4bit_quant_type");
+        if (strcmp(method, "bitsandbytes"))
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quantization_config quant_method \"%s\" is not supported "
+                         "--> medbot reads bf16/f16/f32 checkpoints and bitsandbytes 4-bit NF4 ones", path, method);
+        else if (in8 && in8->kind == MB_JSON_BOOL && in8->boolean)
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quantization_config: load_in_8bit is not supported "
+                         "(medbot reads 4-bit NF4)", path);
+        else if (qt && qt->kind == MB_JSON_STRING && strcmp(json_str(&doc, qt), "nf4"))
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quantization_config: bnb_4bit_quant_type \"%s\" is not "
+                         "supported (medbot reads nf4)", path, json_str(&doc, qt));
+        v = json_get(&doc, qc, "bnb_4bit_compute_dtype");
+        if (!rc && v && v->kind == MB_JSON_STRING) snprintf(compute, n, "%s", json_str(&doc, v));
+    }
+    json_free(&doc);
+    return rc;
+}
+
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
     *out = NULL;
     if (!mb_is_dir(dir))
@@ -3763,8 +4318,15 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
                        "(config.json + *.safetensors)", dir);
     MbModel *m = mb_calloc(1, sizeof *m);
     char *cfg_path = mb_path_join(dir, "config.json");
+    char cfg_compute[32];
     MbStatus rc = mb_config_load(cfg_path, &m->cfg);
+    if (!rc) rc = bnb_config_load(cfg_path, cfg_compute, sizeof cfg_compute);
     free(cfg_path);
+    MbDtype compute = MB_DT_F32; /* bnb_4bit_compute_dtype: the option, else the checkpoint's, else fp32 */
+    const char *cname = opt && opt->bnb_4bit_compute_dtype ? opt->bnb_4bit_compute_dtype : cfg_compute;
+    if (!rc && cname[0] && !compute_dtype_parse(cname, &compute))
+        rc = mb_fail(opt && opt->bnb_4bit_compute_dtype ? MB_ERR_ARG : MB_ERR_UNSUPPORTED,
+                     "%s: bnb_4bit_compute_dtype \"%s\" is not float32, bfloat16 or float16", dir, cname);
     if (!rc) rc = mb_safetensors_open(dir, &m->st);
     if (rc) {
         mb_model_free(m);
@@ -3772,15 +4334,20 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     }
     const MbConfig *c = &m->cfg;
     size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
+    /* load_in_4bit: the projections are quantized as they are read, on as many threads as the ops */
+    MbPool *quantize = NULL;
+    if (opt && opt->load_in_4bit) quantize = mb_pool_new(opt->threads > 0 ? opt->threads : mb_cpu_count());
     char name[256];
     rc = model_weight(m, dir, "model.embed_tokens.weight", V, C, &m->embed_tokens);
     m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
     for (int l = 0; !rc && l < c->num_hidden_layers; l++)
         for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
+            size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, mb_layer_weights[i].name);
-            rc = model_weight(m, dir, name, mb_dim(c, mb_layer_weights[i].rows),
-                              mb_dim(c, mb_layer_weights[i].cols), &m->layers[l].w[i]);
+            if (mb_layer_weights[i].rows == MB_DIM_1) rc = model_weight(m, dir, name, rows, cols, &m->layers[l].w[i]);
+            else rc = model_linear(m, dir, name, rows, cols, quantize, compute, &m->layers[l].w[i]);
         }
+    mb_pool_free(quantize);
     if (!rc) rc = model_weight(m, dir, "model.norm.weight", 1, C, &m->norm);
     if (!rc) {
         if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
@@ -5527,7 +6094,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     if (c->loss_type == MB_LOSS_ROBUST && !(c->label_smoothing < 0.5))
         return mb_fail(MB_ERR_ARG, "the robust loss needs label_smoothing < 0.5");
     if (!(c->beta > 0)) return mb_fail(MB_ERR_ARG, "beta must be > 0");
-    MbLoadOptions lopt = {job->threads};
+    MbLoadOptions lopt = {.threads = job->threads, .load_in_4bit = job->load_in_4bit, .bnb_4bit_compute_dtype = job->bnb_4bit_compute_dtype};
     MbStatus rc = mb_model_load(job->model_dir, &lopt, &tr->m);
     MbTokenizer *tok = NULL;
     if (!rc) rc = mb_tokenizer_load(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &tok);
@@ -6402,17 +6969,262 @@ static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
 }
 
+/* A boolean flag: --name, or --name=true|false|1|0. Unlike arg_get it never takes the next
+ * argument as its value, so a flag can stand anywhere. */
+static MbStatus arg_flag(MbArgs *a, const char *name, int *out) {
+    size_t n = strlen(name);
+    for (int i = 2; i < a->argc; i++) {
+        const char *s = a->argv[i];
+        if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n)) continue;
+        const char *v = s[2 + n] == '=' ? s + 3 + n : s[2 + n] == 0 ? "true" : NULL;
+        if (!v) continue;
+        a->used[i] = 1;
+        if (!strcmp(v, "true") || !strcmp(v, "1")) *out = 1;
+        else if (!strcmp(v, "false") || !strcmp(v, "0")) *out = 0;
+        else return mb_fail(MB_ERR_ARG, "%s: --%s is a flag (--%s or --%s=false), got '%s'", a->cmd, name,
+                            name, name, v);
+    }
+    return MB_OK;
+}
+
+/* ---- info --plan: the memory of one DPO training step, per device, from config.json alone ----
+ * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
+ * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
+ * N = 2 B T tokens (chosen and rejected, T = max_length each). Each row's derivation is in
+ * plan_compute; the printed note says what is assumed and what is not counted. */
+
+typedef struct {
+    int load_in_4bit, lora_r, batch, max_length, gradient_checkpointing, gpus, zero_stage;
+    double lora_alpha;
+    unsigned targets; /* bit i: MbLayerWeightId i carries a LoRA adapter */
+} MbPlanOptions;
+
+enum { PLAN_QUANT, PLAN_ABSMAX, PLAN_BF16, PLAN_LORA, PLAN_GRADS, PLAN_ADAM, PLAN_ACTS, PLAN_LOGITS,
+       PLAN_WORKSPACE, PLAN_ROWS };
+
+static const char *plan_kinds[PLAN_ROWS] = {
+    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "Adam moments",
+    "activations", "logits", "workspace",
+};
+
+typedef struct {
+    size_t bytes[PLAN_ROWS];
+    char how[PLAN_ROWS][200];
+    size_t trainable, full_logits;
+} MbPlan;
+
+static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
+
+static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
+    memset(p, 0, sizeof *p);
+    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
+           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
+           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
+           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
+    unsigned tg = o->targets;
+#define TARGETED(id) ((tg >> (id)) & 1u)
+
+    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
+     * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
+     * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
+     * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
+    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
+        size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
+        size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
+        lin += L * n, lin_max = MB_MAX(lin_max, n);
+        packed += L * (n / 2);
+        absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
+        /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
+        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
+    }
+    size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
+    if (o->load_in_4bit) {
+        p->bytes[PLAN_QUANT] = packed;
+        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "%zu values x 0.5 B (NF4 codes, 7 projections x %zu layers)",
+                 lin, L);
+        p->bytes[PLAN_ABSMAX] = absmax;
+        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "1 B per 64 values + 4 B per 256 blocks (double quant)");
+    } else {
+        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "none (no --load_in_4bit)");
+        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "none");
+    }
+    p->bytes[PLAN_BF16] = 2 * dense;
+    snprintf(p->how[PLAN_BF16], sizeof p->how[0], "%zu values x 2 B (embeddings, norms, lm_head%s)", dense,
+             o->load_in_4bit ? "" : ", projections");
+
+    /* Trainable state, fp32: params 4 B, grads 4 B, Adam m and v 8 B per trainable value. ZeRO-1
+     * splits the Adam moments over the G data-parallel ranks, ZeRO-2 the gradients too. */
+    size_t shard = plan_ceil(p->trainable, G);
+    p->bytes[PLAN_LORA] = 4 * p->trainable;
+    snprintf(p->how[PLAN_LORA], sizeof p->how[0], "%zu x 4 B (fp32)", p->trainable);
+    p->bytes[PLAN_GRADS] = 4 * (o->zero_stage >= 2 ? shard : p->trainable);
+    snprintf(p->how[PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
+             o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
+    p->bytes[PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
+    snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
+             o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
+
+    /* Activations saved for the backward, bf16 (2 B) per token and layer:
+     *   x_in, x_mid (C each): the inputs of the two RMSNorms; q, att (H*D each); k, v (K*D each)
+     *   for the attention backward; gate, up (F each) for the SwiGLU backward; the input of each
+     *   adapted projection unless already saved (xn1 (C) for q/k/v, xn2 (C) for gate/up, hid (F)
+     *   for down; o_proj's is att) and its A x (R); in fp32: the attention's log-sum-exp (H) and
+     *   the two norms' rstd (2). The frozen base needs no input for its own weights.
+     * Gradient checkpointing keeps only each layer's input (C) and recomputes one layer's saved
+     * set during its backward; without it every layer keeps its set. After the last layer: the
+     * final norm's input and output (C each, bf16: the logits are recomputed from the output) and
+     * its rstd (fp32). */
+    size_t S = 2 * C + 2 * QD + 2 * KVD + 2 * F + R * ntarget;
+    if (TARGETED(MB_W_Q_PROJ) || TARGETED(MB_W_K_PROJ) || TARGETED(MB_W_V_PROJ)) S += C;
+    if (TARGETED(MB_W_GATE_PROJ) || TARGETED(MB_W_UP_PROJ)) S += C;
+    if (TARGETED(MB_W_DOWN_PROJ)) S += F;
+    size_t per_tok = 2 * S + 4 * (H + 2), final = N * (2 * 2 * C + 4);
+    if (o->gradient_checkpointing) {
+        p->bytes[PLAN_ACTS] = L * N * 2 * C + N * (per_tok - 2 * C) + final;
+        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x (%zu layer inputs x %zu B + one layer's %zu B) "
+                 "+ final norm", N, L, 2 * C, per_tok - 2 * C);
+    } else {
+        p->bytes[PLAN_ACTS] = L * N * per_tok + final;
+        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x %zu layers x %zu B + final norm", N, L, per_tok);
+    }
+
+    /* Logits: a fused lm_head + log-softmax takes one sequence (T tokens) at a time: T x V fp32
+     * logits, their gradient written over them in the backward; for all N tokens only the
+     * log-prob of the target and the log-sum-exp (fp32) stay. */
+    p->bytes[PLAN_LOGITS] = T * V * 4 + N * 8;
+    p->full_logits = N * V * 4;
+    snprintf(p->how[PLAN_LOGITS], sizeof p->how[0], "one sequence: %zu x %zu x 4 B (fused lm_head + log-softmax)", T, V);
+
+    /* Workspace: the larger of one layer's forward temporaries (q, k, v, att, gate, up, hid and a
+     * C-wide projection output, bf16) in the no-grad reference pass and one layer's activation
+     * gradients in the backward (as many as its saved activations); plus the residual stream's
+     * gradient (fp32), one NF4 weight dequantized to bf16 for the GEMM, and 32 MiB of cuBLAS
+     * workspace. */
+    size_t fwd = N * (2 * QD + 2 * KVD + 3 * F + C) * 2, bwd = N * per_tok;
+    p->bytes[PLAN_WORKSPACE] = MB_MAX(fwd, bwd) + N * C * 4 + (o->load_in_4bit ? 2 * lin_max : 0) + ((size_t)32 << 20);
+    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0],
+             "max(layer fwd %zu, layer grads %zu) + dx fp32%s + cuBLAS 32 MiB", fwd, bwd,
+             o->load_in_4bit ? " + one weight in bf16" : "");
+#undef TARGETED
+}
+
+static int cmd_info_plan(MbArgs *a, const char *dir) {
+    MbStatus rc;
+    MbPlanOptions o = {.lora_r = 64, .lora_alpha = 8.0, .batch = 4, .max_length = 512, .gpus = 1,
+                       .targets = (1u << MB_W_Q_PROJ) | (1u << MB_W_K_PROJ)}; /* the card's, but flags off */
+    const char *targets = arg_get(a, "lora_target_modules");
+    if ((rc = arg_flag(a, "load_in_4bit", &o.load_in_4bit)) ||
+        (rc = arg_flag(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
+        (rc = arg_int(a, "lora_r", &o.lora_r)) || (rc = arg_double(a, "lora_alpha", &o.lora_alpha)) ||
+        (rc = arg_int(a, "per_device_train_batch_size", &o.batch)) || (rc = arg_int(a, "max_length", &o.max_length)) ||
+        (rc = arg_int(a, "gpus", &o.gpus)) || (rc = arg_int(a, "zero_stage", &o.zero_stage)) ||
+        (rc = args_done(a)))
+        return rc;
+    if (o.lora_r < 1 || o.batch < 1 || o.max_length < 1 || o.gpus < 1)
+        return mb_fail(MB_ERR_ARG, "info: --lora_r, --per_device_train_batch_size, --max_length and --gpus "
+                       "must be >= 1");
+    if (o.zero_stage < 0 || o.zero_stage > 2)
+        return mb_fail(MB_ERR_ARG, "info: --zero_stage must be 0, 1 or 2 (stage 3 is not planned: medbot "
+                       "shards optimizer state, ZeRO-1)");
+    if (targets) {
+        o.targets = 0;
+        char *list = mb_strdup(targets), *save = list;
+        for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+            int found = 0;
+            for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+                const char *short_name = strchr(mb_layer_weights[i].name, '.');
+                if (short_name && (!strcmp(tok, short_name + 1) || !strcmp(tok, "all-linear")))
+                    o.targets |= 1u << i, found = 1;
+            }
+            if (!found) {
+                rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules: unknown module '%s' --> q_proj, k_proj, "
+                             "v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear", tok);
+                break;
+            }
+        }
+        free(save);
+        if (!rc && !o.targets) rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules is empty");
+        if (rc) return rc;
+    }
+    /* config.json alone is enough: a folder without weights, or the file itself */
+    char *cfg_path = mb_is_dir(dir) ? mb_path_join(dir, "config.json") : mb_strdup(dir);
+    MbConfig c;
+    rc = mb_config_load(cfg_path, &c);
+    if (rc) {
+        free(cfg_path);
+        return rc;
+    }
+    MbPlan p;
+    plan_compute(&c, &o, &p);
+    printf("memory plan per device: %s (L=%d C=%d H=%d K=%d D=%d F=%d V=%d)\n", cfg_path, c.num_hidden_layers,
+           c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
+           c.vocab_size);
+    free(cfg_path);
+    printf("  base %s; LoRA r=%d alpha=%g (scale %g) on", o.load_in_4bit ? "NF4 (blocksize 64, double quant)" : "bf16",
+           o.lora_r, o.lora_alpha, o.lora_alpha / o.lora_r);
+    for (int i = 0, first = 1; i < MB_LAYER_WEIGHTS; i++)
+        if ((o.targets >> i) & 1u)
+            printf("%s%s", first ? " " : ",", strchr(mb_layer_weights[i].name, '.') + 1), first = 0;
+    printf("\n  DPO step: %d pairs = %d sequences x %d tokens, gradient checkpointing %s; %d GPU%s, ZeRO stage %d\n",
+           o.batch, 2 * o.batch, o.max_length, o.gradient_checkpointing ? "on" : "off", o.gpus, o.gpus > 1 ? "s" : "",
+           o.zero_stage);
+    printf("  %-18s %14s %10s  %s\n", "kind", "bytes", "MiB", "how");
+    size_t total = 0;
+    for (int k = 0; k < PLAN_ROWS; k++) {
+        total += p.bytes[k];
+        printf("  %-18s %14zu %10.1f  %s\n", plan_kinds[k], p.bytes[k], (double)p.bytes[k] / 1048576.0, p.how[k]);
+    }
+    printf("  %-18s %14zu %10.1f  (%.2f GiB)\n", "total", total, (double)total / 1048576.0,
+           (double)total / 1073741824.0);
+    printf("trainable parameters: %zu\n", p.trainable);
+    printf("assumptions: bf16 activations, fp32 trainable state; logits through a fused lm_head + log-softmax one "
+           "sequence at a time (the batch's full fp32 logits would be %.1f MiB); not counted: the CUDA context and "
+           "allocator slack (typically 0.3-1 GiB)\n", (double)p.full_logits / 1048576.0);
+    return 0;
+}
+
+/* Bytes of the 4-bit weights of m: packed codes, absmax (codes and scales, or fp32). */
+static void info_nf4(const MbModel *m) {
+    size_t count = 0, values = 0, packed = 0, absmax = 0;
+    int nested = 0;
+    MbDtype compute = MB_DT_F32;
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            const MbWeight *w = &m->layers[l].w[i];
+            const MbNf4 *q = weight_nf4(w);
+            if (!q) continue;
+            count++, values += w->rows * w->cols, packed += w->rows * w->cols / 2;
+            if (q->absmax_q) absmax += q->nblocks + 4 * plan_ceil(q->nblocks, q->nested_blocksize) + 4, nested = 1;
+            else absmax += 4 * q->nblocks;
+            compute = q->compute;
+        }
+    if (!count) return;
+    printf("4-bit weights: NF4 (bitsandbytes)%s, compute dtype %s\n", nested ? ", double quant" : "",
+           compute == MB_DT_BF16 ? "bfloat16" : compute == MB_DT_F16 ? "float16" : "float32");
+    printf("  %-22s %14zu\n", "linear weights", count);
+    printf("  %-22s %14zu\n", "values", values);
+    printf("  %-22s %14zu bytes (%.3f B/value)\n", "packed codes", packed, (double)packed / (double)values);
+    printf("  %-22s %14zu bytes (%.4f B/value)\n", "absmax", absmax, (double)absmax / (double)values);
+}
+
 static int cmd_info(MbArgs *a) {
     MbStatus rc;
-    int threads = 0;
-    if ((rc = arg_int(a, "threads", &threads))) goto fail;
+    int threads = 0, plan = 0;
+    MbLoadOptions opt = {.threads = 1};
+    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_flag(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
         rc = mb_fail(MB_ERR_ARG, "info: which model? --> medbot info MODEL_DIR");
         goto fail;
     }
-    if ((rc = args_done(a))) goto fail;
-    MbLoadOptions opt = {1};
+    if (plan) {
+        if ((rc = cmd_info_plan(a, dir))) goto fail;
+        return 0;
+    }
+    opt.bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
+    if ((rc = arg_flag(a, "load_in_4bit", &opt.load_in_4bit)) || (rc = args_done(a))) goto fail;
     MbModel *m;
     if ((rc = mb_model_load(dir, &opt, &m))) goto fail;
     const MbConfig *c = &m->cfg;
@@ -6455,6 +7267,7 @@ static int cmd_info(MbArgs *a) {
         if (count[t])
             printf("  %-6s %5zu tensors %14zu values %14zu bytes (%.1f MiB)\n", mb_dtype_name((MbDtype)t),
                    count[t], numel[t], bytes[t], (double)bytes[t] / (1024.0 * 1024.0));
+    info_nf4(m);
     mb_model_free(m);
     return 0;
 fail:
@@ -6589,11 +7402,13 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     (void)arg_get(a, "trainable_params");
     if ((bnb = arg_get(a, "bnb_4bit_quant_type")) && strcmp(bnb, "nf4"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bnb_4bit_quant_type '%s': medbot implements nf4", a->cmd, bnb);
-    (void)arg_get(a, "bnb_4bit_compute_dtype");
     if ((bnb = arg_get(a, "bias")) && strcmp(bnb, "none"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bias '%s': medbot trains LoRA with bias none", a->cmd, bnb);
-    if (load_4bit)
-        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --load_in_4bit arrives with the NF4 weights section (issue 4)", a->cmd);
+    job->load_in_4bit = load_4bit;
+    const char *cdt = arg_get(a, "bnb_4bit_compute_dtype");
+    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
+        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd, cdt);
+    job->bnb_4bit_compute_dtype = cdt;
     if (effective && effective != c->per_device_train_batch_size * c->gradient_accumulation_steps)
         printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
                "this run uses one process: %d pairs per step\n", effective,
@@ -6673,7 +7488,7 @@ static int cmd_merge(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "merge: --model DIR --lora ADAPTER_DIR --output DIR are required");
         goto fail;
     }
-    MbLoadOptions opt = {threads};
+    MbLoadOptions opt = {.threads = threads};
     if ((rc = mb_model_load(model, &opt, &m)) || (rc = mb_lora_load(m, lora, &lo)) ||
         (rc = mb_model_merge_save(m, lo, model, out)))
         goto fail;
@@ -6713,7 +7528,12 @@ static const struct {
     int (*fn)(MbArgs *);
     const char *usage;
 } mb_commands[] = {
-    {"info", cmd_info, "info MODEL_DIR\n    config, parameter count by kind, bytes per dtype"},
+    {"info", cmd_info, "info MODEL_DIR [--load_in_4bit] [--bnb_4bit_compute_dtype float32|bfloat16]\n"
+                       "    config, parameter count by kind, bytes per dtype (and of the 4-bit weights)\n"
+                       "  medbot info MODEL_DIR --plan [--load_in_4bit] [--lora_r 64 --lora_alpha 8\n"
+                       "      --lora_target_modules q_proj,k_proj] [--per_device_train_batch_size 4 --max_length 512\n"
+                       "      --gradient_checkpointing] [--gpus 1 --zero_stage 0]\n"
+                       "    memory per device of a DPO training step, from config.json alone"},
     {"dpo", cmd_dpo, "dpo --model DIR --data FILE.jsonl --output DIR [options]   (no arguments: the bundled demo)\n"
                      "    trains a LoRA adapter with DPO as TRL's DPOTrainer. Options (TRL names): --beta --loss_type\n"
                      "    sigmoid|hinge|ipo|robust --label_smoothing --learning_rate --lr_scheduler_type\n"

@@ -100,7 +100,7 @@ static void dp_job(MbTrainJob *job, const char *out, int nproc, int ga, int zero
 
 static float *adapter_params(const char *dir, size_t *n) {
     MbModel *m;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     MbLora *lo = NULL;
     if (mb_model_load(FIX "/model", &o, &m)) return NULL;
     float *p = NULL;

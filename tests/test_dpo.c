@@ -229,7 +229,7 @@ static void check_train(const char *adapter, const char *file, const char *log_f
     char path[300];
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", job.output_dir);
     MbModel *m;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     CHECK_OK(mb_model_load(FIX "/model", &o, &m));
     MbLora *lo = NULL;
     CHECK_OK(mb_lora_load(m, job.output_dir, &lo));
@@ -312,7 +312,7 @@ static void sft_step_matches_transformers(void) {
 
 static void merge_matches_peft_merge_and_unload(void) {
     MbModel *m;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     CHECK_OK(mb_model_load(FIX "/model", &o, &m));
     MbLora *lo = NULL;
     CHECK_OK(mb_lora_load(m, FIX "/adapter_all", &lo));

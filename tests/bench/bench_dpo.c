@@ -33,7 +33,7 @@ static double bench_medbot(const char *dir, int threads, int gc) {
     mb_train_config_defaults(&tr.cfg);
     tr.cfg.per_device_train_batch_size = PAIRS, tr.cfg.max_length = 0;
     tr.cfg.lora.r = 64, tr.cfg.lora.alpha = 8;
-    MbLoadOptions o = {threads};
+    MbLoadOptions o = {.threads = threads};
     if (mb_model_load(dir, &o, &tr.m) || mb_lora_new(tr.m, &tr.cfg.lora, 1, &tr.lo)) {
         fprintf(stderr, "bench: %s\n", mb_last_error());
         exit(1);
