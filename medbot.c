@@ -3231,9 +3231,14 @@ struct MbOps {
     size_t act_size;           /* bytes per activation element */
     int host_memory;           /* activations live in host memory (the CPU backend) */
     void (*destroy)(MbOps *);
-    float *(*alloc)(MbOps *, size_t n);                       /* n zeroed activations */
-    void (*free)(MbOps *, float *p);
-    void (*to_host)(MbOps *, float *dst, const float *src, size_t n);
+    /* Memory. Activation buffers hold act_size-byte values; every other buffer (norm statistics,
+     * per-row log-probs, logits, LoRA parameters and gradients, optimizer state) is fp32 or fp64
+     * whatever the backend. Index arrays (tokens, lengths, rows, targets) are passed as host
+     * pointers; a device backend copies them itself. */
+    void *(*alloc)(MbOps *, size_t bytes);                                  /* zeroed */
+    void (*free)(MbOps *, void *p);
+    void (*to_host)(MbOps *, void *dst, const void *src, size_t bytes);    /* backend -> host */
+    void (*from_host)(MbOps *, void *dst, const void *src, size_t bytes);  /* host -> backend */
     /* out (N, C) = wte[tokens] : nn.Embedding */
     void (*embedding_forward)(MbOps *, float *out, const int32_t *tokens, const MbWeight *wte, size_t N);
     /* out (N, O) = inp (N, I) @ w(O, I)^T : nn.Linear without bias */
@@ -3269,7 +3274,7 @@ struct MbOps {
      * logp (M) = logits[m][targets[m]] - lse[m], lse (M) = logsumexp(logits[m]),
      * lsum (M) = sum over the vocabulary of logits[m] (for TRL's logits/chosen and logits/rejected), fp32 :
      * selective_log_softmax(lm_head(x), targets) */
-    void (*logprob_forward)(MbOps *, float *logp, float *lse, double *lsum, const float *x, const MbWeight *w,
+    void (*logprob_forward)(MbOps *, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
                             const int32_t *targets, size_t M);
 
     /* ---- backward (parameter gradients +=, activation gradients = unless `accumulate`) ---- */
@@ -3331,21 +3336,21 @@ static float *cpu_scratch(MbCpu *cpu, int tid, size_t n) {
     return cpu->scratch[tid];
 }
 
-static float *cpu_alloc(MbOps *ops, size_t n) {
+static void *cpu_alloc(MbOps *ops, size_t bytes) {
     (void)ops;
-    float *p = mb_aligned_alloc(n * sizeof(float));
-    memset(p, 0, n * sizeof(float));
+    void *p = mb_aligned_alloc(bytes);
+    memset(p, 0, bytes);
     return p;
 }
 
-static void cpu_free(MbOps *ops, float *p) {
+static void cpu_free(MbOps *ops, void *p) {
     (void)ops;
     free(p);
 }
 
-static void cpu_to_host(MbOps *ops, float *dst, const float *src, size_t n) {
+static void cpu_copy(MbOps *ops, void *dst, const void *src, size_t bytes) {
     (void)ops;
-    if (dst != src) memcpy(dst, src, n * sizeof(float));
+    if (dst != src && bytes) memcpy(dst, src, bytes);
 }
 
 static void cpu_embedding_forward(MbOps *ops, float *out, const int32_t *tokens, const MbWeight *wte,
@@ -3830,7 +3835,7 @@ typedef struct {
     size_t rows, V, m0;
     const int32_t *targets;
     float *logp, *lse;      /* forward: written; backward: lse read */
-    double *lsum;
+    float *lsum;
     const float *g;         /* backward: d loss / d logp */
 } LogprobTask;
 
@@ -3848,7 +3853,7 @@ static void logprob_rows_forward(void *ctx, int tid, int nt) {
         size_t m = t->m0 + r;
         t->lse[m] = mx + logf(se);
         t->logp[m] = l[t->targets[m]] - t->lse[m];
-        t->lsum[m] = sum;
+        t->lsum[m] = (float)sum;
     }
 }
 
@@ -3864,7 +3869,7 @@ static void logprob_rows_backward(void *ctx, int tid, int nt) {
     }
 }
 
-static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, double *lsum, const float *x, const MbWeight *w,
+static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
                                 const int32_t *targets, size_t M) {
     MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
@@ -3970,7 +3975,8 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->destroy = cpu_destroy;
     ops->alloc = cpu_alloc;
     ops->free = cpu_free;
-    ops->to_host = cpu_to_host;
+    ops->to_host = cpu_copy;
+    ops->from_host = cpu_copy;
     ops->embedding_forward = cpu_embedding_forward;
     ops->matmul_forward = cpu_matmul_forward;
     ops->rmsnorm_forward = cpu_rmsnorm_forward;
@@ -4066,6 +4072,7 @@ struct MbLora {
     float *grads;       /* (n_params) */
     size_t n_params;
     int enabled;        /* 0: the model is the reference policy (adapters disabled) */
+    MbOps *ops;         /* the backend whose memory holds params and grads */
 };
 
 /* Activations saved by one decoder layer for its backward. */
@@ -4101,6 +4108,8 @@ typedef struct {
     float *logp, *lse_rows, *g_rows; /* (N) per loss row */
     float *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
     float *drop, *ddrop; /* (N, max(C, F)) LoRA dropout's masked input and its gradient */
+    float *block32;      /* the fp32 buffers: norm statistics, lse, per-row values, logits */
+    float *lsum_rows;    /* (N) sum of each loss row's logits */
 } MbActs;
 
 struct MbModel {
@@ -4160,6 +4169,7 @@ static void rope_inv_freq(const MbConfig *c, float *inv_freq) {
 
 static void acts_free(MbModel *m) {
     if (m->acts.block) m->ops->free(m->ops, m->acts.block);
+    if (m->acts.block32) m->ops->free(m->ops, m->acts.block32);
     free(m->acts.stream);
     free(m->acts.layer);
     memset(&m->acts, 0, sizeof m->acts);
@@ -4195,37 +4205,47 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     a->n_layer_sets = train && !ckpt ? (int)L : 1;
     a->stream = mb_calloc(n_stream, sizeof *a->stream);
     a->layer = mb_calloc((size_t)a->n_layer_sets, sizeof *a->layer);
-    MbBufSpec *spec = NULL; /* stb_ds array */
+    MbBufSpec *spec = NULL, *spec32 = NULL; /* stb_ds arrays: activations, fp32 values */
 #define BUF(p, n) buf_spec(&spec, &(p), (n))
+#define F32(p, n) buf_spec(&spec32, &(p), (n))
     for (size_t i = 0; i < n_stream; i++) BUF(a->stream[i], N * C);
     for (int i = 0; i < a->n_layer_sets; i++) {
         MbLayerActs *la = &a->layer[i];
-        BUF(la->xn1, N * C), BUF(la->rstd1, N), BUF(la->q, N * QD), BUF(la->k, N * KVD);
-        BUF(la->v, N * KVD), BUF(la->att, N * QD), BUF(la->lse, N * H), BUF(la->x_mid, N * C);
-        BUF(la->xn2, N * C), BUF(la->rstd2, N), BUF(la->gate, N * F), BUF(la->up, N * F);
+        BUF(la->xn1, N * C), F32(la->rstd1, N), BUF(la->q, N * QD), BUF(la->k, N * KVD);
+        BUF(la->v, N * KVD), BUF(la->att, N * QD), F32(la->lse, N * H), BUF(la->x_mid, N * C);
+        BUF(la->xn2, N * C), F32(la->rstd2, N), BUF(la->gate, N * F), BUF(la->up, N * F);
         BUF(la->hid, N * F);
         for (int w = 0; w < MB_LAYER_WEIGHTS; w++)
             if (targets & (1u << w)) BUF(la->u[w], N * (size_t)R);
     }
-    BUF(a->tmp, N * C), BUF(a->xf, N * C), BUF(a->rstd_f, N);
-    if (!m->ops->host_memory && !train) BUF(a->logits, N * V);
+    BUF(a->tmp, N * C), BUF(a->xf, N * C), F32(a->rstd_f, N);
+    if (!m->ops->host_memory && !train) F32(a->logits, N * V);
     if (train) {
-        BUF(a->xg, N * C), BUF(a->dxg, N * C), BUF(a->logp, N), BUF(a->lse_rows, N), BUF(a->g_rows, N);
-        BUF(a->dx, N * C), BUF(a->dx_mid, N * C), BUF(a->dxn, N * C);
+        BUF(a->xg, N * C), BUF(a->dxg, N * C), F32(a->logp, N), F32(a->lse_rows, N), F32(a->g_rows, N);
+        F32(a->lsum_rows, N), BUF(a->dx, N * C), BUF(a->dx_mid, N * C), BUF(a->dxn, N * C);
         BUF(a->datt, N * QD), BUF(a->dq, N * QD), BUF(a->dk, N * KVD), BUF(a->dv, N * KVD);
         BUF(a->dgate, N * F), BUF(a->dup, N * F), BUF(a->dhid, N * F);
     }
     if (dropout) BUF(a->drop, N * MB_MAX(C, F)), BUF(a->ddrop, N * MB_MAX(C, F));
 #undef BUF
-    size_t total = 0;
+#undef F32
+    size_t total = 0, total32 = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) total += spec[i].count;
-    a->block = m->ops->alloc(m->ops, total);
+    for (ptrdiff_t i = 0; i < arrlen(spec32); i++) total32 += spec32[i].count;
+    a->block = m->ops->alloc(m->ops, total * m->ops->act_size);
+    a->block32 = m->ops->alloc(m->ops, total32 * sizeof(float));
     size_t off = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) {
         *spec[i].ptr = mb_act_at(m->ops, a->block, off);
         off += spec[i].count;
     }
+    off = 0;
+    for (ptrdiff_t i = 0; i < arrlen(spec32); i++) {
+        *spec32[i].ptr = a->block32 + off;
+        off += spec32[i].count;
+    }
     arrfree(spec);
+    arrfree(spec32);
 }
 
 void mb_model_free(MbModel *m) {
@@ -4374,7 +4394,7 @@ MbStatus mb_kvcache_new(MbModel *m, int B, int S, MbKVCache **out) {
     kv->B = B;
     kv->S = S;
     kv->lens = mb_calloc((size_t)B, sizeof *kv->lens);
-    kv->block = m->ops->alloc(m->ops, 2 * L * per);
+    kv->block = m->ops->alloc(m->ops, 2 * L * per * m->ops->act_size);
     kv->k = mb_calloc(L, sizeof *kv->k);
     kv->v = mb_calloc(L, sizeof *kv->v);
     for (size_t l = 0; l < L; l++) {
@@ -4569,7 +4589,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         ops->rmsnorm_forward(ops, a->xf, a->rstd_f, last_only ? a->tmp : x, &m->norm, rows, c->rms_norm_eps);
         float *dst = a->logits ? a->logits : logits;
         ops->matmul_forward(ops, dst, a->xf, &m->lm_head, rows);
-        ops->to_host(ops, logits, dst, rows * V);
+        ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
     kv->len += T;
     for (int b = 0; lens && b < B; b++)
@@ -4605,11 +4625,9 @@ static MbStatus model_forward_rows(MbModel *m, const int32_t *tokens, const int 
     }
     ops->rmsnorm_forward(ops, a->xf, a->rstd_f, a->stream[L], &m->norm, N, c->rms_norm_eps);
     ops->gather_rows(ops, a->xg, a->xf, pos, M, C);
-    double *ls = mb_malloc(M * sizeof *ls);
-    ops->logprob_forward(ops, a->logp, a->lse_rows, ls, a->xg, &m->lm_head, target, M);
-    ops->to_host(ops, logp, a->logp, M);
-    for (size_t i = 0; i < M; i++) lsum[i] = (float)ls[i];
-    free(ls);
+    ops->logprob_forward(ops, a->logp, a->lse_rows, a->lsum_rows, a->xg, &m->lm_head, target, M);
+    ops->to_host(ops, logp, a->logp, M * sizeof(float));
+    ops->to_host(ops, lsum, a->lsum_rows, M * sizeof(float));
     m->train_lens = lens, m->train_B = B, m->train_T = T;
     m->train_pos = pos, m->train_target = target, m->train_M = train ? M : 0;
     return MB_OK;
@@ -4623,7 +4641,7 @@ static void model_backward_rows(MbModel *m, const float *g) {
     MbActs *a = &m->acts;
     int B = m->train_B, T = m->train_T;
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), L = (size_t)c->num_hidden_layers, M = m->train_M;
-    memcpy(a->g_rows, g, M * sizeof(float)); /* host -> backend: the CPU's memory is the host's */
+    ops->from_host(ops, a->g_rows, g, M * sizeof(float));
     ops->logprob_backward(ops, a->dxg, a->g_rows, a->xg, &m->lm_head, m->train_target, a->lse_rows, M);
     ops->scatter_rows(ops, a->dxn, a->dxg, m->train_pos, M, N, C);
     ops->rmsnorm_backward(ops, a->dx, a->dxn, a->stream[L], &m->norm, a->rstd_f, N, 0);
@@ -4765,9 +4783,21 @@ static const char *lora_module_name(int id) { return strrchr(mb_layer_weights[id
 void mb_lora_free(MbLora *lo) {
     if (!lo) return;
     free(lo->pairs);
-    free(lo->params);
-    free(lo->grads);
+    lo->ops->free(lo->ops, lo->params);
+    lo->ops->free(lo->ops, lo->grads);
     free(lo);
+}
+
+/* The parameters (or gradients) in host memory, for writing and merging; malloc'd. */
+static float *lora_download(const MbLora *lo, const float *block) {
+    float *h = mb_malloc(lo->n_params * sizeof(float) + 4);
+    lo->ops->to_host(lo->ops, h, block, lo->n_params * sizeof(float));
+    return h;
+}
+
+/* The host copy's view of backend pointer p (an A or B of the adapter). */
+static const float *lora_host_view(const MbLora *lo, const float *host, const void *p) {
+    return host + ((const float *)p - lo->params);
 }
 
 /* An adapter for model m with zeroed A and B (callers fill them). */
@@ -4794,20 +4824,19 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
             if (lo->targets & (1u << i))
                 n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
-    lo->params = mb_aligned_alloc(n * sizeof(float));
-    lo->grads = mb_aligned_alloc(n * sizeof(float));
-    memset(lo->params, 0, n * sizeof(float));
-    memset(lo->grads, 0, n * sizeof(float));
+    lo->ops = m->ops;
+    lo->params = m->ops->alloc(m->ops, n * sizeof(float));
+    lo->grads = m->ops->alloc(m->ops, n * sizeof(float));
     size_t off = 0;
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
             if (!(lo->targets & (1u << i))) continue;
             MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
             size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
-            p->A = (MbWeight){MB_DT_F32, R, in, lo->params + off, NULL};
+            p->A = (MbWeight){.dtype = MB_DT_F32, .rows = R, .cols = in, .data = lo->params + off};
             p->gA = lo->grads + off;
             off += R * in;
-            p->B = (MbWeight){MB_DT_F32, outd, R, lo->params + off, NULL};
+            p->B = (MbWeight){.dtype = MB_DT_F32, .rows = outd, .cols = R, .data = lo->params + off};
             p->gB = lo->grads + off;
             off += outd * R;
         }
@@ -4819,16 +4848,19 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     MbStatus rc = lora_alloc(m, cfg, out);
     if (rc) return rc;
     MbLora *lo = *out;
+    float *host = mb_calloc(lo->n_params + 1, sizeof(float));
     MbRng rng;
     mb_rng_seed(&rng, seed);
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
             MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
             if (!p->A.data) continue;
-            float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)p->A.data;
+            float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)lora_host_view(lo, host, p->A.data);
             for (size_t k = 0; k < p->A.rows * p->A.cols; k++)
                 a[k] = (float)((2.0 * mb_rng_uniform(&rng) - 1.0) * bound);
         }
+    lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
+    free(host);
     return MB_OK;
 }
 
@@ -4929,6 +4961,7 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
     MbStatus rc = lora_read_config(cfg_path, &cfg);
     if (!rc) rc = mb_safetensors_open(st_path, &st);
     if (!rc) rc = lora_alloc(m, &cfg, &lo);
+    float *host = lo ? mb_calloc(lo->n_params + 1, sizeof(float)) : NULL;
     char name[256];
     size_t found = 0;
     for (int l = 0; !rc && l < lo->L; l++)
@@ -4955,13 +4988,15 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
                                  mb_dtype_name(t->dtype));
                     break;
                 }
-                mb_convert_to_f32(t->dtype, t->data, (float *)w->data, t->numel);
+                mb_convert_to_f32(t->dtype, t->data, (float *)lora_host_view(lo, host, w->data), t->numel);
                 found++;
             }
         }
     if (!rc && found != mb_safetensors_count(st))
         rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: holds %zu tensors, medbot used %zu (adapters on other modules, or "
                      "modules_to_save?)", st_path, mb_safetensors_count(st), found);
+    if (!rc) lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
+    free(host);
     mb_safetensors_close(st);
     free(cfg_path);
     free(st_path);
@@ -4995,7 +5030,7 @@ static char *lora_config_json(const MbLora *lo, const char *base_model) {
 }
 
 /* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block. */
-static MbTensorOut *lora_tensors(const MbLora *lo, char ***names) {
+static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***names) {
     MbTensorOut *ts = NULL;
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
@@ -5006,7 +5041,7 @@ static MbTensorOut *lora_tensors(const MbLora *lo, char ***names) {
                 char name[256];
                 snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
                          ab ? 'B' : 'A');
-                MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, w->data};
+                MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
                 arrput(*names, (char *)t.name);
                 arrput(ts, t);
             }
@@ -5020,11 +5055,13 @@ MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model)
     if (!mb_is_dir(dir) && mkdir(dir, 0755) != 0)
         return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", dir, strerror(errno));
     char **names = NULL;
-    MbTensorOut *ts = lora_tensors(lo, &names);
+    float *host = lora_download(lo, lo->params);
+    MbTensorOut *ts = lora_tensors(lo, host, &names);
     char *st_path = mb_path_join(dir, "adapter_model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
     MbStatus rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
     free(st_path);
+    free(host);
     for (ptrdiff_t i = 0; i < arrlen(names); i++) free(names[i]);
     arrfree(names);
     arrfree(ts);
@@ -5045,16 +5082,19 @@ typedef struct {
     const MbTensorOut *ts;
     int *layer, *id;   /* per output tensor: its layer and MbLayerWeightId, or -1 */
     const MbWeight **src;
+    const float *host;  /* the adapter's parameters in host memory */
 } MergeCtx;
 
-/* Row r of W + scale B A in fp32 (PEFT's merge: W += (B @ A) * scaling). */
-static void lora_merge_row(const MbWeight *w, const MbLoraPair *p, float scale, size_t r, float *row) {
+/* Row r of W + scale B A in fp32 (PEFT's merge: W += (B @ A) * scaling); A (R, cols) and B
+ * (rows, R) in host memory, NULL for an unadapted weight. */
+static void lora_merge_row(const MbWeight *w, const float *A, const float *B, size_t R, float scale, size_t r,
+                           float *row) {
     size_t cols = w->cols;
     weight_row_f32(w, r, 0, cols, row);
-    if (!p) return;
-    const float *B = (const float *)p->B.data + r * p->B.cols, *A = p->A.data;
+    if (!A) return;
+    B += r * R;
     float *ba = mb_calloc(cols, sizeof(float));
-    for (size_t k = 0; k < p->B.cols; k++)
+    for (size_t k = 0; k < R; k++)
         for (size_t c = 0; c < cols; c++) ba[c] += B[k] * A[k * cols + c];
     for (size_t c = 0; c < cols; c++) row[c] += ba[c] * scale;
     free(ba);
@@ -5068,8 +5108,10 @@ static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
     const MbLoraPair *p = mc->id[i] >= 0 && (mc->lo->targets & (1u << mc->id[i]))
                               ? &mc->lo->pairs[(size_t)mc->layer[i] * MB_LAYER_WEIGHTS + mc->id[i]]
                               : NULL;
+    const float *A = p ? lora_host_view(mc->lo, mc->host, p->A.data) : NULL;
+    const float *B = p ? lora_host_view(mc->lo, mc->host, p->B.data) : NULL;
     for (size_t r = 0; r < rows; r++) {
-        lora_merge_row(w, p, mc->lo->scale, r, row);
+        lora_merge_row(w, A, B, (size_t)mc->lo->r, mc->lo->scale, r, row);
         mb_convert_from_f32(MB_DT_BF16, row, (unsigned char *)dst + r * cols * 2, cols);
     }
     free(row);
@@ -5104,11 +5146,13 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     ADD("model.norm.weight", &m->norm, -1, -1, 1);
     if (!c->tie_word_embeddings) ADD("lm_head.weight", &m->lm_head, -1, -1, 2);
 #undef ADD
-    MergeCtx mc = {m, lo, ts, layer, id, src};
+    float *host = lora_download(lo, lo->params);
+    MergeCtx mc = {m, lo, ts, layer, id, src, host};
     char *st_path = mb_path_join(out_dir, "model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
     MbStatus rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
     free(st_path);
+    free(host);
     for (size_t i = 0; i < n; i++) free(names[i]);
     free(names), free(ts), free(layer), free(id), free(src);
     if (rc) return rc;
@@ -5395,6 +5439,8 @@ struct MbComm {
     /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
     void (*all_reduce_f64)(MbComm *, double *x, size_t n);
     void (*reduce_scatter_f64)(MbComm *, double *shard, const double *x, size_t n);
+    /* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
+    void (*all_reduce_host)(MbComm *, double *x, size_t n);
 };
 
 static void mb_comm_threads_new(int world, MbComm **comms);
@@ -5648,6 +5694,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
     size_t base = 0, batch = 0;
     MbStatus rc = MB_OK;
+    double *sum = mb_calloc((nt + ne) * 2 + 1, sizeof(double)); /* the last entry: failed */
     for (int s = 0; s < 2; s++) {
         size_t n = (size_t)arrlen(sets[s]->pairs);
         int bs = tr->cfg.per_device_train_batch_size;
@@ -5662,7 +5709,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
             rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
             for (size_t i = 0; !rc && i < bt.M; i++) {
                 int b = bt.seq[i];
-                tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
+                sum[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
             }
             free(logp), free(lsum), free(pairs);
             batch_free(&bt);
@@ -5670,8 +5717,13 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         base += n;
     }
     tr->lo->enabled = 1;
-    float failed = rc != MB_OK;
-    comm->all_reduce(comm, tr->ref_cache, (nt + ne) * 2); /* each pair was computed by one rank */
+    sum[(nt + ne) * 2] = rc != MB_OK;
+    comm->all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
+    for (size_t i = 0; i < (nt + ne) * 2; i++) tr->ref_cache[i] = (float)sum[i];
+    double failed = sum[(nt + ne) * 2];
+    free(sum);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "computing the reference log-probs failed on another rank");
+    failed = 0;
     if (!rc && lead) {
         float one = 1;
         MbTensorOut ts[2] = {{"ref_logps", MB_DT_F32, 2, {nt + ne, 2}, tr->ref_cache}, {key, MB_DT_F32, 1, {1}, &one}};
@@ -5679,8 +5731,8 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         if (!rc) printf("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
         failed = rc != MB_OK;
     }
-    comm->all_reduce(comm, &failed, 1);
-    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "computing the reference log-probs failed on another rank");
+    comm->all_reduce_host(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "rank 0 could not write the reference log-probs");
     free(path);
     return rc;
 }
@@ -5723,16 +5775,24 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
 
 static MbStatus checkpoint_save(MbTrainer *tr) {
     MbComm *comm = tr->comm;
+    MbOps *ops = tr->m->ops;
     float *m1 = tr->exp_avg, *m2 = tr->exp_avg_sq;
+    size_t bytes = tr->n_pad * sizeof(float);
     if (tr->zero && comm->world > 1) { /* every rank's slice, in one file */
-        m1 = mb_calloc(tr->n_pad, sizeof(float)), m2 = mb_calloc(tr->n_pad, sizeof(float));
+        m1 = ops->alloc(ops, bytes), m2 = ops->alloc(ops, bytes);
         comm->all_gather(comm, m1, tr->exp_avg, tr->n_pad);
         comm->all_gather(comm, m2, tr->exp_avg_sq, tr->n_pad);
     }
-    MbStatus rc = comm->rank == 0 ? checkpoint_write(tr, m1, m2) : MB_OK;
-    if (m1 != tr->exp_avg) free(m1), free(m2);
-    float failed = rc != MB_OK;
-    comm->all_reduce(comm, &failed, 1);
+    MbStatus rc = MB_OK;
+    if (comm->rank == 0) {
+        float *h1 = mb_malloc(bytes), *h2 = mb_malloc(bytes);
+        ops->to_host(ops, h1, m1, bytes), ops->to_host(ops, h2, m2, bytes);
+        rc = checkpoint_write(tr, h1, h2);
+        free(h1), free(h2);
+    }
+    if (m1 != tr->exp_avg) ops->free(ops, m1), ops->free(ops, m2);
+    double failed = rc != MB_OK;
+    comm->all_reduce_host(comm, &failed, 1);
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_IO, "rank 0 could not write checkpoint-%ld", tr->step);
     return rc;
 }
@@ -5776,13 +5836,19 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
             rc = mb_fail(MB_ERR_FORMAT, "%s: optimizer moments missing or of the wrong size --> the checkpoint is "
                          "corrupt", opt);
         else { /* the file holds every slice: any world size can take its own */
+            MbOps *ops = tr->m->ops;
             size_t off = tr->zero ? (size_t)tr->comm->rank * tr->shard : 0, len = tr->zero ? tr->shard : tr->n_pad;
-            const float *fa = a->data, *fb = b->data;
-            for (size_t i = 0; i < len; i++) {
-                tr->exp_avg[i] = off + i < np ? fa[off + i] : 0.0f;
-                tr->exp_avg_sq[i] = off + i < np ? fb[off + i] : 0.0f;
+            float *h1 = mb_calloc(len + 1, sizeof(float)), *h2 = mb_calloc(len + 1, sizeof(float));
+            for (size_t i = 0; i < len && off + i < np; i++) {
+                memcpy(&h1[i], (const char *)a->data + 4 * (off + i), 4);
+                memcpy(&h2[i], (const char *)b->data + 4 * (off + i), 4);
             }
-            memcpy(tr->lo->params, lo->params, np * sizeof(float));
+            ops->from_host(ops, tr->exp_avg, h1, len * sizeof(float));
+            ops->from_host(ops, tr->exp_avg_sq, h2, len * sizeof(float));
+            free(h1), free(h2);
+            float *hp = lora_download(lo, lo->params);
+            ops->from_host(ops, tr->lo->params, hp, np * sizeof(float));
+            free(hp);
         }
     }
     mb_safetensors_close(st);
@@ -5882,7 +5948,7 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
     int bs = tr->cfg.per_device_eval_batch_size, *idx = mb_malloc((size_t)bs * sizeof *idx);
     MbComm *comm = tr->comm;
     double bm[MET_COUNT] = {0};
-    float sums[MET_COUNT + 3] = {0}; /* metric sums, loss x pairs, batches, failed */
+    double sums[MET_COUNT + 3] = {0}; /* metric sums, loss x pairs, batches, failed */
     MbStatus rc = MB_OK;
     size_t b = 0;
     for (size_t i0 = 0; i0 < n; i0 += (size_t)bs, b++) {
@@ -5890,13 +5956,13 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
         int P = (int)MB_MIN((size_t)bs, n - i0);
         for (int i = 0; i < P; i++) idx[i] = (int)(i0 + (size_t)i);
         rc = train_microbatch(tr, &tr->eval, idx, P, nt, 0, 1.0, bm);
-        for (int k = 0; k < MET_COUNT; k++) sums[k] += (float)bm[k];
-        sums[MET_COUNT] += (float)(bm[MET_LOSS] * P);
+        for (int k = 0; k < MET_COUNT; k++) sums[k] += bm[k];
+        sums[MET_COUNT] += bm[MET_LOSS] * P;
         sums[MET_COUNT + 1] += 1;
     }
     sums[MET_COUNT + 2] = rc != MB_OK;
-    comm->all_reduce(comm, sums, MET_COUNT + 3);
-    for (int k = 0; k < MET_COUNT; k++) met[k] = sums[k] / MB_MAX(sums[MET_COUNT + 1], 1.0f);
+    comm->all_reduce_host(comm, sums, MET_COUNT + 3);
+    for (int k = 0; k < MET_COUNT; k++) met[k] = sums[k] / MB_MAX(sums[MET_COUNT + 1], 1.0);
     met[MET_LOSS] = sums[MET_COUNT] / (double)MB_MAX(n, 1);
     if (!rc && sums[MET_COUNT + 2] > 0) rc = mb_fail(MB_ERR_ARG, "evaluation failed on another rank");
     free(idx);
@@ -5926,7 +5992,7 @@ static double optimizer_step(MbTrainer *tr, double lr) {
     if (tr->zero && comm->world > 1) { /* the slices' sums of squares, added in fp64 */
         double *one = mb_calloc((size_t)comm->world, sizeof(double));
         one[comm->rank] = ss;
-        comm->all_reduce_f64(comm, one, (size_t)comm->world);
+        comm->all_reduce_host(comm, one, (size_t)comm->world);
         ss = 0;
         for (int r = 0; r < comm->world; r++) ss += one[r];
         free(one);
@@ -5959,8 +6025,8 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     tr->total_steps = c->max_steps > 0 ? c->max_steps : (long)ceil(c->num_train_epochs * (double)steps_per_epoch);
     long warmup = warmup_steps(c, tr->total_steps);
     size_t moments = tr->zero ? tr->shard : tr->n_pad;
-    tr->exp_avg = mb_calloc(moments, sizeof(float));
-    tr->exp_avg_sq = mb_calloc(moments, sizeof(float));
+    tr->exp_avg = ops->alloc(ops, moments * sizeof(float));
+    tr->exp_avg_sq = ops->alloc(ops, moments * sizeof(float));
     MbStatus rc = MB_OK;
     if (resume && (rc = checkpoint_load(tr, resume))) return rc;
     if (resume && lead) printf("resumed from %s at step %ld\n", resume, tr->step);
@@ -5979,7 +6045,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         size_t mine0, mine1;
         mb_split((size_t)count, comm->rank, comm->world, &mine0, &mine1);
         ops->fill_f64(ops, tr->acc, tr->n_pad);
-        float sums[MET_COUNT + 2] = {0}; /* metric sums over the step's micro-batches, tokens, failed */
+        double sums[MET_COUNT + 2] = {0}; /* metric sums over the step's micro-batches, tokens, failed */
         double tokens0 = tr->tokens_seen;
         for (long k = (long)mine0; k < (long)mine1 && !rc; k++) {
             long mbi = in_epoch + k;
@@ -5989,11 +6055,11 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
             ops->fill(ops, tr->lo->grads, 0.0f, tr->n_pad); /* this micro-batch's gradient alone ... */
             rc = train_microbatch(tr, &tr->train, idx, P, 0, 1, 1.0 / (double)count, met);
             ops->accumulate_f64(ops, tr->acc, tr->lo->grads, tr->n_pad); /* ... added to the step's in fp64 */
-            for (int q = 0; q < MET_COUNT; q++) sums[q] += (float)met[q];
+            for (int q = 0; q < MET_COUNT; q++) sums[q] += met[q];
         }
-        sums[MET_COUNT] = (float)(tr->tokens_seen - tokens0);
+        sums[MET_COUNT] = tr->tokens_seen - tokens0;
         sums[MET_COUNT + 1] = rc != MB_OK;
-        comm->all_reduce(comm, sums, MET_COUNT + 2); /* also tells every rank when one failed */
+        comm->all_reduce_host(comm, sums, MET_COUNT + 2); /* also tells every rank when one failed */
         tr->tokens_seen = tokens0 + sums[MET_COUNT];
         if (!rc && sums[MET_COUNT + 1] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: another rank failed");
         if (!rc && !isfinite(sums[MET_LOSS]))
@@ -6049,7 +6115,8 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
 static void trainer_free(MbTrainer *tr) {
     dataset_free(&tr->train);
     dataset_free(&tr->eval);
-    free(tr->ref_cache), free(tr->exp_avg), free(tr->exp_avg_sq);
+    free(tr->ref_cache);
+    if (tr->m && tr->exp_avg) tr->m->ops->free(tr->m->ops, tr->exp_avg), tr->m->ops->free(tr->m->ops, tr->exp_avg_sq);
     if (tr->m) mb_model_set_lora(tr->m, NULL);
     mb_lora_free(tr->lo);
     mb_tokenizer_free((MbTokenizer *)tr->tok);
@@ -6149,16 +6216,18 @@ static char *latest_checkpoint(const char *out) {
 /* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
  * ZeRO's slices are equal; the views into them follow. */
 static void lora_reserve(MbLora *lo, size_t n_pad) {
-    float *p = mb_aligned_alloc(n_pad * sizeof(float)), *g = mb_aligned_alloc(n_pad * sizeof(float));
-    memset(p, 0, n_pad * sizeof(float)), memset(g, 0, n_pad * sizeof(float));
-    memcpy(p, lo->params, lo->n_params * sizeof(float));
+    MbOps *ops = lo->ops;
+    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
+    float *host = lora_download(lo, lo->params);
+    ops->from_host(ops, p, host, lo->n_params * sizeof(float));
+    free(host);
     for (size_t i = 0; i < (size_t)lo->L * MB_LAYER_WEIGHTS; i++) {
         MbLoraPair *q = &lo->pairs[i];
         if (!q->A.data) continue;
         q->A.data = p + ((const float *)q->A.data - lo->params), q->B.data = p + ((const float *)q->B.data - lo->params);
         q->gA = g + (q->gA - lo->grads), q->gB = g + (q->gB - lo->grads);
     }
-    free(lo->params), free(lo->grads);
+    ops->free(ops, lo->params), ops->free(ops, lo->grads);
     lo->params = p, lo->grads = g;
 }
 
@@ -6170,8 +6239,8 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
     MbTrainer tr;
     int lead = comm->rank == 0;
     MbStatus rc = trainer_setup(&tr, &j, 1);
-    float failed = rc != MB_OK; /* a rank that cannot start stops every rank */
-    comm->all_reduce(comm, &failed, 1);
+    double failed = rc != MB_OK; /* a rank that cannot start stops every rank */
+    comm->all_reduce_host(comm, &failed, 1);
     if (rc) return rc;
     if (failed > 0) {
         trainer_free(&tr);
@@ -6182,8 +6251,9 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
     tr.shard = (tr.lo->n_params + (size_t)comm->world - 1) / (size_t)comm->world;
     tr.n_pad = tr.shard * (size_t)comm->world;
     lora_reserve(tr.lo, tr.n_pad);
-    if (tr.zero) tr.gshard = mb_calloc(tr.shard, sizeof(float)), tr.acc_shard = mb_calloc(tr.shard, sizeof(double));
-    tr.acc = mb_calloc(tr.n_pad, sizeof(double));
+    MbOps *ops = tr.m->ops;
+    if (tr.zero) tr.gshard = ops->alloc(ops, tr.shard * sizeof(float)), tr.acc_shard = ops->alloc(ops, tr.shard * sizeof(double));
+    tr.acc = ops->alloc(ops, tr.n_pad * sizeof(double));
     tr.fingerprint = trainer_fingerprint(&tr);
     const MbTrainConfig *c = &tr.cfg;
     if (lead) {
@@ -6214,7 +6284,7 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
         }
     }
     failed = rc != MB_OK;
-    comm->all_reduce(comm, &failed, 1);
+    comm->all_reduce_host(comm, &failed, 1);
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     double t0 = mb_now();
     if (!rc) rc = trainer_run(&tr, resume);
@@ -6224,7 +6294,8 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
         printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
                "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
                job->output_dir, job->output_dir);
-    free(tr.gshard), free(tr.acc), free(tr.acc_shard);
+    if (tr.gshard) ops->free(ops, tr.gshard), ops->free(ops, tr.acc_shard);
+    ops->free(ops, tr.acc);
     trainer_free(&tr);
     return rc;
 }
@@ -6466,6 +6537,7 @@ static void mb_comm_threads_new(int world, MbComm **comms) {
         c->all_reduce = tc_all_reduce, c->reduce_scatter = tc_reduce_scatter, c->all_gather = tc_all_gather;
         c->broadcast = tc_broadcast, c->barrier = tc_barrier, c->destroy = tc_destroy;
         c->all_reduce_f64 = tc_all_reduce_f64, c->reduce_scatter_f64 = tc_reduce_scatter_f64;
+        c->all_reduce_host = tc_all_reduce_f64; /* the CPU ranks' memory is the host's */
         comms[r] = c;
     }
 }
@@ -6729,6 +6801,17 @@ static void nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, siz
     nccl_check(ncclReduceScatter(x, shard, n / (size_t)c->world, ncclDouble, ncclSum, k->comm, k->stream));
     nc_sync(k);
 }
+static void nc_all_reduce_host(MbComm *c, double *x, size_t n) {
+    double *d;
+    if (cudaMalloc((void **)&d, n * sizeof(double)) != cudaSuccess) {
+        fprintf(stderr, "medbot: cudaMalloc of %zu bytes failed\n", n * sizeof(double));
+        exit(1);
+    }
+    cudaMemcpy(d, x, n * sizeof(double), cudaMemcpyHostToDevice);
+    nc_all_reduce_f64(c, d, n);
+    cudaMemcpy(x, d, n * sizeof(double), cudaMemcpyDeviceToHost);
+    cudaFree(d);
+}
 static void nc_barrier(MbComm *c) {
     MbNcclComm *k = c->ctx;
     float *one;
@@ -6761,6 +6844,7 @@ MB_UNUSED static MbStatus mb_comm_nccl_new(const MbLaunchEnv *e, int device, MbC
     c->all_reduce = nc_all_reduce, c->reduce_scatter = nc_reduce_scatter, c->all_gather = nc_all_gather;
     c->broadcast = nc_broadcast, c->barrier = nc_barrier, c->destroy = nc_destroy;
     c->all_reduce_f64 = nc_all_reduce_f64, c->reduce_scatter_f64 = nc_reduce_scatter_f64;
+    c->all_reduce_host = nc_all_reduce_host;
     *out = c;
     return MB_OK;
 }

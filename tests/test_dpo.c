@@ -323,7 +323,8 @@ static void merge_matches_peft_merge_and_unload(void) {
             if (!p->A.data) continue;
             const MbWeight *w = &m->layers[l].w[i];
             float *got = mb_malloc(w->rows * w->cols * sizeof(float));
-            for (size_t r = 0; r < w->rows; r++) lora_merge_row(w, p, lo->scale, r, got + r * w->cols);
+            for (size_t r = 0; r < w->rows; r++)
+                lora_merge_row(w, p->A.data, p->B.data, (size_t)lo->r, lo->scale, r, got + r * w->cols);
             char name[128], label[160];
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, mb_layer_weights[i].name);
             size_t n;
