@@ -4,9 +4,14 @@
 #   ./build.sh test [FILTER]    build and run the tests whose names contain FILTER
 #   ./build.sh test --sanitize [FILTER]   the same under AddressSanitizer + UBSan
 #   ./build.sh bench [FILTER]   build and run the benchmarks (tests/bench/)
+#   ./build.sh gpu              build the GPU check programs (tests/gpu/*.c) into build/ (run by tests/gpu/check.sh)
 #   ./build.sh clean
 # Environment: CC (default cc), CFLAGS (extra flags), STB_INCLUDE (folder holding stb/stb_ds.h),
-# MEDBOT_NATIVE=0 to build without -march=native (for a binary that runs on other CPUs).
+# MEDBOT_NATIVE=0 to build without -march=native (for a binary that runs on other CPUs),
+# CUDA_HOME (the CUDA toolkit, else nvcc's or /usr/local/cuda).
+# One binary everywhere: the CUDA backend needs no toolkit to compile (the driver, NVRTC, cuBLASLt
+# and NCCL are loaded at run time); the toolkit, when found, builds gen_kernels with NVRTC (the
+# compile check of every kernel specialization) and its lib folder is where medbot looks first.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,7 +41,11 @@ setup() {
     NATIVE="-march=native"
   fi
   mkdir -p "$BUILD"
+  # dlopen lives in libdl before glibc 2.34 (and in libc after; -ldl is then an empty stub)
+  if echo 'int main(void){return 0;}' | $CC -x c - -ldl -o /dev/null 2>/dev/null; then LIBS="$LIBS -ldl"; fi
   find_cuda
+  CUDEF=""
+  if [ -n "$CUDA_DIR" ]; then CUDEF="-DMB_CUDA_LIBDIR=\"$CUDA_LIB\""; fi
 }
 
 # The CUDA toolkit (nvcc, NVRTC): CUDA_HOME, nvcc on PATH, or /usr/local/cuda.
@@ -74,9 +83,9 @@ build_kernels() {
 build_bin() {
   local out=$1 src=$2; shift 2
   if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ medbot.c -nt "$out" ] || [ medbot.h -nt "$out" ] ||
-     { [ -f tests/test.h ] && [ tests/test.h -nt "$out" ]; } || [ build.sh -nt "$out" ]; then
+     [ kernels.gen.h -nt "$out" ] || { [ -f tests/test.h ] && [ tests/test.h -nt "$out" ]; } || [ build.sh -nt "$out" ]; then
     # shellcheck disable=SC2086
-    $CC $WARN "$@" $INC ${CFLAGS:-} -o "$out" "$src" $LIBS
+    $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS
   fi
 }
 
@@ -150,13 +159,21 @@ run_bench() {
   done
 }
 
+build_gpu() {
+  build_medbot
+  for src in tests/gpu/*.c; do
+    build_bin "$BUILD/$(basename "$src" .c)" "$src" $OPT $NATIVE
+  done
+}
+
 cmd=${1:-build}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   build) setup; build_medbot; echo "built ./medbot" ;;
   test) setup; run_tests "$@" ;;
   bench) setup; run_bench "$@" ;;
+  gpu) setup; build_gpu; echo "built $(ls tests/gpu/*.c | sed 's|tests/gpu/|build/|; s|\.c$||' | tr '\n' ' ')" ;;
   clean) rm -rf "$BUILD" medbot weights/tiny/model.safetensors; echo "cleaned" ;;
-  -h|--help|help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' --> ./build.sh [build|test [--sanitize] [FILTER]|bench|clean]" ;;
+  -h|--help|help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' --> ./build.sh [build|test [--sanitize] [FILTER]|bench|gpu|clean]" ;;
 esac

@@ -24,8 +24,9 @@
  *   - Each op names the PyTorch / Hugging Face function it must equal.
  *   - Gradients (from the DPO issue on): parameter gradients +=, activation gradients =.
  *
- * Build: see build.sh (cc -std=c99 -O3 medbot.c -lm -lpthread). Include this file with
- * MEDBOT_NO_MAIN defined to use it as a library (the tests do).
+ * Build: see build.sh (gen_kernels embeds kernels.cu.in into kernels.gen.h, then
+ * cc -std=c99 -O3 medbot.c -lm -lpthread -ldl). Include this file with MEDBOT_NO_MAIN defined to
+ * use it as a library (the tests do).
  */
 #if !defined(_WIN32)
 #define _POSIX_C_SOURCE 200809L
@@ -3239,10 +3240,14 @@ struct MbOps {
     void (*free)(MbOps *, void *p);
     void (*to_host)(MbOps *, void *dst, const void *src, size_t bytes);    /* backend -> host */
     void (*from_host)(MbOps *, void *dst, const void *src, size_t bytes);  /* host -> backend */
+    void (*zero)(MbOps *, void *p, size_t bytes);                           /* p[0 .. bytes) = 0, any buffer */
     /* out (N, C) = wte[tokens] : nn.Embedding */
     void (*embedding_forward)(MbOps *, float *out, const int32_t *tokens, const MbWeight *wte, size_t N);
     /* out (N, O) = inp (N, I) @ w(O, I)^T : nn.Linear without bias */
     void (*matmul_forward)(MbOps *, float *out, const float *inp, const MbWeight *w, size_t N);
+    /* logits (N, V) fp32 = inp (N, C) @ w(V, C)^T : the lm_head of generation (fp32 output whatever
+     * the activations' dtype) */
+    void (*logits_forward)(MbOps *, float *logits, const float *inp, const MbWeight *w, size_t N);
     /* out (N, C) = w * inp / sqrt(mean(inp^2) + eps), rstd (N) saved : LlamaRMSNorm */
     void (*rmsnorm_forward)(MbOps *, float *out, float *rstd, const float *inp, const MbWeight *w,
                             size_t N, float eps);
@@ -3314,6 +3319,12 @@ struct MbOps {
     void (*accumulate_f64)(MbOps *, double *acc, const float *x, size_t n);
     void (*from_f64)(MbOps *, float *out, const double *in, size_t n);   /* out = (float)in */
     void (*fill_f64)(MbOps *, double *x, size_t n);                      /* x = 0 */
+
+    /* ---- random weights (--random_init), the same values on every backend ---- */
+    /* dst (n) bytes = the top byte of hash(seed, i) */
+    void (*random_bytes)(MbOps *, void *dst, size_t n, uint64_t seed);
+    /* dst (n) bf16 = std * normal(0, 1) by Box-Muller from hash(seed, 2i), hash(seed, 2i + 1) */
+    void (*random_normal)(MbOps *, void *dst, size_t n, uint64_t seed, float std);
 };
 
 static float *mb_act_at(const MbOps *ops, float *base, size_t elems) {
@@ -3351,6 +3362,11 @@ static void cpu_free(MbOps *ops, void *p) {
 static void cpu_copy(MbOps *ops, void *dst, const void *src, size_t bytes) {
     (void)ops;
     if (dst != src && bytes) memcpy(dst, src, bytes);
+}
+
+static void cpu_zero(MbOps *ops, void *p, size_t bytes) {
+    (void)ops;
+    memset(p, 0, bytes);
 }
 
 static void cpu_embedding_forward(MbOps *ops, float *out, const int32_t *tokens, const MbWeight *wte,
@@ -3579,10 +3595,27 @@ static void cpu_gather_rows(MbOps *ops, float *out, const float *inp, const int 
     for (size_t i = 0; i < n; i++) memcpy(out + i * C, inp + (size_t)rows[i] * C, C * sizeof(float));
 }
 
-/* A uniform in [0, 1) from (seed, i): splitmix64 of their mix (same on every backend). */
-static float mb_hash_uniform(uint64_t seed, uint64_t i) {
+/* 64 random bits from (seed, i): splitmix64 of their mix (same on every backend). */
+static uint64_t mb_hash64(uint64_t seed, uint64_t i) {
     uint64_t x = seed ^ (i * 0xD1B54A32D192ED03ull);
-    return (float)(mb_splitmix64(&x) >> 40) * 0x1.0p-24f;
+    return mb_splitmix64(&x);
+}
+
+/* A uniform in [0, 1) from (seed, i) */
+static float mb_hash_uniform(uint64_t seed, uint64_t i) { return (float)(mb_hash64(seed, i) >> 40) * 0x1.0p-24f; }
+
+static void cpu_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = (uint8_t)(mb_hash64(seed, i) >> 56);
+}
+
+static void cpu_random_normal(MbOps *ops, void *dst, size_t n, uint64_t seed, float std) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) {
+        float u1 = (float)((mb_hash64(seed, 2 * i) >> 40) + 1) * 0x1.0p-24f, u2 = mb_hash_uniform(seed, 2 * i + 1);
+        uint16_t h = f32_to_bf16(std * (sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2)));
+        memcpy((unsigned char *)dst + 2 * i, &h, 2);
+    }
 }
 
 static void cpu_dropout_forward(MbOps *ops, float *out, const float *inp, size_t n, float p, uint64_t seed) {
@@ -3977,8 +4010,10 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->free = cpu_free;
     ops->to_host = cpu_copy;
     ops->from_host = cpu_copy;
+    ops->zero = cpu_zero;
     ops->embedding_forward = cpu_embedding_forward;
     ops->matmul_forward = cpu_matmul_forward;
+    ops->logits_forward = cpu_matmul_forward; /* activations are fp32 already */
     ops->rmsnorm_forward = cpu_rmsnorm_forward;
     ops->rope_forward = cpu_rope_forward;
     ops->kv_store = cpu_kv_store;
@@ -4004,8 +4039,13 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->accumulate_f64 = cpu_accumulate_f64;
     ops->from_f64 = cpu_from_f64;
     ops->fill_f64 = cpu_fill_f64;
+    ops->random_bytes = cpu_random_bytes;
+    ops->random_normal = cpu_random_normal;
     return ops;
 }
+
+/* The op table a model runs on: the CPU's, or CUDA's (section 12) */
+static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **out);
 
 // ============================================================================================
 // ---------- 6. model ----------
@@ -4121,6 +4161,7 @@ struct MbModel {
     MbWeight lm_head;       /* (V, C); a view of embed_tokens when tied */
     float *inv_freq;        /* (D/2) rope frequencies, llama3-scaled */
     MbOps *ops;
+    void *rand_block;       /* --random_init: every weight's storage, in backend memory */
     MbActs acts;
     MbLora *lora;           /* attached adapters, or NULL (not owned) */
     int gradient_checkpointing;
@@ -4185,29 +4226,22 @@ static void buf_spec(MbBufSpec **spec, float **p, size_t n) {
     arrput(*spec, s);
 }
 
-/* Makes the activation block hold N rows for inference (train 0) or training (train 1). */
-static void acts_ensure(MbModel *m, size_t N, int train) {
-    MbActs *a = &m->acts;
-    const MbLora *lo = m->lora;
-    int R = lo ? lo->r : 0, ckpt = train && m->gradient_checkpointing;
-    unsigned targets = lo ? lo->targets : 0;
-    int dropout = train && lo && lo->dropout > 0;
-    if (a->block && a->N >= N && a->train == train && a->checkpointing == ckpt && a->R == R &&
-        a->lora_targets == targets && a->dropout == dropout)
-        return;
-    acts_free(m);
-    const MbConfig *c = &m->cfg;
-    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
+/* The buffers of an activation block for a's settings (N, train, checkpointing, R, lora_targets,
+ * dropout): activation-dtype ones into *spec, fp32 ones into *spec32, each pointing at the field
+ * of a it fills. Allocates a->stream and a->layer. host_logits: the backend's memory is the
+ * host's (inference logits go straight to the caller). */
+static void acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec **spec, MbBufSpec **spec32) {
+    size_t N = a->N, C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
            F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
            H = (size_t)c->num_attention_heads;
-    a->N = N, a->train = train, a->checkpointing = ckpt, a->R = R, a->lora_targets = targets, a->dropout = dropout;
+    int train = a->train, R = a->R;
+    unsigned targets = a->lora_targets;
     size_t n_stream = train ? L + 1 : 1;
-    a->n_layer_sets = train && !ckpt ? (int)L : 1;
+    a->n_layer_sets = train && !a->checkpointing ? (int)L : 1;
     a->stream = mb_calloc(n_stream, sizeof *a->stream);
     a->layer = mb_calloc((size_t)a->n_layer_sets, sizeof *a->layer);
-    MbBufSpec *spec = NULL, *spec32 = NULL; /* stb_ds arrays: activations, fp32 values */
-#define BUF(p, n) buf_spec(&spec, &(p), (n))
-#define F32(p, n) buf_spec(&spec32, &(p), (n))
+#define BUF(p, n) buf_spec(spec, &(p), (n))
+#define F32(p, n) buf_spec(spec32, &(p), (n))
     for (size_t i = 0; i < n_stream; i++) BUF(a->stream[i], N * C);
     for (int i = 0; i < a->n_layer_sets; i++) {
         MbLayerActs *la = &a->layer[i];
@@ -4219,21 +4253,54 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
             if (targets & (1u << w)) BUF(la->u[w], N * (size_t)R);
     }
     BUF(a->tmp, N * C), BUF(a->xf, N * C), F32(a->rstd_f, N);
-    if (!m->ops->host_memory && !train) F32(a->logits, N * V);
+    if (!host_logits && !train) F32(a->logits, N * V);
     if (train) {
         BUF(a->xg, N * C), BUF(a->dxg, N * C), F32(a->logp, N), F32(a->lse_rows, N), F32(a->g_rows, N);
         F32(a->lsum_rows, N), BUF(a->dx, N * C), BUF(a->dx_mid, N * C), BUF(a->dxn, N * C);
         BUF(a->datt, N * QD), BUF(a->dq, N * QD), BUF(a->dk, N * KVD), BUF(a->dv, N * KVD);
         BUF(a->dgate, N * F), BUF(a->dup, N * F), BUF(a->dhid, N * F);
     }
-    if (dropout) BUF(a->drop, N * MB_MAX(C, F)), BUF(a->ddrop, N * MB_MAX(C, F));
+    if (a->dropout) BUF(a->drop, N * MB_MAX(C, F)), BUF(a->ddrop, N * MB_MAX(C, F));
 #undef BUF
 #undef F32
-    size_t total = 0, total32 = 0;
+}
+
+static size_t buf_spec_total(const MbBufSpec *spec) {
+    size_t total = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) total += spec[i].count;
-    for (ptrdiff_t i = 0; i < arrlen(spec32); i++) total32 += spec32[i].count;
-    a->block = m->ops->alloc(m->ops, total * m->ops->act_size);
-    a->block32 = m->ops->alloc(m->ops, total32 * sizeof(float));
+    return total;
+}
+
+/* Values in the activation block and in the fp32 block of a training step over N rows (what
+ * acts_ensure allocates; info --plan counts with it). */
+MB_UNUSED static void acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
+                       size_t *f32) {
+    MbActs a;
+    memset(&a, 0, sizeof a);
+    a.N = N, a.train = 1, a.checkpointing = ckpt, a.R = R, a.lora_targets = targets, a.dropout = dropout;
+    MbBufSpec *spec = NULL, *spec32 = NULL;
+    acts_layout(&a, c, 0, &spec, &spec32);
+    *acts = buf_spec_total(spec), *f32 = buf_spec_total(spec32);
+    arrfree(spec), arrfree(spec32);
+    free(a.stream), free(a.layer);
+}
+
+/* Makes the activation block hold N rows for inference (train 0) or training (train 1). */
+static void acts_ensure(MbModel *m, size_t N, int train) {
+    MbActs *a = &m->acts;
+    const MbLora *lo = m->lora;
+    int R = lo ? lo->r : 0, ckpt = train && m->gradient_checkpointing;
+    unsigned targets = lo ? lo->targets : 0;
+    int dropout = train && lo && lo->dropout > 0;
+    if (a->block && a->N >= N && a->train == train && a->checkpointing == ckpt && a->R == R &&
+        a->lora_targets == targets && a->dropout == dropout)
+        return;
+    acts_free(m);
+    a->N = N, a->train = train, a->checkpointing = ckpt, a->R = R, a->lora_targets = targets, a->dropout = dropout;
+    MbBufSpec *spec = NULL, *spec32 = NULL; /* stb_ds arrays: activations, fp32 values */
+    acts_layout(a, &m->cfg, m->ops->host_memory, &spec, &spec32);
+    a->block = m->ops->alloc(m->ops, buf_spec_total(spec) * m->ops->act_size);
+    a->block32 = m->ops->alloc(m->ops, buf_spec_total(spec32) * sizeof(float));
     size_t off = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) {
         *spec[i].ptr = mb_act_at(m->ops, a->block, off);
@@ -4260,6 +4327,7 @@ void mb_model_free(MbModel *m) {
     if (!m->cfg.tie_word_embeddings) weight_free(&m->lm_head);
     free(m->inv_freq);
     mb_safetensors_close(m->st);
+    if (m->rand_block) m->ops->free(m->ops, m->rand_block);
     if (m->ops) m->ops->destroy(m->ops);
     free(m);
 }
@@ -4331,6 +4399,70 @@ static MbStatus bnb_config_load(const char *path, char *compute, size_t n) {
     return rc;
 }
 
+/* Consecutive 256-byte aligned pieces of one block; with base NULL it only counts. */
+typedef struct {
+    unsigned char *base;
+    size_t off;
+} MbCarve;
+
+static void *carve(MbCarve *c, size_t bytes) {
+    void *p = c->base ? c->base + c->off : NULL;
+    c->off += (bytes + 255) / 256 * 256;
+    return p;
+}
+
+/* One weight of --random_init, carved from the block (pass 0 only counts its bytes): a norm (one
+ * row) fp32 ones; with nf4 random NF4 codes and double-quant state whose absmax is 2.5 x std in
+ * every block (about the absmax of 64 draws of normal(0, std)); else bf16 normal(0, std). */
+static void random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, size_t cols, int nf4, MbDtype compute,
+                          uint64_t *key) {
+    const float std = 0.02f;
+    size_t n = rows * cols;
+    if (rows == 1) {
+        float *p = carve(cv, n * 4);
+        if (p) *w = (MbWeight){MB_DT_F32, rows, cols, p, NULL}, ops->fill(ops, p, 1.0f, n);
+    } else if (nf4 && n % 2 == 0) {
+        size_t nb = (n + MB_NF4_BLOCKSIZE - 1) / MB_NF4_BLOCKSIZE, ns = (nb + MB_NF4_NESTED_BLOCKSIZE - 1) / MB_NF4_NESTED_BLOCKSIZE;
+        uint8_t *packed = carve(cv, n / 2), *codes = carve(cv, nb);
+        float *scales = carve(cv, ns * 4);
+        if (!packed) return;
+        MbNf4 *q = mb_calloc(1, sizeof *q);
+        q->packed = packed, q->blocksize = MB_NF4_BLOCKSIZE, q->nblocks = nb, q->absmax_q = codes;
+        q->nested_absmax = (const unsigned char *)scales, q->nested_blocksize = MB_NF4_NESTED_BLOCKSIZE;
+        q->offset = 2.5f * std, q->compute = compute;
+        nf4_dynamic_map(q->nested_quant_map);
+        *w = (MbWeight){MB_DT_U8, rows, cols, q, q};
+        ops->random_bytes(ops, packed, n / 2, (*key)++);
+        ops->random_bytes(ops, codes, nb, (*key)++);
+        ops->fill(ops, scales, 0.0f, ns); /* absmax = map8[code] * 0 + offset */
+    } else {
+        void *p = carve(cv, n * 2);
+        if (p) *w = (MbWeight){MB_DT_BF16, rows, cols, p, NULL}, ops->random_normal(ops, p, n, (*key)++, std);
+    }
+}
+
+/* --random_init: every weight drawn on the backend from seed, in one block of backend memory
+ * (embeddings, lm_head and projections as transformers initialises a Llama; projections NF4 with
+ * load_in_4bit). The same seed gives the same weights on every backend. */
+static void model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t seed) {
+    const MbConfig *c = &m->cfg;
+    size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
+    m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
+    for (int pass = 0; pass < 2; pass++) {
+        MbCarve cv = {pass ? m->rand_block : NULL, 0};
+        uint64_t key = seed * 1000003u;
+        random_weight(m->ops, &cv, &m->embed_tokens, V, C, 0, compute, &key);
+        if (!c->tie_word_embeddings) random_weight(m->ops, &cv, &m->lm_head, V, C, 0, compute, &key);
+        random_weight(m->ops, &cv, &m->norm, 1, C, 0, compute, &key);
+        for (int l = 0; l < c->num_hidden_layers; l++)
+            for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+                random_weight(m->ops, &cv, &m->layers[l].w[i], mb_dim(c, mb_layer_weights[i].rows),
+                              mb_dim(c, mb_layer_weights[i].cols), nf4, compute, &key);
+        if (!pass) m->rand_block = m->ops->alloc(m->ops, cv.off);
+    }
+    if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
+}
+
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
     *out = NULL;
     if (!mb_is_dir(dir))
@@ -4347,6 +4479,14 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     if (!rc && cname[0] && !compute_dtype_parse(cname, &compute))
         rc = mb_fail(opt && opt->bnb_4bit_compute_dtype ? MB_ERR_ARG : MB_ERR_UNSUPPORTED,
                      "%s: bnb_4bit_compute_dtype \"%s\" is not float32, bfloat16 or float16", dir, cname);
+    if (!rc) rc = mb_ops_new(opt, &m->cfg, &m->ops);
+    if (!rc && opt && opt->random_init) { /* no checkpoint: random weights on the backend */
+        model_random_init(m, opt->load_in_4bit, compute, opt->seed);
+        m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float));
+        rope_inv_freq(&m->cfg, m->inv_freq);
+        *out = m;
+        return MB_OK;
+    }
     if (!rc) rc = mb_safetensors_open(dir, &m->st);
     if (rc) {
         mb_model_free(m);
@@ -4379,7 +4519,6 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     }
     m->inv_freq = mb_malloc((size_t)c->head_dim / 2 * sizeof(float));
     rope_inv_freq(c, m->inv_freq);
-    m->ops = mb_cpu_ops_new(opt ? opt->threads : 0);
     *out = m;
     return MB_OK;
 }
@@ -4461,7 +4600,7 @@ static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, co
         float *xd = m->acts.drop, *dxd = m->acts.ddrop, p = (float)m->lora->dropout;
         uint64_t key = lora_dropout_key(m, l, id);
         ops->dropout_forward(ops, xd, in, N * w->cols, p, key);
-        ops->fill(ops, dxd, 0.0f, N * w->cols);
+        ops->zero(ops, dxd, N * w->cols * ops->act_size);
         ops->lora_backward(ops, dxd, lp->gA, lp->gB, dout, xd, a->u[id], &lp->A, &lp->B, N, m->lora->scale);
         ops->dropout_forward(ops, dxd, dxd, N * w->cols, p, key);
         ops->add_forward(ops, dinp, dinp, dxd, N * w->cols);
@@ -4588,7 +4727,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         }
         ops->rmsnorm_forward(ops, a->xf, a->rstd_f, last_only ? a->tmp : x, &m->norm, rows, c->rms_norm_eps);
         float *dst = a->logits ? a->logits : logits;
-        ops->matmul_forward(ops, dst, a->xf, &m->lm_head, rows);
+        ops->logits_forward(ops, dst, a->xf, &m->lm_head, rows);
         ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
     kv->len += T;
@@ -5444,6 +5583,10 @@ struct MbComm {
 };
 
 static void mb_comm_threads_new(int world, MbComm **comms);
+/* section 12: NCCL between GPUs (one rank per process, or `world` GPUs driven by one process) */
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, MbComm **out);
+static MbStatus mb_comm_nccl_new_all(int world, int gpu0, MbComm **comms);
+static int mb_device_resolve(int device, int *explicit_choice);
 
 enum { MB_LOSS_SIGMOID, MB_LOSS_HINGE, MB_LOSS_IPO, MB_LOSS_ROBUST };
 static const char *const mb_loss_names[] = {"sigmoid", "hinge", "ipo", "robust"};
@@ -5640,7 +5783,8 @@ static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
 static uint64_t trainer_fingerprint(const MbTrainer *tr) {
     uint64_t h = 0xcbf29ce484222325ull;
     const MbSafetensors *st = tr->m->st;
-    for (ptrdiff_t i = 0; i < arrlen(st->files); i++) {
+    if (!st) h = fnv1a(h, "random_init", 11); /* the weights are a function of the seed, hashed below */
+    for (ptrdiff_t i = 0; st && i < arrlen(st->files); i++) {
         struct stat sb;
         if (stat(st->files[i], &sb) == 0) {
             long long sz = (long long)sb.st_size, mt = (long long)sb.st_mtime;
@@ -5656,7 +5800,7 @@ static uint64_t trainer_fingerprint(const MbTrainer *tr) {
             h = fnv1a(h, p->rejected, (size_t)p->nr * 4), h = fnv1a(h, &p->np, sizeof p->np);
         }
     const MbTrainConfig *c = &tr->cfg;
-    int ints[] = {c->max_length, tr->sft, c->lora.r, (int)c->lora.targets};
+    int ints[] = {c->max_length, tr->sft, c->lora.r, (int)c->lora.targets, st ? 0 : c->seed};
     h = fnv1a(h, ints, sizeof ints);
     return h;
 }
@@ -6161,7 +6305,9 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     if (c->loss_type == MB_LOSS_ROBUST && !(c->label_smoothing < 0.5))
         return mb_fail(MB_ERR_ARG, "the robust loss needs label_smoothing < 0.5");
     if (!(c->beta > 0)) return mb_fail(MB_ERR_ARG, "beta must be > 0");
-    MbLoadOptions lopt = {.threads = job->threads, .load_in_4bit = job->load_in_4bit, .bnb_4bit_compute_dtype = job->bnb_4bit_compute_dtype};
+    MbLoadOptions lopt = {.threads = job->threads, .load_in_4bit = job->load_in_4bit,
+                          .bnb_4bit_compute_dtype = job->bnb_4bit_compute_dtype, .device = job->device, .gpu = job->gpu,
+                          .random_init = job->random_init, .seed = (uint64_t)c->seed};
     MbStatus rc = mb_model_load(job->model_dir, &lopt, &tr->m);
     MbTokenizer *tok = NULL;
     if (!rc) rc = mb_tokenizer_load(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &tok);
@@ -6232,10 +6378,11 @@ static void lora_reserve(MbLora *lo, size_t n_pad) {
 }
 
 /* One rank of a run: its own model, data and adapter copy, joined to the others by comm. Only
- * rank 0 prints and writes files. */
-static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
+ * rank 0 prints and writes files. gpu: its CUDA device. */
+static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int gpu) {
     MbTrainJob j = *job;
     j.threads = threads;
+    j.gpu = gpu;
     MbTrainer tr;
     int lead = comm->rank == 0;
     MbStatus rc = trainer_setup(&tr, &j, 1);
@@ -6269,9 +6416,10 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
                    c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
                    c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
         if (comm->world > 1)
-            printf("data parallel: %d ranks x %d threads, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
-                   comm->world, threads, c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world,
-                   tr.zero, tr.zero ? tr.shard : tr.lo->n_params);
+            printf("data parallel: %d ranks x %s, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
+                   comm->world, ops->host_memory ? "CPU threads" : "one GPU",
+                   c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world, tr.zero,
+                   tr.zero ? tr.shard : tr.lo->n_params);
     }
     if (!job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
     char *resume = NULL;
@@ -6303,14 +6451,14 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
 typedef struct {
     const MbTrainJob *job;
     MbComm *comm;
-    int threads;
+    int threads, gpu;
     MbStatus rc;
     char err[1024];
 } MbRankRun;
 
 static void *train_rank_thread(void *arg) {
     MbRankRun *r = arg;
-    r->rc = train_rank(r->job, r->comm, r->threads);
+    r->rc = train_rank(r->job, r->comm, r->threads, r->gpu);
     if (r->rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
     return NULL;
 }
@@ -6320,18 +6468,34 @@ MbStatus mb_train(const MbTrainJob *job) {
     if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0)
         return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
     MbStatus rc = MB_OK;
-    int world = job->nproc > 1 ? job->nproc : 1;
+    int world = job->nproc > 1 ? job->nproc : 1, dist = job->world_size > 1, explicit_choice;
     if (world > 256) return mb_fail(MB_ERR_ARG, "--nproc %d: at most 256 ranks", world);
+    if (dist && world > 1)
+        return mb_fail(MB_ERR_ARG, "--nproc %d under torchrun (WORLD_SIZE=%d): one rank per process --> drop --nproc",
+                       world, job->world_size);
+    int device = mb_device_resolve(job->device, &explicit_choice);
+    if (dist && device != MB_DEVICE_CUDA)
+        return mb_fail(MB_ERR_UNSUPPORTED, "WORLD_SIZE=%d: ranks in separate processes join through NCCL and need the "
+                       "CUDA backend (no GPU here) --> on CPU use --nproc N ranks in one process", job->world_size);
     int total = job->threads > 0 ? job->threads : mb_cpu_count(), per = MB_MAX(1, total / world);
     MbComm **comms = mb_calloc((size_t)world, sizeof *comms);
-    mb_comm_threads_new(world, comms);
+    MbTrainJob j = *job;
+    if (dist) rc = mb_comm_nccl_new(job->master_addr ? job->master_addr : "127.0.0.1", job->master_port, job->rank,
+                                    job->world_size, job->gpu, &comms[0]);
+    else if (device == MB_DEVICE_CUDA && world > 1) rc = mb_comm_nccl_new_all(world, job->gpu, comms), j.device = device;
+    else mb_comm_threads_new(world, comms);
+    if (rc) {
+        free(comms);
+        return rc;
+    }
+    job = &j;
     if (world == 1) {
-        rc = train_rank(job, comms[0], per);
+        rc = train_rank(job, comms[0], per, job->gpu);
     } else {
         MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
         pthread_t *th = mb_calloc((size_t)world, sizeof *th);
         for (int r = 0; r < world; r++) {
-            runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = per;
+            runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = per, runs[r].gpu = job->gpu + r;
             if (pthread_create(&th[r], NULL, train_rank_thread, &runs[r]) != 0) {
                 fprintf(stderr, "medbot: cannot start rank %d of %d\n", r, world);
                 exit(1); /* the ranks already started wait for it forever */
@@ -6378,9 +6542,10 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
 // Data parallelism as DeepSpeed runs the card: every rank holds the model and the adapter, runs
 // its share of the micro-batches, and the gradients are summed across ranks. MbComm is the
 // collective interface, on fp32 buffers, with two backends: in-process threads (CPU ranks; what
-// the tests use) and NCCL (one rank per GPU, several processes joined by a TCP rendezvous that
-// reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT). Sums run over the ranks in
-// rank order, so every rank gets bit-identical results.
+// the tests use) and NCCL (one rank per GPU: several processes joined by a TCP rendezvous that
+// reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, or one process driving several
+// GPUs with --nproc; in section 12). Sums of the thread backend run over the ranks in rank order,
+// so every rank gets bit-identical results.
 // ============================================================================================
 
 /* ---- in-process threads ---- */
@@ -6750,97 +6915,1910 @@ typedef struct {
     char addr[256];
 } MbLaunchEnv;
 
-#ifdef MEDBOT_NCCL
-/* ---- NCCL: one rank per GPU; buffers are device memory on the rank's GPU ---- */
-#include <cuda_runtime.h>
+/* ---- NCCL: one rank per GPU ----
+ * The NCCL backend of MbComm lives in section 12 beside the CUDA driver it needs (NCCL and the
+ * driver are loaded at run time): mb_comm_nccl_new (one rank of a torchrun job, after the
+ * rendezvous above) and mb_comm_nccl_new_all (--nproc N GPUs in one process). */
+
+// ============================================================================================
+// ---------- 12. cuda ----------
+// The op table on an NVIDIA GPU. Nothing here needs the CUDA toolkit to compile: the driver API
+// (libcuda.so.1), NVRTC, cuBLASLt and NCCL are opened with dlopen at run time through small
+// tables of function pointers declared below (a machine without a driver runs the CPU backend;
+// tests/test_kernels.c checks every declaration against the toolkit's headers). Kernels come
+// from kernels.cu.in, specialized by NVRTC for the device (HEAD_DIM, shared-memory tiles), as a
+// cubin for its exact architecture, cached on disk.
+//
+// Memory: activations bf16 (act_size 2), statistics/log-probs/logits fp32 (the model's block32),
+// LoRA parameters, gradients and AdamW moments fp32, step gradient sums fp64, all in device
+// memory allocated by ops->alloc. Frozen weights are uploaded once, on first use, and kept in
+// hash maps keyed by the weight's host data pointer: dense weights as bf16, norm weights as fp32,
+// NF4 weights as their packed codes + absmax codes + scales (0.5 B a value plus ~1/64 B). A weight
+// whose data already lies in device memory this backend allocated (LoRA A/B, --random_init) is
+// used in place. GEMMs: cuBLASLt, bf16 operands, fp32 accumulation; NF4 weights are dequantized a
+// tile of rows (forward) or columns (backward) at a time into a workspace feeding cuBLASLt, or,
+// for decode (N <= 8), inside a fused matrix-vector kernel. Ops run on one stream per backend;
+// to_host, sumsq and free synchronize. A failure inside an op (a void function) stops the
+// process with the call, file, line and a hint; setup failures return MbStatus.
+// ============================================================================================
+
+#include <dlfcn.h>
+
+#ifdef MB_CUDA_HEADER_CHECK /* tests/test_kernels.c: the declarations below must match the toolkit */
+#include <cuda.h>
+#include <cublasLt.h>
 #include <nccl.h>
+#include <nvrtc.h>
+typedef CUresult MbCuResult;
+typedef CUdevice MbCuDevice;
+typedef CUdeviceptr MbCuDevPtr;
+typedef CUcontext MbCuContext;
+typedef CUmodule MbCuModule;
+typedef CUfunction MbCuFunction;
+typedef CUstream MbCuStream;
+typedef CUevent MbCuEvent;
+typedef CUdevice_attribute MbCuDevAttr;
+typedef CUfunction_attribute MbCuFuncAttr;
+typedef nvrtcResult MbNvrtcResult;
+typedef nvrtcProgram MbNvrtcProgram;
+typedef cublasStatus_t MbLtStatus;
+typedef cublasLtHandle_t MbLtHandle;
+typedef cublasLtMatmulDesc_t MbLtDesc;
+typedef cublasLtMatrixLayout_t MbLtLayout;
+typedef cublasLtMatmulPreference_t MbLtPref;
+typedef cublasComputeType_t MbLtCompute;
+typedef cudaDataType_t MbLtDataType;
+typedef cublasLtMatmulDescAttributes_t MbLtDescAttr;
+typedef cublasLtMatmulPreferenceAttributes_t MbLtPrefAttr;
+typedef ncclResult_t MbNcclResult;
+typedef ncclComm_t MbNcclComm_t;
+typedef ncclDataType_t MbNcclDataType;
+typedef ncclRedOp_t MbNcclRedOp;
+#else
+typedef int MbCuResult;
+typedef int MbCuDevice;
+typedef unsigned long long MbCuDevPtr;
+typedef struct MbCuContext_ *MbCuContext;
+typedef struct MbCuModule_ *MbCuModule;
+typedef struct MbCuFunction_ *MbCuFunction;
+typedef struct MbCuStream_ *MbCuStream;
+typedef struct MbCuEvent_ *MbCuEvent;
+typedef int MbCuDevAttr;
+typedef int MbCuFuncAttr;
+typedef int MbNvrtcResult;
+typedef struct MbNvrtcProgram_ *MbNvrtcProgram;
+typedef int MbLtStatus;
+typedef struct MbLtHandle_ *MbLtHandle;
+typedef struct MbLtDesc_ *MbLtDesc;
+typedef struct MbLtLayout_ *MbLtLayout;
+typedef struct MbLtPref_ *MbLtPref;
+typedef int MbLtCompute;
+typedef int MbLtDataType;
+typedef int MbLtDescAttr;
+typedef int MbLtPrefAttr;
+typedef int MbNcclResult;
+typedef struct MbNcclComm_ *MbNcclComm_t;
+typedef int MbNcclDataType;
+typedef int MbNcclRedOp;
+#endif
+
+/* The few enum values and structs medbot uses, as the headers define them (typed, so that the
+ * header check compiles them against the real enums) */
+#define MB_CU_ERROR_STUB_LIBRARY 34
+#define MB_CU_ERROR_NO_DEVICE 100
+#define MB_CU_ATTR_SM_COUNT ((MbCuDevAttr)16)
+#define MB_CU_ATTR_CC_MAJOR ((MbCuDevAttr)75)
+#define MB_CU_ATTR_CC_MINOR ((MbCuDevAttr)76)
+#define MB_CU_ATTR_SMEM_OPTIN ((MbCuDevAttr)97)
+#define MB_CU_FUNC_MAX_DYNAMIC_SMEM ((MbCuFuncAttr)8)
+#define MB_CUDA_R_32F ((MbLtDataType)0)
+#define MB_CUDA_R_16BF ((MbLtDataType)14)
+#define MB_CUBLAS_COMPUTE_32F ((MbLtCompute)68)
+#define MB_CUBLAS_OP_N 0
+#define MB_CUBLAS_OP_T 1
+#define MB_LT_DESC_TRANSA ((MbLtDescAttr)3)
+#define MB_LT_DESC_TRANSB ((MbLtDescAttr)4)
+#define MB_LT_PREF_MAX_WORKSPACE ((MbLtPrefAttr)1)
+#define MB_LT_PREF_ALIGN_A ((MbLtPrefAttr)5)
+#define MB_LT_PREF_ALIGN_B ((MbLtPrefAttr)6)
+#define MB_LT_PREF_ALIGN_C ((MbLtPrefAttr)7)
+#define MB_LT_PREF_ALIGN_D ((MbLtPrefAttr)8)
+#define MB_NCCL_FLOAT32 ((MbNcclDataType)7)
+#define MB_NCCL_FLOAT64 ((MbNcclDataType)8)
+#define MB_NCCL_SUM ((MbNcclRedOp)0)
+
+struct MbLtAlgo_ { uint64_t data[8]; };                           /* cublasLtMatmulAlgo_t */
+struct MbLtHeuristic_ {                                           /* cublasLtMatmulHeuristicResult_t */
+    struct MbLtAlgo_ algo;
+    size_t workspaceSize;
+    int state;
+    float wavesCount;
+    int reserved[4];
+};
+struct MbNcclUniqueId_ { char internal[128]; };                   /* ncclUniqueId */
+#ifdef MB_CUDA_HEADER_CHECK
+typedef cublasLtMatmulAlgo_t MbLtAlgo;
+typedef cublasLtMatmulHeuristicResult_t MbLtHeuristic;
+typedef ncclUniqueId MbNcclUniqueId;
+#else
+typedef struct MbLtAlgo_ MbLtAlgo;
+typedef struct MbLtHeuristic_ MbLtHeuristic;
+typedef struct MbNcclUniqueId_ MbNcclUniqueId;
+#endif
+
+/* X(return type, member = the header's name, symbol in the library, parameters) */
+#define MB_CU_FUNCS(X)                                                                                  \
+    X(MbCuResult, cuInit, "cuInit", (unsigned int))                                                     \
+    X(MbCuResult, cuDriverGetVersion, "cuDriverGetVersion", (int *))                                    \
+    X(MbCuResult, cuDeviceGetCount, "cuDeviceGetCount", (int *))                                        \
+    X(MbCuResult, cuDeviceGet, "cuDeviceGet", (MbCuDevice *, int))                                      \
+    X(MbCuResult, cuDeviceGetAttribute, "cuDeviceGetAttribute", (int *, MbCuDevAttr, MbCuDevice))       \
+    X(MbCuResult, cuDeviceGetName, "cuDeviceGetName", (char *, int, MbCuDevice))                        \
+    X(MbCuResult, cuDeviceTotalMem, "cuDeviceTotalMem_v2", (size_t *, MbCuDevice))                      \
+    X(MbCuResult, cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", (MbCuContext *, MbCuDevice))    \
+    X(MbCuResult, cuDevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2", (MbCuDevice))              \
+    X(MbCuResult, cuCtxSetCurrent, "cuCtxSetCurrent", (MbCuContext))                                    \
+    X(MbCuResult, cuCtxSynchronize, "cuCtxSynchronize", (void))                                         \
+    X(MbCuResult, cuMemGetInfo, "cuMemGetInfo_v2", (size_t *, size_t *))                                \
+    X(MbCuResult, cuMemAlloc, "cuMemAlloc_v2", (MbCuDevPtr *, size_t))                                  \
+    X(MbCuResult, cuMemFree, "cuMemFree_v2", (MbCuDevPtr))                                              \
+    X(MbCuResult, cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2", (MbCuDevPtr, const void *, size_t, MbCuStream)) \
+    X(MbCuResult, cuMemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2", (void *, MbCuDevPtr, size_t, MbCuStream))       \
+    X(MbCuResult, cuMemcpyDtoDAsync, "cuMemcpyDtoDAsync_v2", (MbCuDevPtr, MbCuDevPtr, size_t, MbCuStream))   \
+    X(MbCuResult, cuMemsetD8Async, "cuMemsetD8Async", (MbCuDevPtr, unsigned char, size_t, MbCuStream))       \
+    X(MbCuResult, cuModuleLoadData, "cuModuleLoadData", (MbCuModule *, const void *))                   \
+    X(MbCuResult, cuModuleUnload, "cuModuleUnload", (MbCuModule))                                       \
+    X(MbCuResult, cuModuleGetFunction, "cuModuleGetFunction", (MbCuFunction *, MbCuModule, const char *)) \
+    X(MbCuResult, cuModuleGetGlobal, "cuModuleGetGlobal_v2", (MbCuDevPtr *, size_t *, MbCuModule, const char *)) \
+    X(MbCuResult, cuFuncSetAttribute, "cuFuncSetAttribute", (MbCuFunction, MbCuFuncAttr, int))          \
+    X(MbCuResult, cuLaunchKernel, "cuLaunchKernel", (MbCuFunction, unsigned int, unsigned int, unsigned int, \
+                                                     unsigned int, unsigned int, unsigned int, unsigned int, \
+                                                     MbCuStream, void **, void **))                     \
+    X(MbCuResult, cuStreamCreate, "cuStreamCreate", (MbCuStream *, unsigned int))                       \
+    X(MbCuResult, cuStreamDestroy, "cuStreamDestroy_v2", (MbCuStream))                                  \
+    X(MbCuResult, cuStreamSynchronize, "cuStreamSynchronize", (MbCuStream))                             \
+    X(MbCuResult, cuEventCreate, "cuEventCreate", (MbCuEvent *, unsigned int))                          \
+    X(MbCuResult, cuEventRecord, "cuEventRecord", (MbCuEvent, MbCuStream))                              \
+    X(MbCuResult, cuEventSynchronize, "cuEventSynchronize", (MbCuEvent))                                \
+    X(MbCuResult, cuEventElapsedTime, "cuEventElapsedTime", (float *, MbCuEvent, MbCuEvent))            \
+    X(MbCuResult, cuEventDestroy, "cuEventDestroy_v2", (MbCuEvent))                                     \
+    X(MbCuResult, cuGetErrorName, "cuGetErrorName", (MbCuResult, const char **))                        \
+    X(MbCuResult, cuGetErrorString, "cuGetErrorString", (MbCuResult, const char **))
+
+#define MB_NVRTC_FUNCS(X)                                                                               \
+    X(MbNvrtcResult, nvrtcVersion, "nvrtcVersion", (int *, int *))                                      \
+    X(MbNvrtcResult, nvrtcGetNumSupportedArchs, "nvrtcGetNumSupportedArchs", (int *))                   \
+    X(MbNvrtcResult, nvrtcGetSupportedArchs, "nvrtcGetSupportedArchs", (int *))                         \
+    X(MbNvrtcResult, nvrtcCreateProgram, "nvrtcCreateProgram", (MbNvrtcProgram *, const char *, const char *, \
+                                                                int, const char *const *, const char *const *)) \
+    X(MbNvrtcResult, nvrtcDestroyProgram, "nvrtcDestroyProgram", (MbNvrtcProgram *))                    \
+    X(MbNvrtcResult, nvrtcCompileProgram, "nvrtcCompileProgram", (MbNvrtcProgram, int, const char *const *)) \
+    X(MbNvrtcResult, nvrtcGetProgramLogSize, "nvrtcGetProgramLogSize", (MbNvrtcProgram, size_t *))      \
+    X(MbNvrtcResult, nvrtcGetProgramLog, "nvrtcGetProgramLog", (MbNvrtcProgram, char *))                \
+    X(MbNvrtcResult, nvrtcGetCUBINSize, "nvrtcGetCUBINSize", (MbNvrtcProgram, size_t *))                \
+    X(MbNvrtcResult, nvrtcGetCUBIN, "nvrtcGetCUBIN", (MbNvrtcProgram, char *))                          \
+    X(MbNvrtcResult, nvrtcGetPTXSize, "nvrtcGetPTXSize", (MbNvrtcProgram, size_t *))                    \
+    X(MbNvrtcResult, nvrtcGetPTX, "nvrtcGetPTX", (MbNvrtcProgram, char *))                              \
+    X(const char *, nvrtcGetErrorString, "nvrtcGetErrorString", (MbNvrtcResult))
+
+#define MB_LT_FUNCS(X)                                                                                  \
+    X(MbLtStatus, cublasLtCreate, "cublasLtCreate", (MbLtHandle *))                                     \
+    X(MbLtStatus, cublasLtDestroy, "cublasLtDestroy", (MbLtHandle))                                     \
+    X(size_t, cublasLtGetVersion, "cublasLtGetVersion", (void))                                         \
+    X(const char *, cublasLtGetStatusString, "cublasLtGetStatusString", (MbLtStatus))                   \
+    X(MbLtStatus, cublasLtMatmulDescCreate, "cublasLtMatmulDescCreate", (MbLtDesc *, MbLtCompute, MbLtDataType)) \
+    X(MbLtStatus, cublasLtMatmulDescDestroy, "cublasLtMatmulDescDestroy", (MbLtDesc))                   \
+    X(MbLtStatus, cublasLtMatmulDescSetAttribute, "cublasLtMatmulDescSetAttribute",                     \
+      (MbLtDesc, MbLtDescAttr, const void *, size_t))                                                   \
+    X(MbLtStatus, cublasLtMatrixLayoutCreate, "cublasLtMatrixLayoutCreate",                             \
+      (MbLtLayout *, MbLtDataType, uint64_t, uint64_t, int64_t))                                        \
+    X(MbLtStatus, cublasLtMatrixLayoutDestroy, "cublasLtMatrixLayoutDestroy", (MbLtLayout))             \
+    X(MbLtStatus, cublasLtMatmulPreferenceCreate, "cublasLtMatmulPreferenceCreate", (MbLtPref *))       \
+    X(MbLtStatus, cublasLtMatmulPreferenceDestroy, "cublasLtMatmulPreferenceDestroy", (MbLtPref))       \
+    X(MbLtStatus, cublasLtMatmulPreferenceSetAttribute, "cublasLtMatmulPreferenceSetAttribute",         \
+      (MbLtPref, MbLtPrefAttr, const void *, size_t))                                                   \
+    X(MbLtStatus, cublasLtMatmulAlgoGetHeuristic, "cublasLtMatmulAlgoGetHeuristic",                     \
+      (MbLtHandle, MbLtDesc, MbLtLayout, MbLtLayout, MbLtLayout, MbLtLayout, MbLtPref, int, MbLtHeuristic *, int *)) \
+    X(MbLtStatus, cublasLtMatmul, "cublasLtMatmul",                                                     \
+      (MbLtHandle, MbLtDesc, const void *, const void *, MbLtLayout, const void *, MbLtLayout, const void *, \
+       const void *, MbLtLayout, void *, MbLtLayout, const MbLtAlgo *, void *, size_t, MbCuStream))
+
+#define MB_NCCL_FUNCS(X)                                                                                \
+    X(MbNcclResult, ncclGetVersion, "ncclGetVersion", (int *))                                          \
+    X(MbNcclResult, ncclGetUniqueId, "ncclGetUniqueId", (MbNcclUniqueId *))                             \
+    X(MbNcclResult, ncclCommInitRank, "ncclCommInitRank", (MbNcclComm_t *, int, MbNcclUniqueId, int))   \
+    X(MbNcclResult, ncclCommInitAll, "ncclCommInitAll", (MbNcclComm_t *, int, const int *))             \
+    X(MbNcclResult, ncclCommDestroy, "ncclCommDestroy", (MbNcclComm_t))                                 \
+    X(MbNcclResult, ncclAllReduce, "ncclAllReduce",                                                     \
+      (const void *, void *, size_t, MbNcclDataType, MbNcclRedOp, MbNcclComm_t, MbCuStream))            \
+    X(MbNcclResult, ncclReduceScatter, "ncclReduceScatter",                                             \
+      (const void *, void *, size_t, MbNcclDataType, MbNcclRedOp, MbNcclComm_t, MbCuStream))            \
+    X(MbNcclResult, ncclAllGather, "ncclAllGather", (const void *, void *, size_t, MbNcclDataType, MbNcclComm_t, MbCuStream)) \
+    X(MbNcclResult, ncclBroadcast, "ncclBroadcast",                                                     \
+      (const void *, void *, size_t, MbNcclDataType, int, MbNcclComm_t, MbCuStream))                    \
+    X(const char *, ncclGetErrorString, "ncclGetErrorString", (MbNcclResult))
+
+#define MB_FN_MEMBER(ret, name, sym, params) ret(*name) params;
+typedef struct { MB_CU_FUNCS(MB_FN_MEMBER) } MbCuApi;
+typedef struct { MB_NVRTC_FUNCS(MB_FN_MEMBER) } MbNvrtcApi;
+typedef struct { MB_LT_FUNCS(MB_FN_MEMBER) } MbLtApi;
+typedef struct { MB_NCCL_FUNCS(MB_FN_MEMBER) } MbNcclApi;
+#undef MB_FN_MEMBER
 
 typedef struct {
-    ncclComm_t comm;
-    cudaStream_t stream;
-} MbNcclComm;
+    const char *sym;
+    size_t offset;
+} MbSym;
+#define MB_FN_SYM_CU(ret, name, sym, params) {sym, offsetof(MbCuApi, name)},
+#define MB_FN_SYM_NVRTC(ret, name, sym, params) {sym, offsetof(MbNvrtcApi, name)},
+#define MB_FN_SYM_LT(ret, name, sym, params) {sym, offsetof(MbLtApi, name)},
+#define MB_FN_SYM_NCCL(ret, name, sym, params) {sym, offsetof(MbNcclApi, name)},
+static const MbSym mb_cu_syms[] = {MB_CU_FUNCS(MB_FN_SYM_CU)};
+static const MbSym mb_nvrtc_syms[] = {MB_NVRTC_FUNCS(MB_FN_SYM_NVRTC)};
+static const MbSym mb_lt_syms[] = {MB_LT_FUNCS(MB_FN_SYM_LT)};
+static const MbSym mb_nccl_syms[] = {MB_NCCL_FUNCS(MB_FN_SYM_NCCL)};
 
-static void nccl_check_(ncclResult_t r, const char *what, const char *file, int line) {
-    if (r != ncclSuccess) {
-        fprintf(stderr, "medbot: %s:%d: %s failed: %s --> check NCCL_DEBUG=INFO output\n", file, line, what,
-                ncclGetErrorString(r));
+#ifdef MB_CUDA_HEADER_CHECK
+/* Each pointer type above takes the real function (a mismatch is a compile error under
+ * -Werror), and the numbers and struct layouts above are the headers'. */
+#define MB_FN_CHECK(ret, name, sym, params) static ret(*const mb_check_##name) params MB_UNUSED = name;
+MB_CU_FUNCS(MB_FN_CHECK)
+MB_NVRTC_FUNCS(MB_FN_CHECK)
+MB_LT_FUNCS(MB_FN_CHECK)
+MB_NCCL_FUNCS(MB_FN_CHECK)
+#undef MB_FN_CHECK
+#define MB_SAME(a, b) typedef char mb_same_##a[((long long)(a) == (long long)(b)) ? 1 : -1] MB_UNUSED
+MB_SAME(MB_CU_ERROR_STUB_LIBRARY, CUDA_ERROR_STUB_LIBRARY);
+MB_SAME(MB_CU_ERROR_NO_DEVICE, CUDA_ERROR_NO_DEVICE);
+MB_SAME(MB_CU_ATTR_SM_COUNT, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+MB_SAME(MB_CU_ATTR_CC_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+MB_SAME(MB_CU_ATTR_CC_MINOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
+MB_SAME(MB_CU_ATTR_SMEM_OPTIN, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
+MB_SAME(MB_CU_FUNC_MAX_DYNAMIC_SMEM, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES);
+MB_SAME(MB_CUDA_R_32F, CUDA_R_32F);
+MB_SAME(MB_CUDA_R_16BF, CUDA_R_16BF);
+MB_SAME(MB_CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F);
+MB_SAME(MB_CUBLAS_OP_N, CUBLAS_OP_N);
+MB_SAME(MB_CUBLAS_OP_T, CUBLAS_OP_T);
+MB_SAME(MB_LT_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSA);
+MB_SAME(MB_LT_DESC_TRANSB, CUBLASLT_MATMUL_DESC_TRANSB);
+MB_SAME(MB_LT_PREF_MAX_WORKSPACE, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES);
+MB_SAME(MB_LT_PREF_ALIGN_A, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES);
+MB_SAME(MB_LT_PREF_ALIGN_B, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES);
+MB_SAME(MB_LT_PREF_ALIGN_C, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES);
+MB_SAME(MB_LT_PREF_ALIGN_D, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES);
+MB_SAME(MB_NCCL_FLOAT32, ncclFloat32);
+MB_SAME(MB_NCCL_FLOAT64, ncclFloat64);
+MB_SAME(MB_NCCL_SUM, ncclSum);
+typedef char mb_same_heuristic[sizeof(struct MbLtHeuristic_) == sizeof(cublasLtMatmulHeuristicResult_t) &&
+                               offsetof(struct MbLtHeuristic_, workspaceSize) == offsetof(cublasLtMatmulHeuristicResult_t, workspaceSize) &&
+                               offsetof(struct MbLtHeuristic_, state) == offsetof(cublasLtMatmulHeuristicResult_t, state) ? 1 : -1] MB_UNUSED;
+typedef char mb_same_algo[sizeof(struct MbLtAlgo_) == sizeof(cublasLtMatmulAlgo_t) ? 1 : -1] MB_UNUSED;
+typedef char mb_same_unique_id[sizeof(struct MbNcclUniqueId_) == sizeof(ncclUniqueId) ? 1 : -1] MB_UNUSED;
+typedef char mb_same_devptr[sizeof(MbCuDevPtr) == 8 ? 1 : -1] MB_UNUSED;
+#undef MB_SAME
+#endif
+
+/* ---- loading the libraries ----
+ * Each library is looked for in $MEDBOT_CUDA_LIB, the toolkit folder build.sh found
+ * (MB_CUDA_LIBDIR), $CUDA_HOME/lib64, /usr/local/cuda/lib64 and then the system's search path,
+ * newest soname first; a library whose CUDA major version is newer than the driver's is skipped
+ * (its cubins and calls would not run on that driver). */
+
+#ifndef MB_CUDA_LIBDIR
+#define MB_CUDA_LIBDIR ""
+#endif
+
+typedef struct {
+    void *handle;
+    char path[512];
+} MbDl;
+
+static int dl_resolve(void *h, const MbSym *syms, size_t n, void *table, char *missing, size_t cap) {
+    for (size_t i = 0; i < n; i++) {
+        void *p = dlsym(h, syms[i].sym);
+        if (!p) {
+            snprintf(missing, cap, "%s", syms[i].sym);
+            return 0;
+        }
+        memcpy((char *)table + syms[i].offset, &p, sizeof p); /* POSIX: object and function pointers agree */
+    }
+    return 1;
+}
+
+/* Opens the first of names[] (in the folders above) that loads, has every symbol and passes
+ * `fits` (NULL: any). why: what went wrong with the last candidate. */
+static int dl_open_any(const char *const *names, const MbSym *syms, size_t nsyms, void *table,
+                       int (*fits)(void *table, void *arg, char *why, size_t cap), void *arg, MbDl *out, char *why,
+                       size_t cap) {
+    const char *env = getenv("MEDBOT_CUDA_LIB"), *home = getenv("CUDA_HOME");
+    char home_lib[512] = "";
+    if (home && home[0]) snprintf(home_lib, sizeof home_lib, "%s/lib64", home);
+    const char *dirs[] = {env, MB_CUDA_LIBDIR, home_lib, "/usr/local/cuda/lib64", ""};
+    snprintf(why, cap, "not found");
+    for (size_t n = 0; names[n]; n++)
+        for (size_t d = 0; d < sizeof dirs / sizeof *dirs; d++) {
+            if (!dirs[d] || (d + 1 < sizeof dirs / sizeof *dirs && !dirs[d][0])) continue;
+            char path[512];
+            if (dirs[d][0]) snprintf(path, sizeof path, "%s/%s", dirs[d], names[n]);
+            else snprintf(path, sizeof path, "%s", names[n]);
+            void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+            if (!h) {
+                if (!dirs[d][0]) snprintf(why, cap, "%s", dlerror());
+                continue;
+            }
+            char missing[128];
+            if (!dl_resolve(h, syms, nsyms, table, missing, sizeof missing)) {
+                snprintf(why, cap, "%.300s lacks %.100s", path, missing);
+                dlclose(h);
+                continue;
+            }
+            if (fits && !fits(table, arg, why, cap)) {
+                dlclose(h);
+                continue;
+            }
+            out->handle = h;
+            snprintf(out->path, sizeof out->path, "%s", path);
+            return 1;
+        }
+    return 0;
+}
+
+typedef struct {
+    MbCuApi cu;
+    MbNvrtcApi nvrtc;
+    MbLtApi lt;
+    MbNcclApi nccl;
+    MbDl cu_dl, nvrtc_dl, lt_dl, nccl_dl;
+    int driver_version;          /* e.g. 13000 for CUDA 13.0 */
+    int devices;
+    int nvrtc_major, nvrtc_minor;
+    MbStatus cu_status, nvrtc_status, lt_status, nccl_status;
+    char cu_err[1024], nvrtc_err[1024], lt_err[1024], nccl_err[1024];
+} MbCudaLibs;
+
+static MbCudaLibs mb_cuda_libs; /* written once under pthread_once, read-only after */
+static pthread_once_t mb_cuda_once = PTHREAD_ONCE_INIT, mb_nvrtc_once = PTHREAD_ONCE_INIT,
+                      mb_lt_once = PTHREAD_ONCE_INIT, mb_nccl_once = PTHREAD_ONCE_INIT;
+
+static void cuda_driver_load(void) {
+    MbCudaLibs *L = &mb_cuda_libs;
+    const char *names[] = {"libcuda.so.1", NULL};
+    char why[512];
+    L->cu_status = MB_ERR_DEVICE;
+    if (!dl_open_any(names, mb_cu_syms, sizeof mb_cu_syms / sizeof *mb_cu_syms, &L->cu, NULL, NULL, &L->cu_dl, why,
+                     sizeof why)) {
+        snprintf(L->cu_err, sizeof L->cu_err, "no NVIDIA driver found (%.400s) --> use --device cpu", why);
+        return;
+    }
+    MbCuResult r = L->cu.cuInit(0);
+    if ((int)r == MB_CU_ERROR_STUB_LIBRARY) {
+        snprintf(L->cu_err, sizeof L->cu_err, "%.400s is the CUDA toolkit's stub, not a driver --> remove the stubs "
+                 "folder from LD_LIBRARY_PATH, or use --device cpu", L->cu_dl.path);
+        return;
+    }
+    if ((int)r == MB_CU_ERROR_NO_DEVICE) {
+        snprintf(L->cu_err, sizeof L->cu_err, "the NVIDIA driver sees no GPU --> use --device cpu");
+        return;
+    }
+    if (r != 0) {
+        const char *s = NULL;
+        L->cu.cuGetErrorString(r, &s);
+        snprintf(L->cu_err, sizeof L->cu_err, "cuInit failed: %s (%d) --> check nvidia-smi, or use --device cpu",
+                 s ? s : "?", (int)r);
+        return;
+    }
+    L->cu.cuDriverGetVersion(&L->driver_version);
+    L->cu.cuDeviceGetCount(&L->devices);
+    if (L->devices < 1) {
+        snprintf(L->cu_err, sizeof L->cu_err, "the NVIDIA driver sees no GPU --> use --device cpu");
+        return;
+    }
+    L->cu_status = MB_OK;
+}
+
+/* The driver's CUDA major version must be at least the library's. */
+static int nvrtc_fits(void *table, void *arg, char *why, size_t cap) {
+    MbNvrtcApi *api = table;
+    int major = 0, minor = 0, drv = *(int *)arg;
+    if (api->nvrtcVersion(&major, &minor) != 0) return snprintf(why, cap, "nvrtcVersion failed"), 0;
+    if (drv && major > drv / 1000) {
+        snprintf(why, cap, "NVRTC %d.%d is newer than the driver's CUDA %d.%d --> update the NVIDIA driver, or install "
+                 "NVRTC %d (e.g. pip install nvidia-cuda-nvrtc-cu%d) and point MEDBOT_CUDA_LIB at it", major, minor,
+                 drv / 1000, drv % 1000 / 10, drv / 1000, drv / 1000);
+        return 0;
+    }
+    return 1;
+}
+
+static int lt_fits(void *table, void *arg, char *why, size_t cap) {
+    MbLtApi *api = table;
+    int major = (int)(api->cublasLtGetVersion() / 10000), drv = *(int *)arg;
+    if (drv && major > drv / 1000) {
+        snprintf(why, cap, "cuBLASLt %d is newer than the driver's CUDA %d.%d --> update the NVIDIA driver, or install "
+                 "cuBLAS %d and point MEDBOT_CUDA_LIB at it", major, drv / 1000, drv % 1000 / 10, drv / 1000);
+        return 0;
+    }
+    return 1;
+}
+
+static void cuda_nvrtc_load(void) {
+    MbCudaLibs *L = &mb_cuda_libs;
+    const char *names[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2", "libnvrtc.so", NULL};
+    char why[512];
+    L->nvrtc_status = MB_ERR_DEVICE;
+    if (!dl_open_any(names, mb_nvrtc_syms, sizeof mb_nvrtc_syms / sizeof *mb_nvrtc_syms, &L->nvrtc, nvrtc_fits,
+                     &L->driver_version, &L->nvrtc_dl, why, sizeof why)) {
+        snprintf(L->nvrtc_err, sizeof L->nvrtc_err, "NVRTC (libnvrtc.so) not usable: %.400s --> install the CUDA toolkit "
+                 "or its NVRTC library and set MEDBOT_CUDA_LIB to its folder, or use --device cpu", why);
+        return;
+    }
+    L->nvrtc.nvrtcVersion(&L->nvrtc_major, &L->nvrtc_minor);
+    L->nvrtc_status = MB_OK;
+}
+
+static void cuda_lt_load(void) {
+    MbCudaLibs *L = &mb_cuda_libs;
+    const char *names[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so", NULL};
+    char why[512];
+    L->lt_status = MB_ERR_DEVICE;
+    if (!dl_open_any(names, mb_lt_syms, sizeof mb_lt_syms / sizeof *mb_lt_syms, &L->lt, lt_fits, &L->driver_version,
+                     &L->lt_dl, why, sizeof why)) {
+        snprintf(L->lt_err, sizeof L->lt_err, "cuBLASLt (libcublasLt.so) not usable: %.400s --> install the CUDA toolkit "
+                 "or its cuBLAS library and set MEDBOT_CUDA_LIB to its folder, or use --device cpu", why);
+        return;
+    }
+    L->lt_status = MB_OK;
+}
+
+static void cuda_nccl_load(void) {
+    MbCudaLibs *L = &mb_cuda_libs;
+    const char *names[] = {"libnccl.so.2", "libnccl.so", NULL};
+    char why[512];
+    L->nccl_status = MB_ERR_DEVICE;
+    if (!dl_open_any(names, mb_nccl_syms, sizeof mb_nccl_syms / sizeof *mb_nccl_syms, &L->nccl, NULL, NULL,
+                     &L->nccl_dl, why, sizeof why)) {
+        snprintf(L->nccl_err, sizeof L->nccl_err, "NCCL (libnccl.so.2) not usable: %.400s --> install NCCL (e.g. pip "
+                 "install nvidia-nccl-cu12) and set MEDBOT_CUDA_LIB to its folder", why);
+        return;
+    }
+    L->nccl_status = MB_OK;
+}
+
+/* The libraries a job needs, loaded once per process: WHAT is a mask of these bits. */
+enum { MB_LIB_DRIVER = 1, MB_LIB_NVRTC = 2, MB_LIB_CUBLASLT = 4, MB_LIB_NCCL = 8 };
+
+static MbStatus cuda_libs(unsigned what, const MbCudaLibs **out) {
+    MbCudaLibs *L = &mb_cuda_libs;
+    *out = L;
+    pthread_once(&mb_cuda_once, cuda_driver_load);
+    if (L->cu_status) return mb_fail(L->cu_status, "cuda: %s", L->cu_err);
+    if (what & MB_LIB_NVRTC) {
+        pthread_once(&mb_nvrtc_once, cuda_nvrtc_load);
+        if (L->nvrtc_status) return mb_fail(L->nvrtc_status, "cuda: %s", L->nvrtc_err);
+    }
+    if (what & MB_LIB_CUBLASLT) {
+        pthread_once(&mb_lt_once, cuda_lt_load);
+        if (L->lt_status) return mb_fail(L->lt_status, "cuda: %s", L->lt_err);
+    }
+    if (what & MB_LIB_NCCL) {
+        pthread_once(&mb_nccl_once, cuda_nccl_load);
+        if (L->nccl_status) return mb_fail(L->nccl_status, "cuda: %s", L->nccl_err);
+    }
+    return MB_OK;
+}
+
+/* GPUs this process can use (0: no driver or no device). */
+static int mb_cuda_device_count(void) {
+    const MbCudaLibs *L;
+    return cuda_libs(MB_LIB_DRIVER, &L) == MB_OK ? L->devices : 0;
+}
+
+/* ---- checked calls ----
+ * Inside an op a failed call stops the process: "medbot: FILE:LINE: CALL failed: NAME (code):
+ * text --> hint". The hint names the likely cause of the common codes. */
+
+static const char *cu_hint(int code) {
+    switch (code) {
+    case 2: return " --> out of GPU memory: lower --per_device_train_batch_size or --max_length, use "
+                   "--gradient_checkpointing and --load_in_4bit";
+    case 3: case 100: return " --> no usable GPU: check nvidia-smi, or use --device cpu";
+    case 35: return " --> the NVIDIA driver is older than this CUDA runtime: update the driver, or use --device cpu";
+    case 218: case 222: case 209: return " --> the driver cannot load this kernel binary (driver too old?): update "
+                                         "the driver or remove the kernel cache (MEDBOT_CACHE_DIR, ~/.cache/medbot)";
+    case 700: case 719: return " --> a kernel faulted: rerun with MEDBOT_CUDA_SYNC=1 to find the op, and report it";
+    default: return "";
+    }
+}
+
+static void cu_check_(MbCuResult r, const char *what, const char *file, int line) {
+    if (r == 0) return;
+    const char *name = NULL, *text = NULL;
+    mb_cuda_libs.cu.cuGetErrorName(r, &name);
+    mb_cuda_libs.cu.cuGetErrorString(r, &text);
+    fprintf(stderr, "medbot: %s:%d: %s failed: %s (%d): %s%s\n", file, line, what, name ? name : "?", (int)r,
+            text ? text : "?", cu_hint((int)r));
+    exit(1);
+}
+#define cu_check(call) cu_check_((call), #call, __FILE__, __LINE__)
+
+static void cublas_check_(MbLtStatus s, const char *what, const char *file, int line) {
+    if (s == 0) return;
+    const char *text = mb_cuda_libs.lt.cublasLtGetStatusString(s);
+    fprintf(stderr, "medbot: %s:%d: %s failed: %s (%d)%s\n", file, line, what, text ? text : "?", (int)s,
+            s == 3 ? " --> out of GPU memory" : s == 13 ? " --> a GEMM failed to launch: rerun with MEDBOT_CUDA_SYNC=1" : "");
+    exit(1);
+}
+#define cublas_check(call) cublas_check_((call), #call, __FILE__, __LINE__)
+
+/* NVRTC errors return a status (they happen while the backend starts). */
+static MbStatus nvrtc_check_(MbNvrtcResult r, const char *what, const char *file, int line) {
+    if (r == 0) return MB_OK;
+    return mb_fail(MB_ERR_DEVICE, "%s:%d: %s failed: %s --> reinstall NVRTC, or use --device cpu", file, line, what,
+                   mb_cuda_libs.nvrtc.nvrtcGetErrorString(r));
+}
+#define nvrtc_check(call) nvrtc_check_((call), #call, __FILE__, __LINE__)
+
+/* A driver call while the backend starts: an MbStatus instead of an exit */
+static MbStatus cu_status_(MbCuResult r, const char *what, const char *file, int line) {
+    if (r == 0) return MB_OK;
+    const char *name = NULL, *text = NULL;
+    mb_cuda_libs.cu.cuGetErrorName(r, &name);
+    mb_cuda_libs.cu.cuGetErrorString(r, &text);
+    return mb_fail(MB_ERR_DEVICE, "%s:%d: %s failed: %s (%d): %s%s", file, line, what, name ? name : "?", (int)r,
+                   text ? text : "?", cu_hint((int)r));
+}
+#define cu_status(call) cu_status_((call), #call, __FILE__, __LINE__)
+
+/* ---- kernels: the specialization table, NVRTC, the on-disk cache ---- */
+
+#include "kernels.gen.h" /* the source's lines, MB_KERNELS_HASH, mb_kernel_specs, mb_kernel_spec_common */
+
+/* kernels.cu.in as one string (malloc'd) */
+static char *kernels_source(void) {
+    char *s = mb_malloc(MB_KERNELS_BYTES + 1), *p = s;
+    for (size_t i = 0; i < MB_KERNELS_LINES; i++) {
+        size_t n = strlen(mb_kernels_src_lines[i]);
+        memcpy(p, mb_kernels_src_lines[i], n);
+        p += n;
+    }
+    *p = 0;
+    return s;
+}
+
+/* kernels.cu.in's kernels, as this section calls them */
+#define MB_KERNELS(X)                                                                                   \
+    X(K_EMBEDDING, "embedding_forward") X(K_RMSNORM_FWD, "rmsnorm_forward") X(K_RMSNORM_BWD, "rmsnorm_backward") \
+    X(K_ROPE, "rope_forward") X(K_KV_STORE, "kv_store") X(K_SWIGLU_FWD, "swiglu_forward")               \
+    X(K_SWIGLU_BWD, "swiglu_backward") X(K_ADD, "add_forward") X(K_GATHER, "gather_rows")               \
+    X(K_SCATTER, "scatter_rows") X(K_DROPOUT, "dropout_forward") X(K_RANDOM_BYTES, "random_bytes")      \
+    X(K_RANDOM_NORMAL, "random_normal_bf16") X(K_F32_TO_BF16, "f32_to_bf16_vec") X(K_BF16_TO_F32, "bf16_to_f32_vec") \
+    X(K_SCALE, "scale_f32") X(K_FILL, "fill_f32") X(K_ACC_F64, "accumulate_f64") X(K_FROM_F64, "from_f64") \
+    X(K_SUMSQ, "sumsq_partial") X(K_ADAMW, "adamw") X(K_NF4_DEQUANT, "nf4_dequant") X(K_NF4_GEMV, "nf4_gemv") \
+    X(K_LP_CHUNK, "logprob_chunk") X(K_LP_FINISH, "logprob_finish") X(K_LP_GRAD, "logprob_grad_chunk")  \
+    X(K_ATT_FWD, "attention_forward") X(K_ATT_DELTA, "attention_delta") X(K_ATT_BWD, "attention_backward")
+#define MB_K_ENUM(id, name) id,
+#define MB_K_NAME(id, name) name,
+enum { MB_KERNELS(MB_K_ENUM) K_COUNT };
+static const char *const mb_kernel_names[K_COUNT] = {MB_KERNELS(MB_K_NAME)};
+#undef MB_K_ENUM
+#undef MB_K_NAME
+
+#define MB_CUDA_BLOCK 256         /* BLOCK of the row and elementwise kernels (spec-common) */
+#define MB_GEMV_MAX_N 8           /* nf4_gemv handles up to this many rows (GEMV_MAX_N) */
+#define MB_ROPE_MAX_HALF 128      /* RopeFreq: D/2 frequencies at most */
+
+/* The value of -DNAME=V in a row of the table, or -1 */
+static long spec_value(const char *row, const char *name) {
+    char key[64];
+    snprintf(key, sizeof key, "-D%s=", name);
+    const char *p = strstr(row, key);
+    return p ? strtol(p + strlen(key), NULL, 10) : -1;
+}
+
+/* The row for head dim D on a device whose blocks may use smem_optin bytes of shared memory:
+ * the one with the largest SMEM_BUDGET that fits. -1 if none. */
+static int spec_choose(int D, size_t smem_optin) {
+    int best = -1;
+    long best_budget = -1;
+    for (int i = 0; i < MB_KERNEL_N_SPECS; i++) {
+        long hd = spec_value(mb_kernel_specs[i], "HEAD_DIM"), budget = spec_value(mb_kernel_specs[i], "SMEM_BUDGET");
+        if (hd == D && budget >= 0 && (size_t)budget <= smem_optin && budget > best_budget) best = i, best_budget = budget;
+    }
+    return best;
+}
+
+/* "12, 16, 24, 64, 128": the head dims the table covers (for messages) */
+static void spec_head_dims(char *buf, size_t cap) {
+    buf[0] = 0;
+    for (int i = 0; i < MB_KERNEL_N_SPECS; i++) {
+        long hd = spec_value(mb_kernel_specs[i], "HEAD_DIM");
+        int seen = 0;
+        for (int j = 0; j < i; j++) seen |= spec_value(mb_kernel_specs[j], "HEAD_DIM") == hd;
+        if (!seen) snprintf(buf + strlen(buf), cap - strlen(buf), "%s%ld", buf[0] ? ", " : "", hd);
+    }
+}
+
+/* The folder of the kernel cache: $MEDBOT_CACHE_DIR, else $XDG_CACHE_HOME/medbot, else
+ * ~/.cache/medbot (created). Empty when there is none. */
+static void kernel_cache_dir(char *dir, size_t cap) {
+    const char *e = getenv("MEDBOT_CACHE_DIR"), *x = getenv("XDG_CACHE_HOME"), *h = getenv("HOME");
+    dir[0] = 0;
+    if (e && e[0]) snprintf(dir, cap, "%.400s", e);
+    else if (x && x[0]) mkdir(x, 0755), snprintf(dir, cap, "%.400s/medbot", x);
+    else if (h && h[0]) {
+        char c[512];
+        snprintf(c, sizeof c, "%.400s/.cache", h);
+        mkdir(c, 0755);
+        snprintf(dir, cap, "%.400s/medbot", c);
+    }
+    if (dir[0] && !mb_is_dir(dir) && mkdir(dir, 0755) != 0) dir[0] = 0;
+}
+
+/* Splits a space-separated option string (modified in place) into opts. */
+static int split_words(char *s, const char **opts, int max) {
+    int n = 0;
+    for (char *p = s; *p && n < max;) {
+        while (*p == ' ') *p++ = 0;
+        if (!*p) break;
+        opts[n++] = p;
+        while (*p && *p != ' ') p++;
+    }
+    return n;
+}
+
+/* Compiles the kernels with `options` (space-separated) into *image (malloc'd, a cubin or PTX).
+ * The compile log goes into the error message when it fails. */
+static MbStatus kernels_compile(const char *options, char **image, size_t *n, int ptx) {
+    const MbNvrtcApi *nv = &mb_cuda_libs.nvrtc;
+    MbNvrtcProgram prog = NULL;
+    char *src = kernels_source();
+    MbStatus rc = nvrtc_check(nv->nvrtcCreateProgram(&prog, src, "kernels.cu", 0, NULL, NULL));
+    free(src);
+    if (rc) return rc;
+    char *buf = mb_strdup(options);
+    const char *opts[64];
+    int nopt = split_words(buf, opts, 64);
+    MbNvrtcResult r = nv->nvrtcCompileProgram(prog, nopt, opts);
+    if (r != 0) {
+        size_t logn = 0;
+        nv->nvrtcGetProgramLogSize(prog, &logn);
+        char *log = mb_calloc(logn + 1, 1);
+        nv->nvrtcGetProgramLog(prog, log);
+        rc = mb_fail(MB_ERR_DEVICE, "cuda: NVRTC could not compile kernels.cu.in (%s): %.600s --> this is a bug in "
+                     "medbot's kernels for this NVRTC; use --device cpu", options, log);
+        free(log);
+    } else {
+        rc = nvrtc_check(ptx ? nv->nvrtcGetPTXSize(prog, n) : nv->nvrtcGetCUBINSize(prog, n));
+        if (!rc) {
+            *image = mb_malloc(*n + 1);
+            rc = nvrtc_check(ptx ? nv->nvrtcGetPTX(prog, *image) : nv->nvrtcGetCUBIN(prog, *image));
+            if (rc) free(*image), *image = NULL;
+        }
+    }
+    free(buf);
+    nv->nvrtcDestroyProgram(&prog);
+    return rc;
+}
+
+/* The target NVRTC compiles for: the device's exact architecture when NVRTC knows it (a cubin),
+ * else the newest virtual architecture it knows that the device can run (PTX, compiled by the
+ * driver at load). */
+static MbStatus kernels_target(int cc, char *arch, size_t cap, int *ptx) {
+    const MbNvrtcApi *nv = &mb_cuda_libs.nvrtc;
+    int n = 0, best = 0, exact = 0;
+    MbStatus rc = nvrtc_check(nv->nvrtcGetNumSupportedArchs(&n));
+    if (rc) return rc;
+    int *archs = mb_calloc((size_t)n + 1, sizeof *archs);
+    if (!(rc = nvrtc_check(nv->nvrtcGetSupportedArchs(archs))))
+        for (int i = 0; i < n; i++) {
+            if (archs[i] == cc) exact = 1;
+            if (archs[i] <= cc && archs[i] > best) best = archs[i];
+        }
+    free(archs);
+    if (rc) return rc;
+    if (!best)
+        return mb_fail(MB_ERR_DEVICE, "cuda: NVRTC %d.%d cannot compile for compute capability %d.%d --> use --device "
+                       "cpu", mb_cuda_libs.nvrtc_major, mb_cuda_libs.nvrtc_minor, cc / 10, cc % 10);
+    *ptx = !exact;
+    snprintf(arch, cap, "%s_%d", exact ? "sm" : "compute", exact ? cc : best);
+    return MB_OK;
+}
+
+/* ---- the backend's state ---- */
+
+typedef struct {
+    MbCuDevPtr p;
+    size_t bytes;
+} CuBuf; /* a scratch buffer that grows */
+
+typedef struct {               /* the kernel's struct Nf4, field for field */
+    MbCuDevPtr packed, absmax_q, absmax, nested, map8;
+    float offset;
+    int blocksize, nested_bs, compute;
+} CuNf4;
+
+typedef struct {
+    MbCuDevPtr p;              /* bf16 (matrices) or fp32 (norm vectors) in device memory */
+    size_t rows, cols;         /* what was uploaded: a lookup of another shape is a stale key */
+} CuDense;
+
+typedef struct {
+    const void *key;           /* the weight's host data pointer */
+    CuDense value;
+} CuDenseEntry;
+
+typedef struct {
+    const void *key;           /* the MbNf4 */
+    CuNf4 value;
+} CuNf4Entry;
+
+typedef struct {               /* what a GEMM's descriptors and algorithm depend on */
+    int ta, tb, m, n, k, ctype, beta_nz;
+    long long lda, ldb, ldc;
+    int align[4];
+} GemmKey;
+
+typedef struct {
+    GemmKey key;
+    MbLtDesc desc;
+    MbLtLayout la, lb, lc;
+    MbLtAlgo algo;
+} GemmPlan;
+
+typedef struct {
+    GemmKey key;
+    int value;                 /* index into plans */
+} GemmIndex;
+
+typedef struct {
+    const MbCudaLibs *lib;
+    int gpu;
+    MbCuDevice dev;
+    MbCuContext ctx;
+    MbCuStream stream;
+    char name[256], arch[32];
+    int cc, sms, spec, head_dim;
+    size_t smem_optin, total_mem;
+    MbCuModule mod;
+    MbCuFunction fn[K_COUNT];
+    int att_fwd_smem, att_bwd_smem, att_bq, att_bk, att_bwd_bq, att_bwd_bk;
+    MbLtHandle lt;
+    CuBuf lt_ws;
+    GemmPlan *plans;           /* stb_ds array */
+    GemmIndex *plan_index;     /* stb_ds hash map */
+    CuBuf *allocs;             /* stb_ds array: ops->alloc's live allocations */
+    size_t bytes_now, bytes_peak, device_used_peak, device_used_start;
+    CuDenseEntry *dense, *vec; /* stb_ds hash maps: uploaded weights */
+    CuNf4Entry *nf4;
+    CuBuf *uploads;            /* stb_ds array: what the weight maps own */
+    /* scratch, grown on demand: host index arrays, the NF4 tile, LoRA A and B in bf16, the fused
+     * logprob chunk, attention's dq and row terms, sumsq partial sums */
+    CuBuf idx, tile, lora_a, lora_b, lora_du, lp_logits, lp_dlogits, lp_dx, lp_state, att_dq, att_delta, partial;
+    size_t tile_bytes;         /* the NF4 dequant tile (bytes of bf16) */
+    size_t lp_rows, lp_vocab;  /* the fused logprob's chunk: rows x vocabulary */
+    int sync_each;             /* MEDBOT_CUDA_SYNC=1: check every op's kernels as they finish */
+} MbCuda;
+
+#define MB_CUDA_TILE_BYTES ((size_t)64 << 20)     /* NF4 dequant tile: 32 M bf16 values */
+#define MB_CUDA_LT_WORKSPACE ((size_t)32 << 20)   /* cuBLASLt's workspace */
+#define MB_CUDA_LP_ROWS 512                       /* fused logprob: rows per chunk */
+#define MB_CUDA_LP_VOCAB 32768                    /* ... and vocabulary entries per chunk */
+
+/* The scratch buffers this backend grows to in a training step over N rows with M loss rows (R,
+ * targets: the adapters; nf4: 4-bit projections): *logits the fused lm_head chunk (fp32 logits,
+ * bf16 gradient, fp32 dx, running statistics), *work the rest (NF4 dequant tile, LoRA matrices
+ * in bf16, attention's fp32 dq and row terms, cuBLASLt's workspace). For info --plan. */
+MB_UNUSED static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, unsigned targets, int nf4, size_t *logits,
+                              size_t *work) {
+    size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size, H = (size_t)c->num_attention_heads;
+    size_t D = (size_t)c->head_dim, MR = MB_MIN(M, (size_t)MB_CUDA_LP_ROWS), VC = MB_MIN(V, (size_t)MB_CUDA_LP_VOCAB);
+    *logits = MR * VC * 4 + MR * VC * 2 + MR * C * 4 + MR * 16;
+    size_t tile = 0, la = 0, lb = 0;
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
+        size_t O = mb_dim(c, mb_layer_weights[i].rows), I = mb_dim(c, mb_layer_weights[i].cols);
+        if (nf4) { /* forward: tiles of rows, backward: tiles of columns, each <= MB_CUDA_TILE_BYTES */
+            size_t per_r = MB_MAX((size_t)1, MB_CUDA_TILE_BYTES / (2 * I)), per_c = MB_MAX((size_t)1, MB_CUDA_TILE_BYTES / (2 * O));
+            tile = MB_MAX(tile, MB_MAX(MB_MIN(per_r, O) * I, O * MB_MIN(per_c, I)) * 2);
+        }
+        if (targets & (1u << i)) la = MB_MAX(la, R * I * 2), lb = MB_MAX(lb, O * R * 2);
+    }
+    *work = MB_CUDA_LT_WORKSPACE + tile + la + lb + (targets ? N * R * 2 : 0) + N * H * D * 4 + N * H * 4 + N * 4;
+}
+
+static MbCuDevPtr dptr(const void *p) { return (MbCuDevPtr)(uintptr_t)p; }
+static void *hptr(MbCuDevPtr p) { return (void *)(uintptr_t)p; }
+
+/* Makes the backend's context current on this thread (ranks and tests switch threads). */
+static void cu_enter(MbCuda *g) { cu_check(g->lib->cu.cuCtxSetCurrent(g->ctx)); }
+
+static void cu_sync(MbCuda *g) { cu_check(g->lib->cu.cuStreamSynchronize(g->stream)); }
+
+static void cu_note_usage(MbCuda *g) {
+    size_t free_b = 0, total = 0;
+    if (g->lib->cu.cuMemGetInfo(&free_b, &total) == 0 && total - free_b > g->device_used_peak)
+        g->device_used_peak = total - free_b;
+}
+
+/* Device memory, zeroed; an allocation failure stops with what was asked and what is left. */
+static MbCuDevPtr cu_malloc(MbCuda *g, size_t bytes) {
+    MbCuDevPtr p = 0;
+    MbCuResult r = g->lib->cu.cuMemAlloc(&p, bytes ? bytes : 1);
+    if (r) {
+        size_t free_b = 0, total = 0;
+        g->lib->cu.cuMemGetInfo(&free_b, &total);
+        fprintf(stderr, "medbot: out of GPU memory on GPU %d (%s): %.2f GiB wanted, %.2f of %.2f GiB free, medbot holds "
+                "%.2f GiB --> lower --per_device_train_batch_size or --max_length, use --gradient_checkpointing and "
+                "--load_in_4bit\n", g->gpu, g->name, (double)bytes / 1073741824.0, (double)free_b / 1073741824.0,
+                (double)total / 1073741824.0, (double)g->bytes_now / 1073741824.0);
         exit(1);
     }
+    cu_check(g->lib->cu.cuMemsetD8Async(p, 0, bytes, g->stream));
+    g->bytes_now += bytes;
+    if (g->bytes_now > g->bytes_peak) g->bytes_peak = g->bytes_now;
+    cu_note_usage(g);
+    return p;
+}
+
+static void cu_mfree(MbCuda *g, MbCuDevPtr p, size_t bytes) {
+    if (!p) return;
+    cu_sync(g); /* kernels already queued may still read it */
+    cu_check(g->lib->cu.cuMemFree(p));
+    g->bytes_now -= bytes;
+}
+
+/* A scratch buffer of at least `bytes` (its old contents are not kept). */
+static MbCuDevPtr cu_scratch(MbCuda *g, CuBuf *b, size_t bytes) {
+    if (b->bytes < bytes) {
+        cu_mfree(g, b->p, b->bytes);
+        b->bytes = bytes;
+        b->p = cu_malloc(g, b->bytes);
+    }
+    return b->p;
+}
+
+/* n host ints copied into the index scratch (stream-ordered: the next op's copy waits for this
+ * op's kernels) */
+static MbCuDevPtr cu_ints(MbCuda *g, const int *h, size_t n) {
+    if (!h || !n) return 0;
+    MbCuDevPtr d = cu_scratch(g, &g->idx, n * sizeof(int));
+    cu_check(g->lib->cu.cuMemcpyHtoDAsync(d, h, n * sizeof(int), g->stream));
+    return d;
+}
+
+/* Whether [p, p + bytes) lies in memory this backend's alloc returned */
+static int cu_owns(const MbCuda *g, const void *p, size_t bytes) {
+    MbCuDevPtr a = dptr(p);
+    for (ptrdiff_t i = 0; i < arrlen(g->allocs); i++)
+        if (a >= g->allocs[i].p && a + bytes <= g->allocs[i].p + g->allocs[i].bytes) return 1;
+    return 0;
+}
+
+static unsigned cu_grid(const MbCuda *g, size_t n) {
+    size_t blocks = (n + MB_CUDA_BLOCK - 1) / MB_CUDA_BLOCK, cap = (size_t)g->sms * 16;
+    return (unsigned)MB_MAX((size_t)1, MB_MIN(blocks, cap));
+}
+
+static void cu_launch(MbCuda *g, int k, unsigned gx, unsigned gy, unsigned gz, unsigned threads, unsigned smem,
+                      void **args) {
+    if (!gx || !gy || !gz) return;
+    MbCuResult r = g->lib->cu.cuLaunchKernel(g->fn[k], gx, gy, gz, threads, 1, 1, smem, g->stream, args, NULL);
+    if (r) {
+        fprintf(stderr, "medbot: launching %s (grid %u x %u x %u, %u threads, %u bytes shared):\n", mb_kernel_names[k],
+                gx, gy, gz, threads, smem);
+        cu_check(r);
+    }
+    if (g->sync_each) {
+        r = g->lib->cu.cuStreamSynchronize(g->stream);
+        if (r) fprintf(stderr, "medbot: kernel %s failed:\n", mb_kernel_names[k]);
+        cu_check(r);
+    }
+}
+
+/* A grid-stride elementwise kernel over n values */
+static void cu_launch_n(MbCuda *g, int k, size_t n, void **args) {
+    if (n) cu_launch(g, k, cu_grid(g, n), 1, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+/* ---- weights on the device ---- */
+
+enum { CUW_BF16, CUW_NF4, CUW_F32 };
+typedef struct {
+    int kind;
+    MbCuDevPtr p;  /* CUW_BF16: bf16 values; CUW_F32: fp32 values in this backend's memory (LoRA) */
+    CuNf4 q;       /* CUW_NF4 */
+} CuW;
+
+/* bytes host -> new device memory owned by the weight maps */
+static MbCuDevPtr cu_upload(MbCuda *g, const void *h, size_t bytes) {
+    MbCuDevPtr p = cu_malloc(g, bytes);
+    cu_check(g->lib->cu.cuMemcpyHtoDAsync(p, h, bytes, g->stream));
+    CuBuf b = {p, bytes};
+    arrput(g->uploads, b);
+    return p;
+}
+
+/* A dense F32 / F16 / BF16 host weight as bf16 in device memory (converted a chunk at a time). */
+static MbCuDevPtr cu_upload_bf16(MbCuda *g, const MbWeight *w) {
+    size_t n = w->rows * w->cols, es = mb_dtype_size(w->dtype);
+    if (w->dtype == MB_DT_BF16) return cu_upload(g, w->data, n * 2);
+    MbCuDevPtr p = cu_malloc(g, n * 2);
+    CuBuf b = {p, n * 2};
+    arrput(g->uploads, b);
+    size_t chunk = (size_t)1 << 20;
+    float *f = mb_malloc(chunk * sizeof(float));
+    uint16_t *h = mb_malloc(chunk * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i += chunk) {
+        size_t m = MB_MIN(chunk, n - i);
+        mb_convert_to_f32(w->dtype, (const unsigned char *)w->data + i * es, f, m);
+        mb_convert_from_f32(MB_DT_BF16, f, h, m);
+        cu_check(g->lib->cu.cuMemcpyHtoDAsync(p + i * 2, h, m * 2, g->stream));
+        cu_sync(g); /* h is reused */
+    }
+    free(f), free(h);
+    return p;
+}
+
+/* The device copy of an NF4 state: arrays already in this backend's memory (random init) are
+ * used in place, the others uploaded once. */
+static CuNf4 cu_nf4_state(MbCuda *g, const MbWeight *w, const MbNf4 *q) {
+    const void *key = q; /* stb_ds keys are lvalues here (see the tokenizer section) */
+    ptrdiff_t i = hmgeti(g->nf4, key);
+    if (i >= 0) return g->nf4[i].value;
+    size_t n = w->rows * w->cols, ns = q->absmax_q ? (q->nblocks + q->nested_blocksize - 1) / q->nested_blocksize : 0;
+    CuNf4 c;
+    memset(&c, 0, sizeof c);
+#define ON_DEVICE(ptr, bytes) (cu_owns(g, (ptr), (bytes)) ? dptr(ptr) : cu_upload(g, (ptr), (bytes)))
+    c.packed = ON_DEVICE(q->packed, n / 2);
+    if (q->absmax_q) {
+        c.absmax_q = ON_DEVICE(q->absmax_q, q->nblocks);
+        c.nested = ON_DEVICE(q->nested_absmax, ns * 4);
+        c.map8 = cu_upload(g, q->nested_quant_map, sizeof q->nested_quant_map);
+    } else {
+        c.absmax = ON_DEVICE(q->absmax, q->nblocks * 4);
+    }
+#undef ON_DEVICE
+    c.offset = q->offset;
+    c.blocksize = (int)q->blocksize;
+    c.nested_bs = (int)(q->nested_blocksize ? q->nested_blocksize : 1);
+    c.compute = q->compute == MB_DT_BF16 ? 1 : q->compute == MB_DT_F16 ? 2 : 0;
+    hmput(g->nf4, key, c);
+    return c;
+}
+
+/* Host weights must stay unchanged and alive while the backend keeps their copies (a model's
+ * weights live as long as its backend); a key found with another shape means that was broken. */
+static void cu_cache_check(const CuDense *e, const MbWeight *w) {
+    if (e->rows != w->rows || e->cols != w->cols) {
+        fprintf(stderr, "medbot: cuda: the weight at %p changed shape (%zu x %zu, uploaded %zu x %zu): host weights "
+                "must outlive the backend that uploaded them\n", w->data, w->rows, w->cols, e->rows, e->cols);
+        exit(1);
+    }
+}
+
+static CuW cu_weight(MbCuda *g, const MbWeight *w) {
+    CuW cw;
+    memset(&cw, 0, sizeof cw);
+    const MbNf4 *q = weight_nf4(w);
+    if (q) {
+        cw.kind = CUW_NF4;
+        cw.q = cu_nf4_state(g, w, q);
+        return cw;
+    }
+    size_t bytes = w->rows * w->cols * mb_dtype_size(w->dtype);
+    if (cu_owns(g, w->data, bytes)) { /* LoRA A/B (fp32), random init (bf16): used in place */
+        if (w->dtype != MB_DT_BF16 && w->dtype != MB_DT_F32) {
+            fprintf(stderr, "medbot: cuda: a %s weight in device memory is not supported\n", mb_dtype_name(w->dtype));
+            exit(1);
+        }
+        cw.kind = w->dtype == MB_DT_BF16 ? CUW_BF16 : CUW_F32;
+        cw.p = dptr(w->data);
+        return cw;
+    }
+    cw.kind = CUW_BF16;
+    const void *key = w->data;
+    ptrdiff_t i = hmgeti(g->dense, key);
+    if (i >= 0) {
+        cu_cache_check(&g->dense[i].value, w);
+        cw.p = g->dense[i].value.p;
+    } else {
+        CuDense e = {cu_upload_bf16(g, w), w->rows, w->cols};
+        hmput(g->dense, key, e);
+        cw.p = e.p;
+    }
+    return cw;
+}
+
+/* A norm weight (1, C) as fp32 in device memory */
+static MbCuDevPtr cu_vector(MbCuda *g, const MbWeight *w) {
+    size_t n = w->rows * w->cols;
+    if (w->dtype == MB_DT_F32 && cu_owns(g, w->data, n * 4)) return dptr(w->data);
+    const void *key = w->data;
+    ptrdiff_t i = hmgeti(g->vec, key);
+    if (i >= 0) return cu_cache_check(&g->vec[i].value, w), g->vec[i].value.p;
+    if (cu_owns(g, w->data, 1)) {
+        fprintf(stderr, "medbot: cuda: a norm weight in device memory must be fp32\n");
+        exit(1);
+    }
+    float *f = mb_malloc(n * sizeof(float));
+    weight_row_f32(w, 0, 0, n, f);
+    MbCuDevPtr p = cu_upload(g, f, n * sizeof(float));
+    cu_sync(g);
+    free(f);
+    CuDense e = {p, w->rows, w->cols};
+    hmput(g->vec, key, e);
+    return p;
+}
+
+/* ---- GEMMs through cuBLASLt: column-major, as BLAS; bf16 A and B, fp32 accumulation, C/D bf16
+ * or fp32. D = alpha op(A) op(B) + beta C, written over C. Descriptors, layouts and the chosen
+ * algorithm are cached per shape. ---- */
+
+static int cu_align(MbCuDevPtr p) {
+    int a = 1;
+    while (a < 256 && !(p & (MbCuDevPtr)a)) a *= 2;
+    return a;
+}
+
+static const GemmPlan *cu_gemm_plan(MbCuda *g, const GemmKey *key) {
+    GemmKey k = *key;
+    ptrdiff_t i = hmgeti(g->plan_index, k);
+    if (i >= 0) return &g->plans[g->plan_index[i].value];
+    const MbLtApi *lt = &g->lib->lt;
+    GemmPlan p;
+    memset(&p, 0, sizeof p);
+    p.key = *key;
+    int32_t ta = key->ta, tb = key->tb;
+    cublas_check(lt->cublasLtMatmulDescCreate(&p.desc, MB_CUBLAS_COMPUTE_32F, MB_CUDA_R_32F));
+    cublas_check(lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSA, &ta, sizeof ta));
+    cublas_check(lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSB, &tb, sizeof tb));
+    uint64_t ar = ta == MB_CUBLAS_OP_N ? (uint64_t)key->m : (uint64_t)key->k, ac = ta == MB_CUBLAS_OP_N ? (uint64_t)key->k : (uint64_t)key->m;
+    uint64_t br = tb == MB_CUBLAS_OP_N ? (uint64_t)key->k : (uint64_t)key->n, bc = tb == MB_CUBLAS_OP_N ? (uint64_t)key->n : (uint64_t)key->k;
+    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.la, MB_CUDA_R_16BF, ar, ac, key->lda));
+    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.lb, MB_CUDA_R_16BF, br, bc, key->ldb));
+    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.lc, key->ctype, (uint64_t)key->m, (uint64_t)key->n, key->ldc));
+    MbLtPref pref;
+    cublas_check(lt->cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = g->lt_ws.bytes;
+    cublas_check(lt->cublasLtMatmulPreferenceSetAttribute(pref, MB_LT_PREF_MAX_WORKSPACE, &ws, sizeof ws));
+    const MbLtPrefAttr attrs[4] = {MB_LT_PREF_ALIGN_A, MB_LT_PREF_ALIGN_B, MB_LT_PREF_ALIGN_C, MB_LT_PREF_ALIGN_D};
+    for (int k = 0; k < 4; k++) {
+        uint32_t al = (uint32_t)key->align[k];
+        cublas_check(lt->cublasLtMatmulPreferenceSetAttribute(pref, attrs[k], &al, sizeof al));
+    }
+    MbLtHeuristic h;
+    int found = 0;
+    memset(&h, 0, sizeof h);
+    cublas_check(lt->cublasLtMatmulAlgoGetHeuristic(g->lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &h, &found));
+    lt->cublasLtMatmulPreferenceDestroy(pref);
+    if (found < 1) {
+        fprintf(stderr, "medbot: cuda: cuBLASLt has no algorithm for a %s%s GEMM m=%d n=%d k=%d (lda %lld ldb %lld "
+                "ldc %lld, %s output) --> report it with your GPU (%s)\n", ta ? "T" : "N", tb ? "T" : "N", key->m,
+                key->n, key->k, key->lda, key->ldb, key->ldc, key->ctype == MB_CUDA_R_32F ? "fp32" : "bf16", g->name);
+        exit(1);
+    }
+    p.algo = h.algo;
+    arrput(g->plans, p);
+    hmput(g->plan_index, k, (int)arrlen(g->plans) - 1);
+    return &g->plans[arrlen(g->plans) - 1];
+}
+
+static void cu_gemm(MbCuda *g, int ta, int tb, size_t m, size_t n, size_t k, float alpha, MbCuDevPtr A, size_t lda,
+                    MbCuDevPtr B, size_t ldb, float beta, MbCuDevPtr C, int ctype, size_t ldc) {
+    if (!m || !n || !k) return;
+    GemmKey key;
+    memset(&key, 0, sizeof key); /* hashed as bytes */
+    key.ta = ta, key.tb = tb, key.m = (int)m, key.n = (int)n, key.k = (int)k, key.ctype = ctype, key.beta_nz = beta != 0.0f;
+    key.lda = (long long)lda, key.ldb = (long long)ldb, key.ldc = (long long)ldc;
+    key.align[0] = cu_align(A), key.align[1] = cu_align(B), key.align[2] = key.align[3] = cu_align(C);
+    const GemmPlan *p = cu_gemm_plan(g, &key);
+    cublas_check(g->lib->lt.cublasLtMatmul(g->lt, p->desc, &alpha, hptr(A), p->la, hptr(B), p->lb, &beta, hptr(C), p->lc,
+                                           hptr(C), p->lc, &p->algo, hptr(g->lt_ws.p), g->lt_ws.bytes, g->stream));
+    if (g->sync_each) cu_sync(g);
+}
+
+static size_t cu_esize(int ctype) { return ctype == MB_CUDA_R_32F ? 4 : 2; }
+
+/* bf16 copy of rows [r0, r0 + nr) x cols [c0, c0 + nc) of an NF4 weight into the tile (nr, nc) */
+static MbCuDevPtr cu_nf4_tile(MbCuda *g, const CuW *cw, size_t cols, size_t r0, size_t nr, size_t c0, size_t nc) {
+    MbCuDevPtr t = cu_scratch(g, &g->tile, nr * nc * 2);
+    CuNf4 q = cw->q;
+    uint64_t ucols = cols, ur0 = r0, uc0 = c0, unr = nr, unc = nc;
+    void *args[] = {&t, &q, &ucols, &ur0, &uc0, &unr, &unc};
+    cu_launch_n(g, K_NF4_DEQUANT, nr * nc, args);
+    return t;
+}
+
+/* An fp32 device weight (rows * cols) as bf16 in scratch buffer b */
+static MbCuDevPtr cu_to_bf16(MbCuda *g, CuBuf *b, MbCuDevPtr f32, size_t n) {
+    MbCuDevPtr t = cu_scratch(g, b, n * 2);
+    uint64_t un = n;
+    void *args[] = {&t, &f32, &un};
+    cu_launch_n(g, K_F32_TO_BF16, n, args);
+    return t;
+}
+
+/* out (N, O) = inp (N, I) @ W^T, out bf16 or fp32 (ctype) */
+static void cu_matmul(MbCuda *g, MbCuDevPtr out, int ctype, MbCuDevPtr inp, const MbWeight *w, size_t N) {
+    size_t O = w->rows, I = w->cols;
+    CuW cw = cu_weight(g, w);
+    if (cw.kind == CUW_F32) cw.p = cu_to_bf16(g, &g->tile, cw.p, O * I), cw.kind = CUW_BF16;
+    if (cw.kind == CUW_BF16) {
+        cu_gemm(g, MB_CUBLAS_OP_T, MB_CUBLAS_OP_N, O, N, I, 1.0f, cw.p, I, inp, I, 0.0f, out, ctype, O);
+        return;
+    }
+    if (N <= MB_GEMV_MAX_N && ctype == MB_CUDA_R_16BF) { /* decode: the fused dequant + matrix-vector kernel */
+        int n = (int)N, o = (int)O, in = (int)I;
+        void *args[] = {&out, &inp, &cw.q, &n, &o, &in};
+        cu_launch(g, K_NF4_GEMV, (unsigned)((O + MB_CUDA_BLOCK / 32 - 1) / (MB_CUDA_BLOCK / 32)), 1, 1, MB_CUDA_BLOCK, 0, args);
+        return;
+    }
+    size_t per = MB_MAX((size_t)1, g->tile_bytes / (2 * I));
+    if (per >= 64) per = per / 64 * 64;
+    for (size_t r0 = 0; r0 < O; r0 += per) { /* a tile of output rows at a time */
+        size_t nr = MB_MIN(per, O - r0);
+        MbCuDevPtr t = cu_nf4_tile(g, &cw, I, r0, nr, 0, I);
+        cu_gemm(g, MB_CUBLAS_OP_T, MB_CUBLAS_OP_N, nr, N, I, 1.0f, t, I, inp, I, 0.0f, out + r0 * cu_esize(ctype), ctype, O);
+    }
+}
+
+/* dinp (N, I) (+)= dout (N, O) @ W */
+static void cu_matmul_backward(MbCuda *g, MbCuDevPtr dinp, MbCuDevPtr dout, const MbWeight *w, size_t N, int accumulate) {
+    size_t O = w->rows, I = w->cols;
+    float beta = accumulate ? 1.0f : 0.0f;
+    CuW cw = cu_weight(g, w);
+    if (cw.kind == CUW_F32) cw.p = cu_to_bf16(g, &g->tile, cw.p, O * I), cw.kind = CUW_BF16;
+    if (cw.kind == CUW_BF16) {
+        cu_gemm(g, MB_CUBLAS_OP_N, MB_CUBLAS_OP_N, I, N, O, 1.0f, cw.p, I, dout, O, beta, dinp, MB_CUDA_R_16BF, I);
+        return;
+    }
+    size_t per = MB_MAX((size_t)1, g->tile_bytes / (2 * O));
+    if (per >= 64) per = per / 64 * 64;
+    for (size_t c0 = 0; c0 < I; c0 += per) { /* a tile of input columns at a time: each output once */
+        size_t nc = MB_MIN(per, I - c0);
+        MbCuDevPtr t = cu_nf4_tile(g, &cw, I, 0, O, c0, nc);
+        cu_gemm(g, MB_CUBLAS_OP_N, MB_CUBLAS_OP_N, nc, N, O, 1.0f, t, nc, dout, O, beta, dinp + c0 * 2, MB_CUDA_R_16BF, I);
+    }
+}
+
+/* ---- the ops ---- */
+
+#define CU_CTX(ops) MbCuda *g = (ops)->ctx; cu_enter(g)
+
+static void *cuda_alloc(MbOps *ops, size_t bytes) {
+    CU_CTX(ops);
+    CuBuf b = {cu_malloc(g, bytes), bytes};
+    arrput(g->allocs, b);
+    return hptr(b.p);
+}
+
+static void cuda_free(MbOps *ops, void *p) {
+    CU_CTX(ops);
+    if (!p) return;
+    for (ptrdiff_t i = 0; i < arrlen(g->allocs); i++)
+        if (g->allocs[i].p == dptr(p)) {
+            cu_mfree(g, g->allocs[i].p, g->allocs[i].bytes);
+            arrdelswap(g->allocs, i);
+            return;
+        }
+    fprintf(stderr, "medbot: cuda: free of %p, which this backend did not allocate\n", p);
+    exit(1);
+}
+
+static void cuda_to_host(MbOps *ops, void *dst, const void *src, size_t bytes) {
+    CU_CTX(ops);
+    if (!bytes) return;
+    cu_check(g->lib->cu.cuMemcpyDtoHAsync(dst, dptr(src), bytes, g->stream));
+    cu_sync(g);
+}
+
+static void cuda_from_host(MbOps *ops, void *dst, const void *src, size_t bytes) {
+    CU_CTX(ops);
+    if (!bytes) return;
+    cu_check(g->lib->cu.cuMemcpyHtoDAsync(dptr(dst), src, bytes, g->stream));
+    cu_sync(g); /* src may be pinned by the caller's allocator some day: never leave it in flight */
+}
+
+static void cuda_zero(MbOps *ops, void *p, size_t bytes) {
+    CU_CTX(ops);
+    cu_check(g->lib->cu.cuMemsetD8Async(dptr(p), 0, bytes, g->stream));
+}
+
+static void cuda_embedding_forward(MbOps *ops, float *out, const int32_t *tokens, const MbWeight *wte, size_t N) {
+    CU_CTX(ops);
+    CuW cw = cu_weight(g, wte);
+    if (cw.kind != CUW_BF16) {
+        fprintf(stderr, "medbot: cuda: the embedding must be a dense weight\n");
+        exit(1);
+    }
+    MbCuDevPtr o = dptr(out), t = cu_ints(g, (const int *)tokens, N);
+    int C = (int)wte->cols;
+    void *args[] = {&o, &t, &cw.p, &C};
+    cu_launch(g, K_EMBEDDING, (unsigned)N, 1, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+static void cuda_matmul_forward(MbOps *ops, float *out, const float *inp, const MbWeight *w, size_t N) {
+    CU_CTX(ops);
+    cu_matmul(g, dptr(out), MB_CUDA_R_16BF, dptr(inp), w, N);
+}
+
+/* out (N, V) fp32 logits for generation */
+static void cuda_logits_forward(MbOps *ops, float *out, const float *inp, const MbWeight *w, size_t N) {
+    CU_CTX(ops);
+    cu_matmul(g, dptr(out), MB_CUDA_R_32F, dptr(inp), w, N);
+}
+
+static void cuda_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N, int accumulate) {
+    CU_CTX(ops);
+    cu_matmul_backward(g, dptr(dinp), dptr(dout), w, N, accumulate);
+}
+
+static void cuda_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float *inp, const MbWeight *w, size_t N,
+                                 float eps) {
+    CU_CTX(ops);
+    MbCuDevPtr o = dptr(out), r = dptr(rstd), x = dptr(inp), wf = cu_vector(g, w);
+    int C = (int)w->cols;
+    void *args[] = {&o, &r, &x, &wf, &C, &eps};
+    cu_launch(g, K_RMSNORM_FWD, (unsigned)N, 1, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+static void cuda_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
+                                  const float *rstd, size_t N, int accumulate) {
+    CU_CTX(ops);
+    MbCuDevPtr dx = dptr(dinp), dy = dptr(dout), x = dptr(inp), wf = cu_vector(g, w), r = dptr(rstd);
+    int C = (int)w->cols;
+    void *args[] = {&dx, &dy, &x, &wf, &r, &C, &accumulate};
+    cu_launch(g, K_RMSNORM_BWD, (unsigned)N, 1, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+typedef struct {
+    float f[MB_ROPE_MAX_HALF];
+} CuRopeFreq; /* the kernel's struct RopeFreq */
+
+static void cu_rope(MbCuda *g, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
+    if (D != g->head_dim) {
+        fprintf(stderr, "medbot: cuda: rope on head dim %d, kernels built for %d\n", D, g->head_dim);
+        exit(1);
+    }
+    CuRopeFreq rf;
+    memset(&rf, 0, sizeof rf);
+    memcpy(rf.f, inv_freq, (size_t)(D / 2) * sizeof(float));
+    MbCuDevPtr p = dptr(x);
+    void *args[] = {&p, &rf, &T, &pos0, &nh, &sign};
+    cu_launch(g, K_ROPE, (unsigned)(B * T), 1, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+static void cuda_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
+    CU_CTX(ops);
+    cu_rope(g, x, inv_freq, B, T, pos0, nh, D, 1.0f);
+}
+
+static void cuda_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
+    CU_CTX(ops);
+    cu_rope(g, dx, inv_freq, B, T, pos0, nh, D, -1.0f);
+}
+
+static void cuda_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
+    CU_CTX(ops);
+    MbCuDevPtr c = dptr(cache), s = dptr(x);
+    void *args[] = {&c, &s, &T, &S, &pos0, &KD};
+    cu_launch(g, K_KV_STORE, (unsigned)T, (unsigned)B, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+static void cu_check_heads(const MbCuda *g, int H, int K, int D) {
+    if (D != g->head_dim || K < 1 || H % K) {
+        fprintf(stderr, "medbot: cuda: attention with H=%d K=%d D=%d, kernels built for D=%d\n", H, K, D, g->head_dim);
+        exit(1);
+    }
+}
+
+static void cuda_attention_forward(MbOps *ops, float *out, float *lse, const float *q, const float *kc, const float *vc,
+                                   const int *lens, int B, int T, int S, int pos0, int H, int K, int D) {
+    CU_CTX(ops);
+    cu_check_heads(g, H, K, D);
+    MbCuDevPtr o = dptr(out), l = dptr(lse), qq = dptr(q), k = dptr(kc), v = dptr(vc), ln = cu_ints(g, lens, (size_t)B);
+    void *args[] = {&o, &l, &qq, &k, &v, &ln, &T, &S, &pos0, &H, &K};
+    cu_launch(g, K_ATT_FWD, (unsigned)((T + g->att_bq - 1) / g->att_bq), (unsigned)H, (unsigned)B, 256,
+              (unsigned)g->att_fwd_smem, args);
+}
+
+static void cuda_attention_backward(MbOps *ops, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                    const float *k, const float *v, const float *out, const float *lse, const int *lens,
+                                    int B, int T, int H, int K, int D) {
+    CU_CTX(ops);
+    cu_check_heads(g, H, K, D);
+    size_t rows = (size_t)B * T * H, n = rows * (size_t)D;
+    MbCuDevPtr dq32 = cu_scratch(g, &g->att_dq, n * 4), delta = cu_scratch(g, &g->att_delta, rows * 4);
+    cu_check(g->lib->cu.cuMemsetD8Async(dq32, 0, n * 4, g->stream));
+    MbCuDevPtr g_out = dptr(dout), o = dptr(out), qq = dptr(q), kk = dptr(k), vv = dptr(v), l = dptr(lse);
+    MbCuDevPtr dkk = dptr(dk), dvv = dptr(dv), dqq = dptr(dq), ln = cu_ints(g, lens, (size_t)B);
+    uint64_t urows = rows, un = n;
+    void *a1[] = {&delta, &g_out, &o, &T, &H, &urows};
+    cu_launch(g, K_ATT_DELTA, (unsigned)((rows + MB_CUDA_BLOCK / 32 - 1) / (MB_CUDA_BLOCK / 32)), 1, 1, MB_CUDA_BLOCK, 0, a1);
+    void *a2[] = {&dq32, &dkk, &dvv, &g_out, &qq, &kk, &vv, &l, &delta, &ln, &T, &H, &K};
+    cu_launch(g, K_ATT_BWD, (unsigned)((T + g->att_bwd_bk - 1) / g->att_bwd_bk), (unsigned)K, (unsigned)B, 256,
+              (unsigned)g->att_bwd_smem, a2);
+    void *a3[] = {&dqq, &dq32, &un};
+    cu_launch_n(g, K_F32_TO_BF16, n, a3);
+}
+
+static void cuda_swiglu_forward(MbOps *ops, float *out, const float *gate, const float *up, size_t n) {
+    CU_CTX(ops);
+    MbCuDevPtr o = dptr(out), a = dptr(gate), b = dptr(up);
+    uint64_t un = n;
+    void *args[] = {&o, &a, &b, &un};
+    cu_launch_n(g, K_SWIGLU_FWD, n, args);
+}
+
+static void cuda_swiglu_backward(MbOps *ops, float *dgate, float *dup, const float *dout, const float *gate,
+                                 const float *up, size_t n) {
+    CU_CTX(ops);
+    MbCuDevPtr dg = dptr(dgate), du = dptr(dup), dy = dptr(dout), a = dptr(gate), b = dptr(up);
+    uint64_t un = n;
+    void *args[] = {&dg, &du, &dy, &a, &b, &un};
+    cu_launch_n(g, K_SWIGLU_BWD, n, args);
+}
+
+static void cuda_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
+    CU_CTX(ops);
+    MbCuDevPtr o = dptr(out), x = dptr(inp), r = cu_ints(g, rows, n);
+    int c = (int)C;
+    void *args[] = {&o, &x, &r, &c};
+    cu_launch(g, K_GATHER, (unsigned)n, 1, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+static void cuda_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
+    CU_CTX(ops);
+    MbCuDevPtr o = dptr(out), x = dptr(inp);
+    cu_check(g->lib->cu.cuMemsetD8Async(o, 0, N * C * 2, g->stream));
+    MbCuDevPtr r = cu_ints(g, rows, n);
+    int c = (int)C;
+    void *args[] = {&o, &x, &r, &c};
+    cu_launch(g, K_SCATTER, (unsigned)n, 1, 1, MB_CUDA_BLOCK, 0, args);
+}
+
+static void cuda_add_forward(MbOps *ops, float *out, const float *a, const float *b, size_t n) {
+    CU_CTX(ops);
+    MbCuDevPtr o = dptr(out), x = dptr(a), y = dptr(b);
+    uint64_t un = n;
+    void *args[] = {&o, &x, &y, &un};
+    cu_launch_n(g, K_ADD, n, args);
+}
+
+static void cuda_dropout_forward(MbOps *ops, float *out, const float *inp, size_t n, float p, uint64_t seed) {
+    CU_CTX(ops);
+    MbCuDevPtr o = dptr(out), x = dptr(inp);
+    uint64_t un = n, s = seed;
+    void *args[] = {&o, &x, &un, &p, &s};
+    cu_launch_n(g, K_DROPOUT, n, args);
+}
+
+/* A LoRA matrix (fp32 in this backend's memory) as bf16 in b, for the tensor cores */
+static MbCuDevPtr cu_lora_bf16(MbCuda *g, CuBuf *b, const MbWeight *w) {
+    size_t n = w->rows * w->cols;
+    if (w->dtype != MB_DT_F32 || !cu_owns(g, w->data, n * 4)) {
+        fprintf(stderr, "medbot: cuda: LoRA weights must be fp32 in this backend's memory\n");
+        exit(1);
+    }
+    return cu_to_bf16(g, b, dptr(w->data), n);
+}
+
+static void cuda_lora_forward(MbOps *ops, float *out, float *u, const float *x, const MbWeight *A, const MbWeight *B,
+                              size_t N, float scale) {
+    CU_CTX(ops);
+    size_t R = A->rows, I = A->cols, O = B->rows;
+    MbCuDevPtr a = cu_lora_bf16(g, &g->lora_a, A), b = cu_lora_bf16(g, &g->lora_b, B);
+    cu_gemm(g, MB_CUBLAS_OP_T, MB_CUBLAS_OP_N, R, N, I, 1.0f, a, I, dptr(x), I, 0.0f, dptr(u), MB_CUDA_R_16BF, R);
+    cu_gemm(g, MB_CUBLAS_OP_T, MB_CUBLAS_OP_N, O, N, R, scale, b, R, dptr(u), R, 1.0f, dptr(out), MB_CUDA_R_16BF, O);
+}
+
+static void cuda_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, const float *dout, const float *x,
+                               const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale) {
+    CU_CTX(ops);
+    size_t R = A->rows, I = A->cols, O = B->rows;
+    MbCuDevPtr a = cu_lora_bf16(g, &g->lora_a, A), b = cu_lora_bf16(g, &g->lora_b, B);
+    MbCuDevPtr du = cu_scratch(g, &g->lora_du, N * R * 2);
+    /* dB (O, R) += scale dout^T u */
+    cu_gemm(g, MB_CUBLAS_OP_N, MB_CUBLAS_OP_T, R, O, N, scale, dptr(u), R, dptr(dout), O, 1.0f, dptr(dB), MB_CUDA_R_32F, R);
+    /* du (N, R) = scale dout @ B */
+    cu_gemm(g, MB_CUBLAS_OP_N, MB_CUBLAS_OP_N, R, N, O, scale, b, R, dptr(dout), O, 0.0f, du, MB_CUDA_R_16BF, R);
+    /* dA (R, I) += du^T x */
+    cu_gemm(g, MB_CUBLAS_OP_N, MB_CUBLAS_OP_T, I, R, N, 1.0f, dptr(x), I, du, R, 1.0f, dptr(dA), MB_CUDA_R_32F, I);
+    /* dx (N, I) += du @ A */
+    cu_gemm(g, MB_CUBLAS_OP_N, MB_CUBLAS_OP_N, I, N, R, 1.0f, a, I, du, R, 1.0f, dptr(dx), MB_CUDA_R_16BF, I);
+}
+
+/* The fused lm_head + log-softmax + gather: chunks of rows x vocabulary; the logits of one chunk
+ * (fp32) exist at a time, folded into per-row running statistics. */
+static MbCuDevPtr cu_lm_head(MbCuda *g, const MbWeight *w) {
+    CuW cw = cu_weight(g, w);
+    if (cw.kind != CUW_BF16) {
+        fprintf(stderr, "medbot: cuda: lm_head must be a dense weight\n");
+        exit(1);
+    }
+    return cw.p;
+}
+
+static void cuda_logprob_forward(MbOps *ops, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
+                                 const int32_t *targets, size_t M) {
+    CU_CTX(ops);
+    size_t V = w->rows, C = w->cols, MR = MB_MIN(M, g->lp_rows), VC = MB_MIN(V, g->lp_vocab);
+    MbCuDevPtr W = cu_lm_head(g, w), tg = cu_ints(g, (const int *)targets, M);
+    MbCuDevPtr logits = cu_scratch(g, &g->lp_logits, MR * VC * 4), st = cu_scratch(g, &g->lp_state, MR * 16);
+    for (size_t m0 = 0; m0 < M; m0 += MR) {
+        size_t mr = MB_MIN(MR, M - m0);
+        MbCuDevPtr xr = dptr(x) + m0 * C * 2, t = tg + m0 * 4;
+        for (size_t v0 = 0; v0 < V; v0 += VC) {
+            size_t vc = MB_MIN(VC, V - v0);
+            cu_gemm(g, MB_CUBLAS_OP_T, MB_CUBLAS_OP_N, vc, mr, C, 1.0f, W + v0 * C * 2, C, xr, C, 0.0f, logits,
+                    MB_CUDA_R_32F, vc);
+            int ivc = (int)vc, iv0 = (int)v0, first = v0 == 0;
+            void *args[] = {&logits, &ivc, &iv0, &t, &st, &first};
+            cu_launch(g, K_LP_CHUNK, (unsigned)mr, 1, 1, MB_CUDA_BLOCK, 0, args);
+        }
+        MbCuDevPtr lp = dptr(logp) + m0 * 4, ls = dptr(lse) + m0 * 4, su = lsum ? dptr(lsum) + m0 * 4 : 0;
+        int rows = (int)mr;
+        void *args[] = {&lp, &ls, &su, &st, &rows};
+        cu_launch(g, K_LP_FINISH, (unsigned)((mr + MB_CUDA_BLOCK - 1) / MB_CUDA_BLOCK), 1, 1, MB_CUDA_BLOCK, 0, args);
+    }
+}
+
+static void cuda_logprob_backward(MbOps *ops, float *dx, const float *gr, const float *x, const MbWeight *w,
+                                  const int32_t *targets, const float *lse, size_t M) {
+    CU_CTX(ops);
+    size_t V = w->rows, C = w->cols, MR = MB_MIN(M, g->lp_rows), VC = MB_MIN(V, g->lp_vocab);
+    MbCuDevPtr W = cu_lm_head(g, w), tg = cu_ints(g, (const int *)targets, M);
+    MbCuDevPtr logits = cu_scratch(g, &g->lp_logits, MR * VC * 4), dl = cu_scratch(g, &g->lp_dlogits, MR * VC * 2);
+    MbCuDevPtr dx32 = cu_scratch(g, &g->lp_dx, MR * C * 4);
+    for (size_t m0 = 0; m0 < M; m0 += MR) {
+        size_t mr = MB_MIN(MR, M - m0);
+        MbCuDevPtr xr = dptr(x) + m0 * C * 2, t = tg + m0 * 4, gg = dptr(gr) + m0 * 4, ls = dptr(lse) + m0 * 4;
+        for (size_t v0 = 0; v0 < V; v0 += VC) {
+            size_t vc = MB_MIN(VC, V - v0);
+            cu_gemm(g, MB_CUBLAS_OP_T, MB_CUBLAS_OP_N, vc, mr, C, 1.0f, W + v0 * C * 2, C, xr, C, 0.0f, logits,
+                    MB_CUDA_R_32F, vc);
+            int ivc = (int)vc, iv0 = (int)v0;
+            void *args[] = {&dl, &logits, &ivc, &iv0, &t, &gg, &ls};
+            cu_launch(g, K_LP_GRAD, (unsigned)mr, 1, 1, MB_CUDA_BLOCK, 0, args);
+            /* dx (mr, C) += dlogits (mr, vc) @ W[v0 : v0 + vc], summed in fp32 */
+            cu_gemm(g, MB_CUBLAS_OP_N, MB_CUBLAS_OP_N, C, mr, vc, 1.0f, W + v0 * C * 2, C, dl, vc, v0 ? 1.0f : 0.0f, dx32,
+                    MB_CUDA_R_32F, C);
+        }
+        MbCuDevPtr o = dptr(dx) + m0 * C * 2;
+        uint64_t n = mr * C;
+        void *args[] = {&o, &dx32, &n};
+        cu_launch_n(g, K_F32_TO_BF16, mr * C, args);
+    }
+}
+
+static double cuda_sumsq(MbOps *ops, const float *x, size_t n) {
+    CU_CTX(ops);
+    if (!n) return 0.0;
+    unsigned grid = cu_grid(g, n);
+    MbCuDevPtr part = cu_scratch(g, &g->partial, grid * sizeof(double)), xx = dptr(x);
+    uint64_t un = n;
+    void *args[] = {&part, &xx, &un};
+    cu_launch(g, K_SUMSQ, grid, 1, 1, MB_CUDA_BLOCK, 0, args);
+    double *h = mb_malloc(grid * sizeof(double)), s = 0.0;
+    cu_check(g->lib->cu.cuMemcpyDtoHAsync(h, part, grid * sizeof(double), g->stream));
+    cu_sync(g);
+    for (unsigned i = 0; i < grid; i++) s += h[i];
+    free(h);
+    return s;
+}
+
+static void cuda_scale(MbOps *ops, float *x, float s, size_t n) {
+    CU_CTX(ops);
+    MbCuDevPtr p = dptr(x);
+    uint64_t un = n;
+    void *args[] = {&p, &s, &un};
+    cu_launch_n(g, K_SCALE, n, args);
+}
+
+static void cuda_fill(MbOps *ops, float *x, float v, size_t n) {
+    CU_CTX(ops);
+    MbCuDevPtr p = dptr(x);
+    uint64_t un = n;
+    void *args[] = {&p, &v, &un};
+    cu_launch_n(g, K_FILL, n, args);
+}
+
+static void cuda_adamw(MbOps *ops, float *p, const float *gr, float *m, float *v, size_t n, double lr, double beta1,
+                       double beta2, double eps, double wd, long step) {
+    CU_CTX(ops);
+    double bc1 = 1.0 - pow(beta1, (double)step), bc2 = 1.0 - pow(beta2, (double)step);
+    float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2), decay = (float)(1.0 - lr * wd);
+    float b1 = (float)beta1, b2 = (float)beta2, e = (float)eps;
+    MbCuDevPtr pp = dptr(p), gg = dptr(gr), mm = dptr(m), vv = dptr(v);
+    uint64_t un = n;
+    void *args[] = {&pp, &gg, &mm, &vv, &un, &step_size, &bc2_sqrt, &decay, &b1, &b2, &e};
+    cu_launch_n(g, K_ADAMW, n, args);
+}
+
+static void cuda_accumulate_f64(MbOps *ops, double *acc, const float *x, size_t n) {
+    CU_CTX(ops);
+    MbCuDevPtr a = dptr(acc), xx = dptr(x);
+    uint64_t un = n;
+    void *args[] = {&a, &xx, &un};
+    cu_launch_n(g, K_ACC_F64, n, args);
+}
+
+static void cuda_from_f64(MbOps *ops, float *out, const double *in, size_t n) {
+    CU_CTX(ops);
+    MbCuDevPtr o = dptr(out), i = dptr(in);
+    uint64_t un = n;
+    void *args[] = {&o, &i, &un};
+    cu_launch_n(g, K_FROM_F64, n, args);
+}
+
+static void cuda_fill_f64(MbOps *ops, double *x, size_t n) {
+    CU_CTX(ops);
+    cu_check(g->lib->cu.cuMemsetD8Async(dptr(x), 0, n * sizeof(double), g->stream));
+}
+
+static void cuda_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
+    CU_CTX(ops);
+    MbCuDevPtr d = dptr(dst);
+    uint64_t un = n, s = seed;
+    void *args[] = {&d, &un, &s};
+    cu_launch_n(g, K_RANDOM_BYTES, n, args);
+}
+
+static void cuda_random_normal(MbOps *ops, void *dst, size_t n, uint64_t seed, float std) {
+    CU_CTX(ops);
+    MbCuDevPtr d = dptr(dst);
+    uint64_t un = n, s = seed;
+    void *args[] = {&d, &un, &s, &std};
+    cu_launch_n(g, K_RANDOM_NORMAL, n, args);
+}
+
+/* ---- starting and stopping the backend ---- */
+
+/* Loads the kernels for g's device: from the cache when a cubin for this source, these options,
+ * this architecture, driver and NVRTC is there; else compiled through NVRTC and cached. The ranks
+ * of one process (--nproc) take turns, so one compiles and the others read its cubin. */
+static MbStatus cuda_kernels_image(MbCuda *g) {
+    const MbCudaLibs *L = g->lib;
+    int ptx = 0;
+    MbStatus rc = kernels_target(g->cc, g->arch, sizeof g->arch, &ptx);
+    if (rc) return rc;
+    char options[1024], key[1200], dir[512], path[700];
+    snprintf(options, sizeof options, "--gpu-architecture=%s --std=c++17 %s %s", g->arch, mb_kernel_spec_common,
+             mb_kernel_specs[g->spec]);
+    snprintf(key, sizeof key, "%s|%s|driver %d|nvrtc %d.%d", MB_KERNELS_HASH, options, L->driver_version, L->nvrtc_major,
+             L->nvrtc_minor);
+    kernel_cache_dir(dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/kernels-%016llx.%s", dir, (unsigned long long)fnv1a(0xcbf29ce484222325ull, key,
+             strlen(key)), ptx ? "ptx" : "cubin");
+    char *image = NULL;
+    size_t n = 0;
+    int cached = dir[0] && mb_is_file(path) && mb_read_file(path, &image, &n) == MB_OK;
+    if (cached && L->cu.cuModuleLoadData(&g->mod, image) != 0) { /* stale or corrupt: compile again */
+        cached = 0;
+        g->mod = NULL;
+    }
+    free(image);
+    image = NULL;
+    if (!cached) {
+        fprintf(stderr, "medbot: compiling the CUDA kernels for %s (head_dim %d) with NVRTC %d.%d...", g->arch,
+                g->head_dim, L->nvrtc_major, L->nvrtc_minor);
+        fflush(stderr);
+        double t0 = mb_now();
+        if ((rc = kernels_compile(options, &image, &n, ptx))) return fprintf(stderr, "\n"), rc;
+        fprintf(stderr, " %.1f s\n", mb_now() - t0);
+        rc = cu_status(L->cu.cuModuleLoadData(&g->mod, image));
+        if (!rc && dir[0] && mb_write_file(path, image, n) != MB_OK)
+            fprintf(stderr, "medbot: note: cannot write the kernel cache %s (%s)\n", path, mb_last_error());
+        free(image);
+        if (rc) return rc;
+    }
+    for (int k = 0; k < K_COUNT && !rc; k++) rc = cu_status(L->cu.cuModuleGetFunction(&g->fn[k], g->mod, mb_kernel_names[k]));
+    MbCuDevPtr params = 0;
+    size_t psize = 0;
+    int p[6];
+    if (!rc) rc = cu_status(L->cu.cuModuleGetGlobal(&params, &psize, g->mod, "mb_kernel_params"));
+    if (!rc && psize != sizeof p) rc = mb_fail(MB_ERR_DEVICE, "cuda: kernels.cu.in's mb_kernel_params has %zu bytes", psize);
+    if (!rc) rc = cu_status(L->cu.cuMemcpyDtoHAsync(p, params, sizeof p, g->stream));
+    if (!rc) rc = cu_status(L->cu.cuStreamSynchronize(g->stream));
+    if (rc) return rc;
+    g->att_fwd_smem = p[0], g->att_bwd_smem = p[1], g->att_bq = p[2], g->att_bk = p[3], g->att_bwd_bq = p[4], g->att_bwd_bk = p[5];
+    if (!rc) rc = cu_status(L->cu.cuFuncSetAttribute(g->fn[K_ATT_FWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_fwd_smem));
+    if (!rc) rc = cu_status(L->cu.cuFuncSetAttribute(g->fn[K_ATT_BWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_bwd_smem));
+    return rc;
+}
+
+static pthread_mutex_t mb_kernel_cache_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static MbStatus cuda_kernels_load(MbCuda *g) {
+    pthread_mutex_lock(&mb_kernel_cache_mu);
+    MbStatus rc = cuda_kernels_image(g);
+    pthread_mutex_unlock(&mb_kernel_cache_mu);
+    return rc;
+}
+
+static MbStatus cuda_start(MbCuda *g) {
+    const MbCuApi *cu = &g->lib->cu;
+    int major = 0, minor = 0, sms = 0, optin = 0;
+    MbStatus rc = cu_status(cu->cuDeviceGet(&g->dev, g->gpu));
+    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&major, MB_CU_ATTR_CC_MAJOR, g->dev));
+    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&minor, MB_CU_ATTR_CC_MINOR, g->dev));
+    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&sms, MB_CU_ATTR_SM_COUNT, g->dev));
+    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&optin, MB_CU_ATTR_SMEM_OPTIN, g->dev));
+    if (!rc) rc = cu_status(cu->cuDeviceGetName(g->name, (int)sizeof g->name, g->dev));
+    if (!rc) rc = cu_status(cu->cuDeviceTotalMem(&g->total_mem, g->dev));
+    if (rc) return rc;
+    g->cc = major * 10 + minor, g->sms = sms, g->smem_optin = (size_t)optin;
+    if (g->cc < 80)
+        return mb_fail(MB_ERR_UNSUPPORTED, "cuda: GPU %d (%s) has compute capability %d.%d; medbot's CUDA backend needs "
+                       "8.0 or newer (bf16 tensor cores) --> use --device cpu", g->gpu, g->name, major, minor);
+    g->spec = spec_choose(g->head_dim, g->smem_optin);
+    if (g->spec < 0) {
+        char dims[128];
+        spec_head_dims(dims, sizeof dims);
+        return mb_fail(MB_ERR_UNSUPPORTED, "cuda: no kernel specialization for head_dim %d (kernels.cu.in has %s) --> "
+                       "add a row to its table, or use --device cpu", g->head_dim, dims);
+    }
+    if ((rc = cu_status(cu->cuDevicePrimaryCtxRetain(&g->ctx, g->dev)))) return g->ctx = NULL, rc;
+    if ((rc = cu_status(cu->cuCtxSetCurrent(g->ctx)))) return rc;
+    size_t free_b = 0, total = 0;
+    if ((rc = cu_status(cu->cuMemGetInfo(&free_b, &total)))) return rc;
+    g->device_used_start = g->device_used_peak = total - free_b;
+    if ((rc = cu_status(cu->cuStreamCreate(&g->stream, 0)))) return rc;
+    if ((rc = cuda_kernels_load(g))) return rc;
+    MbLtStatus s = g->lib->lt.cublasLtCreate(&g->lt);
+    if (s) {
+        g->lt = NULL;
+        return mb_fail(MB_ERR_DEVICE, "cuda: cublasLtCreate failed: %s (%d) --> check the cuBLAS installation, or use "
+                       "--device cpu", g->lib->lt.cublasLtGetStatusString(s), (int)s);
+    }
+    g->lt_ws.bytes = MB_CUDA_LT_WORKSPACE;
+    g->lt_ws.p = cu_malloc(g, g->lt_ws.bytes);
+    fprintf(stderr, "medbot: CUDA on GPU %d: %s (%s, %d SMs, %.1f GiB), kernels for head_dim %d, driver %d.%d\n", g->gpu,
+            g->name, g->arch, g->sms, (double)g->total_mem / 1073741824.0, g->head_dim, g->lib->driver_version / 1000,
+            g->lib->driver_version % 1000 / 10);
+    return MB_OK;
+}
+
+static void cuda_destroy(MbOps *ops) {
+    MbCuda *g = ops->ctx;
+    const MbCuApi *cu = &g->lib->cu;
+    if (g->ctx) {
+        cu->cuCtxSetCurrent(g->ctx);
+        if (g->stream) cu_sync(g);
+        if (g->lt) {
+            size_t weights = 0;
+            for (ptrdiff_t i = 0; i < arrlen(g->uploads); i++) weights += g->uploads[i].bytes;
+            printf("peak GPU memory: %.2f GiB on GPU %d (%s): medbot's buffers peaked at %.2f GiB (%.2f GiB of "
+                   "uploaded weights), the rest is the CUDA context, cuBLAS, kernels and other processes\n",
+                   (double)g->device_used_peak / 1073741824.0, g->gpu, g->name, (double)g->bytes_peak / 1073741824.0,
+                   (double)weights / 1073741824.0);
+            fflush(stdout);
+        }
+        for (ptrdiff_t i = 0; i < arrlen(g->uploads); i++) cu->cuMemFree(g->uploads[i].p);
+        for (ptrdiff_t i = 0; i < arrlen(g->allocs); i++) cu->cuMemFree(g->allocs[i].p);
+        CuBuf *bufs[] = {&g->lt_ws, &g->idx, &g->tile, &g->lora_a, &g->lora_b, &g->lora_du, &g->lp_logits,
+                         &g->lp_dlogits, &g->lp_dx, &g->lp_state, &g->att_dq, &g->att_delta, &g->partial};
+        for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+            if (bufs[i]->p) cu->cuMemFree(bufs[i]->p);
+        for (ptrdiff_t i = 0; i < arrlen(g->plans); i++) {
+            g->lib->lt.cublasLtMatrixLayoutDestroy(g->plans[i].la);
+            g->lib->lt.cublasLtMatrixLayoutDestroy(g->plans[i].lb);
+            g->lib->lt.cublasLtMatrixLayoutDestroy(g->plans[i].lc);
+            g->lib->lt.cublasLtMatmulDescDestroy(g->plans[i].desc);
+        }
+        if (g->lt) g->lib->lt.cublasLtDestroy(g->lt);
+        if (g->mod) cu->cuModuleUnload(g->mod);
+        if (g->stream) cu->cuStreamDestroy(g->stream);
+        cu->cuDevicePrimaryCtxRelease(g->dev);
+    }
+    arrfree(g->uploads), arrfree(g->allocs), arrfree(g->plans);
+    hmfree(g->plan_index), hmfree(g->dense), hmfree(g->vec), hmfree(g->nf4);
+    free(g);
+    free(ops);
+}
+
+/* The functions of the CUDA op table (a test checks that none is missing) */
+static void cuda_ops_table(MbOps *ops) {
+    ops->alloc = cuda_alloc;
+    ops->free = cuda_free;
+    ops->to_host = cuda_to_host;
+    ops->from_host = cuda_from_host;
+    ops->zero = cuda_zero;
+    ops->embedding_forward = cuda_embedding_forward;
+    ops->matmul_forward = cuda_matmul_forward;
+    ops->logits_forward = cuda_logits_forward;
+    ops->rmsnorm_forward = cuda_rmsnorm_forward;
+    ops->rope_forward = cuda_rope_forward;
+    ops->kv_store = cuda_kv_store;
+    ops->attention_forward = cuda_attention_forward;
+    ops->swiglu_forward = cuda_swiglu_forward;
+    ops->gather_rows = cuda_gather_rows;
+    ops->add_forward = cuda_add_forward;
+    ops->dropout_forward = cuda_dropout_forward;
+    ops->lora_forward = cuda_lora_forward;
+    ops->logprob_forward = cuda_logprob_forward;
+    ops->matmul_backward = cuda_matmul_backward;
+    ops->rmsnorm_backward = cuda_rmsnorm_backward;
+    ops->rope_backward = cuda_rope_backward;
+    ops->attention_backward = cuda_attention_backward;
+    ops->swiglu_backward = cuda_swiglu_backward;
+    ops->lora_backward = cuda_lora_backward;
+    ops->logprob_backward = cuda_logprob_backward;
+    ops->scatter_rows = cuda_scatter_rows;
+    ops->sumsq = cuda_sumsq;
+    ops->scale = cuda_scale;
+    ops->fill = cuda_fill;
+    ops->adamw = cuda_adamw;
+    ops->accumulate_f64 = cuda_accumulate_f64;
+    ops->from_f64 = cuda_from_f64;
+    ops->fill_f64 = cuda_fill_f64;
+    ops->random_bytes = cuda_random_bytes;
+    ops->random_normal = cuda_random_normal;
+}
+
+/* The CUDA backend on GPU `gpu` for a model of head dim head_dim. */
+static MbStatus mb_cuda_ops_new(int gpu, int head_dim, MbOps **out) {
+    *out = NULL;
+    const MbCudaLibs *L;
+    MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NVRTC | MB_LIB_CUBLASLT, &L);
+    if (rc) return rc;
+    if (gpu < 0 || gpu >= L->devices)
+        return mb_fail(MB_ERR_ARG, "cuda: there is no GPU %d (this machine has %d) --> check CUDA_VISIBLE_DEVICES", gpu,
+                       L->devices);
+    MbCuda *g = mb_calloc(1, sizeof *g);
+    g->lib = L, g->gpu = gpu, g->head_dim = head_dim;
+    g->tile_bytes = MB_CUDA_TILE_BYTES, g->lp_rows = MB_CUDA_LP_ROWS, g->lp_vocab = MB_CUDA_LP_VOCAB;
+    const char *sync = getenv("MEDBOT_CUDA_SYNC");
+    g->sync_each = sync && sync[0] == '1';
+    MbOps *ops = mb_calloc(1, sizeof *ops);
+    ops->name = "cuda";
+    ops->ctx = g;
+    ops->act_size = 2; /* bf16 */
+    ops->host_memory = 0;
+    ops->destroy = cuda_destroy;
+    if ((rc = cuda_start(g))) {
+        cuda_destroy(ops);
+        return rc;
+    }
+    cuda_ops_table(ops);
+    *out = ops;
+    return MB_OK;
+}
+
+/* MB_DEVICE_AUTO: MEDBOT_DEVICE=cpu|cuda when set, else CUDA when the driver sees a GPU. */
+static int mb_device_resolve(int device, int *explicit_choice) {
+    *explicit_choice = device != MB_DEVICE_AUTO;
+    if (device != MB_DEVICE_AUTO) return device;
+    const char *e = getenv("MEDBOT_DEVICE");
+    if (e && !strcmp(e, "cpu")) return *explicit_choice = 1, MB_DEVICE_CPU;
+    if (e && !strcmp(e, "cuda")) return *explicit_choice = 1, MB_DEVICE_CUDA;
+    return mb_cuda_device_count() > 0 ? MB_DEVICE_CUDA : MB_DEVICE_CPU;
+}
+
+/* The op table a model runs on. An automatic choice of CUDA that cannot start falls back to the
+ * CPU with a note; an explicit one is an error. */
+static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **out) {
+    int explicit_choice, dev = mb_device_resolve(opt ? opt->device : MB_DEVICE_AUTO, &explicit_choice);
+    if (dev == MB_DEVICE_CUDA) {
+        MbStatus rc = mb_cuda_ops_new(opt ? opt->gpu : 0, c->head_dim, out);
+        if (!rc || explicit_choice) return rc;
+        fprintf(stderr, "medbot: note: %s; running on the CPU (--device cpu chooses it, --device cuda makes this an "
+                "error)\n", mb_last_error());
+    } else if (dev != MB_DEVICE_CPU) {
+        return mb_fail(MB_ERR_ARG, "device %d is not cpu or cuda", dev);
+    }
+    *out = mb_cpu_ops_new(opt ? opt->threads : 0);
+    return MB_OK;
+}
+
+/* ---- NCCL: the coordinator's collectives between GPUs (one rank per GPU) ----
+ * Buffers are device memory of the rank's GPU. Each call first waits for the work already queued
+ * on the device (the backend's stream), runs the collective on the communicator's stream and
+ * waits for it, so the callers see the plain synchronous semantics of MbComm. */
+
+typedef struct {
+    const MbCudaLibs *lib;
+    MbNcclComm_t comm;
+    MbCuDevice dev;
+    MbCuContext ctx;
+    MbCuStream stream;
+    MbCuDevPtr scratch;
+    size_t scratch_bytes;
+} MbNccl;
+
+static void nccl_check_(MbNcclResult r, const char *what, const char *file, int line) {
+    if (r == 0) return;
+    fprintf(stderr, "medbot: %s:%d: %s failed: %s --> rerun with NCCL_DEBUG=INFO\n", file, line, what,
+            mb_cuda_libs.nccl.ncclGetErrorString(r));
+    exit(1);
 }
 #define nccl_check(call) nccl_check_((call), #call, __FILE__, __LINE__)
 
-static void nc_sync(MbNcclComm *c) { cudaStreamSynchronize(c->stream); }
+static MbNccl *nc_enter(MbComm *c) {
+    MbNccl *k = c->ctx;
+    cu_check(k->lib->cu.cuCtxSetCurrent(k->ctx));
+    cu_check(k->lib->cu.cuCtxSynchronize());
+    return k;
+}
+static void nc_done(MbNccl *k) { cu_check(k->lib->cu.cuStreamSynchronize(k->stream)); }
 
 static void nc_all_reduce(MbComm *c, float *x, size_t n) {
-    MbNcclComm *k = c->ctx;
-    nccl_check(ncclAllReduce(x, x, n, ncclFloat, ncclSum, k->comm, k->stream));
-    nc_sync(k);
+    MbNccl *k = nc_enter(c);
+    nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
+    nc_done(k);
 }
 static void nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
-    MbNcclComm *k = c->ctx;
-    nccl_check(ncclReduceScatter(x, shard, n / (size_t)c->world, ncclFloat, ncclSum, k->comm, k->stream));
-    nc_sync(k);
+    MbNccl *k = nc_enter(c);
+    nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
+    nc_done(k);
 }
 static void nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
-    MbNcclComm *k = c->ctx;
-    nccl_check(ncclAllGather(shard, x, n / (size_t)c->world, ncclFloat, k->comm, k->stream));
-    nc_sync(k);
+    MbNccl *k = nc_enter(c);
+    nccl_check(k->lib->nccl.ncclAllGather(shard, x, n / (size_t)c->world, MB_NCCL_FLOAT32, k->comm, k->stream));
+    nc_done(k);
 }
 static void nc_broadcast(MbComm *c, float *x, size_t n, int root) {
-    MbNcclComm *k = c->ctx;
-    nccl_check(ncclBroadcast(x, x, n, ncclFloat, root, k->comm, k->stream));
-    nc_sync(k);
+    MbNccl *k = nc_enter(c);
+    nccl_check(k->lib->nccl.ncclBroadcast(x, x, n, MB_NCCL_FLOAT32, root, k->comm, k->stream));
+    nc_done(k);
 }
 static void nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
-    MbNcclComm *k = c->ctx;
-    nccl_check(ncclAllReduce(x, x, n, ncclDouble, ncclSum, k->comm, k->stream));
-    nc_sync(k);
+    MbNccl *k = nc_enter(c);
+    nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
+    nc_done(k);
 }
 static void nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    MbNcclComm *k = c->ctx;
-    nccl_check(ncclReduceScatter(x, shard, n / (size_t)c->world, ncclDouble, ncclSum, k->comm, k->stream));
-    nc_sync(k);
+    MbNccl *k = nc_enter(c);
+    nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
+    nc_done(k);
 }
-static void nc_all_reduce_host(MbComm *c, double *x, size_t n) {
-    double *d;
-    if (cudaMalloc((void **)&d, n * sizeof(double)) != cudaSuccess) {
-        fprintf(stderr, "medbot: cudaMalloc of %zu bytes failed\n", n * sizeof(double));
-        exit(1);
+static MbCuDevPtr nc_scratch(MbNccl *k, size_t bytes) {
+    if (k->scratch_bytes < bytes) {
+        if (k->scratch) cu_check(k->lib->cu.cuMemFree(k->scratch));
+        cu_check(k->lib->cu.cuMemAlloc(&k->scratch, bytes));
+        k->scratch_bytes = bytes;
     }
-    cudaMemcpy(d, x, n * sizeof(double), cudaMemcpyHostToDevice);
-    nc_all_reduce_f64(c, d, n);
-    cudaMemcpy(x, d, n * sizeof(double), cudaMemcpyDeviceToHost);
-    cudaFree(d);
+    return k->scratch;
+}
+/* metrics and flags: host doubles through the device */
+static void nc_all_reduce_host(MbComm *c, double *x, size_t n) {
+    MbNccl *k = nc_enter(c);
+    MbCuDevPtr d = nc_scratch(k, n * sizeof(double));
+    cu_check(k->lib->cu.cuMemcpyHtoDAsync(d, x, n * sizeof(double), k->stream));
+    nccl_check(k->lib->nccl.ncclAllReduce(hptr(d), hptr(d), n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
+    cu_check(k->lib->cu.cuMemcpyDtoHAsync(x, d, n * sizeof(double), k->stream));
+    nc_done(k);
 }
 static void nc_barrier(MbComm *c) {
-    MbNcclComm *k = c->ctx;
-    float *one;
-    cudaMalloc((void **)&one, sizeof(float));
-    nccl_check(ncclAllReduce(one, one, 1, ncclFloat, ncclSum, k->comm, k->stream));
-    nc_sync(k);
-    cudaFree(one);
+    double one = 1;
+    nc_all_reduce_host(c, &one, 1);
 }
 static void nc_destroy(MbComm *c) {
-    MbNcclComm *k = c->ctx;
-    ncclCommDestroy(k->comm);
-    cudaStreamDestroy(k->stream);
+    MbNccl *k = c->ctx;
+    k->lib->cu.cuCtxSetCurrent(k->ctx);
+    k->lib->nccl.ncclCommDestroy(k->comm);
+    if (k->scratch) k->lib->cu.cuMemFree(k->scratch);
+    if (k->stream) k->lib->cu.cuStreamDestroy(k->stream);
+    k->lib->cu.cuDevicePrimaryCtxRelease(k->dev);
     free(k);
     free(c);
 }
 
-/* A communicator of a multi-process job: rank 0 makes the NCCL unique id and the TCP rendezvous
- * hands it to the others. The CUDA backend (device buffers) is what calls it. */
-MB_UNUSED static MbStatus mb_comm_nccl_new(const MbLaunchEnv *e, int device, MbComm **out) {
-    ncclUniqueId id;
-    if (e->rank == 0) nccl_check(ncclGetUniqueId(&id));
-    MbStatus rc = mb_rendezvous(e->addr, e->port, e->rank, e->world, &id, sizeof id, 300.0);
-    if (rc) return rc;
-    if (cudaSetDevice(device) != cudaSuccess) return mb_fail(MB_ERR_DEVICE, "rank %d: cannot use GPU %d", e->rank, device);
-    MbNcclComm *k = mb_calloc(1, sizeof *k);
-    cudaStreamCreate(&k->stream);
-    nccl_check(ncclCommInitRank(&k->comm, e->world, id, e->rank));
+/* The MbComm of rank `rank` around an initialized NCCL communicator on GPU gpu */
+static MbStatus nc_wrap(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, int rank, int world, MbComm **out) {
+    MbNccl *k = mb_calloc(1, sizeof *k);
+    k->lib = L, k->comm = comm;
+    MbStatus rc = cu_status(L->cu.cuDeviceGet(&k->dev, gpu));
+    if (!rc) rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev));
+    if (!rc) rc = cu_status(L->cu.cuCtxSetCurrent(k->ctx));
+    if (!rc) rc = cu_status(L->cu.cuStreamCreate(&k->stream, 0));
+    if (rc) {
+        free(k);
+        return rc;
+    }
     MbComm *c = mb_calloc(1, sizeof *c);
-    c->rank = e->rank, c->world = e->world, c->ctx = k;
+    c->rank = rank, c->world = world, c->ctx = k;
     c->all_reduce = nc_all_reduce, c->reduce_scatter = nc_reduce_scatter, c->all_gather = nc_all_gather;
     c->broadcast = nc_broadcast, c->barrier = nc_barrier, c->destroy = nc_destroy;
     c->all_reduce_f64 = nc_all_reduce_f64, c->reduce_scatter_f64 = nc_reduce_scatter_f64;
@@ -6848,11 +8826,48 @@ MB_UNUSED static MbStatus mb_comm_nccl_new(const MbLaunchEnv *e, int device, MbC
     *out = c;
     return MB_OK;
 }
-#endif
 
-// ============================================================================================
-// ---------- 12. cuda ----------  (the CUDA issue)
-// ============================================================================================
+/* A communicator of a multi-process job (torchrun): rank 0 makes the NCCL unique id and the TCP
+ * rendezvous hands it to the others. This process's rank runs on GPU `gpu` (LOCAL_RANK). */
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, MbComm **out) {
+    *out = NULL;
+    const MbCudaLibs *L;
+    MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
+    if (rc) return rc;
+    if (gpu < 0 || gpu >= L->devices)
+        return mb_fail(MB_ERR_ARG, "rank %d: LOCAL_RANK %d has no GPU (this machine has %d)", rank, gpu, L->devices);
+    MbNcclUniqueId id;
+    memset(&id, 0, sizeof id);
+    MbCuDevice dev;
+    MbCuContext ctx;
+    if ((rc = cu_status(L->cu.cuDeviceGet(&dev, gpu))) || (rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&ctx, dev))))
+        return rc;
+    L->cu.cuCtxSetCurrent(ctx);
+    if (rank == 0) nccl_check(L->nccl.ncclGetUniqueId(&id));
+    rc = mb_rendezvous(addr, port, rank, world, &id, sizeof id, 300.0);
+    MbNcclComm_t comm = NULL;
+    if (!rc) nccl_check(L->nccl.ncclCommInitRank(&comm, world, id, rank));
+    if (!rc) rc = nc_wrap(L, comm, gpu, rank, world, out);
+    L->cu.cuDevicePrimaryCtxRelease(dev);
+    return rc;
+}
+
+/* world communicators of one process driving GPUs gpu0 .. gpu0 + world - 1 (--nproc with CUDA). */
+static MbStatus mb_comm_nccl_new_all(int world, int gpu0, MbComm **comms) {
+    const MbCudaLibs *L;
+    MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
+    if (rc) return rc;
+    if (gpu0 < 0 || gpu0 + world > L->devices)
+        return mb_fail(MB_ERR_ARG, "--nproc %d on the CUDA backend needs GPUs %d..%d; this machine has %d", world, gpu0,
+                       gpu0 + world - 1, L->devices);
+    int *devs = mb_malloc((size_t)world * sizeof *devs);
+    MbNcclComm_t *raw = mb_calloc((size_t)world, sizeof *raw);
+    for (int r = 0; r < world; r++) devs[r] = gpu0 + r;
+    nccl_check(L->nccl.ncclCommInitAll(raw, world, devs));
+    for (int r = 0; r < world && !rc; r++) rc = nc_wrap(L, raw[r], gpu0 + r, r, world, &comms[r]);
+    free(devs), free(raw);
+    return rc;
+}
 
 // ============================================================================================
 // ---------- 13. cli ----------
@@ -7083,11 +9098,11 @@ typedef struct {
     unsigned targets; /* bit i: MbLayerWeightId i carries a LoRA adapter */
 } MbPlanOptions;
 
-enum { PLAN_QUANT, PLAN_ABSMAX, PLAN_BF16, PLAN_LORA, PLAN_GRADS, PLAN_ADAM, PLAN_ACTS, PLAN_LOGITS,
+enum { PLAN_QUANT, PLAN_ABSMAX, PLAN_BF16, PLAN_LORA, PLAN_GRADS, PLAN_GRADSUM, PLAN_ADAM, PLAN_ACTS, PLAN_LOGITS,
        PLAN_WORKSPACE, PLAN_ROWS };
 
 static const char *plan_kinds[PLAN_ROWS] = {
-    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "Adam moments",
+    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "grad sums (fp64)", "Adam moments",
     "activations", "logits", "workspace",
 };
 
@@ -7150,47 +9165,34 @@ static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
     snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
              o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
 
-    /* Activations saved for the backward, bf16 (2 B) per token and layer:
-     *   x_in, x_mid (C each): the inputs of the two RMSNorms; q, att (H*D each); k, v (K*D each)
-     *   for the attention backward; gate, up (F each) for the SwiGLU backward; the input of each
-     *   adapted projection unless already saved (xn1 (C) for q/k/v, xn2 (C) for gate/up, hid (F)
-     *   for down; o_proj's is att) and its A x (R); in fp32: the attention's log-sum-exp (H) and
-     *   the two norms' rstd (2). The frozen base needs no input for its own weights.
-     * Gradient checkpointing keeps only each layer's input (C) and recomputes one layer's saved
-     * set during its backward; without it every layer keeps its set. After the last layer: the
-     * final norm's input and output (C each, bf16: the logits are recomputed from the output) and
-     * its rstd (fp32). */
-    size_t S = 2 * C + 2 * QD + 2 * KVD + 2 * F + R * ntarget;
-    if (TARGETED(MB_W_Q_PROJ) || TARGETED(MB_W_K_PROJ) || TARGETED(MB_W_V_PROJ)) S += C;
-    if (TARGETED(MB_W_GATE_PROJ) || TARGETED(MB_W_UP_PROJ)) S += C;
-    if (TARGETED(MB_W_DOWN_PROJ)) S += F;
-    size_t per_tok = 2 * S + 4 * (H + 2), final = N * (2 * 2 * C + 4);
-    if (o->gradient_checkpointing) {
-        p->bytes[PLAN_ACTS] = L * N * 2 * C + N * (per_tok - 2 * C) + final;
-        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x (%zu layer inputs x %zu B + one layer's %zu B) "
-                 "+ final norm", N, L, 2 * C, per_tok - 2 * C);
-    } else {
-        p->bytes[PLAN_ACTS] = L * N * per_tok + final;
-        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x %zu layers x %zu B + final norm", N, L, per_tok);
-    }
+    /* The step's gradient sums in fp64 (any world size and accumulation order give the same fp32
+     * result): 8 B per trainable value; with ZeRO-1 also this rank's slice, summed (fp64) and as
+     * fp32 for its AdamW update. */
+    p->bytes[PLAN_GRADSUM] = 8 * G * shard + (o->zero_stage >= 1 && G > 1 ? 12 * shard : 0);
+    snprintf(p->how[PLAN_GRADSUM], sizeof p->how[0], "%zu x 8 B%s", G * shard,
+             o->zero_stage >= 1 && G > 1 ? " + the rank's slice (8 B + 4 B)" : "");
 
-    /* Logits: a fused lm_head + log-softmax takes one sequence (T tokens) at a time: T x V fp32
-     * logits, their gradient written over them in the backward; for all N tokens only the
-     * log-prob of the target and the log-sum-exp (fp32) stay. */
-    p->bytes[PLAN_LOGITS] = T * V * 4 + N * 8;
+    /* Activations: the model's activation block as acts_ensure lays it out for N rows (bf16 on
+     * the GPU) and its fp32 block (norm statistics, log-sum-exps, per-row values). Gradient
+     * checkpointing keeps the residual stream at the L + 1 layer boundaries and one layer's
+     * saved set, recomputed during its backward; without it every layer keeps its set. */
+    size_t acts = 0, f32 = 0;
+    acts_count(c, N, o->gradient_checkpointing, o->lora_r, tg, 0, &acts, &f32);
+    p->bytes[PLAN_ACTS] = 2 * acts + 4 * f32;
+    snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens: %zu values x 2 B (bf16) + %zu x 4 B (fp32)%s", N, acts,
+             f32, o->gradient_checkpointing ? "; checkpointing: L+1 layer inputs + one layer" : "");
+
+    /* Logits and workspace: the CUDA backend's scratch buffers (section 12), for N rows of which
+     * at most N predict a completion token: the fused lm_head + log-softmax takes a chunk of
+     * rows x vocabulary at a time, never the batch's (N, V) fp32 logits. */
+    size_t V32 = MB_MIN(V, (size_t)MB_CUDA_LP_VOCAB);
+    cuda_step_scratch(c, N, N, R, tg, o->load_in_4bit, &p->bytes[PLAN_LOGITS], &p->bytes[PLAN_WORKSPACE]);
     p->full_logits = N * V * 4;
-    snprintf(p->how[PLAN_LOGITS], sizeof p->how[0], "one sequence: %zu x %zu x 4 B (fused lm_head + log-softmax)", T, V);
-
-    /* Workspace: the larger of one layer's forward temporaries (q, k, v, att, gate, up, hid and a
-     * C-wide projection output, bf16) in the no-grad reference pass and one layer's activation
-     * gradients in the backward (as many as its saved activations); plus the residual stream's
-     * gradient (fp32), one NF4 weight dequantized to bf16 for the GEMM, and 32 MiB of cuBLAS
-     * workspace. */
-    size_t fwd = N * (2 * QD + 2 * KVD + 3 * F + C) * 2, bwd = N * per_tok;
-    p->bytes[PLAN_WORKSPACE] = MB_MAX(fwd, bwd) + N * C * 4 + (o->load_in_4bit ? 2 * lin_max : 0) + ((size_t)32 << 20);
-    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0],
-             "max(layer fwd %zu, layer grads %zu) + dx fp32%s + cuBLAS 32 MiB", fwd, bwd,
-             o->load_in_4bit ? " + one weight in bf16" : "");
+    snprintf(p->how[PLAN_LOGITS], sizeof p->how[0], "fused chunks of %zu rows x %zu: fp32 logits, bf16 grad, fp32 dx",
+             MB_MIN(N, (size_t)MB_CUDA_LP_ROWS), V32);
+    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0], "cuBLASLt 32 MiB%s, attention's fp32 dq, LoRA in bf16",
+             o->load_in_4bit ? ", NF4 dequant tile <= 64 MiB" : "");
+    (void)H, (void)QD, (void)KVD, (void)F, (void)lin_max;
 #undef TARGETED
 }
 
@@ -7263,9 +9265,11 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     printf("  %-18s %14zu %10.1f  (%.2f GiB)\n", "total", total, (double)total / 1048576.0,
            (double)total / 1073741824.0);
     printf("trainable parameters: %zu\n", p.trainable);
-    printf("assumptions: bf16 activations, fp32 trainable state; logits through a fused lm_head + log-softmax one "
-           "sequence at a time (the batch's full fp32 logits would be %.1f MiB); not counted: the CUDA context and "
-           "allocator slack (typically 0.3-1 GiB)\n", (double)p.full_logits / 1048576.0);
+    printf("planned peak per GPU: %.2f GiB (medbot's buffers on the CUDA backend)\n", (double)total / 1073741824.0);
+    printf("assumptions: bf16 activations, fp32 trainable state, fp64 step gradient sums; logits through a fused lm_head + "
+           "log-softmax in chunks (the batch's full fp32 logits would be %.1f MiB); not counted: the CUDA context, "
+           "kernels and cuBLASLt's handle (about 0.5 GiB, measured as the difference to `peak GPU memory`)\n",
+           (double)p.full_logits / 1048576.0);
     return 0;
 }
 
@@ -7296,7 +9300,7 @@ static void info_nf4(const MbModel *m) {
 static int cmd_info(MbArgs *a) {
     MbStatus rc;
     int threads = 0, plan = 0;
-    MbLoadOptions opt = {.threads = 1};
+    MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CPU}; /* reads the files only */
     if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_flag(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
@@ -7419,6 +9423,15 @@ static MbStatus arg_choice(MbArgs *a, const char *name, const char *const *choic
     return mb_fail(MB_ERR_ARG, "%s: --%s must be one of %s, got '%s'", a->cmd, name, list, v);
 }
 
+/* --device cpu|cuda -> MbDevice (absent: MB_DEVICE_AUTO) */
+static MbStatus arg_device(MbArgs *a, int *out) {
+    static const char *const names[] = {"cpu", "cuda"};
+    int d = -1;
+    MbStatus rc = arg_choice(a, "device", names, 2, &d);
+    if (!rc && d >= 0) *out = d == 0 ? MB_DEVICE_CPU : MB_DEVICE_CUDA;
+    return rc;
+}
+
 static MbStatus arg_path(MbArgs *a, const char *name, const char **out) {
     const char *v = arg_get(a, name);
     if (!v) return MB_OK;
@@ -7478,7 +9491,8 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
         (rc = arg_bool(a, "shuffle", &c->shuffle)) || (rc = arg_int(a, "seed", &c->seed)) ||
         (rc = arg_int(a, "logging_steps", &c->logging_steps)) || (rc = arg_int(a, "save_steps", &c->save_steps)) ||
         (rc = arg_int(a, "eval_steps", &c->eval_steps)) || (rc = arg_double(a, "eval_split", &c->eval_split)) ||
-        (rc = arg_bool(a, "load_in_4bit", &load_4bit)) ||
+        (rc = arg_bool(a, "load_in_4bit", &load_4bit)) || (rc = arg_device(a, &job->device)) ||
+        (rc = arg_int(a, "gpu", &job->gpu)) || (rc = arg_flag(a, "random_init", &job->random_init)) ||
         /* the card's informational settings: accepted, checked or noted */
         (rc = arg_bool(a, "bf16", &ignored_bool)) || (rc = arg_int(a, "effective_batch_size", &effective)) ||
         (rc = arg_bool(a, "bnb_4bit_use_double_quant", &ignored_bool)))
@@ -7527,9 +9541,10 @@ static int cmd_train(MbArgs *a, int sft) {
     if (!rc) rc = args_done(a);
     if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
     if (!rc) rc = mb_launch_env(&env);
-    if (!rc && env.world > 1) /* torchrun started this process as one rank of several */
-        rc = mb_fail(MB_ERR_UNSUPPORTED, "WORLD_SIZE=%d: ranks in separate processes need NCCL and the CUDA backend "
-                     "(the CUDA issue); on CPU use --nproc N ranks in one process", env.world);
+    if (!rc && env.world > 1) { /* torchrun started this process as one rank of several: one GPU each */
+        job.world_size = env.world, job.rank = env.rank, job.master_port = env.port, job.master_addr = env.addr;
+        job.gpu = env.local_rank;
+    }
     if (!rc) rc = mb_train(&job);
     if (is_demo) {
         free(demo.argv);
@@ -7572,7 +9587,7 @@ static int cmd_merge(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "merge: --model DIR --lora ADAPTER_DIR --output DIR are required");
         goto fail;
     }
-    MbLoadOptions opt = {.threads = threads};
+    MbLoadOptions opt = {.threads = threads, .device = MB_DEVICE_CPU}; /* the merge is host work */
     if ((rc = mb_model_load(model, &opt, &m)) || (rc = mb_lora_load(m, lora, &lo)) ||
         (rc = mb_model_merge_save(m, lo, model, out)))
         goto fail;
@@ -7629,10 +9644,13 @@ static const struct {
                      "    --save_steps --eval_steps --eval_data FILE --eval_split 0.05 --resume_from_checkpoint DIR|latest\n"
                      "    --lora ADAPTER_DIR (start from an adapter) --tokenizer PATH --shuffle true|false --add_bos\n"
                      "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)\n"
-                     "    --nproc N (data-parallel ranks; CPU: in this process) --zero_stage 0|1 (default 1 with ranks)"},
+                     "    --nproc N (data-parallel ranks in this process: CPU threads, or N GPUs with CUDA)\n"
+                     "    --zero_stage 0|1 (default 1 with ranks); under torchrun (WORLD_SIZE > 1) one GPU per process\n"
+                     "    --device cpu|cuda (default: cuda when a GPU is present) --gpu N (first GPU)\n"
+                     "    --random_init (no weights read: random ones from --seed, for speed and memory at real shapes)"},
     {"sft", cmd_sft, "sft --model DIR --data FILE.jsonl --output DIR [options]\n"
                      "    trains a LoRA adapter with next-token loss on the chosen completions (options as dpo)"},
-    {"eval", cmd_eval, "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [--sft]\n"
+    {"eval", cmd_eval, "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [--sft] [--device cpu|cuda]\n"
                        "    prints TRL's DPO metrics (eval_loss, eval_rewards/..., eval_logps/...) on a file"},
     {"merge", cmd_merge, "merge --model DIR --lora ADAPTER_DIR --output DIR\n"
                          "    writes the model with the adapter merged (fp32 math), bf16 safetensors + config + tokenizer"},

@@ -14,7 +14,7 @@
  *   9. dpo          (DPO issue)
  *  10. sampler      (generation issue)
  *  11. coordinator  (distributed issue)
- *  12. cuda         (CUDA issue; #ifdef MEDBOT_CUDA)
+ *  12. cuda         the op table on NVIDIA GPUs (driver, NVRTC, cuBLASLt, NCCL loaded at run time)
  *  13. cli          medbot info | init | ...; main() behind #ifndef MEDBOT_NO_MAIN
  *
  * Conventions: every function that can fail returns an MbStatus (MB_OK == 0) and leaves a
@@ -189,6 +189,11 @@ typedef struct MbModel MbModel;
 typedef struct MbKVCache MbKVCache;
 typedef struct MbLora MbLora;
 
+/* Where a model runs. AUTO: CUDA when the NVIDIA driver sees a GPU (the environment variable
+ * MEDBOT_DEVICE=cpu|cuda overrides it), else the CPU; an automatic CUDA that cannot start (no
+ * NVRTC, an unsupported head_dim) falls back to the CPU with a note. */
+typedef enum { MB_DEVICE_AUTO, MB_DEVICE_CPU, MB_DEVICE_CUDA } MbDevice;
+
 typedef struct {
     int threads;                  /* CPU threads for the ops; 0 = all online cores */
     int load_in_4bit;             /* quantize the 7 linear projections of each layer to NF4 while
@@ -199,6 +204,13 @@ typedef struct {
     const char *bnb_4bit_compute_dtype; /* "float32", "bfloat16" or "float16": the dtype 4-bit weights
                                      are dequantized to (the CPU computes in fp32 either way); NULL:
                                      the checkpoint's quantization_config, else "float32" */
+    int device;                   /* MbDevice */
+    int gpu;                      /* CUDA device ordinal (0: the first visible GPU) */
+    int random_init;              /* read config.json only: every weight is drawn from `seed` on the
+                                     device (normal(0, 0.02) bf16; with load_in_4bit the projections are
+                                     random NF4 codes with double-quant state). For speed and memory
+                                     measurements at real shapes without the real weights. */
+    uint64_t seed;
 } MbLoadOptions;
 
 /* Loads a Hugging Face model folder (config.json + *.safetensors). Weights stay mapped in
@@ -285,6 +297,13 @@ typedef struct {
     int load_in_4bit;               /* QLoRA: the base's projections in NF4 (see MbLoadOptions) */
     const char *bnb_4bit_compute_dtype; /* NULL, "float32", "bfloat16" or "float16" */
     int zero_stage;                 /* -1: 1 with several ranks, else 0; 1: AdamW moments sharded */
+    int device;                     /* MbDevice; with CUDA, --nproc N drives GPUs gpu .. gpu + N - 1 */
+    int gpu;                        /* the CUDA device of this process's first rank (torchrun: LOCAL_RANK) */
+    int random_init;                /* random weights (MbLoadOptions.random_init), seeded by cfg.seed */
+    /* torchrun: world_size > 1 makes this process rank `rank` of a job joined through NCCL after
+     * a TCP rendezvous at master_addr:master_port (the CUDA backend, one GPU per process) */
+    int world_size, rank, master_port;
+    const char *master_addr;
     MbTrainConfig cfg;
 } MbTrainJob;
 

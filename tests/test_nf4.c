@@ -580,7 +580,7 @@ static void nf4_plan_8b_card(void) {
     CHECK(plan_row(out, "LoRA params") == 4u * 27262976u && plan_row(out, "LoRA grads") == 4u * 27262976u, "fp32 LoRA");
     CHECK(plan_row(out, "Adam moments") == 8u * 27262976u / 8u, "ZeRO-1 over 8 GPUs");
     static const char *kinds[] = {"quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads",
-                                  "Adam moments", "activations", "logits", "workspace"};
+                                  "grad sums (fp64)", "Adam moments", "activations", "logits", "workspace"};
     size_t sum = 0;
     for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++) sum += plan_row(out, kinds[i]);
     CHECK(plan_row(out, "total") == sum, "total %zu = the sum of the rows %zu", plan_row(out, "total"), sum);
@@ -593,7 +593,8 @@ static void nf4_plan_8b_card(void) {
     CHECK(plan_row(out, "quantized weights") == 0 && plan_row(out, "bf16 weights") == 2u * 8030261248u,
           "bf16 base: 8,030,261,248 values x 2 B");
     CHECK(plan_row(out, "LoRA grads") == 4u * 167772160u / 8u, "ZeRO-2 shards the gradients");
-    CHECK(plan_row(out, "activations") > 10 * gc, "no checkpointing: far more activations");
+    /* the model's own layout (acts_ensure): 8.2x for Llama-3.1-8B at 4 x 2 x 512 tokens */
+    CHECK(plan_row(out, "activations") > 5 * gc, "no checkpointing: far more activations");
 
     /* the tiny fixture: trainable = 2 layers x r x (in + out) over the targets */
     rc = run_info("tests/fixtures/llama/gqa2_f32/config.json --plan --lora_r 8 --lora_target_modules v_proj,down_proj",
