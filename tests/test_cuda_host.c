@@ -1,0 +1,473 @@
+/* tests/test_cuda_host.c: the CUDA backend's host code, without a GPU. Section 12's ops run as
+ * written (the GEMMs' transposes, leading dimensions and offsets, the NF4 tiles of rows and of
+ * columns, the fused logprob's chunks of rows x vocabulary, kernel arguments, scratch buffers,
+ * the weight uploads and caches), against a fake driver and a fake cuBLASLt on host memory:
+ * "device" pointers are host pointers, cublasLtMatmul is a column-major GEMM that reads the
+ * layouts and transposes medbot gave it, and the few kernels these ops launch are emulated in C
+ * from their signatures in kernels.cu.in. Results are compared with the CPU backend (bf16
+ * tolerance). What this cannot check: the CUDA kernels themselves (tests/gpu/check.sh does). */
+#include "test.h"
+
+#define TOL 1e-2
+
+/* ---- a fake driver ---- */
+
+static MbCuResult f_ok0(void) { return 0; }
+static MbCuResult f_set_ctx(MbCuContext c) { return (void)c, 0; }
+static MbCuResult f_sync(MbCuStream s) { return (void)s, 0; }
+static MbCuResult f_alloc(MbCuDevPtr *p, size_t n) {
+    *p = (MbCuDevPtr)(uintptr_t)calloc(1, n ? n : 1);
+    return *p ? 0 : 2;
+}
+static MbCuResult f_free(MbCuDevPtr p) { return free((void *)(uintptr_t)p), 0; }
+static MbCuResult f_htod(MbCuDevPtr d, const void *s, size_t n, MbCuStream st) {
+    (void)st;
+    memcpy((void *)(uintptr_t)d, s, n);
+    return 0;
+}
+static MbCuResult f_dtoh(void *d, MbCuDevPtr s, size_t n, MbCuStream st) {
+    (void)st;
+    memcpy(d, (const void *)(uintptr_t)s, n);
+    return 0;
+}
+static MbCuResult f_memset(MbCuDevPtr d, unsigned char v, size_t n, MbCuStream st) {
+    (void)st;
+    memset((void *)(uintptr_t)d, v, n);
+    return 0;
+}
+static MbCuResult f_info(size_t *free_b, size_t *total) {
+    *free_b = (size_t)60 << 30, *total = (size_t)80 << 30;
+    return 0;
+}
+static MbCuResult f_err(MbCuResult r, const char **s) {
+    (void)r;
+    *s = "fake";
+    return 0;
+}
+
+/* kernel arguments: args[i] points at the i-th parameter's value */
+#define ARG(T, i) (*(T *)args[i])
+#define PTR(T, i) ((T *)(uintptr_t)ARG(MbCuDevPtr, i))
+
+static float emu_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+static float emu_nf4(const CuNf4 *q, uint64_t e) {
+    uint64_t b = e / (uint64_t)q->blocksize;
+    float a;
+    if (q->absmax_q) {
+        const uint8_t *codes = (const uint8_t *)(uintptr_t)q->absmax_q;
+        const float *map8 = (const float *)(uintptr_t)q->map8, *nested = (const float *)(uintptr_t)q->nested;
+        volatile float prod = map8[codes[b]] * nested[b / (uint64_t)q->nested_bs];
+        a = prod + q->offset;
+    } else {
+        a = ((const float *)(uintptr_t)q->absmax)[b];
+    }
+    uint8_t byte = ((const uint8_t *)(uintptr_t)q->packed)[e >> 1];
+    float v = mb_nf4_code[(e & 1) ? (byte & 15) : (byte >> 4)] * a;
+    if (q->compute == 1) v = emu_bf16(v);
+    else if (q->compute == 2) v = f16_to_f32(f32_to_f16(v));
+    return v;
+}
+
+static int launches[K_COUNT];
+
+static MbCuResult f_launch(MbCuFunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                           unsigned smem, MbCuStream s, void **args, void **extra) {
+    (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)smem, (void)s, (void)extra;
+    int k = (int)(uintptr_t)f - 1;
+    launches[k]++;
+    switch (k) {
+    case K_F32_TO_BF16: {
+        uint16_t *o = PTR(uint16_t, 0);
+        const float *in = PTR(const float, 1);
+        for (uint64_t i = 0; i < ARG(uint64_t, 2); i++) o[i] = f32_to_bf16(in[i]);
+        return 0;
+    }
+    case K_NF4_DEQUANT: {
+        uint16_t *o = PTR(uint16_t, 0);
+        const CuNf4 *q = &ARG(CuNf4, 1);
+        uint64_t cols = ARG(uint64_t, 2), r0 = ARG(uint64_t, 3), c0 = ARG(uint64_t, 4), nr = ARG(uint64_t, 5),
+                 nc = ARG(uint64_t, 6);
+        for (uint64_t i = 0; i < nr * nc; i++) o[i] = f32_to_bf16(emu_nf4(q, (r0 + i / nc) * cols + c0 + i % nc));
+        return 0;
+    }
+    case K_NF4_GEMV: {
+        uint16_t *o = PTR(uint16_t, 0);
+        const uint16_t *x = PTR(const uint16_t, 1);
+        const CuNf4 *q = &ARG(CuNf4, 2);
+        int N = ARG(int, 3), O = ARG(int, 4), I = ARG(int, 5);
+        CHECK(gx * 8 >= (unsigned)O, "nf4_gemv grid covers the rows");
+        for (int n = 0; n < N; n++)
+            for (int r = 0; r < O; r++) {
+                float acc = 0;
+                for (int i = 0; i < I; i++) acc += emu_nf4(q, (uint64_t)r * I + i) * bf16_to_f32(x[(size_t)n * I + i]);
+                o[(size_t)n * O + r] = f32_to_bf16(acc);
+            }
+        return 0;
+    }
+    case K_LP_CHUNK: {
+        const float *l = PTR(const float, 0);
+        int vc = ARG(int, 1), v0 = ARG(int, 2), first = ARG(int, 5);
+        const int *tg = PTR(const int, 3);
+        float *st = PTR(float, 4);
+        for (unsigned r = 0; r < gx; r++) {
+            const float *lr = l + (size_t)r * vc;
+            float *s4 = st + 4 * r, mx = -INFINITY, sum = 0, se = 0;
+            for (int v = 0; v < vc; v++) mx = fmaxf(mx, lr[v]), sum += lr[v];
+            float m_old = first ? -INFINITY : s4[0], m_new = fmaxf(m_old, mx);
+            for (int v = 0; v < vc; v++) se += expf(lr[v] - m_new);
+            s4[1] = (first ? 0 : s4[1] * expf(m_old - m_new)) + se;
+            s4[0] = m_new, s4[2] = (first ? 0 : s4[2]) + sum;
+            if (first) s4[3] = 0;
+            if (tg[r] - v0 >= 0 && tg[r] - v0 < vc) s4[3] = lr[tg[r] - v0];
+        }
+        return 0;
+    }
+    case K_LP_FINISH: {
+        float *lp = PTR(float, 0), *lse = PTR(float, 1), *ls = PTR(float, 2);
+        const float *st = PTR(const float, 3);
+        for (int r = 0; r < ARG(int, 4); r++) {
+            float z = st[4 * r] + logf(st[4 * r + 1]);
+            lse[r] = z, lp[r] = st[4 * r + 3] - z;
+            if (ls) ls[r] = st[4 * r + 2];
+        }
+        return 0;
+    }
+    case K_LP_GRAD: {
+        uint16_t *dl = PTR(uint16_t, 0);
+        const float *l = PTR(const float, 1), *gr = PTR(const float, 5), *lse = PTR(const float, 6);
+        int vc = ARG(int, 2), v0 = ARG(int, 3);
+        const int *tg = PTR(const int, 4);
+        for (unsigned r = 0; r < gx; r++)
+            for (int v = 0; v < vc; v++) {
+                float d = -gr[r] * expf(l[(size_t)r * vc + v] - lse[r]);
+                if (v == tg[r] - v0) d += gr[r];
+                dl[(size_t)r * vc + v] = f32_to_bf16(d);
+            }
+        return 0;
+    }
+    default:
+        T_FAIL("kernel %s is not emulated", mb_kernel_names[k]);
+        return 1;
+    }
+}
+
+/* ---- a fake cuBLASLt: layouts and descriptors remember what medbot set ---- */
+
+typedef struct {
+    int type;
+    uint64_t rows, cols;
+    int64_t ld;
+} FakeLayout;
+typedef struct {
+    int ta, tb;
+} FakeDesc;
+
+static MbLtStatus l_layout(MbLtLayout *l, MbLtDataType t, uint64_t r, uint64_t c, int64_t ld) {
+    FakeLayout *f = mb_calloc(1, sizeof *f);
+    f->type = (int)t, f->rows = r, f->cols = c, f->ld = ld;
+    *l = (MbLtLayout)(void *)f;
+    return 0;
+}
+static MbLtStatus l_layout_free(MbLtLayout l) { return free((void *)l), 0; }
+static MbLtStatus l_desc(MbLtDesc *d, MbLtCompute c, MbLtDataType s) {
+    CHECK((int)c == 68 && (int)s == 0, "compute fp32, scale fp32");
+    *d = (MbLtDesc)(void *)mb_calloc(1, sizeof(FakeDesc));
+    return 0;
+}
+static MbLtStatus l_desc_free(MbLtDesc d) { return free((void *)d), 0; }
+static MbLtStatus l_desc_set(MbLtDesc d, MbLtDescAttr a, const void *buf, size_t n) {
+    FakeDesc *f = (FakeDesc *)(void *)d;
+    int32_t v;
+    CHECK(n == sizeof v, "int32 attribute");
+    memcpy(&v, buf, sizeof v);
+    if ((int)a == 3) f->ta = v;
+    else if ((int)a == 4) f->tb = v;
+    return 0;
+}
+static MbLtStatus l_pref(MbLtPref *p) { return *p = (MbLtPref)(void *)mb_calloc(1, 8), 0; }
+static MbLtStatus l_pref_free(MbLtPref p) { return free((void *)p), 0; }
+static MbLtStatus l_pref_set(MbLtPref p, MbLtPrefAttr a, const void *b, size_t n) { return (void)p, (void)a, (void)b, (void)n, 0; }
+static MbLtStatus l_heur(MbLtHandle h, MbLtDesc d, MbLtLayout a, MbLtLayout b, MbLtLayout c, MbLtLayout dd, MbLtPref p,
+                         int req, MbLtHeuristic *res, int *n) {
+    (void)h, (void)d, (void)a, (void)b, (void)c, (void)dd, (void)p, (void)req;
+    memset(res, 0, sizeof *res);
+    *n = 1;
+    return 0;
+}
+static float load_el(const void *p, int type, size_t i) {
+    if (type == 14) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+static int gemms;
+/* D = alpha op(A) op(B) + beta C, column-major, checking that the layouts agree with the ops */
+static MbLtStatus l_matmul(MbLtHandle h, MbLtDesc desc, const void *alpha, const void *A, MbLtLayout la, const void *B,
+                           MbLtLayout lb, const void *beta, const void *C, MbLtLayout lc, void *D, MbLtLayout ld,
+                           const MbLtAlgo *algo, void *ws, size_t wsn, MbCuStream s) {
+    (void)h, (void)algo, (void)ws, (void)wsn, (void)s;
+    const FakeDesc *d = (const FakeDesc *)(void *)desc;
+    const FakeLayout *a = (const FakeLayout *)(void *)la, *b = (const FakeLayout *)(void *)lb, *c = (const FakeLayout *)(void *)lc;
+    size_t m = c->rows, n = c->cols, k = d->ta ? a->rows : a->cols;
+    CHECK(lc == ld && C == D, "D written over C");
+    CHECK((d->ta ? a->cols : a->rows) == m && (d->tb ? b->rows : b->cols) == n && (d->tb ? b->cols : b->rows) == k,
+          "GEMM shapes disagree: A %llux%llu%s B %llux%llu%s C %zux%zu", (unsigned long long)a->rows,
+          (unsigned long long)a->cols, d->ta ? "^T" : "", (unsigned long long)b->rows, (unsigned long long)b->cols,
+          d->tb ? "^T" : "", m, n);
+    CHECK(a->ld >= (int64_t)a->rows && b->ld >= (int64_t)b->rows && c->ld >= (int64_t)c->rows, "ld >= rows");
+    CHECK(a->type == 14 && b->type == 14, "bf16 operands");
+    float al, be;
+    memcpy(&al, alpha, 4), memcpy(&be, beta, 4);
+    float *out = mb_malloc(m * n * sizeof(float) + 4);
+    for (size_t j = 0; j < n; j++)
+        for (size_t i = 0; i < m; i++) {
+            float acc = 0;
+            for (size_t p = 0; p < k; p++) {
+                float x = load_el(A, a->type, d->ta ? p + i * (size_t)a->ld : i + p * (size_t)a->ld);
+                float y = load_el(B, b->type, d->tb ? j + p * (size_t)b->ld : p + j * (size_t)b->ld);
+                acc += x * y;
+            }
+            size_t ci = i + j * (size_t)c->ld;
+            out[i + j * m] = al * acc + (be != 0 ? be * load_el(C, c->type, ci) : 0);
+        }
+    for (size_t j = 0; j < n; j++)
+        for (size_t i = 0; i < m; i++) {
+            size_t ci = i + j * (size_t)c->ld;
+            if (c->type == 14) ((uint16_t *)D)[ci] = f32_to_bf16(out[i + j * m]);
+            else ((float *)D)[ci] = out[i + j * m];
+        }
+    free(out);
+    gemms++;
+    return 0;
+}
+static const char *l_status(MbLtStatus s) { return (void)s, "fake"; }
+
+static MbCudaLibs fake;
+static MbOps *gpu, *cpu;
+
+static void fake_backend(void) {
+    if (gpu) return;
+    fake.cu.cuCtxSetCurrent = f_set_ctx, fake.cu.cuCtxSynchronize = f_ok0, fake.cu.cuStreamSynchronize = f_sync;
+    fake.cu.cuMemAlloc = f_alloc, fake.cu.cuMemFree = f_free, fake.cu.cuMemcpyHtoDAsync = f_htod;
+    fake.cu.cuMemcpyDtoHAsync = f_dtoh, fake.cu.cuMemsetD8Async = f_memset, fake.cu.cuMemGetInfo = f_info;
+    fake.cu.cuLaunchKernel = f_launch, fake.cu.cuGetErrorName = f_err, fake.cu.cuGetErrorString = f_err;
+    fake.lt.cublasLtMatrixLayoutCreate = l_layout, fake.lt.cublasLtMatrixLayoutDestroy = l_layout_free;
+    fake.lt.cublasLtMatmulDescCreate = l_desc, fake.lt.cublasLtMatmulDescDestroy = l_desc_free;
+    fake.lt.cublasLtMatmulDescSetAttribute = l_desc_set, fake.lt.cublasLtMatmulPreferenceCreate = l_pref;
+    fake.lt.cublasLtMatmulPreferenceDestroy = l_pref_free, fake.lt.cublasLtMatmulPreferenceSetAttribute = l_pref_set;
+    fake.lt.cublasLtMatmulAlgoGetHeuristic = l_heur, fake.lt.cublasLtMatmul = l_matmul;
+    fake.lt.cublasLtGetStatusString = l_status;
+    MbCuda *g = mb_calloc(1, sizeof *g);
+    g->lib = &fake, g->head_dim = 128, g->sms = 4;
+    g->tile_bytes = MB_CUDA_TILE_BYTES, g->lp_rows = MB_CUDA_LP_ROWS, g->lp_vocab = MB_CUDA_LP_VOCAB;
+    for (int k = 0; k < K_COUNT; k++) g->fn[k] = (MbCuFunction)(uintptr_t)(k + 1);
+    snprintf(g->name, sizeof g->name, "fake");
+    g->lt_ws.bytes = 1024, g->lt_ws.p = (MbCuDevPtr)(uintptr_t)calloc(1, 1024);
+    gpu = mb_calloc(1, sizeof *gpu);
+    gpu->name = "cuda", gpu->ctx = g, gpu->act_size = 2;
+    cuda_ops_table(gpu);
+    cpu = mb_cpu_ops_new(2);
+}
+
+/* ---- helpers: bf16-rounded inputs, device copies, comparisons ---- */
+
+static MbRng rng;
+static float *rnd(size_t n, float s) {
+    float *x = mb_malloc(n * 4 + 4);
+    for (size_t i = 0; i < n; i++) x[i] = emu_bf16((float)((2 * mb_rng_uniform(&rng) - 1) * s));
+    return x;
+}
+static void *act(const float *h, size_t n) {
+    void *d = gpu->alloc(gpu, n * 2);
+    uint16_t *b = mb_malloc(n * 2 + 2);
+    mb_convert_from_f32(MB_DT_BF16, h, b, n);
+    gpu->from_host(gpu, d, b, n * 2);
+    free(b);
+    return d;
+}
+static void *f32(const float *h, size_t n) {
+    void *d = gpu->alloc(gpu, n * 4);
+    gpu->from_host(gpu, d, h, n * 4);
+    return d;
+}
+static void cmp_act(const char *what, const void *d, const float *ref, size_t n) {
+    float *h = mb_malloc(n * 4 + 4);
+    mb_convert_to_f32(MB_DT_BF16, d, h, n); /* the fake device's memory is the host's */
+    t_close_rel(what, h, ref, n, TOL);
+    free(h);
+}
+static MbWeight *weights; /* alive to the end: the backend caches uploads by address */
+static MbWeight *weight(size_t rows, size_t cols, MbDtype dt, MbDtype nf4) {
+    float *v = rnd(rows * cols, 0.05f);
+    MbWeight w = {dt, rows, cols, NULL, mb_aligned_alloc(rows * cols * mb_dtype_size(dt))};
+    mb_convert_from_f32(dt, v, w.owned, rows * cols);
+    w.data = w.owned;
+    free(v);
+    if (nf4 != MB_DT_COUNT) CHECK_OK(weight_quantize_nf4(&w, "w", nf4, NULL));
+    arrput(weights, w);
+    return &weights[arrlen(weights) - 1];
+}
+
+/* the same NF4 weight with its absmax in fp32 (a checkpoint saved without double quant) */
+static MbWeight *without_double_quant(const MbWeight *dq) {
+    const MbNf4 *q = weight_nf4(dq);
+    size_t head = (sizeof(MbNf4) + 63) / 64 * 64;
+    unsigned char *block = mb_aligned_alloc(head + 4 * q->nblocks);
+    MbNf4 *c = (MbNf4 *)(void *)block;
+    *c = *q;
+    float *am = (float *)(void *)(block + head);
+    for (size_t b = 0; b < q->nblocks; b++) am[b] = nf4_absmax(q, b);
+    c->absmax_q = NULL, c->nested_absmax = NULL, c->absmax = (const unsigned char *)am;
+    MbWeight w = {MB_DT_U8, dq->rows, dq->cols, c, block};
+    arrput(weights, w);
+    return &weights[arrlen(weights) - 1];
+}
+
+static void matmuls_through_cublaslt_and_nf4_tiles(void) {
+    fake_backend();
+    mb_rng_seed(&rng, 1);
+    MbCuda *g = gpu->ctx;
+    struct {
+        MbDtype dt, nf4;
+        size_t N, O, I, tile;
+        const char *what;
+    } cases[] = {{MB_DT_BF16, MB_DT_COUNT, 13, 40, 72, 0, "bf16"},
+                 {MB_DT_F32, MB_DT_COUNT, 13, 40, 72, 0, "f32 (uploaded as bf16)"},
+                 {MB_DT_F16, MB_DT_COUNT, 13, 40, 72, 0, "f16 (uploaded as bf16)"},
+                 {MB_DT_BF16, MB_DT_BF16, 13, 40, 72, 0, "nf4/bf16, one tile"},
+                 {MB_DT_F32, MB_DT_F32, 13, 200, 72, 64 * 72 * 2, "nf4/f32, 4 row tiles"},
+                 {MB_DT_F16, MB_DT_F16, 13, 150, 200, 64 * 150 * 2, "nf4/f16, 3 tiles each way"},
+                 {MB_DT_BF16, MB_DT_BF16, 3, 40, 72, 0, "nf4/bf16 decode (fused GEMV), fp32 absmax"}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        size_t N = cases[c].N, O = cases[c].O, I = cases[c].I;
+        g->tile_bytes = cases[c].tile ? cases[c].tile : MB_CUDA_TILE_BYTES;
+        MbWeight *w = weight(O, I, cases[c].dt, cases[c].nf4);
+        if (cases[c].N <= MB_GEMV_MAX_N) w = without_double_quant(w); /* the decode case: the fp32-absmax path too */
+        float *x = rnd(N * I, 1), *dy = rnd(N * O, 1), *ref = mb_malloc(N * O * 4), *dref = rnd(N * I, 1);
+        void *gx = act(x, N * I), *gy = gpu->alloc(gpu, N * O * 2), *gdy = act(dy, N * O), *gdx = act(dref, N * I);
+        char what[128];
+        cpu->matmul_forward(cpu, ref, x, w, N);
+        gpu->matmul_forward(gpu, gy, gx, w, N);
+        snprintf(what, sizeof what, "matmul_forward %s", cases[c].what);
+        cmp_act(what, gy, ref, N * O);
+        cpu->matmul_backward(cpu, dref, dy, w, N, 1);
+        gpu->matmul_backward(gpu, gdx, gdy, w, N, 1);
+        snprintf(what, sizeof what, "matmul_backward %s, accumulate", cases[c].what);
+        cmp_act(what, gdx, dref, N * I);
+        if (cases[c].nf4 == MB_DT_COUNT) {
+            float *lg = mb_malloc(N * O * 4), *h;
+            void *gl = gpu->alloc(gpu, N * O * 4);
+            cpu->logits_forward(cpu, lg, x, w, N);
+            gpu->logits_forward(gpu, gl, gx, w, N);
+            h = gl;
+            snprintf(what, sizeof what, "logits_forward %s (fp32)", cases[c].what);
+            t_close_rel(what, h, lg, N * O, 1e-5);
+            gpu->free(gpu, gl);
+            free(lg);
+        }
+        gpu->free(gpu, gx), gpu->free(gpu, gy), gpu->free(gpu, gdy), gpu->free(gpu, gdx);
+        free(x), free(dy), free(ref), free(dref);
+    }
+    g->tile_bytes = MB_CUDA_TILE_BYTES;
+    printf("    %d GEMMs, %d dequant tiles, %d fused GEMVs; weights uploaded once: %td dense, %td NF4\n", gemms,
+           launches[K_NF4_DEQUANT], launches[K_NF4_GEMV], hmlen(g->dense), hmlen(g->nf4));
+    CHECK(hmlen(g->dense) == 3 && hmlen(g->nf4) == 4, "one upload per host weight");
+    CHECK(launches[K_NF4_GEMV] == 1, "decode takes the fused GEMV");
+}
+
+static void lora_through_cublaslt(void) {
+    fake_backend();
+    mb_rng_seed(&rng, 2);
+    size_t N = 11, I = 72, O = 40, R = 8;
+    float sc = 0.25f;
+    float *x = rnd(N * I, 1), *out = rnd(N * O, 1), *u = mb_malloc(N * R * 4), *a = rnd(R * I, 0.2f), *b = rnd(O * R, 0.2f);
+    float *dout = rnd(N * O, 1), *dx = rnd(N * I, 1), *dA = rnd(R * I, 0.1f), *dB = rnd(O * R, 0.1f);
+    MbWeight A = {MB_DT_F32, R, I, a, NULL}, B = {MB_DT_F32, O, R, b, NULL};
+    void *ga = f32(a, R * I), *gb = f32(b, O * R);
+    MbWeight gA = {MB_DT_F32, R, I, ga, NULL}, gB = {MB_DT_F32, O, R, gb, NULL};
+    void *gx = act(x, N * I), *go = act(out, N * O), *gu = gpu->alloc(gpu, N * R * 2);
+    cpu->lora_forward(cpu, out, u, x, &A, &B, N, sc);
+    gpu->lora_forward(gpu, go, gu, gx, &gA, &gB, N, sc);
+    cmp_act("lora_forward out", go, out, N * O);
+    cmp_act("lora_forward u", gu, u, N * R);
+    for (size_t i = 0; i < N * R; i++) u[i] = emu_bf16(u[i]);
+    void *gdo = act(dout, N * O), *gdx = act(dx, N * I), *gdA = f32(dA, R * I), *gdB = f32(dB, O * R), *gu2 = act(u, N * R);
+    cpu->lora_backward(cpu, dx, dA, dB, dout, x, u, &A, &B, N, sc);
+    gpu->lora_backward(gpu, gdx, gdA, gdB, gdo, gx, gu2, &gA, &gB, N, sc);
+    cmp_act("lora_backward dx", gdx, dx, N * I);
+    t_close_rel("lora_backward dA (fp32)", gdA, dA, R * I, TOL);
+    t_close_rel("lora_backward dB (fp32)", gdB, dB, O * R, TOL);
+    void *bufs[] = {ga, gb, gx, go, gu, gdo, gdx, gdA, gdB, gu2};
+    for (size_t i = 0; i < 10; i++) gpu->free(gpu, bufs[i]);
+    free(x), free(out), free(u), free(a), free(b), free(dout), free(dx), free(dA), free(dB);
+}
+
+static void fused_logprob_chunks(void) {
+    fake_backend();
+    mb_rng_seed(&rng, 3);
+    MbCuda *g = gpu->ctx;
+    size_t M = 37, V = 301, C = 40;
+    MbWeight *w = weight(V, C, MB_DT_BF16, MB_DT_COUNT);
+    float *x = rnd(M * C, 1), *gr = rnd(M, 1), *lp = mb_malloc(M * 4), *lse = mb_malloc(M * 4), *ls = mb_malloc(M * 4);
+    float *dx = mb_malloc(M * C * 4);
+    int32_t tg[37];
+    for (size_t i = 0; i < M; i++) tg[i] = (int32_t)(mb_rng_u64(&rng) % V);
+    tg[0] = 0, tg[1] = (int32_t)V - 1, tg[2] = 64; /* the chunk edges */
+    cpu->logprob_forward(cpu, lp, lse, ls, x, w, tg, M);
+    cpu->logprob_backward(cpu, dx, gr, x, w, tg, lse, M);
+    size_t chunks[][2] = {{512, 32768}, {8, 64}, {37, 100}, {5, 301}};
+    void *gx = act(x, M * C), *glp = gpu->alloc(gpu, M * 4), *glse = gpu->alloc(gpu, M * 4), *gls = gpu->alloc(gpu, M * 4);
+    void *ggr = f32(gr, M), *gdx = gpu->alloc(gpu, M * C * 2);
+    for (size_t k = 0; k < 4; k++) {
+        g->lp_rows = chunks[k][0], g->lp_vocab = chunks[k][1];
+        char what[96];
+        gpu->logprob_forward(gpu, glp, glse, gls, gx, w, tg, M);
+        snprintf(what, sizeof what, "logprob_forward logp, chunks %zu x %zu", chunks[k][0], chunks[k][1]);
+        t_close_rel(what, glp, lp, M, 1e-5);
+        snprintf(what, sizeof what, "logprob_forward lse, chunks %zu x %zu", chunks[k][0], chunks[k][1]);
+        t_close_rel(what, glse, lse, M, 1e-5);
+        snprintf(what, sizeof what, "logprob_forward sum of logits, chunks %zu x %zu", chunks[k][0], chunks[k][1]);
+        t_close_rel(what, gls, ls, M, 1e-5);
+        gpu->logprob_backward(gpu, gdx, ggr, gx, w, tg, glse, M);
+        snprintf(what, sizeof what, "logprob_backward dx, chunks %zu x %zu", chunks[k][0], chunks[k][1]);
+        cmp_act(what, gdx, dx, M * C);
+    }
+    g->lp_rows = MB_CUDA_LP_ROWS, g->lp_vocab = MB_CUDA_LP_VOCAB;
+    void *bufs[] = {gx, glp, glse, gls, ggr, gdx};
+    for (size_t i = 0; i < 6; i++) gpu->free(gpu, bufs[i]);
+    free(x), free(gr), free(lp), free(lse), free(ls), free(dx);
+}
+
+static void memory_is_accounted(void) {
+    fake_backend();
+    MbCuda *g = gpu->ctx;
+    size_t before = g->bytes_now;
+    void *p = gpu->alloc(gpu, 1000), *q = gpu->alloc(gpu, 24);
+    CHECK(cu_owns(g, (char *)p + 999, 1) && !cu_owns(g, (char *)p + 999, 2) && cu_owns(g, q, 24), "ownership by range");
+    CHECK(g->bytes_now == before + 1024 && g->bytes_peak >= g->bytes_now, "bytes counted");
+    gpu->free(gpu, p), gpu->free(gpu, q);
+    CHECK(g->bytes_now == before, "and uncounted");
+    printf("    peak of medbot's buffers in these tests: %zu bytes; %td GEMM plans cached\n", g->bytes_peak, arrlen(g->plans));
+}
+
+static void teardown(void) {
+    if (gpu) {
+        MbCuda *g = gpu->ctx;
+        for (ptrdiff_t i = 0; i < arrlen(g->uploads); i++) free((void *)(uintptr_t)g->uploads[i].p);
+        CuBuf *bufs[] = {&g->lt_ws, &g->idx, &g->tile, &g->lora_a, &g->lora_b, &g->lora_du, &g->lp_logits,
+                         &g->lp_dlogits, &g->lp_dx, &g->lp_state, &g->att_dq, &g->att_delta, &g->partial};
+        for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free((void *)(uintptr_t)bufs[i]->p);
+        for (ptrdiff_t i = 0; i < arrlen(g->plans); i++) {
+            free((void *)g->plans[i].la), free((void *)g->plans[i].lb), free((void *)g->plans[i].lc);
+            free((void *)g->plans[i].desc);
+        }
+        arrfree(g->uploads), arrfree(g->allocs), arrfree(g->plans);
+        hmfree(g->plan_index), hmfree(g->dense), hmfree(g->vec), hmfree(g->nf4);
+        free(g), free(gpu);
+        gpu = NULL;
+    }
+    if (cpu) cpu->destroy(cpu), cpu = NULL;
+    for (ptrdiff_t i = 0; i < arrlen(weights); i++) weight_free(&weights[i]);
+    arrfree(weights);
+}
+
+MB_TEST_MAIN("cuda_host", T(matmuls_through_cublaslt_and_nf4_tiles), T(lora_through_cublaslt), T(fused_logprob_chunks),
+             T(memory_is_accounted), T(teardown))
