@@ -82,8 +82,10 @@ build_kernels() {
 # build_bin OUT SRC EXTRA_FLAGS...: compiles when SRC, medbot.c or medbot.h is newer than OUT
 build_bin() {
   local out=$1 src=$2; shift 2
+  # sources a test may include: test.h, cuda_fake.h, the GPU checks
   if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ medbot.c -nt "$out" ] || [ medbot.h -nt "$out" ] ||
-     [ kernels.gen.h -nt "$out" ] || { [ -f tests/test.h ] && [ tests/test.h -nt "$out" ]; } || [ build.sh -nt "$out" ]; then
+     [ kernels.gen.h -nt "$out" ] || [ build.sh -nt "$out" ] ||
+     [ -n "$(find tests -maxdepth 2 \( -name '*.h' -o -path 'tests/gpu/*.c' \) -newer "$out" 2>/dev/null | head -1)" ]; then
     # shellcheck disable=SC2086
     $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS
   fi

@@ -8686,6 +8686,10 @@ static MbStatus mb_cuda_ops_new(int gpu, int head_dim, MbOps **out) {
     return MB_OK;
 }
 
+/* What mb_ops_new calls for CUDA. A test (tests/test_cuda_emu.c) may put a constructor here that
+ * builds this backend on an emulated driver; nothing else writes it. */
+static MbStatus (*mb_cuda_backend_new)(int gpu, int head_dim, MbOps **out) = mb_cuda_ops_new;
+
 /* MB_DEVICE_AUTO: MEDBOT_DEVICE=cpu|cuda when set, else CUDA when the driver sees a GPU. */
 static int mb_device_resolve(int device, int *explicit_choice) {
     *explicit_choice = device != MB_DEVICE_AUTO;
@@ -8701,7 +8705,7 @@ static int mb_device_resolve(int device, int *explicit_choice) {
 static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **out) {
     int explicit_choice, dev = mb_device_resolve(opt ? opt->device : MB_DEVICE_AUTO, &explicit_choice);
     if (dev == MB_DEVICE_CUDA) {
-        MbStatus rc = mb_cuda_ops_new(opt ? opt->gpu : 0, c->head_dim, out);
+        MbStatus rc = mb_cuda_backend_new(opt ? opt->gpu : 0, c->head_dim, out);
         if (!rc || explicit_choice) return rc;
         fprintf(stderr, "medbot: note: %s; running on the CPU (--device cpu chooses it, --device cuda makes this an "
                 "error)\n", mb_last_error());

@@ -10,40 +10,7 @@
 
 #define TOL 1e-2
 
-/* ---- a fake driver ---- */
-
-static MbCuResult f_ok0(void) { return 0; }
-static MbCuResult f_set_ctx(MbCuContext c) { return (void)c, 0; }
-static MbCuResult f_sync(MbCuStream s) { return (void)s, 0; }
-static MbCuResult f_alloc(MbCuDevPtr *p, size_t n) {
-    *p = (MbCuDevPtr)(uintptr_t)calloc(1, n ? n : 1);
-    return *p ? 0 : 2;
-}
-static MbCuResult f_free(MbCuDevPtr p) { return free((void *)(uintptr_t)p), 0; }
-static MbCuResult f_htod(MbCuDevPtr d, const void *s, size_t n, MbCuStream st) {
-    (void)st;
-    memcpy((void *)(uintptr_t)d, s, n);
-    return 0;
-}
-static MbCuResult f_dtoh(void *d, MbCuDevPtr s, size_t n, MbCuStream st) {
-    (void)st;
-    memcpy(d, (const void *)(uintptr_t)s, n);
-    return 0;
-}
-static MbCuResult f_memset(MbCuDevPtr d, unsigned char v, size_t n, MbCuStream st) {
-    (void)st;
-    memset((void *)(uintptr_t)d, v, n);
-    return 0;
-}
-static MbCuResult f_info(size_t *free_b, size_t *total) {
-    *free_b = (size_t)60 << 30, *total = (size_t)80 << 30;
-    return 0;
-}
-static MbCuResult f_err(MbCuResult r, const char **s) {
-    (void)r;
-    *s = "fake";
-    return 0;
-}
+#include "cuda_fake.h"
 
 /* kernel arguments: args[i] points at the i-th parameter's value */
 #define ARG(T, i) (*(T *)args[i])
@@ -68,13 +35,9 @@ static float emu_nf4(const CuNf4 *q, uint64_t e) {
     return v;
 }
 
-static int launches[K_COUNT];
-
-static MbCuResult f_launch(MbCuFunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                           unsigned smem, MbCuStream s, void **args, void **extra) {
-    (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)smem, (void)s, (void)extra;
-    int k = (int)(uintptr_t)f - 1;
-    launches[k]++;
+/* the kernels these ops launch, in C from their signatures in kernels.cu.in */
+static int host_kernel(int lib, int k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, void **args) {
+    (void)lib, (void)gy, (void)gz, (void)bx, (void)smem;
     switch (k) {
     case K_F32_TO_BF16: {
         uint16_t *o = PTR(uint16_t, 0);
@@ -151,119 +114,12 @@ static MbCuResult f_launch(MbCuFunction f, unsigned gx, unsigned gy, unsigned gz
     }
 }
 
-/* ---- a fake cuBLASLt: layouts and descriptors remember what medbot set ---- */
-
-typedef struct {
-    int type;
-    uint64_t rows, cols;
-    int64_t ld;
-} FakeLayout;
-typedef struct {
-    int ta, tb;
-} FakeDesc;
-
-static MbLtStatus l_layout(MbLtLayout *l, MbLtDataType t, uint64_t r, uint64_t c, int64_t ld) {
-    FakeLayout *f = mb_calloc(1, sizeof *f);
-    f->type = (int)t, f->rows = r, f->cols = c, f->ld = ld;
-    *l = (MbLtLayout)(void *)f;
-    return 0;
-}
-static MbLtStatus l_layout_free(MbLtLayout l) { return free((void *)l), 0; }
-static MbLtStatus l_desc(MbLtDesc *d, MbLtCompute c, MbLtDataType s) {
-    CHECK((int)c == 68 && (int)s == 0, "compute fp32, scale fp32");
-    *d = (MbLtDesc)(void *)mb_calloc(1, sizeof(FakeDesc));
-    return 0;
-}
-static MbLtStatus l_desc_free(MbLtDesc d) { return free((void *)d), 0; }
-static MbLtStatus l_desc_set(MbLtDesc d, MbLtDescAttr a, const void *buf, size_t n) {
-    FakeDesc *f = (FakeDesc *)(void *)d;
-    int32_t v;
-    CHECK(n == sizeof v, "int32 attribute");
-    memcpy(&v, buf, sizeof v);
-    if ((int)a == 3) f->ta = v;
-    else if ((int)a == 4) f->tb = v;
-    return 0;
-}
-static MbLtStatus l_pref(MbLtPref *p) { return *p = (MbLtPref)(void *)mb_calloc(1, 8), 0; }
-static MbLtStatus l_pref_free(MbLtPref p) { return free((void *)p), 0; }
-static MbLtStatus l_pref_set(MbLtPref p, MbLtPrefAttr a, const void *b, size_t n) { return (void)p, (void)a, (void)b, (void)n, 0; }
-static MbLtStatus l_heur(MbLtHandle h, MbLtDesc d, MbLtLayout a, MbLtLayout b, MbLtLayout c, MbLtLayout dd, MbLtPref p,
-                         int req, MbLtHeuristic *res, int *n) {
-    (void)h, (void)d, (void)a, (void)b, (void)c, (void)dd, (void)p, (void)req;
-    memset(res, 0, sizeof *res);
-    *n = 1;
-    return 0;
-}
-static float load_el(const void *p, int type, size_t i) {
-    if (type == 14) return bf16_to_f32(((const uint16_t *)p)[i]);
-    return ((const float *)p)[i];
-}
-static int gemms;
-/* D = alpha op(A) op(B) + beta C, column-major, checking that the layouts agree with the ops */
-static MbLtStatus l_matmul(MbLtHandle h, MbLtDesc desc, const void *alpha, const void *A, MbLtLayout la, const void *B,
-                           MbLtLayout lb, const void *beta, const void *C, MbLtLayout lc, void *D, MbLtLayout ld,
-                           const MbLtAlgo *algo, void *ws, size_t wsn, MbCuStream s) {
-    (void)h, (void)algo, (void)ws, (void)wsn, (void)s;
-    const FakeDesc *d = (const FakeDesc *)(void *)desc;
-    const FakeLayout *a = (const FakeLayout *)(void *)la, *b = (const FakeLayout *)(void *)lb, *c = (const FakeLayout *)(void *)lc;
-    size_t m = c->rows, n = c->cols, k = d->ta ? a->rows : a->cols;
-    CHECK(lc == ld && C == D, "D written over C");
-    CHECK((d->ta ? a->cols : a->rows) == m && (d->tb ? b->rows : b->cols) == n && (d->tb ? b->cols : b->rows) == k,
-          "GEMM shapes disagree: A %llux%llu%s B %llux%llu%s C %zux%zu", (unsigned long long)a->rows,
-          (unsigned long long)a->cols, d->ta ? "^T" : "", (unsigned long long)b->rows, (unsigned long long)b->cols,
-          d->tb ? "^T" : "", m, n);
-    CHECK(a->ld >= (int64_t)a->rows && b->ld >= (int64_t)b->rows && c->ld >= (int64_t)c->rows, "ld >= rows");
-    CHECK(a->type == 14 && b->type == 14, "bf16 operands");
-    float al, be;
-    memcpy(&al, alpha, 4), memcpy(&be, beta, 4);
-    float *out = mb_malloc(m * n * sizeof(float) + 4);
-    for (size_t j = 0; j < n; j++)
-        for (size_t i = 0; i < m; i++) {
-            float acc = 0;
-            for (size_t p = 0; p < k; p++) {
-                float x = load_el(A, a->type, d->ta ? p + i * (size_t)a->ld : i + p * (size_t)a->ld);
-                float y = load_el(B, b->type, d->tb ? j + p * (size_t)b->ld : p + j * (size_t)b->ld);
-                acc += x * y;
-            }
-            size_t ci = i + j * (size_t)c->ld;
-            out[i + j * m] = al * acc + (be != 0 ? be * load_el(C, c->type, ci) : 0);
-        }
-    for (size_t j = 0; j < n; j++)
-        for (size_t i = 0; i < m; i++) {
-            size_t ci = i + j * (size_t)c->ld;
-            if (c->type == 14) ((uint16_t *)D)[ci] = f32_to_bf16(out[i + j * m]);
-            else ((float *)D)[ci] = out[i + j * m];
-        }
-    free(out);
-    gemms++;
-    return 0;
-}
-static const char *l_status(MbLtStatus s) { return (void)s, "fake"; }
-
-static MbCudaLibs fake;
 static MbOps *gpu, *cpu;
 
 static void fake_backend(void) {
     if (gpu) return;
-    fake.cu.cuCtxSetCurrent = f_set_ctx, fake.cu.cuCtxSynchronize = f_ok0, fake.cu.cuStreamSynchronize = f_sync;
-    fake.cu.cuMemAlloc = f_alloc, fake.cu.cuMemFree = f_free, fake.cu.cuMemcpyHtoDAsync = f_htod;
-    fake.cu.cuMemcpyDtoHAsync = f_dtoh, fake.cu.cuMemsetD8Async = f_memset, fake.cu.cuMemGetInfo = f_info;
-    fake.cu.cuLaunchKernel = f_launch, fake.cu.cuGetErrorName = f_err, fake.cu.cuGetErrorString = f_err;
-    fake.lt.cublasLtMatrixLayoutCreate = l_layout, fake.lt.cublasLtMatrixLayoutDestroy = l_layout_free;
-    fake.lt.cublasLtMatmulDescCreate = l_desc, fake.lt.cublasLtMatmulDescDestroy = l_desc_free;
-    fake.lt.cublasLtMatmulDescSetAttribute = l_desc_set, fake.lt.cublasLtMatmulPreferenceCreate = l_pref;
-    fake.lt.cublasLtMatmulPreferenceDestroy = l_pref_free, fake.lt.cublasLtMatmulPreferenceSetAttribute = l_pref_set;
-    fake.lt.cublasLtMatmulAlgoGetHeuristic = l_heur, fake.lt.cublasLtMatmul = l_matmul;
-    fake.lt.cublasLtGetStatusString = l_status;
-    MbCuda *g = mb_calloc(1, sizeof *g);
-    g->lib = &fake, g->head_dim = 128, g->sms = 4;
-    g->tile_bytes = MB_CUDA_TILE_BYTES, g->lp_rows = MB_CUDA_LP_ROWS, g->lp_vocab = MB_CUDA_LP_VOCAB;
-    for (int k = 0; k < K_COUNT; k++) g->fn[k] = (MbCuFunction)(uintptr_t)(k + 1);
-    snprintf(g->name, sizeof g->name, "fake");
-    g->lt_ws.bytes = 1024, g->lt_ws.p = (MbCuDevPtr)(uintptr_t)calloc(1, 1024);
-    gpu = mb_calloc(1, sizeof *gpu);
-    gpu->name = "cuda", gpu->ctx = g, gpu->act_size = 2;
-    cuda_ops_table(gpu);
+    fake_kernel = host_kernel;
+    gpu = fake_cuda_ops(128, 0, NULL);
     cpu = mb_cpu_ops_new(2);
 }
 
@@ -449,21 +305,7 @@ static void memory_is_accounted(void) {
 }
 
 static void teardown(void) {
-    if (gpu) {
-        MbCuda *g = gpu->ctx;
-        for (ptrdiff_t i = 0; i < arrlen(g->uploads); i++) free((void *)(uintptr_t)g->uploads[i].p);
-        CuBuf *bufs[] = {&g->lt_ws, &g->idx, &g->tile, &g->lora_a, &g->lora_b, &g->lora_du, &g->lp_logits,
-                         &g->lp_dlogits, &g->lp_dx, &g->lp_state, &g->att_dq, &g->att_delta, &g->partial};
-        for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free((void *)(uintptr_t)bufs[i]->p);
-        for (ptrdiff_t i = 0; i < arrlen(g->plans); i++) {
-            free((void *)g->plans[i].la), free((void *)g->plans[i].lb), free((void *)g->plans[i].lc);
-            free((void *)g->plans[i].desc);
-        }
-        arrfree(g->uploads), arrfree(g->allocs), arrfree(g->plans);
-        hmfree(g->plan_index), hmfree(g->dense), hmfree(g->vec), hmfree(g->nf4);
-        free(g), free(gpu);
-        gpu = NULL;
-    }
+    if (gpu) gpu->destroy(gpu), gpu = NULL; /* section 12's own teardown, on the fake driver */
     if (cpu) cpu->destroy(cpu), cpu = NULL;
     for (ptrdiff_t i = 0; i < arrlen(weights); i++) weight_free(&weights[i]);
     arrfree(weights);

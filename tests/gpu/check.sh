@@ -4,8 +4,9 @@
 #   1. builds medbot and the GPU programs (./build.sh gpu);
 #   2. build/check_ops: every CUDA op against the CPU backend on fresh random inputs (bf16 outputs
 #      within 1e-2, fp32 ones within 1e-4, NaN never passes), a DPO micro-batch on
-#      tests/fixtures/dpo on both backends (loss and metrics within 1e-2, LoRA gradients within
-#      5e-2), two optimizer steps, prefill + decode logits;
+#      tests/fixtures/dpo on both backends (loss and metrics within 1e-2; LoRA gradients: every
+#      tensor's cosine >= 0.99 and the error within 5e-2 or twice the bf16 floor of the batch, see
+#      check_ops.c), two optimizer steps, prefill + decode logits;
 #   3. build/bench_gpu: the card's DPO step (NF4 base, LoRA r64 q/k, 4 pairs x (128 + 128) tokens,
 #      gradient checkpointing) and decoding at Llama-3.1-8B shape with random weights; tokens/s,
 #      MFU against the measured bf16 GEMM rate, peak GPU memory next to `medbot info --plan`;

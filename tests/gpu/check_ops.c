@@ -8,9 +8,12 @@
  * is max|gpu - cpu| / max|cpu|: bf16 outputs (activations, and what bf16 GEMMs produce) within
  * 1e-2, fp32 outputs of fp32 ops (norm statistics, log-sum-exps, optimizer state) within 1e-4;
  * NaN or inf never passes. Then the model level: a DPO micro-batch on tests/fixtures/dpo (fp32
- * and NF4 bases, gradient checkpointing, LoRA dropout): loss and metrics within 1e-2, every LoRA
- * gradient within 5e-2; two optimizer steps of `medbot dpo`; prefill + decode logits with a KV
- * cache within 5e-2. Ends with "N passed, M failed". */
+ * and NF4 bases, gradient checkpointing, LoRA dropout): loss and metrics within 1e-2; the LoRA
+ * gradient in every tensor pointing the fp32 way (cosine >= 0.99) and within 5e-2, or within twice
+ * the error that bf16 activations cost on this batch when that is larger (measured by the CPU
+ * backend storing its activations in bf16: on this tiny model with near-uniform attention the q/k
+ * adapters' gradients lose 5-7% to bf16 storage alone); two optimizer steps of `medbot dpo`;
+ * prefill + decode logits with a KV cache within 5e-2. Ends with "N passed, M failed". */
 #include "../test.h"
 
 #define BF16_TOL 1e-2
@@ -105,7 +108,7 @@ static void backends(void) {
            (unsigned long long)seed);
     mb_rng_seed(&rng, seed);
     cpu = mb_cpu_ops_new(0);
-    if (mb_cuda_ops_new(0, 128, &gpu)) {
+    if (mb_cuda_backend_new(0, 128, &gpu)) {
         printf("    FAIL no CUDA backend: %s\n0 passed, 1 failed\n", mb_last_error());
         exit(1);
     }
@@ -346,7 +349,7 @@ static void attention_small_head_dims(void) {
     int dims[] = {16, 64, 24, 12};
     for (size_t i = 0; i < sizeof dims / sizeof *dims; i++) {
         MbOps *g = NULL;
-        CHECK_OK(mb_cuda_ops_new(0, dims[i], &g));
+        CHECK_OK(mb_cuda_backend_new(0, dims[i], &g));
         if (!g) continue;
         int lens[3] = {45, 7, 33};
         char w[64];
@@ -481,6 +484,87 @@ static void optimizer_state(void) {
 
 /* ---- the model level ---- */
 
+/* The CPU op table with every activation output rounded to bf16, as the CUDA backend stores them:
+ * the yardstick of what bf16 activations cost on a batch. */
+static MbOps cpu32;
+static void rb(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+static void b_emb(MbOps *o, float *y, const int32_t *t, const MbWeight *w, size_t N) { cpu32.embedding_forward(o, y, t, w, N), rb(y, N * w->cols); }
+static void b_mm(MbOps *o, float *y, const float *x, const MbWeight *w, size_t N) { cpu32.matmul_forward(o, y, x, w, N), rb(y, N * w->rows); }
+static void b_rms(MbOps *o, float *y, float *r, const float *x, const MbWeight *w, size_t N, float e) {
+    cpu32.rmsnorm_forward(o, y, r, x, w, N, e), rb(y, N * w->cols);
+}
+static void b_rope(MbOps *o, float *x, const float *f, int B, int T, int p, int nh, int D) {
+    cpu32.rope_forward(o, x, f, B, T, p, nh, D), rb(x, (size_t)B * T * nh * D);
+}
+static void b_att(MbOps *o, float *y, float *lse, const float *q, const float *k, const float *v, const int *l, int B, int T, int S,
+                  int p, int H, int K, int D) {
+    cpu32.attention_forward(o, y, lse, q, k, v, l, B, T, S, p, H, K, D), rb(y, (size_t)B * T * H * D);
+}
+static void b_swi(MbOps *o, float *y, const float *g, const float *u, size_t n) { cpu32.swiglu_forward(o, y, g, u, n), rb(y, n); }
+static void b_add(MbOps *o, float *y, const float *a, const float *b, size_t n) { cpu32.add_forward(o, y, a, b, n), rb(y, n); }
+static void b_lora(MbOps *o, float *y, float *u, const float *x, const MbWeight *A, const MbWeight *B, size_t N, float s) {
+    cpu32.lora_forward(o, y, u, x, A, B, N, s), rb(y, N * B->rows), rb(u, N * A->rows);
+}
+static void b_drop(MbOps *o, float *y, const float *x, size_t n, float p, uint64_t s) { cpu32.dropout_forward(o, y, x, n, p, s), rb(y, n); }
+static void b_mmb(MbOps *o, float *d, const float *dy, const MbWeight *w, size_t N, int a) {
+    cpu32.matmul_backward(o, d, dy, w, N, a), rb(d, N * w->cols);
+}
+static void b_rmsb(MbOps *o, float *d, const float *dy, const float *x, const MbWeight *w, const float *r, size_t N, int a) {
+    cpu32.rmsnorm_backward(o, d, dy, x, w, r, N, a), rb(d, N * w->cols);
+}
+static void b_ropeb(MbOps *o, float *x, const float *f, int B, int T, int p, int nh, int D) {
+    cpu32.rope_backward(o, x, f, B, T, p, nh, D), rb(x, (size_t)B * T * nh * D);
+}
+static void b_attb(MbOps *o, float *dq, float *dk, float *dv, const float *dy, const float *q, const float *k, const float *v,
+                   const float *y, const float *lse, const int *l, int B, int T, int H, int K, int D) {
+    cpu32.attention_backward(o, dq, dk, dv, dy, q, k, v, y, lse, l, B, T, H, K, D);
+    rb(dq, (size_t)B * T * H * D), rb(dk, (size_t)B * T * K * D), rb(dv, (size_t)B * T * K * D);
+}
+static void b_swib(MbOps *o, float *dg, float *du, const float *dy, const float *g, const float *u, size_t n) {
+    cpu32.swiglu_backward(o, dg, du, dy, g, u, n), rb(dg, n), rb(du, n);
+}
+static void b_lorab(MbOps *o, float *dx, float *dA, float *dB, const float *dy, const float *x, const float *u, const MbWeight *A,
+                    const MbWeight *B, size_t N, float s) {
+    cpu32.lora_backward(o, dx, dA, dB, dy, x, u, A, B, N, s), rb(dx, N * A->cols);
+}
+static void b_lpb(MbOps *o, float *dx, const float *g, const float *x, const MbWeight *w, const int32_t *t, const float *lse,
+                  size_t M) {
+    cpu32.logprob_backward(o, dx, g, x, w, t, lse, M), rb(dx, M * w->cols);
+}
+static void bf16_storage(MbOps *ops) {
+    cpu32 = *ops;
+    ops->embedding_forward = b_emb, ops->matmul_forward = b_mm, ops->rmsnorm_forward = b_rms, ops->rope_forward = b_rope;
+    ops->attention_forward = b_att, ops->swiglu_forward = b_swi, ops->add_forward = b_add, ops->lora_forward = b_lora;
+    ops->dropout_forward = b_drop, ops->matmul_backward = b_mmb, ops->rmsnorm_backward = b_rmsb;
+    ops->rope_backward = b_ropeb, ops->attention_backward = b_attb, ops->swiglu_backward = b_swib;
+    ops->lora_backward = b_lorab, ops->logprob_backward = b_lpb;
+}
+
+/* the adapter's tensors: offset, size and name of each A and B in the parameter block */
+typedef struct {
+    size_t off, n;
+    char name[48];
+} LoraTensor;
+static LoraTensor lora_layout[64];
+static int n_lora_layout;
+
+static double cosine(const float *a, const float *b, size_t n) {
+    double d = 0, x = 0, y = 0;
+    for (size_t i = 0; i < n; i++) d += (double)a[i] * b[i], x += (double)a[i] * a[i], y += (double)b[i] * b[i];
+    return x > 0 && y > 0 ? d / sqrt(x * y) : (x == y ? 1 : 0);
+}
+
+static double max_rel(const float *got, const float *ref, size_t n) {
+    double e = 0, m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) return INFINITY;
+        e = fmax(e, fabs((double)got[i] - ref[i])), m = fmax(m, fabs((double)ref[i]));
+    }
+    return m > 0 ? e / m : e;
+}
+
 static double metric_scale(int k, double ref, double logps) {
     if (k == MET_REWARDS_CHOSEN || k == MET_REWARDS_REJECTED || k == MET_REWARDS_MARGINS) return 0.1 * logps;
     if (k == MET_LOGITS_CHOSEN || k == MET_LOGITS_REJECTED || k == MET_REWARDS_ACCURACIES) return fmax(fabs(ref), 1.0);
@@ -499,14 +583,27 @@ static void job_defaults(MbTrainJob *job, int device, int nf4, int ckpt, double 
     c->lora.dropout = dropout;
 }
 
-/* one micro-batch of 4 pairs with backward on a backend: metrics and the LoRA gradient (host) */
-static float *step_on(int device, int nf4, int ckpt, double dropout, double *met, size_t *n) {
+/* one micro-batch of 4 pairs with backward on a backend (bf16: the CPU storing activations in
+ * bf16): metrics and the LoRA gradient (host) */
+static float *step_on(int device, int bf16, int nf4, int ckpt, double dropout, double *met, size_t *n) {
     MbTrainJob job;
     job_defaults(&job, device, nf4, ckpt, dropout);
     MbTrainer tr;
     CHECK_OK(trainer_setup(&tr, &job, 1));
     if (!tr.m) return NULL;
+    if (bf16) bf16_storage(tr.m->ops);
     if (dropout > 0) tr.lo->dropout = dropout;
+    n_lora_layout = 0;
+    for (int l = 0; l < tr.lo->L; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            const MbLoraPair *p = &tr.lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
+            for (int ab = 0; p->A.data && ab < 2 && n_lora_layout < 64; ab++, n_lora_layout++) {
+                const MbWeight *w = ab ? &p->B : &p->A;
+                LoraTensor *t = &lora_layout[n_lora_layout];
+                t->off = (size_t)((const float *)w->data - tr.lo->params), t->n = w->rows * w->cols;
+                snprintf(t->name, sizeof t->name, "L%d %s %c", l, lora_module_name(i), ab ? 'B' : 'A');
+            }
+        }
     int idx[4] = {0, 1, 2, 3};
     tr.micro_key = 5;
     tr.m->ops->fill(tr.m->ops, tr.lo->grads, 0.0f, tr.lo->n_params);
@@ -526,10 +623,11 @@ static void dpo_step_matches_cpu(void) {
     } cases[] = {{0, 0, 0, "fp32 base"}, {0, 1, 0, "fp32 base, gradient checkpointing"},
                  {1, 1, 0, "NF4 base (compute bf16), checkpointing"}, {0, 0, 0.1, "fp32 base, LoRA dropout 0.1"}};
     for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
-        double mc[MET_COUNT], mg[MET_COUNT];
-        size_t nc = 0, ng = 0;
-        float *gc = step_on(MB_DEVICE_CPU, cases[k].nf4, cases[k].ckpt, cases[k].dropout, mc, &nc);
-        float *gg = step_on(MB_DEVICE_CUDA, cases[k].nf4, cases[k].ckpt, cases[k].dropout, mg, &ng);
+        double mc[MET_COUNT], mg[MET_COUNT], mb[MET_COUNT];
+        size_t nc = 0, ng = 0, nb = 0;
+        float *gb = step_on(MB_DEVICE_CPU, 1, cases[k].nf4, cases[k].ckpt, cases[k].dropout, mb, &nb);
+        float *gc = step_on(MB_DEVICE_CPU, 0, cases[k].nf4, cases[k].ckpt, cases[k].dropout, mc, &nc);
+        float *gg = step_on(MB_DEVICE_CUDA, 0, cases[k].nf4, cases[k].ckpt, cases[k].dropout, mg, &ng);
         printf("    DPO micro-batch of 4 pairs, %s:\n", cases[k].name);
         double logps = fmax(fabs(mc[MET_LOGPS_CHOSEN]), fabs(mc[MET_LOGPS_REJECTED]));
         for (int q = 0; gc && gg && q < MET_COUNT; q++) {
@@ -538,8 +636,27 @@ static void dpo_step_matches_cpu(void) {
                    e, 100 * e / LOSS_TOL, LOSS_TOL);
             CHECK(e <= LOSS_TOL, "%s: %s off by %.2e", cases[k].name, mb_metric_names[q], e);
         }
-        if (gc && gg && nc == ng) t_close_rel("LoRA gradient (all A and B)", gg, gc, nc, GRAD_TOL);
-        free(gc), free(gg);
+        if (!gc || !gg || !gb || nc != ng || nc != nb) {
+            T_FAIL("%s: a step did not run", cases[k].name);
+            free(gc), free(gg), free(gb);
+            continue;
+        }
+        /* the gradient: every tensor's direction, and its error against the bf16 floor of this batch */
+        double worst = 1, floor_cos = 1;
+        const char *worst_name = "";
+        for (int t = 0; t < n_lora_layout; t++) {
+            double c = cosine(gg + lora_layout[t].off, gc + lora_layout[t].off, lora_layout[t].n);
+            floor_cos = fmin(floor_cos, cosine(gb + lora_layout[t].off, gc + lora_layout[t].off, lora_layout[t].n));
+            if (c < worst) worst = c, worst_name = lora_layout[t].name;
+        }
+        double e = max_rel(gg, gc, nc), floor_e = max_rel(gb, gc, nc), tol = fmax(GRAD_TOL, 2 * floor_e);
+        printf("      LoRA gradient, %d tensors: worst cosine %.5f (%s; bf16-storage CPU %.5f, need >= 0.99)\n",
+               n_lora_layout, worst, worst_name, floor_cos);
+        printf("      LoRA gradient max|err|/max|ref| %.3e (%5.1f%% of tol %.1e = max(%.0e, 2 x the bf16-storage CPU's "
+               "%.3e))\n", e, 100 * e / tol, tol, GRAD_TOL, floor_e);
+        CHECK(worst >= 0.99, "%s: the gradient of %s points elsewhere (cosine %.4f)", cases[k].name, worst_name, worst);
+        CHECK(e <= tol, "%s: LoRA gradient error %.3e over %.3e", cases[k].name, e, tol);
+        free(gc), free(gg), free(gb);
     }
 }
 
@@ -611,6 +728,8 @@ static void teardown(void) {
     arrfree(graveyard);
 }
 
+#ifndef CHECK_OPS_NO_MAIN /* tests/test_cuda_emu.c runs these checks on the kernel emulator */
 MB_TEST_MAIN("gpu", T(embedding_and_rows), T(matmul_every_weight_kind), T(norms_rope_elementwise), T(rope_and_kv_store),
              T(attention_d128), T(attention_small_head_dims), T(lora_ops), T(fused_logprob), T(optimizer_state),
              T(dpo_step_matches_cpu), T(two_optimizer_steps_match_cpu), T(generation_logits_match_cpu), T(teardown))
+#endif
