@@ -7632,6 +7632,12 @@ typedef struct {
     size_t bytes;
 } CuBuf; /* a scratch buffer that grows */
 
+typedef struct {
+    CuBuf buf;
+    int *shadow;               /* what buf holds (host copy), n values */
+    size_t n;
+} CuInts; /* host index arrays (tokens, lengths, rows, targets) on the device, copied when they change */
+
 typedef struct {               /* the kernel's struct Nf4, field for field */
     MbCuDevPtr packed, absmax_q, absmax, nested, map8;
     float offset;
@@ -7692,9 +7698,11 @@ typedef struct {
     CuDenseEntry *dense, *vec; /* stb_ds hash maps: uploaded weights */
     CuNf4Entry *nf4;
     CuBuf *uploads;            /* stb_ds array: what the weight maps own */
-    /* scratch, grown on demand: host index arrays, the NF4 tile, LoRA A and B in bf16, the fused
-     * logprob chunk, attention's dq and row terms, sumsq partial sums */
-    CuBuf idx, tile, lora_a, lora_b, lora_du, lp_logits, lp_dlogits, lp_dx, lp_state, att_dq, att_delta, partial;
+    /* index arrays by role: a layer loop passes the same lengths, rows and targets every call */
+    CuInts tokens, lens, rows, targets;
+    /* scratch, grown on demand: the NF4 tile, LoRA A and B in bf16, the fused logprob chunk,
+     * attention's dq and row terms, sumsq partial sums */
+    CuBuf tile, lora_a, lora_b, lora_du, lp_logits, lp_dlogits, lp_dx, lp_state, att_dq, att_delta, partial;
     size_t tile_bytes;         /* the NF4 dequant tile (bytes of bf16) */
     size_t lp_rows, lp_vocab;  /* the fused logprob's chunk: rows x vocabulary */
     int sync_each;             /* MEDBOT_CUDA_SYNC=1: check every op's kernels as they finish */
@@ -7778,12 +7786,18 @@ static MbCuDevPtr cu_scratch(MbCuda *g, CuBuf *b, size_t bytes) {
     return b->p;
 }
 
-/* n host ints copied into the index scratch (stream-ordered: the next op's copy waits for this
- * op's kernels) */
-static MbCuDevPtr cu_ints(MbCuda *g, const int *h, size_t n) {
+/* n host ints on the device in c: copied only when they differ from what c holds (a copy from
+ * pageable memory may wait for the stream; the same lengths and rows come with every layer).
+ * Stream-ordered: a new copy comes after the kernels that read the old values. */
+static MbCuDevPtr cu_ints(MbCuda *g, CuInts *c, const int *h, size_t n) {
     if (!h || !n) return 0;
-    MbCuDevPtr d = cu_scratch(g, &g->idx, n * sizeof(int));
+    if (c->n == n && c->buf.p && !memcmp(c->shadow, h, n * sizeof(int))) return c->buf.p;
+    MbCuDevPtr d = cu_scratch(g, &c->buf, n * sizeof(int));
     cu_check(g->lib->cu.cuMemcpyHtoDAsync(d, h, n * sizeof(int), g->stream));
+    free(c->shadow);
+    c->shadow = mb_malloc(n * sizeof(int));
+    memcpy(c->shadow, h, n * sizeof(int));
+    c->n = n;
     return d;
 }
 
@@ -8132,7 +8146,7 @@ static void cuda_embedding_forward(MbOps *ops, float *out, const int32_t *tokens
         fprintf(stderr, "medbot: cuda: the embedding must be a dense weight\n");
         exit(1);
     }
-    MbCuDevPtr o = dptr(out), t = cu_ints(g, (const int *)tokens, N);
+    MbCuDevPtr o = dptr(out), t = cu_ints(g, &g->tokens, (const int *)tokens, N);
     int C = (int)wte->cols;
     void *args[] = {&o, &t, &cw.p, &C};
     cu_launch(g, K_EMBEDDING, (unsigned)N, 1, 1, MB_CUDA_BLOCK, 0, args);
@@ -8217,7 +8231,7 @@ static void cuda_attention_forward(MbOps *ops, float *out, float *lse, const flo
                                    const int *lens, int B, int T, int S, int pos0, int H, int K, int D) {
     CU_CTX(ops);
     cu_check_heads(g, H, K, D);
-    MbCuDevPtr o = dptr(out), l = dptr(lse), qq = dptr(q), k = dptr(kc), v = dptr(vc), ln = cu_ints(g, lens, (size_t)B);
+    MbCuDevPtr o = dptr(out), l = dptr(lse), qq = dptr(q), k = dptr(kc), v = dptr(vc), ln = cu_ints(g, &g->lens, lens, (size_t)B);
     void *args[] = {&o, &l, &qq, &k, &v, &ln, &T, &S, &pos0, &H, &K};
     cu_launch(g, K_ATT_FWD, (unsigned)((T + g->att_bq - 1) / g->att_bq), (unsigned)H, (unsigned)B, 256,
               (unsigned)g->att_fwd_smem, args);
@@ -8232,7 +8246,7 @@ static void cuda_attention_backward(MbOps *ops, float *dq, float *dk, float *dv,
     MbCuDevPtr dq32 = cu_scratch(g, &g->att_dq, n * 4), delta = cu_scratch(g, &g->att_delta, rows * 4);
     cu_check(g->lib->cu.cuMemsetD8Async(dq32, 0, n * 4, g->stream));
     MbCuDevPtr g_out = dptr(dout), o = dptr(out), qq = dptr(q), kk = dptr(k), vv = dptr(v), l = dptr(lse);
-    MbCuDevPtr dkk = dptr(dk), dvv = dptr(dv), dqq = dptr(dq), ln = cu_ints(g, lens, (size_t)B);
+    MbCuDevPtr dkk = dptr(dk), dvv = dptr(dv), dqq = dptr(dq), ln = cu_ints(g, &g->lens, lens, (size_t)B);
     uint64_t urows = rows, un = n;
     void *a1[] = {&delta, &g_out, &o, &T, &H, &urows};
     cu_launch(g, K_ATT_DELTA, (unsigned)((rows + MB_CUDA_BLOCK / 32 - 1) / (MB_CUDA_BLOCK / 32)), 1, 1, MB_CUDA_BLOCK, 0, a1);
@@ -8262,7 +8276,7 @@ static void cuda_swiglu_backward(MbOps *ops, float *dgate, float *dup, const flo
 
 static void cuda_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
     CU_CTX(ops);
-    MbCuDevPtr o = dptr(out), x = dptr(inp), r = cu_ints(g, rows, n);
+    MbCuDevPtr o = dptr(out), x = dptr(inp), r = cu_ints(g, &g->rows, rows, n);
     int c = (int)C;
     void *args[] = {&o, &x, &r, &c};
     cu_launch(g, K_GATHER, (unsigned)n, 1, 1, MB_CUDA_BLOCK, 0, args);
@@ -8272,7 +8286,7 @@ static void cuda_scatter_rows(MbOps *ops, float *out, const float *inp, const in
     CU_CTX(ops);
     MbCuDevPtr o = dptr(out), x = dptr(inp);
     cu_check(g->lib->cu.cuMemsetD8Async(o, 0, N * C * 2, g->stream));
-    MbCuDevPtr r = cu_ints(g, rows, n);
+    MbCuDevPtr r = cu_ints(g, &g->rows, rows, n);
     int c = (int)C;
     void *args[] = {&o, &x, &r, &c};
     cu_launch(g, K_SCATTER, (unsigned)n, 1, 1, MB_CUDA_BLOCK, 0, args);
@@ -8344,7 +8358,7 @@ static void cuda_logprob_forward(MbOps *ops, float *logp, float *lse, float *lsu
                                  const int32_t *targets, size_t M) {
     CU_CTX(ops);
     size_t V = w->rows, C = w->cols, MR = MB_MIN(M, g->lp_rows), VC = MB_MIN(V, g->lp_vocab);
-    MbCuDevPtr W = cu_lm_head(g, w), tg = cu_ints(g, (const int *)targets, M);
+    MbCuDevPtr W = cu_lm_head(g, w), tg = cu_ints(g, &g->targets, (const int *)targets, M);
     MbCuDevPtr logits = cu_scratch(g, &g->lp_logits, MR * VC * 4), st = cu_scratch(g, &g->lp_state, MR * 16);
     for (size_t m0 = 0; m0 < M; m0 += MR) {
         size_t mr = MB_MIN(MR, M - m0);
@@ -8368,7 +8382,7 @@ static void cuda_logprob_backward(MbOps *ops, float *dx, const float *gr, const 
                                   const int32_t *targets, const float *lse, size_t M) {
     CU_CTX(ops);
     size_t V = w->rows, C = w->cols, MR = MB_MIN(M, g->lp_rows), VC = MB_MIN(V, g->lp_vocab);
-    MbCuDevPtr W = cu_lm_head(g, w), tg = cu_ints(g, (const int *)targets, M);
+    MbCuDevPtr W = cu_lm_head(g, w), tg = cu_ints(g, &g->targets, (const int *)targets, M);
     MbCuDevPtr logits = cu_scratch(g, &g->lp_logits, MR * VC * 4), dl = cu_scratch(g, &g->lp_dlogits, MR * VC * 2);
     MbCuDevPtr dx32 = cu_scratch(g, &g->lp_dx, MR * C * 4);
     for (size_t m0 = 0; m0 < M; m0 += MR) {
@@ -8597,8 +8611,9 @@ static void cuda_destroy(MbOps *ops) {
         }
         for (ptrdiff_t i = 0; i < arrlen(g->uploads); i++) cu->cuMemFree(g->uploads[i].p);
         for (ptrdiff_t i = 0; i < arrlen(g->allocs); i++) cu->cuMemFree(g->allocs[i].p);
-        CuBuf *bufs[] = {&g->lt_ws, &g->idx, &g->tile, &g->lora_a, &g->lora_b, &g->lora_du, &g->lp_logits,
-                         &g->lp_dlogits, &g->lp_dx, &g->lp_state, &g->att_dq, &g->att_delta, &g->partial};
+        CuBuf *bufs[] = {&g->lt_ws, &g->tokens.buf, &g->lens.buf, &g->rows.buf, &g->targets.buf, &g->tile, &g->lora_a,
+                         &g->lora_b, &g->lora_du, &g->lp_logits, &g->lp_dlogits, &g->lp_dx, &g->lp_state, &g->att_dq,
+                         &g->att_delta, &g->partial};
         for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
             if (bufs[i]->p) cu->cuMemFree(bufs[i]->p);
         for (ptrdiff_t i = 0; i < arrlen(g->plans); i++) {
@@ -8612,6 +8627,7 @@ static void cuda_destroy(MbOps *ops) {
         if (g->stream) cu->cuStreamDestroy(g->stream);
         cu->cuDevicePrimaryCtxRelease(g->dev);
     }
+    free(g->tokens.shadow), free(g->lens.shadow), free(g->rows.shadow), free(g->targets.shadow);
     arrfree(g->uploads), arrfree(g->allocs), arrfree(g->plans);
     hmfree(g->plan_index), hmfree(g->dense), hmfree(g->vec), hmfree(g->nf4);
     free(g);
