@@ -5466,7 +5466,348 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
 }
 
 // ============================================================================================
-// ---------- 10. sampler ----------  (the generation issue)
+// ---------- 10. sampler ----------
+// Text generation as transformers' generate computes it (GenerationMixin._sample, 4.57): the
+// last position's logits in fp32 go through the logits processors in the order
+// _get_logits_processor builds them, then the next token is the first argmax (greedy) or a
+// draw from their softmax (sampling):
+//   RepetitionPenaltyLogitsProcessor  each distinct id of the sequence (prompt included), once:
+//                                     logit < 0 ? logit * p : logit / p          (p != 1)
+//   NoRepeatNGramLogitsProcessor      -inf for each token that would complete an n-gram the
+//                                     sequence already holds                      (n > 0)
+//   TemperatureLogitsWarper           logits / t                          (sampling, t != 1)
+//   TopKLogitsWarper                  -inf below the k-th largest (ties kept)  (sampling, k > 0)
+//   TopPLogitsWarper                  sort ascending, -inf where the cumulative probability is
+//                                     <= 1 - top_p, never the last min_tokens_to_keep (sampling, p < 1)
+// The arithmetic is PyTorch's on fp32 tensors with Python float settings: the setting is
+// rounded to fp32 and each step is one fp32 operation, so the processed logits are the same
+// bits (top_p's softmax and cumulative sum agree to rounding, which matters only for a
+// cumulative probability within an ulp of the threshold). Sampling draws with medbot's RNG
+// (xoshiro256**, seeded): the same seed gives the same tokens on every run and for any thread
+// count, but not the tokens of torch.multinomial's generator.
+// Generation ends after a stop id (which is the last output, as in HF) or max_new_tokens; the
+// new tokens' text streams out through MbTokenStream, so a UTF-8 character split across tokens
+// is held back until its last byte arrives.
+// ============================================================================================
+
+typedef struct {
+    float x, p;             /* a logit and its probability */
+    int32_t id;
+} MbScored;
+
+struct MbSampler {
+    MbGenerationConfig cfg;
+    size_t V;
+    MbRng rng;
+    float *work;            /* (V) top_k's copy of the logits for the selection */
+    unsigned char *seen;    /* (V) repetition_penalty's marks, all zero between calls */
+    MbScored *sorted;       /* (V) top_p's finite logits in ascending order */
+};
+
+void mb_generation_config_defaults(MbGenerationConfig *g) {
+    memset(g, 0, sizeof *g);
+    g->max_new_tokens = 256;
+    g->do_sample = 1;
+    g->temperature = 0.7;
+    g->top_k = 50; /* transformers' GenerationConfig default: the card's generate call uses it */
+    g->top_p = 0.9;
+    g->repetition_penalty = 1.1;
+    g->min_tokens_to_keep = 1;
+}
+
+int mb_generation_is_stop(const MbGenerationConfig *g, int32_t id) {
+    for (int i = 0; i < g->n_stop_ids; i++)
+        if (g->stop_ids[i] == id) return 1;
+    return 0;
+}
+
+static void gen_add_stop(MbGenerationConfig *g, int32_t id) {
+    if (id >= 0 && !mb_generation_is_stop(g, id) && g->n_stop_ids < MB_MAX_STOP_IDS) g->stop_ids[g->n_stop_ids++] = id;
+}
+
+MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir, const MbModel *m,
+                                    const MbTokenizer *tok) {
+    g->n_stop_ids = 0;
+    int from_file = 0;
+    char *path = model_dir ? mb_path_join(model_dir, "generation_config.json") : NULL;
+    if (path && mb_is_file(path)) { /* generate takes eos_token_id from here first */
+        char *text;
+        size_t n;
+        MbJsonDoc doc;
+        MbStatus rc = mb_read_file(path, &text, &n);
+        if (!rc) {
+            rc = json_parse(path, text, n, &doc);
+            free(text);
+        }
+        if (rc) {
+            free(path);
+            return rc;
+        }
+        const MbJson *v = json_get(&doc, json_root(&doc), "eos_token_id");
+        if (v && v->kind == MB_JSON_NUMBER && v->is_int) gen_add_stop(g, (int32_t)v->i), from_file = 1;
+        if (v && v->kind == MB_JSON_ARRAY) {
+            from_file = 1;
+            for (const MbJson *e = json_first(&doc, v); e; e = json_next(&doc, e))
+                if (e->kind == MB_JSON_NUMBER && e->is_int) gen_add_stop(g, (int32_t)e->i);
+        }
+        json_free(&doc);
+    }
+    free(path);
+    if (!from_file)
+        for (int i = 0; i < m->cfg.n_eos_token_ids; i++) gen_add_stop(g, m->cfg.eos_token_ids[i]);
+    if (tok) {
+        gen_add_stop(g, mb_tokenizer_token_id(tok, "<|eot_id|>"));
+        gen_add_stop(g, mb_tokenizer_token_id(tok, "<|eom_id|>"));
+        if (g->n_stop_ids == 0) gen_add_stop(g, mb_tokenizer_eos_id(tok));
+    }
+    return MB_OK;
+}
+
+MbStatus mb_sampler_new(const MbGenerationConfig *g, size_t V, MbSampler **out) {
+    *out = NULL;
+    if (V < 1 || V > INT32_MAX) return mb_fail(MB_ERR_ARG, "sampler: vocabulary of %zu tokens", V);
+    if (g->max_new_tokens < 1) return mb_fail(MB_ERR_ARG, "max_new_tokens must be >= 1, got %d", g->max_new_tokens);
+    if (!(g->repetition_penalty > 0))
+        return mb_fail(MB_ERR_ARG, "repetition_penalty must be > 0, got %g", g->repetition_penalty);
+    if (g->no_repeat_ngram_size < 0)
+        return mb_fail(MB_ERR_ARG, "no_repeat_ngram_size must be >= 0, got %d", g->no_repeat_ngram_size);
+    if (g->min_tokens_to_keep < 1)
+        return mb_fail(MB_ERR_ARG, "min_tokens_to_keep must be >= 1, got %d", g->min_tokens_to_keep);
+    if (g->do_sample && !(g->temperature > 0))
+        return mb_fail(MB_ERR_ARG, "temperature must be > 0, got %g --> for greedy decoding turn sampling off "
+                       "(--greedy)", g->temperature);
+    if (g->top_k < 0) return mb_fail(MB_ERR_ARG, "top_k must be >= 0 (0 = off), got %d", g->top_k);
+    if (!(g->top_p >= 0 && g->top_p <= 1)) return mb_fail(MB_ERR_ARG, "top_p must be in [0, 1], got %g", g->top_p);
+    MbSampler *s = mb_calloc(1, sizeof *s);
+    s->cfg = *g;
+    s->V = V;
+    mb_rng_seed(&s->rng, g->seed);
+    s->work = mb_malloc(V * sizeof *s->work);
+    s->seen = mb_calloc(V, 1);
+    s->sorted = mb_malloc(V * sizeof *s->sorted);
+    *out = s;
+    return MB_OK;
+}
+
+void mb_sampler_free(MbSampler *s) {
+    if (!s) return;
+    free(s->work);
+    free(s->seen);
+    free(s->sorted);
+    free(s);
+}
+
+/* ---- the processors: logits x (V), the sequence so far ids (n) ---- */
+
+/* RepetitionPenaltyLogitsProcessor: gather, penalize, scatter; an id seen twice gets the same
+ * value twice, so each distinct id is penalized once. seen (V) is zero on entry and on exit. */
+static void logits_repetition_penalty(float *x, size_t V, const int32_t *ids, size_t n, float p,
+                                      unsigned char *seen) {
+    for (size_t i = 0; i < n; i++) {
+        int32_t id = ids[i];
+        if (id < 0 || (size_t)id >= V || seen[id]) continue;
+        seen[id] = 1;
+        x[id] = x[id] < 0 ? x[id] * p : x[id] / p;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] >= 0 && (size_t)ids[i] < V) seen[ids[i]] = 0;
+}
+
+/* NoRepeatNGramLogitsProcessor: the n-grams ids[i .. i+N-1] whose first N-1 ids equal the last
+ * N-1 ids of the sequence ban their last id (nothing while the sequence is shorter than N-1). */
+static void logits_no_repeat_ngram(float *x, size_t V, const int32_t *ids, size_t n, int N) {
+    if (N < 1 || n + 1 < (size_t)N) return;
+    size_t k = (size_t)N - 1;
+    const int32_t *tail = ids + n - k;
+    for (size_t i = 0; i + k < n; i++)
+        if (!memcmp(ids + i, tail, k * sizeof *ids) && ids[i + k] >= 0 && (size_t)ids[i + k] < V)
+            x[ids[i + k]] = -INFINITY;
+}
+
+/* TemperatureLogitsWarper */
+static void logits_temperature(float *x, size_t V, float t) {
+    for (size_t i = 0; i < V; i++) x[i] = x[i] / t;
+}
+
+/* The value at position k of a[0..n) sorted in descending order (quickselect; a is reordered). */
+static float select_desc(float *a, ptrdiff_t n, ptrdiff_t k) {
+    ptrdiff_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) { /* Hoare: [lo, j] >= pivot, [i, hi] <= pivot, between them == pivot */
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return a[k];
+    }
+    return a[k];
+}
+
+/* TopKLogitsWarper: k = max(top_k, min_tokens_to_keep); -inf where the logit is below the k-th
+ * largest (torch.topk(x, k)[0][-1]), so ties with the k-th value are all kept. */
+static void logits_top_k(float *x, size_t V, int top_k, int min_keep, float *work) {
+    size_t k = (size_t)MB_MAX(top_k, min_keep);
+    if (k >= V) return; /* the k-th largest is the smallest: nothing is below it */
+    memcpy(work, x, V * sizeof *x);
+    float kth = select_desc(work, (ptrdiff_t)V, (ptrdiff_t)k - 1);
+    for (size_t i = 0; i < V; i++)
+        if (x[i] < kth) x[i] = -INFINITY;
+}
+
+static int cmp_scored_asc(const void *a, const void *b) {
+    const MbScored *p = a, *q = b;
+    if (p->x != q->x) return p->x < q->x ? -1 : 1;
+    return p->id < q->id ? -1 : p->id > q->id; /* exact ties: torch's unstable sort has its own order */
+}
+
+/* TopPLogitsWarper: torch.sort ascending, softmax, cumsum; -inf where cumsum <= 1 - top_p
+ * (compared in fp32), except the last min_tokens_to_keep. A -inf logit has probability 0 and
+ * cumulative 0, so it stays -inf whatever top_p is: only the finite ones are sorted. The
+ * softmax is torch's: e = exp(x - max), p = e * (1 / sum e); the cumulative sum accumulates
+ * in double (PyTorch's CPU accumulation type for fp32). */
+static void logits_top_p(float *x, size_t V, double top_p, int min_keep, MbScored *s) {
+    size_t m = 0;
+    for (size_t i = 0; i < V; i++)
+        if (x[i] > -INFINITY) s[m].x = x[i], s[m].id = (int32_t)i, m++;
+    if (m == 0) return;
+    qsort(s, m, sizeof *s, cmp_scored_asc);
+    float mx = s[m - 1].x, thr = (float)(1.0 - top_p);
+    double sum = 0;
+    for (size_t i = 0; i < m; i++) sum += s[i].p = expf(s[i].x - mx);
+    float inv = 1.0f / (float)sum;
+    double cum = 0;
+    size_t keep_from = m > (size_t)min_keep ? m - (size_t)min_keep : 0;
+    for (size_t i = 0; i < keep_from; i++) {
+        cum += s[i].p * inv;
+        if ((float)cum <= thr) x[s[i].id] = -INFINITY;
+    }
+}
+
+void mb_sampler_process(MbSampler *s, float *logits, const int32_t *ids, size_t n) {
+    const MbGenerationConfig *g = &s->cfg;
+    if (g->repetition_penalty != 1.0)
+        logits_repetition_penalty(logits, s->V, ids, n, (float)g->repetition_penalty, s->seen);
+    if (g->no_repeat_ngram_size > 0) logits_no_repeat_ngram(logits, s->V, ids, n, g->no_repeat_ngram_size);
+    if (!g->do_sample) return;
+    if (g->temperature != 1.0) logits_temperature(logits, s->V, (float)g->temperature);
+    if (g->top_k != 0) logits_top_k(logits, s->V, g->top_k, g->min_tokens_to_keep, s->work);
+    if (g->top_p < 1.0) logits_top_p(logits, s->V, g->top_p, g->min_tokens_to_keep, s->sorted);
+}
+
+/* torch.argmax: the first of the largest */
+static int32_t sample_argmax(const float *x, size_t V) {
+    size_t best = 0;
+    for (size_t i = 1; i < V; i++)
+        if (x[i] > x[best]) best = i;
+    return x[best] > -INFINITY ? (int32_t)best : -1;
+}
+
+/* softmax + multinomial: the same distribution as torch.multinomial(softmax(x)), drawn with a
+ * uniform from medbot's RNG against the cumulative weights in id order (in double). */
+static int32_t sample_draw(const float *x, size_t V, MbRng *rng) {
+    float mx = -INFINITY;
+    for (size_t i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    if (!(mx > -INFINITY)) return -1;
+    double total = 0;
+    for (size_t i = 0; i < V; i++)
+        if (x[i] > -INFINITY) total += exp((double)x[i] - mx);
+    double u = mb_rng_uniform(rng) * total, acc = 0;
+    int32_t last = -1;
+    for (size_t i = 0; i < V; i++) {
+        if (!(x[i] > -INFINITY)) continue;
+        acc += exp((double)x[i] - mx);
+        last = (int32_t)i;
+        if (u < acc) return last;
+    }
+    return last; /* u rounded up to the total */
+}
+
+MbStatus mb_sampler_next(MbSampler *s, float *logits, const int32_t *ids, size_t n, int32_t *token) {
+    for (size_t i = 0; i < s->V; i++)
+        if (isnan(logits[i]) || logits[i] == INFINITY)
+            return mb_fail(MB_ERR_ARG, "sampler: logit %zu is %g --> the model's weights or activations are "
+                           "broken", i, (double)logits[i]);
+    mb_sampler_process(s, logits, ids, n);
+    *token = s->cfg.do_sample ? sample_draw(logits, s->V, &s->rng) : sample_argmax(logits, s->V);
+    if (*token < 0)
+        return mb_fail(MB_ERR_ARG, "sampler: every token was filtered out (no_repeat_ngram_size %d banned them "
+                       "all?)", s->cfg.no_repeat_ngram_size);
+    return MB_OK;
+}
+
+/* ---- generation ---- */
+
+/* The text side of generation: each new id's completed text to the callback. */
+typedef struct {
+    const MbTokenizer *tok; /* NULL: ids only */
+    MbTokenStream ts;
+    MbTokenCallback cb;
+    void *ctx;
+} MbGenStream;
+
+static void gen_stream_init(MbGenStream *g, const MbTokenizer *tok, MbTokenCallback cb, void *ctx) {
+    memset(g, 0, sizeof *g);
+    g->tok = tok, g->cb = cb, g->ctx = ctx;
+    if (tok) mb_token_stream_init(&g->ts, tok, 1);
+}
+
+/* Returns the callback's answer (non-zero: stop). An id the tokenizer does not have (a model
+ * vocabulary padded past the tokenizer's) has no text, as in HF's decode. */
+static int gen_stream_put(MbGenStream *g, int32_t id) {
+    const char *text = "";
+    size_t len = 0, n;
+    if (g->tok && mb_tokenizer_token_bytes(g->tok, id, &n)) mb_token_stream_put(&g->ts, id, &text, &len);
+    return g->cb ? g->cb(g->ctx, id, text, len) : 0;
+}
+
+static void gen_stream_finish(MbGenStream *g) {
+    if (!g->tok) return;
+    const char *text;
+    size_t len;
+    mb_token_stream_finish(&g->ts, &text, &len);
+    if (len && g->cb) g->cb(g->ctx, -1, text, len);
+    mb_token_stream_free(&g->ts);
+}
+
+MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer *tok, const int32_t *ids,
+                     size_t n, int32_t *out, size_t *n_out, MbTokenCallback cb, void *ctx) {
+    *n_out = 0;
+    size_t done = (size_t)mb_kvcache_len(kv), S = (size_t)kv->S, V = (size_t)m->cfg.vocab_size;
+    if (kv->B != 1) return mb_fail(MB_ERR_ARG, "generate: the kv cache holds %d sequences, generation runs one", kv->B);
+    if (s->V != V) return mb_fail(MB_ERR_ARG, "generate: sampler for %zu logits, model with %zu", s->V, V);
+    if (done >= n)
+        return mb_fail(MB_ERR_ARG, "generate: the kv cache already holds %zu tokens of a %zu-token sequence", done, n);
+    if (n > S) return mb_fail(MB_ERR_ARG, "generate: %zu tokens do not fit a kv cache of %zu", n, S);
+    size_t max_new = MB_MIN((size_t)s->cfg.max_new_tokens, S - n + 1); /* the last new id is never run */
+    int32_t *seq = mb_malloc((n + max_new) * sizeof *seq);
+    float *logits = mb_malloc(V * sizeof *logits);
+    memcpy(seq, ids, n * sizeof *seq);
+    MbGenStream gs;
+    gen_stream_init(&gs, tok, cb, ctx);
+    MbStatus rc = mb_model_forward(m, kv, ids + done, 1, (int)(n - done), NULL, logits, 1);
+    for (size_t t = 0; !rc && t < max_new; t++) {
+        int32_t next;
+        if ((rc = mb_sampler_next(s, logits, seq, n + t, &next))) break;
+        seq[n + t] = out[t] = next;
+        *n_out = t + 1;
+        if (gen_stream_put(&gs, next) || mb_generation_is_stop(&s->cfg, next) || t + 1 == max_new) break;
+        rc = mb_model_forward(m, kv, &next, 1, 1, NULL, logits, 1);
+    }
+    gen_stream_finish(&gs);
+    free(seq);
+    free(logits);
+    return rc;
+}
+
+// ============================================================================================
 // ---------- 11. coordinator ----------  (the distributed issue)
 // ---------- 12. cuda ----------  (the CUDA issue)
 // ============================================================================================
@@ -5942,6 +6283,364 @@ fail:
     return 1;
 }
 
+/* ---- generate and chat ---- */
+
+/* Options shared by generate and chat (HF GenerationConfig names). */
+typedef struct {
+    const char *model, *tokenizer, *lora, *system;
+    int threads, load_in_4bit, add_bos, max_context;
+    MbGenerationConfig gen;
+} MbGenArgs;
+
+static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
+    memset(o, 0, sizeof *o);
+    mb_generation_config_defaults(&o->gen);
+    o->add_bos = 1; /* tokenizer(prompt) in the card's usage adds <|begin_of_text|> */
+    int greedy = 0, do_sample = -1, seed = -1;
+    MbStatus rc;
+    if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
+        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int(a, "threads", &o->threads)) ||
+        (rc = arg_bool(a, "load_in_4bit", &o->load_in_4bit)) || (rc = arg_bool(a, "add_bos", &o->add_bos)) ||
+        (rc = arg_int(a, "max_context", &o->max_context)) ||
+        (rc = arg_int(a, "max_new_tokens", &o->gen.max_new_tokens)) || (rc = arg_bool(a, "do_sample", &do_sample)) ||
+        (rc = arg_bool(a, "greedy", &greedy)) || (rc = arg_double(a, "temperature", &o->gen.temperature)) ||
+        (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
+        (rc = arg_double(a, "repetition_penalty", &o->gen.repetition_penalty)) ||
+        (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) || (rc = arg_int(a, "seed", &seed)))
+        return rc;
+    o->system = arg_get(a, "system");
+    if (greedy && do_sample == 1)
+        return mb_fail(MB_ERR_ARG, "%s: --greedy and --do_sample contradict each other", a->cmd);
+    o->gen.do_sample = greedy ? 0 : do_sample != 0;
+    o->gen.seed = seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
+    if (o->max_context < 0) return mb_fail(MB_ERR_ARG, "%s: --max_context must be positive", a->cmd);
+    return MB_OK;
+}
+
+/* The current message, prefixed with where. */
+static MbStatus fail_at(MbStatus rc, const char *where) {
+    char msg[sizeof mb_errbuf];
+    snprintf(msg, sizeof msg, "%s", mb_last_error());
+    return mb_fail(rc, "%s: %s", where, msg);
+}
+
+/* The model (with its adapter), tokenizer and sampler of a generate or chat session. */
+typedef struct {
+    MbModel *m;
+    MbLora *lo;
+    MbTokenizer *tok;
+    MbSampler *s;
+    MbKVCache *kv;
+    int ctx;                /* the most tokens the model runs at once (--max_context) */
+} MbGenSession;
+
+static void gen_session_close(MbGenSession *ss) {
+    mb_kvcache_free(ss->kv);
+    mb_sampler_free(ss->s);
+    mb_tokenizer_free(ss->tok);
+    mb_lora_free(ss->lo);
+    mb_model_free(ss->m);
+    memset(ss, 0, sizeof *ss);
+}
+
+static MbStatus gen_session_open(const char *cmd, MbGenArgs *o, MbGenSession *ss) {
+    memset(ss, 0, sizeof *ss);
+    MbLoadOptions lopt;
+    memset(&lopt, 0, sizeof lopt);
+    lopt.threads = o->threads;
+    if (o->load_in_4bit) /* NF4 merge: replace this statement with `lopt.load_in_4bit = 1;` */
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --load_in_4bit needs the NF4 weights (issue 4), which this build "
+                       "does not have yet", cmd);
+    MbStatus rc = mb_model_load(o->model, &lopt, &ss->m);
+    if (!rc && o->lora && !(rc = mb_lora_load(ss->m, o->lora, &ss->lo))) mb_model_set_lora(ss->m, ss->lo);
+    if (!rc && (rc = mb_tokenizer_load(o->tokenizer ? o->tokenizer : o->model, &ss->tok)) && !o->tokenizer) {
+        char msg[sizeof mb_errbuf];
+        snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
+        rc = mb_fail(rc, "%s --> pass --tokenizer PATH (tokenizer.json or tokenizer.model)", msg);
+    }
+    const MbConfig *c = ss->m ? mb_model_config(ss->m) : NULL;
+    if (!rc && mb_tokenizer_vocab_size(ss->tok) > (size_t)c->vocab_size)
+        rc = mb_fail(MB_ERR_ARG, "%s: the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
+                     "model's own tokenizer", cmd, mb_tokenizer_vocab_size(ss->tok), c->vocab_size);
+    if (!rc) rc = mb_generation_set_stop_ids(&o->gen, o->model, ss->m, ss->tok);
+    if (!rc && (rc = mb_sampler_new(&o->gen, (size_t)c->vocab_size, &ss->s))) rc = fail_at(rc, cmd);
+    if (!rc) {
+        ss->ctx = o->max_context ? o->max_context : MB_MIN(c->max_position_embeddings, 4096);
+        if (ss->ctx > c->max_position_embeddings)
+            rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", cmd,
+                         ss->ctx, c->max_position_embeddings);
+    }
+    if (rc) gen_session_close(ss); /* frees only: the message stays */
+    return rc;
+}
+
+/* Appends the ids of text (with <|begin_of_text|> in front when bos) to *ids (stb_ds array). */
+static MbStatus gen_encode(const MbTokenizer *tok, const char *text, int bos, unsigned flags, int32_t **ids) {
+    int32_t *t;
+    size_t n;
+    MbStatus rc = mb_tokenizer_encode(tok, text, strlen(text), flags, &t, &n);
+    if (rc) return rc;
+    int32_t b = mb_tokenizer_bos_id(tok);
+    if (bos && b >= 0 && !(n && t[0] == b)) arrput(*ids, b); /* never a second one */
+    for (size_t i = 0; i < n; i++) arrput(*ids, t[i]);
+    free(t);
+    return MB_OK;
+}
+
+/* Streams each piece of text to f as it comes and keeps the whole answer. */
+typedef struct {
+    FILE *f;
+    char *text;             /* stb_ds array, NUL-terminated */
+} MbAnswer;
+
+static int answer_piece(void *ctx, int32_t id, const char *text, size_t len) {
+    MbAnswer *a = ctx;
+    (void)id;
+    if (!len) return 0;
+    if (a->f) {
+        fwrite(text, 1, len, a->f);
+        fflush(a->f);
+    }
+    if (arrlen(a->text)) arrsetlen(a->text, arrlen(a->text) - 1);
+    for (size_t i = 0; i < len; i++) arrput(a->text, text[i]);
+    arrput(a->text, 0);
+    return 0;
+}
+
+/* Generates the answer to ids (n) in a fresh cache (grown to fit); ids out of the answer in *out. */
+static MbStatus gen_answer(MbGenSession *ss, const int32_t *ids, size_t n, MbAnswer *ans, int32_t *out, size_t *n_out,
+                           int *cut) {
+    const MbGenerationConfig *g = &ss->s->cfg;
+    if (n >= (size_t)ss->ctx)
+        return mb_fail(MB_ERR_ARG, "the prompt is %zu tokens, the context holds %d (--max_context) --> shorten the "
+                       "prompt", n, ss->ctx);
+    int S = (int)MB_MIN((size_t)ss->ctx, n + (size_t)g->max_new_tokens - 1);
+    S = MB_MAX(S, (int)n);
+    if (ss->kv && ss->kv->S < S) {
+        mb_kvcache_free(ss->kv);
+        ss->kv = NULL;
+    }
+    MbStatus rc = ss->kv ? MB_OK : mb_kvcache_new(ss->m, 1, S, &ss->kv);
+    if (rc) return rc;
+    mb_kvcache_reset(ss->kv);
+    rc = mb_generate(ss->m, ss->kv, ss->s, ss->tok, ids, n, out, n_out, answer_piece, ans);
+    *cut = !rc && *n_out && *n_out < (size_t)g->max_new_tokens && !mb_generation_is_stop(g, out[*n_out - 1]);
+    return rc;
+}
+
+static void json_line_out(const char *key, const char *prompt, const MbAnswer *ans, size_t ntok) {
+    char *j = NULL;
+    sb_printf(&j, "{");
+    sb_json_string(&j, key, strlen(key));
+    sb_printf(&j, ": ");
+    sb_json_string(&j, prompt, strlen(prompt));
+    sb_printf(&j, ", \"answer\": ");
+    const char *a = ans->text ? ans->text : "";
+    sb_json_string(&j, a, strlen(a));
+    sb_printf(&j, ", \"tokens\": %zu}\n", ntok);
+    fputs(j, stdout);
+    fflush(stdout);
+    arrfree(j);
+}
+
+/* One prompt of generate: the card's template around question (raw: the text as it is);
+ * the answer streams to stdout, or (json) comes as one JSON line. Messages start with where. */
+static MbStatus gen_one(MbGenSession *ss, const MbGenArgs *o, const char *where, const char *text, const char *system,
+                        int raw, int json, const char *key) {
+    if (!text[0]) return mb_fail(MB_ERR_ARG, "%s: the prompt is empty", where);
+    char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system, text);
+    int32_t *ids = NULL, *out = mb_malloc((size_t)o->gen.max_new_tokens * sizeof *out);
+    MbAnswer ans = {json ? NULL : stdout, NULL};
+    size_t n_out = 0;
+    int cut = 0;
+    MbStatus rc = gen_encode(ss->tok, prompt, o->add_bos, 0, &ids);
+    if (!rc) rc = gen_answer(ss, ids, (size_t)arrlen(ids), &ans, out, &n_out, &cut);
+    if (!rc && json) json_line_out(key, text, &ans, n_out);
+    if (!rc && !json) printf("\n");
+    if (!rc && cut)
+        fprintf(stderr, "medbot: %s: the answer was cut at the context limit (%d tokens, --max_context)\n", where,
+                ss->ctx);
+    if (rc) rc = fail_at(rc, where);
+    arrfree(ans.text);
+    arrfree(ids);
+    free(out);
+    free(prompt);
+    return rc;
+}
+
+/* --input FILE.jsonl: {"question", "system"?} rendered with the template, or {"prompt"} as it is.
+ * Every line is checked before the first answer. */
+static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path, int raw) {
+    char *text;
+    size_t n;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    typedef struct {
+        char *where, *prompt, *system;
+        int is_question;
+    } Item;
+    Item *items = NULL; /* stb_ds array */
+    int line = 0;
+    char where[600];
+    for (size_t at = 0; at < n && !rc;) {
+        size_t end = at;
+        while (end < n && text[end] != '\n') end++;
+        line++;
+        size_t len = end - at;
+        if (len && text[at + len - 1] == '\r') len--;
+        const char *s = text + at;
+        at = end + 1;
+        size_t k = 0;
+        while (k < len && (s[k] == ' ' || s[k] == '\t')) k++;
+        if (k == len) continue;
+        snprintf(where, sizeof where, "%s:%d", path, line);
+        MbJsonDoc doc;
+        if ((rc = json_parse(where, s, len, &doc))) break;
+        const MbJson *r = json_root(&doc), *q = json_get(&doc, r, "question"), *p = json_get(&doc, r, "prompt"),
+                     *sys = json_get(&doc, r, "system");
+        const MbJson *v = q ? q : p;
+        if (r->kind != MB_JSON_OBJECT || !v || v->kind != MB_JSON_STRING || (sys && sys->kind != MB_JSON_STRING))
+            rc = mb_fail(MB_ERR_FORMAT, "%s: each line needs a string \"question\" (or \"prompt\")", where);
+        else if (!v->len)
+            rc = mb_fail(MB_ERR_FORMAT, "%s: the %s is empty", where, q ? "question" : "prompt");
+        else {
+            Item it = {mb_strdup(where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL, q != NULL};
+            arrput(items, it);
+        }
+        json_free(&doc);
+    }
+    free(text);
+    if (!rc && !arrlen(items)) rc = mb_fail(MB_ERR_FORMAT, "%s: no prompts in the file", path);
+    for (ptrdiff_t i = 0; !rc && i < arrlen(items); i++)
+        rc = gen_one(ss, o, items[i].where, items[i].prompt, items[i].system ? items[i].system : o->system,
+                     raw || !items[i].is_question, 1, items[i].is_question ? "question" : "prompt");
+    for (ptrdiff_t i = 0; i < arrlen(items); i++) free(items[i].where), free(items[i].prompt), free(items[i].system);
+    arrfree(items);
+    return rc;
+}
+
+static int cmd_generate(MbArgs *a) {
+    MbGenArgs o;
+    MbGenSession ss;
+    memset(&ss, 0, sizeof ss);
+    int raw = 0;
+    const char *prompt = NULL, *input = NULL;
+    MbStatus rc = gen_args(a, &o);
+    if (!rc) prompt = arg_get(a, "prompt");
+    if (!rc && !(rc = arg_bool(a, "raw", &raw)) && !(rc = arg_path(a, "input", &input)) && !(rc = args_done(a))) {
+        if (prompt && input) rc = mb_fail(MB_ERR_ARG, "generate: --prompt and --input exclude each other");
+        else if (!prompt && !input) rc = mb_fail(MB_ERR_ARG, "generate: --prompt TEXT or --input FILE.jsonl is needed");
+        else if (prompt && !prompt[0]) rc = mb_fail(MB_ERR_ARG, "generate: the prompt is empty");
+    }
+    if (!rc) rc = gen_session_open("generate", &o, &ss);
+    if (!rc) rc = input ? gen_file(&ss, &o, input, raw) : gen_one(&ss, &o, "generate", prompt, o.system, raw, 0, NULL);
+    gen_session_close(&ss);
+    if (rc) {
+        fflush(stdout);
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+/* One turn of a conversation in the card's format: the first turn is the template (with
+ * <|begin_of_text|>), each later one continues it with "\n###Question: ...\n###Answer: ". The
+ * user's text is encoded as text (a typed "<|eot_id|>" stays text). */
+static MbStatus chat_turn(const MbGenSession *ss, const MbGenArgs *o, const char *q, int first, int32_t **ids) {
+    char *text = NULL;
+    if (first) {
+        char *p = mb_render_prompt(o->system, q);
+        sb_printf(&text, "%s", p);
+        free(p);
+    } else {
+        sb_printf(&text, "\n###Question: %s\n###Answer: ", q);
+    }
+    MbStatus rc = gen_encode(ss->tok, text, first && o->add_bos, MB_ENCODE_SPECIALS_AS_TEXT, ids);
+    arrfree(text);
+    return rc;
+}
+
+static int cmd_chat(MbArgs *a) {
+    MbGenArgs o;
+    MbGenSession ss;
+    memset(&ss, 0, sizeof ss);
+    MbStatus rc = gen_args(a, &o);
+    if (!rc) rc = args_done(a);
+    if (!rc) rc = gen_session_open("chat", &o, &ss);
+    if (!rc) rc = mb_kvcache_new(ss.m, 1, ss.ctx, &ss.kv);
+    if (rc) {
+        gen_session_close(&ss);
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    int tty = isatty(STDIN_FILENO), max_new = o.gen.max_new_tokens;
+    if (tty)
+        printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves.\n", o.model,
+               o.lora ? " + " : "", o.lora ? o.lora : "");
+    int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)max_new * sizeof *out);
+    char *line = NULL;
+    size_t cap = 0;
+    for (;;) {
+        if (tty) printf("> ");
+        fflush(stdout);
+        ssize_t got = getline(&line, &cap, stdin);
+        if (got < 0) {
+            if (tty) printf("\n");
+            break;
+        }
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        const char *q = line;
+        while (*q == ' ' || *q == '\t') q++;
+        if (!*q) continue;
+        if (!strcmp(q, "/quit") || !strcmp(q, "/exit")) break;
+        if (!strcmp(q, "/reset")) {
+            arrsetlen(hist, 0);
+            mb_kvcache_reset(ss.kv);
+            if (tty) printf("(a new conversation)\n");
+            continue;
+        }
+        arrsetlen(turn, 0);
+        rc = chat_turn(&ss, &o, q, arrlen(hist) == 0, &turn);
+        size_t need = (size_t)arrlen(hist) + (size_t)arrlen(turn) + (size_t)max_new - 1;
+        if (!rc && arrlen(hist) && need > (size_t)ss.ctx) {
+            fprintf(stderr, "medbot: the conversation (%d tokens) and this question with room for max_new_tokens %d "
+                    "exceed the context of %d tokens (--max_context): starting a new conversation\n",
+                    (int)arrlen(hist), max_new, ss.ctx);
+            arrsetlen(hist, 0), arrsetlen(turn, 0);
+            mb_kvcache_reset(ss.kv);
+            rc = chat_turn(&ss, &o, q, 1, &turn);
+        }
+        if (!rc && arrlen(turn) >= ss.ctx) {
+            fprintf(stderr, "medbot: this question is %d tokens, the context holds %d (--max_context): not answered\n",
+                    (int)arrlen(turn), ss.ctx);
+            if (!tty) printf("\n");
+            continue;
+        }
+        size_t n_out = 0;
+        MbAnswer ans = {stdout, NULL};
+        for (ptrdiff_t i = 0; !rc && i < arrlen(turn); i++) arrput(hist, turn[i]);
+        if (!rc) rc = mb_generate(ss.m, ss.kv, ss.s, ss.tok, hist, (size_t)arrlen(hist), out, &n_out, answer_piece, &ans);
+        arrfree(ans.text);
+        if (rc) break;
+        printf("\n");
+        int stopped = n_out && mb_generation_is_stop(&o.gen, out[n_out - 1]);
+        if (!stopped && n_out < (size_t)max_new)
+            fprintf(stderr, "medbot: the answer reached the context limit (%d tokens); /reset to start over\n", ss.ctx);
+        for (size_t i = 0; i < n_out - (size_t)stopped; i++) arrput(hist, out[i]); /* the stop id is never run */
+    }
+    free(line);
+    free(out);
+    arrfree(hist);
+    arrfree(turn);
+    gen_session_close(&ss);
+    if (rc) {
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    return 0;
+}
+
 static const struct {
     const char *name;
     int (*fn)(MbArgs *);
@@ -5967,6 +6666,21 @@ static const struct {
                          "    writes the model with the adapter merged (fp32 math), bf16 safetensors + config + tokenizer"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
+    {"generate", cmd_generate,
+     "generate --model DIR (--prompt TEXT | --input FILE.jsonl) [options]\n"
+     "    answers with the card's prompt \"###System: {system}\\n###Question: {question}\\n###Answer: \" (--raw: the\n"
+     "    text as it is; <|begin_of_text|> in front unless --add_bos false), streamed to stdout; --input: one JSON\n"
+     "    line per line of {\"question\"[, \"system\"]} or {\"prompt\"}: {\"question\", \"answer\", \"tokens\"}.\n"
+     "    Options (HF generate's names, the card's defaults): --max_new_tokens 256 --do_sample | --greedy\n"
+     "    --temperature 0.7 --top_p 0.9 --top_k 50 (transformers' default; 0 = off) --repetition_penalty 1.1\n"
+     "    --no_repeat_ngram_size 0 --seed S (default: a new one each run) --system TEXT --lora ADAPTER_DIR\n"
+     "    --tokenizer PATH --max_context N (default: max_position_embeddings, at most 4096) --threads N\n"
+     "    --load_in_4bit. Stops at eos_token_id, <|eot_id|>, <|eom_id|> or max_new_tokens."},
+    {"chat", cmd_chat,
+     "chat --model DIR [--lora ADAPTER_DIR] [options as generate]\n"
+     "    a conversation in the card's format, kept in the KV cache: type a question, the answer streams; /reset\n"
+     "    starts over, /quit or Ctrl-D leaves. From a pipe: one answer per input line, no prompt. A conversation\n"
+     "    that would outgrow --max_context starts over (with a message)."},
 };
 
 static void usage(FILE *f) {
