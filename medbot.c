@@ -6296,7 +6296,7 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
     memset(o, 0, sizeof *o);
     mb_generation_config_defaults(&o->gen);
     o->add_bos = 1; /* tokenizer(prompt) in the card's usage adds <|begin_of_text|> */
-    int greedy = 0, do_sample = -1, seed = -1;
+    int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;
     MbStatus rc;
     if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
         (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int(a, "threads", &o->threads)) ||
@@ -6312,7 +6312,8 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
     if (greedy && do_sample == 1)
         return mb_fail(MB_ERR_ARG, "%s: --greedy and --do_sample contradict each other", a->cmd);
     o->gen.do_sample = greedy ? 0 : do_sample != 0;
-    o->gen.seed = seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    if (seed_given && seed < 0) return mb_fail(MB_ERR_ARG, "%s: --seed must be >= 0, got %d", a->cmd, seed);
+    o->gen.seed = seed_given ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
     if (o->max_context < 0) return mb_fail(MB_ERR_ARG, "%s: --max_context must be positive", a->cmd);
     return MB_OK;
