@@ -35,6 +35,7 @@ static const char *tokenizer_config =
 #define PREFILL_T 128
 #define DECODE_N 32
 #define REPS 3
+#define ROUNDS 2 /* the engines take turns this many times; each row keeps its best (a shared machine) */
 
 typedef struct {
     double prefill, decode; /* tokens/s; 0: not measured */
@@ -69,7 +70,6 @@ static int on_token(void *ctx, int32_t id, const char *text, size_t len) {
 }
 
 static void bench_medbot(int load_in_4bit, int threads, Speed *s) {
-    memset(s, 0, sizeof *s);
     MbLoadOptions opt;
     memset(&opt, 0, sizeof opt);
     opt.threads = threads;
@@ -117,8 +117,8 @@ static void bench_medbot(int load_in_4bit, int threads, Speed *s) {
         }
         best_d = MB_MIN(best_d, (c.t_last - c.t_first) / (c.n - 1));
     }
-    s->prefill = PREFILL_T / best_p;
-    s->decode = 1 / best_d;
+    s->prefill = MB_MAX(s->prefill, PREFILL_T / best_p);
+    s->decode = MB_MAX(s->decode, 1 / best_d);
 done:
     free(logits);
     mb_sampler_free(smp);
@@ -155,7 +155,8 @@ static const char *make_gguf(const char *bin, int row, int threads) {
     return "";
 }
 
-/* avg_ts of the one test in llama-bench's JSON output */
+/* The best of the samples_ts of the one test in llama-bench's JSON output (its REPS repetitions:
+ * best of REPS, as medbot's rows). */
 static int bench_json_ts(const char *cmd, double *ts, char *commit, size_t cn) {
     FILE *p = popen(cmd, "r");
     if (!p) return 0;
@@ -167,8 +168,9 @@ static int bench_json_ts(const char *cmd, double *ts, char *commit, size_t cn) {
     MbJsonDoc doc;
     if (rc == 0 && arrlen(text) && !json_parse("llama-bench", text, (size_t)arrlen(text), &doc)) {
         const MbJson *t = json_first(&doc, json_root(&doc));
-        const MbJson *v = t ? json_get(&doc, t, "avg_ts") : NULL, *b = t ? json_get(&doc, t, "build_commit") : NULL;
-        if (v && v->kind == MB_JSON_NUMBER) *ts = v->num, ok = 1;
+        const MbJson *v = t ? json_get(&doc, t, "samples_ts") : NULL, *b = t ? json_get(&doc, t, "build_commit") : NULL;
+        for (const MbJson *e = v ? json_first(&doc, v) : NULL; e; e = json_next(&doc, e))
+            if (e->kind == MB_JSON_NUMBER) *ts = MB_MAX(*ts, e->num), ok = 1;
         if (b && b->kind == MB_JSON_STRING) snprintf(commit, cn, "%s", json_str(&doc, b));
         json_free(&doc);
     }
@@ -177,7 +179,6 @@ static int bench_json_ts(const char *cmd, double *ts, char *commit, size_t cn) {
 }
 
 static void bench_llama_cpp(const char *bin, int row, int threads, Speed *s, char *commit, size_t cn) {
-    memset(s, 0, sizeof *s);
     const char *why = make_gguf(bin, row, threads);
     if (why[0]) {
         snprintf(s->note, sizeof s->note, "%s", why);
@@ -235,8 +236,8 @@ int main(int argc, char **argv) {
     if (!prepare_model()) return 1;
     printf("generation, ~1.2B-parameter Llama (Llama-3.2-1B shape: L=16 C=2048 H=32 K=8 D=64 F=8192 V=128256, tied; "
            "random weights), %d threads\nprefill: %d tokens; decode: %d tokens after them (medbot: mb_generate with "
-           "the card's sampling; llama.cpp: llama-bench -p %d, then -n %d -d %d); best of %d (llama.cpp: mean of %d)\n\n",
-           threads, PREFILL_T, DECODE_N, PREFILL_T, DECODE_N, PREFILL_T, REPS, REPS);
+           "the card's sampling; llama.cpp: llama-bench -p %d, then -n %d -d %d); best of %d x %d rounds, the engines taking turns\n\n",
+           threads, PREFILL_T, DECODE_N, PREFILL_T, DECODE_N, PREFILL_T, REPS, ROUNDS);
     printf("%-8s %-24s %14s %14s\n", "weights", "engine", "prefill tok/s", "decode tok/s");
     int have_llama = bin && bin[0];
     char path[1024], commit[64] = "?";
@@ -245,12 +246,15 @@ int main(int argc, char **argv) {
         have_llama = mb_is_file(path);
     }
     Speed me[2], lc[3];
-    const char *none = "not measured: set MEDBOT_LLAMA_CPP to the folder of llama.cpp's llama-bench";
-    for (int i = 0; i < 3; i++) {
-        if (have_llama) bench_llama_cpp(bin, i, threads, &lc[i], commit, sizeof commit);
-        else memset(&lc[i], 0, sizeof lc[i]), snprintf(lc[i].note, sizeof lc[i].note, "%s", none);
+    memset(me, 0, sizeof me), memset(lc, 0, sizeof lc);
+    for (int i = 0; i < 3 && !have_llama; i++)
+        snprintf(lc[i].note, sizeof lc[i].note, "not measured: set MEDBOT_LLAMA_CPP to the folder of llama.cpp's llama-bench");
+    for (int round = 0; round < ROUNDS; round++) {
+        for (int i = 0; i < 3 && have_llama; i++)
+            if (!lc[i].note[0]) bench_llama_cpp(bin, i, threads, &lc[i], commit, sizeof commit);
+        for (int i = 0; i < 2; i++)
+            if (!me[i].note[0]) bench_medbot(medbot_rows[i].load_in_4bit, threads, &me[i]);
     }
-    for (int i = 0; i < 2; i++) bench_medbot(medbot_rows[i].load_in_4bit, threads, &me[i]);
     char name[64];
     snprintf(name, sizeof name, "llama.cpp %s", commit);
     row("bf16", "medbot", &me[0]);
