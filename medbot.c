@@ -2913,6 +2913,11 @@ static void weight_tile_t(const MbWeight *w, size_t r0, size_t nr, size_t c0, si
     }
 }
 
+/* The tile rows [r0, r0+nr) x cols [c0, c0+nc) of w in fp32, as stored: dst[r * ld + c]. */
+static void weight_tile(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst, size_t ld) {
+    for (size_t r = 0; r < nr; r++) weight_row_f32(w, r0 + r, c0, nc, dst + r * ld);
+}
+
 /* Wraps a checkpoint tensor as a weight of the expected shape (rows, cols); a 1-D tensor of
  * length cols is a (1, cols) weight. */
 static MbStatus weight_from_tensor(const MbTensorInfo *t, size_t rows, size_t cols, MbWeight *w) {
@@ -3370,12 +3375,16 @@ static void cpu_embedding_forward(MbOps *ops, float *out, const int32_t *tokens,
 #define MM_IB 256
 #define MM_MR 8
 
+/* One matmul over the thread pool. Forward: out (N, rows) = inp (N, cols) @ W^T, tiles of W
+ * transposed. Backward: out (N, cols) (+)= inp (N, rows) @ W, tiles of W as stored. Either way
+ * the kernel reduces over MM_IB inputs into MM_OB outputs, and threads own disjoint outputs. */
 typedef struct {
     MbCpu *cpu;
     float *out;
     const float *inp;
     const MbWeight *w;
     size_t N;
+    int backward, accumulate;
 } MatmulTask;
 
 /* acc rows r < mr of out (ld O) over one tile: wt (ni, MM_OB) */
@@ -3407,7 +3416,9 @@ static void matmul_kernel(float *out, size_t O, const float *inp, size_t I, cons
 
 static void matmul_task(void *ctx, int tid, int nt) {
     MatmulTask *t = ctx;
-    size_t O = t->w->rows, I = t->w->cols, nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
+    const MbWeight *w = t->w;
+    size_t O = t->backward ? w->cols : w->rows, I = t->backward ? w->rows : w->cols;
+    size_t nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
     mb_split(nblocks, tid, nt, &b0, &b1);
     float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
     for (size_t b = b0; b < b1; b++) {
@@ -3415,10 +3426,11 @@ static void matmul_task(void *ctx, int tid, int nt) {
         for (size_t i0 = 0; i0 < I; i0 += MM_IB) {
             size_t ni = MB_MIN((size_t)MM_IB, I - i0);
             if (no < MM_OB) memset(wt, 0, (size_t)MM_IB * MM_OB * sizeof(float));
-            weight_tile_t(t->w, o0, no, i0, ni, wt, MM_OB);
+            if (t->backward) weight_tile(w, i0, ni, o0, no, wt, MM_OB);
+            else weight_tile_t(w, o0, no, i0, ni, wt, MM_OB);
             for (size_t n0 = 0; n0 < t->N; n0 += MM_MR)
                 matmul_kernel(t->out + n0 * O + o0, O, t->inp + n0 * I + i0, I, wt, ni, no,
-                              MB_MIN((size_t)MM_MR, t->N - n0), i0 == 0);
+                              MB_MIN((size_t)MM_MR, t->N - n0), i0 == 0 && !t->accumulate);
         }
     }
 }
@@ -3458,7 +3470,7 @@ static void matvec_task(void *ctx, int tid, int nt) {
 
 static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const MbWeight *w, size_t N) {
     MbCpu *cpu = ops->ctx;
-    MatmulTask t = {cpu, out, inp, w, N};
+    MatmulTask t = {cpu, out, inp, w, N, 0, 0};
     mb_pool_run(cpu->pool, N < MM_MR ? matvec_task : matmul_task, &t);
 }
 
@@ -3596,46 +3608,14 @@ static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float 
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* The tile rows [r0, r0+nr) x cols [c0, c0+nc) of w in fp32, as stored: dst[r * ld + c]. */
-static void weight_tile(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst, size_t ld) {
-    for (size_t r = 0; r < nr; r++) weight_row_f32(w, r0 + r, c0, nc, dst + r * ld);
-}
 
-/* dinp (N, I) = dout (N, O) @ W: the forward kernel with the roles of rows and columns of W
- * swapped (tiles of MM_IB weight rows x MM_OB weight columns, as stored). Threads take disjoint
- * blocks of I. */
-typedef struct {
-    MbCpu *cpu;
-    float *dinp;
-    const float *dout;
-    const MbWeight *w;
-    size_t N;
-    int accumulate;
-} MatmulBwdTask;
-
-static void matmul_backward_task(void *ctx, int tid, int nt) {
-    MatmulBwdTask *t = ctx;
-    size_t O = t->w->rows, I = t->w->cols, nblocks = (I + MM_OB - 1) / MM_OB, b0, b1;
-    mb_split(nblocks, tid, nt, &b0, &b1);
-    float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
-    for (size_t b = b0; b < b1; b++) {
-        size_t c0 = b * MM_OB, nc = MB_MIN((size_t)MM_OB, I - c0);
-        for (size_t o0 = 0; o0 < O; o0 += MM_IB) {
-            size_t no = MB_MIN((size_t)MM_IB, O - o0);
-            if (nc < MM_OB) memset(wt, 0, (size_t)MM_IB * MM_OB * sizeof(float));
-            weight_tile(t->w, o0, no, c0, nc, wt, MM_OB);
-            for (size_t n0 = 0; n0 < t->N; n0 += MM_MR)
-                matmul_kernel(t->dinp + n0 * I + c0, I, t->dout + n0 * O + o0, O, wt, no, nc,
-                              MB_MIN((size_t)MM_MR, t->N - n0), o0 == 0 && !t->accumulate);
-        }
-    }
-}
-
+/* dinp (N, I) (+)= dout (N, O) @ W: the forward kernel with the roles of W's rows and columns
+ * swapped (matmul_task with backward set). */
 static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
                                 int accumulate) {
     MbCpu *cpu = ops->ctx;
-    MatmulBwdTask t = {cpu, dinp, dout, w, N, accumulate};
-    mb_pool_run(cpu->pool, matmul_backward_task, &t);
+    MatmulTask t = {cpu, dinp, dout, w, N, 1, accumulate};
+    mb_pool_run(cpu->pool, matmul_task, &t);
 }
 
 /* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
