@@ -3491,16 +3491,17 @@ static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float
     free(wf);
 }
 
-static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh,
-                             int D) {
-    (void)ops;
+/* Rotates x (B, T, nh, D) by the rope angles of positions pos0 + t: x1' = x1 c - x2 s,
+ * x2' = x2 c + x1 s (HF's rotate_half layout, j paired with j + D/2). sign -1 rotates back, which
+ * is the backward (the rotation's transpose). */
+static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
     int half = D / 2;
     float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float)); /* (T, cos[half], sin[half]) */
     for (int t = 0; t < T; t++)
         for (int j = 0; j < half; j++) {
             float f = (float)(pos0 + t) * inv_freq[j];
             cs[(size_t)t * D + j] = cosf(f);
-            cs[(size_t)t * D + half + j] = sinf(f);
+            cs[(size_t)t * D + half + j] = sign * sinf(f);
         }
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -3515,6 +3516,11 @@ static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B,
             }
         }
     free(cs);
+}
+
+static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
+    (void)ops;
+    rope_rotate(x, inv_freq, B, T, pos0, nh, D, 1.0f);
 }
 
 static void cpu_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
@@ -3643,27 +3649,7 @@ static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, con
 static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
                               int D) {
     (void)ops;
-    int half = D / 2;
-    float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float));
-    for (int t = 0; t < T; t++)
-        for (int j = 0; j < half; j++) {
-            float f = (float)(pos0 + t) * inv_freq[j];
-            cs[(size_t)t * D + j] = cosf(f);
-            cs[(size_t)t * D + half + j] = sinf(f);
-        }
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const float *c = cs + (size_t)t * D, *s = c + half;
-            for (int h = 0; h < nh; h++) {
-                float *v = dx + (((size_t)b * T + t) * nh + h) * D;
-                for (int j = 0; j < half; j++) {
-                    float g1 = v[j], g2 = v[j + half];
-                    v[j] = g1 * c[j] + g2 * s[j];
-                    v[j + half] = g2 * c[j] - g1 * s[j];
-                }
-            }
-        }
-    free(cs);
+    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
 }
 
 typedef struct {
