@@ -1761,6 +1761,9 @@ struct MbTokenizer {
     int32_t bos_id, eos_id;
 };
 
+/* A 64-bit hash of a token's bytes, bits 31 and 63 clear: stb_ds hashes 8-byte keys with
+ * `d[3] << 24` on an int, undefined for a byte >= 0x80 there (UBSan stops on it). Merge keys
+ * (two ids < 2^24) have those bits clear too. */
 static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     uint64_t h = seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ull), w;
     for (; n >= 8; s += 8, n -= 8) {
@@ -1771,7 +1774,7 @@ static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     w = 0;
     memcpy(&w, s, n);
     h = (h ^ w) * 0x94D049BB133111EBull;
-    return h ^ (h >> 29);
+    return (h ^ (h >> 29)) & 0x7FFFFFFF7FFFFFFFull;
 }
 
 /* The id whose bytes are s[0..n) in a map built by tok_index, or -1. */
@@ -1937,6 +1940,8 @@ static int json_id(const MbJson *v, int32_t *id) {
 static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const MbJson *root) {
     const MbJson *norm = json_get(d, root, "normalizer"), *pre = json_get(d, root, "pre_tokenizer");
     const MbJson *dec = json_get(d, root, "decoder"), *model = json_get(d, root, "model");
+    if (!model || model->kind != MB_JSON_OBJECT)
+        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object --> not a Hugging Face tokenizer.json", t->path);
     if (norm && norm->kind != MB_JSON_NULL)
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: a normalizer is set; medbot implements Llama 3's pipeline, which has none",
                        t->path);
@@ -1957,8 +1962,6 @@ static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const
                        "ByteLevel without prefix space)", t->path);
     if (!json_is(d, json_get(d, dec, "type"), "ByteLevel"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: decoder is not ByteLevel", t->path);
-    if (!model || model->kind != MB_JSON_OBJECT)
-        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object", t->path);
     const MbJson *type = json_get(d, model, "type");
     if ((type && !json_is(d, type, "BPE")) || !json_off(json_get(d, model, "dropout")) ||
         !json_off(json_get(d, model, "continuing_subword_prefix")) ||
@@ -2260,6 +2263,7 @@ static MbStatus tok_from_tiktoken(MbTokenizer *t, const unsigned char *s, size_t
             goto done;
     }
     arrput(t->prefix, max_rank + 1); /* <|begin_of_text|>, as the Llama 3 template adds it */
+    t->ignore_merges = 1;            /* tiktoken looks a whole piece up before merging */
     if ((st = tok_finish(t))) goto done;
     tok_merges_from_ranks(t);
 done:
@@ -3568,6 +3572,81 @@ fail:
     return 1;
 }
 
+/* --name as a flag: absent 0, present 1; a value after it is an error. */
+static MbStatus tok_arg_flag(MbArgs *a, const char *name, int *out) {
+    const char *v = arg_get(a, name);
+    *out = v != NULL;
+    if (v && v[0]) return mb_fail(MB_ERR_ARG, "%s: --%s takes no value, got '%s'", a->cmd, name, v);
+    return MB_OK;
+}
+
+static int cmd_encode(MbArgs *a) {
+    MbStatus rc;
+    int add_bos = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *text = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0, len = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = tok_arg_flag(a, "add_bos", &add_bos)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "encode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &text, &len)) ||
+        (rc = mb_tokenizer_encode(tok, text, len, add_bos ? MB_ENCODE_ADD_BOS : 0, &ids, &n)))
+        goto fail;
+    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", (int)ids[i]);
+    printf("\n");
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 1;
+}
+
+static int cmd_decode(MbArgs *a) {
+    MbStatus rc;
+    int skip = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *in = NULL, *text = NULL;
+    int32_t *ids = NULL; /* stb_ds */
+    size_t len = 0, n_in = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = tok_arg_flag(a, "skip_special_tokens", &skip)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "decode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &in, &n_in))) goto fail;
+    for (char *p = in, *end; *p;) {
+        if (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') {
+            p++;
+            continue;
+        }
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ' ' && *end != '\n' && *end != '\t' && *end != '\r') || v < 0 ||
+            (size_t)v >= mb_tokenizer_vocab_size(tok) || !mb_tokenizer_token_bytes(tok, (int32_t)v, &len)) {
+            size_t k = strcspn(p, " \n\t\r");
+            rc = mb_fail(MB_ERR_ARG, "decode: '%.*s' is not a token id of %s (0..%zu)", (int)MB_MIN(k, 40), p, path,
+                         mb_tokenizer_vocab_size(tok) - 1);
+            goto fail;
+        }
+        arrput(ids, (int32_t)v);
+        p = end;
+    }
+    if ((rc = mb_tokenizer_decode(tok, ids, (size_t)arrlen(ids), skip, &text, &len))) goto fail;
+    fwrite(text, 1, len, stdout);
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
+    return 1;
+}
+
 static const struct {
     const char *name;
     int (*fn)(MbArgs *);
@@ -3576,6 +3655,11 @@ static const struct {
     {"info", cmd_info, "info MODEL_DIR\n    config, parameter count by kind, bytes per dtype"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
+    {"encode", cmd_encode, "encode --tokenizer PATH [--add_bos]\n"
+                           "    reads standard input as one text, prints its token ids on one line (PATH: tokenizer.json,\n"
+                           "    tokenizer.model or a model folder; special tokens in the text are split out)"},
+    {"decode", cmd_decode, "decode --tokenizer PATH [--skip_special_tokens]\n"
+                           "    reads token ids (whitespace separated) from standard input, prints their text"},
 };
 
 static void usage(FILE *f) {
