@@ -1445,7 +1445,7 @@ done:
 //        (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 //        | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 //   4. a piece that is itself a vocabulary entry is one token (ignore_merges); otherwise its
-//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_merge).
+//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_small, bpe_long).
 // tiktoken's file has ranks, not merges: the merges are derived from the ranks the way
 // transformers' TikTokenConverter wrote tokenizer.json (every split of a token into two
 // tokens, ordered by (rank of the result, rank of the left part, rank of the right)), so both
@@ -1657,14 +1657,10 @@ static int uni_at(const unsigned char *s, size_t i, size_t *len) {
     return uni_class(cp);
 }
 
-/* End of the run of characters of class k (k2: a second class, or -1) starting at i. */
-static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k, int k2) {
+/* End of the run of characters of class k that starts at i. */
+static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k) {
     size_t len;
-    while (i < n) {
-        int c = uni_at(s, i, &len);
-        if (c != k && c != k2) break;
-        i += len;
-    }
+    while (i < n && uni_at(s, i, &len) == k) i += len;
     return i;
 }
 
@@ -1687,17 +1683,17 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t i) {
     size_t len0, len1 = 0, k;
     int c0 = uni_at(s, i, &len0), c1 = i + len0 < n ? uni_at(s, i + len0, &len1) : -1;
     if ((k = pretok_contraction(s, n, i))) return i + k;                 /* (?i:'s|...) */
-    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L, -1);                /* \p{L}+ */
+    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L);                /* \p{L}+ */
     if ((c0 == UNI_OTHER || c0 == UNI_S) && c1 == UNI_L)                 /* [^\r\n\p{L}\p{N}]\p{L}+ */
-        return uni_skip(s, n, i + len0, UNI_L, -1);
+        return uni_skip(s, n, i + len0, UNI_L);
     if (c0 == UNI_N) {                                                   /* \p{N}{1,3} */
         size_t j = i + len0, len;
         for (int m = 1; m < 3 && j < n && uni_at(s, j, &len) == UNI_N; m++) j += len;
         return j;
     }
     if (c0 == UNI_OTHER || (s[i] == ' ' && c1 == UNI_OTHER)) {          /*  ?[^\s\p{L}\p{N}]+[\r\n]* */
-        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER, -1);
-        return uni_skip(s, n, j, UNI_NL, -1);
+        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER);
+        return uni_skip(s, n, j, UNI_NL);
     }
     /* whitespace: find the run [i, j), its last \r or \n, and its last character */
     size_t j = i, last_nl = 0, last = i, len;
@@ -1780,6 +1776,7 @@ static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
 /* The id whose bytes are s[0..n) in a map built by tok_index, or -1. */
 static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsigned char *s, size_t n) {
     MbTokByHash *m = (MbTokByHash *)map; /* the _ts lookup reads only: safe from many threads */
+    if (!m) return -1;                   /* (on an empty map it would allocate) */
     uint64_t key = tok_hash(s, n, t->seed);
     ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     if (i < 0) return -1;
@@ -1790,8 +1787,8 @@ static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsi
 static MbMerge tok_merge(const MbTokenizer *t, int32_t a, int32_t b) {
     MbMergeMap *m = t->merges;
     uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
-    ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     MbMerge none = {MB_NO_MERGE, -1};
+    ptrdiff_t tmp, i = m ? hmgeti_ts(m, key, tmp) : -1;
     return i < 0 ? none : m[i].value;
 }
 
@@ -1840,10 +1837,11 @@ static int bytelevel_decode(const int16_t byte_of_cp[324], const char *s, size_t
 static MbStatus tok_set(MbTokenizer *t, int32_t id, const unsigned char *s, size_t n, uint8_t flags, const char *what) {
     if (t->flags[id])
         return mb_fail(MB_ERR_FORMAT, "%s: %s %d is given twice", t->path, what, (int)id);
+    if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: %s %d is an empty token", t->path, what, (int)id);
     t->off[id] = (uint32_t)arrlen(t->bytes);
     t->len[id] = (uint32_t)n;
     t->flags[id] = flags;
-    if (n) memcpy(arraddnptr(t->bytes, n), s, n);
+    memcpy(arraddnptr(t->bytes, n), s, n);
     return MB_OK;
 }
 
@@ -1903,7 +1901,6 @@ static MbStatus tok_finish(MbTokenizer *t) {
     for (size_t id = 0; id < t->n_vocab; id++) {
         if (!(t->flags[id] & MB_TOK_ADDED)) continue;
         size_t n = t->len[id], k = 0;
-        if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: added token %zu is empty", t->path, id);
         t->added_first[t->bytes[t->off[id]]] = 1;
         while (k < (size_t)arrlen(t->added_lens) && t->added_lens[k] > n) k++;
         if (k == (size_t)arrlen(t->added_lens) || t->added_lens[k] != n) arrins(t->added_lens, k, n);

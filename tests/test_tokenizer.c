@@ -498,6 +498,18 @@ static void expect_ids(MbTokenizer *t, const char *text, unsigned flags, const i
     free(ids);
 }
 
+/* A copy of s (stb_ds string) with the first `from` replaced by `to`. */
+static char *subst(const char *s, const char *from, const char *to) {
+    const char *p = strstr(s, from);
+    char *out = NULL;
+    if (!p) {
+        T_FAIL("'%s' not in the template", from);
+        p = s + strlen(s), from = "";
+    }
+    sb_printf(&out, "%.*s%s%s", (int)(p - s), s, to, p + strlen(from));
+    return out;
+}
+
 static void tiny_tokenizer_json(void) {
     MbTokenizer *t;
     /* merges "a b" then "b c": in "abc" the pair (a,b) ranks first -> "ab" "c"; "abc" is in the
@@ -526,6 +538,19 @@ static void tiny_tokenizer_json(void) {
         mb_tokenizer_free(t);
     }
     arrfree(js);
+    /* no added tokens and no merges: pieces that are not vocabulary entries stay bytes */
+    char *base = tiny_json("[]", "false", "");
+    js = subst(base, "{\"id\": 259, \"content\": \"<x>\", \"special\": true, \"lstrip\": false, \"rstrip\": false, "
+                     "\"single_word\": false, \"normalized\": false}", "");
+    arrfree(base);
+    CHECK_OK(load_text("bare.json", js, &t));
+    if (t) {
+        expect_ids(t, "abc<x>", 0, (int32_t[]){'a', 'b', 'c', '<', 'x', '>'}, 6);
+        CHECK(mb_tokenizer_token_id(t, "<x>") == -1 && mb_tokenizer_token_id(t, "ab") == 256, "token_id");
+        CHECK(mb_tokenizer_bos_id(t) == -1 && mb_tokenizer_eos_id(t) == -1, "no bos, no eos");
+        mb_tokenizer_free(t);
+    }
+    arrfree(js);
     /* ignore_merges: the piece "abc" is a vocabulary entry, so it is one token whatever the merges say */
     js = tiny_json("[[\"b\", \"c\"], [\"a\", \"b\"], [\"ab\", \"c\"]]", "true", "");
     CHECK_OK(load_text("tiny3.json", js, &t));
@@ -538,18 +563,6 @@ static void tiny_tokenizer_json(void) {
 }
 
 /* ---- malformed files: a one-line error naming the file, never a crash ---- */
-
-/* A copy of s (stb_ds string) with the first `from` replaced by `to`. */
-static char *subst(const char *s, const char *from, const char *to) {
-    const char *p = strstr(s, from);
-    char *out = NULL;
-    if (!p) {
-        T_FAIL("'%s' not in the template", from);
-        p = s + strlen(s), from = "";
-    }
-    sb_printf(&out, "%.*s%s%s", (int)(p - s), s, to, p + strlen(from));
-    return out;
-}
 
 static void malformed_files_fail_cleanly(void) {
     struct {
