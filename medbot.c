@@ -1748,6 +1748,7 @@ struct MbTokenizer {
     MbTokByHash *vocab;        /* stb_ds hash map: the BPE vocabulary by bytes */
     MbTokByHash *added;        /* stb_ds hash map: added tokens by bytes */
     MbMergeMap *merges;        /* stb_ds hash map */
+    MbMerge *byte_merges;      /* (256 * 256) the merge of two single-byte tokens: BPE's first lookups */
     uint64_t seed;             /* of tok_hash, chosen so that no two tokens share a hash */
     int32_t byte_id[256];      /* the token of each single byte */
     uint8_t added_first[256];  /* bytes that begin an added token */
@@ -1802,6 +1803,7 @@ void mb_tokenizer_free(MbTokenizer *t) {
     hmfree(t->vocab);
     hmfree(t->added);
     hmfree(t->merges);
+    free(t->byte_merges);
     arrfree(t->added_lens);
     arrfree(t->prefix);
     arrfree(t->suffix);
@@ -1908,6 +1910,13 @@ static MbStatus tok_finish(MbTokenizer *t) {
     t->bos_id = arrlen(t->prefix) ? t->prefix[0] : mb_tokenizer_token_id(t, "<|begin_of_text|>");
     t->eos_id = mb_tokenizer_token_id(t, "<|end_of_text|>");
     return MB_OK;
+}
+
+/* The merges of two single bytes as a table: every piece BPE merges starts with those pairs. */
+static void tok_byte_merges(MbTokenizer *t) {
+    t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges);
+    for (int a = 0; a < 256; a++)
+        for (int b = 0; b < 256; b++) t->byte_merges[a * 256 + b] = tok_merge(t, t->byte_id[a], t->byte_id[b]);
 }
 
 /* ---- tokenizer.json (Hugging Face) ---- */
@@ -2131,7 +2140,7 @@ static MbStatus tok_from_json(MbTokenizer *t, const char *text, size_t n) {
     }
     if ((st = tokjson_template(t, d, json_get(d, root, "post_processor"))) || (st = tok_finish(t)))
         goto done;
-    st = tokjson_merges(t, d, merges, byte_of_cp);
+    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) tok_byte_merges(t);
 done:
     arrfree(buf);
     json_free(&doc);
@@ -2263,6 +2272,7 @@ static MbStatus tok_from_tiktoken(MbTokenizer *t, const unsigned char *s, size_t
     t->ignore_merges = 1;            /* tiktoken looks a whole piece up before merging */
     if ((st = tok_finish(t))) goto done;
     tok_merges_from_ranks(t);
+    tok_byte_merges(t);
 done:
     arrfree(lines);
     arrfree(buf);
@@ -2341,7 +2351,7 @@ static size_t bpe_small(const MbTokenizer *t, const unsigned char *s, size_t n, 
     MbMerge mg[MB_BPE_SMALL]; /* mg[k]: the merge of id[k] and id[k+1] */
     size_t m = n;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]];
-    for (size_t k = 0; k + 1 < n; k++) mg[k] = tok_merge(t, id[k], id[k + 1]);
+    for (size_t k = 0; k + 1 < n; k++) mg[k] = t->byte_merges[s[k] * 256 + s[k + 1]];
     while (m > 1) {
         size_t best = 0;
         for (size_t k = 1; k + 1 < m; k++)
@@ -2394,7 +2404,7 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     size_t nh = 0, m = 0;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]], prev[k] = (uint32_t)k - 1, next[k] = (uint32_t)k + 1;
     for (size_t k = 0; k + 1 < n; k++) {
-        MbMerge mg = tok_merge(t, id[k], id[k + 1]);
+        MbMerge mg = t->byte_merges[s[k] * 256 + s[k + 1]];
         if (mg.rank != MB_NO_MERGE) bpe_push(heap, &nh, (MbBpeEntry){mg.rank, (uint32_t)k});
     }
     while (nh) {
@@ -2469,8 +2479,8 @@ MbStatus mb_tokenizer_encode(const MbTokenizer *t, const char *text, size_t len,
                              size_t *n) {
     const unsigned char *s = (const unsigned char *)text;
     size_t np = flags & MB_ENCODE_ADD_BOS ? (size_t)arrlen(t->prefix) + (size_t)arrlen(t->suffix) : 0;
-    if (len > SIZE_MAX / sizeof **ids - np - 1)
-        return mb_fail(MB_ERR_ARG, "%s: text of %zu bytes is too long to encode", t->path, len);
+    if (len >= UINT32_MAX - np) /* bpe_long indexes a piece with 32 bits */
+        return mb_fail(MB_ERR_ARG, "%s: a text of %zu bytes is too long to encode (the limit is 4 GiB)", t->path, len);
     int32_t *out = mb_malloc((len + np) * sizeof *out); /* a token covers at least one byte */
     size_t m = 0, start = 0, L;
     if (flags & MB_ENCODE_ADD_BOS)

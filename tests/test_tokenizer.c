@@ -189,6 +189,37 @@ static void pretokenizer_hand_cases(void) {
     }
 }
 
+/* One tokenizer, two threads encoding at once (the map lookups only read). */
+typedef struct {
+    const MbTokenizer *t;
+    size_t bad[2], done[2];
+} ThreadJob;
+
+static void encode_task(void *ctx, int tid, int nt) {
+    ThreadJob *job = ctx;
+    for (size_t r = (size_t)tid; r < C.text.n; r += (size_t)nt * stride()) {
+        size_t len, n_ref, n = 0;
+        const char *text = row(&C.text, r, &len);
+        const int32_t *ref = row(&C.ids, r, &n_ref);
+        int32_t *ids = NULL;
+        if (mb_tokenizer_encode(job->t, text, len, 0, &ids, &n) || n != n_ref || memcmp(ids, ref, n * sizeof *ids))
+            job->bad[tid]++;
+        job->done[tid]++;
+        free(ids);
+    }
+}
+
+static void encode_from_two_threads(void) {
+    ThreadJob job = {tok_json(), {0, 0}, {0, 0}};
+    if (!job.t || !corpus()) return;
+    MbPool *pool = mb_pool_new(2);
+    mb_pool_run(pool, encode_task, &job);
+    CHECK(pool->n == 2 && job.done[0] > 0 && job.done[1] > 0, "both threads ran (%zu, %zu records)", job.done[0], job.done[1]);
+    mb_pool_free(pool);
+    printf("    %zu + %zu records encoded on two threads, %zu differ\n", job.done[0], job.done[1], job.bad[0] + job.bad[1]);
+    CHECK(job.bad[0] + job.bad[1] == 0, "%zu records differ", job.bad[0] + job.bad[1]);
+}
+
 /* ---- decoding ---- */
 
 static int valid_utf8(const char *s, size_t n) {
@@ -697,7 +728,7 @@ static void cli_encode_and_decode(void) {
 }
 
 MB_TEST_MAIN("tokenizer", T(corpus_ids_equal_from_tokenizer_json), T(corpus_ids_equal_from_tokenizer_model),
-             T(corpus_specials_as_text), T(corpus_pretokenizer_pieces), T(pretokenizer_hand_cases),
+             T(corpus_specials_as_text), T(corpus_pretokenizer_pieces), T(encode_from_two_threads), T(pretokenizer_hand_cases),
              T(decode_roundtrips_the_corpus), T(decode_matches_references), T(stream_decode_never_breaks_a_character),
              T(stream_decode_holds_back_partial_characters), T(both_files_make_the_same_tokenizer), T(token_lookups),
              T(invalid_utf8_encodes_byte_by_byte), T(bpe_small_and_long_agree), T(tiny_tokenizer_json),
