@@ -1840,6 +1840,8 @@ static MbStatus tok_set(MbTokenizer *t, int32_t id, const unsigned char *s, size
     if (t->flags[id])
         return mb_fail(MB_ERR_FORMAT, "%s: %s %d is given twice", t->path, what, (int)id);
     if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: %s %d is an empty token", t->path, what, (int)id);
+    if ((size_t)arrlen(t->bytes) + n > UINT32_MAX)
+        return mb_fail(MB_ERR_FORMAT, "%s: the tokens hold over 4 GiB of bytes", t->path);
     t->off[id] = (uint32_t)arrlen(t->bytes);
     t->len[id] = (uint32_t)n;
     t->flags[id] = flags;

@@ -3,7 +3,8 @@
  * next to tiktoken and Hugging Face tokenizers timed in the same run by bench_tokenizer.py.
  * The Python is $MEDBOT_PYTHON, else python3; where it or the libraries are missing, medbot's
  * numbers are printed alone and the peers are reported as not measured. No thresholds: numbers. */
-#include "../test.h"
+#define MEDBOT_NO_MAIN
+#include "../../medbot.c"
 
 #define ROUNDS 5
 

@@ -36,7 +36,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size == 0) return 0;
     unsigned flags = data[0] & (MB_ENCODE_ADD_BOS | MB_ENCODE_SPECIALS_AS_TEXT);
     const char *text = (const char *)data + 1;
-    size_t len = size - 1, n, n2, n0;
+    size_t len = size - 1, n = 0, n2 = 0, n0 = 0;
     int32_t *ids, *ids2, *ids0;
     const MbTokenizer *t = tok_json;
     if (mb_tokenizer_encode(t, text, len, flags, &ids, &n) || mb_tokenizer_encode(tok_model, text, len, flags, &ids2, &n2))

@@ -13,7 +13,7 @@ STB=${STB_INCLUDE:-/usr/include}
 mkdir -p build/fuzz
 build() {
   for t in encode load; do
-    $CC -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I"$STB" \
+    $CC -std=c99 -g -O2 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I"$STB" \
       -o "build/fuzz/fuzz_$t" "tests/fuzz/fuzz_$t.c" -lm -lpthread
   done
 }
