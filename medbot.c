@@ -2210,7 +2210,7 @@ static void tok_merges_from_ranks(MbTokenizer *t) {
             MbSplit sp = {(uint64_t)(uint32_t)l << 32 | (uint32_t)r, l, r};
             arrput(splits, sp);
         }
-        qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
+        if (arrlen(splits) > 1) qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
         for (ptrdiff_t k = 0; k < arrlen(splits); k++) {
             MbMerge mg = {rank++, (int32_t)id};
             hmput(t->merges, splits[k].key, mg);

@@ -593,6 +593,26 @@ static void tiny_tokenizer_json(void) {
     arrfree(js);
 }
 
+/* A tiktoken file with a multi-byte token that no two tokens make up (found by fuzz_load: its
+ * empty list of splits went to qsort as NULL): it loads, and that token comes only whole. */
+static void tiny_tokenizer_model(void) {
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    char *text = NULL;
+    for (int b = 0; b < 256; b++) sb_printf(&text, "%c%c== %d\n", b64[b >> 2], b64[(b & 3) << 4], b);
+    sb_printf(&text, "YWJj 256\neHk= 257\n"); /* "abc": no split into two tokens; "xy" = x + y */
+    MbTokenizer *t;
+    CHECK_OK(load_text("tiny.model", text, &t));
+    if (t) {
+        expect_ids(t, "abc", 0, (int32_t[]){256}, 1);                /* the whole piece is a token */
+        expect_ids(t, "abcc", 0, (int32_t[]){'a', 'b', 'c', 'c'}, 4); /* no merge leads to "abc" */
+        expect_ids(t, "xyxy", 0, (int32_t[]){257, 257}, 2);
+        expect_ids(t, "<|eot_id|>", 0, (int32_t[]){258 + 9}, 1);    /* Llama 3.1 specials after the last rank */
+        CHECK(hmlen(t->merges) == 1, "one merge (x, y), got %td", hmlen(t->merges));
+        mb_tokenizer_free(t);
+    }
+    arrfree(text);
+}
+
 /* ---- malformed files: a one-line error naming the file, never a crash ---- */
 
 static void malformed_files_fail_cleanly(void) {
@@ -731,5 +751,5 @@ MB_TEST_MAIN("tokenizer", T(corpus_ids_equal_from_tokenizer_json), T(corpus_ids_
              T(corpus_specials_as_text), T(corpus_pretokenizer_pieces), T(encode_from_two_threads), T(pretokenizer_hand_cases),
              T(decode_roundtrips_the_corpus), T(decode_matches_references), T(stream_decode_never_breaks_a_character),
              T(stream_decode_holds_back_partial_characters), T(both_files_make_the_same_tokenizer), T(token_lookups),
-             T(invalid_utf8_encodes_byte_by_byte), T(bpe_small_and_long_agree), T(tiny_tokenizer_json),
+             T(invalid_utf8_encodes_byte_by_byte), T(bpe_small_and_long_agree), T(tiny_tokenizer_json), T(tiny_tokenizer_model),
              T(malformed_files_fail_cleanly), T(cli_encode_and_decode))

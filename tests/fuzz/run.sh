@@ -23,9 +23,10 @@ case "$cmd" in
   build) echo "built build/fuzz/fuzz_encode build/fuzz/fuzz_load" ;;
   encode|load)
     runs=${1:-10000000}; [ $# -gt 0 ] && shift
-    dict=(); [ "$cmd" = load ] && dict=(-dict=tests/fuzz/tokenizer.dict)
+    # the loader's seeds are whole tokenizer files (up to 6 KB): let inputs be that long
+    opts=(-max_len=4096); [ "$cmd" = load ] && opts=(-max_len=16384 -dict=tests/fuzz/tokenizer.dict)
     mkdir -p "build/fuzz/corpus-$cmd"
-    MEDBOT_ROOT=$PWD "build/fuzz/fuzz_$cmd" -runs="$runs" -max_len=4096 -print_final_stats=1 \
-      -artifact_prefix=build/fuzz/ "${dict[@]}" "$@" "build/fuzz/corpus-$cmd" "tests/fuzz/seeds/$cmd" ;;
+    MEDBOT_ROOT=$PWD "build/fuzz/fuzz_$cmd" -runs="$runs" -print_final_stats=1 "${opts[@]}" \
+      -artifact_prefix=build/fuzz/ "$@" "build/fuzz/corpus-$cmd" "tests/fuzz/seeds/$cmd" ;;
   *) echo "usage: tests/fuzz/run.sh [build|encode|load] [RUNS] [libFuzzer args]" >&2; exit 2 ;;
 esac
