@@ -9,26 +9,23 @@
 
 /* ---- shared fixtures: loaded once, kept for the whole run ---- */
 
+static MbTokenizer *load_once(const char *path, MbTokenizer **slot) {
+    if (!*slot) {
+        double t0 = mb_now();
+        if (mb_tokenizer_load(path, slot)) T_FAIL("%s", mb_last_error());
+        else printf("    loaded %s in %.3f s\n", path, mb_now() - t0);
+    }
+    return *slot;
+}
+
 static MbTokenizer *tok_json(void) {
     static MbTokenizer *t;
-    if (!t) {
-        double t0 = mb_now();
-        MbStatus st = mb_tokenizer_load(TOK_JSON, &t);
-        if (st) T_FAIL("%s", mb_last_error());
-        else printf("    loaded %s in %.3f s\n", TOK_JSON, mb_now() - t0);
-    }
-    return t;
+    return load_once(TOK_JSON, &t);
 }
 
 static MbTokenizer *tok_model(void) {
     static MbTokenizer *t;
-    if (!t) {
-        double t0 = mb_now();
-        MbStatus st = mb_tokenizer_load(TOK_MODEL, &t);
-        if (st) T_FAIL("%s", mb_last_error());
-        else printf("    loaded %s in %.3f s\n", TOK_MODEL, mb_now() - t0);
-    }
-    return t;
+    return load_once(TOK_MODEL, &t);
 }
 
 typedef struct {
