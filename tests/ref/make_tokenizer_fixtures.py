@@ -21,14 +21,15 @@ add_special_tokens=True only puts <|begin_of_text|> in front. It also stores the
 piece boundaries (tokenizers' pre_tokenize_str) and decodings of random id sequences (tiktoken's
 decode with errors="replace" and tokenizers' decode, asserted equal, plus skip_special_tokens).
 """
+import json
 import os
 import random
+import struct
 import sys
 
 import numpy as np
 import tiktoken
 import tokenizers
-from safetensors.numpy import save_file
 from tiktoken.load import load_tiktoken_bpe
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -380,6 +381,22 @@ def build_corpus():
 
 # ---------------------------------------------------------------------------------------------
 
+def save_safetensors(tensors, path, metadata):
+    """safetensors with keys in sorted order, so that a rerun writes the same bytes (the library's
+    writer orders __metadata__ by hash)."""
+    dtypes = {np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
+    header, blobs, off = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        blobs.append(a.astype(a.dtype.newbyteorder("<")).tobytes())
+        off += a.nbytes
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
 def main():
     ranks = load_tiktoken_bpe(os.path.join(ROOT, "weights/llama3/tokenizer.model"))
     hf = tokenizers.Tokenizer.from_file(os.path.join(ROOT, "weights/llama3/tokenizer.json"))
@@ -452,7 +469,7 @@ def main():
             "tokenizers": tokenizers.__version__, "records": str(len(recs)), "bytes": str(total),
             "tokens": str(len(t["ids"]))}
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    save_file(t, OUT, metadata=meta)
+    save_safetensors(t, OUT, meta)
     print(f"{OUT}: {len(recs)} records, {total} bytes, {len(t['ids'])} tokens; "
           f"{len(plain_recs)} records with special-token text; {len(dec_ids)} decode cases; "
           f"tiktoken == tokenizers on all; file {os.path.getsize(OUT)} bytes")
