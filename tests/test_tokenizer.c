@@ -44,7 +44,9 @@ static struct {
 
 static int rows_get(const char *data, const char *off, size_t elem, Rows *r) {
     const MbTensorInfo *d = mb_safetensors_find(C.st, data), *o = mb_safetensors_find(C.st, off);
-    if (!d || !o || o->dtype != MB_DT_I64 || o->numel < 1 || mb_dtype_size(d->dtype) != elem) return 0;
+    if (!d || !o || o->dtype != MB_DT_I64 || o->numel < 1 || mb_dtype_size(d->dtype) != elem ||
+        (uintptr_t)d->data % elem || (uintptr_t)o->data % 8) /* read in place: must be aligned */
+        return 0;
     r->data = d->data;
     r->off = o->data;
     r->n = o->numel - 1;

@@ -383,10 +383,11 @@ def build_corpus():
 
 def save_safetensors(tensors, path, metadata):
     """safetensors with keys in sorted order, so that a rerun writes the same bytes (the library's
-    writer orders __metadata__ by hash)."""
+    writer orders __metadata__ by hash); widest dtypes first, as the library does, so that every
+    tensor is aligned to its element size."""
     dtypes = {np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
     header, blobs, off = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
-    for name in sorted(tensors):
+    for name in sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k)):
         a = np.ascontiguousarray(tensors[name])
         header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
         blobs.append(a.astype(a.dtype.newbyteorder("<")).tobytes())
