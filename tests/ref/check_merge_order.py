@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Looks for texts on which tiktoken and Hugging Face tokenizers give different Llama 3 ids.
 
-    /work/venv/bin/python tests/ref/check_merge_order.py [SECONDS]      (from the repo root; default 90)
+    python3 tests/ref/check_merge_order.py [SECONDS]      (from the repo root; default 90 s)
 
 The two libraries merge by different rules: tiktoken merges the adjacent pair whose concatenation
 has the lowest rank (leftmost first); tokenizers merges the pair listed first in tokenizer.json's

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Tokenizer fixtures: a corpus a medical chatbot meets, with the ids of both reference libraries.
 
-    regenerate:  /work/venv/bin/python tests/ref/make_tokenizer_fixtures.py     (from the repo root)
+    regenerate:  python3 tests/ref/make_tokenizer_fixtures.py     (from the repo root, with
+                 tests/ref/requirements.txt installed; on the dev machines /work/venv/bin/python)
     needs:       tiktoken, tokenizers, safetensors, numpy (tests/ref/requirements.txt)
     writes:      tests/fixtures/tokenizer/corpus.safetensors
 
