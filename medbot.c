@@ -57,6 +57,10 @@
 
 #define STB_DS_IMPLEMENTATION
 #include <stb/stb_ds.h>
+/* stb_ds passes hash-map keys by address; its trick for rvalue keys needs `typeof`, which gcc
+ * lacks under -std=c99, so keys are always lvalues here and the plain form is used. */
+#undef STBDS_ADDRESSOF
+#define STBDS_ADDRESSOF(typevar, value) &(value)
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -1225,7 +1229,8 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     MbStatus rc = mb_check_host();
     if (rc) return rc;
     MbSafetensors *st = mb_calloc(1, sizeof *st);
-    sh_new_arena(st->by_name);
+    /* keys are the tensors' own names (alive as long as st): no copies, and no arena, whose
+     * char storage[8] trick trips clang's bounds sanitizer */
     if (mb_is_dir(path)) {
         char *index = mb_path_join(path, "model.safetensors.index.json");
         char *single = mb_path_join(path, "model.safetensors");
@@ -1490,7 +1495,7 @@ done:
 //        (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 //        | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 //   4. a piece that is itself a vocabulary entry is one token (ignore_merges); otherwise its
-//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_merge).
+//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_small, bpe_long).
 // tiktoken's file has ranks, not merges: the merges are derived from the ranks the way
 // transformers' TikTokenConverter wrote tokenizer.json (every split of a token into two
 // tokens, ordered by (rank of the result, rank of the left part, rank of the right)), so both
@@ -1702,14 +1707,10 @@ static int uni_at(const unsigned char *s, size_t i, size_t *len) {
     return uni_class(cp);
 }
 
-/* End of the run of characters of class k (k2: a second class, or -1) starting at i. */
-static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k, int k2) {
+/* End of the run of characters of class k that starts at i. */
+static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k) {
     size_t len;
-    while (i < n) {
-        int c = uni_at(s, i, &len);
-        if (c != k && c != k2) break;
-        i += len;
-    }
+    while (i < n && uni_at(s, i, &len) == k) i += len;
     return i;
 }
 
@@ -1732,17 +1733,17 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t i) {
     size_t len0, len1 = 0, k;
     int c0 = uni_at(s, i, &len0), c1 = i + len0 < n ? uni_at(s, i + len0, &len1) : -1;
     if ((k = pretok_contraction(s, n, i))) return i + k;                 /* (?i:'s|...) */
-    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L, -1);                /* \p{L}+ */
+    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L);                /* \p{L}+ */
     if ((c0 == UNI_OTHER || c0 == UNI_S) && c1 == UNI_L)                 /* [^\r\n\p{L}\p{N}]\p{L}+ */
-        return uni_skip(s, n, i + len0, UNI_L, -1);
+        return uni_skip(s, n, i + len0, UNI_L);
     if (c0 == UNI_N) {                                                   /* \p{N}{1,3} */
         size_t j = i + len0, len;
         for (int m = 1; m < 3 && j < n && uni_at(s, j, &len) == UNI_N; m++) j += len;
         return j;
     }
     if (c0 == UNI_OTHER || (s[i] == ' ' && c1 == UNI_OTHER)) {          /*  ?[^\s\p{L}\p{N}]+[\r\n]* */
-        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER, -1);
-        return uni_skip(s, n, j, UNI_NL, -1);
+        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER);
+        return uni_skip(s, n, j, UNI_NL);
     }
     /* whitespace: find the run [i, j), its last \r or \n, and its last character */
     size_t j = i, last_nl = 0, last = i, len;
@@ -1760,12 +1761,6 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t i) {
 }
 
 /* ---- the tokenizer ---- */
-
-/* stb_ds passes hash-map keys by address; its trick for rvalue keys needs `typeof`, which gcc
- * lacks under -std=c99, so keys here are always lvalues and the plain form is used.
- * (This belongs with the stb_ds include in the platform section.) */
-#undef STBDS_ADDRESSOF
-#define STBDS_ADDRESSOF(typevar, value) &(value)
 
 #define MB_TOK_MAX_VOCAB (1 << 24) /* ids beyond this are refused (files are not trusted) */
 #define MB_TOK_BPE 1               /* flags per id: a vocabulary entry BPE can produce */
@@ -1797,6 +1792,7 @@ struct MbTokenizer {
     MbTokByHash *vocab;        /* stb_ds hash map: the BPE vocabulary by bytes */
     MbTokByHash *added;        /* stb_ds hash map: added tokens by bytes */
     MbMergeMap *merges;        /* stb_ds hash map */
+    MbMerge *byte_merges;      /* (256 * 256) the merge of two single-byte tokens: BPE's first lookups */
     uint64_t seed;             /* of tok_hash, chosen so that no two tokens share a hash */
     int32_t byte_id[256];      /* the token of each single byte */
     uint8_t added_first[256];  /* bytes that begin an added token */
@@ -1806,6 +1802,9 @@ struct MbTokenizer {
     int32_t bos_id, eos_id;
 };
 
+/* A 64-bit hash of a token's bytes, bits 31 and 63 clear: stb_ds hashes 8-byte keys with
+ * `d[3] << 24` on an int, undefined for a byte >= 0x80 there (UBSan stops on it). Merge keys
+ * (two ids < 2^24) have those bits clear too. */
 static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     uint64_t h = seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ull), w;
     for (; n >= 8; s += 8, n -= 8) {
@@ -1816,14 +1815,13 @@ static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     w = 0;
     memcpy(&w, s, n);
     h = (h ^ w) * 0x94D049BB133111EBull;
-    /* bytes 3 and 7 below 0x80: stb_ds hashes an 8-byte key with (int)byte << 24, which is
-     * undefined behaviour for larger bytes (UBSan reports it) */
     return (h ^ (h >> 29)) & 0x7FFFFFFF7FFFFFFFull;
 }
 
 /* The id whose bytes are s[0..n) in a map built by tok_index, or -1. */
 static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsigned char *s, size_t n) {
     MbTokByHash *m = (MbTokByHash *)map; /* the _ts lookup reads only: safe from many threads */
+    if (!m) return -1;                   /* (on an empty map it would allocate) */
     uint64_t key = tok_hash(s, n, t->seed);
     ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     if (i < 0) return -1;
@@ -1834,8 +1832,8 @@ static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsi
 static MbMerge tok_merge(const MbTokenizer *t, int32_t a, int32_t b) {
     MbMergeMap *m = t->merges;
     uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
-    ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     MbMerge none = {MB_NO_MERGE, -1};
+    ptrdiff_t tmp, i = m ? hmgeti_ts(m, key, tmp) : -1;
     return i < 0 ? none : m[i].value;
 }
 
@@ -1849,6 +1847,7 @@ void mb_tokenizer_free(MbTokenizer *t) {
     hmfree(t->vocab);
     hmfree(t->added);
     hmfree(t->merges);
+    free(t->byte_merges);
     arrfree(t->added_lens);
     arrfree(t->prefix);
     arrfree(t->suffix);
@@ -1884,10 +1883,13 @@ static int bytelevel_decode(const int16_t byte_of_cp[324], const char *s, size_t
 static MbStatus tok_set(MbTokenizer *t, int32_t id, const unsigned char *s, size_t n, uint8_t flags, const char *what) {
     if (t->flags[id])
         return mb_fail(MB_ERR_FORMAT, "%s: %s %d is given twice", t->path, what, (int)id);
+    if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: %s %d is an empty token", t->path, what, (int)id);
+    if ((size_t)arrlen(t->bytes) + n > UINT32_MAX)
+        return mb_fail(MB_ERR_FORMAT, "%s: the tokens hold over 4 GiB of bytes", t->path);
     t->off[id] = (uint32_t)arrlen(t->bytes);
     t->len[id] = (uint32_t)n;
     t->flags[id] = flags;
-    if (n) memcpy(arraddnptr(t->bytes, n), s, n);
+    memcpy(arraddnptr(t->bytes, n), s, n);
     return MB_OK;
 }
 
@@ -1947,7 +1949,6 @@ static MbStatus tok_finish(MbTokenizer *t) {
     for (size_t id = 0; id < t->n_vocab; id++) {
         if (!(t->flags[id] & MB_TOK_ADDED)) continue;
         size_t n = t->len[id], k = 0;
-        if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: added token %zu is empty", t->path, id);
         t->added_first[t->bytes[t->off[id]]] = 1;
         while (k < (size_t)arrlen(t->added_lens) && t->added_lens[k] > n) k++;
         if (k == (size_t)arrlen(t->added_lens) || t->added_lens[k] != n) arrins(t->added_lens, k, n);
@@ -1955,6 +1956,13 @@ static MbStatus tok_finish(MbTokenizer *t) {
     t->bos_id = arrlen(t->prefix) ? t->prefix[0] : mb_tokenizer_token_id(t, "<|begin_of_text|>");
     t->eos_id = mb_tokenizer_token_id(t, "<|end_of_text|>");
     return MB_OK;
+}
+
+/* The merges of two single bytes as a table: every piece BPE merges starts with those pairs. */
+static void tok_byte_merges(MbTokenizer *t) {
+    t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges);
+    for (int a = 0; a < 256; a++)
+        for (int b = 0; b < 256; b++) t->byte_merges[a * 256 + b] = tok_merge(t, t->byte_id[a], t->byte_id[b]);
 }
 
 /* ---- tokenizer.json (Hugging Face) ---- */
@@ -1984,6 +1992,8 @@ static int json_id(const MbJson *v, int32_t *id) {
 static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const MbJson *root) {
     const MbJson *norm = json_get(d, root, "normalizer"), *pre = json_get(d, root, "pre_tokenizer");
     const MbJson *dec = json_get(d, root, "decoder"), *model = json_get(d, root, "model");
+    if (!model || model->kind != MB_JSON_OBJECT)
+        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object --> not a Hugging Face tokenizer.json", t->path);
     if (norm && norm->kind != MB_JSON_NULL)
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: a normalizer is set; medbot implements Llama 3's pipeline, which has none",
                        t->path);
@@ -2004,8 +2014,6 @@ static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const
                        "ByteLevel without prefix space)", t->path);
     if (!json_is(d, json_get(d, dec, "type"), "ByteLevel"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: decoder is not ByteLevel", t->path);
-    if (!model || model->kind != MB_JSON_OBJECT)
-        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object", t->path);
     const MbJson *type = json_get(d, model, "type");
     if ((type && !json_is(d, type, "BPE")) || !json_off(json_get(d, model, "dropout")) ||
         !json_off(json_get(d, model, "continuing_subword_prefix")) ||
@@ -2178,7 +2186,7 @@ static MbStatus tok_from_json(MbTokenizer *t, const char *text, size_t n) {
     }
     if ((st = tokjson_template(t, d, json_get(d, root, "post_processor"))) || (st = tok_finish(t)))
         goto done;
-    st = tokjson_merges(t, d, merges, byte_of_cp);
+    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) tok_byte_merges(t);
 done:
     arrfree(buf);
     json_free(&doc);
@@ -2246,7 +2254,7 @@ static void tok_merges_from_ranks(MbTokenizer *t) {
             MbSplit sp = {(uint64_t)(uint32_t)l << 32 | (uint32_t)r, l, r};
             arrput(splits, sp);
         }
-        qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
+        if (arrlen(splits) > 1) qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
         for (ptrdiff_t k = 0; k < arrlen(splits); k++) {
             MbMerge mg = {rank++, (int32_t)id};
             hmput(t->merges, splits[k].key, mg);
@@ -2307,8 +2315,10 @@ static MbStatus tok_from_tiktoken(MbTokenizer *t, const unsigned char *s, size_t
             goto done;
     }
     arrput(t->prefix, max_rank + 1); /* <|begin_of_text|>, as the Llama 3 template adds it */
+    t->ignore_merges = 1;            /* tiktoken looks a whole piece up before merging */
     if ((st = tok_finish(t))) goto done;
     tok_merges_from_ranks(t);
+    tok_byte_merges(t);
 done:
     arrfree(lines);
     arrfree(buf);
@@ -2387,7 +2397,7 @@ static size_t bpe_small(const MbTokenizer *t, const unsigned char *s, size_t n, 
     MbMerge mg[MB_BPE_SMALL]; /* mg[k]: the merge of id[k] and id[k+1] */
     size_t m = n;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]];
-    for (size_t k = 0; k + 1 < n; k++) mg[k] = tok_merge(t, id[k], id[k + 1]);
+    for (size_t k = 0; k + 1 < n; k++) mg[k] = t->byte_merges[s[k] * 256 + s[k + 1]];
     while (m > 1) {
         size_t best = 0;
         for (size_t k = 1; k + 1 < m; k++)
@@ -2440,7 +2450,7 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     size_t nh = 0, m = 0;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]], prev[k] = (uint32_t)k - 1, next[k] = (uint32_t)k + 1;
     for (size_t k = 0; k + 1 < n; k++) {
-        MbMerge mg = tok_merge(t, id[k], id[k + 1]);
+        MbMerge mg = t->byte_merges[s[k] * 256 + s[k + 1]];
         if (mg.rank != MB_NO_MERGE) bpe_push(heap, &nh, (MbBpeEntry){mg.rank, (uint32_t)k});
     }
     while (nh) {
@@ -2515,8 +2525,8 @@ MbStatus mb_tokenizer_encode(const MbTokenizer *t, const char *text, size_t len,
                              size_t *n) {
     const unsigned char *s = (const unsigned char *)text;
     size_t np = flags & MB_ENCODE_ADD_BOS ? (size_t)arrlen(t->prefix) + (size_t)arrlen(t->suffix) : 0;
-    if (len > SIZE_MAX / sizeof **ids - np - 1)
-        return mb_fail(MB_ERR_ARG, "%s: text of %zu bytes is too long to encode", t->path, len);
+    if (len >= UINT32_MAX - np) /* bpe_long indexes a piece with 32 bits */
+        return mb_fail(MB_ERR_ARG, "%s: a text of %zu bytes is too long to encode (the limit is 4 GiB)", t->path, len);
     int32_t *out = mb_malloc((len + np) * sizeof *out); /* a token covers at least one byte */
     size_t m = 0, start = 0, L;
     if (flags & MB_ENCODE_ADD_BOS)
@@ -7019,24 +7029,6 @@ static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
 }
 
-/* A boolean flag: --name, or --name=true|false|1|0. Unlike arg_get it never takes the next
- * argument as its value, so a flag can stand anywhere. */
-static MbStatus arg_flag(MbArgs *a, const char *name, int *out) {
-    size_t n = strlen(name);
-    for (int i = 2; i < a->argc; i++) {
-        const char *s = a->argv[i];
-        if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n)) continue;
-        const char *v = s[2 + n] == '=' ? s + 3 + n : s[2 + n] == 0 ? "true" : NULL;
-        if (!v) continue;
-        a->used[i] = 1;
-        if (!strcmp(v, "true") || !strcmp(v, "1")) *out = 1;
-        else if (!strcmp(v, "false") || !strcmp(v, "0")) *out = 0;
-        else return mb_fail(MB_ERR_ARG, "%s: --%s is a flag (--%s or --%s=false), got '%s'", a->cmd, name,
-                            name, name, v);
-    }
-    return MB_OK;
-}
-
 /* ---- info --plan: the memory of one DPO training step, per device, from config.json alone ----
  * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
  * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
@@ -7165,8 +7157,8 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     MbPlanOptions o = {.lora_r = 64, .lora_alpha = 8.0, .batch = 4, .max_length = 512, .gpus = 1,
                        .targets = (1u << MB_W_Q_PROJ) | (1u << MB_W_K_PROJ)}; /* the card's, but flags off */
     const char *targets = arg_get(a, "lora_target_modules");
-    if ((rc = arg_flag(a, "load_in_4bit", &o.load_in_4bit)) ||
-        (rc = arg_flag(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
+    if ((rc = arg_bool(a, "load_in_4bit", &o.load_in_4bit)) ||
+        (rc = arg_bool(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
         (rc = arg_int(a, "lora_r", &o.lora_r)) || (rc = arg_double(a, "lora_alpha", &o.lora_alpha)) ||
         (rc = arg_int(a, "per_device_train_batch_size", &o.batch)) || (rc = arg_int(a, "max_length", &o.max_length)) ||
         (rc = arg_int(a, "gpus", &o.gpus)) || (rc = arg_int(a, "zero_stage", &o.zero_stage)) ||
@@ -7263,7 +7255,7 @@ static int cmd_info(MbArgs *a) {
     MbStatus rc;
     int threads = 0, plan = 0;
     MbLoadOptions opt = {.threads = 1};
-    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_flag(a, "plan", &plan))) goto fail;
+    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
         rc = mb_fail(MB_ERR_ARG, "info: which model? --> medbot info MODEL_DIR");
@@ -7274,7 +7266,7 @@ static int cmd_info(MbArgs *a) {
         return 0;
     }
     opt.bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
-    if ((rc = arg_flag(a, "load_in_4bit", &opt.load_in_4bit)) || (rc = args_done(a))) goto fail;
+    if ((rc = arg_bool(a, "load_in_4bit", &opt.load_in_4bit)) || (rc = args_done(a))) goto fail;
     MbModel *m;
     if ((rc = mb_model_load(dir, &opt, &m))) goto fail;
     const MbConfig *c = &m->cfg;
@@ -7573,6 +7565,73 @@ fail:
     return 1;
 }
 
+static int cmd_encode(MbArgs *a) {
+    MbStatus rc;
+    int add_bos = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *text = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0, len = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = arg_bool(a, "add_bos", &add_bos)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "encode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &text, &len)) ||
+        (rc = mb_tokenizer_encode(tok, text, len, add_bos ? MB_ENCODE_ADD_BOS : 0, &ids, &n)))
+        goto fail;
+    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", (int)ids[i]);
+    printf("\n");
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 1;
+}
+
+static int cmd_decode(MbArgs *a) {
+    MbStatus rc;
+    int skip = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *in = NULL, *text = NULL;
+    int32_t *ids = NULL; /* stb_ds */
+    size_t len = 0, n_in = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = arg_bool(a, "skip_special_tokens", &skip)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "decode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &in, &n_in))) goto fail;
+    for (char *p = in, *end; *p;) {
+        if (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') {
+            p++;
+            continue;
+        }
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ' ' && *end != '\n' && *end != '\t' && *end != '\r') || v < 0 ||
+            (size_t)v >= mb_tokenizer_vocab_size(tok) || !mb_tokenizer_token_bytes(tok, (int32_t)v, &len)) {
+            size_t k = strcspn(p, " \n\t\r");
+            rc = mb_fail(MB_ERR_ARG, "decode: '%.*s' is not a token id of %s (0..%zu)", (int)MB_MIN(k, 40), p, path,
+                         mb_tokenizer_vocab_size(tok) - 1);
+            goto fail;
+        }
+        arrput(ids, (int32_t)v);
+        p = end;
+    }
+    if ((rc = mb_tokenizer_decode(tok, ids, (size_t)arrlen(ids), skip, &text, &len))) goto fail;
+    fwrite(text, 1, len, stdout);
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
+    return 1;
+}
+
 static const struct {
     const char *name;
     int (*fn)(MbArgs *);
@@ -7604,6 +7663,11 @@ static const struct {
                          "    writes the model with the adapter merged (fp32 math), bf16 safetensors + config + tokenizer"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
+    {"encode", cmd_encode, "encode --tokenizer PATH [--add_bos]\n"
+                           "    reads standard input as one text, prints its token ids on one line (PATH: tokenizer.json,\n"
+                           "    tokenizer.model or a model folder; special tokens in the text are split out)"},
+    {"decode", cmd_decode, "decode --tokenizer PATH [--skip_special_tokens]\n"
+                           "    reads token ids (whitespace separated) from standard input, prints their text"},
 };
 
 static void usage(FILE *f) {
