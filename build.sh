@@ -67,6 +67,7 @@ build_kernels() {
     "$BUILD/gen_kernels" kernels.cu.in kernels.gen.h
   fi
   export MB_HAVE_NVRTC=$([ -n "$CUDA_DIR" ] && echo 1 || echo 0)
+  export MB_CUDA_DIR="$CUDA_DIR" MB_CUDA_LIB="${CUDA_LIB:-}" MB_CC="$CC" MB_STB_INCLUDE="$INC"
 }
 
 # build_bin OUT SRC EXTRA_FLAGS...: compiles when SRC, medbot.c or medbot.h is newer than OUT

@@ -57,6 +57,10 @@
 
 #define STB_DS_IMPLEMENTATION
 #include <stb/stb_ds.h>
+/* stb_ds passes hash-map keys by address; its trick for rvalue keys needs `typeof`, which gcc
+ * lacks under -std=c99, so keys are always lvalues here and the plain form is used. */
+#undef STBDS_ADDRESSOF
+#define STBDS_ADDRESSOF(typevar, value) &(value)
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -1225,7 +1229,8 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     MbStatus rc = mb_check_host();
     if (rc) return rc;
     MbSafetensors *st = mb_calloc(1, sizeof *st);
-    sh_new_arena(st->by_name);
+    /* keys are the tensors' own names (alive as long as st): no copies, and no arena, whose
+     * char storage[8] trick trips clang's bounds sanitizer */
     if (mb_is_dir(path)) {
         char *index = mb_path_join(path, "model.safetensors.index.json");
         char *single = mb_path_join(path, "model.safetensors");
@@ -1490,7 +1495,7 @@ done:
 //        (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 //        | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 //   4. a piece that is itself a vocabulary entry is one token (ignore_merges); otherwise its
-//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_merge).
+//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_small, bpe_long).
 // tiktoken's file has ranks, not merges: the merges are derived from the ranks the way
 // transformers' TikTokenConverter wrote tokenizer.json (every split of a token into two
 // tokens, ordered by (rank of the result, rank of the left part, rank of the right)), so both
@@ -1702,14 +1707,10 @@ static int uni_at(const unsigned char *s, size_t i, size_t *len) {
     return uni_class(cp);
 }
 
-/* End of the run of characters of class k (k2: a second class, or -1) starting at i. */
-static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k, int k2) {
+/* End of the run of characters of class k that starts at i. */
+static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k) {
     size_t len;
-    while (i < n) {
-        int c = uni_at(s, i, &len);
-        if (c != k && c != k2) break;
-        i += len;
-    }
+    while (i < n && uni_at(s, i, &len) == k) i += len;
     return i;
 }
 
@@ -1732,17 +1733,17 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t i) {
     size_t len0, len1 = 0, k;
     int c0 = uni_at(s, i, &len0), c1 = i + len0 < n ? uni_at(s, i + len0, &len1) : -1;
     if ((k = pretok_contraction(s, n, i))) return i + k;                 /* (?i:'s|...) */
-    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L, -1);                /* \p{L}+ */
+    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L);                /* \p{L}+ */
     if ((c0 == UNI_OTHER || c0 == UNI_S) && c1 == UNI_L)                 /* [^\r\n\p{L}\p{N}]\p{L}+ */
-        return uni_skip(s, n, i + len0, UNI_L, -1);
+        return uni_skip(s, n, i + len0, UNI_L);
     if (c0 == UNI_N) {                                                   /* \p{N}{1,3} */
         size_t j = i + len0, len;
         for (int m = 1; m < 3 && j < n && uni_at(s, j, &len) == UNI_N; m++) j += len;
         return j;
     }
     if (c0 == UNI_OTHER || (s[i] == ' ' && c1 == UNI_OTHER)) {          /*  ?[^\s\p{L}\p{N}]+[\r\n]* */
-        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER, -1);
-        return uni_skip(s, n, j, UNI_NL, -1);
+        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER);
+        return uni_skip(s, n, j, UNI_NL);
     }
     /* whitespace: find the run [i, j), its last \r or \n, and its last character */
     size_t j = i, last_nl = 0, last = i, len;
@@ -1760,12 +1761,6 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t i) {
 }
 
 /* ---- the tokenizer ---- */
-
-/* stb_ds passes hash-map keys by address; its trick for rvalue keys needs `typeof`, which gcc
- * lacks under -std=c99, so keys here are always lvalues and the plain form is used.
- * (This belongs with the stb_ds include in the platform section.) */
-#undef STBDS_ADDRESSOF
-#define STBDS_ADDRESSOF(typevar, value) &(value)
 
 #define MB_TOK_MAX_VOCAB (1 << 24) /* ids beyond this are refused (files are not trusted) */
 #define MB_TOK_BPE 1               /* flags per id: a vocabulary entry BPE can produce */
@@ -1797,6 +1792,7 @@ struct MbTokenizer {
     MbTokByHash *vocab;        /* stb_ds hash map: the BPE vocabulary by bytes */
     MbTokByHash *added;        /* stb_ds hash map: added tokens by bytes */
     MbMergeMap *merges;        /* stb_ds hash map */
+    MbMerge *byte_merges;      /* (256 * 256) the merge of two single-byte tokens: BPE's first lookups */
     uint64_t seed;             /* of tok_hash, chosen so that no two tokens share a hash */
     int32_t byte_id[256];      /* the token of each single byte */
     uint8_t added_first[256];  /* bytes that begin an added token */
@@ -1806,6 +1802,9 @@ struct MbTokenizer {
     int32_t bos_id, eos_id;
 };
 
+/* A 64-bit hash of a token's bytes, bits 31 and 63 clear: stb_ds hashes 8-byte keys with
+ * `d[3] << 24` on an int, undefined for a byte >= 0x80 there (UBSan stops on it). Merge keys
+ * (two ids < 2^24) have those bits clear too. */
 static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     uint64_t h = seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ull), w;
     for (; n >= 8; s += 8, n -= 8) {
@@ -1816,14 +1815,13 @@ static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     w = 0;
     memcpy(&w, s, n);
     h = (h ^ w) * 0x94D049BB133111EBull;
-    /* bytes 3 and 7 below 0x80: stb_ds hashes an 8-byte key with (int)byte << 24, which is
-     * undefined behaviour for larger bytes (UBSan reports it) */
     return (h ^ (h >> 29)) & 0x7FFFFFFF7FFFFFFFull;
 }
 
 /* The id whose bytes are s[0..n) in a map built by tok_index, or -1. */
 static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsigned char *s, size_t n) {
     MbTokByHash *m = (MbTokByHash *)map; /* the _ts lookup reads only: safe from many threads */
+    if (!m) return -1;                   /* (on an empty map it would allocate) */
     uint64_t key = tok_hash(s, n, t->seed);
     ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     if (i < 0) return -1;
@@ -1834,8 +1832,8 @@ static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsi
 static MbMerge tok_merge(const MbTokenizer *t, int32_t a, int32_t b) {
     MbMergeMap *m = t->merges;
     uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
-    ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     MbMerge none = {MB_NO_MERGE, -1};
+    ptrdiff_t tmp, i = m ? hmgeti_ts(m, key, tmp) : -1;
     return i < 0 ? none : m[i].value;
 }
 
@@ -1849,6 +1847,7 @@ void mb_tokenizer_free(MbTokenizer *t) {
     hmfree(t->vocab);
     hmfree(t->added);
     hmfree(t->merges);
+    free(t->byte_merges);
     arrfree(t->added_lens);
     arrfree(t->prefix);
     arrfree(t->suffix);
@@ -1884,10 +1883,13 @@ static int bytelevel_decode(const int16_t byte_of_cp[324], const char *s, size_t
 static MbStatus tok_set(MbTokenizer *t, int32_t id, const unsigned char *s, size_t n, uint8_t flags, const char *what) {
     if (t->flags[id])
         return mb_fail(MB_ERR_FORMAT, "%s: %s %d is given twice", t->path, what, (int)id);
+    if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: %s %d is an empty token", t->path, what, (int)id);
+    if ((size_t)arrlen(t->bytes) + n > UINT32_MAX)
+        return mb_fail(MB_ERR_FORMAT, "%s: the tokens hold over 4 GiB of bytes", t->path);
     t->off[id] = (uint32_t)arrlen(t->bytes);
     t->len[id] = (uint32_t)n;
     t->flags[id] = flags;
-    if (n) memcpy(arraddnptr(t->bytes, n), s, n);
+    memcpy(arraddnptr(t->bytes, n), s, n);
     return MB_OK;
 }
 
@@ -1947,7 +1949,6 @@ static MbStatus tok_finish(MbTokenizer *t) {
     for (size_t id = 0; id < t->n_vocab; id++) {
         if (!(t->flags[id] & MB_TOK_ADDED)) continue;
         size_t n = t->len[id], k = 0;
-        if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: added token %zu is empty", t->path, id);
         t->added_first[t->bytes[t->off[id]]] = 1;
         while (k < (size_t)arrlen(t->added_lens) && t->added_lens[k] > n) k++;
         if (k == (size_t)arrlen(t->added_lens) || t->added_lens[k] != n) arrins(t->added_lens, k, n);
@@ -1955,6 +1956,13 @@ static MbStatus tok_finish(MbTokenizer *t) {
     t->bos_id = arrlen(t->prefix) ? t->prefix[0] : mb_tokenizer_token_id(t, "<|begin_of_text|>");
     t->eos_id = mb_tokenizer_token_id(t, "<|end_of_text|>");
     return MB_OK;
+}
+
+/* The merges of two single bytes as a table: every piece BPE merges starts with those pairs. */
+static void tok_byte_merges(MbTokenizer *t) {
+    t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges);
+    for (int a = 0; a < 256; a++)
+        for (int b = 0; b < 256; b++) t->byte_merges[a * 256 + b] = tok_merge(t, t->byte_id[a], t->byte_id[b]);
 }
 
 /* ---- tokenizer.json (Hugging Face) ---- */
@@ -1984,6 +1992,8 @@ static int json_id(const MbJson *v, int32_t *id) {
 static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const MbJson *root) {
     const MbJson *norm = json_get(d, root, "normalizer"), *pre = json_get(d, root, "pre_tokenizer");
     const MbJson *dec = json_get(d, root, "decoder"), *model = json_get(d, root, "model");
+    if (!model || model->kind != MB_JSON_OBJECT)
+        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object --> not a Hugging Face tokenizer.json", t->path);
     if (norm && norm->kind != MB_JSON_NULL)
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: a normalizer is set; medbot implements Llama 3's pipeline, which has none",
                        t->path);
@@ -2004,8 +2014,6 @@ static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const
                        "ByteLevel without prefix space)", t->path);
     if (!json_is(d, json_get(d, dec, "type"), "ByteLevel"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: decoder is not ByteLevel", t->path);
-    if (!model || model->kind != MB_JSON_OBJECT)
-        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object", t->path);
     const MbJson *type = json_get(d, model, "type");
     if ((type && !json_is(d, type, "BPE")) || !json_off(json_get(d, model, "dropout")) ||
         !json_off(json_get(d, model, "continuing_subword_prefix")) ||
@@ -2178,7 +2186,7 @@ static MbStatus tok_from_json(MbTokenizer *t, const char *text, size_t n) {
     }
     if ((st = tokjson_template(t, d, json_get(d, root, "post_processor"))) || (st = tok_finish(t)))
         goto done;
-    st = tokjson_merges(t, d, merges, byte_of_cp);
+    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) tok_byte_merges(t);
 done:
     arrfree(buf);
     json_free(&doc);
@@ -2246,7 +2254,7 @@ static void tok_merges_from_ranks(MbTokenizer *t) {
             MbSplit sp = {(uint64_t)(uint32_t)l << 32 | (uint32_t)r, l, r};
             arrput(splits, sp);
         }
-        qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
+        if (arrlen(splits) > 1) qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
         for (ptrdiff_t k = 0; k < arrlen(splits); k++) {
             MbMerge mg = {rank++, (int32_t)id};
             hmput(t->merges, splits[k].key, mg);
@@ -2307,8 +2315,10 @@ static MbStatus tok_from_tiktoken(MbTokenizer *t, const unsigned char *s, size_t
             goto done;
     }
     arrput(t->prefix, max_rank + 1); /* <|begin_of_text|>, as the Llama 3 template adds it */
+    t->ignore_merges = 1;            /* tiktoken looks a whole piece up before merging */
     if ((st = tok_finish(t))) goto done;
     tok_merges_from_ranks(t);
+    tok_byte_merges(t);
 done:
     arrfree(lines);
     arrfree(buf);
@@ -2387,7 +2397,7 @@ static size_t bpe_small(const MbTokenizer *t, const unsigned char *s, size_t n, 
     MbMerge mg[MB_BPE_SMALL]; /* mg[k]: the merge of id[k] and id[k+1] */
     size_t m = n;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]];
-    for (size_t k = 0; k + 1 < n; k++) mg[k] = tok_merge(t, id[k], id[k + 1]);
+    for (size_t k = 0; k + 1 < n; k++) mg[k] = t->byte_merges[s[k] * 256 + s[k + 1]];
     while (m > 1) {
         size_t best = 0;
         for (size_t k = 1; k + 1 < m; k++)
@@ -2440,7 +2450,7 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     size_t nh = 0, m = 0;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]], prev[k] = (uint32_t)k - 1, next[k] = (uint32_t)k + 1;
     for (size_t k = 0; k + 1 < n; k++) {
-        MbMerge mg = tok_merge(t, id[k], id[k + 1]);
+        MbMerge mg = t->byte_merges[s[k] * 256 + s[k + 1]];
         if (mg.rank != MB_NO_MERGE) bpe_push(heap, &nh, (MbBpeEntry){mg.rank, (uint32_t)k});
     }
     while (nh) {
@@ -2515,8 +2525,8 @@ MbStatus mb_tokenizer_encode(const MbTokenizer *t, const char *text, size_t len,
                              size_t *n) {
     const unsigned char *s = (const unsigned char *)text;
     size_t np = flags & MB_ENCODE_ADD_BOS ? (size_t)arrlen(t->prefix) + (size_t)arrlen(t->suffix) : 0;
-    if (len > SIZE_MAX / sizeof **ids - np - 1)
-        return mb_fail(MB_ERR_ARG, "%s: text of %zu bytes is too long to encode", t->path, len);
+    if (len >= UINT32_MAX - np) /* bpe_long indexes a piece with 32 bits */
+        return mb_fail(MB_ERR_ARG, "%s: a text of %zu bytes is too long to encode (the limit is 4 GiB)", t->path, len);
     int32_t *out = mb_malloc((len + np) * sizeof *out); /* a token covers at least one byte */
     size_t m = 0, start = 0, L;
     if (flags & MB_ENCODE_ADD_BOS)
@@ -2646,19 +2656,244 @@ void mb_token_stream_free(MbTokenStream *s) {
 
 // ============================================================================================
 // ---------- 4. weights ----------
-// A weight is an opaque matrix to the model: (rows, cols) values stored in a dtype the weights
-// section knows how to expand. The ops only ask for fp32 tiles (weight_tile_t) or rows.
+// A weight is an opaque matrix to the model: (rows, cols) values stored in a format this
+// section knows how to expand: F32 / F16 / BF16 as in the file, or NF4 (bitsandbytes' 4-bit
+// NormalFloat with double quantization, QLoRA). The ops only ask for fp32 tiles (weight_tile_t)
+// or rows (weight_row_f32) and never learn which format they read.
 // ============================================================================================
 
+/* ---- NF4 ----
+ * What bitsandbytes 0.49.1 computes (CPU backend, the reference of tests/ref/make_nf4_fixtures.py)
+ * and medbot reproduces bit for bit:
+ *   quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True):
+ *   - the (O, I) weight flattened row-major, in blocks of 64 values (the last block may be short;
+ *     a block straddles two rows when I is not a multiple of 64); absmax = max |x| of the block;
+ *   - s = fl32(x * fl32(1 / absmax)) (a product with the reciprocal, not x / absmax), clamped to
+ *     [-1, 1]; in a short last block of a BF16/F16 weight s is rounded to that dtype (torch's type
+ *     promotion with a 0-dim tensor);
+ *   - q = the nearest of the 16 NF4 codes, distances |s - code| compared in fp32, a tie going to
+ *     the lower code (torch.argmin); NaN (an all-zero block: 0 * inf) gives code 0;
+ *   - two codes per byte, the first in the high nibble.
+ *   Double quant: offset = mean(absmax) (fp32, summed in torch's order: torch_sum_f32); the
+ *   absmax - offset in blocks of 256 against bitsandbytes' signed dynamic 8-bit map, whose first
+ *   entry the CPU kernel sets to -1: scale2 = max |a| of the block, a / scale2 (a division here)
+ *   to the nearest map entry, ties to the lower.
+ *   Dequant (dequantize_4bit): w = code[q] * absmax with absmax = map8[qa] * scale2 + offset, each
+ *   operation rounded to fp32 (no fused multiply-add), then rounded to the compute dtype
+ *   (bnb_4bit_compute_dtype) with round-to-nearest-even.
+ * Memory per weight: 0.5 B per value (packed codes) + absmax: 1 B per block of 64 and 4 B per
+ * 256 blocks (double quant), or 4 B per block without it. */
+
+#define MB_NF4_BLOCKSIZE 64
+#define MB_NF4_NESTED_BLOCKSIZE 256
+
+/* bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")) */
+static const float mb_nf4_code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+/* The 127 positive entries below 1 of bitsandbytes' signed dynamic 8-bit map
+ * (functional.create_dynamic_map(), computed with torch.linspace in fp32, copied bit for bit) */
+static const float mb_dynamic_map_pos[127] = {
+    0x1.27476ep-21f, 0x1.b43528p-19f, 0x1.040bfep-17f, 0x1.64840cp-16f, 0x1.6f0068p-15f, 0x1.15df66p-14f,
+    0x1.743e96p-14f, 0x1.47ae16p-13f, 0x1.19ce0ap-12f, 0x1.8fc506p-12f, 0x1.02de02p-11f, 0x1.3dd982p-11f,
+    0x1.78d5p-11f, 0x1.b3d07cp-11f, 0x1.eecbfep-11f, 0x1.4fdf3ap-10f, 0x1.e353f8p-10f, 0x1.3b645ap-9f,
+    0x1.851eb8p-9f, 0x1.ced914p-9f, 0x1.0c49bap-8f, 0x1.3126e8p-8f, 0x1.56041ap-8f, 0x1.7ae148p-8f,
+    0x1.9fbe76p-8f, 0x1.c49ba6p-8f, 0x1.e978d4p-8f, 0x1.072b02p-7f, 0x1.19999ap-7f, 0x1.2c083p-7f,
+    0x1.3e76c8p-7f, 0x1.75c29p-7f, 0x1.d1eb86p-7f, 0x1.170a3ep-6f, 0x1.451ebap-6f, 0x1.733334p-6f,
+    0x1.a147aep-6f, 0x1.cf5c2ap-6f, 0x1.fd70a4p-6f, 0x1.15c29p-5f, 0x1.2ccccep-5f, 0x1.43d70ap-5f,
+    0x1.5ae146p-5f, 0x1.71eb86p-5f, 0x1.88f5c2p-5f, 0x1.ap-5f, 0x1.b70a3ep-5f, 0x1.ce147ap-5f,
+    0x1.e51ebap-5f, 0x1.fc28f6p-5f, 0x1.09999ap-4f, 0x1.151ebap-4f, 0x1.20a3d6p-4f, 0x1.2c28f6p-4f,
+    0x1.37ae14p-4f, 0x1.433334p-4f, 0x1.4eb854p-4f, 0x1.5a3d7p-4f, 0x1.65c29p-4f, 0x1.7147aep-4f,
+    0x1.7ccccep-4f, 0x1.8851eep-4f, 0x1.93d70ap-4f, 0x1.b66668p-4f, 0x1.fp-4f, 0x1.14ccccp-3f,
+    0x1.31999ap-3f, 0x1.4e6666p-3f, 0x1.6b3334p-3f, 0x1.88p-3f, 0x1.a4ccccp-3f, 0x1.c1999ap-3f,
+    0x1.de6666p-3f, 0x1.fb3332p-3f, 0x1.0cp-2f, 0x1.1a6668p-2f, 0x1.28ccccp-2f, 0x1.373334p-2f,
+    0x1.459998p-2f, 0x1.54p-2f, 0x1.626666p-2f, 0x1.70ccccp-2f, 0x1.7f3334p-2f, 0x1.8d9998p-2f,
+    0x1.9cp-2f, 0x1.aa6666p-2f, 0x1.b8ccccp-2f, 0x1.c73334p-2f, 0x1.d59998p-2f, 0x1.e4p-2f,
+    0x1.f26664p-2f, 0x1.006666p-1f, 0x1.079998p-1f, 0x1.0eccccp-1f, 0x1.16p-1f, 0x1.1d3334p-1f,
+    0x1.246668p-1f, 0x1.2b999ap-1f, 0x1.32ccccp-1f, 0x1.3ap-1f, 0x1.413334p-1f, 0x1.486668p-1f,
+    0x1.4f999ap-1f, 0x1.56ccccp-1f, 0x1.5ep-1f, 0x1.653334p-1f, 0x1.6c6668p-1f, 0x1.73999ap-1f,
+    0x1.7accccp-1f, 0x1.82p-1f, 0x1.893334p-1f, 0x1.906666p-1f, 0x1.97999ap-1f, 0x1.9eccccp-1f,
+    0x1.a6p-1f, 0x1.ad3334p-1f, 0x1.b46666p-1f, 0x1.bb999ap-1f, 0x1.c2ccccp-1f, 0x1.cap-1f,
+    0x1.d13334p-1f, 0x1.d86666p-1f, 0x1.df999ap-1f, 0x1.e6ccccp-1f, 0x1.eep-1f, 0x1.f53334p-1f,
+    0x1.fc6666p-1f,
+};
+
+/* The full map, sorted: -pos reversed, 0, pos, 1; entry 0 is -1 where create_dynamic_map() has
+ * -0.99296874, as bitsandbytes' CPU quantize_blockwise kernel sets it before it quantizes (and
+ * the map saved with the weight, nested_quant_map, is that one). */
+static void nf4_dynamic_map(float map[256]) {
+    for (int i = 0; i < 127; i++) {
+        map[126 - i] = -mb_dynamic_map_pos[i];
+        map[128 + i] = mb_dynamic_map_pos[i];
+    }
+    map[127] = 0.0f;
+    map[255] = 1.0f;
+    map[0] = -1.0f;
+}
+
+/* The NF4 state of a 4-bit weight, named as bitsandbytes' QuantState saves it. The (rows, cols)
+ * weight is flattened row-major into nblocks blocks of blocksize values. The arrays point into
+ * the mapped checkpoint or into the weight's `owned` block; fp32 arrays are read with memcpy
+ * because a checkpoint may hold them at any byte offset. */
 typedef struct {
-    MbDtype dtype;      /* F32 / F16 / BF16 */
+    const uint8_t *packed;               /* (rows * cols / 2) two codes per byte, the first high */
+    size_t blocksize;                    /* 64 */
+    size_t nblocks;                      /* ceil(rows * cols / blocksize) */
+    const uint8_t *absmax_q;             /* (nblocks) absmax codes into nested_quant_map, or NULL
+                                            when the absmax is kept in fp32 (no double quant) */
+    const unsigned char *absmax;         /* (nblocks) fp32 absmax without double quant, else NULL */
+    const unsigned char *nested_absmax;  /* (ceil(nblocks / nested_blocksize)) fp32 scales */
+    size_t nested_blocksize;             /* 256 */
+    float offset;                        /* nested_offset: the mean absmax, added back */
+    float nested_quant_map[256];         /* the 8-bit map the absmax codes index */
+    MbDtype compute;                     /* F32, BF16 or F16: what dequantized values round to */
+} MbNf4;
+
+typedef struct {
+    MbDtype dtype;      /* F32 / F16 / BF16; U8: NF4 (bitsandbytes stores the codes as uint8) */
     size_t rows, cols;  /* (O, I) for a linear layer, (V, C) for the embedding, (1, C) a norm */
-    const void *data;   /* rows * cols values, row-major (mapped file or `owned`) */
-    void *owned;        /* our copy when the file's bytes are misaligned, or random init */
+    const void *data;   /* rows * cols values, row-major (mapped file or `owned`); NF4: its MbNf4 */
+    void *owned;        /* our copy when the file's bytes are misaligned, or random init; NF4: the
+                           MbNf4 (and, quantized at load, its codes and scales in the same block) */
 } MbWeight;
+
+/* The NF4 state of w, or NULL when w is dense */
+static const MbNf4 *weight_nf4(const MbWeight *w) {
+    return w->dtype == MB_DT_U8 ? (const MbNf4 *)w->data : NULL;
+}
+
+/* Index of the entry of code (n ascending values, n a power of two) nearest to s: distances
+ * |s - code[i]| compared in fp32, a tie going to the lower index, as torch.argmin and
+ * bitsandbytes' CPU quantize_block decide it. NaN gives 0, as torch.argmin does. */
+static int code_nearest(const float *code, int n, float s) {
+    int lo = 0; /* the largest i with code[i] <= s (0 if none): a branch-free binary search */
+    for (int step = n / 2; step > 0; step /= 2) lo += code[lo + step] <= s ? step : 0;
+    if (lo + 1 < n && fabsf(s - code[lo + 1]) < fabsf(s - code[lo])) lo++;
+    return lo;
+}
+
+/* Where the nearest NF4 code steps up: t[i] is the smallest fp32 s for which code_nearest gives
+ * i + 1. Then the code of s in [-1, 1] is the number of t[i] <= s (0 for NaN): branch-free. */
+static void nf4_thresholds(float t[15]) {
+    for (int i = 0; i < 15; i++) {
+        float s = 0.5f * (mb_nf4_code[i] + mb_nf4_code[i + 1]);
+        while (code_nearest(mb_nf4_code, 16, s) > i) s = nextafterf(s, -INFINITY);
+        while (code_nearest(mb_nf4_code, 16, s) <= i) s = nextafterf(s, INFINITY);
+        t[i] = s;
+    }
+}
+
+/* torch.sum of n fp32 values on the CPU, one thread, bit for bit: aten/src/ATen/native/cpu/
+ * SumKernel.cpp (cascade_sum -> vectorized_inner_sum -> row_sum -> multi_row_sum) with 8-lane
+ * vectors, 4 rows summed in parallel and 4 levels of partial sums. torch.mean is this sum / n.
+ * (From 32768 values on, torch splits a sum over its threads; the fixtures run it with one.) */
+#define TS_LANES 8
+#define TS_ILP 4
+#define TS_LEVELS 4
+
+/* row_sum over `size` items of w floats each (w = TS_LANES: vectors; w = 1: scalars) -> out[w] */
+static void torch_row_sum(const float *x, size_t size, size_t w, float *out) {
+    float acc[TS_LEVELS][TS_ILP][TS_LANES];
+    memset(acc, 0, sizeof acc);
+    size_t rows = size / TS_ILP, bits = 0;
+    while (rows > 2 && ((size_t)1 << bits) < rows) bits++; /* utils::CeilLog2 (>= 20 rows matter) */
+    size_t power = MB_MAX((size_t)4, bits / TS_LEVELS), step = (size_t)1 << power, i = 0;
+    while (i + step <= rows) {
+        for (size_t j = 0; j < step; j++, i++)
+            for (size_t k = 0; k < TS_ILP; k++)
+                for (size_t l = 0; l < w; l++) acc[0][k][l] += x[(i * TS_ILP + k) * w + l];
+        for (size_t j = 1; j < TS_LEVELS; j++) {
+            for (size_t k = 0; k < TS_ILP; k++)
+                for (size_t l = 0; l < w; l++) acc[j][k][l] += acc[j - 1][k][l], acc[j - 1][k][l] = 0.0f;
+            if (i & ((step - 1) << (j * power))) break;
+        }
+    }
+    for (; i < rows; i++)
+        for (size_t k = 0; k < TS_ILP; k++)
+            for (size_t l = 0; l < w; l++) acc[0][k][l] += x[(i * TS_ILP + k) * w + l];
+    for (size_t j = 1; j < TS_LEVELS; j++)
+        for (size_t k = 0; k < TS_ILP; k++)
+            for (size_t l = 0; l < w; l++) acc[0][k][l] += acc[j][k][l];
+    for (size_t t = rows * TS_ILP; t < size; t++) /* row_sum: the tail goes to partial 0 */
+        for (size_t l = 0; l < w; l++) acc[0][0][l] += x[t * w + l];
+    for (size_t k = 1; k < TS_ILP; k++)
+        for (size_t l = 0; l < w; l++) acc[0][0][l] += acc[0][k][l];
+    for (size_t l = 0; l < w; l++) out[l] = acc[0][0][l];
+}
+
+static float torch_sum_f32(const float *x, size_t n) {
+    float v[TS_LANES];
+    if (n < TS_LANES) { /* scalar_inner_sum */
+        torch_row_sum(x, n, 1, v);
+        return v[0];
+    }
+    size_t nv = n / TS_LANES; /* vectorized_inner_sum: vectors, then the scalar tail, then lanes */
+    torch_row_sum(x, nv, TS_LANES, v);
+    float s = 0.0f;
+    for (size_t k = nv * TS_LANES; k < n; k++) s += x[k];
+    for (size_t l = 0; l < TS_LANES; l++) s += v[l];
+    return s;
+}
+
+/* absmax of block b: map8[qa] * scale2 + offset, the product rounded to fp32 before the sum
+ * (bitsandbytes dequantizes the absmax tensor, then adds the offset to it) */
+static float nf4_absmax(const MbNf4 *q, size_t b) {
+    float a;
+    if (!q->absmax_q) {
+        memcpy(&a, q->absmax + 4 * b, 4);
+        return a;
+    }
+    memcpy(&a, q->nested_absmax + 4 * (b / q->nested_blocksize), 4);
+    volatile float prod = q->nested_quant_map[q->absmax_q[b]] * a; /* volatile: never an FMA */
+    return prod + q->offset;
+}
+
+/* The 16 values block b dequantizes to: lut[k] = code[k] * absmax in the compute dtype */
+static void nf4_block_lut(const MbNf4 *q, size_t b, float lut[16]) {
+    float a = nf4_absmax(q, b);
+    for (int k = 0; k < 16; k++) lut[k] = mb_nf4_code[k] * a;
+    if (q->compute == MB_DT_BF16)
+        for (int k = 0; k < 16; k++) lut[k] = bf16_to_f32(f32_to_bf16(lut[k]));
+    else if (q->compute == MB_DT_F16)
+        for (int k = 0; k < 16; k++) lut[k] = f16_to_f32(f32_to_f16(lut[k]));
+}
+
+/* Values [e, e + n) of the flattened NF4 weight -> dst[0], dst[stride], dst[2 * stride], ...
+ * One 16-entry table per block, then one lookup per value. */
+static void nf4_dequant(const MbNf4 *q, size_t e, size_t n, float *dst, size_t stride) {
+    const uint8_t *packed = q->packed;
+    size_t end = e + n;
+    while (e < end) {
+        size_t b = e / q->blocksize, bend = MB_MIN((b + 1) * q->blocksize, end);
+        float lut[16];
+        nf4_block_lut(q, b, lut);
+        if (e & 1) { /* a range that starts on a low nibble */
+            *dst = lut[packed[e >> 1] & 15];
+            dst += stride, e++;
+        }
+        for (; e + 2 <= bend; e += 2, dst += 2 * stride) {
+            uint8_t byte = packed[e >> 1];
+            dst[0] = lut[byte >> 4];
+            dst[stride] = lut[byte & 15];
+        }
+        if (e < bend) {
+            *dst = lut[packed[e >> 1] >> 4];
+            dst += stride, e++;
+        }
+    }
+}
 
 /* Row r, columns [c0, c0+n) of w -> fp32 dst[0..n). */
 static void weight_row_f32(const MbWeight *w, size_t r, size_t c0, size_t n, float *dst) {
+    const MbNf4 *q = weight_nf4(w);
+    if (q) {
+        nf4_dequant(q, r * w->cols + c0, n, dst, 1);
+        return;
+    }
     const unsigned char *p = (const unsigned char *)w->data + (r * w->cols + c0) * mb_dtype_size(w->dtype);
     mb_convert_to_f32(w->dtype, p, dst, n);
 }
@@ -2667,6 +2902,11 @@ static void weight_row_f32(const MbWeight *w, size_t r, size_t c0, size_t n, flo
  * dst[c * ld + r] = w[r0 + r][c0 + c]. This is what a matmul kernel consumes. */
 static void weight_tile_t(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst,
                           size_t ld) {
+    const MbNf4 *q = weight_nf4(w);
+    if (q) { /* a tile at a time, never the whole matrix */
+        for (size_t r = 0; r < nr; r++) nf4_dequant(q, (r0 + r) * w->cols + c0, nc, dst + r, ld);
+        return;
+    }
     size_t es = mb_dtype_size(w->dtype);
     for (size_t r = 0; r < nr; r++) {
         const unsigned char *p = (const unsigned char *)w->data + ((r0 + r) * w->cols + c0) * es;
@@ -2681,6 +2921,11 @@ static void weight_tile_t(const MbWeight *w, size_t r0, size_t nr, size_t c0, si
             for (size_t c = 0; c < nc; c++) dst[c * ld + r] = f16_to_f32(h[c]);
         }
     }
+}
+
+/* The tile rows [r0, r0+nr) x cols [c0, c0+nc) of w in fp32, as stored: dst[r * ld + c]. */
+static void weight_tile(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst, size_t ld) {
+    for (size_t r = 0; r < nr; r++) weight_row_f32(w, r0 + r, c0, nc, dst + r * ld);
 }
 
 /* Wraps a checkpoint tensor as a weight of the expected shape (rows, cols); a 1-D tensor of
@@ -2719,6 +2964,273 @@ static void weight_free(MbWeight *w) {
     memset(w, 0, sizeof *w);
 }
 
+/* ---- NF4 quantization (load_in_4bit) ---- */
+
+/* Quantizes one block of n <= 64 fp32 values (of a weight in dtype dt; `short_block`: the last
+ * block of the weight, shorter than 64) to codes q[0..n) and returns its absmax. The clamp to
+ * [-1, 1] is implicit: every threshold lies inside, so a value beyond 1 gets code 15 either way. */
+static float nf4_quantize_block(const float *x, size_t n, MbDtype dt, int short_block, const float t[15],
+                                uint8_t *q) {
+    float absmax = 0.0f, s[MB_NF4_BLOCKSIZE], m[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) /* 8 running maxima: vectorizes, and max does not depend on order */
+        for (size_t l = 0; l < 8; l++) m[l] = MB_MAX(m[l], fabsf(x[i + l]));
+    for (; i < n; i++) absmax = MB_MAX(absmax, fabsf(x[i]));
+    for (size_t l = 0; l < 8; l++) absmax = MB_MAX(absmax, m[l]);
+    float r = 1.0f / absmax;
+    for (i = 0; i < n; i++) s[i] = x[i] * r;
+    if (short_block && dt == MB_DT_BF16)
+        for (i = 0; i < n; i++) s[i] = bf16_to_f32(f32_to_bf16(s[i]));
+    if (short_block && dt == MB_DT_F16)
+        for (i = 0; i < n; i++) s[i] = f16_to_f32(f32_to_f16(s[i]));
+    for (i = 0; i < n; i++) q[i] = 0; /* NaN (an all-zero block) compares false: code 0 */
+    for (int k = 0; k < 15; k++)
+        for (i = 0; i < n; i++) q[i] += s[i] >= t[k]; /* branch-free, vectorizes */
+    return absmax;
+}
+
+/* bitsandbytes' quantize_blockwise on the CPU (quantize_cpu / quantize_block): n fp32 values in
+ * blocks of `blocksize`, each scaled by its max |a| (a true division) to the nearest entry of
+ * map (256 ascending values), ties to the lower. */
+static void blockwise8_quantize(const float *a, size_t n, size_t blocksize, const float map[256], uint8_t *codes,
+                                float *scales) {
+    for (size_t b0 = 0; b0 < n; b0 += blocksize) {
+        size_t m = MB_MIN(blocksize, n - b0);
+        float amax = -FLT_MAX;
+        for (size_t i = 0; i < m; i++) amax = fmaxf(amax, fabsf(a[b0 + i]));
+        scales[b0 / blocksize] = amax;
+        for (size_t i = 0; i < m; i++) codes[b0 + i] = (uint8_t)code_nearest(map, 256, a[b0 + i] / amax);
+    }
+}
+
+/* Double quantization of the nb block absmax values into q (offset, map), codes and scales: the
+ * second half of bitsandbytes' quantize_4bit(compress_statistics=True). */
+static void nf4_double_quant(const float *absmax, size_t nb, MbNf4 *q, uint8_t *codes, float *scales) {
+    nf4_dynamic_map(q->nested_quant_map);
+    q->nested_blocksize = MB_NF4_NESTED_BLOCKSIZE;
+    q->offset = torch_sum_f32(absmax, nb) / (float)nb; /* torch.mean */
+    float *a = mb_malloc(nb * sizeof(float));
+    for (size_t i = 0; i < nb; i++) a[i] = absmax[i] - q->offset;
+    blockwise8_quantize(a, nb, MB_NF4_NESTED_BLOCKSIZE, q->nested_quant_map, codes, scales);
+    free(a);
+}
+
+/* The first half of quantize_4bit: blocks [b0, b1) of w -> packed codes and absmax. Threads take
+ * disjoint ranges of blocks, so the result does not depend on their number. */
+typedef struct {
+    const MbWeight *w;
+    size_t n, nb;
+    float t[15];
+    float *absmax;      /* (nb) */
+    uint8_t *packed;    /* (n / 2) */
+} Nf4QuantTask;
+
+static void nf4_quantize_task(void *ctx, int tid, int nt) {
+    Nf4QuantTask *a = ctx;
+    size_t b0, b1, es = mb_dtype_size(a->w->dtype);
+    mb_split(a->nb, tid, nt, &b0, &b1);
+    float x[MB_NF4_BLOCKSIZE];
+    uint8_t c[MB_NF4_BLOCKSIZE];
+    for (size_t b = b0; b < b1; b++) {
+        size_t e0 = b * MB_NF4_BLOCKSIZE, m = MB_MIN((size_t)MB_NF4_BLOCKSIZE, a->n - e0);
+        mb_convert_to_f32(a->w->dtype, (const unsigned char *)a->w->data + e0 * es, x, m);
+        a->absmax[b] = nf4_quantize_block(x, m, a->w->dtype, m < MB_NF4_BLOCKSIZE, a->t, c);
+        for (size_t i = 0; i < m; i += 2) a->packed[(e0 + i) / 2] = (uint8_t)(c[i] << 4 | c[i + 1]);
+    }
+}
+
+/* Quantizes the dense weight w (F32, F16 or BF16) to NF4 with double quantization, as
+ * bitsandbytes' quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) does;
+ * w then owns its 4-bit state. compute: the dtype dequantized values round to; pool: threads for
+ * the blocks (NULL: this thread). name: for messages. */
+static MbStatus weight_quantize_nf4(MbWeight *w, const char *name, MbDtype compute, MbPool *pool) {
+    size_t n = w->rows * w->cols, nb = (n + MB_NF4_BLOCKSIZE - 1) / MB_NF4_BLOCKSIZE,
+           ns = (nb + MB_NF4_NESTED_BLOCKSIZE - 1) / MB_NF4_NESTED_BLOCKSIZE;
+    if (n % 2)
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: %zu values: an NF4 weight packs two codes per byte "
+                       "and needs an even count", name, n);
+    /* one block: the MbNf4, the nested scales (fp32), the packed codes, the absmax codes */
+    size_t head = (sizeof(MbNf4) + 63) / 64 * 64;
+    unsigned char *block = mb_aligned_alloc(head + 4 * ns + n / 2 + nb);
+    MbNf4 *q = (MbNf4 *)(void *)block;
+    memset(q, 0, sizeof *q);
+    float *scales = (float *)(void *)(block + head);
+    uint8_t *packed = block + head + 4 * ns, *codes = packed + n / 2;
+    Nf4QuantTask task = {w, n, nb, {0}, mb_malloc(nb * sizeof(float)), packed};
+    nf4_thresholds(task.t);
+    if (pool) mb_pool_run(pool, nf4_quantize_task, &task);
+    else nf4_quantize_task(&task, 0, 1);
+    q->packed = packed;
+    q->blocksize = MB_NF4_BLOCKSIZE;
+    q->nblocks = nb;
+    q->compute = compute;
+    nf4_double_quant(task.absmax, nb, q, codes, scales);
+    q->absmax_q = codes;
+    q->nested_absmax = (const unsigned char *)scales;
+    free(task.absmax);
+    free(w->owned);
+    w->owned = block;
+    w->data = q;
+    w->dtype = MB_DT_U8;
+    return MB_OK;
+}
+
+/* ---- NF4 checkpoints saved by bitsandbytes through transformers (Linear4bit's state dict) ----
+ *   NAME                                  U8 (rows * cols / 2, 1) packed codes
+ *   NAME.absmax                           U8 (blocks) codes with double quant, else F32 (blocks)
+ *   NAME.quant_map                        F32 (16) the NF4 code book
+ *   NAME.nested_absmax                    F32 (ceil(blocks / nested_blocksize)) (double quant)
+ *   NAME.nested_quant_map                 F32 (256) (double quant)
+ *   NAME.quant_state.bitsandbytes__nf4    U8: JSON {quant_type, blocksize, dtype, shape,
+ *                                         nested_blocksize, nested_dtype, nested_offset}
+ * The tensors stay in the mapped file. */
+
+/* Whether the checkpoint holds `name` as a bitsandbytes 4-bit weight. */
+static int bnb_is_4bit(const MbSafetensors *st, const char *name) {
+    static const char *suffix[] = {".absmax", ".quant_state.bitsandbytes__nf4",
+                                   ".quant_state.bitsandbytes__fp4", ".quant_map"};
+    char key[512];
+    for (size_t i = 0; i < sizeof suffix / sizeof *suffix; i++) {
+        snprintf(key, sizeof key, "%s%s", name, suffix[i]);
+        if (mb_safetensors_find(st, key)) return 1;
+    }
+    const MbTensorInfo *t = mb_safetensors_find(st, name);
+    return t && t->dtype == MB_DT_U8;
+}
+
+/* NAME.suffix of dtype dt holding n values (n == 0: any), or an error naming its file */
+static MbStatus bnb_tensor(const MbSafetensors *st, const MbTensorInfo *w, const char *suffix, MbDtype dt,
+                           size_t n, const char *why, const MbTensorInfo **out) {
+    char key[512];
+    snprintf(key, sizeof key, "%s%s", w->name, suffix);
+    const MbTensorInfo *t = mb_safetensors_find(st, key);
+    *out = t;
+    if (!t)
+        return mb_fail(MB_ERR_FORMAT, "%s: bitsandbytes 4-bit weight '%s' has no '%s' --> the "
+                       "checkpoint is incomplete; save it again with save_pretrained", w->file, w->name, key);
+    if (t->dtype != dt)
+        return mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' has dtype %s, want %s", t->file, key,
+                       mb_dtype_name(t->dtype), mb_dtype_name(dt));
+    if (n && t->numel != n)
+        return mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' holds %zu values; %s needs %zu", t->file, key,
+                       t->numel, why, n);
+    return MB_OK;
+}
+
+static MbStatus bnb_json_size(const char *file, const char *key, const MbJsonDoc *doc, const char *field,
+                              size_t *out) {
+    const MbJson *v = json_get(doc, json_root(doc), field);
+    if (!json_size(v, out) || *out == 0)
+        return mb_fail(MB_ERR_FORMAT, "%s: quant state '%s' has no positive integer \"%s\"", file, key, field);
+    return MB_OK;
+}
+
+/* The NF4 weight `t` (rows, cols) with its bitsandbytes companions, validated, as w. */
+static MbStatus weight_from_bnb(const MbSafetensors *st, const MbTensorInfo *t, size_t rows, size_t cols,
+                                MbDtype compute, MbWeight *w) {
+    memset(w, 0, sizeof *w);
+    char key[512], qkey[512], why[128];
+    snprintf(qkey, sizeof qkey, "%s.quant_state.bitsandbytes__nf4", t->name);
+    const MbTensorInfo *qs = mb_safetensors_find(st, qkey);
+    if (!qs) {
+        snprintf(key, sizeof key, "%s.quant_state.bitsandbytes__fp4", t->name);
+        const MbTensorInfo *fp4 = mb_safetensors_find(st, key);
+        if (fp4)
+            return mb_fail(MB_ERR_UNSUPPORTED, "%s: '%s': 4-bit quant type fp4 is not supported --> "
+                           "medbot reads NF4 (bnb_4bit_quant_type=\"nf4\")", fp4->file, key);
+        return mb_fail(MB_ERR_FORMAT, "%s: bitsandbytes 4-bit weight '%s' has no '%s.quant_state."
+                       "bitsandbytes__nf4' --> the checkpoint is incomplete; save it again with "
+                       "save_pretrained", t->file, t->name, t->name);
+    }
+    if (qs->dtype != MB_DT_U8)
+        return mb_fail(MB_ERR_FORMAT, "%s: quant state '%s' is %s, want U8 (JSON bytes)", qs->file, qkey,
+                       mb_dtype_name(qs->dtype));
+    char where[600];
+    snprintf(where, sizeof where, "%s: quant state '%s'", qs->file, qkey);
+    MbJsonDoc doc;
+    MbStatus rc = json_parse(where, (const char *)qs->data, qs->nbytes, &doc);
+    if (rc) return rc;
+    const MbJson *root = json_root(&doc), *v;
+    size_t blocksize = 0, nested_bs = 0, n = rows * cols, dims[2] = {0, 0};
+    MbNf4 q;
+    memset(&q, 0, sizeof q);
+    v = json_get(&doc, root, "quant_type");
+    if (root->kind != MB_JSON_OBJECT || !v || v->kind != MB_JSON_STRING || strcmp(json_str(&doc, v), "nf4")) {
+        rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quant_type is not \"nf4\" (medbot reads NF4 4-bit weights)", where);
+        goto done;
+    }
+    v = json_get(&doc, root, "shape");
+    if (!v || v->kind != MB_JSON_ARRAY || v->count != 2 || !json_size(json_first(&doc, v), &dims[0]) ||
+        !json_size(json_next(&doc, json_first(&doc, v)), &dims[1]) || dims[0] != rows || dims[1] != cols) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: \"shape\" is not [%zu, %zu] (config.json's shape of '%s')", where,
+                     rows, cols, t->name);
+        goto done;
+    }
+    if ((rc = bnb_json_size(qs->file, qkey, &doc, "blocksize", &blocksize))) goto done;
+    if (blocksize % 2 || n % 2) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: blocksize %zu and %zu values must be even", where, blocksize, n);
+        goto done;
+    }
+    if (t->dtype != MB_DT_U8 || t->numel != n / 2) {
+        rc = mb_fail(MB_ERR_FORMAT, "%s: 4-bit weight '%s' is %s with %zu values; a (%zu, %zu) NF4 weight "
+                     "is U8 with %zu (bnb_4bit_quant_storage other than uint8 is not supported)", t->file,
+                     t->name, mb_dtype_name(t->dtype), t->numel, rows, cols, n / 2);
+        goto done;
+    }
+    q.packed = t->data;
+    q.blocksize = blocksize;
+    q.nblocks = (n + blocksize - 1) / blocksize;
+    q.compute = compute;
+    const MbTensorInfo *absmax, *qmap, *nested, *nmap;
+    snprintf(why, sizeof why, "a (%zu, %zu) weight in blocks of %zu", rows, cols, blocksize);
+    if ((rc = bnb_tensor(st, t, ".quant_map", MB_DT_F32, 16, "the NF4 code book", &qmap))) goto done;
+    for (int k = 0; k < 16; k++) {
+        float c;
+        memcpy(&c, (const unsigned char *)qmap->data + 4 * k, 4);
+        if (c != mb_nf4_code[k]) {
+            rc = mb_fail(MB_ERR_FORMAT, "%s: '%s' is not the NF4 code book (entry %d is %g, want %g)",
+                         qmap->file, qmap->name, k, (double)c, (double)mb_nf4_code[k]);
+            goto done;
+        }
+    }
+    snprintf(key, sizeof key, "%s.nested_absmax", t->name);
+    if (!mb_safetensors_find(st, key) && !json_get(&doc, root, "nested_offset")) { /* no double quant */
+        if ((rc = bnb_tensor(st, t, ".absmax", MB_DT_F32, q.nblocks, why, &absmax))) goto done;
+        q.absmax = absmax->data;
+    } else {
+        double off;
+        if ((rc = bnb_json_size(qs->file, qkey, &doc, "nested_blocksize", &nested_bs))) goto done;
+        v = json_get(&doc, root, "nested_dtype");
+        if (!json_num(json_get(&doc, root, "nested_offset"), &off) || !v || v->kind != MB_JSON_STRING ||
+            strcmp(json_str(&doc, v), "float32")) {
+            rc = mb_fail(MB_ERR_FORMAT, "%s: double quant needs a numeric \"nested_offset\" and "
+                         "\"nested_dtype\": \"float32\"", where);
+            goto done;
+        }
+        size_t ns = (q.nblocks + nested_bs - 1) / nested_bs;
+        char why2[160];
+        snprintf(why2, sizeof why2, "%zu absmax codes in blocks of %zu", q.nblocks, nested_bs);
+        if ((rc = bnb_tensor(st, t, ".absmax", MB_DT_U8, q.nblocks, why, &absmax)) ||
+            (rc = bnb_tensor(st, t, ".nested_absmax", MB_DT_F32, ns, why2, &nested)) ||
+            (rc = bnb_tensor(st, t, ".nested_quant_map", MB_DT_F32, 256, "the 8-bit map", &nmap)))
+            goto done;
+        q.absmax_q = absmax->data;
+        q.nested_absmax = nested->data;
+        q.nested_blocksize = nested_bs;
+        q.offset = (float)off; /* saved as the fp32 value's exact decimal */
+        memcpy(q.nested_quant_map, nmap->data, sizeof q.nested_quant_map);
+    }
+    MbNf4 *state = mb_malloc(sizeof q);
+    *state = q;
+    w->dtype = MB_DT_U8;
+    w->rows = rows;
+    w->cols = cols;
+    w->data = w->owned = state;
+done:
+    json_free(&doc);
+    return rc;
+}
+
 // ============================================================================================
 // ---------- 5. ops (CPU) ----------
 // The op table MbOps is the only thing the model calls. This section is its CPU implementation:
@@ -2734,9 +3246,14 @@ struct MbOps {
     size_t act_size;           /* bytes per activation element */
     int host_memory;           /* activations live in host memory (the CPU backend) */
     void (*destroy)(MbOps *);
-    float *(*alloc)(MbOps *, size_t n);                       /* n zeroed activations */
-    void (*free)(MbOps *, float *p);
-    void (*to_host)(MbOps *, float *dst, const float *src, size_t n);
+    /* Memory. Activation buffers hold act_size-byte values; every other buffer (norm statistics,
+     * per-row log-probs, logits, LoRA parameters and gradients, optimizer state) is fp32 or fp64
+     * whatever the backend. Index arrays (tokens, lengths, rows, targets) are passed as host
+     * pointers; a device backend copies them itself. */
+    void *(*alloc)(MbOps *, size_t bytes);                                  /* zeroed */
+    void (*free)(MbOps *, void *p);
+    void (*to_host)(MbOps *, void *dst, const void *src, size_t bytes);    /* backend -> host */
+    void (*from_host)(MbOps *, void *dst, const void *src, size_t bytes);  /* host -> backend */
     /* out (N, C) = wte[tokens] : nn.Embedding */
     void (*embedding_forward)(MbOps *, float *out, const int32_t *tokens, const MbWeight *wte, size_t N);
     /* out (N, O) = inp (N, I) @ w(O, I)^T : nn.Linear without bias */
@@ -2772,7 +3289,7 @@ struct MbOps {
      * logp (M) = logits[m][targets[m]] - lse[m], lse (M) = logsumexp(logits[m]),
      * lsum (M) = sum over the vocabulary of logits[m] (for TRL's logits/chosen and logits/rejected), fp32 :
      * selective_log_softmax(lm_head(x), targets) */
-    void (*logprob_forward)(MbOps *, float *logp, float *lse, double *lsum, const float *x, const MbWeight *w,
+    void (*logprob_forward)(MbOps *, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
                             const int32_t *targets, size_t M);
 
     /* ---- backward (parameter gradients +=, activation gradients = unless `accumulate`) ---- */
@@ -2807,6 +3324,11 @@ struct MbOps {
     /* torch.optim.AdamW step `step` (1-based) with decoupled weight decay */
     void (*adamw)(MbOps *, float *p, const float *g, float *m, float *v, size_t n, double lr, double beta1,
                   double beta2, double eps, double wd, long step);
+    /* acc (n) += x (n) in fp64: a step's gradients summed over micro-batches and ranks in any
+     * order give the same fp32 result */
+    void (*accumulate_f64)(MbOps *, double *acc, const float *x, size_t n);
+    void (*from_f64)(MbOps *, float *out, const double *in, size_t n);   /* out = (float)in */
+    void (*fill_f64)(MbOps *, double *x, size_t n);                      /* x = 0 */
 };
 
 static float *mb_act_at(const MbOps *ops, float *base, size_t elems) {
@@ -2829,21 +3351,21 @@ static float *cpu_scratch(MbCpu *cpu, int tid, size_t n) {
     return cpu->scratch[tid];
 }
 
-static float *cpu_alloc(MbOps *ops, size_t n) {
+static void *cpu_alloc(MbOps *ops, size_t bytes) {
     (void)ops;
-    float *p = mb_aligned_alloc(n * sizeof(float));
-    memset(p, 0, n * sizeof(float));
+    void *p = mb_aligned_alloc(bytes);
+    memset(p, 0, bytes);
     return p;
 }
 
-static void cpu_free(MbOps *ops, float *p) {
+static void cpu_free(MbOps *ops, void *p) {
     (void)ops;
     free(p);
 }
 
-static void cpu_to_host(MbOps *ops, float *dst, const float *src, size_t n) {
+static void cpu_copy(MbOps *ops, void *dst, const void *src, size_t bytes) {
     (void)ops;
-    if (dst != src) memcpy(dst, src, n * sizeof(float));
+    if (dst != src && bytes) memcpy(dst, src, bytes);
 }
 
 static void cpu_embedding_forward(MbOps *ops, float *out, const int32_t *tokens, const MbWeight *wte,
@@ -2863,12 +3385,16 @@ static void cpu_embedding_forward(MbOps *ops, float *out, const int32_t *tokens,
 #define MM_IB 256
 #define MM_MR 8
 
+/* One matmul over the thread pool. Forward: out (N, rows) = inp (N, cols) @ W^T, tiles of W
+ * transposed. Backward: out (N, cols) (+)= inp (N, rows) @ W, tiles of W as stored. Either way
+ * the kernel reduces over MM_IB inputs into MM_OB outputs, and threads own disjoint outputs. */
 typedef struct {
     MbCpu *cpu;
     float *out;
     const float *inp;
     const MbWeight *w;
     size_t N;
+    int backward, accumulate;
 } MatmulTask;
 
 /* acc rows r < mr of out (ld O) over one tile: wt (ni, MM_OB) */
@@ -2900,7 +3426,9 @@ static void matmul_kernel(float *out, size_t O, const float *inp, size_t I, cons
 
 static void matmul_task(void *ctx, int tid, int nt) {
     MatmulTask *t = ctx;
-    size_t O = t->w->rows, I = t->w->cols, nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
+    const MbWeight *w = t->w;
+    size_t O = t->backward ? w->cols : w->rows, I = t->backward ? w->rows : w->cols;
+    size_t nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
     mb_split(nblocks, tid, nt, &b0, &b1);
     float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
     for (size_t b = b0; b < b1; b++) {
@@ -2908,10 +3436,11 @@ static void matmul_task(void *ctx, int tid, int nt) {
         for (size_t i0 = 0; i0 < I; i0 += MM_IB) {
             size_t ni = MB_MIN((size_t)MM_IB, I - i0);
             if (no < MM_OB) memset(wt, 0, (size_t)MM_IB * MM_OB * sizeof(float));
-            weight_tile_t(t->w, o0, no, i0, ni, wt, MM_OB);
+            if (t->backward) weight_tile(w, i0, ni, o0, no, wt, MM_OB);
+            else weight_tile_t(w, o0, no, i0, ni, wt, MM_OB);
             for (size_t n0 = 0; n0 < t->N; n0 += MM_MR)
                 matmul_kernel(t->out + n0 * O + o0, O, t->inp + n0 * I + i0, I, wt, ni, no,
-                              MB_MIN((size_t)MM_MR, t->N - n0), i0 == 0);
+                              MB_MIN((size_t)MM_MR, t->N - n0), i0 == 0 && !t->accumulate);
         }
     }
 }
@@ -2951,7 +3480,7 @@ static void matvec_task(void *ctx, int tid, int nt) {
 
 static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const MbWeight *w, size_t N) {
     MbCpu *cpu = ops->ctx;
-    MatmulTask t = {cpu, out, inp, w, N};
+    MatmulTask t = {cpu, out, inp, w, N, 0, 0};
     mb_pool_run(cpu->pool, N < MM_MR ? matvec_task : matmul_task, &t);
 }
 
@@ -2972,16 +3501,17 @@ static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float
     free(wf);
 }
 
-static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh,
-                             int D) {
-    (void)ops;
+/* Rotates x (B, T, nh, D) by the rope angles of positions pos0 + t: x1' = x1 c - x2 s,
+ * x2' = x2 c + x1 s (HF's rotate_half layout, j paired with j + D/2). sign -1 rotates back, which
+ * is the backward (the rotation's transpose). */
+static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
     int half = D / 2;
     float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float)); /* (T, cos[half], sin[half]) */
     for (int t = 0; t < T; t++)
         for (int j = 0; j < half; j++) {
             float f = (float)(pos0 + t) * inv_freq[j];
             cs[(size_t)t * D + j] = cosf(f);
-            cs[(size_t)t * D + half + j] = sinf(f);
+            cs[(size_t)t * D + half + j] = sign * sinf(f);
         }
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -2996,6 +3526,11 @@ static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B,
             }
         }
     free(cs);
+}
+
+static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
+    (void)ops;
+    rope_rotate(x, inv_freq, B, T, pos0, nh, D, 1.0f);
 }
 
 static void cpu_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
@@ -3089,46 +3624,14 @@ static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float 
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* The tile rows [r0, r0+nr) x cols [c0, c0+nc) of w in fp32, as stored: dst[r * ld + c]. */
-static void weight_tile(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst, size_t ld) {
-    for (size_t r = 0; r < nr; r++) weight_row_f32(w, r0 + r, c0, nc, dst + r * ld);
-}
 
-/* dinp (N, I) = dout (N, O) @ W: the forward kernel with the roles of rows and columns of W
- * swapped (tiles of MM_IB weight rows x MM_OB weight columns, as stored). Threads take disjoint
- * blocks of I. */
-typedef struct {
-    MbCpu *cpu;
-    float *dinp;
-    const float *dout;
-    const MbWeight *w;
-    size_t N;
-    int accumulate;
-} MatmulBwdTask;
-
-static void matmul_backward_task(void *ctx, int tid, int nt) {
-    MatmulBwdTask *t = ctx;
-    size_t O = t->w->rows, I = t->w->cols, nblocks = (I + MM_OB - 1) / MM_OB, b0, b1;
-    mb_split(nblocks, tid, nt, &b0, &b1);
-    float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
-    for (size_t b = b0; b < b1; b++) {
-        size_t c0 = b * MM_OB, nc = MB_MIN((size_t)MM_OB, I - c0);
-        for (size_t o0 = 0; o0 < O; o0 += MM_IB) {
-            size_t no = MB_MIN((size_t)MM_IB, O - o0);
-            if (nc < MM_OB) memset(wt, 0, (size_t)MM_IB * MM_OB * sizeof(float));
-            weight_tile(t->w, o0, no, c0, nc, wt, MM_OB);
-            for (size_t n0 = 0; n0 < t->N; n0 += MM_MR)
-                matmul_kernel(t->dinp + n0 * I + c0, I, t->dout + n0 * O + o0, O, wt, no, nc,
-                              MB_MIN((size_t)MM_MR, t->N - n0), o0 == 0 && !t->accumulate);
-        }
-    }
-}
-
+/* dinp (N, I) (+)= dout (N, O) @ W: the forward kernel with the roles of W's rows and columns
+ * swapped (matmul_task with backward set). */
 static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
                                 int accumulate) {
     MbCpu *cpu = ops->ctx;
-    MatmulBwdTask t = {cpu, dinp, dout, w, N, accumulate};
-    mb_pool_run(cpu->pool, matmul_backward_task, &t);
+    MatmulTask t = {cpu, dinp, dout, w, N, 1, accumulate};
+    mb_pool_run(cpu->pool, matmul_task, &t);
 }
 
 /* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
@@ -3156,27 +3659,7 @@ static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, con
 static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
                               int D) {
     (void)ops;
-    int half = D / 2;
-    float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float));
-    for (int t = 0; t < T; t++)
-        for (int j = 0; j < half; j++) {
-            float f = (float)(pos0 + t) * inv_freq[j];
-            cs[(size_t)t * D + j] = cosf(f);
-            cs[(size_t)t * D + half + j] = sinf(f);
-        }
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const float *c = cs + (size_t)t * D, *s = c + half;
-            for (int h = 0; h < nh; h++) {
-                float *v = dx + (((size_t)b * T + t) * nh + h) * D;
-                for (int j = 0; j < half; j++) {
-                    float g1 = v[j], g2 = v[j + half];
-                    v[j] = g1 * c[j] + g2 * s[j];
-                    v[j + half] = g2 * c[j] - g1 * s[j];
-                }
-            }
-        }
-    free(cs);
+    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
 }
 
 typedef struct {
@@ -3319,43 +3802,73 @@ static void cpu_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, const
     free(du);
 }
 
-/* rows of logits are made LP_ROWS at a time (never the whole (M, V) block) */
-#define LP_ROWS 16
+/* rows of logits are made LP_ROWS at a time (never the whole (M, V) block); the softmax work of
+ * a chunk is split over the threads by rows */
+#define LP_ROWS 32
 
-static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, double *lsum, const float *x, const MbWeight *w,
+typedef struct {
+    float *logits;          /* (rows, V) */
+    size_t rows, V, m0;
+    const int32_t *targets;
+    float *logp, *lse;      /* forward: written; backward: lse read */
+    float *lsum;
+    const float *g;         /* backward: d loss / d logp */
+} LogprobTask;
+
+static void logprob_rows_forward(void *ctx, int tid, int nt) {
+    LogprobTask *t = ctx;
+    size_t lo, hi;
+    mb_split(t->rows, tid, nt, &lo, &hi);
+    for (size_t r = lo; r < hi; r++) {
+        const float *l = t->logits + r * t->V;
+        float mx = -INFINITY;
+        double sum = 0.0;
+        for (size_t v = 0; v < t->V; v++) mx = MB_MAX(mx, l[v]), sum += l[v];
+        float se = 0.0f;
+        for (size_t v = 0; v < t->V; v++) se += expf(l[v] - mx);
+        size_t m = t->m0 + r;
+        t->lse[m] = mx + logf(se);
+        t->logp[m] = l[t->targets[m]] - t->lse[m];
+        t->lsum[m] = (float)sum;
+    }
+}
+
+static void logprob_rows_backward(void *ctx, int tid, int nt) {
+    LogprobTask *t = ctx;
+    size_t lo, hi;
+    mb_split(t->rows, tid, nt, &lo, &hi);
+    for (size_t r = lo; r < hi; r++) { /* d logp / d logits = onehot(target) - softmax */
+        size_t m = t->m0 + r;
+        float *l = t->logits + r * t->V, gr = t->g[m], ls = t->lse[m];
+        for (size_t v = 0; v < t->V; v++) l[v] = -gr * expf(l[v] - ls);
+        l[t->targets[m]] += gr;
+    }
+}
+
+static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
                                 const int32_t *targets, size_t M) {
+    MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
     float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
     for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
-        for (size_t r = 0; r < rows; r++) {
-            const float *l = logits + r * V;
-            float mx = -INFINITY;
-            double sum = 0.0;
-            for (size_t v = 0; v < V; v++) mx = MB_MAX(mx, l[v]), sum += l[v];
-            float se = 0.0f;
-            for (size_t v = 0; v < V; v++) se += expf(l[v] - mx);
-            lse[m0 + r] = mx + logf(se);
-            logp[m0 + r] = l[targets[m0 + r]] - lse[m0 + r];
-            lsum[m0 + r] = sum;
-        }
+        LogprobTask t = {logits, rows, V, m0, targets, logp, lse, lsum, NULL};
+        mb_pool_run(cpu->pool, logprob_rows_forward, &t);
     }
     free(logits);
 }
 
 static void cpu_logprob_backward(MbOps *ops, float *dx, const float *g, const float *x, const MbWeight *w,
                                  const int32_t *targets, const float *lse, size_t M) {
+    MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
     float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
     for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
-        for (size_t r = 0; r < rows; r++) { /* d logp / d logits = onehot(target) - softmax */
-            float *l = logits + r * V, gr = g[m0 + r], ls = lse[m0 + r];
-            for (size_t v = 0; v < V; v++) l[v] = -gr * expf(l[v] - ls);
-            l[targets[m0 + r]] += gr;
-        }
+        LogprobTask t = {logits, rows, V, m0, targets, NULL, (float *)lse, NULL, g};
+        mb_pool_run(cpu->pool, logprob_rows_backward, &t);
         cpu_matmul_backward(ops, dx + m0 * C, logits, w, rows, 0);
     }
     free(logits);
@@ -3382,6 +3895,21 @@ static void cpu_scale(MbOps *ops, float *x, float s, size_t n) {
 static void cpu_fill(MbOps *ops, float *x, float v, size_t n) {
     (void)ops;
     for (size_t i = 0; i < n; i++) x[i] = v;
+}
+
+static void cpu_accumulate_f64(MbOps *ops, double *acc, const float *x, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) acc[i] += x[i];
+}
+
+static void cpu_from_f64(MbOps *ops, float *out, const double *in, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) out[i] = (float)in[i];
+}
+
+static void cpu_fill_f64(MbOps *ops, double *x, size_t n) {
+    (void)ops;
+    memset(x, 0, n * sizeof *x);
 }
 
 /* torch.optim.AdamW (foreach=False) in fp32 with the bias corrections in double, as torch does */
@@ -3423,7 +3951,8 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->destroy = cpu_destroy;
     ops->alloc = cpu_alloc;
     ops->free = cpu_free;
-    ops->to_host = cpu_to_host;
+    ops->to_host = cpu_copy;
+    ops->from_host = cpu_copy;
     ops->embedding_forward = cpu_embedding_forward;
     ops->matmul_forward = cpu_matmul_forward;
     ops->rmsnorm_forward = cpu_rmsnorm_forward;
@@ -3448,6 +3977,9 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->scale = cpu_scale;
     ops->fill = cpu_fill;
     ops->adamw = cpu_adamw;
+    ops->accumulate_f64 = cpu_accumulate_f64;
+    ops->from_f64 = cpu_from_f64;
+    ops->fill_f64 = cpu_fill_f64;
     return ops;
 }
 
@@ -3516,6 +4048,7 @@ struct MbLora {
     float *grads;       /* (n_params) */
     size_t n_params;
     int enabled;        /* 0: the model is the reference policy (adapters disabled) */
+    MbOps *ops;         /* the backend whose memory holds params and grads */
 };
 
 /* Activations saved by one decoder layer for its backward. */
@@ -3551,6 +4084,8 @@ typedef struct {
     float *logp, *lse_rows, *g_rows; /* (N) per loss row */
     float *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
     float *drop, *ddrop; /* (N, max(C, F)) LoRA dropout's masked input and its gradient */
+    float *block32;      /* the fp32 buffers: norm statistics, lse, per-row values, logits */
+    float *lsum_rows;    /* (N) sum of each loss row's logits */
 } MbActs;
 
 struct MbModel {
@@ -3610,6 +4145,7 @@ static void rope_inv_freq(const MbConfig *c, float *inv_freq) {
 
 static void acts_free(MbModel *m) {
     if (m->acts.block) m->ops->free(m->ops, m->acts.block);
+    if (m->acts.block32) m->ops->free(m->ops, m->acts.block32);
     free(m->acts.stream);
     free(m->acts.layer);
     memset(&m->acts, 0, sizeof m->acts);
@@ -3645,37 +4181,47 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     a->n_layer_sets = train && !ckpt ? (int)L : 1;
     a->stream = mb_calloc(n_stream, sizeof *a->stream);
     a->layer = mb_calloc((size_t)a->n_layer_sets, sizeof *a->layer);
-    MbBufSpec *spec = NULL; /* stb_ds array */
+    MbBufSpec *spec = NULL, *spec32 = NULL; /* stb_ds arrays: activations, fp32 values */
 #define BUF(p, n) buf_spec(&spec, &(p), (n))
+#define F32(p, n) buf_spec(&spec32, &(p), (n))
     for (size_t i = 0; i < n_stream; i++) BUF(a->stream[i], N * C);
     for (int i = 0; i < a->n_layer_sets; i++) {
         MbLayerActs *la = &a->layer[i];
-        BUF(la->xn1, N * C), BUF(la->rstd1, N), BUF(la->q, N * QD), BUF(la->k, N * KVD);
-        BUF(la->v, N * KVD), BUF(la->att, N * QD), BUF(la->lse, N * H), BUF(la->x_mid, N * C);
-        BUF(la->xn2, N * C), BUF(la->rstd2, N), BUF(la->gate, N * F), BUF(la->up, N * F);
+        BUF(la->xn1, N * C), F32(la->rstd1, N), BUF(la->q, N * QD), BUF(la->k, N * KVD);
+        BUF(la->v, N * KVD), BUF(la->att, N * QD), F32(la->lse, N * H), BUF(la->x_mid, N * C);
+        BUF(la->xn2, N * C), F32(la->rstd2, N), BUF(la->gate, N * F), BUF(la->up, N * F);
         BUF(la->hid, N * F);
         for (int w = 0; w < MB_LAYER_WEIGHTS; w++)
             if (targets & (1u << w)) BUF(la->u[w], N * (size_t)R);
     }
-    BUF(a->tmp, N * C), BUF(a->xf, N * C), BUF(a->rstd_f, N);
-    if (!m->ops->host_memory && !train) BUF(a->logits, N * V);
+    BUF(a->tmp, N * C), BUF(a->xf, N * C), F32(a->rstd_f, N);
+    if (!m->ops->host_memory && !train) F32(a->logits, N * V);
     if (train) {
-        BUF(a->xg, N * C), BUF(a->dxg, N * C), BUF(a->logp, N), BUF(a->lse_rows, N), BUF(a->g_rows, N);
-        BUF(a->dx, N * C), BUF(a->dx_mid, N * C), BUF(a->dxn, N * C);
+        BUF(a->xg, N * C), BUF(a->dxg, N * C), F32(a->logp, N), F32(a->lse_rows, N), F32(a->g_rows, N);
+        F32(a->lsum_rows, N), BUF(a->dx, N * C), BUF(a->dx_mid, N * C), BUF(a->dxn, N * C);
         BUF(a->datt, N * QD), BUF(a->dq, N * QD), BUF(a->dk, N * KVD), BUF(a->dv, N * KVD);
         BUF(a->dgate, N * F), BUF(a->dup, N * F), BUF(a->dhid, N * F);
     }
     if (dropout) BUF(a->drop, N * MB_MAX(C, F)), BUF(a->ddrop, N * MB_MAX(C, F));
 #undef BUF
-    size_t total = 0;
+#undef F32
+    size_t total = 0, total32 = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) total += spec[i].count;
-    a->block = m->ops->alloc(m->ops, total);
+    for (ptrdiff_t i = 0; i < arrlen(spec32); i++) total32 += spec32[i].count;
+    a->block = m->ops->alloc(m->ops, total * m->ops->act_size);
+    a->block32 = m->ops->alloc(m->ops, total32 * sizeof(float));
     size_t off = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) {
         *spec[i].ptr = mb_act_at(m->ops, a->block, off);
         off += spec[i].count;
     }
+    off = 0;
+    for (ptrdiff_t i = 0; i < arrlen(spec32); i++) {
+        *spec32[i].ptr = a->block32 + off;
+        off += spec32[i].count;
+    }
     arrfree(spec);
+    arrfree(spec32);
 }
 
 void mb_model_free(MbModel *m) {
@@ -3703,6 +4249,64 @@ static MbStatus model_weight(MbModel *m, const char *dir, const char *name, size
     return weight_from_tensor(t, rows, cols, w);
 }
 
+/* A linear projection: NF4 as bitsandbytes saved it, or dense and, with load_in_4bit, quantized
+ * to NF4 now (the 7 projections of each layer only, as transformers' BitsAndBytesConfig does). */
+static MbStatus model_linear(MbModel *m, const char *dir, const char *name, size_t rows, size_t cols,
+                             MbPool *quantize, MbDtype compute, MbWeight *w) {
+    const MbTensorInfo *t = mb_safetensors_find(m->st, name);
+    if (t && bnb_is_4bit(m->st, name)) return weight_from_bnb(m->st, t, rows, cols, compute, w);
+    MbStatus rc = model_weight(m, dir, name, rows, cols, w);
+    if (!rc && quantize) {
+        char what[600];
+        snprintf(what, sizeof what, "%s: tensor '%s'", t->file, name);
+        rc = weight_quantize_nf4(w, what, compute, quantize);
+    }
+    return rc;
+}
+
+/* bnb_4bit_compute_dtype names (torch's, and the short ones) -> F32 / BF16 / F16 */
+static int compute_dtype_parse(const char *s, MbDtype *out) {
+    if (!strcmp(s, "float32") || !strcmp(s, "fp32")) *out = MB_DT_F32;
+    else if (!strcmp(s, "bfloat16") || !strcmp(s, "bf16")) *out = MB_DT_BF16;
+    else if (!strcmp(s, "float16") || !strcmp(s, "fp16")) *out = MB_DT_F16;
+    else return 0;
+    return 1;
+}
+
+/* config.json's quantization_config (transformers' BitsAndBytesConfig, saved with a quantized
+ * checkpoint): medbot reads bitsandbytes 4-bit NF4; compute gets bnb_4bit_compute_dtype ("" when
+ * the config has none). */
+static MbStatus bnb_config_load(const char *path, char *compute, size_t n) {
+    compute[0] = 0;
+    char *text;
+    size_t len;
+    MbStatus rc = mb_read_file(path, &text, &len);
+    if (rc) return rc;
+    MbJsonDoc doc;
+    rc = json_parse(path, text, len, &doc);
+    free(text);
+    if (rc) return rc;
+    const MbJson *qc = json_get(&doc, json_root(&doc), "quantization_config"), *v;
+    if (qc && qc->kind == MB_JSON_OBJECT) {
+        v = json_get(&doc, qc, "quant_method");
+        const char *method = v && v->kind == MB_JSON_STRING ? json_str(&doc, v) : "bitsandbytes";
+        const MbJson *in8 = json_get(&doc, qc, "load_in_8bit"), *qt = json_get(&doc, qc, "bnb_4bit_quant_type");
+        if (strcmp(method, "bitsandbytes"))
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quantization_config quant_method \"%s\" is not supported "
+                         "--> medbot reads bf16/f16/f32 checkpoints and bitsandbytes 4-bit NF4 ones", path, method);
+        else if (in8 && in8->kind == MB_JSON_BOOL && in8->boolean)
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quantization_config: load_in_8bit is not supported "
+                         "(medbot reads 4-bit NF4)", path);
+        else if (qt && qt->kind == MB_JSON_STRING && strcmp(json_str(&doc, qt), "nf4"))
+            rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: quantization_config: bnb_4bit_quant_type \"%s\" is not "
+                         "supported (medbot reads nf4)", path, json_str(&doc, qt));
+        v = json_get(&doc, qc, "bnb_4bit_compute_dtype");
+        if (!rc && v && v->kind == MB_JSON_STRING) snprintf(compute, n, "%s", json_str(&doc, v));
+    }
+    json_free(&doc);
+    return rc;
+}
+
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
     *out = NULL;
     if (!mb_is_dir(dir))
@@ -3710,8 +4314,15 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
                        "(config.json + *.safetensors)", dir);
     MbModel *m = mb_calloc(1, sizeof *m);
     char *cfg_path = mb_path_join(dir, "config.json");
+    char cfg_compute[32];
     MbStatus rc = mb_config_load(cfg_path, &m->cfg);
+    if (!rc) rc = bnb_config_load(cfg_path, cfg_compute, sizeof cfg_compute);
     free(cfg_path);
+    MbDtype compute = MB_DT_F32; /* bnb_4bit_compute_dtype: the option, else the checkpoint's, else fp32 */
+    const char *cname = opt && opt->bnb_4bit_compute_dtype ? opt->bnb_4bit_compute_dtype : cfg_compute;
+    if (!rc && cname[0] && !compute_dtype_parse(cname, &compute))
+        rc = mb_fail(opt && opt->bnb_4bit_compute_dtype ? MB_ERR_ARG : MB_ERR_UNSUPPORTED,
+                     "%s: bnb_4bit_compute_dtype \"%s\" is not float32, bfloat16 or float16", dir, cname);
     if (!rc) rc = mb_safetensors_open(dir, &m->st);
     if (rc) {
         mb_model_free(m);
@@ -3719,15 +4330,20 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     }
     const MbConfig *c = &m->cfg;
     size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
+    /* load_in_4bit: the projections are quantized as they are read, on as many threads as the ops */
+    MbPool *quantize = NULL;
+    if (opt && opt->load_in_4bit) quantize = mb_pool_new(opt->threads > 0 ? opt->threads : mb_cpu_count());
     char name[256];
     rc = model_weight(m, dir, "model.embed_tokens.weight", V, C, &m->embed_tokens);
     m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
     for (int l = 0; !rc && l < c->num_hidden_layers; l++)
         for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
+            size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, mb_layer_weights[i].name);
-            rc = model_weight(m, dir, name, mb_dim(c, mb_layer_weights[i].rows),
-                              mb_dim(c, mb_layer_weights[i].cols), &m->layers[l].w[i]);
+            if (mb_layer_weights[i].rows == MB_DIM_1) rc = model_weight(m, dir, name, rows, cols, &m->layers[l].w[i]);
+            else rc = model_linear(m, dir, name, rows, cols, quantize, compute, &m->layers[l].w[i]);
         }
+    mb_pool_free(quantize);
     if (!rc) rc = model_weight(m, dir, "model.norm.weight", 1, C, &m->norm);
     if (!rc) {
         if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
@@ -3754,7 +4370,7 @@ MbStatus mb_kvcache_new(MbModel *m, int B, int S, MbKVCache **out) {
     kv->B = B;
     kv->S = S;
     kv->lens = mb_calloc((size_t)B, sizeof *kv->lens);
-    kv->block = m->ops->alloc(m->ops, 2 * L * per);
+    kv->block = m->ops->alloc(m->ops, 2 * L * per * m->ops->act_size);
     kv->k = mb_calloc(L, sizeof *kv->k);
     kv->v = mb_calloc(L, sizeof *kv->v);
     for (size_t l = 0; l < L; l++) {
@@ -3949,7 +4565,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         ops->rmsnorm_forward(ops, a->xf, a->rstd_f, last_only ? a->tmp : x, &m->norm, rows, c->rms_norm_eps);
         float *dst = a->logits ? a->logits : logits;
         ops->matmul_forward(ops, dst, a->xf, &m->lm_head, rows);
-        ops->to_host(ops, logits, dst, rows * V);
+        ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
     kv->len += T;
     for (int b = 0; lens && b < B; b++)
@@ -3985,11 +4601,9 @@ static MbStatus model_forward_rows(MbModel *m, const int32_t *tokens, const int 
     }
     ops->rmsnorm_forward(ops, a->xf, a->rstd_f, a->stream[L], &m->norm, N, c->rms_norm_eps);
     ops->gather_rows(ops, a->xg, a->xf, pos, M, C);
-    double *ls = mb_malloc(M * sizeof *ls);
-    ops->logprob_forward(ops, a->logp, a->lse_rows, ls, a->xg, &m->lm_head, target, M);
-    ops->to_host(ops, logp, a->logp, M);
-    for (size_t i = 0; i < M; i++) lsum[i] = (float)ls[i];
-    free(ls);
+    ops->logprob_forward(ops, a->logp, a->lse_rows, a->lsum_rows, a->xg, &m->lm_head, target, M);
+    ops->to_host(ops, logp, a->logp, M * sizeof(float));
+    ops->to_host(ops, lsum, a->lsum_rows, M * sizeof(float));
     m->train_lens = lens, m->train_B = B, m->train_T = T;
     m->train_pos = pos, m->train_target = target, m->train_M = train ? M : 0;
     return MB_OK;
@@ -4003,7 +4617,7 @@ static void model_backward_rows(MbModel *m, const float *g) {
     MbActs *a = &m->acts;
     int B = m->train_B, T = m->train_T;
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), L = (size_t)c->num_hidden_layers, M = m->train_M;
-    memcpy(a->g_rows, g, M * sizeof(float)); /* host -> backend: the CPU's memory is the host's */
+    ops->from_host(ops, a->g_rows, g, M * sizeof(float));
     ops->logprob_backward(ops, a->dxg, a->g_rows, a->xg, &m->lm_head, m->train_target, a->lse_rows, M);
     ops->scatter_rows(ops, a->dxn, a->dxg, m->train_pos, M, N, C);
     ops->rmsnorm_backward(ops, a->dx, a->dxn, a->stream[L], &m->norm, a->rstd_f, N, 0);
@@ -4145,9 +4759,21 @@ static const char *lora_module_name(int id) { return strrchr(mb_layer_weights[id
 void mb_lora_free(MbLora *lo) {
     if (!lo) return;
     free(lo->pairs);
-    free(lo->params);
-    free(lo->grads);
+    lo->ops->free(lo->ops, lo->params);
+    lo->ops->free(lo->ops, lo->grads);
     free(lo);
+}
+
+/* The parameters (or gradients) in host memory, for writing and merging; malloc'd. */
+static float *lora_download(const MbLora *lo, const float *block) {
+    float *h = mb_malloc(lo->n_params * sizeof(float) + 4);
+    lo->ops->to_host(lo->ops, h, block, lo->n_params * sizeof(float));
+    return h;
+}
+
+/* The host copy's view of backend pointer p (an A or B of the adapter). */
+static const float *lora_host_view(const MbLora *lo, const float *host, const void *p) {
+    return host + ((const float *)p - lo->params);
 }
 
 /* An adapter for model m with zeroed A and B (callers fill them). */
@@ -4174,20 +4800,19 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
             if (lo->targets & (1u << i))
                 n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
-    lo->params = mb_aligned_alloc(n * sizeof(float));
-    lo->grads = mb_aligned_alloc(n * sizeof(float));
-    memset(lo->params, 0, n * sizeof(float));
-    memset(lo->grads, 0, n * sizeof(float));
+    lo->ops = m->ops;
+    lo->params = m->ops->alloc(m->ops, n * sizeof(float));
+    lo->grads = m->ops->alloc(m->ops, n * sizeof(float));
     size_t off = 0;
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
             if (!(lo->targets & (1u << i))) continue;
             MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
             size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
-            p->A = (MbWeight){MB_DT_F32, R, in, lo->params + off, NULL};
+            p->A = (MbWeight){.dtype = MB_DT_F32, .rows = R, .cols = in, .data = lo->params + off};
             p->gA = lo->grads + off;
             off += R * in;
-            p->B = (MbWeight){MB_DT_F32, outd, R, lo->params + off, NULL};
+            p->B = (MbWeight){.dtype = MB_DT_F32, .rows = outd, .cols = R, .data = lo->params + off};
             p->gB = lo->grads + off;
             off += outd * R;
         }
@@ -4199,16 +4824,19 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     MbStatus rc = lora_alloc(m, cfg, out);
     if (rc) return rc;
     MbLora *lo = *out;
+    float *host = mb_calloc(lo->n_params + 1, sizeof(float));
     MbRng rng;
     mb_rng_seed(&rng, seed);
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
             MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
             if (!p->A.data) continue;
-            float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)p->A.data;
+            float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)lora_host_view(lo, host, p->A.data);
             for (size_t k = 0; k < p->A.rows * p->A.cols; k++)
                 a[k] = (float)((2.0 * mb_rng_uniform(&rng) - 1.0) * bound);
         }
+    lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
+    free(host);
     return MB_OK;
 }
 
@@ -4309,6 +4937,7 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
     MbStatus rc = lora_read_config(cfg_path, &cfg);
     if (!rc) rc = mb_safetensors_open(st_path, &st);
     if (!rc) rc = lora_alloc(m, &cfg, &lo);
+    float *host = lo ? mb_calloc(lo->n_params + 1, sizeof(float)) : NULL;
     char name[256];
     size_t found = 0;
     for (int l = 0; !rc && l < lo->L; l++)
@@ -4335,13 +4964,15 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
                                  mb_dtype_name(t->dtype));
                     break;
                 }
-                mb_convert_to_f32(t->dtype, t->data, (float *)w->data, t->numel);
+                mb_convert_to_f32(t->dtype, t->data, (float *)lora_host_view(lo, host, w->data), t->numel);
                 found++;
             }
         }
     if (!rc && found != mb_safetensors_count(st))
         rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: holds %zu tensors, medbot used %zu (adapters on other modules, or "
                      "modules_to_save?)", st_path, mb_safetensors_count(st), found);
+    if (!rc) lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
+    free(host);
     mb_safetensors_close(st);
     free(cfg_path);
     free(st_path);
@@ -4375,7 +5006,7 @@ static char *lora_config_json(const MbLora *lo, const char *base_model) {
 }
 
 /* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block. */
-static MbTensorOut *lora_tensors(const MbLora *lo, char ***names) {
+static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***names) {
     MbTensorOut *ts = NULL;
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
@@ -4386,7 +5017,7 @@ static MbTensorOut *lora_tensors(const MbLora *lo, char ***names) {
                 char name[256];
                 snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
                          ab ? 'B' : 'A');
-                MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, w->data};
+                MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
                 arrput(*names, (char *)t.name);
                 arrput(ts, t);
             }
@@ -4400,11 +5031,13 @@ MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model)
     if (!mb_is_dir(dir) && mkdir(dir, 0755) != 0)
         return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", dir, strerror(errno));
     char **names = NULL;
-    MbTensorOut *ts = lora_tensors(lo, &names);
+    float *host = lora_download(lo, lo->params);
+    MbTensorOut *ts = lora_tensors(lo, host, &names);
     char *st_path = mb_path_join(dir, "adapter_model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
     MbStatus rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
     free(st_path);
+    free(host);
     for (ptrdiff_t i = 0; i < arrlen(names); i++) free(names[i]);
     arrfree(names);
     arrfree(ts);
@@ -4425,16 +5058,19 @@ typedef struct {
     const MbTensorOut *ts;
     int *layer, *id;   /* per output tensor: its layer and MbLayerWeightId, or -1 */
     const MbWeight **src;
+    const float *host;  /* the adapter's parameters in host memory */
 } MergeCtx;
 
-/* Row r of W + scale B A in fp32 (PEFT's merge: W += (B @ A) * scaling). */
-static void lora_merge_row(const MbWeight *w, const MbLoraPair *p, float scale, size_t r, float *row) {
+/* Row r of W + scale B A in fp32 (PEFT's merge: W += (B @ A) * scaling); A (R, cols) and B
+ * (rows, R) in host memory, NULL for an unadapted weight. */
+static void lora_merge_row(const MbWeight *w, const float *A, const float *B, size_t R, float scale, size_t r,
+                           float *row) {
     size_t cols = w->cols;
     weight_row_f32(w, r, 0, cols, row);
-    if (!p) return;
-    const float *B = (const float *)p->B.data + r * p->B.cols, *A = p->A.data;
+    if (!A) return;
+    B += r * R;
     float *ba = mb_calloc(cols, sizeof(float));
-    for (size_t k = 0; k < p->B.cols; k++)
+    for (size_t k = 0; k < R; k++)
         for (size_t c = 0; c < cols; c++) ba[c] += B[k] * A[k * cols + c];
     for (size_t c = 0; c < cols; c++) row[c] += ba[c] * scale;
     free(ba);
@@ -4448,8 +5084,10 @@ static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
     const MbLoraPair *p = mc->id[i] >= 0 && (mc->lo->targets & (1u << mc->id[i]))
                               ? &mc->lo->pairs[(size_t)mc->layer[i] * MB_LAYER_WEIGHTS + mc->id[i]]
                               : NULL;
+    const float *A = p ? lora_host_view(mc->lo, mc->host, p->A.data) : NULL;
+    const float *B = p ? lora_host_view(mc->lo, mc->host, p->B.data) : NULL;
     for (size_t r = 0; r < rows; r++) {
-        lora_merge_row(w, p, mc->lo->scale, r, row);
+        lora_merge_row(w, A, B, (size_t)mc->lo->r, mc->lo->scale, r, row);
         mb_convert_from_f32(MB_DT_BF16, row, (unsigned char *)dst + r * cols * 2, cols);
     }
     free(row);
@@ -4484,11 +5122,13 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     ADD("model.norm.weight", &m->norm, -1, -1, 1);
     if (!c->tie_word_embeddings) ADD("lm_head.weight", &m->lm_head, -1, -1, 2);
 #undef ADD
-    MergeCtx mc = {m, lo, ts, layer, id, src};
+    float *host = lora_download(lo, lo->params);
+    MergeCtx mc = {m, lo, ts, layer, id, src, host};
     char *st_path = mb_path_join(out_dir, "model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
     MbStatus rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
     free(st_path);
+    free(host);
     for (size_t i = 0; i < n; i++) free(names[i]);
     free(names), free(ts), free(layer), free(id), free(src);
     if (rc) return rc;
@@ -4759,6 +5399,28 @@ static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with
 // optimizer step, is backpropagated. Then: global grad norm, clipping, AdamW, the schedule.
 // ============================================================================================
 
+/* The collectives a data-parallel run needs (their backends are in section 11). */
+typedef struct MbComm MbComm;
+struct MbComm {
+    int rank, world;
+    void *ctx;
+    void (*all_reduce)(MbComm *, float *x, size_t n);                           /* x = sum over ranks */
+    /* shard (n / world) = the sum over ranks of this rank's slice of x (n); n % world == 0 */
+    void (*reduce_scatter)(MbComm *, float *shard, const float *x, size_t n);
+    /* x (n) = every rank's shard (n / world), in rank order */
+    void (*all_gather)(MbComm *, float *x, const float *shard, size_t n);
+    void (*broadcast)(MbComm *, float *x, size_t n, int root);
+    void (*barrier)(MbComm *);
+    void (*destroy)(MbComm *);
+    /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
+    void (*all_reduce_f64)(MbComm *, double *x, size_t n);
+    void (*reduce_scatter_f64)(MbComm *, double *shard, const double *x, size_t n);
+    /* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
+    void (*all_reduce_host)(MbComm *, double *x, size_t n);
+};
+
+static void mb_comm_threads_new(int world, MbComm **comms);
+
 enum { MB_LOSS_SIGMOID, MB_LOSS_HINGE, MB_LOSS_IPO, MB_LOSS_ROBUST };
 static const char *const mb_loss_names[] = {"sigmoid", "hinge", "ipo", "robust"};
 enum { MB_SCHED_LINEAR, MB_SCHED_COSINE, MB_SCHED_CONSTANT, MB_SCHED_CONSTANT_WITH_WARMUP };
@@ -4829,7 +5491,14 @@ typedef struct {
     float *exp_avg, *exp_avg_sq; /* (n_params) AdamW moments */
     long step, total_steps;  /* optimizer steps done, to do */
     long micro_done;         /* micro-batches consumed since the start of training */
+    long micro_key;          /* the global number of the micro-batch being run (LoRA dropout masks) */
     double tokens_seen;
+    int32_t pad;             /* fills the padding (masked; any id works) */
+    MbComm *comm;            /* the data-parallel group (a group of one without --nproc) */
+    int zero;                /* ZeRO stage 1: AdamW moments sharded over the ranks */
+    size_t n_pad, shard;     /* parameters padded to a multiple of the world size; per rank */
+    float *gshard;           /* (shard) this rank's slice of the summed gradients (ZeRO) */
+    double *acc, *acc_shard; /* (n_pad), (shard): the step's gradient sum in fp64 */
     const char *model_dir, *output_dir;
     uint64_t fingerprint;    /* model + data + settings: checkpoints and the reference cache */
 } MbTrainer;
@@ -4842,8 +5511,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
     const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
     for (int i = 0; i < P; i++) pairs[i] = &ds->pairs[idx[i]];
     MbBatch bt;
-    int32_t pad = mb_tokenizer_eos_id(tr->tok);
-    batch_build(&bt, pairs, P, !tr->sft, c->max_length, pad);
+    batch_build(&bt, pairs, P, !tr->sft, c->max_length, tr->pad);
     float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
     double *pol = mb_calloc((size_t)bt.B, sizeof *pol), *ref = mb_calloc((size_t)bt.B, sizeof *ref);
     MbStatus rc = MB_OK;
@@ -4858,7 +5526,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         }
     }
     /* LoRA dropout in the policy's training forward only, a fresh mask per micro-batch */
-    tr->m->dropout_seed = backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_done * 4096u + (uint64_t)idx[0] + 1 : 0;
+    tr->m->dropout_seed = backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_key + 1 : 0;
     if (!rc) rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, backward);
     if (rc) goto done;
     double lsum_c = 0, lsum_r = 0;
@@ -4972,43 +5640,52 @@ static uint64_t trainer_fingerprint(const MbTrainer *tr) {
 /* ---- reference log-probs computed once (--precompute_ref_log_probs), cached on disk ---- */
 
 static MbStatus precompute_ref(MbTrainer *tr) {
+    MbComm *comm = tr->comm;
+    int lead = comm->rank == 0;
     size_t nt = (size_t)arrlen(tr->train.pairs), ne = (size_t)arrlen(tr->eval.pairs);
     char *path = mb_path_join(tr->output_dir, "ref_logps.safetensors");
     char key[32];
     snprintf(key, sizeof key, "%016llx", (unsigned long long)tr->fingerprint);
-    tr->ref_cache = mb_malloc((nt + ne) * 2 * sizeof(float));
+    tr->ref_cache = mb_calloc((nt + ne) * 2, sizeof(float));
     MbSafetensors *st = NULL;
+    int cached = 0, stale = 0;
     if (mb_is_file(path) && mb_safetensors_open(path, &st) == MB_OK) {
         const MbTensorInfo *t = mb_safetensors_find(st, "ref_logps"), *k = mb_safetensors_find(st, key);
         if (t && k && t->dtype == MB_DT_F32 && t->numel == (nt + ne) * 2) { /* the key names a tensor */
             memcpy(tr->ref_cache, t->data, t->nbytes);
-            mb_safetensors_close(st);
-            printf("reference log-probs: %s (cached, key %s)\n", path, key);
-            free(path);
-            return MB_OK;
+            cached = 1;
+        } else {
+            stale = 1;
         }
         mb_safetensors_close(st);
-        printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
     }
+    comm->barrier(comm); /* every rank has looked before rank 0 may write */
+    if (cached) {
+        if (lead) printf("reference log-probs: %s (cached, key %s)\n", path, key);
+        free(path);
+        return MB_OK;
+    }
+    if (stale && lead) printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
     tr->lo->enabled = 0;
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
-    size_t base = 0;
+    size_t base = 0, batch = 0;
     MbStatus rc = MB_OK;
-    for (int s = 0; s < 2 && !rc; s++) {
+    double *sum = mb_calloc((nt + ne) * 2 + 1, sizeof(double)); /* the last entry: failed */
+    for (int s = 0; s < 2; s++) {
         size_t n = (size_t)arrlen(sets[s]->pairs);
         int bs = tr->cfg.per_device_train_batch_size;
-        for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs) {
+        for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs, batch++) {
+            if ((int)(batch % (size_t)comm->world) != comm->rank) continue; /* the batches are dealt to the ranks */
             int P = (int)MB_MIN((size_t)bs, n - i0);
             const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
             for (int i = 0; i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
             MbBatch bt;
-            batch_build(&bt, pairs, P, 1, tr->cfg.max_length, mb_tokenizer_eos_id(tr->tok));
+            batch_build(&bt, pairs, P, 1, tr->cfg.max_length, tr->pad);
             float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
             rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
-            for (int b = 0; b < bt.B; b++) tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] = 0;
             for (size_t i = 0; !rc && i < bt.M; i++) {
                 int b = bt.seq[i];
-                tr->ref_cache[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
+                sum[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
             }
             free(logp), free(lsum), free(pairs);
             batch_free(&bt);
@@ -5016,19 +5693,31 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         base += n;
     }
     tr->lo->enabled = 1;
-    if (!rc) {
+    sum[(nt + ne) * 2] = rc != MB_OK;
+    comm->all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
+    for (size_t i = 0; i < (nt + ne) * 2; i++) tr->ref_cache[i] = (float)sum[i];
+    double failed = sum[(nt + ne) * 2];
+    free(sum);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "computing the reference log-probs failed on another rank");
+    failed = 0;
+    if (!rc && lead) {
         float one = 1;
         MbTensorOut ts[2] = {{"ref_logps", MB_DT_F32, 2, {nt + ne, 2}, tr->ref_cache}, {key, MB_DT_F32, 1, {1}, &one}};
         rc = mb_safetensors_write(path, ts, 2, NULL);
         if (!rc) printf("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
+        failed = rc != MB_OK;
     }
+    comm->all_reduce_host(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "rank 0 could not write the reference log-probs");
     free(path);
     return rc;
 }
 
 /* ---- checkpoints: OUTPUT/checkpoint-N/ written as a temporary folder and renamed ---- */
 
-static MbStatus checkpoint_save(MbTrainer *tr) {
+/* Rank 0 writes the checkpoint; with ZeRO the moment slices are gathered first. Every rank
+ * learns whether it worked. */
+static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const float *exp_avg_sq) {
     char final[4096], tmp[4200];
     snprintf(final, sizeof final, "%s/checkpoint-%ld", tr->output_dir, tr->step);
     snprintf(tmp, sizeof tmp, "%s.tmp.%ld", final, (long)getpid());
@@ -5038,16 +5727,17 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
     if (!rc) {
         char *p = mb_path_join(tmp, "optimizer.safetensors");
         size_t n = tr->lo->n_params;
-        MbTensorOut ts[2] = {{"exp_avg", MB_DT_F32, 1, {n}, tr->exp_avg}, {"exp_avg_sq", MB_DT_F32, 1, {n}, tr->exp_avg_sq}};
+        MbTensorOut ts[2] = {{"exp_avg", MB_DT_F32, 1, {n}, exp_avg}, {"exp_avg_sq", MB_DT_F32, 1, {n}, exp_avg_sq}};
         rc = mb_safetensors_write(p, ts, 2, NULL);
         free(p);
     }
     if (!rc) {
         char *j = NULL;
         sb_printf(&j, "{\n  \"global_step\": %ld,\n  \"micro_batches_done\": %ld,\n  \"total_steps\": %ld,\n"
-                  "  \"tokens_seen\": %.0f,\n  \"fingerprint\": \"%016llx\",\n  \"seed\": %d\n}\n",
+                  "  \"tokens_seen\": %.0f,\n  \"fingerprint\": \"%016llx\",\n  \"seed\": %d,\n  \"world_size\": %d,\n"
+                  "  \"zero_stage\": %d\n}\n",
                   tr->step, tr->micro_done, tr->total_steps, tr->tokens_seen, (unsigned long long)tr->fingerprint,
-                  tr->cfg.seed);
+                  tr->cfg.seed, tr->comm->world, tr->zero);
         char *p = mb_path_join(tmp, "trainer_state.json");
         rc = mb_write_file(p, j, strlen(j));
         free(p);
@@ -5056,6 +5746,30 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
     if (!rc && mb_is_dir(final)) rc = mb_rmdir_r(final);
     if (!rc && rename(tmp, final) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot rename to %s: %s", tmp, final, strerror(errno));
     if (rc) mb_rmdir_r(tmp);
+    return rc;
+}
+
+static MbStatus checkpoint_save(MbTrainer *tr) {
+    MbComm *comm = tr->comm;
+    MbOps *ops = tr->m->ops;
+    float *m1 = tr->exp_avg, *m2 = tr->exp_avg_sq;
+    size_t bytes = tr->n_pad * sizeof(float);
+    if (tr->zero && comm->world > 1) { /* every rank's slice, in one file */
+        m1 = ops->alloc(ops, bytes), m2 = ops->alloc(ops, bytes);
+        comm->all_gather(comm, m1, tr->exp_avg, tr->n_pad);
+        comm->all_gather(comm, m2, tr->exp_avg_sq, tr->n_pad);
+    }
+    MbStatus rc = MB_OK;
+    if (comm->rank == 0) {
+        float *h1 = mb_malloc(bytes), *h2 = mb_malloc(bytes);
+        ops->to_host(ops, h1, m1, bytes), ops->to_host(ops, h2, m2, bytes);
+        rc = checkpoint_write(tr, h1, h2);
+        free(h1), free(h2);
+    }
+    if (m1 != tr->exp_avg) ops->free(ops, m1), ops->free(ops, m2);
+    double failed = rc != MB_OK;
+    comm->all_reduce_host(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_IO, "rank 0 could not write checkpoint-%ld", tr->step);
     return rc;
 }
 
@@ -5097,10 +5811,20 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
         if (!a || !b || a->dtype != MB_DT_F32 || b->dtype != MB_DT_F32 || a->numel != np || b->numel != np)
             rc = mb_fail(MB_ERR_FORMAT, "%s: optimizer moments missing or of the wrong size --> the checkpoint is "
                          "corrupt", opt);
-        else {
-            memcpy(tr->exp_avg, a->data, np * sizeof(float));
-            memcpy(tr->exp_avg_sq, b->data, np * sizeof(float));
-            memcpy(tr->lo->params, lo->params, np * sizeof(float));
+        else { /* the file holds every slice: any world size can take its own */
+            MbOps *ops = tr->m->ops;
+            size_t off = tr->zero ? (size_t)tr->comm->rank * tr->shard : 0, len = tr->zero ? tr->shard : tr->n_pad;
+            float *h1 = mb_calloc(len + 1, sizeof(float)), *h2 = mb_calloc(len + 1, sizeof(float));
+            for (size_t i = 0; i < len && off + i < np; i++) {
+                memcpy(&h1[i], (const char *)a->data + 4 * (off + i), 4);
+                memcpy(&h2[i], (const char *)b->data + 4 * (off + i), 4);
+            }
+            ops->from_host(ops, tr->exp_avg, h1, len * sizeof(float));
+            ops->from_host(ops, tr->exp_avg_sq, h2, len * sizeof(float));
+            free(h1), free(h2);
+            float *hp = lora_download(lo, lo->params);
+            ops->from_host(ops, tr->lo->params, hp, np * sizeof(float));
+            free(hp);
         }
     }
     mb_safetensors_close(st);
@@ -5194,83 +5918,139 @@ static MbStatus write_svg(const MbTrainer *tr, const MbLogRow *rows, size_t n) {
 }
 
 /* Evaluation over the eval pairs in order: metrics are means over batches (TRL), the loss is
- * the mean over pairs. */
+ * the mean over pairs. The batches are dealt to the ranks in turn. */
 static MbStatus train_evaluate(MbTrainer *tr, double *met) {
     size_t n = (size_t)arrlen(tr->eval.pairs), nt = (size_t)arrlen(tr->train.pairs);
-    int bs = tr->cfg.per_device_eval_batch_size, *idx = mb_malloc((size_t)bs * sizeof *idx), batches = 0;
-    double bm[MET_COUNT], loss = 0;
-    for (int k = 0; k < MET_COUNT; k++) met[k] = 0;
+    int bs = tr->cfg.per_device_eval_batch_size, *idx = mb_malloc((size_t)bs * sizeof *idx);
+    MbComm *comm = tr->comm;
+    double bm[MET_COUNT] = {0};
+    double sums[MET_COUNT + 3] = {0}; /* metric sums, loss x pairs, batches, failed */
     MbStatus rc = MB_OK;
-    for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs) {
+    size_t b = 0;
+    for (size_t i0 = 0; i0 < n; i0 += (size_t)bs, b++) {
+        if ((int)(b % (size_t)comm->world) != comm->rank || rc) continue;
         int P = (int)MB_MIN((size_t)bs, n - i0);
         for (int i = 0; i < P; i++) idx[i] = (int)(i0 + (size_t)i);
         rc = train_microbatch(tr, &tr->eval, idx, P, nt, 0, 1.0, bm);
-        for (int k = 0; k < MET_COUNT; k++) met[k] += bm[k];
-        loss += bm[MET_LOSS] * P;
-        batches++;
+        for (int k = 0; k < MET_COUNT; k++) sums[k] += bm[k];
+        sums[MET_COUNT] += bm[MET_LOSS] * P;
+        sums[MET_COUNT + 1] += 1;
     }
-    for (int k = 0; k < MET_COUNT; k++) met[k] /= MB_MAX(batches, 1);
-    met[MET_LOSS] = loss / (double)MB_MAX(n, 1);
+    sums[MET_COUNT + 2] = rc != MB_OK;
+    comm->all_reduce_host(comm, sums, MET_COUNT + 3);
+    for (int k = 0; k < MET_COUNT; k++) met[k] = sums[k] / MB_MAX(sums[MET_COUNT + 1], 1.0);
+    met[MET_LOSS] = sums[MET_COUNT] / (double)MB_MAX(n, 1);
+    if (!rc && sums[MET_COUNT + 2] > 0) rc = mb_fail(MB_ERR_ARG, "evaluation failed on another rank");
     free(idx);
     return rc;
 }
 
+/* The summed gradient of this step, clipped, applied with AdamW. Without ZeRO every rank sums
+ * the whole gradient and updates every parameter; with ZeRO-1 each rank gets the sum of its
+ * slice (reduce-scatter), updates that slice with its slice of the moments, and the slices are
+ * all-gathered. Returns the global gradient norm before clipping. */
+static double optimizer_step(MbTrainer *tr, double lr) {
+    MbTrainConfig *c = &tr->cfg;
+    MbOps *ops = tr->m->ops;
+    MbComm *comm = tr->comm;
+    float *p = tr->lo->params, *g = tr->lo->grads;
+    size_t off = (size_t)comm->rank * tr->shard, len = tr->n_pad;
+    float *gs = g;
+    if (tr->zero) {
+        comm->reduce_scatter_f64(comm, tr->acc_shard, tr->acc, tr->n_pad);
+        ops->from_f64(ops, tr->gshard, tr->acc_shard, tr->shard);
+        gs = tr->gshard, len = tr->shard;
+    } else {
+        if (comm->world > 1) comm->all_reduce_f64(comm, tr->acc, tr->n_pad);
+        ops->from_f64(ops, g, tr->acc, tr->n_pad);
+    }
+    double ss = ops->sumsq(ops, gs, len);
+    if (tr->zero && comm->world > 1) { /* the slices' sums of squares, added in fp64 */
+        double *one = mb_calloc((size_t)comm->world, sizeof(double));
+        one[comm->rank] = ss;
+        comm->all_reduce_host(comm, one, (size_t)comm->world);
+        ss = 0;
+        for (int r = 0; r < comm->world; r++) ss += one[r];
+        free(one);
+    }
+    double norm = sqrt(ss);
+    if (!isfinite(norm)) return norm;
+    if (c->max_grad_norm > 0) { /* torch.nn.utils.clip_grad_norm_ */
+        double coef = c->max_grad_norm / (norm + 1e-6);
+        if (coef < 1.0) ops->scale(ops, gs, (float)coef, len);
+    }
+    ops->adamw(ops, tr->zero ? p + off : p, gs, tr->exp_avg, tr->exp_avg_sq, len, lr, c->adam_beta1, c->adam_beta2,
+               c->adam_epsilon, c->weight_decay, tr->step + 1);
+    if (tr->zero) comm->all_gather(comm, p, p + off, tr->n_pad);
+    return norm;
+}
+
 /* The training loop of transformers' Trainer: epochs of micro-batches, grouped into optimizer
- * steps of gradient_accumulation_steps (the last of an epoch may be shorter; its loss is divided
- * by the micro-batches it has). */
+ * steps of gradient_accumulation_steps x world micro-batches (the last of an epoch may be
+ * shorter; the loss is divided by the micro-batches the step has). Rank r runs its contiguous
+ * share of each step's micro-batches, so any world size sees the batches one rank would see. */
 static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     MbTrainConfig *c = &tr->cfg;
     MbOps *ops = tr->m->ops;
-    size_t n = (size_t)arrlen(tr->train.pairs), np = tr->lo->n_params;
-    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps;
+    MbComm *comm = tr->comm;
+    int lead = comm->rank == 0;
+    size_t n = (size_t)arrlen(tr->train.pairs);
+    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps * comm->world;
     long mb_per_epoch = (long)((n + (size_t)bs - 1) / (size_t)bs);
     long steps_per_epoch = MB_MAX(1, (mb_per_epoch + ga - 1) / ga);
     tr->total_steps = c->max_steps > 0 ? c->max_steps : (long)ceil(c->num_train_epochs * (double)steps_per_epoch);
     long warmup = warmup_steps(c, tr->total_steps);
-    tr->exp_avg = mb_calloc(np, sizeof(float));
-    tr->exp_avg_sq = mb_calloc(np, sizeof(float));
+    size_t moments = tr->zero ? tr->shard : tr->n_pad;
+    tr->exp_avg = ops->alloc(ops, moments * sizeof(float));
+    tr->exp_avg_sq = ops->alloc(ops, moments * sizeof(float));
     MbStatus rc = MB_OK;
     if (resume && (rc = checkpoint_load(tr, resume))) return rc;
-    if (resume) printf("resumed from %s at step %ld\n", resume, tr->step);
+    if (resume && lead) printf("resumed from %s at step %ld\n", resume, tr->step);
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
     MbLogRow *hist = NULL, win;
     memset(&win, 0, sizeof win);
     int win_micro = 0, win_steps = 0;
     double win_loss = 0;
-    double t0 = mb_now(), met[MET_COUNT];
+    double t0 = mb_now(), met[MET_COUNT] = {0};
     long epoch = tr->micro_done / mb_per_epoch;
     epoch_order(c, n, epoch, order);
     while (!rc && tr->step < tr->total_steps) {
         long in_epoch = tr->micro_done % mb_per_epoch;
         if (in_epoch == 0 && tr->micro_done / mb_per_epoch != epoch) epoch_order(c, n, epoch = tr->micro_done / mb_per_epoch, order);
         long count = MB_MIN((long)ga, mb_per_epoch - in_epoch); /* micro-batches of this optimizer step */
-        ops->fill(ops, tr->lo->grads, 0.0f, np);
-        double step_met[MET_COUNT] = {0};
-        for (long k = 0; k < count && !rc; k++) {
+        size_t mine0, mine1;
+        mb_split((size_t)count, comm->rank, comm->world, &mine0, &mine1);
+        ops->fill_f64(ops, tr->acc, tr->n_pad);
+        double sums[MET_COUNT + 2] = {0}; /* metric sums over the step's micro-batches, tokens, failed */
+        double tokens0 = tr->tokens_seen;
+        for (long k = (long)mine0; k < (long)mine1 && !rc; k++) {
             long mbi = in_epoch + k;
             int P = (int)MB_MIN((size_t)bs, n - (size_t)mbi * (size_t)bs);
             for (int i = 0; i < P; i++) idx[i] = order[(size_t)mbi * (size_t)bs + (size_t)i];
+            tr->micro_key = tr->micro_done + k; /* the global micro-batch number keys LoRA dropout */
+            ops->fill(ops, tr->lo->grads, 0.0f, tr->n_pad); /* this micro-batch's gradient alone ... */
             rc = train_microbatch(tr, &tr->train, idx, P, 0, 1, 1.0 / (double)count, met);
-            if (!rc && !isfinite(met[MET_LOSS]))
-                rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the loss is %g --> lower --learning_rate; "
-                             "the last checkpoint (if any) is intact", tr->step + 1, met[MET_LOSS]);
-            for (int q = 0; q < MET_COUNT; q++) step_met[q] += met[q] / (double)count, win.met[q] += met[q];
-            win_micro++;
+            ops->accumulate_f64(ops, tr->acc, tr->lo->grads, tr->n_pad); /* ... added to the step's in fp64 */
+            for (int q = 0; q < MET_COUNT; q++) sums[q] += met[q];
         }
+        sums[MET_COUNT] = tr->tokens_seen - tokens0;
+        sums[MET_COUNT + 1] = rc != MB_OK;
+        comm->all_reduce_host(comm, sums, MET_COUNT + 2); /* also tells every rank when one failed */
+        tr->tokens_seen = tokens0 + sums[MET_COUNT];
+        if (!rc && sums[MET_COUNT + 1] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: another rank failed");
+        if (!rc && !isfinite(sums[MET_LOSS]))
+            rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the loss is %g --> lower --learning_rate; "
+                         "the last checkpoint (if any) is intact", tr->step + 1, sums[MET_LOSS]);
         if (rc) break;
-        double norm = sqrt(ops->sumsq(ops, tr->lo->grads, np));
+        double step_met[MET_COUNT];
+        for (int q = 0; q < MET_COUNT; q++) step_met[q] = sums[q] / (double)count, win.met[q] += sums[q];
+        win_micro += (int)count;
+        double lr = sched_lr(c, tr->step, tr->total_steps, warmup), norm = optimizer_step(tr, lr);
         if (!isfinite(norm)) {
             rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the gradient norm is %g; the last checkpoint (if "
                          "any) is intact", tr->step + 1, norm);
             break;
         }
-        if (c->max_grad_norm > 0) { /* torch.nn.utils.clip_grad_norm_ */
-            double coef = c->max_grad_norm / (norm + 1e-6);
-            if (coef < 1.0) ops->scale(ops, tr->lo->grads, (float)coef, np);
-        }
-        double lr = sched_lr(c, tr->step, tr->total_steps, warmup);
-        ops->adamw(ops, tr->lo->params, tr->lo->grads, tr->exp_avg, tr->exp_avg_sq, np, lr, c->adam_beta1,
-                   c->adam_beta2, c->adam_epsilon, c->weight_decay, tr->step + 1);
         tr->step++;
         tr->micro_done += count;
         win_steps++;
@@ -5278,14 +6058,13 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         MbLogRow row = {tr->step, (double)tr->micro_done / (double)mb_per_epoch, lr, norm, {0}};
         for (int q = 0; q < MET_COUNT; q++) row.met[q] = step_met[q];
         arrput(hist, row);
-        progress_bar(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
+        if (lead) progress_bar(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
         if ((c->logging_steps > 0 && tr->step % c->logging_steps == 0) || tr->step == tr->total_steps) {
             /* TRL: stored metrics averaged over the micro-batches since the last log */
             MbLogRow lr_row = row;
             for (int q = 0; q < MET_COUNT; q++) lr_row.met[q] = win.met[q] / MB_MAX(win_micro, 1);
             lr_row.met[MET_LOSS] = win_loss / MB_MAX(win_steps, 1); /* Trainer: mean over the steps */
-            log_append(tr, &lr_row, "", 0);
-            log_print(tr, &lr_row, "", 0);
+            if (lead) log_append(tr, &lr_row, "", 0), log_print(tr, &lr_row, "", 0);
             memset(&win, 0, sizeof win);
             win_micro = win_steps = 0;
             win_loss = 0;
@@ -5296,12 +6075,14 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
             if ((rc = train_evaluate(tr, em))) break;
             MbLogRow er = row;
             memcpy(er.met, em, sizeof em);
-            log_append(tr, &er, "eval_", 1);
-            log_print(tr, &er, "eval_", 1);
+            if (lead) log_append(tr, &er, "eval_", 1), log_print(tr, &er, "eval_", 1);
+            if (lead && last && !tr->sft)
+                printf("held-out eval_rewards/accuracies %.3f (%zu pairs)\n", em[MET_REWARDS_ACCURACIES],
+                       (size_t)arrlen(tr->eval.pairs));
         }
         if ((c->save_steps > 0 && tr->step % c->save_steps == 0) || last) rc = checkpoint_save(tr);
     }
-    if (!rc && arrlen(hist)) rc = write_svg(tr, hist, (size_t)arrlen(hist));
+    if (!rc && lead && arrlen(hist)) rc = write_svg(tr, hist, (size_t)arrlen(hist));
     arrfree(hist);
     free(order), free(idx);
     return rc;
@@ -5310,7 +6091,8 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
 static void trainer_free(MbTrainer *tr) {
     dataset_free(&tr->train);
     dataset_free(&tr->eval);
-    free(tr->ref_cache), free(tr->exp_avg), free(tr->exp_avg_sq);
+    free(tr->ref_cache);
+    if (tr->m && tr->exp_avg) tr->m->ops->free(tr->m->ops, tr->exp_avg), tr->m->ops->free(tr->m->ops, tr->exp_avg_sq);
     if (tr->m) mb_model_set_lora(tr->m, NULL);
     mb_lora_free(tr->lo);
     mb_tokenizer_free((MbTokenizer *)tr->tok);
@@ -5355,7 +6137,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     if (c->loss_type == MB_LOSS_ROBUST && !(c->label_smoothing < 0.5))
         return mb_fail(MB_ERR_ARG, "the robust loss needs label_smoothing < 0.5");
     if (!(c->beta > 0)) return mb_fail(MB_ERR_ARG, "beta must be > 0");
-    MbLoadOptions lopt = {job->threads};
+    MbLoadOptions lopt = {.threads = job->threads, .load_in_4bit = job->load_in_4bit, .bnb_4bit_compute_dtype = job->bnb_4bit_compute_dtype};
     MbStatus rc = mb_model_load(job->model_dir, &lopt, &tr->m);
     MbTokenizer *tok = NULL;
     if (!rc) rc = mb_tokenizer_load(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &tok);
@@ -5363,6 +6145,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     if (!rc && mb_tokenizer_vocab_size(tok) > (size_t)tr->m->cfg.vocab_size)
         rc = mb_fail(MB_ERR_ARG, "the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
                      "model's own tokenizer", mb_tokenizer_vocab_size(tok), tr->m->cfg.vocab_size);
+    if (!rc) tr->pad = MB_MAX(mb_tokenizer_eos_id(tok), 0);
     MbDataOptions dopt = {c->max_length, c->max_prompt_length, c->max_completion_length, c->add_bos};
     if (!rc && need_train_data) rc = dataset_load(job->data_path, tok, &dopt, &tr->train);
     if (!rc && job->eval_data_path) rc = dataset_load(job->eval_data_path, tok, &dopt, &tr->eval);
@@ -5406,26 +6189,66 @@ static char *latest_checkpoint(const char *out) {
     return mb_path_join(out, buf);
 }
 
-MbStatus mb_train(const MbTrainJob *job) {
-    if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
-    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0)
-        return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
+/* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
+ * ZeRO's slices are equal; the views into them follow. */
+static void lora_reserve(MbLora *lo, size_t n_pad) {
+    MbOps *ops = lo->ops;
+    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
+    float *host = lora_download(lo, lo->params);
+    ops->from_host(ops, p, host, lo->n_params * sizeof(float));
+    free(host);
+    for (size_t i = 0; i < (size_t)lo->L * MB_LAYER_WEIGHTS; i++) {
+        MbLoraPair *q = &lo->pairs[i];
+        if (!q->A.data) continue;
+        q->A.data = p + ((const float *)q->A.data - lo->params), q->B.data = p + ((const float *)q->B.data - lo->params);
+        q->gA = g + (q->gA - lo->grads), q->gB = g + (q->gB - lo->grads);
+    }
+    ops->free(ops, lo->params), ops->free(ops, lo->grads);
+    lo->params = p, lo->grads = g;
+}
+
+/* One rank of a run: its own model, data and adapter copy, joined to the others by comm. Only
+ * rank 0 prints and writes files. */
+static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads) {
+    MbTrainJob j = *job;
+    j.threads = threads;
     MbTrainer tr;
-    MbStatus rc = trainer_setup(&tr, job, 1);
+    int lead = comm->rank == 0;
+    MbStatus rc = trainer_setup(&tr, &j, 1);
+    double failed = rc != MB_OK; /* a rank that cannot start stops every rank */
+    comm->all_reduce_host(comm, &failed, 1);
     if (rc) return rc;
-    report_skips(&tr.train);
-    if (arrlen(tr.eval.pairs) && job->eval_data_path) report_skips(&tr.eval);
+    if (failed > 0) {
+        trainer_free(&tr);
+        return mb_fail(MB_ERR_ARG, "another rank could not start");
+    }
+    tr.comm = comm;
+    tr.zero = job->zero_stage < 0 ? comm->world > 1 : job->zero_stage >= 1;
+    tr.shard = (tr.lo->n_params + (size_t)comm->world - 1) / (size_t)comm->world;
+    tr.n_pad = tr.shard * (size_t)comm->world;
+    lora_reserve(tr.lo, tr.n_pad);
+    MbOps *ops = tr.m->ops;
+    if (tr.zero) tr.gshard = ops->alloc(ops, tr.shard * sizeof(float)), tr.acc_shard = ops->alloc(ops, tr.shard * sizeof(double));
+    tr.acc = ops->alloc(ops, tr.n_pad * sizeof(double));
     tr.fingerprint = trainer_fingerprint(&tr);
     const MbTrainConfig *c = &tr.cfg;
-    printf("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on", job->sft ? "sft" : "dpo",
-           (size_t)arrlen(tr.train.pairs), (size_t)arrlen(tr.eval.pairs), tr.lo->r, tr.lo->alpha);
-    for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
-        if (tr.lo->targets & (1u << i)) printf(" %s", lora_module_name(i));
-    printf(" (%zu trainable parameters)\n", tr.lo->n_params);
-    if (!job->sft)
-        printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
-               c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
-               c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
+    if (lead) {
+        report_skips(&tr.train);
+        if (arrlen(tr.eval.pairs) && job->eval_data_path) report_skips(&tr.eval);
+        printf("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on", job->sft ? "sft" : "dpo",
+               (size_t)arrlen(tr.train.pairs), (size_t)arrlen(tr.eval.pairs), tr.lo->r, tr.lo->alpha);
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+            if (tr.lo->targets & (1u << i)) printf(" %s", lora_module_name(i));
+        printf(" (%zu trainable parameters)\n", tr.lo->n_params);
+        if (!job->sft)
+            printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
+                   c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
+                   c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
+        if (comm->world > 1)
+            printf("data parallel: %d ranks x %d threads, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
+                   comm->world, threads, c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world,
+                   tr.zero, tr.zero ? tr.shard : tr.lo->n_params);
+    }
     if (!job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
     char *resume = NULL;
     if (!rc && job->resume && job->resume[0]) {
@@ -5436,15 +6259,70 @@ MbStatus mb_train(const MbTrainJob *job) {
             resume = mb_strdup(job->resume);
         }
     }
+    failed = rc != MB_OK;
+    comm->all_reduce_host(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     double t0 = mb_now();
     if (!rc) rc = trainer_run(&tr, resume);
     free(resume);
-    if (!rc) rc = mb_lora_save(tr.lo, job->output_dir, job->model_dir);
-    if (!rc)
+    if (!rc && lead) rc = mb_lora_save(tr.lo, job->output_dir, job->model_dir);
+    if (!rc && lead)
         printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
                "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
                job->output_dir, job->output_dir);
+    if (tr.gshard) ops->free(ops, tr.gshard), ops->free(ops, tr.acc_shard);
+    ops->free(ops, tr.acc);
     trainer_free(&tr);
+    return rc;
+}
+
+typedef struct {
+    const MbTrainJob *job;
+    MbComm *comm;
+    int threads;
+    MbStatus rc;
+    char err[1024];
+} MbRankRun;
+
+static void *train_rank_thread(void *arg) {
+    MbRankRun *r = arg;
+    r->rc = train_rank(r->job, r->comm, r->threads);
+    if (r->rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
+    return NULL;
+}
+
+MbStatus mb_train(const MbTrainJob *job) {
+    if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
+    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0)
+        return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
+    MbStatus rc = MB_OK;
+    int world = job->nproc > 1 ? job->nproc : 1;
+    if (world > 256) return mb_fail(MB_ERR_ARG, "--nproc %d: at most 256 ranks", world);
+    int total = job->threads > 0 ? job->threads : mb_cpu_count(), per = MB_MAX(1, total / world);
+    MbComm **comms = mb_calloc((size_t)world, sizeof *comms);
+    mb_comm_threads_new(world, comms);
+    if (world == 1) {
+        rc = train_rank(job, comms[0], per);
+    } else {
+        MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
+        pthread_t *th = mb_calloc((size_t)world, sizeof *th);
+        for (int r = 0; r < world; r++) {
+            runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = per;
+            if (pthread_create(&th[r], NULL, train_rank_thread, &runs[r]) != 0) {
+                fprintf(stderr, "medbot: cannot start rank %d of %d\n", r, world);
+                exit(1); /* the ranks already started wait for it forever */
+            }
+        }
+        for (int r = 0; r < world; r++) pthread_join(th[r], NULL);
+        /* report the rank that failed first, not the ranks that stopped because of it */
+        for (int r = 0; r < world && !rc; r++)
+            if (runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+        for (int r = 0; r < world && !rc; r++)
+            if (runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+        free(runs), free(th);
+    }
+    for (int r = 0; r < world; r++) comms[r]->destroy(comms[r]);
+    free(comms);
     return rc;
 }
 
@@ -5456,7 +6334,9 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
     if (rc) return rc;
     report_skips(&tr.eval);
     double met[MET_COUNT];
+    mb_comm_threads_new(1, &tr.comm);
     rc = train_evaluate(&tr, met);
+    tr.comm->destroy(tr.comm);
     if (!rc) {
         printf("%zu pairs of %s\n", (size_t)arrlen(tr.eval.pairs), job->data_path);
         for (int k = 0; k < (job->sft ? 1 : MET_COUNT); k++) printf("  eval_%-20s %.6f\n", mb_metric_names[k], met[k]);
@@ -5808,7 +6688,483 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
 }
 
 // ============================================================================================
-// ---------- 11. coordinator ----------  (the distributed issue)
+// ---------- 11. coordinator ----------
+// Data parallelism as DeepSpeed runs the card: every rank holds the model and the adapter, runs
+// its share of the micro-batches, and the gradients are summed across ranks. MbComm is the
+// collective interface, on fp32 buffers, with two backends: in-process threads (CPU ranks; what
+// the tests use) and NCCL (one rank per GPU, several processes joined by a TCP rendezvous that
+// reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT). Sums run over the ranks in
+// rank order, so every rank gets bit-identical results.
+// ============================================================================================
+
+/* ---- in-process threads ---- */
+
+typedef struct {
+    int world;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int waiting;
+    unsigned long generation;
+    const float **slot;   /* (world) each rank's published buffer */
+    float **part;         /* (world) each rank's reduced slice */
+    int refs;
+} MbThreadGroup;
+
+typedef struct {
+    MbThreadGroup *g;
+} MbThreadComm;
+
+static void tg_barrier(MbThreadGroup *g) {
+    pthread_mutex_lock(&g->mu);
+    unsigned long gen = g->generation;
+    if (++g->waiting == g->world) {
+        g->waiting = 0;
+        g->generation++;
+        pthread_cond_broadcast(&g->cv);
+    } else {
+        while (gen == g->generation) pthread_cond_wait(&g->cv, &g->mu);
+    }
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void tc_barrier(MbComm *c) { tg_barrier(((MbThreadComm *)c->ctx)->g); }
+
+/* out[0..len) = sum over ranks r (in order) of slot[r][off + i] */
+static void tg_sum(MbThreadGroup *g, float *out, size_t off, size_t len) {
+    for (size_t i = 0; i < len; i++) {
+        float s = g->slot[0][off + i];
+        for (int r = 1; r < g->world; r++) s += g->slot[r][off + i];
+        out[i] = s;
+    }
+}
+
+static void tc_all_reduce(MbComm *c, float *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t lo, hi;
+    mb_split(n, c->rank, c->world, &lo, &hi);
+    float *mine = mb_malloc((hi - lo + 1) * sizeof(float));
+    g->slot[c->rank] = x;
+    tg_barrier(g);
+    tg_sum(g, mine, lo, hi - lo);
+    g->part[c->rank] = mine;
+    tg_barrier(g); /* every slice reduced: now x may be overwritten */
+    for (int r = 0; r < c->world; r++) {
+        size_t a, b;
+        mb_split(n, r, c->world, &a, &b);
+        memcpy(x + a, g->part[r], (b - a) * sizeof(float));
+    }
+    tg_barrier(g);
+    free(mine);
+}
+
+static void tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t per = n / (size_t)c->world;
+    g->slot[c->rank] = x;
+    tg_barrier(g);
+    tg_sum(g, shard, (size_t)c->rank * per, per);
+    tg_barrier(g);
+}
+
+static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t per = n / (size_t)c->world;
+    g->slot[c->rank] = shard;
+    tg_barrier(g);
+    for (int r = 0; r < c->world; r++)
+        if (x + (size_t)r * per != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
+    tg_barrier(g);
+}
+
+static void tc_broadcast(MbComm *c, float *x, size_t n, int root) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    g->slot[c->rank] = x;
+    tg_barrier(g);
+    if (c->rank != root) memcpy(x, g->slot[root], n * sizeof(float));
+    tg_barrier(g);
+}
+
+static void tc_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t lo, hi;
+    mb_split(n, c->rank, c->world, &lo, &hi);
+    double *mine = mb_malloc((hi - lo + 1) * sizeof(double));
+    g->slot[c->rank] = (const float *)(const void *)x;
+    tg_barrier(g);
+    for (size_t i = lo; i < hi; i++) {
+        double s = ((const double *)(const void *)g->slot[0])[i];
+        for (int r = 1; r < g->world; r++) s += ((const double *)(const void *)g->slot[r])[i];
+        mine[i - lo] = s;
+    }
+    g->part[c->rank] = (float *)(void *)mine;
+    tg_barrier(g);
+    for (int r = 0; r < c->world; r++) {
+        size_t a, b;
+        mb_split(n, r, c->world, &a, &b);
+        memcpy(x + a, g->part[r], (b - a) * sizeof(double));
+    }
+    tg_barrier(g);
+    free(mine);
+}
+
+static void tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    size_t per = n / (size_t)c->world, off = (size_t)c->rank * per;
+    g->slot[c->rank] = (const float *)(const void *)x;
+    tg_barrier(g);
+    for (size_t i = 0; i < per; i++) {
+        double s = ((const double *)(const void *)g->slot[0])[off + i];
+        for (int r = 1; r < g->world; r++) s += ((const double *)(const void *)g->slot[r])[off + i];
+        shard[i] = s;
+    }
+    tg_barrier(g);
+}
+
+static void tc_destroy(MbComm *c) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    pthread_mutex_lock(&g->mu);
+    int last = --g->refs == 0;
+    pthread_mutex_unlock(&g->mu);
+    if (last) {
+        pthread_mutex_destroy(&g->mu);
+        pthread_cond_destroy(&g->cv);
+        free(g->slot), free(g->part), free(g);
+    }
+    free(c->ctx);
+    free(c);
+}
+
+/* world communicators of one in-process group (rank r is comms[r]); each destroys its own. */
+static void mb_comm_threads_new(int world, MbComm **comms) {
+    MbThreadGroup *g = mb_calloc(1, sizeof *g);
+    g->world = world;
+    g->refs = world;
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->slot = mb_calloc((size_t)world, sizeof *g->slot);
+    g->part = mb_calloc((size_t)world, sizeof *g->part);
+    for (int r = 0; r < world; r++) {
+        MbComm *c = mb_calloc(1, sizeof *c);
+        MbThreadComm *tc = mb_calloc(1, sizeof *tc);
+        tc->g = g;
+        c->rank = r, c->world = world, c->ctx = tc;
+        c->all_reduce = tc_all_reduce, c->reduce_scatter = tc_reduce_scatter, c->all_gather = tc_all_gather;
+        c->broadcast = tc_broadcast, c->barrier = tc_barrier, c->destroy = tc_destroy;
+        c->all_reduce_f64 = tc_all_reduce_f64, c->reduce_scatter_f64 = tc_reduce_scatter_f64;
+        c->all_reduce_host = tc_all_reduce_f64; /* the CPU ranks' memory is the host's */
+        comms[r] = c;
+    }
+}
+
+/* ---- TCP rendezvous: rank 0 hands a blob (NCCL's unique id) to every other rank ----
+ * Rank 0 listens on MASTER_ADDR:MASTER_PORT only; each other rank connects (retrying until the
+ * timeout) and sends {magic, rank, world}; rank 0 checks every hello (world size agrees, rank in
+ * range and unique) and answers each with a status and the blob, or with the reason it refused. */
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#define MB_RDV_MAGIC 0x6d6564626f745231ull /* "medbotR1" */
+#define MB_RDV_MAX_BLOB 4096
+
+#ifndef MSG_NOSIGNAL /* macOS: SO_NOSIGPIPE on the socket instead */
+#define MSG_NOSIGNAL 0
+#endif
+
+/* a peer that hung up must not kill us with SIGPIPE */
+static void rdv_nosigpipe(int fd) {
+#ifdef SO_NOSIGPIPE
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#else
+    (void)fd;
+#endif
+}
+
+static int rdv_write_all(int fd, const void *p, size_t n) {
+    const char *s = p;
+    rdv_nosigpipe(fd);
+    while (n) {
+        ssize_t k = send(fd, s, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return 0;
+        s += k, n -= (size_t)k;
+    }
+    return 1;
+}
+
+/* reads n bytes before the deadline (mb_now seconds) */
+static int rdv_read_all(int fd, void *p, size_t n, double deadline) {
+    char *s = p;
+    while (n) {
+        int ms = (int)((deadline - mb_now()) * 1000);
+        if (ms <= 0) return 0;
+        struct pollfd pf = {fd, POLLIN, 0};
+        int r = poll(&pf, 1, ms);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return 0;
+        ssize_t k = recv(fd, s, n, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return 0;
+        s += k, n -= (size_t)k;
+    }
+    return 1;
+}
+
+static void rdv_put_u64(unsigned char *b, uint64_t v) {
+    for (int i = 0; i < 8; i++) b[i] = (unsigned char)(v >> (8 * i));
+}
+static uint64_t rdv_get_u64(const unsigned char *b) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | b[i];
+    return v;
+}
+
+static MbStatus rdv_resolve(const char *addr, int port, struct addrinfo **out) {
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    char ps[16];
+    snprintf(ps, sizeof ps, "%d", port);
+    int e = getaddrinfo(addr, ps, &hints, out);
+    if (e) return mb_fail(MB_ERR_ARG, "rendezvous: MASTER_ADDR %s: %s", addr, gai_strerror(e));
+    return MB_OK;
+}
+
+/* Rank 0: accepts world - 1 ranks, then sends each the blob (or the reason for refusing). */
+static MbStatus rdv_serve(const char *addr, int port, int world, const void *blob, size_t n, double timeout) {
+    struct addrinfo *ai;
+    MbStatus rc = rdv_resolve(addr, port, &ai);
+    if (rc) return rc;
+    int fd = socket(ai->ai_family, SOCK_STREAM, 0), one = 1;
+    if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, world) != 0) {
+        int e = errno;
+        freeaddrinfo(ai);
+        if (fd >= 0) close(fd);
+        return mb_fail(MB_ERR_ARG, "rendezvous: cannot listen on %s:%d: %s%s", addr, port, strerror(e),
+                       e == EADDRINUSE ? " --> another job uses MASTER_PORT; pick a free one" : "");
+    }
+    freeaddrinfo(ai);
+    int *peer = mb_malloc((size_t)world * sizeof *peer);
+    for (int r = 0; r < world; r++) peer[r] = -1;
+    double deadline = mb_now() + timeout;
+    char why[256] = "";
+    int joined = 1;
+    while (joined < world && !why[0]) {
+        int ms = (int)((deadline - mb_now()) * 1000);
+        struct pollfd pf = {fd, POLLIN, 0};
+        if (ms <= 0 || poll(&pf, 1, ms) <= 0) break;
+        int c = accept(fd, NULL, NULL);
+        if (c < 0) continue;
+        unsigned char hello[24];
+        if (!rdv_read_all(c, hello, sizeof hello, deadline) || rdv_get_u64(hello) != MB_RDV_MAGIC) {
+            close(c); /* not one of ours */
+            continue;
+        }
+        int r = (int)rdv_get_u64(hello + 8), w = (int)rdv_get_u64(hello + 16);
+        if (w != world)
+            snprintf(why, sizeof why, "rank %d says WORLD_SIZE=%d, rank 0 has WORLD_SIZE=%d", r, w, world);
+        else if (r <= 0 || r >= world || peer[r] >= 0)
+            snprintf(why, sizeof why, "a rank joined as RANK=%d, which is %s", r,
+                     r <= 0 || r >= world ? "outside 1..WORLD_SIZE-1" : "taken twice");
+        if (why[0]) { /* tell the offender too */
+            unsigned char st[16];
+            rdv_put_u64(st, 1), rdv_put_u64(st + 8, strlen(why));
+            rdv_write_all(c, st, 16), rdv_write_all(c, why, strlen(why));
+            close(c);
+            break;
+        }
+        peer[r] = c;
+        joined++;
+    }
+    if (!why[0] && joined < world) {
+        char *missing = NULL;
+        for (int r = 1; r < world; r++)
+            if (peer[r] < 0) sb_printf(&missing, "%s%d", missing ? ", " : "", r);
+        snprintf(why, sizeof why, "rank%s %s of %d never arrived within %g s", strchr(missing, ',') ? "s" : "",
+                 missing, world, timeout);
+        arrfree(missing);
+    }
+    for (int r = 1; r < world; r++) {
+        if (peer[r] < 0) continue;
+        unsigned char st[16];
+        size_t len = why[0] ? strlen(why) : n;
+        rdv_put_u64(st, why[0] ? 1 : 0), rdv_put_u64(st + 8, len);
+        rdv_write_all(peer[r], st, 16);
+        rdv_write_all(peer[r], why[0] ? (const void *)why : blob, len);
+        close(peer[r]);
+    }
+    close(fd);
+    free(peer);
+    if (why[0]) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d: %s", addr, port, why);
+    return MB_OK;
+}
+
+/* Rank > 0: connects to rank 0 (retrying until the timeout) and receives the blob. */
+static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
+    double deadline = mb_now() + timeout;
+    for (;;) {
+        struct addrinfo *ai;
+        MbStatus rc = rdv_resolve(addr, port, &ai);
+        if (rc) return rc;
+        int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+        int ok = fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0;
+        freeaddrinfo(ai);
+        if (ok) {
+            unsigned char hello[24], st[16];
+            rdv_put_u64(hello, MB_RDV_MAGIC), rdv_put_u64(hello + 8, (uint64_t)rank), rdv_put_u64(hello + 16, (uint64_t)world);
+            /* rank 0 answers by its own deadline at the latest: wait a timeout longer */
+            double answer_by = mb_now() + timeout + 5.0;
+            if (!rdv_write_all(fd, hello, sizeof hello) || !rdv_read_all(fd, st, 16, answer_by)) {
+                close(fd);
+                return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not answer rank %d within %.0f s", addr,
+                               port, rank, timeout);
+            }
+            uint64_t status = rdv_get_u64(st), len = rdv_get_u64(st + 8);
+            if (len > MB_RDV_MAX_BLOB || (status == 0 && len != n)) {
+                close(fd);
+                return mb_fail(MB_ERR_ARG, "rendezvous: a malformed answer from %s:%d", addr, port);
+            }
+            char buf[MB_RDV_MAX_BLOB + 1];
+            int got = rdv_read_all(fd, buf, (size_t)len, answer_by);
+            close(fd);
+            if (!got) return mb_fail(MB_ERR_ARG, "rendezvous: the answer from %s:%d broke off", addr, port);
+            buf[len] = 0;
+            if (status) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d refused rank %d: %s", addr, port, rank, buf);
+            memcpy(blob, buf, n);
+            return MB_OK;
+        }
+        if (fd >= 0) close(fd);
+        if (mb_now() > deadline)
+            return mb_fail(MB_ERR_ARG, "rendezvous: rank %d could not reach rank 0 at %s:%d within %.0f s --> is rank 0 "
+                           "running, and MASTER_ADDR/MASTER_PORT the same on every rank?", rank, addr, port, timeout);
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Every rank calls this: rank 0's blob ends up in every rank's blob. */
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
+    if (world < 1 || rank < 0 || rank >= world)
+        return mb_fail(MB_ERR_ARG, "rendezvous: RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", rank, world);
+    if (port <= 0 || port > 65535) return mb_fail(MB_ERR_ARG, "rendezvous: MASTER_PORT %d is not a port", port);
+    if (n > MB_RDV_MAX_BLOB) return mb_fail(MB_ERR_ARG, "rendezvous: blob of %zu bytes is too large", n);
+    if (world == 1) return MB_OK;
+    return rank == 0 ? rdv_serve(addr, port, world, blob, n, timeout) : rdv_join(addr, port, rank, world, blob, n, timeout);
+}
+
+/* torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Returns 0
+ * when WORLD_SIZE is unset (a single process). */
+typedef struct {
+    int rank, world, local_rank, port;
+    char addr[256];
+} MbLaunchEnv;
+
+#ifdef MEDBOT_NCCL
+/* ---- NCCL: one rank per GPU; buffers are device memory on the rank's GPU ---- */
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+typedef struct {
+    ncclComm_t comm;
+    cudaStream_t stream;
+} MbNcclComm;
+
+static void nccl_check_(ncclResult_t r, const char *what, const char *file, int line) {
+    if (r != ncclSuccess) {
+        fprintf(stderr, "medbot: %s:%d: %s failed: %s --> check NCCL_DEBUG=INFO output\n", file, line, what,
+                ncclGetErrorString(r));
+        exit(1);
+    }
+}
+#define nccl_check(call) nccl_check_((call), #call, __FILE__, __LINE__)
+
+static void nc_sync(MbNcclComm *c) { cudaStreamSynchronize(c->stream); }
+
+static void nc_all_reduce(MbComm *c, float *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclAllReduce(x, x, n, ncclFloat, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclReduceScatter(x, shard, n / (size_t)c->world, ncclFloat, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclAllGather(shard, x, n / (size_t)c->world, ncclFloat, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_broadcast(MbComm *c, float *x, size_t n, int root) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclBroadcast(x, x, n, ncclFloat, root, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclAllReduce(x, x, n, ncclDouble, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    MbNcclComm *k = c->ctx;
+    nccl_check(ncclReduceScatter(x, shard, n / (size_t)c->world, ncclDouble, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+}
+static void nc_all_reduce_host(MbComm *c, double *x, size_t n) {
+    double *d;
+    if (cudaMalloc((void **)&d, n * sizeof(double)) != cudaSuccess) {
+        fprintf(stderr, "medbot: cudaMalloc of %zu bytes failed\n", n * sizeof(double));
+        exit(1);
+    }
+    cudaMemcpy(d, x, n * sizeof(double), cudaMemcpyHostToDevice);
+    nc_all_reduce_f64(c, d, n);
+    cudaMemcpy(x, d, n * sizeof(double), cudaMemcpyDeviceToHost);
+    cudaFree(d);
+}
+static void nc_barrier(MbComm *c) {
+    MbNcclComm *k = c->ctx;
+    float *one;
+    cudaMalloc((void **)&one, sizeof(float));
+    nccl_check(ncclAllReduce(one, one, 1, ncclFloat, ncclSum, k->comm, k->stream));
+    nc_sync(k);
+    cudaFree(one);
+}
+static void nc_destroy(MbComm *c) {
+    MbNcclComm *k = c->ctx;
+    ncclCommDestroy(k->comm);
+    cudaStreamDestroy(k->stream);
+    free(k);
+    free(c);
+}
+
+/* A communicator of a multi-process job: rank 0 makes the NCCL unique id and the TCP rendezvous
+ * hands it to the others. The CUDA backend (device buffers) is what calls it. */
+MB_UNUSED static MbStatus mb_comm_nccl_new(const MbLaunchEnv *e, int device, MbComm **out) {
+    ncclUniqueId id;
+    if (e->rank == 0) nccl_check(ncclGetUniqueId(&id));
+    MbStatus rc = mb_rendezvous(e->addr, e->port, e->rank, e->world, &id, sizeof id, 300.0);
+    if (rc) return rc;
+    if (cudaSetDevice(device) != cudaSuccess) return mb_fail(MB_ERR_DEVICE, "rank %d: cannot use GPU %d", e->rank, device);
+    MbNcclComm *k = mb_calloc(1, sizeof *k);
+    cudaStreamCreate(&k->stream);
+    nccl_check(ncclCommInitRank(&k->comm, e->world, id, e->rank));
+    MbComm *c = mb_calloc(1, sizeof *c);
+    c->rank = e->rank, c->world = e->world, c->ctx = k;
+    c->all_reduce = nc_all_reduce, c->reduce_scatter = nc_reduce_scatter, c->all_gather = nc_all_gather;
+    c->broadcast = nc_broadcast, c->barrier = nc_barrier, c->destroy = nc_destroy;
+    c->all_reduce_f64 = nc_all_reduce_f64, c->reduce_scatter_f64 = nc_reduce_scatter_f64;
+    c->all_reduce_host = nc_all_reduce_host;
+    *out = c;
+    return MB_OK;
+}
+#endif
+
+// ============================================================================================
 // ---------- 12. cuda ----------  (the CUDA issue)
 // ============================================================================================
 
@@ -6011,17 +7367,244 @@ static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
 }
 
+/* ---- info --plan: the memory of one DPO training step, per device, from config.json alone ----
+ * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
+ * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
+ * N = 2 B T tokens (chosen and rejected, T = max_length each). Each row's derivation is in
+ * plan_compute; the printed note says what is assumed and what is not counted. */
+
+typedef struct {
+    int load_in_4bit, lora_r, batch, max_length, gradient_checkpointing, gpus, zero_stage;
+    double lora_alpha;
+    unsigned targets; /* bit i: MbLayerWeightId i carries a LoRA adapter */
+} MbPlanOptions;
+
+enum { PLAN_QUANT, PLAN_ABSMAX, PLAN_BF16, PLAN_LORA, PLAN_GRADS, PLAN_ADAM, PLAN_ACTS, PLAN_LOGITS,
+       PLAN_WORKSPACE, PLAN_ROWS };
+
+static const char *plan_kinds[PLAN_ROWS] = {
+    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "Adam moments",
+    "activations", "logits", "workspace",
+};
+
+typedef struct {
+    size_t bytes[PLAN_ROWS];
+    char how[PLAN_ROWS][200];
+    size_t trainable, full_logits;
+} MbPlan;
+
+static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
+
+static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
+    memset(p, 0, sizeof *p);
+    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
+           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
+           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
+           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
+    unsigned tg = o->targets;
+#define TARGETED(id) ((tg >> (id)) & 1u)
+
+    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
+     * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
+     * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
+     * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
+    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
+        size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
+        size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
+        lin += L * n, lin_max = MB_MAX(lin_max, n);
+        packed += L * (n / 2);
+        absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
+        /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
+        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
+    }
+    size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
+    if (o->load_in_4bit) {
+        p->bytes[PLAN_QUANT] = packed;
+        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "%zu values x 0.5 B (NF4 codes, 7 projections x %zu layers)",
+                 lin, L);
+        p->bytes[PLAN_ABSMAX] = absmax;
+        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "1 B per 64 values + 4 B per 256 blocks (double quant)");
+    } else {
+        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "none (no --load_in_4bit)");
+        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "none");
+    }
+    p->bytes[PLAN_BF16] = 2 * dense;
+    snprintf(p->how[PLAN_BF16], sizeof p->how[0], "%zu values x 2 B (embeddings, norms, lm_head%s)", dense,
+             o->load_in_4bit ? "" : ", projections");
+
+    /* Trainable state, fp32: params 4 B, grads 4 B, Adam m and v 8 B per trainable value. ZeRO-1
+     * splits the Adam moments over the G data-parallel ranks, ZeRO-2 the gradients too. */
+    size_t shard = plan_ceil(p->trainable, G);
+    p->bytes[PLAN_LORA] = 4 * p->trainable;
+    snprintf(p->how[PLAN_LORA], sizeof p->how[0], "%zu x 4 B (fp32)", p->trainable);
+    p->bytes[PLAN_GRADS] = 4 * (o->zero_stage >= 2 ? shard : p->trainable);
+    snprintf(p->how[PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
+             o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
+    p->bytes[PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
+    snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
+             o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
+
+    /* Activations saved for the backward, bf16 (2 B) per token and layer:
+     *   x_in, x_mid (C each): the inputs of the two RMSNorms; q, att (H*D each); k, v (K*D each)
+     *   for the attention backward; gate, up (F each) for the SwiGLU backward; the input of each
+     *   adapted projection unless already saved (xn1 (C) for q/k/v, xn2 (C) for gate/up, hid (F)
+     *   for down; o_proj's is att) and its A x (R); in fp32: the attention's log-sum-exp (H) and
+     *   the two norms' rstd (2). The frozen base needs no input for its own weights.
+     * Gradient checkpointing keeps only each layer's input (C) and recomputes one layer's saved
+     * set during its backward; without it every layer keeps its set. After the last layer: the
+     * final norm's input and output (C each, bf16: the logits are recomputed from the output) and
+     * its rstd (fp32). */
+    size_t S = 2 * C + 2 * QD + 2 * KVD + 2 * F + R * ntarget;
+    if (TARGETED(MB_W_Q_PROJ) || TARGETED(MB_W_K_PROJ) || TARGETED(MB_W_V_PROJ)) S += C;
+    if (TARGETED(MB_W_GATE_PROJ) || TARGETED(MB_W_UP_PROJ)) S += C;
+    if (TARGETED(MB_W_DOWN_PROJ)) S += F;
+    size_t per_tok = 2 * S + 4 * (H + 2), final = N * (2 * 2 * C + 4);
+    if (o->gradient_checkpointing) {
+        p->bytes[PLAN_ACTS] = L * N * 2 * C + N * (per_tok - 2 * C) + final;
+        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x (%zu layer inputs x %zu B + one layer's %zu B) "
+                 "+ final norm", N, L, 2 * C, per_tok - 2 * C);
+    } else {
+        p->bytes[PLAN_ACTS] = L * N * per_tok + final;
+        snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens x %zu layers x %zu B + final norm", N, L, per_tok);
+    }
+
+    /* Logits: a fused lm_head + log-softmax takes one sequence (T tokens) at a time: T x V fp32
+     * logits, their gradient written over them in the backward; for all N tokens only the
+     * log-prob of the target and the log-sum-exp (fp32) stay. */
+    p->bytes[PLAN_LOGITS] = T * V * 4 + N * 8;
+    p->full_logits = N * V * 4;
+    snprintf(p->how[PLAN_LOGITS], sizeof p->how[0], "one sequence: %zu x %zu x 4 B (fused lm_head + log-softmax)", T, V);
+
+    /* Workspace: the larger of one layer's forward temporaries (q, k, v, att, gate, up, hid and a
+     * C-wide projection output, bf16) in the no-grad reference pass and one layer's activation
+     * gradients in the backward (as many as its saved activations); plus the residual stream's
+     * gradient (fp32), one NF4 weight dequantized to bf16 for the GEMM, and 32 MiB of cuBLAS
+     * workspace. */
+    size_t fwd = N * (2 * QD + 2 * KVD + 3 * F + C) * 2, bwd = N * per_tok;
+    p->bytes[PLAN_WORKSPACE] = MB_MAX(fwd, bwd) + N * C * 4 + (o->load_in_4bit ? 2 * lin_max : 0) + ((size_t)32 << 20);
+    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0],
+             "max(layer fwd %zu, layer grads %zu) + dx fp32%s + cuBLAS 32 MiB", fwd, bwd,
+             o->load_in_4bit ? " + one weight in bf16" : "");
+#undef TARGETED
+}
+
+static int cmd_info_plan(MbArgs *a, const char *dir) {
+    MbStatus rc;
+    MbPlanOptions o = {.lora_r = 64, .lora_alpha = 8.0, .batch = 4, .max_length = 512, .gpus = 1,
+                       .targets = (1u << MB_W_Q_PROJ) | (1u << MB_W_K_PROJ)}; /* the card's, but flags off */
+    const char *targets = arg_get(a, "lora_target_modules");
+    if ((rc = arg_bool(a, "load_in_4bit", &o.load_in_4bit)) ||
+        (rc = arg_bool(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
+        (rc = arg_int(a, "lora_r", &o.lora_r)) || (rc = arg_double(a, "lora_alpha", &o.lora_alpha)) ||
+        (rc = arg_int(a, "per_device_train_batch_size", &o.batch)) || (rc = arg_int(a, "max_length", &o.max_length)) ||
+        (rc = arg_int(a, "gpus", &o.gpus)) || (rc = arg_int(a, "zero_stage", &o.zero_stage)) ||
+        (rc = args_done(a)))
+        return rc;
+    if (o.lora_r < 1 || o.batch < 1 || o.max_length < 1 || o.gpus < 1)
+        return mb_fail(MB_ERR_ARG, "info: --lora_r, --per_device_train_batch_size, --max_length and --gpus "
+                       "must be >= 1");
+    if (o.zero_stage < 0 || o.zero_stage > 2)
+        return mb_fail(MB_ERR_ARG, "info: --zero_stage must be 0, 1 or 2 (stage 3 is not planned: medbot "
+                       "shards optimizer state, ZeRO-1)");
+    if (targets) {
+        o.targets = 0;
+        char *list = mb_strdup(targets), *save = list;
+        for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+            int found = 0;
+            for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+                const char *short_name = strchr(mb_layer_weights[i].name, '.');
+                if (short_name && (!strcmp(tok, short_name + 1) || !strcmp(tok, "all-linear")))
+                    o.targets |= 1u << i, found = 1;
+            }
+            if (!found) {
+                rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules: unknown module '%s' --> q_proj, k_proj, "
+                             "v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear", tok);
+                break;
+            }
+        }
+        free(save);
+        if (!rc && !o.targets) rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules is empty");
+        if (rc) return rc;
+    }
+    /* config.json alone is enough: a folder without weights, or the file itself */
+    char *cfg_path = mb_is_dir(dir) ? mb_path_join(dir, "config.json") : mb_strdup(dir);
+    MbConfig c;
+    rc = mb_config_load(cfg_path, &c);
+    if (rc) {
+        free(cfg_path);
+        return rc;
+    }
+    MbPlan p;
+    plan_compute(&c, &o, &p);
+    printf("memory plan per device: %s (L=%d C=%d H=%d K=%d D=%d F=%d V=%d)\n", cfg_path, c.num_hidden_layers,
+           c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
+           c.vocab_size);
+    free(cfg_path);
+    printf("  base %s; LoRA r=%d alpha=%g (scale %g) on", o.load_in_4bit ? "NF4 (blocksize 64, double quant)" : "bf16",
+           o.lora_r, o.lora_alpha, o.lora_alpha / o.lora_r);
+    for (int i = 0, first = 1; i < MB_LAYER_WEIGHTS; i++)
+        if ((o.targets >> i) & 1u)
+            printf("%s%s", first ? " " : ",", strchr(mb_layer_weights[i].name, '.') + 1), first = 0;
+    printf("\n  DPO step: %d pairs = %d sequences x %d tokens, gradient checkpointing %s; %d GPU%s, ZeRO stage %d\n",
+           o.batch, 2 * o.batch, o.max_length, o.gradient_checkpointing ? "on" : "off", o.gpus, o.gpus > 1 ? "s" : "",
+           o.zero_stage);
+    printf("  %-18s %14s %10s  %s\n", "kind", "bytes", "MiB", "how");
+    size_t total = 0;
+    for (int k = 0; k < PLAN_ROWS; k++) {
+        total += p.bytes[k];
+        printf("  %-18s %14zu %10.1f  %s\n", plan_kinds[k], p.bytes[k], (double)p.bytes[k] / 1048576.0, p.how[k]);
+    }
+    printf("  %-18s %14zu %10.1f  (%.2f GiB)\n", "total", total, (double)total / 1048576.0,
+           (double)total / 1073741824.0);
+    printf("trainable parameters: %zu\n", p.trainable);
+    printf("assumptions: bf16 activations, fp32 trainable state; logits through a fused lm_head + log-softmax one "
+           "sequence at a time (the batch's full fp32 logits would be %.1f MiB); not counted: the CUDA context and "
+           "allocator slack (typically 0.3-1 GiB)\n", (double)p.full_logits / 1048576.0);
+    return 0;
+}
+
+/* Bytes of the 4-bit weights of m: packed codes, absmax (codes and scales, or fp32). */
+static void info_nf4(const MbModel *m) {
+    size_t count = 0, values = 0, packed = 0, absmax = 0;
+    int nested = 0;
+    MbDtype compute = MB_DT_F32;
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            const MbWeight *w = &m->layers[l].w[i];
+            const MbNf4 *q = weight_nf4(w);
+            if (!q) continue;
+            count++, values += w->rows * w->cols, packed += w->rows * w->cols / 2;
+            if (q->absmax_q) absmax += q->nblocks + 4 * plan_ceil(q->nblocks, q->nested_blocksize) + 4, nested = 1;
+            else absmax += 4 * q->nblocks;
+            compute = q->compute;
+        }
+    if (!count) return;
+    printf("4-bit weights: NF4 (bitsandbytes)%s, compute dtype %s\n", nested ? ", double quant" : "",
+           compute == MB_DT_BF16 ? "bfloat16" : compute == MB_DT_F16 ? "float16" : "float32");
+    printf("  %-22s %14zu\n", "linear weights", count);
+    printf("  %-22s %14zu\n", "values", values);
+    printf("  %-22s %14zu bytes (%.3f B/value)\n", "packed codes", packed, (double)packed / (double)values);
+    printf("  %-22s %14zu bytes (%.4f B/value)\n", "absmax", absmax, (double)absmax / (double)values);
+}
+
 static int cmd_info(MbArgs *a) {
     MbStatus rc;
-    int threads = 0;
-    if ((rc = arg_int(a, "threads", &threads))) goto fail;
+    int threads = 0, plan = 0;
+    MbLoadOptions opt = {.threads = 1};
+    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
         rc = mb_fail(MB_ERR_ARG, "info: which model? --> medbot info MODEL_DIR");
         goto fail;
     }
-    if ((rc = args_done(a))) goto fail;
-    MbLoadOptions opt = {1};
+    if (plan) {
+        if ((rc = cmd_info_plan(a, dir))) goto fail;
+        return 0;
+    }
+    opt.bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
+    if ((rc = arg_bool(a, "load_in_4bit", &opt.load_in_4bit)) || (rc = args_done(a))) goto fail;
     MbModel *m;
     if ((rc = mb_model_load(dir, &opt, &m))) goto fail;
     const MbConfig *c = &m->cfg;
@@ -6064,6 +7647,7 @@ static int cmd_info(MbArgs *a) {
         if (count[t])
             printf("  %-6s %5zu tensors %14zu values %14zu bytes (%.1f MiB)\n", mb_dtype_name((MbDtype)t),
                    count[t], numel[t], bytes[t], (double)bytes[t] / (1024.0 * 1024.0));
+    info_nf4(m);
     mb_model_free(m);
     return 0;
 fail:
@@ -6095,6 +7679,30 @@ static int cmd_init(MbArgs *a) {
 fail:
     fprintf(stderr, "medbot: %s\n", mb_last_error());
     return 1;
+}
+
+static int env_int(const char *name, int def, int *ok) {
+    const char *v = getenv(name);
+    if (!v || !v[0]) return def;
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || x < 0 || x > INT_MAX) *ok = 0;
+    return (int)x;
+}
+
+static MbStatus mb_launch_env(MbLaunchEnv *e) {
+    memset(e, 0, sizeof *e);
+    int ok = 1;
+    e->world = env_int("WORLD_SIZE", 0, &ok);
+    e->rank = env_int("RANK", 0, &ok);
+    e->local_rank = env_int("LOCAL_RANK", e->rank, &ok);
+    e->port = env_int("MASTER_PORT", 29500, &ok);
+    const char *a = getenv("MASTER_ADDR");
+    snprintf(e->addr, sizeof e->addr, "%s", a && a[0] ? a : "127.0.0.1");
+    if (!ok) return mb_fail(MB_ERR_ARG, "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be non-negative integers");
+    if (e->world && e->rank >= e->world)
+        return mb_fail(MB_ERR_ARG, "RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", e->rank, e->world);
+    return MB_OK;
 }
 
 static MbStatus arg_choice(MbArgs *a, const char *name, const char *const *choices, int n, int *out) {
@@ -6130,6 +7738,7 @@ static const char *const mb_demo_args[] = {
 static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     memset(job, 0, sizeof *job);
     job->sft = sft;
+    job->nproc = 1, job->zero_stage = -1;
     MbTrainConfig *c = &job->cfg;
     mb_train_config_defaults(c);
     MbStatus rc;
@@ -6141,6 +7750,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
         (rc = arg_path(a, "data", &job->data_path)) || (rc = arg_path(a, "eval_data", &job->eval_data_path)) ||
         (rc = arg_path(a, "output", &job->output_dir)) || (rc = arg_path(a, "lora", &job->lora_init)) ||
         (rc = arg_path(a, "resume_from_checkpoint", &job->resume)) || (rc = arg_int(a, "threads", &job->threads)) ||
+        (rc = arg_int(a, "nproc", &job->nproc)) || (rc = arg_int(a, "zero_stage", &job->zero_stage)) ||
         (rc = arg_choice(a, "loss_type", mb_loss_names, 4, &c->loss_type)) ||
         (rc = arg_choice(a, "lr_scheduler_type", mb_sched_names, 4, &c->lr_scheduler_type)) ||
         (rc = arg_double(a, "beta", &c->beta)) || (rc = arg_double(a, "label_smoothing", &c->label_smoothing)) ||
@@ -6172,16 +7782,21 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     (void)arg_get(a, "trainable_params");
     if ((bnb = arg_get(a, "bnb_4bit_quant_type")) && strcmp(bnb, "nf4"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bnb_4bit_quant_type '%s': medbot implements nf4", a->cmd, bnb);
-    (void)arg_get(a, "bnb_4bit_compute_dtype");
     if ((bnb = arg_get(a, "bias")) && strcmp(bnb, "none"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bias '%s': medbot trains LoRA with bias none", a->cmd, bnb);
-    if (load_4bit)
-        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --load_in_4bit arrives with the NF4 weights section (issue 4)", a->cmd);
+    job->load_in_4bit = load_4bit;
+    const char *cdt = arg_get(a, "bnb_4bit_compute_dtype");
+    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
+        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd, cdt);
+    job->bnb_4bit_compute_dtype = cdt;
     if (effective && effective != c->per_device_train_batch_size * c->gradient_accumulation_steps)
         printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
                "this run uses one process: %d pairs per step\n", effective,
                c->per_device_train_batch_size * c->gradient_accumulation_steps);
     if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
+    if (job->nproc < 1) return mb_fail(MB_ERR_ARG, "%s: --nproc must be >= 1", a->cmd);
+    if (job->zero_stage > 1)
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --zero_stage %d: medbot implements ZeRO stages 0 and 1", a->cmd, job->zero_stage);
     if (!job->model_dir || (!job->data_path && a->cmd[0] != 'm'))
         return mb_fail(MB_ERR_ARG, "%s: --model DIR and --data FILE are required (medbot %s --help)", a->cmd, a->cmd);
     return MB_OK;
@@ -6203,9 +7818,14 @@ static int cmd_train(MbArgs *a, int sft) {
                "weights/demo/pairs.jsonl (%s)\n", "a held-out 15% measures it");
     }
     MbTrainJob job;
+    MbLaunchEnv env;
     MbStatus rc = train_args(a, &job, sft);
     if (!rc) rc = args_done(a);
     if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
+    if (!rc) rc = mb_launch_env(&env);
+    if (!rc && env.world > 1) /* torchrun started this process as one rank of several */
+        rc = mb_fail(MB_ERR_UNSUPPORTED, "WORLD_SIZE=%d: ranks in separate processes need NCCL and the CUDA backend "
+                     "(the CUDA issue); on CPU use --nproc N ranks in one process", env.world);
     if (!rc) rc = mb_train(&job);
     if (is_demo) {
         free(demo.argv);
@@ -6248,7 +7868,7 @@ static int cmd_merge(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "merge: --model DIR --lora ADAPTER_DIR --output DIR are required");
         goto fail;
     }
-    MbLoadOptions opt = {threads};
+    MbLoadOptions opt = {.threads = threads};
     if ((rc = mb_model_load(model, &opt, &m)) || (rc = mb_lora_load(m, lora, &lo)) ||
         (rc = mb_model_merge_save(m, lo, model, out)))
         goto fail;
@@ -6280,6 +7900,73 @@ fail:
     fprintf(stderr, "medbot: %s\n", mb_last_error());
     mb_lora_free(lo);
     mb_model_free(m);
+    return 1;
+}
+
+static int cmd_encode(MbArgs *a) {
+    MbStatus rc;
+    int add_bos = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *text = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0, len = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = arg_bool(a, "add_bos", &add_bos)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "encode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &text, &len)) ||
+        (rc = mb_tokenizer_encode(tok, text, len, add_bos ? MB_ENCODE_ADD_BOS : 0, &ids, &n)))
+        goto fail;
+    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", (int)ids[i]);
+    printf("\n");
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 1;
+}
+
+static int cmd_decode(MbArgs *a) {
+    MbStatus rc;
+    int skip = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *in = NULL, *text = NULL;
+    int32_t *ids = NULL; /* stb_ds */
+    size_t len = 0, n_in = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = arg_bool(a, "skip_special_tokens", &skip)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "decode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &in, &n_in))) goto fail;
+    for (char *p = in, *end; *p;) {
+        if (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') {
+            p++;
+            continue;
+        }
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ' ' && *end != '\n' && *end != '\t' && *end != '\r') || v < 0 ||
+            (size_t)v >= mb_tokenizer_vocab_size(tok) || !mb_tokenizer_token_bytes(tok, (int32_t)v, &len)) {
+            size_t k = strcspn(p, " \n\t\r");
+            rc = mb_fail(MB_ERR_ARG, "decode: '%.*s' is not a token id of %s (0..%zu)", (int)MB_MIN(k, 40), p, path,
+                         mb_tokenizer_vocab_size(tok) - 1);
+            goto fail;
+        }
+        arrput(ids, (int32_t)v);
+        p = end;
+    }
+    if ((rc = mb_tokenizer_decode(tok, ids, (size_t)arrlen(ids), skip, &text, &len))) goto fail;
+    fwrite(text, 1, len, stdout);
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
     return 1;
 }
 
@@ -6647,7 +8334,12 @@ static const struct {
     int (*fn)(MbArgs *);
     const char *usage;
 } mb_commands[] = {
-    {"info", cmd_info, "info MODEL_DIR\n    config, parameter count by kind, bytes per dtype"},
+    {"info", cmd_info, "info MODEL_DIR [--load_in_4bit] [--bnb_4bit_compute_dtype float32|bfloat16]\n"
+                       "    config, parameter count by kind, bytes per dtype (and of the 4-bit weights)\n"
+                       "  medbot info MODEL_DIR --plan [--load_in_4bit] [--lora_r 64 --lora_alpha 8\n"
+                       "      --lora_target_modules q_proj,k_proj] [--per_device_train_batch_size 4 --max_length 512\n"
+                       "      --gradient_checkpointing] [--gpus 1 --zero_stage 0]\n"
+                       "    memory per device of a DPO training step, from config.json alone"},
     {"dpo", cmd_dpo, "dpo --model DIR --data FILE.jsonl --output DIR [options]   (no arguments: the bundled demo)\n"
                      "    trains a LoRA adapter with DPO as TRL's DPOTrainer. Options (TRL names): --beta --loss_type\n"
                      "    sigmoid|hinge|ipo|robust --label_smoothing --learning_rate --lr_scheduler_type\n"
@@ -6658,7 +8350,8 @@ static const struct {
                      "    --use_rslora --gradient_checkpointing --precompute_ref_log_probs --seed --logging_steps\n"
                      "    --save_steps --eval_steps --eval_data FILE --eval_split 0.05 --resume_from_checkpoint DIR|latest\n"
                      "    --lora ADAPTER_DIR (start from an adapter) --tokenizer PATH --shuffle true|false --add_bos\n"
-                     "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)"},
+                     "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)\n"
+                     "    --nproc N (data-parallel ranks; CPU: in this process) --zero_stage 0|1 (default 1 with ranks)"},
     {"sft", cmd_sft, "sft --model DIR --data FILE.jsonl --output DIR [options]\n"
                      "    trains a LoRA adapter with next-token loss on the chosen completions (options as dpo)"},
     {"eval", cmd_eval, "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [--sft]\n"
@@ -6667,6 +8360,11 @@ static const struct {
                          "    writes the model with the adapter merged (fp32 math), bf16 safetensors + config + tokenizer"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
+    {"encode", cmd_encode, "encode --tokenizer PATH [--add_bos]\n"
+                           "    reads standard input as one text, prints its token ids on one line (PATH: tokenizer.json,\n"
+                           "    tokenizer.model or a model folder; special tokens in the text are split out)"},
+    {"decode", cmd_decode, "decode --tokenizer PATH [--skip_special_tokens]\n"
+                           "    reads token ids (whitespace separated) from standard input, prints their text"},
     {"generate", cmd_generate,
      "generate --model DIR (--prompt TEXT | --input FILE.jsonl) [options]\n"
      "    answers with the card's prompt \"###System: {system}\\n###Question: {question}\\n###Answer: \" (--raw: the\n"

@@ -6,7 +6,7 @@
  *   1. platform     errors, checked alloc/IO, mmap, thread pool, timers, JSON, RNG
  *   2. files        safetensors read (mmap, sharded) and write, config.json, dtype conversion
  *   3. tokenizer    Llama 3 byte-level BPE, specials, streaming UTF-8 decode
- *   4. weights      model config, linear weights as f32/f16/bf16 (NF4 from the QLoRA issue)
+ *   4. weights      linear weights as f32/f16/bf16 or NF4 (bitsandbytes 4-bit, double quant)
  *   5. ops (CPU)    the op table MbOps: matmul, rmsnorm, rope, attention, swiglu, ...
  *   6. model        Llama-3.1 forward (prefill, decode with KV cache), written against MbOps
  *   7. lora         (LoRA issue)
@@ -191,10 +191,19 @@ typedef struct MbLora MbLora;
 
 typedef struct {
     int threads;                  /* CPU threads for the ops; 0 = all online cores */
+    int load_in_4bit;             /* quantize the 7 linear projections of each layer to NF4 while
+                                     loading, as bitsandbytes does (nf4, blocksize 64, double quant
+                                     with nested blocksize 256); embeddings, norms and lm_head keep
+                                     their dtype. Checkpoints saved 4-bit by bitsandbytes load as
+                                     NF4 without it. */
+    const char *bnb_4bit_compute_dtype; /* "float32", "bfloat16" or "float16": the dtype 4-bit weights
+                                     are dequantized to (the CPU computes in fp32 either way); NULL:
+                                     the checkpoint's quantization_config, else "float32" */
 } MbLoadOptions;
 
 /* Loads a Hugging Face model folder (config.json + *.safetensors). Weights stay mapped in
- * their file dtype and are converted on the fly. */
+ * their file dtype and are converted on the fly, a tile at a time; NF4 weights (load_in_4bit, or
+ * a checkpoint saved by bitsandbytes) are held as 0.5 byte per value plus their absmax. */
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out);
 void mb_model_free(MbModel *m);
 const MbConfig *mb_model_config(const MbModel *m);
@@ -271,7 +280,11 @@ typedef struct {
     const char *lora_init;          /* NULL: a new adapter (cfg.lora); else a PEFT adapter to start from */
     const char *resume;             /* a checkpoint folder, "latest", or NULL */
     int sft;                        /* 1: next-token loss on the chosen completion (SFT) */
-    int threads;                    /* CPU threads, 0 = all cores */
+    int threads;                    /* CPU threads in all, 0 = all cores */
+    int nproc;                      /* data-parallel ranks in this process (CPU: threads), >= 1 */
+    int load_in_4bit;               /* QLoRA: the base's projections in NF4 (see MbLoadOptions) */
+    const char *bnb_4bit_compute_dtype; /* NULL, "float32", "bfloat16" or "float16" */
+    int zero_stage;                 /* -1: 1 with several ranks, else 0; 1: AdamW moments sharded */
     MbTrainConfig cfg;
 } MbTrainJob;
 
@@ -279,6 +292,10 @@ typedef struct {
  * in output_dir, with checkpoints every cfg.save_steps. */
 MbStatus mb_train(const MbTrainJob *job);
 /* Prints TRL's eval_ metrics of the model + adapter (lora_init) on data_path. */
+/* torchrun-style rendezvous: every rank calls it with MASTER_ADDR/MASTER_PORT; rank 0's blob
+ * (n bytes) reaches every other rank; a rank missing after timeout seconds, a WORLD_SIZE that
+ * differs between ranks, or a rank given twice is an error naming it. */
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout);
 MbStatus mb_evaluate(const MbTrainJob *job);
 
 /* Writes DIR/config.json (a copy of cfg_path) and DIR/model.safetensors with random weights

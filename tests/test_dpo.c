@@ -45,9 +45,13 @@ static float fx_scalar(const char *file, const char *name) {
     return r;
 }
 
+static int nf4_base; /* the tests below set it: the base loaded with --load_in_4bit, compute fp32 */
+
 static void job_defaults(MbTrainJob *job, const char *adapter) {
     memset(job, 0, sizeof *job);
     mb_train_config_defaults(&job->cfg);
+    job->load_in_4bit = nf4_base;
+    job->bnb_4bit_compute_dtype = nf4_base ? "float32" : NULL;
     job->model_dir = FIX "/model";
     job->data_path = FIX "/data.jsonl";
     job->lora_init = adapter;
@@ -198,6 +202,45 @@ static void dpo_step_all_modules_rslora_matches_trl(void) { check_step(FIX "/ada
 static void dpo_step_gradient_checkpointing_matches_trl(void) { check_step(FIX "/adapter_qk", FIX "/step_qk_sigmoid_gc.safetensors", MB_LOSS_SIGMOID, 0, 0, 1); }
 static void dpo_step_all_modules_checkpointing_matches_trl(void) { check_step(FIX "/adapter_all", FIX "/step_all_sigmoid.safetensors", MB_LOSS_SIGMOID, 0, 0, 1); }
 
+/* QLoRA: the base quantized to NF4 at load (bit-exact with bitsandbytes), compute dtype fp32 */
+static void nf4_base_weights_equal_bitsandbytes(void) {
+    MbModel *m = NULL;
+    MbLoadOptions o = {.threads = 1, .load_in_4bit = 1, .bnb_4bit_compute_dtype = "float32"};
+    CHECK_OK(mb_model_load(FIX "/model", &o, &m));
+    if (!m) return;
+    int checked = 0, bad = 0;
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+            const MbWeight *w = &m->layers[l].w[i];
+            if (mb_layer_weights[i].rows == MB_DIM_1) continue;
+            char name[128];
+            snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, mb_layer_weights[i].name);
+            size_t n;
+            float *ref = fx_tensor(FIX "/nf4_weights.safetensors", name, 0, &n), *row = mb_malloc(w->cols * sizeof(float));
+            for (size_t r = 0; ref && n == w->rows * w->cols && r < w->rows; r++) {
+                weight_row_f32(w, r, 0, w->cols, row);
+                bad += memcmp(row, ref + r * w->cols, w->cols * sizeof(float)) != 0;
+            }
+            checked++;
+            free(ref), free(row);
+        }
+    printf("    %d projections quantized at load: dequantized weights %s bitsandbytes' bit for bit\n", checked,
+           bad ? "DIFFER from" : "equal");
+    CHECK(checked == 14 && bad == 0, "%d rows differ", bad);
+    mb_model_free(m);
+}
+
+static void dpo_step_nf4_base_matches_trl_bitsandbytes(void) {
+    nf4_base = 1;
+    check_step(FIX "/adapter_qk", FIX "/step_qk_sigmoid_nf4.safetensors", MB_LOSS_SIGMOID, 0, 0, 0);
+    nf4_base = 0;
+}
+static void dpo_step_nf4_base_checkpointing_matches_trl_bitsandbytes(void) {
+    nf4_base = 1;
+    check_step(FIX "/adapter_qk", FIX "/step_qk_sigmoid_nf4_gc.safetensors", MB_LOSS_SIGMOID, 0, 0, 1);
+    nf4_base = 0;
+}
+
 static char tmp_root[128];
 
 static void remove_tmp(void) { mb_rmdir_r(tmp_root); }
@@ -229,7 +272,7 @@ static void check_train(const char *adapter, const char *file, const char *log_f
     char path[300];
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", job.output_dir);
     MbModel *m;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     CHECK_OK(mb_model_load(FIX "/model", &o, &m));
     MbLora *lo = NULL;
     CHECK_OK(mb_lora_load(m, job.output_dir, &lo));
@@ -292,6 +335,11 @@ static void dpo_three_steps_all_modules_match_trl(void) {
 static void dpo_three_steps_checkpointing_match_trl(void) {
     check_train(FIX "/adapter_qk", FIX "/train_qk.safetensors", FIX "/train_qk_log.json", "train_qk_gc", 1);
 }
+static void dpo_three_steps_nf4_base_match_trl_bitsandbytes(void) {
+    nf4_base = 1;
+    check_train(FIX "/adapter_qk", FIX "/train_qk_nf4.safetensors", FIX "/train_qk_nf4_log.json", "train_qk_nf4", 1);
+    nf4_base = 0;
+}
 
 static void sft_step_matches_transformers(void) {
     MbTrainJob job;
@@ -312,7 +360,7 @@ static void sft_step_matches_transformers(void) {
 
 static void merge_matches_peft_merge_and_unload(void) {
     MbModel *m;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     CHECK_OK(mb_model_load(FIX "/model", &o, &m));
     MbLora *lo = NULL;
     CHECK_OK(mb_lora_load(m, FIX "/adapter_all", &lo));
@@ -323,7 +371,8 @@ static void merge_matches_peft_merge_and_unload(void) {
             if (!p->A.data) continue;
             const MbWeight *w = &m->layers[l].w[i];
             float *got = mb_malloc(w->rows * w->cols * sizeof(float));
-            for (size_t r = 0; r < w->rows; r++) lora_merge_row(w, p, lo->scale, r, got + r * w->cols);
+            for (size_t r = 0; r < w->rows; r++)
+                lora_merge_row(w, p->A.data, p->B.data, (size_t)lo->r, lo->scale, r, got + r * w->cols);
             char name[128], label[160];
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, mb_layer_weights[i].name);
             size_t n;
@@ -355,6 +404,8 @@ MB_TEST_MAIN("dpo", T(data_matches_trl_tokenization_and_truncation), T(dpo_step_
              T(dpo_step_sigmoid_second_batch_matches_trl), T(dpo_step_label_smoothing_matches_trl),
              T(dpo_step_hinge_matches_trl), T(dpo_step_ipo_matches_trl), T(dpo_step_robust_matches_trl),
              T(dpo_step_all_modules_rslora_matches_trl), T(dpo_step_gradient_checkpointing_matches_trl),
-             T(dpo_step_all_modules_checkpointing_matches_trl), T(dpo_three_steps_match_trl),
+             T(dpo_step_all_modules_checkpointing_matches_trl), T(nf4_base_weights_equal_bitsandbytes), T(dpo_step_nf4_base_matches_trl_bitsandbytes),
+             T(dpo_step_nf4_base_checkpointing_matches_trl_bitsandbytes), T(dpo_three_steps_match_trl),
+             T(dpo_three_steps_nf4_base_match_trl_bitsandbytes),
              T(dpo_three_steps_all_modules_match_trl), T(dpo_three_steps_checkpointing_match_trl),
              T(sft_step_matches_transformers), T(merge_matches_peft_merge_and_unload))

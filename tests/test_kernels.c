@@ -36,4 +36,27 @@ static void nvrtc_compiles_every_specialization(void) {
     CHECK(strstr(out, "specializations compiled") && !strstr(out, "FAILED"), "%s", out);
 }
 
-MB_TEST_MAIN("kernels", T(gen_header_embeds_current_source), T(nvrtc_compiles_every_specialization))
+/* The NCCL backend of the coordinator (section 11) compiles and links against the toolkit's NCCL
+ * and CUDA runtime, warning-free (-DMEDBOT_NCCL). */
+static void nccl_backend_compiles_and_links(void) {
+    const char *have = getenv("MB_HAVE_NVRTC"), *expect = getenv("MB_EXPECT_CUDA"), *cuda = getenv("MB_CUDA_DIR"),
+               *lib = getenv("MB_CUDA_LIB"), *cc = getenv("MB_CC"), *inc = getenv("MB_STB_INCLUDE");
+    if (!have || strcmp(have, "1") || !cuda || !cuda[0]) {
+        if (expect && !strcmp(expect, "1")) T_FAIL("MB_EXPECT_CUDA=1 but build.sh found no CUDA toolkit");
+        else printf("    no CUDA toolkit found by build.sh: NCCL compile check not run on this machine\n");
+        return;
+    }
+    char cmd[2048];
+    static char out[1 << 16];
+    snprintf(cmd, sizeof cmd,
+             "%s -std=c99 -Wall -Wextra -Wpedantic -Werror -O1 -DMEDBOT_NCCL %s -isystem %s/include -o build/medbot_nccl "
+             "medbot.c -L%s -Wl,-rpath,%s -lnccl -lcudart -lm -lpthread",
+             cc && cc[0] ? cc : "cc", inc ? inc : "", cuda, lib, lib);
+    int rc = t_run(cmd, out, sizeof out);
+    printf("    %s\n    -> exit %d%s%s\n", cmd, rc, out[0] ? ": " : "", out);
+    CHECK(rc == 0, "the NCCL build failed");
+    CHECK(mb_is_file("build/medbot_nccl"), "binary written");
+}
+
+MB_TEST_MAIN("kernels", T(gen_header_embeds_current_source), T(nvrtc_compiles_every_specialization),
+             T(nccl_backend_compiles_and_links))

@@ -18,7 +18,7 @@ static int fixture_open(const char *name, Fixture *f, int threads) {
     snprintf(dir, sizeof dir, "tests/fixtures/llama/%s", name);
     snprintf(ref, sizeof ref, "%s/ref.safetensors", dir);
     memset(f, 0, sizeof *f);
-    MbLoadOptions opt = {threads};
+    MbLoadOptions opt = {.threads = threads};
     CHECK_OK(mb_model_load(dir, &opt, &f->m));
     CHECK_OK(mb_safetensors_open(ref, &f->ref));
     return f->m && f->ref;

@@ -25,7 +25,7 @@ static const char *tmp(const char *name) {
 
 static void gradients_match_finite_differences(void) {
     MbModel *m;
-    MbLoadOptions o = {2};
+    MbLoadOptions o = {.threads = 2};
     CHECK_OK(mb_model_load("tests/fixtures/llama/gqa2_f32", &o, &m));
     if (!m) return;
     MbLoraConfig lc = {4, 8, 0.3, 0, 0};
@@ -242,7 +242,7 @@ static void nan_loss_stops_and_keeps_the_last_checkpoint(void) {
     CHECK(latest != NULL, "the checkpoints before the failure remain");
     if (latest) {
         MbModel *m;
-        MbLoadOptions o = {1};
+        MbLoadOptions o = {.threads = 1};
         MbLora *lo = NULL;
         CHECK_OK(mb_model_load(FIX "/model", &o, &m));
         CHECK_OK(mb_lora_load(m, latest, &lo));
@@ -310,7 +310,7 @@ static void eval_command_prints_trl_metrics(void) {
 
 static void peft_files_round_trip(void) {
     MbModel *m;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     CHECK_OK(mb_model_load(FIX "/model", &o, &m));
     MbLora *a = NULL, *b = NULL;
     CHECK_OK(mb_lora_load(m, FIX "/adapter_all", &a));

@@ -25,7 +25,7 @@ typedef struct {
 } Speed;
 
 static int bench_medbot(const char *dir, int threads, Speed *s) {
-    MbLoadOptions opt = {threads};
+    MbLoadOptions opt = {.threads = threads};
     MbModel *m;
     if (mb_model_load(dir, &opt, &m)) {
         fprintf(stderr, "bench: %s\n", mb_last_error());

@@ -10,13 +10,16 @@ Llama-3.1-architecture model, two PEFT LoRA adapters with non-zero B, 12 bilingu
 pairs in both JSONL layouts, the token ids TRL produces for them, one DPO micro-batch (loss,
 metrics, log-probs, LoRA gradients) for several loss types, three real optimizer steps of
 `trainer.train()` with gradient accumulation and active clipping, a gradient-checkpointing run,
-an SFT loss/gradient, and a PEFT merge. See tests/fixtures/dpo/FORMAT.md.
+an SFT loss/gradient, a PEFT merge, and (last) the same DPO step, gradient-checkpointing step and
+three optimizer steps on an NF4 base: the same checkpoint loaded in 4-bit by transformers +
+bitsandbytes (QLoRA, double quant, compute dtype fp32), with the two bitsandbytes CPU workarounds
+of tests/ref/make_nf4_fixtures.py (whose helpers it imports). See tests/fixtures/dpo/FORMAT.md.
 
 Deterministic: the script re-executes itself with PYTHONHASHSEED=0 (PEFT writes target_modules
 from a set), runs torch on one thread, seeds everything, and running it twice gives
 byte-identical files. It asserts the cases the fixtures are meant to cover (truncations present,
 adapters change the log-probs, clipping active on every step, gradient checkpointing equal, ...)
-and prints a summary. Runtime: about 10 s on 2 CPU cores.
+and prints a summary. Runtime: about 20 s on 2 CPU cores.
 """
 import os
 import sys
@@ -33,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -255,7 +259,13 @@ def lora_weights(model):
     return {peft_key(n): p.detach().clone().float() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def load_policy(adapter):
+def load_policy(adapter, nf4=False):
+    if nf4:  # section 11: the same checkpoint quantized to NF4 at load time by transformers + bitsandbytes
+        base = load_base_nf4()
+        model = PeftModel.from_pretrained(base, os.path.join(OUT, f"adapter_{adapter}"), is_trainable=True)
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters()
+                   if type(p).__name__ != "Params4bit")
+        return model
     base = LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="eager")
     model = PeftModel.from_pretrained(base, os.path.join(OUT, f"adapter_{adapter}"), is_trainable=True)
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -447,10 +457,12 @@ def dpo_args(outdir, **kw):
     return DPOConfig(**base)
 
 
-def make_trainer(adapter, tok, ds, outdir, **kw):
+def make_trainer(adapter, tok, ds, outdir, nf4=False, via_peft_config=False, **kw):
     seed_all(0)
-    model = load_policy(adapter)
     args = dpo_args(outdir, **kw)
+    if via_peft_config:  # section 11: TRL wraps the (4-bit) base itself; the adapter's tensors are copied in after
+        return make_trainer_peft_config(adapter, tok, ds, args)
+    model = load_policy(adapter, nf4=nf4)
     trainer = SeqDPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok)
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -583,8 +595,9 @@ METRIC_NAMES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
 
 
-def dpo_step(adapter, tok, ds, tmp, tokens, batch_index=0, gc=False, **kw):
-    trainer = make_trainer(adapter, tok, ds, tmp, gradient_checkpointing=gc, **kw)
+def dpo_step(adapter, tok, ds, tmp, tokens, batch_index=0, gc=False, nf4=False, via_peft_config=False, **kw):
+    trainer = make_trainer(adapter, tok, ds, tmp, nf4=nf4, via_peft_config=via_peft_config, gradient_checkpointing=gc,
+                           **kw)
     model = trainer.model
     dl = trainer.get_train_dataloader()
     for b, batch in enumerate(dl):
@@ -592,6 +605,9 @@ def dpo_step(adapter, tok, ds, tmp, tokens, batch_index=0, gc=False, **kw):
             break
     batch = trainer._prepare_inputs(batch)
     ncheck = [0]
+    # TRL's own preparation: with a PeftModel (no peft_config) only enable_input_require_grads, and only with
+    # gradient checkpointing; on the peft_config path prepare_model_for_kbit_training (use_reentrant False) skips it
+    assert hasattr(model.get_base_model(), "_require_grads_hook") == (gc and not via_peft_config)
     if gc:  # what Trainer._inner_training_loop does before training
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
         assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
@@ -667,6 +683,8 @@ def dpo_step(adapter, tok, ds, tmp, tokens, batch_index=0, gc=False, **kw):
         assert abs(v - metrics[k]) < 1e-6, (k, v, metrics[k])
     saved = load_file(os.path.join(OUT, f"adapter_{adapter}", "adapter_model.safetensors"))
     assert {k[5:] for k in t if k.startswith("grad.")} == set(saved)
+    if nf4:
+        check_generic_4bit_path(model)
     return t, trainer
 
 
@@ -690,8 +708,8 @@ class StepRecorder(TrainerCallback):
         self.weights.append(lora_weights(model))
 
 
-def train_run(adapter, tok, ds, tmp):
-    trainer = make_trainer(adapter, tok, ds, tmp, **TRAIN)
+def train_run(adapter, tok, ds, tmp, nf4=False):
+    trainer = make_trainer(adapter, tok, ds, tmp, nf4=nf4, **TRAIN)
     rec = StepRecorder()
     rec.trainer = trainer
     trainer.add_callback(rec)
@@ -739,6 +757,8 @@ def train_run(adapter, tok, ds, tmp):
         for k, v in rec.grads[s].items():
             t[f"clipped_grad.step{s + 1}.{k}"] = v
     t["micro_loss"] = torch.stack([m[0].float() for m in trainer.rec_micro])  # before the 1/accumulation
+    if nf4:
+        check_generic_4bit_path(trainer.model)
     keep = ["loss", "grad_norm", "learning_rate", "epoch", "step"] + METRIC_NAMES
     log = {
         "adapter": f"adapter_{adapter}",
@@ -750,6 +770,7 @@ def train_run(adapter, tok, ds, tmp):
         "settings": {"per_device_train_batch_size": BATCH, "beta": BETA, "loss_type": "sigmoid",
                      "max_prompt_length": MAX_PROMPT_LENGTH, "max_completion_length": MAX_COMPLETION_LENGTH,
                      "max_length": MAX_LENGTH, "seed": 0, "order": "sequential (SequentialSampler)", **TRAIN},
+        **({"base_quantization": NF4_DESC} if nf4 else {}),
         "global_step": st.global_step,
         "warmup_steps": W,
         "learning_rates": used,
@@ -842,6 +863,179 @@ def merge_run(tok):
 
 
 # ----------------------------------------------------------------------------------------------
+# 11. NF4 base: the same checkpoint loaded in 4-bit by transformers + bitsandbytes (QLoRA)
+
+NF4_CONFIG = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)  # + fp32 compute
+NF4_DESC = ("BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
+            "bnb_4bit_compute_dtype=torch.float32), dtype float32, device_map cpu")
+N_LINEAR4BIT = 2 * len(PROJ)  # lm_head and the embeddings stay fp32 (transformers never quantizes the output layer)
+NF4_RAW_KERNEL = {}  # Linear4bit name -> does bitsandbytes' unpatched CPU dequantize kernel agree (summary)
+
+
+def nf4_reference():
+    """tests/ref/make_nf4_fixtures.py: reference_dequant (an independent NF4 + double quant dequantization)
+    and flat_dequantize_4bit (workaround 2)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import make_nf4_fixtures
+    return make_nf4_fixtures
+
+
+class Nf4Workarounds:
+    """Workaround 2 of make_nf4_fixtures.py for the duration of the NF4 runs: bitsandbytes.functional.dequantize_4bit
+    (which MatMul4Bit calls, forward and backward) runs bitsandbytes' CPU kernel on the flattened shape (1, rows*cols),
+    where its absmax indexing is right for any column count. (Workaround 1 is per layer: load_base_nf4.)"""
+
+    def __enter__(self):
+        import bitsandbytes.functional as F
+        self.F, self.orig = F, F.dequantize_4bit
+        F.dequantize_4bit = nf4_reference().flat_dequantize_4bit(F, self.orig)
+        F.dequantize_4bit.unpatched = self.orig
+        return self
+
+    def __exit__(self, *exc):
+        self.F.dequantize_4bit = self.orig
+
+
+def load_base_nf4():
+    """tests/fixtures/dpo/model (fp32 safetensors) quantized at load time: every projection becomes a bitsandbytes
+    Linear4bit (NF4, blocksize 64, double quant), the rest stays fp32. Checks, for each Linear4bit, that the packed
+    codes and statistics equal bitsandbytes' quantize_4bit of the checkpoint's fp32 weight, that the dequantized
+    weight equals an independent dequantization, and that the layer computes linear(x, W_dequantized) in fp32."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from transformers import BitsAndBytesConfig
+    ref = nf4_reference()
+    assert hasattr(F.dequantize_4bit, "unpatched"), "Nf4Workarounds not active"
+    cfg = BitsAndBytesConfig(**NF4_CONFIG, bnb_4bit_compute_dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(MODEL_DIR, quantization_config=cfg, dtype=torch.float32, device_map="cpu",
+                                            attn_implementation="eager")
+    assert base.is_loaded_in_4bit
+    ckpt = load_file(os.path.join(MODEL_DIR, "model.safetensors"))
+    quantized = set()
+    gen = torch.Generator().manual_seed(5)
+    for name, mod in base.named_modules():
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            continue
+        # workaround 1: on a CPU with AVX512-BF16, Linear4bit.forward (eval mode, input without grad) would repack
+        # the weight once for a fused bf16 kernel (bf16 absmax, bf16 compute) whatever the compute dtype
+        mod.support_avx512bf16_for_cpu = False
+        W = ckpt[name + ".weight"]
+        q, qs = mod.weight.data, mod.weight.quant_state
+        assert mod.compute_dtype == torch.float32 and mod.bias is None
+        assert (qs.blocksize, qs.quant_type, qs.nested, qs.dtype, tuple(qs.shape)) == \
+            (64, "nf4", True, torch.float32, tuple(W.shape)), (name, qs)
+        q2, qs2 = F.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(q, q2) and torch.equal(qs.absmax, qs2.absmax) and torch.equal(qs.offset, qs2.offset)
+        assert torch.equal(qs.state2.absmax, qs2.state2.absmax) and torch.equal(qs.state2.code, qs2.state2.code)
+        assert torch.equal(qs.code, qs2.code)
+        Wq = ref.reference_dequant(q, qs, torch.float32)
+        assert torch.equal(F.dequantize_4bit(q, qs), Wq), name  # bitsandbytes (workaround 2) == independent
+        # the unpatched kernel on the 2-D shape: right here (every column count is a multiple of 64), recorded
+        NF4_RAW_KERNEL[name] = torch.equal(F.dequantize_4bit.unpatched(q, qs), Wq)
+        assert not torch.equal(Wq, W)
+        x = torch.randn(3, 5, W.shape[1], generator=gen)
+        with torch.no_grad():  # eval mode, no grad: the case where the bf16 repack would happen
+            assert torch.equal(mod(x), torch.nn.functional.linear(x, Wq)), name
+        assert not getattr(qs, "packing_format_for_cpu", False)
+        quantized.add(name + ".weight")
+    assert len(quantized) == N_LINEAR4BIT, sorted(quantized)
+    assert not any("lm_head" in n or "embed" in n for n in quantized)
+    sd = base.state_dict()
+    for k, v in ckpt.items():  # the unquantized rest is the checkpoint, fp32
+        if k not in quantized:
+            assert sd[k].dtype == torch.float32 and torch.equal(sd[k], v), k
+    return base
+
+
+def nf4_weights():
+    """The dequantized weight of every Linear4bit (what the NF4 forward multiplies with), under checkpoint names."""
+    import bitsandbytes as bnb
+    base = load_base_nf4()
+    ref = nf4_reference()
+    ckpt = load_file(os.path.join(MODEL_DIR, "model.safetensors"))
+    t, err = {}, {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            k = name + ".weight"
+            t[k] = ref.reference_dequant(mod.weight.data, mod.weight.quant_state, torch.float32).contiguous()
+            err[k] = (t[k] - ckpt[k]).abs().max().item() / ckpt[k].abs().max().item()
+    return t, err
+
+
+def check_generic_4bit_path(model):
+    """No Linear4bit was repacked for the bf16 CPU kernel during the run (workaround 1 held)."""
+    import bitsandbytes as bnb
+    mods = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(mods) == N_LINEAR4BIT
+    for m in mods:
+        assert not m.support_avx512bf16_for_cpu and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+
+
+KBIT_CALLS = []
+
+
+def make_trainer_peft_config(adapter, tok, ds, args):
+    """What a QLoRA user does: the 4-bit base plus a LoraConfig given to DPOTrainer (peft_config=). TRL 0.27.2 then
+    calls peft.prepare_model_for_kbit_training and get_peft_model itself; adapter_<a>'s tensors are copied into the
+    fresh LoRA layers afterwards, so the numbers can be compared with PeftModel.from_pretrained's."""
+    from peft import set_peft_model_state_dict
+    import trl.trainer.dpo_trainer as dpo_mod
+    a = ADAPTERS[adapter]
+    base = load_base_nf4()
+    before = {n: (p.dtype, p.requires_grad, p.detach().clone()) for n, p in base.named_parameters()}
+    orig = dpo_mod.prepare_model_for_kbit_training
+
+    @functools.wraps(orig)  # TRL inspects the signature (gradient_checkpointing_kwargs is passed only if listed)
+    def recorded(model, *a, **kw):
+        out = orig(model, *a, **kw)
+        KBIT_CALLS.append({**kw, "input_require_grads_hook": hasattr(out, "_require_grads_hook"),
+                           "gradient_checkpointing": out.is_gradient_checkpointing})
+        return out
+    dpo_mod.prepare_model_for_kbit_training = recorded
+    try:
+        cfg = LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=0.0, bias="none",
+                         target_modules=a["target_modules"], use_rslora=a["use_rslora"], task_type="CAUSAL_LM")
+        trainer = SeqDPOTrainer(model=base, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                                peft_config=cfg)
+    finally:
+        dpo_mod.prepare_model_for_kbit_training = orig
+    assert len(KBIT_CALLS) and KBIT_CALLS[-1]["use_gradient_checkpointing"] == args.gradient_checkpointing
+    trainer.remove_callback(PrinterCallback)
+    model = trainer.model
+    assert isinstance(model, PeftModel)
+    # prepare_model_for_kbit_training froze the base and cast fp16/bf16 parameters to fp32: nothing to cast here
+    for n, p in model.get_base_model().named_parameters():
+        if "lora_" in n:
+            continue
+        dt, _, v = before[n.replace(".base_layer", "")]
+        assert p.dtype == dt and not p.requires_grad and torch.equal(p.detach(), v), n
+    saved = load_file(os.path.join(OUT, f"adapter_{adapter}", "adapter_model.safetensors"))
+    res = set_peft_model_state_dict(model, saved)
+    assert not [k for k in res.unexpected_keys], res.unexpected_keys
+    assert lora_weights(model).keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in lora_weights(model).items())
+    return trainer
+
+
+def compare_steps(a, b):
+    """max |difference| on loss, log-probs, metrics and gradients; max relative gradient difference"""
+    d = max((a[k].float() - b[k].float()).abs().max().item() for k in b if not k.startswith(("batch.", "pairs")))
+    rel = max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b if k.startswith("grad."))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b if k.startswith(("batch.", "pairs")))
+    return d, rel
+
+
+def grad_norm(t, prefix="grad."):
+    return torch.sqrt(sum((v.double() ** 2).sum() for k, v in t.items() if k.startswith(prefix))).item()
+
+
+# ----------------------------------------------------------------------------------------------
+
+def fmt_vec(v):
+    return " ".join(f"{x:11.6f}" for x in v.tolist())
+
 
 def folder_size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
@@ -919,6 +1113,37 @@ def main():
 
         save(merge_run(tok), "merged_all.safetensors", adapter="adapter_all")
 
+        # 11. NF4 base (bitsandbytes), after everything else: bitsandbytes is patched only inside this block
+        import bitsandbytes
+        nf4_meta = dict(base="nf4", quantization=NF4_DESC, bitsandbytes=bitsandbytes.__version__)
+        step_meta = dict(adapter="adapter_qk", beta=BETA, batch_index=0, loss_type="sigmoid", label_smoothing=0.0)
+        with Nf4Workarounds():
+            t_w, nf4_err = nf4_weights()
+            save(t_w, "nf4_weights.safetensors", **nf4_meta)
+            t_nf4, _ = dpo_step("qk", tok, ds, tmp, tokens, batch_index=0, nf4=True, loss_type="sigmoid",
+                                label_smoothing=0.0)
+            save(t_nf4, "step_qk_sigmoid_nf4.safetensors", **step_meta, **nf4_meta)
+            t_nf4_gc, _ = dpo_step("qk", tok, ds, tmp, tokens, batch_index=0, nf4=True, gc=True, loss_type="sigmoid",
+                                   label_smoothing=0.0)
+            nf4_gc_diff = compare_steps(t_nf4_gc, t_nf4)
+            assert nf4_gc_diff[0] < 1e-6, nf4_gc_diff
+            save(t_nf4_gc, "step_qk_sigmoid_nf4_gc.safetensors", **step_meta, gradient_checkpointing=True, **nf4_meta)
+            # the QLoRA path of a user who hands TRL the 4-bit base and a LoraConfig: TRL calls
+            # prepare_model_for_kbit_training + get_peft_model; with adapter_qk's tensors copied in, same numbers
+            kbit_diff = {}
+            for gc, want in ((False, t_nf4), (True, t_nf4_gc)):
+                t_k, _ = dpo_step("qk", tok, ds, tmp, tokens, batch_index=0, nf4=True, gc=gc, via_peft_config=True,
+                                  loss_type="sigmoid", label_smoothing=0.0)
+                kbit_diff[gc] = compare_steps(t_k, want)
+                assert kbit_diff[gc][0] < 1e-6, kbit_diff
+            t_train_nf4, log_nf4 = train_run("qk", tok, ds, tmp, nf4=True)
+            log_nf4["bitsandbytes"] = bitsandbytes.__version__
+            save(t_train_nf4, "train_qk_nf4.safetensors", adapter="adapter_qk", **nf4_meta)
+            with open(os.path.join(OUT, "train_qk_nf4_log.json"), "w") as f:
+                json.dump(log_nf4, f, indent=1)
+                f.write("\n")
+        t_train_qk = load_file(os.path.join(OUT, "train_qk.safetensors"))
+
         with open(os.path.join(OUT, "VERSIONS.json"), "w") as f:
             json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
                        "peft": peft.__version__, "trl": trl.__version__, "tokenizers": tokenizers.__version__,
@@ -952,6 +1177,33 @@ def main():
                   f"acc {e['rewards/accuracies']:.3f} margin {e['rewards/margins']:+.5f}")
     print(f"\nsft_qk: loss {t_sft['loss'].item():.6f} over {int(t_sft['n_tokens'])} tokens; SFTTrainer "
           f"agrees: |dloss| {sft_dl:.2e}, max rel grad diff {sft_dg:.2e}")
+    print(f"\nNF4 base ({NF4_DESC}, bitsandbytes {bitsandbytes.__version__}, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}): {len(t_w)} Linear4bit layers; quantize_4bit of the checkpoint "
+          f"== transformers' weights, dequantized == independent dequantization; max |W_nf4 - W| / max |W| per layer "
+          f"{min(nf4_err.values()):.3f} .. {max(nf4_err.values()):.3f}; unpatched 2-D dequantize kernel right on "
+          f"{sum(NF4_RAW_KERNEL.values())}/{len(NF4_RAW_KERNEL)} layers")
+    print(f"prepare_model_for_kbit_training calls by TRL on the peft_config path: {KBIT_CALLS}")
+    ref = results["step_qk_sigmoid"]
+    print("NF4 vs fp32 base, step_qk_sigmoid:")
+    for k in ["loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "rewards/margins",
+              "logits/chosen"]:
+        print(f"  {k:20s} nf4 {fmt_vec(t_nf4[k])}   fp32 {fmt_vec(ref[k])}")
+    rel = max(((t_nf4[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref if k.startswith("grad."))
+    print(f"  grad norm            nf4 {grad_norm(t_nf4):.6f}   fp32 {grad_norm(ref):.6f};  max rel grad diff "
+          f"(max|diff| / max|value| per tensor) {rel:.3e}")
+    print(f"  nf4 gradient checkpointing vs plain: max |diff| {nf4_gc_diff[0]:.3e}, max rel grad diff "
+          f"{nf4_gc_diff[1]:.3e}")
+    print(f"  TRL peft_config path (prepare_model_for_kbit_training) vs PeftModel.from_pretrained: max |diff| "
+          f"{kbit_diff[False][0]:.3e} (gc off), {kbit_diff[True][0]:.3e} (gc on)")
+    print(f"train_qk_nf4 vs train_qk:")
+    for e, e0 in zip(log_nf4["log_history"], train_logs["qk"]["log_history"]):
+        print(f"  step {e['step']} loss {e['loss']:.4f} ({e0['loss']:.4f}) grad_norm {e['grad_norm']:.5f} "
+              f"({e0['grad_norm']:.5f}) margin {e['rewards/margins']:+.5f} ({e0['rewards/margins']:+.5f})")
+    fin = max(((t_train_nf4[k] - t_train_qk[k]).abs().max() / t_train_qk[k].abs().max()).item()
+              for k in t_train_qk if k.startswith("base_model."))
+    moved = max(((t_train_qk[k] - load_file(os.path.join(OUT, "adapter_qk", "adapter_model.safetensors"))[k])
+                 .abs().max() / t_train_qk[k].abs().max()).item() for k in t_train_qk if k.startswith("base_model."))
+    print(f"  final LoRA weights: max rel diff nf4 vs fp32 {fin:.3e} (training moved them by up to {moved:.3e})")
     print(f"\n{OUT}: {folder_size(OUT) / 1024:.1f} KiB")
     assert folder_size(OUT) < 2.5 * 1024 * 1024
 
