@@ -7974,7 +7974,7 @@ fail:
 
 /* Options shared by generate and chat (HF GenerationConfig names). */
 typedef struct {
-    const char *model, *tokenizer, *lora, *system;
+    const char *model, *tokenizer, *lora, *system, *bnb_4bit_compute_dtype;
     int threads, load_in_4bit, add_bos, max_context;
     MbGenerationConfig gen;
 } MbGenArgs;
@@ -7996,6 +7996,10 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
         (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) || (rc = arg_int(a, "seed", &seed)))
         return rc;
     o->system = arg_get(a, "system");
+    const char *cdt = o->bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
+    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
+        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
+                       cdt);
     if (greedy && do_sample == 1)
         return mb_fail(MB_ERR_ARG, "%s: --greedy and --do_sample contradict each other", a->cmd);
     o->gen.do_sample = greedy ? 0 : do_sample != 0;
@@ -8037,9 +8041,8 @@ static MbStatus gen_session_open(const char *cmd, MbGenArgs *o, MbGenSession *ss
     MbLoadOptions lopt;
     memset(&lopt, 0, sizeof lopt);
     lopt.threads = o->threads;
-    if (o->load_in_4bit) /* NF4 merge: replace this statement with `lopt.load_in_4bit = 1;` */
-        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --load_in_4bit needs the NF4 weights (issue 4), which this build "
-                       "does not have yet", cmd);
+    lopt.load_in_4bit = o->load_in_4bit;
+    lopt.bnb_4bit_compute_dtype = o->bnb_4bit_compute_dtype;
     MbStatus rc = mb_model_load(o->model, &lopt, &ss->m);
     if (!rc && o->lora && !(rc = mb_lora_load(ss->m, o->lora, &ss->lo))) mb_model_set_lora(ss->m, ss->lo);
     if (!rc && (rc = mb_tokenizer_load(o->tokenizer ? o->tokenizer : o->model, &ss->tok)) && !o->tokenizer) {
@@ -8374,7 +8377,8 @@ static const struct {
      "    --temperature 0.7 --top_p 0.9 --top_k 50 (transformers' default; 0 = off) --repetition_penalty 1.1\n"
      "    --no_repeat_ngram_size 0 --seed S (default: a new one each run) --system TEXT --lora ADAPTER_DIR\n"
      "    --tokenizer PATH --max_context N (default: max_position_embeddings, at most 4096) --threads N\n"
-     "    --load_in_4bit. Stops at eos_token_id, <|eot_id|>, <|eom_id|> or max_new_tokens."},
+     "    --load_in_4bit [--bnb_4bit_compute_dtype float32|bfloat16] (NF4 base, as bitsandbytes).\n"
+     "    Stops at eos_token_id, <|eot_id|>, <|eom_id|> or max_new_tokens."},
     {"chat", cmd_chat,
      "chat --model DIR [--lora ADAPTER_DIR] [options as generate]\n"
      "    a conversation in the card's format, kept in the KV cache: type a question, the answer streams; /reset\n"

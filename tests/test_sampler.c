@@ -14,13 +14,18 @@
 #define DPO "tests/fixtures/dpo"
 #define GREEDY_ARGS "--greedy --repetition_penalty 1.1 --no_repeat_ngram_size 3 --max_new_tokens 64"
 
-/* The models of the greedy fixtures (tests/fixtures/llama/NAME) and how medbot loads them. An
- * NF4 fixture model joins with load_in_4bit = 1 once the NF4 weights are merged (and its folder
- * in GREEDY_MODELS of make_sampler_fixtures.py). */
+/* The models of the greedy fixtures (GREEDY_MODELS in make_sampler_fixtures.py) and how medbot
+ * loads them: F32 and BF16 weights, NF4 quantized at load time (load_in_4bit, compute dtype
+ * float32, as bitsandbytes there), and a checkpoint saved 4-bit by transformers. */
 static const struct {
-    const char *name;
+    const char *name, *folder; /* under tests/fixtures */
     int load_in_4bit;
-} greedy_models[] = {{"gqa2_f32", 0}, {"gqa4_bf16_sharded", 0}, {"tied_mqa_bf16", 0}};
+} greedy_models[] = {{"gqa2_f32", "llama/gqa2_f32", 0},
+                     {"gqa4_bf16_sharded", "llama/gqa4_bf16_sharded", 0},
+                     {"tied_mqa_bf16", "llama/tied_mqa_bf16", 0},
+                     {"gqa2_f32_nf4", "llama/gqa2_f32", 1},
+                     {"gqa4_bf16_sharded_nf4", "llama/gqa4_bf16_sharded", 1},
+                     {"tied_mqa_bf16_4bit", "nf4/tied_mqa_bf16_4bit", 0}};
 #define N_GREEDY_MODELS (sizeof greedy_models / sizeof *greedy_models)
 
 static char work[128];
@@ -236,17 +241,17 @@ static void sampler_greedy_generate_matches_transformers(void) {
     int per_model[N_GREEDY_MODELS] = {0}, total = 0;
     for (size_t mi = 0; mi < N_GREEDY_MODELS; mi++) {
         char dir[256];
-        snprintf(dir, sizeof dir, "tests/fixtures/llama/%s", greedy_models[mi].name);
-        MbLoadOptions opt;
-        memset(&opt, 0, sizeof opt);
-        opt.threads = 2;
-        CHECK(!greedy_models[mi].load_in_4bit, "NF4: set opt.load_in_4bit here once MbLoadOptions has it");
+        snprintf(dir, sizeof dir, "tests/fixtures/%s", greedy_models[mi].folder);
+        MbLoadOptions opt = {.threads = 2, .load_in_4bit = greedy_models[mi].load_in_4bit,
+                             .bnb_4bit_compute_dtype = "float32"};
         MbModel *m = NULL;
         CHECK_OK(mb_model_load(dir, &opt, &m));
         if (!m) continue;
         size_t V = (size_t)m->cfg.vocab_size;
         for (const MbJson *c = json_first(&doc, cases); c; c = json_next(&doc, c)) {
             if (strcmp(json_str(&doc, json_get(&doc, c, "model")), greedy_models[mi].name)) continue;
+            CHECK(!strcmp(json_str(&doc, json_get(&doc, c, "folder")), greedy_models[mi].folder), "folder of %s",
+                  greedy_models[mi].name);
             size_t n, nw, n_out = 0;
             int32_t *prompt = jids(&doc, json_get(&doc, c, "prompt"), &n);
             int32_t *want = jids(&doc, json_get(&doc, c, "output"), &nw);
@@ -259,7 +264,7 @@ static void sampler_greedy_generate_matches_transformers(void) {
                 CHECK_OK(mb_generate(m, kv, s, NULL, prompt, n, out, &n_out, NULL, NULL));
                 size_t same = 0;
                 while (same < n_out && same < nw && out[same] == want[same]) same++;
-                printf("    %-18s prompt %2zu ids, eos %5d: %2zu of %2zu ids equal (HF min margin %.1e)\n",
+                printf("    %-22s prompt %2zu ids, eos %5d: %2zu of %2zu ids equal (HF min margin %.1e)\n",
                        greedy_models[mi].name, n, (int)eos, same, nw, jnum(&doc, c, "min_margin", 0));
                 CHECK(n_out == nw && same == nw, "%s: medbot gave %zu ids, first difference at %zu", greedy_models[mi].name,
                       n_out, same);
@@ -306,14 +311,13 @@ static int collect_piece(void *ctx, int32_t id, const char *text, size_t len) {
     return 0;
 }
 
-/* The card's template, a PEFT adapter (unmerged), the model's stop ids: ids and text as HF. */
-static void sampler_generate_with_lora_and_template_matches_transformers(void) {
-    MbJsonDoc doc;
-    if (!load_json(FIX "/generate.json", &doc)) return;
+/* The card's template, a PEFT adapter (unmerged), the model's stop ids: ids and text as HF, with
+ * the base in fp32 (every "text" case) and loaded 4-bit (QLoRA, "text_nf4"). */
+static void lora_template_cases(const MbJsonDoc *doc, const MbJson *cases, int load_in_4bit) {
     MbModel *m = NULL;
     MbLora *lo = NULL;
     MbTokenizer *tok = NULL;
-    MbLoadOptions opt = {2};
+    MbLoadOptions opt = {.threads = 2, .load_in_4bit = load_in_4bit, .bnb_4bit_compute_dtype = "float32"};
     CHECK_OK(mb_model_load(DPO "/model", &opt, &m));
     if (m) CHECK_OK(mb_lora_load(m, DPO "/adapter_qk", &lo));
     CHECK_OK(mb_tokenizer_load(DPO "/model", &tok));
@@ -324,14 +328,15 @@ static void sampler_generate_with_lora_and_template_matches_transformers(void) {
     g.do_sample = 0, g.repetition_penalty = 1.1, g.no_repeat_ngram_size = 3, g.max_new_tokens = 64;
     CHECK_OK(mb_generation_set_stop_ids(&g, DPO "/model", m, tok));
     CHECK(g.n_stop_ids == 2 && g.stop_ids[0] == 435 && g.stop_ids[1] == 436, "stop ids: eos 435 and <|eot_id|> 436");
-    const char *sys = json_str(&doc, json_get(&doc, json_root(&doc), "system"));
-    for (const MbJson *c = json_first(&doc, json_get(&doc, json_root(&doc), "text")); c; c = json_next(&doc, c)) {
-        char *prompt = mb_render_prompt(sys, json_str(&doc, json_get(&doc, c, "question")));
+    const char *sys = json_str(doc, json_get(doc, json_root(doc), "system"));
+    const MbJson *c = cases->kind == MB_JSON_ARRAY ? json_first(doc, cases) : cases;
+    for (; c; c = cases->kind == MB_JSON_ARRAY ? json_next(doc, c) : NULL) {
+        char *prompt = mb_render_prompt(sys, json_str(doc, json_get(doc, c, "question")));
         int32_t *ids = NULL, out[64];
         size_t n, np, nw, n_out = 0;
         CHECK_OK(mb_tokenizer_encode(tok, prompt, strlen(prompt), MB_ENCODE_ADD_BOS, &ids, &n));
-        int32_t *want_prompt = jids(&doc, json_get(&doc, c, "prompt_ids"), &np);
-        int32_t *want = jids(&doc, json_get(&doc, c, "output"), &nw);
+        int32_t *want_prompt = jids(doc, json_get(doc, c, "prompt_ids"), &np);
+        int32_t *want = jids(doc, json_get(doc, c, "output"), &nw);
         CHECK(ids && n == np && t_equal_i32("prompt ids (BOS + template)", ids, want_prompt, n), "prompt ids");
         MbSampler *s = NULL;
         MbKVCache *kv = NULL;
@@ -341,11 +346,11 @@ static void sampler_generate_with_lora_and_template_matches_transformers(void) {
         if (ids && s && kv) {
             CHECK_OK(mb_generate(m, kv, s, tok, ids, n, out, &n_out, collect_piece, &col));
             CHECK(n_out == nw && t_equal_i32("answer ids", out, want, nw), "%zu ids, want %zu", n_out, nw);
-            const char *answer = json_str(&doc, json_get(&doc, c, "answer"));
+            const char *answer = json_str(doc, json_get(doc, c, "answer"));
             CHECK(col.text && !strcmp(col.text, answer), "streamed text equals HF's decode");
             CHECK(!col.broken, "%d pieces with a broken character", col.broken);
-            printf("    %-40.40s %2zu prompt ids -> %2zu ids%s, %d text pieces: ids and text equal HF\n",
-                   json_str(&doc, json_get(&doc, c, "question")), n, n_out,
+            printf("    %s%-36.36s %2zu prompt ids -> %2zu ids%s, %d text pieces: ids and text equal HF\n",
+                   load_in_4bit ? "NF4 " : "", json_str(doc, json_get(doc, c, "question")), n, n_out,
                    n_out && mb_generation_is_stop(&g, out[n_out - 1]) ? " (stopped on a stop id)" : "", col.pieces);
         }
         arrfree(col.text);
@@ -357,6 +362,15 @@ done:
     mb_tokenizer_free(tok);
     mb_lora_free(lo);
     mb_model_free(m);
+}
+
+static void sampler_generate_with_lora_and_template_matches_transformers(void) {
+    MbJsonDoc doc;
+    if (!load_json(FIX "/generate.json", &doc)) return;
+    const MbJson *text = json_get(&doc, json_root(&doc), "text"), *qlora = json_get(&doc, json_root(&doc), "text_nf4");
+    CHECK(text && text->count == 3 && qlora, "fixture cases");
+    if (text) lora_template_cases(&doc, text, 0);
+    if (qlora) lora_template_cases(&doc, qlora, 1);
     json_free(&doc);
 }
 
@@ -381,7 +395,7 @@ static MbStatus sample_run(MbModel *m, uint64_t seed, int32_t *out, size_t *n_ou
 
 static void sampler_seeded_sampling_is_reproducible(void) {
     MbModel *m1 = NULL, *m2 = NULL;
-    MbLoadOptions o1 = {1}, o2 = {2};
+    MbLoadOptions o1 = {.threads = 1}, o2 = {.threads = 2};
     CHECK_OK(mb_model_load("tests/fixtures/llama/tied_mqa_bf16", &o1, &m1));
     CHECK_OK(mb_model_load("tests/fixtures/llama/tied_mqa_bf16", &o2, &m2));
     if (!m1 || !m2) goto done;
@@ -450,7 +464,7 @@ static void sampler_draws_follow_the_distribution(void) {
 
 static void sampler_generate_stops_on_stop_ids_and_a_full_cache(void) {
     MbModel *m = NULL;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     CHECK_OK(mb_model_load("tests/fixtures/llama/gqa2_f32", &o, &m));
     if (!m) return;
     size_t V = (size_t)m->cfg.vocab_size, n_out;
@@ -513,7 +527,7 @@ done:
 static void sampler_stop_ids_follow_generation_config(void) {
     MbModel *m = NULL;
     MbTokenizer *tok = NULL;
-    MbLoadOptions o = {1};
+    MbLoadOptions o = {.threads = 1};
     CHECK_OK(mb_model_load("weights/tiny", &o, &m));
     CHECK_OK(mb_tokenizer_load("weights/llama3/tokenizer.model", &tok));
     if (!m || !tok) goto done;
@@ -682,12 +696,21 @@ static void generate_cli_matches_transformers(void) {
     sb_printf(&args2, "generate --model " DPO "/model --lora " DPO "/adapter_qk " GREEDY_ARGS " --prompt '%s'",
               json_str(&doc, json_get(&doc, c, "question")));
     rc = run_medbot_stdout(args2, NULL, out, sizeof out, err, sizeof err);
-    arrfree(args2);
     char *want = NULL;
     sb_printf(&want, "%s\n", json_str(&doc, json_get(&doc, c, "answer")));
     CHECK(rc == 0 && !strcmp(out, want), "generate --prompt (exit %d) prints HF's answer", rc);
     CHECK(!err[0], "nothing on stderr: %s", err);
     printf("    generate --prompt: stdout is HF's answer\n");
+    /* QLoRA: the base loaded 4-bit, the adapter on top */
+    const MbJson *q = json_get(&doc, json_root(&doc), "text_nf4");
+    arrsetlen(args2, 0), arrsetlen(want, 0);
+    sb_printf(&args2, "generate --model " DPO "/model --lora " DPO "/adapter_qk --load_in_4bit --bnb_4bit_compute_dtype "
+              "float32 " GREEDY_ARGS " --prompt '%s'", json_str(&doc, json_get(&doc, q, "question")));
+    rc = run_medbot_stdout(args2, NULL, out, sizeof out, err, sizeof err);
+    sb_printf(&want, "%s\n", json_str(&doc, json_get(&doc, q, "answer")));
+    CHECK(rc == 0 && !strcmp(out, want), "generate --load_in_4bit (exit %d) prints HF's answer: %s", rc, err);
+    printf("    generate --load_in_4bit --lora: stdout is HF + bitsandbytes + PEFT's answer\n");
+    arrfree(args2);
     arrfree(want);
     json_free(&doc);
 }
@@ -760,6 +783,7 @@ static void generate_cli_bad_input(void) {
     expect_error(M "--prompt hi --max_new_tokens 0", "max_new_tokens");
     expect_error(M "--prompt hi --max_context 999999", "max_position_embeddings");
     expect_error(M "--prompt hi --lora /nonexistent", "/nonexistent");
+    expect_error(M "--prompt hi --load_in_4bit --bnb_4bit_compute_dtype int8", "--bnb_4bit_compute_dtype must be");
     snprintf(args, sizeof args, M "--input %s", bad);
     expect_error(args, "bad.jsonl:2: each line needs a string \"question\"");
     snprintf(args, sizeof args, M "--input %s", notjson);

@@ -16,8 +16,8 @@ Writes tests/fixtures/sampler/:
       TopPLogitsWarper). For the chains the list is the one GenerationMixin._get_logits_processor
       builds from the generation_config (that is generate's order).
   generate.json
-      "greedy": for each model folder under tests/fixtures/llama and each prompt (token ids),
-      the 64 new ids of generate(do_sample=False, repetition_penalty=1.1,
+      "greedy": for each model of GREEDY_MODELS and each prompt (token ids), the 64 new ids of
+      generate(do_sample=False, repetition_penalty=1.1,
       no_repeat_ngram_size=3, max_new_tokens=64): once with no EOS (all 64 come out), and one
       case per model whose EOS is a token the no-EOS run emits (generation stops on it, as HF
       does, and the EOS is the last id). "min_margin" is the smallest gap between the best and
@@ -29,10 +29,12 @@ Writes tests/fixtures/sampler/:
       for this model: config.json's eos_token_id plus <|eot_id|>). "chat" continues the first
       question's conversation: prompt ids + answer ids (stop token dropped) +
       tokenizer("\\n###Question: {q}\\n###Answer: ", add_special_tokens=False).
+      "text_nf4": the first question again with the base loaded 4-bit (QLoRA, as the card runs it).
 
 The fixture models are computed in fp32 (bf16 weights widened exactly), eager attention, as
-tests/fixtures/llama/ref.safetensors was. To add a model (an NF4 checkpoint when the NF4 weights
-land), add its folder to GREEDY_MODELS with its from_pretrained arguments.
+tests/fixtures/llama/ref.safetensors was; the NF4 ones as tests/ref/make_nf4_fixtures.py loads
+them (bitsandbytes nf4, double quant, compute dtype float32, its two CPU workarounds). To add a
+model, add it to GREEDY_MODELS here and to greedy_models[] in tests/test_sampler.c.
 """
 import json
 import math
@@ -50,12 +52,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "..", "fixtures")
 OUT = os.path.join(FIX, "sampler")
 
-# model folder (under tests/fixtures/llama) -> extra from_pretrained arguments
+# name -> (folder under tests/fixtures, how transformers loads it):
+#   "fp32"          LlamaForCausalLM in fp32
+#   "nf4"           load_in_4bit (BitsAndBytesConfig nf4, double quant, compute float32)
+#   "prequantized"  a checkpoint saved 4-bit by transformers, loaded back
 GREEDY_MODELS = {
-    "gqa2_f32": {},
-    "gqa4_bf16_sharded": {},
-    "tied_mqa_bf16": {},
-    # "gqa2_nf4": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, ...)},  (NF4 branch)
+    "gqa2_f32": ("llama/gqa2_f32", "fp32"),
+    "gqa4_bf16_sharded": ("llama/gqa4_bf16_sharded", "fp32"),
+    "tied_mqa_bf16": ("llama/tied_mqa_bf16", "fp32"),
+    "gqa2_f32_nf4": ("llama/gqa2_f32", "nf4"),
+    "gqa4_bf16_sharded_nf4": ("llama/gqa4_bf16_sharded", "nf4"),
+    "tied_mqa_bf16_4bit": ("nf4/tied_mqa_bf16_4bit", "prequantized"),
 }
 GREEDY = dict(do_sample=False, repetition_penalty=1.1, no_repeat_ngram_size=3, max_new_tokens=64)
 MIN_MARGIN = 1e-4
@@ -254,12 +261,28 @@ def hf_greedy(model, prompt_ids, eos, max_new=64):
     return new, margin
 
 
+def load_model(folder, how):
+    if how == "fp32":
+        return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    sys.path.insert(0, HERE)
+    import bitsandbytes.functional as F
+    import make_nf4_fixtures as nf4  # its loading, workarounds and dequant check
+    if not getattr(F.dequantize_4bit, "flat", False):  # its workaround 2, once
+        F.dequantize_4bit = nf4.flat_dequantize_4bit(F, F.dequantize_4bit)
+        F.dequantize_4bit.flat = True
+    if how == "nf4":
+        return nf4.load_4bit(folder, torch.float32)[0]
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                             attn_implementation="eager").eval()
+    return nf4.prepare(m)[0]
+
+
 def greedy_cases():
     cases = []
-    for name, kwargs in GREEDY_MODELS.items():
-        folder = os.path.join(FIX, "llama", name)
-        model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
-                                                 **kwargs).eval()
+    for name, (rel, how) in GREEDY_MODELS.items():
+        folder = os.path.join(FIX, rel)
+        model = load_model(folder, how)
         V = model.config.vocab_size
         g = torch.Generator().manual_seed(sum(map(ord, name)))
         done, tries = [], 0
@@ -275,18 +298,19 @@ def greedy_cases():
                 if margin > MIN_MARGIN:
                     break
             assert len(new) == 64
-            cases.append({"model": name, "prompt": prompt, "eos_token_id": None, "output": new,
-                          "min_margin": margin})
+            cases.append({"model": name, "folder": rel, "load": how, "prompt": prompt, "eos_token_id": None,
+                          "output": new, "min_margin": margin})
             done.append((prompt, new))
-            print(f"  {name:20s} prompt {length:2d} ids -> 64 ids, min margin {margin:.2e}")
+            print(f"  {name:22s} prompt {length:2d} ids -> 64 ids, min margin {margin:.2e}")
         # an EOS that the no-EOS run emits mid-way: HF stops on it and keeps it
         prompt, new = done[1]
         at = next(i for i in range(8, 64) if new[i] not in new[:i])
         eos = new[at]
         got, margin = hf_greedy(model, prompt, eos)
         assert got == new[:at + 1], (got, new[:at + 1])
-        cases.append({"model": name, "prompt": prompt, "eos_token_id": eos, "output": got, "min_margin": margin})
-        print(f"  {name:20s} eos {eos}: stops after {len(got)} ids")
+        cases.append({"model": name, "folder": rel, "load": how, "prompt": prompt, "eos_token_id": eos, "output": got,
+                      "min_margin": margin})
+        print(f"  {name:22s} eos {eos}: stops after {len(got)} ids")
     return cases
 
 
@@ -328,7 +352,16 @@ def text_cases():
     chat = {"questions": [questions[0], q2], "turn_ids": turn, "history_ids": hist + turn, "output": new,
             "answer": tok.decode(new, skip_special_tokens=True), "min_margin": margin}
     print(f"  chat turn 2: {len(hist + turn)} ids of history -> {len(new)} ids")
-    return text, chat
+    # QLoRA as the card runs it: the base loaded 4-bit (nf4, double quant, compute float32) + adapter
+    base = load_model(base_dir, "nf4")
+    model = PeftModel.from_pretrained(base, os.path.join(FIX, "dpo", "adapter_qk")).eval()
+    q = questions[0]
+    ids = tok(render(q))["input_ids"]
+    new, margin = run(ids)
+    qlora = {"question": q, "prompt_ids": ids, "output": new, "answer": tok.decode(new, skip_special_tokens=True),
+             "min_margin": margin}
+    print(f"  nf4 base + adapter_qk {q[:24]!r}: {len(ids)} prompt ids -> {len(new)} ids, margin {margin:.2e}")
+    return text, chat, qlora
 
 
 def main():
@@ -348,9 +381,10 @@ def main():
         f.write("\n")
     print("greedy generate:")
     greedy = greedy_cases()
-    text, chat = text_cases()
+    text, chat, qlora = text_cases()
     with open(os.path.join(OUT, "generate.json"), "w") as f:
-        json.dump({"settings": GREEDY, "system": SYSTEM, "greedy": greedy, "text": text, "chat": chat},
+        json.dump({"settings": GREEDY, "system": SYSTEM, "greedy": greedy, "text": text, "chat": chat,
+                   "text_nf4": qlora},
                   f, ensure_ascii=False, indent=1)
         f.write("\n")
     with open(os.path.join(OUT, "VERSIONS.json"), "w") as f:
