@@ -476,13 +476,15 @@ static void sampler_generate_stops_on_stop_ids_and_a_full_cache(void) {
     if (!s || !kv) goto done;
     CHECK_OK(mb_generate(m, kv, s, NULL, prompt, 4, ref, &n_out, NULL, NULL));
     CHECK(n_out == 20 && mb_kvcache_len(kv) == 4 + 19, "20 ids, the last never run (cache %d)", mb_kvcache_len(kv));
-    /* a stop id at the 6th new token (first occurrence) and at the first */
-    int at = 5, seen = 1;
-    for (; at < 20 && seen; at += seen) {
-        seen = 0;
-        for (int i = 0; i < at; i++) seen |= ref[i] == ref[at];
+    /* a stop id: the first new id from the 6th on that did not come before, and the very first */
+    int at = -1;
+    for (int t = 5; t < 20 && at < 0; t++) {
+        int seen = 0;
+        for (int i = 0; i < t; i++) seen |= ref[i] == ref[t];
+        if (!seen) at = t;
     }
-    CHECK(!seen, "a new id after the 5th");
+    CHECK(at > 0, "an id from the 6th on that is new");
+    if (at < 0) goto done;
     int32_t stops[2] = {ref[at], ref[0]};
     size_t want_n[2] = {(size_t)at + 1, 1};
     for (int k = 0; k < 2; k++) {
@@ -502,7 +504,7 @@ static void sampler_generate_stops_on_stop_ids_and_a_full_cache(void) {
         CHECK_OK(mb_generate(m, small, s, NULL, prompt, 4, out, &n_out, NULL, NULL));
         CHECK(n_out == 7 && mb_kvcache_len(small) == 10 && t_equal_i32("ids in a small cache", out, ref, 7),
               "%zu ids, cache %d", n_out, mb_kvcache_len(small));
-        /* continuing from a cache that holds a prefix: prompt + 7 ids in the cache of 64 */
+        /* a sequence longer than the cache is refused */
         int32_t seq[11];
         memcpy(seq, prompt, sizeof prompt);
         memcpy(seq + 4, ref, 7 * sizeof *ref);
