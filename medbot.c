@@ -58,6 +58,10 @@
 
 #define STB_DS_IMPLEMENTATION
 #include <stb/stb_ds.h>
+/* stb_ds passes hash-map keys by address; its trick for rvalue keys needs `typeof`, which gcc
+ * lacks under -std=c99, so keys are always lvalues here and the plain form is used. */
+#undef STBDS_ADDRESSOF
+#define STBDS_ADDRESSOF(typevar, value) &(value)
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -1226,7 +1230,8 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     MbStatus rc = mb_check_host();
     if (rc) return rc;
     MbSafetensors *st = mb_calloc(1, sizeof *st);
-    sh_new_arena(st->by_name);
+    /* keys are the tensors' own names (alive as long as st): no copies, and no arena, whose
+     * char storage[8] trick trips clang's bounds sanitizer */
     if (mb_is_dir(path)) {
         char *index = mb_path_join(path, "model.safetensors.index.json");
         char *single = mb_path_join(path, "model.safetensors");
@@ -1491,7 +1496,7 @@ done:
 //        (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 //        | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 //   4. a piece that is itself a vocabulary entry is one token (ignore_merges); otherwise its
-//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_merge).
+//      bytes are merged pairwise, lowest merge rank first, leftmost among equals (bpe_small, bpe_long).
 // tiktoken's file has ranks, not merges: the merges are derived from the ranks the way
 // transformers' TikTokenConverter wrote tokenizer.json (every split of a token into two
 // tokens, ordered by (rank of the result, rank of the left part, rank of the right)), so both
@@ -1703,14 +1708,10 @@ static int uni_at(const unsigned char *s, size_t i, size_t *len) {
     return uni_class(cp);
 }
 
-/* End of the run of characters of class k (k2: a second class, or -1) starting at i. */
-static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k, int k2) {
+/* End of the run of characters of class k that starts at i. */
+static size_t uni_skip(const unsigned char *s, size_t n, size_t i, int k) {
     size_t len;
-    while (i < n) {
-        int c = uni_at(s, i, &len);
-        if (c != k && c != k2) break;
-        i += len;
-    }
+    while (i < n && uni_at(s, i, &len) == k) i += len;
     return i;
 }
 
@@ -1733,17 +1734,17 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t i) {
     size_t len0, len1 = 0, k;
     int c0 = uni_at(s, i, &len0), c1 = i + len0 < n ? uni_at(s, i + len0, &len1) : -1;
     if ((k = pretok_contraction(s, n, i))) return i + k;                 /* (?i:'s|...) */
-    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L, -1);                /* \p{L}+ */
+    if (c0 == UNI_L) return uni_skip(s, n, i, UNI_L);                /* \p{L}+ */
     if ((c0 == UNI_OTHER || c0 == UNI_S) && c1 == UNI_L)                 /* [^\r\n\p{L}\p{N}]\p{L}+ */
-        return uni_skip(s, n, i + len0, UNI_L, -1);
+        return uni_skip(s, n, i + len0, UNI_L);
     if (c0 == UNI_N) {                                                   /* \p{N}{1,3} */
         size_t j = i + len0, len;
         for (int m = 1; m < 3 && j < n && uni_at(s, j, &len) == UNI_N; m++) j += len;
         return j;
     }
     if (c0 == UNI_OTHER || (s[i] == ' ' && c1 == UNI_OTHER)) {          /*  ?[^\s\p{L}\p{N}]+[\r\n]* */
-        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER, -1);
-        return uni_skip(s, n, j, UNI_NL, -1);
+        size_t j = uni_skip(s, n, c0 == UNI_OTHER ? i : i + 1, UNI_OTHER);
+        return uni_skip(s, n, j, UNI_NL);
     }
     /* whitespace: find the run [i, j), its last \r or \n, and its last character */
     size_t j = i, last_nl = 0, last = i, len;
@@ -1761,12 +1762,6 @@ static size_t pretok_next(const unsigned char *s, size_t n, size_t i) {
 }
 
 /* ---- the tokenizer ---- */
-
-/* stb_ds passes hash-map keys by address; its trick for rvalue keys needs `typeof`, which gcc
- * lacks under -std=c99, so keys here are always lvalues and the plain form is used.
- * (This belongs with the stb_ds include in the platform section.) */
-#undef STBDS_ADDRESSOF
-#define STBDS_ADDRESSOF(typevar, value) &(value)
 
 #define MB_TOK_MAX_VOCAB (1 << 24) /* ids beyond this are refused (files are not trusted) */
 #define MB_TOK_BPE 1               /* flags per id: a vocabulary entry BPE can produce */
@@ -1798,6 +1793,7 @@ struct MbTokenizer {
     MbTokByHash *vocab;        /* stb_ds hash map: the BPE vocabulary by bytes */
     MbTokByHash *added;        /* stb_ds hash map: added tokens by bytes */
     MbMergeMap *merges;        /* stb_ds hash map */
+    MbMerge *byte_merges;      /* (256 * 256) the merge of two single-byte tokens: BPE's first lookups */
     uint64_t seed;             /* of tok_hash, chosen so that no two tokens share a hash */
     int32_t byte_id[256];      /* the token of each single byte */
     uint8_t added_first[256];  /* bytes that begin an added token */
@@ -1807,6 +1803,9 @@ struct MbTokenizer {
     int32_t bos_id, eos_id;
 };
 
+/* A 64-bit hash of a token's bytes, bits 31 and 63 clear: stb_ds hashes 8-byte keys with
+ * `d[3] << 24` on an int, undefined for a byte >= 0x80 there (UBSan stops on it). Merge keys
+ * (two ids < 2^24) have those bits clear too. */
 static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     uint64_t h = seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ull), w;
     for (; n >= 8; s += 8, n -= 8) {
@@ -1817,14 +1816,13 @@ static uint64_t tok_hash(const unsigned char *s, size_t n, uint64_t seed) {
     w = 0;
     memcpy(&w, s, n);
     h = (h ^ w) * 0x94D049BB133111EBull;
-    /* bytes 3 and 7 below 0x80: stb_ds hashes an 8-byte key with (int)byte << 24, which is
-     * undefined behaviour for larger bytes (UBSan reports it) */
     return (h ^ (h >> 29)) & 0x7FFFFFFF7FFFFFFFull;
 }
 
 /* The id whose bytes are s[0..n) in a map built by tok_index, or -1. */
 static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsigned char *s, size_t n) {
     MbTokByHash *m = (MbTokByHash *)map; /* the _ts lookup reads only: safe from many threads */
+    if (!m) return -1;                   /* (on an empty map it would allocate) */
     uint64_t key = tok_hash(s, n, t->seed);
     ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     if (i < 0) return -1;
@@ -1835,8 +1833,8 @@ static int32_t tok_find(const MbTokenizer *t, const MbTokByHash *map, const unsi
 static MbMerge tok_merge(const MbTokenizer *t, int32_t a, int32_t b) {
     MbMergeMap *m = t->merges;
     uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
-    ptrdiff_t tmp, i = hmgeti_ts(m, key, tmp);
     MbMerge none = {MB_NO_MERGE, -1};
+    ptrdiff_t tmp, i = m ? hmgeti_ts(m, key, tmp) : -1;
     return i < 0 ? none : m[i].value;
 }
 
@@ -1850,6 +1848,7 @@ void mb_tokenizer_free(MbTokenizer *t) {
     hmfree(t->vocab);
     hmfree(t->added);
     hmfree(t->merges);
+    free(t->byte_merges);
     arrfree(t->added_lens);
     arrfree(t->prefix);
     arrfree(t->suffix);
@@ -1885,10 +1884,13 @@ static int bytelevel_decode(const int16_t byte_of_cp[324], const char *s, size_t
 static MbStatus tok_set(MbTokenizer *t, int32_t id, const unsigned char *s, size_t n, uint8_t flags, const char *what) {
     if (t->flags[id])
         return mb_fail(MB_ERR_FORMAT, "%s: %s %d is given twice", t->path, what, (int)id);
+    if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: %s %d is an empty token", t->path, what, (int)id);
+    if ((size_t)arrlen(t->bytes) + n > UINT32_MAX)
+        return mb_fail(MB_ERR_FORMAT, "%s: the tokens hold over 4 GiB of bytes", t->path);
     t->off[id] = (uint32_t)arrlen(t->bytes);
     t->len[id] = (uint32_t)n;
     t->flags[id] = flags;
-    if (n) memcpy(arraddnptr(t->bytes, n), s, n);
+    memcpy(arraddnptr(t->bytes, n), s, n);
     return MB_OK;
 }
 
@@ -1948,7 +1950,6 @@ static MbStatus tok_finish(MbTokenizer *t) {
     for (size_t id = 0; id < t->n_vocab; id++) {
         if (!(t->flags[id] & MB_TOK_ADDED)) continue;
         size_t n = t->len[id], k = 0;
-        if (n == 0) return mb_fail(MB_ERR_FORMAT, "%s: added token %zu is empty", t->path, id);
         t->added_first[t->bytes[t->off[id]]] = 1;
         while (k < (size_t)arrlen(t->added_lens) && t->added_lens[k] > n) k++;
         if (k == (size_t)arrlen(t->added_lens) || t->added_lens[k] != n) arrins(t->added_lens, k, n);
@@ -1956,6 +1957,13 @@ static MbStatus tok_finish(MbTokenizer *t) {
     t->bos_id = arrlen(t->prefix) ? t->prefix[0] : mb_tokenizer_token_id(t, "<|begin_of_text|>");
     t->eos_id = mb_tokenizer_token_id(t, "<|end_of_text|>");
     return MB_OK;
+}
+
+/* The merges of two single bytes as a table: every piece BPE merges starts with those pairs. */
+static void tok_byte_merges(MbTokenizer *t) {
+    t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges);
+    for (int a = 0; a < 256; a++)
+        for (int b = 0; b < 256; b++) t->byte_merges[a * 256 + b] = tok_merge(t, t->byte_id[a], t->byte_id[b]);
 }
 
 /* ---- tokenizer.json (Hugging Face) ---- */
@@ -1985,6 +1993,8 @@ static int json_id(const MbJson *v, int32_t *id) {
 static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const MbJson *root) {
     const MbJson *norm = json_get(d, root, "normalizer"), *pre = json_get(d, root, "pre_tokenizer");
     const MbJson *dec = json_get(d, root, "decoder"), *model = json_get(d, root, "model");
+    if (!model || model->kind != MB_JSON_OBJECT)
+        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object --> not a Hugging Face tokenizer.json", t->path);
     if (norm && norm->kind != MB_JSON_NULL)
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: a normalizer is set; medbot implements Llama 3's pipeline, which has none",
                        t->path);
@@ -2005,8 +2015,6 @@ static MbStatus tokjson_check_pipeline(MbTokenizer *t, const MbJsonDoc *d, const
                        "ByteLevel without prefix space)", t->path);
     if (!json_is(d, json_get(d, dec, "type"), "ByteLevel"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: decoder is not ByteLevel", t->path);
-    if (!model || model->kind != MB_JSON_OBJECT)
-        return mb_fail(MB_ERR_FORMAT, "%s: no \"model\" object", t->path);
     const MbJson *type = json_get(d, model, "type");
     if ((type && !json_is(d, type, "BPE")) || !json_off(json_get(d, model, "dropout")) ||
         !json_off(json_get(d, model, "continuing_subword_prefix")) ||
@@ -2179,7 +2187,7 @@ static MbStatus tok_from_json(MbTokenizer *t, const char *text, size_t n) {
     }
     if ((st = tokjson_template(t, d, json_get(d, root, "post_processor"))) || (st = tok_finish(t)))
         goto done;
-    st = tokjson_merges(t, d, merges, byte_of_cp);
+    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) tok_byte_merges(t);
 done:
     arrfree(buf);
     json_free(&doc);
@@ -2247,7 +2255,7 @@ static void tok_merges_from_ranks(MbTokenizer *t) {
             MbSplit sp = {(uint64_t)(uint32_t)l << 32 | (uint32_t)r, l, r};
             arrput(splits, sp);
         }
-        qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
+        if (arrlen(splits) > 1) qsort(splits, (size_t)arrlen(splits), sizeof *splits, mb_cmp_split);
         for (ptrdiff_t k = 0; k < arrlen(splits); k++) {
             MbMerge mg = {rank++, (int32_t)id};
             hmput(t->merges, splits[k].key, mg);
@@ -2308,8 +2316,10 @@ static MbStatus tok_from_tiktoken(MbTokenizer *t, const unsigned char *s, size_t
             goto done;
     }
     arrput(t->prefix, max_rank + 1); /* <|begin_of_text|>, as the Llama 3 template adds it */
+    t->ignore_merges = 1;            /* tiktoken looks a whole piece up before merging */
     if ((st = tok_finish(t))) goto done;
     tok_merges_from_ranks(t);
+    tok_byte_merges(t);
 done:
     arrfree(lines);
     arrfree(buf);
@@ -2388,7 +2398,7 @@ static size_t bpe_small(const MbTokenizer *t, const unsigned char *s, size_t n, 
     MbMerge mg[MB_BPE_SMALL]; /* mg[k]: the merge of id[k] and id[k+1] */
     size_t m = n;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]];
-    for (size_t k = 0; k + 1 < n; k++) mg[k] = tok_merge(t, id[k], id[k + 1]);
+    for (size_t k = 0; k + 1 < n; k++) mg[k] = t->byte_merges[s[k] * 256 + s[k + 1]];
     while (m > 1) {
         size_t best = 0;
         for (size_t k = 1; k + 1 < m; k++)
@@ -2441,7 +2451,7 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     size_t nh = 0, m = 0;
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]], prev[k] = (uint32_t)k - 1, next[k] = (uint32_t)k + 1;
     for (size_t k = 0; k + 1 < n; k++) {
-        MbMerge mg = tok_merge(t, id[k], id[k + 1]);
+        MbMerge mg = t->byte_merges[s[k] * 256 + s[k + 1]];
         if (mg.rank != MB_NO_MERGE) bpe_push(heap, &nh, (MbBpeEntry){mg.rank, (uint32_t)k});
     }
     while (nh) {
@@ -2516,8 +2526,8 @@ MbStatus mb_tokenizer_encode(const MbTokenizer *t, const char *text, size_t len,
                              size_t *n) {
     const unsigned char *s = (const unsigned char *)text;
     size_t np = flags & MB_ENCODE_ADD_BOS ? (size_t)arrlen(t->prefix) + (size_t)arrlen(t->suffix) : 0;
-    if (len > SIZE_MAX / sizeof **ids - np - 1)
-        return mb_fail(MB_ERR_ARG, "%s: text of %zu bytes is too long to encode", t->path, len);
+    if (len >= UINT32_MAX - np) /* bpe_long indexes a piece with 32 bits */
+        return mb_fail(MB_ERR_ARG, "%s: a text of %zu bytes is too long to encode (the limit is 4 GiB)", t->path, len);
     int32_t *out = mb_malloc((len + np) * sizeof *out); /* a token covers at least one byte */
     size_t m = 0, start = 0, L;
     if (flags & MB_ENCODE_ADD_BOS)
@@ -2912,6 +2922,11 @@ static void weight_tile_t(const MbWeight *w, size_t r0, size_t nr, size_t c0, si
             for (size_t c = 0; c < nc; c++) dst[c * ld + r] = f16_to_f32(h[c]);
         }
     }
+}
+
+/* The tile rows [r0, r0+nr) x cols [c0, c0+nc) of w in fp32, as stored: dst[r * ld + c]. */
+static void weight_tile(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst, size_t ld) {
+    for (size_t r = 0; r < nr; r++) weight_row_f32(w, r0 + r, c0, nc, dst + r * ld);
 }
 
 /* Wraps a checkpoint tensor as a weight of the expected shape (rows, cols); a 1-D tensor of
@@ -3386,12 +3401,16 @@ static void cpu_embedding_forward(MbOps *ops, float *out, const int32_t *tokens,
 #define MM_IB 256
 #define MM_MR 8
 
+/* One matmul over the thread pool. Forward: out (N, rows) = inp (N, cols) @ W^T, tiles of W
+ * transposed. Backward: out (N, cols) (+)= inp (N, rows) @ W, tiles of W as stored. Either way
+ * the kernel reduces over MM_IB inputs into MM_OB outputs, and threads own disjoint outputs. */
 typedef struct {
     MbCpu *cpu;
     float *out;
     const float *inp;
     const MbWeight *w;
     size_t N;
+    int backward, accumulate;
 } MatmulTask;
 
 /* acc rows r < mr of out (ld O) over one tile: wt (ni, MM_OB) */
@@ -3423,7 +3442,9 @@ static void matmul_kernel(float *out, size_t O, const float *inp, size_t I, cons
 
 static void matmul_task(void *ctx, int tid, int nt) {
     MatmulTask *t = ctx;
-    size_t O = t->w->rows, I = t->w->cols, nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
+    const MbWeight *w = t->w;
+    size_t O = t->backward ? w->cols : w->rows, I = t->backward ? w->rows : w->cols;
+    size_t nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
     mb_split(nblocks, tid, nt, &b0, &b1);
     float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
     for (size_t b = b0; b < b1; b++) {
@@ -3431,10 +3452,11 @@ static void matmul_task(void *ctx, int tid, int nt) {
         for (size_t i0 = 0; i0 < I; i0 += MM_IB) {
             size_t ni = MB_MIN((size_t)MM_IB, I - i0);
             if (no < MM_OB) memset(wt, 0, (size_t)MM_IB * MM_OB * sizeof(float));
-            weight_tile_t(t->w, o0, no, i0, ni, wt, MM_OB);
+            if (t->backward) weight_tile(w, i0, ni, o0, no, wt, MM_OB);
+            else weight_tile_t(w, o0, no, i0, ni, wt, MM_OB);
             for (size_t n0 = 0; n0 < t->N; n0 += MM_MR)
                 matmul_kernel(t->out + n0 * O + o0, O, t->inp + n0 * I + i0, I, wt, ni, no,
-                              MB_MIN((size_t)MM_MR, t->N - n0), i0 == 0);
+                              MB_MIN((size_t)MM_MR, t->N - n0), i0 == 0 && !t->accumulate);
         }
     }
 }
@@ -3474,7 +3496,7 @@ static void matvec_task(void *ctx, int tid, int nt) {
 
 static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const MbWeight *w, size_t N) {
     MbCpu *cpu = ops->ctx;
-    MatmulTask t = {cpu, out, inp, w, N};
+    MatmulTask t = {cpu, out, inp, w, N, 0, 0};
     mb_pool_run(cpu->pool, N < MM_MR ? matvec_task : matmul_task, &t);
 }
 
@@ -3495,16 +3517,17 @@ static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float
     free(wf);
 }
 
-static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh,
-                             int D) {
-    (void)ops;
+/* Rotates x (B, T, nh, D) by the rope angles of positions pos0 + t: x1' = x1 c - x2 s,
+ * x2' = x2 c + x1 s (HF's rotate_half layout, j paired with j + D/2). sign -1 rotates back, which
+ * is the backward (the rotation's transpose). */
+static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
     int half = D / 2;
     float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float)); /* (T, cos[half], sin[half]) */
     for (int t = 0; t < T; t++)
         for (int j = 0; j < half; j++) {
             float f = (float)(pos0 + t) * inv_freq[j];
             cs[(size_t)t * D + j] = cosf(f);
-            cs[(size_t)t * D + half + j] = sinf(f);
+            cs[(size_t)t * D + half + j] = sign * sinf(f);
         }
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -3519,6 +3542,11 @@ static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B,
             }
         }
     free(cs);
+}
+
+static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
+    (void)ops;
+    rope_rotate(x, inv_freq, B, T, pos0, nh, D, 1.0f);
 }
 
 static void cpu_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
@@ -3629,46 +3657,14 @@ static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float 
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* The tile rows [r0, r0+nr) x cols [c0, c0+nc) of w in fp32, as stored: dst[r * ld + c]. */
-static void weight_tile(const MbWeight *w, size_t r0, size_t nr, size_t c0, size_t nc, float *dst, size_t ld) {
-    for (size_t r = 0; r < nr; r++) weight_row_f32(w, r0 + r, c0, nc, dst + r * ld);
-}
 
-/* dinp (N, I) = dout (N, O) @ W: the forward kernel with the roles of rows and columns of W
- * swapped (tiles of MM_IB weight rows x MM_OB weight columns, as stored). Threads take disjoint
- * blocks of I. */
-typedef struct {
-    MbCpu *cpu;
-    float *dinp;
-    const float *dout;
-    const MbWeight *w;
-    size_t N;
-    int accumulate;
-} MatmulBwdTask;
-
-static void matmul_backward_task(void *ctx, int tid, int nt) {
-    MatmulBwdTask *t = ctx;
-    size_t O = t->w->rows, I = t->w->cols, nblocks = (I + MM_OB - 1) / MM_OB, b0, b1;
-    mb_split(nblocks, tid, nt, &b0, &b1);
-    float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
-    for (size_t b = b0; b < b1; b++) {
-        size_t c0 = b * MM_OB, nc = MB_MIN((size_t)MM_OB, I - c0);
-        for (size_t o0 = 0; o0 < O; o0 += MM_IB) {
-            size_t no = MB_MIN((size_t)MM_IB, O - o0);
-            if (nc < MM_OB) memset(wt, 0, (size_t)MM_IB * MM_OB * sizeof(float));
-            weight_tile(t->w, o0, no, c0, nc, wt, MM_OB);
-            for (size_t n0 = 0; n0 < t->N; n0 += MM_MR)
-                matmul_kernel(t->dinp + n0 * I + c0, I, t->dout + n0 * O + o0, O, wt, no, nc,
-                              MB_MIN((size_t)MM_MR, t->N - n0), o0 == 0 && !t->accumulate);
-        }
-    }
-}
-
+/* dinp (N, I) (+)= dout (N, O) @ W: the forward kernel with the roles of W's rows and columns
+ * swapped (matmul_task with backward set). */
 static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
                                 int accumulate) {
     MbCpu *cpu = ops->ctx;
-    MatmulBwdTask t = {cpu, dinp, dout, w, N, accumulate};
-    mb_pool_run(cpu->pool, matmul_backward_task, &t);
+    MatmulTask t = {cpu, dinp, dout, w, N, 1, accumulate};
+    mb_pool_run(cpu->pool, matmul_task, &t);
 }
 
 /* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
@@ -3696,27 +3692,7 @@ static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, con
 static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
                               int D) {
     (void)ops;
-    int half = D / 2;
-    float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float));
-    for (int t = 0; t < T; t++)
-        for (int j = 0; j < half; j++) {
-            float f = (float)(pos0 + t) * inv_freq[j];
-            cs[(size_t)t * D + j] = cosf(f);
-            cs[(size_t)t * D + half + j] = sinf(f);
-        }
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const float *c = cs + (size_t)t * D, *s = c + half;
-            for (int h = 0; h < nh; h++) {
-                float *v = dx + (((size_t)b * T + t) * nh + h) * D;
-                for (int j = 0; j < half; j++) {
-                    float g1 = v[j], g2 = v[j + half];
-                    v[j] = g1 * c[j] + g2 * s[j];
-                    v[j + half] = g2 * c[j] - g1 * s[j];
-                }
-            }
-        }
-    free(cs);
+    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
 }
 
 typedef struct {
@@ -6534,8 +6510,346 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
 }
 
 // ============================================================================================
-// ---------- 10. sampler ----------  (the generation issue)
+// ---------- 10. sampler ----------
+// Text generation as transformers' generate computes it (GenerationMixin._sample, 4.57): the
+// last position's logits in fp32 go through the logits processors in the order
+// _get_logits_processor builds them, then the next token is the first argmax (greedy) or a
+// draw from their softmax (sampling):
+//   RepetitionPenaltyLogitsProcessor  each distinct id of the sequence (prompt included), once:
+//                                     logit < 0 ? logit * p : logit / p          (p != 1)
+//   NoRepeatNGramLogitsProcessor      -inf for each token that would complete an n-gram the
+//                                     sequence already holds                      (n > 0)
+//   TemperatureLogitsWarper           logits / t                          (sampling, t != 1)
+//   TopKLogitsWarper                  -inf below the k-th largest (ties kept)  (sampling, k > 0)
+//   TopPLogitsWarper                  sort ascending, -inf where the cumulative probability is
+//                                     <= 1 - top_p, never the last min_tokens_to_keep (sampling, p < 1)
+// The arithmetic is PyTorch's on fp32 tensors with Python float settings: the setting is
+// rounded to fp32 and each step is one fp32 operation, so the processed logits are the same
+// bits (top_p's softmax and cumulative sum agree to rounding, which matters only for a
+// cumulative probability within an ulp of the threshold). Sampling draws with medbot's RNG
+// (xoshiro256**, seeded): the same seed gives the same tokens on every run and for any thread
+// count, but not the tokens of torch.multinomial's generator.
+// Generation ends after a stop id (which is the last output, as in HF) or max_new_tokens; the
+// new tokens' text streams out through MbTokenStream, so a UTF-8 character split across tokens
+// is held back until its last byte arrives.
 // ============================================================================================
+
+typedef struct {
+    float x, p;             /* a logit and its probability */
+    int32_t id;
+} MbScored;
+
+struct MbSampler {
+    MbGenerationConfig cfg;
+    size_t V;
+    MbRng rng;
+    float *work;            /* (V) top_k's copy of the logits for the selection */
+    unsigned char *seen;    /* (V) repetition_penalty's marks, all zero between calls */
+    MbScored *sorted;       /* (V) top_p's finite logits in ascending order */
+};
+
+void mb_generation_config_defaults(MbGenerationConfig *g) {
+    memset(g, 0, sizeof *g);
+    g->max_new_tokens = 256;
+    g->do_sample = 1;
+    g->temperature = 0.7;
+    g->top_k = 50; /* transformers' GenerationConfig default: the card's generate call uses it */
+    g->top_p = 0.9;
+    g->repetition_penalty = 1.1;
+    g->min_tokens_to_keep = 1;
+}
+
+int mb_generation_is_stop(const MbGenerationConfig *g, int32_t id) {
+    for (int i = 0; i < g->n_stop_ids; i++)
+        if (g->stop_ids[i] == id) return 1;
+    return 0;
+}
+
+static void gen_add_stop(MbGenerationConfig *g, int32_t id) {
+    if (id >= 0 && !mb_generation_is_stop(g, id) && g->n_stop_ids < MB_MAX_STOP_IDS) g->stop_ids[g->n_stop_ids++] = id;
+}
+
+MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir, const MbModel *m,
+                                    const MbTokenizer *tok) {
+    g->n_stop_ids = 0;
+    int from_file = 0;
+    char *path = model_dir ? mb_path_join(model_dir, "generation_config.json") : NULL;
+    if (path && mb_is_file(path)) { /* generate takes eos_token_id from here first */
+        char *text;
+        size_t n;
+        MbJsonDoc doc;
+        MbStatus rc = mb_read_file(path, &text, &n);
+        if (!rc) {
+            rc = json_parse(path, text, n, &doc);
+            free(text);
+        }
+        if (rc) {
+            free(path);
+            return rc;
+        }
+        const MbJson *v = json_get(&doc, json_root(&doc), "eos_token_id");
+        if (v && v->kind == MB_JSON_NUMBER && v->is_int) gen_add_stop(g, (int32_t)v->i), from_file = 1;
+        if (v && v->kind == MB_JSON_ARRAY) {
+            from_file = 1;
+            for (const MbJson *e = json_first(&doc, v); e; e = json_next(&doc, e))
+                if (e->kind == MB_JSON_NUMBER && e->is_int) gen_add_stop(g, (int32_t)e->i);
+        }
+        json_free(&doc);
+    }
+    free(path);
+    if (!from_file)
+        for (int i = 0; i < m->cfg.n_eos_token_ids; i++) gen_add_stop(g, m->cfg.eos_token_ids[i]);
+    if (tok) {
+        gen_add_stop(g, mb_tokenizer_token_id(tok, "<|eot_id|>"));
+        gen_add_stop(g, mb_tokenizer_token_id(tok, "<|eom_id|>"));
+        if (g->n_stop_ids == 0) gen_add_stop(g, mb_tokenizer_eos_id(tok));
+    }
+    return MB_OK;
+}
+
+MbStatus mb_sampler_new(const MbGenerationConfig *g, size_t V, MbSampler **out) {
+    *out = NULL;
+    if (V < 1 || V > INT32_MAX) return mb_fail(MB_ERR_ARG, "sampler: vocabulary of %zu tokens", V);
+    if (g->max_new_tokens < 1) return mb_fail(MB_ERR_ARG, "max_new_tokens must be >= 1, got %d", g->max_new_tokens);
+    if (!(g->repetition_penalty > 0))
+        return mb_fail(MB_ERR_ARG, "repetition_penalty must be > 0, got %g", g->repetition_penalty);
+    if (g->no_repeat_ngram_size < 0)
+        return mb_fail(MB_ERR_ARG, "no_repeat_ngram_size must be >= 0, got %d", g->no_repeat_ngram_size);
+    if (g->min_tokens_to_keep < 1)
+        return mb_fail(MB_ERR_ARG, "min_tokens_to_keep must be >= 1, got %d", g->min_tokens_to_keep);
+    if (g->do_sample && !(g->temperature > 0))
+        return mb_fail(MB_ERR_ARG, "temperature must be > 0, got %g --> for greedy decoding turn sampling off "
+                       "(--greedy)", g->temperature);
+    if (g->top_k < 0) return mb_fail(MB_ERR_ARG, "top_k must be >= 0 (0 = off), got %d", g->top_k);
+    if (!(g->top_p >= 0 && g->top_p <= 1)) return mb_fail(MB_ERR_ARG, "top_p must be in [0, 1], got %g", g->top_p);
+    MbSampler *s = mb_calloc(1, sizeof *s);
+    s->cfg = *g;
+    s->V = V;
+    mb_rng_seed(&s->rng, g->seed);
+    s->work = mb_malloc(V * sizeof *s->work);
+    s->seen = mb_calloc(V, 1);
+    s->sorted = mb_malloc(V * sizeof *s->sorted);
+    *out = s;
+    return MB_OK;
+}
+
+void mb_sampler_free(MbSampler *s) {
+    if (!s) return;
+    free(s->work);
+    free(s->seen);
+    free(s->sorted);
+    free(s);
+}
+
+/* ---- the processors: logits x (V), the sequence so far ids (n) ---- */
+
+/* RepetitionPenaltyLogitsProcessor: gather, penalize, scatter; an id seen twice gets the same
+ * value twice, so each distinct id is penalized once. seen (V) is zero on entry and on exit. */
+static void logits_repetition_penalty(float *x, size_t V, const int32_t *ids, size_t n, float p,
+                                      unsigned char *seen) {
+    for (size_t i = 0; i < n; i++) {
+        int32_t id = ids[i];
+        if (id < 0 || (size_t)id >= V || seen[id]) continue;
+        seen[id] = 1;
+        x[id] = x[id] < 0 ? x[id] * p : x[id] / p;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] >= 0 && (size_t)ids[i] < V) seen[ids[i]] = 0;
+}
+
+/* NoRepeatNGramLogitsProcessor: the n-grams ids[i .. i+N-1] whose first N-1 ids equal the last
+ * N-1 ids of the sequence ban their last id (nothing while the sequence is shorter than N-1). */
+static void logits_no_repeat_ngram(float *x, size_t V, const int32_t *ids, size_t n, int N) {
+    if (N < 1 || n + 1 < (size_t)N) return;
+    size_t k = (size_t)N - 1;
+    const int32_t *tail = ids + n - k;
+    for (size_t i = 0; i + k < n; i++)
+        if (!memcmp(ids + i, tail, k * sizeof *ids) && ids[i + k] >= 0 && (size_t)ids[i + k] < V)
+            x[ids[i + k]] = -INFINITY;
+}
+
+/* TemperatureLogitsWarper */
+static void logits_temperature(float *x, size_t V, float t) {
+    for (size_t i = 0; i < V; i++) x[i] = x[i] / t;
+}
+
+/* The value at position k of a[0..n) sorted in descending order (quickselect; a is reordered). */
+static float select_desc(float *a, ptrdiff_t n, ptrdiff_t k) {
+    ptrdiff_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) { /* Hoare: [lo, j] >= pivot, [i, hi] <= pivot, between them == pivot */
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return a[k];
+    }
+    return a[k];
+}
+
+/* TopKLogitsWarper: k = max(top_k, min_tokens_to_keep); -inf where the logit is below the k-th
+ * largest (torch.topk(x, k)[0][-1]), so ties with the k-th value are all kept. */
+static void logits_top_k(float *x, size_t V, int top_k, int min_keep, float *work) {
+    size_t k = (size_t)MB_MAX(top_k, min_keep);
+    if (k >= V) return; /* the k-th largest is the smallest: nothing is below it */
+    memcpy(work, x, V * sizeof *x);
+    float kth = select_desc(work, (ptrdiff_t)V, (ptrdiff_t)k - 1);
+    for (size_t i = 0; i < V; i++)
+        if (x[i] < kth) x[i] = -INFINITY;
+}
+
+static int cmp_scored_asc(const void *a, const void *b) {
+    const MbScored *p = a, *q = b;
+    if (p->x != q->x) return p->x < q->x ? -1 : 1;
+    return p->id < q->id ? -1 : p->id > q->id; /* exact ties: torch's unstable sort has its own order */
+}
+
+/* TopPLogitsWarper: torch.sort ascending, softmax, cumsum; -inf where cumsum <= 1 - top_p
+ * (compared in fp32), except the last min_tokens_to_keep. A -inf logit has probability 0 and
+ * cumulative 0, so it stays -inf whatever top_p is: only the finite ones are sorted. The
+ * softmax is torch's: e = exp(x - max), p = e * (1 / sum e); the cumulative sum accumulates
+ * in double (PyTorch's CPU accumulation type for fp32). */
+static void logits_top_p(float *x, size_t V, double top_p, int min_keep, MbScored *s) {
+    size_t m = 0;
+    for (size_t i = 0; i < V; i++)
+        if (x[i] > -INFINITY) s[m].x = x[i], s[m].id = (int32_t)i, m++;
+    if (m == 0) return;
+    qsort(s, m, sizeof *s, cmp_scored_asc);
+    float mx = s[m - 1].x, thr = (float)(1.0 - top_p);
+    double sum = 0;
+    for (size_t i = 0; i < m; i++) sum += s[i].p = expf(s[i].x - mx);
+    float inv = 1.0f / (float)sum;
+    double cum = 0;
+    size_t keep_from = m > (size_t)min_keep ? m - (size_t)min_keep : 0;
+    for (size_t i = 0; i < keep_from; i++) {
+        cum += s[i].p * inv;
+        if ((float)cum <= thr) x[s[i].id] = -INFINITY;
+    }
+}
+
+void mb_sampler_process(MbSampler *s, float *logits, const int32_t *ids, size_t n) {
+    const MbGenerationConfig *g = &s->cfg;
+    if (g->repetition_penalty != 1.0)
+        logits_repetition_penalty(logits, s->V, ids, n, (float)g->repetition_penalty, s->seen);
+    if (g->no_repeat_ngram_size > 0) logits_no_repeat_ngram(logits, s->V, ids, n, g->no_repeat_ngram_size);
+    if (!g->do_sample) return;
+    if (g->temperature != 1.0) logits_temperature(logits, s->V, (float)g->temperature);
+    if (g->top_k != 0) logits_top_k(logits, s->V, g->top_k, g->min_tokens_to_keep, s->work);
+    if (g->top_p < 1.0) logits_top_p(logits, s->V, g->top_p, g->min_tokens_to_keep, s->sorted);
+}
+
+/* torch.argmax: the first of the largest */
+static int32_t sample_argmax(const float *x, size_t V) {
+    size_t best = 0;
+    for (size_t i = 1; i < V; i++)
+        if (x[i] > x[best]) best = i;
+    return x[best] > -INFINITY ? (int32_t)best : -1;
+}
+
+/* softmax + multinomial: the same distribution as torch.multinomial(softmax(x)), drawn with a
+ * uniform from medbot's RNG against the cumulative weights in id order (in double). */
+static int32_t sample_draw(const float *x, size_t V, MbRng *rng) {
+    float mx = -INFINITY;
+    for (size_t i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    if (!(mx > -INFINITY)) return -1;
+    double total = 0;
+    for (size_t i = 0; i < V; i++)
+        if (x[i] > -INFINITY) total += exp((double)x[i] - mx);
+    double u = mb_rng_uniform(rng) * total, acc = 0;
+    int32_t last = -1;
+    for (size_t i = 0; i < V; i++) {
+        if (!(x[i] > -INFINITY)) continue;
+        acc += exp((double)x[i] - mx);
+        last = (int32_t)i;
+        if (u < acc) return last;
+    }
+    return last; /* u rounded up to the total */
+}
+
+MbStatus mb_sampler_next(MbSampler *s, float *logits, const int32_t *ids, size_t n, int32_t *token) {
+    for (size_t i = 0; i < s->V; i++)
+        if (isnan(logits[i]) || logits[i] == INFINITY)
+            return mb_fail(MB_ERR_ARG, "sampler: logit %zu is %g --> the model's weights or activations are "
+                           "broken", i, (double)logits[i]);
+    mb_sampler_process(s, logits, ids, n);
+    *token = s->cfg.do_sample ? sample_draw(logits, s->V, &s->rng) : sample_argmax(logits, s->V);
+    if (*token < 0)
+        return mb_fail(MB_ERR_ARG, "sampler: every token was filtered out (no_repeat_ngram_size %d banned them "
+                       "all?)", s->cfg.no_repeat_ngram_size);
+    return MB_OK;
+}
+
+/* ---- generation ---- */
+
+/* The text side of generation: each new id's completed text to the callback. */
+typedef struct {
+    const MbTokenizer *tok; /* NULL: ids only */
+    MbTokenStream ts;
+    MbTokenCallback cb;
+    void *ctx;
+} MbGenStream;
+
+static void gen_stream_init(MbGenStream *g, const MbTokenizer *tok, MbTokenCallback cb, void *ctx) {
+    memset(g, 0, sizeof *g);
+    g->tok = tok, g->cb = cb, g->ctx = ctx;
+    if (tok) mb_token_stream_init(&g->ts, tok, 1);
+}
+
+/* Returns the callback's answer (non-zero: stop). An id the tokenizer does not have (a model
+ * vocabulary padded past the tokenizer's) has no text, as in HF's decode. */
+static int gen_stream_put(MbGenStream *g, int32_t id) {
+    const char *text = "";
+    size_t len = 0, n;
+    if (g->tok && mb_tokenizer_token_bytes(g->tok, id, &n)) mb_token_stream_put(&g->ts, id, &text, &len);
+    return g->cb ? g->cb(g->ctx, id, text, len) : 0;
+}
+
+static void gen_stream_finish(MbGenStream *g) {
+    if (!g->tok) return;
+    const char *text;
+    size_t len;
+    mb_token_stream_finish(&g->ts, &text, &len);
+    if (len && g->cb) g->cb(g->ctx, -1, text, len);
+    mb_token_stream_free(&g->ts);
+}
+
+MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer *tok, const int32_t *ids,
+                     size_t n, int32_t *out, size_t *n_out, MbTokenCallback cb, void *ctx) {
+    *n_out = 0;
+    size_t done = (size_t)mb_kvcache_len(kv), S = (size_t)kv->S, V = (size_t)m->cfg.vocab_size;
+    if (kv->B != 1) return mb_fail(MB_ERR_ARG, "generate: the kv cache holds %d sequences, generation runs one", kv->B);
+    if (s->V != V) return mb_fail(MB_ERR_ARG, "generate: sampler for %zu logits, model with %zu", s->V, V);
+    if (done >= n)
+        return mb_fail(MB_ERR_ARG, "generate: the kv cache already holds %zu tokens of a %zu-token sequence", done, n);
+    if (n > S) return mb_fail(MB_ERR_ARG, "generate: %zu tokens do not fit a kv cache of %zu", n, S);
+    size_t max_new = MB_MIN((size_t)s->cfg.max_new_tokens, S - n + 1); /* the last new id is never run */
+    int32_t *seq = mb_malloc((n + max_new) * sizeof *seq);
+    float *logits = mb_malloc(V * sizeof *logits);
+    memcpy(seq, ids, n * sizeof *seq);
+    MbGenStream gs;
+    gen_stream_init(&gs, tok, cb, ctx);
+    MbStatus rc = mb_model_forward(m, kv, ids + done, 1, (int)(n - done), NULL, logits, 1);
+    for (size_t t = 0; !rc && t < max_new; t++) {
+        int32_t next;
+        if ((rc = mb_sampler_next(s, logits, seq, n + t, &next))) break;
+        seq[n + t] = out[t] = next;
+        *n_out = t + 1;
+        if (gen_stream_put(&gs, next) || mb_generation_is_stop(&s->cfg, next) || t + 1 == max_new) break;
+        rc = mb_model_forward(m, kv, &next, 1, 1, NULL, logits, 1);
+    }
+    gen_stream_finish(&gs);
+    free(seq);
+    free(logits);
+    return rc;
+}
 
 // ============================================================================================
 // ---------- 11. coordinator ----------
@@ -9088,24 +9402,6 @@ static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
 }
 
-/* A boolean flag: --name, or --name=true|false|1|0. Unlike arg_get it never takes the next
- * argument as its value, so a flag can stand anywhere. */
-static MbStatus arg_flag(MbArgs *a, const char *name, int *out) {
-    size_t n = strlen(name);
-    for (int i = 2; i < a->argc; i++) {
-        const char *s = a->argv[i];
-        if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n)) continue;
-        const char *v = s[2 + n] == '=' ? s + 3 + n : s[2 + n] == 0 ? "true" : NULL;
-        if (!v) continue;
-        a->used[i] = 1;
-        if (!strcmp(v, "true") || !strcmp(v, "1")) *out = 1;
-        else if (!strcmp(v, "false") || !strcmp(v, "0")) *out = 0;
-        else return mb_fail(MB_ERR_ARG, "%s: --%s is a flag (--%s or --%s=false), got '%s'", a->cmd, name,
-                            name, name, v);
-    }
-    return MB_OK;
-}
-
 /* ---- info --plan: the memory of one DPO training step, per device, from config.json alone ----
  * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
  * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
@@ -9221,8 +9517,8 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     MbPlanOptions o = {.lora_r = 64, .lora_alpha = 8.0, .batch = 4, .max_length = 512, .gpus = 1,
                        .targets = (1u << MB_W_Q_PROJ) | (1u << MB_W_K_PROJ)}; /* the card's, but flags off */
     const char *targets = arg_get(a, "lora_target_modules");
-    if ((rc = arg_flag(a, "load_in_4bit", &o.load_in_4bit)) ||
-        (rc = arg_flag(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
+    if ((rc = arg_bool(a, "load_in_4bit", &o.load_in_4bit)) ||
+        (rc = arg_bool(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
         (rc = arg_int(a, "lora_r", &o.lora_r)) || (rc = arg_double(a, "lora_alpha", &o.lora_alpha)) ||
         (rc = arg_int(a, "per_device_train_batch_size", &o.batch)) || (rc = arg_int(a, "max_length", &o.max_length)) ||
         (rc = arg_int(a, "gpus", &o.gpus)) || (rc = arg_int(a, "zero_stage", &o.zero_stage)) ||
@@ -9321,7 +9617,7 @@ static int cmd_info(MbArgs *a) {
     MbStatus rc;
     int threads = 0, plan = 0;
     MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CPU}; /* reads the files only */
-    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_flag(a, "plan", &plan))) goto fail;
+    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
         rc = mb_fail(MB_ERR_ARG, "info: which model? --> medbot info MODEL_DIR");
@@ -9332,7 +9628,7 @@ static int cmd_info(MbArgs *a) {
         return 0;
     }
     opt.bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
-    if ((rc = arg_flag(a, "load_in_4bit", &opt.load_in_4bit)) || (rc = args_done(a))) goto fail;
+    if ((rc = arg_bool(a, "load_in_4bit", &opt.load_in_4bit)) || (rc = args_done(a))) goto fail;
     MbModel *m;
     if ((rc = mb_model_load(dir, &opt, &m))) goto fail;
     const MbConfig *c = &m->cfg;
@@ -9512,7 +9808,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
         (rc = arg_int(a, "logging_steps", &c->logging_steps)) || (rc = arg_int(a, "save_steps", &c->save_steps)) ||
         (rc = arg_int(a, "eval_steps", &c->eval_steps)) || (rc = arg_double(a, "eval_split", &c->eval_split)) ||
         (rc = arg_bool(a, "load_in_4bit", &load_4bit)) || (rc = arg_device(a, &job->device)) ||
-        (rc = arg_int(a, "gpu", &job->gpu)) || (rc = arg_flag(a, "random_init", &job->random_init)) ||
+        (rc = arg_int(a, "gpu", &job->gpu)) || (rc = arg_bool(a, "random_init", &job->random_init)) ||
         /* the card's informational settings: accepted, checked or noted */
         (rc = arg_bool(a, "bf16", &ignored_bool)) || (rc = arg_int(a, "effective_batch_size", &effective)) ||
         (rc = arg_bool(a, "bnb_4bit_use_double_quant", &ignored_bool)))
@@ -9642,6 +9938,437 @@ fail:
     return 1;
 }
 
+static int cmd_encode(MbArgs *a) {
+    MbStatus rc;
+    int add_bos = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *text = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0, len = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = arg_bool(a, "add_bos", &add_bos)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "encode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &text, &len)) ||
+        (rc = mb_tokenizer_encode(tok, text, len, add_bos ? MB_ENCODE_ADD_BOS : 0, &ids, &n)))
+        goto fail;
+    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", (int)ids[i]);
+    printf("\n");
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(ids), free(text), mb_tokenizer_free(tok);
+    return 1;
+}
+
+static int cmd_decode(MbArgs *a) {
+    MbStatus rc;
+    int skip = 0;
+    const char *path = arg_get(a, "tokenizer");
+    char *in = NULL, *text = NULL;
+    int32_t *ids = NULL; /* stb_ds */
+    size_t len = 0, n_in = 0;
+    MbTokenizer *tok = NULL;
+    if ((rc = arg_bool(a, "skip_special_tokens", &skip)) || (rc = args_done(a))) goto fail;
+    if (!path || !path[0]) {
+        rc = mb_fail(MB_ERR_ARG, "decode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
+        goto fail;
+    }
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &in, &n_in))) goto fail;
+    for (char *p = in, *end; *p;) {
+        if (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') {
+            p++;
+            continue;
+        }
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ' ' && *end != '\n' && *end != '\t' && *end != '\r') || v < 0 ||
+            (size_t)v >= mb_tokenizer_vocab_size(tok) || !mb_tokenizer_token_bytes(tok, (int32_t)v, &len)) {
+            size_t k = strcspn(p, " \n\t\r");
+            rc = mb_fail(MB_ERR_ARG, "decode: '%.*s' is not a token id of %s (0..%zu)", (int)MB_MIN(k, 40), p, path,
+                         mb_tokenizer_vocab_size(tok) - 1);
+            goto fail;
+        }
+        arrput(ids, (int32_t)v);
+        p = end;
+    }
+    if ((rc = mb_tokenizer_decode(tok, ids, (size_t)arrlen(ids), skip, &text, &len))) goto fail;
+    fwrite(text, 1, len, stdout);
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
+    return 0;
+fail:
+    fprintf(stderr, "medbot: %s\n", mb_last_error());
+    free(text), free(in), arrfree(ids), mb_tokenizer_free(tok);
+    return 1;
+}
+
+/* ---- generate and chat ---- */
+
+/* Options shared by generate and chat (HF GenerationConfig names). */
+typedef struct {
+    const char *model, *tokenizer, *lora, *system, *bnb_4bit_compute_dtype;
+    int threads, load_in_4bit, add_bos, max_context, device, gpu;
+    MbGenerationConfig gen;
+} MbGenArgs;
+
+static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
+    memset(o, 0, sizeof *o);
+    mb_generation_config_defaults(&o->gen);
+    o->add_bos = 1; /* tokenizer(prompt) in the card's usage adds <|begin_of_text|> */
+    int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;
+    MbStatus rc;
+    if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
+        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int(a, "threads", &o->threads)) ||
+        (rc = arg_bool(a, "load_in_4bit", &o->load_in_4bit)) || (rc = arg_bool(a, "add_bos", &o->add_bos)) ||
+        (rc = arg_int(a, "max_context", &o->max_context)) || (rc = arg_device(a, &o->device)) ||
+        (rc = arg_int(a, "gpu", &o->gpu)) ||
+        (rc = arg_int(a, "max_new_tokens", &o->gen.max_new_tokens)) || (rc = arg_bool(a, "do_sample", &do_sample)) ||
+        (rc = arg_bool(a, "greedy", &greedy)) || (rc = arg_double(a, "temperature", &o->gen.temperature)) ||
+        (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
+        (rc = arg_double(a, "repetition_penalty", &o->gen.repetition_penalty)) ||
+        (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) || (rc = arg_int(a, "seed", &seed)))
+        return rc;
+    o->system = arg_get(a, "system");
+    const char *cdt = o->bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
+    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
+        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
+                       cdt);
+    if (greedy && do_sample == 1)
+        return mb_fail(MB_ERR_ARG, "%s: --greedy and --do_sample contradict each other", a->cmd);
+    o->gen.do_sample = greedy ? 0 : do_sample != 0;
+    if (seed_given && seed < 0) return mb_fail(MB_ERR_ARG, "%s: --seed must be >= 0, got %d", a->cmd, seed);
+    o->gen.seed = seed_given ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
+    if (o->max_context < 0) return mb_fail(MB_ERR_ARG, "%s: --max_context must be positive", a->cmd);
+    return MB_OK;
+}
+
+/* The current message, prefixed with where. */
+static MbStatus fail_at(MbStatus rc, const char *where) {
+    char msg[sizeof mb_errbuf];
+    snprintf(msg, sizeof msg, "%s", mb_last_error());
+    return mb_fail(rc, "%s: %s", where, msg);
+}
+
+/* The model (with its adapter), tokenizer and sampler of a generate or chat session. */
+typedef struct {
+    MbModel *m;
+    MbLora *lo;
+    MbTokenizer *tok;
+    MbSampler *s;
+    MbKVCache *kv;
+    int ctx;                /* the most tokens the model runs at once (--max_context) */
+} MbGenSession;
+
+static void gen_session_close(MbGenSession *ss) {
+    mb_kvcache_free(ss->kv);
+    mb_sampler_free(ss->s);
+    mb_tokenizer_free(ss->tok);
+    mb_lora_free(ss->lo);
+    mb_model_free(ss->m);
+    memset(ss, 0, sizeof *ss);
+}
+
+static MbStatus gen_session_open(const char *cmd, MbGenArgs *o, MbGenSession *ss) {
+    memset(ss, 0, sizeof *ss);
+    MbLoadOptions lopt;
+    memset(&lopt, 0, sizeof lopt);
+    lopt.threads = o->threads;
+    lopt.load_in_4bit = o->load_in_4bit;
+    lopt.bnb_4bit_compute_dtype = o->bnb_4bit_compute_dtype;
+    lopt.device = o->device, lopt.gpu = o->gpu;
+    MbStatus rc = mb_model_load(o->model, &lopt, &ss->m);
+    if (!rc && o->lora && !(rc = mb_lora_load(ss->m, o->lora, &ss->lo))) mb_model_set_lora(ss->m, ss->lo);
+    if (!rc && (rc = mb_tokenizer_load(o->tokenizer ? o->tokenizer : o->model, &ss->tok)) && !o->tokenizer) {
+        char msg[sizeof mb_errbuf];
+        snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
+        rc = mb_fail(rc, "%s --> pass --tokenizer PATH (tokenizer.json or tokenizer.model)", msg);
+    }
+    const MbConfig *c = ss->m ? mb_model_config(ss->m) : NULL;
+    if (!rc && mb_tokenizer_vocab_size(ss->tok) > (size_t)c->vocab_size)
+        rc = mb_fail(MB_ERR_ARG, "%s: the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
+                     "model's own tokenizer", cmd, mb_tokenizer_vocab_size(ss->tok), c->vocab_size);
+    if (!rc) rc = mb_generation_set_stop_ids(&o->gen, o->model, ss->m, ss->tok);
+    if (!rc && (rc = mb_sampler_new(&o->gen, (size_t)c->vocab_size, &ss->s))) rc = fail_at(rc, cmd);
+    if (!rc) {
+        ss->ctx = o->max_context ? o->max_context : MB_MIN(c->max_position_embeddings, 4096);
+        if (ss->ctx > c->max_position_embeddings)
+            rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", cmd,
+                         ss->ctx, c->max_position_embeddings);
+    }
+    if (rc) gen_session_close(ss); /* frees only: the message stays */
+    return rc;
+}
+
+/* Appends the ids of text (with <|begin_of_text|> in front when bos) to *ids (stb_ds array). */
+static MbStatus gen_encode(const MbTokenizer *tok, const char *text, int bos, unsigned flags, int32_t **ids) {
+    int32_t *t;
+    size_t n;
+    MbStatus rc = mb_tokenizer_encode(tok, text, strlen(text), flags, &t, &n);
+    if (rc) return rc;
+    int32_t b = mb_tokenizer_bos_id(tok);
+    if (bos && b >= 0 && !(n && t[0] == b)) arrput(*ids, b); /* never a second one */
+    for (size_t i = 0; i < n; i++) arrput(*ids, t[i]);
+    free(t);
+    return MB_OK;
+}
+
+/* Streams each piece of text to f as it comes and keeps the whole answer. */
+typedef struct {
+    FILE *f;
+    char *text;             /* stb_ds array, NUL-terminated */
+} MbAnswer;
+
+static int answer_piece(void *ctx, int32_t id, const char *text, size_t len) {
+    MbAnswer *a = ctx;
+    (void)id;
+    if (!len) return 0;
+    if (a->f) {
+        fwrite(text, 1, len, a->f);
+        fflush(a->f);
+    }
+    if (arrlen(a->text)) arrsetlen(a->text, arrlen(a->text) - 1);
+    for (size_t i = 0; i < len; i++) arrput(a->text, text[i]);
+    arrput(a->text, 0);
+    return 0;
+}
+
+/* Generates the answer to ids (n) in a fresh cache (grown to fit); ids out of the answer in *out. */
+static MbStatus gen_answer(MbGenSession *ss, const int32_t *ids, size_t n, MbAnswer *ans, int32_t *out, size_t *n_out,
+                           int *cut) {
+    const MbGenerationConfig *g = &ss->s->cfg;
+    if (n >= (size_t)ss->ctx)
+        return mb_fail(MB_ERR_ARG, "the prompt is %zu tokens, the context holds %d (--max_context) --> shorten the "
+                       "prompt", n, ss->ctx);
+    int S = (int)MB_MIN((size_t)ss->ctx, n + (size_t)g->max_new_tokens - 1);
+    S = MB_MAX(S, (int)n);
+    if (ss->kv && ss->kv->S < S) {
+        mb_kvcache_free(ss->kv);
+        ss->kv = NULL;
+    }
+    MbStatus rc = ss->kv ? MB_OK : mb_kvcache_new(ss->m, 1, S, &ss->kv);
+    if (rc) return rc;
+    mb_kvcache_reset(ss->kv);
+    rc = mb_generate(ss->m, ss->kv, ss->s, ss->tok, ids, n, out, n_out, answer_piece, ans);
+    *cut = !rc && *n_out && *n_out < (size_t)g->max_new_tokens && !mb_generation_is_stop(g, out[*n_out - 1]);
+    return rc;
+}
+
+static void json_line_out(const char *key, const char *prompt, const MbAnswer *ans, size_t ntok) {
+    char *j = NULL;
+    sb_printf(&j, "{");
+    sb_json_string(&j, key, strlen(key));
+    sb_printf(&j, ": ");
+    sb_json_string(&j, prompt, strlen(prompt));
+    sb_printf(&j, ", \"answer\": ");
+    const char *a = ans->text ? ans->text : "";
+    sb_json_string(&j, a, strlen(a));
+    sb_printf(&j, ", \"tokens\": %zu}\n", ntok);
+    fputs(j, stdout);
+    fflush(stdout);
+    arrfree(j);
+}
+
+/* One prompt of generate: the card's template around question (raw: the text as it is);
+ * the answer streams to stdout, or (json) comes as one JSON line. Messages start with where. */
+static MbStatus gen_one(MbGenSession *ss, const MbGenArgs *o, const char *where, const char *text, const char *system,
+                        int raw, int json, const char *key) {
+    if (!text[0]) return mb_fail(MB_ERR_ARG, "%s: the prompt is empty", where);
+    char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system, text);
+    int32_t *ids = NULL, *out = mb_malloc((size_t)o->gen.max_new_tokens * sizeof *out);
+    MbAnswer ans = {json ? NULL : stdout, NULL};
+    size_t n_out = 0;
+    int cut = 0;
+    MbStatus rc = gen_encode(ss->tok, prompt, o->add_bos, 0, &ids);
+    if (!rc) rc = gen_answer(ss, ids, (size_t)arrlen(ids), &ans, out, &n_out, &cut);
+    if (!rc && json) json_line_out(key, text, &ans, n_out);
+    if (!rc && !json) printf("\n");
+    if (!rc && cut)
+        fprintf(stderr, "medbot: %s: the answer was cut at the context limit (%d tokens, --max_context)\n", where,
+                ss->ctx);
+    if (rc) rc = fail_at(rc, where);
+    arrfree(ans.text);
+    arrfree(ids);
+    free(out);
+    free(prompt);
+    return rc;
+}
+
+/* --input FILE.jsonl: {"question", "system"?} rendered with the template, or {"prompt"} as it is.
+ * Every line is checked before the first answer. */
+static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path, int raw) {
+    char *text;
+    size_t n;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    typedef struct {
+        char *where, *prompt, *system;
+        int is_question;
+    } Item;
+    Item *items = NULL; /* stb_ds array */
+    int line = 0;
+    char where[600];
+    for (size_t at = 0; at < n && !rc;) {
+        size_t end = at;
+        while (end < n && text[end] != '\n') end++;
+        line++;
+        size_t len = end - at;
+        if (len && text[at + len - 1] == '\r') len--;
+        const char *s = text + at;
+        at = end + 1;
+        size_t k = 0;
+        while (k < len && (s[k] == ' ' || s[k] == '\t')) k++;
+        if (k == len) continue;
+        snprintf(where, sizeof where, "%s:%d", path, line);
+        MbJsonDoc doc;
+        if ((rc = json_parse(where, s, len, &doc))) break;
+        const MbJson *r = json_root(&doc), *q = json_get(&doc, r, "question"), *p = json_get(&doc, r, "prompt"),
+                     *sys = json_get(&doc, r, "system");
+        const MbJson *v = q ? q : p;
+        if (r->kind != MB_JSON_OBJECT || !v || v->kind != MB_JSON_STRING || (sys && sys->kind != MB_JSON_STRING))
+            rc = mb_fail(MB_ERR_FORMAT, "%s: each line needs a string \"question\" (or \"prompt\")", where);
+        else if (!v->len)
+            rc = mb_fail(MB_ERR_FORMAT, "%s: the %s is empty", where, q ? "question" : "prompt");
+        else {
+            Item it = {mb_strdup(where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL, q != NULL};
+            arrput(items, it);
+        }
+        json_free(&doc);
+    }
+    free(text);
+    if (!rc && !arrlen(items)) rc = mb_fail(MB_ERR_FORMAT, "%s: no prompts in the file", path);
+    for (ptrdiff_t i = 0; !rc && i < arrlen(items); i++)
+        rc = gen_one(ss, o, items[i].where, items[i].prompt, items[i].system ? items[i].system : o->system,
+                     raw || !items[i].is_question, 1, items[i].is_question ? "question" : "prompt");
+    for (ptrdiff_t i = 0; i < arrlen(items); i++) free(items[i].where), free(items[i].prompt), free(items[i].system);
+    arrfree(items);
+    return rc;
+}
+
+static int cmd_generate(MbArgs *a) {
+    MbGenArgs o;
+    MbGenSession ss;
+    memset(&ss, 0, sizeof ss);
+    int raw = 0;
+    const char *prompt = NULL, *input = NULL;
+    MbStatus rc = gen_args(a, &o);
+    if (!rc) prompt = arg_get(a, "prompt");
+    if (!rc && !(rc = arg_bool(a, "raw", &raw)) && !(rc = arg_path(a, "input", &input)) && !(rc = args_done(a))) {
+        if (prompt && input) rc = mb_fail(MB_ERR_ARG, "generate: --prompt and --input exclude each other");
+        else if (!prompt && !input) rc = mb_fail(MB_ERR_ARG, "generate: --prompt TEXT or --input FILE.jsonl is needed");
+        else if (prompt && !prompt[0]) rc = mb_fail(MB_ERR_ARG, "generate: the prompt is empty");
+    }
+    if (!rc) rc = gen_session_open("generate", &o, &ss);
+    if (!rc) rc = input ? gen_file(&ss, &o, input, raw) : gen_one(&ss, &o, "generate", prompt, o.system, raw, 0, NULL);
+    gen_session_close(&ss);
+    if (rc) {
+        fflush(stdout);
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+/* One turn of a conversation in the card's format: the first turn is the template (with
+ * <|begin_of_text|>), each later one continues it with "\n###Question: ...\n###Answer: ". The
+ * user's text is encoded as text (a typed "<|eot_id|>" stays text). */
+static MbStatus chat_turn(const MbGenSession *ss, const MbGenArgs *o, const char *q, int first, int32_t **ids) {
+    char *text = NULL;
+    if (first) {
+        char *p = mb_render_prompt(o->system, q);
+        sb_printf(&text, "%s", p);
+        free(p);
+    } else {
+        sb_printf(&text, "\n###Question: %s\n###Answer: ", q);
+    }
+    MbStatus rc = gen_encode(ss->tok, text, first && o->add_bos, MB_ENCODE_SPECIALS_AS_TEXT, ids);
+    arrfree(text);
+    return rc;
+}
+
+static int cmd_chat(MbArgs *a) {
+    MbGenArgs o;
+    MbGenSession ss;
+    memset(&ss, 0, sizeof ss);
+    MbStatus rc = gen_args(a, &o);
+    if (!rc) rc = args_done(a);
+    if (!rc) rc = gen_session_open("chat", &o, &ss);
+    if (!rc) rc = mb_kvcache_new(ss.m, 1, ss.ctx, &ss.kv);
+    if (rc) {
+        gen_session_close(&ss);
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    int tty = isatty(STDIN_FILENO), max_new = o.gen.max_new_tokens;
+    if (tty)
+        printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves.\n", o.model,
+               o.lora ? " + " : "", o.lora ? o.lora : "");
+    int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)max_new * sizeof *out);
+    char *line = NULL;
+    size_t cap = 0;
+    for (;;) {
+        if (tty) printf("> ");
+        fflush(stdout);
+        ssize_t got = getline(&line, &cap, stdin);
+        if (got < 0) {
+            if (tty) printf("\n");
+            break;
+        }
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        const char *q = line;
+        while (*q == ' ' || *q == '\t') q++;
+        if (!*q) continue;
+        if (!strcmp(q, "/quit") || !strcmp(q, "/exit")) break;
+        if (!strcmp(q, "/reset")) {
+            arrsetlen(hist, 0);
+            mb_kvcache_reset(ss.kv);
+            if (tty) printf("(a new conversation)\n");
+            continue;
+        }
+        arrsetlen(turn, 0);
+        rc = chat_turn(&ss, &o, q, arrlen(hist) == 0, &turn);
+        size_t need = (size_t)arrlen(hist) + (size_t)arrlen(turn) + (size_t)max_new - 1;
+        if (!rc && arrlen(hist) && need > (size_t)ss.ctx) {
+            fprintf(stderr, "medbot: the conversation (%d tokens) and this question with room for max_new_tokens %d "
+                    "exceed the context of %d tokens (--max_context): starting a new conversation\n",
+                    (int)arrlen(hist), max_new, ss.ctx);
+            arrsetlen(hist, 0), arrsetlen(turn, 0);
+            mb_kvcache_reset(ss.kv);
+            rc = chat_turn(&ss, &o, q, 1, &turn);
+        }
+        if (!rc && arrlen(turn) >= ss.ctx) {
+            fprintf(stderr, "medbot: this question is %d tokens, the context holds %d (--max_context): not answered\n",
+                    (int)arrlen(turn), ss.ctx);
+            if (!tty) printf("\n");
+            continue;
+        }
+        size_t n_out = 0;
+        MbAnswer ans = {stdout, NULL};
+        for (ptrdiff_t i = 0; !rc && i < arrlen(turn); i++) arrput(hist, turn[i]);
+        if (!rc) rc = mb_generate(ss.m, ss.kv, ss.s, ss.tok, hist, (size_t)arrlen(hist), out, &n_out, answer_piece, &ans);
+        arrfree(ans.text);
+        if (rc) break;
+        printf("\n");
+        int stopped = n_out && mb_generation_is_stop(&o.gen, out[n_out - 1]);
+        if (!stopped && n_out < (size_t)max_new)
+            fprintf(stderr, "medbot: the answer reached the context limit (%d tokens); /reset to start over\n", ss.ctx);
+        for (size_t i = 0; i < n_out - (size_t)stopped; i++) arrput(hist, out[i]); /* the stop id is never run */
+    }
+    free(line);
+    free(out);
+    arrfree(hist);
+    arrfree(turn);
+    gen_session_close(&ss);
+    if (rc) {
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 1;
+    }
+    return 0;
+}
+
 static const struct {
     const char *name;
     int (*fn)(MbArgs *);
@@ -9676,6 +10403,28 @@ static const struct {
                          "    writes the model with the adapter merged (fp32 math), bf16 safetensors + config + tokenizer"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
+    {"encode", cmd_encode, "encode --tokenizer PATH [--add_bos]\n"
+                           "    reads standard input as one text, prints its token ids on one line (PATH: tokenizer.json,\n"
+                           "    tokenizer.model or a model folder; special tokens in the text are split out)"},
+    {"decode", cmd_decode, "decode --tokenizer PATH [--skip_special_tokens]\n"
+                           "    reads token ids (whitespace separated) from standard input, prints their text"},
+    {"generate", cmd_generate,
+     "generate --model DIR (--prompt TEXT | --input FILE.jsonl) [options]\n"
+     "    answers with the card's prompt \"###System: {system}\\n###Question: {question}\\n###Answer: \" (--raw: the\n"
+     "    text as it is; <|begin_of_text|> in front unless --add_bos false), streamed to stdout; --input: one JSON\n"
+     "    line per line of {\"question\"[, \"system\"]} or {\"prompt\"}: {\"question\", \"answer\", \"tokens\"}.\n"
+     "    Options (HF generate's names, the card's defaults): --max_new_tokens 256 --do_sample | --greedy\n"
+     "    --temperature 0.7 --top_p 0.9 --top_k 50 (transformers' default; 0 = off) --repetition_penalty 1.1\n"
+     "    --no_repeat_ngram_size 0 --seed S (default: a new one each run) --system TEXT --lora ADAPTER_DIR\n"
+     "    --tokenizer PATH --max_context N (default: max_position_embeddings, at most 4096) --threads N\n"
+     "    --load_in_4bit [--bnb_4bit_compute_dtype float32|bfloat16] (NF4 base, as bitsandbytes)\n"
+     "    --device cpu|cuda (default: cuda when a GPU is present) --gpu N.\n"
+     "    Stops at eos_token_id, <|eot_id|>, <|eom_id|> or max_new_tokens."},
+    {"chat", cmd_chat,
+     "chat --model DIR [--lora ADAPTER_DIR] [options as generate]\n"
+     "    a conversation in the card's format, kept in the KV cache: type a question, the answer streams; /reset\n"
+     "    starts over, /quit or Ctrl-D leaves. From a pipe: one answer per input line, no prompt. A conversation\n"
+     "    that would outgrow --max_context starts over (with a message)."},
 };
 
 static void usage(FILE *f) {

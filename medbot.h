@@ -12,7 +12,7 @@
  *   7. lora         (LoRA issue)
  *   8. data         (DPO issue)
  *   9. dpo          (DPO issue)
- *  10. sampler      (generation issue)
+ *  10. sampler      HF generate's logits processors, greedy / seeded sampling, stop ids, streaming
  *  11. coordinator  (distributed issue)
  *  12. cuda         the op table on NVIDIA GPUs (driver, NVRTC, cuBLASLt, NCCL loaded at run time)
  *  13. cli          medbot info | init | ...; main() behind #ifndef MEDBOT_NO_MAIN
@@ -322,6 +322,58 @@ MbStatus mb_evaluate(const MbTrainJob *job);
  * ones for norms. dtype: MB_DT_BF16, MB_DT_F16 or MB_DT_F32. */
 MbStatus mb_model_init_random(const char *cfg_path, const char *dir, uint64_t seed, MbDtype dtype,
                               double std);
+
+/* ---------- sampler ---------- */
+
+/* Generation settings, named as transformers' GenerationConfig. */
+#define MB_MAX_STOP_IDS 16
+typedef struct {
+    int max_new_tokens;           /* 256 */
+    int do_sample;                /* 1: draw from softmax; 0: greedy (the first argmax) */
+    double temperature;           /* 0.7 (sampling only; 1 = off) */
+    int top_k;                    /* 50, transformers' default (sampling only; 0 = off) */
+    double top_p;                 /* 0.9 (sampling only; 1 = off) */
+    double repetition_penalty;    /* 1.1 (1 = off) */
+    int no_repeat_ngram_size;     /* 0 = off (the card's conservative setting: 3) */
+    int min_tokens_to_keep;       /* 1 */
+    uint64_t seed;                /* sampling draws from medbot's RNG: the same seed gives the same
+                                     tokens on every run (not torch.multinomial's stream) */
+    int32_t stop_ids[MB_MAX_STOP_IDS]; /* generation ends after any of these (it is the last output) */
+    int n_stop_ids;
+} MbGenerationConfig;
+
+/* The card's sampling: max_new_tokens 256, do_sample, temperature 0.7, top_k 50, top_p 0.9,
+ * repetition_penalty 1.1, no stop ids, seed 0. */
+void mb_generation_config_defaults(MbGenerationConfig *g);
+/* Sets the stop ids as generate does for a Llama-3.1 checkpoint: eos_token_id of
+ * MODEL_DIR/generation_config.json when that file exists, else of config.json; plus <|eot_id|>
+ * and <|eom_id|> when the tokenizer has them (model_dir and tok may be NULL). */
+MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir, const MbModel *m,
+                                    const MbTokenizer *tok);
+int mb_generation_is_stop(const MbGenerationConfig *g, int32_t id);
+
+/* Logits processors and the token choice of transformers' generate, with scratch for V logits. */
+typedef struct MbSampler MbSampler;
+MbStatus mb_sampler_new(const MbGenerationConfig *g, size_t V, MbSampler **out);
+void mb_sampler_free(MbSampler *s);
+/* Applies, in place, the processors generate applies in its order: repetition_penalty,
+ * no_repeat_ngram_size, then when sampling temperature, top_k, top_p. logits (V) of the next
+ * position; ids (n) the sequence so far, prompt included. */
+void mb_sampler_process(MbSampler *s, float *logits, const int32_t *ids, size_t n);
+/* mb_sampler_process, then the next token: the first argmax, or a draw from the softmax. */
+MbStatus mb_sampler_next(MbSampler *s, float *logits, const int32_t *ids, size_t n, int32_t *token);
+
+/* Called for each new token with the text it completes (UTF-8, never a broken character;
+ * special tokens give no text), and once more with id -1 for text still held at the end.
+ * Return non-zero to stop generating. */
+typedef int (*MbTokenCallback)(void *ctx, int32_t id, const char *text, size_t len);
+
+/* Generates after ids (n): the whole sequence so far, of which kv (B = 1) already holds the first
+ * mb_kvcache_len(kv) tokens (fewer than n). Writes up to max_new_tokens ids to out (the last is
+ * a stop id when one ended it) and their count to *n_out; stops early when kv is full (it then
+ * holds n + *n_out - 1 tokens: the last new id is never run). tok: NULL for ids only. */
+MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer *tok, const int32_t *ids,
+                     size_t n, int32_t *out, size_t *n_out, MbTokenCallback cb, void *ctx);
 
 #ifdef __cplusplus
 }

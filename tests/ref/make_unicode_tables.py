@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the Unicode class table of medbot's Llama 3 pre-tokenizer into medbot.c.
 
-    regenerate:  /work/venv/bin/python tests/ref/make_unicode_tables.py        (from the repo root)
+    regenerate:  python3 tests/ref/make_unicode_tables.py        (from the repo root, with
+                 tests/ref/requirements.txt installed; on the dev machines /work/venv/bin/python)
     needs:       unicodedata2==16.0.0, tokenizers, tiktoken (tests/ref/requirements.txt)
 
 The Llama 3 regex needs three classes: \\p{L} (general category L*), \\p{N} (N*) and \\s. Both
