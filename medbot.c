@@ -5307,6 +5307,24 @@ static char *mb_render_prompt(const char *system, const char *question) {
     return out;
 }
 
+/* The next non-blank line of JSONL text[0..n) from *at: *s and *len (without a trailing \r),
+ * *line its 1-based number. Returns 0 at the end. */
+static int jsonl_next(const char *text, size_t n, size_t *at, int *line, const char **s, size_t *len) {
+    while (*at < n) {
+        size_t end = *at;
+        while (end < n && text[end] != '\n') end++;
+        ++*line;
+        *s = text + *at;
+        *len = end - *at;
+        *at = end + 1;
+        if (*len && (*s)[*len - 1] == '\r') --*len;
+        size_t k = 0;
+        while (k < *len && ((*s)[k] == ' ' || (*s)[k] == '\t')) k++;
+        if (k < *len) return 1;
+    }
+    return 0;
+}
+
 typedef struct {
     int32_t *prompt, *chosen, *rejected; /* token ids after TRL's tokenize_row (malloc'd) */
     int np, nc, nr;
@@ -5404,17 +5422,9 @@ static MbStatus dataset_load(const char *path, const MbTokenizer *tok, const MbD
     ds->path = mb_strdup(path);
     int line = 0;
     char where[600];
-    for (size_t at = 0; at < n && !rc;) {
-        size_t end = at;
-        while (end < n && text[end] != '\n') end++;
-        line++;
-        size_t len = end - at;
-        if (len && text[at + len - 1] == '\r') len--;
-        const char *s = text + at;
-        at = end + 1;
-        size_t k = 0;
-        while (k < len && (s[k] == ' ' || s[k] == '\t')) k++;
-        if (k == len) continue; /* blank line */
+    const char *s;
+    size_t len;
+    for (size_t at = 0; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
         snprintf(where, sizeof where, "%s:%d", path, line);
         MbJsonDoc doc;
         if ((rc = json_parse(where, s, len, &doc))) break;
@@ -10211,17 +10221,9 @@ static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path,
     Item *items = NULL; /* stb_ds array */
     int line = 0;
     char where[600];
-    for (size_t at = 0; at < n && !rc;) {
-        size_t end = at;
-        while (end < n && text[end] != '\n') end++;
-        line++;
-        size_t len = end - at;
-        if (len && text[at + len - 1] == '\r') len--;
-        const char *s = text + at;
-        at = end + 1;
-        size_t k = 0;
-        while (k < len && (s[k] == ' ' || s[k] == '\t')) k++;
-        if (k == len) continue;
+    const char *s;
+    size_t len;
+    for (size_t at = 0; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
         snprintf(where, sizeof where, "%s:%d", path, line);
         MbJsonDoc doc;
         if ((rc = json_parse(where, s, len, &doc))) break;
