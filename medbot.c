@@ -6880,8 +6880,8 @@ typedef struct {
     pthread_cond_t cv;
     int waiting;
     unsigned long generation;
-    const float **slot;   /* (world) each rank's published buffer */
-    float **part;         /* (world) each rank's reduced slice */
+    const void **slot;    /* (world) each rank's published buffer */
+    void **part;          /* (world) each rank's reduced slice */
     int refs;
 } MbThreadGroup;
 
@@ -6904,41 +6904,56 @@ static void tg_barrier(MbThreadGroup *g) {
 
 static void tc_barrier(MbComm *c) { tg_barrier(((MbThreadComm *)c->ctx)->g); }
 
-/* out[0..len) = sum over ranks r (in order) of slot[r][off + i] */
-static void tg_sum(MbThreadGroup *g, float *out, size_t off, size_t len) {
+/* out[0..len) = the sum over ranks r, in rank order, of element off + i of slot[r] (fp32, or fp64
+ * with f64) */
+static void tg_sum(MbThreadGroup *g, void *out, size_t off, size_t len, int f64) {
     for (size_t i = 0; i < len; i++) {
-        float s = g->slot[0][off + i];
-        for (int r = 1; r < g->world; r++) s += g->slot[r][off + i];
-        out[i] = s;
+        if (f64) {
+            double s = ((const double *)g->slot[0])[off + i];
+            for (int r = 1; r < g->world; r++) s += ((const double *)g->slot[r])[off + i];
+            ((double *)out)[i] = s;
+        } else {
+            float s = ((const float *)g->slot[0])[off + i];
+            for (int r = 1; r < g->world; r++) s += ((const float *)g->slot[r])[off + i];
+            ((float *)out)[i] = s;
+        }
     }
 }
 
-static void tc_all_reduce(MbComm *c, float *x, size_t n) {
+/* Each rank reduces its slice of x into its own buffer; then every rank copies every slice. */
+static void tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
-    size_t lo, hi;
+    size_t es = f64 ? sizeof(double) : sizeof(float), lo, hi;
     mb_split(n, c->rank, c->world, &lo, &hi);
-    float *mine = mb_malloc((hi - lo + 1) * sizeof(float));
+    void *mine = mb_malloc((hi - lo + 1) * es);
     g->slot[c->rank] = x;
     tg_barrier(g);
-    tg_sum(g, mine, lo, hi - lo);
+    tg_sum(g, mine, lo, hi - lo, f64);
     g->part[c->rank] = mine;
     tg_barrier(g); /* every slice reduced: now x may be overwritten */
     for (int r = 0; r < c->world; r++) {
         size_t a, b;
         mb_split(n, r, c->world, &a, &b);
-        memcpy(x + a, g->part[r], (b - a) * sizeof(float));
+        memcpy((char *)x + a * es, g->part[r], (b - a) * es);
     }
     tg_barrier(g);
     free(mine);
 }
 
-static void tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+static void tc_reduce_scatter_any(MbComm *c, void *shard, const void *x, size_t n, int f64) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
     g->slot[c->rank] = x;
     tg_barrier(g);
-    tg_sum(g, shard, (size_t)c->rank * per, per);
+    tg_sum(g, shard, (size_t)c->rank * per, per, f64);
     tg_barrier(g);
+}
+
+static void tc_all_reduce(MbComm *c, float *x, size_t n) { tc_all_reduce_any(c, x, n, 0); }
+static void tc_all_reduce_f64(MbComm *c, double *x, size_t n) { tc_all_reduce_any(c, x, n, 1); }
+static void tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) { tc_reduce_scatter_any(c, shard, x, n, 0); }
+static void tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    tc_reduce_scatter_any(c, shard, x, n, 1);
 }
 
 static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
@@ -6947,7 +6962,7 @@ static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
     g->slot[c->rank] = shard;
     tg_barrier(g);
     for (int r = 0; r < c->world; r++)
-        if (x + (size_t)r * per != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
+        if ((const void *)(x + (size_t)r * per) != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
     tg_barrier(g);
 }
 
@@ -6956,42 +6971,6 @@ static void tc_broadcast(MbComm *c, float *x, size_t n, int root) {
     g->slot[c->rank] = x;
     tg_barrier(g);
     if (c->rank != root) memcpy(x, g->slot[root], n * sizeof(float));
-    tg_barrier(g);
-}
-
-static void tc_all_reduce_f64(MbComm *c, double *x, size_t n) {
-    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
-    size_t lo, hi;
-    mb_split(n, c->rank, c->world, &lo, &hi);
-    double *mine = mb_malloc((hi - lo + 1) * sizeof(double));
-    g->slot[c->rank] = (const float *)(const void *)x;
-    tg_barrier(g);
-    for (size_t i = lo; i < hi; i++) {
-        double s = ((const double *)(const void *)g->slot[0])[i];
-        for (int r = 1; r < g->world; r++) s += ((const double *)(const void *)g->slot[r])[i];
-        mine[i - lo] = s;
-    }
-    g->part[c->rank] = (float *)(void *)mine;
-    tg_barrier(g);
-    for (int r = 0; r < c->world; r++) {
-        size_t a, b;
-        mb_split(n, r, c->world, &a, &b);
-        memcpy(x + a, g->part[r], (b - a) * sizeof(double));
-    }
-    tg_barrier(g);
-    free(mine);
-}
-
-static void tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
-    size_t per = n / (size_t)c->world, off = (size_t)c->rank * per;
-    g->slot[c->rank] = (const float *)(const void *)x;
-    tg_barrier(g);
-    for (size_t i = 0; i < per; i++) {
-        double s = ((const double *)(const void *)g->slot[0])[off + i];
-        for (int r = 1; r < g->world; r++) s += ((const double *)(const void *)g->slot[r])[off + i];
-        shard[i] = s;
-    }
     tg_barrier(g);
 }
 
