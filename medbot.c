@@ -5568,10 +5568,13 @@ struct MbComm {
     void (*all_reduce_host)(MbComm *, double *x, size_t n);
 };
 
-static void mb_comm_threads_new(int world, MbComm **comms);
+#define MB_DDP_TIMEOUT 1800.0 /* seconds: TrainingArguments.ddp_timeout */
+static void mb_comm_threads_new(int world, double timeout, MbComm **comms);
+static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, double timeout, MbComm **out);
 /* section 12: NCCL between GPUs (one rank per process, or `world` GPUs driven by one process) */
-static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, MbComm **out);
-static MbStatus mb_comm_nccl_new_all(int world, int gpu0, MbComm **comms);
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, double timeout,
+                                 MbComm **out);
+static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms);
 static int mb_device_resolve(int device, int *explicit_choice);
 
 enum { MB_LOSS_SIGMOID, MB_LOSS_HINGE, MB_LOSS_IPO, MB_LOSS_ROBUST };
@@ -6403,7 +6406,7 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
                    c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
         if (comm->world > 1)
             printf("data parallel: %d ranks x %s, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
-                   comm->world, ops->host_memory ? "CPU threads" : "one GPU",
+                   comm->world, !ops->host_memory ? "one GPU" : job->world_size > 1 ? "CPU processes" : "CPU threads",
                    c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world, tr.zero,
                    tr.zero ? tr.shard : tr.lo->n_params);
     }
@@ -6451,7 +6454,8 @@ static void *train_rank_thread(void *arg) {
 
 MbStatus mb_train(const MbTrainJob *job) {
     if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
-    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0)
+    /* (the ranks of a torchrun job may race to create it) */
+    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0 && !(errno == EEXIST && mb_is_dir(job->output_dir)))
         return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
     MbStatus rc = MB_OK;
     int world = job->nproc > 1 ? job->nproc : 1, dist = job->world_size > 1, explicit_choice;
@@ -6460,16 +6464,15 @@ MbStatus mb_train(const MbTrainJob *job) {
         return mb_fail(MB_ERR_ARG, "--nproc %d under torchrun (WORLD_SIZE=%d): one rank per process --> drop --nproc",
                        world, job->world_size);
     int device = mb_device_resolve(job->device, &explicit_choice);
-    if (dist && device != MB_DEVICE_CUDA)
-        return mb_fail(MB_ERR_UNSUPPORTED, "WORLD_SIZE=%d: ranks in separate processes join through NCCL and need the "
-                       "CUDA backend (no GPU here) --> on CPU use --nproc N ranks in one process", job->world_size);
     int total = job->threads > 0 ? job->threads : mb_cpu_count(), per = MB_MAX(1, total / world);
     MbComm **comms = mb_calloc((size_t)world, sizeof *comms);
     MbTrainJob j = *job;
-    if (dist) rc = mb_comm_nccl_new(job->master_addr ? job->master_addr : "127.0.0.1", job->master_port, job->rank,
-                                    job->world_size, job->gpu, &comms[0]);
-    else if (device == MB_DEVICE_CUDA && world > 1) rc = mb_comm_nccl_new_all(world, job->gpu, comms), j.device = device;
-    else mb_comm_threads_new(world, comms);
+    const char *addr = job->master_addr ? job->master_addr : "127.0.0.1";
+    if (dist && device == MB_DEVICE_CUDA)
+        rc = mb_comm_nccl_new(addr, job->master_port, job->rank, job->world_size, job->gpu, job->ddp_timeout, &comms[0]);
+    else if (dist) rc = mb_comm_tcp_new(addr, job->master_port, job->rank, job->world_size, job->ddp_timeout, &comms[0]);
+    else if (device == MB_DEVICE_CUDA && world > 1) rc = mb_comm_nccl_new_all(world, job->gpu, job->ddp_timeout, comms), j.device = device;
+    else mb_comm_threads_new(world, job->ddp_timeout, comms);
     if (rc) {
         free(comms);
         return rc;
@@ -6508,7 +6511,7 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
     if (rc) return rc;
     report_skips(&tr.eval);
     double met[MET_COUNT];
-    mb_comm_threads_new(1, &tr.comm);
+    mb_comm_threads_new(1, 0, &tr.comm);
     rc = train_evaluate(&tr, met);
     tr.comm->destroy(tr.comm);
     if (!rc) {
@@ -6865,11 +6868,13 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
 // ---------- 11. coordinator ----------
 // Data parallelism as DeepSpeed runs the card: every rank holds the model and the adapter, runs
 // its share of the micro-batches, and the gradients are summed across ranks. MbComm is the
-// collective interface, on fp32 buffers, with two backends: in-process threads (CPU ranks; what
-// the tests use) and NCCL (one rank per GPU: several processes joined by a TCP rendezvous that
-// reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, or one process driving several
-// GPUs with --nproc; in section 12). Sums of the thread backend run over the ranks in rank order,
-// so every rank gets bit-identical results.
+// collective interface, on fp32 buffers, with three backends: in-process threads (CPU ranks with
+// --nproc; what most tests use), TCP (CPU ranks in separate processes joined by a rendezvous that
+// reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT) and NCCL (one rank per GPU:
+// processes joined by the same rendezvous, or one process driving several GPUs with --nproc; in
+// section 12). The CPU backends sum over the ranks in rank order, so every rank gets bit-identical
+// results, and both give the same bits. A rank that dies or hangs stops the job with a message
+// within --ddp_timeout on every backend, never a hang.
 // ============================================================================================
 
 /* ---- in-process threads ---- */
@@ -6881,6 +6886,8 @@ typedef struct {
     int waiting;
     unsigned long generation;
     const void **slot;    /* (world) each rank's published buffer */
+    unsigned long *entered; /* (world) barriers each rank has entered */
+    double timeout;       /* seconds a rank waits for the others */
     void **part;          /* (world) each rank's reduced slice */
     int refs;
 } MbThreadGroup;
@@ -6889,35 +6896,60 @@ typedef struct {
     MbThreadGroup *g;
 } MbThreadComm;
 
-static void tg_barrier(MbThreadGroup *g) {
+/* Waits until every rank of the group has called it as often as this one. A rank that does not
+ * come within the group's timeout (--ddp_timeout) stops the process with a message naming it:
+ * the ranks are threads of one process, so one that hangs would otherwise hang the job forever. */
+static void tg_barrier(MbComm *c) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     pthread_mutex_lock(&g->mu);
     unsigned long gen = g->generation;
+    g->entered[c->rank]++;
     if (++g->waiting == g->world) {
         g->waiting = 0;
         g->generation++;
         pthread_cond_broadcast(&g->cv);
     } else {
-        while (gen == g->generation) pthread_cond_wait(&g->cv, &g->mu);
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        double t = (double)until.tv_sec + until.tv_nsec * 1e-9 + g->timeout;
+        until.tv_sec = (time_t)t, until.tv_nsec = (long)((t - floor(t)) * 1e9);
+        while (gen == g->generation) {
+            int e = pthread_cond_timedwait(&g->cv, &g->mu, &until);
+            if (e == ETIMEDOUT && gen == g->generation) {
+                char *who = NULL;
+                for (int r = 0; r < g->world; r++)
+                    if (g->entered[r] < g->entered[c->rank]) sb_printf(&who, "%s%d", who ? ", " : "", r);
+                fprintf(stderr, "medbot: rank%s %s of %d did not reach the collective within %g s (--ddp_timeout): "
+                        "stopping --> resume from the last checkpoint with --resume_from_checkpoint latest\n",
+                        who && strchr(who, ',') ? "s" : "", who ? who : "?", g->world, g->timeout);
+                fflush(stdout);
+                _exit(1); /* not exit: the ranks are stopped mid-step, no atexit handler should run */
+            }
+        }
     }
     pthread_mutex_unlock(&g->mu);
 }
 
-static void tc_barrier(MbComm *c) { tg_barrier(((MbThreadComm *)c->ctx)->g); }
+static void tc_barrier(MbComm *c) { tg_barrier(c); }
 
 /* out[0..len) = the sum over ranks r, in rank order, of element off + i of slot[r] (fp32, or fp64
- * with f64) */
-static void tg_sum(MbThreadGroup *g, void *out, size_t off, size_t len, int f64) {
+ * with f64): both CPU backends add in this order, so their results are the same bit for bit */
+static void mb_sum_ranks(const void *const *slot, int world, void *out, size_t off, size_t len, int f64) {
     for (size_t i = 0; i < len; i++) {
         if (f64) {
-            double s = ((const double *)g->slot[0])[off + i];
-            for (int r = 1; r < g->world; r++) s += ((const double *)g->slot[r])[off + i];
+            double s = ((const double *)slot[0])[off + i];
+            for (int r = 1; r < world; r++) s += ((const double *)slot[r])[off + i];
             ((double *)out)[i] = s;
         } else {
-            float s = ((const float *)g->slot[0])[off + i];
-            for (int r = 1; r < g->world; r++) s += ((const float *)g->slot[r])[off + i];
+            float s = ((const float *)slot[0])[off + i];
+            for (int r = 1; r < world; r++) s += ((const float *)slot[r])[off + i];
             ((float *)out)[i] = s;
         }
     }
+}
+
+static void tg_sum(MbThreadGroup *g, void *out, size_t off, size_t len, int f64) {
+    mb_sum_ranks(g->slot, g->world, out, off, len, f64);
 }
 
 /* Each rank reduces its slice of x into its own buffer; then every rank copies every slice. */
@@ -6927,16 +6959,16 @@ static void tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
     mb_split(n, c->rank, c->world, &lo, &hi);
     void *mine = mb_malloc((hi - lo + 1) * es);
     g->slot[c->rank] = x;
-    tg_barrier(g);
+    tg_barrier(c);
     tg_sum(g, mine, lo, hi - lo, f64);
     g->part[c->rank] = mine;
-    tg_barrier(g); /* every slice reduced: now x may be overwritten */
+    tg_barrier(c); /* every slice reduced: now x may be overwritten */
     for (int r = 0; r < c->world; r++) {
         size_t a, b;
         mb_split(n, r, c->world, &a, &b);
         memcpy((char *)x + a * es, g->part[r], (b - a) * es);
     }
-    tg_barrier(g);
+    tg_barrier(c);
     free(mine);
 }
 
@@ -6944,9 +6976,9 @@ static void tc_reduce_scatter_any(MbComm *c, void *shard, const void *x, size_t 
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
     g->slot[c->rank] = x;
-    tg_barrier(g);
+    tg_barrier(c);
     tg_sum(g, shard, (size_t)c->rank * per, per, f64);
-    tg_barrier(g);
+    tg_barrier(c);
 }
 
 static void tc_all_reduce(MbComm *c, float *x, size_t n) { tc_all_reduce_any(c, x, n, 0); }
@@ -6960,18 +6992,18 @@ static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
     g->slot[c->rank] = shard;
-    tg_barrier(g);
+    tg_barrier(c);
     for (int r = 0; r < c->world; r++)
         if ((const void *)(x + (size_t)r * per) != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
-    tg_barrier(g);
+    tg_barrier(c);
 }
 
 static void tc_broadcast(MbComm *c, float *x, size_t n, int root) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     g->slot[c->rank] = x;
-    tg_barrier(g);
+    tg_barrier(c);
     if (c->rank != root) memcpy(x, g->slot[root], n * sizeof(float));
-    tg_barrier(g);
+    tg_barrier(c);
 }
 
 static void tc_destroy(MbComm *c) {
@@ -6982,16 +7014,18 @@ static void tc_destroy(MbComm *c) {
     if (last) {
         pthread_mutex_destroy(&g->mu);
         pthread_cond_destroy(&g->cv);
-        free(g->slot), free(g->part), free(g);
+        free(g->slot), free(g->part), free(g->entered), free(g);
     }
     free(c->ctx);
     free(c);
 }
 
 /* world communicators of one in-process group (rank r is comms[r]); each destroys its own. */
-static void mb_comm_threads_new(int world, MbComm **comms) {
+static void mb_comm_threads_new(int world, double timeout, MbComm **comms) {
     MbThreadGroup *g = mb_calloc(1, sizeof *g);
     g->world = world;
+    g->timeout = timeout > 0 ? timeout : MB_DDP_TIMEOUT;
+    g->entered = mb_calloc((size_t)world, sizeof *g->entered);
     g->refs = world;
     pthread_mutex_init(&g->mu, NULL);
     pthread_cond_init(&g->cv, NULL);
@@ -7017,6 +7051,7 @@ static void mb_comm_threads_new(int world, MbComm **comms) {
 
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 
@@ -7089,7 +7124,7 @@ static MbStatus rdv_resolve(const char *addr, int port, struct addrinfo **out) {
 }
 
 /* Rank 0: accepts world - 1 ranks, then sends each the blob (or the reason for refusing). */
-static MbStatus rdv_serve(const char *addr, int port, int world, const void *blob, size_t n, double timeout) {
+static MbStatus rdv_serve(const char *addr, int port, int world, const void *blob, size_t n, double timeout, int *keep) {
     struct addrinfo *ai;
     MbStatus rc = rdv_resolve(addr, port, &ai);
     if (rc) return rc;
@@ -7149,17 +7184,22 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const void *blo
         size_t len = why[0] ? strlen(why) : n;
         rdv_put_u64(st, why[0] ? 1 : 0), rdv_put_u64(st + 8, len);
         rdv_write_all(peer[r], st, 16);
-        rdv_write_all(peer[r], why[0] ? (const void *)why : blob, len);
-        close(peer[r]);
+        int sent = rdv_write_all(peer[r], why[0] ? (const void *)why : blob, len);
+        if (keep && !why[0] && sent) keep[r] = peer[r];
+        else close(peer[r]);
+        if (!sent && !why[0]) snprintf(why, sizeof why, "rank %d hung up during the rendezvous", r);
     }
     close(fd);
     free(peer);
+    if (why[0] && keep)
+        for (int r = 1; r < world; r++)
+            if (keep[r] >= 0) close(keep[r]), keep[r] = -1;
     if (why[0]) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d: %s", addr, port, why);
     return MB_OK;
 }
 
 /* Rank > 0: connects to rank 0 (retrying until the timeout) and receives the blob. */
-static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
+static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout, int *keep) {
     double deadline = mb_now() + timeout;
     for (;;) {
         struct addrinfo *ai;
@@ -7175,7 +7215,7 @@ static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *
             double answer_by = mb_now() + timeout + 5.0;
             if (!rdv_write_all(fd, hello, sizeof hello) || !rdv_read_all(fd, st, 16, answer_by)) {
                 close(fd);
-                return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not answer rank %d within %.0f s", addr,
+                return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not answer rank %d within %g s", addr,
                                port, rank, timeout);
             }
             uint64_t status = rdv_get_u64(st), len = rdv_get_u64(st + 8);
@@ -7185,7 +7225,8 @@ static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *
             }
             char buf[MB_RDV_MAX_BLOB + 1];
             int got = rdv_read_all(fd, buf, (size_t)len, answer_by);
-            close(fd);
+            if (keep && got && !status) *keep = fd;
+            else close(fd);
             if (!got) return mb_fail(MB_ERR_ARG, "rendezvous: the answer from %s:%d broke off", addr, port);
             buf[len] = 0;
             if (status) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d refused rank %d: %s", addr, port, rank, buf);
@@ -7194,21 +7235,303 @@ static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *
         }
         if (fd >= 0) close(fd);
         if (mb_now() > deadline)
-            return mb_fail(MB_ERR_ARG, "rendezvous: rank %d could not reach rank 0 at %s:%d within %.0f s --> is rank 0 "
+            return mb_fail(MB_ERR_ARG, "rendezvous: rank %d could not reach rank 0 at %s:%d within %g s --> is rank 0 "
                            "running, and MASTER_ADDR/MASTER_PORT the same on every rank?", rank, addr, port, timeout);
         struct timespec ts = {0, 50 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
 }
 
-/* Every rank calls this: rank 0's blob ends up in every rank's blob. */
-MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
+/* Every rank calls this: rank 0's blob ends up in every rank's blob. With keep, the connections
+ * stay open: rank 0's keep (world) gets each rank's socket (keep[0] = -1), another rank's keep[0]
+ * its socket to rank 0. */
+static MbStatus rdv_open(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout,
+                         int *keep) {
     if (world < 1 || rank < 0 || rank >= world)
         return mb_fail(MB_ERR_ARG, "rendezvous: RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", rank, world);
     if (port <= 0 || port > 65535) return mb_fail(MB_ERR_ARG, "rendezvous: MASTER_PORT %d is not a port", port);
     if (n > MB_RDV_MAX_BLOB) return mb_fail(MB_ERR_ARG, "rendezvous: blob of %zu bytes is too large", n);
+    if (keep)
+        for (int r = 0; r < (rank == 0 ? world : 1); r++) keep[r] = -1;
     if (world == 1) return MB_OK;
-    return rank == 0 ? rdv_serve(addr, port, world, blob, n, timeout) : rdv_join(addr, port, rank, world, blob, n, timeout);
+    return rank == 0 ? rdv_serve(addr, port, world, blob, n, timeout, keep)
+                     : rdv_join(addr, port, rank, world, blob, n, timeout, keep);
+}
+
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
+    return rdv_open(addr, port, rank, world, blob, n, timeout, NULL);
+}
+
+/* ---- TCP: CPU ranks in separate processes ----
+ * torchrun on machines without a GPU. The rendezvous connections stay open and carry the
+ * collectives through rank 0: every rank sends its contribution, rank 0 adds them in rank order
+ * (mb_sum_ranks: the thread backend's sums, bit for bit) and answers each rank with its part. A
+ * rank that dies closes its socket: rank 0 sees it at once, tells the others why, and every
+ * process stops with a one-line message and exit status 1. A rank that hangs is named when
+ * --ddp_timeout runs out. Checkpoints are written to a temporary folder and renamed, so the last
+ * one is whole and the job resumes from it (--resume_from_checkpoint latest). */
+
+enum { MB_TCP_ALL_REDUCE, MB_TCP_REDUCE_SCATTER, MB_TCP_ALL_GATHER, MB_TCP_BROADCAST, MB_TCP_BARRIER };
+static const char *const mb_tcp_op_names[] = {"all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"};
+#define MB_TCP_HDR 32 /* a contribution's header: seq, op | element size << 8 | root << 16, n, bytes */
+
+typedef struct {
+    int *fd;              /* rank 0: fd[r] is rank r's socket (fd[0] = -1); another rank: fd[0], to rank 0 */
+    double timeout;       /* seconds a rank waits for the others (--ddp_timeout) */
+    uint64_t seq;         /* collectives so far: every rank must be at the same one */
+    unsigned char **in;   /* rank 0: (world) each rank's contribution; in[0] the reduced result */
+    size_t *cap;          /* (world) bytes allocated in in[r] */
+} MbTcpComm;
+
+/* sends or receives n bytes on a non-blocking socket before the deadline: 1 done, 0 the peer
+ * hung up (or the connection failed), -1 the deadline passed */
+static int tcp_io(int fd, void *p, size_t n, double deadline, int sending) {
+    char *s = p;
+    while (n) {
+        ssize_t k = sending ? send(fd, s, n, MSG_NOSIGNAL) : recv(fd, s, n, 0);
+        if (k > 0) {
+            s += k, n -= (size_t)k;
+            continue;
+        }
+        if (k == 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)) return 0;
+        int ms = (int)((deadline - mb_now()) * 1000);
+        if (ms <= 0) return -1;
+        struct pollfd pf = {fd, sending ? POLLOUT : POLLIN, 0};
+        poll(&pf, 1, ms);
+    }
+    return 1;
+}
+
+/* Stops this process: the message goes to stderr (rank 0 first tells every other rank, which
+ * prints it too); exit status 1. */
+static void tcp_stop(MbComm *c, const char *fmt, ...) {
+    MbTcpComm *t = c->ctx;
+    char why[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    if (c->rank == 0) { /* best effort, a few seconds at most: the ranks still alive learn why */
+        double until = mb_now() + 2.0;
+        for (int r = 1; r < c->world; r++) {
+            if (t->fd[r] < 0) continue;
+            unsigned char st[16];
+            rdv_put_u64(st, 1), rdv_put_u64(st + 8, strlen(why));
+            if (tcp_io(t->fd[r], st, 16, until, 1) == 1) tcp_io(t->fd[r], why, strlen(why), until, 1);
+            shutdown(t->fd[r], SHUT_WR);
+        }
+        /* read what they still send, so that closing does not reset the connections before the
+         * message is read */
+        for (int r = 1; r < c->world; r++) {
+            char sink[4096];
+            while (t->fd[r] >= 0 && tcp_io(t->fd[r], sink, sizeof sink, until, 0) == 1) {}
+        }
+    }
+    fflush(stdout);
+    fprintf(stderr, "medbot: rank %d: %s --> the job stops; resume it from the last checkpoint with "
+            "--resume_from_checkpoint latest\n", c->rank, why);
+    _exit(1); /* not exit: the rank is stopped mid-step, no atexit handler should run */
+}
+
+static void tcp_reserve(MbTcpComm *t, int r, size_t bytes) {
+    if (t->cap[r] < bytes) {
+        free(t->in[r]);
+        t->in[r] = mb_malloc(bytes);
+        t->cap[r] = bytes;
+    }
+}
+
+/* bytes rank r contributes to a collective, and bytes it gets back */
+static size_t tcp_contrib(int op, int r, int root, size_t n, size_t per, size_t es) {
+    return (op == MB_TCP_ALL_REDUCE || op == MB_TCP_REDUCE_SCATTER ? n
+            : op == MB_TCP_ALL_GATHER                             ? per
+            : op == MB_TCP_BROADCAST && r == root                 ? n
+                                                                  : 0) * es;
+}
+static size_t tcp_answer(int op, int r, int root, size_t n, size_t per, size_t es) {
+    return (op == MB_TCP_REDUCE_SCATTER ? per : op == MB_TCP_BARRIER || (op == MB_TCP_BROADCAST && r == root) ? 0 : n) * es;
+}
+
+/* Rank 0: every other rank's header and contribution, read as they come. A header must agree
+ * with rank 0's (want) on the collective's number, kind and size. */
+static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, size_t n, size_t per, size_t es) {
+    MbTcpComm *t = c->ctx;
+    int world = c->world, pending = world - 1;
+    size_t *got = mb_calloc((size_t)world, sizeof *got);
+    unsigned char *hdr = mb_malloc((size_t)world * MB_TCP_HDR);
+    struct pollfd *pf = mb_malloc((size_t)world * sizeof *pf);
+    int *who = mb_malloc((size_t)world * sizeof *who);
+    for (int r = 1; r < world; r++) tcp_reserve(t, r, tcp_contrib(op, r, root, n, per, es));
+    double deadline = mb_now() + t->timeout;
+    while (pending) {
+        int np = 0;
+        for (int r = 1; r < world; r++)
+            if (got[r] < MB_TCP_HDR + tcp_contrib(op, r, root, n, per, es))
+                pf[np].fd = t->fd[r], pf[np].events = POLLIN, pf[np].revents = 0, who[np++] = r;
+        int ms = (int)((deadline - mb_now()) * 1000);
+        if (ms <= 0) {
+            char *late = NULL;
+            for (int i = 0; i < np; i++) sb_printf(&late, "%s%d", late ? ", " : "", who[i]);
+            tcp_stop(c, "rank%s %s of %d did not reach %s within %g s (--ddp_timeout)", np > 1 ? "s" : "", late, world,
+                     mb_tcp_op_names[op], t->timeout);
+        }
+        if (poll(pf, (nfds_t)np, ms) <= 0) continue;
+        for (int i = 0; i < np; i++) {
+            if (!pf[i].revents) continue;
+            int r = who[i];
+            size_t total = MB_TCP_HDR + tcp_contrib(op, r, root, n, per, es);
+            unsigned char *dst = got[r] < MB_TCP_HDR ? hdr + (size_t)r * MB_TCP_HDR + got[r] : t->in[r] + (got[r] - MB_TCP_HDR);
+            size_t room = got[r] < MB_TCP_HDR ? MB_TCP_HDR - got[r] : total - got[r];
+            ssize_t k = recv(t->fd[r], dst, room, 0);
+            if (k < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+            if (k <= 0) {
+                close(t->fd[r]), t->fd[r] = -1;
+                tcp_stop(c, "rank %d of %d stopped (its connection closed%s%s) during %s", r, world, k < 0 ? ": " : "",
+                         k < 0 ? strerror(errno) : "", mb_tcp_op_names[op]);
+            }
+            got[r] += (size_t)k;
+            if (got[r] == MB_TCP_HDR && (memcmp(hdr + (size_t)r * MB_TCP_HDR, want, 24) != 0 ||
+                                         rdv_get_u64(hdr + (size_t)r * MB_TCP_HDR + 24) != total - MB_TCP_HDR)) {
+                const unsigned char *h = hdr + (size_t)r * MB_TCP_HDR;
+                uint64_t o = rdv_get_u64(h + 8) & 0xff;
+                tcp_stop(c, "rank %d is at collective #%llu (%s of %llu values), rank 0 at #%llu (%s of %zu values): the "
+                         "ranks disagree --> give every rank the same data and options", r,
+                         (unsigned long long)rdv_get_u64(h), o < 5 ? mb_tcp_op_names[o] : "?",
+                         (unsigned long long)rdv_get_u64(h + 16), (unsigned long long)t->seq, mb_tcp_op_names[op], n);
+            }
+            if (got[r] == total) pending--;
+        }
+    }
+    free(got), free(hdr), free(pf), free(who);
+}
+
+/* One collective. x: this rank's contribution (NULL when it has none); out: where its answer
+ * goes (n, or per values of es bytes; NULL when none). */
+static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, const void *x, void *out) {
+    MbTcpComm *t = c->ctx;
+    int world = c->world;
+    size_t per = n / (size_t)world;
+    unsigned char hdr[MB_TCP_HDR];
+    rdv_put_u64(hdr, t->seq++);
+    rdv_put_u64(hdr + 8, (uint64_t)op | (uint64_t)es << 8 | (uint64_t)root << 16);
+    rdv_put_u64(hdr + 16, n);
+    if (c->rank > 0) { /* send, then wait for rank 0's answer */
+        size_t mine = tcp_contrib(op, c->rank, root, n, per, es), back = tcp_answer(op, c->rank, root, n, per, es);
+        rdv_put_u64(hdr + 24, mine);
+        int fd = t->fd[0];
+        /* rank 0 names a late rank when its own timeout runs out: wait longer than that */
+        double deadline = mb_now() + t->timeout + 30.0;
+        int ok = tcp_io(fd, hdr, MB_TCP_HDR, deadline, 1);
+        if (ok == 1 && mine) ok = tcp_io(fd, (void *)x, mine, deadline, 1);
+        unsigned char st[16];
+        /* even when sending failed, rank 0 may have said why before it hung up */
+        int got = tcp_io(fd, st, 16, ok == 1 ? deadline : mb_now() + 1.0, 0);
+        if (got == 1 && rdv_get_u64(st) == 1) {
+            char why[513];
+            size_t len = (size_t)MB_MIN(rdv_get_u64(st + 8), 512);
+            why[tcp_io(fd, why, len, mb_now() + 2.0, 0) == 1 ? len : 0] = 0;
+            tcp_stop(c, "stopping: %s", why[0] ? why : "rank 0 stopped");
+        }
+        if (got == -1 && ok != 0)
+            tcp_stop(c, "rank 0 did not answer %s within %g s (--ddp_timeout)", mb_tcp_op_names[op], t->timeout);
+        if (got != 1 || ok != 1) tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
+        if (rdv_get_u64(st + 8) != back) tcp_stop(c, "rank 0 answered %s with a wrong size", mb_tcp_op_names[op]);
+        if (back && tcp_io(fd, out, back, deadline, 0) != 1)
+            tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
+        return;
+    }
+    rdv_put_u64(hdr + 24, 0);
+    tcp_gather(c, hdr, op, root, n, per, es); /* every rank's header must agree with rank 0's */
+    const void **slot = mb_malloc((size_t)world * sizeof *slot);
+    slot[0] = x;
+    for (int r = 1; r < world; r++) slot[r] = t->in[r];
+    const void *answer = NULL; /* what every rank gets (or, for reduce_scatter, the whole sum) */
+    if (op == MB_TCP_ALL_REDUCE || op == MB_TCP_REDUCE_SCATTER) {
+        tcp_reserve(t, 0, n * es);
+        mb_sum_ranks(slot, world, t->in[0], 0, n, es == sizeof(double));
+        answer = t->in[0];
+        memcpy(out, t->in[0], (op == MB_TCP_ALL_REDUCE ? n : per) * es);
+    } else if (op == MB_TCP_ALL_GATHER) {
+        for (int r = 0; r < world; r++)
+            if ((const char *)out + (size_t)r * per * es != slot[r]) memmove((char *)out + (size_t)r * per * es, slot[r], per * es);
+        answer = out;
+    } else if (op == MB_TCP_BROADCAST) {
+        if (root != 0) memcpy(out, slot[root], n * es);
+        answer = out;
+    }
+    double deadline = mb_now() + t->timeout;
+    for (int r = 1; r < world; r++) {
+        size_t back = tcp_answer(op, r, root, n, per, es);
+        const char *part = op == MB_TCP_REDUCE_SCATTER ? (const char *)answer + (size_t)r * per * es : answer;
+        unsigned char st[16];
+        rdv_put_u64(st, 0), rdv_put_u64(st + 8, back);
+        int ok = tcp_io(t->fd[r], st, 16, deadline, 1);
+        if (ok == 1 && back) ok = tcp_io(t->fd[r], (void *)part, back, deadline, 1);
+        if (ok == 0) close(t->fd[r]), t->fd[r] = -1;
+        if (ok != 1)
+            tcp_stop(c, "rank %d of %d %s during %s", r, world, ok ? "did not take its answer within the timeout"
+                     : "stopped (its connection closed)", mb_tcp_op_names[op]);
+    }
+    free(slot);
+}
+
+static void tcp_all_reduce(MbComm *c, float *x, size_t n) { tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x); }
+static void tcp_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x);
+}
+static void tcp_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
+}
+static void tcp_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
+}
+static void tcp_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    tcp_collective(c, MB_TCP_ALL_GATHER, 0, sizeof *x, n, shard, x);
+}
+static void tcp_broadcast(MbComm *c, float *x, size_t n, int root) {
+    tcp_collective(c, MB_TCP_BROADCAST, root, sizeof *x, n, x, x);
+}
+static void tcp_barrier(MbComm *c) { tcp_collective(c, MB_TCP_BARRIER, 0, 1, 0, NULL, NULL); }
+
+static void tcp_destroy(MbComm *c) {
+    MbTcpComm *t = c->ctx;
+    for (int r = 0; r < (c->rank == 0 ? c->world : 1); r++)
+        if (t->fd[r] >= 0) close(t->fd[r]);
+    for (int r = 0; r < c->world; r++) free(t->in[r]);
+    free(t->in), free(t->cap), free(t->fd), free(t);
+    free(c);
+}
+
+/* This process's rank of a CPU job of `world` processes, joined at addr:port. */
+static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, double timeout, MbComm **out) {
+    *out = NULL;
+    if (timeout <= 0) timeout = MB_DDP_TIMEOUT;
+    MbTcpComm *t = mb_calloc(1, sizeof *t);
+    t->fd = mb_malloc((size_t)world * sizeof *t->fd);
+    t->timeout = timeout;
+    char blob[8] = "medbot";
+    MbStatus rc = rdv_open(addr, port, rank, world, blob, sizeof blob, timeout, t->fd);
+    if (rc) {
+        free(t->fd), free(t);
+        return rc;
+    }
+    for (int r = 0; r < (rank == 0 ? world : 1); r++)
+        if (t->fd[r] >= 0) {
+            int one = 1; /* small messages go out at once (no Nagle delay) */
+            setsockopt(t->fd[r], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            rdv_nosigpipe(t->fd[r]);
+            fcntl(t->fd[r], F_SETFL, fcntl(t->fd[r], F_GETFL) | O_NONBLOCK);
+        }
+    t->in = mb_calloc((size_t)world, sizeof *t->in);
+    t->cap = mb_calloc((size_t)world, sizeof *t->cap);
+    MbComm *c = mb_calloc(1, sizeof *c);
+    c->rank = rank, c->world = world, c->ctx = t;
+    c->all_reduce = tcp_all_reduce, c->reduce_scatter = tcp_reduce_scatter, c->all_gather = tcp_all_gather;
+    c->broadcast = tcp_broadcast, c->barrier = tcp_barrier, c->destroy = tcp_destroy;
+    c->all_reduce_f64 = tcp_all_reduce_f64, c->reduce_scatter_f64 = tcp_reduce_scatter_f64;
+    c->all_reduce_host = tcp_all_reduce_f64;
+    *out = c;
+    return MB_OK;
 }
 
 /* torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Returns 0
@@ -7309,6 +7632,7 @@ typedef int MbNcclRedOp;
  * header check compiles them against the real enums) */
 #define MB_CU_ERROR_STUB_LIBRARY 34
 #define MB_CU_ERROR_NO_DEVICE 100
+#define MB_CU_ERROR_NOT_READY 600
 #define MB_CU_ATTR_SM_COUNT ((MbCuDevAttr)16)
 #define MB_CU_ATTR_CC_MAJOR ((MbCuDevAttr)75)
 #define MB_CU_ATTR_CC_MINOR ((MbCuDevAttr)76)
@@ -7380,6 +7704,7 @@ typedef struct MbNcclUniqueId_ MbNcclUniqueId;
     X(MbCuResult, cuStreamCreate, "cuStreamCreate", (MbCuStream *, unsigned int))                       \
     X(MbCuResult, cuStreamDestroy, "cuStreamDestroy_v2", (MbCuStream))                                  \
     X(MbCuResult, cuStreamSynchronize, "cuStreamSynchronize", (MbCuStream))                             \
+    X(MbCuResult, cuStreamQuery, "cuStreamQuery", (MbCuStream))                                         \
     X(MbCuResult, cuEventCreate, "cuEventCreate", (MbCuEvent *, unsigned int))                          \
     X(MbCuResult, cuEventRecord, "cuEventRecord", (MbCuEvent, MbCuStream))                              \
     X(MbCuResult, cuEventSynchronize, "cuEventSynchronize", (MbCuEvent))                                \
@@ -7432,6 +7757,8 @@ typedef struct MbNcclUniqueId_ MbNcclUniqueId;
     X(MbNcclResult, ncclCommInitRank, "ncclCommInitRank", (MbNcclComm_t *, int, MbNcclUniqueId, int))   \
     X(MbNcclResult, ncclCommInitAll, "ncclCommInitAll", (MbNcclComm_t *, int, const int *))             \
     X(MbNcclResult, ncclCommDestroy, "ncclCommDestroy", (MbNcclComm_t))                                 \
+    X(MbNcclResult, ncclCommAbort, "ncclCommAbort", (MbNcclComm_t))                                     \
+    X(MbNcclResult, ncclCommGetAsyncError, "ncclCommGetAsyncError", (MbNcclComm_t, MbNcclResult *))     \
     X(MbNcclResult, ncclAllReduce, "ncclAllReduce",                                                     \
       (const void *, void *, size_t, MbNcclDataType, MbNcclRedOp, MbNcclComm_t, MbCuStream))            \
     X(MbNcclResult, ncclReduceScatter, "ncclReduceScatter",                                             \
@@ -7473,6 +7800,7 @@ MB_NCCL_FUNCS(MB_FN_CHECK)
 #define MB_SAME(a, b) typedef char mb_same_##a[((long long)(a) == (long long)(b)) ? 1 : -1] MB_UNUSED
 MB_SAME(MB_CU_ERROR_STUB_LIBRARY, CUDA_ERROR_STUB_LIBRARY);
 MB_SAME(MB_CU_ERROR_NO_DEVICE, CUDA_ERROR_NO_DEVICE);
+MB_SAME(MB_CU_ERROR_NOT_READY, CUDA_ERROR_NOT_READY);
 MB_SAME(MB_CU_ATTR_SM_COUNT, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
 MB_SAME(MB_CU_ATTR_CC_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
 MB_SAME(MB_CU_ATTR_CC_MINOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
@@ -9048,6 +9376,7 @@ typedef struct {
     MbCuStream stream;
     MbCuDevPtr scratch;
     size_t scratch_bytes;
+    double timeout; /* seconds a collective may take (--ddp_timeout) */
 } MbNccl;
 
 static void nccl_check_(MbNcclResult r, const char *what, const char *file, int line) {
@@ -9064,37 +9393,63 @@ static MbNccl *nc_enter(MbComm *c) {
     cu_check(k->lib->cu.cuCtxSynchronize());
     return k;
 }
-static void nc_done(MbNccl *k) { cu_check(k->lib->cu.cuStreamSynchronize(k->stream)); }
+/* Waits for the collective queued on the communicator's stream. A rank that died or hangs never
+ * joins it: NCCL reports the broken connection as an asynchronous error, or --ddp_timeout runs
+ * out; either way the communicator is aborted and the process stops with a message, as the TCP
+ * backend does (the last checkpoint on disk is whole). */
+static void nc_done(MbComm *c, const char *what) {
+    MbNccl *k = c->ctx;
+    double deadline = mb_now() + k->timeout;
+    for (;;) {
+        MbCuResult r = k->lib->cu.cuStreamQuery(k->stream);
+        if (r == 0) return;
+        if (r != MB_CU_ERROR_NOT_READY) cu_check(r);
+        MbNcclResult e = 0;
+        k->lib->nccl.ncclCommGetAsyncError(k->comm, &e);
+        if (e != 0 || mb_now() > deadline) {
+            k->lib->nccl.ncclCommAbort(k->comm);
+            fflush(stdout);
+            if (e) fprintf(stderr, "medbot: rank %d of %d: NCCL %s failed: %s", c->rank, c->world, what,
+                           k->lib->nccl.ncclGetErrorString(e));
+            else fprintf(stderr, "medbot: rank %d of %d: NCCL %s did not finish within %g s (--ddp_timeout): another "
+                         "rank died or hangs", c->rank, c->world, what, k->timeout);
+            fprintf(stderr, " --> the job stops; resume it from the last checkpoint with --resume_from_checkpoint latest\n");
+            _exit(1);
+        }
+        struct timespec ts = {0, 20 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
 
 static void nc_all_reduce(MbComm *c, float *x, size_t n) {
     MbNccl *k = nc_enter(c);
     nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(k);
+    nc_done(c, "all_reduce");
 }
 static void nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
     MbNccl *k = nc_enter(c);
     nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(k);
+    nc_done(c, "reduce_scatter");
 }
 static void nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
     MbNccl *k = nc_enter(c);
     nccl_check(k->lib->nccl.ncclAllGather(shard, x, n / (size_t)c->world, MB_NCCL_FLOAT32, k->comm, k->stream));
-    nc_done(k);
+    nc_done(c, "all_gather");
 }
 static void nc_broadcast(MbComm *c, float *x, size_t n, int root) {
     MbNccl *k = nc_enter(c);
     nccl_check(k->lib->nccl.ncclBroadcast(x, x, n, MB_NCCL_FLOAT32, root, k->comm, k->stream));
-    nc_done(k);
+    nc_done(c, "broadcast");
 }
 static void nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
     MbNccl *k = nc_enter(c);
     nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(k);
+    nc_done(c, "all_reduce");
 }
 static void nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
     MbNccl *k = nc_enter(c);
     nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(k);
+    nc_done(c, "reduce_scatter");
 }
 static MbCuDevPtr nc_scratch(MbNccl *k, size_t bytes) {
     if (k->scratch_bytes < bytes) {
@@ -9111,7 +9466,7 @@ static void nc_all_reduce_host(MbComm *c, double *x, size_t n) {
     cu_check(k->lib->cu.cuMemcpyHtoDAsync(d, x, n * sizeof(double), k->stream));
     nccl_check(k->lib->nccl.ncclAllReduce(hptr(d), hptr(d), n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
     cu_check(k->lib->cu.cuMemcpyDtoHAsync(x, d, n * sizeof(double), k->stream));
-    nc_done(k);
+    nc_done(c, "all_reduce");
 }
 static void nc_barrier(MbComm *c) {
     double one = 1;
@@ -9129,9 +9484,10 @@ static void nc_destroy(MbComm *c) {
 }
 
 /* The MbComm of rank `rank` around an initialized NCCL communicator on GPU gpu */
-static MbStatus nc_wrap(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, int rank, int world, MbComm **out) {
+static MbStatus nc_wrap(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, int rank, int world, double timeout,
+                        MbComm **out) {
     MbNccl *k = mb_calloc(1, sizeof *k);
-    k->lib = L, k->comm = comm;
+    k->lib = L, k->comm = comm, k->timeout = timeout > 0 ? timeout : MB_DDP_TIMEOUT;
     MbStatus rc = cu_status(L->cu.cuDeviceGet(&k->dev, gpu));
     if (!rc) rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev));
     if (!rc) rc = cu_status(L->cu.cuCtxSetCurrent(k->ctx));
@@ -9152,7 +9508,8 @@ static MbStatus nc_wrap(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, int ran
 
 /* A communicator of a multi-process job (torchrun): rank 0 makes the NCCL unique id and the TCP
  * rendezvous hands it to the others. This process's rank runs on GPU `gpu` (LOCAL_RANK). */
-static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, MbComm **out) {
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, double timeout,
+                                 MbComm **out) {
     *out = NULL;
     const MbCudaLibs *L;
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
@@ -9167,16 +9524,16 @@ static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world
         return rc;
     L->cu.cuCtxSetCurrent(ctx);
     if (rank == 0) nccl_check(L->nccl.ncclGetUniqueId(&id));
-    rc = mb_rendezvous(addr, port, rank, world, &id, sizeof id, 300.0);
+    rc = mb_rendezvous(addr, port, rank, world, &id, sizeof id, timeout > 0 ? timeout : MB_DDP_TIMEOUT);
     MbNcclComm_t comm = NULL;
     if (!rc) nccl_check(L->nccl.ncclCommInitRank(&comm, world, id, rank));
-    if (!rc) rc = nc_wrap(L, comm, gpu, rank, world, out);
+    if (!rc) rc = nc_wrap(L, comm, gpu, rank, world, timeout, out);
     L->cu.cuDevicePrimaryCtxRelease(dev);
     return rc;
 }
 
 /* world communicators of one process driving GPUs gpu0 .. gpu0 + world - 1 (--nproc with CUDA). */
-static MbStatus mb_comm_nccl_new_all(int world, int gpu0, MbComm **comms) {
+static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms) {
     const MbCudaLibs *L;
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
     if (rc) return rc;
@@ -9187,7 +9544,7 @@ static MbStatus mb_comm_nccl_new_all(int world, int gpu0, MbComm **comms) {
     MbNcclComm_t *raw = mb_calloc((size_t)world, sizeof *raw);
     for (int r = 0; r < world; r++) devs[r] = gpu0 + r;
     nccl_check(L->nccl.ncclCommInitAll(raw, world, devs));
-    for (int r = 0; r < world && !rc; r++) rc = nc_wrap(L, raw[r], gpu0 + r, r, world, &comms[r]);
+    for (int r = 0; r < world && !rc; r++) rc = nc_wrap(L, raw[r], gpu0 + r, r, world, timeout, &comms[r]);
     free(devs), free(raw);
     return rc;
 }
@@ -9773,6 +10130,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
         (rc = arg_path(a, "output", &job->output_dir)) || (rc = arg_path(a, "lora", &job->lora_init)) ||
         (rc = arg_path(a, "resume_from_checkpoint", &job->resume)) || (rc = arg_int(a, "threads", &job->threads)) ||
         (rc = arg_int(a, "nproc", &job->nproc)) || (rc = arg_int(a, "zero_stage", &job->zero_stage)) ||
+        (rc = arg_double(a, "ddp_timeout", &job->ddp_timeout)) ||
         (rc = arg_choice(a, "loss_type", mb_loss_names, 4, &c->loss_type)) ||
         (rc = arg_choice(a, "lr_scheduler_type", mb_sched_names, 4, &c->lr_scheduler_type)) ||
         (rc = arg_double(a, "beta", &c->beta)) || (rc = arg_double(a, "label_smoothing", &c->label_smoothing)) ||
@@ -9818,6 +10176,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
                c->per_device_train_batch_size * c->gradient_accumulation_steps);
     if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
     if (job->nproc < 1) return mb_fail(MB_ERR_ARG, "%s: --nproc must be >= 1", a->cmd);
+    if (!(job->ddp_timeout >= 0)) return mb_fail(MB_ERR_ARG, "%s: --ddp_timeout must be >= 0 seconds", a->cmd);
     if (job->zero_stage > 1)
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: --zero_stage %d: medbot implements ZeRO stages 0 and 1", a->cmd, job->zero_stage);
     if (!job->model_dir || (!job->data_path && a->cmd[0] != 'm'))
@@ -10374,6 +10733,8 @@ static const struct {
                      "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)\n"
                      "    --nproc N (data-parallel ranks in this process: CPU threads, or N GPUs with CUDA)\n"
                      "    --zero_stage 0|1 (default 1 with ranks); under torchrun (WORLD_SIZE > 1) one GPU per process\n"
+                     "      (NCCL), or CPU processes joined over TCP; --ddp_timeout S (1800): a rank that dies or hangs\n"
+                     "      stops the job within S seconds\n"
                      "    --device cpu|cuda (default: cuda when a GPU is present) --gpu N (first GPU)\n"
                      "    --random_init (no weights read: random ones from --seed, for speed and memory at real shapes)"},
     {"sft", cmd_sft, "sft --model DIR --data FILE.jsonl --output DIR [options]\n"

@@ -1,6 +1,7 @@
 /* tests/test_backend.c: choosing the backend, and what the CUDA work added that runs on the CPU.
  *  - without a driver, --device auto (the default) is the CPU, --device cuda fails with one line
- *    and a hint, MEDBOT_DEVICE overrides auto, torchrun's WORLD_SIZE > 1 is refused;
+ *    and a hint, MEDBOT_DEVICE overrides auto; torchrun's WORLD_SIZE > 1 runs CPU processes
+ *    (a missing rank 0 is named) or, with --device cuda, needs the driver;
  *  - the CPU op table has every op;
  *  - --random_init: weights drawn from a seed (the same on every backend: counter-based), bf16
  *    normal(0, 0.02), NF4 with double-quant state; deterministic, and a DPO step runs on them.
@@ -51,12 +52,18 @@ static void cli_device_option(void) {
     rc = t_run(cmd, out, sizeof out);
     printf("    --device cuda -> exit %d: %s", rc, out);
     CHECK(rc == 1 && strstr(out, "no NVIDIA driver found") && strstr(out, "--device cpu"), "want a one-line refusal");
-    /* torchrun's environment: ranks in separate processes need NCCL and the CUDA backend */
+    /* torchrun's environment without a GPU: the ranks are CPU processes joined over TCP (tested
+     * in test_dist.c); here rank 1 of 2 finds no rank 0 within --ddp_timeout and says so */
     snprintf(cmd, sizeof cmd, "WORLD_SIZE=2 RANK=1 LOCAL_RANK=1 MASTER_PORT=1 %s dpo --model %s/model --data %s/data.jsonl "
-             "--output /tmp/medbot-backend-%ld", t_medbot(), FIX, FIX, (long)getpid());
+             "--output /tmp/medbot-backend-%ld --ddp_timeout 0.5", t_medbot(), FIX, FIX, (long)getpid());
     rc = t_run(cmd, out, sizeof out);
-    printf("    WORLD_SIZE=2 without a GPU -> exit %d: %s", rc, out);
-    CHECK(rc == 1 && strstr(out, "WORLD_SIZE=2") && strstr(out, "CUDA backend"), "want the refusal naming WORLD_SIZE");
+    printf("    WORLD_SIZE=2 without a GPU, no rank 0 -> exit %d: %s", rc, out);
+    CHECK(rc == 1 && strstr(out, "rank 1 could not reach rank 0 at 127.0.0.1:1 within 0.5 s"), "want the rank named");
+    snprintf(cmd, sizeof cmd, "WORLD_SIZE=2 RANK=1 LOCAL_RANK=1 MASTER_PORT=1 %s dpo --model %s/model --data %s/data.jsonl "
+             "--output /tmp/medbot-backend-%ld --device cuda", t_medbot(), FIX, FIX, (long)getpid());
+    rc = t_run(cmd, out, sizeof out);
+    printf("    WORLD_SIZE=2 --device cuda without a GPU -> exit %d: %s", rc, out);
+    CHECK(rc == 1 && strstr(out, "no NVIDIA driver found"), "want the refusal");
     char dir[64];
     snprintf(dir, sizeof dir, "/tmp/medbot-backend-%ld", (long)getpid());
     mb_rmdir_r(dir);

@@ -53,7 +53,7 @@ static void collectives_of_thread_ranks(void) {
     for (int world = 1; world <= 4; world++)
         for (size_t s = 0; s < 4; s++) {
             MbComm *comms[4];
-            mb_comm_threads_new(world, comms);
+            mb_comm_threads_new(world, 0, comms);
             CollArg args[4];
             pthread_t th[4];
             for (int r = 0; r < world; r++) {
@@ -334,6 +334,180 @@ static void rendezvous_port_in_use_and_listens_only_on_master_addr(void) {
     waitpid(pid, &st, 0);
 }
 
+/* ---- CPU ranks in separate processes (TCP), and ranks that die or hang ---- */
+
+/* the medbot command line of one rank (RANK=rank of WORLD_SIZE=3; rank < 0: --nproc 3 threads) */
+static void rank_cmd(char *cmd, size_t cap, int rank, int port, const char *out, const char *extra) {
+    char env[128] = "";
+    if (rank >= 0) snprintf(env, sizeof env, "WORLD_SIZE=3 RANK=%d MASTER_PORT=%d ", rank, port);
+    snprintf(cmd, cap,
+             "%s%s dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --lora " FIX "/adapter_qk "
+             "--max_length 36 --max_prompt_length 24 --max_completion_length 20 --per_device_train_batch_size 1 "
+             "--learning_rate 1e-3 --lr_scheduler_type cosine --warmup_ratio 0.1 --lora_dropout 0.1 --seed 3 "
+             "--threads 1 --logging_steps 10 %s %s",
+             env, t_medbot(), out, extra, rank >= 0 ? "" : "--nproc 3");
+}
+
+/* A shell script that starts ranks 0, 1, 2 in the background as p0, p1, p2 (their output in
+ * OUT.rankR.log); `then` runs after that (and may wait for rank R itself, leaving its status in
+ * sR); every rank's exit status is printed as "rankR=S".
+ * A watchdog kills the lot after 120 s, so that a hang fails the test instead of the run. */
+static void three_ranks(char *sh, size_t cap, int port, const char *out, const char *extra, const char *then) {
+    char cmd[3][1200];
+    for (int r = 0; r < 3; r++) rank_cmd(cmd[r], sizeof cmd[r], r, port, out, extra);
+    snprintf(sh, cap,
+             "%s > %s.rank0.log 2>&1 & p0=$!; %s > %s.rank1.log 2>&1 & p1=$!; %s > %s.rank2.log 2>&1 & p2=$!; "
+             "( sleep 120 & s=$!; trap 'kill $s; exit 0' TERM; wait $s; kill -9 $p0 $p1 $p2 ) >/dev/null 2>&1 & dog=$!; t0=$(date +%%s.%%N); %s "
+             "for r in 0 1 2; do eval \"s=\\${s$r:-}\"; if [ -z \"$s\" ]; then eval \"wait \\$p$r\"; s=$?; fi; echo rank$r=$s; done; "
+             "echo seconds=$(echo \"$(date +%%s.%%N) - $t0\" | bc); kill $dog 2>/dev/null; wait $dog 2>/dev/null; true",
+             cmd[0], out, cmd[1], out, cmd[2], out, then);
+}
+
+static void read_log(const char *out, int rank, char *buf, size_t cap) {
+    char path[300], *text = NULL;
+    size_t n = 0;
+    snprintf(path, sizeof path, "%s.rank%d.log", out, rank);
+    buf[0] = 0;
+    if (mb_read_file(path, &text, &n)) return;
+    /* the last line */
+    while (n && text[n - 1] == '\n') text[--n] = 0;
+    char *last = strrchr(text, '\n');
+    snprintf(buf, cap, "%s", last ? last + 1 : text);
+    free(text);
+}
+
+static int same_file(const char *dir_a, const char *dir_b, const char *name) {
+    char a[300], b[300], *x = NULL, *y = NULL;
+    size_t nx = 0, ny = 0;
+    snprintf(a, sizeof a, "%s/%s", dir_a, name);
+    snprintf(b, sizeof b, "%s/%s", dir_b, name);
+    int eq = !mb_read_file(a, &x, &nx) && !mb_read_file(b, &y, &ny) && nx == ny && !memcmp(x, y, nx);
+    free(x), free(y);
+    return eq;
+}
+
+static double field(const char *text, const char *key) {
+    const char *p = strstr(text, key);
+    return p ? atof(p + strlen(key)) : -1;
+}
+
+static void processes_over_tcp_equal_thread_ranks(void) {
+    static char out[1 << 16];
+    char sh[6000], cmd[1200];
+    const char *threads = tmp("threads3"), *procs = tmp("procs3");
+    const char *extra = "--max_steps 12 --save_steps 6";
+    rank_cmd(cmd, sizeof cmd, -1, 0, threads, extra);
+    CHECK(t_run(cmd, out, sizeof out) == 0, "--nproc 3: %s", out);
+    three_ranks(sh, sizeof sh, rdv_port(5), procs, extra, "");
+    t_run(sh, out, sizeof out);
+    char log0[512];
+    read_log(procs, 0, log0, sizeof log0);
+    printf("    3 processes (WORLD_SIZE=3, TCP): %s", out);
+    CHECK(strstr(out, "rank0=0") && strstr(out, "rank1=0") && strstr(out, "rank2=0"), "%s / %s", out, log0);
+    int adapter = same_file(procs, threads, "adapter_model.safetensors"), metrics = same_file(procs, threads, "metrics.jsonl");
+    int moments = same_file(procs, threads, "checkpoint-12/optimizer.safetensors");
+    printf("    vs --nproc 3 (threads): adapter %s, optimizer moments %s, metrics.jsonl %s\n", adapter ? "identical" : "DIFFERS",
+           moments ? "identical" : "DIFFER", metrics ? "identical" : "DIFFERS");
+    CHECK(adapter && metrics && moments, "the TCP backend must give the thread backend's result bit for bit");
+}
+
+static void killed_rank_stops_the_others_and_resume_matches(void) {
+    static char out[1 << 16];
+    char sh[6000], cmd[1200], extra[160], then[400], log[3][512];
+    int steps = t_sanitized() ? 60 : 240;
+    snprintf(extra, sizeof extra, "--max_steps %d --save_steps 4 --ddp_timeout 60", steps);
+    const char *ref = tmp("uninterrupted3"), *run = tmp("killed3");
+    rank_cmd(cmd, sizeof cmd, -1, 0, ref, extra);
+    CHECK(t_run(cmd, out, sizeof out) == 0, "uninterrupted: %s", out);
+    /* SIGKILL rank 1 as soon as checkpoint-8 exists */
+    snprintf(then, sizeof then,
+             "while [ ! -d %s/checkpoint-8 ] && kill -0 $p0 2>/dev/null; do sleep 0.002; done; kill -9 $p1; t0=$(date +%%s.%%N);",
+             run);
+    three_ranks(sh, sizeof sh, rdv_port(6), run, extra, then);
+    t_run(sh, out, sizeof out);
+    for (int r = 0; r < 3; r++) read_log(run, r, log[r], sizeof log[r]);
+    printf("    rank 1 killed after checkpoint-8: %s    rank 0: %s\n    rank 2: %s\n", out, log[0], log[2]);
+    CHECK(strstr(out, "rank1=137"), "rank 1 must die of SIGKILL: %s", out);
+    CHECK(strstr(out, "rank0=1") && strstr(log[0], "rank 1 of 3 stopped") && strstr(log[0], "--resume_from_checkpoint"),
+          "rank 0 stops naming rank 1: %s / %s", out, log[0]);
+    CHECK(strstr(out, "rank2=1") && strstr(log[2], "rank 1 of 3 stopped"), "rank 2 stops naming rank 1: %s / %s", out,
+          log[2]);
+    char final[300];
+    snprintf(final, sizeof final, "%s/adapter_model.safetensors", run);
+    CHECK(!mb_is_file(final), "the run must stop mid-way");
+    char *latest = latest_checkpoint(run);
+    printf("    newest checkpoint left: %s\n", latest ? latest : "(none)");
+    CHECK(latest != NULL, "a checkpoint survives");
+    free(latest);
+    /* all three again, from the newest checkpoint */
+    char extra2[220];
+    snprintf(extra2, sizeof extra2, "%s --resume_from_checkpoint latest", extra);
+    three_ranks(sh, sizeof sh, rdv_port(7), run, extra2, "");
+    t_run(sh, out, sizeof out);
+    read_log(run, 0, log[0], sizeof log[0]);
+    CHECK(strstr(out, "rank0=0") && strstr(out, "rank1=0") && strstr(out, "rank2=0"), "resume: %s / %s", out, log[0]);
+    char moments[64];
+    snprintf(moments, sizeof moments, "checkpoint-%d/optimizer.safetensors", steps);
+    int adapter = same_file(run, ref, "adapter_model.safetensors"), opt = same_file(run, ref, moments);
+    printf("    resumed by 3 processes: final adapter %s, optimizer moments %s to the uninterrupted run\n",
+           adapter ? "byte-identical" : "DIFFERENT", opt ? "byte-identical" : "DIFFERENT");
+    CHECK(adapter && opt, "resume must give the uninterrupted result");
+}
+
+static void hung_rank_is_named_when_ddp_timeout_runs_out(void) {
+    static char out[1 << 16];
+    char sh[6000], then[400], log[3][512];
+    const char *run = tmp("hung3");
+    /* SIGSTOP rank 1 after checkpoint-4: it holds its connection open but never answers */
+    snprintf(then, sizeof then,
+             "while [ ! -d %s/checkpoint-4 ] && kill -0 $p0 2>/dev/null; do sleep 0.002; done; kill -STOP $p1; "
+             "t0=$(date +%%s.%%N); wait $p0; s0=$?; wait $p2; s2=$?; kill -CONT $p1;", run);
+    three_ranks(sh, sizeof sh, rdv_port(8), run, "--max_steps 100000 --save_steps 4 --ddp_timeout 2", then);
+    t_run(sh, out, sizeof out);
+    for (int r = 0; r < 3; r++) read_log(run, r, log[r], sizeof log[r]);
+    printf("    rank 1 stopped (SIGSTOP), --ddp_timeout 2: %s    rank 0: %s\n    rank 1 (continued): %s\n    rank 2: %s\n",
+           out, log[0], log[1], log[2]);
+    CHECK(strstr(log[0], "rank 1 of 3 did not reach") && strstr(log[0], "within 2 s"), "rank 0 names rank 1: %s", log[0]);
+    CHECK(strstr(log[2], "rank 1 of 3 did not reach"), "rank 2 is told: %s", log[2]);
+    CHECK(strstr(log[1], "rank 1 of 3 did not reach"), "rank 1, continued, is told and stops: %s", log[1]);
+    CHECK(field(out, "seconds=") >= 2, "the others waited for the timeout: %s", out);
+}
+
+/* the thread backend: a rank thread that never reaches the barrier */
+static void *barrier_once(void *p) {
+    MbComm *c = p;
+    c->barrier(c);
+    return NULL;
+}
+
+static void thread_rank_that_hangs_is_named(void) {
+    int fds[2];
+    if (pipe(fds) != 0) T_FAIL("pipe");
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        MbComm *comms[3];
+        mb_comm_threads_new(3, 0.5, comms);
+        pthread_t th[2];
+        for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, barrier_once, comms[r]); /* rank 2 never comes */
+        for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+        _exit(0);
+    }
+    close(fds[1]);
+    char msg[1024];
+    ssize_t k = read(fds[0], msg, sizeof msg - 1);
+    msg[k > 0 ? k : 0] = 0;
+    close(fds[0]);
+    int st;
+    waitpid(pid, &st, 0);
+    printf("    ranks 0 and 1 of 3 threads in a barrier, rank 2 never comes (timeout 0.5 s) -> exit %d: %s",
+           WIFEXITED(st) ? WEXITSTATUS(st) : -1, msg);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(msg, "rank 2 of 3 did not reach the collective within 0.5 s"),
+          "%s", msg);
+}
+
 MB_TEST_MAIN("dist", T(collectives_of_thread_ranks), T(data_parallel_equals_one_rank),
              T(data_parallel_world_size_not_dividing_parameters), T(checkpoint_resumes_on_another_world_size),
-             T(rendezvous_success_missing_rank_and_wrong_world), T(rendezvous_port_in_use_and_listens_only_on_master_addr))
+             T(rendezvous_success_missing_rank_and_wrong_world), T(rendezvous_port_in_use_and_listens_only_on_master_addr),
+             T(processes_over_tcp_equal_thread_ranks), T(killed_rank_stops_the_others_and_resume_matches),
+             T(hung_rank_is_named_when_ddp_timeout_runs_out), T(thread_rank_that_hangs_is_named))
