@@ -146,7 +146,8 @@ static void nf4_dequant_matches_bitsandbytes(void) {
                 dequant_both_ways(&w, 256, 32, 256, rows, tiles);
                 ok &= t_equal_bytes("dequant f32 (32 x 256 tiles)", tiles, want, n * sizeof(float));
             }
-            printf("    case %2d dequant %-4s: %zu values %s\n", k, suffix[c], n, ok ? "equal to the last bit" : "DIFFERENT");
+            printf("    case %2d dequant %-4s: %zu values %s (lookups: %s)\n", k, suffix[c], n,
+                   ok ? "equal to the last bit" : "DIFFERENT", MB_NF4_LOOKUP);
             free(want);
             free(ref);
         }
