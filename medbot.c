@@ -6926,6 +6926,13 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
 // within --ddp_timeout on every backend, never a hang.
 // ============================================================================================
 
+/* "rank 2" or "ranks 1, 3" (the n ranks in ranks), for the messages that name missing ranks */
+static const char *rank_list(char *buf, size_t cap, const int *ranks, int n) {
+    size_t k = (size_t)snprintf(buf, cap, "rank%s ", n > 1 ? "s" : "");
+    for (int i = 0; i < n && k < cap; i++) k += (size_t)snprintf(buf + k, cap - k, "%s%d", i ? ", " : "", ranks[i]);
+    return buf;
+}
+
 /* ---- in-process threads ---- */
 
 typedef struct {
@@ -6948,7 +6955,7 @@ typedef struct {
 /* Waits until every rank of the group has called it as often as this one. A rank that does not
  * come within the group's timeout (--ddp_timeout) stops the process with a message naming it:
  * the ranks are threads of one process, so one that hangs would otherwise hang the job forever. */
-static void tg_barrier(MbComm *c) {
+static void tc_barrier(MbComm *c) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     pthread_mutex_lock(&g->mu);
     unsigned long gen = g->generation;
@@ -6965,12 +6972,13 @@ static void tg_barrier(MbComm *c) {
         while (gen == g->generation) {
             int e = pthread_cond_timedwait(&g->cv, &g->mu, &until);
             if (e == ETIMEDOUT && gen == g->generation) {
-                char *who = NULL;
+                int *late = mb_malloc((size_t)g->world * sizeof *late), nl = 0;
+                char names[256];
                 for (int r = 0; r < g->world; r++)
-                    if (g->entered[r] < g->entered[c->rank]) sb_printf(&who, "%s%d", who ? ", " : "", r);
-                fprintf(stderr, "medbot: rank%s %s of %d did not reach the collective within %g s (--ddp_timeout): "
+                    if (g->entered[r] < g->entered[c->rank]) late[nl++] = r;
+                fprintf(stderr, "medbot: %s of %d did not reach the collective within %g s (--ddp_timeout): "
                         "stopping --> resume from the last checkpoint with --resume_from_checkpoint latest\n",
-                        who && strchr(who, ',') ? "s" : "", who ? who : "?", g->world, g->timeout);
+                        rank_list(names, sizeof names, late, nl), g->world, g->timeout);
                 fflush(stdout);
                 _exit(1); /* not exit: the ranks are stopped mid-step, no atexit handler should run */
             }
@@ -6978,8 +6986,6 @@ static void tg_barrier(MbComm *c) {
     }
     pthread_mutex_unlock(&g->mu);
 }
-
-static void tc_barrier(MbComm *c) { tg_barrier(c); }
 
 /* out[0..len) = the sum over ranks r, in rank order, of element off + i of slot[r] (fp32, or fp64
  * with f64): both CPU backends add in this order, so their results are the same bit for bit */
@@ -6997,10 +7003,6 @@ static void mb_sum_ranks(const void *const *slot, int world, void *out, size_t o
     }
 }
 
-static void tg_sum(MbThreadGroup *g, void *out, size_t off, size_t len, int f64) {
-    mb_sum_ranks(g->slot, g->world, out, off, len, f64);
-}
-
 /* Each rank reduces its slice of x into its own buffer; then every rank copies every slice. */
 static void tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
@@ -7008,16 +7010,16 @@ static void tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
     mb_split(n, c->rank, c->world, &lo, &hi);
     void *mine = mb_malloc((hi - lo + 1) * es);
     g->slot[c->rank] = x;
-    tg_barrier(c);
-    tg_sum(g, mine, lo, hi - lo, f64);
+    tc_barrier(c);
+    mb_sum_ranks(g->slot, g->world, mine, lo, hi - lo, f64);
     g->part[c->rank] = mine;
-    tg_barrier(c); /* every slice reduced: now x may be overwritten */
+    tc_barrier(c); /* every slice reduced: now x may be overwritten */
     for (int r = 0; r < c->world; r++) {
         size_t a, b;
         mb_split(n, r, c->world, &a, &b);
         memcpy((char *)x + a * es, g->part[r], (b - a) * es);
     }
-    tg_barrier(c);
+    tc_barrier(c);
     free(mine);
 }
 
@@ -7025,9 +7027,9 @@ static void tc_reduce_scatter_any(MbComm *c, void *shard, const void *x, size_t 
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
     g->slot[c->rank] = x;
-    tg_barrier(c);
-    tg_sum(g, shard, (size_t)c->rank * per, per, f64);
-    tg_barrier(c);
+    tc_barrier(c);
+    mb_sum_ranks(g->slot, g->world, shard, (size_t)c->rank * per, per, f64);
+    tc_barrier(c);
 }
 
 static void tc_all_reduce(MbComm *c, float *x, size_t n) { tc_all_reduce_any(c, x, n, 0); }
@@ -7041,18 +7043,18 @@ static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
     g->slot[c->rank] = shard;
-    tg_barrier(c);
+    tc_barrier(c);
     for (int r = 0; r < c->world; r++)
         if ((const void *)(x + (size_t)r * per) != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
-    tg_barrier(c);
+    tc_barrier(c);
 }
 
 static void tc_broadcast(MbComm *c, float *x, size_t n, int root) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     g->slot[c->rank] = x;
-    tg_barrier(c);
+    tc_barrier(c);
     if (c->rank != root) memcpy(x, g->slot[root], n * sizeof(float));
-    tg_barrier(c);
+    tc_barrier(c);
 }
 
 static void tc_destroy(MbComm *c) {
@@ -7121,34 +7123,28 @@ static void rdv_nosigpipe(int fd) {
 #endif
 }
 
-static int rdv_write_all(int fd, const void *p, size_t n) {
-    const char *s = p;
-    rdv_nosigpipe(fd);
+/* Sends (sending) or receives n bytes before the deadline (mb_now seconds; INFINITY: none), on a
+ * blocking or a non-blocking socket: 1 done, 0 the peer hung up (or the connection failed), -1
+ * the deadline passed. */
+static int sock_io(int fd, void *p, size_t n, double deadline, int sending) {
+    char *s = p;
     while (n) {
-        ssize_t k = send(fd, s, n, MSG_NOSIGNAL);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return 0;
-        s += k, n -= (size_t)k;
+        double left = deadline - mb_now();
+        if (left <= 0) return -1;
+        struct pollfd pf = {fd, sending ? POLLOUT : POLLIN, 0};
+        int r = poll(&pf, 1, left > 1e6 ? -1 : (int)(left * 1000));
+        if (r < 0 && errno != EINTR) return 0;
+        if (r <= 0) continue;
+        ssize_t k = sending ? send(fd, s, n, MSG_NOSIGNAL) : recv(fd, s, n, 0);
+        if (k > 0) s += k, n -= (size_t)k;
+        else if (k == 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)) return 0;
     }
     return 1;
 }
 
-/* reads n bytes before the deadline (mb_now seconds) */
-static int rdv_read_all(int fd, void *p, size_t n, double deadline) {
-    char *s = p;
-    while (n) {
-        int ms = (int)((deadline - mb_now()) * 1000);
-        if (ms <= 0) return 0;
-        struct pollfd pf = {fd, POLLIN, 0};
-        int r = poll(&pf, 1, ms);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return 0;
-        ssize_t k = recv(fd, s, n, 0);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return 0;
-        s += k, n -= (size_t)k;
-    }
-    return 1;
+static int rdv_write_all(int fd, const void *p, size_t n) {
+    rdv_nosigpipe(fd);
+    return sock_io(fd, (void *)p, n, INFINITY, 1) == 1;
 }
 
 static void rdv_put_u64(unsigned char *b, uint64_t v) {
@@ -7199,7 +7195,7 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const void *blo
         int c = accept(fd, NULL, NULL);
         if (c < 0) continue;
         unsigned char hello[24];
-        if (!rdv_read_all(c, hello, sizeof hello, deadline) || rdv_get_u64(hello) != MB_RDV_MAGIC) {
+        if (sock_io(c, hello, sizeof hello, deadline, 0) != 1 || rdv_get_u64(hello) != MB_RDV_MAGIC) {
             close(c); /* not one of ours */
             continue;
         }
@@ -7220,12 +7216,13 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const void *blo
         joined++;
     }
     if (!why[0] && joined < world) {
-        char *missing = NULL;
+        int *missing = mb_malloc((size_t)world * sizeof *missing), nm = 0;
+        char names[200];
         for (int r = 1; r < world; r++)
-            if (peer[r] < 0) sb_printf(&missing, "%s%d", missing ? ", " : "", r);
-        snprintf(why, sizeof why, "rank%s %s of %d never arrived within %g s", strchr(missing, ',') ? "s" : "",
-                 missing, world, timeout);
-        arrfree(missing);
+            if (peer[r] < 0) missing[nm++] = r;
+        snprintf(why, sizeof why, "%s of %d never arrived within %g s", rank_list(names, sizeof names, missing, nm),
+                 world, timeout);
+        free(missing);
     }
     for (int r = 1; r < world; r++) {
         if (peer[r] < 0) continue;
@@ -7262,7 +7259,7 @@ static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *
             rdv_put_u64(hello, MB_RDV_MAGIC), rdv_put_u64(hello + 8, (uint64_t)rank), rdv_put_u64(hello + 16, (uint64_t)world);
             /* rank 0 answers by its own deadline at the latest: wait a timeout longer */
             double answer_by = mb_now() + timeout + 5.0;
-            if (!rdv_write_all(fd, hello, sizeof hello) || !rdv_read_all(fd, st, 16, answer_by)) {
+            if (!rdv_write_all(fd, hello, sizeof hello) || sock_io(fd, st, 16, answer_by, 0) != 1) {
                 close(fd);
                 return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not answer rank %d within %g s", addr,
                                port, rank, timeout);
@@ -7273,7 +7270,7 @@ static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *
                 return mb_fail(MB_ERR_ARG, "rendezvous: a malformed answer from %s:%d", addr, port);
             }
             char buf[MB_RDV_MAX_BLOB + 1];
-            int got = rdv_read_all(fd, buf, (size_t)len, answer_by);
+            int got = sock_io(fd, buf, (size_t)len, answer_by, 0) == 1;
             if (keep && got && !status) *keep = fd;
             else close(fd);
             if (!got) return mb_fail(MB_ERR_ARG, "rendezvous: the answer from %s:%d broke off", addr, port);
@@ -7332,25 +7329,6 @@ typedef struct {
     size_t *cap;          /* (world) bytes allocated in in[r] */
 } MbTcpComm;
 
-/* sends or receives n bytes on a non-blocking socket before the deadline: 1 done, 0 the peer
- * hung up (or the connection failed), -1 the deadline passed */
-static int tcp_io(int fd, void *p, size_t n, double deadline, int sending) {
-    char *s = p;
-    while (n) {
-        ssize_t k = sending ? send(fd, s, n, MSG_NOSIGNAL) : recv(fd, s, n, 0);
-        if (k > 0) {
-            s += k, n -= (size_t)k;
-            continue;
-        }
-        if (k == 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)) return 0;
-        int ms = (int)((deadline - mb_now()) * 1000);
-        if (ms <= 0) return -1;
-        struct pollfd pf = {fd, sending ? POLLOUT : POLLIN, 0};
-        poll(&pf, 1, ms);
-    }
-    return 1;
-}
-
 /* Stops this process: the message goes to stderr (rank 0 first tells every other rank, which
  * prints it too); exit status 1. */
 static void tcp_stop(MbComm *c, const char *fmt, ...) {
@@ -7366,14 +7344,14 @@ static void tcp_stop(MbComm *c, const char *fmt, ...) {
             if (t->fd[r] < 0) continue;
             unsigned char st[16];
             rdv_put_u64(st, 1), rdv_put_u64(st + 8, strlen(why));
-            if (tcp_io(t->fd[r], st, 16, until, 1) == 1) tcp_io(t->fd[r], why, strlen(why), until, 1);
+            if (sock_io(t->fd[r], st, 16, until, 1) == 1) sock_io(t->fd[r], why, strlen(why), until, 1);
             shutdown(t->fd[r], SHUT_WR);
         }
         /* read what they still send, so that closing does not reset the connections before the
          * message is read */
         for (int r = 1; r < c->world; r++) {
             char sink[4096];
-            while (t->fd[r] >= 0 && tcp_io(t->fd[r], sink, sizeof sink, until, 0) == 1) {}
+            while (t->fd[r] >= 0 && sock_io(t->fd[r], sink, sizeof sink, until, 0) == 1) {}
         }
     }
     fflush(stdout);
@@ -7419,10 +7397,9 @@ static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, s
                 pf[np].fd = t->fd[r], pf[np].events = POLLIN, pf[np].revents = 0, who[np++] = r;
         int ms = (int)((deadline - mb_now()) * 1000);
         if (ms <= 0) {
-            char *late = NULL;
-            for (int i = 0; i < np; i++) sb_printf(&late, "%s%d", late ? ", " : "", who[i]);
-            tcp_stop(c, "rank%s %s of %d did not reach %s within %g s (--ddp_timeout)", np > 1 ? "s" : "", late, world,
-                     mb_tcp_op_names[op], t->timeout);
+            char names[256];
+            tcp_stop(c, "%s of %d did not reach %s within %g s (--ddp_timeout)", rank_list(names, sizeof names, who, np),
+                     world, mb_tcp_op_names[op], t->timeout);
         }
         if (poll(pf, (nfds_t)np, ms) <= 0) continue;
         for (int i = 0; i < np; i++) {
@@ -7470,22 +7447,22 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
         int fd = t->fd[0];
         /* rank 0 names a late rank when its own timeout runs out: wait longer than that */
         double deadline = mb_now() + t->timeout + 30.0;
-        int ok = tcp_io(fd, hdr, MB_TCP_HDR, deadline, 1);
-        if (ok == 1 && mine) ok = tcp_io(fd, (void *)x, mine, deadline, 1);
+        int ok = sock_io(fd, hdr, MB_TCP_HDR, deadline, 1);
+        if (ok == 1 && mine) ok = sock_io(fd, (void *)x, mine, deadline, 1);
         unsigned char st[16];
         /* even when sending failed, rank 0 may have said why before it hung up */
-        int got = tcp_io(fd, st, 16, ok == 1 ? deadline : mb_now() + 1.0, 0);
+        int got = sock_io(fd, st, 16, ok == 1 ? deadline : mb_now() + 1.0, 0);
         if (got == 1 && rdv_get_u64(st) == 1) {
             char why[513];
             size_t len = (size_t)MB_MIN(rdv_get_u64(st + 8), 512);
-            why[tcp_io(fd, why, len, mb_now() + 2.0, 0) == 1 ? len : 0] = 0;
+            why[sock_io(fd, why, len, mb_now() + 2.0, 0) == 1 ? len : 0] = 0;
             tcp_stop(c, "stopping: %s", why[0] ? why : "rank 0 stopped");
         }
         if (got == -1 && ok != 0)
             tcp_stop(c, "rank 0 did not answer %s within %g s (--ddp_timeout)", mb_tcp_op_names[op], t->timeout);
         if (got != 1 || ok != 1) tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
         if (rdv_get_u64(st + 8) != back) tcp_stop(c, "rank 0 answered %s with a wrong size", mb_tcp_op_names[op]);
-        if (back && tcp_io(fd, out, back, deadline, 0) != 1)
+        if (back && sock_io(fd, out, back, deadline, 0) != 1)
             tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
         return;
     }
@@ -7514,8 +7491,8 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
         const char *part = op == MB_TCP_REDUCE_SCATTER ? (const char *)answer + (size_t)r * per * es : answer;
         unsigned char st[16];
         rdv_put_u64(st, 0), rdv_put_u64(st + 8, back);
-        int ok = tcp_io(t->fd[r], st, 16, deadline, 1);
-        if (ok == 1 && back) ok = tcp_io(t->fd[r], (void *)part, back, deadline, 1);
+        int ok = sock_io(t->fd[r], st, 16, deadline, 1);
+        if (ok == 1 && back) ok = sock_io(t->fd[r], (void *)part, back, deadline, 1);
         if (ok == 0) close(t->fd[r]), t->fd[r] = -1;
         if (ok != 1)
             tcp_stop(c, "rank %d of %d %s during %s", r, world, ok ? "did not take its answer within the timeout"
