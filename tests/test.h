@@ -101,8 +101,82 @@ MB_UNUSED static const char *t_medbot(void) {
     return b && b[0] ? b : "./medbot";
 }
 
+/* Runs `medbot ARGS`, which must fail cleanly: a non-zero exit status (not a crash), one line of
+ * output holding needle1 and needle2 (NULL: none), no sanitizer report. Returns the status. */
+MB_UNUSED static int t_expect_failure(const char *args, const char *needle1, const char *needle2) {
+    char cmd[4096];
+    static char out[8192];
+    snprintf(cmd, sizeof cmd, "%s %s", t_medbot(), args);
+    int rc = t_run(cmd, out, sizeof out);
+    size_t lines = 0;
+    for (char *p = out; *p; p++) lines += *p == '\n';
+    printf("    $ medbot %.100s%s\n    -> exit %d: %s", args, strlen(args) > 100 ? "..." : "", rc, out);
+    CHECK(rc > 0, "exit code %d: want a clean non-zero exit (not a crash)", rc);
+    CHECK(lines == 1, "want one line of output, got %zu", lines);
+    CHECK(strstr(out, needle1), "message should contain '%s'", needle1);
+    CHECK(!needle2 || strstr(out, needle2), "message should contain '%s'", needle2);
+    CHECK(!strstr(out, "Sanitizer"), "sanitizer report");
+    return rc;
+}
+
+/* Backend buffers filled from host fp32 values: as bf16 activations (t_up_bf16) or as fp32
+ * (t_up_f32); the caller frees them with ops->free. */
+MB_UNUSED static void *t_up_bf16(MbOps *ops, const float *h, size_t n) {
+    void *d = ops->alloc(ops, n * 2);
+    uint16_t *b = mb_malloc(n * 2 + 2);
+    mb_convert_from_f32(MB_DT_BF16, h, b, n);
+    ops->from_host(ops, d, b, n * 2);
+    free(b);
+    return d;
+}
+
+MB_UNUSED static void *t_up_f32(MbOps *ops, const float *h, size_t n) {
+    void *d = ops->alloc(ops, n * 4);
+    ops->from_host(ops, d, h, n * 4);
+    return d;
+}
+
+/* 1 when both files exist and hold the same bytes */
+MB_UNUSED static int t_files_equal(const char *a, const char *b) {
+    char *x = NULL, *y = NULL;
+    size_t nx = 0, ny = 0;
+    int eq = !mb_read_file(a, &x, &nx) && !mb_read_file(b, &y, &ny) && nx == ny && !memcmp(x, y, nx);
+    free(x), free(y);
+    return eq;
+}
+
+/* ---- scratch files: /tmp/medbot-test-<suite>-<pid>, made on first use, removed at exit ---- */
+
+static const char *t_suite = "test";
+static char t_root[64];
+
+static void t_remove_root(void) { mb_rmdir_r(t_root); }
+
+/* the scratch folder itself */
+MB_UNUSED static const char *t_tmp_root(void) {
+    if (!t_root[0]) {
+        snprintf(t_root, sizeof t_root, "/tmp/medbot-test-%s-%ld", t_suite, (long)getpid());
+        mkdir(t_root, 0700);
+        atexit(t_remove_root);
+    }
+    return t_root;
+}
+
+/* A path named `name` in the scratch folder, with nothing there yet (an earlier file or folder of
+ * that name is removed); the last 8 paths returned stay valid. */
+MB_UNUSED static const char *t_tmp(const char *name) {
+    static char path[8][256];
+    static int k;
+    k = (k + 1) % 8;
+    snprintf(path[k], sizeof path[k], "%s/%s", t_tmp_root(), name);
+    if (mb_is_dir(path[k])) mb_rmdir_r(path[k]);
+    else remove(path[k]);
+    return path[k];
+}
+
 static int mb_test_main(int argc, char **argv, const char *file, const MbTest *tests, size_t n) {
     const char *filter = argc > 1 ? argv[1] : "";
+    t_suite = file;
     /* the tests check the CPU backend against fp32 references: on a GPU machine too (a test that
      * wants another device says so explicitly) */
     setenv("MEDBOT_DEVICE", "cpu", 0);

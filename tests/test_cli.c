@@ -3,40 +3,6 @@
  * non-zero exit code, and no crash. */
 #include "test.h"
 
-static char work[128];
-
-static void remove_workdir(void) {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", work);
-    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", work);
-}
-
-static const char *workdir(void) {
-    if (!work[0]) {
-        snprintf(work, sizeof work, "/tmp/medbot-test-cli-%ld", (long)getpid());
-        char cmd[300];
-        snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", work, work);
-        if (system(cmd) != 0) T_FAIL("cannot create %s", work);
-        atexit(remove_workdir);
-    }
-    return work;
-}
-
-/* Runs `medbot ARGS`, expects failure with a one-line message holding every needle. */
-static void expect_failure(const char *args, const char *needle1, const char *needle2) {
-    char cmd[1024], out[8192];
-    snprintf(cmd, sizeof cmd, "%s %s", t_medbot(), args);
-    int rc = t_run(cmd, out, sizeof out);
-    size_t lines = 0;
-    for (char *p = out; *p; p++) lines += *p == '\n';
-    printf("    $ medbot %s\n    -> exit %d: %s", args, rc, out);
-    CHECK(rc > 0, "exit code %d: want a clean non-zero exit (not a crash)", rc);
-    CHECK(lines == 1, "want one line of output, got %zu", lines);
-    CHECK(strstr(out, needle1), "message should contain '%s'", needle1);
-    CHECK(!needle2 || strstr(out, needle2), "message should contain '%s'", needle2);
-    CHECK(!strstr(out, "Sanitizer"), "sanitizer report");
-}
-
 static void sh(const char *fmt, const char *a, const char *b) {
     char cmd[1024];
     snprintf(cmd, sizeof cmd, fmt, a, b);
@@ -59,18 +25,18 @@ static void info_prints_the_model(void) {
 }
 
 static void bad_input_missing_folder(void) {
-    expect_failure("info /nonexistent/model", "/nonexistent/model", "no such folder");
+    t_expect_failure("info /nonexistent/model", "/nonexistent/model", "no such folder");
 }
 
 static void bad_input_truncated_safetensors(void) {
-    const char *w = workdir();
+    const char *w = t_tmp_root();
     sh("rm -rf %s/trunc && cp -r tests/fixtures/llama/tied_mqa_bf16 %s/trunc", w, w);
     sh("truncate -s 100000 %s/trunc/model.safetensors%s", w, "");
     char args[300];
     snprintf(args, sizeof args, "info %s/trunc", w);
-    expect_failure(args, "trunc/model.safetensors", "point past the end");
+    t_expect_failure(args, "trunc/model.safetensors", "point past the end");
     sh("truncate -s 5 %s/trunc/model.safetensors%s", w, "");
-    expect_failure(args, "trunc/model.safetensors", "too short");
+    t_expect_failure(args, "trunc/model.safetensors", "too short");
 }
 
 /* Rewrites DIR/model.safetensors keeping the data, with one header field replaced. */
@@ -111,7 +77,7 @@ static void rewrite_header(const char *path, const char *from, const char *to) {
 }
 
 static void bad_input_offsets_past_the_end(void) {
-    const char *w = workdir();
+    const char *w = t_tmp_root();
     sh("rm -rf %s/offs && cp -r tests/fixtures/llama/tied_mqa_bf16 %s/offs", w, w);
     char path[300], args[300];
     snprintf(path, sizeof path, "%s/offs/model.safetensors", w);
@@ -119,11 +85,11 @@ static void bad_input_offsets_past_the_end(void) {
     rewrite_header(path, "\"model.norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[",
                    "\"model.norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[99999872,99999999],\"x\":[");
     snprintf(args, sizeof args, "info %s/offs", w);
-    expect_failure(args, "offs/model.safetensors", "model.norm.weight");
+    t_expect_failure(args, "offs/model.safetensors", "model.norm.weight");
 }
 
 static void bad_input_shape_size_mismatch(void) {
-    const char *w = workdir();
+    const char *w = t_tmp_root();
     char path[300], args[300];
     /* the header's shape disagrees with the byte range */
     sh("rm -rf %s/shape && cp -r tests/fixtures/llama/tied_mqa_bf16 %s/shape", w, w);
@@ -131,50 +97,50 @@ static void bad_input_shape_size_mismatch(void) {
     rewrite_header(path, "\"model.norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64]",
                    "\"model.norm.weight\":{\"dtype\":\"BF16\",\"shape\":[65]");
     snprintf(args, sizeof args, "info %s/shape", w);
-    expect_failure(args, "shape/model.safetensors", "need 130");
+    t_expect_failure(args, "shape/model.safetensors", "need 130");
     /* the tensor's shape disagrees with config.json */
     sh("rm -rf %s/cfgshape && cp -r tests/fixtures/llama/tied_mqa_bf16 %s/cfgshape", w, w);
     sh("sed -i.bak 's/\"intermediate_size\": 128/\"intermediate_size\": 96/' %s/cfgshape/config.json%s", w, "");
     snprintf(args, sizeof args, "info %s/cfgshape", w);
-    expect_failure(args, "cfgshape/model.safetensors", "config.json implies (96, 64)");
+    t_expect_failure(args, "cfgshape/model.safetensors", "config.json implies (96, 64)");
 }
 
 static void bad_input_config_without_required_field(void) {
-    const char *w = workdir();
+    const char *w = t_tmp_root();
     sh("rm -rf %s/cfg && cp -r tests/fixtures/llama/tied_mqa_bf16 %s/cfg", w, w);
     sh("sed -i.bak '/\"num_hidden_layers\"/d' %s/cfg/config.json%s", w, "");
     char args[300];
     snprintf(args, sizeof args, "info %s/cfg", w);
-    expect_failure(args, "cfg/config.json", "\"num_hidden_layers\" is missing");
+    t_expect_failure(args, "cfg/config.json", "\"num_hidden_layers\" is missing");
     sh("rm %s/cfg/config.json%s", w, "");
-    expect_failure(args, "cfg/config.json", "cannot open");
+    t_expect_failure(args, "cfg/config.json", "cannot open");
 }
 
 static void bad_input_tensor_missing_from_a_shard(void) {
-    const char *w = workdir();
+    const char *w = t_tmp_root();
     sh("rm -rf %s/shard && cp -r tests/fixtures/llama/gqa4_bf16_sharded %s/shard", w, w);
     /* the index sends lm_head.weight to a shard that does not hold it */
     sh("sed -i.bak 's/\"lm_head.weight\": \"model-0000[0-9]-of-00004.safetensors\"/\"lm_head.weight\": \"model-00002-of-00004.safetensors\"/' %s/shard/model.safetensors.index.json%s", w, "");
     char args[300];
     snprintf(args, sizeof args, "info %s/shard", w);
-    expect_failure(args, "model.safetensors.index.json", "'lm_head.weight' is missing from shard");
+    t_expect_failure(args, "model.safetensors.index.json", "'lm_head.weight' is missing from shard");
     /* a shard file is gone */
     sh("rm -rf %s/shard2 && cp -r tests/fixtures/llama/gqa4_bf16_sharded %s/shard2", w, w);
     sh("rm %s/shard2/model-00003-of-00004.safetensors%s", w, "");
     snprintf(args, sizeof args, "info %s/shard2", w);
-    expect_failure(args, "model-00003-of-00004.safetensors", "cannot open");
+    t_expect_failure(args, "model-00003-of-00004.safetensors", "cannot open");
     /* config.json asks for more layers than the checkpoint has */
     sh("rm -rf %s/layers && cp -r tests/fixtures/llama/tied_mqa_bf16 %s/layers", w, w);
     sh("sed -i.bak 's/\"num_hidden_layers\": 2/\"num_hidden_layers\": 3/' %s/layers/config.json%s", w, "");
     snprintf(args, sizeof args, "info %s/layers", w);
-    expect_failure(args, "layers", "'model.layers.2.input_layernorm.weight' is missing");
+    t_expect_failure(args, "layers", "'model.layers.2.input_layernorm.weight' is missing");
 }
 
 static void bad_input_unknown_command_and_option(void) {
     char cmd[300], out[4096];
     snprintf(cmd, sizeof cmd, "%s frobnicate", t_medbot());
     CHECK(t_run(cmd, out, sizeof out) == 2 && strstr(out, "unknown command"), "%s", out);
-    expect_failure("info tests/fixtures/llama/gqa2_f32 --frob 1", "--frob", "unknown option");
+    t_expect_failure("info tests/fixtures/llama/gqa2_f32 --frob 1", "--frob", "unknown option");
 }
 
 MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad_input_truncated_safetensors),

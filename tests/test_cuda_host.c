@@ -131,19 +131,6 @@ static float *rnd(size_t n, float s) {
     for (size_t i = 0; i < n; i++) x[i] = emu_bf16((float)((2 * mb_rng_uniform(&rng) - 1) * s));
     return x;
 }
-static void *act(const float *h, size_t n) {
-    void *d = gpu->alloc(gpu, n * 2);
-    uint16_t *b = mb_malloc(n * 2 + 2);
-    mb_convert_from_f32(MB_DT_BF16, h, b, n);
-    gpu->from_host(gpu, d, b, n * 2);
-    free(b);
-    return d;
-}
-static void *f32(const float *h, size_t n) {
-    void *d = gpu->alloc(gpu, n * 4);
-    gpu->from_host(gpu, d, h, n * 4);
-    return d;
-}
 static void cmp_act(const char *what, const void *d, const float *ref, size_t n) {
     float *h = mb_malloc(n * 4 + 4);
     mb_convert_to_f32(MB_DT_BF16, d, h, n); /* the fake device's memory is the host's */
@@ -198,7 +185,8 @@ static void matmuls_through_cublaslt_and_nf4_tiles(void) {
         MbWeight *w = weight(O, I, cases[c].dt, cases[c].nf4);
         if (cases[c].N <= MB_GEMV_MAX_N) w = without_double_quant(w); /* the decode case: the fp32-absmax path too */
         float *x = rnd(N * I, 1), *dy = rnd(N * O, 1), *ref = mb_malloc(N * O * 4), *dref = rnd(N * I, 1);
-        void *gx = act(x, N * I), *gy = gpu->alloc(gpu, N * O * 2), *gdy = act(dy, N * O), *gdx = act(dref, N * I);
+        void *gx = t_up_bf16(gpu, x, N * I), *gy = gpu->alloc(gpu, N * O * 2);
+        void *gdy = t_up_bf16(gpu, dy, N * O), *gdx = t_up_bf16(gpu, dref, N * I);
         char what[128];
         cpu->matmul_forward(cpu, ref, x, w, N);
         gpu->matmul_forward(gpu, gy, gx, w, N);
@@ -237,15 +225,16 @@ static void lora_through_cublaslt(void) {
     float *x = rnd(N * I, 1), *out = rnd(N * O, 1), *u = mb_malloc(N * R * 4), *a = rnd(R * I, 0.2f), *b = rnd(O * R, 0.2f);
     float *dout = rnd(N * O, 1), *dx = rnd(N * I, 1), *dA = rnd(R * I, 0.1f), *dB = rnd(O * R, 0.1f);
     MbWeight A = {MB_DT_F32, R, I, a, NULL}, B = {MB_DT_F32, O, R, b, NULL};
-    void *ga = f32(a, R * I), *gb = f32(b, O * R);
+    void *ga = t_up_f32(gpu, a, R * I), *gb = t_up_f32(gpu, b, O * R);
     MbWeight gA = {MB_DT_F32, R, I, ga, NULL}, gB = {MB_DT_F32, O, R, gb, NULL};
-    void *gx = act(x, N * I), *go = act(out, N * O), *gu = gpu->alloc(gpu, N * R * 2);
+    void *gx = t_up_bf16(gpu, x, N * I), *go = t_up_bf16(gpu, out, N * O), *gu = gpu->alloc(gpu, N * R * 2);
     cpu->lora_forward(cpu, out, u, x, &A, &B, N, sc);
     gpu->lora_forward(gpu, go, gu, gx, &gA, &gB, N, sc);
     cmp_act("lora_forward out", go, out, N * O);
     cmp_act("lora_forward u", gu, u, N * R);
     for (size_t i = 0; i < N * R; i++) u[i] = emu_bf16(u[i]);
-    void *gdo = act(dout, N * O), *gdx = act(dx, N * I), *gdA = f32(dA, R * I), *gdB = f32(dB, O * R), *gu2 = act(u, N * R);
+    void *gdo = t_up_bf16(gpu, dout, N * O), *gdx = t_up_bf16(gpu, dx, N * I), *gu2 = t_up_bf16(gpu, u, N * R);
+    void *gdA = t_up_f32(gpu, dA, R * I), *gdB = t_up_f32(gpu, dB, O * R);
     cpu->lora_backward(cpu, dx, dA, dB, dout, x, u, &A, &B, N, sc);
     gpu->lora_backward(gpu, gdx, gdA, gdB, gdo, gx, gu2, &gA, &gB, N, sc);
     cmp_act("lora_backward dx", gdx, dx, N * I);
@@ -270,8 +259,9 @@ static void fused_logprob_chunks(void) {
     cpu->logprob_forward(cpu, lp, lse, ls, x, w, tg, M);
     cpu->logprob_backward(cpu, dx, gr, x, w, tg, lse, M);
     size_t chunks[][2] = {{512, 32768}, {8, 64}, {37, 100}, {5, 301}};
-    void *gx = act(x, M * C), *glp = gpu->alloc(gpu, M * 4), *glse = gpu->alloc(gpu, M * 4), *gls = gpu->alloc(gpu, M * 4);
-    void *ggr = f32(gr, M), *gdx = gpu->alloc(gpu, M * C * 2);
+    void *gx = t_up_bf16(gpu, x, M * C);
+    void *glp = gpu->alloc(gpu, M * 4), *glse = gpu->alloc(gpu, M * 4), *gls = gpu->alloc(gpu, M * 4);
+    void *ggr = t_up_f32(gpu, gr, M), *gdx = gpu->alloc(gpu, M * C * 2);
     for (size_t k = 0; k < 4; k++) {
         g->lp_rows = chunks[k][0], g->lp_vocab = chunks[k][1];
         char what[96];

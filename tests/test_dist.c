@@ -68,22 +68,6 @@ static void collectives_of_thread_ranks(void) {
     printf("    all_reduce, reduce_scatter, all_gather, broadcast exact for worlds 1-4 and n 1, 7, 64, 1001\n");
 }
 
-static char root[128];
-static void remove_root(void) { mb_rmdir_r(root); }
-static const char *tmp(const char *name) {
-    static char path[8][256];
-    static int k;
-    if (!root[0]) {
-        snprintf(root, sizeof root, "/tmp/medbot-test-dist-%ld", (long)getpid());
-        mkdir(root, 0700);
-        atexit(remove_root);
-    }
-    k = (k + 1) % 8;
-    snprintf(path[k], sizeof path[k], "%s/%s", root, name);
-    mb_rmdir_r(path[k]);
-    return path[k];
-}
-
 static void dp_job(MbTrainJob *job, const char *out, int nproc, int ga, int zero, int r) {
     memset(job, 0, sizeof *job);
     mb_train_config_defaults(&job->cfg);
@@ -165,7 +149,7 @@ static void check_worlds(const int (*cfgs)[2], int ncfg, int r, const char *what
         for (int i = 0; i < ncfg; i++) {
             char name[64];
             snprintf(name, sizeof name, "%s_%dx%d_z%d", what, cfgs[i][0], cfgs[i][1], zero);
-            const char *out = tmp(name);
+            const char *out = t_tmp(name);
             MbTrainJob job;
             dp_job(&job, out, cfgs[i][0], cfgs[i][1], zero, r);
             fflush(stdout);
@@ -211,7 +195,7 @@ static void checkpoint_resumes_on_another_world_size(void) {
     int pairs[][2] = {{2, 1}, {1, 2}};
     for (int k = 0; k < 2; k++) {
         int first = pairs[k][0], second = pairs[k][1];
-        const char *full = tmp("resume_full"), *part = tmp("resume_part");
+        const char *full = t_tmp("resume_full"), *part = t_tmp("resume_part");
         MbTrainJob job;
         dp_job(&job, full, 1, 4, 0, 8);
         int saved = dup(1), devnull = open("/dev/null", O_WRONLY);
@@ -377,13 +361,10 @@ static void read_log(const char *out, int rank, char *buf, size_t cap) {
 }
 
 static int same_file(const char *dir_a, const char *dir_b, const char *name) {
-    char a[300], b[300], *x = NULL, *y = NULL;
-    size_t nx = 0, ny = 0;
+    char a[300], b[300];
     snprintf(a, sizeof a, "%s/%s", dir_a, name);
     snprintf(b, sizeof b, "%s/%s", dir_b, name);
-    int eq = !mb_read_file(a, &x, &nx) && !mb_read_file(b, &y, &ny) && nx == ny && !memcmp(x, y, nx);
-    free(x), free(y);
-    return eq;
+    return t_files_equal(a, b);
 }
 
 static double field(const char *text, const char *key) {
@@ -394,7 +375,7 @@ static double field(const char *text, const char *key) {
 static void processes_over_tcp_equal_thread_ranks(void) {
     static char out[1 << 16];
     char sh[6000], cmd[1200];
-    const char *threads = tmp("threads3"), *procs = tmp("procs3");
+    const char *threads = t_tmp("threads3"), *procs = t_tmp("procs3");
     const char *extra = "--max_steps 12 --save_steps 6";
     rank_cmd(cmd, sizeof cmd, -1, 0, threads, extra);
     CHECK(t_run(cmd, out, sizeof out) == 0, "--nproc 3: %s", out);
@@ -416,7 +397,7 @@ static void killed_rank_stops_the_others_and_resume_matches(void) {
     char sh[6000], cmd[1200], extra[160], then[400], log[3][512];
     int steps = t_sanitized() ? 60 : 240;
     snprintf(extra, sizeof extra, "--max_steps %d --save_steps 4 --ddp_timeout 60", steps);
-    const char *ref = tmp("uninterrupted3"), *run = tmp("killed3");
+    const char *ref = t_tmp("uninterrupted3"), *run = t_tmp("killed3");
     rank_cmd(cmd, sizeof cmd, -1, 0, ref, extra);
     CHECK(t_run(cmd, out, sizeof out) == 0, "uninterrupted: %s", out);
     /* SIGKILL rank 1 as soon as checkpoint-8 exists */
@@ -457,7 +438,7 @@ static void killed_rank_stops_the_others_and_resume_matches(void) {
 static void hung_rank_is_named_when_ddp_timeout_runs_out(void) {
     static char out[1 << 16];
     char sh[6000], then[400], log[3][512];
-    const char *run = tmp("hung3");
+    const char *run = t_tmp("hung3");
     /* SIGSTOP rank 1 after checkpoint-4: it holds its connection open but never answers */
     snprintf(then, sizeof then,
              "while [ ! -d %s/checkpoint-4 ] && kill -0 $p0 2>/dev/null; do sleep 0.002; done; kill -STOP $p1; "

@@ -241,22 +241,6 @@ static void dpo_step_nf4_base_checkpointing_matches_trl_bitsandbytes(void) {
     nf4_base = 0;
 }
 
-static char tmp_root[128];
-
-static void remove_tmp(void) { mb_rmdir_r(tmp_root); }
-
-static const char *tmpdir_for(const char *name) {
-    static char path[256];
-    if (!tmp_root[0]) {
-        snprintf(tmp_root, sizeof tmp_root, "/tmp/medbot-test-dpo-%ld", (long)getpid());
-        mkdir(tmp_root, 0700);
-        atexit(remove_tmp);
-    }
-    snprintf(path, sizeof path, "%s/%s", tmp_root, name);
-    mb_rmdir_r(path);
-    return path;
-}
-
 /* Three optimizer steps (2 pairs x 2 accumulation, cosine with warmup, clipping on every step). */
 static void check_train(const char *adapter, const char *file, const char *log_file, const char *out, int ckpt) {
     MbTrainJob job;
@@ -266,7 +250,7 @@ static void check_train(const char *adapter, const char *file, const char *log_f
     c->lr_scheduler_type = MB_SCHED_COSINE, c->warmup_ratio = 0.1, c->max_grad_norm = 0.05;
     c->logging_steps = 1, c->save_steps = 0;
     c->gradient_checkpointing = ckpt;
-    job.output_dir = tmpdir_for(out);
+    job.output_dir = t_tmp(out);
     fflush(stdout);
     CHECK_OK(mb_train(&job));
     char path[300];
@@ -383,7 +367,7 @@ static void merge_matches_peft_merge_and_unload(void) {
             free(got);
         }
     /* and the file: bf16 of the same values */
-    const char *out = tmpdir_for("merged");
+    const char *out = t_tmp("merged");
     CHECK_OK(mb_model_merge_save(m, lo, FIX "/model", out));
     char path[300];
     snprintf(path, sizeof path, "%s/model.safetensors", out);

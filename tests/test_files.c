@@ -69,23 +69,6 @@ static void dtype_conversions_round_to_nearest_even(void) {
     CHECK(bad == 0, "%d bf16 values do not round-trip", bad);
 }
 
-static char dir_[64];
-
-static void remove_tmpdir(void) {
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir_);
-    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir_);
-}
-
-static const char *tmpdir(void) {
-    if (!dir_[0]) {
-        snprintf(dir_, sizeof dir_, "/tmp/medbot-test-files-%ld", (long)getpid());
-        mkdir(dir_, 0700);
-        atexit(remove_tmpdir);
-    }
-    return dir_;
-}
-
 static void safetensors_round_trip(void) {
     float a[6] = {1, -2, 3.5f, 0, 1e-3f, 7};
     uint16_t b[4] = {0x3F80, 0x4000, 0xC040, 0x0000};
@@ -96,7 +79,7 @@ static void safetensors_round_trip(void) {
         {"ids", MB_DT_I64, 1, {3}, c},
     };
     char path[128];
-    snprintf(path, sizeof path, "%s/rt.safetensors", tmpdir());
+    snprintf(path, sizeof path, "%s/rt.safetensors", t_tmp_root());
     const char *meta[] = {"format", "pt", NULL};
     CHECK_OK(mb_safetensors_write(path, ts, 3, meta));
     MbSafetensors *st;
@@ -160,30 +143,30 @@ static void safetensors_rejects_bad_headers(void) {
         {"{\"a\":{\"dtype\":\"F32\"", 0, "invalid JSON"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-        snprintf(p, sizeof p, "%s/bad%zu.safetensors", tmpdir(), i);
+        snprintf(p, sizeof p, "%s/bad%zu.safetensors", t_tmp_root(), i);
         write_raw(p, cases[i].header, cases[i].data);
         expect_open_fails(p, cases[i].needle);
     }
     /* header length past the end of the file; a file shorter than 8 bytes */
-    snprintf(p, sizeof p, "%s/badlen.safetensors", tmpdir());
+    snprintf(p, sizeof p, "%s/badlen.safetensors", t_tmp_root());
     FILE *f = fopen(p, "wb");
     unsigned char len[8] = {0xff, 0xff, 0, 0, 0, 0, 0, 0};
     fwrite(len, 1, 8, f);
     fputs("{}", f);
     fclose(f);
     expect_open_fails(p, "header length");
-    snprintf(p, sizeof p, "%s/short.safetensors", tmpdir());
+    snprintf(p, sizeof p, "%s/short.safetensors", t_tmp_root());
     f = fopen(p, "wb");
     fputs("abc", f);
     fclose(f);
     expect_open_fails(p, "too short");
-    snprintf(p, sizeof p, "%s/does-not-exist.safetensors", tmpdir());
+    snprintf(p, sizeof p, "%s/does-not-exist.safetensors", t_tmp_root());
     expect_open_fails(p, "no such file");
 }
 
 static void safetensors_sharded_index(void) {
     char dir[160], p[200];
-    snprintf(dir, sizeof dir, "%s/sharded", tmpdir());
+    snprintf(dir, sizeof dir, "%s/sharded", t_tmp_root());
     mkdir(dir, 0700);
     float x[2] = {1, 2}, y[3] = {3, 4, 5};
     MbTensorOut a = {"x", MB_DT_F32, 1, {2}, x}, b = {"y", MB_DT_F32, 1, {3}, y};
@@ -226,7 +209,7 @@ static void config_reads_llama31(void) {
 
 static void config_rejects_missing_fields(void) {
     char p[160];
-    snprintf(p, sizeof p, "%s/config.json", tmpdir());
+    snprintf(p, sizeof p, "%s/config.json", t_tmp_root());
     const char *cases[][2] = {
         {"{\"hidden_size\":8,\"num_hidden_layers\":1,\"num_attention_heads\":2,\"vocab_size\":10}", "\"intermediate_size\" is missing"},
         {"{\"hidden_size\":8,\"intermediate_size\":8,\"num_hidden_layers\":1,\"num_attention_heads\":2,\"vocab_size\":10,\"num_key_value_heads\":3}", "not a multiple"},

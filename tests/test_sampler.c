@@ -28,23 +28,6 @@ static const struct {
                      {"tied_mqa_bf16_4bit", "nf4/tied_mqa_bf16_4bit", 0}};
 #define N_GREEDY_MODELS (sizeof greedy_models / sizeof *greedy_models)
 
-static char work[128];
-
-static void remove_work(void) { mb_rmdir_r(work); }
-
-static const char *tmp(const char *name) {
-    static char path[4][256];
-    static int k;
-    if (!work[0]) {
-        snprintf(work, sizeof work, "/tmp/medbot-test-sampler-%ld", (long)getpid());
-        mkdir(work, 0700);
-        atexit(remove_work);
-    }
-    k = (k + 1) % 4;
-    snprintf(path[k], sizeof path[k], "%s/%s", work, name);
-    return path[k];
-}
-
 /* ---- fixture files ---- */
 
 static int load_json(const char *path, MbJsonDoc *doc) {
@@ -540,7 +523,7 @@ static void sampler_stop_ids_follow_generation_config(void) {
     CHECK(g.n_stop_ids == 3 && g.stop_ids[0] == 128001 && g.stop_ids[1] == 128008 && g.stop_ids[2] == 128009,
           "stop ids of the tiny model (%d)", g.n_stop_ids);
     /* generation_config.json wins over config.json, the turn ends join */
-    const char *dir = tmp("genconfig");
+    const char *dir = t_tmp("genconfig");
     mkdir(dir, 0700);
     char path[300];
     snprintf(path, sizeof path, "%s/generation_config.json", dir);
@@ -620,16 +603,10 @@ static void sampler_streaming_never_breaks_a_character(void) {
 
 /* ---- the generate command ---- */
 
-static int run_medbot(const char *args, char *out, size_t cap) {
-    char cmd[4096];
-    snprintf(cmd, sizeof cmd, "%s %s", t_medbot(), args);
-    return t_run(cmd, out, cap);
-}
-
 /* stdout only (stderr to a file) */
 static int run_medbot_stdout(const char *args, const char *stdin_file, char *out, size_t cap, char *err, size_t ecap) {
     char cmd[4096], errf[300];
-    snprintf(errf, sizeof errf, "%s", tmp("stderr.txt"));
+    snprintf(errf, sizeof errf, "%s", t_tmp("stderr.txt"));
     snprintf(cmd, sizeof cmd, "%s %s < %s 2>%s", t_medbot(), args, stdin_file ? stdin_file : "/dev/null", errf);
     FILE *p = popen(cmd, "r");
     if (!p) return -2;
@@ -660,7 +637,7 @@ static void generate_cli_matches_transformers(void) {
         sb_json_string(&jl, q, strlen(q));
         sb_printf(&jl, "}\n\n"); /* blank lines are skipped */
     }
-    const char *in = tmp("questions.jsonl");
+    const char *in = t_tmp("questions.jsonl");
     CHECK_OK(mb_write_file(in, jl, strlen(jl)));
     arrfree(jl);
     static char out[1 << 16], err[4096];
@@ -752,49 +729,36 @@ static void generate_cli_samples_reproducibly_on_the_tiny_model(void) {
     CHECK(r4 == 0 && valid_utf8(a), "exit %d: %s", r4, err);
 }
 
-/* One line on stderr, non-zero exit, no crash. */
-static void expect_error(const char *args, const char *needle) {
-    static char out[8192];
-    int rc = run_medbot(args, out, sizeof out);
-    size_t lines = 0;
-    for (char *p = out; *p; p++) lines += *p == '\n';
-    printf("    $ medbot %.70s%s\n      -> exit %d: %s", args, strlen(args) > 70 ? "..." : "", rc, out);
-    CHECK(rc > 0, "exit code %d: want a clean non-zero exit", rc);
-    CHECK(lines == 1, "want one line of output, got %zu", lines);
-    CHECK(strstr(out, needle), "message should contain '%s'", needle);
-    CHECK(!strstr(out, "Sanitizer"), "sanitizer report");
-}
-
 static void generate_cli_bad_input(void) {
-    const char *bad = tmp("bad.jsonl");
+    const char *bad = t_tmp("bad.jsonl");
     CHECK_OK(mb_write_file(bad, "{\"question\": \"ok\"}\n{\"question\": 5}\n", 35));
-    const char *notjson = tmp("notjson.jsonl");
+    const char *notjson = t_tmp("notjson.jsonl");
     CHECK_OK(mb_write_file(notjson, "{\"question\": \"ok\"}\nhello\n", 25));
     char args[600];
 #define M "generate --model " DPO "/model --max_new_tokens 4 "
-    expect_error(M "--prompt hi --frobnicate 1", "unknown option");
-    expect_error(M "--prompt hi --input x.jsonl", "exclude each other");
-    expect_error(M, "--prompt TEXT or --input");
-    expect_error(M "--prompt ''", "the prompt is empty");
-    expect_error(M "--prompt", "the prompt is empty");
-    expect_error(M "--prompt 'a long question that needs more than eight tokens' --max_context 8",
-                 "--max_context");
-    expect_error(M "--prompt hi --greedy --do_sample", "contradict");
-    expect_error(M "--prompt hi --temperature 0", "temperature must be > 0");
-    expect_error(M "--prompt hi --top_p 1.5", "top_p");
-    expect_error(M "--prompt hi --max_new_tokens 0", "max_new_tokens");
-    expect_error(M "--prompt hi --max_context 999999", "max_position_embeddings");
-    expect_error(M "--prompt hi --lora /nonexistent", "/nonexistent");
-    expect_error(M "--prompt hi --load_in_4bit --bnb_4bit_compute_dtype int8", "--bnb_4bit_compute_dtype must be");
+    t_expect_failure(M "--prompt hi --frobnicate 1", "unknown option", NULL);
+    t_expect_failure(M "--prompt hi --input x.jsonl", "exclude each other", NULL);
+    t_expect_failure(M, "--prompt TEXT or --input", NULL);
+    t_expect_failure(M "--prompt ''", "the prompt is empty", NULL);
+    t_expect_failure(M "--prompt", "the prompt is empty", NULL);
+    t_expect_failure(M "--prompt 'a long question that needs more than eight tokens' --max_context 8",
+                 "--max_context", NULL);
+    t_expect_failure(M "--prompt hi --greedy --do_sample", "contradict", NULL);
+    t_expect_failure(M "--prompt hi --temperature 0", "temperature must be > 0", NULL);
+    t_expect_failure(M "--prompt hi --top_p 1.5", "top_p", NULL);
+    t_expect_failure(M "--prompt hi --max_new_tokens 0", "max_new_tokens", NULL);
+    t_expect_failure(M "--prompt hi --max_context 999999", "max_position_embeddings", NULL);
+    t_expect_failure(M "--prompt hi --lora /nonexistent", "/nonexistent", NULL);
+    t_expect_failure(M "--prompt hi --load_in_4bit --bnb_4bit_compute_dtype int8", "--bnb_4bit_compute_dtype must be", NULL);
     snprintf(args, sizeof args, M "--input %s", bad);
-    expect_error(args, "bad.jsonl:2: each line needs a string \"question\"");
+    t_expect_failure(args, "bad.jsonl:2: each line needs a string \"question\"", NULL);
     snprintf(args, sizeof args, M "--input %s", notjson);
-    expect_error(args, "notjson.jsonl:2: invalid JSON");
-    expect_error("generate --prompt hi", "--model DIR is required");
-    expect_error("generate --model weights/tiny --prompt hi", "--tokenizer PATH");
-    expect_error("generate --model tests/fixtures/llama/gqa2_f32 --tokenizer weights/llama3/tokenizer.model --prompt hi",
-                 "vocab_size is 517");
-    expect_error("chat --model " DPO "/model --seed x", "--seed needs an integer");
+    t_expect_failure(args, "notjson.jsonl:2: invalid JSON", NULL);
+    t_expect_failure("generate --prompt hi", "--model DIR is required", NULL);
+    t_expect_failure("generate --model weights/tiny --prompt hi", "--tokenizer PATH", NULL);
+    t_expect_failure("generate --model tests/fixtures/llama/gqa2_f32 --tokenizer weights/llama3/tokenizer.model --prompt hi",
+                 "vocab_size is 517", NULL);
+    t_expect_failure("chat --model " DPO "/model --seed x", "--seed needs an integer", NULL);
 #undef M
 }
 
@@ -810,7 +774,7 @@ static void chat_through_a_pipe_matches_transformers(void) {
     /* two turns, /reset, a third question, /quit, a line never read */
     char *in = NULL, *want = NULL;
     sb_printf(&in, "%s\n\n%s\n/reset\n   %s\n/quit\nnot read\n", q0, q1, q2);
-    const char *inf = tmp("chat_in.txt");
+    const char *inf = t_tmp("chat_in.txt");
     CHECK_OK(mb_write_file(inf, in, strlen(in)));
     sb_printf(&want, "%s\n%s\n%s\n", json_str(&doc, json_get(&doc, t0, "answer")),
               json_str(&doc, json_get(&doc, chat, "answer")), json_str(&doc, json_get(&doc, t2, "answer")));

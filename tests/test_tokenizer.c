@@ -464,15 +464,6 @@ static void bpe_small_and_long_agree(void) {
 
 /* ---- a tiny hand-made tokenizer.json: merges, ignore_merges, template, added tokens ---- */
 
-static const char *tmpdir(void) {
-    static char dir[64];
-    if (!dir[0]) {
-        snprintf(dir, sizeof dir, "/tmp/medbot-test-tok-%ld", (long)getpid());
-        mkdir(dir, 0700);
-    }
-    return dir;
-}
-
 /* A byte-level vocabulary of the 256 bytes (ids 0..255, in byte order) plus extra tokens. */
 static void tiny_vocab(char **sb, const char *extra) {
     uint32_t cp[256];
@@ -511,7 +502,7 @@ static char *tiny_json(const char *merges, const char *ignore, const char *more)
 }
 
 static MbStatus load_text(const char *name, const char *text, MbTokenizer **t) {
-    char *path = mb_path_join(tmpdir(), name);
+    char *path = mb_path_join(t_tmp_root(), name);
     MbStatus st = mb_write_file(path, text, strlen(text));
     if (!st) st = mb_tokenizer_load(path, t);
     free(path);
@@ -672,13 +663,13 @@ static void malformed_files_fail_cleanly(void) {
 #undef BAD
     for (size_t i = 0; i < nb; i++) {
         MbTokenizer *t = NULL;
-        char *path = mb_path_join(tmpdir(), bad[i].name);
+        char *path = mb_path_join(t_tmp_root(), bad[i].name);
         CHECK_OK(mb_write_file(path, bad[i].text, strlen(bad[i].text)));
         MbStatus st = mb_tokenizer_load(path, &t);
         const char *msg = mb_last_error();
         CHECK(st != MB_OK && !t, "%s (%s) loaded", bad[i].name, bad[i].why);
         CHECK(strstr(msg, path) && !strchr(msg, '\n'), "%s: message does not name the file in one line: %s", bad[i].name, msg);
-        if (st != MB_OK) printf("    %-44s %s\n", bad[i].why, msg + strlen(tmpdir()) + 1);
+        if (st != MB_OK) printf("    %-44s %s\n", bad[i].why, msg + strlen(t_tmp_root()) + 1);
         mb_tokenizer_free(t);
         free(path);
         arrfree(bad[i].text);
@@ -689,14 +680,14 @@ static void malformed_files_fail_cleanly(void) {
     size_t n;
     MbTokenizer *t = NULL;
     if (mb_read_file(TOK_JSON, &text, &n) == MB_OK) {
-        char *path = mb_path_join(tmpdir(), "tokenizer.json");
+        char *path = mb_path_join(t_tmp_root(), "tokenizer.json");
         CHECK_OK(mb_write_file(path, text, n / 3));
         CHECK(mb_tokenizer_load(path, &t) == MB_ERR_FORMAT && strstr(mb_last_error(), "invalid JSON at line"),
               "truncated tokenizer.json: %s", mb_last_error());
         free(path);
         free(text);
     }
-    char *empty_dir = mb_path_join(tmpdir(), "nothing");
+    char *empty_dir = mb_path_join(t_tmp_root(), "nothing");
     mkdir(empty_dir, 0700);
     CHECK(mb_tokenizer_load(empty_dir, &t) == MB_ERR_IO && strstr(mb_last_error(), empty_dir), "%s", mb_last_error());
     free(empty_dir);

@@ -6,23 +6,6 @@
 
 #define FIX "tests/fixtures/dpo"
 
-static char root[128];
-
-static void remove_root(void) { mb_rmdir_r(root); }
-
-static const char *tmp(const char *name) {
-    static char path[4][256];
-    static int k;
-    if (!root[0]) {
-        snprintf(root, sizeof root, "/tmp/medbot-test-train-%ld", (long)getpid());
-        mkdir(root, 0700);
-        atexit(remove_root);
-    }
-    k = (k + 1) % 4;
-    snprintf(path[k], sizeof path[k], "%s/%s", root, name);
-    return path[k];
-}
-
 static void gradients_match_finite_differences(void) {
     MbModel *m;
     MbLoadOptions o = {.threads = 2};
@@ -92,26 +75,13 @@ static void dpo_cmd(char *cmd, size_t n, const char *out, const char *extra) {
              t_medbot(), out, extra);
 }
 
-static int files_equal(const char *a, const char *b) {
-    char *x, *y;
-    size_t nx, ny;
-    if (mb_read_file(a, &x, &nx)) return 0;
-    if (mb_read_file(b, &y, &ny)) {
-        free(x);
-        return 0;
-    }
-    int eq = nx == ny && !memcmp(x, y, nx);
-    free(x), free(y);
-    return eq;
-}
-
 static void resume_after_sigkill_is_bit_identical(void) {
     static char out[1 << 16];
     char cmd[2048], a[300], b[300];
     int steps = t_sanitized() ? 60 : 200;
     char extra[128];
     snprintf(extra, sizeof extra, "--max_steps %d --save_steps 2 --logging_steps 50", steps);
-    const char *ref = tmp("uninterrupted"), *run = tmp("killed");
+    const char *ref = t_tmp("uninterrupted"), *run = t_tmp("killed");
     dpo_cmd(cmd, sizeof cmd, ref, extra);
     int rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 0, "uninterrupted run failed: %s", out);
@@ -137,17 +107,17 @@ static void resume_after_sigkill_is_bit_identical(void) {
     CHECK(rc == 0 && strstr(out, "resumed from"), "resume failed: %s", out);
     snprintf(a, sizeof a, "%s/adapter_model.safetensors", ref);
     snprintf(b, sizeof b, "%s/adapter_model.safetensors", run);
-    CHECK(files_equal(a, b), "the resumed adapter differs from the uninterrupted one");
+    CHECK(t_files_equal(a, b), "the resumed adapter differs from the uninterrupted one");
     snprintf(a, sizeof a, "%s/checkpoint-%d/optimizer.safetensors", ref, steps);
     snprintf(b, sizeof b, "%s/checkpoint-%d/optimizer.safetensors", run, steps);
-    CHECK(files_equal(a, b), "the final optimizer moments differ");
+    CHECK(t_files_equal(a, b), "the final optimizer moments differ");
     printf("    resumed run: final adapter and optimizer moments are byte-identical to the uninterrupted run\n");
 }
 
 static void corrupt_checkpoints_are_refused(void) {
     static char out[1 << 16];
     char cmd[2048], path[400], resume[2600];
-    const char *run = tmp("corrupt");
+    const char *run = t_tmp("corrupt");
     dpo_cmd(cmd, sizeof cmd, run, "--max_steps 2 --save_steps 1");
     CHECK(t_run(cmd, out, sizeof out) == 0, "%s", out);
     struct {
@@ -198,11 +168,11 @@ static void bad_data_gives_file_and_line(void) {
     };
     char path[300], cmd[1200], text[1024];
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-        snprintf(path, sizeof path, "%s", tmp("bad.jsonl"));
+        snprintf(path, sizeof path, "%s", t_tmp("bad.jsonl"));
         snprintf(text, sizeof text, "%s%s%s", good, cases[i].line, good);
         write_text(path, text);
         snprintf(cmd, sizeof cmd, "%s dpo --model " FIX "/model --data %s --output %s --max_steps 1", t_medbot(), path,
-                 tmp("badout"));
+                 t_tmp("badout"));
         int rc = t_run(cmd, out, sizeof out);
         const char *msg = strstr(out, "medbot: ");
         printf("    %-22s -> exit %d: %s", cases[i].what, rc, msg ? msg : out);
@@ -218,7 +188,7 @@ static void bad_data_gives_file_and_line(void) {
              good, good);
     write_text(path, text);
     snprintf(cmd, sizeof cmd, "%s dpo --model " FIX "/model --data %s --output %s --max_steps 1 --max_length 10",
-             t_medbot(), path, tmp("badout"));
+             t_medbot(), path, t_tmp("badout"));
     int rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 0, "skips are not errors: %s", out);
     CHECK(strstr(out, "skipped 1 pairs with an empty prompt or completion (first at line 2)"), "empty completion reported:\n%s", out);
@@ -232,7 +202,7 @@ static void bad_data_gives_file_and_line(void) {
 static void nan_loss_stops_and_keeps_the_last_checkpoint(void) {
     static char out[1 << 16];
     char cmd[2048];
-    const char *run = tmp("nan");
+    const char *run = t_tmp("nan");
     dpo_cmd(cmd, sizeof cmd, run, "--max_steps 30 --save_steps 1 --learning_rate 1e30 --max_grad_norm 0");
     int rc = t_run(cmd, out, sizeof out);
     const char *msg = strstr(out, "medbot: ");
@@ -259,14 +229,14 @@ static void nan_loss_stops_and_keeps_the_last_checkpoint(void) {
 static void reference_cache_is_keyed_and_never_stale(void) {
     static char out[1 << 16];
     char cmd[2048], cmd2[2200];
-    const char *run = tmp("refcache");
+    const char *run = t_tmp("refcache");
     dpo_cmd(cmd, sizeof cmd, run, "--max_steps 3 --precompute_ref_log_probs --lora_dropout 0");
     CHECK(t_run(cmd, out, sizeof out) == 0 && strstr(out, "computed for 12 pairs"), "first run computes:\n%s", out);
     CHECK(t_run(cmd, out, sizeof out) == 0 && strstr(out, "(cached, key"), "second run reuses:\n%s", out);
     snprintf(cmd2, sizeof cmd2, "%s --max_completion_length 12", cmd);
     CHECK(t_run(cmd2, out, sizeof out) == 0 && strstr(out, "is stale"), "other settings recompute:\n%s", out);
     /* the cached reference gives the metrics of the on-the-fly reference */
-    const char *plain = tmp("refplain");
+    const char *plain = t_tmp("refplain");
     dpo_cmd(cmd, sizeof cmd, plain, "--max_steps 3 --lora_dropout 0");
     CHECK(t_run(cmd, out, sizeof out) == 0, "%s", out);
     char a[300], b[300];
@@ -314,7 +284,7 @@ static void peft_files_round_trip(void) {
     CHECK_OK(mb_model_load(FIX "/model", &o, &m));
     MbLora *a = NULL, *b = NULL;
     CHECK_OK(mb_lora_load(m, FIX "/adapter_all", &a));
-    const char *dir = tmp("peft");
+    const char *dir = t_tmp("peft");
     CHECK_OK(mb_lora_save(a, dir, "tests/fixtures/dpo/model"));
     CHECK_OK(mb_lora_load(m, dir, &b));
     if (a && b) {
@@ -356,7 +326,7 @@ static void card_config_yaml_is_read(void) {
     snprintf(cmd, sizeof cmd,
              "%s dpo --config weights/dpo_card.yaml --load_in_4bit false --model " FIX "/model --data " FIX "/data.jsonl "
              "--output %s --max_steps 1 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --threads 1",
-             t_medbot(), tmp("yaml"));
+             t_medbot(), t_tmp("yaml"));
     int rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 0, "%s", out);
     CHECK(strstr(out, "LoRA r=64 alpha=8 on q_proj k_proj"), "r, lora_alpha, target_modules from the card:\n%s", out);
@@ -364,10 +334,10 @@ static void card_config_yaml_is_read(void) {
           "the card's optimisation settings, command line winning:\n%s", out);
     CHECK(strstr(out, "note: effective_batch_size 256"), "effective_batch_size noted");
     /* an unknown key is an error with file and line */
-    const char *y = tmp("bad.yaml");
+    const char *y = t_tmp("bad.yaml");
     write_text(y, "beta: 0.1\nfrobnicate: 3 # what\n");
     snprintf(cmd, sizeof cmd, "%s dpo --config %s --model " FIX "/model --data " FIX "/data.jsonl --output %s",
-             t_medbot(), y, tmp("yaml2"));
+             t_medbot(), y, t_tmp("yaml2"));
     rc = t_run(cmd, out, sizeof out);
     CHECK(rc > 0 && strstr(out, "bad.yaml:2: unknown setting 'frobnicate'"), "%s", out);
 }

@@ -41,22 +41,6 @@ static float *rnd(size_t n, float scale) {
     return x;
 }
 
-/* host fp32 -> device bf16 activation buffer (allocated) */
-static void *up_act(MbOps *g, const float *h, size_t n) {
-    void *d = g->alloc(g, n * 2);
-    uint16_t *b = mb_malloc(n * 2 + 2);
-    mb_convert_from_f32(MB_DT_BF16, h, b, n);
-    g->from_host(g, d, b, n * 2);
-    free(b);
-    return d;
-}
-
-static void *up_f32(MbOps *g, const float *h, size_t n) {
-    void *d = g->alloc(g, n * 4);
-    g->from_host(g, d, h, n * 4);
-    return d;
-}
-
 static float *down_act(MbOps *g, const void *d, size_t n) {
     uint16_t *b = mb_malloc(n * 2 + 2);
     float *h = mb_malloc(n * 4 + 4);
@@ -147,8 +131,8 @@ static void check_matmul(const char *kind, MbDtype dt, MbDtype nf4, size_t N, si
     MbWeight w;
     make_weight(&w, O, I, dt, nf4, 0.05f);
     float *x = rnd(N * I, 1.0f), *dy = rnd(N * O, 1.0f), *ref = mb_malloc(N * O * 4), *dref = rnd(N * I, 1.0f);
-    void *dx = up_act(gpu, x, N * I), *dout = gpu->alloc(gpu, N * O * 2), *ddy = up_act(gpu, dy, N * O);
-    void *ddin = up_act(gpu, dref, N * I); /* accumulate onto these values */
+    void *dx = t_up_bf16(gpu, x, N * I), *dout = gpu->alloc(gpu, N * O * 2), *ddy = t_up_bf16(gpu, dy, N * O);
+    void *ddin = t_up_bf16(gpu, dref, N * I); /* accumulate onto these values */
     char what[160];
     cpu->matmul_forward(cpu, ref, x, &w, N);
     gpu->matmul_forward(gpu, dout, dx, &w, N);
@@ -203,8 +187,8 @@ static void norms_rope_elementwise(void) {
     make_weight(&w, 1, C, MB_DT_BF16, MB_DT_COUNT, 1.0f);
     float *x = rnd(N * C, 2.0f), *dy = rnd(N * C, 1.0f), *out = mb_malloc(N * C * 4), *rstd = mb_malloc(N * 4);
     float *dx = rnd(N * C, 1.0f);
-    void *gx = up_act(gpu, x, N * C), *gout = gpu->alloc(gpu, N * C * 2), *grstd = gpu->alloc(gpu, N * 4);
-    void *gdy = up_act(gpu, dy, N * C), *gdx = up_act(gpu, dx, N * C);
+    void *gx = t_up_bf16(gpu, x, N * C), *gout = gpu->alloc(gpu, N * C * 2), *grstd = gpu->alloc(gpu, N * 4);
+    void *gdy = t_up_bf16(gpu, dy, N * C), *gdx = t_up_bf16(gpu, dx, N * C);
     cpu->rmsnorm_forward(cpu, out, rstd, x, &w, N, 1e-5f);
     gpu->rmsnorm_forward(gpu, gout, grstd, gx, &w, N, 1e-5f);
     cmp_act("rmsnorm_forward out", gpu, gout, out, N * C);
@@ -218,7 +202,7 @@ static void norms_rope_elementwise(void) {
     /* swiglu, add, dropout on the same buffers */
     size_t n = N * C;
     float *b = rnd(n, 3.0f);
-    void *gb = up_act(gpu, b, n);
+    void *gb = t_up_bf16(gpu, b, n);
     cpu->swiglu_forward(cpu, out, x, b, n);
     gpu->swiglu_forward(gpu, gout, gx, gb, n);
     cmp_act("swiglu_forward", gpu, gout, out, n);
@@ -267,7 +251,7 @@ static void rope_and_kv_store(void) {
     rope_inv_freq(&c, inv);
     for (int pos0 = 0; pos0 <= 37; pos0 += 37) {
         float *x = rnd(n, 1.0f);
-        void *gx = up_act(gpu, x, n);
+        void *gx = t_up_bf16(gpu, x, n);
         char what[96];
         cpu->rope_forward(cpu, x, inv, B, T, pos0, nh, D);
         gpu->rope_forward(gpu, gx, inv, B, T, pos0, nh, D);
@@ -280,7 +264,7 @@ static void rope_and_kv_store(void) {
         /* kv_store of the (B, T, nh*D) rows into a (B, S, nh*D) cache at pos0 */
         size_t nc = (size_t)B * S * nh * D;
         float *cache = rnd(nc, 1.0f);
-        void *gc = up_act(gpu, cache, nc);
+        void *gc = t_up_bf16(gpu, cache, nc);
         cpu->kv_store(cpu, cache, x, B, T, S, pos0, nh * D);
         gpu->kv_store(gpu, gc, gx, B, T, S, pos0, nh * D);
         snprintf(what, sizeof what, "kv_store pos0 %d", pos0);
@@ -295,7 +279,7 @@ static void check_attention(MbOps *g, const char *what, int B, int T, int S, int
     size_t nq = (size_t)B * T * H * D, nk = (size_t)B * S * K * D;
     float *q = rnd(nq, 1.0f), *k = rnd(nk, 1.0f), *v = rnd(nk, 1.0f), *out = mb_malloc(nq * 4);
     float *lse = mb_malloc((size_t)B * H * T * 4);
-    void *gq = up_act(g, q, nq), *gk = up_act(g, k, nk), *gv = up_act(g, v, nk), *go = g->alloc(g, nq * 2);
+    void *gq = t_up_bf16(g, q, nq), *gk = t_up_bf16(g, k, nk), *gv = t_up_bf16(g, v, nk), *go = g->alloc(g, nq * 2);
     void *gl = g->alloc(g, (size_t)B * H * T * 4);
     cpu->attention_forward(cpu, out, lse, q, k, v, lens, B, T, S, pos0, H, K, D);
     g->attention_forward(g, go, gl, gq, gk, gv, lens, B, T, S, pos0, H, K, D);
@@ -316,8 +300,8 @@ static void check_attention_backward(MbOps *g, const char *what, int B, int T, i
     cpu->attention_forward(cpu, out, lse, q, k, v, lens, B, T, T, 0, H, K, D);
     for (size_t i = 0; i < nq; i++) out[i] = bf16_to_f32(f32_to_bf16(out[i])); /* what both see */
     cpu->attention_backward(cpu, dq, dk, dv, dout, q, k, v, out, lse, lens, B, T, H, K, D);
-    void *gq = up_act(g, q, nq), *gk = up_act(g, k, nk), *gv = up_act(g, v, nk), *go = up_act(g, out, nq);
-    void *gdo = up_act(g, dout, nq), *gl = up_f32(g, lse, (size_t)B * H * T);
+    void *gq = t_up_bf16(g, q, nq), *gk = t_up_bf16(g, k, nk), *gv = t_up_bf16(g, v, nk), *go = t_up_bf16(g, out, nq);
+    void *gdo = t_up_bf16(g, dout, nq), *gl = t_up_f32(g, lse, (size_t)B * H * T);
     void *gdq = g->alloc(g, nq * 2), *gdk = g->alloc(g, nk * 2), *gdv = g->alloc(g, nk * 2);
     g->attention_backward(g, gdq, gdk, gdv, gdo, gq, gk, gv, go, gl, lens, B, T, H, K, D);
     char w[160];
@@ -369,18 +353,18 @@ static void lora_ops(void) {
     float *x = rnd(N * I, 1.0f), *out = rnd(N * O, 1.0f), *u = mb_malloc(N * R * 4), *a = rnd(R * I, 0.1f);
     float *bm = rnd(O * R, 0.1f), *dout = rnd(N * O, 1.0f), *dx = rnd(N * I, 1.0f), *dA = rnd(R * I, 0.1f), *dB = rnd(O * R, 0.1f);
     MbWeight A = {MB_DT_F32, R, I, a, NULL}, Bw = {MB_DT_F32, O, R, bm, NULL};
-    void *ga = up_f32(gpu, a, R * I), *gb = up_f32(gpu, bm, O * R);
+    void *ga = t_up_f32(gpu, a, R * I), *gb = t_up_f32(gpu, bm, O * R);
     MbWeight gA = {MB_DT_F32, R, I, ga, NULL}, gB = {MB_DT_F32, O, R, gb, NULL};
-    void *gx = up_act(gpu, x, N * I), *gout = up_act(gpu, out, N * O), *gu = gpu->alloc(gpu, N * R * 2);
+    void *gx = t_up_bf16(gpu, x, N * I), *gout = t_up_bf16(gpu, out, N * O), *gu = gpu->alloc(gpu, N * R * 2);
     cpu->lora_forward(cpu, out, u, x, &A, &Bw, N, scale);
     gpu->lora_forward(gpu, gout, gu, gx, &gA, &gB, N, scale);
     cmp_act("lora_forward out += scale B A x", gpu, gout, out, N * O);
     cmp_act("lora_forward u = A x", gpu, gu, u, N * R);
     for (size_t i = 0; i < N * R; i++) u[i] = bf16_to_f32(f32_to_bf16(u[i])); /* the saved u, as both hold it */
-    void *gdo = up_act(gpu, dout, N * O), *gdx = up_act(gpu, dx, N * I), *gdA = up_f32(gpu, dA, R * I);
-    void *gdB = up_f32(gpu, dB, O * R);
+    void *gdo = t_up_bf16(gpu, dout, N * O), *gdx = t_up_bf16(gpu, dx, N * I), *gdA = t_up_f32(gpu, dA, R * I);
+    void *gdB = t_up_f32(gpu, dB, O * R);
     gpu->free(gpu, gu);
-    gu = up_act(gpu, u, N * R);
+    gu = t_up_bf16(gpu, u, N * R);
     cpu->lora_backward(cpu, dx, dA, dB, dout, x, u, &A, &Bw, N, scale);
     gpu->lora_backward(gpu, gdx, gdA, gdB, gdo, gx, gu, &gA, &gB, N, scale);
     cmp_act("lora_backward dx +=", gpu, gdx, dx, N * I);
@@ -407,8 +391,8 @@ static void fused_logprob(void) {
     for (size_t i = 0; i < M; i++) tg[i] = (int32_t)(mb_rng_u64(&rng) % V);
     cpu->logprob_forward(cpu, lp, lse, ls, x, &w, tg, M);
     cpu->logprob_backward(cpu, dx, gr, x, &w, tg, lse, M);
-    void *gx = up_act(gpu, x, M * C), *glp = gpu->alloc(gpu, M * 4), *glse = gpu->alloc(gpu, M * 4);
-    void *gls = gpu->alloc(gpu, M * 4), *ggr = up_f32(gpu, gr, M), *gdx = gpu->alloc(gpu, M * C * 2);
+    void *gx = t_up_bf16(gpu, x, M * C), *glp = gpu->alloc(gpu, M * 4), *glse = gpu->alloc(gpu, M * 4);
+    void *gls = gpu->alloc(gpu, M * 4), *ggr = t_up_f32(gpu, gr, M), *gdx = gpu->alloc(gpu, M * C * 2);
     size_t chunks[][2] = {{512, 32768}, {64, 1024}}; /* one chunk; several rows x vocabulary chunks */
     for (int c = 0; c < 2; c++) {
         g->lp_rows = chunks[c][0], g->lp_vocab = chunks[c][1];
@@ -436,7 +420,7 @@ static void optimizer_state(void) {
     size_t n = 1000003;
     float *p = rnd(n, 1.0f), *gr = rnd(n, 1.0f), *m = rnd(n, 0.1f), *v = rnd(n, 0.1f);
     for (size_t i = 0; i < n; i++) v[i] = fabsf(v[i]);
-    void *gp = up_f32(gpu, p, n), *gg = up_f32(gpu, gr, n), *gm = up_f32(gpu, m, n), *gv = up_f32(gpu, v, n);
+    void *gp = t_up_f32(gpu, p, n), *gg = t_up_f32(gpu, gr, n), *gm = t_up_f32(gpu, m, n), *gv = t_up_f32(gpu, v, n);
     double sc = cpu->sumsq(cpu, gr, n), sg = gpu->sumsq(gpu, gg, n);
     printf("    sumsq: gpu %.10g cpu %.10g\n", sg, sc);
     CHECK(fabs(sg - sc) <= F32_TOL * sc, "sumsq differs: %.10g vs %.10g", sg, sc);
