@@ -428,7 +428,7 @@ static void invalid_utf8_encodes_byte_by_byte(void) {
     }
     /* decode of such ids shows U+FFFD where a display needs one */
     int32_t ids[2] = {t->byte_id[0xff], t->byte_id['a']};
-    char *dec;
+    char *dec = NULL;
     size_t dl;
     CHECK_OK(mb_tokenizer_decode(t, ids, 2, 0, &dec, &dl));
     CHECK(dl == 4 && !memcmp(dec, "\xEF\xBF\xBD" "a", 4), "decode of FF 'a'");
