@@ -195,7 +195,8 @@ static MbStatus mb_rmdir_r(const char *path) {
     while (!rc && (e = readdir(d))) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         char *p = mb_path_join(path, e->d_name);
-        if (mb_is_dir(p)) rc = mb_rmdir_r(p);
+        struct stat sb; /* lstat: a link to a folder is removed, never followed */
+        if (lstat(p, &sb) == 0 && S_ISDIR(sb.st_mode)) rc = mb_rmdir_r(p);
         else if (remove(p) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", p, strerror(errno));
         free(p);
     }
@@ -204,10 +205,22 @@ static MbStatus mb_rmdir_r(const char *path) {
     return rc;
 }
 
-/* Reads a whole file into a NUL-terminated buffer. */
-static MbStatus mb_read_file(const char *path, char **out, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+/* What a path is when it is not a regular file ("a folder", "a FIFO (named pipe)", ...), NULL
+ * for a regular file; *err gets errno when stat fails (a missing file, a symbolic link loop). */
+static const char *mb_path_kind(const char *path, int *err) {
+    struct stat sb;
+    *err = 0;
+    if (stat(path, &sb) != 0) return *err = errno, "missing";
+    if (S_ISREG(sb.st_mode)) return NULL;
+    if (S_ISDIR(sb.st_mode)) return "a folder";
+    if (S_ISFIFO(sb.st_mode)) return "a FIFO (named pipe)";
+    if (S_ISSOCK(sb.st_mode)) return "a socket";
+    if (S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode)) return "a device";
+    return "not a regular file";
+}
+
+/* Reads all of f into a NUL-terminated buffer; name for messages. */
+static MbStatus mb_read_all(FILE *f, const char *name, char **out, size_t *len) {
     char *buf = NULL;
     size_t n = 0, cap = 0;
     for (;;) {
@@ -216,8 +229,7 @@ static MbStatus mb_read_file(const char *path, char **out, size_t *len) {
             char *nb = realloc(buf, cap + 1);
             if (!nb) {
                 free(buf);
-                fclose(f);
-                return mb_fail(MB_ERR_OOM, "%s: out of memory reading the file", path);
+                return mb_fail(MB_ERR_OOM, "%s: out of memory reading the file", name);
             }
             buf = nb;
         }
@@ -225,16 +237,38 @@ static MbStatus mb_read_file(const char *path, char **out, size_t *len) {
         n += got;
         if (got == 0) break;
     }
-    int err = ferror(f);
-    fclose(f);
-    if (err) {
+    if (ferror(f)) {
+        int e = errno;
         free(buf);
-        return mb_fail(MB_ERR_IO, "%s: read error", path);
+        return mb_fail(MB_ERR_IO, "%s: read error: %s", name, strerror(e));
     }
     buf[n] = 0;
     *out = buf;
     if (len) *len = n;
     return MB_OK;
+}
+
+/* Reads a whole regular file into a NUL-terminated buffer. A folder, a FIFO, a device or a
+ * symbolic link loop is named as such (a FIFO would block, a folder reads as an error). */
+static MbStatus mb_read_file(const char *path, char **out, size_t *len) {
+    int err;
+    const char *kind = mb_path_kind(path, &err);
+    if (err == ELOOP) return mb_fail(MB_ERR_IO, "%s: a loop of symbolic links --> point it at a real file", path);
+    if (err) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(err));
+    if (kind)
+        return mb_fail(MB_ERR_IO, "%s: is %s, not a regular file --> give the path of a file%s", path, kind,
+                       !strcmp(kind, "a folder") ? " in it" : " (save the data to a file first)");
+    FILE *f = fopen(path, "rb");
+    if (!f) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    MbStatus rc = mb_read_all(f, path, out, len);
+    fclose(f);
+    return rc;
+}
+
+/* 1 when a and b name the same existing file or folder (links and other spellings included). */
+static int mb_same_file(const char *a, const char *b) {
+    struct stat x, y;
+    return stat(a, &x) == 0 && stat(b, &y) == 0 && x.st_dev == y.st_dev && x.st_ino == y.st_ino;
 }
 
 /* A file being written: data goes to "PATH.tmp.PID" and becomes PATH only on mb_wfile_commit,
@@ -298,6 +332,89 @@ static MbStatus mb_write_file(const char *path, const void *data, size_t n) {
     return mb_wfile_commit(&w);
 }
 
+/* A temporary file or folder of a killed writer: NAME.tmp.PID (or a checkpoint moved aside,
+ * NAME.old.PID) whose process is gone (or is us). */
+static int stale_temporary(const char *name) {
+    const char *t = strstr(name, ".tmp.");
+    if (!t) t = strstr(name, ".old.");
+    if (!t) return 0;
+    char *end;
+    long pid = strtol(t + 5, &end, 10);
+    if (*end || pid <= 0 || strchr(t + 5, '.')) return 0;
+    return pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH);
+}
+
+/* Removes from dir what killed writers left (stale_temporary); files and folders alike. */
+static MbStatus mb_remove_stale(const char *dir) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    MbStatus rc = MB_OK;
+    while (d && !rc && (e = readdir(d))) {
+        if (!stale_temporary(e->d_name)) continue;
+        char *p = mb_path_join(dir, e->d_name);
+        if (mb_is_dir(p)) rc = mb_rmdir_r(p);
+        else if (remove(p) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", p, strerror(errno));
+        free(p);
+    }
+    if (d) closedir(d);
+    return rc;
+}
+
+static MbStatus mb_copy_file(const char *from, const char *to) {
+    char *text;
+    size_t n;
+    MbStatus rc = mb_read_file(from, &text, &n);
+    if (!rc) rc = mb_write_file(to, text, n);
+    free(text);
+    return rc;
+}
+
+/* Creates the folder path and any missing parents (mkdir -p, as save_pretrained does). The
+ * folders it made are appended to *made (stb_ds array of malloc'd paths, outermost first), so
+ * that a failed command can remove what it created (mb_undo_mkdirs). */
+static MbStatus mb_mkdir_p(const char *path, char ***made) {
+    if (mb_is_dir(path)) return MB_OK;
+    char *parent = mb_path_dirname(path);
+    MbStatus rc = strcmp(parent, path) && strcmp(parent, ".") ? mb_mkdir_p(parent, made) : MB_OK;
+    free(parent);
+    if (rc) return rc;
+    if (mkdir(path, 0755) != 0 && !(errno == EEXIST && mb_is_dir(path)))
+        return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", path, strerror(errno));
+    if (made) arrput(*made, mb_strdup(path));
+    return MB_OK;
+}
+
+/* Refuses to let a command write over its own inputs: fails when the output folder `out` is
+ * one of the inputs (files or folders; NULL entries are skipped) or would receive a file (one of
+ * `names`, NULL-terminated) that is an input. */
+static MbStatus mb_guard_output(const char *cmd, const char *out, const char *const *inputs, size_t n_inputs,
+                                const char *const *names) {
+    for (size_t i = 0; i < n_inputs; i++) {
+        if (!inputs[i]) continue;
+        if (mb_same_file(inputs[i], out))
+            return mb_fail(MB_ERR_ARG, "%s: --output %s is the input %s: it would be written over --> choose "
+                           "another --output folder", cmd, out, inputs[i]);
+        for (const char *const *nm = names; *nm; nm++) {
+            char *dst = mb_path_join(out, *nm);
+            int same = mb_same_file(inputs[i], dst);
+            free(dst);
+            if (same)
+                return mb_fail(MB_ERR_ARG, "%s: --output %s would write %s over the input %s --> choose another "
+                               "--output folder", cmd, out, *nm, inputs[i]);
+        }
+    }
+    return MB_OK;
+}
+
+/* Removes the folders mb_mkdir_p made (innermost first) and frees the list; with keep, frees it only. */
+static void mb_undo_mkdirs(char ***made, int keep) {
+    for (ptrdiff_t i = arrlen(*made) - 1; i >= 0; i--) {
+        if (!keep) mb_rmdir_r((*made)[i]);
+        free((*made)[i]);
+    }
+    arrfree(*made);
+}
+
 /* ---- memory-mapped files (read-only) ---- */
 
 typedef struct {
@@ -308,6 +425,10 @@ typedef struct {
 
 static MbStatus mb_map_file(const char *path, MbMap *m) {
     memset(m, 0, sizeof *m);
+    int err;
+    const char *kind = mb_path_kind(path, &err); /* a FIFO would block open() */
+    if (err == ELOOP) return mb_fail(MB_ERR_IO, "%s: a loop of symbolic links --> point it at a real file", path);
+    if (!err && kind) return mb_fail(MB_ERR_IO, "%s: is %s, not a regular file", path, kind);
     int fd = open(path, O_RDONLY);
     if (fd < 0) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;
@@ -802,6 +923,29 @@ static void sb_json_string(char **sb, const char *s, size_t n) {
     sb_printf(sb, "\"");
 }
 
+/* Writes v (of doc d, parsed from src) as JSON, objects and arrays indented two spaces per
+ * level; numbers keep their text in src. */
+static void json_write_value(char **sb, const MbJsonDoc *d, const MbJson *v, const char *src, int depth) {
+    if (v->kind == MB_JSON_STRING) sb_json_string(sb, json_str(d, v), v->len);
+    else if (v->kind == MB_JSON_BOOL) sb_printf(sb, v->boolean ? "true" : "false");
+    else if (v->kind == MB_JSON_NULL) sb_printf(sb, "null");
+    else if (v->kind == MB_JSON_NUMBER) {
+        size_t k = v->at;
+        while (src[k] && strchr("+-.eE0123456789", src[k])) k++;
+        sb_printf(sb, "%.*s", (int)(k - v->at), src + v->at);
+    } else {
+        int obj = v->kind == MB_JSON_OBJECT;
+        sb_printf(sb, "%c", obj ? '{' : '[');
+        for (const MbJson *c = json_first(d, v); c; c = json_next(d, c)) {
+            sb_printf(sb, "%s\n%*s", c == json_first(d, v) ? "" : ",", 2 * (depth + 1), "");
+            if (obj) sb_json_string(sb, json_key(d, c), c->keylen), sb_printf(sb, ": ");
+            json_write_value(sb, d, c, src, depth + 1);
+        }
+        if (v->count) sb_printf(sb, "\n%*s", 2 * depth, "");
+        sb_printf(sb, "%c", obj ? '}' : ']');
+    }
+}
+
 /* ---- RNG: splitmix64 to seed, xoshiro256** to draw ---- */
 
 typedef struct {
@@ -1235,8 +1379,9 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     if (mb_is_dir(path)) {
         char *index = mb_path_join(path, "model.safetensors.index.json");
         char *single = mb_path_join(path, "model.safetensors");
+        int err;
         if (mb_is_file(index)) rc = st_add_index(st, index);
-        else if (mb_is_file(single)) rc = st_add_file(st, single);
+        else if (mb_path_kind(single, &err), !err) rc = st_add_file(st, single); /* (names a FIFO or a folder) */
         else rc = mb_fail(MB_ERR_IO, "%s: no model.safetensors or model.safetensors.index.json "
                           "--> is this a Hugging Face model folder with safetensors weights?", path);
         free(index);
@@ -1800,7 +1945,9 @@ struct MbTokenizer {
     size_t *added_lens;        /* stb_ds: the distinct lengths of added tokens, longest first */
     int ignore_merges;         /* a piece that is a vocabulary entry is not merged */
     int32_t *prefix, *suffix;  /* stb_ds: the template around a text (Llama 3: prefix <|begin_of_text|>) */
-    int32_t bos_id, eos_id;
+    int32_t bos_id, eos_id;    /* tokenizer_config.json's bos_token / eos_token, else Llama 3's */
+    int add_bos_token;         /* tokenizer(text) adds the template's tokens: tokenizer_config.json, else 1 */
+    char *config;              /* the tokenizer_config.json applied, or NULL */
 };
 
 /* A 64-bit hash of a token's bytes, bits 31 and 63 clear: stb_ds hashes 8-byte keys with
@@ -1841,6 +1988,7 @@ static MbMerge tok_merge(const MbTokenizer *t, int32_t a, int32_t b) {
 void mb_tokenizer_free(MbTokenizer *t) {
     if (!t) return;
     free(t->path);
+    free(t->config);
     arrfree(t->bytes);
     free(t->off);
     free(t->len);
@@ -1956,6 +2104,7 @@ static MbStatus tok_finish(MbTokenizer *t) {
     }
     t->bos_id = arrlen(t->prefix) ? t->prefix[0] : mb_tokenizer_token_id(t, "<|begin_of_text|>");
     t->eos_id = mb_tokenizer_token_id(t, "<|end_of_text|>");
+    t->add_bos_token = 1;
     return MB_OK;
 }
 
@@ -2343,29 +2492,111 @@ static MbStatus tok_from_text(const char *name, const char *text, size_t n, MbTo
     return MB_OK;
 }
 
+/* The tokenizer file of a folder (tokenizer.json, else tokenizer.model; malloc'd), or NULL. */
+static char *tokenizer_in(const char *dir) {
+    const char *names[2] = {"tokenizer.json", "tokenizer.model"};
+    for (int i = 0; i < 2; i++) {
+        char *f = mb_path_join(dir, names[i]);
+        if (mb_is_file(f)) return f;
+        free(f);
+    }
+    return NULL;
+}
+
 MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out) {
     char *file = NULL, *text = NULL;
     size_t n;
     *out = NULL;
     if (mb_is_dir(path)) {
-        file = mb_path_join(path, "tokenizer.json");
-        if (!mb_is_file(file)) {
-            free(file);
-            file = mb_path_join(path, "tokenizer.model");
-        }
-        if (!mb_is_file(file)) {
-            free(file);
+        if (!(file = tokenizer_in(path)))
             return mb_fail(MB_ERR_IO, "%s: no tokenizer.json or tokenizer.model in this folder", path);
-        }
     } else {
         file = mb_strdup(path);
     }
     MbStatus st = mb_read_file(file, &text, &n);
     if (!st) st = tok_from_text(file, text, n, out);
     free(text);
-    free(file);
+    /* tokenizer_config.json beside the tokenizer names its bos/eos, as AutoTokenizer reads it */
+    char *dir = mb_is_dir(path) ? mb_strdup(path) : mb_path_dirname(file), *cfg = mb_path_join(dir, "tokenizer_config.json");
+    if (!st && mb_is_file(cfg)) st = mb_tokenizer_load_config(*out, cfg);
+    if (st && *out) mb_tokenizer_free(*out), *out = NULL;
+    free(cfg), free(dir), free(file);
     return st;
 }
+
+/* A special token of tokenizer_config.json: its text (a string, or an AddedToken object's
+ * "content"), "" for null, NULL when the key is absent. */
+static const char *tokcfg_token(const MbJsonDoc *d, const MbJson *root, const char *key, int *bad) {
+    const MbJson *v = json_get(d, root, key);
+    if (v && v->kind == MB_JSON_OBJECT) v = json_get(d, v, "content");
+    if (!v) return NULL;
+    if (v->kind == MB_JSON_NULL) return "";
+    if (v->kind != MB_JSON_STRING) *bad = 1;
+    return v->kind == MB_JSON_STRING ? json_str(d, v) : NULL;
+}
+
+MbStatus mb_tokenizer_load_config(MbTokenizer *t, const char *path) {
+    char *text;
+    size_t n;
+    MbJsonDoc d;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    rc = json_parse(path, text, n, &d);
+    free(text);
+    if (rc) return rc;
+    /* add_bos_token counts only for the classes that build their template from it (Llama's); the
+     * plain PreTrainedTokenizerFast of Llama 3 keeps tokenizer.json's template whatever it says */
+    const MbJson *root = json_root(&d), *add = json_get(&d, root, "add_bos_token"), *cls = json_get(&d, root, "tokenizer_class");
+    int llama_class = json_is(&d, cls, "LlamaTokenizerFast") || json_is(&d, cls, "LlamaTokenizer");
+    const char *keys[2] = {"bos_token", "eos_token"};
+    int32_t ids[2] = {t->bos_id, t->eos_id};
+    for (int k = 0; k < 2 && !rc; k++) {
+        int bad = root->kind != MB_JSON_OBJECT;
+        const char *name = tokcfg_token(&d, root, keys[k], &bad);
+        if (bad) rc = mb_fail(MB_ERR_FORMAT, "%s: %s must be a string or {\"content\": ...}", path, keys[k]);
+        else if (name && !name[0]) ids[k] = -1;
+        else if (name && (ids[k] = mb_tokenizer_token_id(t, name)) < 0)
+            rc = mb_fail(MB_ERR_FORMAT, "%s: %s \"%.80s\" is not a token of %s --> the config belongs to another "
+                         "tokenizer", path, keys[k], name, t->path);
+    }
+    if (!rc && add && add->kind != MB_JSON_BOOL && add->kind != MB_JSON_NULL)
+        rc = mb_fail(MB_ERR_FORMAT, "%s: add_bos_token must be true or false", path);
+    if (!rc) {
+        t->bos_id = ids[0], t->eos_id = ids[1];
+        if (add && add->kind == MB_JSON_BOOL && llama_class) t->add_bos_token = add->boolean;
+        free(t->config);
+        t->config = mb_strdup(path);
+    }
+    json_free(&d);
+    return rc;
+}
+
+const char *mb_tokenizer_config_path(const MbTokenizer *t) { return t->config; }
+
+/* Copies the files t was loaded from into dir, as save_pretrained leaves a tokenizer: its file
+ * as tokenizer.json or tokenizer.model, the tokenizer_config.json it applied and the
+ * special_tokens_map.json beside that. A file that already is the destination is left alone. */
+static MbStatus tokenizer_copy_files(const MbTokenizer *t, const char *dir) {
+    char *text = NULL, *cfg_dir = t->config ? mb_path_dirname(t->config) : NULL;
+    size_t n;
+    MbStatus rc = mb_read_file(t->path, &text, &n);
+    size_t i = 0;
+    while (!rc && i < n && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
+    const char *src[3] = {t->path, t->config, NULL}, *dst[3] = {i < n && text[i] == '{' ? "tokenizer.json" : "tokenizer.model",
+                                                                "tokenizer_config.json", "special_tokens_map.json"};
+    char *map = cfg_dir ? mb_path_join(cfg_dir, "special_tokens_map.json") : NULL;
+    if (map && mb_is_file(map)) src[2] = map;
+    free(text);
+    for (int k = 0; k < 3 && !rc; k++) {
+        if (!src[k]) continue;
+        char *to = mb_path_join(dir, dst[k]);
+        if (!mb_same_file(src[k], to)) rc = mb_copy_file(src[k], to);
+        free(to);
+    }
+    free(map), free(cfg_dir);
+    return rc;
+}
+int mb_tokenizer_add_bos(const MbTokenizer *t) { return t->add_bos_token; }
 
 size_t mb_tokenizer_vocab_size(const MbTokenizer *t) { return t->n_vocab; }
 int32_t mb_tokenizer_bos_id(const MbTokenizer *t) { return t->bos_id; }
@@ -3009,6 +3240,50 @@ static MbStatus weight_from_tensor(const MbTensorInfo *t, size_t rows, size_t co
     return MB_OK;
 }
 
+/* The index of the first NaN or inf among the n values of a F32, F16 or BF16 tensor (its
+ * exponent bits all ones), or SIZE_MAX: an integer scan of the bytes, chunk by chunk. */
+static size_t tensor_first_nonfinite(MbDtype dt, const void *data, size_t n) {
+    size_t es = mb_dtype_size(dt), chunk = 4096;
+    uint32_t mask = dt == MB_DT_F32 ? 0x7f800000u : dt == MB_DT_BF16 ? 0x7f80u : 0x7c00u;
+    const unsigned char *p = data;
+    for (size_t i0 = 0; i0 < n; i0 += chunk) {
+        size_t m = MB_MIN(chunk, n - i0);
+        int any = 0;
+        if (es == 4)
+            for (size_t i = 0; i < m; i++) {
+                uint32_t v;
+                memcpy(&v, p + (i0 + i) * 4, 4);
+                any |= (v & mask) == mask;
+            }
+        else
+            for (size_t i = 0; i < m; i++) {
+                uint16_t v;
+                memcpy(&v, p + (i0 + i) * 2, 2);
+                any |= (v & mask) == mask;
+            }
+        if (!any) continue;
+        for (size_t i = 0; i < m; i++) { /* the chunk that has one: where */
+            uint32_t v = 0;
+            memcpy(&v, p + (i0 + i) * es, es);
+            if ((v & mask) == mask) return i0 + i;
+        }
+    }
+    return SIZE_MAX;
+}
+
+/* A frozen weight with NaN or inf would make every loss NaN: named at load, with the file. */
+static MbStatus tensor_check_finite(const MbTensorInfo *t, const char *file) {
+    if (t->dtype != MB_DT_F32 && t->dtype != MB_DT_F16 && t->dtype != MB_DT_BF16) return MB_OK;
+    size_t i = tensor_first_nonfinite(t->dtype, t->data, t->numel);
+    if (i == SIZE_MAX) return MB_OK;
+    float x;
+    mb_convert_to_f32(t->dtype, (const unsigned char *)t->data + i * mb_dtype_size(t->dtype), &x, 1);
+    size_t cols = t->ndim == 2 ? t->shape[1] : t->numel;
+    return mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' holds %s at [%zu, %zu] --> the file is damaged (a NaN or inf "
+                   "weight makes every output NaN): export or download it again", file, t->name,
+                   isnan(x) ? "NaN" : "inf", i / cols, i % cols);
+}
+
 static void weight_free(MbWeight *w) {
     free(w->owned);
     memset(w, 0, sizeof *w);
@@ -3245,7 +3520,9 @@ static MbStatus weight_from_bnb(const MbSafetensors *st, const MbTensorInfo *t, 
     }
     snprintf(key, sizeof key, "%s.nested_absmax", t->name);
     if (!mb_safetensors_find(st, key) && !json_get(&doc, root, "nested_offset")) { /* no double quant */
-        if ((rc = bnb_tensor(st, t, ".absmax", MB_DT_F32, q.nblocks, why, &absmax))) goto done;
+        if ((rc = bnb_tensor(st, t, ".absmax", MB_DT_F32, q.nblocks, why, &absmax)) ||
+            (rc = tensor_check_finite(absmax, absmax->file)))
+            goto done;
         q.absmax = absmax->data;
     } else {
         double off;
@@ -3262,8 +3539,13 @@ static MbStatus weight_from_bnb(const MbSafetensors *st, const MbTensorInfo *t, 
         snprintf(why2, sizeof why2, "%zu absmax codes in blocks of %zu", q.nblocks, nested_bs);
         if ((rc = bnb_tensor(st, t, ".absmax", MB_DT_U8, q.nblocks, why, &absmax)) ||
             (rc = bnb_tensor(st, t, ".nested_absmax", MB_DT_F32, ns, why2, &nested)) ||
-            (rc = bnb_tensor(st, t, ".nested_quant_map", MB_DT_F32, 256, "the 8-bit map", &nmap)))
+            (rc = bnb_tensor(st, t, ".nested_quant_map", MB_DT_F32, 256, "the 8-bit map", &nmap)) ||
+            (rc = tensor_check_finite(nested, nested->file)) || (rc = tensor_check_finite(nmap, nmap->file)))
             goto done;
+        if (!isfinite(off)) {
+            rc = mb_fail(MB_ERR_FORMAT, "%s: nested_offset is not a finite number", where);
+            goto done;
+        }
         q.absmax_q = absmax->data;
         q.nested_absmax = nested->data;
         q.nested_blocksize = nested_bs;
@@ -4363,7 +4645,8 @@ static MbStatus model_weight(MbModel *m, const char *dir, const char *name, size
     if (!t)
         return mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing from the checkpoint --> does "
                        "config.json match the weights?", dir, name);
-    return weight_from_tensor(t, rows, cols, w);
+    MbStatus rc = weight_from_tensor(t, rows, cols, w);
+    return rc ? rc : tensor_check_finite(t, t->file);
 }
 
 /* A linear projection: NF4 as bitsandbytes saved it, or dense and, with load_in_4bit, quantized
@@ -4490,9 +4773,12 @@ static void model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t see
 
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
     *out = NULL;
+    int err;
+    const char *kind = mb_path_kind(dir, &err);
+    if (err == ELOOP) return mb_fail(MB_ERR_IO, "%s: a loop of symbolic links --> pass a model folder", dir);
     if (!mb_is_dir(dir))
-        return mb_fail(MB_ERR_IO, "%s: no such folder --> pass a Hugging Face model folder "
-                       "(config.json + *.safetensors)", dir);
+        return mb_fail(MB_ERR_IO, "%s: %s --> pass a Hugging Face model folder (config.json + *.safetensors)", dir,
+                       err ? "no such folder" : !kind ? "is a file, not a folder" : "is not a folder");
     MbModel *m = mb_calloc(1, sizeof *m);
     char *cfg_path = mb_path_join(dir, "config.json");
     char cfg_compute[32];
@@ -4819,23 +5105,36 @@ static void model_backward_rows(MbModel *m, const float *g) {
     }
 }
 
+static MbStatus init_random_weights(const MbConfig *c, const char *outdir, uint64_t seed, MbDtype dt, double std);
+
 /* Writes a model folder with random weights (transformers' init: normal(0, std) for linear and
- * embedding weights, ones for norms) for the config at cfg_path. */
+ * embedding weights, ones for norms) for the config at cfg_path; the folder is made with its
+ * parents, and a failure leaves nothing it made. */
 MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t seed, MbDtype dt,
                                   double std) {
     MbConfig c;
     MbStatus rc = mb_config_load(cfg_path, &c);
     if (rc) return rc;
-    if (!mb_is_dir(outdir))
-        return mb_fail(MB_ERR_IO, "%s: output folder does not exist", outdir);
-    char *text;
-    size_t tn;
-    if ((rc = mb_read_file(cfg_path, &text, &tn))) return rc;
+    if (!(std > 0) || !isfinite(std)) return mb_fail(MB_ERR_ARG, "init: std must be a positive number, got %g", std);
+    const char *written[] = {"model.safetensors", NULL}; /* and config.json, unless it is the input */
+    if ((rc = mb_guard_output("init", outdir, &cfg_path, 1, written))) return rc;
+    char **made = NULL;
     char *cfg_out = mb_path_join(outdir, "config.json");
-    if (strcmp(cfg_out, cfg_path)) rc = mb_write_file(cfg_out, text, tn);
+    int new_cfg = !mb_same_file(cfg_out, cfg_path), had_cfg = mb_is_file(cfg_out);
+    rc = mb_mkdir_p(outdir, &made);
+    if (!rc) rc = mb_remove_stale(outdir); /* what a killed init left */
+    if (!rc && new_cfg) rc = mb_copy_file(cfg_path, cfg_out);
+    if (!rc) rc = init_random_weights(&c, outdir, seed, dt, std);
+    if (rc && new_cfg && !had_cfg) remove(cfg_out);
+    mb_undo_mkdirs(&made, rc == MB_OK);
     free(cfg_out);
-    free(text);
-    if (rc) return rc;
+    return rc;
+}
+
+/* model.safetensors of mb_model_init_random */
+static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint64_t seed, MbDtype dt, double std) {
+    MbConfig c = *cp;
+    MbStatus rc;
     MbTensorOut *ts = NULL; /* stb_ds array */
     char **names = NULL;
     MbRng rng;
@@ -5152,6 +5451,7 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
                                  mb_dtype_name(t->dtype));
                     break;
                 }
+                if ((rc = tensor_check_finite(t, st_path))) break;
                 mb_convert_to_f32(t->dtype, t->data, (float *)lora_host_view(lo, host, w->data), t->numel);
                 found++;
             }
@@ -5282,12 +5582,48 @@ static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
     return MB_OK;
 }
 
+/* config.json of a merged model: the base's, with torch_dtype (and dtype, which newer
+ * transformers write) "bfloat16" and no quantization_config (the weights are dense bf16 now).
+ * Returns a malloc'd text. */
+static MbStatus merged_config_json(const char *path, char **out) {
+    char *text, *sb = NULL;
+    size_t n;
+    MbJsonDoc d;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (!rc) rc = json_parse(path, text, n, &d);
+    if (rc) {
+        free(text);
+        return rc;
+    }
+    const MbJson *root = json_root(&d);
+    int has_dtype = json_get(&d, root, "torch_dtype") || json_get(&d, root, "dtype"), first = 1;
+    sb_printf(&sb, "{\n");
+    for (const MbJson *v = json_first(&d, root); v; v = json_next(&d, v)) {
+        const char *k = json_key(&d, v);
+        if (!strcmp(k, "quantization_config")) continue;
+        sb_printf(&sb, "%s  ", first ? "" : ",\n");
+        first = 0;
+        sb_json_string(&sb, k, v->keylen);
+        sb_printf(&sb, ": ");
+        if (!strcmp(k, "torch_dtype") || !strcmp(k, "dtype")) sb_printf(&sb, "\"bfloat16\"");
+        else json_write_value(&sb, &d, v, text, 1);
+    }
+    if (!has_dtype) sb_printf(&sb, "%s  \"torch_dtype\": \"bfloat16\"", first ? "" : ",\n");
+    sb_printf(&sb, "\n}\n");
+    *out = mb_strdup(sb);
+    arrfree(sb);
+    json_free(&d);
+    free(text);
+    return MB_OK;
+}
+
 /* Writes OUT/model.safetensors: every weight of m in bf16, with the adapter merged into its
- * projections (fp32 math, never re-quantized), plus OUT/config.json. */
+ * projections (fp32 math, never re-quantized), OUT/config.json (dtype bfloat16) and, when the
+ * base has one, OUT/generation_config.json (the same stop ids). OUT is made with its parents. */
 MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *model_dir, const char *out_dir) {
     const MbConfig *c = &m->cfg;
-    if (!mb_is_dir(out_dir) && mkdir(out_dir, 0755) != 0)
-        return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", out_dir, strerror(errno));
+    MbStatus rc = mb_mkdir_p(out_dir, NULL);
+    if (rc) return rc;
     size_t L = (size_t)c->num_hidden_layers, n = 0, cap = L * MB_LAYER_WEIGHTS + 3;
     MbTensorOut *ts = mb_calloc(cap, sizeof *ts);
     int *layer = mb_calloc(cap, sizeof *layer), *id = mb_calloc(cap, sizeof *id);
@@ -5314,22 +5650,70 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     MergeCtx mc = {m, lo, ts, layer, id, src, host};
     char *st_path = mb_path_join(out_dir, "model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
-    MbStatus rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
+    rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
     free(st_path);
     free(host);
     for (size_t i = 0; i < n; i++) free(names[i]);
     free(names), free(ts), free(layer), free(id), free(src);
     if (rc) return rc;
-    /* config.json as it was, with torch_dtype bfloat16 */
-    char *cfg_in = mb_path_join(model_dir, "config.json"), *text;
-    size_t tn;
-    rc = mb_read_file(cfg_in, &text, &tn);
-    free(cfg_in);
+    char *cfg_in = mb_path_join(model_dir, "config.json"), *cfg_out = mb_path_join(out_dir, "config.json"), *text;
+    char *gen_in = mb_path_join(model_dir, "generation_config.json"), *gen_out = mb_path_join(out_dir, "generation_config.json");
+    if (!(rc = merged_config_json(cfg_in, &text))) {
+        rc = mb_write_file(cfg_out, text, strlen(text));
+        free(text);
+    }
+    if (!rc && mb_is_file(gen_in)) rc = mb_copy_file(gen_in, gen_out);
+    free(cfg_in), free(cfg_out), free(gen_in), free(gen_out);
+    return rc;
+}
+
+/* The files merge writes into its output folder. */
+static const char *const mb_merge_outputs[] = {"model.safetensors", "config.json", "generation_config.json",
+                                               "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                               "special_tokens_map.json", NULL};
+
+MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *tokenizer, const char *out_dir, int threads) {
+    const char *inputs[3] = {model_dir, lora_dir, tokenizer};
+    MbStatus rc = mb_guard_output("merge", out_dir, inputs, 3, mb_merge_outputs);
     if (rc) return rc;
-    char *cfg_out = mb_path_join(out_dir, "config.json");
-    rc = mb_write_file(cfg_out, text, tn);
-    free(cfg_out);
-    free(text);
+    /* the tokenizer travels with the merged model: --tokenizer, else the model's, else the adapter's */
+    char *in_model = tokenizer ? NULL : tokenizer_in(model_dir), *in_lora = tokenizer ? NULL : tokenizer_in(lora_dir);
+    const char *tok_path = tokenizer ? tokenizer : in_model ? model_dir : in_lora ? lora_dir : NULL;
+    free(in_model), free(in_lora);
+    if (!tok_path)
+        return mb_fail(MB_ERR_ARG, "merge: no tokenizer.json or tokenizer.model in %s or %s --> pass --tokenizer PATH "
+                       "so that the merged folder is complete", model_dir, lora_dir);
+    MbModel *m = NULL;
+    MbLora *lo = NULL;
+    MbTokenizer *tok = NULL;
+    char **made = NULL;
+    MbLoadOptions opt = {.threads = threads, .device = MB_DEVICE_CPU}; /* the merge is host work */
+    if (!(rc = mb_tokenizer_load(tok_path, &tok)) && !mb_tokenizer_config_path(tok)) {
+        char *cfg = mb_path_join(model_dir, "tokenizer_config.json");
+        if (mb_is_file(cfg)) rc = mb_tokenizer_load_config(tok, cfg);
+        free(cfg);
+    }
+    if (!rc) rc = mb_model_load(model_dir, &opt, &m);
+    if (!rc) rc = mb_lora_load(m, lora_dir, &lo);
+    if (!rc) rc = mb_mkdir_p(out_dir, &made);
+    if (!rc) rc = mb_remove_stale(out_dir); /* what a killed merge left */
+    int existed[sizeof mb_merge_outputs / sizeof *mb_merge_outputs] = {0};
+    for (size_t i = 0; !rc && mb_merge_outputs[i]; i++) {
+        char *p = mb_path_join(out_dir, mb_merge_outputs[i]);
+        existed[i] = mb_is_file(p);
+        free(p);
+    }
+    if (!rc) rc = mb_model_merge_save(m, lo, model_dir, out_dir);
+    if (!rc) rc = tokenizer_copy_files(tok, out_dir);
+    for (size_t i = 0; rc && !arrlen(made) && mb_merge_outputs[i]; i++) { /* a folder that was there: */
+        char *p = mb_path_join(out_dir, mb_merge_outputs[i]);            /* only the new files go */
+        if (!existed[i]) remove(p);
+        free(p);
+    }
+    mb_undo_mkdirs(&made, rc == MB_OK);
+    mb_tokenizer_free(tok);
+    mb_lora_free(lo);
+    mb_model_free(m);
     return rc;
 }
 
@@ -5706,6 +6090,9 @@ typedef struct {
     double *acc, *acc_shard; /* (n_pad), (shard): the step's gradient sum in fp64 */
     const char *model_dir, *output_dir;
     uint64_t fingerprint;    /* model + data + settings: checkpoints and the reference cache */
+    volatile sig_atomic_t *interrupt; /* MbTrainJob.interrupt */
+    char **made;             /* stb_ds: the output folders this run created (rank 0) */
+    int existed[16];         /* which of mb_run_outputs were in the output folder before the run */
 } MbTrainer;
 
 /* Runs one micro-batch of P pairs (indices into ds). Writes TRL's metrics for it; with
@@ -5930,6 +6317,7 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
     mb_rmdir_r(tmp);
     if (mkdir(tmp, 0755) != 0) return mb_fail(MB_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
     MbStatus rc = mb_lora_save(tr->lo, tmp, tr->model_dir);
+    if (!rc) rc = tokenizer_copy_files(tr->tok, tmp);
     if (!rc) {
         char *p = mb_path_join(tmp, "optimizer.safetensors");
         size_t n = tr->lo->n_params;
@@ -5949,9 +6337,18 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
         free(p);
         arrfree(j);
     }
-    if (!rc && mb_is_dir(final)) rc = mb_rmdir_r(final);
-    if (!rc && rename(tmp, final) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot rename to %s: %s", tmp, final, strerror(errno));
+    /* a checkpoint of the same step already there is moved aside first, so one of them is whole at
+     * every moment (a kill leaves at worst FINAL.old.PID, which a resume removes as stale) */
+    char old[4300];
+    snprintf(old, sizeof old, "%s.old.%ld", final, (long)getpid());
+    int aside = !rc && mb_is_dir(final);
+    if (aside && rename(final, old) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot move aside: %s", final, strerror(errno));
+    if (!rc && rename(tmp, final) != 0) {
+        rc = mb_fail(MB_ERR_IO, "%s: cannot rename to %s: %s", tmp, final, strerror(errno));
+        if (aside) rename(old, final);
+    }
     if (rc) mb_rmdir_r(tmp);
+    else if (aside) mb_rmdir_r(old);
     return rc;
 }
 
@@ -6047,7 +6444,7 @@ typedef struct {
     double epoch, lr, grad_norm, met[MET_COUNT];
 } MbLogRow;
 
-static void log_append(const MbTrainer *tr, const MbLogRow *r, const char *prefix, int eval) {
+static MbStatus log_append(const MbTrainer *tr, const MbLogRow *r, const char *prefix, int eval) {
     char *j = NULL;
     sb_printf(&j, "{\"step\": %ld, \"epoch\": %.6g", r->step, r->epoch);
     if (!eval) sb_printf(&j, ", \"learning_rate\": %.10g, \"grad_norm\": %.10g", r->lr, r->grad_norm);
@@ -6056,12 +6453,35 @@ static void log_append(const MbTrainer *tr, const MbLogRow *r, const char *prefi
     sb_printf(&j, "}\n");
     char *p = mb_path_join(tr->output_dir, "metrics.jsonl");
     FILE *f = fopen(p, "ab");
-    if (f) {
-        fputs(j, f);
-        fclose(f);
-    }
+    int ok = f && fputs(j, f) >= 0;
+    if (f && fclose(f) != 0) ok = 0;
+    MbStatus rc = ok ? MB_OK : mb_fail(MB_ERR_IO, "%s: cannot append the metrics: %s", p, strerror(errno));
     free(p);
     arrfree(j);
+    return rc;
+}
+
+/* Resuming at step: metrics.jsonl keeps the lines of steps <= step (the ones after it will be
+ * logged again) and loses a line a kill cut short. */
+static MbStatus metrics_cut(const char *out, long step) {
+    char *p = mb_path_join(out, "metrics.jsonl"), *text = NULL, *keep = NULL;
+    size_t n, at = 0;
+    int line = 0, dropped = 0;
+    MbStatus rc = mb_is_file(p) ? mb_read_file(p, &text, &n) : MB_OK;
+    const char *l;
+    size_t len;
+    while (text && !rc && jsonl_next(text, n, &at, &line, &l, &len)) {
+        MbJsonDoc d;
+        int ok = json_parse(p, l, len, &d) == MB_OK;
+        const MbJson *st = ok ? json_get(&d, json_root(&d), "step") : NULL;
+        if (st && st->kind == MB_JSON_NUMBER && st->num <= (double)step) sb_printf(&keep, "%.*s\n", (int)len, l);
+        else dropped++;
+        if (ok) json_free(&d);
+    }
+    if (text && dropped) rc = mb_write_file(p, keep ? keep : "", keep ? strlen(keep) : 0);
+    free(p), free(text);
+    arrfree(keep);
+    return rc;
 }
 
 static void log_print(const MbTrainer *tr, const MbLogRow *r, const char *prefix, int eval) {
@@ -6212,6 +6632,9 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     MbStatus rc = MB_OK;
     if (resume && (rc = checkpoint_load(tr, resume))) return rc;
     if (resume && lead) printf("resumed from %s at step %ld\n", resume, tr->step);
+    if (resume && lead && (rc = metrics_cut(tr->output_dir, tr->step))) return rc; /* (rank 0 writes files) */
+    long saved = tr->step; /* the step of the newest checkpoint (0: none) */
+    MbStatus log_rc = MB_OK; /* rank 0 could not write metrics.jsonl: every rank stops at the next step */
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
     MbLogRow *hist = NULL, win;
     memset(&win, 0, sizeof win);
@@ -6227,9 +6650,13 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         size_t mine0, mine1;
         mb_split((size_t)count, comm->rank, comm->world, &mine0, &mine1);
         ops->fill_f64(ops, tr->acc, tr->n_pad);
-        double sums[MET_COUNT + 2] = {0}; /* metric sums over the step's micro-batches, tokens, failed */
+        double sums[MET_COUNT + 3] = {0}; /* metric sums over the step's micro-batches, tokens, failed, stopped */
         double tokens0 = tr->tokens_seen;
         for (long k = (long)mine0; k < (long)mine1 && !rc; k++) {
+            if (tr->interrupt && *tr->interrupt) { /* the step is abandoned: its gradient is dropped */
+                sums[MET_COUNT + 2] = 1;
+                break;
+            }
             long mbi = in_epoch + k;
             int P = (int)MB_MIN((size_t)bs, n - (size_t)mbi * (size_t)bs);
             for (int i = 0; i < P; i++) idx[i] = order[(size_t)mbi * (size_t)bs + (size_t)i];
@@ -6240,10 +6667,17 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
             for (int q = 0; q < MET_COUNT; q++) sums[q] += met[q];
         }
         sums[MET_COUNT] = tr->tokens_seen - tokens0;
-        sums[MET_COUNT + 1] = rc != MB_OK;
-        comm->all_reduce_host(comm, sums, MET_COUNT + 2); /* also tells every rank when one failed */
+        sums[MET_COUNT + 1] = rc != MB_OK || log_rc != MB_OK;
+        if (tr->interrupt && *tr->interrupt) sums[MET_COUNT + 2] = 1;
+        comm->all_reduce_host(comm, sums, MET_COUNT + 3); /* also tells every rank when one failed or stopped */
         tr->tokens_seen = tokens0 + sums[MET_COUNT];
+        if (!rc && log_rc) rc = log_rc;
         if (!rc && sums[MET_COUNT + 1] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: another rank failed");
+        if (!rc && sums[MET_COUNT + 2] > 0) {
+            tr->tokens_seen = tokens0;
+            rc = MB_INTERRUPTED;
+            break;
+        }
         if (!rc && !isfinite(sums[MET_LOSS]))
             rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the loss is %g --> lower --learning_rate; "
                          "the last checkpoint (if any) is intact", tr->step + 1, sums[MET_LOSS]);
@@ -6270,7 +6704,8 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
             MbLogRow lr_row = row;
             for (int q = 0; q < MET_COUNT; q++) lr_row.met[q] = win.met[q] / MB_MAX(win_micro, 1);
             lr_row.met[MET_LOSS] = win_loss / MB_MAX(win_steps, 1); /* Trainer: mean over the steps */
-            if (lead) log_append(tr, &lr_row, "", 0), log_print(tr, &lr_row, "", 0);
+            if (lead && !log_rc) log_rc = log_append(tr, &lr_row, "", 0);
+            if (lead) log_print(tr, &lr_row, "", 0);
             memset(&win, 0, sizeof win);
             win_micro = win_steps = 0;
             win_loss = 0;
@@ -6281,13 +6716,23 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
             if ((rc = train_evaluate(tr, em))) break;
             MbLogRow er = row;
             memcpy(er.met, em, sizeof em);
-            if (lead) log_append(tr, &er, "eval_", 1), log_print(tr, &er, "eval_", 1);
+            if (lead && !log_rc) log_rc = log_append(tr, &er, "eval_", 1);
+            if (lead) log_print(tr, &er, "eval_", 1);
             if (lead && last && !tr->sft)
                 printf("held-out eval_rewards/accuracies %.3f (%zu pairs)\n", em[MET_REWARDS_ACCURACIES],
                        (size_t)arrlen(tr->eval.pairs));
         }
-        if ((c->save_steps > 0 && tr->step % c->save_steps == 0) || last) rc = checkpoint_save(tr);
+        if ((c->save_steps > 0 && tr->step % c->save_steps == 0) || last) rc = checkpoint_save(tr), saved = tr->step;
     }
+    if (rc == MB_INTERRUPTED) { /* the last finished step is saved, unless it already was */
+        MbStatus sv = tr->step > saved ? checkpoint_save(tr) : MB_OK;
+        if (sv) rc = sv;
+        else if (tr->step > 0)
+            rc = mb_fail(MB_INTERRUPTED, "interrupted after step %ld of %ld: %s/checkpoint-%ld holds it", tr->step,
+                         tr->total_steps, tr->output_dir, tr->step);
+        else rc = mb_fail(MB_INTERRUPTED, "interrupted before the first optimizer step: nothing to save");
+    }
+    if (!rc && log_rc) rc = log_rc;
     if (!rc && lead && arrlen(hist)) rc = write_svg(tr, hist, (size_t)arrlen(hist));
     arrfree(hist);
     free(order), free(idx);
@@ -6295,6 +6740,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
 }
 
 static void trainer_free(MbTrainer *tr) {
+    mb_undo_mkdirs(&tr->made, 1);
     dataset_free(&tr->train);
     dataset_free(&tr->eval);
     free(tr->ref_cache);
@@ -6348,7 +6794,17 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
                           .random_init = job->random_init, .seed = (uint64_t)c->seed};
     MbStatus rc = mb_model_load(job->model_dir, &lopt, &tr->m);
     MbTokenizer *tok = NULL;
-    if (!rc) rc = mb_tokenizer_load(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &tok);
+    if (!rc && (rc = mb_tokenizer_load(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &tok)) &&
+        !job->tokenizer_path) {
+        char msg[sizeof mb_errbuf];
+        snprintf(msg, sizeof msg, "%s", mb_last_error());
+        rc = mb_fail(rc, "%s --> pass --tokenizer PATH (tokenizer.json or tokenizer.model)", msg);
+    }
+    if (!rc && !mb_tokenizer_config_path(tok)) { /* --tokenizer without a config: the model folder's */
+        char *cfg = mb_path_join(job->model_dir, "tokenizer_config.json");
+        if (mb_is_file(cfg)) rc = mb_tokenizer_load_config(tok, cfg);
+        free(cfg);
+    }
     tr->tok = tok;
     if (!rc && mb_tokenizer_vocab_size(tok) > (size_t)tr->m->cfg.vocab_size)
         rc = mb_fail(MB_ERR_ARG, "the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
@@ -6367,6 +6823,18 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     mb_model_set_lora(tr->m, tr->lo);
     tr->m->gradient_checkpointing = c->gradient_checkpointing;
     return MB_OK;
+}
+
+/* The run's EOS, as TRL appends it to each completion, and where it came from. */
+static void report_eos(const MbTokenizer *tok) {
+    int32_t eos = mb_tokenizer_eos_id(tok);
+    size_t len = 0;
+    const char *text = eos >= 0 ? mb_tokenizer_token_bytes(tok, eos, &len) : NULL;
+    const char *cfg = mb_tokenizer_config_path(tok);
+    if (cfg) printf("EOS of the completions: %.*s (%d), the eos_token of %s\n", (int)len, text ? text : "", (int)eos, cfg);
+    else printf("EOS of the completions: %.*s (%d): no tokenizer_config.json beside the tokenizer or in the model folder, "
+                "so Llama 3's <|end_of_text|> (an Instruct tokenizer's config would name <|eot_id|>)\n", (int)len,
+                text ? text : "", (int)eos);
 }
 
 static void report_skips(const MbDataset *ds) {
@@ -6396,6 +6864,123 @@ static char *latest_checkpoint(const char *out) {
     snprintf(buf, sizeof buf, "checkpoint-%ld", best);
     return mb_path_join(out, buf);
 }
+
+/* ---- the output folder: never over an input, never mixing two runs, nothing left by a failure ---- */
+
+/* What a run writes in its output folder, besides checkpoint-N/: its own files (first five), then
+ * the tokenizer's, copied unless they are already there (same file). */
+static const char *const mb_run_outputs[] = {"adapter_model.safetensors", "adapter_config.json", "metrics.jsonl",
+                                             "training.svg", "ref_logps.safetensors", "tokenizer.json",
+                                             "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                                             NULL};
+#define MB_RUN_OWN_FILES 5
+
+/* 1 when the folder out holds a run (metrics, an adapter or checkpoint-N); what: the first seen. */
+static int output_holds_run(const char *out, char *what, size_t cap) {
+    const char *marks[] = {"metrics.jsonl", "adapter_model.safetensors"};
+    for (int i = 0; i < 2; i++) {
+        char *p = mb_path_join(out, marks[i]);
+        int there = mb_is_file(p);
+        free(p);
+        if (there) return snprintf(what, cap, "%s", marks[i]), 1;
+    }
+    char *ck = latest_checkpoint(out);
+    if (ck) snprintf(what, cap, "%s", ck + strlen(out) + (out[strlen(out) - 1] != '/'));
+    free(ck);
+    return ck != NULL;
+}
+
+/* 1 when path lies inside the folder dir: one of path's parents (path/.., path/../.., ... as
+ * the system resolves them, links included) is dir. */
+static int path_inside(const char *path, const char *dir) {
+    char *p = mb_path_join(path, "..");
+    int inside = 0;
+    for (int depth = 0; depth < 256 && !inside; depth++) {
+        char *up = mb_path_join(p, "..");
+        inside = mb_same_file(p, dir);
+        int top = mb_same_file(p, up) || !mb_is_dir(p); /* "/" is its own parent */
+        free(p);
+        p = up;
+        if (top) break;
+    }
+    free(p);
+    return inside;
+}
+
+/* Before anything loads: the run may not write over an input, nor into another run's folder. */
+static MbStatus train_check_output(const MbTrainJob *job) {
+    const char *cmd = job->sft ? "sft" : "dpo", *out = job->output_dir;
+    const char *inputs[] = {job->model_dir, job->tokenizer_path, job->data_path, job->eval_data_path, job->lora_init};
+    size_t n = sizeof inputs / sizeof *inputs;
+    const char *own[MB_RUN_OWN_FILES + 1] = {NULL};
+    memcpy(own, mb_run_outputs, MB_RUN_OWN_FILES * sizeof *own);
+    MbStatus rc = mb_guard_output(cmd, out, inputs, n, own);
+    DIR *d = rc ? NULL : opendir(out); /* checkpoint-N/ folders are written (and replaced) by the run */
+    struct dirent *e;
+    while (d && !rc && (e = readdir(d))) {
+        if (strncmp(e->d_name, "checkpoint-", 11)) continue;
+        char *ck = mb_path_join(out, e->d_name);
+        for (size_t i = 0; !rc && i < n; i++)
+            if (inputs[i] && (mb_same_file(inputs[i], ck) || path_inside(inputs[i], ck)))
+                rc = mb_fail(MB_ERR_ARG, "%s: the input %s is in a checkpoint folder of %s (%s), which this run "
+                             "writes --> copy it elsewhere, or choose another --output", cmd, inputs[i], out, e->d_name);
+        free(ck);
+    }
+    if (d) closedir(d);
+    char what[300];
+    int resume = job->resume && job->resume[0];
+    if (!rc && !resume && !job->overwrite_output_dir && mb_is_dir(out) && output_holds_run(out, what, sizeof what))
+        rc = mb_fail(MB_ERR_ARG, "%s: %s already holds a run (%s) --> --resume_from_checkpoint latest continues it, "
+                     "--overwrite_output_dir replaces it, or choose another --output", cmd, out, what);
+    return rc;
+}
+
+
+/* Rank 0, once the run has loaded: makes the output folder (and its parents), removes what
+ * killed runs left half-written and, with overwrite_output_dir (not resuming), the old run. */
+static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
+    const char *out = job->output_dir;
+    MbStatus rc = mb_mkdir_p(out, &tr->made);
+    if (!rc) rc = mb_remove_stale(out);
+    if (rc) return rc;
+    int clear = job->overwrite_output_dir && !(job->resume && job->resume[0]);
+    DIR *d = opendir(out);
+    struct dirent *e;
+    while (d && !rc && (e = readdir(d))) {
+        char *end;
+        int ckpt = !strncmp(e->d_name, "checkpoint-", 11) && strtol(e->d_name + 11, &end, 10) >= 0 && !*end;
+        int run_file = !strcmp(e->d_name, "metrics.jsonl") || !strcmp(e->d_name, "training.svg") ||
+                       !strncmp(e->d_name, "adapter_", 8);
+        if (!clear || !(ckpt || run_file)) continue;
+        char *p = mb_path_join(out, e->d_name);
+        if (mb_is_dir(p)) rc = mb_rmdir_r(p);
+        else if (remove(p) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", p, strerror(errno));
+        free(p);
+    }
+    if (d) closedir(d);
+    for (int i = 0; mb_run_outputs[i]; i++) {
+        char *p = mb_path_join(out, mb_run_outputs[i]);
+        tr->existed[i] = mb_is_file(p);
+        free(p);
+    }
+    return rc;
+}
+
+/* Rank 0, after a run that failed (or stopped) before any checkpoint: removes the files and
+ * folders it created. A run with a checkpoint keeps everything: it can be resumed. */
+static void output_undo(MbTrainer *tr, const char *out, int failed) {
+    char *ck = failed && mb_is_dir(out) ? latest_checkpoint(out) : NULL;
+    int undo = failed && !ck;
+    for (int i = 0; undo && mb_run_outputs[i]; i++) {
+        char *p = mb_path_join(out, mb_run_outputs[i]);
+        if (!tr->existed[i]) remove(p);
+        free(p);
+    }
+    free(ck);
+    mb_undo_mkdirs(&tr->made, !undo);
+}
+
+
 
 /* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
  * ZeRO's slices are equal; the views into them follow. */
@@ -6442,6 +7027,7 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     tr.fingerprint = trainer_fingerprint(&tr);
     const MbTrainConfig *c = &tr.cfg;
     if (lead) {
+        report_eos(tr.tok);
         report_skips(&tr.train);
         if (arrlen(tr.eval.pairs) && job->eval_data_path) report_skips(&tr.eval);
         printf("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on", job->sft ? "sft" : "dpo",
@@ -6459,7 +7045,12 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
                    c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world, tr.zero,
                    tr.zero ? tr.shard : tr.lo->n_params);
     }
-    if (!job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
+    tr.interrupt = job->interrupt;
+    if (lead) rc = output_prepare(&tr, job);
+    failed = rc != MB_OK;
+    comm->all_reduce_host(comm, &failed, 1);
+    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
+    if (!rc && !job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
     char *resume = NULL;
     if (!rc && job->resume && job->resume[0]) {
         if (!strcmp(job->resume, "true") || !strcmp(job->resume, "latest")) {
@@ -6476,6 +7067,8 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     if (!rc) rc = trainer_run(&tr, resume);
     free(resume);
     if (!rc && lead) rc = mb_lora_save(tr.lo, job->output_dir, job->model_dir);
+    if (!rc && lead) rc = tokenizer_copy_files(tr.tok, job->output_dir); /* as TRL saves its processing_class */
+    if (lead) output_undo(&tr, job->output_dir, rc != MB_OK);
     if (!rc && lead)
         printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
                "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
@@ -6503,10 +7096,8 @@ static void *train_rank_thread(void *arg) {
 
 MbStatus mb_train(const MbTrainJob *job) {
     if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
-    /* (the ranks of a torchrun job may race to create it) */
-    if (!mb_is_dir(job->output_dir) && mkdir(job->output_dir, 0755) != 0 && !(errno == EEXIST && mb_is_dir(job->output_dir)))
-        return mb_fail(MB_ERR_IO, "%s: cannot create the output folder: %s", job->output_dir, strerror(errno));
-    MbStatus rc = MB_OK;
+    MbStatus rc = train_check_output(job); /* rank 0 makes the folder once the run has loaded */
+    if (rc) return rc;
     int world = job->nproc > 1 ? job->nproc : 1, dist = job->world_size > 1, explicit_choice;
     if (world > 256) return mb_fail(MB_ERR_ARG, "--nproc %d: at most 256 ranks", world);
     if (dist && world > 1)
@@ -6558,6 +7149,7 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
     j.eval_data_path = job->data_path; /* everything in the file is evaluated */
     MbStatus rc = trainer_setup(&tr, &j, 0);
     if (rc) return rc;
+    report_eos(tr.tok);
     report_skips(&tr.eval);
     double met[MET_COUNT];
     mb_comm_threads_new(1, 0, &tr.comm);
@@ -10128,6 +10720,33 @@ static MbStatus arg_path(MbArgs *a, const char *name, const char **out) {
     return MB_OK;
 }
 
+/* Ctrl-C: the first SIGINT (or SIGTERM) of a training run asks it to stop after a checkpoint,
+ * and the next one ends the process at once; in chat each Ctrl-C stops the answer being written. */
+static volatile sig_atomic_t mb_cli_stop;
+
+static void on_stop_signal(int sig) {
+    static const char msg[] = "\nmedbot: stopping: the step in progress is dropped and a checkpoint written (Ctrl-C "
+                              "again stops at once)\n";
+    mb_cli_stop = sig;
+    signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL); /* the next one is not caught */
+    ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1);
+    (void)k;
+}
+
+static void on_chat_interrupt(int sig) { mb_cli_stop = sig; }
+
+/* Installs fn for SIGINT (and SIGTERM with both). Training restarts the calls a signal
+ * interrupts (its loop reads the flag); chat does not, so that a read at the prompt returns. */
+static void catch_signals(void (*fn)(int), int both) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = fn;
+    sa.sa_flags = both ? SA_RESTART : 0;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    if (both) sigaction(SIGTERM, &sa, NULL);
+}
+
 /* The demo that `medbot dpo` runs with no arguments: the tiny model in weights/ learns the
  * preferences of the bilingual sample pairs in weights/demo/. */
 static const char *const mb_demo_args[] = {
@@ -10210,41 +10829,89 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     return MB_OK;
 }
 
+/* 1 when the command line gives --name (alone or as --name=value). */
+static int arg_given(const MbArgs *a, const char *name) {
+    size_t n = strlen(name);
+    for (int i = 2; i < a->argc; i++)
+        if (!strncmp(a->argv[i], "--", 2) && !strncmp(a->argv[i] + 2, name, n) &&
+            (a->argv[i][2 + n] == 0 || a->argv[i][2 + n] == '='))
+            return 1;
+    return 0;
+}
+
+/* Prints the command line that resumes this run: the same arguments with
+ * --resume_from_checkpoint latest (and without --overwrite_output_dir), quoted for a shell. */
+static void print_resume_command(const MbArgs *a) {
+    fprintf(stderr, "medbot: to resume:");
+    for (int i = 0; i < a->argc; i++) {
+        const char *s = a->argv[i];
+        int skip_value = 0;
+        if (i >= 2 && (!strncmp(s, "--resume_from_checkpoint", 24) || !strncmp(s, "--overwrite_output_dir", 22))) {
+            int resume = s[2] == 'r', bare = !strchr(s, '=');
+            int bool_next = !resume && i + 1 < a->argc && is_bool_word(a->argv[i + 1], &skip_value);
+            if (bare && (resume ? i + 1 < a->argc && strncmp(a->argv[i + 1], "--", 2) : bool_next)) i++;
+            continue;
+        }
+        int plain = s[0] != 0;
+        for (const char *c = s; *c; c++)
+            if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./=:,@%+-", *c)) plain = 0;
+        if (plain) fprintf(stderr, " %s", s);
+        else {
+            fputs(" '", stderr);
+            for (const char *c = s; *c; c++) *c == '\'' ? fputs("'\\''", stderr) : fputc(*c, stderr);
+            fputc('\'', stderr);
+        }
+    }
+    fprintf(stderr, " --resume_from_checkpoint latest\n");
+}
+
 static int cmd_train(MbArgs *a, int sft) {
     MbArgs demo;
-    int is_demo = a->argc == 2 && !sft;
-    if (is_demo) { /* `medbot dpo` alone: the bundled demo */
+    /* `medbot dpo` without --model, --data or --config: the bundled demo, with any options given
+     * after it (e.g. --resume_from_checkpoint latest); its output folder is replaced each time */
+    int is_demo = !sft && !arg_given(a, "model") && !arg_given(a, "data") && !arg_given(a, "config");
+    if (is_demo) {
         memset(&demo, 0, sizeof demo);
         int n = 0;
         while (mb_demo_args[n]) n++;
-        char **argv = mb_calloc((size_t)n + 3, sizeof *argv);
+        int total = n + a->argc + 1;
+        char **argv = mb_calloc((size_t)total + 1, sizeof *argv);
         argv[0] = a->argv[0], argv[1] = a->argv[1];
         for (int i = 0; i < n; i++) argv[i + 2] = (char *)mb_demo_args[i];
-        demo.argc = n + 2, demo.argv = argv, demo.used = mb_calloc((size_t)n + 2, 1), demo.cmd = a->cmd;
-        a = &demo;
+        argv[n + 2] = "--overwrite_output_dir";
+        for (int i = 2; i < a->argc; i++) argv[n + 1 + i] = a->argv[i];
+        demo.argc = total, demo.argv = argv, demo.used = mb_calloc((size_t)total, 1), demo.cmd = a->cmd;
+        demo.used[n + 2] = 1;
         printf("medbot dpo demo: the tiny Llama in weights/tiny learns the bilingual preference pairs of "
                "weights/demo/pairs.jsonl (%s)\n", "a held-out 15% measures it");
     }
+    MbArgs *args = is_demo ? &demo : a;
     MbTrainJob job;
     MbLaunchEnv env;
-    MbStatus rc = train_args(a, &job, sft);
-    if (!rc) rc = args_done(a);
+    int overwrite = is_demo;
+    MbStatus rc = train_args(args, &job, sft);
+    if (!rc) rc = arg_bool(args, "overwrite_output_dir", &overwrite);
+    if (!rc) rc = args_done(args);
     if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
     if (!rc) rc = mb_launch_env(&env);
     if (!rc && env.world > 1) { /* torchrun started this process as one rank of several: one GPU each */
         job.world_size = env.world, job.rank = env.rank, job.master_port = env.port, job.master_addr = env.addr;
         job.gpu = env.local_rank;
     }
+    job.overwrite_output_dir = overwrite;
+    job.interrupt = &mb_cli_stop;
+    catch_signals(on_stop_signal, 1);
     if (!rc) rc = mb_train(&job);
+    signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
+    fflush(stdout);
+    if (rc) fprintf(stderr, "medbot: %s\n", mb_last_error());
+    if (rc == MB_INTERRUPTED && strstr(mb_last_error(), "checkpoint-")) print_resume_command(a);
     if (is_demo) {
         free(demo.argv);
         free(demo.used);
     }
-    if (rc) {
-        fprintf(stderr, "medbot: %s\n", mb_last_error());
-        return 1;
-    }
-    return 0;
+    if (rc == MB_INTERRUPTED) return 128 + (mb_cli_stop ? (int)mb_cli_stop : SIGINT);
+    return rc ? 1 : 0;
 }
 
 static int cmd_dpo(MbArgs *a) { return cmd_train(a, 0); }
@@ -10265,50 +10932,21 @@ static int cmd_eval(MbArgs *a) {
 }
 
 static int cmd_merge(MbArgs *a) {
-    const char *model = NULL, *lora = NULL, *out = NULL;
+    const char *model = NULL, *lora = NULL, *out = NULL, *tok = NULL;
     int threads = 0;
     MbStatus rc;
-    MbModel *m = NULL;
-    MbLora *lo = NULL;
     if ((rc = arg_path(a, "model", &model)) || (rc = arg_path(a, "lora", &lora)) || (rc = arg_path(a, "output", &out)) ||
-        (rc = arg_int(a, "threads", &threads)) || (rc = args_done(a)))
+        (rc = arg_path(a, "tokenizer", &tok)) || (rc = arg_int(a, "threads", &threads)) || (rc = args_done(a)))
         goto fail;
     if (!model || !lora || !out) {
         rc = mb_fail(MB_ERR_ARG, "merge: --model DIR --lora ADAPTER_DIR --output DIR are required");
         goto fail;
     }
-    MbLoadOptions opt = {.threads = threads, .device = MB_DEVICE_CPU}; /* the merge is host work */
-    if ((rc = mb_model_load(model, &opt, &m)) || (rc = mb_lora_load(m, lora, &lo)) ||
-        (rc = mb_model_merge_save(m, lo, model, out)))
-        goto fail;
-    /* the tokenizer travels with the merged model */
-    const char *tok_files[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"};
-    for (size_t i = 0; i < sizeof tok_files / sizeof *tok_files; i++) {
-        char *src = mb_path_join(model, tok_files[i]);
-        if (!mb_is_file(src)) {
-            free(src);
-            src = mb_path_join(lora, tok_files[i]);
-        }
-        if (mb_is_file(src)) {
-            char *text, *dst = mb_path_join(out, tok_files[i]);
-            size_t n;
-            if (!(rc = mb_read_file(src, &text, &n))) {
-                rc = mb_write_file(dst, text, n);
-                free(text);
-            }
-            free(dst);
-        }
-        free(src);
-        if (rc) goto fail;
-    }
-    printf("merged %s into %s: %s/model.safetensors (bf16)\n", lora, model, out);
-    mb_lora_free(lo);
-    mb_model_free(m);
+    if ((rc = mb_merge(model, lora, tok, out, threads))) goto fail;
+    printf("merged %s into %s: %s/model.safetensors (bf16), config.json, tokenizer\n", lora, model, out);
     return 0;
 fail:
     fprintf(stderr, "medbot: %s\n", mb_last_error());
-    mb_lora_free(lo);
-    mb_model_free(m);
     return 1;
 }
 
@@ -10325,7 +10963,7 @@ static int cmd_encode(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "encode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
         goto fail;
     }
-    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &text, &len)) ||
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_all(stdin, "standard input", &text, &len)) ||
         (rc = mb_tokenizer_encode(tok, text, len, add_bos ? MB_ENCODE_ADD_BOS : 0, &ids, &n)))
         goto fail;
     for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", (int)ids[i]);
@@ -10351,7 +10989,7 @@ static int cmd_decode(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "decode: --tokenizer PATH is required (tokenizer.json, tokenizer.model or a model folder)");
         goto fail;
     }
-    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_file("/dev/stdin", &in, &n_in))) goto fail;
+    if ((rc = mb_tokenizer_load(path, &tok)) || (rc = mb_read_all(stdin, "standard input", &in, &n_in))) goto fail;
     for (char *p = in, *end; *p;) {
         if (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') {
             p++;
@@ -10391,7 +11029,7 @@ typedef struct {
 static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
     memset(o, 0, sizeof *o);
     mb_generation_config_defaults(&o->gen);
-    o->add_bos = 1; /* tokenizer(prompt) in the card's usage adds <|begin_of_text|> */
+    o->add_bos = -1; /* not given: tokenizer(prompt) as in the card's usage (tokenizer_config.json's add_bos_token) */
     int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;
     MbStatus rc;
     if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
@@ -10456,11 +11094,17 @@ static MbStatus gen_session_open(const char *cmd, MbGenArgs *o, MbGenSession *ss
     lopt.device = o->device, lopt.gpu = o->gpu;
     MbStatus rc = mb_model_load(o->model, &lopt, &ss->m);
     if (!rc && o->lora && !(rc = mb_lora_load(ss->m, o->lora, &ss->lo))) mb_model_set_lora(ss->m, ss->lo);
-    if (!rc && (rc = mb_tokenizer_load(o->tokenizer ? o->tokenizer : o->model, &ss->tok)) && !o->tokenizer) {
+    /* the tokenizer: --tokenizer, else the model folder's, else the adapter's (a trainer saves it there) */
+    const char *tok_path = o->tokenizer ? o->tokenizer : o->model;
+    char *in_model = o->tokenizer ? NULL : tokenizer_in(o->model), *in_lora = o->lora ? tokenizer_in(o->lora) : NULL;
+    if (!o->tokenizer && !in_model && in_lora) tok_path = o->lora;
+    free(in_model), free(in_lora);
+    if (!rc && (rc = mb_tokenizer_load(tok_path, &ss->tok)) && !o->tokenizer) {
         char msg[sizeof mb_errbuf];
         snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
         rc = mb_fail(rc, "%s --> pass --tokenizer PATH (tokenizer.json or tokenizer.model)", msg);
     }
+    if (!rc && o->add_bos < 0) o->add_bos = mb_tokenizer_add_bos(ss->tok);
     const MbConfig *c = ss->m ? mb_model_config(ss->m) : NULL;
     if (!rc && mb_tokenizer_vocab_size(ss->tok) > (size_t)c->vocab_size)
         rc = mb_fail(MB_ERR_ARG, "%s: the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
@@ -10494,20 +11138,23 @@ static MbStatus gen_encode(const MbTokenizer *tok, const char *text, int bos, un
 typedef struct {
     FILE *f;
     char *text;             /* stb_ds array, NUL-terminated */
+    int escape;             /* one line per answer: \\ for a backslash, \n and \r for line breaks */
+    volatile sig_atomic_t *stop; /* set (by Ctrl-C): generation stops after this piece */
 } MbAnswer;
 
 static int answer_piece(void *ctx, int32_t id, const char *text, size_t len) {
     MbAnswer *a = ctx;
     (void)id;
-    if (!len) return 0;
-    if (a->f) {
-        fwrite(text, 1, len, a->f);
-        fflush(a->f);
+    for (size_t i = 0; a->f && i < len; i++) {
+        const char *esc = !a->escape ? NULL : text[i] == '\\' ? "\\\\" : text[i] == '\n' ? "\\n" : text[i] == '\r' ? "\\r" : NULL;
+        if (esc) fputs(esc, a->f);
+        else fputc(text[i], a->f);
     }
-    if (arrlen(a->text)) arrsetlen(a->text, arrlen(a->text) - 1);
+    if (a->f && len) fflush(a->f);
+    if (len && arrlen(a->text)) arrsetlen(a->text, arrlen(a->text) - 1);
     for (size_t i = 0; i < len; i++) arrput(a->text, text[i]);
-    arrput(a->text, 0);
-    return 0;
+    if (len) arrput(a->text, 0);
+    return a->stop && *a->stop;
 }
 
 /* Generates the answer to ids (n) in a fresh cache (grown to fit); ids out of the answer in *out. */
@@ -10553,7 +11200,7 @@ static MbStatus gen_one(MbGenSession *ss, const MbGenArgs *o, const char *where,
     if (!text[0]) return mb_fail(MB_ERR_ARG, "%s: the prompt is empty", where);
     char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system, text);
     int32_t *ids = NULL, *out = mb_malloc((size_t)o->gen.max_new_tokens * sizeof *out);
-    MbAnswer ans = {json ? NULL : stdout, NULL};
+    MbAnswer ans = {json ? NULL : stdout, NULL, 0, NULL};
     size_t n_out = 0;
     int cut = 0;
     MbStatus rc = gen_encode(ss->tok, prompt, o->add_bos, 0, &ids);
@@ -10668,30 +11315,33 @@ static int cmd_chat(MbArgs *a) {
         fprintf(stderr, "medbot: %s\n", mb_last_error());
         return 1;
     }
+    /* a terminal gets a prompt and answers as they are; a pipe gets one line per input line */
     int tty = isatty(STDIN_FILENO), max_new = o.gen.max_new_tokens;
     if (tty)
-        printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves.\n", o.model,
-               o.lora ? " + " : "", o.lora ? o.lora : "");
+        printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops "
+               "an answer.\n", o.model, o.lora ? " + " : "", o.lora ? o.lora : "");
+    catch_signals(on_chat_interrupt, 0);
     int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)max_new * sizeof *out);
     char *line = NULL;
     size_t cap = 0;
     for (;;) {
         if (tty) printf("> ");
         fflush(stdout);
+        mb_cli_stop = 0;
         ssize_t got = getline(&line, &cap, stdin);
-        if (got < 0) {
+        if (got < 0) { /* end of input, or Ctrl-C at the prompt: leave */
             if (tty) printf("\n");
             break;
         }
         while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
         const char *q = line;
         while (*q == ' ' || *q == '\t') q++;
-        if (!*q) continue;
         if (!strcmp(q, "/quit") || !strcmp(q, "/exit")) break;
-        if (!strcmp(q, "/reset")) {
-            arrsetlen(hist, 0);
-            mb_kvcache_reset(ss.kv);
-            if (tty) printf("(a new conversation)\n");
+        int reset = !strcmp(q, "/reset");
+        if (!*q || reset) {
+            if (reset) arrsetlen(hist, 0), mb_kvcache_reset(ss.kv);
+            if (reset && tty) printf("(a new conversation)\n");
+            if (!tty) printf("\n"); /* every line of a pipe gets its line */
             continue;
         }
         arrsetlen(turn, 0);
@@ -10712,17 +11362,21 @@ static int cmd_chat(MbArgs *a) {
             continue;
         }
         size_t n_out = 0;
-        MbAnswer ans = {stdout, NULL};
+        MbAnswer ans = {stdout, NULL, !tty, &mb_cli_stop};
         for (ptrdiff_t i = 0; !rc && i < arrlen(turn); i++) arrput(hist, turn[i]);
         if (!rc) rc = mb_generate(ss.m, ss.kv, ss.s, ss.tok, hist, (size_t)arrlen(hist), out, &n_out, answer_piece, &ans);
         arrfree(ans.text);
         if (rc) break;
         printf("\n");
         int stopped = n_out && mb_generation_is_stop(&o.gen, out[n_out - 1]);
-        if (!stopped && n_out < (size_t)max_new)
+        if (mb_cli_stop)
+            fprintf(stderr, "medbot: answer stopped (Ctrl-C) after %zu tokens; the conversation goes on with them\n",
+                    n_out);
+        else if (!stopped && n_out < (size_t)max_new)
             fprintf(stderr, "medbot: the answer reached the context limit (%d tokens); /reset to start over\n", ss.ctx);
         for (size_t i = 0; i < n_out - (size_t)stopped; i++) arrput(hist, out[i]); /* the stop id is never run */
     }
+    signal(SIGINT, SIG_DFL);
     free(line);
     free(out);
     arrfree(hist);
@@ -10767,8 +11421,10 @@ static const struct {
                      "    trains a LoRA adapter with next-token loss on the chosen completions (options as dpo)"},
     {"eval", cmd_eval, "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [--sft] [--device cpu|cuda]\n"
                        "    prints TRL's DPO metrics (eval_loss, eval_rewards/..., eval_logps/...) on a file"},
-    {"merge", cmd_merge, "merge --model DIR --lora ADAPTER_DIR --output DIR\n"
-                         "    writes the model with the adapter merged (fp32 math), bf16 safetensors + config + tokenizer"},
+    {"merge", cmd_merge, "merge --model DIR --lora ADAPTER_DIR --output DIR [--tokenizer PATH] [--threads N]\n"
+                         "    writes the model with the adapter merged (fp32 math): bf16 safetensors, config.json (dtype\n"
+                         "    bfloat16), generation_config.json and the tokenizer (--tokenizer, else the model's, else the\n"
+                         "    adapter's); never over an input"},
     {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
                        "    writes a model folder with random weights (transformers' init) for a config"},
     {"encode", cmd_encode, "encode --tokenizer PATH [--add_bos]\n"
@@ -10791,8 +11447,10 @@ static const struct {
     {"chat", cmd_chat,
      "chat --model DIR [--lora ADAPTER_DIR] [options as generate]\n"
      "    a conversation in the card's format, kept in the KV cache: type a question, the answer streams; /reset\n"
-     "    starts over, /quit or Ctrl-D leaves. From a pipe: one answer per input line, no prompt. A conversation\n"
-     "    that would outgrow --max_context starts over (with a message)."},
+     "    starts over, /quit or Ctrl-D leaves, Ctrl-C stops an answer (the conversation goes on). From a pipe: one\n"
+     "    output line per input line, no prompt: the answer with \\\\, \\n, \\r for a backslash, newline and\n"
+     "    carriage return; an empty line or /reset gets an empty line. A conversation that would outgrow\n"
+     "    --max_context starts over (with a message)."},
 };
 
 static void usage(FILE *f) {

@@ -24,6 +24,7 @@
 #ifndef MEDBOT_H
 #define MEDBOT_H
 
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -40,7 +41,8 @@ typedef enum {
     MB_ERR_FORMAT,      /* a file is not what it claims to be (truncated, bad header, ...) */
     MB_ERR_UNSUPPORTED, /* valid input that medbot does not handle (a dtype, a rope type, ...) */
     MB_ERR_OOM,         /* out of memory */
-    MB_ERR_DEVICE       /* GPU, driver or NCCL failure */
+    MB_ERR_DEVICE,      /* GPU, driver or NCCL failure */
+    MB_INTERRUPTED      /* stopped on request (MbTrainJob.interrupt), state saved where it could be */
 } MbStatus;
 
 /* The message of the last failure on this thread: one line, "FILE: problem [--> hint]". */
@@ -105,10 +107,22 @@ typedef struct MbTokenizer MbTokenizer;
  * preferred when both are there). */
 MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out);
 void mb_tokenizer_free(MbTokenizer *tok);
+/* Applies a Hugging Face tokenizer_config.json: bos_token, eos_token (a string or an AddedToken
+ * object; null: none) and add_bos_token. mb_tokenizer_load applies the one beside the tokenizer
+ * file (or in its folder) by itself; call this for another one (the model folder's). */
+MbStatus mb_tokenizer_load_config(MbTokenizer *tok, const char *path);
+/* The tokenizer_config.json applied, or NULL (then BOS/EOS are Llama 3's defaults). */
+const char *mb_tokenizer_config_path(const MbTokenizer *tok);
 
 size_t mb_tokenizer_vocab_size(const MbTokenizer *tok); /* V: largest id + 1 (128256) */
-int32_t mb_tokenizer_bos_id(const MbTokenizer *tok);    /* <|begin_of_text|> (128000), -1 if none */
-int32_t mb_tokenizer_eos_id(const MbTokenizer *tok);    /* <|end_of_text|> (128001), -1 if none */
+/* tokenizer_config.json's bos_token / eos_token; without one, <|begin_of_text|> (128000) and
+ * <|end_of_text|> (128001); -1 if none. TRL appends this EOS to every completion. */
+int32_t mb_tokenizer_bos_id(const MbTokenizer *tok);
+int32_t mb_tokenizer_eos_id(const MbTokenizer *tok);
+/* Whether tokenizer(text) puts <|begin_of_text|> in front, the default of generate's --add_bos: 1,
+ * unless tokenizer_config.json names a Llama tokenizer class with add_bos_token false
+ * (transformers' PreTrainedTokenizerFast, Llama 3's class, ignores add_bos_token). */
+int mb_tokenizer_add_bos(const MbTokenizer *tok);
 /* The id of the token whose text is exactly `text` (a special token such as "<|eot_id|>", or
  * any vocabulary entry), or -1. */
 int32_t mb_tokenizer_token_id(const MbTokenizer *tok, const char *text);
@@ -256,8 +270,16 @@ size_t mb_lora_num_params(const MbLora *lo);
  * DPO is the model with the adapter disabled). m does not own lo. */
 void mb_model_set_lora(MbModel *m, MbLora *lo);
 void mb_lora_set_enabled(MbLora *lo, int enabled);
-/* Writes OUT/model.safetensors (bf16; adapter merged in fp32: W + scale B A) and OUT/config.json. */
+/* Writes OUT/model.safetensors (bf16; adapter merged in fp32: W + scale B A), OUT/config.json
+ * (the base's, dtype bfloat16, no quantization_config) and the base's generation_config.json.
+ * OUT is made with its parents. */
 MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *model_dir, const char *out_dir);
+/* The whole merge command: loads MODEL_DIR and the adapter, writes OUT (made with its parents)
+ * as mb_model_merge_save plus the tokenizer files (tokenizer, a path, else the model's, else the
+ * adapter's), so that OUT loads in transformers and in medbot as a model folder. Refuses an OUT
+ * that would write over an input; a failure leaves nothing it wrote. threads: 0 = all cores. */
+MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *tokenizer, const char *out_dir,
+                  int threads);
 
 /* ---------- training (DPO, SFT) ---------- */
 
@@ -306,11 +328,19 @@ typedef struct {
     int world_size, rank, master_port;
     const char *master_addr;
     double ddp_timeout;             /* seconds a rank waits for the others, then the job stops; 0 = 1800 */
+    int overwrite_output_dir;       /* an output_dir that holds a run: replace it (else refused unless resuming) */
+    /* NULL, or a flag a signal handler sets (SIGINT): the run abandons the optimizer step in
+     * progress, writes a checkpoint of the last finished one and returns MB_INTERRUPTED */
+    volatile sig_atomic_t *interrupt;
     MbTrainConfig cfg;
 } MbTrainJob;
 
-/* Trains a LoRA adapter with DPO (or SFT) as TRL's DPOTrainer does and saves it (PEFT format)
- * in output_dir, with checkpoints every cfg.save_steps. */
+/* Trains a LoRA adapter with DPO (or SFT) as TRL's DPOTrainer does and saves it (PEFT format,
+ * with the tokenizer files) in output_dir, with checkpoints every cfg.save_steps. output_dir is
+ * made with its parents once the model and data have loaded; it may not be an input (or hold one
+ * where the run writes), and may not hold another run unless overwrite_output_dir or resume is
+ * set. Resuming removes stale temporary files of killed runs and cuts metrics.jsonl back to the
+ * checkpoint's step. A run that fails before its first checkpoint leaves nothing it created. */
 MbStatus mb_train(const MbTrainJob *job);
 /* Prints TRL's eval_ metrics of the model + adapter (lora_init) on data_path. */
 /* torchrun-style rendezvous: every rank calls it with MASTER_ADDR/MASTER_PORT; rank 0's blob
