@@ -46,6 +46,7 @@ static float fx_scalar(const char *file, const char *name) {
 }
 
 static int nf4_base; /* the tests below set it: the base loaded with --load_in_4bit, compute fp32 */
+static const char *tokenizer_path; /* the tests below set it: NULL, the model folder's tokenizer */
 
 static void job_defaults(MbTrainJob *job, const char *adapter) {
     memset(job, 0, sizeof *job);
@@ -55,6 +56,7 @@ static void job_defaults(MbTrainJob *job, const char *adapter) {
     job->model_dir = FIX "/model";
     job->data_path = FIX "/data.jsonl";
     job->lora_init = adapter;
+    job->tokenizer_path = tokenizer_path;
     job->threads = 2;
     MbTrainConfig *c = &job->cfg;
     c->max_prompt_length = 24, c->max_completion_length = 20, c->max_length = 36;
@@ -241,6 +243,71 @@ static void dpo_step_nf4_base_checkpointing_matches_trl_bitsandbytes(void) {
     nf4_base = 0;
 }
 
+/* A tokenizer whose tokenizer_config.json names <|eot_id|> (436) as eos_token, as Llama-3.1-Instruct's
+ * does: TRL appends it to every completion. The ids of all 12 pairs and one micro-batch (pairs 2, 3)
+ * equal TRL's with that tokenizer; without the config the EOS falls back to <|end_of_text|> (435). */
+static void dpo_eos_from_tokenizer_config_matches_trl(void) {
+    MbTrainJob job;
+    tokenizer_path = FIX "/tokenizer_eot";
+    job_defaults(&job, FIX "/adapter_qk");
+    MbTrainer tr;
+    CHECK_OK(trainer_setup(&tr, &job, 1));
+    if (!tr.m) return;
+    CHECK(mb_tokenizer_eos_id(tr.tok) == 436, "EOS %d, want <|eot_id|> 436", (int)mb_tokenizer_eos_id(tr.tok));
+    int same = 0, eos_seen = 0;
+    for (size_t i = 0; i < (size_t)arrlen(tr.train.pairs); i++) {
+        const MbPair *p = &tr.train.pairs[i];
+        const int32_t *got[3] = {p->prompt, p->chosen, p->rejected};
+        int n[3] = {p->np, p->nc, p->nr}, ok = 1;
+        const char *keys[3] = {"prompt", "chosen", "rejected"};
+        for (int k = 0; k < 3; k++) {
+            char name[64];
+            size_t len;
+            snprintf(name, sizeof name, "%s_input_ids.%zu", keys[k], i);
+            int32_t *want = fx_tensor(FIX "/tokens_eot.safetensors", name, 1, &len);
+            ok = ok && want && len == (size_t)n[k] && t_equal_i32(name, got[k], want, len);
+            eos_seen += k && n[k] && got[k][n[k] - 1] == 436;
+            free(want);
+        }
+        same += ok;
+    }
+    printf("    %d of 12 pairs tokenized as TRL with eos_token <|eot_id|>; %d completions end in 436\n", same, eos_seen);
+    CHECK(same == 12 && eos_seen >= 12, "pairs equal to TRL: %d, EOS 436 on %d completions", same, eos_seen);
+    trainer_free(&tr);
+    check_step(FIX "/adapter_qk", FIX "/step_qk_sigmoid_eot.safetensors", MB_LOSS_SIGMOID, 0, 2, 0);
+    /* the tokenizer alone (no tokenizer_config.json beside it, none in a model folder): Llama 3's default */
+    const char *bare = t_tmp("bare_tokenizer.json");
+    CHECK_OK(mb_copy_file(FIX "/tokenizer_eot/tokenizer.json", bare));
+    MbTokenizer *tok = NULL;
+    CHECK_OK(mb_tokenizer_load(bare, &tok));
+    CHECK(tok && mb_tokenizer_eos_id(tok) == 435 && !mb_tokenizer_config_path(tok), "fallback EOS 435");
+    mb_tokenizer_free(tok);
+    /* a config naming a token the vocabulary lacks is refused with the file's name */
+    const char *dir = t_tmp("badcfg");
+    mkdir(dir, 0755);
+    char path[512];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    CHECK_OK(mb_copy_file(FIX "/tokenizer_eot/tokenizer.json", path));
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    const char *cfg = "{\"eos_token\": {\"content\": \"<|im_end|>\"}}";
+    CHECK_OK(mb_write_file(path, cfg, strlen(cfg)));
+    MbStatus st = mb_tokenizer_load(dir, &tok);
+    printf("    %s\n", mb_last_error());
+    CHECK(st == MB_ERR_FORMAT && strstr(mb_last_error(), "tokenizer_config.json: eos_token \"<|im_end|>\" is not a token"),
+          "%s", mb_last_error());
+    /* add_bos_token false: honoured by LlamaTokenizerFast only (as transformers 4.57 does) */
+    const char *cfgs[2] = {"{\"add_bos_token\": false, \"tokenizer_class\": \"PreTrainedTokenizerFast\"}",
+                           "{\"add_bos_token\": false, \"tokenizer_class\": \"LlamaTokenizerFast\"}"};
+    for (int k = 0; k < 2; k++) {
+        CHECK_OK(mb_write_file(path, cfgs[k], strlen(cfgs[k])));
+        tok = NULL;
+        CHECK_OK(mb_tokenizer_load(dir, &tok));
+        CHECK(tok && mb_tokenizer_add_bos(tok) == !k, "%s: add_bos %d", cfgs[k], tok ? mb_tokenizer_add_bos(tok) : -1);
+        mb_tokenizer_free(tok);
+    }
+    tokenizer_path = NULL;
+}
+
 /* Three optimizer steps (2 pairs x 2 accumulation, cosine with warmup, clipping on every step). */
 static void check_train(const char *adapter, const char *file, const char *log_file, const char *out, int ckpt) {
     MbTrainJob job;
@@ -392,4 +459,4 @@ MB_TEST_MAIN("dpo", T(data_matches_trl_tokenization_and_truncation), T(dpo_step_
              T(dpo_step_nf4_base_checkpointing_matches_trl_bitsandbytes), T(dpo_three_steps_match_trl),
              T(dpo_three_steps_nf4_base_match_trl_bitsandbytes),
              T(dpo_three_steps_all_modules_match_trl), T(dpo_three_steps_checkpointing_match_trl),
-             T(sft_step_matches_transformers), T(merge_matches_peft_merge_and_unload))
+             T(sft_step_matches_transformers), T(merge_matches_peft_merge_and_unload), T(dpo_eos_from_tokenizer_config_matches_trl))

@@ -71,6 +71,7 @@ transformers.logging.set_verbosity_error()
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 OUT = os.path.join("tests", "fixtures", "dpo")  # relative to REPO (the script chdirs there)
 MODEL_DIR = os.path.join(OUT, "model")
+EOT_DIR = os.path.join(OUT, "tokenizer_eot")  # the same tokenizer, eos_token <|eot_id|> in tokenizer_config.json
 
 # ----------------------------------------------------------------------------------------------
 # settings shared by every DPO run (TRL names)
@@ -1099,6 +1100,25 @@ def main():
         save(t_gc, "step_qk_sigmoid_gc.safetensors", adapter="adapter_qk", beta=BETA, batch_index=0,
              loss_type="sigmoid", label_smoothing=0.0, gradient_checkpointing=True)
 
+        # 8b. a tokenizer whose tokenizer_config.json names <|eot_id|> as eos_token (Llama-3.1-Instruct style):
+        # TRL appends processing_class.eos_token_id, so the completions end in 436 instead of 435
+        tok_eot = PreTrainedTokenizerFast.from_pretrained(MODEL_DIR, eos_token=SPECIALS[2])
+        tok_eot.save_pretrained(EOT_DIR)
+        tok_eot = PreTrainedTokenizerFast.from_pretrained(EOT_DIR)
+        assert tok_eot.eos_token == "<|eot_id|>" and tok_eot.eos_token_id == BPE_SIZE + 2 != tok.eos_token_id
+        assert json.load(open(os.path.join(EOT_DIR, "tokenizer_config.json")))["eos_token"] == "<|eot_id|>"
+        tokens_eot, _, _ = build_tokens(tok_eot, raw, tmp)
+        assert all(tokens_eot[f"{k}_input_ids.{i}"][-1].item() == tok_eot.eos_token_id
+                   for i in range(len(PAIRS)) for k in ("chosen", "rejected")
+                   if tokens[f"{k}_input_ids.{i}"][-1].item() == tok.eos_token_id)
+        save(tokens_eot, "tokens_eot.safetensors", max_prompt_length=MAX_PROMPT_LENGTH,
+             max_completion_length=MAX_COMPLETION_LENGTH, max_length=MAX_LENGTH, eos=tok_eot.eos_token_id)
+        t_eot, _ = dpo_step("qk", tok_eot, ds, tmp, tokens_eot, batch_index=1, loss_type="sigmoid", label_smoothing=0.0)
+        eot_dloss = abs(t_eot["loss"].item() - results["step_qk_sigmoid_b1"]["loss"].item())
+        assert eot_dloss > 1e-4, eot_dloss  # the EOS changes the numbers
+        save(t_eot, "step_qk_sigmoid_eot.safetensors", adapter="adapter_qk", beta=BETA, batch_index=1,
+             loss_type="sigmoid", label_smoothing=0.0, tokenizer="tokenizer_eot")
+
         train_logs = {}
         for adapter in ("qk", "all"):
             t, log = train_run(adapter, tok, ds, tmp)
@@ -1169,6 +1189,8 @@ def main():
               f"{dr[0]:+8.4f} {dr[1]:+8.4f}  {t['rewards/margins'].item():+.5f} {t['rewards/accuracies'].item():.2f}"
               f"  {g:.3e}")
     print(f"gradient checkpointing vs plain: max |diff| {gc_diff:.3e} (loss, grads), max rel grad diff {gc_rel:.3e}")
+    print(f"EOS <|eot_id|> (tokenizer_eot): step_qk_sigmoid_eot loss {t_eot['loss'].item():.6f} vs "
+          f"{results['step_qk_sigmoid_b1']['loss'].item():.6f} with <|end_of_text|> (pairs 2, 3)")
     for a, log in train_logs.items():
         print(f"\ntrain_{a}: optim {log['optim']} ({log['optimizer_class']}), lrs {log['learning_rates']}")
         for e in log["log_history"]:
