@@ -764,6 +764,16 @@ static void generate_cli_bad_input(void) {
 
 /* ---- chat ---- */
 
+/* An answer as `medbot chat` writes it to a pipe: one line, \\ \n \r escaped. */
+static void chat_line(char **sb, const char *answer) {
+    for (const char *c = answer; *c; c++)
+        if (*c == '\\') sb_printf(sb, "\\\\");
+        else if (*c == '\n') sb_printf(sb, "\\n");
+        else if (*c == '\r') sb_printf(sb, "\\r");
+        else sb_printf(sb, "%c", *c);
+    sb_printf(sb, "\n");
+}
+
 static void chat_through_a_pipe_matches_transformers(void) {
     MbJsonDoc doc;
     if (!load_json(FIX "/generate.json", &doc)) return;
@@ -771,26 +781,39 @@ static void chat_through_a_pipe_matches_transformers(void) {
     const MbJson *t0 = json_first(&doc, text), *t1 = json_next(&doc, t0), *t2 = json_next(&doc, t1);
     const char *q0 = json_str(&doc, json_get(&doc, t0, "question")), *q1 = json_str(&doc, json_get(&doc, t1, "question")),
                *q2 = json_str(&doc, json_get(&doc, t2, "question"));
-    /* two turns, /reset, a third question, /quit, a line never read */
+    /* two turns, /reset, a third question, /quit, a line never read: one output line per input line
+     * (an empty line and /reset get an empty one), answers escaped */
     char *in = NULL, *want = NULL;
     sb_printf(&in, "%s\n\n%s\n/reset\n   %s\n/quit\nnot read\n", q0, q1, q2);
     const char *inf = t_tmp("chat_in.txt");
     CHECK_OK(mb_write_file(inf, in, strlen(in)));
-    sb_printf(&want, "%s\n%s\n%s\n", json_str(&doc, json_get(&doc, t0, "answer")),
-              json_str(&doc, json_get(&doc, chat, "answer")), json_str(&doc, json_get(&doc, t2, "answer")));
+    chat_line(&want, json_str(&doc, json_get(&doc, t0, "answer")));
+    sb_printf(&want, "\n");
+    chat_line(&want, json_str(&doc, json_get(&doc, chat, "answer")));
+    sb_printf(&want, "\n");
+    chat_line(&want, json_str(&doc, json_get(&doc, t2, "answer")));
+    int newlines = 0;
+    for (const MbJson *t = json_first(&doc, text); t; t = json_next(&doc, t))
+        newlines += strchr(json_str(&doc, json_get(&doc, t, "answer")), '\n') != NULL;
+    newlines += strchr(json_str(&doc, json_get(&doc, chat, "answer")), '\n') != NULL;
+    printf("    %d of the reference answers hold a newline (escaped as \\n on the pipe)\n", newlines);
     static char out[1 << 16], err[4096];
     const char *args = "chat --model " DPO "/model --lora " DPO "/adapter_qk " GREEDY_ARGS;
     int rc = run_medbot_stdout(args, inf, out, sizeof out, err, sizeof err);
     CHECK(rc == 0, "exit %d: %s", rc, err);
     CHECK(!strcmp(out, want), "chat answers (turn 1, turn 2 in the conversation, after /reset) equal HF's:\n%s", out);
     CHECK(!err[0], "nothing on stderr: %s", err);
+    int lines = 0;
+    for (const char *c = out; *c; c++) lines += *c == '\n';
+    CHECK(lines == 5, "5 input lines before /quit, %d output lines", lines);
     printf("    chat | 2 turns + /reset + 1: %zu bytes, equal to HF + PEFT (turn 2 continues the conversation)\n",
            strlen(out));
     /* a context of 120 tokens: turn 1 (44 + 64) fits, turn 2 does not: a new conversation */
     arrsetlen(in, 0), arrsetlen(want, 0);
     sb_printf(&in, "%s\n%s\n", q0, q1);
     CHECK_OK(mb_write_file(inf, in, strlen(in)));
-    sb_printf(&want, "%s\n%s\n", json_str(&doc, json_get(&doc, t0, "answer")), json_str(&doc, json_get(&doc, t1, "answer")));
+    chat_line(&want, json_str(&doc, json_get(&doc, t0, "answer")));
+    chat_line(&want, json_str(&doc, json_get(&doc, t1, "answer")));
     char args2[600];
     snprintf(args2, sizeof args2, "%s --max_context 120", args);
     rc = run_medbot_stdout(args2, inf, out, sizeof out, err, sizeof err);
@@ -805,6 +828,42 @@ static void chat_through_a_pipe_matches_transformers(void) {
     arrfree(in);
     arrfree(want);
     json_free(&doc);
+}
+
+/* Answers with line breaks stay one line on a pipe: the tiny random model's sampled answer (from
+ * 128,256 tokens) holds newlines; unescaped, the chat's first answer is generate's for the same
+ * question and seed. */
+static void chat_pipe_escapes_line_breaks(void) {
+    static char out[1 << 16], gen[1 << 16], err[4096];
+    const char *opts = "--model weights/tiny --tokenizer weights/llama3/tokenizer.model --max_new_tokens 120 --seed 7 "
+                       "--temperature 1 --top_k 0 --top_p 1 --repetition_penalty 1";
+    const char *inf = t_tmp("chat_escape.txt");
+    CHECK_OK(mb_write_file(inf, "hello\nmore\n", 11));
+    char args[1024];
+    snprintf(args, sizeof args, "chat %s", opts);
+    int rc = run_medbot_stdout(args, inf, out, sizeof out, err, sizeof err);
+    snprintf(args, sizeof args, "generate %s --prompt hello", opts);
+    int rc2 = run_medbot_stdout(args, NULL, gen, sizeof gen, NULL, 0);
+    CHECK(rc == 0 && rc2 == 0, "exit %d, %d: %s", rc, rc2, err);
+    int lines = 0;
+    for (const char *c = out; *c; c++) lines += *c == '\n';
+    CHECK(lines == 2, "2 input lines, %d output lines", lines);
+    char *raw = NULL; /* the first line, unescaped */
+    for (const char *c = out; *c && *c != '\n'; c++) {
+        if (*c == '\\' && c[1]) {
+            c++;
+            sb_printf(&raw, "%c", *c == 'n' ? '\n' : *c == 'r' ? '\r' : *c);
+        } else sb_printf(&raw, "%c", *c);
+    }
+    size_t gl = strlen(gen);
+    if (gl && gen[gl - 1] == '\n') gen[--gl] = 0; /* generate ends the answer with a newline */
+    int breaks = 0;
+    for (const char *c = gen; *c; c++) breaks += *c == '\n' || *c == '\r';
+    printf("    sampled answer: %zu bytes with %d line breaks -> one escaped line of %zu bytes\n", gl, breaks,
+           strcspn(out, "\n"));
+    CHECK(breaks > 0, "the answer should hold line breaks (else nothing is tested)");
+    CHECK(raw && !strcmp(raw, gen), "unescaped chat answer == generate's answer");
+    arrfree(raw);
 }
 
 /* tmux on a private socket: send keys, read the screen. */
@@ -904,10 +963,54 @@ static void chat_in_a_terminal_with_tmux(void) {
     json_free(&doc);
 }
 
+/* Ctrl-C in a terminal chat stops the answer being written and returns to the prompt with the
+ * conversation kept; at the prompt it leaves. The tiny random model writes until max_new_tokens
+ * (its EOS ids are 3 of 128,256 tokens), so the answers are long enough to stop. */
+static void chat_ctrl_c_stops_an_answer(void) {
+    static char out[1 << 16], screen[1 << 16];
+    if (t_run("tmux -V", out, sizeof out) != 0) {
+        const char *expect = getenv("MB_EXPECT_TMUX");
+        if (expect && !strcmp(expect, "1")) T_FAIL("MB_EXPECT_TMUX=1 but tmux does not run: %s", out);
+        else printf("    tmux not found: the Ctrl-C chat test did not run\n");
+        return;
+    }
+    char sock[64], cmd[2048], cwd[1024];
+    snprintf(sock, sizeof sock, "medbot-test-c-%ld", (long)getpid());
+    if (!getcwd(cwd, sizeof cwd)) snprintf(cwd, sizeof cwd, ".");
+    snprintf(cmd, sizeof cmd, "new-session -d -s chat -x 200 -y 50 -c '%s' \"%s chat --model weights/tiny --tokenizer "
+             "weights/llama3/tokenizer.model --max_new_tokens 30000 --max_context 32768 --seed 1 --temperature 1 "
+             "--top_k 0 --top_p 1 --repetition_penalty 1; echo CHAT-EXIT-\\$?; sleep 30\"", cwd, t_medbot());
+    CHECK(tmux(sock, cmd, out, sizeof out) == 0, "tmux new-session: %s", out);
+    double wait = t_sanitized() ? 60 : 20;
+    long at = pane_wait(sock, "> ", 0, wait, screen, sizeof screen);
+    CHECK(at >= 0, "the prompt:\n%s", screen);
+    const char *turns[2] = {"hello", "and then?"};
+    for (int k = 0; k < 2 && at >= 0; k++) {
+        snprintf(cmd, sizeof cmd, "send-keys -t chat -l '%s'", turns[k]);
+        tmux(sock, cmd, out, sizeof out);
+        tmux(sock, "send-keys -t chat Enter", out, sizeof out);
+        struct timespec ts = {1, 0}; /* the answer is being written */
+        nanosleep(&ts, NULL);
+        tmux(sock, "send-keys -t chat C-c", out, sizeof out);
+        long stopped = pane_wait(sock, "answer stopped (Ctrl-C)", at, wait, screen, sizeof screen);
+        CHECK(stopped >= 0, "turn %d: the answer stops on Ctrl-C:\n%s", k + 1, screen);
+        at = stopped >= 0 ? pane_wait(sock, "> ", stopped, wait, screen, sizeof screen) : -1;
+        CHECK(at >= 0, "turn %d: back at the prompt:\n%s", k + 1, screen);
+        CHECK(!strstr(screen, "CHAT-EXIT"), "still running after Ctrl-C:\n%s", screen);
+    }
+    const char *msg = strstr(screen, "answer stopped");
+    if (msg) printf("    Ctrl-C twice in a 2-turn chat: '%.*s'\n", (int)strcspn(msg, "\n"), msg);
+    tmux(sock, "send-keys -t chat C-c", out, sizeof out); /* at the prompt: leave */
+    CHECK(pane_wait(sock, "CHAT-EXIT-0", 0, wait, screen, sizeof screen) >= 0, "Ctrl-C at the prompt leaves:\n%s", screen);
+    CHECK(!strstr(screen, "Sanitizer"), "sanitizer report:\n%s", screen);
+    tmux(sock, "kill-server", out, sizeof out);
+}
+
 MB_TEST_MAIN("sampler", T(sampler_processors_match_transformers), T(sampler_top_k_and_top_p_edge_cases),
              T(sampler_greedy_generate_matches_transformers), T(sampler_generate_with_lora_and_template_matches_transformers),
              T(sampler_seeded_sampling_is_reproducible), T(sampler_draws_follow_the_distribution),
              T(sampler_generate_stops_on_stop_ids_and_a_full_cache), T(sampler_stop_ids_follow_generation_config),
              T(sampler_streaming_never_breaks_a_character), T(generate_cli_matches_transformers),
              T(generate_cli_samples_reproducibly_on_the_tiny_model), T(generate_cli_bad_input),
-             T(chat_through_a_pipe_matches_transformers), T(chat_in_a_terminal_with_tmux))
+             T(chat_through_a_pipe_matches_transformers), T(chat_pipe_escapes_line_breaks), T(chat_in_a_terminal_with_tmux),
+             T(chat_ctrl_c_stops_an_answer))

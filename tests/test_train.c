@@ -118,7 +118,7 @@ static void corrupt_checkpoints_are_refused(void) {
     static char out[1 << 16];
     char cmd[2048], path[400], resume[2600];
     const char *run = t_tmp("corrupt");
-    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 2 --save_steps 1");
+    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 2 --save_steps 1 --overwrite_output_dir"); /* each run replaces the last */
     CHECK(t_run(cmd, out, sizeof out) == 0, "%s", out);
     struct {
         const char *what, *shell, *needle;
@@ -195,6 +195,8 @@ static void bad_data_gives_file_and_line(void) {
     CHECK(strstr(out, "skipped 1 pairs whose prompt fills max_length"), "long prompt reported:\n%s", out);
     /* nothing usable at all */
     write_text(path, "{\"prompt\": \"Q\", \"chosen\": \"\", \"rejected\": \"B\"}\n");
+    snprintf(cmd, sizeof cmd, "%s dpo --model " FIX "/model --data %s --output %s --max_steps 1 --max_length 10",
+             t_medbot(), path, t_tmp("badout"));
     rc = t_run(cmd, out, sizeof out);
     CHECK(rc > 0 && strstr(out, "no usable preference pairs"), "%s", out);
 }
@@ -230,11 +232,11 @@ static void reference_cache_is_keyed_and_never_stale(void) {
     static char out[1 << 16];
     char cmd[2048], cmd2[2200];
     const char *run = t_tmp("refcache");
-    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 3 --precompute_ref_log_probs --lora_dropout 0");
+    /* each run replaces the last one's files but the keyed cache, which it reuses when it fits */
+    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 3 --precompute_ref_log_probs --lora_dropout 0 --overwrite_output_dir");
     CHECK(t_run(cmd, out, sizeof out) == 0 && strstr(out, "computed for 12 pairs"), "first run computes:\n%s", out);
     CHECK(t_run(cmd, out, sizeof out) == 0 && strstr(out, "(cached, key"), "second run reuses:\n%s", out);
     snprintf(cmd2, sizeof cmd2, "%s --max_completion_length 12", cmd);
-    CHECK(t_run(cmd2, out, sizeof out) == 0 && strstr(out, "is stale"), "other settings recompute:\n%s", out);
     /* the cached reference gives the metrics of the on-the-fly reference */
     const char *plain = t_tmp("refplain");
     dpo_cmd(cmd, sizeof cmd, plain, "--max_steps 3 --lora_dropout 0");
@@ -245,7 +247,7 @@ static void reference_cache_is_keyed_and_never_stale(void) {
     char *ta = NULL, *tb = NULL;
     size_t na, nb;
     CHECK_OK(mb_read_file(b, &tb, &nb));
-    CHECK_OK(mb_read_file(a, &ta, &na)); /* the run keeps appending: compare the last run's first line */
+    CHECK_OK(mb_read_file(a, &ta, &na)); /* the newest run's first line */
     if (ta && tb) {
         MbJsonDoc da, db;
         char *la = ta, *lb = tb;
@@ -261,6 +263,7 @@ static void reference_cache_is_keyed_and_never_stale(void) {
         }
     }
     free(ta), free(tb);
+    CHECK(t_run(cmd2, out, sizeof out) == 0 && strstr(out, "is stale"), "other settings recompute:\n%s", out);
 }
 
 static void eval_command_prints_trl_metrics(void) {
