@@ -7082,8 +7082,8 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
 // ranks in rank order, so every rank gets bit-identical results, and both give the same bits. A
 // rank that dies or hangs stops the job with a message within --ddp_timeout on every backend,
 // never a hang. At the rendezvous every rank shows the job's fingerprint (model, tokenizer, data,
-// options) and, with MEDBOT_RDV_SECRET, proves it knows the secret. The ranks come from torchrun's
-// RANK / WORLD_SIZE.
+// options) and, with MEDBOT_RDV_SECRET, proves it knows the secret; which process is which rank
+// comes from torchrun's, Open MPI's, MPICH's or SLURM's variables (the end of this section).
 // ============================================================================================
 
 /* "rank 2" or "ranks 1, 3" (the n ranks in ranks), for the messages that name missing ranks */
@@ -8181,12 +8181,92 @@ static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world,
     return MB_OK;
 }
 
-/* torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Returns 0
- * when WORLD_SIZE is unset (a single process). */
+/* ---- the launchers' variables: which process is which rank ----
+ * torchrun's RANK / WORLD_SIZE / LOCAL_RANK; else Open MPI's OMPI_COMM_WORLD_RANK / _SIZE /
+ * _LOCAL_RANK; else MPICH's and Intel MPI's PMI_RANK / PMI_SIZE with MPI_LOCALRANKID; else
+ * SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID (SLURM_NTASKS without a step's
+ * count: an sbatch script carries its allocation's SLURM_NTASKS without being a step of that many
+ * tasks, so start the ranks with srun; rank 0's first line names the variables). MASTER_ADDR /
+ * MASTER_PORT (default 127.0.0.1:29500) place the rendezvous for all. The launcher nearest the process
+ * comes first: mpirun inside an sbatch allocation leaves the allocation's SLURM_* variables in
+ * every rank, torchrun inside srun too. A launcher that gives no local rank gets the rank: right
+ * on one machine; on several, a rank beyond the machine's GPUs fails naming it, where a guess of
+ * 0 would have put every rank on one GPU. */
+
 typedef struct {
-    int rank, world, local_rank, port;
+    int rank, world, local_rank, port; /* world 0: no launcher (one process) */
     char addr[256];
+    char source[160];                  /* where rank and world came from, for the run's first lines */
 } MbLaunchEnv;
+
+static const struct {
+    const char *on;    /* the variable that says this launcher started the process */
+    const char *rank, *size, *step_size, *local;
+} mb_launchers[] = {
+    {"WORLD_SIZE", "RANK", "WORLD_SIZE", NULL, "LOCAL_RANK"},
+    {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", NULL, "OMPI_COMM_WORLD_LOCAL_RANK"},
+    {"PMI_RANK", "PMI_RANK", "PMI_SIZE", NULL, "MPI_LOCALRANKID"},
+    {"SLURM_PROCID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"},
+};
+
+/* *set: whether environment variable `name` is set (an empty value is unset); then *out is its
+ * value, which must be a non-negative integer. */
+static MbStatus env_int(const char *name, int *out, int *set) {
+    const char *v = getenv(name);
+    *set = v && v[0];
+    if (!*set) return MB_OK;
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (*v < '0' || *v > '9' || *end || errno || x > INT_MAX)
+        return mb_fail(MB_ERR_ARG, "%s='%s' is not a non-negative integer --> check what the launcher sets", name, v);
+    *out = (int)x;
+    return MB_OK;
+}
+
+/* rank, world and local rank from launcher f */
+static MbStatus launch_from(int f, MbLaunchEnv *e) {
+    const char *size = mb_launchers[f].size, *rank = mb_launchers[f].rank, *local = mb_launchers[f].local;
+    int set = 0, rank_set = 0, local_set = 0;
+    MbStatus rc = mb_launchers[f].step_size ? env_int(mb_launchers[f].step_size, &e->world, &set) : MB_OK;
+    if (set) size = mb_launchers[f].step_size;
+    if (!rc && !set) rc = env_int(size, &e->world, &set);
+    if (!rc) rc = env_int(rank, &e->rank, &rank_set);
+    e->local_rank = e->rank;
+    if (!rc) rc = env_int(local, &e->local_rank, &local_set);
+    if (rc) return rc;
+    if (!set) return mb_fail(MB_ERR_ARG, "%s is set but %s is not --> the launcher sets both", rank, size);
+    if (!rank_set && e->world > 1)
+        return mb_fail(MB_ERR_ARG, "%s=%d is set but %s is not --> the launcher sets both", size, e->world, rank);
+    if (e->world < 1) return mb_fail(MB_ERR_ARG, "%s=0: a job has at least one rank", size);
+    if (e->rank >= e->world)
+        return mb_fail(MB_ERR_ARG, "%s=%d is outside 0..%s-1 (%s=%d)", rank, e->rank, size, size, e->world);
+    snprintf(e->source, sizeof e->source, "%s/%s%s%s%s", rank, size, local_set ? "" : " (no ",
+             local_set ? "" : local, local_set ? "" : ": local rank = rank)");
+    return MB_OK;
+}
+
+/* The rank of this process from its launcher's environment; world 0 when no launcher started it
+ * (then a single process). A malformed or half-set variable is an error naming it. */
+MB_UNUSED static MbStatus mb_launch_env(MbLaunchEnv *e) {
+    memset(e, 0, sizeof *e);
+    MbStatus rc = MB_OK;
+    for (int f = 0; f < (int)(sizeof mb_launchers / sizeof *mb_launchers); f++) {
+        const char *on = getenv(mb_launchers[f].on);
+        if (on && on[0]) {
+            rc = launch_from(f, e);
+            break;
+        }
+    }
+    int set;
+    e->port = 29500;
+    if (!rc) rc = env_int("MASTER_PORT", &e->port, &set);
+    if (!rc && (e->port < 1 || e->port > 65535))
+        rc = mb_fail(MB_ERR_ARG, "MASTER_PORT=%d is not a port (1..65535)", e->port);
+    const char *a = getenv("MASTER_ADDR");
+    snprintf(e->addr, sizeof e->addr, "%s", a && a[0] ? a : "127.0.0.1");
+    return rc;
+}
 
 /* ---- NCCL: one rank per GPU ----
  * The NCCL backend of MbComm lives in section 12 beside the CUDA driver it needs (NCCL and the
@@ -10163,7 +10243,9 @@ static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
     if (rc) return rc;
     if (gpu < 0 || gpu >= L->devices)
-        return mb_fail(MB_ERR_ARG, "rank %d: LOCAL_RANK %d has no GPU (this machine has %d)", rank, gpu, L->devices);
+        return mb_fail(MB_ERR_ARG, "rank %d: local rank %d has no GPU (this machine has %d) --> one rank per GPU: the "
+                       "launcher's local rank (LOCAL_RANK, SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK or MPI_LOCALRANKID) "
+                       "picks it", rank, gpu, L->devices);
     MbNcclUniqueId id;
     memset(&id, 0, sizeof id);
     MbCuDevice dev;
@@ -10699,30 +10781,6 @@ fail:
     return 1;
 }
 
-static int env_int(const char *name, int def, int *ok) {
-    const char *v = getenv(name);
-    if (!v || !v[0]) return def;
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*end || x < 0 || x > INT_MAX) *ok = 0;
-    return (int)x;
-}
-
-static MbStatus mb_launch_env(MbLaunchEnv *e) {
-    memset(e, 0, sizeof *e);
-    int ok = 1;
-    e->world = env_int("WORLD_SIZE", 0, &ok);
-    e->rank = env_int("RANK", 0, &ok);
-    e->local_rank = env_int("LOCAL_RANK", e->rank, &ok);
-    e->port = env_int("MASTER_PORT", 29500, &ok);
-    const char *a = getenv("MASTER_ADDR");
-    snprintf(e->addr, sizeof e->addr, "%s", a && a[0] ? a : "127.0.0.1");
-    if (!ok) return mb_fail(MB_ERR_ARG, "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be non-negative integers");
-    if (e->world && e->rank >= e->world)
-        return mb_fail(MB_ERR_ARG, "RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", e->rank, e->world);
-    return MB_OK;
-}
-
 static MbStatus arg_choice(MbArgs *a, const char *name, const char *const *choices, int n, int *out) {
     const char *v = arg_get(a, name);
     if (!v) return MB_OK;
@@ -10853,9 +10911,12 @@ static int cmd_train(MbArgs *a, int sft) {
     if (!rc) rc = args_done(a);
     if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
     if (!rc) rc = mb_launch_env(&env);
-    if (!rc && env.world > 1) { /* torchrun started this process as one rank of several: one GPU each */
+    if (!rc && env.world > 1) { /* a launcher started this process as one rank of several: one GPU each */
         job.world_size = env.world, job.rank = env.rank, job.master_port = env.port, job.master_addr = env.addr;
         job.gpu = env.local_rank;
+        if (env.rank == 0)
+            printf("data parallel: %d ranks from %s, rendezvous on %s:%d\n", env.world, env.source, env.addr, env.port);
+        fflush(stdout);
     }
     if (!rc) rc = mb_train(&job);
     if (is_demo) {

@@ -300,10 +300,10 @@ typedef struct {
     int device;                     /* MbDevice; with CUDA, --nproc N drives GPUs gpu .. gpu + N - 1 */
     int gpu;                        /* the CUDA device of this process's first rank (torchrun: LOCAL_RANK) */
     int random_init;                /* random weights (MbLoadOptions.random_init), seeded by cfg.seed */
-    /* torchrun: world_size > 1 makes this process rank `rank` of a job joined by a TCP rendezvous
-     * at master_addr:master_port, where the ranks' job fingerprints must agree (mb_rendezvous); then
-     * through NCCL on the CUDA backend (one GPU per process), through the rendezvous connections on
-     * the CPU */
+    /* a launcher (torchrun, SLURM, MPI: the CLI reads their variables): world_size > 1 makes this
+     * process rank `rank` of a job joined by a TCP rendezvous at master_addr:master_port, where the
+     * ranks' job fingerprints must agree (mb_rendezvous); then through NCCL on the CUDA backend (one
+     * GPU per process), through the rendezvous connections on the CPU */
     int world_size, rank, master_port;
     const char *master_addr;
     double ddp_timeout;             /* seconds a rank waits for the others, then the job stops; 0 = 1800 */

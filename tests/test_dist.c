@@ -1,8 +1,9 @@
 /* tests/test_dist.c: the coordinator. Collectives of the in-process backend; data-parallel DPO
  * on CPU ranks equal to one rank with the same global batch (ZeRO-1 on and off, a parameter
  * count the world size does not divide, LoRA dropout); checkpoints of one world size resumed
- * on another; SHA-256 and HMAC; the job fingerprint; the TCP rendezvous with real processes on
- * loopback (strangers on its port, the shared secret, ranks of another job). */
+ * on another; SHA-256 and HMAC; the job fingerprint; the launchers' variables; the TCP rendezvous
+ * with real processes on loopback (strangers on its port, the shared secret, ranks of another
+ * job); jobs launched by torchrun's, SLURM's and MPI's variables. */
 #include "test.h"
 
 #include <sys/wait.h>
@@ -360,6 +361,72 @@ static void job_fingerprint_reads_bytes_not_paths(void) {
     CHECK(rc != MB_OK && strstr(mb_last_error(), "/nonexistent/pairs.jsonl") && !memcmp(b.data, zero, 32), "missing data");
 }
 
+/* sets exactly the launcher variables of `env` ("NAME=value ..."), then reads them */
+static MbStatus launch_with(const char *env, MbLaunchEnv *e) {
+    static const char *const vars[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                                       "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID",
+                                       "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
+                                       "MASTER_ADDR", "MASTER_PORT"};
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) unsetenv(vars[i]);
+    char buf[512], *save = NULL;
+    snprintf(buf, sizeof buf, "%s", env);
+    for (char *kv = strtok_r(buf, " ", &save); kv; kv = strtok_r(NULL, " ", &save)) {
+        char *eq = strchr(kv, '=');
+        if (eq) *eq = 0, setenv(kv, eq + 1, 1);
+    }
+    return mb_launch_env(e);
+}
+
+static void launcher_variables_of_torchrun_slurm_openmpi_and_pmi(void) {
+    static const struct {
+        const char *env;
+        int rank, world, local;
+        const char *source;
+    } ok[] = {
+        {"", 0, 0, 0, ""},
+        {"WORLD_SIZE=4 RANK=3 LOCAL_RANK=1", 3, 4, 1, "RANK/WORLD_SIZE"},
+        {"SLURM_PROCID=2 SLURM_NTASKS=3 SLURM_LOCALID=0", 2, 3, 0, "SLURM_PROCID/SLURM_NTASKS"},
+        /* an srun step inside an sbatch allocation of 8 tasks */
+        {"SLURM_PROCID=1 SLURM_NTASKS=8 SLURM_STEP_NUM_TASKS=2 SLURM_LOCALID=1", 1, 2, 1, "SLURM_PROCID/SLURM_STEP_NUM_TASKS"},
+        /* salloc's shell: SLURM_NTASKS without a task of its own */
+        {"SLURM_NTASKS=4", 0, 0, 0, ""},
+        /* mpirun inside an sbatch allocation: Open MPI's variables win over the allocation's */
+        {"SLURM_PROCID=0 SLURM_NTASKS=8 OMPI_COMM_WORLD_RANK=5 OMPI_COMM_WORLD_SIZE=6 OMPI_COMM_WORLD_LOCAL_RANK=1", 5, 6, 1,
+         "OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE"},
+        {"PMI_RANK=3 PMI_SIZE=4 MPI_LOCALRANKID=0", 3, 4, 0, "PMI_RANK/PMI_SIZE"},
+        {"PMI_RANK=3 PMI_SIZE=4", 3, 4, 3, "PMI_RANK/PMI_SIZE (no MPI_LOCALRANKID: local rank = rank)"},
+        /* torchrun inside srun */
+        {"WORLD_SIZE=2 RANK=1 SLURM_PROCID=0 SLURM_NTASKS=1", 1, 2, 1, "RANK/WORLD_SIZE (no LOCAL_RANK: local rank = rank)"},
+    };
+    MbLaunchEnv e;
+    for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
+        MbStatus rc = launch_with(ok[i].env, &e);
+        printf("    %-70s -> rank %d of %d, local %d, from %s\n", ok[i].env[0] ? ok[i].env : "(none)", e.rank, e.world,
+               e.local_rank, e.source[0] ? e.source : "(no launcher)");
+        CHECK(rc == MB_OK && e.rank == ok[i].rank && e.world == ok[i].world && e.local_rank == ok[i].local &&
+              !strcmp(e.source, ok[i].source) && e.port == 29500 && !strcmp(e.addr, "127.0.0.1"), "%s", mb_last_error());
+    }
+    static const struct {
+        const char *env, *needle;
+    } bad[] = {
+        {"SLURM_PROCID=1", "SLURM_PROCID is set but SLURM_NTASKS is not"},
+        {"SLURM_PROCID=x1 SLURM_NTASKS=2", "SLURM_PROCID='x1' is not a non-negative integer"},
+        {"SLURM_PROCID=3 SLURM_NTASKS=3", "SLURM_PROCID=3 is outside 0..SLURM_NTASKS-1 (SLURM_NTASKS=3)"},
+        {"OMPI_COMM_WORLD_RANK=0", "OMPI_COMM_WORLD_RANK is set but OMPI_COMM_WORLD_SIZE is not"},
+        {"OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=-2", "OMPI_COMM_WORLD_SIZE='-2' is not a non-negative integer"},
+        {"PMI_RANK=0 PMI_SIZE=0", "PMI_SIZE=0: a job has at least one rank"},
+        {"PMI_RANK=1 PMI_SIZE=2 MPI_LOCALRANKID=one", "MPI_LOCALRANKID='one' is not a non-negative integer"},
+        {"WORLD_SIZE=2", "WORLD_SIZE=2 is set but RANK is not"},
+        {"WORLD_SIZE=2 RANK=0 MASTER_PORT=70000", "MASTER_PORT=70000 is not a port"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        MbStatus rc = launch_with(bad[i].env, &e);
+        printf("    %-48s -> %s\n", bad[i].env, rc ? mb_last_error() : "accepted");
+        CHECK(rc != MB_OK && strstr(mb_last_error(), bad[i].needle), "want '%s'", bad[i].needle);
+    }
+    launch_with("", &e);
+}
+
 /* ---- the TCP rendezvous, with real processes ---- */
 
 static int rdv_port(int k) { return 20000 + (int)(getpid() % 20000) + k; }
@@ -702,6 +769,42 @@ static int log_has(const char *out, int r, const char *needle) {
     return has;
 }
 
+static void slurm_openmpi_and_pmi_launch_the_same_job(void) {
+    static char out[1 << 16];
+    char sh[6000], cmd[3][1200], env[256];
+    const char *extra = "--max_steps 6 --save_steps 6", *threads = t_tmp("launch_threads");
+    rank_cmd(cmd[0], sizeof cmd[0], -1, 0, threads, extra);
+    CHECK(t_run(cmd[0], out, sizeof out) == 0, "--nproc 3: %s", out);
+    static const struct {
+        const char *name, *env, *said;
+    } launchers[] = {
+        /* srun inside an sbatch allocation of 8 tasks: the step's 3 count */
+        {"SLURM", "SLURM_PROCID=%d SLURM_LOCALID=%d SLURM_NTASKS=8 SLURM_STEP_NUM_TASKS=3",
+         "data parallel: 3 ranks from SLURM_PROCID/SLURM_STEP_NUM_TASKS"},
+        /* mpirun inside the same allocation: Open MPI's variables, not the allocation's */
+        {"Open MPI", "OMPI_COMM_WORLD_RANK=%d OMPI_COMM_WORLD_LOCAL_RANK=%d OMPI_COMM_WORLD_SIZE=3 SLURM_PROCID=0 SLURM_NTASKS=8",
+         "data parallel: 3 ranks from OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE"},
+        {"MPICH", "PMI_RANK=%d MPI_LOCALRANKID=%d PMI_SIZE=3", "data parallel: 3 ranks from PMI_RANK/PMI_SIZE"},
+    };
+    for (int k = 0; k < 3; k++) {
+        char name[32];
+        snprintf(name, sizeof name, "launch_%d", k);
+        const char *procs = t_tmp(name);
+        for (int r = 0; r < 3; r++) {
+            int n = snprintf(env, sizeof env, launchers[k].env, r, r);
+            snprintf(env + n, sizeof env - (size_t)n, " MASTER_PORT=%d", rdv_port(16 + k));
+            rank_cmd_env(cmd[r], sizeof cmd[r], env, procs, extra);
+        }
+        ranks_script(sh, sizeof sh, cmd, 3, procs, "");
+        t_run(sh, out, sizeof out);
+        int said = log_has(procs, 0, launchers[k].said), same = same_file(procs, threads, "adapter_model.safetensors");
+        printf("    3 processes launched by %s's variables: %s    rank 0 says \"%s\": %s; adapter vs --nproc 3: %s\n",
+               launchers[k].name, out, launchers[k].said, said ? "yes" : "NO", same ? "identical" : "DIFFERS");
+        CHECK(strstr(out, "rank0=0") && strstr(out, "rank1=0") && strstr(out, "rank2=0"), "%s", out);
+        CHECK(said && same, "%s launch", launchers[k].name);
+    }
+}
+
 /* a job of 2 ranks whose rank 1 has `theirs` appended to its command line (and env1 before it);
  * returns its output folder (logs beside it) */
 static const char *two_ranks_one_different(const char *name, int port, const char *env1, const char *theirs, char *out,
@@ -871,9 +974,10 @@ static void thread_rank_that_hangs_is_named(void) {
 MB_TEST_MAIN("dist", T(collectives_of_thread_ranks), T(data_parallel_equals_one_rank),
              T(data_parallel_world_size_not_dividing_parameters), T(checkpoint_resumes_on_another_world_size),
              T(sha256_and_hmac_match_published_vectors), T(job_fingerprint_reads_bytes_not_paths),
+             T(launcher_variables_of_torchrun_slurm_openmpi_and_pmi),
              T(rendezvous_success_missing_rank_and_wrong_world), T(rendezvous_port_in_use_and_listens_only_on_master_addr),
              T(rendezvous_completes_while_idle_and_garbage_connections_are_open),
              T(rendezvous_secret_is_proven_by_both_sides), T(rendezvous_joiner_checks_rank_0s_proof),
-             T(processes_over_tcp_equal_thread_ranks),
+             T(processes_over_tcp_equal_thread_ranks), T(slurm_openmpi_and_pmi_launch_the_same_job),
              T(ranks_of_another_job_are_refused), T(killed_rank_stops_the_others_and_resume_matches),
              T(hung_rank_is_named_when_ddp_timeout_runs_out), T(thread_rank_that_hangs_is_named))
