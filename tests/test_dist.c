@@ -667,12 +667,13 @@ static void rendezvous_joiner_checks_rank_0s_proof(void) {
 /* the medbot command line of one rank, started with the launcher's environment env (NULL: the
  * job's 3 ranks as --nproc 3 threads of this process) */
 static void rank_cmd_env(char *cmd, size_t cap, const char *env, const char *out, const char *extra) {
-    snprintf(cmd, cap,
-             "%s %s dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --lora " FIX "/adapter_qk "
-             "--max_length 36 --max_prompt_length 24 --max_completion_length 20 --per_device_train_batch_size 1 "
-             "--learning_rate 1e-3 --lr_scheduler_type cosine --warmup_ratio 0.1 --lora_dropout 0.1 --seed 3 "
-             "--threads 1 --logging_steps 10 %s %s",
-             env ? env : "", t_medbot(), out, extra, env ? "" : "--nproc 3");
+    int n = snprintf(cmd, cap,
+                     "%s %s dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --lora " FIX "/adapter_qk "
+                     "--max_length 36 --max_prompt_length 24 --max_completion_length 20 --per_device_train_batch_size 1 "
+                     "--learning_rate 1e-3 --lr_scheduler_type cosine --warmup_ratio 0.1 --lora_dropout 0.1 --seed 3 "
+                     "--threads 1 --logging_steps 10 %s %s",
+                     env ? env : "", t_medbot(), out, extra, env ? "" : "--nproc 3");
+    if (n < 0 || (size_t)n >= cap) T_FAIL("a command line longer than %zu bytes", cap);
 }
 
 /* the same for RANK=rank of WORLD_SIZE=3 (rank < 0: --nproc 3 threads) */
