@@ -69,7 +69,7 @@
 
 // ============================================================================================
 // ---------- 1. platform ----------
-// Error state, checked allocation, files and mmap, a thread pool, timers, JSON, RNG.
+// Error state, checked allocation, files and mmap, a thread pool, timers, JSON, RNG, SHA-256 and HMAC.
 // ============================================================================================
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -991,6 +991,150 @@ static double mb_rng_normal(MbRng *r) {
     r->spare = rad * sin(2.0 * M_PI * v);
     r->has_spare = 1;
     return rad * cos(2.0 * M_PI * v);
+}
+
+/* ---- SHA-256 (FIPS 180-4) and HMAC-SHA256 (RFC 2104) ----
+ * For the job fingerprint the ranks compare at the rendezvous, and for the proof that a rank knows
+ * MEDBOT_RDV_SECRET without sending it. Checked against NIST's and RFC 4231's vectors. */
+
+typedef struct {
+    uint32_t h[8];
+    uint64_t bytes;          /* message length so far */
+    unsigned char block[64]; /* a partial block */
+    size_t fill;
+} MbSha256;
+
+static const uint32_t mb_sha256_k[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+    0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+    0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+    0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+    0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+    0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+    0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+static uint32_t rotr32(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+/* one 64-byte block into the state h (FIPS 180-4, 6.2.2) */
+static void sha256_block(uint32_t h[8], const unsigned char *p) {
+    uint32_t w[64], v[8];
+    for (int t = 0; t < 16; t++)
+        w[t] = (uint32_t)p[4 * t] << 24 | (uint32_t)p[4 * t + 1] << 16 | (uint32_t)p[4 * t + 2] << 8 | p[4 * t + 3];
+    for (int t = 16; t < 64; t++) {
+        uint32_t s0 = rotr32(w[t - 15], 7) ^ rotr32(w[t - 15], 18) ^ (w[t - 15] >> 3);
+        uint32_t s1 = rotr32(w[t - 2], 17) ^ rotr32(w[t - 2], 19) ^ (w[t - 2] >> 10);
+        w[t] = w[t - 16] + s0 + w[t - 7] + s1;
+    }
+    memcpy(v, h, sizeof v); /* a b c d e f g h */
+    for (int t = 0; t < 64; t++) {
+        uint32_t S1 = rotr32(v[4], 6) ^ rotr32(v[4], 11) ^ rotr32(v[4], 25), ch = (v[4] & v[5]) ^ (~v[4] & v[6]);
+        uint32_t S0 = rotr32(v[0], 2) ^ rotr32(v[0], 13) ^ rotr32(v[0], 22);
+        uint32_t maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
+        uint32_t t1 = v[7] + S1 + ch + mb_sha256_k[t] + w[t], t2 = S0 + maj;
+        memmove(v + 1, v, 7 * sizeof *v); /* h = g, ..., b = a */
+        v[4] += t1;                       /* e = d + t1 */
+        v[0] = t1 + t2;
+    }
+    for (int i = 0; i < 8; i++) h[i] += v[i];
+}
+
+static void sha256_init(MbSha256 *s) {
+    static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    memset(s, 0, sizeof *s);
+    memcpy(s->h, h0, sizeof h0);
+}
+
+static void sha256_update(MbSha256 *s, const void *data, size_t n) {
+    const unsigned char *p = data;
+    s->bytes += n;
+    while (n) {
+        if (s->fill == 0 && n >= 64) {
+            sha256_block(s->h, p);
+            p += 64, n -= 64;
+            continue;
+        }
+        size_t k = MB_MIN(64 - s->fill, n);
+        memcpy(s->block + s->fill, p, k);
+        s->fill += k, p += k, n -= k;
+        if (s->fill == 64) sha256_block(s->h, s->block), s->fill = 0;
+    }
+}
+
+static void sha256_final(MbSha256 *s, unsigned char out[32]) {
+    uint64_t bits = s->bytes * 8;
+    unsigned char pad[72] = {0x80}; /* 0x80, zeros to 56 mod 64, the length in bits (big-endian) */
+    size_t npad = (s->fill < 56 ? 56 : 120) - s->fill;
+    for (int i = 0; i < 8; i++) pad[npad + (size_t)i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha256_update(s, pad, npad + 8);
+    for (int i = 0; i < 32; i++) out[i] = (unsigned char)(s->h[i / 4] >> (24 - 8 * (i % 4)));
+}
+
+static void sha256(const void *data, size_t n, unsigned char out[32]) {
+    MbSha256 s;
+    sha256_init(&s);
+    sha256_update(&s, data, n);
+    sha256_final(&s, out);
+}
+
+typedef struct {
+    MbSha256 inner, outer;
+} MbHmac;
+
+static void hmac_init(MbHmac *m, const void *key, size_t n) {
+    unsigned char k[64] = {0}, pad[64];
+    if (n > 64) sha256(key, n, k); /* a key longer than a block is hashed first */
+    else if (n) memcpy(k, key, n);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x36;
+    sha256_init(&m->inner), sha256_update(&m->inner, pad, 64);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x5c;
+    sha256_init(&m->outer), sha256_update(&m->outer, pad, 64);
+}
+
+static void hmac_update(MbHmac *m, const void *data, size_t n) { sha256_update(&m->inner, data, n); }
+
+static void hmac_final(MbHmac *m, unsigned char out[32]) {
+    unsigned char ih[32];
+    sha256_final(&m->inner, ih);
+    sha256_update(&m->outer, ih, 32);
+    sha256_final(&m->outer, out);
+}
+
+/* a == b over n bytes, in a time that does not depend on where they differ */
+static int mb_equal_ct(const unsigned char *a, const unsigned char *b, size_t n) {
+    unsigned d = 0;
+    for (size_t i = 0; i < n; i++) d |= (unsigned)(a[i] ^ b[i]);
+    return d == 0;
+}
+
+/* n unpredictable bytes from /dev/urandom; where it cannot be read, SHA-256 of the clocks, the
+ * process id and a stack address (unique per call, but guessable: a last resort) */
+static void mb_random_bytes(void *out, size_t n) {
+    size_t got = 0;
+    int fd = open("/dev/urandom", O_RDONLY);
+    while (fd >= 0 && got < n) {
+        ssize_t k = read(fd, (char *)out + got, n - got);
+        if (k > 0) got += (size_t)k;
+        else if (k == 0 || errno != EINTR) break;
+    }
+    if (fd >= 0) close(fd);
+    for (size_t i = 0; got < n; i++) {
+        struct {
+            struct timespec real, mono;
+            long pid;
+            const void *stack;
+            size_t i;
+        } mix;
+        memset(&mix, 0, sizeof mix);
+        clock_gettime(CLOCK_REALTIME, &mix.real), clock_gettime(CLOCK_MONOTONIC, &mix.mono);
+        mix.pid = (long)getpid(), mix.stack = (const void *)&mix, mix.i = i;
+        unsigned char h[32];
+        sha256(&mix, sizeof mix, h);
+        size_t k = MB_MIN(n - got, sizeof h);
+        memcpy((char *)out + got, h, k);
+        got += k;
+    }
 }
 
 // ============================================================================================
@@ -2503,17 +2647,19 @@ static char *tokenizer_in(const char *dir) {
     return NULL;
 }
 
+/* The tokenizer file PATH names: PATH itself, or the tokenizer file of a folder. *file is malloc'd. */
+static MbStatus tok_file(const char *path, char **file) {
+    *file = mb_is_dir(path) ? tokenizer_in(path) : mb_strdup(path);
+    return *file ? MB_OK : mb_fail(MB_ERR_IO, "%s: no tokenizer.json or tokenizer.model in this folder", path);
+}
+
 MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out) {
     char *file = NULL, *text = NULL;
     size_t n;
     *out = NULL;
-    if (mb_is_dir(path)) {
-        if (!(file = tokenizer_in(path)))
-            return mb_fail(MB_ERR_IO, "%s: no tokenizer.json or tokenizer.model in this folder", path);
-    } else {
-        file = mb_strdup(path);
-    }
-    MbStatus st = mb_read_file(file, &text, &n);
+    MbStatus st = tok_file(path, &file);
+    if (st) return st;
+    st = mb_read_file(file, &text, &n);
     if (!st) st = tok_from_text(file, text, n, out);
     free(text);
     /* tokenizer_config.json beside the tokenizer names its bos/eos, as AutoTokenizer reads it */
@@ -6003,10 +6149,11 @@ struct MbComm {
 
 #define MB_DDP_TIMEOUT 1800.0 /* seconds: TrainingArguments.ddp_timeout */
 static void mb_comm_threads_new(int world, double timeout, MbComm **comms);
-static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, double timeout, MbComm **out);
+static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
+                                double timeout, MbComm **out);
 /* section 12: NCCL between GPUs (one rank per process, or `world` GPUs driven by one process) */
-static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, double timeout,
-                                 MbComm **out);
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
+                                 double timeout, MbComm **out);
 static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms);
 static int mb_device_resolve(int device, int *explicit_choice);
 
@@ -7108,11 +7255,18 @@ MbStatus mb_train(const MbTrainJob *job) {
     MbComm **comms = mb_calloc((size_t)world, sizeof *comms);
     MbTrainJob j = *job;
     const char *addr = job->master_addr ? job->master_addr : "127.0.0.1";
+    /* the ranks of a multi-process job prove at the rendezvous that they run the same job */
+    MbJobFingerprint *fp = dist ? mb_malloc(sizeof *fp) : NULL;
+    MbStatus fp_rc = fp ? mb_job_fingerprint(job, fp) : MB_OK;
+    char *fp_err = fp_rc ? mb_strdup(mb_last_error()) : NULL; /* more precise than the rendezvous' refusal */
+    int port = job->master_port, rank = job->rank, size = job->world_size;
     if (dist && device == MB_DEVICE_CUDA)
-        rc = mb_comm_nccl_new(addr, job->master_port, job->rank, job->world_size, job->gpu, job->ddp_timeout, &comms[0]);
-    else if (dist) rc = mb_comm_tcp_new(addr, job->master_port, job->rank, job->world_size, job->ddp_timeout, &comms[0]);
+        rc = mb_comm_nccl_new(addr, port, rank, size, job->gpu, fp, job->ddp_timeout, &comms[0]);
+    else if (dist) rc = mb_comm_tcp_new(addr, port, rank, size, fp, job->ddp_timeout, &comms[0]);
     else if (device == MB_DEVICE_CUDA && world > 1) rc = mb_comm_nccl_new_all(world, job->gpu, job->ddp_timeout, comms), j.device = device;
     else mb_comm_threads_new(world, job->ddp_timeout, comms);
+    if (rc && fp_err) rc = mb_fail(fp_rc, "%s", fp_err);
+    free(fp), free(fp_err);
     if (rc) {
         free(comms);
         return rc;
@@ -7510,12 +7664,14 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
 // Data parallelism as DeepSpeed runs the card: every rank holds the model and the adapter, runs
 // its share of the micro-batches, and the gradients are summed across ranks. MbComm is the
 // collective interface, on fp32 buffers, with three backends: in-process threads (CPU ranks with
-// --nproc; what most tests use), TCP (CPU ranks in separate processes joined by a rendezvous that
-// reads torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT) and NCCL (one rank per GPU:
-// processes joined by the same rendezvous, or one process driving several GPUs with --nproc; in
-// section 12). The CPU backends sum over the ranks in rank order, so every rank gets bit-identical
-// results, and both give the same bits. A rank that dies or hangs stops the job with a message
-// within --ddp_timeout on every backend, never a hang.
+// --nproc; what most tests use), TCP (CPU ranks in separate processes joined by a rendezvous at
+// MASTER_ADDR / MASTER_PORT) and NCCL (one rank per GPU: processes joined by the same rendezvous,
+// or one process driving several GPUs with --nproc; in section 12). The CPU backends sum over the
+// ranks in rank order, so every rank gets bit-identical results, and both give the same bits. A
+// rank that dies or hangs stops the job with a message within --ddp_timeout on every backend,
+// never a hang. At the rendezvous every rank shows the job's fingerprint (model, tokenizer, data,
+// options) and, with MEDBOT_RDV_SECRET, proves it knows the secret; which process is which rank
+// comes from torchrun's, Open MPI's, MPICH's or SLURM's variables (the end of this section).
 // ============================================================================================
 
 /* "rank 2" or "ranks 1, 3" (the n ranks in ranks), for the messages that name missing ranks */
@@ -7687,19 +7843,209 @@ static void mb_comm_threads_new(int world, double timeout, MbComm **comms) {
     }
 }
 
-/* ---- TCP rendezvous: rank 0 hands a blob (NCCL's unique id) to every other rank ----
- * Rank 0 listens on MASTER_ADDR:MASTER_PORT only; each other rank connects (retrying until the
- * timeout) and sends {magic, rank, world}; rank 0 checks every hello (world size agrees, rank in
- * range and unique) and answers each with a status and the blob, or with the reason it refused. */
+/* ---- the job fingerprint: what every rank of a job must share ----
+ * Compared at the rendezvous, before any rank loads anything: a rank started with other data,
+ * another model or other options would otherwise add gradients of another job into this one. */
 
+#define MB_FP_BLOCKS 64   /* blocks sampled from a safetensors file's data */
+#define MB_FP_BLOCK 4096  /* bytes per block */
+
+/* v into s as 8 bytes, little-endian */
+static void fp_u64(MbSha256 *s, uint64_t v) {
+    unsigned char b[8];
+    for (int i = 0; i < 8; i++) b[i] = (unsigned char)(v >> (8 * i));
+    sha256_update(s, b, 8);
+}
+
+/* n bytes into s after their length, so that consecutive parts cannot run into each other */
+static void fp_part(MbSha256 *s, const void *p, size_t n) {
+    fp_u64(s, n);
+    sha256_update(s, p, n);
+}
+
+static MbStatus fp_file(MbSha256 *s, const char *path) {
+    MbMap m;
+    MbStatus rc = mb_map_file(path, &m);
+    if (rc) return rc;
+    fp_part(s, m.data, m.size);
+    mb_unmap(&m);
+    return MB_OK;
+}
+
+/* A safetensors file, sampled: its size, its header, and MB_FP_BLOCKS blocks of its data spread
+ * evenly from the first byte to the last (all of it when that is smaller). */
+static MbStatus fp_safetensors(MbSha256 *s, const char *path) {
+    MbMap m;
+    MbStatus rc = mb_map_file(path, &m);
+    if (rc) return rc;
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0 && m.size >= 8; i--) hlen = (hlen << 8) | m.data[i];
+    size_t head = m.size >= 8 && hlen <= m.size - 8 ? 8 + (size_t)hlen : m.size; /* not safetensors: all header */
+    const unsigned char *data = m.data + head;
+    size_t len = m.size - head;
+    fp_u64(s, m.size), fp_part(s, m.data, head);
+    if (len <= (size_t)MB_FP_BLOCKS * MB_FP_BLOCK) fp_part(s, data, len);
+    for (int k = 0; len > (size_t)MB_FP_BLOCKS * MB_FP_BLOCK && k < MB_FP_BLOCKS; k++)
+        fp_part(s, data + (size_t)((uint64_t)(len - MB_FP_BLOCK) * (uint64_t)k / (MB_FP_BLOCKS - 1)), MB_FP_BLOCK);
+    mb_unmap(&m);
+    return MB_OK;
+}
+
+/* config.json whole, then every safetensors file of the folder sampled (in the index's order) */
+static MbStatus fp_model(const MbTrainJob *job, unsigned char out[32]) {
+    MbSha256 s;
+    sha256_init(&s);
+    char *cfg = mb_path_join(job->model_dir, "config.json");
+    MbStatus rc = fp_file(&s, cfg);
+    free(cfg);
+    if (!rc && job->random_init) { /* the weights are drawn from the seed */
+        fp_part(&s, "random_init", 11), fp_u64(&s, (uint64_t)(int64_t)job->cfg.seed);
+    } else if (!rc) {
+        MbSafetensors *st;
+        rc = mb_safetensors_open(job->model_dir, &st);
+        for (ptrdiff_t i = 0; !rc && i < arrlen(st->files); i++) rc = fp_safetensors(&s, st->files[i]);
+        if (st) mb_safetensors_close(st);
+    }
+    if (!rc) sha256_final(&s, out);
+    return rc;
+}
+
+/* the tokenizer file, and the tokenizer_config.json beside it when there is one */
+static MbStatus fp_tokenizer(const MbTrainJob *job, unsigned char out[32]) {
+    MbSha256 s;
+    sha256_init(&s);
+    char *file;
+    MbStatus rc = tok_file(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &file);
+    if (rc) return rc;
+    rc = fp_file(&s, file);
+    char *dir = mb_path_dirname(file), *cfg = mb_path_join(dir, "tokenizer_config.json");
+    if (!rc && mb_is_file(cfg)) rc = fp_file(&s, cfg);
+    free(file), free(dir), free(cfg);
+    if (!rc) sha256_final(&s, out);
+    return rc;
+}
+
+static MbStatus fp_data(const MbTrainJob *job, unsigned char out[32]) {
+    MbSha256 s;
+    sha256_init(&s);
+    MbStatus rc = MB_OK;
+    const char *files[2] = {job->data_path, job->eval_data_path};
+    for (int i = 0; i < 2 && !rc; i++) {
+        fp_part(&s, files[i] ? "file" : "none", 4);
+        if (files[i]) rc = fp_file(&s, files[i]);
+    }
+    if (!rc) sha256_final(&s, out);
+    return rc;
+}
+
+/* a lora_init adapter: adapter_config.json whole, adapter_model.safetensors sampled */
+static MbStatus fp_adapter(const char *dir, unsigned char out[32]) {
+    MbSha256 s;
+    sha256_init(&s);
+    char *cfg = mb_path_join(dir, "adapter_config.json"), *st = mb_path_join(dir, "adapter_model.safetensors");
+    MbStatus rc = fp_file(&s, cfg);
+    if (!rc) rc = fp_safetensors(&s, st);
+    free(cfg), free(st);
+    if (!rc) sha256_final(&s, out);
+    return rc;
+}
+
+/* "key=value\n" with the shortest decimal that reads back as v */
+static void opt_num(char **sb, const char *key, double v) {
+    char b[40];
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(b, sizeof b, "%.*g", prec, v);
+        if (strtod(b, NULL) == v) break;
+    }
+    sb_printf(sb, "%s=%s\n", key, b);
+}
+
+/* The options that change the math (or the ranks' sequence of collectives), one "name=value"
+ * line each in a fixed order, named as on the command line. adapter: the lora_init digest. */
+static void fp_options(const MbTrainJob *job, const unsigned char *adapter, char *out, size_t cap) {
+    const MbTrainConfig *c = &job->cfg;
+    char *sb = NULL, targets[128] = "";
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+        if (c->lora.targets & (1u << i))
+            snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%s", targets[0] ? "," : "",
+                     lora_module_name(i));
+    sb_printf(&sb, "command=%s\nloss_type=%s\n", job->sft ? "sft" : "dpo",
+              c->loss_type >= 0 && c->loss_type < 4 ? mb_loss_names[c->loss_type] : "?");
+    opt_num(&sb, "beta", c->beta), opt_num(&sb, "label_smoothing", c->label_smoothing);
+    opt_num(&sb, "learning_rate", c->learning_rate);
+    sb_printf(&sb, "lr_scheduler_type=%s\n",
+              c->lr_scheduler_type >= 0 && c->lr_scheduler_type < 4 ? mb_sched_names[c->lr_scheduler_type] : "?");
+    opt_num(&sb, "warmup_ratio", c->warmup_ratio);
+    sb_printf(&sb, "warmup_steps=%d\nper_device_train_batch_size=%d\nper_device_eval_batch_size=%d\n"
+              "gradient_accumulation_steps=%d\n", c->warmup_steps, c->per_device_train_batch_size,
+              c->per_device_eval_batch_size, c->gradient_accumulation_steps);
+    opt_num(&sb, "num_train_epochs", c->num_train_epochs);
+    sb_printf(&sb, "max_steps=%d\nmax_length=%d\nmax_prompt_length=%d\nmax_completion_length=%d\nadd_bos=%d\n"
+              "lora_r=%d\n", c->max_steps, c->max_length, c->max_prompt_length, c->max_completion_length, c->add_bos,
+              c->lora.r);
+    opt_num(&sb, "lora_alpha", c->lora.alpha), opt_num(&sb, "lora_dropout", c->lora.dropout);
+    sb_printf(&sb, "use_rslora=%d\nlora_target_modules=%s\ngradient_checkpointing=%d\nprecompute_ref_log_probs=%d\n"
+              "shuffle=%d\nseed=%d\n", c->lora.use_rslora, targets, c->gradient_checkpointing,
+              c->precompute_ref_log_probs, c->shuffle, c->seed);
+    opt_num(&sb, "eval_split", c->eval_split), opt_num(&sb, "weight_decay", c->weight_decay);
+    opt_num(&sb, "adam_beta1", c->adam_beta1), opt_num(&sb, "adam_beta2", c->adam_beta2);
+    opt_num(&sb, "adam_epsilon", c->adam_epsilon), opt_num(&sb, "max_grad_norm", c->max_grad_norm);
+    sb_printf(&sb, "logging_steps=%d\nsave_steps=%d\neval_steps=%d\nload_in_4bit=%d\nbnb_4bit_compute_dtype=%s\n"
+              "zero_stage=%d\nrandom_init=%d\nlora=", c->logging_steps, c->save_steps, c->eval_steps,
+              job->load_in_4bit, job->bnb_4bit_compute_dtype ? job->bnb_4bit_compute_dtype : "default",
+              job->zero_stage, job->random_init);
+    for (int i = 0; adapter && i < 8; i++) sb_printf(&sb, "%02x", adapter[i]); /* 64 bits name it in a message */
+    sb_printf(&sb, "%s\n", adapter ? "" : job->lora_init ? "unread" : "none");
+    snprintf(out, cap, "%s", sb);
+    arrfree(sb);
+}
+
+MbStatus mb_job_fingerprint(const MbTrainJob *job, MbJobFingerprint *fp) {
+    memset(fp, 0, sizeof *fp);
+    unsigned char adapter[32];
+    int have_adapter = 0;
+    MbStatus rc = fp_model(job, fp->model);
+    if (!rc) rc = fp_tokenizer(job, fp->tokenizer);
+    if (!rc) rc = fp_data(job, fp->data);
+    if (!rc && job->lora_init) rc = fp_adapter(job->lora_init, adapter), have_adapter = !rc;
+    fp_options(job, have_adapter ? adapter : NULL, fp->options_text, sizeof fp->options_text);
+    sha256(fp->options_text, strlen(fp->options_text), fp->options);
+    return rc;
+}
+
+/* ---- TCP rendezvous: rank 0 hands a blob (NCCL's unique id) to every other rank ----
+ * Rank 0 listens on MASTER_ADDR:MASTER_PORT only and serves the joins concurrently (one poll over
+ * the listening socket and every connection that has not joined yet), so a connection that sends
+ * nothing or garbage costs no one but itself: it is dropped at its first wrong byte or
+ * MB_RDV_CONN_S seconds after it was accepted. The exchange (integers are little-endian u64):
+ *   rank 0 -> joiner  challenge, at once: magic, flags (1: rank 0 has the secret), nonce0 (32)
+ *   joiner -> rank 0  hello: magic, rank, world, flags (1: it has the secret), nonce1 (32), the
+ *                     fingerprint's digests (model, tokenizer, data, options: 4 x 32), the length
+ *                     of the options text, the text, then HMAC(secret, "hello" nonce0 hello)
+ *   rank 0 -> joiner  answer, once every rank has joined or the job stops: status (0 joined, 1
+ *                     refused), length, the blob or the reason, HMAC(secret, "answer" nonce1
+ *                     nonce0 answer)
+ * The secret is MEDBOT_RDV_SECRET (MACs are zeros without one). A hello that cannot prove it is
+ * turned away and rank 0 keeps waiting for the real rank, so that with a secret only those who
+ * know it can stop a job; any other mismatch (a secret on the joiner only, WORLD_SIZE, a rank out
+ * of range or taken, the fingerprint) stops the job, and rank 0 tells every rank that joined why.
+ * The secret authenticates joining; the traffic is not encrypted. */
+
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 
-#define MB_RDV_MAGIC 0x6d6564626f745231ull /* "medbotR1" */
+#define MB_RDV_MAGIC 0x6d6564626f745232ull /* "medbotR2" */
 #define MB_RDV_MAX_BLOB 4096
+#define MB_RDV_CHALLENGE 48   /* magic, flags, nonce0 */
+#define MB_RDV_HELLO 200      /* a hello up to its options text */
+#define MB_RDV_MAX_TEXT 4095  /* options text bytes (MbJobFingerprint.options_text holds them) */
+#define MB_RDV_CONN_S 10.0    /* seconds a connection has, from accept, to send its hello */
+#define MB_RDV_MAX_PENDING 64 /* connections waiting for their hello at once; more are closed */
+#define MB_RDV_SECRET "MEDBOT_RDV_SECRET"
 
 #ifndef MSG_NOSIGNAL /* macOS: SO_NOSIGPIPE on the socket instead */
 #define MSG_NOSIGNAL 0
@@ -7760,85 +8106,363 @@ static MbStatus rdv_resolve(const char *addr, int port, struct addrinfo **out) {
     return MB_OK;
 }
 
-/* Rank 0: accepts world - 1 ranks, then sends each the blob (or the reason for refusing). */
-static MbStatus rdv_serve(const char *addr, int port, int world, const void *blob, size_t n, double timeout, int *keep) {
+/* a u64 field as an int (large values stay large: never a valid rank or size) */
+static int rdv_get_int(const unsigned char *b) { return (int)MB_MIN(rdv_get_u64(b), (uint64_t)INT_MAX); }
+
+/* HMAC(secret, label a b msg) into out (b may be NULL); zeros without a secret */
+static void rdv_mac(const char *secret, const char *label, const unsigned char *a, const unsigned char *b,
+                    const unsigned char *msg, size_t n, unsigned char out[32]) {
+    memset(out, 0, 32);
+    if (!secret) return;
+    MbHmac h;
+    hmac_init(&h, secret, strlen(secret));
+    hmac_update(&h, label, strlen(label) + 1);
+    hmac_update(&h, a, 32);
+    if (b) hmac_update(&h, b, 32);
+    hmac_update(&h, msg, n);
+    hmac_final(&h, out);
+}
+
+static int rdv_is_loopback(const struct sockaddr *sa) {
+    if (sa->sa_family == AF_INET) {
+        struct sockaddr_in in;
+        memcpy(&in, sa, sizeof in);
+        return (ntohl(in.sin_addr.s_addr) >> 24) == 127;
+    }
+    if (sa->sa_family == AF_INET6) {
+        struct sockaddr_in6 in6;
+        memcpy(&in6, sa, sizeof in6);
+        const struct in6_addr *a = &in6.sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
+/* the numeric address of fd's peer, for messages */
+static void rdv_peer_name(int fd, char *buf, size_t cap) {
+    struct sockaddr_storage ss;
+    socklen_t n = sizeof ss;
+    if (getpeername(fd, (struct sockaddr *)&ss, &n) != 0 ||
+        getnameinfo((struct sockaddr *)&ss, n, buf, (socklen_t)cap, NULL, 0, NI_NUMERICHOST) != 0)
+        snprintf(buf, cap, "an unknown address");
+}
+
+/* The first option that differs between rank 0's text a and rank r's text b, as
+ * "beta=0.2 on rank 1, beta=0.1 on rank 0". */
+static void rdv_options_diff(const char *a, const char *b, int r, char *out, size_t cap) {
+    while (*a || *b) {
+        size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
+        if (la != lb || memcmp(a, b, la)) {
+            snprintf(out, cap, "%.*s on rank %d, %.*s on rank 0", (int)lb, b, r, (int)la, a);
+            return;
+        }
+        a += la + (a[la] == '\n'), b += lb + (b[lb] == '\n');
+    }
+    snprintf(out, cap, "the same text, another digest");
+}
+
+/* What differs between rank 0's fingerprint a and rank r's b, into why ("" when nothing does). */
+static void rdv_compare(const MbJobFingerprint *a, const MbJobFingerprint *b, int r, char *why, size_t cap) {
+    static const unsigned char unread[32];
+    const struct {
+        const uint8_t *x, *y;
+        const char *what, *verb, *hint;
+    } part[] = {
+        {a->model, b->model, "model files", "differ", "give every rank the same --model folder (or a copy of it)"},
+        {a->tokenizer, b->tokenizer, "tokenizer", "differs", "give every rank the same --tokenizer"},
+        {a->data, b->data, "training data", "differs", "give every rank the same --data and --eval_data"},
+        {a->options, b->options, "options", "differ", "give every rank the same options"},
+    };
+    why[0] = 0;
+    for (int i = 0; i < 4 && !why[0]; i++) {
+        if (!memcmp(part[i].x, part[i].y, 32)) continue;
+        int gone0 = !memcmp(part[i].x, unread, 32), gone = !memcmp(part[i].y, unread, 32);
+        char detail[300] = "";
+        if (i == 3 && !gone0 && !gone) {
+            strcpy(detail, ": ");
+            rdv_options_diff(a->options_text, b->options_text, r, detail + 2, sizeof detail - 2);
+        }
+        if (gone0 || gone)
+            snprintf(why, cap, "rank %d could not read its %s --> %s", gone0 ? 0 : r, part[i].what, part[i].hint);
+        else
+            snprintf(why, cap, "rank %d's %s %s from rank 0's%s --> %s", r, part[i].what, part[i].verb, detail,
+                     part[i].hint);
+    }
+}
+
+/* Rank 0's side of one rendezvous. */
+typedef struct {
+    int fd;                  /* -1: a free slot */
+    double deadline;         /* MB_RDV_CONN_S after accept, never past the rendezvous' own */
+    unsigned char nonce[32]; /* the challenge it was sent */
+    unsigned char *buf;      /* (MB_RDV_HELLO + MB_RDV_MAX_TEXT + 32) its hello so far */
+    size_t got;
+} MbRdvConn;
+
+typedef struct {
+    const char *addr, *secret;  /* secret: MEDBOT_RDV_SECRET, NULL when unset */
+    int port, world, joined;
+    const MbJobFingerprint *fp; /* rank 0's */
+    int *peer;                  /* (world) the socket of each rank that joined, or -1 */
+    unsigned char (*nonces)[64]; /* (world) each joined rank's nonce1 and nonce0, for its answer's MAC */
+    MbRdvConn conn[MB_RDV_MAX_PENDING];
+    char why[512];              /* why the job stops: "" while nothing stops it */
+    char turned[160];           /* the first connection turned away for the secret, for the timeout message */
+    int n_turned;
+} MbRdvServer;
+
+/* Sends an answer (status, length, payload, MAC) within MB_RDV_CONN_S: 1 when it went out. */
+static int rdv_answer(int fd, const char *secret, int status, const void *payload, size_t n, const unsigned char *nonce1,
+                      const unsigned char *nonce0) {
+    unsigned char *a = mb_malloc(16 + n + 32);
+    rdv_put_u64(a, (uint64_t)status), rdv_put_u64(a + 8, n);
+    if (n) memcpy(a + 16, payload, n);
+    rdv_mac(secret, "answer", nonce1, nonce0, a, 16 + n, a + 16 + n);
+    int ok = sock_io(fd, a, 16 + n + 32, mb_now() + MB_RDV_CONN_S, 1) == 1;
+    free(a);
+    return ok;
+}
+
+static void rdv_drop(MbRdvServer *S, int i, int close_it) {
+    if (close_it) close(S->conn[i].fd);
+    free(S->conn[i].buf);
+    S->conn[i].fd = -1, S->conn[i].buf = NULL;
+}
+
+/* Accepts a connection and challenges it at once (into a free slot; none free: closed). */
+static void rdv_accept(MbRdvServer *S, int lfd, double deadline) {
+    int c = accept(lfd, NULL, NULL), i = 0;
+    if (c < 0) return;
+    while (i < MB_RDV_MAX_PENDING && S->conn[i].fd >= 0) i++;
+    if (i == MB_RDV_MAX_PENDING) { /* a flood: a real rank that is closed on tries again */
+        close(c);
+        return;
+    }
+    MbRdvConn *k = &S->conn[i];
+    fcntl(c, F_SETFL, fcntl(c, F_GETFL) | O_NONBLOCK);
+    rdv_nosigpipe(c);
+    k->deadline = MB_MIN(mb_now() + MB_RDV_CONN_S, deadline);
+    mb_random_bytes(k->nonce, sizeof k->nonce);
+    unsigned char ch[MB_RDV_CHALLENGE];
+    rdv_put_u64(ch, MB_RDV_MAGIC), rdv_put_u64(ch + 8, S->secret != NULL);
+    memcpy(ch + 16, k->nonce, 32);
+    if (sock_io(c, ch, sizeof ch, k->deadline, 1) != 1) { /* 48 bytes into an empty send buffer: at once */
+        close(c);
+        return;
+    }
+    k->fd = c, k->got = 0;
+    k->buf = mb_malloc(MB_RDV_HELLO + MB_RDV_MAX_TEXT + 32);
+}
+
+/* A hello that could not prove MEDBOT_RDV_SECRET: told why and closed; rank 0 waits on. */
+static void rdv_turn_away(MbRdvServer *S, int i, int r) {
+    MbRdvConn *k = &S->conn[i];
+    char from[64], why[256];
+    rdv_peer_name(k->fd, from, sizeof from);
+    snprintf(why, sizeof why, "rank %d did not prove " MB_RDV_SECRET ": the secret differs or is unset on one side --> "
+             "set the same " MB_RDV_SECRET " on every rank", r);
+    rdv_answer(k->fd, S->secret, 1, why, strlen(why), k->buf + 32, k->nonce);
+    fprintf(stderr, "medbot: rendezvous on %s:%d: turned away a connection from %s that claims rank %d: it did not "
+            "prove " MB_RDV_SECRET "; waiting on for the job's ranks\n", S->addr, S->port, from, r);
+    if (!S->n_turned++) snprintf(S->turned, sizeof S->turned, "rank %d from %s", r, from);
+    rdv_drop(S, i, 1);
+}
+
+/* A whole hello on connection i: the rank joins, is turned away, or stops the job (S->why). */
+static void rdv_admit(MbRdvServer *S, int i) {
+    MbRdvConn *k = &S->conn[i];
+    const unsigned char *h = k->buf;
+    size_t len = (size_t)rdv_get_u64(h + 192);
+    int r = rdv_get_int(h + 8), w = rdv_get_int(h + 16), has_secret = (int)(rdv_get_u64(h + 24) & 1);
+    unsigned char mac[32];
+    rdv_mac(S->secret, "hello", k->nonce, NULL, h, MB_RDV_HELLO + len, mac);
+    if (S->secret && (!has_secret || !mb_equal_ct(mac, h + MB_RDV_HELLO + len, 32))) {
+        rdv_turn_away(S, i, r);
+        return;
+    }
+    char why[512] = "";
+    if (!S->secret && has_secret)
+        snprintf(why, sizeof why, "rank %d has " MB_RDV_SECRET " set and rank 0 has not: the secret differs or is unset on "
+                 "one side --> set the same " MB_RDV_SECRET " on every rank", r);
+    else if (w != S->world)
+        snprintf(why, sizeof why, "rank %d says WORLD_SIZE=%d, rank 0 has WORLD_SIZE=%d", r, w, S->world);
+    else if (r <= 0 || r >= S->world || S->peer[r] >= 0)
+        snprintf(why, sizeof why, "a rank joined as RANK=%d, which is %s", r,
+                 r <= 0 || r >= S->world ? "outside 1..WORLD_SIZE-1" : "taken twice");
+    else {
+        MbJobFingerprint *theirs = mb_calloc(1, sizeof *theirs);
+        memcpy(theirs->model, h + 64, 32), memcpy(theirs->tokenizer, h + 96, 32);
+        memcpy(theirs->data, h + 128, 32), memcpy(theirs->options, h + 160, 32);
+        memcpy(theirs->options_text, h + MB_RDV_HELLO, len);
+        rdv_compare(S->fp, theirs, r, why, sizeof why);
+        free(theirs);
+    }
+    if (why[0]) { /* tell the offender too */
+        rdv_answer(k->fd, S->secret, 1, why, strlen(why), h + 32, k->nonce);
+        snprintf(S->why, sizeof S->why, "%s", why);
+        rdv_drop(S, i, 1);
+        return;
+    }
+    S->peer[r] = k->fd;
+    memcpy(S->nonces[r], h + 32, 32), memcpy(S->nonces[r] + 32, k->nonce, 32);
+    S->joined++;
+    rdv_drop(S, i, 0);
+}
+
+/* Reads what connection i has sent: a wrong magic, a text too long or a hang-up drops it; a
+ * whole hello goes to rdv_admit. */
+static void rdv_read(MbRdvServer *S, int i) {
+    MbRdvConn *k = &S->conn[i];
+    size_t need = k->got < MB_RDV_HELLO ? MB_RDV_HELLO : MB_RDV_HELLO + (size_t)rdv_get_u64(k->buf + 192) + 32;
+    ssize_t n = recv(k->fd, k->buf + k->got, need - k->got, 0);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    k->got += n > 0 ? (size_t)n : 0;
+    int bad = n <= 0 || (k->got >= 8 && rdv_get_u64(k->buf) != MB_RDV_MAGIC) || /* gone, or not one of ours */
+              (k->got >= MB_RDV_HELLO && rdv_get_u64(k->buf + 192) > MB_RDV_MAX_TEXT);
+    if (bad) rdv_drop(S, i, 1);
+    else if (k->got >= MB_RDV_HELLO && k->got == MB_RDV_HELLO + (size_t)rdv_get_u64(k->buf + 192) + 32) rdv_admit(S, i);
+}
+
+/* Serves connections until every rank has joined, the job stops, or the deadline passes. */
+static void rdv_wait(MbRdvServer *S, int lfd, double deadline) {
+    struct pollfd pf[1 + MB_RDV_MAX_PENDING];
+    int who[1 + MB_RDV_MAX_PENDING];
+    while (S->joined < S->world - 1 && !S->why[0]) {
+        double now = mb_now(), next = deadline;
+        if (now >= deadline) break;
+        int np = 1;
+        pf[0].fd = lfd, pf[0].events = POLLIN, pf[0].revents = 0;
+        for (int i = 0; i < MB_RDV_MAX_PENDING; i++) {
+            MbRdvConn *k = &S->conn[i];
+            if (k->fd < 0) continue;
+            if (now >= k->deadline) { /* silent, or too slow, for too long */
+                rdv_drop(S, i, 1);
+                continue;
+            }
+            next = MB_MIN(next, k->deadline);
+            pf[np].fd = k->fd, pf[np].events = POLLIN, pf[np].revents = 0, who[np++] = i;
+        }
+        if (poll(pf, (nfds_t)np, (int)ceil(MB_MIN(next - now, 3600.0) * 1000)) <= 0) continue;
+        for (int j = 1; j < np && !S->why[0]; j++)
+            if (pf[j].revents) rdv_read(S, who[j]);
+        if (pf[0].revents && !S->why[0]) rdv_accept(S, lfd, deadline);
+    }
+}
+
+static MbStatus rdv_listen(const char *addr, int port, int *out, int *loopback) {
     struct addrinfo *ai;
     MbStatus rc = rdv_resolve(addr, port, &ai);
     if (rc) return rc;
     int fd = socket(ai->ai_family, SOCK_STREAM, 0), one = 1;
     if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, world) != 0) {
+    if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, 128) != 0) {
         int e = errno;
         freeaddrinfo(ai);
         if (fd >= 0) close(fd);
         return mb_fail(MB_ERR_ARG, "rendezvous: cannot listen on %s:%d: %s%s", addr, port, strerror(e),
                        e == EADDRINUSE ? " --> another job uses MASTER_PORT; pick a free one" : "");
     }
+    *loopback = rdv_is_loopback(ai->ai_addr);
     freeaddrinfo(ai);
-    int *peer = mb_malloc((size_t)world * sizeof *peer);
-    for (int r = 0; r < world; r++) peer[r] = -1;
-    double deadline = mb_now() + timeout;
-    char why[256] = "";
-    int joined = 1;
-    while (joined < world && !why[0]) {
-        int ms = (int)((deadline - mb_now()) * 1000);
-        struct pollfd pf = {fd, POLLIN, 0};
-        if (ms <= 0 || poll(&pf, 1, ms) <= 0) break;
-        int c = accept(fd, NULL, NULL);
-        if (c < 0) continue;
-        unsigned char hello[24];
-        if (sock_io(c, hello, sizeof hello, deadline, 0) != 1 || rdv_get_u64(hello) != MB_RDV_MAGIC) {
-            close(c); /* not one of ours */
-            continue;
-        }
-        int r = (int)rdv_get_u64(hello + 8), w = (int)rdv_get_u64(hello + 16);
-        if (w != world)
-            snprintf(why, sizeof why, "rank %d says WORLD_SIZE=%d, rank 0 has WORLD_SIZE=%d", r, w, world);
-        else if (r <= 0 || r >= world || peer[r] >= 0)
-            snprintf(why, sizeof why, "a rank joined as RANK=%d, which is %s", r,
-                     r <= 0 || r >= world ? "outside 1..WORLD_SIZE-1" : "taken twice");
-        if (why[0]) { /* tell the offender too */
-            unsigned char st[16];
-            rdv_put_u64(st, 1), rdv_put_u64(st + 8, strlen(why));
-            rdv_write_all(c, st, 16), rdv_write_all(c, why, strlen(why));
-            close(c);
-            break;
-        }
-        peer[r] = c;
-        joined++;
-    }
-    if (!why[0] && joined < world) {
-        int *missing = mb_malloc((size_t)world * sizeof *missing), nm = 0;
-        char names[200];
-        for (int r = 1; r < world; r++)
-            if (peer[r] < 0) missing[nm++] = r;
-        snprintf(why, sizeof why, "%s of %d never arrived within %g s", rank_list(names, sizeof names, missing, nm),
-                 world, timeout);
-        free(missing);
-    }
-    for (int r = 1; r < world; r++) {
-        if (peer[r] < 0) continue;
-        unsigned char st[16];
-        size_t len = why[0] ? strlen(why) : n;
-        rdv_put_u64(st, why[0] ? 1 : 0), rdv_put_u64(st + 8, len);
-        rdv_write_all(peer[r], st, 16);
-        int sent = rdv_write_all(peer[r], why[0] ? (const void *)why : blob, len);
-        if (keep && !why[0] && sent) keep[r] = peer[r];
-        else close(peer[r]);
-        if (!sent && !why[0]) snprintf(why, sizeof why, "rank %d hung up during the rendezvous", r);
-    }
-    close(fd);
-    free(peer);
-    if (why[0] && keep)
-        for (int r = 1; r < world; r++)
-            if (keep[r] >= 0) close(keep[r]), keep[r] = -1;
-    if (why[0]) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d: %s", addr, port, why);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); /* a client gone between poll and accept */
+    *out = fd;
     return MB_OK;
 }
 
-/* Rank > 0: connects to rank 0 (retrying until the timeout) and receives the blob. */
-static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout, int *keep) {
+/* Rank 0: serves the joins, then answers each rank with the blob (or why the job stops). */
+static MbStatus rdv_serve(const char *addr, int port, int world, const MbJobFingerprint *fp, const char *secret,
+                          const void *blob, size_t n, double timeout, int *keep) {
+    int lfd = -1, loopback = 0;
+    MbStatus rc = rdv_listen(addr, port, &lfd, &loopback);
+    if (rc) return rc;
+    if (!loopback && !secret)
+        fprintf(stderr, "medbot: note: the rendezvous on %s:%d is open to the network and " MB_RDV_SECRET " is not "
+                "set: any process that reaches it can join the job --> give every rank the same " MB_RDV_SECRET "\n",
+                addr, port);
+    MbRdvServer *S = mb_calloc(1, sizeof *S);
+    S->addr = addr, S->port = port, S->world = world, S->fp = fp, S->secret = secret;
+    S->peer = mb_malloc((size_t)world * sizeof *S->peer);
+    S->nonces = mb_malloc((size_t)world * sizeof *S->nonces);
+    for (int r = 0; r < world; r++) S->peer[r] = -1;
+    for (int i = 0; i < MB_RDV_MAX_PENDING; i++) S->conn[i].fd = -1;
+    rdv_wait(S, lfd, mb_now() + timeout);
+    close(lfd);
+    for (int i = 0; i < MB_RDV_MAX_PENDING; i++)
+        if (S->conn[i].fd >= 0) rdv_drop(S, i, 1);
+    char *why = S->why;
+    if (!why[0] && S->joined < world - 1) {
+        int *missing = mb_malloc((size_t)world * sizeof *missing), nm = 0;
+        char names[200];
+        for (int r = 1; r < world; r++)
+            if (S->peer[r] < 0) missing[nm++] = r;
+        snprintf(why, sizeof S->why, "%s of %d never arrived within %g s", rank_list(names, sizeof names, missing, nm),
+                 world, timeout);
+        if (S->n_turned)
+            snprintf(why + strlen(why), sizeof S->why - strlen(why), "; %d connection%s that did not prove " MB_RDV_SECRET
+                     " turned away (the first: %s) --> set the same " MB_RDV_SECRET " on every rank", S->n_turned,
+                     S->n_turned > 1 ? "s" : "", S->turned);
+        free(missing);
+    }
+    for (int r = 1; r < world; r++) {
+        if (S->peer[r] < 0) continue;
+        int sent = why[0] ? rdv_answer(S->peer[r], secret, 1, why, strlen(why), S->nonces[r], S->nonces[r] + 32)
+                          : rdv_answer(S->peer[r], secret, 0, blob, n, S->nonces[r], S->nonces[r] + 32);
+        if (keep && !why[0] && sent) keep[r] = S->peer[r];
+        else close(S->peer[r]);
+        if (!sent && !why[0]) snprintf(why, sizeof S->why, "rank %d hung up during the rendezvous", r);
+    }
+    if (why[0] && keep)
+        for (int r = 1; r < world; r++)
+            if (keep[r] >= 0) close(keep[r]), keep[r] = -1;
+    if (why[0]) rc = mb_fail(MB_ERR_ARG, "rendezvous on %s:%d: %s", addr, port, why);
+    free(S->peer), free(S->nonces), free(S);
+    return rc;
+}
+
+/* Rank > 0, on a connection rank 0 has challenged (ch): the hello, then rank 0's answer. */
+static MbStatus rdv_exchange(int fd, const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
+                             const char *secret, const unsigned char *ch, void *blob, size_t n, double timeout) {
+    if (rdv_get_u64(ch) != MB_RDV_MAGIC)
+        return mb_fail(MB_ERR_ARG, "rendezvous: %s:%d answered rank %d with something that is not this medbot's rank 0 "
+                       "--> does another program (or an older medbot) use MASTER_PORT?", addr, port, rank);
+    unsigned char nonce1[32], hello[MB_RDV_HELLO + MB_RDV_MAX_TEXT + 32], ans[16 + MB_RDV_MAX_BLOB + 32], mac[32];
+    const unsigned char *nonce0 = ch + 16;
+    size_t text = MB_MIN(strlen(fp->options_text), (size_t)MB_RDV_MAX_TEXT);
+    mb_random_bytes(nonce1, sizeof nonce1);
+    rdv_put_u64(hello, MB_RDV_MAGIC), rdv_put_u64(hello + 8, (uint64_t)rank), rdv_put_u64(hello + 16, (uint64_t)world);
+    rdv_put_u64(hello + 24, secret != NULL);
+    memcpy(hello + 32, nonce1, 32), memcpy(hello + 64, fp->model, 32), memcpy(hello + 96, fp->tokenizer, 32);
+    memcpy(hello + 128, fp->data, 32), memcpy(hello + 160, fp->options, 32);
+    rdv_put_u64(hello + 192, text);
+    memcpy(hello + MB_RDV_HELLO, fp->options_text, text);
+    rdv_mac(secret, "hello", nonce0, NULL, hello, MB_RDV_HELLO + text, hello + MB_RDV_HELLO + text);
+    /* rank 0 answers by its own deadline at the latest: wait a timeout longer */
+    double answer_by = mb_now() + timeout + 5.0;
+    if (!rdv_write_all(fd, hello, MB_RDV_HELLO + text + 32) || sock_io(fd, ans, 16, answer_by, 0) != 1)
+        return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not answer rank %d within %g s", addr, port, rank,
+                       timeout);
+    uint64_t status = rdv_get_u64(ans), len = rdv_get_u64(ans + 8);
+    if (len > MB_RDV_MAX_BLOB || (status == 0 && len != n))
+        return mb_fail(MB_ERR_ARG, "rendezvous: a malformed answer from %s:%d", addr, port);
+    if (sock_io(fd, ans + 16, (size_t)len + 32, answer_by, 0) != 1)
+        return mb_fail(MB_ERR_ARG, "rendezvous: the answer from %s:%d broke off", addr, port);
+    if (status) /* shown even when unproven: a refusal stops this rank either way */
+        return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d refused rank %d: %.*s", addr, port, rank, (int)len,
+                       (const char *)ans + 16);
+    rdv_mac(secret, "answer", nonce1, nonce0, ans, 16 + (size_t)len, mac);
+    if (secret && !mb_equal_ct(mac, ans + 16 + len, 32))
+        return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not prove " MB_RDV_SECRET ": the secret differs or is "
+                       "unset on one side --> set the same " MB_RDV_SECRET " on every rank", addr, port);
+    memcpy(blob, ans + 16, n);
+    return MB_OK;
+}
+
+/* Rank > 0: connects to rank 0 (retrying until the timeout, also when rank 0 closes a connection
+ * before challenging it) and joins. */
+static MbStatus rdv_join(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp, const char *secret,
+                         void *blob, size_t n, double timeout, int *keep) {
     double deadline = mb_now() + timeout;
+    unsigned char ch[MB_RDV_CHALLENGE];
     for (;;) {
         struct addrinfo *ai;
         MbStatus rc = rdv_resolve(addr, port, &ai);
@@ -7846,32 +8470,17 @@ static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *
         int fd = socket(ai->ai_family, SOCK_STREAM, 0);
         int ok = fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0;
         freeaddrinfo(ai);
-        if (ok) {
-            unsigned char hello[24], st[16];
-            rdv_put_u64(hello, MB_RDV_MAGIC), rdv_put_u64(hello + 8, (uint64_t)rank), rdv_put_u64(hello + 16, (uint64_t)world);
-            /* rank 0 answers by its own deadline at the latest: wait a timeout longer */
-            double answer_by = mb_now() + timeout + 5.0;
-            if (!rdv_write_all(fd, hello, sizeof hello) || sock_io(fd, st, 16, answer_by, 0) != 1) {
-                close(fd);
-                return mb_fail(MB_ERR_ARG, "rendezvous: rank 0 at %s:%d did not answer rank %d within %g s", addr,
-                               port, rank, timeout);
-            }
-            uint64_t status = rdv_get_u64(st), len = rdv_get_u64(st + 8);
-            if (len > MB_RDV_MAX_BLOB || (status == 0 && len != n)) {
-                close(fd);
-                return mb_fail(MB_ERR_ARG, "rendezvous: a malformed answer from %s:%d", addr, port);
-            }
-            char buf[MB_RDV_MAX_BLOB + 1];
-            int got = sock_io(fd, buf, (size_t)len, answer_by, 0) == 1;
-            if (keep && got && !status) *keep = fd;
+        int got = ok ? sock_io(fd, ch, sizeof ch, deadline + 5.0, 0) : 0;
+        if (got == 1) {
+            rc = rdv_exchange(fd, addr, port, rank, world, fp, secret, ch, blob, n, timeout);
+            if (keep && !rc) *keep = fd;
             else close(fd);
-            if (!got) return mb_fail(MB_ERR_ARG, "rendezvous: the answer from %s:%d broke off", addr, port);
-            buf[len] = 0;
-            if (status) return mb_fail(MB_ERR_ARG, "rendezvous on %s:%d refused rank %d: %s", addr, port, rank, buf);
-            memcpy(blob, buf, n);
-            return MB_OK;
+            return rc;
         }
         if (fd >= 0) close(fd);
+        if (got == -1)
+            return mb_fail(MB_ERR_ARG, "rendezvous: %s:%d took rank %d's connection but never answered within %g s --> "
+                           "is rank 0 this version of medbot?", addr, port, rank, timeout);
         if (mb_now() > deadline)
             return mb_fail(MB_ERR_ARG, "rendezvous: rank %d could not reach rank 0 at %s:%d within %g s --> is rank 0 "
                            "running, and MASTER_ADDR/MASTER_PORT the same on every rank?", rank, addr, port, timeout);
@@ -7880,11 +8489,11 @@ static MbStatus rdv_join(const char *addr, int port, int rank, int world, void *
     }
 }
 
-/* Every rank calls this: rank 0's blob ends up in every rank's blob. With keep, the connections
- * stay open: rank 0's keep (world) gets each rank's socket (keep[0] = -1), another rank's keep[0]
- * its socket to rank 0. */
-static MbStatus rdv_open(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout,
-                         int *keep) {
+/* Every rank calls this: rank 0's blob ends up in every rank's blob. fp: this rank's job
+ * fingerprint (NULL: none). With keep, the connections stay open: rank 0's keep (world) gets
+ * each rank's socket (keep[0] = -1), another rank's keep[0] its socket to rank 0. */
+static MbStatus rdv_open(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp, void *blob,
+                         size_t n, double timeout, int *keep) {
     if (world < 1 || rank < 0 || rank >= world)
         return mb_fail(MB_ERR_ARG, "rendezvous: RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", rank, world);
     if (port <= 0 || port > 65535) return mb_fail(MB_ERR_ARG, "rendezvous: MASTER_PORT %d is not a port", port);
@@ -7892,12 +8501,18 @@ static MbStatus rdv_open(const char *addr, int port, int rank, int world, void *
     if (keep)
         for (int r = 0; r < (rank == 0 ? world : 1); r++) keep[r] = -1;
     if (world == 1) return MB_OK;
-    return rank == 0 ? rdv_serve(addr, port, world, blob, n, timeout, keep)
-                     : rdv_join(addr, port, rank, world, blob, n, timeout, keep);
+    MbJobFingerprint *none = fp ? NULL : mb_calloc(1, sizeof *none);
+    const char *secret = getenv(MB_RDV_SECRET);
+    if (secret && !secret[0]) secret = NULL; /* set but empty: unset */
+    MbStatus rc = rank == 0 ? rdv_serve(addr, port, world, fp ? fp : none, secret, blob, n, timeout, keep)
+                            : rdv_join(addr, port, rank, world, fp ? fp : none, secret, blob, n, timeout, keep);
+    free(none);
+    return rc;
 }
 
-MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout) {
-    return rdv_open(addr, port, rank, world, blob, n, timeout, NULL);
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp, void *blob,
+                       size_t n, double timeout) {
+    return rdv_open(addr, port, rank, world, fp, blob, n, timeout, NULL);
 }
 
 /* ---- TCP: CPU ranks in separate processes ----
@@ -8120,15 +8735,17 @@ static void tcp_destroy(MbComm *c) {
     free(c);
 }
 
-/* This process's rank of a CPU job of `world` processes, joined at addr:port. */
-static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, double timeout, MbComm **out) {
+/* This process's rank of a CPU job of `world` processes, joined at addr:port (fp: the job's
+ * fingerprint, which every rank must share). */
+static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
+                                double timeout, MbComm **out) {
     *out = NULL;
     if (timeout <= 0) timeout = MB_DDP_TIMEOUT;
     MbTcpComm *t = mb_calloc(1, sizeof *t);
     t->fd = mb_malloc((size_t)world * sizeof *t->fd);
     t->timeout = timeout;
     char blob[8] = "medbot";
-    MbStatus rc = rdv_open(addr, port, rank, world, blob, sizeof blob, timeout, t->fd);
+    MbStatus rc = rdv_open(addr, port, rank, world, fp, blob, sizeof blob, timeout, t->fd);
     if (rc) {
         free(t->fd), free(t);
         return rc;
@@ -8152,12 +8769,92 @@ static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world,
     return MB_OK;
 }
 
-/* torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Returns 0
- * when WORLD_SIZE is unset (a single process). */
+/* ---- the launchers' variables: which process is which rank ----
+ * torchrun's RANK / WORLD_SIZE / LOCAL_RANK; else Open MPI's OMPI_COMM_WORLD_RANK / _SIZE /
+ * _LOCAL_RANK; else MPICH's and Intel MPI's PMI_RANK / PMI_SIZE with MPI_LOCALRANKID; else
+ * SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID (SLURM_NTASKS without a step's
+ * count: an sbatch script carries its allocation's SLURM_NTASKS without being a step of that many
+ * tasks, so start the ranks with srun; rank 0's first line names the variables). MASTER_ADDR /
+ * MASTER_PORT (default 127.0.0.1:29500) place the rendezvous for all. The launcher nearest the process
+ * comes first: mpirun inside an sbatch allocation leaves the allocation's SLURM_* variables in
+ * every rank, torchrun inside srun too. A launcher that gives no local rank gets the rank: right
+ * on one machine; on several, a rank beyond the machine's GPUs fails naming it, where a guess of
+ * 0 would have put every rank on one GPU. */
+
 typedef struct {
-    int rank, world, local_rank, port;
+    int rank, world, local_rank, port; /* world 0: no launcher (one process) */
     char addr[256];
+    char source[160];                  /* where rank and world came from, for the run's first lines */
 } MbLaunchEnv;
+
+static const struct {
+    const char *on;    /* the variable that says this launcher started the process */
+    const char *rank, *size, *step_size, *local;
+} mb_launchers[] = {
+    {"WORLD_SIZE", "RANK", "WORLD_SIZE", NULL, "LOCAL_RANK"},
+    {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", NULL, "OMPI_COMM_WORLD_LOCAL_RANK"},
+    {"PMI_RANK", "PMI_RANK", "PMI_SIZE", NULL, "MPI_LOCALRANKID"},
+    {"SLURM_PROCID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"},
+};
+
+/* *set: whether environment variable `name` is set (an empty value is unset); then *out is its
+ * value, which must be a non-negative integer. */
+static MbStatus env_int(const char *name, int *out, int *set) {
+    const char *v = getenv(name);
+    *set = v && v[0];
+    if (!*set) return MB_OK;
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (*v < '0' || *v > '9' || *end || errno || x > INT_MAX)
+        return mb_fail(MB_ERR_ARG, "%s='%s' is not a non-negative integer --> check what the launcher sets", name, v);
+    *out = (int)x;
+    return MB_OK;
+}
+
+/* rank, world and local rank from launcher f */
+static MbStatus launch_from(int f, MbLaunchEnv *e) {
+    const char *size = mb_launchers[f].size, *rank = mb_launchers[f].rank, *local = mb_launchers[f].local;
+    int set = 0, rank_set = 0, local_set = 0;
+    MbStatus rc = mb_launchers[f].step_size ? env_int(mb_launchers[f].step_size, &e->world, &set) : MB_OK;
+    if (set) size = mb_launchers[f].step_size;
+    if (!rc && !set) rc = env_int(size, &e->world, &set);
+    if (!rc) rc = env_int(rank, &e->rank, &rank_set);
+    e->local_rank = e->rank;
+    if (!rc) rc = env_int(local, &e->local_rank, &local_set);
+    if (rc) return rc;
+    if (!set) return mb_fail(MB_ERR_ARG, "%s is set but %s is not --> the launcher sets both", rank, size);
+    if (!rank_set && e->world > 1)
+        return mb_fail(MB_ERR_ARG, "%s=%d is set but %s is not --> the launcher sets both", size, e->world, rank);
+    if (e->world < 1) return mb_fail(MB_ERR_ARG, "%s=0: a job has at least one rank", size);
+    if (e->rank >= e->world)
+        return mb_fail(MB_ERR_ARG, "%s=%d is outside 0..%s-1 (%s=%d)", rank, e->rank, size, size, e->world);
+    snprintf(e->source, sizeof e->source, "%s/%s%s%s%s", rank, size, local_set ? "" : " (no ",
+             local_set ? "" : local, local_set ? "" : ": local rank = rank)");
+    return MB_OK;
+}
+
+/* The rank of this process from its launcher's environment; world 0 when no launcher started it
+ * (then a single process). A malformed or half-set variable is an error naming it. */
+MB_UNUSED static MbStatus mb_launch_env(MbLaunchEnv *e) {
+    memset(e, 0, sizeof *e);
+    MbStatus rc = MB_OK;
+    for (int f = 0; f < (int)(sizeof mb_launchers / sizeof *mb_launchers); f++) {
+        const char *on = getenv(mb_launchers[f].on);
+        if (on && on[0]) {
+            rc = launch_from(f, e);
+            break;
+        }
+    }
+    int set;
+    e->port = 29500;
+    if (!rc) rc = env_int("MASTER_PORT", &e->port, &set);
+    if (!rc && (e->port < 1 || e->port > 65535))
+        rc = mb_fail(MB_ERR_ARG, "MASTER_PORT=%d is not a port (1..65535)", e->port);
+    const char *a = getenv("MASTER_ADDR");
+    snprintf(e->addr, sizeof e->addr, "%s", a && a[0] ? a : "127.0.0.1");
+    return rc;
+}
 
 /* ---- NCCL: one rank per GPU ----
  * The NCCL backend of MbComm lives in section 12 beside the CUDA driver it needs (NCCL and the
@@ -10124,16 +10821,19 @@ static MbStatus nc_wrap(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, int ran
     return MB_OK;
 }
 
-/* A communicator of a multi-process job (torchrun): rank 0 makes the NCCL unique id and the TCP
- * rendezvous hands it to the others. This process's rank runs on GPU `gpu` (LOCAL_RANK). */
-static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, double timeout,
-                                 MbComm **out) {
+/* A communicator of a multi-process job (torchrun, SLURM, MPI): rank 0 makes the NCCL unique id
+ * and the TCP rendezvous hands it to the ranks whose fingerprint fp matches. This process's rank
+ * runs on GPU `gpu` (its local rank). */
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
+                                 double timeout, MbComm **out) {
     *out = NULL;
     const MbCudaLibs *L;
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
     if (rc) return rc;
     if (gpu < 0 || gpu >= L->devices)
-        return mb_fail(MB_ERR_ARG, "rank %d: LOCAL_RANK %d has no GPU (this machine has %d)", rank, gpu, L->devices);
+        return mb_fail(MB_ERR_ARG, "rank %d: local rank %d has no GPU (this machine has %d) --> one rank per GPU: the "
+                       "launcher's local rank (LOCAL_RANK, SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK or MPI_LOCALRANKID) "
+                       "picks it", rank, gpu, L->devices);
     MbNcclUniqueId id;
     memset(&id, 0, sizeof id);
     MbCuDevice dev;
@@ -10142,7 +10842,7 @@ static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world
         return rc;
     L->cu.cuCtxSetCurrent(ctx);
     if (rank == 0) nccl_check(L->nccl.ncclGetUniqueId(&id));
-    rc = mb_rendezvous(addr, port, rank, world, &id, sizeof id, timeout > 0 ? timeout : MB_DDP_TIMEOUT);
+    rc = rdv_open(addr, port, rank, world, fp, &id, sizeof id, timeout > 0 ? timeout : MB_DDP_TIMEOUT, NULL);
     MbNcclComm_t comm = NULL;
     if (!rc) nccl_check(L->nccl.ncclCommInitRank(&comm, world, id, rank));
     if (!rc) rc = nc_wrap(L, comm, gpu, rank, world, timeout, out);
@@ -10669,30 +11369,6 @@ fail:
     return 1;
 }
 
-static int env_int(const char *name, int def, int *ok) {
-    const char *v = getenv(name);
-    if (!v || !v[0]) return def;
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*end || x < 0 || x > INT_MAX) *ok = 0;
-    return (int)x;
-}
-
-static MbStatus mb_launch_env(MbLaunchEnv *e) {
-    memset(e, 0, sizeof *e);
-    int ok = 1;
-    e->world = env_int("WORLD_SIZE", 0, &ok);
-    e->rank = env_int("RANK", 0, &ok);
-    e->local_rank = env_int("LOCAL_RANK", e->rank, &ok);
-    e->port = env_int("MASTER_PORT", 29500, &ok);
-    const char *a = getenv("MASTER_ADDR");
-    snprintf(e->addr, sizeof e->addr, "%s", a && a[0] ? a : "127.0.0.1");
-    if (!ok) return mb_fail(MB_ERR_ARG, "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be non-negative integers");
-    if (e->world && e->rank >= e->world)
-        return mb_fail(MB_ERR_ARG, "RANK=%d is outside 0..WORLD_SIZE-1 (WORLD_SIZE=%d)", e->rank, e->world);
-    return MB_OK;
-}
-
 static MbStatus arg_choice(MbArgs *a, const char *name, const char *const *choices, int n, int *out) {
     const char *v = arg_get(a, name);
     if (!v) return MB_OK;
@@ -10894,9 +11570,12 @@ static int cmd_train(MbArgs *a, int sft) {
     if (!rc) rc = args_done(args);
     if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
     if (!rc) rc = mb_launch_env(&env);
-    if (!rc && env.world > 1) { /* torchrun started this process as one rank of several: one GPU each */
+    if (!rc && env.world > 1) { /* a launcher started this process as one rank of several: one GPU each */
         job.world_size = env.world, job.rank = env.rank, job.master_port = env.port, job.master_addr = env.addr;
         job.gpu = env.local_rank;
+        if (env.rank == 0)
+            printf("data parallel: %d ranks from %s, rendezvous on %s:%d\n", env.world, env.source, env.addr, env.port);
+        fflush(stdout);
     }
     job.overwrite_output_dir = overwrite;
     job.interrupt = &mb_cli_stop;

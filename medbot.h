@@ -3,7 +3,7 @@
  * includes. Everything is plain C99: opaque handles, plain config structs, integer error codes.
  *
  * Table of contents (sections of medbot.c, in data-flow order)
- *   1. platform     errors, checked alloc/IO, mmap, thread pool, timers, JSON, RNG
+ *   1. platform     errors, checked alloc/IO, mmap, thread pool, timers, JSON, RNG, SHA-256
  *   2. files        safetensors read (mmap, sharded) and write, config.json, dtype conversion
  *   3. tokenizer    Llama 3 byte-level BPE, specials, streaming UTF-8 decode
  *   4. weights      linear weights as f32/f16/bf16 or NF4 (bitsandbytes 4-bit, double quant)
@@ -13,7 +13,7 @@
  *   8. data         (DPO issue)
  *   9. dpo          (DPO issue)
  *  10. sampler      HF generate's logits processors, greedy / seeded sampling, stop ids, streaming
- *  11. coordinator  (distributed issue)
+ *  11. coordinator  collectives (threads, TCP, NCCL), the rendezvous, the job fingerprint
  *  12. cuda         the op table on NVIDIA GPUs (driver, NVRTC, cuBLASLt, NCCL loaded at run time)
  *  13. cli          medbot info | init | ...; main() behind #ifndef MEDBOT_NO_MAIN
  *
@@ -322,9 +322,10 @@ typedef struct {
     int device;                     /* MbDevice; with CUDA, --nproc N drives GPUs gpu .. gpu + N - 1 */
     int gpu;                        /* the CUDA device of this process's first rank (torchrun: LOCAL_RANK) */
     int random_init;                /* random weights (MbLoadOptions.random_init), seeded by cfg.seed */
-    /* torchrun: world_size > 1 makes this process rank `rank` of a job joined by a TCP rendezvous
-     * at master_addr:master_port: through NCCL on the CUDA backend (one GPU per process), through
-     * the rendezvous connections on the CPU */
+    /* a launcher (torchrun, SLURM, MPI: the CLI reads their variables): world_size > 1 makes this
+     * process rank `rank` of a job joined by a TCP rendezvous at master_addr:master_port, where the
+     * ranks' job fingerprints must agree (mb_rendezvous); then through NCCL on the CUDA backend (one
+     * GPU per process), through the rendezvous connections on the CPU */
     int world_size, rank, master_port;
     const char *master_addr;
     double ddp_timeout;             /* seconds a rank waits for the others, then the job stops; 0 = 1800 */
@@ -343,11 +344,37 @@ typedef struct {
  * checkpoint's step. A run that fails before its first checkpoint leaves nothing it created. */
 MbStatus mb_train(const MbTrainJob *job);
 /* Prints TRL's eval_ metrics of the model + adapter (lora_init) on data_path. */
-/* torchrun-style rendezvous: every rank calls it with MASTER_ADDR/MASTER_PORT; rank 0's blob
- * (n bytes) reaches every other rank; a rank missing after timeout seconds, a WORLD_SIZE that
- * differs between ranks, or a rank given twice is an error naming it. */
-MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, void *blob, size_t n, double timeout);
 MbStatus mb_evaluate(const MbTrainJob *job);
+
+/* What the ranks of a job must share, compared at the rendezvous: SHA-256 digests of the model
+ * files, the tokenizer, the training data (data_path and eval_data_path) and the options that
+ * change the math, plus those options as text ("name=value" lines, a fixed order) so that a
+ * difference can be named. A digest of zeros means "not read" and matches only another one. */
+typedef struct {
+    uint8_t model[32], tokenizer[32], data[32], options[32];
+    char options_text[4096];
+} MbJobFingerprint;
+
+/* The fingerprint of a job, from the files' bytes (never their dates: each rank may read its own
+ * copy). Data and tokenizer files (with the tokenizer's tokenizer_config.json) are hashed whole;
+ * a model is its config.json plus, for each safetensors file, its size, its header and 64 blocks
+ * of 4 KiB spread over its data (milliseconds for an 8B checkpoint); a random_init model is its
+ * config.json and seed; a lora_init adapter is hashed like a model, into the options. A file that
+ * cannot be read leaves its part zero and is the error returned (fp is filled either way). */
+MbStatus mb_job_fingerprint(const MbTrainJob *job, MbJobFingerprint *fp);
+
+/* The rendezvous of a multi-process job: every rank calls it with MASTER_ADDR/MASTER_PORT; rank 0
+ * listens there and rank 0's blob (n bytes) reaches every other rank. Rank 0 serves the joins
+ * concurrently: a connection that sends nothing valid within 10 s is dropped without delaying the
+ * others. fp: this rank's job fingerprint (NULL: none, which matches only none); a rank whose
+ * fingerprint, WORLD_SIZE or RANK does not fit is refused and the job stops with a message naming
+ * what differs, on rank 0 and on the rank. When the environment variable MEDBOT_RDV_SECRET is set,
+ * each side proves it knows the secret (HMAC-SHA256 over fresh nonces; the secret is never sent):
+ * a connection that cannot prove it is turned away and rank 0 keeps waiting for the real rank; a
+ * secret set on one side only, or different secrets, fail with a message naming the variable. A
+ * rank missing after timeout seconds is an error naming it. */
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp, void *blob,
+                       size_t n, double timeout);
 
 /* Writes DIR/config.json (a copy of cfg_path) and DIR/model.safetensors with random weights
  * drawn as transformers initialises a Llama: normal(0, std) for linear and embedding weights,
