@@ -186,7 +186,18 @@ static int mb_is_file(const char *path) {
     return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-/* Removes a folder and everything in it (a folder that is not there is fine). */
+static MbStatus mb_rmdir_r(const char *path);
+
+/* Removes path: a file, a symbolic link (never what it points to) or a folder with everything in it. */
+static MbStatus mb_remove_path(const char *path) {
+    struct stat sb;
+    if (lstat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) return mb_rmdir_r(path);
+    if (remove(path) != 0 && errno != ENOENT) return mb_fail(MB_ERR_IO, "%s: cannot remove: %s", path, strerror(errno));
+    return MB_OK;
+}
+
+/* Removes a folder and everything in it (a folder that is not there is fine); a link inside is
+ * removed, never followed. */
 static MbStatus mb_rmdir_r(const char *path) {
     DIR *d = opendir(path);
     if (!d) return errno == ENOENT ? MB_OK : mb_fail(MB_ERR_IO, "%s: cannot open the folder: %s", path, strerror(errno));
@@ -195,9 +206,7 @@ static MbStatus mb_rmdir_r(const char *path) {
     while (!rc && (e = readdir(d))) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         char *p = mb_path_join(path, e->d_name);
-        struct stat sb; /* lstat: a link to a folder is removed, never followed */
-        if (lstat(p, &sb) == 0 && S_ISDIR(sb.st_mode)) rc = mb_rmdir_r(p);
-        else if (remove(p) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", p, strerror(errno));
+        rc = mb_remove_path(p);
         free(p);
     }
     closedir(d);
@@ -219,8 +228,36 @@ static const char *mb_path_kind(const char *path, int *err) {
     return "not a regular file";
 }
 
+/* The failure of opening path as a regular file: errno err (a link loop is named), or its kind. */
+static MbStatus mb_fail_open(const char *path, int err, const char *kind) {
+    if (err == ELOOP) return mb_fail(MB_ERR_IO, "%s: a loop of symbolic links --> point it at a real file", path);
+    if (err || !kind) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(err));
+    return mb_fail(MB_ERR_IO, "%s: is %s, not a regular file --> give the path of a file%s", path, kind,
+                   !strcmp(kind, "a folder") ? " in it" : " (save the data to a file first)");
+}
+
+/* Opens a regular file for reading (O_NONBLOCK: a FIFO never blocks the open; the kind is checked
+ * on the open descriptor, so nothing changes between the check and the read). */
+static MbStatus mb_open_regular(const char *path, int *fd_out) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return mb_fail_open(path, errno, NULL);
+    struct stat sb;
+    const char *kind = fstat(fd, &sb) != 0 ? "unreadable" : S_ISREG(sb.st_mode) ? NULL : S_ISDIR(sb.st_mode) ? "a folder"
+                       : S_ISFIFO(sb.st_mode) ? "a FIFO (named pipe)" : S_ISSOCK(sb.st_mode) ? "a socket"
+                       : S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode) ? "a device" : "not a regular file";
+    if (kind) {
+        close(fd);
+        return mb_fail_open(path, 0, kind);
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    *fd_out = fd;
+    return MB_OK;
+}
+
 /* Reads all of f into a NUL-terminated buffer; name for messages. */
 static MbStatus mb_read_all(FILE *f, const char *name, char **out, size_t *len) {
+    *out = NULL;
+    if (len) *len = 0;
     char *buf = NULL;
     size_t n = 0, cap = 0;
     for (;;) {
@@ -251,16 +288,17 @@ static MbStatus mb_read_all(FILE *f, const char *name, char **out, size_t *len) 
 /* Reads a whole regular file into a NUL-terminated buffer. A folder, a FIFO, a device or a
  * symbolic link loop is named as such (a FIFO would block, a folder reads as an error). */
 static MbStatus mb_read_file(const char *path, char **out, size_t *len) {
-    int err;
-    const char *kind = mb_path_kind(path, &err);
-    if (err == ELOOP) return mb_fail(MB_ERR_IO, "%s: a loop of symbolic links --> point it at a real file", path);
-    if (err) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(err));
-    if (kind)
-        return mb_fail(MB_ERR_IO, "%s: is %s, not a regular file --> give the path of a file%s", path, kind,
-                       !strcmp(kind, "a folder") ? " in it" : " (save the data to a file first)");
-    FILE *f = fopen(path, "rb");
-    if (!f) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    MbStatus rc = mb_read_all(f, path, out, len);
+    *out = NULL;
+    if (len) *len = 0;
+    int fd;
+    MbStatus rc = mb_open_regular(path, &fd);
+    if (rc) return rc;
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    }
+    rc = mb_read_all(f, path, out, len);
     fclose(f);
     return rc;
 }
@@ -332,29 +370,51 @@ static MbStatus mb_write_file(const char *path, const void *data, size_t n) {
     return mb_wfile_commit(&w);
 }
 
-/* A temporary file or folder of a killed writer: NAME.tmp.PID (or a checkpoint moved aside,
- * NAME.old.PID) whose process is gone (or is us). */
-static int stale_temporary(const char *name) {
+/* The files medbot writes through a temporary NAME.tmp.PID (mb_wfile). */
+static const char *const mb_written_names[] = {
+    "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+    "tokenizer_config.json", "special_tokens_map.json", "adapter_model.safetensors", "adapter_config.json",
+    "ref_logps.safetensors", "training.svg", NULL};
+
+/* What a killed writer left: NAME.tmp.PID of a file medbot writes, or checkpoint-N.tmp.PID and
+ * checkpoint-N.old.PID (a checkpoint being written, one moved aside), whose process is gone
+ * (on this machine) or is this one. Anything else is the user's. *len: the length of NAME. */
+static int stale_temporary(const char *name, size_t *len) {
     const char *t = strstr(name, ".tmp.");
-    if (!t) t = strstr(name, ".old.");
+    int old = !t && (t = strstr(name, ".old.")) != NULL;
     if (!t) return 0;
     char *end;
     long pid = strtol(t + 5, &end, 10);
-    if (*end || pid <= 0 || strchr(t + 5, '.')) return 0;
-    return pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH);
+    if (*end || pid <= 0 || t[5] < '0' || t[5] > '9') return 0;
+    *len = (size_t)(t - name);
+    int ours = 0;
+    if (!strncmp(name, "checkpoint-", 11)) {
+        size_t k = 11;
+        while (k < *len && name[k] >= '0' && name[k] <= '9') k++;
+        ours = k == *len && k > 11;
+    }
+    for (const char *const *nm = mb_written_names; !ours && !old && *nm; nm++)
+        ours = strlen(*nm) == *len && !strncmp(name, *nm, *len);
+    return ours && (pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH));
 }
 
-/* Removes from dir what killed writers left (stale_temporary); files and folders alike. */
+/* Removes from dir what killed writers left (stale_temporary); a checkpoint moved aside whose
+ * replacement never arrived is put back instead. */
 static MbStatus mb_remove_stale(const char *dir) {
     DIR *d = opendir(dir);
     struct dirent *e;
     MbStatus rc = MB_OK;
+    size_t len;
     while (d && !rc && (e = readdir(d))) {
-        if (!stale_temporary(e->d_name)) continue;
-        char *p = mb_path_join(dir, e->d_name);
-        if (mb_is_dir(p)) rc = mb_rmdir_r(p);
-        else if (remove(p) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", p, strerror(errno));
-        free(p);
+        if (!stale_temporary(e->d_name, &len)) continue;
+        char *p = mb_path_join(dir, e->d_name), *base = mb_strdup(p);
+        base[strlen(dir) + (dir[strlen(dir) - 1] != '/') + len] = 0;
+        if (strstr(e->d_name, ".old.") && !mb_is_dir(base)) {
+            if (rename(p, base) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot restore as %s: %s", p, base, strerror(errno));
+        } else {
+            rc = mb_remove_path(p);
+        }
+        free(p), free(base);
     }
     if (d) closedir(d);
     return rc;
@@ -378,10 +438,12 @@ static MbStatus mb_mkdir_p(const char *path, char ***made) {
     MbStatus rc = strcmp(parent, path) && strcmp(parent, ".") ? mb_mkdir_p(parent, made) : MB_OK;
     free(parent);
     if (rc) return rc;
-    if (mkdir(path, 0755) != 0 && !(errno == EEXIST && mb_is_dir(path)))
-        return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", path, strerror(errno));
-    if (made) arrput(*made, mb_strdup(path));
-    return MB_OK;
+    if (mkdir(path, 0755) == 0) {
+        if (made) arrput(*made, mb_strdup(path)); /* (not one another process made meanwhile) */
+        return MB_OK;
+    }
+    if (errno == EEXIST && mb_is_dir(path)) return MB_OK;
+    return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", path, strerror(errno));
 }
 
 /* Refuses to let a command write over its own inputs: fails when the output folder `out` is
@@ -406,10 +468,12 @@ static MbStatus mb_guard_output(const char *cmd, const char *out, const char *co
     return MB_OK;
 }
 
-/* Removes the folders mb_mkdir_p made (innermost first) and frees the list; with keep, frees it only. */
+/* Removes the folders mb_mkdir_p made, innermost first, when they are empty (the caller removes
+ * its own files first; anything else put there meanwhile stays, and so does its folder), and frees
+ * the list; with keep, frees it only. */
 static void mb_undo_mkdirs(char ***made, int keep) {
     for (ptrdiff_t i = arrlen(*made) - 1; i >= 0; i--) {
-        if (!keep) mb_rmdir_r((*made)[i]);
+        if (!keep) rmdir((*made)[i]);
         free((*made)[i]);
     }
     arrfree(*made);
@@ -425,16 +489,13 @@ typedef struct {
 
 static MbStatus mb_map_file(const char *path, MbMap *m) {
     memset(m, 0, sizeof *m);
-    int err;
-    const char *kind = mb_path_kind(path, &err); /* a FIFO would block open() */
-    if (err == ELOOP) return mb_fail(MB_ERR_IO, "%s: a loop of symbolic links --> point it at a real file", path);
-    if (!err && kind) return mb_fail(MB_ERR_IO, "%s: is %s, not a regular file", path, kind);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return mb_fail(MB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    int fd;
+    MbStatus rc = mb_open_regular(path, &fd);
+    if (rc) return rc;
     struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    if (fstat(fd, &sb) != 0) {
         close(fd);
-        return mb_fail(MB_ERR_IO, "%s: not a regular file", path);
+        return mb_fail(MB_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
     }
     m->size = (size_t)sb.st_size;
     if (m->size == 0) {
@@ -515,6 +576,18 @@ static int mb_cpu_count(void) {
     return n > 0 ? (int)MB_MIN(n, 256) : 1;
 }
 
+/* pthread_create for the engine's own threads: they take no asynchronous signal (Ctrl-C and the
+ * like reach the host program's threads, which may be waiting in a read that should return). */
+static int mb_thread_start(pthread_t *t, void *(*fn)(void *), void *arg) {
+    sigset_t all, old;
+    sigfillset(&all);
+    sigdelset(&all, SIGSEGV), sigdelset(&all, SIGBUS), sigdelset(&all, SIGFPE), sigdelset(&all, SIGILL);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(t, NULL, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}
+
 static MbPool *mb_pool_new(int n) {
     MbPool *p = mb_calloc(1, sizeof *p);
     p->n = n < 1 ? 1 : n;
@@ -526,7 +599,7 @@ static MbPool *mb_pool_new(int n) {
         MbPoolArg *a = mb_malloc(sizeof *a);
         a->pool = p;
         a->tid = i;
-        if (pthread_create(&p->threads[i], NULL, mb_pool_worker, a) != 0) {
+        if (mb_thread_start(&p->threads[i], mb_pool_worker, a) != 0) {
             free(a);
             p->n = i; /* run with the threads we got */
             break;
@@ -2719,27 +2792,61 @@ MbStatus mb_tokenizer_load_config(MbTokenizer *t, const char *path) {
 
 const char *mb_tokenizer_config_path(const MbTokenizer *t) { return t->config; }
 
+/* The tokenizer a command uses, found as the reference stack finds it: `tokenizer` (a file or a
+ * folder) when given, else the model folder's, else the adapter folder's (a trainer saves it
+ * there); and the tokenizer_config.json that applies: the one beside that file, else the model
+ * folder's. *file and *config are malloc'd (*config NULL when there is none). */
+static MbStatus tokenizer_locate(const char *tokenizer, const char *model_dir, const char *lora_dir, char **file,
+                                 char **config) {
+    *file = *config = NULL;
+    if (tokenizer) {
+        MbStatus rc = tok_file(tokenizer, file);
+        if (rc) return rc;
+    } else if (!(*file = tokenizer_in(model_dir)) && !(lora_dir && (*file = tokenizer_in(lora_dir)))) {
+        return mb_fail(MB_ERR_IO, "%s%s%s: no tokenizer.json or tokenizer.model --> pass --tokenizer PATH (tokenizer.json, "
+                       "tokenizer.model or a folder)", model_dir, lora_dir ? " and " : "", lora_dir ? lora_dir : "");
+    }
+    char *dir = mb_path_dirname(*file);
+    const char *where[2] = {dir, model_dir};
+    for (int i = 0; i < 2 && !*config; i++) {
+        *config = mb_path_join(where[i], "tokenizer_config.json");
+        if (!mb_is_file(*config)) free(*config), *config = NULL;
+    }
+    free(dir);
+    return MB_OK;
+}
+
+MbStatus mb_tokenizer_open(const char *tokenizer, const char *model_dir, const char *lora_dir, MbTokenizer **out) {
+    char *file, *config;
+    *out = NULL;
+    MbStatus rc = tokenizer_locate(tokenizer, model_dir, lora_dir, &file, &config);
+    if (!rc) rc = mb_tokenizer_load(file, out);
+    if (!rc && config && !mb_tokenizer_config_path(*out) && (rc = mb_tokenizer_load_config(*out, config)))
+        mb_tokenizer_free(*out), *out = NULL;
+    free(file), free(config);
+    return rc;
+}
+
 /* Copies the files t was loaded from into dir, as save_pretrained leaves a tokenizer: its file
  * as tokenizer.json or tokenizer.model, the tokenizer_config.json it applied and the
  * special_tokens_map.json beside that. A file that already is the destination is left alone. */
 static MbStatus tokenizer_copy_files(const MbTokenizer *t, const char *dir) {
     char *text = NULL, *cfg_dir = t->config ? mb_path_dirname(t->config) : NULL;
-    size_t n;
-    MbStatus rc = mb_read_file(t->path, &text, &n);
-    size_t i = 0;
-    while (!rc && i < n && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
-    const char *src[3] = {t->path, t->config, NULL}, *dst[3] = {i < n && text[i] == '{' ? "tokenizer.json" : "tokenizer.model",
-                                                                "tokenizer_config.json", "special_tokens_map.json"};
     char *map = cfg_dir ? mb_path_join(cfg_dir, "special_tokens_map.json") : NULL;
-    if (map && mb_is_file(map)) src[2] = map;
-    free(text);
-    for (int k = 0; k < 3 && !rc; k++) {
+    size_t n, i = 0;
+    MbStatus rc = mb_read_file(t->path, &text, &n); /* (tokenizer.json starts with '{') */
+    while (!rc && i < n && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
+    char *to = mb_path_join(dir, !rc && i < n && text[i] == '{' ? "tokenizer.json" : "tokenizer.model");
+    if (!rc && !mb_same_file(t->path, to)) rc = mb_write_file(to, text, n);
+    const char *src[2] = {t->config, map && mb_is_file(map) ? map : NULL};
+    const char *dst[2] = {"tokenizer_config.json", "special_tokens_map.json"};
+    for (int k = 0; k < 2 && !rc; k++) {
         if (!src[k]) continue;
-        char *to = mb_path_join(dir, dst[k]);
-        if (!mb_same_file(src[k], to)) rc = mb_copy_file(src[k], to);
         free(to);
+        to = mb_path_join(dir, dst[k]);
+        if (!mb_same_file(src[k], to)) rc = mb_copy_file(src[k], to);
     }
-    free(map), free(cfg_dir);
+    free(to), free(text), free(map), free(cfg_dir);
     return rc;
 }
 int mb_tokenizer_add_bos(const MbTokenizer *t) { return t->add_bos_token; }
@@ -4924,7 +5031,8 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     if (err == ELOOP) return mb_fail(MB_ERR_IO, "%s: a loop of symbolic links --> pass a model folder", dir);
     if (!mb_is_dir(dir))
         return mb_fail(MB_ERR_IO, "%s: %s --> pass a Hugging Face model folder (config.json + *.safetensors)", dir,
-                       err ? "no such folder" : !kind ? "is a file, not a folder" : "is not a folder");
+                       err == ENOENT ? "no such folder" : err ? strerror(err) : !kind ? "is a file, not a folder"
+                                                                               : "is not a folder");
     MbModel *m = mb_calloc(1, sizeof *m);
     char *cfg_path = mb_path_join(dir, "config.json");
     char cfg_compute[32];
@@ -5728,6 +5836,11 @@ static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
     return MB_OK;
 }
 
+/* The files merge writes into its output folder. */
+static const char *const mb_merge_outputs[] = {"model.safetensors", "config.json", "generation_config.json",
+                                               "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                               "special_tokens_map.json", NULL};
+
 /* config.json of a merged model: the base's, with torch_dtype (and dtype, which newer
  * transformers write) "bfloat16" and no quantization_config (the weights are dense bf16 now).
  * Returns a malloc'd text. */
@@ -5768,7 +5881,8 @@ static MbStatus merged_config_json(const char *path, char **out) {
  * base has one, OUT/generation_config.json (the same stop ids). OUT is made with its parents. */
 MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *model_dir, const char *out_dir) {
     const MbConfig *c = &m->cfg;
-    MbStatus rc = mb_mkdir_p(out_dir, NULL);
+    MbStatus rc = mb_guard_output("merge", out_dir, &model_dir, 1, mb_merge_outputs);
+    if (!rc) rc = mb_mkdir_p(out_dir, NULL);
     if (rc) return rc;
     size_t L = (size_t)c->num_hidden_layers, n = 0, cap = L * MB_LAYER_WEIGHTS + 3;
     MbTensorOut *ts = mb_calloc(cap, sizeof *ts);
@@ -5813,46 +5927,30 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     return rc;
 }
 
-/* The files merge writes into its output folder. */
-static const char *const mb_merge_outputs[] = {"model.safetensors", "config.json", "generation_config.json",
-                                               "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                                               "special_tokens_map.json", NULL};
 
 MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *tokenizer, const char *out_dir, int threads) {
     const char *inputs[3] = {model_dir, lora_dir, tokenizer};
     MbStatus rc = mb_guard_output("merge", out_dir, inputs, 3, mb_merge_outputs);
     if (rc) return rc;
-    /* the tokenizer travels with the merged model: --tokenizer, else the model's, else the adapter's */
-    char *in_model = tokenizer ? NULL : tokenizer_in(model_dir), *in_lora = tokenizer ? NULL : tokenizer_in(lora_dir);
-    const char *tok_path = tokenizer ? tokenizer : in_model ? model_dir : in_lora ? lora_dir : NULL;
-    free(in_model), free(in_lora);
-    if (!tok_path)
-        return mb_fail(MB_ERR_ARG, "merge: no tokenizer.json or tokenizer.model in %s or %s --> pass --tokenizer PATH "
-                       "so that the merged folder is complete", model_dir, lora_dir);
-    MbModel *m = NULL;
-    MbLora *lo = NULL;
-    MbTokenizer *tok = NULL;
-    char **made = NULL;
-    MbLoadOptions opt = {.threads = threads, .device = MB_DEVICE_CPU}; /* the merge is host work */
-    if (!(rc = mb_tokenizer_load(tok_path, &tok)) && !mb_tokenizer_config_path(tok)) {
-        char *cfg = mb_path_join(model_dir, "tokenizer_config.json");
-        if (mb_is_file(cfg)) rc = mb_tokenizer_load_config(tok, cfg);
-        free(cfg);
-    }
-    if (!rc) rc = mb_model_load(model_dir, &opt, &m);
-    if (!rc) rc = mb_lora_load(m, lora_dir, &lo);
-    if (!rc) rc = mb_mkdir_p(out_dir, &made);
-    if (!rc) rc = mb_remove_stale(out_dir); /* what a killed merge left */
-    int existed[sizeof mb_merge_outputs / sizeof *mb_merge_outputs] = {0};
-    for (size_t i = 0; !rc && mb_merge_outputs[i]; i++) {
+    int existed[sizeof mb_merge_outputs / sizeof *mb_merge_outputs] = {0}, writing = 0;
+    for (size_t i = 0; mb_merge_outputs[i]; i++) {
         char *p = mb_path_join(out_dir, mb_merge_outputs[i]);
         existed[i] = mb_is_file(p);
         free(p);
     }
-    if (!rc) rc = mb_model_merge_save(m, lo, model_dir, out_dir);
+    MbModel *m = NULL;
+    MbLora *lo = NULL;
+    MbTokenizer *tok = NULL; /* it travels with the merged model */
+    char **made = NULL;
+    MbLoadOptions opt = {.threads = threads, .device = MB_DEVICE_CPU}; /* the merge is host work */
+    if (!(rc = mb_tokenizer_open(tokenizer, model_dir, lora_dir, &tok)))
+        if (!(rc = mb_model_load(model_dir, &opt, &m))) rc = mb_lora_load(m, lora_dir, &lo);
+    if (!rc) rc = mb_mkdir_p(out_dir, &made);
+    if (!rc) rc = mb_remove_stale(out_dir); /* what a killed merge left */
+    if (!rc) writing = 1, rc = mb_model_merge_save(m, lo, model_dir, out_dir);
     if (!rc) rc = tokenizer_copy_files(tok, out_dir);
-    for (size_t i = 0; rc && !arrlen(made) && mb_merge_outputs[i]; i++) { /* a folder that was there: */
-        char *p = mb_path_join(out_dir, mb_merge_outputs[i]);            /* only the new files go */
+    for (size_t i = 0; rc && writing && mb_merge_outputs[i]; i++) { /* only the files this merge wrote go */
+        char *p = mb_path_join(out_dir, mb_merge_outputs[i]);
         if (!existed[i]) remove(p);
         free(p);
     }
@@ -6488,14 +6586,15 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
      * every moment (a kill leaves at worst FINAL.old.PID, which a resume removes as stale) */
     char old[4300];
     snprintf(old, sizeof old, "%s.old.%ld", final, (long)getpid());
-    int aside = !rc && mb_is_dir(final);
+    struct stat sb;
+    int aside = !rc && lstat(final, &sb) == 0;
     if (aside && rename(final, old) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot move aside: %s", final, strerror(errno));
     if (!rc && rename(tmp, final) != 0) {
         rc = mb_fail(MB_ERR_IO, "%s: cannot rename to %s: %s", tmp, final, strerror(errno));
         if (aside) rename(old, final);
     }
     if (rc) mb_rmdir_r(tmp);
-    else if (aside) mb_rmdir_r(old);
+    else if (aside) mb_remove_path(old);
     return rc;
 }
 
@@ -6778,9 +6877,20 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     tr->exp_avg_sq = ops->alloc(ops, moments * sizeof(float));
     MbStatus rc = MB_OK;
     if (resume && (rc = checkpoint_load(tr, resume))) return rc;
-    if (resume && lead) printf("resumed from %s at step %ld\n", resume, tr->step);
-    if (resume && lead && (rc = metrics_cut(tr->output_dir, tr->step))) return rc; /* (rank 0 writes files) */
-    long saved = tr->step; /* the step of the newest checkpoint (0: none) */
+    long saved = 0; /* the step whose checkpoint is in OUT (0: none) */
+    if (resume) { /* rank 0 keeps the files: metrics.jsonl cut to the step; is OUT's checkpoint this one? */
+        double flags[2] = {0, 0};
+        char *ck = mb_malloc(strlen(tr->output_dir) + 40);
+        sprintf(ck, "%s/checkpoint-%ld", tr->output_dir, tr->step);
+        if (lead && (rc = metrics_cut(tr->output_dir, tr->step))) flags[0] = 1;
+        if (lead) flags[1] = mb_is_dir(ck);
+        free(ck);
+        comm->all_reduce_host(comm, flags, 2);
+        if (!rc && flags[0] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: rank 0 could not cut metrics.jsonl");
+        if (rc) return rc;
+        saved = flags[1] > 0 ? tr->step : 0;
+        if (lead) printf("resumed from %s at step %ld\n", resume, tr->step);
+    }
     MbStatus log_rc = MB_OK; /* rank 0 could not write metrics.jsonl: every rank stops at the next step */
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
     MbLogRow *hist = NULL, win;
@@ -6941,17 +7051,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
                           .random_init = job->random_init, .seed = (uint64_t)c->seed};
     MbStatus rc = mb_model_load(job->model_dir, &lopt, &tr->m);
     MbTokenizer *tok = NULL;
-    if (!rc && (rc = mb_tokenizer_load(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &tok)) &&
-        !job->tokenizer_path) {
-        char msg[sizeof mb_errbuf];
-        snprintf(msg, sizeof msg, "%s", mb_last_error());
-        rc = mb_fail(rc, "%s --> pass --tokenizer PATH (tokenizer.json or tokenizer.model)", msg);
-    }
-    if (!rc && !mb_tokenizer_config_path(tok)) { /* --tokenizer without a config: the model folder's */
-        char *cfg = mb_path_join(job->model_dir, "tokenizer_config.json");
-        if (mb_is_file(cfg)) rc = mb_tokenizer_load_config(tok, cfg);
-        free(cfg);
-    }
+    if (!rc) rc = mb_tokenizer_open(job->tokenizer_path, job->model_dir, job->lora_init, &tok);
     tr->tok = tok;
     if (!rc && mb_tokenizer_vocab_size(tok) > (size_t)tr->m->cfg.vocab_size)
         rc = mb_fail(MB_ERR_ARG, "the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
@@ -7040,7 +7140,7 @@ static int output_holds_run(const char *out, char *what, size_t cap) {
 /* 1 when path lies inside the folder dir: one of path's parents (path/.., path/../.., ... as
  * the system resolves them, links included) is dir. */
 static int path_inside(const char *path, const char *dir) {
-    char *p = mb_path_join(path, "..");
+    char *p = mb_is_dir(path) ? mb_path_join(path, "..") : mb_path_dirname(path);
     int inside = 0;
     for (int depth = 0; depth < 256 && !inside; depth++) {
         char *up = mb_path_join(p, "..");
@@ -7075,7 +7175,9 @@ static MbStatus train_check_output(const MbTrainJob *job) {
     }
     if (d) closedir(d);
     char what[300];
-    int resume = job->resume && job->resume[0];
+    /* resuming continues the run in OUT when the checkpoint is OUT's ("latest" or a folder in it) */
+    int resume = job->resume && job->resume[0] &&
+                 (!strcmp(job->resume, "latest") || !strcmp(job->resume, "true") || path_inside(job->resume, out));
     if (!rc && !resume && !job->overwrite_output_dir && mb_is_dir(out) && output_holds_run(out, what, sizeof what))
         rc = mb_fail(MB_ERR_ARG, "%s: %s already holds a run (%s) --> --resume_from_checkpoint latest continues it, "
                      "--overwrite_output_dir replaces it, or choose another --output", cmd, out, what);
@@ -7087,25 +7189,32 @@ static MbStatus train_check_output(const MbTrainJob *job) {
  * killed runs left half-written and, with overwrite_output_dir (not resuming), the old run. */
 static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
     const char *out = job->output_dir;
+    for (int i = 0; mb_run_outputs[i]; i++) { /* first: what is there is never the run's to remove */
+        char *p = mb_path_join(out, mb_run_outputs[i]);
+        tr->existed[i] = mb_is_file(p);
+        free(p);
+    }
     MbStatus rc = mb_mkdir_p(out, &tr->made);
     if (!rc) rc = mb_remove_stale(out);
-    if (rc) return rc;
-    int clear = job->overwrite_output_dir && !(job->resume && job->resume[0]);
+    if (rc || !job->overwrite_output_dir || (job->resume && job->resume[0])) return rc;
+    /* --overwrite_output_dir: the old run's own files and checkpoints go (the keyed reference cache
+     * stays); nothing else in the folder is touched */
     DIR *d = opendir(out);
     struct dirent *e;
     while (d && !rc && (e = readdir(d))) {
         char *end;
-        int ckpt = !strncmp(e->d_name, "checkpoint-", 11) && strtol(e->d_name + 11, &end, 10) >= 0 && !*end;
-        int run_file = !strcmp(e->d_name, "metrics.jsonl") || !strcmp(e->d_name, "training.svg") ||
-                       !strncmp(e->d_name, "adapter_", 8);
-        if (!clear || !(ckpt || run_file)) continue;
+        int ckpt = !strncmp(e->d_name, "checkpoint-", 11) && e->d_name[11] >= '0' && e->d_name[11] <= '9' &&
+                   strtol(e->d_name + 11, &end, 10) >= 0 && !*end;
+        int own = 0;
+        for (int i = 0; i < MB_RUN_OWN_FILES; i++)
+            own |= strcmp(mb_run_outputs[i], "ref_logps.safetensors") && !strcmp(e->d_name, mb_run_outputs[i]);
+        if (!ckpt && !own) continue;
         char *p = mb_path_join(out, e->d_name);
-        if (mb_is_dir(p)) rc = mb_rmdir_r(p);
-        else if (remove(p) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot remove: %s", p, strerror(errno));
+        rc = mb_remove_path(p);
         free(p);
     }
     if (d) closedir(d);
-    for (int i = 0; mb_run_outputs[i]; i++) {
+    for (int i = 0; mb_run_outputs[i]; i++) { /* removed: now the run's own */
         char *p = mb_path_join(out, mb_run_outputs[i]);
         tr->existed[i] = mb_is_file(p);
         free(p);
@@ -7243,7 +7352,8 @@ static void *train_rank_thread(void *arg) {
 
 MbStatus mb_train(const MbTrainJob *job) {
     if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
-    MbStatus rc = train_check_output(job); /* rank 0 makes the folder once the run has loaded */
+    /* rank 0 writes the files (and makes the folder once the run has loaded): it checks them */
+    MbStatus rc = job->world_size > 1 && job->rank > 0 ? MB_OK : train_check_output(job);
     if (rc) return rc;
     int world = job->nproc > 1 ? job->nproc : 1, dist = job->world_size > 1, explicit_choice;
     if (world > 256) return mb_fail(MB_ERR_ARG, "--nproc %d: at most 256 ranks", world);
@@ -7279,7 +7389,7 @@ MbStatus mb_train(const MbTrainJob *job) {
         pthread_t *th = mb_calloc((size_t)world, sizeof *th);
         for (int r = 0; r < world; r++) {
             runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = per, runs[r].gpu = job->gpu + r;
-            if (pthread_create(&th[r], NULL, train_rank_thread, &runs[r]) != 0) {
+            if (mb_thread_start(&th[r], train_rank_thread, &runs[r]) != 0) {
                 fprintf(stderr, "medbot: cannot start rank %d of %d\n", r, world);
                 exit(1); /* the ranks already started wait for it forever */
             }
@@ -7914,13 +8024,12 @@ static MbStatus fp_model(const MbTrainJob *job, unsigned char out[32]) {
 static MbStatus fp_tokenizer(const MbTrainJob *job, unsigned char out[32]) {
     MbSha256 s;
     sha256_init(&s);
-    char *file;
-    MbStatus rc = tok_file(job->tokenizer_path ? job->tokenizer_path : job->model_dir, &file);
+    char *file, *cfg; /* the files the run reads: its EOS comes from the config */
+    MbStatus rc = tokenizer_locate(job->tokenizer_path, job->model_dir, job->lora_init, &file, &cfg);
     if (rc) return rc;
     rc = fp_file(&s, file);
-    char *dir = mb_path_dirname(file), *cfg = mb_path_join(dir, "tokenizer_config.json");
-    if (!rc && mb_is_file(cfg)) rc = fp_file(&s, cfg);
-    free(file), free(dir), free(cfg);
+    if (!rc && cfg) rc = fp_file(&s, cfg);
+    free(file), free(cfg);
     if (!rc) sha256_final(&s, out);
     return rc;
 }
@@ -11401,26 +11510,38 @@ static MbStatus arg_path(MbArgs *a, const char *name, const char **out) {
 static volatile sig_atomic_t mb_cli_stop;
 
 static void on_stop_signal(int sig) {
-    static const char msg[] = "\nmedbot: stopping: the step in progress is dropped and a checkpoint written (Ctrl-C "
-                              "again stops at once)\n";
-    mb_cli_stop = sig;
-    signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL); /* the next one is not caught */
-    ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1);
-    (void)k;
+    static const char msg[] = "\nmedbot: stopping: the step in progress is dropped, a checkpoint of the last finished "
+                              "one is written (Ctrl-C again, a second later, stops at once)\n";
+    static struct timespec first; /* (the handler's own: SIGINT and SIGTERM are masked while it runs) */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (!mb_cli_stop) {
+        mb_cli_stop = sig;
+        first = now;
+        ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void)k;
+    } else if ((double)(now.tv_sec - first.tv_sec) + 1e-9 * (double)(now.tv_nsec - first.tv_nsec) >= 1.0) {
+        /* a second signal stops at once; one within a second is the same request (torchrun's agent
+         * passes the terminal's Ctrl-C on as SIGTERM to workers that got the SIGINT too) */
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
 }
 
 static void on_chat_interrupt(int sig) { mb_cli_stop = sig; }
 
-/* Installs fn for SIGINT (and SIGTERM with both). Training restarts the calls a signal
- * interrupts (its loop reads the flag); chat does not, so that a read at the prompt returns. */
-static void catch_signals(void (*fn)(int), int both) {
+/* Installs fn for SIGINT (and SIGTERM with sigterm). restart: the calls a signal interrupts go
+ * on (training, and chat while it answers: the loops read the flag); without, a read returns
+ * (chat at its prompt). */
+static void catch_signals(void (*fn)(int), int sigterm, int restart) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = fn;
-    sa.sa_flags = both ? SA_RESTART : 0;
+    sa.sa_flags = restart ? SA_RESTART : 0;
     sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGINT), sigaddset(&sa.sa_mask, SIGTERM);
     sigaction(SIGINT, &sa, NULL);
-    if (both) sigaction(SIGTERM, &sa, NULL);
+    if (sigterm) sigaction(SIGTERM, &sa, NULL);
 }
 
 /* The demo that `medbot dpo` runs with no arguments: the tiny model in weights/ learns the
@@ -11505,16 +11626,6 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     return MB_OK;
 }
 
-/* 1 when the command line gives --name (alone or as --name=value). */
-static int arg_given(const MbArgs *a, const char *name) {
-    size_t n = strlen(name);
-    for (int i = 2; i < a->argc; i++)
-        if (!strncmp(a->argv[i], "--", 2) && !strncmp(a->argv[i] + 2, name, n) &&
-            (a->argv[i][2 + n] == 0 || a->argv[i][2 + n] == '='))
-            return 1;
-    return 0;
-}
-
 /* Prints the command line that resumes this run: the same arguments with
  * --resume_from_checkpoint latest (and without --overwrite_output_dir), quoted for a shell. */
 static void print_resume_command(const MbArgs *a) {
@@ -11543,9 +11654,20 @@ static void print_resume_command(const MbArgs *a) {
 
 static int cmd_train(MbArgs *a, int sft) {
     MbArgs demo;
-    /* `medbot dpo` without --model, --data or --config: the bundled demo, with any options given
-     * after it (e.g. --resume_from_checkpoint latest); its output folder is replaced each time */
-    int is_demo = !sft && !arg_given(a, "model") && !arg_given(a, "data") && !arg_given(a, "config");
+    /* `medbot dpo` alone: the bundled demo, which replaces demo-output each time; it takes the
+     * options that do not change what it writes where (--resume_from_checkpoint latest resumes it) */
+    static const char *const demo_extras[] = {"resume_from_checkpoint", "threads", "device", "gpu"};
+    int is_demo = !sft;
+    for (int i = 2; i < a->argc && is_demo; i++) {
+        int known = 0;
+        for (size_t k = 0; k < sizeof demo_extras / sizeof *demo_extras; k++) {
+            size_t n = strlen(demo_extras[k]);
+            const char *s = a->argv[i];
+            if (!strncmp(s, "--", 2) && !strncmp(s + 2, demo_extras[k], n) && (!s[2 + n] || s[2 + n] == '='))
+                known = 1, i += !s[2 + n] && i + 1 < a->argc; /* (and its value) */
+        }
+        is_demo = known;
+    }
     if (is_demo) {
         memset(&demo, 0, sizeof demo);
         int n = 0;
@@ -11579,7 +11701,7 @@ static int cmd_train(MbArgs *a, int sft) {
     }
     job.overwrite_output_dir = overwrite;
     job.interrupt = &mb_cli_stop;
-    catch_signals(on_stop_signal, 1);
+    catch_signals(on_stop_signal, 1, 1);
     if (!rc) rc = mb_train(&job);
     signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
     fflush(stdout);
@@ -11773,16 +11895,7 @@ static MbStatus gen_session_open(const char *cmd, MbGenArgs *o, MbGenSession *ss
     lopt.device = o->device, lopt.gpu = o->gpu;
     MbStatus rc = mb_model_load(o->model, &lopt, &ss->m);
     if (!rc && o->lora && !(rc = mb_lora_load(ss->m, o->lora, &ss->lo))) mb_model_set_lora(ss->m, ss->lo);
-    /* the tokenizer: --tokenizer, else the model folder's, else the adapter's (a trainer saves it there) */
-    const char *tok_path = o->tokenizer ? o->tokenizer : o->model;
-    char *in_model = o->tokenizer ? NULL : tokenizer_in(o->model), *in_lora = o->lora ? tokenizer_in(o->lora) : NULL;
-    if (!o->tokenizer && !in_model && in_lora) tok_path = o->lora;
-    free(in_model), free(in_lora);
-    if (!rc && (rc = mb_tokenizer_load(tok_path, &ss->tok)) && !o->tokenizer) {
-        char msg[sizeof mb_errbuf];
-        snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
-        rc = mb_fail(rc, "%s --> pass --tokenizer PATH (tokenizer.json or tokenizer.model)", msg);
-    }
+    if (!rc) rc = mb_tokenizer_open(o->tokenizer, o->model, o->lora, &ss->tok);
     if (!rc && o->add_bos < 0) o->add_bos = mb_tokenizer_add_bos(ss->tok);
     const MbConfig *c = ss->m ? mb_model_config(ss->m) : NULL;
     if (!rc && mb_tokenizer_vocab_size(ss->tok) > (size_t)c->vocab_size)
@@ -11999,15 +12112,17 @@ static int cmd_chat(MbArgs *a) {
     if (tty)
         printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops "
                "an answer.\n", o.model, o.lora ? " + " : "", o.lora ? o.lora : "");
-    catch_signals(on_chat_interrupt, 0);
     int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)max_new * sizeof *out);
     char *line = NULL;
     size_t cap = 0;
     for (;;) {
         if (tty) printf("> ");
         fflush(stdout);
+        catch_signals(on_chat_interrupt, 0, 0); /* Ctrl-C at the prompt: the read returns, chat leaves */
         mb_cli_stop = 0;
         ssize_t got = getline(&line, &cap, stdin);
+        catch_signals(on_chat_interrupt, 0, 1); /* Ctrl-C while answering: the answer stops */
+        mb_cli_stop = 0;
         if (got < 0) { /* end of input, or Ctrl-C at the prompt: leave */
             if (tty) printf("\n");
             break;

@@ -111,6 +111,10 @@ void mb_tokenizer_free(MbTokenizer *tok);
  * object; null: none) and add_bos_token. mb_tokenizer_load applies the one beside the tokenizer
  * file (or in its folder) by itself; call this for another one (the model folder's). */
 MbStatus mb_tokenizer_load_config(MbTokenizer *tok, const char *path);
+/* The tokenizer of a command, found as transformers/TRL find it: `tokenizer` (a file or folder)
+ * when not NULL, else MODEL_DIR's, else LORA_DIR's (may be NULL; a trainer saves the tokenizer with
+ * its adapter); with the tokenizer_config.json beside it, else MODEL_DIR's. */
+MbStatus mb_tokenizer_open(const char *tokenizer, const char *model_dir, const char *lora_dir, MbTokenizer **out);
 /* The tokenizer_config.json applied, or NULL (then BOS/EOS are Llama 3's defaults). */
 const char *mb_tokenizer_config_path(const MbTokenizer *tok);
 

@@ -293,21 +293,46 @@ static void sigint_saves_a_checkpoint_and_prints_the_resume_command(void) {
         printf("    resumed from %s: adapter byte-identical to an uninterrupted run\n", latest);
     }
     free(latest), free(stdout_text), free(stderr_text);
-    /* a second SIGINT stops at once */
+    /* SIGINT and at once SIGTERM (torchrun's agent passes a Ctrl-C on to workers that got it too):
+     * one request, the same clean stop */
     const char *run2 = t_tmp("sigint2");
     dpo_cmd(cmd, sizeof cmd, run2, "--max_steps 100000 --save_steps 0");
     pid = spawn(cmd, o, e);
     snprintf(path, sizeof path, "%s/metrics.jsonl", run2);
     CHECK(wait_lines(path, 1, t_sanitized() ? 120 : 30), "the run logs its first step");
     kill(pid, SIGINT);
-    struct timespec ts = {0, 1000000};
-    nanosleep(&ts, NULL);
-    kill(pid, SIGINT);
+    kill(pid, SIGTERM);
     waitpid(pid, &status, 0);
-    printf("    SIGINT twice -> %s %d\n", WIFSIGNALED(status) ? "killed by signal" : "exit",
+    latest = latest_checkpoint(run2);
+    printf("    SIGINT + SIGTERM at once -> exit %d, %s\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1,
+           latest ? latest : "no checkpoint");
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 130 && latest, "one clean stop");
+    free(latest);
+    /* a second Ctrl-C, a second later, stops at once: here while the reference log-probs of 2,000
+     * pairs are computed (about 4 s), which the run does not break off */
+    char *big = NULL;
+    for (int i = 0; i < 2000; i++)
+        sb_printf(&big, "{\"prompt\": \"Q%d: what helps a fever that lasts three days in a child who also has a "
+                  "cough and a sore throat?\", \"chosen\": \"Rest, drink water, and see a doctor if the fever stays "
+                  "high or the child seems very ill.\", \"rejected\": \"Nothing, ignore it.\"}\n", i);
+    const char *data = t_tmp("big.jsonl");
+    CHECK_OK(mb_write_file(data, big, strlen(big)));
+    arrfree(big);
+    const char *run3 = t_tmp("sigint3");
+    snprintf(cmd, sizeof cmd, "%s dpo --model " FIX "/model --data %s --output %s --precompute_ref_log_probs "
+             "--max_steps 1 --threads 1", t_medbot(), data, run3);
+    pid = spawn(cmd, o, e);
+    struct timespec start = {0, 500000000}; /* its handler is in place within milliseconds */
+    nanosleep(&start, NULL);
+    kill(pid, SIGINT);
+    struct timespec ts = {1, 200000000};
+    nanosleep(&ts, NULL);
+    int early = waitpid(pid, &status, WNOHANG) == pid;
+    if (!early) kill(pid, SIGINT), waitpid(pid, &status, 0);
+    printf("    SIGINT, 1.2 s, SIGINT -> %s %d\n", WIFSIGNALED(status) ? "killed by signal" : "exit",
            WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
-    CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGINT) || (WIFEXITED(status) && WEXITSTATUS(status) == 130),
-          "stopped by the second SIGINT");
+    CHECK(!early, "still computing the reference after 1.2 s (else this checks nothing)");
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGINT, "stopped by the second SIGINT");
 }
 
 static void input_files_that_are_not_files_are_named(void) {
