@@ -69,7 +69,8 @@
 
 // ============================================================================================
 // ---------- 1. platform ----------
-// Error state, checked allocation, files and mmap, a thread pool, timers, JSON, RNG, SHA-256 and HMAC.
+// Error state, checked allocation, files and mmap, a thread pool, timers, JSON, text encodings,
+// key: value (YAML) files, RNG, SHA-256 and HMAC.
 // ============================================================================================
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -151,6 +152,25 @@ static int mb_mul_overflows(size_t a, size_t b, size_t *out) {
     if (a && b > SIZE_MAX / a) return 1;
     *out = a * b;
     return 0;
+}
+
+/* ---- ranges of settings ---- */
+
+enum { MB_LO_OPEN = 1, MB_HI_OPEN = 2 };
+
+/* Writes "must be ..., got X" into why and returns 1 when x is not a finite number in lo..hi
+ * (open: MB_LO_OPEN, MB_HI_OPEN exclude that end; hi INFINITY: no upper end); else returns 0. */
+static int range_why(double x, int is_int, double lo, double hi, int open, char *why, size_t n) {
+    int lo_ok = open & MB_LO_OPEN ? x > lo : x >= lo, hi_ok = open & MB_HI_OPEN ? x < hi : x <= hi;
+    if (isfinite(x) && lo_ok && hi_ok) return 0;
+    char got[40];
+    snprintf(got, sizeof got, is_int ? "%.0f" : "%.15g", x);
+    if (!isfinite(x)) snprintf(why, n, "must be a finite number, got %s", got);
+    else if (isinf(hi)) snprintf(why, n, "must be %s %.15g, got %s", open & MB_LO_OPEN ? ">" : ">=", lo, got);
+    else
+        snprintf(why, n, "must be in %c%.15g, %.15g%c, got %s", open & MB_LO_OPEN ? '(' : '[', lo, hi,
+                 open & MB_HI_OPEN ? ')' : ']', got);
+    return 1;
 }
 
 /* ---- paths and whole files ---- */
@@ -1017,6 +1037,343 @@ static void json_write_value(char **sb, const MbJsonDoc *d, const MbJson *v, con
         if (v->count) sb_printf(sb, "\n%*s", 2 * depth, "");
         sb_printf(sb, "%c", obj ? '}' : ']');
     }
+}
+
+/* A JSON number, or null for NaN and infinity (which JSON cannot hold). */
+static void sb_json_number(char **sb, double x, int digits) {
+    if (isfinite(x)) sb_printf(sb, "%.*g", digits, x);
+    else sb_printf(sb, "null");
+}
+
+/* ---- text files: encodings ---- */
+
+/* The encoding of a text file that is UTF-16 or UTF-32 (its byte-order mark, or the NUL bytes that
+ * ASCII text has there), else NULL; *bom: the length of a UTF-8 byte-order mark to skip (0 or 3). */
+static const char *text_wide_encoding(const char *text, size_t n, size_t *bom) {
+    const unsigned char *s = (const unsigned char *)text;
+    *bom = n >= 3 && s[0] == 0xEF && s[1] == 0xBB && s[2] == 0xBF ? 3 : 0;
+    if (n >= 4 && s[0] == 0xFF && s[1] == 0xFE && !s[2] && !s[3]) return "UTF-32 (little-endian)";
+    if (n >= 4 && !s[0] && !s[1] && s[2] == 0xFE && s[3] == 0xFF) return "UTF-32 (big-endian)";
+    if (n >= 2 && s[0] == 0xFF && s[1] == 0xFE) return "UTF-16 (little-endian)";
+    if (n >= 2 && s[0] == 0xFE && s[1] == 0xFF) return "UTF-16 (big-endian)";
+    if (n >= 4 && s[0] && !s[1] && !s[2] && !s[3]) return "UTF-32 (little-endian)";
+    if (n >= 4 && !s[0] && !s[1] && !s[2] && s[3]) return "UTF-32 (big-endian)";
+    if (n >= 2 && s[0] && !s[1]) return "UTF-16 (little-endian)";
+    if (n >= 2 && !s[0] && s[1]) return "UTF-16 (big-endian)";
+    return NULL;
+}
+
+/* ---- key: value files (--config): the flat YAML of training configs ----
+ * TRL and PEFT configs, and the card's block of hyperparameters, are flat YAML mappings. This
+ * reader takes that subset and refuses the rest with "FILE:LINE: problem":
+ *   key: value          a plain, 'single-quoted' or "double-quoted" scalar (\" \\ \/ \t \uXXXX)
+ *   key: [a, 'b']       a list on one line          both become the value "a,b"
+ *   key:                a list below its key, one item a line
+ *     - a
+ *   # comments (outside quotes), blank lines, a leading ---, a UTF-8 BOM, the card's ``` fences.
+ * Refused: nested mappings, anchors and aliases, tags, block scalars (| >), values over several
+ * lines, flow mappings, a second document, tabs as indentation, duplicate keys, control
+ * characters, invalid UTF-8, UTF-16/32 files. Keys and values never hold a line break. */
+
+typedef struct {
+    const char *name;  /* the file, for messages */
+    int line;          /* 1-based */
+    MbKv *kv;          /* stb_ds array */
+    ptrdiff_t list;    /* the entry whose list the `- item` lines below it fill, or -1 */
+    int list_indent;   /* the indentation of those items; -1 before the first */
+    int started;       /* an entry was read: a later --- would start a second document */
+} MbKvParser;
+
+static MbStatus kv_fail(const MbKvParser *p, const char *fmt, ...) MB_PRINTF(2, 3);
+static MbStatus kv_fail(const MbKvParser *p, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return mb_fail(MB_ERR_FORMAT, "%s:%d: %s", p->name, p->line, msg);
+}
+
+static int kv_blank(char c) { return c == ' ' || c == '\t'; }
+
+/* How many of the first max bytes of s[0..n) (valid UTF-8) to quote without cutting a character */
+static int kv_clip(const char *s, size_t n, size_t max) {
+    size_t k = MB_MIN(n, max);
+    while (k > 0 && k < n && ((unsigned char)s[k] & 0xC0) == 0x80) k--;
+    return (int)k;
+}
+
+/* 1 when s[i] ends a token: the end of the line or a blank follows */
+static int kv_sep(const char *s, size_t n, size_t i) { return i >= n || kv_blank(s[i]); }
+
+/* Why a scalar cannot start at s[i] (a YAML construct this reader does not implement), or NULL. */
+static const char *kv_indicator(const char *s, size_t n, size_t i) {
+    switch (s[i]) {
+    case '&': return "anchors (&name) are not supported";
+    case '*': return "aliases (*name) are not supported";
+    case '!': return "tags (!tag) are not supported";
+    case '|': case '>': return "multi-line values (| and >) are not supported";
+    case '{': case '}': return "flow mappings ({...}) are not supported";
+    case '%': return "directives (%) are not supported";
+    case '@': case '`': return "'@' and '`' are reserved in YAML: quote the value";
+    case ',': case ']': return "a value cannot start with ',' or ']': quote it";
+    case '?': return kv_sep(s, n, i + 1) ? "complex keys (? key) are not supported" : NULL;
+    case ':': return kv_sep(s, n, i + 1) ? "a key is missing before ':'" : NULL;
+    case '-': return kv_sep(s, n, i + 1) ? "a list item here: lists go below their key (- item) or in [a, b]" : NULL;
+    }
+    return NULL;
+}
+
+/* Nothing but blanks and a comment may follow a value at s[i]. */
+static MbStatus kv_rest(const MbKvParser *p, const char *s, size_t n, size_t i) {
+    size_t j = i;
+    while (j < n && kv_blank(s[j])) j++;
+    if (j == n || (s[j] == '#' && j > i)) return MB_OK;
+    return kv_fail(p, "unexpected '%.*s' after the value", kv_clip(s + j, n - j, 40), s + j);
+}
+
+/* One escape of a double-quoted scalar at s[*i] (after the backslash), appended to *v. */
+static MbStatus kv_escape(const MbKvParser *p, const char *s, size_t n, size_t *i, char **v) {
+    char e = *i < n ? s[(*i)++] : 0;
+    if (e == '"' || e == '\\' || e == '/') return arrput(*v, e), MB_OK;
+    if (e == 't') return arrput(*v, '\t'), MB_OK;
+    if (e != 'u') {
+        if (e > ' ' && e < 0x7F) return kv_fail(p, "unsupported escape '\\%c' (values are one line)", e);
+        return kv_fail(p, "unsupported escape in a double-quoted value");
+    }
+    unsigned cp = 0;
+    for (int k = 0; k < 4; k++, (*i)++) {
+        char c = *i < n ? s[*i] : 0;
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return kv_fail(p, "'\\u' needs 4 hex digits");
+        cp = cp * 16 + (unsigned)d;
+    }
+    if ((cp < 0x20 && cp != '\t') || cp == 0x7F || (cp >= 0xD800 && cp <= 0xDFFF))
+        return kv_fail(p, "'\\u%04X' is a control character or a lone surrogate", cp);
+    utf8_put(v, cp);
+    return MB_OK;
+}
+
+/* A quoted scalar at s[*i] (its opening quote) into *out (malloc'd); *i moves past it. */
+static MbStatus kv_quoted(const MbKvParser *p, const char *s, size_t n, size_t *i, char **out) {
+    char q = s[(*i)++], *v = NULL; /* stb_ds */
+    MbStatus rc = MB_OK;
+    for (;;) {
+        if (*i >= n) {
+            rc = kv_fail(p, "unterminated %s-quoted value (quoted values end on their line)", q == '"' ? "double" : "single");
+            break;
+        }
+        char c = s[(*i)++];
+        if (c == q && q == '\'' && *i < n && s[*i] == '\'') arrput(v, '\''), (*i)++; /* '' is a quote */
+        else if (c == q) break;
+        else if (c == '\\' && q == '"') rc = kv_escape(p, s, n, i, &v);
+        else arrput(v, c);
+        if (rc) break;
+    }
+    arrput(v, 0);
+    *out = rc ? NULL : mb_strdup(v);
+    arrfree(v);
+    return rc;
+}
+
+/* A plain scalar from s[*i] to a comment, the end of the line or (flow: inside [...]) a ',' or
+ * ']', without the blanks around it, into *out (malloc'd); *i stops there. */
+static MbStatus kv_plain(const MbKvParser *p, const char *s, size_t n, size_t *i, int flow, char **out) {
+    const char *why = kv_indicator(s, n, *i);
+    if (why) return kv_fail(p, "%s", why);
+    size_t start = *i, end = start, j = start;
+    for (; j < n; j++) {
+        char c = s[j];
+        if (c == '#' && j > start && kv_blank(s[j - 1])) break;
+        if (flow && (c == ',' || c == ']')) break;
+        if (c == ':' && (kv_sep(s, n, j + 1) || (flow && (s[j + 1] == ',' || s[j + 1] == ']'))))
+            return kv_fail(p, "':' in a value (nested mappings are not supported; quote the value)");
+        if (flow && (c == '[' || c == '{' || c == '}'))
+            return kv_fail(p, "'%c' inside [...]: nested lists and mappings are not supported", c);
+        if (!kv_blank(c)) end = j + 1;
+    }
+    *i = end;
+    *out = mb_malloc(end - start + 1);
+    memcpy(*out, s + start, end - start);
+    (*out)[end - start] = 0;
+    return MB_OK;
+}
+
+/* A scalar at s[*i]: quoted or plain (see kv_plain). */
+static MbStatus kv_scalar(const MbKvParser *p, const char *s, size_t n, size_t *i, int flow, char **out) {
+    if (s[*i] == '"' || s[*i] == '\'') return kv_quoted(p, s, n, i, out);
+    return kv_plain(p, s, n, i, flow, out);
+}
+
+/* Appends a list item to *value ("a,b"). */
+static MbStatus kv_list_add(const MbKvParser *p, char **value, char *item) {
+    MbStatus rc = MB_OK;
+    if (!item[0]) rc = kv_fail(p, "an empty list item");
+    else if (strchr(item, ',')) rc = kv_fail(p, "a list item holds a comma: '%.*s'", kv_clip(item, strlen(item), 60), item);
+    if (!rc) {
+        size_t a = strlen(*value), b = strlen(item);
+        char *v = mb_malloc(a + b + 2);
+        memcpy(v, *value, a);
+        if (a) v[a++] = ',';
+        memcpy(v + a, item, b + 1);
+        free(*value);
+        *value = v;
+    }
+    free(item);
+    return rc;
+}
+
+/* [a, 'b', "c"] at s[*i] (one line; a trailing comma is allowed) into *value. */
+static MbStatus kv_flow_list(const MbKvParser *p, const char *s, size_t n, size_t *i, char **value) {
+    (*i)++;
+    for (;;) {
+        while (*i < n && kv_blank(s[*i])) (*i)++;
+        if (*i >= n || s[*i] == '#') return kv_fail(p, "unterminated '[' (a list in [...] ends on its line)");
+        if (s[*i] == ']') break;
+        if (s[*i] == ',') return kv_fail(p, "an empty item in [...]");
+        if (s[*i] == '[' || s[*i] == '{') return kv_fail(p, "nested lists and mappings are not supported");
+        char *item;
+        MbStatus rc = kv_scalar(p, s, n, i, 1, &item);
+        if (!rc) rc = kv_list_add(p, value, item);
+        if (rc) return rc;
+        while (*i < n && kv_blank(s[*i])) (*i)++;
+        if (*i < n && s[*i] == ',') (*i)++;
+        else if (*i < n && s[*i] == ']') break;
+        else if (*i < n && s[*i] != '#') return kv_fail(p, "expected ',' or ']' in [...]");
+    }
+    (*i)++;
+    return kv_rest(p, s, n, *i);
+}
+
+/* The value after "key:" at s[i], into the new entry e: empty (a list may follow on the next lines),
+ * [a, b], or a scalar. */
+static MbStatus kv_value(MbKvParser *p, const char *s, size_t n, size_t i, MbKv *e) {
+    while (i < n && kv_blank(s[i])) i++;
+    if (i == n || s[i] == '#' || s[i] == '[') e->value = mb_strdup("");
+    if (i == n || s[i] == '#') {
+        p->list = arrlen(p->kv), p->list_indent = -1;
+        return MB_OK;
+    }
+    if (s[i] == '[') return kv_flow_list(p, s, n, &i, &e->value);
+    MbStatus rc = kv_scalar(p, s, n, &i, 0, &e->value);
+    return rc ? rc : kv_rest(p, s, n, i);
+}
+
+/* "key: value" at the start of a line. */
+static MbStatus kv_entry(MbKvParser *p, const char *s, size_t n) {
+    MbKv e = {NULL, NULL, p->line};
+    size_t i = 0, colon = n;
+    MbStatus rc = MB_OK;
+    p->list = -1;
+    if (s[0] == '"' || s[0] == '\'') {
+        if ((rc = kv_quoted(p, s, n, &i, &e.key))) return rc;
+        while (i < n && kv_blank(s[i])) i++;
+        colon = i < n && s[i] == ':' && kv_sep(s, n, i + 1) ? i : n;
+    } else {
+        const char *why = s[0] == '[' ? "a list as a key is not supported" : kv_indicator(s, n, 0);
+        if (why) return kv_fail(p, "%s", why);
+        for (i = 0; i < n && colon == n && !(s[i] == '#' && i && kv_blank(s[i - 1])); i++)
+            if (s[i] == ':' && kv_sep(s, n, i + 1)) colon = i;
+        for (i = colon; i > 0 && kv_blank(s[i - 1]);) i--;
+        e.key = mb_malloc(i + 1);
+        memcpy(e.key, s, i);
+        e.key[i] = 0;
+    }
+    if (colon == n) rc = kv_fail(p, "expected 'key: value', got '%.*s'", kv_clip(s, n, 60), s);
+    else if (!e.key[0]) rc = kv_fail(p, "an empty key");
+    for (ptrdiff_t k = 0; !rc && k < arrlen(p->kv); k++)
+        if (!strcmp(p->kv[k].key, e.key))
+            rc = kv_fail(p, "duplicate key '%.*s' (first at line %d)", kv_clip(e.key, strlen(e.key), 60), e.key,
+                         p->kv[k].line);
+    if (!rc) rc = kv_value(p, s, n, colon + 1, &e);
+    if (rc) {
+        p->list = -1;
+        free(e.key), free(e.value);
+        return rc;
+    }
+    arrput(p->kv, e);
+    p->started = 1;
+    return MB_OK;
+}
+
+/* "- item" below a key with an empty value, indented by `indent` spaces. */
+static MbStatus kv_item(MbKvParser *p, const char *s, size_t n, int indent) {
+    if (p->list < 0) return kv_fail(p, "a list item with no key above it");
+    if (p->list_indent >= 0 && indent != p->list_indent)
+        return kv_fail(p, "list items at different indentations (%d and %d spaces)", p->list_indent, indent);
+    p->list_indent = indent;
+    size_t i = (size_t)indent + 1;
+    while (i < n && kv_blank(s[i])) i++;
+    if (i == n || s[i] == '#') return kv_fail(p, "an empty list item");
+    if ((s[i] == '-' && kv_sep(s, n, i + 1)) || s[i] == '[') return kv_fail(p, "nested lists are not supported");
+    char *item;
+    MbStatus rc = kv_scalar(p, s, n, &i, 0, &item);
+    if (!rc && (rc = kv_rest(p, s, n, i))) free(item);
+    return rc ? rc : kv_list_add(p, &p->kv[p->list].value, item);
+}
+
+/* One line s[0..n) (without its line break). */
+static MbStatus kv_line(MbKvParser *p, const char *s, size_t n) {
+    for (size_t i = 0; i < n;) { /* YAML text: UTF-8, printable */
+        unsigned char c = (unsigned char)s[i];
+        size_t k = utf8_valid_len((const unsigned char *)s + i, n - i);
+        if ((c < 0x20 && c != '\t') || c == 0x7F) return kv_fail(p, "a control character (byte 0x%02x)", c);
+        if (!k) return kv_fail(p, "invalid UTF-8");
+        i += k;
+    }
+    size_t ws = 0, sp = 0;
+    while (ws < n && kv_blank(s[ws])) ws++;
+    while (sp < n && s[sp] == ' ') sp++;
+    if (ws == n || s[ws] == '#' || (n - ws >= 3 && !memcmp(s + ws, "```", 3))) return MB_OK;
+    if (sp < ws) return kv_fail(p, "a tab in the indentation (YAML indents with spaces)");
+    if (s[sp] == '-' && kv_sep(s, n, sp + 1)) return kv_item(p, s, n, (int)sp);
+    if (sp > 0) return kv_fail(p, "an indented line: nested mappings and values over several lines are not supported");
+    p->list = -1;
+    if (n >= 3 && !memcmp(s, "---", 3) && kv_sep(s, n, 3)) {
+        if (p->started) return kv_fail(p, "a second document (---): one document a file");
+        return kv_rest(p, s, n, 3);
+    }
+    if (n >= 3 && !memcmp(s, "...", 3) && kv_sep(s, n, 3)) return kv_fail(p, "the document end marker (...) is not supported");
+    return kv_entry(p, s, n);
+}
+
+void mb_kv_free(MbKv *kv, size_t count) {
+    for (size_t i = 0; i < count; i++) free(kv[i].key), free(kv[i].value);
+    arrfree(kv);
+}
+
+MbStatus mb_kv_parse(const char *name, const char *text, size_t n, MbKv **out, size_t *count) {
+    *out = NULL, *count = 0;
+    MbKvParser p = {name, 1, NULL, -1, -1, 0};
+    size_t bom;
+    const char *wide = text_wide_encoding(text, n, &bom);
+    if (wide) return kv_fail(&p, "the file is %s --> save it as UTF-8", wide);
+    MbStatus rc = MB_OK;
+    p.line = 0;
+    for (size_t at = bom; !rc && at < n;) {
+        size_t end = at;
+        while (end < n && text[end] != '\n' && text[end] != '\r') end++;
+        p.line++;
+        rc = kv_line(&p, text + at, end - at);
+        at = end + (end + 1 < n && text[end] == '\r' && text[end + 1] == '\n' ? 2 : 1);
+    }
+    if (rc) {
+        mb_kv_free(p.kv, (size_t)arrlen(p.kv));
+        return rc;
+    }
+    *out = p.kv, *count = (size_t)arrlen(p.kv);
+    return MB_OK;
+}
+
+MbStatus mb_kv_read(const char *path, MbKv **out, size_t *count) {
+    char *text;
+    size_t n;
+    *out = NULL, *count = 0;
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    rc = mb_kv_parse(path, text, n, out, count);
+    free(text);
+    return rc;
 }
 
 /* ---- RNG: splitmix64 to seed, xoshiro256** to draw ---- */
@@ -5366,6 +5723,9 @@ static MbStatus init_random_weights(const MbConfig *c, const char *outdir, uint6
  * parents, and a failure leaves nothing it made. */
 MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t seed, MbDtype dt,
                                   double std) {
+    char why[160];
+    if (range_why(std, 0, 0, INFINITY, MB_LO_OPEN, why, sizeof why))
+        return mb_fail(MB_ERR_ARG, "mb_model_init_random: std %s", why);
     MbConfig c;
     MbStatus rc = mb_config_load(cfg_path, &c);
     if (rc) return rc;
@@ -6086,22 +6446,29 @@ fail:
     return rc;
 }
 
-/* Reads a JSONL file of preference pairs. Bad lines (not JSON, a field missing or not a
- * string, text that is not UTF-8) stop the load with "FILE:LINE: problem"; pairs with an empty
- * prompt or completion, or a prompt that leaves no room for the completion within max_length,
- * are skipped and counted. */
-static MbStatus dataset_load(const char *path, const MbTokenizer *tok, const MbDataOptions *opt, MbDataset *ds) {
+/* Where the JSONL lines of text[0..n) start: after a UTF-8 BOM; a UTF-16 or UTF-32 file is named. */
+static MbStatus jsonl_start(const char *path, const char *text, size_t n, size_t *at) {
+    const char *wide = text_wide_encoding(text, n, at);
+    if (wide) return mb_fail(MB_ERR_FORMAT, "%s: the file is %s --> save it as UTF-8", path, wide);
+    return MB_OK;
+}
+
+/* Parses the JSONL text[0..n) of preference pairs read from path. Bad lines (not JSON, a field
+ * missing or not a string, text that is not UTF-8) stop it with "FILE:LINE: problem"; pairs with
+ * an empty prompt or completion, or a prompt that leaves no room for the completion within
+ * max_length, are skipped and counted. */
+static MbStatus dataset_parse(const char *path, const char *text, size_t n, const MbTokenizer *tok,
+                              const MbDataOptions *opt, MbDataset *ds) {
     memset(ds, 0, sizeof *ds);
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(path, &text, &n);
+    size_t start;
+    MbStatus rc = jsonl_start(path, text, n, &start);
     if (rc) return rc;
     ds->path = mb_strdup(path);
     int line = 0;
     char where[600];
     const char *s;
     size_t len;
-    for (size_t at = 0; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
+    for (size_t at = start; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
         snprintf(where, sizeof where, "%s:%d", path, line);
         MbJsonDoc doc;
         if ((rc = json_parse(where, s, len, &doc))) break;
@@ -6135,7 +6502,9 @@ static MbStatus dataset_load(const char *path, const MbTokenizer *tok, const MbD
         free(prompt);
         json_free(&doc);
         if (rc) {
-            rc = mb_fail(rc, "%s: %s", where, mb_last_error());
+            char msg[sizeof mb_errbuf];
+            snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
+            rc = mb_fail(rc, "%s: %s", where, msg);
             break;
         }
         int too_long = !empty && opt->max_length > 0 && pair.np >= opt->max_length;
@@ -6148,11 +6517,22 @@ static MbStatus dataset_load(const char *path, const MbTokenizer *tok, const MbD
         }
         arrput(ds->pairs, pair);
     }
-    free(text);
     if (!rc && arrlen(ds->pairs) == 0)
         rc = mb_fail(MB_ERR_FORMAT, "%s: no usable preference pairs (%d skipped)", path,
                      ds->skipped_empty + ds->skipped_long);
     if (rc) dataset_free(ds);
+    return rc;
+}
+
+/* Reads a JSONL file of preference pairs (dataset_parse). */
+static MbStatus dataset_load(const char *path, const MbTokenizer *tok, const MbDataOptions *opt, MbDataset *ds) {
+    char *text;
+    size_t n;
+    memset(ds, 0, sizeof *ds);
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    rc = dataset_parse(path, text, n, tok, opt, ds);
+    free(text);
     return rc;
 }
 
@@ -6287,6 +6667,81 @@ void mb_train_config_defaults(MbTrainConfig *c) {
     c->logging_steps = 10, c->save_steps = 500, c->eval_steps = 0;
     c->shuffle = 1;
     c->lora.r = 8, c->lora.alpha = 8, c->lora.targets = (1u << MB_W_Q_PROJ) | (1u << MB_W_K_PROJ);
+}
+
+/* The range of each number of a job, as the reference refuses values outside it (torch's AdamW:
+ * lr, eps, weight_decay >= 0, betas in [0, 1); TrainingArguments: warmup_ratio in [0, 1]; PEFT:
+ * r > 0; torch's Dropout and DataLoader; numpy's seed >= 0) or as medbot needs it (a finite
+ * ddp_timeout in whole milliseconds of an int, epochs whose steps fit a long). */
+typedef struct {
+    const char *name;   /* the option's name (TRL / transformers / PEFT) */
+    size_t off;         /* in MbTrainJob */
+    int is_int;         /* int, else double */
+    double lo, hi;
+    int open;           /* MB_LO_OPEN, MB_HI_OPEN */
+} MbRange;
+
+#define RANGE_C(field, name, is_int, lo, hi, open) {name, offsetof(MbTrainJob, cfg.field), is_int, lo, hi, open}
+#define RANGE_J(field, is_int, lo, hi, open) {#field, offsetof(MbTrainJob, field), is_int, lo, hi, open}
+static const MbRange mb_train_ranges[] = {
+    RANGE_C(beta, "beta", 0, 0, INFINITY, MB_LO_OPEN),
+    RANGE_C(label_smoothing, "label_smoothing", 0, 0, 0.5, 0),
+    RANGE_C(learning_rate, "learning_rate", 0, 0, INFINITY, 0),
+    RANGE_C(weight_decay, "weight_decay", 0, 0, INFINITY, 0),
+    RANGE_C(adam_beta1, "adam_beta1", 0, 0, 1, MB_HI_OPEN),
+    RANGE_C(adam_beta2, "adam_beta2", 0, 0, 1, MB_HI_OPEN),
+    RANGE_C(adam_epsilon, "adam_epsilon", 0, 0, INFINITY, 0),
+    RANGE_C(max_grad_norm, "max_grad_norm", 0, 0, INFINITY, 0),
+    RANGE_C(warmup_ratio, "warmup_ratio", 0, 0, 1, 0),
+    RANGE_C(warmup_steps, "warmup_steps", 1, 0, INFINITY, 0),
+    RANGE_C(per_device_train_batch_size, "per_device_train_batch_size", 1, 1, INFINITY, 0),
+    RANGE_C(per_device_eval_batch_size, "per_device_eval_batch_size", 1, 1, INFINITY, 0),
+    RANGE_C(gradient_accumulation_steps, "gradient_accumulation_steps", 1, 1, INFINITY, 0),
+    RANGE_C(num_train_epochs, "num_train_epochs", 0, 0, 1e9, 0),
+    RANGE_C(max_length, "max_length", 1, 1, INFINITY, 0),
+    RANGE_C(max_prompt_length, "max_prompt_length", 1, 1, INFINITY, 0),
+    RANGE_C(max_completion_length, "max_completion_length", 1, 0, INFINITY, 0),
+    RANGE_C(lora.r, "lora_r", 1, 1, INFINITY, 0),
+    RANGE_C(lora.alpha, "lora_alpha", 0, 0, INFINITY, MB_LO_OPEN),
+    RANGE_C(lora.dropout, "lora_dropout", 0, 0, 1, MB_HI_OPEN),
+    RANGE_C(seed, "seed", 1, 0, INFINITY, 0),
+    RANGE_C(logging_steps, "logging_steps", 1, 0, INFINITY, 0),
+    RANGE_C(save_steps, "save_steps", 1, 0, INFINITY, 0),
+    RANGE_C(eval_steps, "eval_steps", 1, 0, INFINITY, 0),
+    RANGE_C(eval_split, "eval_split", 0, 0, 1, MB_HI_OPEN),
+    RANGE_C(loss_type, "loss_type", 1, 0, 3, 0),
+    RANGE_C(lr_scheduler_type, "lr_scheduler_type", 1, 0, 3, 0),
+    RANGE_J(threads, 1, 0, INFINITY, 0),
+    RANGE_J(nproc, 1, 0, INFINITY, 0),
+    RANGE_J(zero_stage, 1, -1, 1, 0),
+    RANGE_J(gpu, 1, 0, INFINITY, 0),
+    RANGE_J(ddp_timeout, 0, 0, 1e6, 0),
+};
+#undef RANGE_C
+#undef RANGE_J
+
+/* The first number of job outside its range, or NULL; why: "must be ..., got X". */
+static const char *train_job_invalid(const MbTrainJob *job, char *why, size_t n) {
+    const MbTrainConfig *c = &job->cfg;
+    for (size_t i = 0; i < sizeof mb_train_ranges / sizeof *mb_train_ranges; i++) {
+        const MbRange *r = &mb_train_ranges[i];
+        const char *p = (const char *)job + r->off;
+        double x = r->is_int ? (double)*(const int *)(const void *)p : *(const double *)(const void *)p;
+        if (range_why(x, r->is_int, r->lo, r->hi, r->open, why, n)) return r->name;
+    }
+    if (c->loss_type == MB_LOSS_ROBUST && !(c->label_smoothing < 0.5))
+        return snprintf(why, n, "must be < 0.5 with the robust loss, got %g", c->label_smoothing), "label_smoothing";
+    if (c->max_steps != -1 && c->max_steps < 1) return snprintf(why, n, "must be -1 or >= 1, got %d", c->max_steps), "max_steps";
+    if (c->max_steps < 1 && !(c->num_train_epochs > 0))
+        return snprintf(why, n, "must be > 0 (or max_steps >= 1), got %g", c->num_train_epochs), "num_train_epochs";
+    return NULL;
+}
+
+/* train_job_invalid as a failure: "who: name must be ..., got X". */
+static MbStatus train_job_check(const char *who, const MbTrainJob *job) {
+    char why[160];
+    const char *bad = train_job_invalid(job, why, sizeof why);
+    return bad ? mb_fail(MB_ERR_ARG, "%s: %s %s", who, bad, why) : MB_OK;
 }
 
 /* Per pair: the loss and dloss/dd for d = (pc - rc) - (pr - rr) (TRL's dpo_loss). */
@@ -6692,10 +7147,18 @@ typedef struct {
 
 static MbStatus log_append(const MbTrainer *tr, const MbLogRow *r, const char *prefix, int eval) {
     char *j = NULL;
-    sb_printf(&j, "{\"step\": %ld, \"epoch\": %.6g", r->step, r->epoch);
-    if (!eval) sb_printf(&j, ", \"learning_rate\": %.10g, \"grad_norm\": %.10g", r->lr, r->grad_norm);
-    for (int k = 0; k < (tr->sft ? 1 : MET_COUNT); k++)
-        sb_printf(&j, ", \"%s%s\": %.10g", prefix, mb_metric_names[k], r->met[k]);
+    sb_printf(&j, "{\"step\": %ld, \"epoch\": ", r->step); /* a NaN or inf value is written null */
+    sb_json_number(&j, r->epoch, 6);
+    if (!eval) {
+        sb_printf(&j, ", \"learning_rate\": ");
+        sb_json_number(&j, r->lr, 10);
+        sb_printf(&j, ", \"grad_norm\": ");
+        sb_json_number(&j, r->grad_norm, 10);
+    }
+    for (int k = 0; k < (tr->sft ? 1 : MET_COUNT); k++) {
+        sb_printf(&j, ", \"%s%s\": ", prefix, mb_metric_names[k]);
+        sb_json_number(&j, r->met[k], 10);
+    }
     sb_printf(&j, "}\n");
     char *p = mb_path_join(tr->output_dir, "metrics.jsonl");
     FILE *f = fopen(p, "ab");
@@ -7009,12 +7472,15 @@ static void trainer_free(MbTrainer *tr) {
     memset(tr, 0, sizeof *tr);
 }
 
-/* Moves a seeded random share `frac` of train's pairs (at least one) into eval, both keeping
- * the file order. */
-static void split_eval(MbDataset *train, MbDataset *eval, double frac, int seed) {
+/* Moves a seeded random share `frac` of train's pairs into eval, both keeping the file order.
+ * As datasets' train_test_split: ceil(frac * n) pairs are held out, and a split that leaves
+ * either side empty is an error (never a run without the evaluation it asked for). */
+static MbStatus split_eval(MbDataset *train, MbDataset *eval, double frac, int seed) {
     size_t n = (size_t)arrlen(train->pairs), k = (size_t)ceil(frac * (double)n);
-    if (k < 1 || n < 2) return;
-    if (k >= n) k = n - 1;
+    if (k < 1 || k >= n)
+        return mb_fail(MB_ERR_ARG, "%s: eval_split %g of %zu usable pair%s holds out %zu and leaves %zu for training "
+                       "--> hold out a share that leaves pairs on both sides, or pass --eval_data FILE", train->path, frac,
+                       n, n == 1 ? "" : "s", k, n - MB_MIN(k, n));
     char *pick = mb_calloc(n, 1);
     MbRng rng;
     mb_rng_seed(&rng, (uint64_t)seed ^ 0xe7a1u);
@@ -7031,6 +7497,7 @@ static void split_eval(MbDataset *train, MbDataset *eval, double frac, int seed)
     train->pairs = keep;
     eval->path = mb_strdup(train->path);
     free(pick);
+    return MB_OK;
 }
 
 /* Loads model, tokenizer, data and adapter for a job. */
@@ -7041,15 +7508,12 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     tr->model_dir = job->model_dir;
     tr->output_dir = job->output_dir;
     MbTrainConfig *c = &tr->cfg;
-    if (c->per_device_train_batch_size < 1 || c->per_device_eval_batch_size < 1 || c->gradient_accumulation_steps < 1)
-        return mb_fail(MB_ERR_ARG, "batch sizes and gradient_accumulation_steps must be >= 1");
-    if (c->loss_type == MB_LOSS_ROBUST && !(c->label_smoothing < 0.5))
-        return mb_fail(MB_ERR_ARG, "the robust loss needs label_smoothing < 0.5");
-    if (!(c->beta > 0)) return mb_fail(MB_ERR_ARG, "beta must be > 0");
+    MbStatus rc = train_job_check(need_train_data ? "mb_train" : "mb_evaluate", job);
+    if (rc) return rc;
     MbLoadOptions lopt = {.threads = job->threads, .load_in_4bit = job->load_in_4bit,
                           .bnb_4bit_compute_dtype = job->bnb_4bit_compute_dtype, .device = job->device, .gpu = job->gpu,
                           .random_init = job->random_init, .seed = (uint64_t)c->seed};
-    MbStatus rc = mb_model_load(job->model_dir, &lopt, &tr->m);
+    rc = mb_model_load(job->model_dir, &lopt, &tr->m);
     MbTokenizer *tok = NULL;
     if (!rc) rc = mb_tokenizer_open(job->tokenizer_path, job->model_dir, job->lora_init, &tok);
     tr->tok = tok;
@@ -7060,7 +7524,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     MbDataOptions dopt = {c->max_length, c->max_prompt_length, c->max_completion_length, c->add_bos};
     if (!rc && need_train_data) rc = dataset_load(job->data_path, tok, &dopt, &tr->train);
     if (!rc && job->eval_data_path) rc = dataset_load(job->eval_data_path, tok, &dopt, &tr->eval);
-    else if (!rc && need_train_data && c->eval_split > 0) split_eval(&tr->train, &tr->eval, c->eval_split, c->seed);
+    else if (!rc && need_train_data && c->eval_split > 0) rc = split_eval(&tr->train, &tr->eval, c->eval_split, c->seed);
     if (!rc) rc = job->lora_init ? mb_lora_load(tr->m, job->lora_init, &tr->lo) : mb_lora_new(tr->m, &c->lora, (uint64_t)c->seed, &tr->lo);
     if (rc) {
         trainer_free(tr);
@@ -7351,6 +7815,7 @@ static void *train_rank_thread(void *arg) {
 }
 
 MbStatus mb_train(const MbTrainJob *job) {
+    if (train_job_check("mb_train", job)) return MB_ERR_ARG; /* before anything is written */
     if (!job->output_dir || !job->output_dir[0]) return mb_fail(MB_ERR_ARG, "train: --output DIR is required");
     /* rank 0 writes the files (and makes the folder once the run has loaded): it checks them */
     MbStatus rc = job->world_size > 1 && job->rank > 0 ? MB_OK : train_check_output(job);
@@ -7525,21 +7990,30 @@ MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir
     return MB_OK;
 }
 
+/* The first setting of g outside the range transformers' processors accept (their __init__
+ * checks), or NULL; why: "must be ..., got X". Temperature counts only when sampling; every
+ * number must be finite. */
+static const char *generation_config_invalid(const MbGenerationConfig *g, char *why, size_t n) {
+    if (range_why(g->max_new_tokens, 1, 1, INFINITY, 0, why, n)) return "max_new_tokens";
+    if (range_why(g->repetition_penalty, 0, 0, INFINITY, MB_LO_OPEN, why, n)) return "repetition_penalty";
+    if (range_why(g->no_repeat_ngram_size, 1, 0, INFINITY, 0, why, n)) return "no_repeat_ngram_size";
+    if (range_why(g->min_tokens_to_keep, 1, 1, INFINITY, 0, why, n)) return "min_tokens_to_keep";
+    if (g->do_sample && range_why(g->temperature, 0, 0, INFINITY, MB_LO_OPEN, why, n)) {
+        size_t k = strlen(why);
+        snprintf(why + k, n - k, " --> sampling needs it; for greedy decoding turn sampling off (--greedy)");
+        return "temperature";
+    }
+    if (range_why(g->top_k, 1, 0, INFINITY, 0, why, n)) return "top_k";
+    if (range_why(g->top_p, 0, 0, 1, 0, why, n)) return "top_p";
+    return NULL;
+}
+
 MbStatus mb_sampler_new(const MbGenerationConfig *g, size_t V, MbSampler **out) {
     *out = NULL;
+    char why[200];
+    const char *bad = generation_config_invalid(g, why, sizeof why);
     if (V < 1 || V > INT32_MAX) return mb_fail(MB_ERR_ARG, "sampler: vocabulary of %zu tokens", V);
-    if (g->max_new_tokens < 1) return mb_fail(MB_ERR_ARG, "max_new_tokens must be >= 1, got %d", g->max_new_tokens);
-    if (!(g->repetition_penalty > 0))
-        return mb_fail(MB_ERR_ARG, "repetition_penalty must be > 0, got %g", g->repetition_penalty);
-    if (g->no_repeat_ngram_size < 0)
-        return mb_fail(MB_ERR_ARG, "no_repeat_ngram_size must be >= 0, got %d", g->no_repeat_ngram_size);
-    if (g->min_tokens_to_keep < 1)
-        return mb_fail(MB_ERR_ARG, "min_tokens_to_keep must be >= 1, got %d", g->min_tokens_to_keep);
-    if (g->do_sample && !(g->temperature > 0))
-        return mb_fail(MB_ERR_ARG, "temperature must be > 0, got %g --> for greedy decoding turn sampling off "
-                       "(--greedy)", g->temperature);
-    if (g->top_k < 0) return mb_fail(MB_ERR_ARG, "top_k must be >= 0 (0 = off), got %d", g->top_k);
-    if (!(g->top_p >= 0 && g->top_p <= 1)) return mb_fail(MB_ERR_ARG, "top_p must be in [0, 1], got %g", g->top_p);
+    if (bad) return mb_fail(MB_ERR_ARG, "%s %s", bad, why);
     MbSampler *s = mb_calloc(1, sizeof *s);
     s->cfg = *g;
     s->V = V;
@@ -10988,15 +11462,17 @@ typedef struct {
     char **argv;
     char *used;        /* (argc) which argv entries a command consumed */
     const char *cmd;
-    /* options from a --config file: consulted after the command line */
-    char **cfg_key, **cfg_val; /* stb_ds arrays */
-    int *cfg_line;
-    char *cfg_used;
+    /* settings from a --config file: consulted after the command line */
+    MbKv *cfg;         /* (n_cfg) as the file has them */
+    size_t n_cfg;
+    const char **cfg_opt; /* (n_cfg) the option each sets (the card's names renamed) */
+    char *cfg_used;    /* (n_cfg) */
     const char *cfg_path;
 } MbArgs;
 
-/* The value of --name (the last one when given twice, as argparse), or NULL. */
-static const char *arg_get(MbArgs *a, const char *name) {
+/* The value of --name (the last one when given twice, as argparse), else of the config file's
+ * setting for it, or NULL. *from: the config entry it came from, or -1 (the command line). */
+static const char *arg_find(MbArgs *a, const char *name, ptrdiff_t *from) {
     size_t n = strlen(name);
     const char *found = NULL;
     for (int i = 2; i < a->argc; i++) {
@@ -11014,12 +11490,31 @@ static const char *arg_get(MbArgs *a, const char *name) {
             }
         }
     }
-    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
-        if (!strcmp(a->cfg_key[i], name)) {
+    if (from) *from = -1;
+    for (size_t i = 0; i < a->n_cfg; i++)
+        if (!strcmp(a->cfg_opt[i], name)) {
             a->cfg_used[i] = 1; /* known, even when the command line wins */
-            if (!found) found = a->cfg_val[i];
+            if (!found && from) *from = (ptrdiff_t)i;
+            if (!found) found = a->cfg[i].value;
         }
     return found;
+}
+
+static const char *arg_get(MbArgs *a, const char *name) { return arg_find(a, name, NULL); }
+
+/* Fails with a message about option name that starts where its value came from:
+ * "dpo: --name ..." or "FILE:LINE: key ..." (the config file's line). */
+static MbStatus arg_fail(MbArgs *a, const char *name, const char *fmt, ...) MB_PRINTF(3, 4);
+static MbStatus arg_fail(MbArgs *a, const char *name, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    ptrdiff_t from;
+    arg_find(a, name, &from);
+    if (from >= 0) return mb_fail(MB_ERR_ARG, "%s:%d: %s %s", a->cfg_path, a->cfg[from].line, a->cfg[from].key, msg);
+    return mb_fail(MB_ERR_ARG, "%s: --%s %s", a->cmd, name, msg);
 }
 
 static int is_bool_word(const char *v, int *out) {
@@ -11050,13 +11545,13 @@ static MbStatus arg_bool(MbArgs *a, const char *name, int *out) {
             *out = 1;
         }
     }
-    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
-        if (!strcmp(a->cfg_key[i], name)) {
+    for (size_t i = 0; i < a->n_cfg; i++)
+        if (!strcmp(a->cfg_opt[i], name)) {
             a->cfg_used[i] = 1;
             if (found) continue;
-            if (!is_bool_word(a->cfg_val[i], out))
-                return mb_fail(MB_ERR_ARG, "%s:%d: %s needs true or false, got '%s'", a->cfg_path, a->cfg_line[i], name,
-                               a->cfg_val[i]);
+            if (!is_bool_word(a->cfg[i].value, out))
+                return mb_fail(MB_ERR_ARG, "%s:%d: %s needs true or false, got '%s'", a->cfg_path, a->cfg[i].line,
+                               a->cfg[i].key, a->cfg[i].value);
             return MB_OK;
         }
     return MB_OK;
@@ -11068,20 +11563,52 @@ static MbStatus arg_int(MbArgs *a, const char *name, int *out) {
     char *end;
     errno = 0;
     long x = strtol(v, &end, 10);
-    if (!v[0] || *end || errno || x < INT_MIN || x > INT_MAX)
-        return mb_fail(MB_ERR_ARG, "%s: --%s needs an integer, got '%s'", a->cmd, name, v);
+    if (!v[0] || *end) return arg_fail(a, name, "needs an integer, got '%s'", v);
+    if (errno || x < INT_MIN || x > INT_MAX) return arg_fail(a, name, "is out of range, got %s", v);
     *out = (int)x;
     return MB_OK;
+}
+
+/* 1 when s is a decimal number as Python's float() reads one, without nan and inf (and without
+ * the hex floats that strtod also takes): [+-] digits [. digits] [e [+-] digits]. */
+static int is_decimal(const char *s) {
+    int digits = 0;
+    if (*s == '+' || *s == '-') s++;
+    for (; *s >= '0' && *s <= '9'; s++) digits++;
+    if (*s == '.')
+        for (s++; *s >= '0' && *s <= '9'; s++) digits++;
+    if (!digits) return 0;
+    if (*s == 'e' || *s == 'E') {
+        if (*++s == '+' || *s == '-') s++;
+        if (*s < '0' || *s > '9') return 0;
+        while (*s >= '0' && *s <= '9') s++;
+    }
+    return *s == 0;
 }
 
 static MbStatus arg_double(MbArgs *a, const char *name, double *out) {
     const char *v = arg_get(a, name);
     if (!v) return MB_OK;
-    char *end;
-    double x = strtod(v, &end);
-    if (!v[0] || *end) return mb_fail(MB_ERR_ARG, "%s: --%s needs a number, got '%s'", a->cmd, name, v);
+    if (!is_decimal(v)) return arg_fail(a, name, "needs a finite decimal number, got '%s'", v);
+    double x = strtod(v, NULL);
+    if (!isfinite(x)) return arg_fail(a, name, "is out of range, got %s", v);
     *out = x;
     return MB_OK;
+}
+
+/* arg_int / arg_double, then the value must lie in [lo, hi] (see range_why; hi INFINITY: none). */
+static MbStatus arg_int_in(MbArgs *a, const char *name, int *out, double lo, double hi) {
+    char why[160];
+    MbStatus rc = arg_int(a, name, out);
+    if (!rc && arg_get(a, name) && range_why(*out, 1, lo, hi, 0, why, sizeof why)) rc = arg_fail(a, name, "%s", why);
+    return rc;
+}
+
+static MbStatus arg_double_in(MbArgs *a, const char *name, double *out, double lo, double hi, int open) {
+    char why[160];
+    MbStatus rc = arg_double(a, name, out);
+    if (!rc && arg_get(a, name) && range_why(*out, 0, lo, hi, open, why, sizeof why)) rc = arg_fail(a, name, "%s", why);
+    return rc;
 }
 
 /* The first positional argument (not an option or an option's value), or NULL. Call after
@@ -11100,75 +11627,43 @@ static MbStatus args_done(MbArgs *a) {
         if (!a->used[i])
             return mb_fail(MB_ERR_ARG, "%s: unknown option or extra argument '%s' --> see medbot %s --help",
                            a->cmd, a->argv[i], a->cmd);
-    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++)
+    for (size_t i = 0; i < a->n_cfg; i++)
         if (!a->cfg_used[i])
-            return mb_fail(MB_ERR_ARG, "%s:%d: unknown setting '%s' for medbot %s", a->cfg_path, a->cfg_line[i],
-                           a->cfg_key[i], a->cmd);
+            return mb_fail(MB_ERR_ARG, "%s:%d: unknown setting '%s' for medbot %s", a->cfg_path, a->cfg[i].line,
+                           a->cfg[i].key, a->cmd);
     return MB_OK;
 }
 
 static void args_free(MbArgs *a) {
-    for (ptrdiff_t i = 0; i < arrlen(a->cfg_key); i++) free(a->cfg_key[i]), free(a->cfg_val[i]);
-    arrfree(a->cfg_key), arrfree(a->cfg_val), arrfree(a->cfg_line);
+    mb_kv_free(a->cfg, a->n_cfg);
+    free(a->cfg_opt);
     free(a->cfg_used);
     free(a->used);
 }
 
-/* The card's `key: value  # comment` blocks (its YAML hyperparameters and its Python QLoRA
- * settings, as written) as options. Keys the card uses for an option with another name are
- * renamed; informational keys are checked or noted. */
+/* A --config file (mb_kv_read: the card's `key: value  # comment` block as written, or a TRL /
+ * PEFT YAML) as options. Keys the card uses for an option with another name are renamed; two
+ * keys for one option are refused. */
 static MbStatus args_read_config(MbArgs *a, const char *path) {
     static const char *const rename_keys[][2] = {
         {"seq_length", "max_length"}, {"batch_size", "per_device_train_batch_size"}, {"r", "lora_r"},
         {"target_modules", "lora_target_modules"}, {"output_dir", "output"}};
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(path, &text, &n);
+    MbStatus rc = mb_kv_read(path, &a->cfg, &a->n_cfg);
     if (rc) return rc;
     a->cfg_path = path;
-    int line = 0;
-    for (char *s = text; s && *s;) {
-        char *nl = strchr(s, '\n');
-        if (nl) *nl = 0;
-        line++;
-        char *hash = strchr(s, '#');
-        if (hash) *hash = 0;
-        char *colon = strchr(s, ':');
-        char *k = s;
-        s = nl ? nl + 1 : NULL;
-        while (*k == ' ' || *k == '\t') k++;
-        if (!*k || !strncmp(k, "```", 3)) continue;
-        if (!colon) {
-            for (char *e = k + strlen(k); e > k && (e[-1] == ' ' || e[-1] == '\r' || e[-1] == '\t');) *--e = 0;
-            if (!*k) continue;
-            free(text);
-            return mb_fail(MB_ERR_FORMAT, "%s:%d: expected 'key: value', got '%s'", path, line, k);
-        }
-        *colon = 0;
-        char *v = colon + 1;
-        for (char *e = colon; e > k && (e[-1] == ' ' || e[-1] == '\t');) *--e = 0;
-        while (*v == ' ' || *v == '\t') v++;
-        for (char *e = v + strlen(v); e > v && (e[-1] == ' ' || e[-1] == '\r' || e[-1] == '\t');) *--e = 0;
-        size_t vl = strlen(v);
-        if (vl >= 2 && ((v[0] == '"' && v[vl - 1] == '"') || (v[0] == '\'' && v[vl - 1] == '\''))) v[vl - 1] = 0, v++;
-        if (v[0] == '[') { /* [q_proj, k_proj] -> q_proj,k_proj */
-            char *w = v;
-            for (char *r = v + 1; *r && *r != ']'; r++)
-                if (*r != ' ' && *r != '"' && *r != '\'') *w++ = *r;
-            *w = 0;
-        }
-        const char *key = k;
-        for (size_t i = 0; i < sizeof rename_keys / sizeof *rename_keys; i++)
-            if (!strcmp(k, rename_keys[i][0])) key = rename_keys[i][1];
-        arrput(a->cfg_key, mb_strdup(key));
-        arrput(a->cfg_val, mb_strdup(v));
-        arrput(a->cfg_line, line);
+    a->cfg_opt = mb_calloc(a->n_cfg + 1, sizeof *a->cfg_opt);
+    a->cfg_used = mb_calloc(a->n_cfg + 1, 1);
+    for (size_t i = 0; i < a->n_cfg; i++) {
+        a->cfg_opt[i] = a->cfg[i].key;
+        for (size_t k = 0; k < sizeof rename_keys / sizeof *rename_keys; k++)
+            if (!strcmp(a->cfg[i].key, rename_keys[k][0])) a->cfg_opt[i] = rename_keys[k][1];
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(a->cfg_opt[i], a->cfg_opt[j]))
+                return mb_fail(MB_ERR_ARG, "%s:%d: '%s' sets %s, as '%s' of line %d does", path, a->cfg[i].line,
+                               a->cfg[i].key, a->cfg_opt[i], a->cfg[j].key, a->cfg[j].line);
     }
-    free(text);
-    a->cfg_used = mb_calloc((size_t)arrlen(a->cfg_key) + 1, 1);
     return MB_OK;
 }
-
 
 
 static void print_count(const char *what, size_t n, size_t total) {
@@ -11292,17 +11787,15 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     const char *targets = arg_get(a, "lora_target_modules");
     if ((rc = arg_bool(a, "load_in_4bit", &o.load_in_4bit)) ||
         (rc = arg_bool(a, "gradient_checkpointing", &o.gradient_checkpointing)) ||
-        (rc = arg_int(a, "lora_r", &o.lora_r)) || (rc = arg_double(a, "lora_alpha", &o.lora_alpha)) ||
-        (rc = arg_int(a, "per_device_train_batch_size", &o.batch)) || (rc = arg_int(a, "max_length", &o.max_length)) ||
-        (rc = arg_int(a, "gpus", &o.gpus)) || (rc = arg_int(a, "zero_stage", &o.zero_stage)) ||
-        (rc = args_done(a)))
+        (rc = arg_int_in(a, "lora_r", &o.lora_r, 1, INFINITY)) ||
+        (rc = arg_double_in(a, "lora_alpha", &o.lora_alpha, 0, INFINITY, MB_LO_OPEN)) ||
+        (rc = arg_int_in(a, "per_device_train_batch_size", &o.batch, 1, INFINITY)) ||
+        (rc = arg_int_in(a, "max_length", &o.max_length, 1, INFINITY)) || (rc = arg_int_in(a, "gpus", &o.gpus, 1, INFINITY)) ||
+        (rc = arg_int(a, "zero_stage", &o.zero_stage)) || (rc = args_done(a)))
         return rc;
-    if (o.lora_r < 1 || o.batch < 1 || o.max_length < 1 || o.gpus < 1)
-        return mb_fail(MB_ERR_ARG, "info: --lora_r, --per_device_train_batch_size, --max_length and --gpus "
-                       "must be >= 1");
     if (o.zero_stage < 0 || o.zero_stage > 2)
         return mb_fail(MB_ERR_ARG, "info: --zero_stage must be 0, 1 or 2 (stage 3 is not planned: medbot "
-                       "shards optimizer state, ZeRO-1)");
+                       "shards optimizer state, ZeRO-1), got %d", o.zero_stage);
     if (targets) {
         o.targets = 0;
         char *list = mb_strdup(targets), *save = list;
@@ -11390,7 +11883,7 @@ static int cmd_info(MbArgs *a) {
     MbStatus rc;
     int threads = 0, plan = 0;
     MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CPU}; /* reads the files only */
-    if ((rc = arg_int(a, "threads", &threads)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
+    if ((rc = arg_int_in(a, "threads", &threads, 0, INFINITY)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
         rc = mb_fail(MB_ERR_ARG, "info: which model? --> medbot info MODEL_DIR");
@@ -11457,7 +11950,8 @@ static int cmd_init(MbArgs *a) {
     int seed = 0;
     double std = 0.02;
     const char *cfg = arg_get(a, "config"), *out = arg_get(a, "output"), *dts = arg_get(a, "dtype");
-    if ((rc = arg_int(a, "seed", &seed)) || (rc = arg_double(a, "std", &std)) || (rc = args_done(a)))
+    if ((rc = arg_int_in(a, "seed", &seed, 0, INFINITY)) ||
+        (rc = arg_double_in(a, "std", &std, 0, INFINITY, MB_LO_OPEN)) || (rc = args_done(a)))
         goto fail;
     if (!cfg || !out || !cfg[0] || !out[0]) {
         rc = mb_fail(MB_ERR_ARG, "init: --config CONFIG_JSON and --output DIR are required");
@@ -11599,7 +12093,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
         (rc = arg_bool(a, "load_in_4bit", &load_4bit)) || (rc = arg_device(a, &job->device)) ||
         (rc = arg_int(a, "gpu", &job->gpu)) || (rc = arg_bool(a, "random_init", &job->random_init)) ||
         /* the card's informational settings: accepted, checked or noted */
-        (rc = arg_bool(a, "bf16", &ignored_bool)) || (rc = arg_int(a, "effective_batch_size", &effective)) ||
+        (rc = arg_bool(a, "bf16", &ignored_bool)) || (rc = arg_int_in(a, "effective_batch_size", &effective, 1, INFINITY)) ||
         (rc = arg_bool(a, "bnb_4bit_use_double_quant", &ignored_bool)))
         return rc;
     (void)arg_get(a, "trainable_params");
@@ -11612,17 +12106,19 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
         return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd, cdt);
     job->bnb_4bit_compute_dtype = cdt;
+    if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
+    if (job->nproc < 1) return arg_fail(a, "nproc", "must be >= 1, got %d", job->nproc);
+    if (job->zero_stage > 1)
+        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --zero_stage %d: medbot implements ZeRO stages 0 and 1", a->cmd, job->zero_stage);
+    char why[160]; /* every number in its range, before anything is loaded or written */
+    const char *bad = train_job_invalid(job, why, sizeof why);
+    if (bad) return arg_fail(a, bad, "%s", why);
+    if (!job->model_dir || (!job->data_path && a->cmd[0] != 'm'))
+        return mb_fail(MB_ERR_ARG, "%s: --model DIR and --data FILE are required (medbot %s --help)", a->cmd, a->cmd);
     if (effective && effective != c->per_device_train_batch_size * c->gradient_accumulation_steps)
         printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
                "this run uses one process: %d pairs per step\n", effective,
                c->per_device_train_batch_size * c->gradient_accumulation_steps);
-    if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
-    if (job->nproc < 1) return mb_fail(MB_ERR_ARG, "%s: --nproc must be >= 1", a->cmd);
-    if (!(job->ddp_timeout >= 0)) return mb_fail(MB_ERR_ARG, "%s: --ddp_timeout must be >= 0 seconds", a->cmd);
-    if (job->zero_stage > 1)
-        return mb_fail(MB_ERR_UNSUPPORTED, "%s: --zero_stage %d: medbot implements ZeRO stages 0 and 1", a->cmd, job->zero_stage);
-    if (!job->model_dir || (!job->data_path && a->cmd[0] != 'm'))
-        return mb_fail(MB_ERR_ARG, "%s: --model DIR and --data FILE are required (medbot %s --help)", a->cmd, a->cmd);
     return MB_OK;
 }
 
@@ -11737,7 +12233,8 @@ static int cmd_merge(MbArgs *a) {
     int threads = 0;
     MbStatus rc;
     if ((rc = arg_path(a, "model", &model)) || (rc = arg_path(a, "lora", &lora)) || (rc = arg_path(a, "output", &out)) ||
-        (rc = arg_path(a, "tokenizer", &tok)) || (rc = arg_int(a, "threads", &threads)) || (rc = args_done(a)))
+        (rc = arg_path(a, "tokenizer", &tok)) || (rc = arg_int_in(a, "threads", &threads, 0, INFINITY)) ||
+        (rc = args_done(a)))
         goto fail;
     if (!model || !lora || !out) {
         rc = mb_fail(MB_ERR_ARG, "merge: --model DIR --lora ADAPTER_DIR --output DIR are required");
@@ -11834,15 +12331,16 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
     int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;
     MbStatus rc;
     if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
-        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int(a, "threads", &o->threads)) ||
+        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int_in(a, "threads", &o->threads, 0, INFINITY)) ||
         (rc = arg_bool(a, "load_in_4bit", &o->load_in_4bit)) || (rc = arg_bool(a, "add_bos", &o->add_bos)) ||
-        (rc = arg_int(a, "max_context", &o->max_context)) || (rc = arg_device(a, &o->device)) ||
-        (rc = arg_int(a, "gpu", &o->gpu)) ||
+        (rc = arg_int_in(a, "max_context", &o->max_context, 1, INFINITY)) || (rc = arg_device(a, &o->device)) ||
+        (rc = arg_int_in(a, "gpu", &o->gpu, 0, INFINITY)) ||
         (rc = arg_int(a, "max_new_tokens", &o->gen.max_new_tokens)) || (rc = arg_bool(a, "do_sample", &do_sample)) ||
         (rc = arg_bool(a, "greedy", &greedy)) || (rc = arg_double(a, "temperature", &o->gen.temperature)) ||
         (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
         (rc = arg_double(a, "repetition_penalty", &o->gen.repetition_penalty)) ||
-        (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) || (rc = arg_int(a, "seed", &seed)))
+        (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) ||
+        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)))
         return rc;
     o->system = arg_get(a, "system");
     const char *cdt = o->bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
@@ -11852,10 +12350,11 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
     if (greedy && do_sample == 1)
         return mb_fail(MB_ERR_ARG, "%s: --greedy and --do_sample contradict each other", a->cmd);
     o->gen.do_sample = greedy ? 0 : do_sample != 0;
-    if (seed_given && seed < 0) return mb_fail(MB_ERR_ARG, "%s: --seed must be >= 0, got %d", a->cmd, seed);
+    char why[200];
+    const char *bad = generation_config_invalid(&o->gen, why, sizeof why);
+    if (bad) return arg_fail(a, bad, "%s", why);
     o->gen.seed = seed_given ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
-    if (o->max_context < 0) return mb_fail(MB_ERR_ARG, "%s: --max_context must be positive", a->cmd);
     return MB_OK;
 }
 
@@ -11991,7 +12490,8 @@ static MbStatus gen_one(MbGenSession *ss, const MbGenArgs *o, const char *where,
                         int raw, int json, const char *key) {
     if (!text[0]) return mb_fail(MB_ERR_ARG, "%s: the prompt is empty", where);
     char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system, text);
-    int32_t *ids = NULL, *out = mb_malloc((size_t)o->gen.max_new_tokens * sizeof *out);
+    /* at most ctx new ids: generation stops when the cache is full (--max_new_tokens may be huge) */
+    int32_t *ids = NULL, *out = mb_malloc((size_t)MB_MIN(o->gen.max_new_tokens, ss->ctx) * sizeof *out);
     MbAnswer ans = {json ? NULL : stdout, NULL, 0, NULL};
     size_t n_out = 0;
     int cut = 0;
@@ -12025,8 +12525,9 @@ static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path,
     int line = 0;
     char where[600];
     const char *s;
-    size_t len;
-    for (size_t at = 0; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
+    size_t len, start = 0;
+    rc = jsonl_start(path, text, n, &start);
+    for (size_t at = start; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
         snprintf(where, sizeof where, "%s:%d", path, line);
         MbJsonDoc doc;
         if ((rc = json_parse(where, s, len, &doc))) break;
@@ -12112,7 +12613,7 @@ static int cmd_chat(MbArgs *a) {
     if (tty)
         printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops "
                "an answer.\n", o.model, o.lora ? " + " : "", o.lora ? o.lora : "");
-    int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)max_new * sizeof *out);
+    int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)MB_MIN(max_new, ss.ctx) * sizeof *out);
     char *line = NULL;
     size_t cap = 0;
     for (;;) {

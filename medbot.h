@@ -3,7 +3,8 @@
  * includes. Everything is plain C99: opaque handles, plain config structs, integer error codes.
  *
  * Table of contents (sections of medbot.c, in data-flow order)
- *   1. platform     errors, checked alloc/IO, mmap, thread pool, timers, JSON, RNG, SHA-256
+ *   1. platform     errors, checked alloc/IO, mmap, thread pool, timers, JSON, key: value files, RNG,
+ *                   SHA-256
  *   2. files        safetensors read (mmap, sharded) and write, config.json, dtype conversion
  *   3. tokenizer    Llama 3 byte-level BPE, specials, streaming UTF-8 decode
  *   4. weights      linear weights as f32/f16/bf16 or NF4 (bitsandbytes 4-bit, double quant)
@@ -47,6 +48,23 @@ typedef enum {
 
 /* The message of the last failure on this thread: one line, "FILE: problem [--> hint]". */
 const char *mb_last_error(void);
+
+/* ---------- key: value files (section 1) ---------- */
+
+/* One setting of a --config file: the key, its value (a list comes as "a,b"), its 1-based line. */
+typedef struct {
+    char *key, *value;
+    int line;
+} MbKv;
+
+/* Reads the flat YAML of training configs (TRL, PEFT, the card's block): top-level `key: value`
+ * lines with plain or quoted scalars, lists as [a, b] or as `- item` lines below their key,
+ * comments, a leading ---, a UTF-8 BOM. Anything else (nesting, anchors, tags, | and > scalars,
+ * several documents, duplicate keys, tabs as indentation, UTF-16) fails with "NAME:LINE: problem".
+ * *out holds *count entries in file order; free them with mb_kv_free. */
+MbStatus mb_kv_parse(const char *name, const char *text, size_t n, MbKv **out, size_t *count);
+MbStatus mb_kv_read(const char *path, MbKv **out, size_t *count);
+void mb_kv_free(MbKv *kv, size_t count);
 
 /* ---------- files ---------- */
 

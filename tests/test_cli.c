@@ -143,7 +143,254 @@ static void bad_input_unknown_command_and_option(void) {
     t_expect_failure("info tests/fixtures/llama/gqa2_f32 --frob 1", "--frob", "unknown option");
 }
 
+/* ---- --config: the YAML subset (mb_kv_parse) ---- */
+
+/* Parses text as "t.yaml" and compares with the entries "key=value;key=value;" (NULL: it must fail
+ * with "t.yaml:LINE: " and the needle). */
+static void kv_case(const char *text, size_t n, const char *want, int line, const char *needle) {
+    MbKv *kv = NULL;
+    size_t count = 0;
+    MbStatus rc = mb_kv_parse("t.yaml", text, n, &kv, &count);
+    char got[512] = "", prefix[32];
+    for (size_t i = 0; i < count; i++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), "%s=%s;", kv[i].key, kv[i].value);
+    mb_kv_free(kv, count);
+    if (want) {
+        CHECK(!rc && !strcmp(got, want), "%s: want '%s', got '%s' (%s)", text, want, got, rc ? mb_last_error() : "ok");
+        return;
+    }
+    snprintf(prefix, sizeof prefix, "t.yaml:%d: ", line);
+    printf("    %-34.*s -> %s\n", (int)strcspn(text, "\n"), text, rc ? mb_last_error() : "accepted");
+    CHECK(rc == MB_ERR_FORMAT && !kv && !count && !strncmp(mb_last_error(), prefix, strlen(prefix)) &&
+              strstr(mb_last_error(), needle) && !strchr(mb_last_error(), '\n'),
+          "want '%s...%s'", prefix, needle);
+}
+#define KV_OK(text, want) kv_case(text, sizeof text - 1, want, 0, NULL)
+#define KV_BAD(text, line, needle) kv_case(text, sizeof text - 1, NULL, line, needle)
+
+static void config_reader_takes_the_yaml_subset(void) {
+    /* lists below their key (any indentation, compact too) and on one line give the same value */
+    KV_OK("target_modules:\n  - q_proj\n  - k_proj\n", "target_modules=q_proj,k_proj;");
+    KV_OK("target_modules:\n- q_proj\n- \"k_proj\" # c\nr: 8\n", "target_modules=q_proj,k_proj;r=8;");
+    KV_OK("target_modules: [q_proj, 'k_proj', \"v_proj\",]\n", "target_modules=q_proj,k_proj,v_proj;");
+    KV_OK("a: []\nb:\nc: # nothing\n", "a=;b=;c=;");
+    /* comments only outside quotes, and only after a blank */
+    KV_OK("output_dir: \"out # not a comment\" # a comment\nx: a#b # c\n# whole line\n", "output_dir=out # not a comment;x=a#b;");
+    KV_OK("s: 'it''s'\nd: \"tab\\there \\u00e9 \\\"q\\\" \\\\\"\n", "s=it's;d=tab\there \xc3\xa9 \"q\" \\;");
+    /* a UTF-8 BOM, a leading ---, CRLF and CR line ends, the card's fences, blank lines, tabs after ':' */
+    KV_OK("\xef\xbb\xbf--- # doc\r\n```yaml\r\nbeta:\t0.1\r\n\r\n```\rlr: 5e-6\r", "beta=0.1;lr=5e-6;");
+    KV_OK("\"quoted key\": v\nurl: http://x/y\ntrainable_params: ~54MB # the card\n-1: minus\n",
+          "quoted key=v;url=http://x/y;trainable_params=~54MB;-1=minus;");
+    KV_OK("", "");
+    /* the card's file as committed */
+    char *text = NULL;
+    size_t n = 0;
+    MbKv *kv = NULL;
+    size_t count = 0;
+    CHECK_OK(mb_read_file("weights/dpo_card.yaml", &text, &n));
+    CHECK_OK(mb_kv_parse("weights/dpo_card.yaml", text, n, &kv, &count));
+    CHECK(count == 23 && !strcmp(kv[count - 3].key, "target_modules") && !strcmp(kv[count - 3].value, "q_proj,k_proj") &&
+              kv[0].line == 5,
+          "the card: %zu settings", count);
+    mb_kv_free(kv, count);
+    free(text);
+}
+
+static void config_reader_refuses_other_yaml(void) {
+    KV_BAD("a: 1\nlora:\n  r: 8\n", 3, "nested mappings");
+    KV_BAD("x: &anchor 1\n", 1, "anchors");
+    KV_BAD("x: 1\ny: *anchor\n", 2, "aliases");
+    KV_BAD("x: !!float 1\n", 1, "tags");
+    KV_BAD("x: |\n  text\n", 1, "multi-line values");
+    KV_BAD("x: >\n  text\n", 1, "multi-line values");
+    KV_BAD("x: plain\n  continued\n", 2, "values over several lines");
+    KV_BAD("x: 1\n---\ny: 2\n", 2, "a second document");
+    KV_BAD("x: {a: 1}\n", 1, "flow mappings");
+    KV_BAD("x: [a, {b: 1}]\n", 1, "nested lists and mappings");
+    KV_BAD("x: [a, [b]]\n", 1, "nested lists and mappings");
+    KV_BAD("x:\n\t- a\n", 2, "a tab in the indentation");
+    KV_BAD("beta: 0.1\nr: 4\nbeta: 0.2\n", 3, "duplicate key 'beta' (first at line 1)");
+    KV_BAD("- q_proj\n", 1, "a list item with no key above it");
+    KV_BAD("r: 8\n  - q_proj\n", 2, "a list item with no key above it");
+    KV_BAD("x:\n  - a\n    - b\n", 3, "list items at different indentations");
+    KV_BAD("x:\n  - a: 1\n", 2, "nested mappings");
+    KV_BAD("x:\n  - - a\n", 2, "nested lists");
+    KV_BAD("x:\n  -\n", 2, "an empty list item");
+    KV_BAD("x: \"abc\n", 1, "unterminated double-quoted value");
+    KV_BAD("x: 'abc\n", 1, "unterminated single-quoted value");
+    KV_BAD("x: [a, b\n", 1, "unterminated '['");
+    KV_BAD("x: [a,, b]\n", 1, "an empty item");
+    KV_BAD("x: \"a\\nb\"\n", 1, "unsupported escape");
+    KV_BAD("x: \"a\" b\n", 1, "after the value");
+    KV_BAD("x: a: b\n", 1, "nested mappings");
+    KV_BAD("x:\n  - \"a,b\"\n", 2, "a list item holds a comma");
+    KV_BAD("? x\n: y\n", 1, "complex keys");
+    KV_BAD("%YAML 1.2\n---\n", 1, "directives");
+    KV_BAD("x: 1\n...\n", 2, "document end marker");
+    KV_BAD("x: @a\n", 1, "reserved");
+    KV_BAD("just text\n", 1, "expected 'key: value'");
+    KV_BAD("x: a\x01\n", 1, "a control character");
+    KV_BAD("x: \xff\n", 1, "invalid UTF-8");
+    KV_BAD("\xff\xfex\0:\0 \0""1\0", 1, "the file is UTF-16 (little-endian) --> save it as UTF-8");
+    KV_BAD("\0x\0:\0 \0""1", 1, "the file is UTF-16 (big-endian)");
+    /* through the command line: one line naming FILE:LINE, nothing written */
+    const char *y = t_tmp("anchor.yaml"), *out = t_tmp("cfgout");
+    CHECK_OK(mb_write_file(y, "beta: 0.1\nlearning_rate: &lr 1e-5\n", 34));
+    char args[600];
+    snprintf(args, sizeof args, "dpo --config %s --model M --data D --output %s", y, out);
+    t_expect_failure(args, "anchor.yaml:2: anchors (&name) are not supported", NULL);
+    CHECK(!mb_is_dir(out), "no output folder");
+    CHECK_OK(mb_write_file(y, "r: 8\nlora_r: 16\n", 16));
+    t_expect_failure(args, "anchor.yaml:2: 'lora_r' sets lora_r, as 'r' of line 1 does", NULL);
+}
+
+/* ---- option values ---- */
+
+static void option_values_are_range_checked(void) {
+    const char *out = t_tmp("rangeout");
+    char args[800];
+    /* dpo and sft: each refused before anything is loaded or written */
+    const char *train[][2] = {
+        {"--learning_rate nan", "dpo: --learning_rate needs a finite decimal number, got 'nan'"},
+        {"--learning_rate inf", "--learning_rate needs a finite decimal number, got 'inf'"},
+        {"--learning_rate 0x1p-3", "--learning_rate needs a finite decimal number, got '0x1p-3'"},
+        {"--learning_rate 1e400", "--learning_rate is out of range, got 1e400"},
+        {"--learning_rate -1e-5", "--learning_rate must be >= 0, got -1e-05"},
+        {"--adam_beta1 1.5", "dpo: --adam_beta1 must be in [0, 1), got 1.5"},
+        {"--adam_beta2 1", "--adam_beta2 must be in [0, 1), got 1"},
+        {"--adam_epsilon -1", "--adam_epsilon must be >= 0"},
+        {"--weight_decay -0.1", "--weight_decay must be >= 0"},
+        {"--max_grad_norm -1", "--max_grad_norm must be >= 0"},
+        {"--beta 0", "--beta must be > 0, got 0"},
+        {"--label_smoothing 0.6", "--label_smoothing must be in [0, 0.5], got 0.6"},
+        {"--loss_type robust --label_smoothing 0.5", "--label_smoothing must be < 0.5 with the robust loss"},
+        {"--warmup_ratio 1.5", "--warmup_ratio must be in [0, 1], got 1.5"},
+        {"--warmup_steps -1", "--warmup_steps must be >= 0"},
+        {"--num_train_epochs 0", "--num_train_epochs must be > 0 (or max_steps >= 1), got 0"},
+        {"--max_steps 0", "--max_steps must be -1 or >= 1, got 0"},
+        {"--max_steps 3000000000", "--max_steps is out of range, got 3000000000"},
+        {"--max_steps 2.5", "--max_steps needs an integer, got '2.5'"},
+        {"--max_length 0", "--max_length must be >= 1, got 0"},
+        {"--max_prompt_length 0", "--max_prompt_length must be >= 1"},
+        {"--max_completion_length -1", "--max_completion_length must be >= 0"},
+        {"--per_device_train_batch_size 0", "--per_device_train_batch_size must be >= 1"},
+        {"--per_device_eval_batch_size 0", "--per_device_eval_batch_size must be >= 1"},
+        {"--gradient_accumulation_steps 0", "--gradient_accumulation_steps must be >= 1"},
+        {"--lora_r 0", "--lora_r must be >= 1, got 0"},
+        {"--lora_alpha 0", "--lora_alpha must be > 0, got 0"},
+        {"--lora_dropout 1", "--lora_dropout must be in [0, 1), got 1"},
+        {"--eval_split 1", "--eval_split must be in [0, 1), got 1"},
+        {"--eval_split -0.1", "--eval_split must be in [0, 1)"},
+        {"--logging_steps -1", "--logging_steps must be >= 0"},
+        {"--save_steps -1", "--save_steps must be >= 0"},
+        {"--eval_steps -1", "--eval_steps must be >= 0"},
+        {"--seed -1", "--seed must be >= 0, got -1"},
+        {"--threads -1", "--threads must be >= 0"},
+        {"--nproc 0", "--nproc must be >= 1, got 0"},
+        {"--gpu -1", "--gpu must be >= 0"},
+        {"--ddp_timeout -1", "--ddp_timeout must be in [0, 1000000]"},
+        {"--ddp_timeout nan", "--ddp_timeout needs a finite decimal number"},
+    };
+    for (size_t i = 0; i < sizeof train / sizeof *train; i++) {
+        snprintf(args, sizeof args, "dpo --model M --data D --output %s %s", out, train[i][0]);
+        t_expect_failure(args, train[i][1], NULL);
+        CHECK(!mb_is_dir(out), "%s: no output folder", train[i][0]);
+    }
+    snprintf(args, sizeof args, "sft --model M --data D --output %s --lora_dropout nan", out);
+    t_expect_failure(args, "sft: --lora_dropout needs a finite decimal number", NULL);
+    t_expect_failure("eval --model M --lora L --data D --beta -1", "eval: --beta must be > 0", NULL);
+    /* a value from the config file is named by its file, line and key */
+    const char *y = t_tmp("range.yaml");
+    CHECK_OK(mb_write_file(y, "beta: 0.1\nadam_beta1: 1.5\nr: 0\n", 31));
+    snprintf(args, sizeof args, "dpo --config %s --model M --data D --output %s", y, out);
+    t_expect_failure(args, "range.yaml:2: adam_beta1 must be in [0, 1), got 1.5", NULL);
+    snprintf(args, sizeof args, "dpo --config %s --model M --data D --output %s --adam_beta1 0.9", y, out);
+    t_expect_failure(args, "range.yaml:3: r must be >= 1, got 0", NULL);
+    CHECK_OK(mb_write_file(y, "learning_rate: .nan\n", 20));
+    snprintf(args, sizeof args, "dpo --config %s --model M --data D --output %s", y, out);
+    t_expect_failure(args, "range.yaml:1: learning_rate needs a finite decimal number, got '.nan'", NULL);
+    CHECK(!mb_is_dir(out), "no output folder");
+    /* generate and chat (refused before the model loads), info --plan, init, merge */
+    const char *other[][2] = {
+        {"generate --model M --prompt hi --max_new_tokens 0", "generate: --max_new_tokens must be >= 1, got 0"},
+        {"generate --model M --prompt hi --temperature 0", "generate: --temperature must be > 0, got 0"},
+        {"generate --model M --prompt hi --temperature inf", "--temperature needs a finite decimal number"},
+        {"generate --model M --prompt hi --top_p 1.01", "--top_p must be in [0, 1], got 1.01"},
+        {"generate --model M --prompt hi --top_k -1", "--top_k must be >= 0"},
+        {"generate --model M --prompt hi --repetition_penalty 0", "--repetition_penalty must be > 0"},
+        {"generate --model M --prompt hi --no_repeat_ngram_size -1", "--no_repeat_ngram_size must be >= 0"},
+        {"generate --model M --prompt hi --max_context 0", "--max_context must be >= 1, got 0"},
+        {"generate --model M --prompt hi --threads -2", "--threads must be >= 0"},
+        {"chat --model M --seed -1", "chat: --seed must be >= 0, got -1"},
+        {"chat --model M --top_p nan", "chat: --top_p needs a finite decimal number"},
+        {"info weights/llama-3.1-8b --plan --lora_r 0", "info: --lora_r must be >= 1, got 0"},
+        {"info weights/llama-3.1-8b --plan --lora_alpha -8", "info: --lora_alpha must be > 0"},
+        {"info weights/llama-3.1-8b --plan --gpus 0", "info: --gpus must be >= 1"},
+        {"info weights/llama-3.1-8b --plan --max_length 0", "info: --max_length must be >= 1"},
+        {"info weights/llama-3.1-8b --plan --zero_stage 3", "info: --zero_stage must be 0, 1 or 2"},
+        {"info weights/llama-3.1-8b --threads -1", "info: --threads must be >= 0"},
+        {"init --config weights/tiny/config.json --output O --std 0", "init: --std must be > 0, got 0"},
+        {"init --config weights/tiny/config.json --output O --std nan", "init: --std needs a finite decimal number"},
+        {"init --config weights/tiny/config.json --output O --seed -1", "init: --seed must be >= 0"},
+        {"merge --model M --lora L --output O --threads -1", "merge: --threads must be >= 0"},
+    };
+    for (size_t i = 0; i < sizeof other / sizeof *other; i++) t_expect_failure(other[i][0], other[i][1], NULL);
+}
+
+/* The library's own checks: every number of the training table, out of its range, is named by
+ * train_job_invalid and refused by mb_train before it writes anything; the sampler's and
+ * mb_model_init_random's too. */
+static void library_entry_points_check_ranges(void) {
+    size_t named = 0, nr = sizeof mb_train_ranges / sizeof *mb_train_ranges;
+    char why[160];
+    for (size_t i = 0; i < nr; i++) {
+        const MbRange *r = &mb_train_ranges[i];
+        double bad[3] = {r->lo - 1, isinf(r->hi) ? NAN : r->hi + 1, r->open & MB_LO_OPEN ? r->lo : NAN};
+        for (int k = 0; k < 3; k++) {
+            if (r->is_int && isnan(bad[k])) continue;
+            MbTrainJob job;
+            memset(&job, 0, sizeof job);
+            mb_train_config_defaults(&job.cfg);
+            char *p = (char *)&job + r->off;
+            if (r->is_int) *(int *)(void *)p = (int)bad[k];
+            else *(double *)(void *)p = bad[k];
+            const char *name = train_job_invalid(&job, why, sizeof why);
+            CHECK(name && !strcmp(name, r->name) && strstr(why, "must be"), "%s = %g: got %s %s", r->name, bad[k],
+                  name ? name : "(accepted)", name ? why : "");
+            named += name && !strcmp(name, r->name);
+        }
+    }
+    printf("    %zu settings: %zu values outside their ranges named\n", nr, named);
+    MbTrainJob job;
+    memset(&job, 0, sizeof job);
+    mb_train_config_defaults(&job.cfg);
+    CHECK(!train_job_invalid(&job, why, sizeof why), "the defaults are valid: %s", why);
+    job.model_dir = "tests/fixtures/dpo/model", job.data_path = "tests/fixtures/dpo/data.jsonl";
+    job.output_dir = t_tmp("libout");
+    job.cfg.learning_rate = NAN;
+    CHECK(mb_train(&job) == MB_ERR_ARG && !strcmp(mb_last_error(), "mb_train: learning_rate must be a finite number, got nan"),
+          "%s", mb_last_error());
+    CHECK(!mb_is_dir(job.output_dir), "mb_train wrote nothing");
+    job.cfg.learning_rate = 1e-5, job.cfg.lora.dropout = 1.0;
+    CHECK(mb_evaluate(&job) == MB_ERR_ARG && strstr(mb_last_error(), "mb_evaluate: lora_dropout must be in [0, 1), got 1"),
+          "%s", mb_last_error());
+    MbGenerationConfig g;
+    mb_generation_config_defaults(&g);
+    g.temperature = INFINITY;
+    MbSampler *s = NULL;
+    CHECK(mb_sampler_new(&g, 10, &s) == MB_ERR_ARG && !s && strstr(mb_last_error(), "temperature must be a finite number"),
+          "%s", mb_last_error());
+    g.temperature = 0.7, g.top_p = NAN;
+    CHECK(mb_sampler_new(&g, 10, &s) == MB_ERR_ARG && strstr(mb_last_error(), "top_p must be a finite number"), "%s",
+          mb_last_error());
+    CHECK(mb_model_init_random("weights/tiny/config.json", t_tmp_root(), 0, MB_DT_BF16, NAN) == MB_ERR_ARG &&
+              strstr(mb_last_error(), "std must be a finite number"),
+          "%s", mb_last_error());
+}
+
 MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad_input_truncated_safetensors),
              T(bad_input_offsets_past_the_end), T(bad_input_shape_size_mismatch),
              T(bad_input_config_without_required_field), T(bad_input_tensor_missing_from_a_shard),
-             T(bad_input_unknown_command_and_option))
+             T(bad_input_unknown_command_and_option), T(config_reader_takes_the_yaml_subset),
+             T(config_reader_refuses_other_yaml), T(option_values_are_range_checked),
+             T(library_entry_points_check_ranges))

@@ -1,7 +1,9 @@
 /* tests/test_train.c: the training machinery beyond the TRL parity of test_dpo.c: gradients
  * against finite differences (with LoRA dropout, with and without checkpointing), checkpoints
  * and resume after SIGKILL (bit-identical), refusal of corrupt checkpoints, bad data, a loss
- * that turns NaN, the reference log-prob cache, eval, the PEFT file round trip, --config. */
+ * that turns NaN, the reference log-prob cache, eval, the PEFT file round trip, --config (the card's
+ * block, lists in both YAML forms), data files with a BOM or in UTF-16/32, an eval split that leaves
+ * a side empty, metrics.jsonl as JSON. */
 #include "test.h"
 
 #define FIX "tests/fixtures/dpo"
@@ -345,7 +347,182 @@ static void card_config_yaml_is_read(void) {
     CHECK(rc > 0 && strstr(out, "bad.yaml:2: unknown setting 'frobnicate'"), "%s", out);
 }
 
+/* A one-step DPO run on the fixture with the given extra arguments; its output in out. */
+static int small_run(const char *out_dir, const char *extra, char *out, size_t cap) {
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "%s dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --max_length 36 --max_prompt_length 24 "
+             "--max_completion_length 20 --per_device_train_batch_size 2 --learning_rate 1e-3 --seed 3 --threads 1 %s",
+             t_medbot(), out_dir, extra);
+    return t_run(cmd, out, cap);
+}
+
+/* A list below its key (with a comment and a quoted item) trains the adapter the list on one line
+ * trains (in a file with a UTF-8 BOM and CRLF line ends); with the old reader this config was a
+ * heap use-after-free. */
+static void config_block_list_trains_like_the_flow_list(void) {
+    static char out[1 << 16];
+    const char *flow = t_tmp("flow.yaml"), *block = t_tmp("block.yaml");
+    write_text(flow, "\xef\xbb\xbf---\r\ntarget_modules: [q_proj, 'v_proj']  # flow\r\nr: 4\r\nlora_alpha: \"8\"\r\n");
+    write_text(block, "# block\ntarget_modules:\n  - q_proj\n  # a comment between the items\n  - \"v_proj\" # quoted\n"
+                      "r: 4\nlora_alpha: 8\nmax_steps: 1\n");
+    const char *dirs[2] = {t_tmp("flowout"), t_tmp("blockout")}, *cfgs[2] = {flow, block};
+    for (int i = 0; i < 2; i++) {
+        char extra[600];
+        snprintf(extra, sizeof extra, "--config %s --max_steps 1", cfgs[i]);
+        int rc = small_run(dirs[i], extra, out, sizeof out);
+        CHECK(rc == 0 && strstr(out, "LoRA r=4 alpha=8 on q_proj v_proj"), "%s:\n%s", cfgs[i], out);
+    }
+    char a[400], b[400];
+    snprintf(a, sizeof a, "%s/adapter_model.safetensors", dirs[0]);
+    snprintf(b, sizeof b, "%s/adapter_model.safetensors", dirs[1]);
+    CHECK(t_files_equal(a, b), "the block list and the flow list train the same adapter");
+    snprintf(a, sizeof a, "%s/adapter_config.json", dirs[0]);
+    snprintf(b, sizeof b, "%s/adapter_config.json", dirs[1]);
+    CHECK(t_files_equal(a, b), "the same adapter_config.json");
+    printf("    block list and flow list: the same targets, byte-identical adapters\n");
+}
+
+/* UTF-8 text -> UTF-16 or UTF-32 (bytes 2 or 4, big-endian or not, with a byte-order mark or not) */
+static char *t_widen(const char *s, size_t n, int bytes, int big, int bom, size_t *len) {
+    char *w = NULL; /* stb_ds */
+    for (size_t i = 0; i < n + (size_t)bom;) {
+        unsigned cp = 0xFEFF, units[2], nu = 1;
+        if (i >= (size_t)bom || !bom) {
+            const unsigned char *u = (const unsigned char *)s + i - (size_t)bom;
+            size_t k = utf8_valid_len(u, n - (i - (size_t)bom));
+            cp = k == 1 ? u[0] : k == 2 ? (u[0] & 0x1Fu) : k == 3 ? (u[0] & 0x0Fu) : (u[0] & 0x07u);
+            for (size_t j = 1; j < k; j++) cp = (cp << 6) | (u[j] & 0x3Fu);
+            i += k;
+        } else {
+            i = (size_t)bom;
+        }
+        units[0] = cp;
+        if (bytes == 2 && cp > 0xFFFF) units[0] = 0xD800 + ((cp - 0x10000) >> 10), units[1] = 0xDC00 + (cp & 0x3FF), nu = 2;
+        for (unsigned q = 0; q < nu; q++)
+            for (int b = 0; b < bytes; b++) arrput(w, (char)(units[q] >> (8 * (big ? bytes - 1 - b : b))));
+    }
+    *len = (size_t)arrlen(w);
+    return w;
+}
+
+/* --data, --eval_data and generate --input: a UTF-8 BOM is read, a UTF-16 or UTF-32 file is named
+ * (with or without its BOM) and nothing is trained. */
+static void data_files_bom_read_utf16_named(void) {
+    static char out[1 << 16];
+    char *text = NULL, args[1200], path[400];
+    size_t n = 0;
+    CHECK_OK(mb_read_file(FIX "/data.jsonl", &text, &n));
+    if (!text) return;
+    /* the parser: the same pairs with and without the BOM */
+    MbTokenizer *tok = NULL;
+    CHECK_OK(mb_tokenizer_load(FIX "/model", &tok));
+    char *bom = mb_malloc(n + 3);
+    memcpy(bom, "\xef\xbb\xbf", 3), memcpy(bom + 3, text, n);
+    MbDataOptions opt = {36, 24, 20, 0};
+    MbDataset d1, d2;
+    CHECK_OK(dataset_parse("a.jsonl", text, n, tok, &opt, &d1));
+    CHECK_OK(dataset_parse("b.jsonl", bom, n + 3, tok, &opt, &d2));
+    CHECK(arrlen(d1.pairs) == 12 && arrlen(d2.pairs) == 12 && d1.pairs[0].np == d2.pairs[0].np &&
+              !memcmp(d1.pairs[0].prompt, d2.pairs[0].prompt, (size_t)d1.pairs[0].np * 4),
+          "a BOM changes nothing");
+    dataset_free(&d1), dataset_free(&d2);
+    /* the command line: a BOM file trains */
+    const char *bomfile = t_tmp("bom.jsonl"), *run = t_tmp("bomout");
+    CHECK_OK(mb_write_file(bomfile, bom, n + 3));
+    char cmd[1400];
+    snprintf(cmd, sizeof cmd, "%s dpo --model " FIX "/model --data %s --output %s --max_steps 1 --max_length 36 "
+             "--max_prompt_length 24 --threads 1",
+             t_medbot(), bomfile, run);
+    int rc = t_run(cmd, out, sizeof out);
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", run);
+    CHECK(rc == 0 && strstr(out, "12 pairs for training") && mb_is_file(path), "a UTF-8 BOM is read:\n%s", out);
+    free(bom);
+    /* UTF-16 and UTF-32: named, nothing trained */
+    struct {
+        int bytes, big, bom;
+        const char *name;
+    } enc[] = {{2, 0, 1, "UTF-16 (little-endian)"}, {2, 0, 0, "UTF-16 (little-endian)"}, {2, 1, 1, "UTF-16 (big-endian)"},
+               {2, 1, 0, "UTF-16 (big-endian)"},    {4, 0, 1, "UTF-32 (little-endian)"}, {4, 1, 0, "UTF-32 (big-endian)"}};
+    const char *wide = t_tmp("wide.jsonl"), *wout = t_tmp("wideout");
+    for (size_t i = 0; i < sizeof enc / sizeof *enc; i++) {
+        size_t wl;
+        char *w = t_widen(text, n, enc[i].bytes, enc[i].big, enc[i].bom, &wl);
+        CHECK_OK(mb_write_file(wide, w, wl));
+        arrfree(w);
+        char want[600];
+        snprintf(want, sizeof want, "%s: the file is %s --> save it as UTF-8", wide, enc[i].name);
+        snprintf(args, sizeof args, "dpo --model " FIX "/model --data %s --output %s --max_steps 1", wide, wout);
+        t_expect_failure(args, want, NULL);
+        snprintf(path, sizeof path, "%s/adapter_model.safetensors", wout);
+        CHECK(!mb_is_file(path), "no adapter");
+        if (i == 0) {
+            snprintf(args, sizeof args, "dpo --model " FIX "/model --data " FIX "/data.jsonl --eval_data %s --output %s "
+                     "--max_steps 1", wide, wout);
+            t_expect_failure(args, want, NULL);
+            snprintf(args, sizeof args, "generate --model " FIX "/model --input %s --max_new_tokens 2", wide);
+            t_expect_failure(args, want, NULL);
+        }
+    }
+    mb_tokenizer_free(tok);
+    free(text);
+}
+
+/* --eval_split that would leave the held-out set or the training set empty stops with a message
+ * instead of training without the evaluation it asked for. */
+static void eval_split_leaving_a_side_empty_stops(void) {
+    const char *one = t_tmp("one.jsonl"), *run = t_tmp("splitout");
+    write_text(one, "{\"prompt\": \"Q: fever?\\nA: \", \"chosen\": \"Rest and drink water.\", \"rejected\": \"Ignore it.\"}\n");
+    char args[1200], path[400];
+    snprintf(args, sizeof args, "dpo --model " FIX "/model --data %s --output %s --eval_split 0.05 --max_steps 1", one, run);
+    t_expect_failure(args, "one.jsonl: eval_split 0.05 of 1 usable pair holds out 1 and leaves 0 for training", "--eval_data");
+    snprintf(args, sizeof args, "dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --eval_split 0.99 "
+             "--max_steps 1", run);
+    t_expect_failure(args, "data.jsonl: eval_split 0.99 of 12 usable pairs holds out 12 and leaves 0 for training", NULL);
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", run);
+    CHECK(!mb_is_file(path), "no adapter");
+}
+
+/* Every line of metrics.jsonl is JSON (medbot's reader), a NaN or inf value included (null). */
+static void metrics_jsonl_lines_are_json(void) {
+    static char out[1 << 16];
+    const char *run = t_tmp("metrics");
+    int rc = small_run(run, "--max_steps 2 --eval_split 0.25 --logging_steps 1 --eval_steps 1", out, sizeof out);
+    CHECK(rc == 0, "%s", out);
+    /* and two rows with values JSON cannot hold, written as a failing run would */
+    MbTrainer tr;
+    memset(&tr, 0, sizeof tr);
+    tr.output_dir = run;
+    MbLogRow bad = {3, NAN, INFINITY, -INFINITY, {NAN, INFINITY, -INFINITY, 0.5, NAN, 1, 2, 3, NAN}};
+    log_append(&tr, &bad, "", 0);
+    log_append(&tr, &bad, "eval_", 1);
+    char *p = mb_path_join(run, "metrics.jsonl"), *text = NULL;
+    size_t n = 0, lines = 0, nulls = 0;
+    CHECK_OK(mb_read_file(p, &text, &n));
+    for (char *s = text, *e; s && *s; s = e + 1) {
+        e = strchr(s, '\n');
+        CHECK(e != NULL, "line %zu ends with a newline", lines + 1);
+        if (!e) break;
+        MbJsonDoc doc;
+        MbStatus st = json_parse("metrics.jsonl", s, (size_t)(e - s), &doc);
+        CHECK(st == MB_OK, "line %zu: %s", lines + 1, mb_last_error());
+        if (!st) {
+            const MbJson *r = json_root(&doc), *step = json_get(&doc, r, "step");
+            CHECK(r->kind == MB_JSON_OBJECT && step && step->is_int, "line %zu: an object with a step", lines + 1);
+            for (const MbJson *v = json_first(&doc, r); v; v = json_next(&doc, v)) nulls += v->kind == MB_JSON_NULL;
+            json_free(&doc);
+        }
+        lines++;
+    }
+    printf("    %zu lines of metrics.jsonl parse (2 train, 2 eval, 2 with NaN/inf values: %zu nulls)\n", lines, nulls);
+    CHECK(lines == 6 && nulls == 14, "want 6 lines and 14 nulls, got %zu and %zu", lines, nulls);
+    CHECK(text && !strstr(text, "nan") && !strstr(text, "inf"), "no nan or inf token");
+    free(text), free(p);
+}
+
 MB_TEST_MAIN("train", T(gradients_match_finite_differences), T(resume_after_sigkill_is_bit_identical),
              T(corrupt_checkpoints_are_refused), T(bad_data_gives_file_and_line),
              T(nan_loss_stops_and_keeps_the_last_checkpoint), T(reference_cache_is_keyed_and_never_stale),
-             T(eval_command_prints_trl_metrics), T(peft_files_round_trip), T(card_config_yaml_is_read))
+             T(eval_command_prints_trl_metrics), T(peft_files_round_trip), T(card_config_yaml_is_read),
+             T(config_block_list_trains_like_the_flow_list), T(data_files_bom_read_utf16_named),
+             T(eval_split_leaving_a_side_empty_stops), T(metrics_jsonl_lines_are_json))
