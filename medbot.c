@@ -1542,7 +1542,7 @@ static int mb_equal_ct(const unsigned char *a, const unsigned char *b, size_t n)
  * process id and a stack address (unique per call, but guessable: a last resort) */
 static void mb_random_bytes(void *out, size_t n) {
     size_t got = 0;
-    int fd = open("/dev/urandom", O_RDONLY);
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
     while (fd >= 0 && got < n) {
         ssize_t k = read(fd, (char *)out + got, n - got);
         if (k > 0) got += (size_t)k;
@@ -3206,6 +3206,7 @@ static MbStatus tokenizer_copy_files(const MbTokenizer *t, const char *dir) {
     free(to), free(text), free(map), free(cfg_dir);
     return rc;
 }
+
 int mb_tokenizer_add_bos(const MbTokenizer *t) { return t->add_bos_token; }
 
 size_t mb_tokenizer_vocab_size(const MbTokenizer *t) { return t->n_vocab; }
@@ -7700,8 +7701,6 @@ static void output_undo(MbTrainer *tr, const char *out, int failed) {
     mb_undo_mkdirs(&tr->made, !undo);
 }
 
-
-
 /* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
  * ZeRO's slices are equal; the views into them follow. */
 static void lora_reserve(MbLora *lo, size_t n_pad) {
@@ -7780,9 +7779,12 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
             resume = mb_strdup(job->resume);
         }
     }
-    failed = rc != MB_OK;
-    comm->all_reduce_host(comm, &failed, 1);
-    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
+    double stop[2] = {rc != MB_OK, job->interrupt && *job->interrupt}; /* failed; Ctrl-C while loading */
+    comm->all_reduce_host(comm, stop, 2);
+    if (!rc && stop[0] > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
+    if (!rc && stop[1] > 0)
+        rc = mb_fail(MB_INTERRUPTED, "interrupted while loading, before this run's first optimizer step: nothing "
+                     "new to save");
     double t0 = mb_now();
     if (!rc) rc = trainer_run(&tr, resume);
     free(resume);
@@ -9355,9 +9357,9 @@ static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world,
 /* ---- the launchers' variables: which process is which rank ----
  * torchrun's RANK / WORLD_SIZE / LOCAL_RANK; else Open MPI's OMPI_COMM_WORLD_RANK / _SIZE /
  * _LOCAL_RANK; else MPICH's and Intel MPI's PMI_RANK / PMI_SIZE with MPI_LOCALRANKID; else
- * SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID (SLURM_NTASKS without a step's
- * count: an sbatch script carries its allocation's SLURM_NTASKS without being a step of that many
- * tasks, so start the ranks with srun; rank 0's first line names the variables). MASTER_ADDR /
+ * SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, which srun sets for each task of a
+ * step (an sbatch script carries its allocation's SLURM_PROCID=0 and SLURM_NTASKS without being
+ * a step of that many tasks: it is one process, and srun starts the ranks). MASTER_ADDR /
  * MASTER_PORT (default 127.0.0.1:29500) place the rendezvous for all. The launcher nearest the process
  * comes first: mpirun inside an sbatch allocation leaves the allocation's SLURM_* variables in
  * every rank, torchrun inside srun too. A launcher that gives no local rank gets the rank: right
@@ -9377,7 +9379,7 @@ static const struct {
     {"WORLD_SIZE", "RANK", "WORLD_SIZE", NULL, "LOCAL_RANK"},
     {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", NULL, "OMPI_COMM_WORLD_LOCAL_RANK"},
     {"PMI_RANK", "PMI_RANK", "PMI_SIZE", NULL, "MPI_LOCALRANKID"},
-    {"SLURM_PROCID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"},
+    {"SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", NULL, "SLURM_LOCALID"},
 };
 
 /* *set: whether environment variable `name` is set (an empty value is unset); then *out is its

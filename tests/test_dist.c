@@ -385,7 +385,9 @@ static void launcher_variables_of_torchrun_slurm_openmpi_and_pmi(void) {
     } ok[] = {
         {"", 0, 0, 0, ""},
         {"WORLD_SIZE=4 RANK=3 LOCAL_RANK=1", 3, 4, 1, "RANK/WORLD_SIZE"},
-        {"SLURM_PROCID=2 SLURM_NTASKS=3 SLURM_LOCALID=0", 2, 3, 0, "SLURM_PROCID/SLURM_NTASKS"},
+        {"SLURM_PROCID=2 SLURM_STEP_NUM_TASKS=3 SLURM_LOCALID=0", 2, 3, 0, "SLURM_PROCID/SLURM_STEP_NUM_TASKS"},
+        /* an sbatch script run without srun: the allocation's variables, one process */
+        {"SLURM_PROCID=0 SLURM_NTASKS=4 SLURM_LOCALID=0", 0, 0, 0, ""},
         /* an srun step inside an sbatch allocation of 8 tasks */
         {"SLURM_PROCID=1 SLURM_NTASKS=8 SLURM_STEP_NUM_TASKS=2 SLURM_LOCALID=1", 1, 2, 1, "SLURM_PROCID/SLURM_STEP_NUM_TASKS"},
         /* salloc's shell: SLURM_NTASKS without a task of its own */
@@ -409,9 +411,9 @@ static void launcher_variables_of_torchrun_slurm_openmpi_and_pmi(void) {
     static const struct {
         const char *env, *needle;
     } bad[] = {
-        {"SLURM_PROCID=1", "SLURM_PROCID is set but SLURM_NTASKS is not"},
-        {"SLURM_PROCID=x1 SLURM_NTASKS=2", "SLURM_PROCID='x1' is not a non-negative integer"},
-        {"SLURM_PROCID=3 SLURM_NTASKS=3", "SLURM_PROCID=3 is outside 0..SLURM_NTASKS-1 (SLURM_NTASKS=3)"},
+        {"SLURM_STEP_NUM_TASKS=2", "SLURM_STEP_NUM_TASKS=2 is set but SLURM_PROCID is not"},
+        {"SLURM_PROCID=x1 SLURM_STEP_NUM_TASKS=2", "SLURM_PROCID='x1' is not a non-negative integer"},
+        {"SLURM_PROCID=3 SLURM_STEP_NUM_TASKS=3", "SLURM_PROCID=3 is outside 0..SLURM_STEP_NUM_TASKS-1 (SLURM_STEP_NUM_TASKS=3)"},
         {"OMPI_COMM_WORLD_RANK=0", "OMPI_COMM_WORLD_RANK is set but OMPI_COMM_WORLD_SIZE is not"},
         {"OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=-2", "OMPI_COMM_WORLD_SIZE='-2' is not a non-negative integer"},
         {"PMI_RANK=0 PMI_SIZE=0", "PMI_SIZE=0: a job has at least one rank"},
