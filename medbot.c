@@ -234,18 +234,19 @@ static MbStatus mb_rmdir_r(const char *path) {
     return rc;
 }
 
-/* What a path is when it is not a regular file ("a folder", "a FIFO (named pipe)", ...), NULL
- * for a regular file; *err gets errno when stat fails (a missing file, a symbolic link loop). */
+/* What a file of mode m is when it is not a regular file ("a folder", "a FIFO (named pipe)", ...),
+ * NULL for a regular file. */
+static const char *mode_kind(mode_t m) {
+    return S_ISREG(m) ? NULL : S_ISDIR(m) ? "a folder" : S_ISFIFO(m) ? "a FIFO (named pipe)" : S_ISSOCK(m) ? "a socket"
+         : S_ISCHR(m) || S_ISBLK(m) ? "a device" : "not a regular file";
+}
+
+/* mode_kind of path; *err gets errno when stat fails (a missing file, a symbolic link loop). */
 static const char *mb_path_kind(const char *path, int *err) {
     struct stat sb;
     *err = 0;
     if (stat(path, &sb) != 0) return *err = errno, "missing";
-    if (S_ISREG(sb.st_mode)) return NULL;
-    if (S_ISDIR(sb.st_mode)) return "a folder";
-    if (S_ISFIFO(sb.st_mode)) return "a FIFO (named pipe)";
-    if (S_ISSOCK(sb.st_mode)) return "a socket";
-    if (S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode)) return "a device";
-    return "not a regular file";
+    return mode_kind(sb.st_mode);
 }
 
 /* The failure of opening path as a regular file: errno err (a link loop is named), or its kind. */
@@ -262,9 +263,7 @@ static MbStatus mb_open_regular(const char *path, int *fd_out) {
     int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) return mb_fail_open(path, errno, NULL);
     struct stat sb;
-    const char *kind = fstat(fd, &sb) != 0 ? "unreadable" : S_ISREG(sb.st_mode) ? NULL : S_ISDIR(sb.st_mode) ? "a folder"
-                       : S_ISFIFO(sb.st_mode) ? "a FIFO (named pipe)" : S_ISSOCK(sb.st_mode) ? "a socket"
-                       : S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode) ? "a device" : "not a regular file";
+    const char *kind = fstat(fd, &sb) != 0 ? "unreadable" : mode_kind(sb.st_mode);
     if (kind) {
         close(fd);
         return mb_fail_open(path, 0, kind);
@@ -464,6 +463,25 @@ static MbStatus mb_mkdir_p(const char *path, char ***made) {
     }
     if (errno == EEXIST && mb_is_dir(path)) return MB_OK;
     return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", path, strerror(errno));
+}
+
+/* present[i]: whether names[i] (NULL-terminated) is a file in dir. */
+static void mb_files_present(const char *dir, const char *const *names, int *present) {
+    for (size_t i = 0; names[i]; i++) {
+        char *p = mb_path_join(dir, names[i]);
+        present[i] = mb_is_file(p);
+        free(p);
+    }
+}
+
+/* Removes the files of names from dir that were not there before (present, of mb_files_present):
+ * what a command that failed wrote, and nothing else. */
+static void mb_remove_new_files(const char *dir, const char *const *names, const int *present) {
+    for (size_t i = 0; names[i]; i++) {
+        char *p = mb_path_join(dir, names[i]);
+        if (!present[i]) remove(p);
+        free(p);
+    }
 }
 
 /* Refuses to let a command write over its own inputs: fails when the output folder `out` is
@@ -3093,7 +3111,7 @@ MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out) {
     if (!st) st = tok_from_text(file, text, n, out);
     free(text);
     /* tokenizer_config.json beside the tokenizer names its bos/eos, as AutoTokenizer reads it */
-    char *dir = mb_is_dir(path) ? mb_strdup(path) : mb_path_dirname(file), *cfg = mb_path_join(dir, "tokenizer_config.json");
+    char *dir = mb_path_dirname(file), *cfg = mb_path_join(dir, "tokenizer_config.json");
     if (!st && mb_is_file(cfg)) st = mb_tokenizer_load_config(*out, cfg);
     if (st && *out) mb_tokenizer_free(*out), *out = NULL;
     free(cfg), free(dir), free(file);
@@ -5753,7 +5771,6 @@ MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t
     MbConfig c;
     MbStatus rc = mb_config_load(cfg_path, &c);
     if (rc) return rc;
-    if (!(std > 0) || !isfinite(std)) return mb_fail(MB_ERR_ARG, "init: std must be a positive number, got %g", std);
     const char *written[] = {"model.safetensors", NULL}; /* and config.json, unless it is the input */
     if ((rc = mb_guard_output("init", outdir, &cfg_path, 1, written))) return rc;
     char **made = NULL;
@@ -6311,17 +6328,12 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     return rc;
 }
 
-
 MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *tokenizer, const char *out_dir, int threads) {
     const char *inputs[3] = {model_dir, lora_dir, tokenizer};
     MbStatus rc = mb_guard_output("merge", out_dir, inputs, 3, mb_merge_outputs);
     if (rc) return rc;
     int existed[sizeof mb_merge_outputs / sizeof *mb_merge_outputs] = {0}, writing = 0;
-    for (size_t i = 0; mb_merge_outputs[i]; i++) {
-        char *p = mb_path_join(out_dir, mb_merge_outputs[i]);
-        existed[i] = mb_is_file(p);
-        free(p);
-    }
+    mb_files_present(out_dir, mb_merge_outputs, existed);
     MbModel *m = NULL;
     MbLora *lo = NULL;
     MbTokenizer *tok = NULL; /* it travels with the merged model */
@@ -6333,11 +6345,7 @@ MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *token
     if (!rc) rc = mb_remove_stale(out_dir); /* what a killed merge left */
     if (!rc) writing = 1, rc = mb_model_merge_save(m, lo, model_dir, out_dir);
     if (!rc) rc = tokenizer_copy_files(tok, out_dir);
-    for (size_t i = 0; rc && writing && mb_merge_outputs[i]; i++) { /* only the files this merge wrote go */
-        char *p = mb_path_join(out_dir, mb_merge_outputs[i]);
-        if (!existed[i]) remove(p);
-        free(p);
-    }
+    if (rc && writing) mb_remove_new_files(out_dir, mb_merge_outputs, existed); /* only what this merge wrote */
     mb_undo_mkdirs(&made, rc == MB_OK);
     mb_tokenizer_free(tok);
     mb_lora_free(lo);
@@ -7397,10 +7405,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         double sums[MET_COUNT + 3] = {0}; /* metric sums over the step's micro-batches, tokens, failed, stopped */
         double tokens0 = tr->tokens_seen;
         for (long k = (long)mine0; k < (long)mine1 && !rc; k++) {
-            if (tr->interrupt && *tr->interrupt) { /* the step is abandoned: its gradient is dropped */
-                sums[MET_COUNT + 2] = 1;
-                break;
-            }
+            if (tr->interrupt && *tr->interrupt) break; /* the step is abandoned: its gradient is dropped */
             long mbi = in_epoch + k;
             int P = (int)MB_MIN((size_t)bs, n - (size_t)mbi * (size_t)bs);
             for (int i = 0; i < P; i++) idx[i] = order[(size_t)mbi * (size_t)bs + (size_t)i];
@@ -7672,16 +7677,11 @@ static MbStatus train_check_output(const MbTrainJob *job) {
     return rc;
 }
 
-
 /* Rank 0, once the run has loaded: makes the output folder (and its parents), removes what
  * killed runs left half-written and, with overwrite_output_dir (not resuming), the old run. */
 static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
     const char *out = job->output_dir;
-    for (int i = 0; mb_run_outputs[i]; i++) { /* first: what is there is never the run's to remove */
-        char *p = mb_path_join(out, mb_run_outputs[i]);
-        tr->existed[i] = mb_is_file(p);
-        free(p);
-    }
+    mb_files_present(out, mb_run_outputs, tr->existed); /* first: what is there is never the run's to remove */
     MbStatus rc = mb_mkdir_p(out, &tr->made);
     if (!rc) rc = mb_remove_stale(out);
     if (rc || !job->overwrite_output_dir || (job->resume && job->resume[0])) return rc;
@@ -7702,11 +7702,7 @@ static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
         free(p);
     }
     if (d) closedir(d);
-    for (int i = 0; mb_run_outputs[i]; i++) { /* removed: now the run's own */
-        char *p = mb_path_join(out, mb_run_outputs[i]);
-        tr->existed[i] = mb_is_file(p);
-        free(p);
-    }
+    mb_files_present(out, mb_run_outputs, tr->existed); /* what was removed is now the run's own */
     return rc;
 }
 
@@ -7715,11 +7711,7 @@ static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
 static void output_undo(MbTrainer *tr, const char *out, int failed) {
     char *ck = failed && mb_is_dir(out) ? latest_checkpoint(out) : NULL;
     int undo = failed && !ck;
-    for (int i = 0; undo && mb_run_outputs[i]; i++) {
-        char *p = mb_path_join(out, mb_run_outputs[i]);
-        if (!tr->existed[i]) remove(p);
-        free(p);
-    }
+    if (undo) mb_remove_new_files(out, mb_run_outputs, tr->existed);
     free(ck);
     mb_undo_mkdirs(&tr->made, !undo);
 }
@@ -11495,18 +11487,23 @@ typedef struct {
     const char *cfg_path;
 } MbArgs;
 
+/* s as option name: "=VALUE" for --name=VALUE, "" for --name alone, NULL for anything else. */
+static const char *arg_match(const char *s, const char *name) {
+    size_t n = strlen(name);
+    if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n) || (s[2 + n] && s[2 + n] != '=')) return NULL;
+    return s + 2 + n;
+}
+
 /* The value of --name (the last one when given twice, as argparse), else of the config file's
  * setting for it, or NULL. *from: the config entry it came from, or -1 (the command line). */
 static const char *arg_find(MbArgs *a, const char *name, ptrdiff_t *from) {
-    size_t n = strlen(name);
     const char *found = NULL;
     for (int i = 2; i < a->argc; i++) {
-        const char *s = a->argv[i];
-        if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n)) continue;
-        if (s[2 + n] == '=') {
+        const char *v = arg_match(a->argv[i], name);
+        if (v && v[0]) {
             a->used[i] = 1;
-            found = s + 3 + n;
-        } else if (s[2 + n] == 0) {
+            found = v + 1;
+        } else if (v) {
             a->used[i] = 1;
             found = "";
             if (i + 1 < a->argc && strncmp(a->argv[i + 1], "--", 2)) {
@@ -11554,16 +11551,15 @@ static int is_bool_word(const char *v, int *out) {
 /* --name alone means true; --name true|false (or =value) sets it; a following word that is not
  * a boolean is left for the positional arguments. */
 static MbStatus arg_bool(MbArgs *a, const char *name, int *out) {
-    size_t n = strlen(name);
     int found = 0;
     for (int i = 2; i < a->argc; i++) { /* the last one wins */
-        const char *s = a->argv[i];
-        if (s[0] != '-' || s[1] != '-' || strncmp(s + 2, name, n) || (s[2 + n] && s[2 + n] != '=')) continue;
+        const char *v = arg_match(a->argv[i], name);
+        if (!v) continue;
         a->used[i] = 1;
         found = 1;
-        if (s[2 + n] == '=') {
-            if (!is_bool_word(s + 3 + n, out))
-                return mb_fail(MB_ERR_ARG, "%s: --%s needs true or false, got '%s'", a->cmd, name, s + 3 + n);
+        if (v[0]) {
+            if (!is_bool_word(v + 1, out))
+                return mb_fail(MB_ERR_ARG, "%s: --%s needs true or false, got '%s'", a->cmd, name, v + 1);
         } else if (i + 1 < a->argc && is_bool_word(a->argv[i + 1], out)) {
             a->used[i + 1] = 1;
         } else {
@@ -12152,12 +12148,13 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
 static void print_resume_command(const MbArgs *a) {
     fprintf(stderr, "medbot: to resume:");
     for (int i = 0; i < a->argc; i++) {
-        const char *s = a->argv[i];
+        const char *s = a->argv[i], *resume = i >= 2 ? arg_match(s, "resume_from_checkpoint") : NULL;
+        const char *overwrite = i >= 2 ? arg_match(s, "overwrite_output_dir") : NULL;
         int skip_value = 0;
-        if (i >= 2 && (!strncmp(s, "--resume_from_checkpoint", 24) || !strncmp(s, "--overwrite_output_dir", 22))) {
-            int resume = s[2] == 'r', bare = !strchr(s, '=');
-            int bool_next = !resume && i + 1 < a->argc && is_bool_word(a->argv[i + 1], &skip_value);
-            if (bare && (resume ? i + 1 < a->argc && strncmp(a->argv[i + 1], "--", 2) : bool_next)) i++;
+        if (resume || overwrite) { /* and the value after a bare one, as arg_get and arg_bool read it */
+            const char *next = i + 1 < a->argc ? a->argv[i + 1] : NULL;
+            if (next && resume && !resume[0] && strncmp(next, "--", 2)) i++;
+            if (next && overwrite && !overwrite[0] && is_bool_word(next, &skip_value)) i++;
             continue;
         }
         int plain = s[0] != 0;
@@ -12182,10 +12179,8 @@ static int cmd_train(MbArgs *a, int sft) {
     for (int i = 2; i < a->argc && is_demo; i++) {
         int known = 0;
         for (size_t k = 0; k < sizeof demo_extras / sizeof *demo_extras; k++) {
-            size_t n = strlen(demo_extras[k]);
-            const char *s = a->argv[i];
-            if (!strncmp(s, "--", 2) && !strncmp(s + 2, demo_extras[k], n) && (!s[2 + n] || s[2 + n] == '='))
-                known = 1, i += !s[2 + n] && i + 1 < a->argc; /* (and its value) */
+            const char *v = arg_match(a->argv[i], demo_extras[k]);
+            if (v) known = 1, i += !v[0] && i + 1 < a->argc; /* (and its value) */
         }
         is_demo = known;
     }

@@ -119,6 +119,17 @@ MB_UNUSED static int t_expect_failure(const char *args, const char *needle1, con
     return rc;
 }
 
+/* The medbot command line of a small DPO run on the DPO fixture model (a few ms a step) into out;
+ * extra: more options (the last one given wins). */
+MB_UNUSED static void t_dpo_cmd(char *cmd, size_t n, const char *out, const char *extra) {
+    snprintf(cmd, n,
+             "%s dpo --model tests/fixtures/dpo/model --data tests/fixtures/dpo/data.jsonl --output %s --lora "
+             "tests/fixtures/dpo/adapter_qk --max_length 36 --max_prompt_length 24 --max_completion_length 20 "
+             "--per_device_train_batch_size 2 --gradient_accumulation_steps 2 --learning_rate 1e-3 --lr_scheduler_type "
+             "cosine --warmup_ratio 0.1 --lora_dropout 0.1 --seed 3 --threads 1 %s",
+             t_medbot(), out, extra);
+}
+
 /* Backend buffers filled from host fp32 values: as bf16 activations (t_up_bf16) or as fp32
  * (t_up_f32); the caller frees them with ops->free. */
 MB_UNUSED static void *t_up_bf16(MbOps *ops, const float *h, size_t n) {

@@ -10,13 +10,11 @@
 
 #define FIX "tests/fixtures/dpo"
 
-/* A small DPO run on the fixture model (about 5 ms a step). */
+/* t_dpo_cmd, logging every step */
 static void dpo_cmd(char *cmd, size_t n, const char *out, const char *extra) {
-    snprintf(cmd, n,
-             "%s dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --lora " FIX "/adapter_qk "
-             "--max_length 36 --max_prompt_length 24 --max_completion_length 20 --per_device_train_batch_size 2 "
-             "--learning_rate 1e-3 --logging_steps 1 --seed 3 --threads 1 %s",
-             t_medbot(), out, extra);
+    char more[1024];
+    snprintf(more, sizeof more, "--logging_steps 1 %s", extra);
+    t_dpo_cmd(cmd, n, out, more);
 }
 
 static int lines_of(const char *path) {
@@ -251,8 +249,8 @@ static void sigint_saves_a_checkpoint_and_prints_the_resume_command(void) {
     char cmd[2048], path[512], o[512], e[512];
     const char *run = t_tmp("sigint"), *ref = t_tmp("sigint_ref");
     /* 300 steps take 3 s; under the sanitizers, 25 (about 10 s): long enough to be stopped mid-run */
-    const char *extra = t_sanitized() ? "--max_steps 25 --save_steps 0 --gradient_accumulation_steps 2"
-                                      : "--max_steps 300 --save_steps 0 --gradient_accumulation_steps 2";
+    const char *extra = t_sanitized() ? "--max_steps 25 --save_steps 0"
+                                      : "--max_steps 300 --save_steps 0";
     snprintf(o, sizeof o, "%s", t_tmp("sigint.out"));
     snprintf(e, sizeof e, "%s", t_tmp("sigint.err"));
     dpo_cmd(cmd, sizeof cmd, run, extra);

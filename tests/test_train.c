@@ -67,16 +67,6 @@ static void gradients_match_finite_differences(void) {
     mb_model_free(m);
 }
 
-/* The medbot command line for a small DPO run on the fixture model. */
-static void dpo_cmd(char *cmd, size_t n, const char *out, const char *extra) {
-    snprintf(cmd, n,
-             "%s dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --lora " FIX "/adapter_qk "
-             "--max_length 36 --max_prompt_length 24 --max_completion_length 20 --per_device_train_batch_size 2 "
-             "--gradient_accumulation_steps 2 --learning_rate 1e-3 --lr_scheduler_type cosine --warmup_ratio 0.1 "
-             "--lora_dropout 0.1 --seed 3 --threads 1 %s",
-             t_medbot(), out, extra);
-}
-
 static void resume_after_sigkill_is_bit_identical(void) {
     static char out[1 << 16];
     char cmd[2048], a[300], b[300];
@@ -84,12 +74,12 @@ static void resume_after_sigkill_is_bit_identical(void) {
     char extra[128];
     snprintf(extra, sizeof extra, "--max_steps %d --save_steps 2 --logging_steps 50", steps);
     const char *ref = t_tmp("uninterrupted"), *run = t_tmp("killed");
-    dpo_cmd(cmd, sizeof cmd, ref, extra);
+    t_dpo_cmd(cmd, sizeof cmd, ref, extra);
     int rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 0, "uninterrupted run failed: %s", out);
     /* the same run, killed with SIGKILL as soon as its first checkpoint exists */
     char bg[2600];
-    dpo_cmd(cmd, sizeof cmd, run, extra);
+    t_dpo_cmd(cmd, sizeof cmd, run, extra);
     snprintf(bg, sizeof bg,
              "%s > %s.log 2>&1 & pid=$!; while [ ! -d %s/checkpoint-2 ] && kill -0 $pid 2>/dev/null; do sleep 0.002; done; "
              "kill -9 $pid; wait $pid; echo killed=$?", cmd, run, run);
@@ -102,7 +92,7 @@ static void resume_after_sigkill_is_bit_identical(void) {
     printf("    newest checkpoint left: %s\n", latest ? latest : "(none)");
     CHECK(latest != NULL, "a checkpoint survives");
     free(latest);
-    dpo_cmd(cmd, sizeof cmd, run, extra);
+    t_dpo_cmd(cmd, sizeof cmd, run, extra);
     char resume[2300];
     snprintf(resume, sizeof resume, "%s --resume_from_checkpoint latest", cmd);
     rc = t_run(resume, out, sizeof out);
@@ -120,7 +110,7 @@ static void corrupt_checkpoints_are_refused(void) {
     static char out[1 << 16];
     char cmd[2048], path[400], resume[2600];
     const char *run = t_tmp("corrupt");
-    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 2 --save_steps 1 --overwrite_output_dir"); /* each run replaces the last */
+    t_dpo_cmd(cmd, sizeof cmd, run, "--max_steps 2 --save_steps 1 --overwrite_output_dir"); /* each run replaces the last */
     CHECK(t_run(cmd, out, sizeof out) == 0, "%s", out);
     struct {
         const char *what, *shell, *needle;
@@ -207,7 +197,7 @@ static void nan_loss_stops_and_keeps_the_last_checkpoint(void) {
     static char out[1 << 16];
     char cmd[2048];
     const char *run = t_tmp("nan");
-    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 30 --save_steps 1 --learning_rate 1e30 --max_grad_norm 0");
+    t_dpo_cmd(cmd, sizeof cmd, run, "--max_steps 30 --save_steps 1 --learning_rate 1e30 --max_grad_norm 0");
     int rc = t_run(cmd, out, sizeof out);
     const char *msg = strstr(out, "medbot: ");
     printf("    lr 1e30 -> exit %d: %s", rc, msg ? msg : "(no message)\n");
@@ -235,13 +225,13 @@ static void reference_cache_is_keyed_and_never_stale(void) {
     char cmd[2048], cmd2[2200];
     const char *run = t_tmp("refcache");
     /* each run replaces the last one's files but the keyed cache, which it reuses when it fits */
-    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 3 --precompute_ref_log_probs --lora_dropout 0 --overwrite_output_dir");
+    t_dpo_cmd(cmd, sizeof cmd, run, "--max_steps 3 --precompute_ref_log_probs --lora_dropout 0 --overwrite_output_dir");
     CHECK(t_run(cmd, out, sizeof out) == 0 && strstr(out, "computed for 12 pairs"), "first run computes:\n%s", out);
     CHECK(t_run(cmd, out, sizeof out) == 0 && strstr(out, "(cached, key"), "second run reuses:\n%s", out);
     snprintf(cmd2, sizeof cmd2, "%s --max_completion_length 12", cmd);
     /* the cached reference gives the metrics of the on-the-fly reference */
     const char *plain = t_tmp("refplain");
-    dpo_cmd(cmd, sizeof cmd, plain, "--max_steps 3 --lora_dropout 0");
+    t_dpo_cmd(cmd, sizeof cmd, plain, "--max_steps 3 --lora_dropout 0");
     CHECK(t_run(cmd, out, sizeof out) == 0, "%s", out);
     char a[300], b[300];
     snprintf(a, sizeof a, "%s/metrics.jsonl", run);
