@@ -4,6 +4,7 @@
 #   ./build.sh test [FILTER]    build and run the tests whose names contain FILTER
 #   ./build.sh test --sanitize [FILTER]   the same under AddressSanitizer + UBSan
 #   ./build.sh bench [FILTER]   build and run the benchmarks (tests/bench/)
+#   ./build.sh kernels          write kernels.cu.in into medbot.c's generated appendix (after editing it)
 #   ./build.sh gpu              build the GPU check programs (tests/gpu/*.c) into build/ (run by tests/gpu/check.sh)
 #   ./build.sh clean
 # Environment: CC (default cc), CFLAGS (extra flags), STB_INCLUDE (folder holding stb/stb_ds.h),
@@ -62,7 +63,8 @@ find_cuda() {
   CUDA_DIR=""
 }
 
-# gen_kernels (with NVRTC when the toolkit is there) and the embedded kernel source
+# gen_kernels (with NVRTC when the toolkit is there); warns when medbot.c's appendix does not hold
+# the current kernels.cu.in (`./build.sh kernels` rewrites it)
 build_kernels() {
   local flags=""
   if [ -n "$CUDA_DIR" ]; then
@@ -72,8 +74,10 @@ build_kernels() {
     # shellcheck disable=SC2086
     $CC $WARN -O2 -o "$BUILD/gen_kernels" gen_kernels.c $flags
   fi
-  if [ ! -f kernels.gen.h ] || [ kernels.cu.in -nt kernels.gen.h ] || [ "$BUILD/gen_kernels" -nt kernels.gen.h ]; then
-    "$BUILD/gen_kernels" kernels.cu.in kernels.gen.h
+  if [ "${1:-}" = refresh ]; then
+    "$BUILD/gen_kernels" kernels.cu.in medbot.c
+  else
+    "$BUILD/gen_kernels" --stale kernels.cu.in medbot.c || echo "build.sh: building with the kernels medbot.c holds" >&2
   fi
   export MB_HAVE_NVRTC=$([ -n "$CUDA_DIR" ] && echo 1 || echo 0)
   export MB_CUDA_DIR="$CUDA_DIR" MB_CUDA_LIB="${CUDA_LIB:-}" MB_CC="$CC" MB_STB_INCLUDE="$INC"
@@ -84,7 +88,7 @@ build_bin() {
   local out=$1 src=$2; shift 2
   # sources a test may include: test.h, cuda_fake.h, the GPU checks
   if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ medbot.c -nt "$out" ] || [ medbot.h -nt "$out" ] ||
-     [ kernels.gen.h -nt "$out" ] || [ build.sh -nt "$out" ] ||
+     [ build.sh -nt "$out" ] ||
      [ -n "$(find tests -maxdepth 2 \( -name '*.h' -o -path 'tests/gpu/*.c' \) -newer "$out" 2>/dev/null | head -1)" ]; then
     # shellcheck disable=SC2086
     $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS
@@ -172,10 +176,11 @@ cmd=${1:-build}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   build) setup; build_medbot; echo "built ./medbot" ;;
+  kernels) setup; build_kernels refresh ;;
   test) setup; run_tests "$@" ;;
   bench) setup; run_bench "$@" ;;
   gpu) setup; build_gpu; echo "built $(ls tests/gpu/*.c | sed 's|tests/gpu/|build/|; s|\.c$||' | tr '\n' ' ')" ;;
   clean) rm -rf "$BUILD" medbot weights/tiny/model.safetensors; echo "cleaned" ;;
-  -h|--help|help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' --> ./build.sh [build|test [--sanitize] [FILTER]|bench|gpu|clean]" ;;
+  -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' --> ./build.sh [build|test [--sanitize] [FILTER]|bench|kernels|gpu|clean]" ;;
 esac

@@ -1,5 +1,5 @@
 /* tests/test_kernels.c: the CUDA backend as far as a machine without a GPU can check it.
- *  - kernels.gen.h embeds the current kernels.cu.in and its specialization table;
+ *  - medbot.c's appendix holds the current kernels.cu.in and its specialization table;
  *  - every specialization compiles through NVRTC for sm_80, sm_86, sm_89 and sm_90 (gen_kernels);
  *  - the runtime's own compile path (the dlopen'd NVRTC, the options medbot builds, a cubin for an
  *    exact architecture, PTX for one NVRTC does not know) yields every kernel and parameter block;
@@ -27,28 +27,46 @@ static int toolkit(void) {
     return 0;
 }
 
-static void gen_header_embeds_current_source(void) {
-    char *src, *hdr;
-    size_t n, hn;
+/* medbot.c's appendix holds the current kernels.cu.in: the hash, the text and the table rows */
+static void appendix_embeds_current_source(void) {
+    char *src;
+    size_t n;
     CHECK_OK(mb_read_file("kernels.cu.in", &src, &n));
-    CHECK_OK(mb_read_file("kernels.gen.h", &hdr, &hn));
-    if (!src || !hdr) return;
+    if (!src) return;
+    const MbKernelSource *k = mb_kernel_source();
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)src[i]) * 0x100000001b3ull;
-    char want[64];
-    snprintf(want, sizeof want, "#define MB_KERNELS_HASH \"%016llx\"", (unsigned long long)h);
-    CHECK(strstr(hdr, want), "kernels.gen.h is stale: want %s", want);
-    /* the embedded lines join to the file, and the table is the file's "// spec:" rows */
+    char want[32];
+    snprintf(want, sizeof want, "%016llx", (unsigned long long)h);
+    const char *fix = "kernels.cu.in changed: medbot.c's appendix is stale --> ./build.sh kernels";
+    CHECK(!strcmp(k->hash, want), "hash %s, want %s: %s", k->hash, want, fix);
     char *joined = kernels_source();
-    CHECK(n == MB_KERNELS_BYTES && !strcmp(joined, src), "the embedded source differs from kernels.cu.in");
+    CHECK(n == k->bytes && !strcmp(joined, src), "the embedded source differs from kernels.cu.in: %s", fix);
     int rows = 0;
     for (const char *p = src; (p = strstr(p, "\n// spec:")); p++) rows++;
-    CHECK(rows == MB_KERNEL_N_SPECS, "kernels.cu.in has %d spec rows, kernels.gen.h %d", rows, MB_KERNEL_N_SPECS);
-    printf("    %zu bytes, hash %s, %d specializations (+ %s)\n", n, MB_KERNELS_HASH, MB_KERNEL_N_SPECS,
-           mb_kernel_spec_common);
+    CHECK(rows == k->n_specs, "kernels.cu.in has %d spec rows, the appendix %d: %s", rows, k->n_specs, fix);
+    printf("    %zu bytes, hash %s, %d specializations (+ %s)\n", n, k->hash, k->n_specs, k->spec_common);
+    /* gen_kernels' own check, the one build.sh runs */
+    int rc = system("build/gen_kernels --stale kernels.cu.in medbot.c");
+    CHECK(rc == 0, "build/gen_kernels --stale kernels.cu.in medbot.c: exit %d", rc);
+    /* and it notices a changed source */
+    const char *tmp = "build/kernels_changed.cu.in";
+    FILE *f = fopen(tmp, "wb");
+    if (f) {
+        fwrite(src, 1, n, f);
+        fputs("// one more line\n", f);
+        fclose(f);
+        rc = system("build/gen_kernels --stale build/kernels_changed.cu.in medbot.c 2>build/kernels_changed.log");
+        char *log = NULL;
+        size_t ln = 0;
+        mb_read_file("build/kernels_changed.log", &log, &ln);
+        CHECK(rc != 0 && log && strstr(log, "stale") && strstr(log, "./build.sh kernels"),
+              "a changed kernels.cu.in is not reported stale (exit %d): %s", rc, log ? log : "");
+        free(log);
+        remove(tmp);
+    }
     free(joined);
     free(src);
-    free(hdr);
 }
 
 /* The row the runtime picks for a head dim and a device's shared-memory limit */
@@ -239,7 +257,7 @@ static void gpu_programs_build(void) {
     CHECK(rc == 0 && loss && fabs(atof(loss + 12) - log(2.0)) < 1e-3, "bench_gpu --cpu: %s", out);
 }
 
-MB_TEST_MAIN("kernels", T(gen_header_embeds_current_source), T(specialization_choice),
+MB_TEST_MAIN("kernels", T(appendix_embeds_current_source), T(specialization_choice),
              T(nvrtc_compiles_every_specialization), T(runtime_compile_yields_every_kernel),
              T(declarations_match_the_toolkit_headers), T(tables_resolve_in_the_toolkit_libraries),
              T(the_driver_stub_is_refused), T(gpu_programs_build))

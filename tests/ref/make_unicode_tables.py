@@ -124,7 +124,9 @@ def main():
     lines += ["};", "static const uint8_t mb_uni_ascii[128] = {"]
     for i in range(0, 128, 32):
         lines.append("    " + " ".join(f"{mine[c]}," for c in range(i, i + 32)))
-    lines += ["};", "/* END unicode table */"]
+    lines += ["};", "static MbUniTable mb_uni_table(void) {",
+              "    MbUniTable t = {mb_uni_starts, sizeof mb_uni_starts / sizeof *mb_uni_starts, mb_uni_ascii};",
+              "    return t;", "}", "/* END unicode table */"]
     path = os.path.join(ROOT, "medbot.c")
     src = open(path, encoding="utf-8").read()
     new, n = re.subn(r"/\* BEGIN unicode table.*?/\* END unicode table \*/", lambda m: "\n".join(lines), src,
