@@ -10,6 +10,21 @@
  * tensor library and no model zoo: one architecture (Llama), one op table, paired forward and
  * backward functions written by hand.
  *
+ * Reading guide: five functions carry the engine; read them first, in this order.
+ *   1. model_forward_rows (6. model)   tokens -> embeddings -> L layers -> final norm: the forward
+ *                                        pass that training, eval and generation all run
+ *   2. layer_forward      (6. model)   one decoder layer: rmsnorm, q/k/v (+ LoRA), rope,
+ *                                        attention, o_proj, residual, rmsnorm, SwiGLU MLP, residual
+ *   3. layer_backward     (6. model)   the same layer in reverse, op by op (each op's backward sits
+ *                                        right after its forward in 5. ops)
+ *   4. train_microbatch   (9. dpo)     one DPO micro-batch: policy and reference log-probs of the
+ *                                        chosen and rejected completions, the loss, its gradient
+ *                                        back through the model into the LoRA weights
+ *   5. optimizer_step     (9. dpo)     gradient sum across ranks, clipping, AdamW on the LoRA weights
+ * Everything else serves them: 1-4 read files and lay out weights, 5 is the op table they call
+ * (MbOps: CPU here, CUDA in 12), 7-8 make adapters and batches, 10-11 sample and distribute,
+ * 13 is the command line. The appendix at the end holds generated tables (never edited by hand).
+ *
  * Shape legend (every tensor in this file is annotated with these letters)
  *   B  sequences in a batch (a DPO batch holds 2 x pairs: chosen and rejected)
  *   T  tokens per sequence in this call       S  KV cache capacity (tokens)
@@ -18,15 +33,16 @@
  *   F  MLP size         V  vocab size         L  decoder layers      R  LoRA rank
  *
  * Conventions
- *   - Functions that can fail return MbStatus and set a one-line message (mb_fail); only the
- *     CLI prints it and exits.
+ *   - Functions that can fail return MbStatus and set a one-line message (mb_fail); the caller
+ *     decides what to do with it. Nothing but the CLI's main exits the process.
  *   - Counts and byte offsets are size_t. Tensors are row-major, last index fastest.
  *   - Each op names the PyTorch / Hugging Face function it must equal.
- *   - Gradients (from the DPO issue on): parameter gradients +=, activation gradients =.
+ *   - Gradients: parameter gradients +=, activation gradients =.
  *
- * Build: see build.sh (gen_kernels embeds kernels.cu.in into kernels.gen.h, then
- * cc -std=c99 -O3 medbot.c -lm -lpthread -ldl). Include this file with MEDBOT_NO_MAIN defined to
- * use it as a library (the tests do).
+ * Build: cc -std=c99 -O3 medbot.c -lm -lpthread -ldl (build.sh adds -march=native and the
+ * tests). Nothing is generated at build time: the kernel source is in the appendix. To use it
+ * as a library, compile it with MEDBOT_NO_MAIN (README: "Vendoring medbot"); the tests include
+ * this file so that they can call its static functions.
  */
 #if !defined(_WIN32)
 #define _POSIX_C_SOURCE 200809L
