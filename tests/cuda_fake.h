@@ -3,6 +3,8 @@
  * pointers are host pointers; cublasLtMatmul is a plain column-major GEMM that reads back the
  * layouts and transposes medbot created (and checks they agree); kernels go to fake_kernel, which
  * the test sets. Include after test.h. */
+#ifndef MB_CUDA_FAKE_H
+#define MB_CUDA_FAKE_H
 
 /* runs kernel k of emulator `lib` (the handle medbot launches encodes both) */
 typedef int (*FakeKernelFn)(int lib, int k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem,
@@ -182,3 +184,4 @@ static MbOps *fake_cuda_ops(int D, int lib, const int params[6]) {
     cuda_ops_table(ops);
     return ops;
 }
+#endif /* MB_CUDA_FAKE_H */

@@ -3,6 +3,8 @@
  * optional FILTER argument, runs the tests whose full name ("file/test") contains it, prints
  * one line per test and ends with "N passed, M failed"; the exit code is non-zero on failure.
  * Comparisons print their max error and the share of the tolerance it used. */
+#ifndef MB_TEST_H
+#define MB_TEST_H
 #define MEDBOT_NO_MAIN
 #include "../medbot.c"
 
@@ -216,9 +218,16 @@ static int mb_test_main(int argc, char **argv, const char *file, const MbTest *t
     return failed ? 1 : 0;
 }
 
+/* Each test file's entry: its own main, or, in the one binary build.sh compiles from all the test
+ * files together (build/tests.c: medbot.c compiled once per configuration), the function that
+ * binary calls when it runs as build/test_FILE (a link to it). */
+#ifndef MB_TEST_UNITY
+#define MB_TEST_ENTRY main
+#endif
 #define MB_TEST_MAIN(file, ...)                                                              \
-    int main(int argc, char **argv) {                                                        \
+    int MB_TEST_ENTRY(int argc, char **argv) {                                               \
         static const MbTest tests_[] = {__VA_ARGS__};                                        \
         return mb_test_main(argc, argv, file, tests_, sizeof tests_ / sizeof *tests_);       \
     }
 #define T(fn) {#fn, fn}
+#endif /* MB_TEST_H */

@@ -108,15 +108,15 @@ EMU(generation_logits_match_cpu)
 /* the D=128 attention with the row a 99 KiB device (sm_86/89) gets: other tiles */
 static void emu_attention_d128_small_tiles(void) {
     if (!emulator()) return;
-    teardown();
+    ck_teardown();
     emu_optin = 101376;
     attention_d128();
-    teardown();
+    ck_teardown();
     emu_optin = 232448;
 }
 
 static void emu_teardown(void) {
-    if (emulator()) teardown();
+    if (emulator()) ck_teardown();
 }
 
 MB_TEST_MAIN("cuda_emu", T(emu_embedding_and_rows), T(emu_matmul_every_weight_kind), T(emu_norms_rope_elementwise),

@@ -219,7 +219,7 @@ static void encode_from_two_threads(void) {
 
 /* ---- decoding ---- */
 
-static int valid_utf8(const char *s, size_t n) {
+static int utf8_valid_n(const char *s, size_t n) {
     for (size_t i = 0, k; i < n; i += k)
         if (!(k = utf8_valid_len((const unsigned char *)s + i, n - i))) return 0;
     return 1;
@@ -284,7 +284,7 @@ static void stream_decode_never_breaks_a_character(void) {
             for (size_t j = 0; j <= n; j++) {
                 if (j < n) CHECK_OK(mb_token_stream_put(&s, ids[j], &piece, &pl));
                 else mb_token_stream_finish(&s, &piece, &pl);
-                broken += !valid_utf8(piece, pl);
+                broken += !utf8_valid_n(piece, pl);
                 if (pl) memcpy(arraddnptr(joined, pl), piece, pl);
             }
             mb_token_stream_free(&s);

@@ -23,7 +23,7 @@ static const char *san(void) {
                          : "-O2";
 }
 
-static int sh(const char *what, const char *cmd, char *out, size_t cap) {
+static int vsh(const char *what, const char *cmd, char *out, size_t cap) {
     double t0 = mb_now();
     int rc = t_run(cmd, out, cap);
     printf("    %s: exit %d (%.1f s)%s%.2000s", what, rc, mb_now() - t0, out[0] ? "\n" : "", out);
@@ -35,7 +35,7 @@ static int sh(const char *what, const char *cmd, char *out, size_t cap) {
 static int vendor_folder(const char *dir) {
     char cmd[512], out[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s && cp medbot.c medbot.h %s/", dir, dir, dir);
-    return sh("copy medbot.c medbot.h", cmd, out, sizeof out);
+    return vsh("copy medbot.c medbot.h", cmd, out, sizeof out);
 }
 
 static void compiles_alone_without_warnings(void) {
@@ -44,7 +44,7 @@ static void compiles_alone_without_warnings(void) {
     char cmd[1024];
     static char out[1 << 16];
     snprintf(cmd, sizeof cmd, "cd %s && %s -std=c99 -Wall -Wextra -Wpedantic -c medbot.c -o medbot.o", dir, cc());
-    if (!sh("cc -std=c99 -Wall -Wextra -Wpedantic -c medbot.c", cmd, out, sizeof out)) return;
+    if (!vsh("cc -std=c99 -Wall -Wextra -Wpedantic -c medbot.c", cmd, out, sizeof out)) return;
     CHECK(out[0] == 0, "the compiler printed something (warnings): %.500s", out);
 }
 
@@ -56,10 +56,10 @@ static void host_program_links_trains_and_generates(void) {
     const char *warn = "-std=c99 -Wall -Wextra -Wpedantic -Werror";
     snprintf(cmd, sizeof cmd, "%s %s %s %s -DMEDBOT_NO_MAIN -DMEDBOT_HOST_STB_DS -c %s/medbot.c -o %s/medbot.o", cc(),
              warn, san(), stb(), dir, dir);
-    if (!sh("compile medbot.c (MEDBOT_NO_MAIN, MEDBOT_HOST_STB_DS)", cmd, out, sizeof out)) return;
+    if (!vsh("compile medbot.c (MEDBOT_NO_MAIN, MEDBOT_HOST_STB_DS)", cmd, out, sizeof out)) return;
     snprintf(cmd, sizeof cmd, "%s %s %s %s -I%s -c tests/vendor/host.c -o %s/host.o && %s %s -o %s/host %s/host.o %s/medbot.o "
              "-lm -lpthread -ldl", cc(), warn, san(), stb(), dir, dir, cc(), san(), dir, dir, dir);
-    if (!sh("compile and link the host", cmd, out, sizeof out)) return;
+    if (!vsh("compile and link the host", cmd, out, sizeof out)) return;
 
     /* symbols: medbot's globals are prefixed; stb_ds's implementation is the host's */
     snprintf(cmd, sizeof cmd, "nm -g --defined-only %s/medbot.o | awk '{print $3}'", dir);
@@ -77,10 +77,10 @@ static void host_program_links_trains_and_generates(void) {
     printf("    medbot.o: %d global symbols, %d unprefixed\n", n, bad);
     CHECK(n > 50, "nm listed only %d symbols", n);
     snprintf(cmd, sizeof cmd, "nm -g --defined-only %s/host.o | grep -c stbds_arrgrowf", dir);
-    sh("the host defines stbds_arrgrowf", cmd, out, sizeof out);
+    vsh("the host defines stbds_arrgrowf", cmd, out, sizeof out);
 
     snprintf(cmd, sizeof cmd, "%s/host weights/tiny weights/llama3/tokenizer.json weights/demo/pairs.jsonl %s/out", dir, dir);
-    if (!sh("run the host", cmd, out, sizeof out)) return;
+    if (!vsh("run the host", cmd, out, sizeof out)) return;
     CHECK(strstr(out, "host: my stb_ds array holds 100 values"), "the host's stb_ds did not run");
     CHECK(strstr(out, "no-such-model-folder") && strstr(out, "host: trained one DPO step"),
           "the failed load was not reported and survived");

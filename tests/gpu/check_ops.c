@@ -35,7 +35,7 @@ static void weight_retire(MbWeight *w) { arrput(graveyard, *w); }
 /* ---- data on both sides ---- */
 
 /* n values uniform in [-scale, scale], rounded to bf16 */
-static float *rnd(size_t n, float scale) {
+static float *ck_rnd(size_t n, float scale) {
     float *x = mb_malloc(n * sizeof(float) + 4);
     for (size_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16((float)((2 * mb_rng_uniform(&rng) - 1) * scale)));
     return x;
@@ -57,7 +57,7 @@ static float *down_f32(MbOps *g, const void *d, size_t n) {
 }
 
 /* compares a device bf16 buffer with the CPU result */
-static void cmp_act(const char *what, MbOps *g, const void *d, const float *ref, size_t n) {
+static void ck_cmp_act(const char *what, MbOps *g, const void *d, const float *ref, size_t n) {
     float *h = down_act(g, d, n);
     t_close_rel(what, h, ref, n, BF16_TOL);
     free(h);
@@ -73,7 +73,7 @@ static void cmp_f32(const char *what, MbOps *g, const void *d, const float *ref,
  * (MB_DT_COUNT: dense); the values are in *vals, as the CPU reads them. */
 static void make_weight(MbWeight *w, size_t rows, size_t cols, MbDtype dt, MbDtype nf4, float scale) {
     size_t n = rows * cols;
-    float *v = rnd(n, scale);
+    float *v = ck_rnd(n, scale);
     memset(w, 0, sizeof *w);
     w->dtype = dt, w->rows = rows, w->cols = cols;
     w->owned = mb_aligned_alloc(n * mb_dtype_size(dt));
@@ -112,15 +112,15 @@ static void embedding_and_rows(void) {
     void *d = gpu->alloc(gpu, N * C * 2), *d2 = gpu->alloc(gpu, N * C * 2);
     cpu->embedding_forward(cpu, ref, tok, &wte, N);
     gpu->embedding_forward(gpu, d, tok, &wte, N);
-    cmp_act("embedding_forward (37 x 256)", gpu, d, ref, N * C);
+    ck_cmp_act("embedding_forward (37 x 256)", gpu, d, ref, N * C);
     cpu->gather_rows(cpu, ref2, ref, rows, 20, C);
     gpu->gather_rows(gpu, d2, d, rows, 20, C);
-    cmp_act("gather_rows (20 of 37)", gpu, d2, ref2, 20 * C);
+    ck_cmp_act("gather_rows (20 of 37)", gpu, d2, ref2, 20 * C);
     int srows[20];
     for (int i = 0; i < 20; i++) srows[i] = i * 37 / 20; /* distinct */
     cpu->scatter_rows(cpu, ref, ref2, srows, 20, N, C);
     gpu->scatter_rows(gpu, d, d2, srows, 20, N, C);
-    cmp_act("scatter_rows (20 into 37)", gpu, d, ref, N * C);
+    ck_cmp_act("scatter_rows (20 into 37)", gpu, d, ref, N * C);
     gpu->free(gpu, d), gpu->free(gpu, d2);
     free(ref), free(ref2);
     weight_retire(&wte);
@@ -130,22 +130,22 @@ static void embedding_and_rows(void) {
 static void check_matmul(const char *kind, MbDtype dt, MbDtype nf4, size_t N, size_t O, size_t I) {
     MbWeight w;
     make_weight(&w, O, I, dt, nf4, 0.05f);
-    float *x = rnd(N * I, 1.0f), *dy = rnd(N * O, 1.0f), *ref = mb_malloc(N * O * 4), *dref = rnd(N * I, 1.0f);
+    float *x = ck_rnd(N * I, 1.0f), *dy = ck_rnd(N * O, 1.0f), *ref = mb_malloc(N * O * 4), *dref = ck_rnd(N * I, 1.0f);
     void *dx = t_up_bf16(gpu, x, N * I), *dout = gpu->alloc(gpu, N * O * 2), *ddy = t_up_bf16(gpu, dy, N * O);
     void *ddin = t_up_bf16(gpu, dref, N * I); /* accumulate onto these values */
     char what[160];
     cpu->matmul_forward(cpu, ref, x, &w, N);
     gpu->matmul_forward(gpu, dout, dx, &w, N);
     snprintf(what, sizeof what, "matmul_forward %s N=%zu (%zu x %zu)", kind, N, O, I);
-    cmp_act(what, gpu, dout, ref, N * O);
+    ck_cmp_act(what, gpu, dout, ref, N * O);
     cpu->matmul_backward(cpu, dref, dy, &w, N, 1);
     gpu->matmul_backward(gpu, ddin, ddy, &w, N, 1);
     snprintf(what, sizeof what, "matmul_backward %s N=%zu accumulate", kind, N);
-    cmp_act(what, gpu, ddin, dref, N * I);
+    ck_cmp_act(what, gpu, ddin, dref, N * I);
     cpu->matmul_backward(cpu, dref, dy, &w, N, 0);
     gpu->matmul_backward(gpu, ddin, ddy, &w, N, 0);
     snprintf(what, sizeof what, "matmul_backward %s N=%zu", kind, N);
-    cmp_act(what, gpu, ddin, dref, N * I);
+    ck_cmp_act(what, gpu, ddin, dref, N * I);
     if (dt != MB_DT_U8 && nf4 == MB_DT_COUNT && N > 1) { /* the fp32 logits of generation */
         float *lg = mb_malloc(N * O * 4);
         void *dl = gpu->alloc(gpu, N * O * 4);
@@ -185,39 +185,39 @@ static void norms_rope_elementwise(void) {
     size_t N = 50, C = 320;
     MbWeight w;
     make_weight(&w, 1, C, MB_DT_BF16, MB_DT_COUNT, 1.0f);
-    float *x = rnd(N * C, 2.0f), *dy = rnd(N * C, 1.0f), *out = mb_malloc(N * C * 4), *rstd = mb_malloc(N * 4);
-    float *dx = rnd(N * C, 1.0f);
+    float *x = ck_rnd(N * C, 2.0f), *dy = ck_rnd(N * C, 1.0f), *out = mb_malloc(N * C * 4), *rstd = mb_malloc(N * 4);
+    float *dx = ck_rnd(N * C, 1.0f);
     void *gx = t_up_bf16(gpu, x, N * C), *gout = gpu->alloc(gpu, N * C * 2), *grstd = gpu->alloc(gpu, N * 4);
     void *gdy = t_up_bf16(gpu, dy, N * C), *gdx = t_up_bf16(gpu, dx, N * C);
     cpu->rmsnorm_forward(cpu, out, rstd, x, &w, N, 1e-5f);
     gpu->rmsnorm_forward(gpu, gout, grstd, gx, &w, N, 1e-5f);
-    cmp_act("rmsnorm_forward out", gpu, gout, out, N * C);
+    ck_cmp_act("rmsnorm_forward out", gpu, gout, out, N * C);
     cmp_f32("rmsnorm_forward rstd (fp32)", gpu, grstd, rstd, N, F32_TOL);
     cpu->rmsnorm_backward(cpu, dx, dy, x, &w, rstd, N, 1);
     gpu->rmsnorm_backward(gpu, gdx, gdy, gx, &w, grstd, N, 1);
-    cmp_act("rmsnorm_backward accumulate", gpu, gdx, dx, N * C);
+    ck_cmp_act("rmsnorm_backward accumulate", gpu, gdx, dx, N * C);
     cpu->rmsnorm_backward(cpu, dx, dy, x, &w, rstd, N, 0);
     gpu->rmsnorm_backward(gpu, gdx, gdy, gx, &w, grstd, N, 0);
-    cmp_act("rmsnorm_backward", gpu, gdx, dx, N * C);
+    ck_cmp_act("rmsnorm_backward", gpu, gdx, dx, N * C);
     /* swiglu, add, dropout on the same buffers */
     size_t n = N * C;
-    float *b = rnd(n, 3.0f);
+    float *b = ck_rnd(n, 3.0f);
     void *gb = t_up_bf16(gpu, b, n);
     cpu->swiglu_forward(cpu, out, x, b, n);
     gpu->swiglu_forward(gpu, gout, gx, gb, n);
-    cmp_act("swiglu_forward", gpu, gout, out, n);
+    ck_cmp_act("swiglu_forward", gpu, gout, out, n);
     float *dg = mb_malloc(n * 4), *du = mb_malloc(n * 4);
     void *gdg = gpu->alloc(gpu, n * 2), *gdu = gpu->alloc(gpu, n * 2);
     cpu->swiglu_backward(cpu, dg, du, dy, x, b, n);
     gpu->swiglu_backward(gpu, gdg, gdu, gdy, gx, gb, n);
-    cmp_act("swiglu_backward dgate", gpu, gdg, dg, n);
-    cmp_act("swiglu_backward dup", gpu, gdu, du, n);
+    ck_cmp_act("swiglu_backward dgate", gpu, gdg, dg, n);
+    ck_cmp_act("swiglu_backward dup", gpu, gdu, du, n);
     cpu->add_forward(cpu, out, x, b, n);
     gpu->add_forward(gpu, gout, gx, gb, n);
-    cmp_act("add_forward", gpu, gout, out, n);
+    ck_cmp_act("add_forward", gpu, gout, out, n);
     cpu->add_forward(cpu, out, out, b, n); /* out aliases a */
     gpu->add_forward(gpu, gout, gout, gb, n);
-    cmp_act("add_forward in place", gpu, gout, out, n);
+    ck_cmp_act("add_forward in place", gpu, gout, out, n);
     cpu->dropout_forward(cpu, out, x, n, 0.1f, 1234567);
     gpu->dropout_forward(gpu, gout, gx, n, 0.1f, 1234567);
     float *h = down_act(gpu, gout, n);
@@ -250,25 +250,25 @@ static void rope_and_kv_store(void) {
     c.rope_high_freq_factor = 4, c.rope_original_max_position_embeddings = 8192;
     rope_inv_freq(&c, inv);
     for (int pos0 = 0; pos0 <= 37; pos0 += 37) {
-        float *x = rnd(n, 1.0f);
+        float *x = ck_rnd(n, 1.0f);
         void *gx = t_up_bf16(gpu, x, n);
         char what[96];
         cpu->rope_forward(cpu, x, inv, B, T, pos0, nh, D);
         gpu->rope_forward(gpu, gx, inv, B, T, pos0, nh, D);
         snprintf(what, sizeof what, "rope_forward pos0 %d", pos0);
-        cmp_act(what, gpu, gx, x, n);
+        ck_cmp_act(what, gpu, gx, x, n);
         cpu->rope_backward(cpu, x, inv, B, T, pos0, nh, D);
         gpu->rope_backward(gpu, gx, inv, B, T, pos0, nh, D);
         snprintf(what, sizeof what, "rope_backward pos0 %d", pos0);
-        cmp_act(what, gpu, gx, x, n);
+        ck_cmp_act(what, gpu, gx, x, n);
         /* kv_store of the (B, T, nh*D) rows into a (B, S, nh*D) cache at pos0 */
         size_t nc = (size_t)B * S * nh * D;
-        float *cache = rnd(nc, 1.0f);
+        float *cache = ck_rnd(nc, 1.0f);
         void *gc = t_up_bf16(gpu, cache, nc);
         cpu->kv_store(cpu, cache, x, B, T, S, pos0, nh * D);
         gpu->kv_store(gpu, gc, gx, B, T, S, pos0, nh * D);
         snprintf(what, sizeof what, "kv_store pos0 %d", pos0);
-        cmp_act(what, gpu, gc, cache, nc);
+        ck_cmp_act(what, gpu, gc, cache, nc);
         gpu->free(gpu, gx), gpu->free(gpu, gc);
         free(x), free(cache);
     }
@@ -277,7 +277,7 @@ static void rope_and_kv_store(void) {
 /* attention_forward on both backends for one shape; returns nothing, compares out and lse */
 static void check_attention(MbOps *g, const char *what, int B, int T, int S, int pos0, int H, int K, int D, const int *lens) {
     size_t nq = (size_t)B * T * H * D, nk = (size_t)B * S * K * D;
-    float *q = rnd(nq, 1.0f), *k = rnd(nk, 1.0f), *v = rnd(nk, 1.0f), *out = mb_malloc(nq * 4);
+    float *q = ck_rnd(nq, 1.0f), *k = ck_rnd(nk, 1.0f), *v = ck_rnd(nk, 1.0f), *out = mb_malloc(nq * 4);
     float *lse = mb_malloc((size_t)B * H * T * 4);
     void *gq = t_up_bf16(g, q, nq), *gk = t_up_bf16(g, k, nk), *gv = t_up_bf16(g, v, nk), *go = g->alloc(g, nq * 2);
     void *gl = g->alloc(g, (size_t)B * H * T * 4);
@@ -285,7 +285,7 @@ static void check_attention(MbOps *g, const char *what, int B, int T, int S, int
     g->attention_forward(g, go, gl, gq, gk, gv, lens, B, T, S, pos0, H, K, D);
     char w[160];
     snprintf(w, sizeof w, "attention_forward %s out", what);
-    cmp_act(w, g, go, out, nq);
+    ck_cmp_act(w, g, go, out, nq);
     snprintf(w, sizeof w, "attention_forward %s lse (fp32)", what);
     cmp_f32(w, g, gl, lse, (size_t)B * H * T, F32_TOL);
     void *bufs[] = {gq, gk, gv, go, gl};
@@ -295,7 +295,7 @@ static void check_attention(MbOps *g, const char *what, int B, int T, int S, int
 
 static void check_attention_backward(MbOps *g, const char *what, int B, int T, int H, int K, int D, const int *lens) {
     size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * K * D;
-    float *q = rnd(nq, 1.0f), *k = rnd(nk, 1.0f), *v = rnd(nk, 1.0f), *out = mb_malloc(nq * 4), *dout = rnd(nq, 1.0f);
+    float *q = ck_rnd(nq, 1.0f), *k = ck_rnd(nk, 1.0f), *v = ck_rnd(nk, 1.0f), *out = mb_malloc(nq * 4), *dout = ck_rnd(nq, 1.0f);
     float *lse = mb_malloc((size_t)B * H * T * 4), *dq = mb_malloc(nq * 4), *dk = mb_malloc(nk * 4), *dv = mb_malloc(nk * 4);
     cpu->attention_forward(cpu, out, lse, q, k, v, lens, B, T, T, 0, H, K, D);
     for (size_t i = 0; i < nq; i++) out[i] = bf16_to_f32(f32_to_bf16(out[i])); /* what both see */
@@ -306,11 +306,11 @@ static void check_attention_backward(MbOps *g, const char *what, int B, int T, i
     g->attention_backward(g, gdq, gdk, gdv, gdo, gq, gk, gv, go, gl, lens, B, T, H, K, D);
     char w[160];
     snprintf(w, sizeof w, "attention_backward %s dq", what);
-    cmp_act(w, g, gdq, dq, nq);
+    ck_cmp_act(w, g, gdq, dq, nq);
     snprintf(w, sizeof w, "attention_backward %s dk", what);
-    cmp_act(w, g, gdk, dk, nk);
+    ck_cmp_act(w, g, gdk, dk, nk);
     snprintf(w, sizeof w, "attention_backward %s dv", what);
-    cmp_act(w, g, gdv, dv, nk);
+    ck_cmp_act(w, g, gdv, dv, nk);
     void *bufs[] = {gq, gk, gv, go, gdo, gl, gdq, gdk, gdv};
     for (size_t i = 0; i < 9; i++) g->free(g, bufs[i]);
     free(q), free(k), free(v), free(out), free(dout), free(lse), free(dq), free(dk), free(dv);
@@ -350,16 +350,16 @@ static void lora_ops(void) {
     backends();
     size_t N = 50, I = 256, O = 320, R = 16;
     float scale = 0.5f;
-    float *x = rnd(N * I, 1.0f), *out = rnd(N * O, 1.0f), *u = mb_malloc(N * R * 4), *a = rnd(R * I, 0.1f);
-    float *bm = rnd(O * R, 0.1f), *dout = rnd(N * O, 1.0f), *dx = rnd(N * I, 1.0f), *dA = rnd(R * I, 0.1f), *dB = rnd(O * R, 0.1f);
+    float *x = ck_rnd(N * I, 1.0f), *out = ck_rnd(N * O, 1.0f), *u = mb_malloc(N * R * 4), *a = ck_rnd(R * I, 0.1f);
+    float *bm = ck_rnd(O * R, 0.1f), *dout = ck_rnd(N * O, 1.0f), *dx = ck_rnd(N * I, 1.0f), *dA = ck_rnd(R * I, 0.1f), *dB = ck_rnd(O * R, 0.1f);
     MbWeight A = {MB_DT_F32, R, I, a, NULL}, Bw = {MB_DT_F32, O, R, bm, NULL};
     void *ga = t_up_f32(gpu, a, R * I), *gb = t_up_f32(gpu, bm, O * R);
     MbWeight gA = {MB_DT_F32, R, I, ga, NULL}, gB = {MB_DT_F32, O, R, gb, NULL};
     void *gx = t_up_bf16(gpu, x, N * I), *gout = t_up_bf16(gpu, out, N * O), *gu = gpu->alloc(gpu, N * R * 2);
     cpu->lora_forward(cpu, out, u, x, &A, &Bw, N, scale);
     gpu->lora_forward(gpu, gout, gu, gx, &gA, &gB, N, scale);
-    cmp_act("lora_forward out += scale B A x", gpu, gout, out, N * O);
-    cmp_act("lora_forward u = A x", gpu, gu, u, N * R);
+    ck_cmp_act("lora_forward out += scale B A x", gpu, gout, out, N * O);
+    ck_cmp_act("lora_forward u = A x", gpu, gu, u, N * R);
     for (size_t i = 0; i < N * R; i++) u[i] = bf16_to_f32(f32_to_bf16(u[i])); /* the saved u, as both hold it */
     void *gdo = t_up_bf16(gpu, dout, N * O), *gdx = t_up_bf16(gpu, dx, N * I), *gdA = t_up_f32(gpu, dA, R * I);
     void *gdB = t_up_f32(gpu, dB, O * R);
@@ -367,7 +367,7 @@ static void lora_ops(void) {
     gu = t_up_bf16(gpu, u, N * R);
     cpu->lora_backward(cpu, dx, dA, dB, dout, x, u, &A, &Bw, N, scale);
     gpu->lora_backward(gpu, gdx, gdA, gdB, gdo, gx, gu, &gA, &gB, N, scale);
-    cmp_act("lora_backward dx +=", gpu, gdx, dx, N * I);
+    ck_cmp_act("lora_backward dx +=", gpu, gdx, dx, N * I);
     float *h = down_f32(gpu, gdA, R * I);
     t_close_rel("lora_backward dA += (bf16 GEMM, fp32 out)", h, dA, R * I, BF16_TOL);
     free(h);
@@ -385,7 +385,7 @@ static void fused_logprob(void) {
     size_t M = 300, V = 5003, C = 256;
     MbWeight w;
     make_weight(&w, V, C, MB_DT_BF16, MB_DT_COUNT, 0.2f);
-    float *x = rnd(M * C, 1.0f), *gr = rnd(M, 1.0f), *lp = mb_malloc(M * 4), *lse = mb_malloc(M * 4), *ls = mb_malloc(M * 4);
+    float *x = ck_rnd(M * C, 1.0f), *gr = ck_rnd(M, 1.0f), *lp = mb_malloc(M * 4), *lse = mb_malloc(M * 4), *ls = mb_malloc(M * 4);
     float *dx = mb_malloc(M * C * 4);
     int32_t *tg = mb_malloc(M * 4);
     for (size_t i = 0; i < M; i++) tg[i] = (int32_t)(mb_rng_u64(&rng) % V);
@@ -406,7 +406,7 @@ static void fused_logprob(void) {
         cmp_f32(w1, gpu, gls, ls, M, F32_TOL);
         gpu->logprob_backward(gpu, gdx, ggr, gx, &w, tg, glse, M);
         snprintf(w1, sizeof w1, "logprob_backward dx, chunks %zu x %zu", chunks[c][0], chunks[c][1]);
-        cmp_act(w1, gpu, gdx, dx, M * C);
+        ck_cmp_act(w1, gpu, gdx, dx, M * C);
     }
     g->lp_rows = MB_CUDA_LP_ROWS, g->lp_vocab = MB_CUDA_LP_VOCAB;
     void *bufs[] = {gx, glp, glse, gls, ggr, gdx};
@@ -418,7 +418,7 @@ static void fused_logprob(void) {
 static void optimizer_state(void) {
     backends();
     size_t n = 1000003;
-    float *p = rnd(n, 1.0f), *gr = rnd(n, 1.0f), *m = rnd(n, 0.1f), *v = rnd(n, 0.1f);
+    float *p = ck_rnd(n, 1.0f), *gr = ck_rnd(n, 1.0f), *m = ck_rnd(n, 0.1f), *v = ck_rnd(n, 0.1f);
     for (size_t i = 0; i < n; i++) v[i] = fabsf(v[i]);
     void *gp = t_up_f32(gpu, p, n), *gg = t_up_f32(gpu, gr, n), *gm = t_up_f32(gpu, m, n), *gv = t_up_f32(gpu, v, n);
     double sc = cpu->sumsq(cpu, gr, n), sg = gpu->sumsq(gpu, gg, n);
@@ -460,7 +460,7 @@ static void optimizer_state(void) {
     cpu->random_normal(cpu, rn, n, 77, 0.02f);
     gpu->random_normal(gpu, grn, n, 77, 0.02f);
     mb_convert_to_f32(MB_DT_BF16, rn, rf, n);
-    cmp_act("random_normal (bf16)", gpu, grn, rf, n);
+    ck_cmp_act("random_normal (bf16)", gpu, grn, rf, n);
     void *bufs[] = {gp, gg, gm, gv, gacc, grb, grn};
     for (size_t i = 0; i < 7; i++) gpu->free(gpu, bufs[i]);
     free(p), free(gr), free(m), free(v), free(acc), free(rb), free(hb), free(rn), free(rf);
@@ -549,13 +549,13 @@ static double max_rel(const float *got, const float *ref, size_t n) {
     return m > 0 ? e / m : e;
 }
 
-static double metric_scale(int k, double ref, double logps) {
+static double ck_metric_scale(int k, double ref, double logps) {
     if (k == MET_REWARDS_CHOSEN || k == MET_REWARDS_REJECTED || k == MET_REWARDS_MARGINS) return 0.1 * logps;
     if (k == MET_LOGITS_CHOSEN || k == MET_LOGITS_REJECTED || k == MET_REWARDS_ACCURACIES) return fmax(fabs(ref), 1.0);
     return fmax(fabs(ref), 1e-12);
 }
 
-static void job_defaults(MbTrainJob *job, int device, int nf4, int ckpt, double dropout) {
+static void ck_job_defaults(MbTrainJob *job, int device, int nf4, int ckpt, double dropout) {
     memset(job, 0, sizeof *job);
     mb_train_config_defaults(&job->cfg);
     job->device = device, job->load_in_4bit = nf4, job->bnb_4bit_compute_dtype = nf4 ? "bfloat16" : NULL;
@@ -571,7 +571,7 @@ static void job_defaults(MbTrainJob *job, int device, int nf4, int ckpt, double 
  * bf16): metrics and the LoRA gradient (host) */
 static float *step_on(int device, int bf16, int nf4, int ckpt, double dropout, double *met, size_t *n) {
     MbTrainJob job;
-    job_defaults(&job, device, nf4, ckpt, dropout);
+    ck_job_defaults(&job, device, nf4, ckpt, dropout);
     MbTrainer tr;
     CHECK_OK(trainer_setup(&tr, &job, 1));
     if (!tr.m) return NULL;
@@ -615,7 +615,7 @@ static void dpo_step_matches_cpu(void) {
         printf("    DPO micro-batch of 4 pairs, %s:\n", cases[k].name);
         double logps = fmax(fabs(mc[MET_LOGPS_CHOSEN]), fabs(mc[MET_LOGPS_REJECTED]));
         for (int q = 0; gc && gg && q < MET_COUNT; q++) {
-            double e = fabs(mg[q] - mc[q]) / metric_scale(q, mc[q], logps);
+            double e = fabs(mg[q] - mc[q]) / ck_metric_scale(q, mc[q], logps);
             printf("      %-22s gpu %14.8g cpu %14.8g  err %.2e (%5.1f%% of tol %.0e)\n", mb_metric_names[q], mg[q], mc[q],
                    e, 100 * e / LOSS_TOL, LOSS_TOL);
             CHECK(e <= LOSS_TOL, "%s: %s off by %.2e", cases[k].name, mb_metric_names[q], e);
@@ -652,7 +652,7 @@ static void two_optimizer_steps_match_cpu(void) {
     for (int d = 0; d < 2; d++) {
         mb_rmdir_r(dirs[d]);
         MbTrainJob job;
-        job_defaults(&job, d ? MB_DEVICE_CUDA : MB_DEVICE_CPU, 0, 1, 0);
+        ck_job_defaults(&job, d ? MB_DEVICE_CUDA : MB_DEVICE_CPU, 0, 1, 0);
         job.output_dir = dirs[d], job.lora_init = NULL;
         job.cfg.per_device_train_batch_size = 2, job.cfg.gradient_accumulation_steps = 2, job.cfg.max_steps = 2;
         /* AdamW's first steps move each parameter by about lr x sign(g): a small lr keeps the sign flips
@@ -705,7 +705,7 @@ static void generation_logits_match_cpu(void) {
     }
 }
 
-static void teardown(void) {
+static void ck_teardown(void) {
     if (gpu) gpu->destroy(gpu), gpu = NULL;
     if (cpu) cpu->destroy(cpu), cpu = NULL;
     for (ptrdiff_t i = 0; i < arrlen(graveyard); i++) weight_free(&graveyard[i]);
