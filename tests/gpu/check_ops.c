@@ -715,5 +715,5 @@ static void ck_teardown(void) {
 #ifndef CHECK_OPS_NO_MAIN /* tests/test_cuda_emu.c runs these checks on the kernel emulator */
 MB_TEST_MAIN("gpu", T(embedding_and_rows), T(matmul_every_weight_kind), T(norms_rope_elementwise), T(rope_and_kv_store),
              T(attention_d128), T(attention_small_head_dims), T(lora_ops), T(fused_logprob), T(optimizer_state),
-             T(dpo_step_matches_cpu), T(two_optimizer_steps_match_cpu), T(generation_logits_match_cpu), T(teardown))
+             T(dpo_step_matches_cpu), T(two_optimizer_steps_match_cpu), T(generation_logits_match_cpu), {"teardown", ck_teardown})
 #endif
