@@ -103,6 +103,13 @@ static MbStatus mb_fail(MbStatus st, const char *fmt, ...) {
     return st;
 }
 
+/* The current message, prefixed with where ("FILE:LINE: message"); returns st. */
+static MbStatus mb_fail_at(MbStatus st, const char *where) {
+    char msg[sizeof mb_errbuf];
+    snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
+    return mb_fail(st, "%s: %s", where, msg);
+}
+
 /* Allocation that never returns NULL: out of memory is not recoverable for an engine that
  * sized its buffers up front, so it stops with the size it wanted. */
 static void *mb_malloc_(size_t n, const char *file, int line) {
@@ -6534,9 +6541,7 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
         free(prompt);
         json_free(&doc);
         if (rc) {
-            char msg[sizeof mb_errbuf];
-            snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
-            rc = mb_fail(rc, "%s: %s", where, msg);
+            rc = mb_fail_at(rc, where);
             break;
         }
         int too_long = !empty && opt->max_length > 0 && pair.np >= opt->max_length;
@@ -8257,6 +8262,175 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
     gen_stream_finish(&gs);
     free(seq);
     free(logits);
+    return rc;
+}
+
+/* ---- chat: the card's format, one prompt at a time or a conversation ---- */
+
+struct MbChat {
+    MbModel *m;
+    MbLora *lo;             /* NULL: the base model alone */
+    MbTokenizer *tok;
+    MbSampler *s;
+    MbKVCache *kv;          /* the conversation's cache (ctx tokens), made by its first mb_chat_reset */
+    MbKVCache *kv1;         /* mb_chat_generate's cache, grown to fit each prompt */
+    char *system;           /* the template's system text; NULL: the card's */
+    int add_bos;            /* <|begin_of_text|> in front of a prompt */
+    int ctx;                /* the most tokens the model runs at once (max_context) */
+    int32_t *hist;          /* stb_ds array: the conversation's ids so far */
+    int32_t *out;           /* (min(max_new_tokens, ctx)) the ids of one answer */
+};
+
+void mb_chat_close(MbChat *ch) {
+    if (!ch) return;
+    mb_kvcache_free(ch->kv);
+    mb_kvcache_free(ch->kv1);
+    mb_sampler_free(ch->s);
+    mb_tokenizer_free(ch->tok);
+    mb_lora_free(ch->lo);
+    mb_model_free(ch->m);
+    free(ch->system);
+    arrfree(ch->hist);
+    free(ch->out);
+    free(ch);
+}
+
+MbStatus mb_chat_open(const MbChatOptions *o, MbChat **out) {
+    *out = NULL;
+    const char *name = o->name ? o->name : "chat";
+    if (!o->model) return mb_fail(MB_ERR_ARG, "%s: no model folder", name);
+    MbChat *ch = mb_calloc(1, sizeof *ch);
+    MbGenerationConfig g = o->gen;
+    MbStatus rc = mb_model_load(o->model, &o->load, &ch->m);
+    if (!rc && o->lora && !(rc = mb_lora_load(ch->m, o->lora, &ch->lo))) mb_model_set_lora(ch->m, ch->lo);
+    if (!rc) rc = mb_tokenizer_open(o->tokenizer, o->model, o->lora, &ch->tok);
+    if (!rc) ch->add_bos = o->add_bos < 0 ? mb_tokenizer_add_bos(ch->tok) : o->add_bos;
+    const MbConfig *c = ch->m ? mb_model_config(ch->m) : NULL;
+    if (!rc && mb_tokenizer_vocab_size(ch->tok) > (size_t)c->vocab_size)
+        rc = mb_fail(MB_ERR_ARG, "%s: the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
+                     "model's own tokenizer", name, mb_tokenizer_vocab_size(ch->tok), c->vocab_size);
+    if (!rc) rc = mb_generation_set_stop_ids(&g, o->model, ch->m, ch->tok);
+    if (!rc && (rc = mb_sampler_new(&g, (size_t)c->vocab_size, &ch->s))) rc = mb_fail_at(rc, name);
+    if (!rc) {
+        ch->ctx = o->max_context ? o->max_context : MB_MIN(c->max_position_embeddings, 4096);
+        if (ch->ctx > c->max_position_embeddings)
+            rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", name,
+                         ch->ctx, c->max_position_embeddings);
+    }
+    if (rc) {
+        mb_chat_close(ch); /* frees only: the message stays */
+        return rc;
+    }
+    ch->system = o->system ? mb_strdup(o->system) : NULL;
+    /* at most ctx new ids: generation stops when the cache is full (max_new_tokens may be huge) */
+    ch->out = mb_malloc((size_t)MB_MIN(g.max_new_tokens, ch->ctx) * sizeof *ch->out);
+    *out = ch;
+    return MB_OK;
+}
+
+int mb_chat_context(const MbChat *ch) { return ch->ctx; }
+
+/* Appends the ids of text (with <|begin_of_text|> in front when bos) to *ids (stb_ds array). */
+static MbStatus chat_encode(const MbTokenizer *tok, const char *text, int bos, unsigned flags, int32_t **ids) {
+    int32_t *t;
+    size_t n;
+    MbStatus rc = mb_tokenizer_encode(tok, text, strlen(text), flags, &t, &n);
+    if (rc) return rc;
+    int32_t b = mb_tokenizer_bos_id(tok);
+    if (bos && b >= 0 && !(n && t[0] == b)) arrput(*ids, b); /* never a second one */
+    for (size_t i = 0; i < n; i++) arrput(*ids, t[i]);
+    free(t);
+    return MB_OK;
+}
+
+/* Generates the answer to ids (n), the whole sequence so far, in kv (which holds a prefix of it);
+ * the new ids land in ch->out. */
+static MbStatus chat_answer(MbChat *ch, MbKVCache *kv, const int32_t *ids, size_t n, MbTokenCallback cb, void *ctx,
+                            MbChatReply *r) {
+    const MbGenerationConfig *g = &ch->s->cfg;
+    MbStatus rc = mb_generate(ch->m, kv, ch->s, ch->tok, ids, n, ch->out, &r->n_tokens, cb, ctx);
+    if (rc) return rc;
+    r->stopped = r->n_tokens && mb_generation_is_stop(g, ch->out[r->n_tokens - 1]);
+    r->cut = r->n_tokens && r->n_tokens < (size_t)g->max_new_tokens && !r->stopped &&
+             r->n_tokens == (size_t)kv->S - n + 1; /* the cache is full: the last new id is never run */
+    return MB_OK;
+}
+
+MbStatus mb_chat_generate(MbChat *ch, const char *text, const char *system, int raw, MbTokenCallback cb, void *ctx,
+                          MbChatReply *r) {
+    memset(r, 0, sizeof *r);
+    if (!text[0]) return mb_fail(MB_ERR_ARG, "the prompt is empty");
+    char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system ? system : ch->system, text);
+    int32_t *ids = NULL; /* stb_ds */
+    MbStatus rc = chat_encode(ch->tok, prompt, ch->add_bos, 0, &ids);
+    free(prompt);
+    size_t n = (size_t)arrlen(ids);
+    r->prompt_tokens = n;
+    if (!rc && n >= (size_t)ch->ctx) r->outcome = MB_CHAT_TOO_LONG;
+    if (!rc && r->outcome == MB_CHAT_ANSWERED) {
+        /* a fresh cache for this prompt and its answer, grown when it is too small */
+        int S = (int)MB_MIN((size_t)ch->ctx, n + (size_t)ch->s->cfg.max_new_tokens - 1);
+        S = MB_MAX(S, (int)n);
+        if (ch->kv1 && ch->kv1->S < S) {
+            mb_kvcache_free(ch->kv1);
+            ch->kv1 = NULL;
+        }
+        if (!ch->kv1) rc = mb_kvcache_new(ch->m, 1, S, &ch->kv1);
+        if (!rc) {
+            mb_kvcache_reset(ch->kv1);
+            rc = chat_answer(ch, ch->kv1, ids, n, cb, ctx, r);
+        }
+    }
+    arrfree(ids);
+    return rc;
+}
+
+MbStatus mb_chat_reset(MbChat *ch) {
+    arrsetlen(ch->hist, 0);
+    if (ch->kv) {
+        mb_kvcache_reset(ch->kv);
+        return MB_OK;
+    }
+    return mb_kvcache_new(ch->m, 1, ch->ctx, &ch->kv);
+}
+
+/* The ids of one question of the conversation: the first is the template (with
+ * <|begin_of_text|>), each later one continues it with "\n###Question: ...\n###Answer: ". The
+ * user's text is encoded as text (a typed "<|eot_id|>" stays text). */
+static MbStatus chat_question(const MbChat *ch, const char *q, int first, int32_t **ids) {
+    char *text = NULL;
+    if (first) {
+        char *p = mb_render_prompt(ch->system, q);
+        sb_printf(&text, "%s", p);
+        free(p);
+    } else {
+        sb_printf(&text, "\n###Question: %s\n###Answer: ", q);
+    }
+    MbStatus rc = chat_encode(ch->tok, text, first && ch->add_bos, MB_ENCODE_SPECIALS_AS_TEXT, ids);
+    arrfree(text);
+    return rc;
+}
+
+MbStatus mb_chat_turn(MbChat *ch, const char *question, MbTokenCallback cb, void *ctx, MbChatReply *r) {
+    memset(r, 0, sizeof *r);
+    MbStatus rc = ch->kv ? MB_OK : mb_chat_reset(ch);
+    if (rc) return rc;
+    int32_t *turn = NULL; /* stb_ds */
+    size_t nh = (size_t)arrlen(ch->hist);
+    rc = chat_question(ch, question, nh == 0, &turn);
+    r->history_tokens = nh, r->prompt_tokens = (size_t)arrlen(turn);
+    if (!rc && nh && nh + r->prompt_tokens + (size_t)ch->s->cfg.max_new_tokens - 1 > (size_t)ch->ctx)
+        r->outcome = MB_CHAT_FULL;
+    else if (!rc && r->prompt_tokens >= (size_t)ch->ctx)
+        r->outcome = MB_CHAT_TOO_LONG;
+    if (!rc && r->outcome == MB_CHAT_ANSWERED) {
+        for (ptrdiff_t i = 0; i < arrlen(turn); i++) arrput(ch->hist, turn[i]);
+        rc = chat_answer(ch, ch->kv, ch->hist, (size_t)arrlen(ch->hist), cb, ctx, r);
+        /* the answer joins the conversation; the stop id that ended it is never run */
+        for (size_t i = 0; !rc && i < r->n_tokens - (size_t)r->stopped; i++) arrput(ch->hist, ch->out[i]);
+        if (rc) mb_chat_reset(ch); /* a failed turn ends the conversation */
+    }
+    arrfree(turn);
     return rc;
 }
 
@@ -12337,24 +12511,19 @@ fail:
 
 /* ---- generate and chat ---- */
 
-/* Options shared by generate and chat (HF GenerationConfig names). */
-typedef struct {
-    const char *model, *tokenizer, *lora, *system, *bnb_4bit_compute_dtype;
-    int threads, load_in_4bit, add_bos, max_context, device, gpu;
-    MbGenerationConfig gen;
-} MbGenArgs;
-
-static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
+/* Options shared by generate and chat (HF GenerationConfig names) into the session's options. */
+static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
     memset(o, 0, sizeof *o);
     mb_generation_config_defaults(&o->gen);
     o->add_bos = -1; /* not given: tokenizer(prompt) as in the card's usage (tokenizer_config.json's add_bos_token) */
+    o->name = a->cmd;
     int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;
     MbStatus rc;
     if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
-        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int_in(a, "threads", &o->threads, 0, INFINITY)) ||
-        (rc = arg_bool(a, "load_in_4bit", &o->load_in_4bit)) || (rc = arg_bool(a, "add_bos", &o->add_bos)) ||
-        (rc = arg_int_in(a, "max_context", &o->max_context, 1, INFINITY)) || (rc = arg_device(a, &o->device)) ||
-        (rc = arg_int_in(a, "gpu", &o->gpu, 0, INFINITY)) ||
+        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int_in(a, "threads", &o->load.threads, 0, INFINITY)) ||
+        (rc = arg_bool(a, "load_in_4bit", &o->load.load_in_4bit)) || (rc = arg_bool(a, "add_bos", &o->add_bos)) ||
+        (rc = arg_int_in(a, "max_context", &o->max_context, 1, INFINITY)) || (rc = arg_device(a, &o->load.device)) ||
+        (rc = arg_int_in(a, "gpu", &o->load.gpu, 0, INFINITY)) ||
         (rc = arg_int(a, "max_new_tokens", &o->gen.max_new_tokens)) || (rc = arg_bool(a, "do_sample", &do_sample)) ||
         (rc = arg_bool(a, "greedy", &greedy)) || (rc = arg_double(a, "temperature", &o->gen.temperature)) ||
         (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
@@ -12363,7 +12532,7 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
         (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)))
         return rc;
     o->system = arg_get(a, "system");
-    const char *cdt = o->bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
+    const char *cdt = o->load.bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
     if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
         return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
                        cdt);
@@ -12375,73 +12544,6 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
     if (bad) return arg_fail(a, bad, "%s", why);
     o->gen.seed = seed_given ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
-    return MB_OK;
-}
-
-/* The current message, prefixed with where. */
-static MbStatus fail_at(MbStatus rc, const char *where) {
-    char msg[sizeof mb_errbuf];
-    snprintf(msg, sizeof msg, "%s", mb_last_error());
-    return mb_fail(rc, "%s: %s", where, msg);
-}
-
-/* The model (with its adapter), tokenizer and sampler of a generate or chat session. */
-typedef struct {
-    MbModel *m;
-    MbLora *lo;
-    MbTokenizer *tok;
-    MbSampler *s;
-    MbKVCache *kv;
-    int ctx;                /* the most tokens the model runs at once (--max_context) */
-} MbGenSession;
-
-static void gen_session_close(MbGenSession *ss) {
-    mb_kvcache_free(ss->kv);
-    mb_sampler_free(ss->s);
-    mb_tokenizer_free(ss->tok);
-    mb_lora_free(ss->lo);
-    mb_model_free(ss->m);
-    memset(ss, 0, sizeof *ss);
-}
-
-static MbStatus gen_session_open(const char *cmd, MbGenArgs *o, MbGenSession *ss) {
-    memset(ss, 0, sizeof *ss);
-    MbLoadOptions lopt;
-    memset(&lopt, 0, sizeof lopt);
-    lopt.threads = o->threads;
-    lopt.load_in_4bit = o->load_in_4bit;
-    lopt.bnb_4bit_compute_dtype = o->bnb_4bit_compute_dtype;
-    lopt.device = o->device, lopt.gpu = o->gpu;
-    MbStatus rc = mb_model_load(o->model, &lopt, &ss->m);
-    if (!rc && o->lora && !(rc = mb_lora_load(ss->m, o->lora, &ss->lo))) mb_model_set_lora(ss->m, ss->lo);
-    if (!rc) rc = mb_tokenizer_open(o->tokenizer, o->model, o->lora, &ss->tok);
-    if (!rc && o->add_bos < 0) o->add_bos = mb_tokenizer_add_bos(ss->tok);
-    const MbConfig *c = ss->m ? mb_model_config(ss->m) : NULL;
-    if (!rc && mb_tokenizer_vocab_size(ss->tok) > (size_t)c->vocab_size)
-        rc = mb_fail(MB_ERR_ARG, "%s: the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
-                     "model's own tokenizer", cmd, mb_tokenizer_vocab_size(ss->tok), c->vocab_size);
-    if (!rc) rc = mb_generation_set_stop_ids(&o->gen, o->model, ss->m, ss->tok);
-    if (!rc && (rc = mb_sampler_new(&o->gen, (size_t)c->vocab_size, &ss->s))) rc = fail_at(rc, cmd);
-    if (!rc) {
-        ss->ctx = o->max_context ? o->max_context : MB_MIN(c->max_position_embeddings, 4096);
-        if (ss->ctx > c->max_position_embeddings)
-            rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", cmd,
-                         ss->ctx, c->max_position_embeddings);
-    }
-    if (rc) gen_session_close(ss); /* frees only: the message stays */
-    return rc;
-}
-
-/* Appends the ids of text (with <|begin_of_text|> in front when bos) to *ids (stb_ds array). */
-static MbStatus gen_encode(const MbTokenizer *tok, const char *text, int bos, unsigned flags, int32_t **ids) {
-    int32_t *t;
-    size_t n;
-    MbStatus rc = mb_tokenizer_encode(tok, text, strlen(text), flags, &t, &n);
-    if (rc) return rc;
-    int32_t b = mb_tokenizer_bos_id(tok);
-    if (bos && b >= 0 && !(n && t[0] == b)) arrput(*ids, b); /* never a second one */
-    for (size_t i = 0; i < n; i++) arrput(*ids, t[i]);
-    free(t);
     return MB_OK;
 }
 
@@ -12468,27 +12570,6 @@ static int answer_piece(void *ctx, int32_t id, const char *text, size_t len) {
     return a->stop && *a->stop;
 }
 
-/* Generates the answer to ids (n) in a fresh cache (grown to fit); ids out of the answer in *out. */
-static MbStatus gen_answer(MbGenSession *ss, const int32_t *ids, size_t n, MbAnswer *ans, int32_t *out, size_t *n_out,
-                           int *cut) {
-    const MbGenerationConfig *g = &ss->s->cfg;
-    if (n >= (size_t)ss->ctx)
-        return mb_fail(MB_ERR_ARG, "the prompt is %zu tokens, the context holds %d (--max_context) --> shorten the "
-                       "prompt", n, ss->ctx);
-    int S = (int)MB_MIN((size_t)ss->ctx, n + (size_t)g->max_new_tokens - 1);
-    S = MB_MAX(S, (int)n);
-    if (ss->kv && ss->kv->S < S) {
-        mb_kvcache_free(ss->kv);
-        ss->kv = NULL;
-    }
-    MbStatus rc = ss->kv ? MB_OK : mb_kvcache_new(ss->m, 1, S, &ss->kv);
-    if (rc) return rc;
-    mb_kvcache_reset(ss->kv);
-    rc = mb_generate(ss->m, ss->kv, ss->s, ss->tok, ids, n, out, n_out, answer_piece, ans);
-    *cut = !rc && *n_out && *n_out < (size_t)g->max_new_tokens && !mb_generation_is_stop(g, out[*n_out - 1]);
-    return rc;
-}
-
 static void json_line_out(const char *key, const char *prompt, const MbAnswer *ans, size_t ntok) {
     char *j = NULL;
     sb_printf(&j, "{");
@@ -12506,33 +12587,27 @@ static void json_line_out(const char *key, const char *prompt, const MbAnswer *a
 
 /* One prompt of generate: the card's template around question (raw: the text as it is);
  * the answer streams to stdout, or (json) comes as one JSON line. Messages start with where. */
-static MbStatus gen_one(MbGenSession *ss, const MbGenArgs *o, const char *where, const char *text, const char *system,
-                        int raw, int json, const char *key) {
-    if (!text[0]) return mb_fail(MB_ERR_ARG, "%s: the prompt is empty", where);
-    char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system, text);
-    /* at most ctx new ids: generation stops when the cache is full (--max_new_tokens may be huge) */
-    int32_t *ids = NULL, *out = mb_malloc((size_t)MB_MIN(o->gen.max_new_tokens, ss->ctx) * sizeof *out);
+static MbStatus gen_one(MbChat *ch, const char *where, const char *text, const char *system, int raw, int json,
+                        const char *key) {
     MbAnswer ans = {json ? NULL : stdout, NULL, 0, NULL};
-    size_t n_out = 0;
-    int cut = 0;
-    MbStatus rc = gen_encode(ss->tok, prompt, o->add_bos, 0, &ids);
-    if (!rc) rc = gen_answer(ss, ids, (size_t)arrlen(ids), &ans, out, &n_out, &cut);
-    if (!rc && json) json_line_out(key, text, &ans, n_out);
+    MbChatReply r;
+    MbStatus rc = mb_chat_generate(ch, text, system, raw, answer_piece, &ans, &r);
+    if (!rc && r.outcome == MB_CHAT_TOO_LONG)
+        rc = mb_fail(MB_ERR_ARG, "the prompt is %zu tokens, the context holds %d (--max_context) --> shorten the "
+                     "prompt", r.prompt_tokens, mb_chat_context(ch));
+    if (!rc && json) json_line_out(key, text, &ans, r.n_tokens);
     if (!rc && !json) printf("\n");
-    if (!rc && cut)
+    if (!rc && r.cut)
         fprintf(stderr, "medbot: %s: the answer was cut at the context limit (%d tokens, --max_context)\n", where,
-                ss->ctx);
-    if (rc) rc = fail_at(rc, where);
+                mb_chat_context(ch));
+    if (rc) rc = mb_fail_at(rc, where);
     arrfree(ans.text);
-    arrfree(ids);
-    free(out);
-    free(prompt);
     return rc;
 }
 
 /* --input FILE.jsonl: {"question", "system"?} rendered with the template, or {"prompt"} as it is.
  * Every line is checked before the first answer. */
-static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path, int raw) {
+static MbStatus gen_file(MbChat *ch, const char *path, int raw) {
     char *text;
     size_t n;
     MbStatus rc = mb_read_file(path, &text, &n);
@@ -12567,17 +12642,16 @@ static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path,
     free(text);
     if (!rc && !arrlen(items)) rc = mb_fail(MB_ERR_FORMAT, "%s: no prompts in the file", path);
     for (ptrdiff_t i = 0; !rc && i < arrlen(items); i++)
-        rc = gen_one(ss, o, items[i].where, items[i].prompt, items[i].system ? items[i].system : o->system,
-                     raw || !items[i].is_question, 1, items[i].is_question ? "question" : "prompt");
+        rc = gen_one(ch, items[i].where, items[i].prompt, items[i].system, raw || !items[i].is_question, 1,
+                     items[i].is_question ? "question" : "prompt");
     for (ptrdiff_t i = 0; i < arrlen(items); i++) free(items[i].where), free(items[i].prompt), free(items[i].system);
     arrfree(items);
     return rc;
 }
 
 static int cmd_generate(MbArgs *a) {
-    MbGenArgs o;
-    MbGenSession ss;
-    memset(&ss, 0, sizeof ss);
+    MbChatOptions o;
+    MbChat *ch = NULL;
     int raw = 0;
     const char *prompt = NULL, *input = NULL;
     MbStatus rc = gen_args(a, &o);
@@ -12587,9 +12661,9 @@ static int cmd_generate(MbArgs *a) {
         else if (!prompt && !input) rc = mb_fail(MB_ERR_ARG, "generate: --prompt TEXT or --input FILE.jsonl is needed");
         else if (prompt && !prompt[0]) rc = mb_fail(MB_ERR_ARG, "generate: the prompt is empty");
     }
-    if (!rc) rc = gen_session_open("generate", &o, &ss);
-    if (!rc) rc = input ? gen_file(&ss, &o, input, raw) : gen_one(&ss, &o, "generate", prompt, o.system, raw, 0, NULL);
-    gen_session_close(&ss);
+    if (!rc) rc = mb_chat_open(&o, &ch);
+    if (!rc) rc = input ? gen_file(ch, input, raw) : gen_one(ch, "generate", prompt, NULL, raw, 0, NULL);
+    mb_chat_close(ch);
     if (rc) {
         fflush(stdout);
         fprintf(stderr, "medbot: %s\n", mb_last_error());
@@ -12598,33 +12672,34 @@ static int cmd_generate(MbArgs *a) {
     return 0;
 }
 
-/* One turn of a conversation in the card's format: the first turn is the template (with
- * <|begin_of_text|>), each later one continues it with "\n###Question: ...\n###Answer: ". The
- * user's text is encoded as text (a typed "<|eot_id|>" stays text). */
-static MbStatus chat_turn(const MbGenSession *ss, const MbGenArgs *o, const char *q, int first, int32_t **ids) {
-    char *text = NULL;
-    if (first) {
-        char *p = mb_render_prompt(o->system, q);
-        sb_printf(&text, "%s", p);
-        free(p);
-    } else {
-        sb_printf(&text, "\n###Question: %s\n###Answer: ", q);
+/* One question of chat, answered to stdout (escaped on a pipe). A conversation that would
+ * outgrow the context starts over, with a message. */
+static MbStatus chat_ask(MbChat *ch, const char *q, int tty, int max_new, MbChatReply *r) {
+    MbAnswer ans = {stdout, NULL, !tty, &mb_cli_stop};
+    int ctx = mb_chat_context(ch);
+    MbStatus rc = mb_chat_turn(ch, q, answer_piece, &ans, r);
+    if (!rc && r->outcome == MB_CHAT_FULL) {
+        fprintf(stderr, "medbot: the conversation (%d tokens) and this question with room for max_new_tokens %d "
+                "exceed the context of %d tokens (--max_context): starting a new conversation\n",
+                (int)r->history_tokens, max_new, ctx);
+        if (!(rc = mb_chat_reset(ch))) rc = mb_chat_turn(ch, q, answer_piece, &ans, r);
     }
-    MbStatus rc = gen_encode(ss->tok, text, first && o->add_bos, MB_ENCODE_SPECIALS_AS_TEXT, ids);
-    arrfree(text);
+    if (!rc && r->outcome == MB_CHAT_TOO_LONG)
+        fprintf(stderr, "medbot: this question is %d tokens, the context holds %d (--max_context): not answered\n",
+                (int)r->prompt_tokens, ctx);
+    arrfree(ans.text);
     return rc;
 }
 
 static int cmd_chat(MbArgs *a) {
-    MbGenArgs o;
-    MbGenSession ss;
-    memset(&ss, 0, sizeof ss);
+    MbChatOptions o;
+    MbChat *ch = NULL;
     MbStatus rc = gen_args(a, &o);
     if (!rc) rc = args_done(a);
-    if (!rc) rc = gen_session_open("chat", &o, &ss);
-    if (!rc) rc = mb_kvcache_new(ss.m, 1, ss.ctx, &ss.kv);
+    if (!rc) rc = mb_chat_open(&o, &ch);
+    if (!rc) rc = mb_chat_reset(ch); /* makes the conversation's cache: a failure shows before the first prompt */
     if (rc) {
-        gen_session_close(&ss);
+        mb_chat_close(ch);
         fprintf(stderr, "medbot: %s\n", mb_last_error());
         return 1;
     }
@@ -12633,7 +12708,6 @@ static int cmd_chat(MbArgs *a) {
     if (tty)
         printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops "
                "an answer.\n", o.model, o.lora ? " + " : "", o.lora ? o.lora : "");
-    int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)MB_MIN(max_new, ss.ctx) * sizeof *out);
     char *line = NULL;
     size_t cap = 0;
     for (;;) {
@@ -12654,49 +12728,28 @@ static int cmd_chat(MbArgs *a) {
         if (!strcmp(q, "/quit") || !strcmp(q, "/exit")) break;
         int reset = !strcmp(q, "/reset");
         if (!*q || reset) {
-            if (reset) arrsetlen(hist, 0), mb_kvcache_reset(ss.kv);
+            if (reset && (rc = mb_chat_reset(ch))) break;
             if (reset && tty) printf("(a new conversation)\n");
             if (!tty) printf("\n"); /* every line of a pipe gets its line */
             continue;
         }
-        arrsetlen(turn, 0);
-        rc = chat_turn(&ss, &o, q, arrlen(hist) == 0, &turn);
-        size_t need = (size_t)arrlen(hist) + (size_t)arrlen(turn) + (size_t)max_new - 1;
-        if (!rc && arrlen(hist) && need > (size_t)ss.ctx) {
-            fprintf(stderr, "medbot: the conversation (%d tokens) and this question with room for max_new_tokens %d "
-                    "exceed the context of %d tokens (--max_context): starting a new conversation\n",
-                    (int)arrlen(hist), max_new, ss.ctx);
-            arrsetlen(hist, 0), arrsetlen(turn, 0);
-            mb_kvcache_reset(ss.kv);
-            rc = chat_turn(&ss, &o, q, 1, &turn);
-        }
-        if (!rc && arrlen(turn) >= ss.ctx) {
-            fprintf(stderr, "medbot: this question is %d tokens, the context holds %d (--max_context): not answered\n",
-                    (int)arrlen(turn), ss.ctx);
+        MbChatReply r;
+        if ((rc = chat_ask(ch, q, tty, max_new, &r))) break;
+        if (r.outcome == MB_CHAT_TOO_LONG) {
             if (!tty) printf("\n");
             continue;
         }
-        size_t n_out = 0;
-        MbAnswer ans = {stdout, NULL, !tty, &mb_cli_stop};
-        for (ptrdiff_t i = 0; !rc && i < arrlen(turn); i++) arrput(hist, turn[i]);
-        if (!rc) rc = mb_generate(ss.m, ss.kv, ss.s, ss.tok, hist, (size_t)arrlen(hist), out, &n_out, answer_piece, &ans);
-        arrfree(ans.text);
-        if (rc) break;
         printf("\n");
-        int stopped = n_out && mb_generation_is_stop(&o.gen, out[n_out - 1]);
         if (mb_cli_stop)
             fprintf(stderr, "medbot: answer stopped (Ctrl-C) after %zu tokens; the conversation goes on with them\n",
-                    n_out);
-        else if (!stopped && n_out < (size_t)max_new)
-            fprintf(stderr, "medbot: the answer reached the context limit (%d tokens); /reset to start over\n", ss.ctx);
-        for (size_t i = 0; i < n_out - (size_t)stopped; i++) arrput(hist, out[i]); /* the stop id is never run */
+                    r.n_tokens);
+        else if (r.cut)
+            fprintf(stderr, "medbot: the answer reached the context limit (%d tokens); /reset to start over\n",
+                    mb_chat_context(ch));
     }
     signal(SIGINT, SIG_DFL);
     free(line);
-    free(out);
-    arrfree(hist);
-    arrfree(turn);
-    gen_session_close(&ss);
+    mb_chat_close(ch);
     if (rc) {
         fprintf(stderr, "medbot: %s\n", mb_last_error());
         return 1;

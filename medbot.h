@@ -456,6 +456,62 @@ typedef int (*MbTokenCallback)(void *ctx, int32_t id, const char *text, size_t l
 MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer *tok, const int32_t *ids,
                      size_t n, int32_t *out, size_t *n_out, MbTokenCallback cb, void *ctx);
 
+/* ---------- chat (section 10) ---------- */
+
+/* A model with its adapter, tokenizer and sampler, answering in the card's format
+ * "###System: {system}\n###Question: {question}\n###Answer: ": one prompt at a time
+ * (mb_chat_generate) or as a conversation kept in a KV cache (mb_chat_turn). One thread at a time. */
+typedef struct MbChat MbChat;
+
+typedef struct {
+    const char *model;            /* Hugging Face model folder (required) */
+    const char *tokenizer;        /* NULL: found as mb_tokenizer_open finds it (the model's, else the adapter's) */
+    const char *lora;             /* a PEFT adapter folder, or NULL */
+    const char *system;           /* the template's system text; NULL: the card's */
+    MbLoadOptions load;           /* how the model loads (threads, 4-bit, device) */
+    int add_bos;                  /* <|begin_of_text|> in front of a prompt; -1: the tokenizer's default
+                                     (mb_tokenizer_add_bos) */
+    int max_context;              /* the most tokens the model runs at once; 0: max_position_embeddings,
+                                     at most 4096 */
+    MbGenerationConfig gen;       /* the sampling; its stop ids are set as mb_generation_set_stop_ids does */
+    const char *name;             /* starts the messages of the session's own checks ("generate"); NULL: "chat" */
+} MbChatOptions;
+
+typedef enum {
+    MB_CHAT_ANSWERED,             /* the answer was generated */
+    MB_CHAT_FULL,                 /* mb_chat_turn: the conversation, this question and room for max_new_tokens
+                                     exceed the context; nothing was done (mb_chat_reset, then ask again) */
+    MB_CHAT_TOO_LONG              /* the prompt alone fills the context: not answered */
+} MbChatOutcome;
+
+/* What became of one prompt. */
+typedef struct {
+    MbChatOutcome outcome;
+    size_t prompt_tokens;         /* the ids of this prompt (template and <|begin_of_text|> included) */
+    size_t history_tokens;        /* mb_chat_turn: the ids of the conversation before it */
+    size_t n_tokens;              /* new ids generated (the stop id that ended the answer included) */
+    int stopped;                  /* the answer ended with a stop id */
+    int cut;                      /* the answer ended at the context limit, before max_new_tokens */
+} MbChatReply;
+
+MbStatus mb_chat_open(const MbChatOptions *o, MbChat **out);
+void mb_chat_close(MbChat *ch);
+int mb_chat_context(const MbChat *ch);    /* the context in tokens (max_context) */
+/* Answers one prompt outside the conversation: the template around text with system (NULL: the
+ * session's), or (raw) the text as it is, special tokens in it parsed. The answer's text streams to
+ * cb (MbTokenCallback: non-zero stops it). */
+MbStatus mb_chat_generate(MbChat *ch, const char *text, const char *system, int raw, MbTokenCallback cb, void *ctx,
+                          MbChatReply *r);
+/* Asks the next question of the conversation: the first is the template (with <|begin_of_text|> when
+ * add_bos), each later one continues it with "\n###Question: {question}\n###Answer: ". The question is
+ * encoded as text (a typed "<|eot_id|>" stays text); the answer streams to cb and joins the
+ * conversation, which the KV cache holds, so a turn runs only its new tokens. A failed turn ends
+ * the conversation. */
+MbStatus mb_chat_turn(MbChat *ch, const char *question, MbTokenCallback cb, void *ctx, MbChatReply *r);
+/* Starts a new conversation. The first call (or the first turn) makes the conversation's KV cache
+ * of max_context tokens: call it after mb_chat_open to learn early that it does not fit. */
+MbStatus mb_chat_reset(MbChat *ch);
+
 #ifdef __cplusplus
 }
 #endif
