@@ -5236,8 +5236,8 @@ static size_t buf_spec_total(const MbBufSpec *spec) {
 }
 
 /* Values in the activation block and in the fp32 block of a training step over N rows (what
- * acts_ensure allocates; info --plan counts with it). */
-MB_UNUSED static void acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
+ * acts_ensure allocates; the memory plan counts with it). */
+static void acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
                        size_t *f32) {
     MbActs a;
     memset(&a, 0, sizeof a);
@@ -5277,6 +5277,107 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     }
     arrfree(spec);
     arrfree(spec32);
+}
+
+/* ---- the memory plan (info --plan): one DPO training step, per device, from config.json alone ----
+ * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
+ * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
+ * N = 2 B T tokens (chosen and rejected, T = max_length each). Each row's derivation is in
+ * mb_plan_compute; the printed note says what is assumed and what is not counted. */
+
+/* The CUDA backend's scratch of a training step (section 12), which the plan counts. */
+static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, unsigned targets, int nf4, size_t *logits,
+                              size_t *work, size_t *chunk_rows, size_t *chunk_vocab);
+
+static const char *const plan_kinds[MB_PLAN_ROWS] = {
+    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "grad sums (fp64)", "Adam moments",
+    "activations", "logits", "workspace",
+};
+
+static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
+
+void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
+    memset(p, 0, sizeof *p);
+    for (int k = 0; k < MB_PLAN_ROWS; k++) p->kind[k] = plan_kinds[k];
+    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
+           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
+           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
+           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
+    unsigned tg = o->targets;
+#define TARGETED(id) ((tg >> (id)) & 1u)
+
+    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
+     * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
+     * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
+     * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
+    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
+        size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
+        size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
+        lin += L * n, lin_max = MB_MAX(lin_max, n);
+        packed += L * (n / 2);
+        absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
+        /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
+        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
+    }
+    size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
+    if (o->load_in_4bit) {
+        p->bytes[MB_PLAN_QUANT] = packed;
+        snprintf(p->how[MB_PLAN_QUANT], sizeof p->how[0], "%zu values x 0.5 B (NF4 codes, 7 projections x %zu layers)",
+                 lin, L);
+        p->bytes[MB_PLAN_ABSMAX] = absmax;
+        snprintf(p->how[MB_PLAN_ABSMAX], sizeof p->how[0], "1 B per 64 values + 4 B per 256 blocks (double quant)");
+    } else {
+        snprintf(p->how[MB_PLAN_QUANT], sizeof p->how[0], "none (no --load_in_4bit)");
+        snprintf(p->how[MB_PLAN_ABSMAX], sizeof p->how[0], "none");
+    }
+    p->bytes[MB_PLAN_BF16] = 2 * dense;
+    snprintf(p->how[MB_PLAN_BF16], sizeof p->how[0], "%zu values x 2 B (embeddings, norms, lm_head%s)", dense,
+             o->load_in_4bit ? "" : ", projections");
+
+    /* Trainable state, fp32: params 4 B, grads 4 B, Adam m and v 8 B per trainable value. ZeRO-1
+     * splits the Adam moments over the G data-parallel ranks, ZeRO-2 the gradients too. */
+    size_t shard = plan_ceil(p->trainable, G);
+    p->bytes[MB_PLAN_LORA] = 4 * p->trainable;
+    snprintf(p->how[MB_PLAN_LORA], sizeof p->how[0], "%zu x 4 B (fp32)", p->trainable);
+    p->bytes[MB_PLAN_GRADS] = 4 * (o->zero_stage >= 2 ? shard : p->trainable);
+    snprintf(p->how[MB_PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
+             o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
+    p->bytes[MB_PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
+    snprintf(p->how[MB_PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
+             o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
+
+    /* The step's gradient sums in fp64 (any world size and accumulation order give the same fp32
+     * result): 8 B per trainable value; with ZeRO-1 also this rank's slice, summed (fp64) and as
+     * fp32 for its AdamW update. */
+    p->bytes[MB_PLAN_GRADSUM] = 8 * G * shard + (o->zero_stage >= 1 && G > 1 ? 12 * shard : 0);
+    snprintf(p->how[MB_PLAN_GRADSUM], sizeof p->how[0], "%zu x 8 B%s", G * shard,
+             o->zero_stage >= 1 && G > 1 ? " + the rank's slice (8 B + 4 B)" : "");
+
+    /* Activations: the model's activation block as acts_ensure lays it out for N rows (bf16 on
+     * the GPU) and its fp32 block (norm statistics, log-sum-exps, per-row values). Gradient
+     * checkpointing keeps the residual stream at the L + 1 layer boundaries and one layer's
+     * saved set, recomputed during its backward; without it every layer keeps its set. */
+    size_t acts = 0, f32 = 0;
+    acts_count(c, N, o->gradient_checkpointing, o->lora_r, tg, 0, &acts, &f32);
+    p->bytes[MB_PLAN_ACTS] = 2 * acts + 4 * f32;
+    snprintf(p->how[MB_PLAN_ACTS], sizeof p->how[0], "%zu tokens: %zu values x 2 B (bf16) + %zu x 4 B (fp32)%s", N, acts,
+             f32, o->gradient_checkpointing ? "; checkpointing: L+1 layer inputs + one layer" : "");
+
+    /* Logits and workspace: the CUDA backend's scratch buffers (section 12), for N rows of which
+     * at most N predict a completion token: the fused lm_head + log-softmax takes a chunk of
+     * rows x vocabulary at a time, never the batch's (N, V) fp32 logits. */
+    size_t chunk_rows, chunk_vocab;
+    cuda_step_scratch(c, N, N, R, tg, o->load_in_4bit, &p->bytes[MB_PLAN_LOGITS], &p->bytes[MB_PLAN_WORKSPACE],
+                      &chunk_rows, &chunk_vocab);
+    p->full_logits = N * V * 4;
+    snprintf(p->how[MB_PLAN_LOGITS], sizeof p->how[0], "fused chunks of %zu rows x %zu: fp32 logits, bf16 grad, fp32 dx",
+             chunk_rows, chunk_vocab);
+    snprintf(p->how[MB_PLAN_WORKSPACE], sizeof p->how[0], "cuBLASLt 32 MiB%s, attention's fp32 dq, LoRA in bf16",
+             o->load_in_4bit ? ", NF4 dequant tile <= 64 MiB" : "");
+    (void)H, (void)QD, (void)KVD, (void)F, (void)lin_max;
+#undef TARGETED
 }
 
 void mb_model_free(MbModel *m) {
@@ -10436,11 +10537,13 @@ typedef struct {
 /* The scratch buffers this backend grows to in a training step over N rows with M loss rows (R,
  * targets: the adapters; nf4: 4-bit projections): *logits the fused lm_head chunk (fp32 logits,
  * bf16 gradient, fp32 dx, running statistics), *work the rest (NF4 dequant tile, LoRA matrices
- * in bf16, attention's fp32 dq and row terms, cuBLASLt's workspace). For info --plan. */
-MB_UNUSED static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, unsigned targets, int nf4, size_t *logits,
-                              size_t *work) {
+ * in bf16, attention's fp32 dq and row terms, cuBLASLt's workspace); *chunk_rows x *chunk_vocab
+ * the fused lm_head's chunk. For the memory plan (section 6). */
+static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, unsigned targets, int nf4, size_t *logits,
+                              size_t *work, size_t *chunk_rows, size_t *chunk_vocab) {
     size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size, H = (size_t)c->num_attention_heads;
     size_t D = (size_t)c->head_dim, MR = MB_MIN(M, (size_t)MB_CUDA_LP_ROWS), VC = MB_MIN(V, (size_t)MB_CUDA_LP_VOCAB);
+    *chunk_rows = MR, *chunk_vocab = VC;
     *logits = MR * VC * 4 + MR * VC * 2 + MR * C * 4 + MR * 16;
     size_t tile = 0, la = 0, lb = 0;
     for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
@@ -11865,116 +11968,6 @@ static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
 }
 
-/* ---- info --plan: the memory of one DPO training step, per device, from config.json alone ----
- * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
- * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
- * N = 2 B T tokens (chosen and rejected, T = max_length each). Each row's derivation is in
- * plan_compute; the printed note says what is assumed and what is not counted. */
-
-typedef struct {
-    int load_in_4bit, lora_r, batch, max_length, gradient_checkpointing, gpus, zero_stage;
-    double lora_alpha;
-    unsigned targets; /* bit i: MbLayerWeightId i carries a LoRA adapter */
-} MbPlanOptions;
-
-enum { PLAN_QUANT, PLAN_ABSMAX, PLAN_BF16, PLAN_LORA, PLAN_GRADS, PLAN_GRADSUM, PLAN_ADAM, PLAN_ACTS, PLAN_LOGITS,
-       PLAN_WORKSPACE, PLAN_ROWS };
-
-static const char *plan_kinds[PLAN_ROWS] = {
-    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "grad sums (fp64)", "Adam moments",
-    "activations", "logits", "workspace",
-};
-
-typedef struct {
-    size_t bytes[PLAN_ROWS];
-    char how[PLAN_ROWS][200];
-    size_t trainable, full_logits;
-} MbPlan;
-
-static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
-
-static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
-    memset(p, 0, sizeof *p);
-    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
-           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
-           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
-           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
-    unsigned tg = o->targets;
-#define TARGETED(id) ((tg >> (id)) & 1u)
-
-    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
-     * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
-     * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
-     * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
-    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
-    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
-        size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
-        size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
-        lin += L * n, lin_max = MB_MAX(lin_max, n);
-        packed += L * (n / 2);
-        absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
-        /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
-        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
-    }
-    size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
-    if (o->load_in_4bit) {
-        p->bytes[PLAN_QUANT] = packed;
-        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "%zu values x 0.5 B (NF4 codes, 7 projections x %zu layers)",
-                 lin, L);
-        p->bytes[PLAN_ABSMAX] = absmax;
-        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "1 B per 64 values + 4 B per 256 blocks (double quant)");
-    } else {
-        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "none (no --load_in_4bit)");
-        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "none");
-    }
-    p->bytes[PLAN_BF16] = 2 * dense;
-    snprintf(p->how[PLAN_BF16], sizeof p->how[0], "%zu values x 2 B (embeddings, norms, lm_head%s)", dense,
-             o->load_in_4bit ? "" : ", projections");
-
-    /* Trainable state, fp32: params 4 B, grads 4 B, Adam m and v 8 B per trainable value. ZeRO-1
-     * splits the Adam moments over the G data-parallel ranks, ZeRO-2 the gradients too. */
-    size_t shard = plan_ceil(p->trainable, G);
-    p->bytes[PLAN_LORA] = 4 * p->trainable;
-    snprintf(p->how[PLAN_LORA], sizeof p->how[0], "%zu x 4 B (fp32)", p->trainable);
-    p->bytes[PLAN_GRADS] = 4 * (o->zero_stage >= 2 ? shard : p->trainable);
-    snprintf(p->how[PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
-             o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
-    p->bytes[PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
-    snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
-             o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
-
-    /* The step's gradient sums in fp64 (any world size and accumulation order give the same fp32
-     * result): 8 B per trainable value; with ZeRO-1 also this rank's slice, summed (fp64) and as
-     * fp32 for its AdamW update. */
-    p->bytes[PLAN_GRADSUM] = 8 * G * shard + (o->zero_stage >= 1 && G > 1 ? 12 * shard : 0);
-    snprintf(p->how[PLAN_GRADSUM], sizeof p->how[0], "%zu x 8 B%s", G * shard,
-             o->zero_stage >= 1 && G > 1 ? " + the rank's slice (8 B + 4 B)" : "");
-
-    /* Activations: the model's activation block as acts_ensure lays it out for N rows (bf16 on
-     * the GPU) and its fp32 block (norm statistics, log-sum-exps, per-row values). Gradient
-     * checkpointing keeps the residual stream at the L + 1 layer boundaries and one layer's
-     * saved set, recomputed during its backward; without it every layer keeps its set. */
-    size_t acts = 0, f32 = 0;
-    acts_count(c, N, o->gradient_checkpointing, o->lora_r, tg, 0, &acts, &f32);
-    p->bytes[PLAN_ACTS] = 2 * acts + 4 * f32;
-    snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens: %zu values x 2 B (bf16) + %zu x 4 B (fp32)%s", N, acts,
-             f32, o->gradient_checkpointing ? "; checkpointing: L+1 layer inputs + one layer" : "");
-
-    /* Logits and workspace: the CUDA backend's scratch buffers (section 12), for N rows of which
-     * at most N predict a completion token: the fused lm_head + log-softmax takes a chunk of
-     * rows x vocabulary at a time, never the batch's (N, V) fp32 logits. */
-    size_t V32 = MB_MIN(V, (size_t)MB_CUDA_LP_VOCAB);
-    cuda_step_scratch(c, N, N, R, tg, o->load_in_4bit, &p->bytes[PLAN_LOGITS], &p->bytes[PLAN_WORKSPACE]);
-    p->full_logits = N * V * 4;
-    snprintf(p->how[PLAN_LOGITS], sizeof p->how[0], "fused chunks of %zu rows x %zu: fp32 logits, bf16 grad, fp32 dx",
-             MB_MIN(N, (size_t)MB_CUDA_LP_ROWS), V32);
-    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0], "cuBLASLt 32 MiB%s, attention's fp32 dq, LoRA in bf16",
-             o->load_in_4bit ? ", NF4 dequant tile <= 64 MiB" : "");
-    (void)H, (void)QD, (void)KVD, (void)F, (void)lin_max;
-#undef TARGETED
-}
-
 static int cmd_info_plan(MbArgs *a, const char *dir) {
     MbStatus rc;
     MbPlanOptions o = {.lora_r = 64, .lora_alpha = 8.0, .batch = 4, .max_length = 512, .gpus = 1,
@@ -12020,7 +12013,7 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
         return rc;
     }
     MbPlan p;
-    plan_compute(&c, &o, &p);
+    mb_plan_compute(&c, &o, &p);
     printf("memory plan per device: %s (L=%d C=%d H=%d K=%d D=%d F=%d V=%d)\n", cfg_path, c.num_hidden_layers,
            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
            c.vocab_size);
@@ -12035,9 +12028,9 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
            o.zero_stage);
     printf("  %-18s %14s %10s  %s\n", "kind", "bytes", "MiB", "how");
     size_t total = 0;
-    for (int k = 0; k < PLAN_ROWS; k++) {
+    for (int k = 0; k < MB_PLAN_ROWS; k++) {
         total += p.bytes[k];
-        printf("  %-18s %14zu %10.1f  %s\n", plan_kinds[k], p.bytes[k], (double)p.bytes[k] / 1048576.0, p.how[k]);
+        printf("  %-18s %14zu %10.1f  %s\n", p.kind[k], p.bytes[k], (double)p.bytes[k] / 1048576.0, p.how[k]);
     }
     printf("  %-18s %14zu %10.1f  (%.2f GiB)\n", "total", total, (double)total / 1048576.0,
            (double)total / 1073741824.0);

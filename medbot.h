@@ -270,6 +270,29 @@ void mb_kvcache_reset(MbKVCache *c);
 MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, int B, int T,
                           const int *lens, float *logits, int last_only);
 
+/* The memory plan of `medbot info --plan`: the bytes per device of one DPO training step on the
+ * CUDA backend (bf16 activations, fp32 trainable state, the base in NF4 or bf16), from the config
+ * alone, counted with the activation layout the model allocates. A batch of `batch` pairs runs
+ * N = 2 batch max_length tokens. */
+typedef struct {
+    int load_in_4bit, lora_r, batch, max_length, gradient_checkpointing, gpus, zero_stage;
+    double lora_alpha;
+    unsigned targets;             /* bit i: projection i carries a LoRA adapter (MbLoraConfig.targets) */
+} MbPlanOptions;
+
+enum { MB_PLAN_QUANT, MB_PLAN_ABSMAX, MB_PLAN_BF16, MB_PLAN_LORA, MB_PLAN_GRADS, MB_PLAN_GRADSUM, MB_PLAN_ADAM,
+       MB_PLAN_ACTS, MB_PLAN_LOGITS, MB_PLAN_WORKSPACE, MB_PLAN_ROWS };
+
+typedef struct {
+    size_t bytes[MB_PLAN_ROWS];   /* per kind of buffer */
+    const char *kind[MB_PLAN_ROWS]; /* its name ("activations") */
+    char how[MB_PLAN_ROWS][200];  /* how its bytes were counted */
+    size_t trainable;             /* LoRA parameters */
+    size_t full_logits;           /* bytes of the batch's (N, V) fp32 logits, which the fused lm_head never holds */
+} MbPlan;
+
+void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p);
+
 /* ---------- lora ---------- */
 
 typedef struct {
