@@ -4244,18 +4244,28 @@ struct MbOps {
     void (*to_host)(MbOps *, void *dst, const void *src, size_t bytes);    /* backend -> host */
     void (*from_host)(MbOps *, void *dst, const void *src, size_t bytes);  /* host -> backend */
     void (*zero)(MbOps *, void *p, size_t bytes);                           /* p[0 .. bytes) = 0, any buffer */
+
+    /* ---- the ops, each backward after its forward: parameter gradients +=, activation gradients =
+     * unless `accumulate` ---- */
     /* out (N, C) = wte[tokens] : nn.Embedding */
     void (*embedding_forward)(MbOps *, float *out, const int32_t *tokens, const MbWeight *wte, size_t N);
     /* out (N, O) = inp (N, I) @ w(O, I)^T : nn.Linear without bias */
     void (*matmul_forward)(MbOps *, float *out, const float *inp, const MbWeight *w, size_t N);
+    /* dinp (N, I) (+)= dout (N, O) @ w (O, I) */
+    void (*matmul_backward)(MbOps *, float *dinp, const float *dout, const MbWeight *w, size_t N, int accumulate);
     /* logits (N, V) fp32 = inp (N, C) @ w(V, C)^T : the lm_head of generation (fp32 output whatever
      * the activations' dtype) */
     void (*logits_forward)(MbOps *, float *logits, const float *inp, const MbWeight *w, size_t N);
     /* out (N, C) = w * inp / sqrt(mean(inp^2) + eps), rstd (N) saved : LlamaRMSNorm */
     void (*rmsnorm_forward)(MbOps *, float *out, float *rstd, const float *inp, const MbWeight *w,
                             size_t N, float eps);
+    /* dinp (N, C) (+)= d rmsnorm(inp)/d inp . dout; w frozen (no weight gradient) */
+    void (*rmsnorm_backward)(MbOps *, float *dinp, const float *dout, const float *inp, const MbWeight *w,
+                             const float *rstd, size_t N, int accumulate);
     /* x (B, T, nh, D) rotated in place at positions pos0 + t : apply_rotary_pos_emb (HF layout) */
     void (*rope_forward)(MbOps *, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D);
+    /* dx (B, T, nh, D) rotated back in place (the transpose of rope_forward) */
+    void (*rope_backward)(MbOps *, float *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D);
     /* cache (B, S, K*D) rows pos0 .. pos0+T-1 of each sequence = x (B, T, K*D) */
     void (*kv_store)(MbOps *, float *cache, const float *x, int B, int T, int S, int pos0, int KD);
     /* out (B, T, H, D) = softmax(q k^T / sqrt(D) + mask) v over the cache (B, S, K, D); query t
@@ -4264,16 +4274,29 @@ struct MbOps {
     void (*attention_forward)(MbOps *, float *out, float *lse, const float *q, const float *kc,
                               const float *vc, const int *lens, int B, int T, int S, int pos0, int H,
                               int K, int D);
+    /* dq (B, T, H, D), dk, dv (B, T, K, D) = gradients of attention_forward (pos0 0, S = T) given
+     * dout, the inputs and the saved out and lse */
+    void (*attention_backward)(MbOps *, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                               const float *k, const float *v, const float *out, const float *lse,
+                               const int *lens, int B, int T, int H, int K, int D);
     /* out (n) = silu(gate) * up : LlamaMLP's act_fn(gate_proj(x)) * up_proj(x) */
     void (*swiglu_forward)(MbOps *, float *out, const float *gate, const float *up, size_t n);
+    /* dgate, dup (n) = gradients of swiglu_forward */
+    void (*swiglu_backward)(MbOps *, float *dgate, float *dup, const float *dout, const float *gate,
+                            const float *up, size_t n);
     /* out (n, C) = inp[rows[i]] for i < n */
     void (*gather_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t C);
+    /* out (N, C) = 0 except rows[i] = inp[i] for i < n : the backward of gather_rows */
+    void (*scatter_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C);
     /* out (n) = a (n) + b (n); out may alias a or b : the residual connection */
     void (*add_forward)(MbOps *, float *out, const float *a, const float *b, size_t n);
     /* u (N, R) = x (N, I) @ A^T; out (N, O) += scale * u @ B^T : PEFT's lora_B(lora_A(x)) * scaling.
      * A (R, I) and B (O, R) are fp32 weights. */
     void (*lora_forward)(MbOps *, float *out, float *u, const float *x, const MbWeight *A, const MbWeight *B,
                          size_t N, float scale);
+    /* dA (R, I) += du^T x, dB (O, R) += scale dout^T u, dx (N, I) += du @ A with du = scale dout @ B */
+    void (*lora_backward)(MbOps *, float *dx, float *dA, float *dB, const float *dout, const float *x,
+                          const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale);
     /* out (n) = inp * keep / (1 - p) with keep[i] = hash(seed, i) >= p : nn.Dropout with a
      * counter-based mask, so the backward (the same call on the gradient) and a recomputation
      * under gradient checkpointing see the same mask */
@@ -4284,31 +4307,9 @@ struct MbOps {
      * selective_log_softmax(lm_head(x), targets) */
     void (*logprob_forward)(MbOps *, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
                             const int32_t *targets, size_t M);
-
-    /* ---- backward (parameter gradients +=, activation gradients = unless `accumulate`) ---- */
-    /* dinp (N, I) (+)= dout (N, O) @ w (O, I) */
-    void (*matmul_backward)(MbOps *, float *dinp, const float *dout, const MbWeight *w, size_t N, int accumulate);
-    /* dinp (N, C) (+)= d rmsnorm(inp)/d inp . dout; w frozen (no weight gradient) */
-    void (*rmsnorm_backward)(MbOps *, float *dinp, const float *dout, const float *inp, const MbWeight *w,
-                             const float *rstd, size_t N, int accumulate);
-    /* dx (B, T, nh, D) rotated back in place (the transpose of rope_forward) */
-    void (*rope_backward)(MbOps *, float *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D);
-    /* dq (B, T, H, D), dk, dv (B, T, K, D) = gradients of attention_forward (pos0 0, S = T) given
-     * dout, the inputs and the saved out and lse */
-    void (*attention_backward)(MbOps *, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                               const float *k, const float *v, const float *out, const float *lse,
-                               const int *lens, int B, int T, int H, int K, int D);
-    /* dgate, dup (n) = gradients of swiglu_forward */
-    void (*swiglu_backward)(MbOps *, float *dgate, float *dup, const float *dout, const float *gate,
-                            const float *up, size_t n);
-    /* dA (R, I) += du^T x, dB (O, R) += scale dout^T u, dx (N, I) += du @ A with du = scale dout @ B */
-    void (*lora_backward)(MbOps *, float *dx, float *dA, float *dB, const float *dout, const float *x,
-                          const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale);
     /* dx (M, C) = d(sum_m g[m] logp[m]) / dx : the backward of logprob_forward */
     void (*logprob_backward)(MbOps *, float *dx, const float *g, const float *x, const MbWeight *w,
                              const int32_t *targets, const float *lse, size_t M);
-    /* out (N, C) = 0 except rows[i] = inp[i] for i < n : the backward of gather_rows */
-    void (*scatter_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C);
 
     /* ---- optimizer state (fp32 vectors of n) ---- */
     double (*sumsq)(MbOps *, const float *x, size_t n);                  /* sum of x^2 */
@@ -4488,6 +4489,15 @@ static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const M
     mb_pool_run(cpu->pool, N < MM_MR ? matvec_task : matmul_task, &t);
 }
 
+/* dinp (N, I) (+)= dout (N, O) @ W: the forward kernel with the roles of W's rows and columns
+ * swapped (matmul_task with backward set). */
+static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
+                                int accumulate) {
+    MbCpu *cpu = ops->ctx;
+    MatmulTask t = {cpu, dinp, dout, w, N, 1, accumulate};
+    mb_pool_run(cpu->pool, matmul_task, &t);
+}
+
 static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float *inp, const MbWeight *w,
                                 size_t N, float eps) {
     (void)ops;
@@ -4501,6 +4511,28 @@ static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float
         float r = 1.0f / sqrtf(ss / (float)C + eps);
         if (rstd) rstd[n] = r;
         for (size_t c = 0; c < C; c++) out[n * C + c] = wf[c] * (x[c] * r);
+    }
+    free(wf);
+}
+
+/* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
+ * dx = r * (w dy) - r^3 / C * x * sum(w dy x) */
+static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
+                                 const float *rstd, size_t N, int accumulate) {
+    (void)ops;
+    size_t C = w->cols;
+    float *wf = mb_malloc(C * sizeof(float));
+    weight_row_f32(w, 0, 0, C, wf);
+    for (size_t n = 0; n < N; n++) {
+        const float *x = inp + n * C, *dy = dout + n * C;
+        float r = rstd[n], dot = 0.0f;
+        for (size_t c = 0; c < C; c++) dot += wf[c] * dy[c] * x[c];
+        float k = r * r * r * dot / (float)C;
+        float *dx = dinp + n * C;
+        for (size_t c = 0; c < C; c++) {
+            float g = r * wf[c] * dy[c] - k * x[c];
+            dx[c] = accumulate ? dx[c] + g : g;
+        }
     }
     free(wf);
 }
@@ -4535,6 +4567,12 @@ static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0,
 static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
     (void)ops;
     rope_rotate(x, inv_freq, B, T, pos0, nh, D, 1.0f);
+}
+
+static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
+                              int D) {
+    (void)ops;
+    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
 }
 
 static void cpu_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
@@ -4601,88 +4639,6 @@ static void cpu_attention_forward(MbOps *ops, float *out, float *lse, const floa
     mb_pool_run(cpu->pool, attention_task, &a);
 }
 
-static void cpu_swiglu_forward(MbOps *ops, float *out, const float *gate, const float *up, size_t n) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-}
-
-static void cpu_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) memcpy(out + i * C, inp + (size_t)rows[i] * C, C * sizeof(float));
-}
-
-/* 64 random bits from (seed, i): splitmix64 of their mix (same on every backend). */
-static uint64_t mb_hash64(uint64_t seed, uint64_t i) {
-    uint64_t x = seed ^ (i * 0xD1B54A32D192ED03ull);
-    return mb_splitmix64(&x);
-}
-
-/* A uniform in [0, 1) from (seed, i) */
-static float mb_hash_uniform(uint64_t seed, uint64_t i) { return (float)(mb_hash64(seed, i) >> 40) * 0x1.0p-24f; }
-
-static void cpu_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = (uint8_t)(mb_hash64(seed, i) >> 56);
-}
-
-static void cpu_random_normal(MbOps *ops, void *dst, size_t n, uint64_t seed, float std) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) {
-        float u1 = (float)((mb_hash64(seed, 2 * i) >> 40) + 1) * 0x1.0p-24f, u2 = mb_hash_uniform(seed, 2 * i + 1);
-        uint16_t h = f32_to_bf16(std * (sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2)));
-        memcpy((unsigned char *)dst + 2 * i, &h, 2);
-    }
-}
-
-static void cpu_dropout_forward(MbOps *ops, float *out, const float *inp, size_t n, float p, uint64_t seed) {
-    (void)ops;
-    float s = 1.0f / (1.0f - p);
-    for (size_t i = 0; i < n; i++) out[i] = mb_hash_uniform(seed, i) >= p ? inp[i] * s : 0.0f;
-}
-
-static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float *b, size_t n) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
-}
-
-
-/* dinp (N, I) (+)= dout (N, O) @ W: the forward kernel with the roles of W's rows and columns
- * swapped (matmul_task with backward set). */
-static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
-                                int accumulate) {
-    MbCpu *cpu = ops->ctx;
-    MatmulTask t = {cpu, dinp, dout, w, N, 1, accumulate};
-    mb_pool_run(cpu->pool, matmul_task, &t);
-}
-
-/* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
- * dx = r * (w dy) - r^3 / C * x * sum(w dy x) */
-static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
-                                 const float *rstd, size_t N, int accumulate) {
-    (void)ops;
-    size_t C = w->cols;
-    float *wf = mb_malloc(C * sizeof(float));
-    weight_row_f32(w, 0, 0, C, wf);
-    for (size_t n = 0; n < N; n++) {
-        const float *x = inp + n * C, *dy = dout + n * C;
-        float r = rstd[n], dot = 0.0f;
-        for (size_t c = 0; c < C; c++) dot += wf[c] * dy[c] * x[c];
-        float k = r * r * r * dot / (float)C;
-        float *dx = dinp + n * C;
-        for (size_t c = 0; c < C; c++) {
-            float g = r * wf[c] * dy[c] - k * x[c];
-            dx[c] = accumulate ? dx[c] + g : g;
-        }
-    }
-    free(wf);
-}
-
-static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
-                              int D) {
-    (void)ops;
-    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
-}
-
 typedef struct {
     MbCpu *cpu;
     float *dq, *dk, *dv;
@@ -4745,6 +4701,11 @@ static void cpu_attention_backward(MbOps *ops, float *dq, float *dk, float *dv, 
     mb_pool_run(cpu->pool, attention_backward_task, &a);
 }
 
+static void cpu_swiglu_forward(MbOps *ops, float *out, const float *gate, const float *up, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 static void cpu_swiglu_backward(MbOps *ops, float *dgate, float *dup, const float *dout, const float *gate,
                                 const float *up, size_t n) {
     (void)ops;
@@ -4753,6 +4714,51 @@ static void cpu_swiglu_backward(MbOps *ops, float *dgate, float *dup, const floa
         dup[i] = dout[i] * silu;
         dgate[i] = dout[i] * up[i] * (s * (1.0f + g * (1.0f - s)));
     }
+}
+
+static void cpu_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) memcpy(out + i * C, inp + (size_t)rows[i] * C, C * sizeof(float));
+}
+
+static void cpu_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
+    (void)ops;
+    memset(out, 0, N * C * sizeof(float));
+    for (size_t i = 0; i < n; i++) memcpy(out + (size_t)rows[i] * C, inp + i * C, C * sizeof(float));
+}
+
+/* 64 random bits from (seed, i): splitmix64 of their mix (same on every backend). */
+static uint64_t mb_hash64(uint64_t seed, uint64_t i) {
+    uint64_t x = seed ^ (i * 0xD1B54A32D192ED03ull);
+    return mb_splitmix64(&x);
+}
+
+/* A uniform in [0, 1) from (seed, i) */
+static float mb_hash_uniform(uint64_t seed, uint64_t i) { return (float)(mb_hash64(seed, i) >> 40) * 0x1.0p-24f; }
+
+static void cpu_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = (uint8_t)(mb_hash64(seed, i) >> 56);
+}
+
+static void cpu_random_normal(MbOps *ops, void *dst, size_t n, uint64_t seed, float std) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) {
+        float u1 = (float)((mb_hash64(seed, 2 * i) >> 40) + 1) * 0x1.0p-24f, u2 = mb_hash_uniform(seed, 2 * i + 1);
+        uint16_t h = f32_to_bf16(std * (sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2)));
+        memcpy((unsigned char *)dst + 2 * i, &h, 2);
+    }
+}
+
+static void cpu_dropout_forward(MbOps *ops, float *out, const float *inp, size_t n, float p, uint64_t seed) {
+    (void)ops;
+    float s = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < n; i++) out[i] = mb_hash_uniform(seed, i) >= p ? inp[i] * s : 0.0f;
+}
+
+static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float *b, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 /* C (Mr, Kc) += alpha * A^T B with A (N, Mr) and B (N, Kc), both row-major; threads take rows of C.
@@ -4895,12 +4901,6 @@ static void cpu_logprob_backward(MbOps *ops, float *dx, const float *g, const fl
     free(logits);
 }
 
-static void cpu_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
-    (void)ops;
-    memset(out, 0, N * C * sizeof(float));
-    for (size_t i = 0; i < n; i++) memcpy(out + (size_t)rows[i] * C, inp + i * C, C * sizeof(float));
-}
-
 static double cpu_sumsq(MbOps *ops, const float *x, size_t n) {
     (void)ops;
     double s = 0.0;
@@ -4977,25 +4977,25 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->zero = cpu_zero;
     ops->embedding_forward = cpu_embedding_forward;
     ops->matmul_forward = cpu_matmul_forward;
+    ops->matmul_backward = cpu_matmul_backward;
     ops->logits_forward = cpu_matmul_forward; /* activations are fp32 already */
     ops->rmsnorm_forward = cpu_rmsnorm_forward;
+    ops->rmsnorm_backward = cpu_rmsnorm_backward;
     ops->rope_forward = cpu_rope_forward;
+    ops->rope_backward = cpu_rope_backward;
     ops->kv_store = cpu_kv_store;
     ops->attention_forward = cpu_attention_forward;
-    ops->swiglu_forward = cpu_swiglu_forward;
-    ops->gather_rows = cpu_gather_rows;
-    ops->add_forward = cpu_add_forward;
-    ops->dropout_forward = cpu_dropout_forward;
-    ops->lora_forward = cpu_lora_forward;
-    ops->logprob_forward = cpu_logprob_forward;
-    ops->matmul_backward = cpu_matmul_backward;
-    ops->rmsnorm_backward = cpu_rmsnorm_backward;
-    ops->rope_backward = cpu_rope_backward;
     ops->attention_backward = cpu_attention_backward;
+    ops->swiglu_forward = cpu_swiglu_forward;
     ops->swiglu_backward = cpu_swiglu_backward;
-    ops->lora_backward = cpu_lora_backward;
-    ops->logprob_backward = cpu_logprob_backward;
+    ops->gather_rows = cpu_gather_rows;
     ops->scatter_rows = cpu_scatter_rows;
+    ops->add_forward = cpu_add_forward;
+    ops->lora_forward = cpu_lora_forward;
+    ops->lora_backward = cpu_lora_backward;
+    ops->dropout_forward = cpu_dropout_forward;
+    ops->logprob_forward = cpu_logprob_forward;
+    ops->logprob_backward = cpu_logprob_backward;
     ops->sumsq = cpu_sumsq;
     ops->scale = cpu_scale;
     ops->fill = cpu_fill;
@@ -11962,7 +11962,6 @@ static MbStatus args_read_config(MbArgs *a, const char *path) {
     }
     return MB_OK;
 }
-
 
 static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
