@@ -988,6 +988,18 @@ static MbStatus json_parse(const char *name, const char *text, size_t n, MbJsonD
     return st;
 }
 
+/* Reads and parses the JSON file at path (messages name it). */
+static MbStatus json_read_file(const char *path, MbJsonDoc *doc) {
+    char *text;
+    size_t n;
+    memset(doc, 0, sizeof *doc);
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    rc = json_parse(path, text, n, doc);
+    free(text);
+    return rc;
+}
+
 static const MbJson *json_root(const MbJsonDoc *doc) { return &doc->nodes[0]; }
 
 static const MbJson *json_first(const MbJsonDoc *doc, const MbJson *v) {
@@ -1914,13 +1926,8 @@ fail:
 
 /* A sharded checkpoint: the index's weight_map names, for every tensor, the shard holding it. */
 static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(index_path, &text, &n);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(index_path, text, n, &doc);
-    free(text);
+    MbStatus rc = json_read_file(index_path, &doc);
     if (rc) return rc;
     char *dir = mb_path_dirname(index_path);
     const MbJson *wm = json_get(&doc, json_root(&doc), "weight_map");
@@ -2137,13 +2144,8 @@ static MbStatus cfg_rope(const char *path, const MbJsonDoc *doc, const MbJson *r
 
 MbStatus mb_config_load(const char *path, MbConfig *c) {
     memset(c, 0, sizeof *c);
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(path, &text, &n);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(path, text, n, &doc);
-    free(text);
+    MbStatus rc = json_read_file(path, &doc);
     if (rc) return rc;
     const MbJson *r = json_root(&doc), *v;
     if (r->kind != MB_JSON_OBJECT) {
@@ -3137,13 +3139,8 @@ static const char *tokcfg_token(const MbJsonDoc *d, const MbJson *root, const ch
 }
 
 MbStatus mb_tokenizer_load_config(MbTokenizer *t, const char *path) {
-    char *text;
-    size_t n;
     MbJsonDoc d;
-    MbStatus rc = mb_read_file(path, &text, &n);
-    if (rc) return rc;
-    rc = json_parse(path, text, n, &d);
-    free(text);
+    MbStatus rc = json_read_file(path, &d);
     if (rc) return rc;
     /* add_bos_token counts only for the classes that build their template from it (Llama's); the
      * plain PreTrainedTokenizerFast of Llama 3 keeps tokenizer.json's template whatever it says */
@@ -5437,13 +5434,8 @@ static int compute_dtype_parse(const char *s, MbDtype *out) {
  * the config has none). */
 static MbStatus bnb_config_load(const char *path, char *compute, size_t n) {
     compute[0] = 0;
-    char *text;
-    size_t len;
-    MbStatus rc = mb_read_file(path, &text, &len);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(path, text, len, &doc);
-    free(text);
+    MbStatus rc = json_read_file(path, &doc);
     if (rc) return rc;
     const MbJson *qc = json_get(&doc, json_root(&doc), "quantization_config"), *v;
     if (qc && qc->kind == MB_JSON_OBJECT) {
@@ -6098,13 +6090,8 @@ size_t mb_lora_num_params(const MbLora *lo) { return lo->n_params; }
 
 static MbStatus lora_read_config(const char *path, MbLoraConfig *cfg) {
     memset(cfg, 0, sizeof *cfg);
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(path, &text, &n);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(path, text, n, &doc);
-    free(text);
+    MbStatus rc = json_read_file(path, &doc);
     if (rc) return rc;
     const MbJson *r = json_root(&doc), *v;
     v = json_get(&doc, r, "peft_type");
@@ -7217,15 +7204,12 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
 
 static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
     char *state = mb_path_join(dir, "trainer_state.json"), *opt = mb_path_join(dir, "optimizer.safetensors");
-    char *text = NULL;
-    size_t n;
     MbJsonDoc doc;
     memset(&doc, 0, sizeof doc);
     MbLora *lo = NULL;
     MbSafetensors *st = NULL;
     MbStatus rc = mb_is_dir(dir) ? MB_OK : mb_fail(MB_ERR_IO, "%s: no such checkpoint folder", dir);
-    if (!rc) rc = mb_read_file(state, &text, &n);
-    if (!rc) rc = json_parse(state, text, n, &doc);
+    if (!rc) rc = json_read_file(state, &doc);
     if (!rc) {
         const MbJson *r = json_root(&doc), *gs = json_get(&doc, r, "global_step"),
                      *mb = json_get(&doc, r, "micro_batches_done"), *fp = json_get(&doc, r, "fingerprint"),
@@ -7272,7 +7256,7 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
     mb_safetensors_close(st);
     mb_lora_free(lo);
     json_free(&doc);
-    free(text), free(state), free(opt);
+    free(state), free(opt);
     return rc;
 }
 
@@ -8081,14 +8065,8 @@ MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir
     int from_file = 0;
     char *path = model_dir ? mb_path_join(model_dir, "generation_config.json") : NULL;
     if (path && mb_is_file(path)) { /* generate takes eos_token_id from here first */
-        char *text;
-        size_t n;
         MbJsonDoc doc;
-        MbStatus rc = mb_read_file(path, &text, &n);
-        if (!rc) {
-            rc = json_parse(path, text, n, &doc);
-            free(text);
-        }
+        MbStatus rc = json_read_file(path, &doc);
         if (rc) {
             free(path);
             return rc;
