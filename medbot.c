@@ -5429,6 +5429,11 @@ static int compute_dtype_parse(const char *s, MbDtype *out) {
     return 1;
 }
 
+/* F32 / BF16 / F16 -> torch's name of the compute dtype */
+static const char *compute_dtype_name(MbDtype d) {
+    return d == MB_DT_BF16 ? "bfloat16" : d == MB_DT_F16 ? "float16" : "float32";
+}
+
 /* config.json's quantization_config (transformers' BitsAndBytesConfig, saved with a quantized
  * checkpoint): medbot reads bitsandbytes 4-bit NF4; compute gets bnb_4bit_compute_dtype ("" when
  * the config has none). */
@@ -12037,7 +12042,7 @@ static void info_nf4(const MbModel *m) {
         }
     if (!count) return;
     printf("4-bit weights: NF4 (bitsandbytes)%s, compute dtype %s\n", nested ? ", double quant" : "",
-           compute == MB_DT_BF16 ? "bfloat16" : compute == MB_DT_F16 ? "float16" : "float32");
+           compute_dtype_name(compute));
     printf("  %-22s %14zu\n", "linear weights", count);
     printf("  %-22s %14zu\n", "values", values);
     printf("  %-22s %14zu bytes (%.3f B/value)\n", "packed codes", packed, (double)packed / (double)values);
@@ -12156,6 +12161,16 @@ static MbStatus arg_device(MbArgs *a, int *out) {
     return rc;
 }
 
+/* --bnb_4bit_compute_dtype: one of torch's names, as the library reads them (NULL when absent) */
+static MbStatus arg_compute_dtype(MbArgs *a, const char **out) {
+    const char *v = *out = arg_get(a, "bnb_4bit_compute_dtype");
+    MbDtype d;
+    if (v && (!compute_dtype_parse(v, &d) || strcmp(v, compute_dtype_name(d))))
+        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
+                       v);
+    return MB_OK;
+}
+
 static MbStatus arg_path(MbArgs *a, const char *name, const char **out) {
     const char *v = arg_get(a, name);
     if (!v) return MB_OK;
@@ -12267,10 +12282,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     if ((bnb = arg_get(a, "bias")) && strcmp(bnb, "none"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bias '%s': medbot trains LoRA with bias none", a->cmd, bnb);
     job->load_in_4bit = load_4bit;
-    const char *cdt = arg_get(a, "bnb_4bit_compute_dtype");
-    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
-        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd, cdt);
-    job->bnb_4bit_compute_dtype = cdt;
+    if ((rc = arg_compute_dtype(a, &job->bnb_4bit_compute_dtype))) return rc;
     if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
     if (job->nproc < 1) return arg_fail(a, "nproc", "must be >= 1, got %d", job->nproc);
     if (job->zero_stage > 1)
@@ -12502,10 +12514,7 @@ static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
         (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)))
         return rc;
     o->system = arg_get(a, "system");
-    const char *cdt = o->load.bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
-    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
-        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
-                       cdt);
+    if ((rc = arg_compute_dtype(a, &o->load.bnb_4bit_compute_dtype))) return rc;
     if (greedy && do_sample == 1)
         return mb_fail(MB_ERR_ARG, "%s: --greedy and --do_sample contradict each other", a->cmd);
     o->gen.do_sample = greedy ? 0 : do_sample != 0;
