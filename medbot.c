@@ -11966,26 +11966,8 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     if (o.zero_stage < 0 || o.zero_stage > 2)
         return mb_fail(MB_ERR_ARG, "info: --zero_stage must be 0, 1 or 2 (stage 3 is not planned: medbot "
                        "shards optimizer state, ZeRO-1), got %d", o.zero_stage);
-    if (targets) {
-        o.targets = 0;
-        char *list = mb_strdup(targets), *save = list;
-        for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
-            int found = 0;
-            for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-                const char *short_name = strchr(mb_layer_weights[i].name, '.');
-                if (short_name && (!strcmp(tok, short_name + 1) || !strcmp(tok, "all-linear")))
-                    o.targets |= 1u << i, found = 1;
-            }
-            if (!found) {
-                rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules: unknown module '%s' --> q_proj, k_proj, "
-                             "v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear", tok);
-                break;
-            }
-        }
-        free(save);
-        if (!rc && !o.targets) rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules is empty");
-        if (rc) return rc;
-    }
+    if (targets && (rc = lora_parse_targets(targets, &o.targets))) /* the list dpo reads */
+        return mb_fail_at(rc, "info");
     /* config.json alone is enough: a folder without weights, or the file itself */
     char *cfg_path = mb_is_dir(dir) ? mb_path_join(dir, "config.json") : mb_strdup(dir);
     MbConfig c;
@@ -12004,7 +11986,7 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
            o.lora_r, o.lora_alpha, o.lora_alpha / o.lora_r);
     for (int i = 0, first = 1; i < MB_LAYER_WEIGHTS; i++)
         if ((o.targets >> i) & 1u)
-            printf("%s%s", first ? " " : ",", strchr(mb_layer_weights[i].name, '.') + 1), first = 0;
+            printf("%s%s", first ? " " : ",", lora_module_name(i)), first = 0;
     printf("\n  DPO step: %d pairs = %d sequences x %d tokens, gradient checkpointing %s; %d GPU%s, ZeRO stage %d\n",
            o.batch, 2 * o.batch, o.max_length, o.gradient_checkpointing ? "on" : "off", o.gpus, o.gpus > 1 ? "s" : "",
            o.zero_stage);
