@@ -6585,6 +6585,30 @@ static MbStatus jsonl_start(const char *path, const char *text, size_t n, size_t
     return MB_OK;
 }
 
+/* The JSON lines of a file's text, one parsed line at a time. */
+typedef struct {
+    const char *path, *text;
+    size_t n, at;
+    int line;               /* 1-based number of the current line */
+    char where[600];        /* "PATH:LINE" of the current line, for messages */
+} MbJsonl;
+
+static MbStatus jsonl_open(MbJsonl *r, const char *path, const char *text, size_t n) {
+    memset(r, 0, sizeof *r);
+    r->path = path, r->text = text, r->n = n;
+    return jsonl_start(path, text, n, &r->at);
+}
+
+/* The next non-blank line parsed into doc (json_free it): 1; 0 at the end of the text, or when the
+ * line is not JSON (then *rc is set, its message "PATH:LINE: ..."). */
+static int jsonl_read(MbJsonl *r, MbJsonDoc *doc, MbStatus *rc) {
+    const char *s;
+    size_t len;
+    if (!jsonl_next(r->text, r->n, &r->at, &r->line, &s, &len)) return 0;
+    snprintf(r->where, sizeof r->where, "%s:%d", r->path, r->line);
+    return (*rc = json_parse(r->where, s, len, doc)) == MB_OK;
+}
+
 /* Parses the JSONL text[0..n) of preference pairs read from path. Bad lines (not JSON, a field
  * missing or not a string, text that is not UTF-8) stop it with "FILE:LINE: problem"; pairs with
  * an empty prompt or completion, or a prompt that leaves no room for the completion within
@@ -6592,18 +6616,12 @@ static MbStatus jsonl_start(const char *path, const char *text, size_t n, size_t
 static MbStatus dataset_parse(const char *path, const char *text, size_t n, const MbTokenizer *tok,
                               const MbDataOptions *opt, MbDataset *ds) {
     memset(ds, 0, sizeof *ds);
-    size_t start;
-    MbStatus rc = jsonl_start(path, text, n, &start);
+    MbJsonl jl;
+    MbJsonDoc doc;
+    MbStatus rc = jsonl_open(&jl, path, text, n);
     if (rc) return rc;
     ds->path = mb_strdup(path);
-    int line = 0;
-    char where[600];
-    const char *s;
-    size_t len;
-    for (size_t at = start; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
-        snprintf(where, sizeof where, "%s:%d", path, line);
-        MbJsonDoc doc;
-        if ((rc = json_parse(where, s, len, &doc))) break;
+    while (!rc && jsonl_read(&jl, &doc, &rc)) {
         const MbJson *r = json_root(&doc);
         const MbJson *p = json_get(&doc, r, "prompt"), *q = json_get(&doc, r, "question"),
                      *sys = json_get(&doc, r, "system"),
@@ -6618,7 +6636,7 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
         for (int f = 0; !missing && f < 4; f++)
             if (fields[f] && fields[f]->kind != MB_JSON_STRING) missing = "string values";
         if (missing) {
-            rc = mb_fail(MB_ERR_FORMAT, "%s: a preference pair needs %s", where, missing);
+            rc = mb_fail(MB_ERR_FORMAT, "%s: a preference pair needs %s", jl.where, missing);
             json_free(&doc);
             break;
         }
@@ -6627,21 +6645,21 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
         int empty = !prompt[0] || !c->len || !j->len;
         MbPair pair;
         memset(&pair, 0, sizeof pair);
-        pair.line = line;
+        pair.line = jl.line;
         if (!empty)
             rc = pair_tokenize(tok, opt, prompt, strlen(prompt), json_str(&doc, c), c->len, json_str(&doc, j), j->len,
                                &pair);
         free(prompt);
         json_free(&doc);
         if (rc) {
-            rc = mb_fail_at(rc, where);
+            rc = mb_fail_at(rc, jl.where);
             break;
         }
         int too_long = !empty && opt->max_length > 0 && pair.np >= opt->max_length;
         if (empty || too_long) {
             if (empty) ds->skipped_empty++;
             else ds->skipped_long++;
-            if (!ds->first_skipped_line) ds->first_skipped_line = line;
+            if (!ds->first_skipped_line) ds->first_skipped_line = jl.line;
             free(pair.prompt), free(pair.chosen), free(pair.rejected);
             continue;
         }
@@ -12578,24 +12596,19 @@ static MbStatus gen_file(MbChat *ch, const char *path, int raw) {
         int is_question;
     } Item;
     Item *items = NULL; /* stb_ds array */
-    int line = 0;
-    char where[600];
-    const char *s;
-    size_t len, start = 0;
-    rc = jsonl_start(path, text, n, &start);
-    for (size_t at = start; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
-        snprintf(where, sizeof where, "%s:%d", path, line);
-        MbJsonDoc doc;
-        if ((rc = json_parse(where, s, len, &doc))) break;
+    MbJsonl jl;
+    MbJsonDoc doc;
+    for (rc = jsonl_open(&jl, path, text, n); !rc && jsonl_read(&jl, &doc, &rc);) {
         const MbJson *r = json_root(&doc), *q = json_get(&doc, r, "question"), *p = json_get(&doc, r, "prompt"),
                      *sys = json_get(&doc, r, "system");
         const MbJson *v = q ? q : p;
         if (r->kind != MB_JSON_OBJECT || !v || v->kind != MB_JSON_STRING || (sys && sys->kind != MB_JSON_STRING))
-            rc = mb_fail(MB_ERR_FORMAT, "%s: each line needs a string \"question\" (or \"prompt\")", where);
+            rc = mb_fail(MB_ERR_FORMAT, "%s: each line needs a string \"question\" (or \"prompt\")", jl.where);
         else if (!v->len)
-            rc = mb_fail(MB_ERR_FORMAT, "%s: the %s is empty", where, q ? "question" : "prompt");
+            rc = mb_fail(MB_ERR_FORMAT, "%s: the %s is empty", jl.where, q ? "question" : "prompt");
         else {
-            Item it = {mb_strdup(where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL, q != NULL};
+            Item it = {mb_strdup(jl.where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL,
+                       q != NULL};
             arrput(items, it);
         }
         json_free(&doc);
