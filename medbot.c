@@ -6003,6 +6003,11 @@ static MbStatus lora_parse_targets(const char *list, unsigned *targets) {
 
 static const char *lora_module_name(int id) { return strrchr(mb_layer_weights[id].name, '.') + 1; }
 
+/* PEFT's name of lora_A (ab 0) or lora_B (ab 1) of projection id in layer l */
+static void lora_tensor_name(char *name, size_t n, int l, int id, int ab) {
+    snprintf(name, n, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[id].name, ab ? 'B' : 'A');
+}
+
 void mb_lora_free(MbLora *lo) {
     if (!lo) return;
     free(lo->pairs);
@@ -6023,6 +6028,19 @@ static const float *lora_host_view(const MbLora *lo, const float *host, const vo
     return host + ((const float *)p - lo->params);
 }
 
+/* Steps *k through the adapted projections of lo in the order of the parameter block (layer,
+ * then q k v o gate up down), giving each one's layer and MbLayerWeightId:
+ *     for (size_t k = 0; (p = lora_next(lo, &k, &l, &id));) ... */
+static MbLoraPair *lora_next(const MbLora *lo, size_t *k, int *l, int *id) {
+    for (size_t n = (size_t)lo->L * MB_LAYER_WEIGHTS; *k < n; ++*k) {
+        int i = (int)(*k % MB_LAYER_WEIGHTS);
+        if (!(lo->targets & (1u << i))) continue;
+        *l = (int)(*k / MB_LAYER_WEIGHTS), *id = i;
+        return &lo->pairs[(*k)++];
+    }
+    return NULL;
+}
+
 /* An adapter for model m with zeroed A and B (callers fill them). */
 static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **out) {
     *out = NULL;
@@ -6041,28 +6059,24 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
     lo->L = c->num_hidden_layers;
     lo->enabled = 1;
     lo->pairs = mb_calloc((size_t)lo->L * MB_LAYER_WEIGHTS, sizeof *lo->pairs);
-    size_t R = (size_t)cfg->r, n = 0;
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
-            if (lo->targets & (1u << i))
-                n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
+    size_t R = (size_t)cfg->r, n = 0, off = 0, k;
+    MbLoraPair *p;
+    int l, i;
+    for (k = 0; lora_next(lo, &k, &l, &i);)
+        n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
     lo->ops = m->ops;
     lo->params = m->ops->alloc(m->ops, n * sizeof(float));
     lo->grads = m->ops->alloc(m->ops, n * sizeof(float));
-    size_t off = 0;
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-            if (!(lo->targets & (1u << i))) continue;
-            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
-            p->A = (MbWeight){.dtype = MB_DT_F32, .rows = R, .cols = in, .data = lo->params + off};
-            p->gA = lo->grads + off;
-            off += R * in;
-            p->B = (MbWeight){.dtype = MB_DT_F32, .rows = outd, .cols = R, .data = lo->params + off};
-            p->gB = lo->grads + off;
-            off += outd * R;
-        }
+    for (k = 0; (p = lora_next(lo, &k, &l, &i));) {
+        size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
+        p->A = (MbWeight){.dtype = MB_DT_F32, .rows = R, .cols = in, .data = lo->params + off};
+        p->gA = lo->grads + off;
+        off += R * in;
+        p->B = (MbWeight){.dtype = MB_DT_F32, .rows = outd, .cols = R, .data = lo->params + off};
+        p->gB = lo->grads + off;
+        off += outd * R;
+    }
     *out = lo;
     return MB_OK;
 }
@@ -6074,14 +6088,12 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     float *host = mb_calloc(lo->n_params + 1, sizeof(float));
     MbRng rng;
     mb_rng_seed(&rng, seed);
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            if (!p->A.data) continue;
-            float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)lora_host_view(lo, host, p->A.data);
-            for (size_t k = 0; k < p->A.rows * p->A.cols; k++)
-                a[k] = (float)((2.0 * mb_rng_uniform(&rng) - 1.0) * bound);
-        }
+    MbLoraPair *p;
+    int l, i;
+    for (size_t k = 0; (p = lora_next(lo, &k, &l, &i));) {
+        float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)lora_host_view(lo, host, p->A.data);
+        for (size_t j = 0; j < p->A.rows * p->A.cols; j++) a[j] = (float)((2.0 * mb_rng_uniform(&rng) - 1.0) * bound);
+    }
     lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
     free(host);
     return MB_OK;
@@ -6182,34 +6194,31 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
     float *host = lo ? mb_calloc(lo->n_params + 1, sizeof(float)) : NULL;
     char name[256];
     size_t found = 0;
-    for (int l = 0; !rc && l < lo->L; l++)
-        for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
-            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            if (!p->A.data) continue;
-            for (int ab = 0; !rc && ab < 2; ab++) {
-                MbWeight *w = ab ? &p->B : &p->A;
-                snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
-                         ab ? 'B' : 'A');
-                const MbTensorInfo *t = mb_safetensors_find(st, name);
-                if (!t) {
-                    rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing --> was the adapter made for this "
-                                 "model?", st_path, name);
-                    break;
-                }
-                if (t->ndim != 2 || t->shape[0] != w->rows || t->shape[1] != w->cols) {
-                    rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' has shape (%zu, %zu), the model needs (%zu, %zu)",
-                                 st_path, name, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, w->rows, w->cols);
-                    break;
-                }
-                if (t->dtype != MB_DT_F32 && t->dtype != MB_DT_BF16 && t->dtype != MB_DT_F16) {
-                    rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s", st_path, name,
-                                 mb_dtype_name(t->dtype));
-                    break;
-                }
-                if ((rc = tensor_check_finite(t, st_path, NULL))) break;
-                mb_convert_to_f32(t->dtype, t->data, (float *)lora_host_view(lo, host, w->data), t->numel);
-                found++;
+    MbLoraPair *p;
+    int l, i;
+    for (size_t k = 0; !rc && (p = lora_next(lo, &k, &l, &i));)
+        for (int ab = 0; !rc && ab < 2; ab++) {
+            MbWeight *w = ab ? &p->B : &p->A;
+            lora_tensor_name(name, sizeof name, l, i, ab);
+            const MbTensorInfo *t = mb_safetensors_find(st, name);
+            if (!t) {
+                rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing --> was the adapter made for this "
+                             "model?", st_path, name);
+                break;
             }
+            if (t->ndim != 2 || t->shape[0] != w->rows || t->shape[1] != w->cols) {
+                rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' has shape (%zu, %zu), the model needs (%zu, %zu)",
+                             st_path, name, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, w->rows, w->cols);
+                break;
+            }
+            if (t->dtype != MB_DT_F32 && t->dtype != MB_DT_BF16 && t->dtype != MB_DT_F16) {
+                rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s", st_path, name,
+                             mb_dtype_name(t->dtype));
+                break;
+            }
+            if ((rc = tensor_check_finite(t, st_path, NULL))) break;
+            mb_convert_to_f32(t->dtype, t->data, (float *)lora_host_view(lo, host, w->data), t->numel);
+            found++;
         }
     if (!rc && found != mb_safetensors_count(st))
         rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: holds %zu tensors, medbot used %zu (adapters on other modules, or "
@@ -6251,19 +6260,16 @@ static char *lora_config_json(const MbLora *lo, const char *base_model) {
 /* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block. */
 static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***names) {
     MbTensorOut *ts = NULL;
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-            const MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            if (!p->A.data) continue;
-            for (int ab = 0; ab < 2; ab++) {
-                const MbWeight *w = ab ? &p->B : &p->A;
-                char name[256];
-                snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
-                         ab ? 'B' : 'A');
-                MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
-                arrput(*names, (char *)t.name);
-                arrput(ts, t);
-            }
+    const MbLoraPair *p;
+    int l, i;
+    for (size_t k = 0; (p = lora_next(lo, &k, &l, &i));)
+        for (int ab = 0; ab < 2; ab++) {
+            const MbWeight *w = ab ? &p->B : &p->A;
+            char name[256];
+            lora_tensor_name(name, sizeof name, l, i, ab);
+            MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
+            arrput(*names, (char *)t.name);
+            arrput(ts, t);
         }
     return ts;
 }
