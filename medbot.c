@@ -5430,7 +5430,7 @@ static int compute_dtype_parse(const char *s, MbDtype *out) {
 }
 
 /* F32 / BF16 / F16 -> torch's name of the compute dtype */
-static const char *compute_dtype_name(MbDtype d) {
+MB_UNUSED static const char *compute_dtype_name(MbDtype d) {
     return d == MB_DT_BF16 ? "bfloat16" : d == MB_DT_F16 ? "float16" : "float32";
 }
 
