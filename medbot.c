@@ -4225,6 +4225,14 @@ done:
 // dereferences them and never does pointer arithmetic on them except through mb_act_at.
 // ============================================================================================
 
+/* An activation element in backend memory, ops->act_size bytes: fp32 on the CPU, bf16 on the CUDA
+ * backend (which computes in fp32 and stores bf16). The type is float only so that the CPU ops can
+ * use the pointers as they are; the model never dereferences an MbAct pointer and moves it only
+ * through mb_act_at. Everything else the ops take (norm statistics, log-sum-exps, logits,
+ * per-row values, LoRA parameters and gradients, optimizer state) is a plain float: fp32 on
+ * every backend. */
+typedef float MbAct;
+
 typedef struct MbOps MbOps;
 struct MbOps {
     const char *name;
@@ -4245,67 +4253,67 @@ struct MbOps {
     /* ---- the ops, each backward after its forward: parameter gradients +=, activation gradients =
      * unless `accumulate` ---- */
     /* out (N, C) = wte[tokens] : nn.Embedding */
-    void (*embedding_forward)(MbOps *, float *out, const int32_t *tokens, const MbWeight *wte, size_t N);
+    void (*embedding_forward)(MbOps *, MbAct *out, const int32_t *tokens, const MbWeight *wte, size_t N);
     /* out (N, O) = inp (N, I) @ w(O, I)^T : nn.Linear without bias */
-    void (*matmul_forward)(MbOps *, float *out, const float *inp, const MbWeight *w, size_t N);
+    void (*matmul_forward)(MbOps *, MbAct *out, const MbAct *inp, const MbWeight *w, size_t N);
     /* dinp (N, I) (+)= dout (N, O) @ w (O, I) */
-    void (*matmul_backward)(MbOps *, float *dinp, const float *dout, const MbWeight *w, size_t N, int accumulate);
+    void (*matmul_backward)(MbOps *, MbAct *dinp, const MbAct *dout, const MbWeight *w, size_t N, int accumulate);
     /* logits (N, V) fp32 = inp (N, C) @ w(V, C)^T : the lm_head of generation (fp32 output whatever
      * the activations' dtype) */
-    void (*logits_forward)(MbOps *, float *logits, const float *inp, const MbWeight *w, size_t N);
+    void (*logits_forward)(MbOps *, float *logits, const MbAct *inp, const MbWeight *w, size_t N);
     /* out (N, C) = w * inp / sqrt(mean(inp^2) + eps), rstd (N) saved : LlamaRMSNorm */
-    void (*rmsnorm_forward)(MbOps *, float *out, float *rstd, const float *inp, const MbWeight *w,
+    void (*rmsnorm_forward)(MbOps *, MbAct *out, float *rstd, const MbAct *inp, const MbWeight *w,
                             size_t N, float eps);
     /* dinp (N, C) (+)= d rmsnorm(inp)/d inp . dout; w frozen (no weight gradient) */
-    void (*rmsnorm_backward)(MbOps *, float *dinp, const float *dout, const float *inp, const MbWeight *w,
+    void (*rmsnorm_backward)(MbOps *, MbAct *dinp, const MbAct *dout, const MbAct *inp, const MbWeight *w,
                              const float *rstd, size_t N, int accumulate);
     /* x (B, T, nh, D) rotated in place at positions pos0 + t : apply_rotary_pos_emb (HF layout) */
-    void (*rope_forward)(MbOps *, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D);
+    void (*rope_forward)(MbOps *, MbAct *x, const float *inv_freq, int B, int T, int pos0, int nh, int D);
     /* dx (B, T, nh, D) rotated back in place (the transpose of rope_forward) */
-    void (*rope_backward)(MbOps *, float *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D);
+    void (*rope_backward)(MbOps *, MbAct *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D);
     /* cache (B, S, K*D) rows pos0 .. pos0+T-1 of each sequence = x (B, T, K*D) */
-    void (*kv_store)(MbOps *, float *cache, const float *x, int B, int T, int S, int pos0, int KD);
+    void (*kv_store)(MbOps *, MbAct *cache, const MbAct *x, int B, int T, int S, int pos0, int KD);
     /* out (B, T, H, D) = softmax(q k^T / sqrt(D) + mask) v over the cache (B, S, K, D); query t
      * sits at pos0 + t and sees keys j <= pos0 + t with j < lens[b] (lens NULL: no padding);
      * lse (B, H, T) log-sum-exp saved for the backward (may be NULL) : sdpa with GQA */
-    void (*attention_forward)(MbOps *, float *out, float *lse, const float *q, const float *kc,
-                              const float *vc, const int *lens, int B, int T, int S, int pos0, int H,
+    void (*attention_forward)(MbOps *, MbAct *out, float *lse, const MbAct *q, const MbAct *kc,
+                              const MbAct *vc, const int *lens, int B, int T, int S, int pos0, int H,
                               int K, int D);
     /* dq (B, T, H, D), dk, dv (B, T, K, D) = gradients of attention_forward (pos0 0, S = T) given
      * dout, the inputs and the saved out and lse */
-    void (*attention_backward)(MbOps *, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                               const float *k, const float *v, const float *out, const float *lse,
+    void (*attention_backward)(MbOps *, MbAct *dq, MbAct *dk, MbAct *dv, const MbAct *dout, const MbAct *q,
+                               const MbAct *k, const MbAct *v, const MbAct *out, const float *lse,
                                const int *lens, int B, int T, int H, int K, int D);
     /* out (n) = silu(gate) * up : LlamaMLP's act_fn(gate_proj(x)) * up_proj(x) */
-    void (*swiglu_forward)(MbOps *, float *out, const float *gate, const float *up, size_t n);
+    void (*swiglu_forward)(MbOps *, MbAct *out, const MbAct *gate, const MbAct *up, size_t n);
     /* dgate, dup (n) = gradients of swiglu_forward */
-    void (*swiglu_backward)(MbOps *, float *dgate, float *dup, const float *dout, const float *gate,
-                            const float *up, size_t n);
+    void (*swiglu_backward)(MbOps *, MbAct *dgate, MbAct *dup, const MbAct *dout, const MbAct *gate,
+                            const MbAct *up, size_t n);
     /* out (n, C) = inp[rows[i]] for i < n */
-    void (*gather_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t C);
+    void (*gather_rows)(MbOps *, MbAct *out, const MbAct *inp, const int *rows, size_t n, size_t C);
     /* out (N, C) = 0 except rows[i] = inp[i] for i < n : the backward of gather_rows */
-    void (*scatter_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C);
+    void (*scatter_rows)(MbOps *, MbAct *out, const MbAct *inp, const int *rows, size_t n, size_t N, size_t C);
     /* out (n) = a (n) + b (n); out may alias a or b : the residual connection */
-    void (*add_forward)(MbOps *, float *out, const float *a, const float *b, size_t n);
+    void (*add_forward)(MbOps *, MbAct *out, const MbAct *a, const MbAct *b, size_t n);
     /* u (N, R) = x (N, I) @ A^T; out (N, O) += scale * u @ B^T : PEFT's lora_B(lora_A(x)) * scaling.
      * A (R, I) and B (O, R) are fp32 weights. */
-    void (*lora_forward)(MbOps *, float *out, float *u, const float *x, const MbWeight *A, const MbWeight *B,
+    void (*lora_forward)(MbOps *, MbAct *out, MbAct *u, const MbAct *x, const MbWeight *A, const MbWeight *B,
                          size_t N, float scale);
     /* dA (R, I) += du^T x, dB (O, R) += scale dout^T u, dx (N, I) += du @ A with du = scale dout @ B */
-    void (*lora_backward)(MbOps *, float *dx, float *dA, float *dB, const float *dout, const float *x,
-                          const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale);
+    void (*lora_backward)(MbOps *, MbAct *dx, float *dA, float *dB, const MbAct *dout, const MbAct *x,
+                          const MbAct *u, const MbWeight *A, const MbWeight *B, size_t N, float scale);
     /* out (n) = inp * keep / (1 - p) with keep[i] = hash(seed, i) >= p : nn.Dropout with a
      * counter-based mask, so the backward (the same call on the gradient) and a recomputation
      * under gradient checkpointing see the same mask */
-    void (*dropout_forward)(MbOps *, float *out, const float *inp, size_t n, float p, uint64_t seed);
+    void (*dropout_forward)(MbOps *, MbAct *out, const MbAct *inp, size_t n, float p, uint64_t seed);
     /* log-probabilities of targets under logits = x @ w^T without keeping the logits:
      * logp (M) = logits[m][targets[m]] - lse[m], lse (M) = logsumexp(logits[m]),
      * lsum (M) = sum over the vocabulary of logits[m] (for TRL's logits/chosen and logits/rejected), fp32 :
      * selective_log_softmax(lm_head(x), targets) */
-    void (*logprob_forward)(MbOps *, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
+    void (*logprob_forward)(MbOps *, float *logp, float *lse, float *lsum, const MbAct *x, const MbWeight *w,
                             const int32_t *targets, size_t M);
     /* dx (M, C) = d(sum_m g[m] logp[m]) / dx : the backward of logprob_forward */
-    void (*logprob_backward)(MbOps *, float *dx, const float *g, const float *x, const MbWeight *w,
+    void (*logprob_backward)(MbOps *, MbAct *dx, const float *g, const MbAct *x, const MbWeight *w,
                              const int32_t *targets, const float *lse, size_t M);
 
     /* ---- optimizer state (fp32 vectors of n) ---- */
@@ -4328,8 +4336,8 @@ struct MbOps {
     void (*random_normal)(MbOps *, void *dst, size_t n, uint64_t seed, float std);
 };
 
-static float *mb_act_at(const MbOps *ops, float *base, size_t elems) {
-    return (float *)(void *)((char *)base + elems * ops->act_size);
+static MbAct *mb_act_at(const MbOps *ops, MbAct *base, size_t elems) {
+    return (MbAct *)(void *)((char *)base + elems * ops->act_size);
 }
 
 typedef struct {
@@ -5078,16 +5086,19 @@ struct MbLora {
 
 /* Activations saved by one decoder layer for its backward. */
 typedef struct {
-    float *x_in;        /* (N, C) the layer's input: a slot of the residual stream */
-    float *xn1, *rstd1; /* (N, C), (N) input_layernorm */
-    float *q;           /* (N, H*D) after rope */
-    float *k, *v;       /* (N, K*D), k after rope (training: the attention's keys and values) */
-    float *att, *lse;   /* (N, H*D) attention output, (B, H, T) its log-sum-exp */
-    float *x_mid;       /* (N, C) x_in + o_proj(att) */
-    float *xn2, *rstd2; /* (N, C), (N) post_attention_layernorm */
-    float *gate, *up;   /* (N, F) */
-    float *hid;         /* (N, F) silu(gate) * up */
-    float *u[MB_LAYER_WEIGHTS]; /* (N, R) lora_A(x) of each adapted projection */
+    MbAct *x_in;        /* (N, C) the layer's input: a slot of the residual stream */
+    MbAct *xn1;         /* (N, C) input_layernorm */
+    float *rstd1;       /* (N) its 1/rms */
+    MbAct *q;           /* (N, H*D) after rope */
+    MbAct *k, *v;       /* (N, K*D), k after rope (training: the attention's keys and values) */
+    MbAct *att;         /* (N, H*D) attention output */
+    float *lse;         /* (B, H, T) its log-sum-exp */
+    MbAct *x_mid;       /* (N, C) x_in + o_proj(att) */
+    MbAct *xn2;         /* (N, C) post_attention_layernorm */
+    float *rstd2;       /* (N) its 1/rms */
+    MbAct *gate, *up;   /* (N, F) */
+    MbAct *hid;         /* (N, F) silu(gate) * up */
+    MbAct *u[MB_LAYER_WEIGHTS]; /* (N, R) lora_A(x) of each adapted projection */
 } MbLayerActs;
 
 /* Every activation buffer of a forward (and backward) over N rows: one block, a pointer table.
@@ -5098,17 +5109,18 @@ typedef struct {
     size_t N;            /* rows the buffers hold */
     int train, checkpointing, R, dropout;
     unsigned lora_targets;
-    float *block;
-    float **stream;      /* (L + 1) training, (1) inference: slots of (N, C) */
+    MbAct *block;        /* the activation buffers below */
+    MbAct **stream;      /* (L + 1) training, (1) inference: slots of (N, C) */
     MbLayerActs *layer;  /* (L) training without checkpointing, else (1) */
     int n_layer_sets;
-    float *tmp;          /* (N, C) a projection's output before its residual add */
-    float *xf, *rstd_f;  /* (N, C), (N) the final norm */
+    MbAct *tmp;          /* (N, C) a projection's output before its residual add */
+    MbAct *xf;           /* (N, C) the final norm */
+    float *rstd_f;       /* (N) its 1/rms */
     float *logits;       /* (N, V) inference logits when backend memory is not host memory */
-    float *xg;           /* (N, C) rows of xf that predict a loss token */
+    MbAct *xg;           /* (N, C) rows of xf that predict a loss token */
     float *logp, *lse_rows, *g_rows; /* (N) per loss row */
-    float *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
-    float *drop, *ddrop; /* (N, max(C, F)) LoRA dropout's masked input and its gradient */
+    MbAct *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
+    MbAct *drop, *ddrop; /* (N, max(C, F)) LoRA dropout's masked input and its gradient */
     float *block32;      /* the fp32 buffers: norm statistics, lse, per-row values, logits */
     float *lsum_rows;    /* (N) sum of each loss row's logits */
 } MbActs;
@@ -5140,8 +5152,8 @@ struct MbKVCache {
     int B, S, len;
     int padded;             /* filled by a right-padded prefill: cannot be continued */
     int *lens;              /* (B) valid keys per sequence */
-    float *block;           /* (2, L, B, S, K*D) */
-    float **k, **v;         /* (L) pointers into block, each (B, S, K*D) */
+    MbAct *block;           /* (2, L, B, S, K*D) */
+    MbAct **k, **v;         /* (L) pointers into block, each (B, S, K*D) */
 };
 
 const MbConfig *mb_model_config(const MbModel *m) { return &m->cfg; }
@@ -5642,7 +5654,7 @@ static uint64_t lora_dropout_key(const MbModel *m, int l, MbLayerWeightId id) {
 }
 
 /* out (N, O) = in (N, I) @ W^T (+ scale * B A dropout(in), when adapted) */
-static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, const float *in, MbLayerActs *a,
+static void proj_forward(MbModel *m, int l, MbLayerWeightId id, MbAct *out, const MbAct *in, MbLayerActs *a,
                          size_t N) {
     MbOps *ops = m->ops;
     const MbWeight *w = &m->layers[l].w[id];
@@ -5650,7 +5662,7 @@ static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, cons
     const MbLoraPair *lp = lora_pair(m, l, id);
     if (!lp) return;
     if (m->dropout_seed && m->lora->dropout > 0) { /* PEFT: lora_B(lora_A(dropout(x))) */
-        float *xd = m->acts.drop;
+        MbAct *xd = m->acts.drop;
         ops->dropout_forward(ops, xd, in, N * w->cols, (float)m->lora->dropout, lora_dropout_key(m, l, id));
         in = xd;
     }
@@ -5658,7 +5670,7 @@ static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, cons
 }
 
 /* dinp (N, I) (+)= dout @ W (+ the adapter's path), and the adapter's gradients += */
-static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, const float *dout, const float *in,
+static void proj_backward(MbModel *m, int l, MbLayerWeightId id, MbAct *dinp, const MbAct *dout, const MbAct *in,
                           const MbLayerActs *a, size_t N, int accumulate) {
     MbOps *ops = m->ops;
     const MbWeight *w = &m->layers[l].w[id];
@@ -5666,7 +5678,8 @@ static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, co
     const MbLoraPair *lp = lora_pair(m, l, id);
     if (!lp) return;
     if (m->dropout_seed && m->lora->dropout > 0) { /* the same mask on the input and on its gradient */
-        float *xd = m->acts.drop, *dxd = m->acts.ddrop, p = (float)m->lora->dropout;
+        MbAct *xd = m->acts.drop, *dxd = m->acts.ddrop;
+        float p = (float)m->lora->dropout;
         uint64_t key = lora_dropout_key(m, l, id);
         ops->dropout_forward(ops, xd, in, N * w->cols, p, key);
         ops->zero(ops, dxd, N * w->cols * ops->act_size);
@@ -5681,14 +5694,14 @@ static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, co
 /* One decoder layer over N = B*T rows: a->x_in -> x_out (which may alias x_in). Keys and values
  * go to kc/vc (B, S, K*D) at positions pos0.. (inference, a KV cache), or with kc NULL stay in
  * a->k, a->v as the attention's whole key/value set (training: S = T, pos0 = 0). */
-static void layer_forward(MbModel *m, int l, MbLayerActs *a, float *x_out, float *kc, float *vc, int S, int pos0,
+static void layer_forward(MbModel *m, int l, MbLayerActs *a, MbAct *x_out, MbAct *kc, MbAct *vc, int S, int pos0,
                           int B, int T, const int *lens) {
     MbOps *ops = m->ops;
     const MbConfig *c = &m->cfg;
     const MbLayer *ly = &m->layers[l];
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), F = mb_dim(c, MB_DIM_F);
     int H = c->num_attention_heads, K = c->num_key_value_heads, D = c->head_dim;
-    float *tmp = m->acts.tmp;
+    MbAct *tmp = m->acts.tmp;
 
     ops->rmsnorm_forward(ops, a->xn1, a->rstd1, a->x_in, &ly->w[MB_W_INPUT_LAYERNORM], N, c->rms_norm_eps);
     proj_forward(m, l, MB_W_Q_PROJ, a->q, a->xn1, a, N);
@@ -5716,7 +5729,7 @@ static void layer_forward(MbModel *m, int l, MbLayerActs *a, float *x_out, float
 
 /* The backward of layer_forward (training layout). dx: on entry the gradient of the layer's
  * output, on return the gradient of its input. LoRA gradients +=. */
-static void layer_backward(MbModel *m, int l, const MbLayerActs *a, float *dx, int B, int T, const int *lens) {
+static void layer_backward(MbModel *m, int l, const MbLayerActs *a, MbAct *dx, int B, int T, const int *lens) {
     MbOps *ops = m->ops;
     MbActs *g = &m->acts;
     const MbConfig *c = &m->cfg;
@@ -5780,7 +5793,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
     acts_ensure(m, N, 0);
     MbActs *a = &m->acts;
-    float *x = a->stream[0];
+    MbAct *x = a->stream[0];
     ops->embedding_forward(ops, x, tokens, &m->embed_tokens, N);
     a->layer[0].x_in = x;
     for (int l = 0; l < c->num_hidden_layers; l++)
