@@ -5158,6 +5158,11 @@ struct MbKVCache {
 
 const MbConfig *mb_model_config(const MbModel *m) { return &m->cfg; }
 
+/* The training switches (the trainer sets them): gradient checkpointing of the layers'
+ * activations, and LoRA dropout in the next forward (seed != 0 keys its masks; 0: off). */
+static void model_set_checkpointing(MbModel *m, int on) { m->gradient_checkpointing = on; }
+static void model_set_dropout(MbModel *m, uint64_t seed) { m->dropout_seed = seed; }
+
 /* inv_freq as transformers computes it in fp32 (_compute_default_rope_parameters, then
  * _compute_llama3_parameters when rope_type is llama3). */
 static void rope_inv_freq(const MbConfig *c, float *inv_freq) {
@@ -6978,14 +6983,14 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         if (tr->ref_cache) {
             for (int b = 0; b < bt.B; b++) ref[b] = tr->ref_cache[2 * (ref_base + (size_t)idx[b % P]) + (b >= P)];
         } else {
-            tr->lo->enabled = 0;
+            mb_lora_set_enabled(tr->lo, 0);
             rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
-            tr->lo->enabled = 1;
+            mb_lora_set_enabled(tr->lo, 1);
             for (size_t i = 0; !rc && i < bt.M; i++) ref[bt.seq[i]] += logp[i];
         }
     }
     /* LoRA dropout in the policy's training forward only, a fresh mask per micro-batch */
-    tr->m->dropout_seed = backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_key + 1 : 0;
+    model_set_dropout(tr->m, backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_key + 1 : 0);
     if (!rc) rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, backward);
     if (rc) goto done;
     double lsum_c = 0, lsum_r = 0;
@@ -7027,7 +7032,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         met[MET_LOGITS_REJECTED] = rows_r ? lsum_r / ((double)rows_r * V) : 0;
     }
     if (backward) model_backward_rows(tr->m, g);
-    tr->m->dropout_seed = 0;
+    model_set_dropout(tr->m, 0);
     free(g);
     for (int b = 0; b < bt.B; b++) tr->tokens_seen += bt.lens[b];
 done:
@@ -7126,7 +7131,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         return MB_OK;
     }
     if (stale && lead) printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
-    tr->lo->enabled = 0;
+    mb_lora_set_enabled(tr->lo, 0);
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
     size_t base = 0, batch = 0;
     MbStatus rc = MB_OK;
@@ -7152,7 +7157,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         }
         base += n;
     }
-    tr->lo->enabled = 1;
+    mb_lora_set_enabled(tr->lo, 1);
     sum[(nt + ne) * 2] = rc != MB_OK;
     comm->all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
     for (size_t i = 0; i < (nt + ne) * 2; i++) tr->ref_cache[i] = (float)sum[i];
@@ -7693,7 +7698,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     }
     c->lora.r = tr->lo->r, c->lora.alpha = tr->lo->alpha, c->lora.targets = tr->lo->targets;
     mb_model_set_lora(tr->m, tr->lo);
-    tr->m->gradient_checkpointing = c->gradient_checkpointing;
+    model_set_checkpointing(tr->m, c->gradient_checkpointing);
     return MB_OK;
 }
 
