@@ -6117,6 +6117,24 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     return MB_OK;
 }
 
+/* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
+ * ZeRO's slices are equal; the views into them follow. */
+static void lora_reserve(MbLora *lo, size_t n_pad) {
+    MbOps *ops = lo->ops;
+    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
+    float *host = lora_download(lo, lo->params);
+    ops->from_host(ops, p, host, lo->n_params * sizeof(float));
+    free(host);
+    MbLoraPair *q;
+    int l, id;
+    for (size_t k = 0; (q = lora_next(lo, &k, &l, &id));) {
+        q->A.data = p + ((const float *)q->A.data - lo->params), q->B.data = p + ((const float *)q->B.data - lo->params);
+        q->gA = g + (q->gA - lo->grads), q->gB = g + (q->gB - lo->grads);
+    }
+    ops->free(ops, lo->params), ops->free(ops, lo->grads);
+    lo->params = p, lo->grads = g;
+}
+
 void mb_model_set_lora(MbModel *m, MbLora *lo) { m->lora = lo; }
 void mb_lora_set_enabled(MbLora *lo, int enabled) { lo->enabled = enabled; }
 size_t mb_lora_num_params(const MbLora *lo) { return lo->n_params; }
@@ -7851,24 +7869,6 @@ static void output_undo(MbTrainer *tr, const char *out, int failed) {
     if (undo) mb_remove_new_files(out, mb_run_outputs, tr->existed);
     free(ck);
     mb_undo_mkdirs(&tr->made, !undo);
-}
-
-/* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
- * ZeRO's slices are equal; the views into them follow. */
-static void lora_reserve(MbLora *lo, size_t n_pad) {
-    MbOps *ops = lo->ops;
-    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
-    float *host = lora_download(lo, lo->params);
-    ops->from_host(ops, p, host, lo->n_params * sizeof(float));
-    free(host);
-    for (size_t i = 0; i < (size_t)lo->L * MB_LAYER_WEIGHTS; i++) {
-        MbLoraPair *q = &lo->pairs[i];
-        if (!q->A.data) continue;
-        q->A.data = p + ((const float *)q->A.data - lo->params), q->B.data = p + ((const float *)q->B.data - lo->params);
-        q->gA = g + (q->gA - lo->grads), q->gB = g + (q->gB - lo->grads);
-    }
-    ops->free(ops, lo->params), ops->free(ops, lo->grads);
-    lo->params = p, lo->grads = g;
 }
 
 /* One rank of a run: its own model, data and adapter copy, joined to the others by comm. Only
