@@ -5021,6 +5021,8 @@ static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **
 // Llama-3.1 as transformers' LlamaForCausalLM computes it, written once against MbOps:
 //   x = embed(tokens); per layer: x += o_proj(attn(rope(q_proj(n1 x)), rope(k_proj(n1 x)),
 //   v_proj(n1 x))); x += down_proj(silu(gate_proj(n2 x)) * up_proj(n2 x)); logits = lm_head(norm x)
+// The activations live in one block laid out by acts_layout; the memory plan of `info --plan`
+// (mb_plan_compute) counts the same layout.
 // ============================================================================================
 
 typedef enum {
@@ -8069,6 +8071,9 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
 // Generation ends after a stop id (which is the last output, as in HF) or max_new_tokens; the
 // new tokens' text streams out through MbTokenStream, so a UTF-8 character split across tokens
 // is held back until its last byte arrives.
+// The chat session (MbChat, the end of the section) holds a model, its adapter, tokenizer and
+// sampler, and answers in the card's format, one prompt at a time or as a conversation in a KV
+// cache: the library side of `generate` and `chat`.
 // ============================================================================================
 
 typedef struct {
