@@ -124,6 +124,13 @@ static MbStatus mb_fail(MbStatus st, const char *fmt, ...) {
     return st;
 }
 
+/* The current message, prefixed with where ("FILE:LINE: message"); returns st. */
+static MbStatus mb_fail_at(MbStatus st, const char *where) {
+    char msg[sizeof mb_errbuf];
+    snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
+    return mb_fail(st, "%s: %s", where, msg);
+}
+
 /* Allocation that never returns NULL: out of memory is not recoverable for an engine that
  * sized its buffers up front, so it stops with the size it wanted. */
 static void *mb_malloc_(size_t n, const char *file, int line) {
@@ -1000,6 +1007,18 @@ static MbStatus json_parse(const char *name, const char *text, size_t n, MbJsonD
     }
     if (st) json_free(doc);
     return st;
+}
+
+/* Reads and parses the JSON file at path (messages name it). */
+static MbStatus json_read_file(const char *path, MbJsonDoc *doc) {
+    char *text;
+    size_t n;
+    memset(doc, 0, sizeof *doc);
+    MbStatus rc = mb_read_file(path, &text, &n);
+    if (rc) return rc;
+    rc = json_parse(path, text, n, doc);
+    free(text);
+    return rc;
 }
 
 static const MbJson *json_root(const MbJsonDoc *doc) { return &doc->nodes[0]; }
@@ -1928,13 +1947,8 @@ fail:
 
 /* A sharded checkpoint: the index's weight_map names, for every tensor, the shard holding it. */
 static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(index_path, &text, &n);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(index_path, text, n, &doc);
-    free(text);
+    MbStatus rc = json_read_file(index_path, &doc);
     if (rc) return rc;
     char *dir = mb_path_dirname(index_path);
     const MbJson *wm = json_get(&doc, json_root(&doc), "weight_map");
@@ -2151,13 +2165,8 @@ static MbStatus cfg_rope(const char *path, const MbJsonDoc *doc, const MbJson *r
 
 MbStatus mb_config_load(const char *path, MbConfig *c) {
     memset(c, 0, sizeof *c);
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(path, &text, &n);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(path, text, n, &doc);
-    free(text);
+    MbStatus rc = json_read_file(path, &doc);
     if (rc) return rc;
     const MbJson *r = json_root(&doc), *v;
     if (r->kind != MB_JSON_OBJECT) {
@@ -2986,13 +2995,8 @@ static const char *tokcfg_token(const MbJsonDoc *d, const MbJson *root, const ch
 }
 
 MbStatus mb_tokenizer_load_config(MbTokenizer *t, const char *path) {
-    char *text;
-    size_t n;
     MbJsonDoc d;
-    MbStatus rc = mb_read_file(path, &text, &n);
-    if (rc) return rc;
-    rc = json_parse(path, text, n, &d);
-    free(text);
+    MbStatus rc = json_read_file(path, &d);
     if (rc) return rc;
     /* add_bos_token counts only for the classes that build their template from it (Llama's); the
      * plain PreTrainedTokenizerFast of Llama 3 keeps tokenizer.json's template whatever it says */
@@ -4077,6 +4081,14 @@ done:
 // dereferences them and never does pointer arithmetic on them except through mb_act_at.
 // ============================================================================================
 
+/* An activation element in backend memory, ops->act_size bytes: fp32 on the CPU, bf16 on the CUDA
+ * backend (which computes in fp32 and stores bf16). The type is float only so that the CPU ops can
+ * use the pointers as they are; the model never dereferences an MbAct pointer and moves it only
+ * through mb_act_at. Everything else the ops take (norm statistics, log-sum-exps, logits,
+ * per-row values, LoRA parameters and gradients, optimizer state) is a plain float: fp32 on
+ * every backend. */
+typedef float MbAct;
+
 typedef struct MbOps MbOps;
 struct MbOps {
     const char *name;
@@ -4093,71 +4105,72 @@ struct MbOps {
     void (*to_host)(MbOps *, void *dst, const void *src, size_t bytes);    /* backend -> host */
     void (*from_host)(MbOps *, void *dst, const void *src, size_t bytes);  /* host -> backend */
     void (*zero)(MbOps *, void *p, size_t bytes);                           /* p[0 .. bytes) = 0, any buffer */
+
+    /* ---- the ops, each backward after its forward: parameter gradients +=, activation gradients =
+     * unless `accumulate` ---- */
     /* out (N, C) = wte[tokens] : nn.Embedding */
-    void (*embedding_forward)(MbOps *, float *out, const int32_t *tokens, const MbWeight *wte, size_t N);
+    void (*embedding_forward)(MbOps *, MbAct *out, const int32_t *tokens, const MbWeight *wte, size_t N);
     /* out (N, O) = inp (N, I) @ w(O, I)^T : nn.Linear without bias */
-    void (*matmul_forward)(MbOps *, float *out, const float *inp, const MbWeight *w, size_t N);
+    void (*matmul_forward)(MbOps *, MbAct *out, const MbAct *inp, const MbWeight *w, size_t N);
+    /* dinp (N, I) (+)= dout (N, O) @ w (O, I) */
+    void (*matmul_backward)(MbOps *, MbAct *dinp, const MbAct *dout, const MbWeight *w, size_t N, int accumulate);
     /* logits (N, V) fp32 = inp (N, C) @ w(V, C)^T : the lm_head of generation (fp32 output whatever
      * the activations' dtype) */
-    void (*logits_forward)(MbOps *, float *logits, const float *inp, const MbWeight *w, size_t N);
+    void (*logits_forward)(MbOps *, float *logits, const MbAct *inp, const MbWeight *w, size_t N);
     /* out (N, C) = w * inp / sqrt(mean(inp^2) + eps), rstd (N) saved : LlamaRMSNorm */
-    void (*rmsnorm_forward)(MbOps *, float *out, float *rstd, const float *inp, const MbWeight *w,
+    void (*rmsnorm_forward)(MbOps *, MbAct *out, float *rstd, const MbAct *inp, const MbWeight *w,
                             size_t N, float eps);
+    /* dinp (N, C) (+)= d rmsnorm(inp)/d inp . dout; w frozen (no weight gradient) */
+    void (*rmsnorm_backward)(MbOps *, MbAct *dinp, const MbAct *dout, const MbAct *inp, const MbWeight *w,
+                             const float *rstd, size_t N, int accumulate);
     /* x (B, T, nh, D) rotated in place at positions pos0 + t : apply_rotary_pos_emb (HF layout) */
-    void (*rope_forward)(MbOps *, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D);
+    void (*rope_forward)(MbOps *, MbAct *x, const float *inv_freq, int B, int T, int pos0, int nh, int D);
+    /* dx (B, T, nh, D) rotated back in place (the transpose of rope_forward) */
+    void (*rope_backward)(MbOps *, MbAct *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D);
     /* cache (B, S, K*D) rows pos0 .. pos0+T-1 of each sequence = x (B, T, K*D) */
-    void (*kv_store)(MbOps *, float *cache, const float *x, int B, int T, int S, int pos0, int KD);
+    void (*kv_store)(MbOps *, MbAct *cache, const MbAct *x, int B, int T, int S, int pos0, int KD);
     /* out (B, T, H, D) = softmax(q k^T / sqrt(D) + mask) v over the cache (B, S, K, D); query t
      * sits at pos0 + t and sees keys j <= pos0 + t with j < lens[b] (lens NULL: no padding);
      * lse (B, H, T) log-sum-exp saved for the backward (may be NULL) : sdpa with GQA */
-    void (*attention_forward)(MbOps *, float *out, float *lse, const float *q, const float *kc,
-                              const float *vc, const int *lens, int B, int T, int S, int pos0, int H,
+    void (*attention_forward)(MbOps *, MbAct *out, float *lse, const MbAct *q, const MbAct *kc,
+                              const MbAct *vc, const int *lens, int B, int T, int S, int pos0, int H,
                               int K, int D);
+    /* dq (B, T, H, D), dk, dv (B, T, K, D) = gradients of attention_forward (pos0 0, S = T) given
+     * dout, the inputs and the saved out and lse */
+    void (*attention_backward)(MbOps *, MbAct *dq, MbAct *dk, MbAct *dv, const MbAct *dout, const MbAct *q,
+                               const MbAct *k, const MbAct *v, const MbAct *out, const float *lse,
+                               const int *lens, int B, int T, int H, int K, int D);
     /* out (n) = silu(gate) * up : LlamaMLP's act_fn(gate_proj(x)) * up_proj(x) */
-    void (*swiglu_forward)(MbOps *, float *out, const float *gate, const float *up, size_t n);
+    void (*swiglu_forward)(MbOps *, MbAct *out, const MbAct *gate, const MbAct *up, size_t n);
+    /* dgate, dup (n) = gradients of swiglu_forward */
+    void (*swiglu_backward)(MbOps *, MbAct *dgate, MbAct *dup, const MbAct *dout, const MbAct *gate,
+                            const MbAct *up, size_t n);
     /* out (n, C) = inp[rows[i]] for i < n */
-    void (*gather_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t C);
+    void (*gather_rows)(MbOps *, MbAct *out, const MbAct *inp, const int *rows, size_t n, size_t C);
+    /* out (N, C) = 0 except rows[i] = inp[i] for i < n : the backward of gather_rows */
+    void (*scatter_rows)(MbOps *, MbAct *out, const MbAct *inp, const int *rows, size_t n, size_t N, size_t C);
     /* out (n) = a (n) + b (n); out may alias a or b : the residual connection */
-    void (*add_forward)(MbOps *, float *out, const float *a, const float *b, size_t n);
+    void (*add_forward)(MbOps *, MbAct *out, const MbAct *a, const MbAct *b, size_t n);
     /* u (N, R) = x (N, I) @ A^T; out (N, O) += scale * u @ B^T : PEFT's lora_B(lora_A(x)) * scaling.
      * A (R, I) and B (O, R) are fp32 weights. */
-    void (*lora_forward)(MbOps *, float *out, float *u, const float *x, const MbWeight *A, const MbWeight *B,
+    void (*lora_forward)(MbOps *, MbAct *out, MbAct *u, const MbAct *x, const MbWeight *A, const MbWeight *B,
                          size_t N, float scale);
+    /* dA (R, I) += du^T x, dB (O, R) += scale dout^T u, dx (N, I) += du @ A with du = scale dout @ B */
+    void (*lora_backward)(MbOps *, MbAct *dx, float *dA, float *dB, const MbAct *dout, const MbAct *x,
+                          const MbAct *u, const MbWeight *A, const MbWeight *B, size_t N, float scale);
     /* out (n) = inp * keep / (1 - p) with keep[i] = hash(seed, i) >= p : nn.Dropout with a
      * counter-based mask, so the backward (the same call on the gradient) and a recomputation
      * under gradient checkpointing see the same mask */
-    void (*dropout_forward)(MbOps *, float *out, const float *inp, size_t n, float p, uint64_t seed);
+    void (*dropout_forward)(MbOps *, MbAct *out, const MbAct *inp, size_t n, float p, uint64_t seed);
     /* log-probabilities of targets under logits = x @ w^T without keeping the logits:
      * logp (M) = logits[m][targets[m]] - lse[m], lse (M) = logsumexp(logits[m]),
      * lsum (M) = sum over the vocabulary of logits[m] (for TRL's logits/chosen and logits/rejected), fp32 :
      * selective_log_softmax(lm_head(x), targets) */
-    void (*logprob_forward)(MbOps *, float *logp, float *lse, float *lsum, const float *x, const MbWeight *w,
+    void (*logprob_forward)(MbOps *, float *logp, float *lse, float *lsum, const MbAct *x, const MbWeight *w,
                             const int32_t *targets, size_t M);
-
-    /* ---- backward (parameter gradients +=, activation gradients = unless `accumulate`) ---- */
-    /* dinp (N, I) (+)= dout (N, O) @ w (O, I) */
-    void (*matmul_backward)(MbOps *, float *dinp, const float *dout, const MbWeight *w, size_t N, int accumulate);
-    /* dinp (N, C) (+)= d rmsnorm(inp)/d inp . dout; w frozen (no weight gradient) */
-    void (*rmsnorm_backward)(MbOps *, float *dinp, const float *dout, const float *inp, const MbWeight *w,
-                             const float *rstd, size_t N, int accumulate);
-    /* dx (B, T, nh, D) rotated back in place (the transpose of rope_forward) */
-    void (*rope_backward)(MbOps *, float *dx, const float *inv_freq, int B, int T, int pos0, int nh, int D);
-    /* dq (B, T, H, D), dk, dv (B, T, K, D) = gradients of attention_forward (pos0 0, S = T) given
-     * dout, the inputs and the saved out and lse */
-    void (*attention_backward)(MbOps *, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                               const float *k, const float *v, const float *out, const float *lse,
-                               const int *lens, int B, int T, int H, int K, int D);
-    /* dgate, dup (n) = gradients of swiglu_forward */
-    void (*swiglu_backward)(MbOps *, float *dgate, float *dup, const float *dout, const float *gate,
-                            const float *up, size_t n);
-    /* dA (R, I) += du^T x, dB (O, R) += scale dout^T u, dx (N, I) += du @ A with du = scale dout @ B */
-    void (*lora_backward)(MbOps *, float *dx, float *dA, float *dB, const float *dout, const float *x,
-                          const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale);
     /* dx (M, C) = d(sum_m g[m] logp[m]) / dx : the backward of logprob_forward */
-    void (*logprob_backward)(MbOps *, float *dx, const float *g, const float *x, const MbWeight *w,
+    void (*logprob_backward)(MbOps *, MbAct *dx, const float *g, const MbAct *x, const MbWeight *w,
                              const int32_t *targets, const float *lse, size_t M);
-    /* out (N, C) = 0 except rows[i] = inp[i] for i < n : the backward of gather_rows */
-    void (*scatter_rows)(MbOps *, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C);
 
     /* ---- optimizer state (fp32 vectors of n) ---- */
     double (*sumsq)(MbOps *, const float *x, size_t n);                  /* sum of x^2 */
@@ -4179,8 +4192,8 @@ struct MbOps {
     void (*random_normal)(MbOps *, void *dst, size_t n, uint64_t seed, float std);
 };
 
-static float *mb_act_at(const MbOps *ops, float *base, size_t elems) {
-    return (float *)(void *)((char *)base + elems * ops->act_size);
+static MbAct *mb_act_at(const MbOps *ops, MbAct *base, size_t elems) {
+    return (MbAct *)(void *)((char *)base + elems * ops->act_size);
 }
 
 typedef struct {
@@ -4337,6 +4350,15 @@ static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const M
     mb_pool_run(cpu->pool, N < MM_MR ? matvec_task : matmul_task, &t);
 }
 
+/* dinp (N, I) (+)= dout (N, O) @ W: the forward kernel with the roles of W's rows and columns
+ * swapped (matmul_task with backward set). */
+static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
+                                int accumulate) {
+    MbCpu *cpu = ops->ctx;
+    MatmulTask t = {cpu, dinp, dout, w, N, 1, accumulate};
+    mb_pool_run(cpu->pool, matmul_task, &t);
+}
+
 static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float *inp, const MbWeight *w,
                                 size_t N, float eps) {
     (void)ops;
@@ -4350,6 +4372,28 @@ static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float
         float r = 1.0f / sqrtf(ss / (float)C + eps);
         if (rstd) rstd[n] = r;
         for (size_t c = 0; c < C; c++) out[n * C + c] = wf[c] * (x[c] * r);
+    }
+    free(wf);
+}
+
+/* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
+ * dx = r * (w dy) - r^3 / C * x * sum(w dy x) */
+static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
+                                 const float *rstd, size_t N, int accumulate) {
+    (void)ops;
+    size_t C = w->cols;
+    float *wf = mb_malloc(C * sizeof(float));
+    weight_row_f32(w, 0, 0, C, wf);
+    for (size_t n = 0; n < N; n++) {
+        const float *x = inp + n * C, *dy = dout + n * C;
+        float r = rstd[n], dot = 0.0f;
+        for (size_t c = 0; c < C; c++) dot += wf[c] * dy[c] * x[c];
+        float k = r * r * r * dot / (float)C;
+        float *dx = dinp + n * C;
+        for (size_t c = 0; c < C; c++) {
+            float g = r * wf[c] * dy[c] - k * x[c];
+            dx[c] = accumulate ? dx[c] + g : g;
+        }
     }
     free(wf);
 }
@@ -4384,6 +4428,12 @@ static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0,
 static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
     (void)ops;
     rope_rotate(x, inv_freq, B, T, pos0, nh, D, 1.0f);
+}
+
+static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
+                              int D) {
+    (void)ops;
+    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
 }
 
 static void cpu_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
@@ -4450,88 +4500,6 @@ static void cpu_attention_forward(MbOps *ops, float *out, float *lse, const floa
     mb_pool_run(cpu->pool, attention_task, &a);
 }
 
-static void cpu_swiglu_forward(MbOps *ops, float *out, const float *gate, const float *up, size_t n) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-}
-
-static void cpu_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) memcpy(out + i * C, inp + (size_t)rows[i] * C, C * sizeof(float));
-}
-
-/* 64 random bits from (seed, i): splitmix64 of their mix (same on every backend). */
-static uint64_t mb_hash64(uint64_t seed, uint64_t i) {
-    uint64_t x = seed ^ (i * 0xD1B54A32D192ED03ull);
-    return mb_splitmix64(&x);
-}
-
-/* A uniform in [0, 1) from (seed, i) */
-static float mb_hash_uniform(uint64_t seed, uint64_t i) { return (float)(mb_hash64(seed, i) >> 40) * 0x1.0p-24f; }
-
-static void cpu_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = (uint8_t)(mb_hash64(seed, i) >> 56);
-}
-
-static void cpu_random_normal(MbOps *ops, void *dst, size_t n, uint64_t seed, float std) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) {
-        float u1 = (float)((mb_hash64(seed, 2 * i) >> 40) + 1) * 0x1.0p-24f, u2 = mb_hash_uniform(seed, 2 * i + 1);
-        uint16_t h = f32_to_bf16(std * (sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2)));
-        memcpy((unsigned char *)dst + 2 * i, &h, 2);
-    }
-}
-
-static void cpu_dropout_forward(MbOps *ops, float *out, const float *inp, size_t n, float p, uint64_t seed) {
-    (void)ops;
-    float s = 1.0f / (1.0f - p);
-    for (size_t i = 0; i < n; i++) out[i] = mb_hash_uniform(seed, i) >= p ? inp[i] * s : 0.0f;
-}
-
-static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float *b, size_t n) {
-    (void)ops;
-    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
-}
-
-
-/* dinp (N, I) (+)= dout (N, O) @ W: the forward kernel with the roles of W's rows and columns
- * swapped (matmul_task with backward set). */
-static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, const MbWeight *w, size_t N,
-                                int accumulate) {
-    MbCpu *cpu = ops->ctx;
-    MatmulTask t = {cpu, dinp, dout, w, N, 1, accumulate};
-    mb_pool_run(cpu->pool, matmul_task, &t);
-}
-
-/* y = w * x * r with r = 1/sqrt(mean(x^2) + eps):
- * dx = r * (w dy) - r^3 / C * x * sum(w dy x) */
-static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
-                                 const float *rstd, size_t N, int accumulate) {
-    (void)ops;
-    size_t C = w->cols;
-    float *wf = mb_malloc(C * sizeof(float));
-    weight_row_f32(w, 0, 0, C, wf);
-    for (size_t n = 0; n < N; n++) {
-        const float *x = inp + n * C, *dy = dout + n * C;
-        float r = rstd[n], dot = 0.0f;
-        for (size_t c = 0; c < C; c++) dot += wf[c] * dy[c] * x[c];
-        float k = r * r * r * dot / (float)C;
-        float *dx = dinp + n * C;
-        for (size_t c = 0; c < C; c++) {
-            float g = r * wf[c] * dy[c] - k * x[c];
-            dx[c] = accumulate ? dx[c] + g : g;
-        }
-    }
-    free(wf);
-}
-
-static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
-                              int D) {
-    (void)ops;
-    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
-}
-
 typedef struct {
     MbCpu *cpu;
     float *dq, *dk, *dv;
@@ -4594,6 +4562,11 @@ static void cpu_attention_backward(MbOps *ops, float *dq, float *dk, float *dv, 
     mb_pool_run(cpu->pool, attention_backward_task, &a);
 }
 
+static void cpu_swiglu_forward(MbOps *ops, float *out, const float *gate, const float *up, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 static void cpu_swiglu_backward(MbOps *ops, float *dgate, float *dup, const float *dout, const float *gate,
                                 const float *up, size_t n) {
     (void)ops;
@@ -4602,6 +4575,51 @@ static void cpu_swiglu_backward(MbOps *ops, float *dgate, float *dup, const floa
         dup[i] = dout[i] * silu;
         dgate[i] = dout[i] * up[i] * (s * (1.0f + g * (1.0f - s)));
     }
+}
+
+static void cpu_gather_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t C) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) memcpy(out + i * C, inp + (size_t)rows[i] * C, C * sizeof(float));
+}
+
+static void cpu_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
+    (void)ops;
+    memset(out, 0, N * C * sizeof(float));
+    for (size_t i = 0; i < n; i++) memcpy(out + (size_t)rows[i] * C, inp + i * C, C * sizeof(float));
+}
+
+/* 64 random bits from (seed, i): splitmix64 of their mix (same on every backend). */
+static uint64_t mb_hash64(uint64_t seed, uint64_t i) {
+    uint64_t x = seed ^ (i * 0xD1B54A32D192ED03ull);
+    return mb_splitmix64(&x);
+}
+
+/* A uniform in [0, 1) from (seed, i) */
+static float mb_hash_uniform(uint64_t seed, uint64_t i) { return (float)(mb_hash64(seed, i) >> 40) * 0x1.0p-24f; }
+
+static void cpu_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = (uint8_t)(mb_hash64(seed, i) >> 56);
+}
+
+static void cpu_random_normal(MbOps *ops, void *dst, size_t n, uint64_t seed, float std) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) {
+        float u1 = (float)((mb_hash64(seed, 2 * i) >> 40) + 1) * 0x1.0p-24f, u2 = mb_hash_uniform(seed, 2 * i + 1);
+        uint16_t h = f32_to_bf16(std * (sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2)));
+        memcpy((unsigned char *)dst + 2 * i, &h, 2);
+    }
+}
+
+static void cpu_dropout_forward(MbOps *ops, float *out, const float *inp, size_t n, float p, uint64_t seed) {
+    (void)ops;
+    float s = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < n; i++) out[i] = mb_hash_uniform(seed, i) >= p ? inp[i] * s : 0.0f;
+}
+
+static void cpu_add_forward(MbOps *ops, float *out, const float *a, const float *b, size_t n) {
+    (void)ops;
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 /* C (Mr, Kc) += alpha * A^T B with A (N, Mr) and B (N, Kc), both row-major; threads take rows of C.
@@ -4744,12 +4762,6 @@ static void cpu_logprob_backward(MbOps *ops, float *dx, const float *g, const fl
     free(logits);
 }
 
-static void cpu_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
-    (void)ops;
-    memset(out, 0, N * C * sizeof(float));
-    for (size_t i = 0; i < n; i++) memcpy(out + (size_t)rows[i] * C, inp + i * C, C * sizeof(float));
-}
-
 static double cpu_sumsq(MbOps *ops, const float *x, size_t n) {
     (void)ops;
     double s = 0.0;
@@ -4826,25 +4838,25 @@ static MbOps *mb_cpu_ops_new(int threads) {
     ops->zero = cpu_zero;
     ops->embedding_forward = cpu_embedding_forward;
     ops->matmul_forward = cpu_matmul_forward;
+    ops->matmul_backward = cpu_matmul_backward;
     ops->logits_forward = cpu_matmul_forward; /* activations are fp32 already */
     ops->rmsnorm_forward = cpu_rmsnorm_forward;
+    ops->rmsnorm_backward = cpu_rmsnorm_backward;
     ops->rope_forward = cpu_rope_forward;
+    ops->rope_backward = cpu_rope_backward;
     ops->kv_store = cpu_kv_store;
     ops->attention_forward = cpu_attention_forward;
-    ops->swiglu_forward = cpu_swiglu_forward;
-    ops->gather_rows = cpu_gather_rows;
-    ops->add_forward = cpu_add_forward;
-    ops->dropout_forward = cpu_dropout_forward;
-    ops->lora_forward = cpu_lora_forward;
-    ops->logprob_forward = cpu_logprob_forward;
-    ops->matmul_backward = cpu_matmul_backward;
-    ops->rmsnorm_backward = cpu_rmsnorm_backward;
-    ops->rope_backward = cpu_rope_backward;
     ops->attention_backward = cpu_attention_backward;
+    ops->swiglu_forward = cpu_swiglu_forward;
     ops->swiglu_backward = cpu_swiglu_backward;
-    ops->lora_backward = cpu_lora_backward;
-    ops->logprob_backward = cpu_logprob_backward;
+    ops->gather_rows = cpu_gather_rows;
     ops->scatter_rows = cpu_scatter_rows;
+    ops->add_forward = cpu_add_forward;
+    ops->lora_forward = cpu_lora_forward;
+    ops->lora_backward = cpu_lora_backward;
+    ops->dropout_forward = cpu_dropout_forward;
+    ops->logprob_forward = cpu_logprob_forward;
+    ops->logprob_backward = cpu_logprob_backward;
     ops->sumsq = cpu_sumsq;
     ops->scale = cpu_scale;
     ops->fill = cpu_fill;
@@ -4865,6 +4877,8 @@ static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **
 // Llama-3.1 as transformers' LlamaForCausalLM computes it, written once against MbOps:
 //   x = embed(tokens); per layer: x += o_proj(attn(rope(q_proj(n1 x)), rope(k_proj(n1 x)),
 //   v_proj(n1 x))); x += down_proj(silu(gate_proj(n2 x)) * up_proj(n2 x)); logits = lm_head(norm x)
+// The activations live in one block laid out by acts_layout; the memory plan of `info --plan`
+// (mb_plan_compute) counts the same layout.
 // ============================================================================================
 
 typedef enum {
@@ -4930,16 +4944,19 @@ struct MbLora {
 
 /* Activations saved by one decoder layer for its backward. */
 typedef struct {
-    float *x_in;        /* (N, C) the layer's input: a slot of the residual stream */
-    float *xn1, *rstd1; /* (N, C), (N) input_layernorm */
-    float *q;           /* (N, H*D) after rope */
-    float *k, *v;       /* (N, K*D), k after rope (training: the attention's keys and values) */
-    float *att, *lse;   /* (N, H*D) attention output, (B, H, T) its log-sum-exp */
-    float *x_mid;       /* (N, C) x_in + o_proj(att) */
-    float *xn2, *rstd2; /* (N, C), (N) post_attention_layernorm */
-    float *gate, *up;   /* (N, F) */
-    float *hid;         /* (N, F) silu(gate) * up */
-    float *u[MB_LAYER_WEIGHTS]; /* (N, R) lora_A(x) of each adapted projection */
+    MbAct *x_in;        /* (N, C) the layer's input: a slot of the residual stream */
+    MbAct *xn1;         /* (N, C) input_layernorm */
+    float *rstd1;       /* (N) its 1/rms */
+    MbAct *q;           /* (N, H*D) after rope */
+    MbAct *k, *v;       /* (N, K*D), k after rope (training: the attention's keys and values) */
+    MbAct *att;         /* (N, H*D) attention output */
+    float *lse;         /* (B, H, T) its log-sum-exp */
+    MbAct *x_mid;       /* (N, C) x_in + o_proj(att) */
+    MbAct *xn2;         /* (N, C) post_attention_layernorm */
+    float *rstd2;       /* (N) its 1/rms */
+    MbAct *gate, *up;   /* (N, F) */
+    MbAct *hid;         /* (N, F) silu(gate) * up */
+    MbAct *u[MB_LAYER_WEIGHTS]; /* (N, R) lora_A(x) of each adapted projection */
 } MbLayerActs;
 
 /* Every activation buffer of a forward (and backward) over N rows: one block, a pointer table.
@@ -4950,17 +4967,18 @@ typedef struct {
     size_t N;            /* rows the buffers hold */
     int train, checkpointing, R, dropout;
     unsigned lora_targets;
-    float *block;
-    float **stream;      /* (L + 1) training, (1) inference: slots of (N, C) */
+    MbAct *block;        /* the activation buffers below */
+    MbAct **stream;      /* (L + 1) training, (1) inference: slots of (N, C) */
     MbLayerActs *layer;  /* (L) training without checkpointing, else (1) */
     int n_layer_sets;
-    float *tmp;          /* (N, C) a projection's output before its residual add */
-    float *xf, *rstd_f;  /* (N, C), (N) the final norm */
+    MbAct *tmp;          /* (N, C) a projection's output before its residual add */
+    MbAct *xf;           /* (N, C) the final norm */
+    float *rstd_f;       /* (N) its 1/rms */
     float *logits;       /* (N, V) inference logits when backend memory is not host memory */
-    float *xg;           /* (N, C) rows of xf that predict a loss token */
+    MbAct *xg;           /* (N, C) rows of xf that predict a loss token */
     float *logp, *lse_rows, *g_rows; /* (N) per loss row */
-    float *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
-    float *drop, *ddrop; /* (N, max(C, F)) LoRA dropout's masked input and its gradient */
+    MbAct *dx, *dx_mid, *dxn, *datt, *dq, *dk, *dv, *dgate, *dup, *dhid, *dxg; /* gradients */
+    MbAct *drop, *ddrop; /* (N, max(C, F)) LoRA dropout's masked input and its gradient */
     float *block32;      /* the fp32 buffers: norm statistics, lse, per-row values, logits */
     float *lsum_rows;    /* (N) sum of each loss row's logits */
 } MbActs;
@@ -4992,11 +5010,16 @@ struct MbKVCache {
     int B, S, len;
     int padded;             /* filled by a right-padded prefill: cannot be continued */
     int *lens;              /* (B) valid keys per sequence */
-    float *block;           /* (2, L, B, S, K*D) */
-    float **k, **v;         /* (L) pointers into block, each (B, S, K*D) */
+    MbAct *block;           /* (2, L, B, S, K*D) */
+    MbAct **k, **v;         /* (L) pointers into block, each (B, S, K*D) */
 };
 
 const MbConfig *mb_model_config(const MbModel *m) { return &m->cfg; }
+
+/* The training switches (the trainer sets them): gradient checkpointing of the layers'
+ * activations, and LoRA dropout in the next forward (seed != 0 keys its masks; 0: off). */
+static void model_set_checkpointing(MbModel *m, int on) { m->gradient_checkpointing = on; }
+static void model_set_dropout(MbModel *m, uint64_t seed) { m->dropout_seed = seed; }
 
 /* inv_freq as transformers computes it in fp32 (_compute_default_rope_parameters, then
  * _compute_llama3_parameters when rope_type is llama3). */
@@ -5085,8 +5108,8 @@ static size_t buf_spec_total(const MbBufSpec *spec) {
 }
 
 /* Values in the activation block and in the fp32 block of a training step over N rows (what
- * acts_ensure allocates; info --plan counts with it). */
-MB_UNUSED static void acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
+ * acts_ensure allocates; the memory plan counts with it). */
+static void acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
                        size_t *f32) {
     MbActs a;
     memset(&a, 0, sizeof a);
@@ -5126,6 +5149,107 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     }
     arrfree(spec);
     arrfree(spec32);
+}
+
+/* ---- the memory plan (info --plan): one DPO training step, per device, from config.json alone ----
+ * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
+ * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
+ * N = 2 B T tokens (chosen and rejected, T = max_length each). Each row's derivation is in
+ * mb_plan_compute; the printed note says what is assumed and what is not counted. */
+
+/* The CUDA backend's scratch of a training step (section 12), which the plan counts. */
+static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, unsigned targets, int nf4, size_t *logits,
+                              size_t *work, size_t *chunk_rows, size_t *chunk_vocab);
+
+static const char *const plan_kinds[MB_PLAN_ROWS] = {
+    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "grad sums (fp64)", "Adam moments",
+    "activations", "logits", "workspace",
+};
+
+static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
+
+void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
+    memset(p, 0, sizeof *p);
+    for (int k = 0; k < MB_PLAN_ROWS; k++) p->kind[k] = plan_kinds[k];
+    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
+           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
+           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
+           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
+    unsigned tg = o->targets;
+#define TARGETED(id) ((tg >> (id)) & 1u)
+
+    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
+     * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
+     * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
+     * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
+    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
+    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
+        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
+        size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
+        size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
+        lin += L * n, lin_max = MB_MAX(lin_max, n);
+        packed += L * (n / 2);
+        absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
+        /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
+        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
+    }
+    size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
+    if (o->load_in_4bit) {
+        p->bytes[MB_PLAN_QUANT] = packed;
+        snprintf(p->how[MB_PLAN_QUANT], sizeof p->how[0], "%zu values x 0.5 B (NF4 codes, 7 projections x %zu layers)",
+                 lin, L);
+        p->bytes[MB_PLAN_ABSMAX] = absmax;
+        snprintf(p->how[MB_PLAN_ABSMAX], sizeof p->how[0], "1 B per 64 values + 4 B per 256 blocks (double quant)");
+    } else {
+        snprintf(p->how[MB_PLAN_QUANT], sizeof p->how[0], "none (no --load_in_4bit)");
+        snprintf(p->how[MB_PLAN_ABSMAX], sizeof p->how[0], "none");
+    }
+    p->bytes[MB_PLAN_BF16] = 2 * dense;
+    snprintf(p->how[MB_PLAN_BF16], sizeof p->how[0], "%zu values x 2 B (embeddings, norms, lm_head%s)", dense,
+             o->load_in_4bit ? "" : ", projections");
+
+    /* Trainable state, fp32: params 4 B, grads 4 B, Adam m and v 8 B per trainable value. ZeRO-1
+     * splits the Adam moments over the G data-parallel ranks, ZeRO-2 the gradients too. */
+    size_t shard = plan_ceil(p->trainable, G);
+    p->bytes[MB_PLAN_LORA] = 4 * p->trainable;
+    snprintf(p->how[MB_PLAN_LORA], sizeof p->how[0], "%zu x 4 B (fp32)", p->trainable);
+    p->bytes[MB_PLAN_GRADS] = 4 * (o->zero_stage >= 2 ? shard : p->trainable);
+    snprintf(p->how[MB_PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
+             o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
+    p->bytes[MB_PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
+    snprintf(p->how[MB_PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
+             o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
+
+    /* The step's gradient sums in fp64 (any world size and accumulation order give the same fp32
+     * result): 8 B per trainable value; with ZeRO-1 also this rank's slice, summed (fp64) and as
+     * fp32 for its AdamW update. */
+    p->bytes[MB_PLAN_GRADSUM] = 8 * G * shard + (o->zero_stage >= 1 && G > 1 ? 12 * shard : 0);
+    snprintf(p->how[MB_PLAN_GRADSUM], sizeof p->how[0], "%zu x 8 B%s", G * shard,
+             o->zero_stage >= 1 && G > 1 ? " + the rank's slice (8 B + 4 B)" : "");
+
+    /* Activations: the model's activation block as acts_ensure lays it out for N rows (bf16 on
+     * the GPU) and its fp32 block (norm statistics, log-sum-exps, per-row values). Gradient
+     * checkpointing keeps the residual stream at the L + 1 layer boundaries and one layer's
+     * saved set, recomputed during its backward; without it every layer keeps its set. */
+    size_t acts = 0, f32 = 0;
+    acts_count(c, N, o->gradient_checkpointing, o->lora_r, tg, 0, &acts, &f32);
+    p->bytes[MB_PLAN_ACTS] = 2 * acts + 4 * f32;
+    snprintf(p->how[MB_PLAN_ACTS], sizeof p->how[0], "%zu tokens: %zu values x 2 B (bf16) + %zu x 4 B (fp32)%s", N, acts,
+             f32, o->gradient_checkpointing ? "; checkpointing: L+1 layer inputs + one layer" : "");
+
+    /* Logits and workspace: the CUDA backend's scratch buffers (section 12), for N rows of which
+     * at most N predict a completion token: the fused lm_head + log-softmax takes a chunk of
+     * rows x vocabulary at a time, never the batch's (N, V) fp32 logits. */
+    size_t chunk_rows, chunk_vocab;
+    cuda_step_scratch(c, N, N, R, tg, o->load_in_4bit, &p->bytes[MB_PLAN_LOGITS], &p->bytes[MB_PLAN_WORKSPACE],
+                      &chunk_rows, &chunk_vocab);
+    p->full_logits = N * V * 4;
+    snprintf(p->how[MB_PLAN_LOGITS], sizeof p->how[0], "fused chunks of %zu rows x %zu: fp32 logits, bf16 grad, fp32 dx",
+             chunk_rows, chunk_vocab);
+    snprintf(p->how[MB_PLAN_WORKSPACE], sizeof p->how[0], "cuBLASLt 32 MiB%s, attention's fp32 dq, LoRA in bf16",
+             o->load_in_4bit ? ", NF4 dequant tile <= 64 MiB" : "");
+    (void)H, (void)QD, (void)KVD, (void)F, (void)lin_max;
+#undef TARGETED
 }
 
 void mb_model_free(MbModel *m) {
@@ -5180,18 +5304,18 @@ static int compute_dtype_parse(const char *s, MbDtype *out) {
     return 1;
 }
 
+/* F32 / BF16 / F16 -> torch's name of the compute dtype */
+MB_UNUSED static const char *compute_dtype_name(MbDtype d) {
+    return d == MB_DT_BF16 ? "bfloat16" : d == MB_DT_F16 ? "float16" : "float32";
+}
+
 /* config.json's quantization_config (transformers' BitsAndBytesConfig, saved with a quantized
  * checkpoint): medbot reads bitsandbytes 4-bit NF4; compute gets bnb_4bit_compute_dtype ("" when
  * the config has none). */
 static MbStatus bnb_config_load(const char *path, char *compute, size_t n) {
     compute[0] = 0;
-    char *text;
-    size_t len;
-    MbStatus rc = mb_read_file(path, &text, &len);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(path, text, len, &doc);
-    free(text);
+    MbStatus rc = json_read_file(path, &doc);
     if (rc) return rc;
     const MbJson *qc = json_get(&doc, json_root(&doc), "quantization_config"), *v;
     if (qc && qc->kind == MB_JSON_OBJECT) {
@@ -5393,7 +5517,7 @@ static uint64_t lora_dropout_key(const MbModel *m, int l, MbLayerWeightId id) {
 }
 
 /* out (N, O) = in (N, I) @ W^T (+ scale * B A dropout(in), when adapted) */
-static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, const float *in, MbLayerActs *a,
+static void proj_forward(MbModel *m, int l, MbLayerWeightId id, MbAct *out, const MbAct *in, MbLayerActs *a,
                          size_t N) {
     MbOps *ops = m->ops;
     const MbWeight *w = &m->layers[l].w[id];
@@ -5401,7 +5525,7 @@ static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, cons
     const MbLoraPair *lp = lora_pair(m, l, id);
     if (!lp) return;
     if (m->dropout_seed && m->lora->dropout > 0) { /* PEFT: lora_B(lora_A(dropout(x))) */
-        float *xd = m->acts.drop;
+        MbAct *xd = m->acts.drop;
         ops->dropout_forward(ops, xd, in, N * w->cols, (float)m->lora->dropout, lora_dropout_key(m, l, id));
         in = xd;
     }
@@ -5409,7 +5533,7 @@ static void proj_forward(MbModel *m, int l, MbLayerWeightId id, float *out, cons
 }
 
 /* dinp (N, I) (+)= dout @ W (+ the adapter's path), and the adapter's gradients += */
-static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, const float *dout, const float *in,
+static void proj_backward(MbModel *m, int l, MbLayerWeightId id, MbAct *dinp, const MbAct *dout, const MbAct *in,
                           const MbLayerActs *a, size_t N, int accumulate) {
     MbOps *ops = m->ops;
     const MbWeight *w = &m->layers[l].w[id];
@@ -5417,7 +5541,8 @@ static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, co
     const MbLoraPair *lp = lora_pair(m, l, id);
     if (!lp) return;
     if (m->dropout_seed && m->lora->dropout > 0) { /* the same mask on the input and on its gradient */
-        float *xd = m->acts.drop, *dxd = m->acts.ddrop, p = (float)m->lora->dropout;
+        MbAct *xd = m->acts.drop, *dxd = m->acts.ddrop;
+        float p = (float)m->lora->dropout;
         uint64_t key = lora_dropout_key(m, l, id);
         ops->dropout_forward(ops, xd, in, N * w->cols, p, key);
         ops->zero(ops, dxd, N * w->cols * ops->act_size);
@@ -5432,14 +5557,14 @@ static void proj_backward(MbModel *m, int l, MbLayerWeightId id, float *dinp, co
 /* One decoder layer over N = B*T rows: a->x_in -> x_out (which may alias x_in). Keys and values
  * go to kc/vc (B, S, K*D) at positions pos0.. (inference, a KV cache), or with kc NULL stay in
  * a->k, a->v as the attention's whole key/value set (training: S = T, pos0 = 0). */
-static void layer_forward(MbModel *m, int l, MbLayerActs *a, float *x_out, float *kc, float *vc, int S, int pos0,
+static void layer_forward(MbModel *m, int l, MbLayerActs *a, MbAct *x_out, MbAct *kc, MbAct *vc, int S, int pos0,
                           int B, int T, const int *lens) {
     MbOps *ops = m->ops;
     const MbConfig *c = &m->cfg;
     const MbLayer *ly = &m->layers[l];
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), F = mb_dim(c, MB_DIM_F);
     int H = c->num_attention_heads, K = c->num_key_value_heads, D = c->head_dim;
-    float *tmp = m->acts.tmp;
+    MbAct *tmp = m->acts.tmp;
 
     ops->rmsnorm_forward(ops, a->xn1, a->rstd1, a->x_in, &ly->w[MB_W_INPUT_LAYERNORM], N, c->rms_norm_eps);
     proj_forward(m, l, MB_W_Q_PROJ, a->q, a->xn1, a, N);
@@ -5467,7 +5592,7 @@ static void layer_forward(MbModel *m, int l, MbLayerActs *a, float *x_out, float
 
 /* The backward of layer_forward (training layout). dx: on entry the gradient of the layer's
  * output, on return the gradient of its input. LoRA gradients +=. */
-static void layer_backward(MbModel *m, int l, const MbLayerActs *a, float *dx, int B, int T, const int *lens) {
+static void layer_backward(MbModel *m, int l, const MbLayerActs *a, MbAct *dx, int B, int T, const int *lens) {
     MbOps *ops = m->ops;
     MbActs *g = &m->acts;
     const MbConfig *c = &m->cfg;
@@ -5531,7 +5656,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
     acts_ensure(m, N, 0);
     MbActs *a = &m->acts;
-    float *x = a->stream[0];
+    MbAct *x = a->stream[0];
     ops->embedding_forward(ops, x, tokens, &m->embed_tokens, N);
     a->layer[0].x_in = x;
     for (int l = 0; l < c->num_hidden_layers; l++)
@@ -5754,6 +5879,11 @@ static MbStatus lora_parse_targets(const char *list, unsigned *targets) {
 
 static const char *lora_module_name(int id) { return strrchr(mb_layer_weights[id].name, '.') + 1; }
 
+/* PEFT's name of lora_A (ab 0) or lora_B (ab 1) of projection id in layer l */
+static void lora_tensor_name(char *name, size_t n, int l, int id, int ab) {
+    snprintf(name, n, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[id].name, ab ? 'B' : 'A');
+}
+
 void mb_lora_free(MbLora *lo) {
     if (!lo) return;
     free(lo->pairs);
@@ -5774,6 +5904,19 @@ static const float *lora_host_view(const MbLora *lo, const float *host, const vo
     return host + ((const float *)p - lo->params);
 }
 
+/* Steps *k through the adapted projections of lo in the order of the parameter block (layer,
+ * then q k v o gate up down), giving each one's layer and MbLayerWeightId:
+ *     for (size_t k = 0; (p = lora_next(lo, &k, &l, &id));) ... */
+static MbLoraPair *lora_next(const MbLora *lo, size_t *k, int *l, int *id) {
+    for (size_t n = (size_t)lo->L * MB_LAYER_WEIGHTS; *k < n; ++*k) {
+        int i = (int)(*k % MB_LAYER_WEIGHTS);
+        if (!(lo->targets & (1u << i))) continue;
+        *l = (int)(*k / MB_LAYER_WEIGHTS), *id = i;
+        return &lo->pairs[(*k)++];
+    }
+    return NULL;
+}
+
 /* An adapter for model m with zeroed A and B (callers fill them). */
 static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **out) {
     *out = NULL;
@@ -5792,28 +5935,24 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
     lo->L = c->num_hidden_layers;
     lo->enabled = 1;
     lo->pairs = mb_calloc((size_t)lo->L * MB_LAYER_WEIGHTS, sizeof *lo->pairs);
-    size_t R = (size_t)cfg->r, n = 0;
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
-            if (lo->targets & (1u << i))
-                n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
+    size_t R = (size_t)cfg->r, n = 0, off = 0, k;
+    MbLoraPair *p;
+    int l, i;
+    for (k = 0; lora_next(lo, &k, &l, &i);)
+        n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
     lo->ops = m->ops;
     lo->params = m->ops->alloc(m->ops, n * sizeof(float));
     lo->grads = m->ops->alloc(m->ops, n * sizeof(float));
-    size_t off = 0;
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-            if (!(lo->targets & (1u << i))) continue;
-            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
-            p->A = (MbWeight){.dtype = MB_DT_F32, .rows = R, .cols = in, .data = lo->params + off};
-            p->gA = lo->grads + off;
-            off += R * in;
-            p->B = (MbWeight){.dtype = MB_DT_F32, .rows = outd, .cols = R, .data = lo->params + off};
-            p->gB = lo->grads + off;
-            off += outd * R;
-        }
+    for (k = 0; (p = lora_next(lo, &k, &l, &i));) {
+        size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
+        p->A = (MbWeight){.dtype = MB_DT_F32, .rows = R, .cols = in, .data = lo->params + off};
+        p->gA = lo->grads + off;
+        off += R * in;
+        p->B = (MbWeight){.dtype = MB_DT_F32, .rows = outd, .cols = R, .data = lo->params + off};
+        p->gB = lo->grads + off;
+        off += outd * R;
+    }
     *out = lo;
     return MB_OK;
 }
@@ -5825,17 +5964,33 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     float *host = mb_calloc(lo->n_params + 1, sizeof(float));
     MbRng rng;
     mb_rng_seed(&rng, seed);
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            if (!p->A.data) continue;
-            float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)lora_host_view(lo, host, p->A.data);
-            for (size_t k = 0; k < p->A.rows * p->A.cols; k++)
-                a[k] = (float)((2.0 * mb_rng_uniform(&rng) - 1.0) * bound);
-        }
+    MbLoraPair *p;
+    int l, i;
+    for (size_t k = 0; (p = lora_next(lo, &k, &l, &i));) {
+        float bound = 1.0f / sqrtf((float)p->A.cols), *a = (float *)lora_host_view(lo, host, p->A.data);
+        for (size_t j = 0; j < p->A.rows * p->A.cols; j++) a[j] = (float)((2.0 * mb_rng_uniform(&rng) - 1.0) * bound);
+    }
     lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
     free(host);
     return MB_OK;
+}
+
+/* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
+ * ZeRO's slices are equal; the views into them follow. */
+static void lora_reserve(MbLora *lo, size_t n_pad) {
+    MbOps *ops = lo->ops;
+    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
+    float *host = lora_download(lo, lo->params);
+    ops->from_host(ops, p, host, lo->n_params * sizeof(float));
+    free(host);
+    MbLoraPair *q;
+    int l, id;
+    for (size_t k = 0; (q = lora_next(lo, &k, &l, &id));) {
+        q->A.data = p + ((const float *)q->A.data - lo->params), q->B.data = p + ((const float *)q->B.data - lo->params);
+        q->gA = g + (q->gA - lo->grads), q->gB = g + (q->gB - lo->grads);
+    }
+    ops->free(ops, lo->params), ops->free(ops, lo->grads);
+    lo->params = p, lo->grads = g;
 }
 
 void mb_model_set_lora(MbModel *m, MbLora *lo) { m->lora = lo; }
@@ -5846,13 +6001,8 @@ size_t mb_lora_num_params(const MbLora *lo) { return lo->n_params; }
 
 static MbStatus lora_read_config(const char *path, MbLoraConfig *cfg) {
     memset(cfg, 0, sizeof *cfg);
-    char *text;
-    size_t n;
-    MbStatus rc = mb_read_file(path, &text, &n);
-    if (rc) return rc;
     MbJsonDoc doc;
-    rc = json_parse(path, text, n, &doc);
-    free(text);
+    MbStatus rc = json_read_file(path, &doc);
     if (rc) return rc;
     const MbJson *r = json_root(&doc), *v;
     v = json_get(&doc, r, "peft_type");
@@ -5938,34 +6088,31 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
     float *host = lo ? mb_calloc(lo->n_params + 1, sizeof(float)) : NULL;
     char name[256];
     size_t found = 0;
-    for (int l = 0; !rc && l < lo->L; l++)
-        for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
-            MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            if (!p->A.data) continue;
-            for (int ab = 0; !rc && ab < 2; ab++) {
-                MbWeight *w = ab ? &p->B : &p->A;
-                snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
-                         ab ? 'B' : 'A');
-                const MbTensorInfo *t = mb_safetensors_find(st, name);
-                if (!t) {
-                    rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing --> was the adapter made for this "
-                                 "model?", st_path, name);
-                    break;
-                }
-                if (t->ndim != 2 || t->shape[0] != w->rows || t->shape[1] != w->cols) {
-                    rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' has shape (%zu, %zu), the model needs (%zu, %zu)",
-                                 st_path, name, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, w->rows, w->cols);
-                    break;
-                }
-                if (t->dtype != MB_DT_F32 && t->dtype != MB_DT_BF16 && t->dtype != MB_DT_F16) {
-                    rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s", st_path, name,
-                                 mb_dtype_name(t->dtype));
-                    break;
-                }
-                if ((rc = tensor_check_finite(t, st_path, NULL))) break;
-                mb_convert_to_f32(t->dtype, t->data, (float *)lora_host_view(lo, host, w->data), t->numel);
-                found++;
+    MbLoraPair *p;
+    int l, i;
+    for (size_t k = 0; !rc && (p = lora_next(lo, &k, &l, &i));)
+        for (int ab = 0; !rc && ab < 2; ab++) {
+            MbWeight *w = ab ? &p->B : &p->A;
+            lora_tensor_name(name, sizeof name, l, i, ab);
+            const MbTensorInfo *t = mb_safetensors_find(st, name);
+            if (!t) {
+                rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing --> was the adapter made for this "
+                             "model?", st_path, name);
+                break;
             }
+            if (t->ndim != 2 || t->shape[0] != w->rows || t->shape[1] != w->cols) {
+                rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' has shape (%zu, %zu), the model needs (%zu, %zu)",
+                             st_path, name, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, w->rows, w->cols);
+                break;
+            }
+            if (t->dtype != MB_DT_F32 && t->dtype != MB_DT_BF16 && t->dtype != MB_DT_F16) {
+                rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s", st_path, name,
+                             mb_dtype_name(t->dtype));
+                break;
+            }
+            if ((rc = tensor_check_finite(t, st_path, NULL))) break;
+            mb_convert_to_f32(t->dtype, t->data, (float *)lora_host_view(lo, host, w->data), t->numel);
+            found++;
         }
     if (!rc && found != mb_safetensors_count(st))
         rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: holds %zu tensors, medbot used %zu (adapters on other modules, or "
@@ -6007,19 +6154,16 @@ static char *lora_config_json(const MbLora *lo, const char *base_model) {
 /* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block. */
 static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***names) {
     MbTensorOut *ts = NULL;
-    for (int l = 0; l < lo->L; l++)
-        for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-            const MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
-            if (!p->A.data) continue;
-            for (int ab = 0; ab < 2; ab++) {
-                const MbWeight *w = ab ? &p->B : &p->A;
-                char name[256];
-                snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
-                         ab ? 'B' : 'A');
-                MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
-                arrput(*names, (char *)t.name);
-                arrput(ts, t);
-            }
+    const MbLoraPair *p;
+    int l, i;
+    for (size_t k = 0; (p = lora_next(lo, &k, &l, &i));)
+        for (int ab = 0; ab < 2; ab++) {
+            const MbWeight *w = ab ? &p->B : &p->A;
+            char name[256];
+            lora_tensor_name(name, sizeof name, l, i, ab);
+            MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
+            arrput(*names, (char *)t.name);
+            arrput(ts, t);
         }
     return ts;
 }
@@ -6341,6 +6485,30 @@ static MbStatus jsonl_start(const char *path, const char *text, size_t n, size_t
     return MB_OK;
 }
 
+/* The JSON lines of a file's text, one parsed line at a time. */
+typedef struct {
+    const char *path, *text;
+    size_t n, at;
+    int line;               /* 1-based number of the current line */
+    char where[600];        /* "PATH:LINE" of the current line, for messages */
+} MbJsonl;
+
+static MbStatus jsonl_open(MbJsonl *r, const char *path, const char *text, size_t n) {
+    memset(r, 0, sizeof *r);
+    r->path = path, r->text = text, r->n = n;
+    return jsonl_start(path, text, n, &r->at);
+}
+
+/* The next non-blank line parsed into doc (json_free it): 1; 0 at the end of the text, or when the
+ * line is not JSON (then *rc is set, its message "PATH:LINE: ..."). */
+static int jsonl_read(MbJsonl *r, MbJsonDoc *doc, MbStatus *rc) {
+    const char *s;
+    size_t len;
+    if (!jsonl_next(r->text, r->n, &r->at, &r->line, &s, &len)) return 0;
+    snprintf(r->where, sizeof r->where, "%s:%d", r->path, r->line);
+    return (*rc = json_parse(r->where, s, len, doc)) == MB_OK;
+}
+
 /* Parses the JSONL text[0..n) of preference pairs read from path. Bad lines (not JSON, a field
  * missing or not a string, text that is not UTF-8) stop it with "FILE:LINE: problem"; pairs with
  * an empty prompt or completion, or a prompt that leaves no room for the completion within
@@ -6348,18 +6516,12 @@ static MbStatus jsonl_start(const char *path, const char *text, size_t n, size_t
 static MbStatus dataset_parse(const char *path, const char *text, size_t n, const MbTokenizer *tok,
                               const MbDataOptions *opt, MbDataset *ds) {
     memset(ds, 0, sizeof *ds);
-    size_t start;
-    MbStatus rc = jsonl_start(path, text, n, &start);
+    MbJsonl jl;
+    MbJsonDoc doc;
+    MbStatus rc = jsonl_open(&jl, path, text, n);
     if (rc) return rc;
     ds->path = mb_strdup(path);
-    int line = 0;
-    char where[600];
-    const char *s;
-    size_t len;
-    for (size_t at = start; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
-        snprintf(where, sizeof where, "%s:%d", path, line);
-        MbJsonDoc doc;
-        if ((rc = json_parse(where, s, len, &doc))) break;
+    while (!rc && jsonl_read(&jl, &doc, &rc)) {
         const MbJson *r = json_root(&doc);
         const MbJson *p = json_get(&doc, r, "prompt"), *q = json_get(&doc, r, "question"),
                      *sys = json_get(&doc, r, "system"),
@@ -6374,7 +6536,7 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
         for (int f = 0; !missing && f < 4; f++)
             if (fields[f] && fields[f]->kind != MB_JSON_STRING) missing = "string values";
         if (missing) {
-            rc = mb_fail(MB_ERR_FORMAT, "%s: a preference pair needs %s", where, missing);
+            rc = mb_fail(MB_ERR_FORMAT, "%s: a preference pair needs %s", jl.where, missing);
             json_free(&doc);
             break;
         }
@@ -6383,23 +6545,21 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
         int empty = !prompt[0] || !c->len || !j->len;
         MbPair pair;
         memset(&pair, 0, sizeof pair);
-        pair.line = line;
+        pair.line = jl.line;
         if (!empty)
             rc = pair_tokenize(tok, opt, prompt, strlen(prompt), json_str(&doc, c), c->len, json_str(&doc, j), j->len,
                                &pair);
         free(prompt);
         json_free(&doc);
         if (rc) {
-            char msg[sizeof mb_errbuf];
-            snprintf(msg, sizeof msg, "%s", mb_last_error()); /* mb_fail writes where it would read */
-            rc = mb_fail(rc, "%s: %s", where, msg);
+            rc = mb_fail_at(rc, jl.where);
             break;
         }
         int too_long = !empty && opt->max_length > 0 && pair.np >= opt->max_length;
         if (empty || too_long) {
             if (empty) ds->skipped_empty++;
             else ds->skipped_long++;
-            if (!ds->first_skipped_line) ds->first_skipped_line = line;
+            if (!ds->first_skipped_line) ds->first_skipped_line = jl.line;
             free(pair.prompt), free(pair.chosen), free(pair.rejected);
             continue;
         }
@@ -6699,14 +6859,14 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         if (tr->ref_cache) {
             for (int b = 0; b < bt.B; b++) ref[b] = tr->ref_cache[2 * (ref_base + (size_t)idx[b % P]) + (b >= P)];
         } else {
-            tr->lo->enabled = 0;
+            mb_lora_set_enabled(tr->lo, 0);
             rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
-            tr->lo->enabled = 1;
+            mb_lora_set_enabled(tr->lo, 1);
             for (size_t i = 0; !rc && i < bt.M; i++) ref[bt.seq[i]] += logp[i];
         }
     }
     /* LoRA dropout in the policy's training forward only, a fresh mask per micro-batch */
-    tr->m->dropout_seed = backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_key + 1 : 0;
+    model_set_dropout(tr->m, backward ? ((uint64_t)c->seed << 32) + (uint64_t)tr->micro_key + 1 : 0);
     if (!rc) rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, backward);
     if (rc) goto done;
     double lsum_c = 0, lsum_r = 0;
@@ -6748,7 +6908,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         met[MET_LOGITS_REJECTED] = rows_r ? lsum_r / ((double)rows_r * V) : 0;
     }
     if (backward) model_backward_rows(tr->m, g);
-    tr->m->dropout_seed = 0;
+    model_set_dropout(tr->m, 0);
     free(g);
     for (int b = 0; b < bt.B; b++) tr->tokens_seen += bt.lens[b];
 done:
@@ -6847,7 +7007,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         return MB_OK;
     }
     if (stale && lead) printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
-    tr->lo->enabled = 0;
+    mb_lora_set_enabled(tr->lo, 0);
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
     size_t base = 0, batch = 0;
     MbStatus rc = MB_OK;
@@ -6873,7 +7033,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         }
         base += n;
     }
-    tr->lo->enabled = 1;
+    mb_lora_set_enabled(tr->lo, 1);
     sum[(nt + ne) * 2] = rc != MB_OK;
     comm->all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
     for (size_t i = 0; i < (nt + ne) * 2; i++) tr->ref_cache[i] = (float)sum[i];
@@ -6967,15 +7127,12 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
 
 static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
     char *state = mb_path_join(dir, "trainer_state.json"), *opt = mb_path_join(dir, "optimizer.safetensors");
-    char *text = NULL;
-    size_t n;
     MbJsonDoc doc;
     memset(&doc, 0, sizeof doc);
     MbLora *lo = NULL;
     MbSafetensors *st = NULL;
     MbStatus rc = mb_is_dir(dir) ? MB_OK : mb_fail(MB_ERR_IO, "%s: no such checkpoint folder", dir);
-    if (!rc) rc = mb_read_file(state, &text, &n);
-    if (!rc) rc = json_parse(state, text, n, &doc);
+    if (!rc) rc = json_read_file(state, &doc);
     if (!rc) {
         const MbJson *r = json_root(&doc), *gs = json_get(&doc, r, "global_step"),
                      *mb = json_get(&doc, r, "micro_batches_done"), *fp = json_get(&doc, r, "fingerprint"),
@@ -7022,7 +7179,7 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
     mb_safetensors_close(st);
     mb_lora_free(lo);
     json_free(&doc);
-    free(text), free(state), free(opt);
+    free(state), free(opt);
     return rc;
 }
 
@@ -7417,7 +7574,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     }
     c->lora.r = tr->lo->r, c->lora.alpha = tr->lo->alpha, c->lora.targets = tr->lo->targets;
     mb_model_set_lora(tr->m, tr->lo);
-    tr->m->gradient_checkpointing = c->gradient_checkpointing;
+    model_set_checkpointing(tr->m, c->gradient_checkpointing);
     return MB_OK;
 }
 
@@ -7570,24 +7727,6 @@ static void output_undo(MbTrainer *tr, const char *out, int failed) {
     if (undo) mb_remove_new_files(out, mb_run_outputs, tr->existed);
     free(ck);
     mb_undo_mkdirs(&tr->made, !undo);
-}
-
-/* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
- * ZeRO's slices are equal; the views into them follow. */
-static void lora_reserve(MbLora *lo, size_t n_pad) {
-    MbOps *ops = lo->ops;
-    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
-    float *host = lora_download(lo, lo->params);
-    ops->from_host(ops, p, host, lo->n_params * sizeof(float));
-    free(host);
-    for (size_t i = 0; i < (size_t)lo->L * MB_LAYER_WEIGHTS; i++) {
-        MbLoraPair *q = &lo->pairs[i];
-        if (!q->A.data) continue;
-        q->A.data = p + ((const float *)q->A.data - lo->params), q->B.data = p + ((const float *)q->B.data - lo->params);
-        q->gA = g + (q->gA - lo->grads), q->gB = g + (q->gB - lo->grads);
-    }
-    ops->free(ops, lo->params), ops->free(ops, lo->grads);
-    lo->params = p, lo->grads = g;
 }
 
 /* One rank of a run: its own model, data and adapter copy, joined to the others by comm. Only
@@ -7788,6 +7927,9 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
 // Generation ends after a stop id (which is the last output, as in HF) or max_new_tokens; the
 // new tokens' text streams out through MbTokenStream, so a UTF-8 character split across tokens
 // is held back until its last byte arrives.
+// The chat session (MbChat, the end of the section) holds a model, its adapter, tokenizer and
+// sampler, and answers in the card's format, one prompt at a time or as a conversation in a KV
+// cache: the library side of `generate` and `chat`.
 // ============================================================================================
 
 typedef struct {
@@ -7831,14 +7973,8 @@ MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir
     int from_file = 0;
     char *path = model_dir ? mb_path_join(model_dir, "generation_config.json") : NULL;
     if (path && mb_is_file(path)) { /* generate takes eos_token_id from here first */
-        char *text;
-        size_t n;
         MbJsonDoc doc;
-        MbStatus rc = mb_read_file(path, &text, &n);
-        if (!rc) {
-            rc = json_parse(path, text, n, &doc);
-            free(text);
-        }
+        MbStatus rc = json_read_file(path, &doc);
         if (rc) {
             free(path);
             return rc;
@@ -8113,6 +8249,175 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
     gen_stream_finish(&gs);
     free(seq);
     free(logits);
+    return rc;
+}
+
+/* ---- chat: the card's format, one prompt at a time or a conversation ---- */
+
+struct MbChat {
+    MbModel *m;
+    MbLora *lo;             /* NULL: the base model alone */
+    MbTokenizer *tok;
+    MbSampler *s;
+    MbKVCache *kv;          /* the conversation's cache (ctx tokens), made by its first mb_chat_reset */
+    MbKVCache *kv1;         /* mb_chat_generate's cache, grown to fit each prompt */
+    char *system;           /* the template's system text; NULL: the card's */
+    int add_bos;            /* <|begin_of_text|> in front of a prompt */
+    int ctx;                /* the most tokens the model runs at once (max_context) */
+    int32_t *hist;          /* stb_ds array: the conversation's ids so far */
+    int32_t *out;           /* (min(max_new_tokens, ctx)) the ids of one answer */
+};
+
+void mb_chat_close(MbChat *ch) {
+    if (!ch) return;
+    mb_kvcache_free(ch->kv);
+    mb_kvcache_free(ch->kv1);
+    mb_sampler_free(ch->s);
+    mb_tokenizer_free(ch->tok);
+    mb_lora_free(ch->lo);
+    mb_model_free(ch->m);
+    free(ch->system);
+    arrfree(ch->hist);
+    free(ch->out);
+    free(ch);
+}
+
+MbStatus mb_chat_open(const MbChatOptions *o, MbChat **out) {
+    *out = NULL;
+    const char *name = o->name ? o->name : "chat";
+    if (!o->model) return mb_fail(MB_ERR_ARG, "%s: no model folder", name);
+    MbChat *ch = mb_calloc(1, sizeof *ch);
+    MbGenerationConfig g = o->gen;
+    MbStatus rc = mb_model_load(o->model, &o->load, &ch->m);
+    if (!rc && o->lora && !(rc = mb_lora_load(ch->m, o->lora, &ch->lo))) mb_model_set_lora(ch->m, ch->lo);
+    if (!rc) rc = mb_tokenizer_open(o->tokenizer, o->model, o->lora, &ch->tok);
+    if (!rc) ch->add_bos = o->add_bos < 0 ? mb_tokenizer_add_bos(ch->tok) : o->add_bos;
+    const MbConfig *c = ch->m ? mb_model_config(ch->m) : NULL;
+    if (!rc && mb_tokenizer_vocab_size(ch->tok) > (size_t)c->vocab_size)
+        rc = mb_fail(MB_ERR_ARG, "%s: the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
+                     "model's own tokenizer", name, mb_tokenizer_vocab_size(ch->tok), c->vocab_size);
+    if (!rc) rc = mb_generation_set_stop_ids(&g, o->model, ch->m, ch->tok);
+    if (!rc && (rc = mb_sampler_new(&g, (size_t)c->vocab_size, &ch->s))) rc = mb_fail_at(rc, name);
+    if (!rc) {
+        ch->ctx = o->max_context ? o->max_context : MB_MIN(c->max_position_embeddings, 4096);
+        if (ch->ctx > c->max_position_embeddings)
+            rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", name,
+                         ch->ctx, c->max_position_embeddings);
+    }
+    if (rc) {
+        mb_chat_close(ch); /* frees only: the message stays */
+        return rc;
+    }
+    ch->system = o->system ? mb_strdup(o->system) : NULL;
+    /* at most ctx new ids: generation stops when the cache is full (max_new_tokens may be huge) */
+    ch->out = mb_malloc((size_t)MB_MIN(g.max_new_tokens, ch->ctx) * sizeof *ch->out);
+    *out = ch;
+    return MB_OK;
+}
+
+int mb_chat_context(const MbChat *ch) { return ch->ctx; }
+
+/* Appends the ids of text (with <|begin_of_text|> in front when bos) to *ids (stb_ds array). */
+static MbStatus chat_encode(const MbTokenizer *tok, const char *text, int bos, unsigned flags, int32_t **ids) {
+    int32_t *t;
+    size_t n;
+    MbStatus rc = mb_tokenizer_encode(tok, text, strlen(text), flags, &t, &n);
+    if (rc) return rc;
+    int32_t b = mb_tokenizer_bos_id(tok);
+    if (bos && b >= 0 && !(n && t[0] == b)) arrput(*ids, b); /* never a second one */
+    for (size_t i = 0; i < n; i++) arrput(*ids, t[i]);
+    free(t);
+    return MB_OK;
+}
+
+/* Generates the answer to ids (n), the whole sequence so far, in kv (which holds a prefix of it);
+ * the new ids land in ch->out. */
+static MbStatus chat_answer(MbChat *ch, MbKVCache *kv, const int32_t *ids, size_t n, MbTokenCallback cb, void *ctx,
+                            MbChatReply *r) {
+    const MbGenerationConfig *g = &ch->s->cfg;
+    MbStatus rc = mb_generate(ch->m, kv, ch->s, ch->tok, ids, n, ch->out, &r->n_tokens, cb, ctx);
+    if (rc) return rc;
+    r->stopped = r->n_tokens && mb_generation_is_stop(g, ch->out[r->n_tokens - 1]);
+    r->cut = r->n_tokens && r->n_tokens < (size_t)g->max_new_tokens && !r->stopped &&
+             r->n_tokens == (size_t)kv->S - n + 1; /* the cache is full: the last new id is never run */
+    return MB_OK;
+}
+
+MbStatus mb_chat_generate(MbChat *ch, const char *text, const char *system, int raw, MbTokenCallback cb, void *ctx,
+                          MbChatReply *r) {
+    memset(r, 0, sizeof *r);
+    if (!text[0]) return mb_fail(MB_ERR_ARG, "the prompt is empty");
+    char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system ? system : ch->system, text);
+    int32_t *ids = NULL; /* stb_ds */
+    MbStatus rc = chat_encode(ch->tok, prompt, ch->add_bos, 0, &ids);
+    free(prompt);
+    size_t n = (size_t)arrlen(ids);
+    r->prompt_tokens = n;
+    if (!rc && n >= (size_t)ch->ctx) r->outcome = MB_CHAT_TOO_LONG;
+    if (!rc && r->outcome == MB_CHAT_ANSWERED) {
+        /* a fresh cache for this prompt and its answer, grown when it is too small */
+        int S = (int)MB_MIN((size_t)ch->ctx, n + (size_t)ch->s->cfg.max_new_tokens - 1);
+        S = MB_MAX(S, (int)n);
+        if (ch->kv1 && ch->kv1->S < S) {
+            mb_kvcache_free(ch->kv1);
+            ch->kv1 = NULL;
+        }
+        if (!ch->kv1) rc = mb_kvcache_new(ch->m, 1, S, &ch->kv1);
+        if (!rc) {
+            mb_kvcache_reset(ch->kv1);
+            rc = chat_answer(ch, ch->kv1, ids, n, cb, ctx, r);
+        }
+    }
+    arrfree(ids);
+    return rc;
+}
+
+MbStatus mb_chat_reset(MbChat *ch) {
+    arrsetlen(ch->hist, 0);
+    if (ch->kv) {
+        mb_kvcache_reset(ch->kv);
+        return MB_OK;
+    }
+    return mb_kvcache_new(ch->m, 1, ch->ctx, &ch->kv);
+}
+
+/* The ids of one question of the conversation: the first is the template (with
+ * <|begin_of_text|>), each later one continues it with "\n###Question: ...\n###Answer: ". The
+ * user's text is encoded as text (a typed "<|eot_id|>" stays text). */
+static MbStatus chat_question(const MbChat *ch, const char *q, int first, int32_t **ids) {
+    char *text = NULL;
+    if (first) {
+        char *p = mb_render_prompt(ch->system, q);
+        sb_printf(&text, "%s", p);
+        free(p);
+    } else {
+        sb_printf(&text, "\n###Question: %s\n###Answer: ", q);
+    }
+    MbStatus rc = chat_encode(ch->tok, text, first && ch->add_bos, MB_ENCODE_SPECIALS_AS_TEXT, ids);
+    arrfree(text);
+    return rc;
+}
+
+MbStatus mb_chat_turn(MbChat *ch, const char *question, MbTokenCallback cb, void *ctx, MbChatReply *r) {
+    memset(r, 0, sizeof *r);
+    MbStatus rc = ch->kv ? MB_OK : mb_chat_reset(ch);
+    if (rc) return rc;
+    int32_t *turn = NULL; /* stb_ds */
+    size_t nh = (size_t)arrlen(ch->hist);
+    rc = chat_question(ch, question, nh == 0, &turn);
+    r->history_tokens = nh, r->prompt_tokens = (size_t)arrlen(turn);
+    if (!rc && nh && nh + r->prompt_tokens + (size_t)ch->s->cfg.max_new_tokens - 1 > (size_t)ch->ctx)
+        r->outcome = MB_CHAT_FULL;
+    else if (!rc && r->prompt_tokens >= (size_t)ch->ctx)
+        r->outcome = MB_CHAT_TOO_LONG;
+    if (!rc && r->outcome == MB_CHAT_ANSWERED) {
+        for (ptrdiff_t i = 0; i < arrlen(turn); i++) arrput(ch->hist, turn[i]);
+        rc = chat_answer(ch, ch->kv, ch->hist, (size_t)arrlen(ch->hist), cb, ctx, r);
+        /* the answer joins the conversation; the stop id that ended it is never run */
+        for (size_t i = 0; !rc && i < r->n_tokens - (size_t)r->stopped; i++) arrput(ch->hist, ch->out[i]);
+        if (rc) mb_chat_reset(ch); /* a failed turn ends the conversation */
+    }
+    arrfree(turn);
     return rc;
 }
 
@@ -10130,11 +10435,13 @@ typedef struct {
 /* The scratch buffers this backend grows to in a training step over N rows with M loss rows (R,
  * targets: the adapters; nf4: 4-bit projections): *logits the fused lm_head chunk (fp32 logits,
  * bf16 gradient, fp32 dx, running statistics), *work the rest (NF4 dequant tile, LoRA matrices
- * in bf16, attention's fp32 dq and row terms, cuBLASLt's workspace). For info --plan. */
-MB_UNUSED static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, unsigned targets, int nf4, size_t *logits,
-                              size_t *work) {
+ * in bf16, attention's fp32 dq and row terms, cuBLASLt's workspace); *chunk_rows x *chunk_vocab
+ * the fused lm_head's chunk. For the memory plan (section 6). */
+static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, unsigned targets, int nf4, size_t *logits,
+                              size_t *work, size_t *chunk_rows, size_t *chunk_vocab) {
     size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size, H = (size_t)c->num_attention_heads;
     size_t D = (size_t)c->head_dim, MR = MB_MIN(M, (size_t)MB_CUDA_LP_ROWS), VC = MB_MIN(V, (size_t)MB_CUDA_LP_VOCAB);
+    *chunk_rows = MR, *chunk_vocab = VC;
     *logits = MR * VC * 4 + MR * VC * 2 + MR * C * 4 + MR * 16;
     size_t tile = 0, la = 0, lb = 0;
     for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
@@ -11555,119 +11862,8 @@ static MbStatus args_read_config(MbArgs *a, const char *path) {
     return MB_OK;
 }
 
-
 static void print_count(const char *what, size_t n, size_t total) {
     printf("  %-22s %14zu  %5.1f%%\n", what, n, total ? 100.0 * (double)n / (double)total : 0.0);
-}
-
-/* ---- info --plan: the memory of one DPO training step, per device, from config.json alone ----
- * It models the CUDA backend the card's run needs (ARCHITECTURE.md): bf16 activations, fp32
- * LoRA weights, gradients and Adam moments, the frozen base in NF4 or bf16. A batch of B pairs is
- * N = 2 B T tokens (chosen and rejected, T = max_length each). Each row's derivation is in
- * plan_compute; the printed note says what is assumed and what is not counted. */
-
-typedef struct {
-    int load_in_4bit, lora_r, batch, max_length, gradient_checkpointing, gpus, zero_stage;
-    double lora_alpha;
-    unsigned targets; /* bit i: MbLayerWeightId i carries a LoRA adapter */
-} MbPlanOptions;
-
-enum { PLAN_QUANT, PLAN_ABSMAX, PLAN_BF16, PLAN_LORA, PLAN_GRADS, PLAN_GRADSUM, PLAN_ADAM, PLAN_ACTS, PLAN_LOGITS,
-       PLAN_WORKSPACE, PLAN_ROWS };
-
-static const char *plan_kinds[PLAN_ROWS] = {
-    "quantized weights", "absmax", "bf16 weights", "LoRA params", "LoRA grads", "grad sums (fp64)", "Adam moments",
-    "activations", "logits", "workspace",
-};
-
-typedef struct {
-    size_t bytes[PLAN_ROWS];
-    char how[PLAN_ROWS][200];
-    size_t trainable, full_logits;
-} MbPlan;
-
-static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
-
-static void plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
-    memset(p, 0, sizeof *p);
-    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
-           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
-           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
-           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
-    unsigned tg = o->targets;
-#define TARGETED(id) ((tg >> (id)) & 1u)
-
-    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
-     * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
-     * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
-     * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
-    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
-    for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-        if (mb_layer_weights[i].rows == MB_DIM_1) continue;
-        size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
-        size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
-        lin += L * n, lin_max = MB_MAX(lin_max, n);
-        packed += L * (n / 2);
-        absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
-        /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
-        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
-    }
-    size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
-    if (o->load_in_4bit) {
-        p->bytes[PLAN_QUANT] = packed;
-        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "%zu values x 0.5 B (NF4 codes, 7 projections x %zu layers)",
-                 lin, L);
-        p->bytes[PLAN_ABSMAX] = absmax;
-        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "1 B per 64 values + 4 B per 256 blocks (double quant)");
-    } else {
-        snprintf(p->how[PLAN_QUANT], sizeof p->how[0], "none (no --load_in_4bit)");
-        snprintf(p->how[PLAN_ABSMAX], sizeof p->how[0], "none");
-    }
-    p->bytes[PLAN_BF16] = 2 * dense;
-    snprintf(p->how[PLAN_BF16], sizeof p->how[0], "%zu values x 2 B (embeddings, norms, lm_head%s)", dense,
-             o->load_in_4bit ? "" : ", projections");
-
-    /* Trainable state, fp32: params 4 B, grads 4 B, Adam m and v 8 B per trainable value. ZeRO-1
-     * splits the Adam moments over the G data-parallel ranks, ZeRO-2 the gradients too. */
-    size_t shard = plan_ceil(p->trainable, G);
-    p->bytes[PLAN_LORA] = 4 * p->trainable;
-    snprintf(p->how[PLAN_LORA], sizeof p->how[0], "%zu x 4 B (fp32)", p->trainable);
-    p->bytes[PLAN_GRADS] = 4 * (o->zero_stage >= 2 ? shard : p->trainable);
-    snprintf(p->how[PLAN_GRADS], sizeof p->how[0], "%zu x 4 B (fp32%s)", o->zero_stage >= 2 ? shard : p->trainable,
-             o->zero_stage >= 2 ? ", ZeRO-2 shard" : "");
-    p->bytes[PLAN_ADAM] = 8 * (o->zero_stage >= 1 ? shard : p->trainable);
-    snprintf(p->how[PLAN_ADAM], sizeof p->how[0], "%zu x 2 x 4 B (fp32 m, v%s)",
-             o->zero_stage >= 1 ? shard : p->trainable, o->zero_stage >= 1 ? ", ZeRO-1: 1/G of them" : "");
-
-    /* The step's gradient sums in fp64 (any world size and accumulation order give the same fp32
-     * result): 8 B per trainable value; with ZeRO-1 also this rank's slice, summed (fp64) and as
-     * fp32 for its AdamW update. */
-    p->bytes[PLAN_GRADSUM] = 8 * G * shard + (o->zero_stage >= 1 && G > 1 ? 12 * shard : 0);
-    snprintf(p->how[PLAN_GRADSUM], sizeof p->how[0], "%zu x 8 B%s", G * shard,
-             o->zero_stage >= 1 && G > 1 ? " + the rank's slice (8 B + 4 B)" : "");
-
-    /* Activations: the model's activation block as acts_ensure lays it out for N rows (bf16 on
-     * the GPU) and its fp32 block (norm statistics, log-sum-exps, per-row values). Gradient
-     * checkpointing keeps the residual stream at the L + 1 layer boundaries and one layer's
-     * saved set, recomputed during its backward; without it every layer keeps its set. */
-    size_t acts = 0, f32 = 0;
-    acts_count(c, N, o->gradient_checkpointing, o->lora_r, tg, 0, &acts, &f32);
-    p->bytes[PLAN_ACTS] = 2 * acts + 4 * f32;
-    snprintf(p->how[PLAN_ACTS], sizeof p->how[0], "%zu tokens: %zu values x 2 B (bf16) + %zu x 4 B (fp32)%s", N, acts,
-             f32, o->gradient_checkpointing ? "; checkpointing: L+1 layer inputs + one layer" : "");
-
-    /* Logits and workspace: the CUDA backend's scratch buffers (section 12), for N rows of which
-     * at most N predict a completion token: the fused lm_head + log-softmax takes a chunk of
-     * rows x vocabulary at a time, never the batch's (N, V) fp32 logits. */
-    size_t V32 = MB_MIN(V, (size_t)MB_CUDA_LP_VOCAB);
-    cuda_step_scratch(c, N, N, R, tg, o->load_in_4bit, &p->bytes[PLAN_LOGITS], &p->bytes[PLAN_WORKSPACE]);
-    p->full_logits = N * V * 4;
-    snprintf(p->how[PLAN_LOGITS], sizeof p->how[0], "fused chunks of %zu rows x %zu: fp32 logits, bf16 grad, fp32 dx",
-             MB_MIN(N, (size_t)MB_CUDA_LP_ROWS), V32);
-    snprintf(p->how[PLAN_WORKSPACE], sizeof p->how[0], "cuBLASLt 32 MiB%s, attention's fp32 dq, LoRA in bf16",
-             o->load_in_4bit ? ", NF4 dequant tile <= 64 MiB" : "");
-    (void)H, (void)QD, (void)KVD, (void)F, (void)lin_max;
-#undef TARGETED
 }
 
 static int cmd_info_plan(MbArgs *a, const char *dir) {
@@ -11686,26 +11882,8 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     if (o.zero_stage < 0 || o.zero_stage > 2)
         return mb_fail(MB_ERR_ARG, "info: --zero_stage must be 0, 1 or 2 (stage 3 is not planned: medbot "
                        "shards optimizer state, ZeRO-1), got %d", o.zero_stage);
-    if (targets) {
-        o.targets = 0;
-        char *list = mb_strdup(targets), *save = list;
-        for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
-            int found = 0;
-            for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
-                const char *short_name = strchr(mb_layer_weights[i].name, '.');
-                if (short_name && (!strcmp(tok, short_name + 1) || !strcmp(tok, "all-linear")))
-                    o.targets |= 1u << i, found = 1;
-            }
-            if (!found) {
-                rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules: unknown module '%s' --> q_proj, k_proj, "
-                             "v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear", tok);
-                break;
-            }
-        }
-        free(save);
-        if (!rc && !o.targets) rc = mb_fail(MB_ERR_ARG, "info: --lora_target_modules is empty");
-        if (rc) return rc;
-    }
+    if (targets && (rc = lora_parse_targets(targets, &o.targets))) /* the list dpo reads */
+        return mb_fail_at(rc, "info");
     /* config.json alone is enough: a folder without weights, or the file itself */
     char *cfg_path = mb_is_dir(dir) ? mb_path_join(dir, "config.json") : mb_strdup(dir);
     MbConfig c;
@@ -11715,7 +11893,7 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
         return rc;
     }
     MbPlan p;
-    plan_compute(&c, &o, &p);
+    mb_plan_compute(&c, &o, &p);
     printf("memory plan per device: %s (L=%d C=%d H=%d K=%d D=%d F=%d V=%d)\n", cfg_path, c.num_hidden_layers,
            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
            c.vocab_size);
@@ -11724,15 +11902,15 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
            o.lora_r, o.lora_alpha, o.lora_alpha / o.lora_r);
     for (int i = 0, first = 1; i < MB_LAYER_WEIGHTS; i++)
         if ((o.targets >> i) & 1u)
-            printf("%s%s", first ? " " : ",", strchr(mb_layer_weights[i].name, '.') + 1), first = 0;
+            printf("%s%s", first ? " " : ",", lora_module_name(i)), first = 0;
     printf("\n  DPO step: %d pairs = %d sequences x %d tokens, gradient checkpointing %s; %d GPU%s, ZeRO stage %d\n",
            o.batch, 2 * o.batch, o.max_length, o.gradient_checkpointing ? "on" : "off", o.gpus, o.gpus > 1 ? "s" : "",
            o.zero_stage);
     printf("  %-18s %14s %10s  %s\n", "kind", "bytes", "MiB", "how");
     size_t total = 0;
-    for (int k = 0; k < PLAN_ROWS; k++) {
+    for (int k = 0; k < MB_PLAN_ROWS; k++) {
         total += p.bytes[k];
-        printf("  %-18s %14zu %10.1f  %s\n", plan_kinds[k], p.bytes[k], (double)p.bytes[k] / 1048576.0, p.how[k]);
+        printf("  %-18s %14zu %10.1f  %s\n", p.kind[k], p.bytes[k], (double)p.bytes[k] / 1048576.0, p.how[k]);
     }
     printf("  %-18s %14zu %10.1f  (%.2f GiB)\n", "total", total, (double)total / 1048576.0,
            (double)total / 1073741824.0);
@@ -11762,7 +11940,7 @@ static void info_nf4(const MbModel *m) {
         }
     if (!count) return;
     printf("4-bit weights: NF4 (bitsandbytes)%s, compute dtype %s\n", nested ? ", double quant" : "",
-           compute == MB_DT_BF16 ? "bfloat16" : compute == MB_DT_F16 ? "float16" : "float32");
+           compute_dtype_name(compute));
     printf("  %-22s %14zu\n", "linear weights", count);
     printf("  %-22s %14zu\n", "values", values);
     printf("  %-22s %14zu bytes (%.3f B/value)\n", "packed codes", packed, (double)packed / (double)values);
@@ -11881,6 +12059,16 @@ static MbStatus arg_device(MbArgs *a, int *out) {
     return rc;
 }
 
+/* --bnb_4bit_compute_dtype: one of torch's names, as the library reads them (NULL when absent) */
+static MbStatus arg_compute_dtype(MbArgs *a, const char **out) {
+    const char *v = *out = arg_get(a, "bnb_4bit_compute_dtype");
+    MbDtype d;
+    if (v && (!compute_dtype_parse(v, &d) || strcmp(v, compute_dtype_name(d))))
+        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
+                       v);
+    return MB_OK;
+}
+
 static MbStatus arg_path(MbArgs *a, const char *name, const char **out) {
     const char *v = arg_get(a, name);
     if (!v) return MB_OK;
@@ -11992,10 +12180,7 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     if ((bnb = arg_get(a, "bias")) && strcmp(bnb, "none"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bias '%s': medbot trains LoRA with bias none", a->cmd, bnb);
     job->load_in_4bit = load_4bit;
-    const char *cdt = arg_get(a, "bnb_4bit_compute_dtype");
-    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
-        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd, cdt);
-    job->bnb_4bit_compute_dtype = cdt;
+    if ((rc = arg_compute_dtype(a, &job->bnb_4bit_compute_dtype))) return rc;
     if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
     if (job->nproc < 1) return arg_fail(a, "nproc", "must be >= 1, got %d", job->nproc);
     if (job->zero_stage > 1)
@@ -12206,24 +12391,19 @@ fail:
 
 /* ---- generate and chat ---- */
 
-/* Options shared by generate and chat (HF GenerationConfig names). */
-typedef struct {
-    const char *model, *tokenizer, *lora, *system, *bnb_4bit_compute_dtype;
-    int threads, load_in_4bit, add_bos, max_context, device, gpu;
-    MbGenerationConfig gen;
-} MbGenArgs;
-
-static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
+/* Options shared by generate and chat (HF GenerationConfig names) into the session's options. */
+static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
     memset(o, 0, sizeof *o);
     mb_generation_config_defaults(&o->gen);
     o->add_bos = -1; /* not given: tokenizer(prompt) as in the card's usage (tokenizer_config.json's add_bos_token) */
+    o->name = a->cmd;
     int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;
     MbStatus rc;
     if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
-        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int_in(a, "threads", &o->threads, 0, INFINITY)) ||
-        (rc = arg_bool(a, "load_in_4bit", &o->load_in_4bit)) || (rc = arg_bool(a, "add_bos", &o->add_bos)) ||
-        (rc = arg_int_in(a, "max_context", &o->max_context, 1, INFINITY)) || (rc = arg_device(a, &o->device)) ||
-        (rc = arg_int_in(a, "gpu", &o->gpu, 0, INFINITY)) ||
+        (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int_in(a, "threads", &o->load.threads, 0, INFINITY)) ||
+        (rc = arg_bool(a, "load_in_4bit", &o->load.load_in_4bit)) || (rc = arg_bool(a, "add_bos", &o->add_bos)) ||
+        (rc = arg_int_in(a, "max_context", &o->max_context, 1, INFINITY)) || (rc = arg_device(a, &o->load.device)) ||
+        (rc = arg_int_in(a, "gpu", &o->load.gpu, 0, INFINITY)) ||
         (rc = arg_int(a, "max_new_tokens", &o->gen.max_new_tokens)) || (rc = arg_bool(a, "do_sample", &do_sample)) ||
         (rc = arg_bool(a, "greedy", &greedy)) || (rc = arg_double(a, "temperature", &o->gen.temperature)) ||
         (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
@@ -12232,10 +12412,7 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
         (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)))
         return rc;
     o->system = arg_get(a, "system");
-    const char *cdt = o->bnb_4bit_compute_dtype = arg_get(a, "bnb_4bit_compute_dtype");
-    if (cdt && strcmp(cdt, "float32") && strcmp(cdt, "bfloat16") && strcmp(cdt, "float16"))
-        return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
-                       cdt);
+    if ((rc = arg_compute_dtype(a, &o->load.bnb_4bit_compute_dtype))) return rc;
     if (greedy && do_sample == 1)
         return mb_fail(MB_ERR_ARG, "%s: --greedy and --do_sample contradict each other", a->cmd);
     o->gen.do_sample = greedy ? 0 : do_sample != 0;
@@ -12244,73 +12421,6 @@ static MbStatus gen_args(MbArgs *a, MbGenArgs *o) {
     if (bad) return arg_fail(a, bad, "%s", why);
     o->gen.seed = seed_given ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
-    return MB_OK;
-}
-
-/* The current message, prefixed with where. */
-static MbStatus fail_at(MbStatus rc, const char *where) {
-    char msg[sizeof mb_errbuf];
-    snprintf(msg, sizeof msg, "%s", mb_last_error());
-    return mb_fail(rc, "%s: %s", where, msg);
-}
-
-/* The model (with its adapter), tokenizer and sampler of a generate or chat session. */
-typedef struct {
-    MbModel *m;
-    MbLora *lo;
-    MbTokenizer *tok;
-    MbSampler *s;
-    MbKVCache *kv;
-    int ctx;                /* the most tokens the model runs at once (--max_context) */
-} MbGenSession;
-
-static void gen_session_close(MbGenSession *ss) {
-    mb_kvcache_free(ss->kv);
-    mb_sampler_free(ss->s);
-    mb_tokenizer_free(ss->tok);
-    mb_lora_free(ss->lo);
-    mb_model_free(ss->m);
-    memset(ss, 0, sizeof *ss);
-}
-
-static MbStatus gen_session_open(const char *cmd, MbGenArgs *o, MbGenSession *ss) {
-    memset(ss, 0, sizeof *ss);
-    MbLoadOptions lopt;
-    memset(&lopt, 0, sizeof lopt);
-    lopt.threads = o->threads;
-    lopt.load_in_4bit = o->load_in_4bit;
-    lopt.bnb_4bit_compute_dtype = o->bnb_4bit_compute_dtype;
-    lopt.device = o->device, lopt.gpu = o->gpu;
-    MbStatus rc = mb_model_load(o->model, &lopt, &ss->m);
-    if (!rc && o->lora && !(rc = mb_lora_load(ss->m, o->lora, &ss->lo))) mb_model_set_lora(ss->m, ss->lo);
-    if (!rc) rc = mb_tokenizer_open(o->tokenizer, o->model, o->lora, &ss->tok);
-    if (!rc && o->add_bos < 0) o->add_bos = mb_tokenizer_add_bos(ss->tok);
-    const MbConfig *c = ss->m ? mb_model_config(ss->m) : NULL;
-    if (!rc && mb_tokenizer_vocab_size(ss->tok) > (size_t)c->vocab_size)
-        rc = mb_fail(MB_ERR_ARG, "%s: the tokenizer has %zu tokens but the model's vocab_size is %d --> pass the "
-                     "model's own tokenizer", cmd, mb_tokenizer_vocab_size(ss->tok), c->vocab_size);
-    if (!rc) rc = mb_generation_set_stop_ids(&o->gen, o->model, ss->m, ss->tok);
-    if (!rc && (rc = mb_sampler_new(&o->gen, (size_t)c->vocab_size, &ss->s))) rc = fail_at(rc, cmd);
-    if (!rc) {
-        ss->ctx = o->max_context ? o->max_context : MB_MIN(c->max_position_embeddings, 4096);
-        if (ss->ctx > c->max_position_embeddings)
-            rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", cmd,
-                         ss->ctx, c->max_position_embeddings);
-    }
-    if (rc) gen_session_close(ss); /* frees only: the message stays */
-    return rc;
-}
-
-/* Appends the ids of text (with <|begin_of_text|> in front when bos) to *ids (stb_ds array). */
-static MbStatus gen_encode(const MbTokenizer *tok, const char *text, int bos, unsigned flags, int32_t **ids) {
-    int32_t *t;
-    size_t n;
-    MbStatus rc = mb_tokenizer_encode(tok, text, strlen(text), flags, &t, &n);
-    if (rc) return rc;
-    int32_t b = mb_tokenizer_bos_id(tok);
-    if (bos && b >= 0 && !(n && t[0] == b)) arrput(*ids, b); /* never a second one */
-    for (size_t i = 0; i < n; i++) arrput(*ids, t[i]);
-    free(t);
     return MB_OK;
 }
 
@@ -12337,27 +12447,6 @@ static int answer_piece(void *ctx, int32_t id, const char *text, size_t len) {
     return a->stop && *a->stop;
 }
 
-/* Generates the answer to ids (n) in a fresh cache (grown to fit); ids out of the answer in *out. */
-static MbStatus gen_answer(MbGenSession *ss, const int32_t *ids, size_t n, MbAnswer *ans, int32_t *out, size_t *n_out,
-                           int *cut) {
-    const MbGenerationConfig *g = &ss->s->cfg;
-    if (n >= (size_t)ss->ctx)
-        return mb_fail(MB_ERR_ARG, "the prompt is %zu tokens, the context holds %d (--max_context) --> shorten the "
-                       "prompt", n, ss->ctx);
-    int S = (int)MB_MIN((size_t)ss->ctx, n + (size_t)g->max_new_tokens - 1);
-    S = MB_MAX(S, (int)n);
-    if (ss->kv && ss->kv->S < S) {
-        mb_kvcache_free(ss->kv);
-        ss->kv = NULL;
-    }
-    MbStatus rc = ss->kv ? MB_OK : mb_kvcache_new(ss->m, 1, S, &ss->kv);
-    if (rc) return rc;
-    mb_kvcache_reset(ss->kv);
-    rc = mb_generate(ss->m, ss->kv, ss->s, ss->tok, ids, n, out, n_out, answer_piece, ans);
-    *cut = !rc && *n_out && *n_out < (size_t)g->max_new_tokens && !mb_generation_is_stop(g, out[*n_out - 1]);
-    return rc;
-}
-
 static void json_line_out(const char *key, const char *prompt, const MbAnswer *ans, size_t ntok) {
     char *j = NULL;
     sb_printf(&j, "{");
@@ -12375,33 +12464,27 @@ static void json_line_out(const char *key, const char *prompt, const MbAnswer *a
 
 /* One prompt of generate: the card's template around question (raw: the text as it is);
  * the answer streams to stdout, or (json) comes as one JSON line. Messages start with where. */
-static MbStatus gen_one(MbGenSession *ss, const MbGenArgs *o, const char *where, const char *text, const char *system,
-                        int raw, int json, const char *key) {
-    if (!text[0]) return mb_fail(MB_ERR_ARG, "%s: the prompt is empty", where);
-    char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system, text);
-    /* at most ctx new ids: generation stops when the cache is full (--max_new_tokens may be huge) */
-    int32_t *ids = NULL, *out = mb_malloc((size_t)MB_MIN(o->gen.max_new_tokens, ss->ctx) * sizeof *out);
+static MbStatus gen_one(MbChat *ch, const char *where, const char *text, const char *system, int raw, int json,
+                        const char *key) {
     MbAnswer ans = {json ? NULL : stdout, NULL, 0, NULL};
-    size_t n_out = 0;
-    int cut = 0;
-    MbStatus rc = gen_encode(ss->tok, prompt, o->add_bos, 0, &ids);
-    if (!rc) rc = gen_answer(ss, ids, (size_t)arrlen(ids), &ans, out, &n_out, &cut);
-    if (!rc && json) json_line_out(key, text, &ans, n_out);
+    MbChatReply r;
+    MbStatus rc = mb_chat_generate(ch, text, system, raw, answer_piece, &ans, &r);
+    if (!rc && r.outcome == MB_CHAT_TOO_LONG)
+        rc = mb_fail(MB_ERR_ARG, "the prompt is %zu tokens, the context holds %d (--max_context) --> shorten the "
+                     "prompt", r.prompt_tokens, mb_chat_context(ch));
+    if (!rc && json) json_line_out(key, text, &ans, r.n_tokens);
     if (!rc && !json) printf("\n");
-    if (!rc && cut)
+    if (!rc && r.cut)
         fprintf(stderr, "medbot: %s: the answer was cut at the context limit (%d tokens, --max_context)\n", where,
-                ss->ctx);
-    if (rc) rc = fail_at(rc, where);
+                mb_chat_context(ch));
+    if (rc) rc = mb_fail_at(rc, where);
     arrfree(ans.text);
-    arrfree(ids);
-    free(out);
-    free(prompt);
     return rc;
 }
 
 /* --input FILE.jsonl: {"question", "system"?} rendered with the template, or {"prompt"} as it is.
  * Every line is checked before the first answer. */
-static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path, int raw) {
+static MbStatus gen_file(MbChat *ch, const char *path, int raw) {
     char *text;
     size_t n;
     MbStatus rc = mb_read_file(path, &text, &n);
@@ -12411,24 +12494,19 @@ static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path,
         int is_question;
     } Item;
     Item *items = NULL; /* stb_ds array */
-    int line = 0;
-    char where[600];
-    const char *s;
-    size_t len, start = 0;
-    rc = jsonl_start(path, text, n, &start);
-    for (size_t at = start; !rc && jsonl_next(text, n, &at, &line, &s, &len);) {
-        snprintf(where, sizeof where, "%s:%d", path, line);
-        MbJsonDoc doc;
-        if ((rc = json_parse(where, s, len, &doc))) break;
+    MbJsonl jl;
+    MbJsonDoc doc;
+    for (rc = jsonl_open(&jl, path, text, n); !rc && jsonl_read(&jl, &doc, &rc);) {
         const MbJson *r = json_root(&doc), *q = json_get(&doc, r, "question"), *p = json_get(&doc, r, "prompt"),
                      *sys = json_get(&doc, r, "system");
         const MbJson *v = q ? q : p;
         if (r->kind != MB_JSON_OBJECT || !v || v->kind != MB_JSON_STRING || (sys && sys->kind != MB_JSON_STRING))
-            rc = mb_fail(MB_ERR_FORMAT, "%s: each line needs a string \"question\" (or \"prompt\")", where);
+            rc = mb_fail(MB_ERR_FORMAT, "%s: each line needs a string \"question\" (or \"prompt\")", jl.where);
         else if (!v->len)
-            rc = mb_fail(MB_ERR_FORMAT, "%s: the %s is empty", where, q ? "question" : "prompt");
+            rc = mb_fail(MB_ERR_FORMAT, "%s: the %s is empty", jl.where, q ? "question" : "prompt");
         else {
-            Item it = {mb_strdup(where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL, q != NULL};
+            Item it = {mb_strdup(jl.where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL,
+                       q != NULL};
             arrput(items, it);
         }
         json_free(&doc);
@@ -12436,17 +12514,16 @@ static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path,
     free(text);
     if (!rc && !arrlen(items)) rc = mb_fail(MB_ERR_FORMAT, "%s: no prompts in the file", path);
     for (ptrdiff_t i = 0; !rc && i < arrlen(items); i++)
-        rc = gen_one(ss, o, items[i].where, items[i].prompt, items[i].system ? items[i].system : o->system,
-                     raw || !items[i].is_question, 1, items[i].is_question ? "question" : "prompt");
+        rc = gen_one(ch, items[i].where, items[i].prompt, items[i].system, raw || !items[i].is_question, 1,
+                     items[i].is_question ? "question" : "prompt");
     for (ptrdiff_t i = 0; i < arrlen(items); i++) free(items[i].where), free(items[i].prompt), free(items[i].system);
     arrfree(items);
     return rc;
 }
 
 static int cmd_generate(MbArgs *a) {
-    MbGenArgs o;
-    MbGenSession ss;
-    memset(&ss, 0, sizeof ss);
+    MbChatOptions o;
+    MbChat *ch = NULL;
     int raw = 0;
     const char *prompt = NULL, *input = NULL;
     MbStatus rc = gen_args(a, &o);
@@ -12456,9 +12533,9 @@ static int cmd_generate(MbArgs *a) {
         else if (!prompt && !input) rc = mb_fail(MB_ERR_ARG, "generate: --prompt TEXT or --input FILE.jsonl is needed");
         else if (prompt && !prompt[0]) rc = mb_fail(MB_ERR_ARG, "generate: the prompt is empty");
     }
-    if (!rc) rc = gen_session_open("generate", &o, &ss);
-    if (!rc) rc = input ? gen_file(&ss, &o, input, raw) : gen_one(&ss, &o, "generate", prompt, o.system, raw, 0, NULL);
-    gen_session_close(&ss);
+    if (!rc) rc = mb_chat_open(&o, &ch);
+    if (!rc) rc = input ? gen_file(ch, input, raw) : gen_one(ch, "generate", prompt, NULL, raw, 0, NULL);
+    mb_chat_close(ch);
     if (rc) {
         fflush(stdout);
         fprintf(stderr, "medbot: %s\n", mb_last_error());
@@ -12467,33 +12544,34 @@ static int cmd_generate(MbArgs *a) {
     return 0;
 }
 
-/* One turn of a conversation in the card's format: the first turn is the template (with
- * <|begin_of_text|>), each later one continues it with "\n###Question: ...\n###Answer: ". The
- * user's text is encoded as text (a typed "<|eot_id|>" stays text). */
-static MbStatus chat_turn(const MbGenSession *ss, const MbGenArgs *o, const char *q, int first, int32_t **ids) {
-    char *text = NULL;
-    if (first) {
-        char *p = mb_render_prompt(o->system, q);
-        sb_printf(&text, "%s", p);
-        free(p);
-    } else {
-        sb_printf(&text, "\n###Question: %s\n###Answer: ", q);
+/* One question of chat, answered to stdout (escaped on a pipe). A conversation that would
+ * outgrow the context starts over, with a message. */
+static MbStatus chat_ask(MbChat *ch, const char *q, int tty, int max_new, MbChatReply *r) {
+    MbAnswer ans = {stdout, NULL, !tty, &mb_cli_stop};
+    int ctx = mb_chat_context(ch);
+    MbStatus rc = mb_chat_turn(ch, q, answer_piece, &ans, r);
+    if (!rc && r->outcome == MB_CHAT_FULL) {
+        fprintf(stderr, "medbot: the conversation (%d tokens) and this question with room for max_new_tokens %d "
+                "exceed the context of %d tokens (--max_context): starting a new conversation\n",
+                (int)r->history_tokens, max_new, ctx);
+        if (!(rc = mb_chat_reset(ch))) rc = mb_chat_turn(ch, q, answer_piece, &ans, r);
     }
-    MbStatus rc = gen_encode(ss->tok, text, first && o->add_bos, MB_ENCODE_SPECIALS_AS_TEXT, ids);
-    arrfree(text);
+    if (!rc && r->outcome == MB_CHAT_TOO_LONG)
+        fprintf(stderr, "medbot: this question is %d tokens, the context holds %d (--max_context): not answered\n",
+                (int)r->prompt_tokens, ctx);
+    arrfree(ans.text);
     return rc;
 }
 
 static int cmd_chat(MbArgs *a) {
-    MbGenArgs o;
-    MbGenSession ss;
-    memset(&ss, 0, sizeof ss);
+    MbChatOptions o;
+    MbChat *ch = NULL;
     MbStatus rc = gen_args(a, &o);
     if (!rc) rc = args_done(a);
-    if (!rc) rc = gen_session_open("chat", &o, &ss);
-    if (!rc) rc = mb_kvcache_new(ss.m, 1, ss.ctx, &ss.kv);
+    if (!rc) rc = mb_chat_open(&o, &ch);
+    if (!rc) rc = mb_chat_reset(ch); /* makes the conversation's cache: a failure shows before the first prompt */
     if (rc) {
-        gen_session_close(&ss);
+        mb_chat_close(ch);
         fprintf(stderr, "medbot: %s\n", mb_last_error());
         return 1;
     }
@@ -12502,7 +12580,6 @@ static int cmd_chat(MbArgs *a) {
     if (tty)
         printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops "
                "an answer.\n", o.model, o.lora ? " + " : "", o.lora ? o.lora : "");
-    int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)MB_MIN(max_new, ss.ctx) * sizeof *out);
     char *line = NULL;
     size_t cap = 0;
     for (;;) {
@@ -12523,49 +12600,28 @@ static int cmd_chat(MbArgs *a) {
         if (!strcmp(q, "/quit") || !strcmp(q, "/exit")) break;
         int reset = !strcmp(q, "/reset");
         if (!*q || reset) {
-            if (reset) arrsetlen(hist, 0), mb_kvcache_reset(ss.kv);
+            if (reset && (rc = mb_chat_reset(ch))) break;
             if (reset && tty) printf("(a new conversation)\n");
             if (!tty) printf("\n"); /* every line of a pipe gets its line */
             continue;
         }
-        arrsetlen(turn, 0);
-        rc = chat_turn(&ss, &o, q, arrlen(hist) == 0, &turn);
-        size_t need = (size_t)arrlen(hist) + (size_t)arrlen(turn) + (size_t)max_new - 1;
-        if (!rc && arrlen(hist) && need > (size_t)ss.ctx) {
-            fprintf(stderr, "medbot: the conversation (%d tokens) and this question with room for max_new_tokens %d "
-                    "exceed the context of %d tokens (--max_context): starting a new conversation\n",
-                    (int)arrlen(hist), max_new, ss.ctx);
-            arrsetlen(hist, 0), arrsetlen(turn, 0);
-            mb_kvcache_reset(ss.kv);
-            rc = chat_turn(&ss, &o, q, 1, &turn);
-        }
-        if (!rc && arrlen(turn) >= ss.ctx) {
-            fprintf(stderr, "medbot: this question is %d tokens, the context holds %d (--max_context): not answered\n",
-                    (int)arrlen(turn), ss.ctx);
+        MbChatReply r;
+        if ((rc = chat_ask(ch, q, tty, max_new, &r))) break;
+        if (r.outcome == MB_CHAT_TOO_LONG) {
             if (!tty) printf("\n");
             continue;
         }
-        size_t n_out = 0;
-        MbAnswer ans = {stdout, NULL, !tty, &mb_cli_stop};
-        for (ptrdiff_t i = 0; !rc && i < arrlen(turn); i++) arrput(hist, turn[i]);
-        if (!rc) rc = mb_generate(ss.m, ss.kv, ss.s, ss.tok, hist, (size_t)arrlen(hist), out, &n_out, answer_piece, &ans);
-        arrfree(ans.text);
-        if (rc) break;
         printf("\n");
-        int stopped = n_out && mb_generation_is_stop(&o.gen, out[n_out - 1]);
         if (mb_cli_stop)
             fprintf(stderr, "medbot: answer stopped (Ctrl-C) after %zu tokens; the conversation goes on with them\n",
-                    n_out);
-        else if (!stopped && n_out < (size_t)max_new)
-            fprintf(stderr, "medbot: the answer reached the context limit (%d tokens); /reset to start over\n", ss.ctx);
-        for (size_t i = 0; i < n_out - (size_t)stopped; i++) arrput(hist, out[i]); /* the stop id is never run */
+                    r.n_tokens);
+        else if (r.cut)
+            fprintf(stderr, "medbot: the answer reached the context limit (%d tokens); /reset to start over\n",
+                    mb_chat_context(ch));
     }
     signal(SIGINT, SIG_DFL);
     free(line);
-    free(out);
-    arrfree(hist);
-    arrfree(turn);
-    gen_session_close(&ss);
+    mb_chat_close(ch);
     if (rc) {
         fprintf(stderr, "medbot: %s\n", mb_last_error());
         return 1;

@@ -9,11 +9,13 @@
  *   3. tokenizer    Llama 3 byte-level BPE, specials, streaming UTF-8 decode
  *   4. weights      linear weights as f32/f16/bf16 or NF4 (bitsandbytes 4-bit, double quant)
  *   5. ops (CPU)    the op table MbOps: matmul, rmsnorm, rope, attention, swiglu, ...
- *   6. model        Llama-3.1 forward (prefill, decode with KV cache), written against MbOps
- *   7. lora         (LoRA issue)
- *   8. data         (DPO issue)
- *   9. dpo          (DPO issue)
- *  10. sampler      HF generate's logits processors, greedy / seeded sampling, stop ids, streaming
+ *   6. model        Llama-3.1 forward (prefill, decode with KV cache) and backward, written against
+ *                   MbOps; the activation layout and the memory plan of `info --plan`
+ *   7. lora         PEFT LoRA adapters on any of q/k/v/o/gate/up/down: new, load, save, enable, merge
+ *   8. data         JSONL preference pairs, the card's template, TRL's tokenization and truncation
+ *   9. dpo          the DPO (and SFT) trainer: losses, TRL's metrics, AdamW, schedules, checkpoints
+ *  10. sampler      HF generate's logits processors, greedy / seeded sampling, stop ids, streaming;
+ *                   the chat session (MbChat) in the card's format
  *  11. coordinator  collectives (threads, TCP, NCCL), the rendezvous, the job fingerprint
  *  12. cuda         the op table on NVIDIA GPUs (driver, NVRTC, cuBLASLt, NCCL loaded at run time)
  *  13. cli          medbot info | init | ...; main() behind #ifndef MEDBOT_NO_MAIN
@@ -270,6 +272,35 @@ void mb_kvcache_reset(MbKVCache *c);
 MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, int B, int T,
                           const int *lens, float *logits, int last_only);
 
+/* Writes DIR/config.json (a copy of cfg_path) and DIR/model.safetensors with random weights
+ * drawn as transformers initialises a Llama: normal(0, std) for linear and embedding weights,
+ * ones for norms. dtype: MB_DT_BF16, MB_DT_F16 or MB_DT_F32. */
+MbStatus mb_model_init_random(const char *cfg_path, const char *dir, uint64_t seed, MbDtype dtype,
+                              double std);
+
+/* The memory plan of `medbot info --plan`: the bytes per device of one DPO training step on the
+ * CUDA backend (bf16 activations, fp32 trainable state, the base in NF4 or bf16), from the config
+ * alone, counted with the activation layout the model allocates. A batch of `batch` pairs runs
+ * N = 2 batch max_length tokens. */
+typedef struct {
+    int load_in_4bit, lora_r, batch, max_length, gradient_checkpointing, gpus, zero_stage;
+    double lora_alpha;
+    unsigned targets;             /* bit i: projection i carries a LoRA adapter (MbLoraConfig.targets) */
+} MbPlanOptions;
+
+enum { MB_PLAN_QUANT, MB_PLAN_ABSMAX, MB_PLAN_BF16, MB_PLAN_LORA, MB_PLAN_GRADS, MB_PLAN_GRADSUM, MB_PLAN_ADAM,
+       MB_PLAN_ACTS, MB_PLAN_LOGITS, MB_PLAN_WORKSPACE, MB_PLAN_ROWS };
+
+typedef struct {
+    size_t bytes[MB_PLAN_ROWS];   /* per kind of buffer */
+    const char *kind[MB_PLAN_ROWS]; /* its name ("activations") */
+    char how[MB_PLAN_ROWS][200];  /* how its bytes were counted */
+    size_t trainable;             /* LoRA parameters */
+    size_t full_logits;           /* bytes of the batch's (N, V) fp32 logits, which the fused lm_head never holds */
+} MbPlan;
+
+void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p);
+
 /* ---------- lora ---------- */
 
 typedef struct {
@@ -368,42 +399,6 @@ MbStatus mb_train(const MbTrainJob *job);
 /* Prints TRL's eval_ metrics of the model + adapter (lora_init) on data_path. */
 MbStatus mb_evaluate(const MbTrainJob *job);
 
-/* What the ranks of a job must share, compared at the rendezvous: SHA-256 digests of the model
- * files, the tokenizer, the training data (data_path and eval_data_path) and the options that
- * change the math, plus those options as text ("name=value" lines, a fixed order) so that a
- * difference can be named. A digest of zeros means "not read" and matches only another one. */
-typedef struct {
-    uint8_t model[32], tokenizer[32], data[32], options[32];
-    char options_text[4096];
-} MbJobFingerprint;
-
-/* The fingerprint of a job, from the files' bytes (never their dates: each rank may read its own
- * copy). Data and tokenizer files (with the tokenizer's tokenizer_config.json) are hashed whole;
- * a model is its config.json plus, for each safetensors file, its size, its header and 64 blocks
- * of 4 KiB spread over its data (milliseconds for an 8B checkpoint); a random_init model is its
- * config.json and seed; a lora_init adapter is hashed like a model, into the options. A file that
- * cannot be read leaves its part zero and is the error returned (fp is filled either way). */
-MbStatus mb_job_fingerprint(const MbTrainJob *job, MbJobFingerprint *fp);
-
-/* The rendezvous of a multi-process job: every rank calls it with MASTER_ADDR/MASTER_PORT; rank 0
- * listens there and rank 0's blob (n bytes) reaches every other rank. Rank 0 serves the joins
- * concurrently: a connection that sends nothing valid within 10 s is dropped without delaying the
- * others. fp: this rank's job fingerprint (NULL: none, which matches only none); a rank whose
- * fingerprint, WORLD_SIZE or RANK does not fit is refused and the job stops with a message naming
- * what differs, on rank 0 and on the rank. When the environment variable MEDBOT_RDV_SECRET is set,
- * each side proves it knows the secret (HMAC-SHA256 over fresh nonces; the secret is never sent):
- * a connection that cannot prove it is turned away and rank 0 keeps waiting for the real rank; a
- * secret set on one side only, or different secrets, fail with a message naming the variable. A
- * rank missing after timeout seconds is an error naming it. */
-MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp, void *blob,
-                       size_t n, double timeout);
-
-/* Writes DIR/config.json (a copy of cfg_path) and DIR/model.safetensors with random weights
- * drawn as transformers initialises a Llama: normal(0, std) for linear and embedding weights,
- * ones for norms. dtype: MB_DT_BF16, MB_DT_F16 or MB_DT_F32. */
-MbStatus mb_model_init_random(const char *cfg_path, const char *dir, uint64_t seed, MbDtype dtype,
-                              double std);
-
 /* ---------- sampler ---------- */
 
 /* Generation settings, named as transformers' GenerationConfig. */
@@ -455,6 +450,94 @@ typedef int (*MbTokenCallback)(void *ctx, int32_t id, const char *text, size_t l
  * holds n + *n_out - 1 tokens: the last new id is never run). tok: NULL for ids only. */
 MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer *tok, const int32_t *ids,
                      size_t n, int32_t *out, size_t *n_out, MbTokenCallback cb, void *ctx);
+
+/* ---------- chat (section 10) ---------- */
+
+/* A model with its adapter, tokenizer and sampler, answering in the card's format
+ * "###System: {system}\n###Question: {question}\n###Answer: ": one prompt at a time
+ * (mb_chat_generate) or as a conversation kept in a KV cache (mb_chat_turn). One thread at a time. */
+typedef struct MbChat MbChat;
+
+typedef struct {
+    const char *model;            /* Hugging Face model folder (required) */
+    const char *tokenizer;        /* NULL: found as mb_tokenizer_open finds it (the model's, else the adapter's) */
+    const char *lora;             /* a PEFT adapter folder, or NULL */
+    const char *system;           /* the template's system text; NULL: the card's */
+    MbLoadOptions load;           /* how the model loads (threads, 4-bit, device) */
+    int add_bos;                  /* <|begin_of_text|> in front of a prompt; -1: the tokenizer's default
+                                     (mb_tokenizer_add_bos) */
+    int max_context;              /* the most tokens the model runs at once; 0: max_position_embeddings,
+                                     at most 4096 */
+    MbGenerationConfig gen;       /* the sampling; its stop ids are set as mb_generation_set_stop_ids does */
+    const char *name;             /* starts the messages of the session's own checks ("generate"); NULL: "chat" */
+} MbChatOptions;
+
+typedef enum {
+    MB_CHAT_ANSWERED,             /* the answer was generated */
+    MB_CHAT_FULL,                 /* mb_chat_turn: the conversation, this question and room for max_new_tokens
+                                     exceed the context; nothing was done (mb_chat_reset, then ask again) */
+    MB_CHAT_TOO_LONG              /* the prompt alone fills the context: not answered */
+} MbChatOutcome;
+
+/* What became of one prompt. */
+typedef struct {
+    MbChatOutcome outcome;
+    size_t prompt_tokens;         /* the ids of this prompt (template and <|begin_of_text|> included) */
+    size_t history_tokens;        /* mb_chat_turn: the ids of the conversation before it */
+    size_t n_tokens;              /* new ids generated (the stop id that ended the answer included) */
+    int stopped;                  /* the answer ended with a stop id */
+    int cut;                      /* the answer ended at the context limit, before max_new_tokens */
+} MbChatReply;
+
+MbStatus mb_chat_open(const MbChatOptions *o, MbChat **out);
+void mb_chat_close(MbChat *ch);
+int mb_chat_context(const MbChat *ch);    /* the context in tokens (max_context) */
+/* Answers one prompt outside the conversation: the template around text with system (NULL: the
+ * session's), or (raw) the text as it is, special tokens in it parsed. The answer's text streams to
+ * cb (MbTokenCallback: non-zero stops it). */
+MbStatus mb_chat_generate(MbChat *ch, const char *text, const char *system, int raw, MbTokenCallback cb, void *ctx,
+                          MbChatReply *r);
+/* Asks the next question of the conversation: the first is the template (with <|begin_of_text|> when
+ * add_bos), each later one continues it with "\n###Question: {question}\n###Answer: ". The question is
+ * encoded as text (a typed "<|eot_id|>" stays text); the answer streams to cb and joins the
+ * conversation, which the KV cache holds, so a turn runs only its new tokens. A failed turn ends
+ * the conversation. */
+MbStatus mb_chat_turn(MbChat *ch, const char *question, MbTokenCallback cb, void *ctx, MbChatReply *r);
+/* Starts a new conversation. The first call (or the first turn) makes the conversation's KV cache
+ * of max_context tokens: call it after mb_chat_open to learn early that it does not fit. */
+MbStatus mb_chat_reset(MbChat *ch);
+
+/* ---------- coordinator (section 11) ---------- */
+
+/* What the ranks of a job must share, compared at the rendezvous: SHA-256 digests of the model
+ * files, the tokenizer, the training data (data_path and eval_data_path) and the options that
+ * change the math, plus those options as text ("name=value" lines, a fixed order) so that a
+ * difference can be named. A digest of zeros means "not read" and matches only another one. */
+typedef struct {
+    uint8_t model[32], tokenizer[32], data[32], options[32];
+    char options_text[4096];
+} MbJobFingerprint;
+
+/* The fingerprint of a job, from the files' bytes (never their dates: each rank may read its own
+ * copy). Data and tokenizer files (with the tokenizer's tokenizer_config.json) are hashed whole;
+ * a model is its config.json plus, for each safetensors file, its size, its header and 64 blocks
+ * of 4 KiB spread over its data (milliseconds for an 8B checkpoint); a random_init model is its
+ * config.json and seed; a lora_init adapter is hashed like a model, into the options. A file that
+ * cannot be read leaves its part zero and is the error returned (fp is filled either way). */
+MbStatus mb_job_fingerprint(const MbTrainJob *job, MbJobFingerprint *fp);
+
+/* The rendezvous of a multi-process job: every rank calls it with MASTER_ADDR/MASTER_PORT; rank 0
+ * listens there and rank 0's blob (n bytes) reaches every other rank. Rank 0 serves the joins
+ * concurrently: a connection that sends nothing valid within 10 s is dropped without delaying the
+ * others. fp: this rank's job fingerprint (NULL: none, which matches only none); a rank whose
+ * fingerprint, WORLD_SIZE or RANK does not fit is refused and the job stops with a message naming
+ * what differs, on rank 0 and on the rank. When the environment variable MEDBOT_RDV_SECRET is set,
+ * each side proves it knows the secret (HMAC-SHA256 over fresh nonces; the secret is never sent):
+ * a connection that cannot prove it is turned away and rank 0 keeps waiting for the real rank; a
+ * secret set on one side only, or different secrets, fail with a message naming the variable. A
+ * rank missing after timeout seconds is an error naming it. */
+MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp, void *blob,
+                       size_t n, double timeout);
 
 #ifdef __cplusplus
 }
