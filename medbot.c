@@ -103,47 +103,44 @@ static MbStatus mb_fail(MbStatus st, const char *fmt, ...) {
     return st;
 }
 
-/* Allocation that never returns NULL: out of memory is not recoverable for an engine that
- * sized its buffers up front, so it stops with the size it wanted. */
+/* Allocation. Out of memory is an error like any other: the helpers return NULL with the
+ * thread's message set ("out of memory allocating N bytes at FILE:LINE"), and every caller
+ * frees what it holds and returns MB_ERR_OOM (or its own NULL) up to the command. */
 static void *mb_malloc_(size_t n, const char *file, int line) {
     void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "medbot: out of memory allocating %zu bytes at %s:%d\n", n, file, line);
-        exit(1);
-    }
+    if (!p) mb_fail(MB_ERR_OOM, "out of memory allocating %zu bytes at %s:%d", n, file, line);
     return p;
 }
 static void *mb_calloc_(size_t count, size_t size, const char *file, int line) {
     if (size && count > SIZE_MAX / size) {
-        fprintf(stderr, "medbot: allocation of %zu x %zu bytes overflows at %s:%d\n", count, size,
-                file, line);
-        exit(1);
+        mb_fail(MB_ERR_OOM, "out of memory: an allocation of %zu x %zu bytes overflows at %s:%d", count, size, file,
+                line);
+        return NULL;
     }
     void *p = calloc(count ? count : 1, size ? size : 1);
-    if (!p) {
-        fprintf(stderr, "medbot: out of memory allocating %zu bytes at %s:%d\n", count * size,
-                file, line);
-        exit(1);
-    }
+    if (!p) mb_fail(MB_ERR_OOM, "out of memory allocating %zu bytes at %s:%d", count * size, file, line);
     return p;
 }
 #define mb_malloc(n) mb_malloc_((n), __FILE__, __LINE__)
 #define mb_calloc(c, s) mb_calloc_((c), (s), __FILE__, __LINE__)
 
-/* 64-byte aligned allocation for activation and weight buffers (SIMD loads, cache lines). */
-static void *mb_aligned_alloc(size_t n) {
+/* 64-byte aligned allocation for activation and weight buffers (SIMD loads, cache lines); NULL
+ * with the message set, as mb_malloc. */
+static void *mb_aligned_alloc_(size_t n, const char *file, int line) {
     void *p = NULL;
     if (posix_memalign(&p, 64, n ? n : 64) != 0) {
-        fprintf(stderr, "medbot: out of memory allocating %zu bytes\n", n);
-        exit(1);
+        mb_fail(MB_ERR_OOM, "out of memory allocating %zu bytes at %s:%d", n, file, line);
+        return NULL;
     }
     return p;
 }
+#define mb_aligned_alloc(n) mb_aligned_alloc_((n), __FILE__, __LINE__)
 
+/* A copy of s, or NULL (out of memory, message set) */
 static char *mb_strdup(const char *s) {
     size_t n = strlen(s);
     char *d = mb_malloc(n + 1);
-    memcpy(d, s, n + 1);
+    if (d) memcpy(d, s, n + 1);
     return d;
 }
 
@@ -175,9 +172,11 @@ static int range_why(double x, int is_int, double lo, double hi, int open, char 
 
 /* ---- paths and whole files ---- */
 
+/* dir/name (malloc'd), or NULL (out of memory, message set), as every string helper here */
 static char *mb_path_join(const char *dir, const char *name) {
     size_t a = strlen(dir), b = strlen(name);
     char *p = mb_malloc(a + b + 2);
+    if (!p) return NULL;
     memcpy(p, dir, a);
     size_t k = a;
     if (a && dir[a - 1] != '/') p[k++] = '/';
@@ -191,6 +190,7 @@ static char *mb_path_dirname(const char *path) {
     size_t n = (size_t)(slash - path);
     if (n == 0) n = 1;
     char *d = mb_malloc(n + 1);
+    if (!d) return NULL;
     memcpy(d, path, n);
     d[n] = 0;
     return d;
@@ -226,7 +226,7 @@ static MbStatus mb_rmdir_r(const char *path) {
     while (!rc && (e = readdir(d))) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         char *p = mb_path_join(path, e->d_name);
-        rc = mb_remove_path(p);
+        rc = p ? mb_remove_path(p) : MB_ERR_OOM;
         free(p);
     }
     closedir(d);
@@ -339,7 +339,7 @@ typedef struct {
 static MbStatus mb_wfile_open(MbWFile *w, const char *path) {
     memset(w, 0, sizeof *w);
     size_t n = strlen(path) + 32;
-    w->tmp = mb_malloc(n);
+    if (!(w->tmp = mb_malloc(n))) return MB_ERR_OOM;
     snprintf(w->tmp, n, "%s.tmp.%ld", path, (long)getpid());
     w->f = fopen(w->tmp, "wb");
     if (!w->f) {
@@ -348,7 +348,11 @@ static MbStatus mb_wfile_open(MbWFile *w, const char *path) {
         w->tmp = NULL;
         return st;
     }
-    w->path = mb_strdup(path);
+    if (!(w->path = mb_strdup(path))) {
+        fclose(w->f), remove(w->tmp), free(w->tmp);
+        memset(w, 0, sizeof *w);
+        return MB_ERR_OOM;
+    }
     return MB_OK;
 }
 
@@ -426,7 +430,12 @@ static MbStatus mb_remove_stale(const char *dir) {
     size_t len;
     while (d && !rc && (e = readdir(d))) {
         if (!stale_temporary(e->d_name, &len)) continue;
-        char *p = mb_path_join(dir, e->d_name), *base = mb_strdup(p);
+        char *p = mb_path_join(dir, e->d_name), *base = p ? mb_strdup(p) : NULL;
+        if (!base) {
+            free(p);
+            rc = MB_ERR_OOM;
+            break;
+        }
         base[strlen(dir) + (dir[strlen(dir) - 1] != '/') + len] = 0;
         if (strstr(e->d_name, ".old.") && !mb_is_dir(base)) {
             if (rename(p, base) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot restore as %s: %s", p, base, strerror(errno));
@@ -454,22 +463,26 @@ static MbStatus mb_copy_file(const char *from, const char *to) {
 static MbStatus mb_mkdir_p(const char *path, char ***made) {
     if (mb_is_dir(path)) return MB_OK;
     char *parent = mb_path_dirname(path);
+    if (!parent) return MB_ERR_OOM;
     MbStatus rc = strcmp(parent, path) && strcmp(parent, ".") ? mb_mkdir_p(parent, made) : MB_OK;
     free(parent);
     if (rc) return rc;
     if (mkdir(path, 0755) == 0) {
-        if (made) arrput(*made, mb_strdup(path)); /* (not one another process made meanwhile) */
+        char *copy = made ? mb_strdup(path) : NULL;
+        if (made && !copy) return rmdir(path), MB_ERR_OOM;
+        if (made) arrput(*made, copy); /* (not one another process made meanwhile) */
         return MB_OK;
     }
     if (errno == EEXIST && mb_is_dir(path)) return MB_OK;
     return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", path, strerror(errno));
 }
 
-/* present[i]: whether names[i] (NULL-terminated) is a file in dir. */
+/* present[i]: whether names[i] (NULL-terminated) is a file in dir (out of memory: counted as
+ * present, so that it is never removed). */
 static void mb_files_present(const char *dir, const char *const *names, int *present) {
     for (size_t i = 0; names[i]; i++) {
         char *p = mb_path_join(dir, names[i]);
-        present[i] = mb_is_file(p);
+        present[i] = !p || mb_is_file(p);
         free(p);
     }
 }
@@ -479,7 +492,7 @@ static void mb_files_present(const char *dir, const char *const *names, int *pre
 static void mb_remove_new_files(const char *dir, const char *const *names, const int *present) {
     for (size_t i = 0; names[i]; i++) {
         char *p = mb_path_join(dir, names[i]);
-        if (!present[i]) remove(p);
+        if (p && !present[i]) remove(p);
         free(p);
     }
 }
@@ -496,6 +509,7 @@ static MbStatus mb_guard_output(const char *cmd, const char *out, const char *co
                            "another --output folder", cmd, out, inputs[i]);
         for (const char *const *nm = names; *nm; nm++) {
             char *dst = mb_path_join(out, *nm);
+            if (!dst) return MB_ERR_OOM;
             int same = mb_same_file(inputs[i], dst);
             free(dst);
             if (same)
@@ -539,7 +553,7 @@ static MbStatus mb_map_file(const char *path, MbMap *m) {
     if (m->size == 0) {
         close(fd);
         m->data = mb_calloc(1, 1);
-        return MB_OK;
+        return m->data ? MB_OK : MB_ERR_OOM;
     }
     void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
@@ -626,15 +640,23 @@ static int mb_thread_start(pthread_t *t, void *(*fn)(void *), void *arg) {
     return rc;
 }
 
+/* A pool of n threads, or NULL (out of memory, message set); a thread that cannot start leaves
+ * the pool smaller. */
 static MbPool *mb_pool_new(int n) {
     MbPool *p = mb_calloc(1, sizeof *p);
+    if (!p) return NULL;
     p->n = n < 1 ? 1 : n;
+    p->threads = mb_calloc((size_t)p->n, sizeof *p->threads);
+    if (!p->threads) return free(p), NULL;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->start, NULL);
     pthread_cond_init(&p->done, NULL);
-    p->threads = mb_calloc((size_t)p->n, sizeof *p->threads);
     for (int i = 1; i < p->n; i++) {
         MbPoolArg *a = mb_malloc(sizeof *a);
+        if (!a) {
+            p->n = i; /* run with the threads we got */
+            break;
+        }
         a->pool = p;
         a->tid = i;
         if (mb_thread_start(&p->threads[i], mb_pool_worker, a) != 0) {
@@ -869,7 +891,7 @@ static MbStatus json_number(MbJsonParser *p, MbJson *node) {
     }
     char small[64], *buf = small;
     size_t len = p->i - start;
-    if (len >= sizeof small) buf = mb_malloc(len + 1);
+    if (len >= sizeof small && !(buf = mb_malloc(len + 1))) return MB_ERR_OOM;
     memcpy(buf, p->s + start, len);
     buf[len] = 0;
     node->num = strtod(buf, NULL);
@@ -1191,7 +1213,7 @@ static MbStatus kv_quoted(const MbKvParser *p, const char *s, size_t n, size_t *
     arrput(v, 0);
     *out = rc ? NULL : mb_strdup(v);
     arrfree(v);
-    return rc;
+    return rc || *out ? rc : MB_ERR_OOM;
 }
 
 /* A plain scalar from s[*i] to a comment, the end of the line or (flow: inside [...]) a ',' or
@@ -1211,7 +1233,7 @@ static MbStatus kv_plain(const MbKvParser *p, const char *s, size_t n, size_t *i
         if (!kv_blank(c)) end = j + 1;
     }
     *i = end;
-    *out = mb_malloc(end - start + 1);
+    if (!(*out = mb_malloc(end - start + 1))) return MB_ERR_OOM;
     memcpy(*out, s + start, end - start);
     (*out)[end - start] = 0;
     return MB_OK;
@@ -1231,11 +1253,15 @@ static MbStatus kv_list_add(const MbKvParser *p, char **value, char *item) {
     if (!rc) {
         size_t a = strlen(*value), b = strlen(item);
         char *v = mb_malloc(a + b + 2);
-        memcpy(v, *value, a);
-        if (a) v[a++] = ',';
-        memcpy(v + a, item, b + 1);
-        free(*value);
-        *value = v;
+        if (v) {
+            memcpy(v, *value, a);
+            if (a) v[a++] = ',';
+            memcpy(v + a, item, b + 1);
+            free(*value);
+            *value = v;
+        } else {
+            rc = MB_ERR_OOM;
+        }
     }
     free(item);
     return rc;
@@ -1267,7 +1293,7 @@ static MbStatus kv_flow_list(const MbKvParser *p, const char *s, size_t n, size_
  * [a, b], or a scalar. */
 static MbStatus kv_value(MbKvParser *p, const char *s, size_t n, size_t i, MbKv *e) {
     while (i < n && kv_blank(s[i])) i++;
-    if (i == n || s[i] == '#' || s[i] == '[') e->value = mb_strdup("");
+    if ((i == n || s[i] == '#' || s[i] == '[') && !(e->value = mb_strdup(""))) return MB_ERR_OOM;
     if (i == n || s[i] == '#') {
         p->list = arrlen(p->kv), p->list_indent = -1;
         return MB_OK;
@@ -1293,7 +1319,7 @@ static MbStatus kv_entry(MbKvParser *p, const char *s, size_t n) {
         for (i = 0; i < n && colon == n && !(s[i] == '#' && i && kv_blank(s[i - 1])); i++)
             if (s[i] == ':' && kv_sep(s, n, i + 1)) colon = i;
         for (i = colon; i > 0 && kv_blank(s[i - 1]);) i--;
-        e.key = mb_malloc(i + 1);
+        if (!(e.key = mb_malloc(i + 1))) return MB_ERR_OOM;
         memcpy(e.key, s, i);
         e.key[i] = 0;
     }
@@ -1869,7 +1895,10 @@ static MbStatus st_add_file(MbSafetensors *st, const char *path) {
             rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' appears twice in the checkpoint", path, name);
             goto fail;
         }
-        t.name = mb_strdup(name);
+        if (!(t.name = mb_strdup(name))) {
+            rc = MB_ERR_OOM;
+            goto fail;
+        }
         t.data = data + begin;
         t.nbytes = end - begin;
         arrput(st->tensors, t);
@@ -1886,10 +1915,15 @@ static MbStatus st_add_file(MbSafetensors *st, const char *path) {
                          ranges[2 * i], hint);
             goto fail;
         }
+    char *file = mb_strdup(path);
+    if (!file) {
+        rc = MB_ERR_OOM;
+        goto fail;
+    }
     arrfree(ranges);
     json_free(&doc);
     arrput(st->maps, m);
-    arrput(st->files, mb_strdup(path));
+    arrput(st->files, file);
     for (size_t i = first; i < (size_t)arrlen(st->tensors); i++)
         st->tensors[i].file = st->files[arrlen(st->files) - 1];
     return MB_OK;
@@ -1917,6 +1951,10 @@ static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
     if (rc) return rc;
     char *dir = mb_path_dirname(index_path);
     const MbJson *wm = json_get(&doc, json_root(&doc), "weight_map");
+    if (!dir) {
+        rc = MB_ERR_OOM;
+        goto done;
+    }
     if (!wm || wm->kind != MB_JSON_OBJECT) {
         rc = mb_fail(MB_ERR_FORMAT, "%s: no \"weight_map\" object", index_path);
         goto done;
@@ -1936,9 +1974,10 @@ static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
         }
         char *path = mb_path_join(dir, shard);
         int seen = 0;
-        for (ptrdiff_t i = 0; i < arrlen(st->files); i++)
+        for (ptrdiff_t i = 0; path && i < arrlen(st->files); i++)
             if (!strcmp(st->files[i], path)) seen = 1;
-        if (!seen) rc = st_add_file(st, path);
+        if (!path) rc = MB_ERR_OOM;
+        else if (!seen) rc = st_add_file(st, path);
         free(path);
         if (rc) goto done;
     }
@@ -1946,6 +1985,10 @@ static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
     for (const MbJson *e = json_first(&doc, wm); e; e = json_next(&doc, e)) {
         const MbTensorInfo *t = mb_safetensors_find(st, json_key(&doc, e));
         char *path = mb_path_join(dir, json_str(&doc, e));
+        if (!path) {
+            rc = MB_ERR_OOM;
+            goto done;
+        }
         if (!t || strcmp(t->file, path)) {
             rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing from shard %s (the index says "
                          "it is there) --> the download is incomplete", index_path,
@@ -1966,13 +2009,15 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     MbStatus rc = mb_check_host();
     if (rc) return rc;
     MbSafetensors *st = mb_calloc(1, sizeof *st);
+    if (!st) return MB_ERR_OOM;
     /* keys are the tensors' own names (alive as long as st): no copies, and no arena, whose
      * char storage[8] trick trips clang's bounds sanitizer */
     if (mb_is_dir(path)) {
         char *index = mb_path_join(path, "model.safetensors.index.json");
         char *single = mb_path_join(path, "model.safetensors");
         int err;
-        if (mb_is_file(index)) rc = st_add_index(st, index);
+        if (!index || !single) rc = MB_ERR_OOM;
+        else if (mb_is_file(index)) rc = st_add_index(st, index);
         else if (mb_path_kind(single, &err), !err) rc = st_add_file(st, single); /* (names a FIFO or a folder) */
         else rc = mb_fail(MB_ERR_IO, "%s: no model.safetensors or model.safetensors.index.json "
                           "--> is this a Hugging Face model folder with safetensors weights?", path);
@@ -2057,7 +2102,8 @@ static MbStatus st_write(const char *path, const MbTensorOut *tensors, size_t n,
         }
         free(buf);
         buf = mb_malloc(bytes);
-        if ((rc = fill(ctx, i, buf))) {
+        rc = buf ? fill(ctx, i, buf) : MB_ERR_OOM;
+        if (rc) {
             free(buf);
             mb_wfile_abort(&w);
             return rc;
@@ -2642,7 +2688,7 @@ static MbStatus tok_alloc(MbTokenizer *t, size_t n_vocab) {
     t->off = mb_calloc(n_vocab, sizeof *t->off);
     t->len = mb_calloc(n_vocab, sizeof *t->len);
     t->flags = mb_calloc(n_vocab, 1);
-    return MB_OK;
+    return t->off && t->len && t->flags ? MB_OK : MB_ERR_OOM; /* (the tokenizer's free takes what came) */
 }
 
 /* Hash maps of the vocabulary and of the added tokens by bytes. The hash seed is changed until
@@ -2701,10 +2747,11 @@ static MbStatus tok_finish(MbTokenizer *t) {
 }
 
 /* The merges of two single bytes as a table: every piece BPE merges starts with those pairs. */
-static void tok_byte_merges(MbTokenizer *t) {
-    t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges);
+static MbStatus tok_byte_merges(MbTokenizer *t) {
+    if (!(t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges))) return MB_ERR_OOM;
     for (int a = 0; a < 256; a++)
         for (int b = 0; b < 256; b++) t->byte_merges[a * 256 + b] = tok_merge(t, t->byte_id[a], t->byte_id[b]);
+    return MB_OK;
 }
 
 /* ---- tokenizer.json (Hugging Face) ---- */
@@ -2928,7 +2975,7 @@ static MbStatus tok_from_json(MbTokenizer *t, const char *text, size_t n) {
     }
     if ((st = tokjson_template(t, d, json_get(d, root, "post_processor"))) || (st = tok_finish(t)))
         goto done;
-    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) tok_byte_merges(t);
+    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) st = tok_byte_merges(t);
 done:
     arrfree(buf);
     json_free(&doc);
@@ -3060,7 +3107,7 @@ static MbStatus tok_from_tiktoken(MbTokenizer *t, const unsigned char *s, size_t
     t->ignore_merges = 1;            /* tiktoken looks a whole piece up before merging */
     if ((st = tok_finish(t))) goto done;
     tok_merges_from_ranks(t);
-    tok_byte_merges(t);
+    st = tok_byte_merges(t);
 done:
     arrfree(lines);
     arrfree(buf);
@@ -3071,7 +3118,8 @@ done:
 static MbStatus tok_from_text(const char *name, const char *text, size_t n, MbTokenizer **out) {
     *out = NULL;
     MbTokenizer *t = mb_calloc(1, sizeof *t);
-    t->path = mb_strdup(name);
+    if (!t) return MB_ERR_OOM;
+    if (!(t->path = mb_strdup(name))) return free(t), MB_ERR_OOM;
     size_t i = 0;
     while (i < n && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
     MbStatus st = i < n && text[i] == '{' ? tok_from_json(t, text, n)
@@ -3084,20 +3132,26 @@ static MbStatus tok_from_text(const char *name, const char *text, size_t n, MbTo
     return MB_OK;
 }
 
-/* The tokenizer file of a folder (tokenizer.json, else tokenizer.model; malloc'd), or NULL. */
-static char *tokenizer_in(const char *dir) {
+/* The tokenizer file of a folder (tokenizer.json, else tokenizer.model; malloc'd) in *file, or
+ * NULL when it has none. */
+static MbStatus tokenizer_in(const char *dir, char **file) {
     const char *names[2] = {"tokenizer.json", "tokenizer.model"};
+    *file = NULL;
     for (int i = 0; i < 2; i++) {
         char *f = mb_path_join(dir, names[i]);
-        if (mb_is_file(f)) return f;
+        if (!f) return MB_ERR_OOM;
+        if (mb_is_file(f)) return *file = f, MB_OK;
         free(f);
     }
-    return NULL;
+    return MB_OK;
 }
 
 /* The tokenizer file PATH names: PATH itself, or the tokenizer file of a folder. *file is malloc'd. */
 static MbStatus tok_file(const char *path, char **file) {
-    *file = mb_is_dir(path) ? tokenizer_in(path) : mb_strdup(path);
+    MbStatus rc = MB_OK;
+    if (mb_is_dir(path)) rc = tokenizer_in(path, file);
+    else if (!(*file = mb_strdup(path))) rc = MB_ERR_OOM;
+    if (rc) return rc;
     return *file ? MB_OK : mb_fail(MB_ERR_IO, "%s: no tokenizer.json or tokenizer.model in this folder", path);
 }
 
@@ -3111,7 +3165,8 @@ MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out) {
     if (!st) st = tok_from_text(file, text, n, out);
     free(text);
     /* tokenizer_config.json beside the tokenizer names its bos/eos, as AutoTokenizer reads it */
-    char *dir = mb_path_dirname(file), *cfg = mb_path_join(dir, "tokenizer_config.json");
+    char *dir = mb_path_dirname(file), *cfg = dir ? mb_path_join(dir, "tokenizer_config.json") : NULL;
+    if (!st && !cfg) st = MB_ERR_OOM;
     if (!st && mb_is_file(cfg)) st = mb_tokenizer_load_config(*out, cfg);
     if (st && *out) mb_tokenizer_free(*out), *out = NULL;
     free(cfg), free(dir), free(file);
@@ -3155,11 +3210,13 @@ MbStatus mb_tokenizer_load_config(MbTokenizer *t, const char *path) {
     }
     if (!rc && add && add->kind != MB_JSON_BOOL && add->kind != MB_JSON_NULL)
         rc = mb_fail(MB_ERR_FORMAT, "%s: add_bos_token must be true or false", path);
+    char *config = rc ? NULL : mb_strdup(path);
+    if (!rc && !config) rc = MB_ERR_OOM;
     if (!rc) {
         t->bos_id = ids[0], t->eos_id = ids[1];
         if (add && add->kind == MB_JSON_BOOL && llama_class) t->add_bos_token = add->boolean;
         free(t->config);
-        t->config = mb_strdup(path);
+        t->config = config;
     }
     json_free(&d);
     return rc;
@@ -3174,21 +3231,22 @@ const char *mb_tokenizer_config_path(const MbTokenizer *t) { return t->config; }
 static MbStatus tokenizer_locate(const char *tokenizer, const char *model_dir, const char *lora_dir, char **file,
                                  char **config) {
     *file = *config = NULL;
-    if (tokenizer) {
-        MbStatus rc = tok_file(tokenizer, file);
-        if (rc) return rc;
-    } else if (!(*file = tokenizer_in(model_dir)) && !(lora_dir && (*file = tokenizer_in(lora_dir)))) {
+    MbStatus rc = tokenizer ? tok_file(tokenizer, file) : tokenizer_in(model_dir, file);
+    if (!rc && !tokenizer && !*file && lora_dir) rc = tokenizer_in(lora_dir, file);
+    if (rc) return rc;
+    if (!*file)
         return mb_fail(MB_ERR_IO, "%s%s%s: no tokenizer.json or tokenizer.model --> pass --tokenizer PATH (tokenizer.json, "
                        "tokenizer.model or a folder)", model_dir, lora_dir ? " and " : "", lora_dir ? lora_dir : "");
-    }
     char *dir = mb_path_dirname(*file);
     const char *where[2] = {dir, model_dir};
-    for (int i = 0; i < 2 && !*config; i++) {
-        *config = mb_path_join(where[i], "tokenizer_config.json");
-        if (!mb_is_file(*config)) free(*config), *config = NULL;
+    for (int i = 0; i < 2 && !*config && !rc; i++) {
+        *config = where[i] ? mb_path_join(where[i], "tokenizer_config.json") : NULL;
+        if (!*config) rc = MB_ERR_OOM;
+        else if (!mb_is_file(*config)) free(*config), *config = NULL;
     }
     free(dir);
-    return MB_OK;
+    if (rc) free(*file), *file = NULL;
+    return rc;
 }
 
 MbStatus mb_tokenizer_open(const char *tokenizer, const char *model_dir, const char *lora_dir, MbTokenizer **out) {
@@ -3209,9 +3267,10 @@ static MbStatus tokenizer_copy_files(const MbTokenizer *t, const char *dir) {
     char *text = NULL, *cfg_dir = t->config ? mb_path_dirname(t->config) : NULL;
     char *map = cfg_dir ? mb_path_join(cfg_dir, "special_tokens_map.json") : NULL;
     size_t n, i = 0;
-    MbStatus rc = mb_read_file(t->path, &text, &n); /* (tokenizer.json starts with '{') */
+    MbStatus rc = t->config && !map ? MB_ERR_OOM : mb_read_file(t->path, &text, &n); /* (tokenizer.json starts with '{') */
     while (!rc && i < n && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
-    char *to = mb_path_join(dir, !rc && i < n && text[i] == '{' ? "tokenizer.json" : "tokenizer.model");
+    char *to = rc ? NULL : mb_path_join(dir, i < n && text[i] == '{' ? "tokenizer.json" : "tokenizer.model");
+    if (!rc && !to) rc = MB_ERR_OOM;
     if (!rc && !mb_same_file(t->path, to)) rc = mb_write_file(to, text, n);
     const char *src[2] = {t->config, map && mb_is_file(map) ? map : NULL};
     const char *dst[2] = {"tokenizer_config.json", "special_tokens_map.json"};
@@ -3219,7 +3278,8 @@ static MbStatus tokenizer_copy_files(const MbTokenizer *t, const char *dir) {
         if (!src[k]) continue;
         free(to);
         to = mb_path_join(dir, dst[k]);
-        if (!mb_same_file(src[k], to)) rc = mb_copy_file(src[k], to);
+        if (!to) rc = MB_ERR_OOM;
+        else if (!mb_same_file(src[k], to)) rc = mb_copy_file(src[k], to);
     }
     free(to), free(text), free(map), free(cfg_dir);
     return rc;
@@ -3309,6 +3369,10 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     uint32_t *prev = mb_malloc(n * sizeof *prev), *next = mb_malloc(n * sizeof *next);
     MbBpeEntry *heap = mb_malloc(3 * n * sizeof *heap);
     size_t nh = 0, m = 0;
+    if (!id || !prev || !next || !heap) { /* 0 tokens: out of memory (a piece gives at least one) */
+        free(id), free(prev), free(next), free(heap);
+        return 0;
+    }
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]], prev[k] = (uint32_t)k - 1, next[k] = (uint32_t)k + 1;
     for (size_t k = 0; k + 1 < n; k++) {
         MbMerge mg = t->byte_merges[s[k] * 256 + s[k + 1]];
@@ -3338,7 +3402,7 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     return m;
 }
 
-/* One pre-tokenized piece -> ids appended at out; returns their count. */
+/* One pre-tokenized piece -> ids appended at out; returns their count (0: out of memory). */
 static size_t encode_piece(const MbTokenizer *t, const unsigned char *s, size_t n, int32_t *out) {
     if (n == 1) {
         out[0] = t->byte_id[s[0]];
@@ -3348,9 +3412,10 @@ static size_t encode_piece(const MbTokenizer *t, const unsigned char *s, size_t 
     return n <= MB_BPE_SMALL ? bpe_small(t, s, n, out) : bpe_long(t, s, n, out);
 }
 
-/* Text without added tokens: valid UTF-8 runs through the regex, invalid bytes alone. */
-static size_t encode_ordinary(const MbTokenizer *t, const unsigned char *s, size_t n, int32_t *out) {
-    size_t m = 0, i = 0;
+/* Text without added tokens: valid UTF-8 runs through the regex, invalid bytes alone; the ids
+ * are appended at out[*m], *m counts them. */
+static MbStatus encode_ordinary(const MbTokenizer *t, const unsigned char *s, size_t n, int32_t *out, size_t *m) {
+    size_t i = 0;
     while (i < n) {
         size_t j = i, k;
         while (j < n) {
@@ -3359,14 +3424,15 @@ static size_t encode_ordinary(const MbTokenizer *t, const unsigned char *s, size
             else break;
         }
         for (size_t p = i; p < j;) {
-            size_t e = pretok_next(s + i, j - i, p - i) + i;
-            m += encode_piece(t, s + p, e - p, out + m);
+            size_t e = pretok_next(s + i, j - i, p - i) + i, k = encode_piece(t, s + p, e - p, out + *m);
+            if (!k) return MB_ERR_OOM;
+            *m += k;
             p = e;
         }
-        if (j < n) out[m++] = t->byte_id[s[j++]]; /* a byte that is not valid UTF-8 */
+        if (j < n) out[(*m)++] = t->byte_id[s[j++]]; /* a byte that is not valid UTF-8 */
         i = j;
     }
-    return m;
+    return MB_OK;
 }
 
 /* The added token that starts at s[i] (the longest), or -1; its length in *len. */
@@ -3390,18 +3456,21 @@ MbStatus mb_tokenizer_encode(const MbTokenizer *t, const char *text, size_t len,
         return mb_fail(MB_ERR_ARG, "%s: a text of %zu bytes is too long to encode (the limit is 4 GiB)", t->path, len);
     int32_t *out = mb_malloc((len + np) * sizeof *out); /* a token covers at least one byte */
     size_t m = 0, start = 0, L;
+    if (!out) return MB_ERR_OOM;
     if (flags & MB_ENCODE_ADD_BOS)
         for (ptrdiff_t k = 0; k < arrlen(t->prefix); k++) out[m++] = t->prefix[k];
+    MbStatus rc = MB_OK;
     if (!(flags & MB_ENCODE_SPECIALS_AS_TEXT))
-        for (size_t i = 0; i < len; i++) {
+        for (size_t i = 0; i < len && !rc; i++) {
             int32_t id;
             if (!t->added_first[s[i]] || (id = added_at(t, s, len, i, &L)) < 0) continue;
-            m += encode_ordinary(t, s + start, i - start, out + m);
+            rc = encode_ordinary(t, s + start, i - start, out, &m);
             out[m++] = id;
             i += L - 1;
             start = i + 1;
         }
-    m += encode_ordinary(t, s + start, len - start, out + m);
+    if (!rc) rc = encode_ordinary(t, s + start, len - start, out, &m);
+    if (rc) return free(out), rc;
     if (flags & MB_ENCODE_ADD_BOS)
         for (ptrdiff_t k = 0; k < arrlen(t->suffix); k++) out[m++] = t->suffix[k];
     *ids = out;
@@ -3458,13 +3527,14 @@ MbStatus mb_tokenizer_decode(const MbTokenizer *t, const int32_t *ids, size_t n,
         total += t->len[ids[i]];
     }
     unsigned char *raw = mb_malloc(total);
+    char *out = raw ? mb_malloc(3 * total + 1) : NULL;
+    if (!out) return free(raw), MB_ERR_OOM;
     size_t r = 0;
     for (size_t i = 0; i < n; i++) {
         if (skip_special_tokens && (t->flags[ids[i]] & MB_TOK_SPECIAL)) continue;
         memcpy(raw + r, t->bytes + t->off[ids[i]], t->len[ids[i]]);
         r += t->len[ids[i]];
     }
-    char *out = mb_malloc(3 * r + 1);
     utf8_lossy(raw, r, 1, out, len);
     out[*len] = 0;
     free(raw);
@@ -3478,14 +3548,17 @@ void mb_token_stream_init(MbTokenStream *s, const MbTokenizer *tok, int skip_spe
     s->skip_special_tokens = skip_special_tokens;
 }
 
-/* Converts held + bytes, keeping an incomplete character at the end unless final. */
-static void stream_emit(MbTokenStream *s, const unsigned char *bytes, size_t n, int final, const char **text,
-                        size_t *len) {
+/* Converts held + bytes, keeping an incomplete character at the end unless final. Out of
+ * memory: no text (*text ""), the stream unchanged. */
+static MbStatus stream_emit(MbTokenStream *s, const unsigned char *bytes, size_t n, int final, const char **text,
+                            size_t *len) {
     size_t raw_n = s->n_held + n;
+    *text = "", *len = 0;
     if (s->cap < 4 * raw_n + 16) {
-        s->cap = 4 * raw_n + 16;
+        char *buf = mb_malloc(4 * raw_n + 16);
+        if (!buf) return MB_ERR_OOM;
         free(s->buf);
-        s->buf = mb_malloc(s->cap);
+        s->buf = buf, s->cap = 4 * raw_n + 16;
     }
     unsigned char *raw = (unsigned char *)s->buf + 3 * raw_n + 4; /* the tail of buf holds the input */
     memcpy(raw, s->held, s->n_held);
@@ -3495,6 +3568,7 @@ static void stream_emit(MbTokenStream *s, const unsigned char *bytes, size_t n, 
     memmove(s->held, raw + used, s->n_held);
     s->buf[*len] = 0;
     *text = s->buf;
+    return MB_OK;
 }
 
 MbStatus mb_token_stream_put(MbTokenStream *s, int32_t id, const char **text, size_t *len) {
@@ -3502,12 +3576,11 @@ MbStatus mb_token_stream_put(MbTokenStream *s, int32_t id, const char **text, si
     if (st) return st;
     const MbTokenizer *t = s->tok;
     int skip = s->skip_special_tokens && (t->flags[id] & MB_TOK_SPECIAL);
-    stream_emit(s, t->bytes + t->off[id], skip ? 0 : t->len[id], 0, text, len);
-    return MB_OK;
+    return stream_emit(s, t->bytes + t->off[id], skip ? 0 : t->len[id], 0, text, len);
 }
 
-void mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len) {
-    stream_emit(s, NULL, 0, 1, text, len);
+MbStatus mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len) {
+    return stream_emit(s, NULL, 0, 1, text, len);
 }
 
 void mb_token_stream_free(MbTokenStream *s) {
@@ -3862,7 +3935,7 @@ static MbStatus weight_from_tensor(const MbTensorInfo *t, size_t rows, size_t co
     w->cols = cols;
     w->data = t->data;
     if ((uintptr_t)t->data % mb_dtype_size(t->dtype)) { /* misaligned in the file: copy once */
-        w->owned = mb_aligned_alloc(t->nbytes);
+        if (!(w->owned = mb_aligned_alloc(t->nbytes))) return MB_ERR_OOM;
         memcpy(w->owned, t->data, t->nbytes);
         w->data = w->owned;
     }
@@ -3980,14 +4053,16 @@ static void blockwise8_quantize(const float *a, size_t n, size_t blocksize, cons
 
 /* Double quantization of the nb block absmax values into q (offset, map), codes and scales: the
  * second half of bitsandbytes' quantize_4bit(compress_statistics=True). */
-static void nf4_double_quant(const float *absmax, size_t nb, MbNf4 *q, uint8_t *codes, float *scales) {
+static MbStatus nf4_double_quant(const float *absmax, size_t nb, MbNf4 *q, uint8_t *codes, float *scales) {
     nf4_dynamic_map(q->nested_quant_map);
     q->nested_blocksize = MB_NF4_NESTED_BLOCKSIZE;
     q->offset = torch_sum_f32(absmax, nb) / (float)nb; /* torch.mean */
     float *a = mb_malloc(nb * sizeof(float));
+    if (!a) return MB_ERR_OOM;
     for (size_t i = 0; i < nb; i++) a[i] = absmax[i] - q->offset;
     blockwise8_quantize(a, nb, MB_NF4_NESTED_BLOCKSIZE, q->nested_quant_map, codes, scales);
     free(a);
+    return MB_OK;
 }
 
 /* The first half of quantize_4bit: blocks [b0, b1) of w -> packed codes and absmax. Threads take
@@ -4027,11 +4102,13 @@ static MbStatus weight_quantize_nf4(MbWeight *w, const char *name, MbDtype compu
     /* one block: the MbNf4, the nested scales (fp32), the packed codes, the absmax codes */
     size_t head = (sizeof(MbNf4) + 63) / 64 * 64;
     unsigned char *block = mb_aligned_alloc(head + 4 * ns + n / 2 + nb);
+    float *absmax = block ? mb_malloc(nb * sizeof(float)) : NULL;
+    if (!absmax) return free(block), MB_ERR_OOM;
     MbNf4 *q = (MbNf4 *)(void *)block;
     memset(q, 0, sizeof *q);
     float *scales = (float *)(void *)(block + head);
     uint8_t *packed = block + head + 4 * ns, *codes = packed + n / 2;
-    Nf4QuantTask task = {w, n, nb, {0}, mb_malloc(nb * sizeof(float)), packed};
+    Nf4QuantTask task = {w, n, nb, {0}, absmax, packed};
     nf4_thresholds(task.t);
     if (pool) mb_pool_run(pool, nf4_quantize_task, &task);
     else nf4_quantize_task(&task, 0, 1);
@@ -4039,7 +4116,7 @@ static MbStatus weight_quantize_nf4(MbWeight *w, const char *name, MbDtype compu
     q->blocksize = MB_NF4_BLOCKSIZE;
     q->nblocks = nb;
     q->compute = compute;
-    nf4_double_quant(task.absmax, nb, q, codes, scales);
+    if (nf4_double_quant(task.absmax, nb, q, codes, scales)) return free(absmax), free(block), MB_ERR_OOM;
     q->absmax_q = codes;
     q->nested_absmax = (const unsigned char *)scales;
     free(task.absmax);
@@ -4203,6 +4280,10 @@ static MbStatus weight_from_bnb(const MbSafetensors *st, const MbTensorInfo *t, 
         memcpy(q.nested_quant_map, nmap->data, sizeof q.nested_quant_map);
     }
     MbNf4 *state = mb_malloc(sizeof q);
+    if (!state) {
+        rc = MB_ERR_OOM;
+        goto done;
+    }
     *state = q;
     w->dtype = MB_DT_U8;
     w->rows = rows;
@@ -4227,6 +4308,12 @@ struct MbOps {
     void *ctx;                 /* backend state */
     size_t act_size;           /* bytes per activation element */
     int host_memory;           /* activations live in host memory (the CPU backend) */
+    /* The first failure of an op that returns nothing (out of memory for its scratch, a device
+     * error), kept with its message: a device backend then does nothing more but free, and the
+     * model, the trainer and generation return it (mb_ops_status) after a forward, a backward, an
+     * optimizer step or a copy to the host. alloc returns NULL without setting it. */
+    MbStatus err;
+    char err_msg[1024];
     void (*destroy)(MbOps *);
     /* Memory. Activation buffers hold act_size-byte values; every other buffer (norm statistics,
      * per-row log-probs, logits, LoRA parameters and gradients, optimizer state) is fp32 or fp64
@@ -4327,26 +4414,66 @@ static float *mb_act_at(const MbOps *ops, float *base, size_t elems) {
     return (float *)(void *)((char *)base + elems * ops->act_size);
 }
 
+static pthread_mutex_t mb_ops_err_mu = PTHREAD_MUTEX_INITIALIZER; /* guards MbOps.err of every backend */
+
+/* Makes st, with this thread's message, ops' failure unless it already has one (any thread of the
+ * backend may call it); returns st. */
+static MbStatus mb_ops_fail(MbOps *ops, MbStatus st) {
+    pthread_mutex_lock(&mb_ops_err_mu);
+    if (!ops->err) {
+        ops->err = st;
+        snprintf(ops->err_msg, sizeof ops->err_msg, "%s", mb_last_error());
+    }
+    pthread_mutex_unlock(&mb_ops_err_mu);
+    return st;
+}
+
+/* MB_OK, or ops' failure with its message on this thread */
+static MbStatus mb_ops_status(MbOps *ops) {
+    pthread_mutex_lock(&mb_ops_err_mu);
+    MbStatus st = ops->err ? mb_fail(ops->err, "%s", ops->err_msg) : MB_OK;
+    pthread_mutex_unlock(&mb_ops_err_mu);
+    return st;
+}
+
+/* The status of a NULL from ops->alloc: the backend's failure when it has one, else out of
+ * memory (the message is set) */
+static MbStatus mb_ops_oom(MbOps *ops) {
+    MbStatus st = mb_ops_status(ops);
+    return st ? st : MB_ERR_OOM;
+}
+
 typedef struct {
+    MbOps *ops;
     MbPool *pool;
     float **scratch;      /* per thread */
     size_t *scratch_n;
 } MbCpu;
 
-/* Per-thread scratch of at least n floats (each thread grows only its own slot). */
+/* Per-thread scratch of at least n floats (each thread grows only its own slot); NULL when out
+ * of memory, which is then the backend's failure (the op skips its work). */
 static float *cpu_scratch(MbCpu *cpu, int tid, size_t n) {
     if (cpu->scratch_n[tid] < n) {
+        float *p = mb_aligned_alloc(n * sizeof(float));
+        if (!p) return mb_ops_fail(cpu->ops, MB_ERR_OOM), NULL;
         free(cpu->scratch[tid]);
-        cpu->scratch[tid] = mb_aligned_alloc(n * sizeof(float));
+        cpu->scratch[tid] = p;
         cpu->scratch_n[tid] = n;
     }
     return cpu->scratch[tid];
 }
 
+/* A host buffer of n bytes for an op, or NULL with the failure recorded in ops */
+static void *cpu_op_alloc(MbOps *ops, size_t bytes) {
+    void *p = mb_aligned_alloc(bytes);
+    if (!p) mb_ops_fail(ops, MB_ERR_OOM);
+    return p;
+}
+
 static void *cpu_alloc(MbOps *ops, size_t bytes) {
     (void)ops;
     void *p = mb_aligned_alloc(bytes);
-    memset(p, 0, bytes);
+    if (p) memset(p, 0, bytes);
     return p;
 }
 
@@ -4428,7 +4555,7 @@ static void matmul_task(void *ctx, int tid, int nt) {
     size_t nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
     mb_split(nblocks, tid, nt, &b0, &b1);
     float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
-    for (size_t b = b0; b < b1; b++) {
+    for (size_t b = b0; wt && b < b1; b++) {
         size_t o0 = b * MM_OB, no = MB_MIN((size_t)MM_OB, O - o0);
         for (size_t i0 = 0; i0 < I; i0 += MM_IB) {
             size_t ni = MB_MIN((size_t)MM_IB, I - i0);
@@ -4463,7 +4590,7 @@ static void matvec_task(void *ctx, int tid, int nt) {
     size_t O = t->w->rows, I = t->w->cols, o0, o1;
     mb_split(O, tid, nt, &o0, &o1);
     float *wf = cpu_scratch(t->cpu, tid, MM_IB);
-    for (size_t o = o0; o < o1; o++) {
+    for (size_t o = o0; wf && o < o1; o++) {
         for (size_t n = 0; n < t->N; n++) t->out[n * O + o] = 0.0f;
         for (size_t i0 = 0; i0 < I; i0 += MM_IB) {
             size_t ni = MB_MIN((size_t)MM_IB, I - i0);
@@ -4483,9 +4610,9 @@ static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const M
 
 static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float *inp, const MbWeight *w,
                                 size_t N, float eps) {
-    (void)ops;
     size_t C = w->cols;
-    float *wf = mb_malloc(C * sizeof(float));
+    float *wf = cpu_op_alloc(ops, C * sizeof(float));
+    if (!wf) return;
     weight_row_f32(w, 0, 0, C, wf);
     for (size_t n = 0; n < N; n++) {
         const float *x = inp + n * C;
@@ -4501,9 +4628,11 @@ static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float
 /* Rotates x (B, T, nh, D) by the rope angles of positions pos0 + t: x1' = x1 c - x2 s,
  * x2' = x2 c + x1 s (HF's rotate_half layout, j paired with j + D/2). sign -1 rotates back, which
  * is the backward (the rotation's transpose). */
-static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
+static void rope_rotate(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D,
+                        float sign) {
     int half = D / 2;
-    float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float)); /* (T, cos[half], sin[half]) */
+    float *cs = cpu_op_alloc(ops, (size_t)T * (size_t)D * sizeof(float)); /* (T, cos[half], sin[half]) */
+    if (!cs) return;
     for (int t = 0; t < T; t++)
         for (int j = 0; j < half; j++) {
             float f = (float)(pos0 + t) * inv_freq[j];
@@ -4526,8 +4655,7 @@ static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0,
 }
 
 static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
-    (void)ops;
-    rope_rotate(x, inv_freq, B, T, pos0, nh, D, 1.0f);
+    rope_rotate(ops, x, inv_freq, B, T, pos0, nh, D, 1.0f);
 }
 
 static void cpu_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
@@ -4551,6 +4679,7 @@ static void attention_task(void *ctx, int tid, int nt) {
     int D = a->D, KD = a->K * a->D, group = a->H / a->K;
     float scale = 1.0f / sqrtf((float)D);
     float *p = cpu_scratch(a->cpu, tid, (size_t)a->S + (size_t)D);
+    if (!p) return;
     float *acc = p + a->S;
     for (size_t bh = lo; bh < hi; bh++) {
         int b = (int)(bh / (size_t)a->H), h = (int)(bh % (size_t)a->H), kh = h / group;
@@ -4652,9 +4781,9 @@ static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, cons
  * dx = r * (w dy) - r^3 / C * x * sum(w dy x) */
 static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
                                  const float *rstd, size_t N, int accumulate) {
-    (void)ops;
     size_t C = w->cols;
-    float *wf = mb_malloc(C * sizeof(float));
+    float *wf = cpu_op_alloc(ops, C * sizeof(float));
+    if (!wf) return;
     weight_row_f32(w, 0, 0, C, wf);
     for (size_t n = 0; n < N; n++) {
         const float *x = inp + n * C, *dy = dout + n * C;
@@ -4672,8 +4801,7 @@ static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, con
 
 static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
                               int D) {
-    (void)ops;
-    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
+    rope_rotate(ops, dx, inv_freq, B, T, pos0, nh, D, -1.0f);
 }
 
 typedef struct {
@@ -4692,7 +4820,7 @@ static void attention_backward_task(void *ctx, int tid, int nt) {
     int D = a->D, T = a->T, H = a->H, K = a->K, group = H / K, QD = H * D, KD = K * D;
     float scale = 1.0f / sqrtf((float)D);
     float *p = cpu_scratch(a->cpu, tid, (size_t)T);
-    for (size_t bk = lo; bk < hi; bk++) {
+    for (size_t bk = lo; p && bk < hi; bk++) {
         int b = (int)(bk / (size_t)K), kh = (int)(bk % (size_t)K), len = a->lens ? a->lens[b] : T;
         size_t seq = (size_t)b * T;
         for (int t = 0; t < T; t++)
@@ -4807,7 +4935,8 @@ static void cpu_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, const
                               const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale) {
     MbCpu *cpu = ops->ctx;
     size_t R = A->rows, I = A->cols, O = B->rows;
-    float *du = mb_aligned_alloc(N * R * sizeof(float));
+    float *du = cpu_op_alloc(ops, N * R * sizeof(float));
+    if (!du) return;
     cpu_gemm_tn_acc(cpu, dB, dout, u, N, O, R, scale);         /* dB += scale dout^T u */
     cpu_matmul_backward(ops, du, dout, B, N, 0);                /* du = dout @ B */
     for (size_t i = 0; i < N * R; i++) du[i] *= scale;
@@ -4863,8 +4992,8 @@ static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, float *lsum
                                 const int32_t *targets, size_t M) {
     MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
-    float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
-    for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
+    float *logits = cpu_op_alloc(ops, LP_ROWS * V * sizeof(float));
+    for (size_t m0 = 0; logits && m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
         LogprobTask t = {logits, rows, V, m0, targets, logp, lse, lsum, NULL};
@@ -4877,8 +5006,8 @@ static void cpu_logprob_backward(MbOps *ops, float *dx, const float *g, const fl
                                  const int32_t *targets, const float *lse, size_t M) {
     MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
-    float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
-    for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
+    float *logits = cpu_op_alloc(ops, LP_ROWS * V * sizeof(float));
+    for (size_t m0 = 0; logits && m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
         LogprobTask t = {logits, rows, V, m0, targets, NULL, (float *)lse, NULL, g};
@@ -4944,7 +5073,7 @@ static void cpu_adamw(MbOps *ops, float *p, const float *g, float *m, float *v, 
 
 static void cpu_destroy(MbOps *ops) {
     MbCpu *cpu = ops->ctx;
-    for (int i = 0; i < cpu->pool->n; i++) free(cpu->scratch[i]);
+    for (int i = 0; cpu->scratch && i < cpu->pool->n; i++) free(cpu->scratch[i]);
     free(cpu->scratch);
     free(cpu->scratch_n);
     mb_pool_free(cpu->pool);
@@ -4952,17 +5081,23 @@ static void cpu_destroy(MbOps *ops) {
     free(ops);
 }
 
+/* The CPU backend on `threads` threads (0: all cores), or NULL (out of memory, message set) */
 static MbOps *mb_cpu_ops_new(int threads) {
     MbCpu *cpu = mb_calloc(1, sizeof *cpu);
+    MbOps *ops = cpu ? mb_calloc(1, sizeof *ops) : NULL;
+    if (!ops) return free(cpu), NULL;
+    ops->ctx = cpu;
+    ops->destroy = cpu_destroy;
+    cpu->ops = ops;
     cpu->pool = mb_pool_new(threads > 0 ? threads : mb_cpu_count());
+    if (!cpu->pool) return free(cpu), free(ops), NULL;
     cpu->scratch = mb_calloc((size_t)cpu->pool->n, sizeof *cpu->scratch);
     cpu->scratch_n = mb_calloc((size_t)cpu->pool->n, sizeof *cpu->scratch_n);
-    MbOps *ops = mb_calloc(1, sizeof *ops);
+    if (!cpu->scratch || !cpu->scratch_n) return cpu_destroy(ops), NULL;
     ops->name = "cpu";
     ops->ctx = cpu;
     ops->act_size = sizeof(float);
     ops->host_memory = 1;
-    ops->destroy = cpu_destroy;
     ops->alloc = cpu_alloc;
     ops->free = cpu_free;
     ops->to_host = cpu_copy;
@@ -5185,9 +5320,9 @@ static void buf_spec(MbBufSpec **spec, float **p, size_t n) {
 
 /* The buffers of an activation block for a's settings (N, train, checkpointing, R, lora_targets,
  * dropout): activation-dtype ones into *spec, fp32 ones into *spec32, each pointing at the field
- * of a it fills. Allocates a->stream and a->layer. host_logits: the backend's memory is the
- * host's (inference logits go straight to the caller). */
-static void acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec **spec, MbBufSpec **spec32) {
+ * of a it fills. Allocates a->stream and a->layer (the caller frees them, also on a failure).
+ * host_logits: the backend's memory is the host's (inference logits go straight to the caller). */
+static MbStatus acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec **spec, MbBufSpec **spec32) {
     size_t N = a->N, C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
            F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
            H = (size_t)c->num_attention_heads;
@@ -5197,6 +5332,7 @@ static void acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec
     a->n_layer_sets = train && !a->checkpointing ? (int)L : 1;
     a->stream = mb_calloc(n_stream, sizeof *a->stream);
     a->layer = mb_calloc((size_t)a->n_layer_sets, sizeof *a->layer);
+    if (!a->stream || !a->layer) return MB_ERR_OOM;
 #define BUF(p, n) buf_spec(spec, &(p), (n))
 #define F32(p, n) buf_spec(spec32, &(p), (n))
     for (size_t i = 0; i < n_stream; i++) BUF(a->stream[i], N * C);
@@ -5220,6 +5356,7 @@ static void acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec
     if (a->dropout) BUF(a->drop, N * MB_MAX(C, F)), BUF(a->ddrop, N * MB_MAX(C, F));
 #undef BUF
 #undef F32
+    return MB_OK;
 }
 
 static size_t buf_spec_total(const MbBufSpec *spec) {
@@ -5229,21 +5366,22 @@ static size_t buf_spec_total(const MbBufSpec *spec) {
 }
 
 /* Values in the activation block and in the fp32 block of a training step over N rows (what
- * acts_ensure allocates; info --plan counts with it). */
-MB_UNUSED static void acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
-                       size_t *f32) {
+ * acts_ensure allocates; info --plan counts with it). Out of memory: 0 and 0. */
+MB_UNUSED static MbStatus acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout,
+                                     size_t *acts, size_t *f32) {
     MbActs a;
     memset(&a, 0, sizeof a);
     a.N = N, a.train = 1, a.checkpointing = ckpt, a.R = R, a.lora_targets = targets, a.dropout = dropout;
     MbBufSpec *spec = NULL, *spec32 = NULL;
-    acts_layout(&a, c, 0, &spec, &spec32);
-    *acts = buf_spec_total(spec), *f32 = buf_spec_total(spec32);
+    MbStatus rc = acts_layout(&a, c, 0, &spec, &spec32);
+    *acts = rc ? 0 : buf_spec_total(spec), *f32 = rc ? 0 : buf_spec_total(spec32);
     arrfree(spec), arrfree(spec32);
     free(a.stream), free(a.layer);
+    return rc;
 }
 
 /* Makes the activation block hold N rows for inference (train 0) or training (train 1). */
-static void acts_ensure(MbModel *m, size_t N, int train) {
+static MbStatus acts_ensure(MbModel *m, size_t N, int train) {
     MbActs *a = &m->acts;
     const MbLora *lo = m->lora;
     int R = lo ? lo->r : 0, ckpt = train && m->gradient_checkpointing;
@@ -5251,13 +5389,21 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     int dropout = train && lo && lo->dropout > 0;
     if (a->block && a->N >= N && a->train == train && a->checkpointing == ckpt && a->R == R &&
         a->lora_targets == targets && a->dropout == dropout)
-        return;
+        return MB_OK;
     acts_free(m);
     a->N = N, a->train = train, a->checkpointing = ckpt, a->R = R, a->lora_targets = targets, a->dropout = dropout;
     MbBufSpec *spec = NULL, *spec32 = NULL; /* stb_ds arrays: activations, fp32 values */
-    acts_layout(a, &m->cfg, m->ops->host_memory, &spec, &spec32);
-    a->block = m->ops->alloc(m->ops, buf_spec_total(spec) * m->ops->act_size);
-    a->block32 = m->ops->alloc(m->ops, buf_spec_total(spec32) * sizeof(float));
+    MbStatus rc = acts_layout(a, &m->cfg, m->ops->host_memory, &spec, &spec32);
+    size_t n = buf_spec_total(spec), n32 = buf_spec_total(spec32), bytes = 0, bytes32 = 0;
+    if (!rc && (mb_mul_overflows(n, m->ops->act_size, &bytes) || mb_mul_overflows(n32, sizeof(float), &bytes32)))
+        rc = mb_fail(MB_ERR_OOM, "out of memory: the activations of %zu tokens do not fit the address space", N);
+    if (!rc && !(a->block = m->ops->alloc(m->ops, bytes))) rc = mb_ops_oom(m->ops);
+    if (!rc && !(a->block32 = m->ops->alloc(m->ops, bytes32))) rc = mb_ops_oom(m->ops);
+    if (rc) {
+        arrfree(spec), arrfree(spec32);
+        acts_free(m);
+        return rc;
+    }
     size_t off = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) {
         *spec[i].ptr = mb_act_at(m->ops, a->block, off);
@@ -5270,6 +5416,7 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     }
     arrfree(spec);
     arrfree(spec32);
+    return MB_OK;
 }
 
 void mb_model_free(MbModel *m) {
@@ -5373,8 +5520,8 @@ static void *carve(MbCarve *c, size_t bytes) {
 /* One weight of --random_init, carved from the block (pass 0 only counts its bytes): a norm (one
  * row) fp32 ones; with nf4 random NF4 codes and double-quant state whose absmax is 2.5 x std in
  * every block (about the absmax of 64 draws of normal(0, std)); else bf16 normal(0, std). */
-static void random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, size_t cols, int nf4, MbDtype compute,
-                          uint64_t *key) {
+static MbStatus random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, size_t cols, int nf4,
+                              MbDtype compute, uint64_t *key) {
     const float std = 0.02f;
     size_t n = rows * cols;
     if (rows == 1) {
@@ -5384,8 +5531,9 @@ static void random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, siz
         size_t nb = (n + MB_NF4_BLOCKSIZE - 1) / MB_NF4_BLOCKSIZE, ns = (nb + MB_NF4_NESTED_BLOCKSIZE - 1) / MB_NF4_NESTED_BLOCKSIZE;
         uint8_t *packed = carve(cv, n / 2), *codes = carve(cv, nb);
         float *scales = carve(cv, ns * 4);
-        if (!packed) return;
+        if (!packed) return MB_OK;
         MbNf4 *q = mb_calloc(1, sizeof *q);
+        if (!q) return MB_ERR_OOM;
         q->packed = packed, q->blocksize = MB_NF4_BLOCKSIZE, q->nblocks = nb, q->absmax_q = codes;
         q->nested_absmax = (const unsigned char *)scales, q->nested_blocksize = MB_NF4_NESTED_BLOCKSIZE;
         q->offset = 2.5f * std, q->compute = compute;
@@ -5398,28 +5546,31 @@ static void random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, siz
         void *p = carve(cv, n * 2);
         if (p) *w = (MbWeight){MB_DT_BF16, rows, cols, p, NULL}, ops->random_normal(ops, p, n, (*key)++, std);
     }
+    return MB_OK;
 }
 
 /* --random_init: every weight drawn on the backend from seed, in one block of backend memory
  * (embeddings, lm_head and projections as transformers initialises a Llama; projections NF4 with
  * load_in_4bit). The same seed gives the same weights on every backend. */
-static void model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t seed) {
+static MbStatus model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t seed) {
     const MbConfig *c = &m->cfg;
     size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
-    m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
-    for (int pass = 0; pass < 2; pass++) {
+    if (!(m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers))) return MB_ERR_OOM;
+    MbStatus rc = MB_OK;
+    for (int pass = 0; pass < 2 && !rc; pass++) {
         MbCarve cv = {pass ? m->rand_block : NULL, 0};
         uint64_t key = seed * 1000003u;
-        random_weight(m->ops, &cv, &m->embed_tokens, V, C, 0, compute, &key);
-        if (!c->tie_word_embeddings) random_weight(m->ops, &cv, &m->lm_head, V, C, 0, compute, &key);
-        random_weight(m->ops, &cv, &m->norm, 1, C, 0, compute, &key);
+        rc = random_weight(m->ops, &cv, &m->embed_tokens, V, C, 0, compute, &key);
+        if (!rc && !c->tie_word_embeddings) rc = random_weight(m->ops, &cv, &m->lm_head, V, C, 0, compute, &key);
+        if (!rc) rc = random_weight(m->ops, &cv, &m->norm, 1, C, 0, compute, &key);
         for (int l = 0; l < c->num_hidden_layers; l++)
-            for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
-                random_weight(m->ops, &cv, &m->layers[l].w[i], mb_dim(c, mb_layer_weights[i].rows),
-                              mb_dim(c, mb_layer_weights[i].cols), nf4, compute, &key);
-        if (!pass) m->rand_block = m->ops->alloc(m->ops, cv.off);
+            for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++)
+                rc = random_weight(m->ops, &cv, &m->layers[l].w[i], mb_dim(c, mb_layer_weights[i].rows),
+                                   mb_dim(c, mb_layer_weights[i].cols), nf4, compute, &key);
+        if (!rc && !pass && !(m->rand_block = m->ops->alloc(m->ops, cv.off))) rc = mb_ops_oom(m->ops);
     }
     if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
+    return rc ? rc : mb_ops_status(m->ops);
 }
 
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
@@ -5432,8 +5583,9 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
                        err == ENOENT ? "no such folder" : err ? strerror(err) : !kind ? "is a file, not a folder"
                                                                                : "is not a folder");
     MbModel *m = mb_calloc(1, sizeof *m);
-    char *cfg_path = mb_path_join(dir, "config.json");
-    char cfg_compute[32];
+    char *cfg_path = m ? mb_path_join(dir, "config.json") : NULL;
+    char cfg_compute[32] = "";
+    if (!cfg_path) return free(m), MB_ERR_OOM;
     MbStatus rc = mb_config_load(cfg_path, &m->cfg);
     if (!rc) rc = bnb_config_load(cfg_path, cfg_compute, sizeof cfg_compute);
     free(cfg_path);
@@ -5444,8 +5596,9 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
                      "%s: bnb_4bit_compute_dtype \"%s\" is not float32, bfloat16 or float16", dir, cname);
     if (!rc) rc = mb_ops_new(opt, &m->cfg, &m->ops);
     if (!rc && opt && opt->random_init) { /* no checkpoint: random weights on the backend */
-        model_random_init(m, opt->load_in_4bit, compute, opt->seed);
-        m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float));
+        rc = model_random_init(m, opt->load_in_4bit, compute, opt->seed);
+        if (!rc && !(m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
+        if (rc) return mb_model_free(m), rc;
         rope_inv_freq(&m->cfg, m->inv_freq);
         *out = m;
         return MB_OK;
@@ -5462,8 +5615,8 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     MbPool *pool = mb_pool_new(opt && opt->threads > 0 ? opt->threads : mb_cpu_count());
     int quantize = opt && opt->load_in_4bit;
     char name[256];
-    rc = model_weight(m, dir, "model.embed_tokens.weight", V, C, pool, &m->embed_tokens);
-    m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
+    rc = pool ? model_weight(m, dir, "model.embed_tokens.weight", V, C, pool, &m->embed_tokens) : MB_ERR_OOM;
+    if (!rc && !(m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers))) rc = MB_ERR_OOM;
     for (int l = 0; !rc && l < c->num_hidden_layers; l++)
         for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
             size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
@@ -5477,11 +5630,11 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
         else rc = model_weight(m, dir, "lm_head.weight", V, C, pool, &m->lm_head);
     }
     mb_pool_free(pool);
+    if (!rc && !(m->inv_freq = mb_malloc((size_t)c->head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
     if (rc) {
         mb_model_free(m);
         return rc;
     }
-    m->inv_freq = mb_malloc((size_t)c->head_dim / 2 * sizeof(float));
     rope_inv_freq(c, m->inv_freq);
     *out = m;
     return MB_OK;
@@ -5491,15 +5644,24 @@ MbStatus mb_kvcache_new(MbModel *m, int B, int S, MbKVCache **out) {
     *out = NULL;
     if (B < 1 || S < 1) return mb_fail(MB_ERR_ARG, "kv cache: batch %d and capacity %d must be >= 1", B, S);
     const MbConfig *c = &m->cfg;
-    size_t L = (size_t)c->num_hidden_layers, per = (size_t)B * (size_t)S * mb_dim(c, MB_DIM_KVD);
+    size_t L = (size_t)c->num_hidden_layers, per, bytes;
+    if (mb_mul_overflows((size_t)B * (size_t)S, mb_dim(c, MB_DIM_KVD), &per) || mb_mul_overflows(2 * L, per, &bytes) ||
+        mb_mul_overflows(bytes, m->ops->act_size, &bytes))
+        return mb_fail(MB_ERR_OOM, "out of memory: a kv cache of %d x %d tokens does not fit the address space", B, S);
     MbKVCache *kv = mb_calloc(1, sizeof *kv);
+    if (!kv) return MB_ERR_OOM;
     kv->m = m;
     kv->B = B;
     kv->S = S;
     kv->lens = mb_calloc((size_t)B, sizeof *kv->lens);
-    kv->block = m->ops->alloc(m->ops, 2 * L * per * m->ops->act_size);
     kv->k = mb_calloc(L, sizeof *kv->k);
     kv->v = mb_calloc(L, sizeof *kv->v);
+    MbStatus rc = kv->lens && kv->k && kv->v ? MB_OK : MB_ERR_OOM;
+    if (!rc && !(kv->block = m->ops->alloc(m->ops, bytes))) rc = mb_ops_oom(m->ops);
+    if (rc) {
+        mb_kvcache_free(kv);
+        return rc;
+    }
     for (size_t l = 0; l < L; l++) {
         kv->k[l] = mb_act_at(m->ops, kv->block, (2 * l) * per);
         kv->v[l] = mb_act_at(m->ops, kv->block, (2 * l + 1) * per);
@@ -5510,7 +5672,7 @@ MbStatus mb_kvcache_new(MbModel *m, int B, int S, MbKVCache **out) {
 
 void mb_kvcache_free(MbKVCache *kv) {
     if (!kv) return;
-    kv->m->ops->free(kv->m->ops, kv->block);
+    if (kv->block) kv->m->ops->free(kv->m->ops, kv->block);
     free(kv->k);
     free(kv->v);
     free(kv->lens);
@@ -5673,7 +5835,15 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
 
     MbOps *ops = m->ops;
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
-    acts_ensure(m, N, 0);
+    int *idx = logits && last_only ? mb_malloc((size_t)B * sizeof *idx) : NULL;
+    if (logits && last_only && !idx) rc = MB_ERR_OOM;
+    if (!rc) rc = acts_ensure(m, N, 0);
+    if (!rc) rc = mb_ops_status(ops); /* a device that failed before runs nothing */
+    if (rc) {
+        free(idx);
+        mb_kvcache_free(tmp_kv);
+        return rc;
+    }
     MbActs *a = &m->acts;
     float *x = a->stream[0];
     ops->embedding_forward(ops, x, tokens, &m->embed_tokens, N);
@@ -5683,10 +5853,8 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
     if (logits) {
         size_t rows = N;
         if (last_only) { /* the last real position of each sequence */
-            int *idx = mb_malloc((size_t)B * sizeof *idx);
             for (int b = 0; b < B; b++) idx[b] = b * T + (lens ? lens[b] : T) - 1;
             ops->gather_rows(ops, a->tmp, x, idx, (size_t)B, C);
-            free(idx);
             rows = (size_t)B;
         }
         ops->rmsnorm_forward(ops, a->xf, a->rstd_f, last_only ? a->tmp : x, &m->norm, rows, c->rms_norm_eps);
@@ -5694,10 +5862,12 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         ops->logits_forward(ops, dst, a->xf, &m->lm_head, rows);
         ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
+    free(idx);
+    mb_kvcache_free(tmp_kv);
+    if ((rc = mb_ops_status(ops))) return rc; /* the cache holds nothing valid past kv->len */
     kv->len += T;
     for (int b = 0; lens && b < B; b++)
         if (lens[b] < T) kv->padded = 1;
-    mb_kvcache_free(tmp_kv);
     return MB_OK;
 }
 
@@ -5718,7 +5888,7 @@ static MbStatus model_forward_rows(MbModel *m, const int32_t *tokens, const int 
             return mb_fail(MB_ERR_ARG, "forward: loss row %zu (position %d, target %d) out of range", i, pos[i],
                            (int)target[i]);
     MbOps *ops = m->ops;
-    acts_ensure(m, N, 1);
+    if ((rc = acts_ensure(m, N, 1)) || (rc = mb_ops_status(ops))) return rc;
     MbActs *a = &m->acts;
     ops->embedding_forward(ops, a->stream[0], tokens, &m->embed_tokens, N);
     for (size_t l = 0; l < L; l++) {
@@ -5733,12 +5903,13 @@ static MbStatus model_forward_rows(MbModel *m, const int32_t *tokens, const int 
     ops->to_host(ops, lsum, a->lsum_rows, M * sizeof(float));
     m->train_lens = lens, m->train_B = B, m->train_T = T;
     m->train_pos = pos, m->train_target = target, m->train_M = train ? M : 0;
-    return MB_OK;
+    return mb_ops_status(ops);
 }
 
 /* Backpropagates sum_i g[i] * logp[i] of the last training forward into the LoRA gradients
- * (+=). With gradient checkpointing each layer's activations are recomputed from its input. */
-static void model_backward_rows(MbModel *m, const float *g) {
+ * (+=). With gradient checkpointing each layer's activations are recomputed from its input.
+ * Returns the backend's failure, if any. */
+static MbStatus model_backward_rows(MbModel *m, const float *g) {
     const MbConfig *c = &m->cfg;
     MbOps *ops = m->ops;
     MbActs *a = &m->acts;
@@ -5756,6 +5927,7 @@ static void model_backward_rows(MbModel *m, const float *g) {
         }
         layer_backward(m, (int)l, la, a->dx, B, T, m->train_lens);
     }
+    return mb_ops_status(ops);
 }
 
 static MbStatus init_random_weights(const MbConfig *c, const char *outdir, uint64_t seed, MbDtype dt, double std);
@@ -5775,6 +5947,7 @@ MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t
     if ((rc = mb_guard_output("init", outdir, &cfg_path, 1, written))) return rc;
     char **made = NULL;
     char *cfg_out = mb_path_join(outdir, "config.json");
+    if (!cfg_out) return MB_ERR_OOM;
     int new_cfg = !mb_same_file(cfg_out, cfg_path), had_cfg = mb_is_file(cfg_out);
     rc = mb_mkdir_p(outdir, &made);
     if (!rc) rc = mb_remove_stale(outdir); /* what a killed init left */
@@ -5789,15 +5962,15 @@ MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t
 /* model.safetensors of mb_model_init_random */
 static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint64_t seed, MbDtype dt, double std) {
     MbConfig c = *cp;
-    MbStatus rc;
+    MbStatus rc = MB_OK;
     MbTensorOut *ts = NULL; /* stb_ds array */
     char **names = NULL;
     MbRng rng;
     mb_rng_seed(&rng, seed);
     size_t C = mb_dim(&c, MB_DIM_C), V = (size_t)c.vocab_size;
-    for (int l = -1; l <= c.num_hidden_layers; l++) {
+    for (int l = -1; !rc && l <= c.num_hidden_layers; l++) {
         int nw = (l < 0 || l == c.num_hidden_layers) ? 1 : MB_LAYER_WEIGHTS;
-        for (int i = 0; i < nw; i++) {
+        for (int i = 0; !rc && i < nw; i++) {
             char name[256];
             size_t rows, cols;
             if (l < 0) snprintf(name, sizeof name, "model.embed_tokens.weight"), rows = V, cols = C;
@@ -5808,13 +5981,19 @@ static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint
             }
             int is_norm = rows == 1;
             float *f = mb_malloc(rows * cols * sizeof(float));
+            void *data = f ? mb_malloc(rows * cols * mb_dtype_size(dt)) : NULL;
+            char *tname = data ? mb_strdup(name) : NULL;
+            if (!tname) {
+                free(f), free(data);
+                rc = MB_ERR_OOM;
+                break;
+            }
             for (size_t k = 0; k < rows * cols; k++) f[k] = is_norm ? 1.0f : (float)(std * mb_rng_normal(&rng));
-            void *data = mb_malloc(rows * cols * mb_dtype_size(dt));
             mb_convert_from_f32(dt, f, data, rows * cols);
             free(f);
             MbTensorOut t;
             memset(&t, 0, sizeof t);
-            t.name = mb_strdup(name);
+            t.name = tname;
             t.dtype = dt;
             t.ndim = is_norm ? 1 : 2;
             t.shape[0] = is_norm ? cols : rows;
@@ -5824,21 +6003,28 @@ static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint
             arrput(names, (char *)t.name);
         }
     }
-    if (!c.tie_word_embeddings) {
+    if (!rc && !c.tie_word_embeddings) {
         MbTensorOut t = ts[0]; /* a separate lm_head drawn from the same distribution */
         float *f = mb_malloc(V * C * sizeof(float));
-        for (size_t k = 0; k < V * C; k++) f[k] = (float)(std * mb_rng_normal(&rng));
-        void *data = mb_malloc(V * C * mb_dtype_size(dt));
-        mb_convert_from_f32(dt, f, data, V * C);
+        void *data = f ? mb_malloc(V * C * mb_dtype_size(dt)) : NULL;
+        char *tname = data ? mb_strdup("lm_head.weight") : NULL;
+        if (tname) {
+            for (size_t k = 0; k < V * C; k++) f[k] = (float)(std * mb_rng_normal(&rng));
+            mb_convert_from_f32(dt, f, data, V * C);
+            t.name = tname;
+            t.data = data;
+            arrput(ts, t);
+            arrput(names, tname);
+        } else {
+            free(data);
+            rc = MB_ERR_OOM;
+        }
         free(f);
-        t.name = mb_strdup("lm_head.weight");
-        t.data = data;
-        arrput(ts, t);
-        arrput(names, (char *)t.name);
     }
-    char *st_path = mb_path_join(outdir, "model.safetensors");
+    char *st_path = rc ? NULL : mb_path_join(outdir, "model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
-    rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
+    if (!rc && !st_path) rc = MB_ERR_OOM;
+    if (!rc) rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
     free(st_path);
     for (ptrdiff_t i = 0; i < arrlen(ts); i++) {
         free((void *)ts[i].data);
@@ -5901,15 +6087,18 @@ static const char *lora_module_name(int id) { return strrchr(mb_layer_weights[id
 void mb_lora_free(MbLora *lo) {
     if (!lo) return;
     free(lo->pairs);
-    lo->ops->free(lo->ops, lo->params);
-    lo->ops->free(lo->ops, lo->grads);
+    if (lo->params) lo->ops->free(lo->ops, lo->params);
+    if (lo->grads) lo->ops->free(lo->ops, lo->grads);
     free(lo);
 }
 
-/* The parameters (or gradients) in host memory, for writing and merging; malloc'd. */
+/* The parameters (or gradients) in host memory, for writing and merging; malloc'd. NULL when
+ * out of memory or when the backend failed (mb_ops_oom(lo->ops) is the status). */
 static float *lora_download(const MbLora *lo, const float *block) {
     float *h = mb_malloc(lo->n_params * sizeof(float) + 4);
+    if (!h) return NULL;
     lo->ops->to_host(lo->ops, h, block, lo->n_params * sizeof(float));
+    if (mb_ops_status(lo->ops)) return free(h), NULL;
     return h;
 }
 
@@ -5927,6 +6116,8 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
     if (!cfg->targets) return mb_fail(MB_ERR_ARG, "lora: no target modules");
     const MbConfig *c = &m->cfg;
     MbLora *lo = mb_calloc(1, sizeof *lo);
+    if (!lo) return MB_ERR_OOM;
+    lo->ops = m->ops;
     lo->r = cfg->r;
     lo->alpha = cfg->alpha;
     lo->dropout = cfg->dropout;
@@ -5942,9 +6133,15 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
             if (lo->targets & (1u << i))
                 n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
-    lo->ops = m->ops;
-    lo->params = m->ops->alloc(m->ops, n * sizeof(float));
-    lo->grads = m->ops->alloc(m->ops, n * sizeof(float));
+    MbStatus rc = lo->pairs ? MB_OK : MB_ERR_OOM;
+    if (!rc && n > SIZE_MAX / sizeof(float))
+        rc = mb_fail(MB_ERR_OOM, "out of memory: an adapter of %zu parameters does not fit the address space", n);
+    if (!rc && !(lo->params = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
+    if (!rc && !(lo->grads = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
+    if (rc) {
+        mb_lora_free(lo);
+        return rc;
+    }
     size_t off = 0;
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
@@ -5967,6 +6164,10 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     if (rc) return rc;
     MbLora *lo = *out;
     float *host = mb_calloc(lo->n_params + 1, sizeof(float));
+    if (!host) {
+        mb_lora_free(lo), *out = NULL;
+        return MB_ERR_OOM;
+    }
     MbRng rng;
     mb_rng_seed(&rng, seed);
     for (int l = 0; l < lo->L; l++)
@@ -5979,7 +6180,8 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
         }
     lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
     free(host);
-    return MB_OK;
+    if ((rc = mb_ops_status(lo->ops))) mb_lora_free(lo), *out = NULL;
+    return rc;
 }
 
 void mb_model_set_lora(MbModel *m, MbLora *lo) { m->lora = lo; }
@@ -6076,10 +6278,11 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
     MbLoraConfig cfg;
     MbSafetensors *st = NULL;
     MbLora *lo = NULL;
-    MbStatus rc = lora_read_config(cfg_path, &cfg);
+    MbStatus rc = cfg_path && st_path ? lora_read_config(cfg_path, &cfg) : MB_ERR_OOM;
     if (!rc) rc = mb_safetensors_open(st_path, &st);
     if (!rc) rc = lora_alloc(m, &cfg, &lo);
     float *host = lo ? mb_calloc(lo->n_params + 1, sizeof(float)) : NULL;
+    if (!rc && !host) rc = MB_ERR_OOM;
     char name[256];
     size_t found = 0;
     for (int l = 0; !rc && l < lo->L; l++)
@@ -6115,6 +6318,7 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
         rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: holds %zu tensors, medbot used %zu (adapters on other modules, or "
                      "modules_to_save?)", st_path, mb_safetensors_count(st), found);
     if (!rc) lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
+    if (!rc) rc = mb_ops_status(lo->ops);
     free(host);
     mb_safetensors_close(st);
     free(cfg_path);
@@ -6148,9 +6352,9 @@ static char *lora_config_json(const MbLora *lo, const char *base_model) {
     return j;
 }
 
-/* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block. */
-static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***names) {
-    MbTensorOut *ts = NULL;
+/* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block, into
+ * *ts (stb_ds); the names are malloc'd into *names (freed by the caller, also on a failure). */
+static MbStatus lora_tensors(const MbLora *lo, const float *host, MbTensorOut **ts, char ***names) {
     for (int l = 0; l < lo->L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
             const MbLoraPair *p = &lo->pairs[(size_t)l * MB_LAYER_WEIGHTS + i];
@@ -6161,11 +6365,12 @@ static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***na
                 snprintf(name, sizeof name, MB_LORA_PREFIX "%d.%s.lora_%c.weight", l, mb_layer_weights[i].name,
                          ab ? 'B' : 'A');
                 MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
+                if (!t.name) return MB_ERR_OOM;
                 arrput(*names, (char *)t.name);
-                arrput(ts, t);
+                arrput(*ts, t);
             }
         }
-    return ts;
+    return MB_OK;
 }
 
 /* Writes DIR/adapter_model.safetensors and DIR/adapter_config.json (each through a temporary
@@ -6174,11 +6379,13 @@ MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model)
     if (!mb_is_dir(dir) && mkdir(dir, 0755) != 0)
         return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", dir, strerror(errno));
     char **names = NULL;
+    MbTensorOut *ts = NULL;
     float *host = lora_download(lo, lo->params);
-    MbTensorOut *ts = lora_tensors(lo, host, &names);
-    char *st_path = mb_path_join(dir, "adapter_model.safetensors");
+    MbStatus rc = host ? lora_tensors(lo, host, &ts, &names) : mb_ops_oom(lo->ops);
+    char *st_path = rc ? NULL : mb_path_join(dir, "adapter_model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
-    MbStatus rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
+    if (!rc && !st_path) rc = MB_ERR_OOM;
+    if (!rc) rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
     free(st_path);
     free(host);
     for (ptrdiff_t i = 0; i < arrlen(names); i++) free(names[i]);
@@ -6187,7 +6394,7 @@ MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model)
     if (rc) return rc;
     char *j = lora_config_json(lo, base_model);
     char *cfg_path = mb_path_join(dir, "adapter_config.json");
-    rc = mb_write_file(cfg_path, j, strlen(j));
+    rc = cfg_path ? mb_write_file(cfg_path, j, strlen(j)) : MB_ERR_OOM;
     free(cfg_path);
     arrfree(j);
     return rc;
@@ -6206,17 +6413,19 @@ typedef struct {
 
 /* Row r of W + scale B A in fp32 (PEFT's merge: W += (B @ A) * scaling); A (R, cols) and B
  * (rows, R) in host memory, NULL for an unadapted weight. */
-static void lora_merge_row(const MbWeight *w, const float *A, const float *B, size_t R, float scale, size_t r,
-                           float *row) {
+static MbStatus lora_merge_row(const MbWeight *w, const float *A, const float *B, size_t R, float scale, size_t r,
+                               float *row) {
     size_t cols = w->cols;
     weight_row_f32(w, r, 0, cols, row);
-    if (!A) return;
+    if (!A) return MB_OK;
     B += r * R;
     float *ba = mb_calloc(cols, sizeof(float));
+    if (!ba) return MB_ERR_OOM;
     for (size_t k = 0; k < R; k++)
         for (size_t c = 0; c < cols; c++) ba[c] += B[k] * A[k * cols + c];
     for (size_t c = 0; c < cols; c++) row[c] += ba[c] * scale;
     free(ba);
+    return MB_OK;
 }
 
 static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
@@ -6224,17 +6433,19 @@ static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
     const MbWeight *w = mc->src[i];
     size_t rows = w->rows, cols = w->cols;
     float *row = mb_malloc(cols * sizeof(float));
+    if (!row) return MB_ERR_OOM;
     const MbLoraPair *p = mc->id[i] >= 0 && (mc->lo->targets & (1u << mc->id[i]))
                               ? &mc->lo->pairs[(size_t)mc->layer[i] * MB_LAYER_WEIGHTS + mc->id[i]]
                               : NULL;
     const float *A = p ? lora_host_view(mc->lo, mc->host, p->A.data) : NULL;
     const float *B = p ? lora_host_view(mc->lo, mc->host, p->B.data) : NULL;
-    for (size_t r = 0; r < rows; r++) {
-        lora_merge_row(w, A, B, (size_t)mc->lo->r, mc->lo->scale, r, row);
+    MbStatus rc = MB_OK;
+    for (size_t r = 0; r < rows && !rc; r++) {
+        rc = lora_merge_row(w, A, B, (size_t)mc->lo->r, mc->lo->scale, r, row);
         mb_convert_from_f32(MB_DT_BF16, row, (unsigned char *)dst + r * cols * 2, cols);
     }
     free(row);
-    return MB_OK;
+    return rc;
 }
 
 /* The files merge writes into its output folder. */
@@ -6274,7 +6485,7 @@ static MbStatus merged_config_json(const char *path, char **out) {
     arrfree(sb);
     json_free(&d);
     free(text);
-    return MB_OK;
+    return *out ? MB_OK : MB_ERR_OOM;
 }
 
 /* Writes OUT/model.safetensors: every weight of m in bf16, with the adapter merged into its
@@ -6291,14 +6502,18 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     const MbWeight **src = mb_calloc(cap, sizeof *src);
     char **names = mb_calloc(cap, sizeof *names);
     char name[256];
+    if (!ts || !layer || !id || !src || !names) rc = MB_ERR_OOM;
 #define ADD(nm, w, lay, idx, nd)                                                                   \
     do {                                                                                          \
-        names[n] = mb_strdup(nm);                                                                 \
+        if (rc || !(names[n] = mb_strdup(nm))) {                                                  \
+            rc = MB_ERR_OOM;                                                                      \
+            break;                                                                                \
+        }                                                                                         \
         ts[n] = (MbTensorOut){names[n], MB_DT_BF16, (nd), {(nd) == 1 ? (w)->cols : (w)->rows, (w)->cols}, NULL}; \
         src[n] = (w), layer[n] = (lay), id[n] = (idx), n++;                                       \
     } while (0)
     ADD("model.embed_tokens.weight", &m->embed_tokens, -1, -1, 2);
-    for (size_t l = 0; l < L; l++)
+    for (size_t l = 0; !rc && l < L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
             snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, mb_layer_weights[i].name);
             int is_norm = mb_layer_weights[i].rows == MB_DIM_1;
@@ -6307,11 +6522,13 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     ADD("model.norm.weight", &m->norm, -1, -1, 1);
     if (!c->tie_word_embeddings) ADD("lm_head.weight", &m->lm_head, -1, -1, 2);
 #undef ADD
-    float *host = lora_download(lo, lo->params);
+    float *host = rc ? NULL : lora_download(lo, lo->params);
+    if (!rc && !host) rc = mb_ops_oom(lo->ops);
     MergeCtx mc = {m, lo, ts, layer, id, src, host};
-    char *st_path = mb_path_join(out_dir, "model.safetensors");
+    char *st_path = rc ? NULL : mb_path_join(out_dir, "model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
-    rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
+    if (!rc && !st_path) rc = MB_ERR_OOM;
+    if (!rc) rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
     free(st_path);
     free(host);
     for (size_t i = 0; i < n; i++) free(names[i]);
@@ -6319,7 +6536,8 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     if (rc) return rc;
     char *cfg_in = mb_path_join(model_dir, "config.json"), *cfg_out = mb_path_join(out_dir, "config.json"), *text;
     char *gen_in = mb_path_join(model_dir, "generation_config.json"), *gen_out = mb_path_join(out_dir, "generation_config.json");
-    if (!(rc = merged_config_json(cfg_in, &text))) {
+    if (!cfg_in || !cfg_out || !gen_in || !gen_out) rc = MB_ERR_OOM;
+    else if (!(rc = merged_config_json(cfg_in, &text))) {
         rc = mb_write_file(cfg_out, text, strlen(text));
         free(text);
     }
@@ -6367,7 +6585,7 @@ MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *token
 
 #define MB_DEFAULT_SYSTEM "You are a Medical Chatbot, you should friendly answer the question."
 
-/* The card's prompt template. Returns a malloc'd string. */
+/* The card's prompt template. Returns a malloc'd string, or NULL (out of memory, message set). */
 static char *mb_render_prompt(const char *system, const char *question) {
     char *s = NULL;
     sb_printf(&s, "###System: %s\n###Question: %s\n###Answer: ", system ? system : MB_DEFAULT_SYSTEM, question);
@@ -6447,6 +6665,10 @@ static MbStatus pair_tokenize(const MbTokenizer *tok, const MbDataOptions *opt, 
     }
     if (opt->add_bos && bos >= 0 && !(n[0] > 0 && ids[0][0] == bos)) { /* never a second BOS */
         int32_t *q = mb_malloc((n[0] + 1) * sizeof *q);
+        if (!q) {
+            rc = MB_ERR_OOM;
+            goto fail;
+        }
         q[0] = bos;
         memcpy(q + 1, ids[0], n[0] * sizeof *q);
         free(ids[0]);
@@ -6495,7 +6717,7 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
     size_t start;
     MbStatus rc = jsonl_start(path, text, n, &start);
     if (rc) return rc;
-    ds->path = mb_strdup(path);
+    if (!(ds->path = mb_strdup(path))) return MB_ERR_OOM;
     int line = 0;
     char where[600];
     const char *s;
@@ -6524,6 +6746,11 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
         }
         char *prompt = p ? mb_strdup(json_str(&doc, p))
                          : mb_render_prompt(sys ? json_str(&doc, sys) : NULL, json_str(&doc, q));
+        if (!prompt) {
+            rc = MB_ERR_OOM;
+            json_free(&doc);
+            break;
+        }
         int empty = !prompt[0] || !c->len || !j->len;
         MbPair pair;
         memset(&pair, 0, sizeof pair);
@@ -6588,10 +6815,13 @@ static void batch_free(MbBatch *b) {
     memset(b, 0, sizeof *b);
 }
 
-static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with_rejected, int max_length, int32_t pad) {
+/* Builds bt for P pairs (freed with batch_free; out of memory leaves it empty). */
+static MbStatus batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with_rejected, int max_length,
+                            int32_t pad) {
     memset(bt, 0, sizeof *bt);
     int B = with_rejected ? 2 * P : P, T = 1;
     int *np = mb_calloc((size_t)B, sizeof *np), *nc = mb_calloc((size_t)B, sizeof *nc);
+    if (!np || !nc) return free(np), free(nc), MB_ERR_OOM;
     for (int b = 0; b < B; b++) {
         const MbPair *p = pairs[b % P];
         int n = p->np + (b < P ? p->nc : p->nr), cut = max_length > 0 && n > max_length ? n - max_length : 0;
@@ -6606,6 +6836,11 @@ static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with
     bt->pos = mb_malloc((size_t)B * T * sizeof *bt->pos);
     bt->target = mb_malloc((size_t)B * T * sizeof *bt->target);
     bt->seq = mb_malloc((size_t)B * T * sizeof *bt->seq);
+    if (!bt->tokens || !bt->lens || !bt->count || !bt->pos || !bt->target || !bt->seq) {
+        free(np), free(nc);
+        batch_free(bt);
+        return MB_ERR_OOM;
+    }
     for (int b = 0; b < B; b++) {
         const MbPair *p = pairs[b % P];
         const int32_t *comp = b < P ? p->chosen : p->rejected;
@@ -6625,6 +6860,7 @@ static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with
     }
     free(np);
     free(nc);
+    return MB_OK;
 }
 
 // ============================================================================================

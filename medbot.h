@@ -192,7 +192,7 @@ void mb_token_stream_init(MbTokenStream *s, const MbTokenizer *tok, int skip_spe
 /* *text points into s and stays valid until the next call on s. */
 MbStatus mb_token_stream_put(MbTokenStream *s, int32_t id, const char **text, size_t *len);
 /* End of stream: a character still held back (it never completed) comes out as U+FFFD. */
-void mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len);
+MbStatus mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len);
 void mb_token_stream_free(MbTokenStream *s);
 
 /* ---------- model ---------- */
