@@ -6873,31 +6873,29 @@ static MbStatus batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int 
 // optimizer step, is backpropagated. Then: global grad norm, clipping, AdamW, the schedule.
 // ============================================================================================
 
-/* The collectives a data-parallel run needs (their backends are in section 11). */
+/* The collectives a data-parallel run needs: MbComm, its backends (in-process threads, TCP, NCCL)
+ * and these calls are in section 11. A collective returns MB_OK or the failure of its group (a
+ * rank that died, hangs or failed), which is sticky: every later collective of the group returns
+ * it at once, and the step that met it returns it up to mb_train. */
 typedef struct MbComm MbComm;
-struct MbComm {
-    int rank, world;
-    void *ctx;
-    void (*all_reduce)(MbComm *, float *x, size_t n);                           /* x = sum over ranks */
-    /* shard (n / world) = the sum over ranks of this rank's slice of x (n); n % world == 0 */
-    void (*reduce_scatter)(MbComm *, float *shard, const float *x, size_t n);
-    /* x (n) = every rank's shard (n / world), in rank order */
-    void (*all_gather)(MbComm *, float *x, const float *shard, size_t n);
-    void (*broadcast)(MbComm *, float *x, size_t n, int root);
-    void (*barrier)(MbComm *);
-    void (*destroy)(MbComm *);
-    /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
-    void (*all_reduce_f64)(MbComm *, double *x, size_t n);
-    void (*reduce_scatter_f64)(MbComm *, double *shard, const double *x, size_t n);
-    /* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
-    void (*all_reduce_host)(MbComm *, double *x, size_t n);
-};
-
 #define MB_DDP_TIMEOUT 1800.0 /* seconds: TrainingArguments.ddp_timeout */
-static void mb_comm_threads_new(int world, double timeout, MbComm **comms);
+static int comm_rank(const MbComm *c);
+static int comm_world(const MbComm *c);
+static MbStatus comm_barrier(MbComm *c);
+/* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
+static MbStatus comm_all_reduce_host(MbComm *c, double *x, size_t n);
+/* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
+static MbStatus comm_all_reduce_f64(MbComm *c, double *x, size_t n);
+static MbStatus comm_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n);
+/* x (n) = every rank's shard (n / world), in rank order */
+static MbStatus comm_all_gather(MbComm *c, float *x, const float *shard, size_t n);
+/* a rank that stops fails its group: the others leave their collectives instead of waiting */
+static void comm_leave(MbComm *c);
+static void comm_destroy(MbComm *c);
+static MbStatus mb_comm_threads_new(int world, double timeout, MbComm **comms);
 static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
                                 double timeout, MbComm **out);
-/* section 12: NCCL between GPUs (one rank per process, or `world` GPUs driven by one process) */
+/* NCCL between GPUs (one rank per process, or `world` GPUs driven by one process) */
 static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
                                  double timeout, MbComm **out);
 static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms);
@@ -7069,13 +7067,14 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
                                  int backward, double grad_scale, double *met) {
     MbTrainConfig *c = &tr->cfg;
     const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
-    for (int i = 0; i < P; i++) pairs[i] = &ds->pairs[idx[i]];
+    for (int i = 0; pairs && i < P; i++) pairs[i] = &ds->pairs[idx[i]];
     MbBatch bt;
-    batch_build(&bt, pairs, P, !tr->sft, c->max_length, tr->pad);
-    float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
+    memset(&bt, 0, sizeof bt);
+    MbStatus rc = pairs ? batch_build(&bt, pairs, P, !tr->sft, c->max_length, tr->pad) : MB_ERR_OOM;
+    float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum), *g = NULL;
     double *pol = mb_calloc((size_t)bt.B, sizeof *pol), *ref = mb_calloc((size_t)bt.B, sizeof *ref);
-    MbStatus rc = MB_OK;
-    if (!tr->sft) { /* the reference: adapter disabled, no gradient */
+    if (!rc && (!logp || !lsum || !pol || !ref)) rc = MB_ERR_OOM;
+    if (!rc && !tr->sft) { /* the reference: adapter disabled, no gradient */
         if (tr->ref_cache) {
             for (int b = 0; b < bt.B; b++) ref[b] = tr->ref_cache[2 * (ref_base + (size_t)idx[b % P]) + (b >= P)];
         } else {
@@ -7097,7 +7096,10 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         else lsum_r += lsum[i], rows_r++;
     }
     for (int k = 0; k < MET_COUNT; k++) met[k] = 0;
-    float *g = mb_calloc(bt.M, sizeof *g);
+    if (!(g = mb_calloc(bt.M, sizeof *g))) {
+        rc = MB_ERR_OOM;
+        goto done;
+    }
     if (tr->sft) { /* mean next-token loss over the completion tokens of the micro-batch */
         double nll = 0;
         for (size_t i = 0; i < bt.M; i++) nll -= logp[i], g[i] = (float)(-grad_scale / (double)bt.M);
@@ -7127,12 +7129,11 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         met[MET_LOGITS_CHOSEN] = rows_c ? lsum_c / ((double)rows_c * V) : 0;
         met[MET_LOGITS_REJECTED] = rows_r ? lsum_r / ((double)rows_r * V) : 0;
     }
-    if (backward) model_backward_rows(tr->m, g);
-    tr->m->dropout_seed = 0;
-    free(g);
+    if (backward) rc = model_backward_rows(tr->m, g);
     for (int b = 0; b < bt.B; b++) tr->tokens_seen += bt.lens[b];
 done:
-    free(logp), free(lsum), free(pol), free(ref), free(pairs);
+    tr->m->dropout_seed = 0;
+    free(g), free(logp), free(lsum), free(pol), free(ref), free(pairs);
     batch_free(&bt);
     return rc;
 }
@@ -7202,12 +7203,14 @@ static uint64_t trainer_fingerprint(const MbTrainer *tr) {
 
 static MbStatus precompute_ref(MbTrainer *tr) {
     MbComm *comm = tr->comm;
-    int lead = comm->rank == 0;
+    int lead = comm_rank(comm) == 0, world = comm_world(comm);
     size_t nt = (size_t)arrlen(tr->train.pairs), ne = (size_t)arrlen(tr->eval.pairs);
     char *path = mb_path_join(tr->output_dir, "ref_logps.safetensors");
     char key[32];
     snprintf(key, sizeof key, "%016llx", (unsigned long long)tr->fingerprint);
     tr->ref_cache = mb_calloc((nt + ne) * 2, sizeof(float));
+    double *sum = mb_calloc((nt + ne) * 2 + 1, sizeof(double)); /* the last entry: failed */
+    if (!path || !tr->ref_cache || !sum) return free(path), free(sum), MB_ERR_OOM; /* (ref_cache: trainer_free) */
     MbSafetensors *st = NULL;
     int cached = 0, stale = 0;
     if (mb_is_file(path) && mb_safetensors_open(path, &st) == MB_OK) {
@@ -7220,30 +7223,31 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         }
         mb_safetensors_close(st);
     }
-    comm->barrier(comm); /* every rank has looked before rank 0 may write */
-    if (cached) {
-        if (lead) printf("reference log-probs: %s (cached, key %s)\n", path, key);
-        free(path);
-        return MB_OK;
+    MbStatus rc = comm_barrier(comm); /* every rank has looked before rank 0 may write */
+    if (rc || cached) {
+        if (!rc && lead) printf("reference log-probs: %s (cached, key %s)\n", path, key);
+        free(path), free(sum);
+        return rc;
     }
     if (stale && lead) printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
     tr->lo->enabled = 0;
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
     size_t base = 0, batch = 0;
-    MbStatus rc = MB_OK;
-    double *sum = mb_calloc((nt + ne) * 2 + 1, sizeof(double)); /* the last entry: failed */
     for (int s = 0; s < 2; s++) {
         size_t n = (size_t)arrlen(sets[s]->pairs);
         int bs = tr->cfg.per_device_train_batch_size;
         for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs, batch++) {
-            if ((int)(batch % (size_t)comm->world) != comm->rank) continue; /* the batches are dealt to the ranks */
+            if ((int)(batch % (size_t)world) != comm_rank(comm)) continue; /* the batches are dealt to the ranks */
             int P = (int)MB_MIN((size_t)bs, n - i0);
             const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
-            for (int i = 0; i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
+            for (int i = 0; pairs && i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
             MbBatch bt;
-            batch_build(&bt, pairs, P, 1, tr->cfg.max_length, tr->pad);
+            memset(&bt, 0, sizeof bt);
+            rc = pairs ? batch_build(&bt, pairs, P, 1, tr->cfg.max_length, tr->pad) : MB_ERR_OOM;
             float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
-            rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
+            if (!rc && (!logp || !lsum)) rc = MB_ERR_OOM;
+            if (!rc)
+                rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
             for (size_t i = 0; !rc && i < bt.M; i++) {
                 int b = bt.seq[i];
                 sum[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
@@ -7255,10 +7259,11 @@ static MbStatus precompute_ref(MbTrainer *tr) {
     }
     tr->lo->enabled = 1;
     sum[(nt + ne) * 2] = rc != MB_OK;
-    comm->all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
+    MbStatus crc = comm_all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
     for (size_t i = 0; i < (nt + ne) * 2; i++) tr->ref_cache[i] = (float)sum[i];
     double failed = sum[(nt + ne) * 2];
     free(sum);
+    if (!rc) rc = crc;
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "computing the reference log-probs failed on another rank");
     failed = 0;
     if (!rc && lead) {
@@ -7268,8 +7273,9 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         if (!rc) printf("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
         failed = rc != MB_OK;
     }
-    comm->all_reduce_host(comm, &failed, 1);
-    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "rank 0 could not write the reference log-probs");
+    if (!(crc = comm_all_reduce_host(comm, &failed, 1)) && !rc && failed > 0)
+        rc = mb_fail(MB_ERR_ARG, "rank 0 could not write the reference log-probs");
+    if (!rc) rc = crc;
     free(path);
     return rc;
 }
@@ -7290,7 +7296,7 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
         char *p = mb_path_join(tmp, "optimizer.safetensors");
         size_t n = tr->lo->n_params;
         MbTensorOut ts[2] = {{"exp_avg", MB_DT_F32, 1, {n}, exp_avg}, {"exp_avg_sq", MB_DT_F32, 1, {n}, exp_avg_sq}};
-        rc = mb_safetensors_write(p, ts, 2, NULL);
+        rc = p ? mb_safetensors_write(p, ts, 2, NULL) : MB_ERR_OOM;
         free(p);
     }
     if (!rc) {
@@ -7299,9 +7305,9 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
                   "  \"tokens_seen\": %.0f,\n  \"fingerprint\": \"%016llx\",\n  \"seed\": %d,\n  \"world_size\": %d,\n"
                   "  \"zero_stage\": %d\n}\n",
                   tr->step, tr->micro_done, tr->total_steps, tr->tokens_seen, (unsigned long long)tr->fingerprint,
-                  tr->cfg.seed, tr->comm->world, tr->zero);
+                  tr->cfg.seed, comm_world(tr->comm), tr->zero);
         char *p = mb_path_join(tmp, "trainer_state.json");
-        rc = mb_write_file(p, j, strlen(j));
+        rc = p ? mb_write_file(p, j, strlen(j)) : MB_ERR_OOM;
         free(p);
         arrfree(j);
     }
@@ -7326,21 +7332,29 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
     MbOps *ops = tr->m->ops;
     float *m1 = tr->exp_avg, *m2 = tr->exp_avg_sq;
     size_t bytes = tr->n_pad * sizeof(float);
-    if (tr->zero && comm->world > 1) { /* every rank's slice, in one file */
-        m1 = ops->alloc(ops, bytes), m2 = ops->alloc(ops, bytes);
-        comm->all_gather(comm, m1, tr->exp_avg, tr->n_pad);
-        comm->all_gather(comm, m2, tr->exp_avg_sq, tr->n_pad);
-    }
     MbStatus rc = MB_OK;
-    if (comm->rank == 0) {
+    if (tr->zero && comm_world(comm) > 1) { /* every rank's slice, in one file */
+        m1 = ops->alloc(ops, bytes), m2 = ops->alloc(ops, bytes);
+        if (!m1 || !m2) rc = mb_ops_oom(ops); /* (this rank leaves; train_rank releases the others) */
+        if (!rc) rc = comm_all_gather(comm, m1, tr->exp_avg, tr->n_pad);
+        if (!rc) rc = comm_all_gather(comm, m2, tr->exp_avg_sq, tr->n_pad);
+        if (rc) {
+            if (m1) ops->free(ops, m1);
+            if (m2) ops->free(ops, m2);
+            return rc;
+        }
+    }
+    if (!rc && comm_rank(comm) == 0) {
         float *h1 = mb_malloc(bytes), *h2 = mb_malloc(bytes);
-        ops->to_host(ops, h1, m1, bytes), ops->to_host(ops, h2, m2, bytes);
-        rc = checkpoint_write(tr, h1, h2);
+        if (h1 && h2) ops->to_host(ops, h1, m1, bytes), ops->to_host(ops, h2, m2, bytes);
+        rc = !h1 || !h2 ? MB_ERR_OOM : mb_ops_status(ops);
+        if (!rc) rc = checkpoint_write(tr, h1, h2);
         free(h1), free(h2);
     }
     if (m1 != tr->exp_avg) ops->free(ops, m1), ops->free(ops, m2);
     double failed = rc != MB_OK;
-    comm->all_reduce_host(comm, &failed, 1);
+    MbStatus crc = comm_all_reduce_host(comm, &failed, 1);
+    if (!rc && crc) rc = crc;
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_IO, "rank 0 could not write checkpoint-%ld", tr->step);
     return rc;
 }
@@ -7353,7 +7367,7 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
     memset(&doc, 0, sizeof doc);
     MbLora *lo = NULL;
     MbSafetensors *st = NULL;
-    MbStatus rc = mb_is_dir(dir) ? MB_OK : mb_fail(MB_ERR_IO, "%s: no such checkpoint folder", dir);
+    MbStatus rc = !state || !opt ? MB_ERR_OOM : mb_is_dir(dir) ? MB_OK : mb_fail(MB_ERR_IO, "%s: no such checkpoint folder", dir);
     if (!rc) rc = mb_read_file(state, &text, &n);
     if (!rc) rc = json_parse(state, text, n, &doc);
     if (!rc) {
@@ -7385,18 +7399,20 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
                          "corrupt", opt);
         else { /* the file holds every slice: any world size can take its own */
             MbOps *ops = tr->m->ops;
-            size_t off = tr->zero ? (size_t)tr->comm->rank * tr->shard : 0, len = tr->zero ? tr->shard : tr->n_pad;
+            size_t off = tr->zero ? (size_t)comm_rank(tr->comm) * tr->shard : 0, len = tr->zero ? tr->shard : tr->n_pad;
             float *h1 = mb_calloc(len + 1, sizeof(float)), *h2 = mb_calloc(len + 1, sizeof(float));
-            for (size_t i = 0; i < len && off + i < np; i++) {
+            float *hp = h1 && h2 ? lora_download(lo, lo->params) : NULL;
+            for (size_t i = 0; hp && i < len && off + i < np; i++) {
                 memcpy(&h1[i], (const char *)a->data + 4 * (off + i), 4);
                 memcpy(&h2[i], (const char *)b->data + 4 * (off + i), 4);
             }
-            ops->from_host(ops, tr->exp_avg, h1, len * sizeof(float));
-            ops->from_host(ops, tr->exp_avg_sq, h2, len * sizeof(float));
-            free(h1), free(h2);
-            float *hp = lora_download(lo, lo->params);
-            ops->from_host(ops, tr->lo->params, hp, np * sizeof(float));
-            free(hp);
+            if (hp) {
+                ops->from_host(ops, tr->exp_avg, h1, len * sizeof(float));
+                ops->from_host(ops, tr->exp_avg_sq, h2, len * sizeof(float));
+                ops->from_host(ops, tr->lo->params, hp, np * sizeof(float));
+            }
+            rc = !h1 || !h2 ? MB_ERR_OOM : !hp ? mb_ops_oom(lo->ops) : mb_ops_status(ops);
+            free(h1), free(h2), free(hp);
         }
     }
     mb_safetensors_close(st);
@@ -7429,10 +7445,10 @@ static MbStatus log_append(const MbTrainer *tr, const MbLogRow *r, const char *p
     }
     sb_printf(&j, "}\n");
     char *p = mb_path_join(tr->output_dir, "metrics.jsonl");
-    FILE *f = fopen(p, "ab");
+    FILE *f = p ? fopen(p, "ab") : NULL;
     int ok = f && fputs(j, f) >= 0;
     if (f && fclose(f) != 0) ok = 0;
-    MbStatus rc = ok ? MB_OK : mb_fail(MB_ERR_IO, "%s: cannot append the metrics: %s", p, strerror(errno));
+    MbStatus rc = ok ? MB_OK : !p ? MB_ERR_OOM : mb_fail(MB_ERR_IO, "%s: cannot append the metrics: %s", p, strerror(errno));
     free(p);
     arrfree(j);
     return rc;
@@ -7444,7 +7460,7 @@ static MbStatus metrics_cut(const char *out, long step) {
     char *p = mb_path_join(out, "metrics.jsonl"), *text = NULL, *keep = NULL;
     size_t n, at = 0;
     int line = 0, dropped = 0;
-    MbStatus rc = mb_is_file(p) ? mb_read_file(p, &text, &n) : MB_OK;
+    MbStatus rc = !p ? MB_ERR_OOM : mb_is_file(p) ? mb_read_file(p, &text, &n) : MB_OK;
     const char *l;
     size_t len;
     while (text && !rc && jsonl_next(text, n, &at, &line, &l, &len)) {
@@ -7514,7 +7530,7 @@ static MbStatus write_svg(const MbTrainer *tr, const MbLogRow *rows, size_t n) {
     }
     sb_printf(&s, "</svg>\n");
     char *p = mb_path_join(tr->output_dir, "training.svg");
-    MbStatus rc = mb_write_file(p, s, strlen(s));
+    MbStatus rc = p ? mb_write_file(p, s, strlen(s)) : MB_ERR_OOM;
     free(p);
     arrfree(s);
     return rc;
@@ -7528,10 +7544,10 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
     MbComm *comm = tr->comm;
     double bm[MET_COUNT] = {0};
     double sums[MET_COUNT + 3] = {0}; /* metric sums, loss x pairs, batches, failed */
-    MbStatus rc = MB_OK;
+    MbStatus rc = idx ? MB_OK : MB_ERR_OOM;
     size_t b = 0;
     for (size_t i0 = 0; i0 < n; i0 += (size_t)bs, b++) {
-        if ((int)(b % (size_t)comm->world) != comm->rank || rc) continue;
+        if ((int)(b % (size_t)comm_world(comm)) != comm_rank(comm) || rc) continue;
         int P = (int)MB_MIN((size_t)bs, n - i0);
         for (int i = 0; i < P; i++) idx[i] = (int)(i0 + (size_t)i);
         rc = train_microbatch(tr, &tr->eval, idx, P, nt, 0, 1.0, bm);
@@ -7540,9 +7556,10 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
         sums[MET_COUNT + 1] += 1;
     }
     sums[MET_COUNT + 2] = rc != MB_OK;
-    comm->all_reduce_host(comm, sums, MET_COUNT + 3);
+    MbStatus crc = comm_all_reduce_host(comm, sums, MET_COUNT + 3);
     for (int k = 0; k < MET_COUNT; k++) met[k] = sums[k] / MB_MAX(sums[MET_COUNT + 1], 1.0);
     met[MET_LOSS] = sums[MET_COUNT] / (double)MB_MAX(n, 1);
+    if (!rc) rc = crc;
     if (!rc && sums[MET_COUNT + 2] > 0) rc = mb_fail(MB_ERR_ARG, "evaluation failed on another rank");
     free(idx);
     return rc;
@@ -7551,41 +7568,47 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
 /* The summed gradient of this step, clipped, applied with AdamW. Without ZeRO every rank sums
  * the whole gradient and updates every parameter; with ZeRO-1 each rank gets the sum of its
  * slice (reduce-scatter), updates that slice with its slice of the moments, and the slices are
- * all-gathered. Returns the global gradient norm before clipping. */
-static double optimizer_step(MbTrainer *tr, double lr) {
+ * all-gathered. *norm: the global gradient norm before clipping (not finite: nothing applied). */
+static MbStatus optimizer_step(MbTrainer *tr, double lr, double *norm) {
     MbTrainConfig *c = &tr->cfg;
     MbOps *ops = tr->m->ops;
     MbComm *comm = tr->comm;
+    int world = comm_world(comm), rank = comm_rank(comm);
     float *p = tr->lo->params, *g = tr->lo->grads;
-    size_t off = (size_t)comm->rank * tr->shard, len = tr->n_pad;
+    size_t off = (size_t)rank * tr->shard, len = tr->n_pad;
     float *gs = g;
+    MbStatus rc = MB_OK;
+    *norm = 0;
     if (tr->zero) {
-        comm->reduce_scatter_f64(comm, tr->acc_shard, tr->acc, tr->n_pad);
+        rc = comm_reduce_scatter_f64(comm, tr->acc_shard, tr->acc, tr->n_pad);
         ops->from_f64(ops, tr->gshard, tr->acc_shard, tr->shard);
         gs = tr->gshard, len = tr->shard;
     } else {
-        if (comm->world > 1) comm->all_reduce_f64(comm, tr->acc, tr->n_pad);
+        if (world > 1) rc = comm_all_reduce_f64(comm, tr->acc, tr->n_pad);
         ops->from_f64(ops, g, tr->acc, tr->n_pad);
     }
     double ss = ops->sumsq(ops, gs, len);
-    if (tr->zero && comm->world > 1) { /* the slices' sums of squares, added in fp64 */
-        double *one = mb_calloc((size_t)comm->world, sizeof(double));
-        one[comm->rank] = ss;
-        comm->all_reduce_host(comm, one, (size_t)comm->world);
+    if (!rc) rc = mb_ops_status(ops);
+    if (!rc && tr->zero && world > 1) { /* the slices' sums of squares, added in fp64 */
+        double *one = mb_calloc((size_t)world, sizeof(double));
+        if (!one) return MB_ERR_OOM;
+        one[rank] = ss;
+        rc = comm_all_reduce_host(comm, one, (size_t)world);
         ss = 0;
-        for (int r = 0; r < comm->world; r++) ss += one[r];
+        for (int r = 0; r < world; r++) ss += one[r];
         free(one);
     }
-    double norm = sqrt(ss);
-    if (!isfinite(norm)) return norm;
+    if (rc) return rc;
+    *norm = sqrt(ss);
+    if (!isfinite(*norm)) return MB_OK;
     if (c->max_grad_norm > 0) { /* torch.nn.utils.clip_grad_norm_ */
-        double coef = c->max_grad_norm / (norm + 1e-6);
+        double coef = c->max_grad_norm / (*norm + 1e-6);
         if (coef < 1.0) ops->scale(ops, gs, (float)coef, len);
     }
     ops->adamw(ops, tr->zero ? p + off : p, gs, tr->exp_avg, tr->exp_avg_sq, len, lr, c->adam_beta1, c->adam_beta2,
                c->adam_epsilon, c->weight_decay, tr->step + 1);
-    if (tr->zero) comm->all_gather(comm, p, p + off, tr->n_pad);
-    return norm;
+    if ((rc = mb_ops_status(ops))) return rc;
+    return tr->zero ? comm_all_gather(comm, p, p + off, tr->n_pad) : MB_OK;
 }
 
 /* The training loop of transformers' Trainer: epochs of micro-batches, grouped into optimizer
@@ -7596,9 +7619,9 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     MbTrainConfig *c = &tr->cfg;
     MbOps *ops = tr->m->ops;
     MbComm *comm = tr->comm;
-    int lead = comm->rank == 0;
+    int lead = comm_rank(comm) == 0;
     size_t n = (size_t)arrlen(tr->train.pairs);
-    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps * comm->world;
+    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps * comm_world(comm);
     long mb_per_epoch = (long)((n + (size_t)bs - 1) / (size_t)bs);
     long steps_per_epoch = MB_MAX(1, (mb_per_epoch + ga - 1) / ga);
     tr->total_steps = c->max_steps > 0 ? c->max_steps : (long)ceil(c->num_train_epochs * (double)steps_per_epoch);
@@ -7606,17 +7629,20 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     size_t moments = tr->zero ? tr->shard : tr->n_pad;
     tr->exp_avg = ops->alloc(ops, moments * sizeof(float));
     tr->exp_avg_sq = ops->alloc(ops, moments * sizeof(float));
+    if (!tr->exp_avg || !tr->exp_avg_sq) return mb_ops_oom(ops); /* (trainer_free frees what came) */
     MbStatus rc = MB_OK;
     if (resume && (rc = checkpoint_load(tr, resume))) return rc;
     long saved = 0; /* the step whose checkpoint is in OUT (0: none) */
     if (resume) { /* rank 0 keeps the files: metrics.jsonl cut to the step; is OUT's checkpoint this one? */
         double flags[2] = {0, 0};
         char *ck = mb_malloc(strlen(tr->output_dir) + 40);
+        if (!ck) return MB_ERR_OOM;
         sprintf(ck, "%s/checkpoint-%ld", tr->output_dir, tr->step);
         if (lead && (rc = metrics_cut(tr->output_dir, tr->step))) flags[0] = 1;
         if (lead) flags[1] = mb_is_dir(ck);
         free(ck);
-        comm->all_reduce_host(comm, flags, 2);
+        MbStatus crc = comm_all_reduce_host(comm, flags, 2);
+        if (!rc) rc = crc;
         if (!rc && flags[0] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: rank 0 could not cut metrics.jsonl");
         if (rc) return rc;
         saved = flags[1] > 0 ? tr->step : 0;
@@ -7624,6 +7650,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     }
     MbStatus log_rc = MB_OK; /* rank 0 could not write metrics.jsonl: every rank stops at the next step */
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
+    if (!order || !idx) return free(order), free(idx), MB_ERR_OOM;
     MbLogRow *hist = NULL, win;
     memset(&win, 0, sizeof win);
     int win_micro = 0, win_steps = 0;
@@ -7636,7 +7663,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         if (in_epoch == 0 && tr->micro_done / mb_per_epoch != epoch) epoch_order(c, n, epoch = tr->micro_done / mb_per_epoch, order);
         long count = MB_MIN((long)ga, mb_per_epoch - in_epoch); /* micro-batches of this optimizer step */
         size_t mine0, mine1;
-        mb_split((size_t)count, comm->rank, comm->world, &mine0, &mine1);
+        mb_split((size_t)count, comm_rank(comm), comm_world(comm), &mine0, &mine1);
         ops->fill_f64(ops, tr->acc, tr->n_pad);
         double sums[MET_COUNT + 3] = {0}; /* metric sums over the step's micro-batches, tokens, failed, stopped */
         double tokens0 = tr->tokens_seen;
@@ -7654,7 +7681,11 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         sums[MET_COUNT] = tr->tokens_seen - tokens0;
         sums[MET_COUNT + 1] = rc != MB_OK || log_rc != MB_OK;
         if (tr->interrupt && *tr->interrupt) sums[MET_COUNT + 2] = 1;
-        comm->all_reduce_host(comm, sums, MET_COUNT + 3); /* also tells every rank when one failed or stopped */
+        MbStatus crc = comm_all_reduce_host(comm, sums, MET_COUNT + 3); /* also tells every rank when one failed or stopped */
+        if (crc) { /* the group failed (a rank died, hangs or failed): this step stops here, unsaved */
+            if (!rc) rc = crc;
+            break;
+        }
         tr->tokens_seen = tokens0 + sums[MET_COUNT];
         if (!rc && log_rc) rc = log_rc;
         if (!rc && sums[MET_COUNT + 1] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: another rank failed");
@@ -7670,7 +7701,8 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         double step_met[MET_COUNT];
         for (int q = 0; q < MET_COUNT; q++) step_met[q] = sums[q] / (double)count, win.met[q] += sums[q];
         win_micro += (int)count;
-        double lr = sched_lr(c, tr->step, tr->total_steps, warmup), norm = optimizer_step(tr, lr);
+        double lr = sched_lr(c, tr->step, tr->total_steps, warmup), norm;
+        if ((rc = optimizer_step(tr, lr, &norm))) break;
         if (!isfinite(norm)) {
             rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the gradient norm is %g; the last checkpoint (if "
                          "any) is intact", tr->step + 1, norm);
@@ -7729,7 +7761,8 @@ static void trainer_free(MbTrainer *tr) {
     dataset_free(&tr->train);
     dataset_free(&tr->eval);
     free(tr->ref_cache);
-    if (tr->m && tr->exp_avg) tr->m->ops->free(tr->m->ops, tr->exp_avg), tr->m->ops->free(tr->m->ops, tr->exp_avg_sq);
+    if (tr->m && tr->exp_avg) tr->m->ops->free(tr->m->ops, tr->exp_avg);
+    if (tr->m && tr->exp_avg_sq) tr->m->ops->free(tr->m->ops, tr->exp_avg_sq);
     if (tr->m) mb_model_set_lora(tr->m, NULL);
     mb_lora_free(tr->lo);
     mb_tokenizer_free((MbTokenizer *)tr->tok);
@@ -7747,6 +7780,7 @@ static MbStatus split_eval(MbDataset *train, MbDataset *eval, double frac, int s
                        "--> hold out a share that leaves pairs on both sides, or pass --eval_data FILE", train->path, frac,
                        n, n == 1 ? "" : "s", k, n - MB_MIN(k, n));
     char *pick = mb_calloc(n, 1);
+    if (!pick || !(eval->path = mb_strdup(train->path))) return free(pick), MB_ERR_OOM;
     MbRng rng;
     mb_rng_seed(&rng, (uint64_t)seed ^ 0xe7a1u);
     for (size_t chosen = 0; chosen < k;) {
@@ -7760,7 +7794,6 @@ static MbStatus split_eval(MbDataset *train, MbDataset *eval, double frac, int s
     }
     arrfree(train->pairs);
     train->pairs = keep;
-    eval->path = mb_strdup(train->path);
     free(pick);
     return MB_OK;
 }
@@ -7822,10 +7855,10 @@ static void report_skips(const MbDataset *ds) {
                ds->first_skipped_line);
 }
 
-/* The newest OUTPUT/checkpoint-N, or NULL. */
-static char *latest_checkpoint(const char *out) {
+/* N of the newest OUTPUT/checkpoint-N, or -1 when there is none. */
+static long latest_checkpoint_step(const char *out) {
     DIR *d = opendir(out);
-    if (!d) return NULL;
+    if (!d) return -1;
     long best = -1;
     struct dirent *e;
     while ((e = readdir(d))) {
@@ -7835,6 +7868,12 @@ static char *latest_checkpoint(const char *out) {
         if (*end == 0 && k > best) best = k;
     }
     closedir(d);
+    return best;
+}
+
+/* The newest OUTPUT/checkpoint-N (malloc'd), or NULL when there is none or out of memory. */
+static char *latest_checkpoint(const char *out) {
+    long best = latest_checkpoint_step(out);
     if (best < 0) return NULL;
     char buf[64];
     snprintf(buf, sizeof buf, "checkpoint-%ld", best);
@@ -7856,23 +7895,26 @@ static int output_holds_run(const char *out, char *what, size_t cap) {
     const char *marks[] = {"metrics.jsonl", "adapter_model.safetensors"};
     for (int i = 0; i < 2; i++) {
         char *p = mb_path_join(out, marks[i]);
-        int there = mb_is_file(p);
+        int there = !p || mb_is_file(p); /* (out of memory: a run, so that nothing is written over) */
         free(p);
         if (there) return snprintf(what, cap, "%s", marks[i]), 1;
     }
-    char *ck = latest_checkpoint(out);
-    if (ck) snprintf(what, cap, "%s", ck + strlen(out) + (out[strlen(out) - 1] != '/'));
-    free(ck);
-    return ck != NULL;
+    long ck = latest_checkpoint_step(out);
+    if (ck >= 0) snprintf(what, cap, "checkpoint-%ld", ck);
+    return ck >= 0;
 }
 
 /* 1 when path lies inside the folder dir: one of path's parents (path/.., path/../.., ... as
- * the system resolves them, links included) is dir. */
+ * the system resolves them, links included) is dir; 0 when not, -1 when out of memory. */
 static int path_inside(const char *path, const char *dir) {
     char *p = mb_is_dir(path) ? mb_path_join(path, "..") : mb_path_dirname(path);
-    int inside = 0;
+    int inside = p ? 0 : -1; /* -1: out of memory (the message is set) */
     for (int depth = 0; depth < 256 && !inside; depth++) {
         char *up = mb_path_join(p, "..");
+        if (!up) {
+            inside = -1;
+            break;
+        }
         inside = mb_same_file(p, dir);
         int top = mb_same_file(p, up) || !mb_is_dir(p); /* "/" is its own parent */
         free(p);
@@ -7896,17 +7938,22 @@ static MbStatus train_check_output(const MbTrainJob *job) {
     while (d && !rc && (e = readdir(d))) {
         if (strncmp(e->d_name, "checkpoint-", 11)) continue;
         char *ck = mb_path_join(out, e->d_name);
-        for (size_t i = 0; !rc && i < n; i++)
-            if (inputs[i] && (mb_same_file(inputs[i], ck) || path_inside(inputs[i], ck)))
+        if (!ck) rc = MB_ERR_OOM;
+        for (size_t i = 0; !rc && i < n; i++) {
+            int inside = inputs[i] && !mb_same_file(inputs[i], ck) ? path_inside(inputs[i], ck) : inputs[i] != NULL;
+            if (inside < 0) rc = MB_ERR_OOM;
+            else if (inside)
                 rc = mb_fail(MB_ERR_ARG, "%s: the input %s is in a checkpoint folder of %s (%s), which this run "
                              "writes --> copy it elsewhere, or choose another --output", cmd, inputs[i], out, e->d_name);
+        }
         free(ck);
     }
     if (d) closedir(d);
     char what[300];
     /* resuming continues the run in OUT when the checkpoint is OUT's ("latest" or a folder in it) */
-    int resume = job->resume && job->resume[0] &&
-                 (!strcmp(job->resume, "latest") || !strcmp(job->resume, "true") || path_inside(job->resume, out));
+    int resume = job->resume && job->resume[0];
+    if (resume && strcmp(job->resume, "latest") && strcmp(job->resume, "true")) resume = path_inside(job->resume, out);
+    if (!rc && resume < 0) rc = MB_ERR_OOM;
     if (!rc && !resume && !job->overwrite_output_dir && mb_is_dir(out) && output_holds_run(out, what, sizeof what))
         rc = mb_fail(MB_ERR_ARG, "%s: %s already holds a run (%s) --> --resume_from_checkpoint latest continues it, "
                      "--overwrite_output_dir replaces it, or choose another --output", cmd, out, what);
@@ -7934,7 +7981,7 @@ static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
             own |= strcmp(mb_run_outputs[i], "ref_logps.safetensors") && !strcmp(e->d_name, mb_run_outputs[i]);
         if (!ckpt && !own) continue;
         char *p = mb_path_join(out, e->d_name);
-        rc = mb_remove_path(p);
+        rc = p ? mb_remove_path(p) : MB_ERR_OOM;
         free(p);
     }
     if (d) closedir(d);
@@ -7945,19 +7992,23 @@ static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
 /* Rank 0, after a run that failed (or stopped) before any checkpoint: removes the files and
  * folders it created. A run with a checkpoint keeps everything: it can be resumed. */
 static void output_undo(MbTrainer *tr, const char *out, int failed) {
-    char *ck = failed && mb_is_dir(out) ? latest_checkpoint(out) : NULL;
-    int undo = failed && !ck;
+    int undo = failed && !(mb_is_dir(out) && latest_checkpoint_step(out) >= 0);
     if (undo) mb_remove_new_files(out, mb_run_outputs, tr->existed);
-    free(ck);
     mb_undo_mkdirs(&tr->made, !undo);
 }
 
 /* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
  * ZeRO's slices are equal; the views into them follow. */
-static void lora_reserve(MbLora *lo, size_t n_pad) {
+static MbStatus lora_reserve(MbLora *lo, size_t n_pad) {
     MbOps *ops = lo->ops;
-    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
-    float *host = lora_download(lo, lo->params);
+    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = p ? ops->alloc(ops, n_pad * sizeof(float)) : NULL;
+    float *host = g ? lora_download(lo, lo->params) : NULL;
+    if (!host) {
+        MbStatus rc = mb_ops_oom(ops);
+        if (p) ops->free(ops, p);
+        if (g) ops->free(ops, g);
+        return rc;
+    }
     ops->from_host(ops, p, host, lo->n_params * sizeof(float));
     free(host);
     for (size_t i = 0; i < (size_t)lo->L * MB_LAYER_WEIGHTS; i++) {
@@ -7968,6 +8019,7 @@ static void lora_reserve(MbLora *lo, size_t n_pad) {
     }
     ops->free(ops, lo->params), ops->free(ops, lo->grads);
     lo->params = p, lo->grads = g;
+    return mb_ops_status(ops);
 }
 
 /* One rank of a run: its own model, data and adapter copy, joined to the others by comm. Only
@@ -7977,23 +8029,27 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     j.threads = threads;
     j.gpu = gpu;
     MbTrainer tr;
-    int lead = comm->rank == 0;
+    int lead = comm_rank(comm) == 0, world = comm_world(comm);
     MbStatus rc = trainer_setup(&tr, &j, 1);
     double failed = rc != MB_OK; /* a rank that cannot start stops every rank */
-    comm->all_reduce_host(comm, &failed, 1);
-    if (rc) return rc;
-    if (failed > 0) {
+    MbStatus crc = comm_all_reduce_host(comm, &failed, 1);
+    if (!rc && (crc || failed > 0)) {
         trainer_free(&tr);
-        return mb_fail(MB_ERR_ARG, "another rank could not start");
+        return crc ? crc : mb_fail(MB_ERR_ARG, "another rank could not start");
     }
+    if (rc) return rc;
     tr.comm = comm;
-    tr.zero = job->zero_stage < 0 ? comm->world > 1 : job->zero_stage >= 1;
-    tr.shard = (tr.lo->n_params + (size_t)comm->world - 1) / (size_t)comm->world;
-    tr.n_pad = tr.shard * (size_t)comm->world;
-    lora_reserve(tr.lo, tr.n_pad);
+    tr.zero = job->zero_stage < 0 ? world > 1 : job->zero_stage >= 1;
+    tr.shard = (tr.lo->n_params + (size_t)world - 1) / (size_t)world;
+    tr.n_pad = tr.shard * (size_t)world;
     MbOps *ops = tr.m->ops;
-    if (tr.zero) tr.gshard = ops->alloc(ops, tr.shard * sizeof(float)), tr.acc_shard = ops->alloc(ops, tr.shard * sizeof(double));
-    tr.acc = ops->alloc(ops, tr.n_pad * sizeof(double));
+    rc = lora_reserve(tr.lo, tr.n_pad);
+    if (!rc && tr.zero) {
+        tr.gshard = ops->alloc(ops, tr.shard * sizeof(float)), tr.acc_shard = ops->alloc(ops, tr.shard * sizeof(double));
+        if (!tr.gshard || !tr.acc_shard) rc = mb_ops_oom(ops);
+    }
+    if (!rc && !(tr.acc = ops->alloc(ops, tr.n_pad * sizeof(double)))) rc = mb_ops_oom(ops);
+    if (rc) goto done;
     tr.fingerprint = trainer_fingerprint(&tr);
     const MbTrainConfig *c = &tr.cfg;
     if (lead) {
@@ -8009,29 +8065,27 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
             printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
                    c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
                    c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
-        if (comm->world > 1)
+        if (world > 1)
             printf("data parallel: %d ranks x %s, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
-                   comm->world, !ops->host_memory ? "one GPU" : job->world_size > 1 ? "CPU processes" : "CPU threads",
-                   c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world, tr.zero,
+                   world, !ops->host_memory ? "one GPU" : job->world_size > 1 ? "CPU processes" : "CPU threads",
+                   c->per_device_train_batch_size * c->gradient_accumulation_steps * world, tr.zero,
                    tr.zero ? tr.shard : tr.lo->n_params);
     }
     tr.interrupt = job->interrupt;
     if (lead) rc = output_prepare(&tr, job);
     failed = rc != MB_OK;
-    comm->all_reduce_host(comm, &failed, 1);
+    if ((crc = comm_all_reduce_host(comm, &failed, 1)) && !rc) rc = crc;
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     if (!rc && !job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
     char *resume = NULL;
     if (!rc && job->resume && job->resume[0]) {
-        if (!strcmp(job->resume, "true") || !strcmp(job->resume, "latest")) {
-            resume = latest_checkpoint(job->output_dir);
-            if (!resume) rc = mb_fail(MB_ERR_ARG, "%s: no checkpoint-N folder to resume from", job->output_dir);
-        } else {
-            resume = mb_strdup(job->resume);
-        }
+        if (strcmp(job->resume, "true") && strcmp(job->resume, "latest")) resume = mb_strdup(job->resume);
+        else if (latest_checkpoint_step(job->output_dir) >= 0) resume = latest_checkpoint(job->output_dir);
+        else rc = mb_fail(MB_ERR_ARG, "%s: no checkpoint-N folder to resume from", job->output_dir);
+        if (!rc && !resume) rc = MB_ERR_OOM;
     }
     double stop[2] = {rc != MB_OK, job->interrupt && *job->interrupt}; /* failed; Ctrl-C while loading */
-    comm->all_reduce_host(comm, stop, 2);
+    if ((crc = comm_all_reduce_host(comm, stop, 2)) && !rc) rc = crc;
     if (!rc && stop[0] > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     if (!rc && stop[1] > 0)
         rc = mb_fail(MB_INTERRUPTED, "interrupted while loading, before this run's first optimizer step: nothing "
@@ -8046,8 +8100,11 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
         printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
                "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
                job->output_dir, job->output_dir);
-    if (tr.gshard) ops->free(ops, tr.gshard), ops->free(ops, tr.acc_shard);
-    ops->free(ops, tr.acc);
+done:
+    if (rc) comm_leave(comm); /* ranks still in (or yet to reach) a collective must not wait for this one */
+    if (tr.gshard) ops->free(ops, tr.gshard);
+    if (tr.acc_shard) ops->free(ops, tr.acc_shard);
+    if (tr.acc) ops->free(ops, tr.acc);
     trainer_free(&tr);
     return rc;
 }
@@ -8065,6 +8122,33 @@ static void *train_rank_thread(void *arg) {
     r->rc = train_rank(r->job, r->comm, r->threads, r->gpu);
     if (r->rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
     return NULL;
+}
+
+/* The world ranks of this process (--nproc), a thread each, joined by comms. A rank that cannot
+ * start fails the group, so that the ranks already running leave it. */
+static MbStatus train_ranks(const MbTrainJob *job, MbComm **comms, int world, int threads) {
+    MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
+    pthread_t *th = mb_calloc((size_t)world, sizeof *th);
+    MbStatus rc = runs && th ? MB_OK : MB_ERR_OOM;
+    int started = 0;
+    for (int r = 0; !rc && r < world; r++) {
+        runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = threads, runs[r].gpu = job->gpu + r;
+        int e = mb_thread_start(&th[r], train_rank_thread, &runs[r]);
+        if (!e) {
+            started++;
+            continue;
+        }
+        rc = mb_fail(MB_ERR_OOM, "cannot start rank %d of %d: %s", r, world, strerror(e));
+        comm_leave(comms[r]); /* the ranks already started stop at their next collective */
+    }
+    for (int r = 0; r < started; r++) pthread_join(th[r], NULL);
+    /* report the rank that failed first, not the ranks that stopped because of it */
+    for (int r = 0; r < started && !rc; r++)
+        if (runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+    for (int r = 0; r < started && !rc; r++)
+        if (runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+    free(runs), free(th);
+    return rc;
 }
 
 MbStatus mb_train(const MbTrainJob *job) {
@@ -8085,6 +8169,7 @@ MbStatus mb_train(const MbTrainJob *job) {
     const char *addr = job->master_addr ? job->master_addr : "127.0.0.1";
     /* the ranks of a multi-process job prove at the rendezvous that they run the same job */
     MbJobFingerprint *fp = dist ? mb_malloc(sizeof *fp) : NULL;
+    if (!comms || (dist && !fp)) return free(comms), free(fp), MB_ERR_OOM;
     MbStatus fp_rc = fp ? mb_job_fingerprint(job, fp) : MB_OK;
     char *fp_err = fp_rc ? mb_strdup(mb_last_error()) : NULL; /* more precise than the rendezvous' refusal */
     int port = job->master_port, rank = job->rank, size = job->world_size;
@@ -8092,7 +8177,7 @@ MbStatus mb_train(const MbTrainJob *job) {
         rc = mb_comm_nccl_new(addr, port, rank, size, job->gpu, fp, job->ddp_timeout, &comms[0]);
     else if (dist) rc = mb_comm_tcp_new(addr, port, rank, size, fp, job->ddp_timeout, &comms[0]);
     else if (device == MB_DEVICE_CUDA && world > 1) rc = mb_comm_nccl_new_all(world, job->gpu, job->ddp_timeout, comms), j.device = device;
-    else mb_comm_threads_new(world, job->ddp_timeout, comms);
+    else rc = mb_comm_threads_new(world, job->ddp_timeout, comms);
     if (rc && fp_err) rc = mb_fail(fp_rc, "%s", fp_err);
     free(fp), free(fp_err);
     if (rc) {
@@ -8100,27 +8185,9 @@ MbStatus mb_train(const MbTrainJob *job) {
         return rc;
     }
     job = &j;
-    if (world == 1) {
-        rc = train_rank(job, comms[0], per, job->gpu);
-    } else {
-        MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
-        pthread_t *th = mb_calloc((size_t)world, sizeof *th);
-        for (int r = 0; r < world; r++) {
-            runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = per, runs[r].gpu = job->gpu + r;
-            if (mb_thread_start(&th[r], train_rank_thread, &runs[r]) != 0) {
-                fprintf(stderr, "medbot: cannot start rank %d of %d\n", r, world);
-                exit(1); /* the ranks already started wait for it forever */
-            }
-        }
-        for (int r = 0; r < world; r++) pthread_join(th[r], NULL);
-        /* report the rank that failed first, not the ranks that stopped because of it */
-        for (int r = 0; r < world && !rc; r++)
-            if (runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
-        for (int r = 0; r < world && !rc; r++)
-            if (runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
-        free(runs), free(th);
-    }
-    for (int r = 0; r < world; r++) comms[r]->destroy(comms[r]);
+    if (world == 1) rc = train_rank(job, comms[0], per, job->gpu);
+    else rc = train_ranks(job, comms, world, per);
+    for (int r = 0; r < world; r++) comm_destroy(comms[r]);
     free(comms);
     return rc;
 }
@@ -8134,9 +8201,9 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
     report_eos(tr.tok);
     report_skips(&tr.eval);
     double met[MET_COUNT];
-    mb_comm_threads_new(1, 0, &tr.comm);
-    rc = train_evaluate(&tr, met);
-    tr.comm->destroy(tr.comm);
+    rc = mb_comm_threads_new(1, 0, &tr.comm);
+    if (!rc) rc = train_evaluate(&tr, met);
+    if (tr.comm) comm_destroy(tr.comm);
     if (!rc) {
         printf("%zu pairs of %s\n", (size_t)arrlen(tr.eval.pairs), job->data_path);
         for (int k = 0; k < (job->sft ? 1 : MET_COUNT); k++) printf("  eval_%-20s %.6f\n", mb_metric_names[k], met[k]);
@@ -8503,13 +8570,131 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
 // collective interface, on fp32 buffers, with three backends: in-process threads (CPU ranks with
 // --nproc; what most tests use), TCP (CPU ranks in separate processes joined by a rendezvous at
 // MASTER_ADDR / MASTER_PORT) and NCCL (one rank per GPU: processes joined by the same rendezvous,
-// or one process driving several GPUs with --nproc; in section 12). The CPU backends sum over the
-// ranks in rank order, so every rank gets bit-identical results, and both give the same bits. A
-// rank that dies or hangs stops the job with a message within --ddp_timeout on every backend,
-// never a hang. At the rendezvous every rank shows the job's fingerprint (model, tokenizer, data,
+// or one process driving several GPUs with --nproc; its device side is in section 12). The CPU
+// backends sum over the ranks in rank order, so every rank gets bit-identical results, and both
+// give the same bits. A rank that dies or hangs fails the collectives of every rank with a
+// message within --ddp_timeout on every backend, never a hang: the failure is sticky, the
+// training step returns it, and the command prints it and exits 1. At the rendezvous every rank shows the job's fingerprint (model, tokenizer, data,
 // options) and, with MEDBOT_RDV_SECRET, proves it knows the secret; which process is which rank
 // comes from torchrun's, Open MPI's, MPICH's or SLURM's variables (the end of this section).
 // ============================================================================================
+
+/* ---- MbComm: the collectives, on fp32 and fp64 buffers of the backend's memory ---- */
+
+/* The failure of a group of communicators (the ranks of one process: the threads of --nproc, or
+ * the one rank of a launcher's process): the first collective that times out or fails records
+ * it, with the message that names what happened, and from then on every collective of the group
+ * returns it at once. A failed in-process group wakes the ranks that wait in it. */
+typedef struct {
+    pthread_mutex_t mu;
+    MbStatus err;
+    char msg[1024];
+    int refs;           /* communicators that share it */
+} MbCommFail;
+
+struct MbComm {
+    int rank, world;
+    void *ctx;
+    MbCommFail *fail;
+    MbStatus (*all_reduce)(MbComm *, float *x, size_t n);                       /* x = sum over ranks */
+    /* shard (n / world) = the sum over ranks of this rank's slice of x (n); n % world == 0 */
+    MbStatus (*reduce_scatter)(MbComm *, float *shard, const float *x, size_t n);
+    /* x (n) = every rank's shard (n / world), in rank order */
+    MbStatus (*all_gather)(MbComm *, float *x, const float *shard, size_t n);
+    MbStatus (*broadcast)(MbComm *, float *x, size_t n, int root);
+    MbStatus (*barrier)(MbComm *);
+    void (*destroy)(MbComm *);
+    /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
+    MbStatus (*all_reduce_f64)(MbComm *, double *x, size_t n);
+    MbStatus (*reduce_scatter_f64)(MbComm *, double *shard, const double *x, size_t n);
+    /* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
+    MbStatus (*all_reduce_host)(MbComm *, double *x, size_t n);
+    /* NULL, or wakes the ranks of this process that wait in a collective of a failed group */
+    void (*wake)(MbComm *);
+};
+
+/* MB_OK, or the group's failure with its message on this thread */
+static MbStatus comm_status(MbComm *c) {
+    pthread_mutex_lock(&c->fail->mu);
+    MbStatus st = c->fail->err ? mb_fail(c->fail->err, "%s", c->fail->msg) : MB_OK;
+    pthread_mutex_unlock(&c->fail->mu);
+    return st;
+}
+
+/* Fails c's group with st and the message (unless it failed already: the first one stays) and
+ * returns the group's failure, its message on this thread. The caller wakes the waiting ranks. */
+static MbStatus comm_fail(MbComm *c, MbStatus st, const char *fmt, ...) MB_PRINTF(3, 4);
+static MbStatus comm_fail(MbComm *c, MbStatus st, const char *fmt, ...) {
+    pthread_mutex_lock(&c->fail->mu);
+    if (!c->fail->err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->fail->msg, sizeof c->fail->msg, fmt, ap);
+        va_end(ap);
+        c->fail->err = st;
+    }
+    pthread_mutex_unlock(&c->fail->mu);
+    return comm_status(c);
+}
+
+/* A rank that stops (its run failed or was interrupted) fails its group, so that the ranks still
+ * in a collective, or yet to reach one, do not wait for it; a group that failed already stays as
+ * it is. The message is this thread's. */
+static void comm_leave(MbComm *c) {
+    char why[sizeof mb_errbuf];
+    snprintf(why, sizeof why, "%s", mb_last_error());
+    comm_fail(c, MB_ERR_ARG, "another rank failed (rank %d of %d): %s", c->rank, c->world, why);
+    if (c->wake) c->wake(c);
+    mb_fail(MB_ERR_ARG, "%s", why); /* this rank keeps its own message */
+}
+
+/* A communicator of backend proto (its functions) for rank `rank` of `world`, sharing the group
+ * failure fail (one more reference). NULL when out of memory. */
+static MbComm *comm_new(const MbComm *proto, int rank, int world, void *ctx, MbCommFail *fail) {
+    MbComm *c = mb_malloc(sizeof *c);
+    if (!c) return NULL;
+    *c = *proto;
+    c->rank = rank, c->world = world, c->ctx = ctx, c->fail = fail;
+    pthread_mutex_lock(&fail->mu);
+    fail->refs++;
+    pthread_mutex_unlock(&fail->mu);
+    return c;
+}
+
+/* A group failure of no communicators yet (comm_new adds them), or NULL when out of memory */
+static MbCommFail *comm_fail_new(void) {
+    MbCommFail *f = mb_calloc(1, sizeof *f);
+    if (f) pthread_mutex_init(&f->mu, NULL);
+    return f;
+}
+
+/* Frees c (its backend state is the caller's) and, with the last reference, its group failure. */
+static void comm_free(MbComm *c) {
+    MbCommFail *f = c->fail;
+    pthread_mutex_lock(&f->mu);
+    int last = --f->refs == 0;
+    pthread_mutex_unlock(&f->mu);
+    if (last) {
+        pthread_mutex_destroy(&f->mu);
+        free(f);
+    }
+    free(c);
+}
+
+/* --ddp_timeout in seconds (0: TrainingArguments' default) */
+static double comm_timeout(double timeout) { return timeout > 0 ? timeout : MB_DDP_TIMEOUT; }
+
+/* The calls the trainer makes (section 9); every backend returns at once when the group has failed. */
+static int comm_rank(const MbComm *c) { return c->rank; }
+static int comm_world(const MbComm *c) { return c->world; }
+static MbStatus comm_barrier(MbComm *c) { return c->barrier(c); }
+static MbStatus comm_all_reduce_host(MbComm *c, double *x, size_t n) { return c->all_reduce_host(c, x, n); }
+static MbStatus comm_all_reduce_f64(MbComm *c, double *x, size_t n) { return c->all_reduce_f64(c, x, n); }
+static MbStatus comm_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return c->reduce_scatter_f64(c, shard, x, n);
+}
+static MbStatus comm_all_gather(MbComm *c, float *x, const float *shard, size_t n) { return c->all_gather(c, x, shard, n); }
+static void comm_destroy(MbComm *c) { c->destroy(c); }
 
 /* "rank 2" or "ranks 1, 3" (the n ranks in ranks), for the messages that name missing ranks */
 static const char *rank_list(char *buf, size_t cap, const int *ranks, int n) {
@@ -8529,7 +8714,7 @@ typedef struct {
     const void **slot;    /* (world) each rank's published buffer */
     unsigned long *entered; /* (world) barriers each rank has entered */
     double timeout;       /* seconds a rank waits for the others */
-    void **part;          /* (world) each rank's reduced slice */
+    void **part;          /* (world) each rank's reduced slice (a failed group frees them) */
     int refs;
 } MbThreadGroup;
 
@@ -8537,11 +8722,21 @@ typedef struct {
     MbThreadGroup *g;
 } MbThreadComm;
 
-/* Waits until every rank of the group has called it as often as this one. A rank that does not
- * come within the group's timeout (--ddp_timeout) stops the process with a message naming it:
- * the ranks are threads of one process, so one that hangs would otherwise hang the job forever. */
-static void tc_barrier(MbComm *c) {
+static void tc_wake(MbComm *c) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    pthread_mutex_lock(&g->mu);
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Waits until every rank of the group has called it as often as this one. A rank that does not
+ * come within the group's timeout (--ddp_timeout) fails the group with a message naming it, and
+ * every rank waiting in it returns that failure: the ranks are threads of one process, so one
+ * that hangs would otherwise hang the job forever. */
+static MbStatus tc_barrier(MbComm *c) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     pthread_mutex_lock(&g->mu);
     unsigned long gen = g->generation;
     g->entered[c->rank]++;
@@ -8554,22 +8749,23 @@ static void tc_barrier(MbComm *c) {
         clock_gettime(CLOCK_REALTIME, &until);
         double t = (double)until.tv_sec + until.tv_nsec * 1e-9 + g->timeout;
         until.tv_sec = (time_t)t, until.tv_nsec = (long)((t - floor(t)) * 1e9);
-        while (gen == g->generation) {
+        while (gen == g->generation && !(rc = comm_status(c))) {
             int e = pthread_cond_timedwait(&g->cv, &g->mu, &until);
             if (e == ETIMEDOUT && gen == g->generation) {
-                int *late = mb_malloc((size_t)g->world * sizeof *late), nl = 0;
+                int late[256], nl = 0; /* (at most 256 ranks) */
                 char names[256];
-                for (int r = 0; r < g->world; r++)
+                for (int r = 0; r < g->world && nl < 256; r++)
                     if (g->entered[r] < g->entered[c->rank]) late[nl++] = r;
-                fprintf(stderr, "medbot: %s of %d did not reach the collective within %g s (--ddp_timeout): "
-                        "stopping --> resume from the last checkpoint with --resume_from_checkpoint latest\n",
-                        rank_list(names, sizeof names, late, nl), g->world, g->timeout);
-                fflush(stdout);
-                _exit(1); /* not exit: the ranks are stopped mid-step, no atexit handler should run */
+                rc = comm_fail(c, MB_ERR_IO, "%s of %d did not reach the collective within %g s (--ddp_timeout): "
+                               "stopping --> resume from the last checkpoint with --resume_from_checkpoint latest",
+                               rank_list(names, sizeof names, late, nl), g->world, g->timeout);
+                pthread_cond_broadcast(&g->cv);
+                break;
             }
         }
     }
     pthread_mutex_unlock(&g->mu);
+    return rc;
 }
 
 /* out[0..len) = the sum over ranks r, in rank order, of element off + i of slot[r] (fp32, or fp64
@@ -8588,96 +8784,136 @@ static void mb_sum_ranks(const void *const *slot, int world, void *out, size_t o
     }
 }
 
-/* Each rank reduces its slice of x into its own buffer; then every rank copies every slice. */
-static void tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
+/* Each rank reduces its slice of x into its own buffer; then every rank copies every slice. A
+ * rank that fails may leave ranks still reading its slice: the group then frees it. */
+static MbStatus tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t es = f64 ? sizeof(double) : sizeof(float), lo, hi;
     mb_split(n, c->rank, c->world, &lo, &hi);
-    void *mine = mb_malloc((hi - lo + 1) * es);
+    MbStatus rc = comm_status(c);
+    void *mine = rc ? NULL : mb_malloc((hi - lo + 1) * es);
+    if (!rc && !mine) { /* this rank cannot take part: the group fails */
+        rc = comm_fail(c, MB_ERR_OOM, "%s", mb_last_error());
+        tc_wake(c);
+    }
+    if (rc) return rc;
     g->slot[c->rank] = x;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return free(mine), rc;
     mb_sum_ranks(g->slot, g->world, mine, lo, hi - lo, f64);
     g->part[c->rank] = mine;
-    tc_barrier(c); /* every slice reduced: now x may be overwritten */
-    for (int r = 0; r < c->world; r++) {
-        size_t a, b;
-        mb_split(n, r, c->world, &a, &b);
-        memcpy((char *)x + a * es, g->part[r], (b - a) * es);
+    if (!(rc = tc_barrier(c))) { /* every slice reduced: now x may be overwritten */
+        for (int r = 0; r < c->world; r++) {
+            size_t a, b;
+            mb_split(n, r, c->world, &a, &b);
+            memcpy((char *)x + a * es, g->part[r], (b - a) * es);
+        }
+        rc = tc_barrier(c);
     }
-    tc_barrier(c);
-    free(mine);
+    if (!rc) g->part[c->rank] = NULL, free(mine);
+    return rc;
 }
 
-static void tc_reduce_scatter_any(MbComm *c, void *shard, const void *x, size_t n, int f64) {
+static MbStatus tc_reduce_scatter_any(MbComm *c, void *shard, const void *x, size_t n, int f64) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     g->slot[c->rank] = x;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return rc;
     mb_sum_ranks(g->slot, g->world, shard, (size_t)c->rank * per, per, f64);
-    tc_barrier(c);
+    return tc_barrier(c);
 }
 
-static void tc_all_reduce(MbComm *c, float *x, size_t n) { tc_all_reduce_any(c, x, n, 0); }
-static void tc_all_reduce_f64(MbComm *c, double *x, size_t n) { tc_all_reduce_any(c, x, n, 1); }
-static void tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) { tc_reduce_scatter_any(c, shard, x, n, 0); }
-static void tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    tc_reduce_scatter_any(c, shard, x, n, 1);
+static MbStatus tc_all_reduce(MbComm *c, float *x, size_t n) { return tc_all_reduce_any(c, x, n, 0); }
+static MbStatus tc_all_reduce_f64(MbComm *c, double *x, size_t n) { return tc_all_reduce_any(c, x, n, 1); }
+static MbStatus tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    return tc_reduce_scatter_any(c, shard, x, n, 0);
+}
+static MbStatus tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return tc_reduce_scatter_any(c, shard, x, n, 1);
 }
 
-static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+static MbStatus tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     g->slot[c->rank] = shard;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return rc;
     for (int r = 0; r < c->world; r++)
         if ((const void *)(x + (size_t)r * per) != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
-    tc_barrier(c);
+    return tc_barrier(c);
 }
 
-static void tc_broadcast(MbComm *c, float *x, size_t n, int root) {
+static MbStatus tc_broadcast(MbComm *c, float *x, size_t n, int root) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     g->slot[c->rank] = x;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return rc;
     if (c->rank != root) memcpy(x, g->slot[root], n * sizeof(float));
-    tc_barrier(c);
+    return tc_barrier(c);
 }
 
-static void tc_destroy(MbComm *c) {
-    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+/* The group's last rank frees it */
+static void tc_group_release(MbThreadGroup *g) {
     pthread_mutex_lock(&g->mu);
     int last = --g->refs == 0;
     pthread_mutex_unlock(&g->mu);
-    if (last) {
-        pthread_mutex_destroy(&g->mu);
-        pthread_cond_destroy(&g->cv);
-        free(g->slot), free(g->part), free(g->entered), free(g);
-    }
-    free(c->ctx);
-    free(c);
+    if (!last) return;
+    for (int r = 0; g->part && r < g->world; r++) free(g->part[r]);
+    pthread_mutex_destroy(&g->mu);
+    pthread_cond_destroy(&g->cv);
+    free(g->slot), free(g->part), free(g->entered), free(g);
 }
 
+static void tc_destroy(MbComm *c) {
+    MbThreadComm *tc = c->ctx;
+    tc_group_release(tc->g);
+    free(tc);
+    comm_free(c);
+}
+
+static const MbComm mb_comm_threads_proto = {
+    .all_reduce = tc_all_reduce, .reduce_scatter = tc_reduce_scatter, .all_gather = tc_all_gather,
+    .broadcast = tc_broadcast, .barrier = tc_barrier, .destroy = tc_destroy, .all_reduce_f64 = tc_all_reduce_f64,
+    .reduce_scatter_f64 = tc_reduce_scatter_f64,
+    .all_reduce_host = tc_all_reduce_f64, /* the CPU ranks' memory is the host's */
+    .wake = tc_wake};
+
 /* world communicators of one in-process group (rank r is comms[r]); each destroys its own. */
-static void mb_comm_threads_new(int world, double timeout, MbComm **comms) {
+static MbStatus mb_comm_threads_new(int world, double timeout, MbComm **comms) {
     MbThreadGroup *g = mb_calloc(1, sizeof *g);
+    MbCommFail *fail = comm_fail_new();
+    if (!g || !fail) return free(g), free(fail), MB_ERR_OOM;
     g->world = world;
-    g->timeout = timeout > 0 ? timeout : MB_DDP_TIMEOUT;
+    g->timeout = comm_timeout(timeout);
     g->entered = mb_calloc((size_t)world, sizeof *g->entered);
-    g->refs = world;
-    pthread_mutex_init(&g->mu, NULL);
-    pthread_cond_init(&g->cv, NULL);
     g->slot = mb_calloc((size_t)world, sizeof *g->slot);
     g->part = mb_calloc((size_t)world, sizeof *g->part);
-    for (int r = 0; r < world; r++) {
-        MbComm *c = mb_calloc(1, sizeof *c);
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->refs = 1; /* this function's, until every rank has its own */
+    MbStatus rc = g->entered && g->slot && g->part ? MB_OK : MB_ERR_OOM;
+    int made = 0;
+    for (int r = 0; !rc && r < world; r++, made++) {
         MbThreadComm *tc = mb_calloc(1, sizeof *tc);
+        MbComm *c = tc ? comm_new(&mb_comm_threads_proto, r, world, tc, fail) : NULL;
+        if (!c) {
+            free(tc);
+            rc = MB_ERR_OOM;
+            break;
+        }
         tc->g = g;
-        c->rank = r, c->world = world, c->ctx = tc;
-        c->all_reduce = tc_all_reduce, c->reduce_scatter = tc_reduce_scatter, c->all_gather = tc_all_gather;
-        c->broadcast = tc_broadcast, c->barrier = tc_barrier, c->destroy = tc_destroy;
-        c->all_reduce_f64 = tc_all_reduce_f64, c->reduce_scatter_f64 = tc_reduce_scatter_f64;
-        c->all_reduce_host = tc_all_reduce_f64; /* the CPU ranks' memory is the host's */
+        g->refs++;
         comms[r] = c;
     }
+    if (rc) {
+        for (int r = 0; r < made; r++) tc_destroy(comms[r]), comms[r] = NULL;
+        if (!made) free(fail);
+    }
+    tc_group_release(g);
+    return rc;
 }
 
 /* ---- the job fingerprint: what every rank of a job must share ----
@@ -9356,8 +9592,8 @@ MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, const Mb
  * collectives through rank 0: every rank sends its contribution, rank 0 adds them in rank order
  * (mb_sum_ranks: the thread backend's sums, bit for bit) and answers each rank with its part. A
  * rank that dies closes its socket: rank 0 sees it at once, tells the others why, and every
- * process stops with a one-line message and exit status 1. A rank that hangs is named when
- * --ddp_timeout runs out. Checkpoints are written to a temporary folder and renamed, so the last
+ * rank's collective fails (the group's failure, with a one-line message that the command prints
+ * before it exits with status 1). A rank that hangs is named when --ddp_timeout runs out. Checkpoints are written to a temporary folder and renamed, so the last
  * one is whole and the job resumes from it (--resume_from_checkpoint latest). */
 
 enum { MB_TCP_ALL_REDUCE, MB_TCP_REDUCE_SCATTER, MB_TCP_ALL_GATHER, MB_TCP_BROADCAST, MB_TCP_BARRIER };
@@ -9372,9 +9608,10 @@ typedef struct {
     size_t *cap;          /* (world) bytes allocated in in[r] */
 } MbTcpComm;
 
-/* Stops this process: the message goes to stderr (rank 0 first tells every other rank, which
- * prints it too); exit status 1. */
-static void tcp_stop(MbComm *c, const char *fmt, ...) {
+/* Fails the group with the message (rank 0 first tells every other rank, which fails with it too)
+ * and returns that failure. */
+static MbStatus tcp_stop(MbComm *c, const char *fmt, ...) MB_PRINTF(2, 3);
+static MbStatus tcp_stop(MbComm *c, const char *fmt, ...) {
     MbTcpComm *t = c->ctx;
     char why[512];
     va_list ap;
@@ -9397,18 +9634,19 @@ static void tcp_stop(MbComm *c, const char *fmt, ...) {
             while (t->fd[r] >= 0 && sock_io(t->fd[r], sink, sizeof sink, until, 0) == 1) {}
         }
     }
-    fflush(stdout);
-    fprintf(stderr, "medbot: rank %d: %s --> the job stops; resume it from the last checkpoint with "
-            "--resume_from_checkpoint latest\n", c->rank, why);
-    _exit(1); /* not exit: the rank is stopped mid-step, no atexit handler should run */
+    return comm_fail(c, MB_ERR_IO, "rank %d: %s --> the job stops; resume it from the last checkpoint with "
+                     "--resume_from_checkpoint latest", c->rank, why);
 }
 
-static void tcp_reserve(MbTcpComm *t, int r, size_t bytes) {
+/* in[r] of at least `bytes`; 0 when out of memory */
+static int tcp_reserve(MbTcpComm *t, int r, size_t bytes) {
     if (t->cap[r] < bytes) {
         free(t->in[r]);
-        t->in[r] = mb_malloc(bytes);
+        t->cap[r] = 0;
+        if (!(t->in[r] = mb_malloc(bytes))) return 0;
         t->cap[r] = bytes;
     }
+    return 1;
 }
 
 /* bytes rank r contributes to a collective, and bytes it gets back */
@@ -9424,16 +9662,19 @@ static size_t tcp_answer(int op, int r, int root, size_t n, size_t per, size_t e
 
 /* Rank 0: every other rank's header and contribution, read as they come. A header must agree
  * with rank 0's (want) on the collective's number, kind and size. */
-static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, size_t n, size_t per, size_t es) {
+static MbStatus tcp_gather(MbComm *c, const unsigned char *want, int op, int root, size_t n, size_t per, size_t es) {
     MbTcpComm *t = c->ctx;
     int world = c->world, pending = world - 1;
     size_t *got = mb_calloc((size_t)world, sizeof *got);
     unsigned char *hdr = mb_malloc((size_t)world * MB_TCP_HDR);
     struct pollfd *pf = mb_malloc((size_t)world * sizeof *pf);
     int *who = mb_malloc((size_t)world * sizeof *who);
-    for (int r = 1; r < world; r++) tcp_reserve(t, r, tcp_contrib(op, r, root, n, per, es));
+    MbStatus rc = got && hdr && pf && who ? MB_OK : MB_ERR_OOM;
+    for (int r = 1; !rc && r < world; r++)
+        if (!tcp_reserve(t, r, tcp_contrib(op, r, root, n, per, es))) rc = MB_ERR_OOM;
+    if (rc) rc = tcp_stop(c, "%s", mb_last_error());
     double deadline = mb_now() + t->timeout;
-    while (pending) {
+    while (!rc && pending) {
         int np = 0;
         for (int r = 1; r < world; r++)
             if (got[r] < MB_TCP_HDR + tcp_contrib(op, r, root, n, per, es))
@@ -9441,11 +9682,12 @@ static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, s
         int ms = (int)((deadline - mb_now()) * 1000);
         if (ms <= 0) {
             char names[256];
-            tcp_stop(c, "%s of %d did not reach %s within %g s (--ddp_timeout)", rank_list(names, sizeof names, who, np),
-                     world, mb_tcp_op_names[op], t->timeout);
+            rc = tcp_stop(c, "%s of %d did not reach %s within %g s (--ddp_timeout)", rank_list(names, sizeof names, who, np),
+                          world, mb_tcp_op_names[op], t->timeout);
+            break;
         }
         if (poll(pf, (nfds_t)np, ms) <= 0) continue;
-        for (int i = 0; i < np; i++) {
+        for (int i = 0; !rc && i < np; i++) {
             if (!pf[i].revents) continue;
             int r = who[i];
             size_t total = MB_TCP_HDR + tcp_contrib(op, r, root, n, per, es);
@@ -9454,32 +9696,38 @@ static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, s
             ssize_t k = recv(t->fd[r], dst, room, 0);
             if (k < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
             if (k <= 0) {
+                int e = errno;
                 close(t->fd[r]), t->fd[r] = -1;
-                tcp_stop(c, "rank %d of %d stopped (its connection closed%s%s) during %s", r, world, k < 0 ? ": " : "",
-                         k < 0 ? strerror(errno) : "", mb_tcp_op_names[op]);
+                rc = tcp_stop(c, "rank %d of %d stopped (its connection closed%s%s) during %s", r, world, k < 0 ? ": " : "",
+                              k < 0 ? strerror(e) : "", mb_tcp_op_names[op]);
+                break;
             }
             got[r] += (size_t)k;
             if (got[r] == MB_TCP_HDR && (memcmp(hdr + (size_t)r * MB_TCP_HDR, want, 24) != 0 ||
                                          rdv_get_u64(hdr + (size_t)r * MB_TCP_HDR + 24) != total - MB_TCP_HDR)) {
                 const unsigned char *h = hdr + (size_t)r * MB_TCP_HDR;
                 uint64_t o = rdv_get_u64(h + 8) & 0xff;
-                tcp_stop(c, "rank %d is at collective #%llu (%s of %llu values), rank 0 at #%llu (%s of %zu values): the "
-                         "ranks disagree --> give every rank the same data and options", r,
-                         (unsigned long long)rdv_get_u64(h), o < 5 ? mb_tcp_op_names[o] : "?",
-                         (unsigned long long)rdv_get_u64(h + 16), (unsigned long long)t->seq, mb_tcp_op_names[op], n);
+                rc = tcp_stop(c, "rank %d is at collective #%llu (%s of %llu values), rank 0 at #%llu (%s of %zu values): "
+                              "the ranks disagree --> give every rank the same data and options", r,
+                              (unsigned long long)rdv_get_u64(h), o < 5 ? mb_tcp_op_names[o] : "?",
+                              (unsigned long long)rdv_get_u64(h + 16), (unsigned long long)t->seq, mb_tcp_op_names[op], n);
+                break;
             }
             if (got[r] == total) pending--;
         }
     }
     free(got), free(hdr), free(pf), free(who);
+    return rc;
 }
 
 /* One collective. x: this rank's contribution (NULL when it has none); out: where its answer
  * goes (n, or per values of es bytes; NULL when none). */
-static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, const void *x, void *out) {
+static MbStatus tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, const void *x, void *out) {
     MbTcpComm *t = c->ctx;
     int world = c->world;
     size_t per = n / (size_t)world;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     unsigned char hdr[MB_TCP_HDR];
     rdv_put_u64(hdr, t->seq++);
     rdv_put_u64(hdr + 8, (uint64_t)op | (uint64_t)es << 8 | (uint64_t)root << 16);
@@ -9499,24 +9747,25 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
             char why[513];
             size_t len = (size_t)MB_MIN(rdv_get_u64(st + 8), 512);
             why[sock_io(fd, why, len, mb_now() + 2.0, 0) == 1 ? len : 0] = 0;
-            tcp_stop(c, "stopping: %s", why[0] ? why : "rank 0 stopped");
+            return tcp_stop(c, "stopping: %s", why[0] ? why : "rank 0 stopped");
         }
         if (got == -1 && ok != 0)
-            tcp_stop(c, "rank 0 did not answer %s within %g s (--ddp_timeout)", mb_tcp_op_names[op], t->timeout);
-        if (got != 1 || ok != 1) tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
-        if (rdv_get_u64(st + 8) != back) tcp_stop(c, "rank 0 answered %s with a wrong size", mb_tcp_op_names[op]);
+            return tcp_stop(c, "rank 0 did not answer %s within %g s (--ddp_timeout)", mb_tcp_op_names[op], t->timeout);
+        if (got != 1 || ok != 1) return tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
+        if (rdv_get_u64(st + 8) != back) return tcp_stop(c, "rank 0 answered %s with a wrong size", mb_tcp_op_names[op]);
         if (back && sock_io(fd, out, back, deadline, 0) != 1)
-            tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
-        return;
+            return tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
+        return MB_OK;
     }
     rdv_put_u64(hdr + 24, 0);
-    tcp_gather(c, hdr, op, root, n, per, es); /* every rank's header must agree with rank 0's */
+    if ((rc = tcp_gather(c, hdr, op, root, n, per, es))) return rc; /* every rank's header must agree with rank 0's */
     const void **slot = mb_malloc((size_t)world * sizeof *slot);
+    if (!slot || ((op == MB_TCP_ALL_REDUCE || op == MB_TCP_REDUCE_SCATTER) && !tcp_reserve(t, 0, n * es)))
+        return free(slot), tcp_stop(c, "%s", mb_last_error());
     slot[0] = x;
     for (int r = 1; r < world; r++) slot[r] = t->in[r];
     const void *answer = NULL; /* what every rank gets (or, for reduce_scatter, the whole sum) */
     if (op == MB_TCP_ALL_REDUCE || op == MB_TCP_REDUCE_SCATTER) {
-        tcp_reserve(t, 0, n * es);
         mb_sum_ranks(slot, world, t->in[0], 0, n, es == sizeof(double));
         answer = t->in[0];
         memcpy(out, t->in[0], (op == MB_TCP_ALL_REDUCE ? n : per) * es);
@@ -9528,6 +9777,7 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
         if (root != 0) memcpy(out, slot[root], n * es);
         answer = out;
     }
+    free(slot);
     double deadline = mb_now() + t->timeout;
     for (int r = 1; r < world; r++) {
         size_t back = tcp_answer(op, r, root, n, per, es);
@@ -9538,37 +9788,56 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
         if (ok == 1 && back) ok = sock_io(t->fd[r], (void *)part, back, deadline, 1);
         if (ok == 0) close(t->fd[r]), t->fd[r] = -1;
         if (ok != 1)
-            tcp_stop(c, "rank %d of %d %s during %s", r, world, ok ? "did not take its answer within the timeout"
-                     : "stopped (its connection closed)", mb_tcp_op_names[op]);
+            return tcp_stop(c, "rank %d of %d %s during %s", r, world, ok ? "did not take its answer within the timeout"
+                            : "stopped (its connection closed)", mb_tcp_op_names[op]);
     }
-    free(slot);
+    return MB_OK;
 }
 
-static void tcp_all_reduce(MbComm *c, float *x, size_t n) { tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x); }
-static void tcp_all_reduce_f64(MbComm *c, double *x, size_t n) {
-    tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x);
+static MbStatus tcp_all_reduce(MbComm *c, float *x, size_t n) {
+    return tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x);
 }
-static void tcp_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
-    tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
+static MbStatus tcp_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    return tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x);
 }
-static void tcp_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
+static MbStatus tcp_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    return tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
 }
-static void tcp_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
-    tcp_collective(c, MB_TCP_ALL_GATHER, 0, sizeof *x, n, shard, x);
+static MbStatus tcp_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
 }
-static void tcp_broadcast(MbComm *c, float *x, size_t n, int root) {
-    tcp_collective(c, MB_TCP_BROADCAST, root, sizeof *x, n, x, x);
+static MbStatus tcp_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    return tcp_collective(c, MB_TCP_ALL_GATHER, 0, sizeof *x, n, shard, x);
 }
-static void tcp_barrier(MbComm *c) { tcp_collective(c, MB_TCP_BARRIER, 0, 1, 0, NULL, NULL); }
+static MbStatus tcp_broadcast(MbComm *c, float *x, size_t n, int root) {
+    return tcp_collective(c, MB_TCP_BROADCAST, root, sizeof *x, n, x, x);
+}
+static MbStatus tcp_barrier(MbComm *c) { return tcp_collective(c, MB_TCP_BARRIER, 0, 1, 0, NULL, NULL); }
+
+static void tcp_state_free(MbTcpComm *t, int rank, int world) {
+    for (int r = 0; t->fd && r < (rank == 0 ? world : 1); r++)
+        if (t->fd[r] >= 0) close(t->fd[r]);
+    for (int r = 0; t->in && r < world; r++) free(t->in[r]);
+    free(t->in), free(t->cap), free(t->fd), free(t);
+}
 
 static void tcp_destroy(MbComm *c) {
-    MbTcpComm *t = c->ctx;
-    for (int r = 0; r < (c->rank == 0 ? c->world : 1); r++)
-        if (t->fd[r] >= 0) close(t->fd[r]);
-    for (int r = 0; r < c->world; r++) free(t->in[r]);
-    free(t->in), free(t->cap), free(t->fd), free(t);
-    free(c);
+    tcp_state_free(c->ctx, c->rank, c->world);
+    comm_free(c);
+}
+
+static const MbComm mb_comm_tcp_proto = {
+    .all_reduce = tcp_all_reduce, .reduce_scatter = tcp_reduce_scatter, .all_gather = tcp_all_gather,
+    .broadcast = tcp_broadcast, .barrier = tcp_barrier, .destroy = tcp_destroy, .all_reduce_f64 = tcp_all_reduce_f64,
+    .reduce_scatter_f64 = tcp_reduce_scatter_f64, .all_reduce_host = tcp_all_reduce_f64};
+
+/* The communicator of a process that is one rank of a job (TCP, NCCL): backend proto around
+ * ctx, in a group of its own. NULL when out of memory (then ctx is still the caller's). */
+static MbComm *comm_new_process(const MbComm *proto, int rank, int world, void *ctx) {
+    MbCommFail *fail = comm_fail_new();
+    MbComm *c = fail ? comm_new(proto, rank, world, ctx, fail) : NULL;
+    if (!c) free(fail);
+    return c;
 }
 
 /* This process's rank of a CPU job of `world` processes, joined at addr:port (fp: the job's
@@ -9576,12 +9845,11 @@ static void tcp_destroy(MbComm *c) {
 static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
                                 double timeout, MbComm **out) {
     *out = NULL;
-    if (timeout <= 0) timeout = MB_DDP_TIMEOUT;
     MbTcpComm *t = mb_calloc(1, sizeof *t);
-    t->fd = mb_malloc((size_t)world * sizeof *t->fd);
-    t->timeout = timeout;
+    if (!t || !(t->fd = mb_malloc((size_t)world * sizeof *t->fd))) return free(t), MB_ERR_OOM;
+    t->timeout = comm_timeout(timeout);
     char blob[8] = "medbot";
-    MbStatus rc = rdv_open(addr, port, rank, world, fp, blob, sizeof blob, timeout, t->fd);
+    MbStatus rc = rdv_open(addr, port, rank, world, fp, blob, sizeof blob, t->timeout, t->fd);
     if (rc) {
         free(t->fd), free(t);
         return rc;
@@ -9595,12 +9863,11 @@ static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world,
         }
     t->in = mb_calloc((size_t)world, sizeof *t->in);
     t->cap = mb_calloc((size_t)world, sizeof *t->cap);
-    MbComm *c = mb_calloc(1, sizeof *c);
-    c->rank = rank, c->world = world, c->ctx = t;
-    c->all_reduce = tcp_all_reduce, c->reduce_scatter = tcp_reduce_scatter, c->all_gather = tcp_all_gather;
-    c->broadcast = tcp_broadcast, c->barrier = tcp_barrier, c->destroy = tcp_destroy;
-    c->all_reduce_f64 = tcp_all_reduce_f64, c->reduce_scatter_f64 = tcp_reduce_scatter_f64;
-    c->all_reduce_host = tcp_all_reduce_f64;
+    MbComm *c = t->in && t->cap ? comm_new_process(&mb_comm_tcp_proto, rank, world, t) : NULL;
+    if (!c) {
+        tcp_state_free(t, rank, world);
+        return MB_ERR_OOM;
+    }
     *out = c;
     return MB_OK;
 }
@@ -9693,9 +9960,182 @@ MB_UNUSED static MbStatus mb_launch_env(MbLaunchEnv *e) {
 }
 
 /* ---- NCCL: one rank per GPU ----
- * The NCCL backend of MbComm lives in section 12 beside the CUDA driver it needs (NCCL and the
- * driver are loaded at run time): mb_comm_nccl_new (one rank of a torchrun job, after the
- * rendezvous above) and mb_comm_nccl_new_all (--nproc N GPUs in one process). */
+ * Buffers are device memory of the rank's GPU. A collective first waits for the work already
+ * queued on the device, runs on the communicator's stream and is waited for here, so the callers
+ * see the plain synchronous semantics of MbComm. A rank that died or hangs never joins it: NCCL
+ * reports the broken connection as an asynchronous error, or --ddp_timeout runs out; either way
+ * the communicator is aborted and the group fails with a message, as the TCP backend does (the
+ * last checkpoint on disk is whole). The device side (the driver, NCCL's calls, the
+ * communicator's context and stream) is section 12's, declared here. */
+
+typedef struct MbNcclRank MbNcclRank; /* section 12: one rank's NCCL communicator on its GPU */
+enum { MB_NCCL_ALL_REDUCE, MB_NCCL_REDUCE_SCATTER, MB_NCCL_ALL_GATHER, MB_NCCL_BROADCAST };
+/* This process's rank of a job of `world` processes on GPU gpu; rank 0 makes the NCCL unique id
+ * and exchange(arg, id, n) (the rendezvous) hands it to every rank. */
+static MbStatus nccl_rank_new(int rank, int world, int gpu, MbStatus (*exchange)(void *arg, void *id, size_t n),
+                              void *arg, MbNcclRank **out);
+/* world ranks of one process on GPUs gpu0 .. gpu0 + world - 1 (out: world of them) */
+static MbStatus nccl_ranks_new_all(int world, int gpu0, MbNcclRank **out);
+/* Queues collective op (fp32, or fp64 with f64) of count values per rank's part (root: a
+ * broadcast's) after the work queued on the device. */
+static MbStatus nccl_rank_start(MbNcclRank *k, int op, int f64, const void *send, void *recv, size_t count, int root);
+/* Queues the sum over ranks of n host doubles, in place (through device scratch). */
+static MbStatus nccl_rank_start_host(MbNcclRank *k, double *x, size_t n);
+/* 1: the queued collective finished; 0: not yet; -1: it failed: *nccl_error is NCCL's asynchronous
+ * error, or NULL for a failed driver call (its message is set) */
+static int nccl_rank_poll(MbNcclRank *k, const char **nccl_error);
+static void nccl_rank_abort(MbNcclRank *k);
+static void nccl_rank_free(MbNcclRank *k);
+
+typedef struct {
+    MbNcclRank *k;
+    double timeout; /* seconds a collective may take (--ddp_timeout) */
+} MbNcclComm;
+
+/* Fails the group with an NCCL collective's failure: the communicator is aborted (the others'
+ * collectives then fail too, or time out) and the ranks of this process leave theirs. */
+static MbStatus nc_fail(MbComm *c, const char *fmt, ...) MB_PRINTF(2, 3);
+static MbStatus nc_fail(MbComm *c, const char *fmt, ...) {
+    char why[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    nccl_rank_abort(((MbNcclComm *)c->ctx)->k);
+    return comm_fail(c, MB_ERR_DEVICE, "rank %d of %d: %s --> the job stops; resume it from the last checkpoint with "
+                     "--resume_from_checkpoint latest", c->rank, c->world, why);
+}
+
+/* Waits for the collective `what` that start queued (start: its status, message set). */
+static MbStatus nc_done(MbComm *c, MbStatus start, const char *what) {
+    MbNcclComm *n = c->ctx;
+    if (start) return nccl_rank_abort(n->k), comm_fail(c, start, "%s", mb_last_error());
+    double deadline = mb_now() + n->timeout;
+    for (;;) {
+        const char *nccl_error = NULL;
+        int done = nccl_rank_poll(n->k, &nccl_error);
+        if (done > 0) return MB_OK;
+        if (done < 0 && !nccl_error) return nccl_rank_abort(n->k), comm_fail(c, MB_ERR_DEVICE, "%s", mb_last_error());
+        if (done < 0) return nc_fail(c, "NCCL %s failed: %s", what, nccl_error);
+        MbStatus rc = comm_status(c); /* another rank of this process failed the group */
+        if (rc) return nccl_rank_abort(n->k), rc;
+        if (mb_now() > deadline)
+            return nc_fail(c, "NCCL %s did not finish within %g s (--ddp_timeout): another rank died or hangs", what,
+                           n->timeout);
+        struct timespec ts = {0, 20 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static MbStatus nc_collective(MbComm *c, int op, int f64, const void *send, void *recv, size_t count, int root,
+                              const char *what) {
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
+    return nc_done(c, nccl_rank_start(((MbNcclComm *)c->ctx)->k, op, f64, send, recv, count, root), what);
+}
+
+static MbStatus nc_all_reduce(MbComm *c, float *x, size_t n) {
+    return nc_collective(c, MB_NCCL_ALL_REDUCE, 0, x, x, n, 0, "all_reduce");
+}
+static MbStatus nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    return nc_collective(c, MB_NCCL_REDUCE_SCATTER, 0, x, shard, n / (size_t)c->world, 0, "reduce_scatter");
+}
+static MbStatus nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    return nc_collective(c, MB_NCCL_ALL_GATHER, 0, shard, x, n / (size_t)c->world, 0, "all_gather");
+}
+static MbStatus nc_broadcast(MbComm *c, float *x, size_t n, int root) {
+    return nc_collective(c, MB_NCCL_BROADCAST, 0, x, x, n, root, "broadcast");
+}
+static MbStatus nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    return nc_collective(c, MB_NCCL_ALL_REDUCE, 1, x, x, n, 0, "all_reduce");
+}
+static MbStatus nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return nc_collective(c, MB_NCCL_REDUCE_SCATTER, 1, x, shard, n / (size_t)c->world, 0, "reduce_scatter");
+}
+/* metrics and flags: host doubles through the device */
+static MbStatus nc_all_reduce_host(MbComm *c, double *x, size_t n) {
+    MbStatus rc = comm_status(c);
+    return rc ? rc : nc_done(c, nccl_rank_start_host(((MbNcclComm *)c->ctx)->k, x, n), "all_reduce");
+}
+static MbStatus nc_barrier(MbComm *c) {
+    double one = 1;
+    return nc_all_reduce_host(c, &one, 1);
+}
+static void nc_destroy(MbComm *c) {
+    MbNcclComm *n = c->ctx;
+    nccl_rank_free(n->k);
+    free(n);
+    comm_free(c);
+}
+
+static const MbComm mb_comm_nccl_proto = {
+    .all_reduce = nc_all_reduce, .reduce_scatter = nc_reduce_scatter, .all_gather = nc_all_gather,
+    .broadcast = nc_broadcast, .barrier = nc_barrier, .destroy = nc_destroy, .all_reduce_f64 = nc_all_reduce_f64,
+    .reduce_scatter_f64 = nc_reduce_scatter_f64, .all_reduce_host = nc_all_reduce_host};
+
+/* The MbComm of rank `rank` of `world` around k (which it then owns), in group fail (NULL: a
+ * group of its own). On a failure k is freed. */
+static MbStatus nc_comm_new(MbNcclRank *k, int rank, int world, double timeout, MbCommFail *fail, MbComm **out) {
+    MbNcclComm *n = mb_calloc(1, sizeof *n);
+    MbComm *c = NULL;
+    if (n) {
+        n->k = k, n->timeout = comm_timeout(timeout);
+        c = fail ? comm_new(&mb_comm_nccl_proto, rank, world, n, fail) : comm_new_process(&mb_comm_nccl_proto, rank, world, n);
+    }
+    if (!c) {
+        free(n);
+        nccl_rank_free(k);
+        return MB_ERR_OOM;
+    }
+    *out = c;
+    return MB_OK;
+}
+
+typedef struct {
+    const char *addr;
+    int port, rank, world;
+    const MbJobFingerprint *fp;
+    double timeout;
+} MbRdvArgs;
+
+/* the rendezvous as nccl_rank_new's exchange: rank 0's unique id to every rank */
+static MbStatus nc_rendezvous(void *arg, void *id, size_t n) {
+    const MbRdvArgs *a = arg;
+    return rdv_open(a->addr, a->port, a->rank, a->world, a->fp, id, n, a->timeout, NULL);
+}
+
+/* A communicator of a multi-process job (torchrun, SLURM, MPI): rank 0 makes the NCCL unique id
+ * and the TCP rendezvous hands it to the ranks whose fingerprint fp matches. This process's rank
+ * runs on GPU `gpu` (its local rank). */
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
+                                 double timeout, MbComm **out) {
+    *out = NULL;
+    MbRdvArgs a = {addr, port, rank, world, fp, comm_timeout(timeout)};
+    MbNcclRank *k;
+    MbStatus rc = nccl_rank_new(rank, world, gpu, nc_rendezvous, &a, &k);
+    return rc ? rc : nc_comm_new(k, rank, world, timeout, NULL, out);
+}
+
+/* world communicators of one process driving GPUs gpu0 .. gpu0 + world - 1 (--nproc with CUDA),
+ * one group: a rank whose collective fails makes the others leave theirs. */
+static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms) {
+    MbNcclRank **ks = mb_calloc((size_t)world, sizeof *ks);
+    MbCommFail *fail = comm_fail_new();
+    MbStatus rc = ks && fail ? nccl_ranks_new_all(world, gpu0, ks) : MB_ERR_OOM;
+    int made = 0;
+    for (int r = 0; !rc && r < world; r++) {
+        rc = nc_comm_new(ks[r], r, world, timeout, fail, &comms[r]); /* owns ks[r], also when it fails */
+        ks[r] = NULL;
+        made += rc == MB_OK;
+    }
+    if (rc) {
+        for (int r = 0; ks && r < world; r++) nccl_rank_free(ks[r]);
+        for (int r = 0; r < made; r++) nc_destroy(comms[r]), comms[r] = NULL;
+        if (!made) free(fail);
+    }
+    free(ks);
+    return rc;
+}
 
 // ============================================================================================
 // ---------- 12. cuda ----------
@@ -11514,154 +11954,56 @@ static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **
     return MB_OK;
 }
 
-/* ---- NCCL: the coordinator's collectives between GPUs (one rank per GPU) ----
- * Buffers are device memory of the rank's GPU. Each call first waits for the work already queued
- * on the device (the backend's stream), runs the collective on the communicator's stream and
- * waits for it, so the callers see the plain synchronous semantics of MbComm. */
+/* ---- NCCL: the device side of a rank of the coordinator's NCCL backend (section 11) ---- */
 
-typedef struct {
+struct MbNcclRank {
     const MbCudaLibs *lib;
-    MbNcclComm_t comm;
+    MbNcclComm_t comm;  /* NULL once aborted */
     MbCuDevice dev;
     MbCuContext ctx;
     MbCuStream stream;
     MbCuDevPtr scratch;
     size_t scratch_bytes;
-    double timeout; /* seconds a collective may take (--ddp_timeout) */
-} MbNccl;
+};
 
-static void nccl_check_(MbNcclResult r, const char *what, const char *file, int line) {
-    if (r == 0) return;
-    fprintf(stderr, "medbot: %s:%d: %s failed: %s --> rerun with NCCL_DEBUG=INFO\n", file, line, what,
-            mb_cuda_libs.nccl.ncclGetErrorString(r));
-    exit(1);
+/* An NCCL call's failure as a status: "FILE:LINE: CALL failed: text --> hint" */
+static MbStatus nccl_check_(const MbCudaLibs *L, MbNcclResult r, const char *what, const char *file, int line) {
+    if (r == 0) return MB_OK;
+    return mb_fail(MB_ERR_DEVICE, "%s:%d: %s failed: %s --> rerun with NCCL_DEBUG=INFO", file, line, what,
+                   L->nccl.ncclGetErrorString(r));
 }
-#define nccl_check(call) nccl_check_((call), #call, __FILE__, __LINE__)
+#define nccl_check(L, call) nccl_check_((L), (call), #call, __FILE__, __LINE__)
 
-static MbNccl *nc_enter(MbComm *c) {
-    MbNccl *k = c->ctx;
-    cu_check(k->lib->cu.cuCtxSetCurrent(k->ctx));
-    cu_check(k->lib->cu.cuCtxSynchronize());
-    return k;
-}
-/* Waits for the collective queued on the communicator's stream. A rank that died or hangs never
- * joins it: NCCL reports the broken connection as an asynchronous error, or --ddp_timeout runs
- * out; either way the communicator is aborted and the process stops with a message, as the TCP
- * backend does (the last checkpoint on disk is whole). */
-static void nc_done(MbComm *c, const char *what) {
-    MbNccl *k = c->ctx;
-    double deadline = mb_now() + k->timeout;
-    for (;;) {
-        MbCuResult r = k->lib->cu.cuStreamQuery(k->stream);
-        if (r == 0) return;
-        if (r != MB_CU_ERROR_NOT_READY) cu_check(r);
-        MbNcclResult e = 0;
-        k->lib->nccl.ncclCommGetAsyncError(k->comm, &e);
-        if (e != 0 || mb_now() > deadline) {
-            k->lib->nccl.ncclCommAbort(k->comm);
-            fflush(stdout);
-            if (e) fprintf(stderr, "medbot: rank %d of %d: NCCL %s failed: %s", c->rank, c->world, what,
-                           k->lib->nccl.ncclGetErrorString(e));
-            else fprintf(stderr, "medbot: rank %d of %d: NCCL %s did not finish within %g s (--ddp_timeout): another "
-                         "rank died or hangs", c->rank, c->world, what, k->timeout);
-            fprintf(stderr, " --> the job stops; resume it from the last checkpoint with --resume_from_checkpoint latest\n");
-            _exit(1);
-        }
-        struct timespec ts = {0, 20 * 1000};
-        nanosleep(&ts, NULL);
-    }
-}
-
-static void nc_all_reduce(MbComm *c, float *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "all_reduce");
-}
-static void nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "reduce_scatter");
-}
-static void nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclAllGather(shard, x, n / (size_t)c->world, MB_NCCL_FLOAT32, k->comm, k->stream));
-    nc_done(c, "all_gather");
-}
-static void nc_broadcast(MbComm *c, float *x, size_t n, int root) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclBroadcast(x, x, n, MB_NCCL_FLOAT32, root, k->comm, k->stream));
-    nc_done(c, "broadcast");
-}
-static void nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "all_reduce");
-}
-static void nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "reduce_scatter");
-}
-static MbCuDevPtr nc_scratch(MbNccl *k, size_t bytes) {
-    if (k->scratch_bytes < bytes) {
-        if (k->scratch) cu_check(k->lib->cu.cuMemFree(k->scratch));
-        cu_check(k->lib->cu.cuMemAlloc(&k->scratch, bytes));
-        k->scratch_bytes = bytes;
-    }
-    return k->scratch;
-}
-/* metrics and flags: host doubles through the device */
-static void nc_all_reduce_host(MbComm *c, double *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    MbCuDevPtr d = nc_scratch(k, n * sizeof(double));
-    cu_check(k->lib->cu.cuMemcpyHtoDAsync(d, x, n * sizeof(double), k->stream));
-    nccl_check(k->lib->nccl.ncclAllReduce(hptr(d), hptr(d), n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    cu_check(k->lib->cu.cuMemcpyDtoHAsync(x, d, n * sizeof(double), k->stream));
-    nc_done(c, "all_reduce");
-}
-static void nc_barrier(MbComm *c) {
-    double one = 1;
-    nc_all_reduce_host(c, &one, 1);
-}
-static void nc_destroy(MbComm *c) {
-    MbNccl *k = c->ctx;
-    k->lib->cu.cuCtxSetCurrent(k->ctx);
-    k->lib->nccl.ncclCommDestroy(k->comm);
-    if (k->scratch) k->lib->cu.cuMemFree(k->scratch);
-    if (k->stream) k->lib->cu.cuStreamDestroy(k->stream);
-    k->lib->cu.cuDevicePrimaryCtxRelease(k->dev);
+static void nccl_rank_free(MbNcclRank *k) {
+    if (!k) return;
+    const MbCudaLibs *L = k->lib;
+    if (k->ctx) L->cu.cuCtxSetCurrent(k->ctx);
+    if (k->comm) L->nccl.ncclCommDestroy(k->comm);
+    if (k->scratch) L->cu.cuMemFree(k->scratch);
+    if (k->stream) L->cu.cuStreamDestroy(k->stream);
+    if (k->ctx) L->cu.cuDevicePrimaryCtxRelease(k->dev);
     free(k);
-    free(c);
 }
 
-/* The MbComm of rank `rank` around an initialized NCCL communicator on GPU gpu */
-static MbStatus nc_wrap(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, int rank, int world, double timeout,
-                        MbComm **out) {
-    MbNccl *k = mb_calloc(1, sizeof *k);
-    k->lib = L, k->comm = comm, k->timeout = timeout > 0 ? timeout : MB_DDP_TIMEOUT;
+/* The device side of an initialized NCCL communicator on GPU gpu (freed with k on a failure) */
+static MbStatus nccl_rank_open(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, MbNcclRank **out) {
+    MbNcclRank *k = mb_calloc(1, sizeof *k);
+    if (!k) return L->nccl.ncclCommDestroy(comm), MB_ERR_OOM;
+    k->lib = L, k->comm = comm;
     MbStatus rc = cu_status(L->cu.cuDeviceGet(&k->dev, gpu));
-    if (!rc) rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev));
+    if (!rc && (rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev)))) k->ctx = NULL;
     if (!rc) rc = cu_status(L->cu.cuCtxSetCurrent(k->ctx));
-    if (!rc) rc = cu_status(L->cu.cuStreamCreate(&k->stream, 0));
+    if (!rc && (rc = cu_status(L->cu.cuStreamCreate(&k->stream, 0)))) k->stream = NULL;
     if (rc) {
-        free(k);
+        nccl_rank_free(k);
         return rc;
     }
-    MbComm *c = mb_calloc(1, sizeof *c);
-    c->rank = rank, c->world = world, c->ctx = k;
-    c->all_reduce = nc_all_reduce, c->reduce_scatter = nc_reduce_scatter, c->all_gather = nc_all_gather;
-    c->broadcast = nc_broadcast, c->barrier = nc_barrier, c->destroy = nc_destroy;
-    c->all_reduce_f64 = nc_all_reduce_f64, c->reduce_scatter_f64 = nc_reduce_scatter_f64;
-    c->all_reduce_host = nc_all_reduce_host;
-    *out = c;
+    *out = k;
     return MB_OK;
 }
 
-/* A communicator of a multi-process job (torchrun, SLURM, MPI): rank 0 makes the NCCL unique id
- * and the TCP rendezvous hands it to the ranks whose fingerprint fp matches. This process's rank
- * runs on GPU `gpu` (its local rank). */
-static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
-                                 double timeout, MbComm **out) {
+static MbStatus nccl_rank_new(int rank, int world, int gpu, MbStatus (*exchange)(void *arg, void *id, size_t n),
+                              void *arg, MbNcclRank **out) {
     *out = NULL;
     const MbCudaLibs *L;
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
@@ -11677,17 +12019,16 @@ static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world
     if ((rc = cu_status(L->cu.cuDeviceGet(&dev, gpu))) || (rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&ctx, dev))))
         return rc;
     L->cu.cuCtxSetCurrent(ctx);
-    if (rank == 0) nccl_check(L->nccl.ncclGetUniqueId(&id));
-    rc = rdv_open(addr, port, rank, world, fp, &id, sizeof id, timeout > 0 ? timeout : MB_DDP_TIMEOUT, NULL);
+    if (rank == 0) rc = nccl_check(L, L->nccl.ncclGetUniqueId(&id));
+    if (!rc) rc = exchange(arg, &id, sizeof id);
     MbNcclComm_t comm = NULL;
-    if (!rc) nccl_check(L->nccl.ncclCommInitRank(&comm, world, id, rank));
-    if (!rc) rc = nc_wrap(L, comm, gpu, rank, world, timeout, out);
+    if (!rc) rc = nccl_check(L, L->nccl.ncclCommInitRank(&comm, world, id, rank));
+    if (!rc) rc = nccl_rank_open(L, comm, gpu, out);
     L->cu.cuDevicePrimaryCtxRelease(dev);
     return rc;
 }
 
-/* world communicators of one process driving GPUs gpu0 .. gpu0 + world - 1 (--nproc with CUDA). */
-static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms) {
+static MbStatus nccl_ranks_new_all(int world, int gpu0, MbNcclRank **out) {
     const MbCudaLibs *L;
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
     if (rc) return rc;
@@ -11696,11 +12037,78 @@ static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm
                        gpu0 + world - 1, L->devices);
     int *devs = mb_malloc((size_t)world * sizeof *devs);
     MbNcclComm_t *raw = mb_calloc((size_t)world, sizeof *raw);
-    for (int r = 0; r < world; r++) devs[r] = gpu0 + r;
-    nccl_check(L->nccl.ncclCommInitAll(raw, world, devs));
-    for (int r = 0; r < world && !rc; r++) rc = nc_wrap(L, raw[r], gpu0 + r, r, world, timeout, &comms[r]);
+    if (!devs || !raw) rc = MB_ERR_OOM;
+    for (int r = 0; !rc && r < world; r++) devs[r] = gpu0 + r;
+    if (!rc) rc = nccl_check(L, L->nccl.ncclCommInitAll(raw, world, devs));
+    for (int r = 0; !rc && r < world; r++) {
+        rc = nccl_rank_open(L, raw[r], gpu0 + r, &out[r]); /* (destroys raw[r] when it fails) */
+        raw[r] = NULL;
+        if (rc) {
+            for (int q = r + 1; q < world; q++) L->nccl.ncclCommDestroy(raw[q]);
+            for (int q = 0; q < r; q++) nccl_rank_free(out[q]), out[q] = NULL;
+        }
+    }
     free(devs), free(raw);
     return rc;
+}
+
+/* Makes k's context current and waits for the work queued on the device (the op table's stream). */
+static MbStatus nccl_rank_enter(MbNcclRank *k) {
+    if (!k->comm) return mb_fail(MB_ERR_DEVICE, "NCCL: the communicator was aborted");
+    MbStatus rc = cu_status(k->lib->cu.cuCtxSetCurrent(k->ctx));
+    return rc ? rc : cu_status(k->lib->cu.cuCtxSynchronize());
+}
+
+static MbStatus nccl_rank_start(MbNcclRank *k, int op, int f64, const void *send, void *recv, size_t count, int root) {
+    const MbCudaLibs *L = k->lib;
+    MbNcclDataType dt = f64 ? MB_NCCL_FLOAT64 : MB_NCCL_FLOAT32;
+    MbStatus rc = nccl_rank_enter(k);
+    if (rc) return rc;
+    switch (op) {
+    case MB_NCCL_ALL_REDUCE: return nccl_check(L, L->nccl.ncclAllReduce(send, recv, count, dt, MB_NCCL_SUM, k->comm, k->stream));
+    case MB_NCCL_REDUCE_SCATTER:
+        return nccl_check(L, L->nccl.ncclReduceScatter(send, recv, count, dt, MB_NCCL_SUM, k->comm, k->stream));
+    case MB_NCCL_ALL_GATHER: return nccl_check(L, L->nccl.ncclAllGather(send, recv, count, dt, k->comm, k->stream));
+    default: return nccl_check(L, L->nccl.ncclBroadcast(send, recv, count, dt, root, k->comm, k->stream));
+    }
+}
+
+static MbStatus nccl_rank_start_host(MbNcclRank *k, double *x, size_t n) {
+    const MbCudaLibs *L = k->lib;
+    size_t bytes = n * sizeof(double);
+    MbStatus rc = nccl_rank_enter(k);
+    if (!rc && k->scratch_bytes < bytes) {
+        if (k->scratch) rc = cu_status(L->cu.cuMemFree(k->scratch));
+        k->scratch = 0, k->scratch_bytes = 0;
+        if (!rc) rc = cu_status(L->cu.cuMemAlloc(&k->scratch, bytes));
+        if (!rc) k->scratch_bytes = bytes;
+        else k->scratch = 0;
+    }
+    if (!rc) rc = cu_status(L->cu.cuMemcpyHtoDAsync(k->scratch, x, bytes, k->stream));
+    if (!rc) rc = nccl_check(L, L->nccl.ncclAllReduce(hptr(k->scratch), hptr(k->scratch), n, MB_NCCL_FLOAT64, MB_NCCL_SUM,
+                                                     k->comm, k->stream));
+    if (!rc) rc = cu_status(L->cu.cuMemcpyDtoHAsync(x, k->scratch, bytes, k->stream));
+    return rc;
+}
+
+static int nccl_rank_poll(MbNcclRank *k, const char **nccl_error) {
+    const MbCudaLibs *L = k->lib;
+    *nccl_error = NULL;
+    MbCuResult r = L->cu.cuStreamQuery(k->stream);
+    if (r == 0) return 1;
+    if (r != MB_CU_ERROR_NOT_READY) return cu_status_(r, "cuStreamQuery", __FILE__, __LINE__), -1;
+    MbNcclResult e = 0;
+    L->nccl.ncclCommGetAsyncError(k->comm, &e);
+    if (e) return *nccl_error = L->nccl.ncclGetErrorString(e), -1;
+    return 0;
+}
+
+/* Aborts the communicator (its queued work stops); k then only frees. */
+static void nccl_rank_abort(MbNcclRank *k) {
+    if (!k->comm) return;
+    k->lib->cu.cuCtxSetCurrent(k->ctx);
+    k->lib->nccl.ncclCommAbort(k->comm);
+    k->comm = NULL;
 }
 
 // ============================================================================================
