@@ -10637,8 +10637,10 @@ static int mb_cuda_device_count(void) {
 }
 
 /* ---- checked calls ----
- * Inside an op a failed call stops the process: "medbot: FILE:LINE: CALL failed: NAME (code):
- * text --> hint". The hint names the likely cause of the common codes. */
+ * A failed call is a status with the message "FILE:LINE: CALL failed: NAME (code): text --> hint"
+ * (the hint names the likely cause of the common codes). Inside an op, which returns nothing, it
+ * becomes the backend's failure (MbOps.err): the ops that follow do nothing but free, and the
+ * model returns it after the forward, the backward or the optimizer step. */
 
 static const char *cu_hint(int code) {
     switch (code) {
@@ -10653,26 +10655,6 @@ static const char *cu_hint(int code) {
     }
 }
 
-static void cu_check_(MbCuResult r, const char *what, const char *file, int line) {
-    if (r == 0) return;
-    const char *name = NULL, *text = NULL;
-    mb_cuda_libs.cu.cuGetErrorName(r, &name);
-    mb_cuda_libs.cu.cuGetErrorString(r, &text);
-    fprintf(stderr, "medbot: %s:%d: %s failed: %s (%d): %s%s\n", file, line, what, name ? name : "?", (int)r,
-            text ? text : "?", cu_hint((int)r));
-    exit(1);
-}
-#define cu_check(call) cu_check_((call), #call, __FILE__, __LINE__)
-
-static void cublas_check_(MbLtStatus s, const char *what, const char *file, int line) {
-    if (s == 0) return;
-    const char *text = mb_cuda_libs.lt.cublasLtGetStatusString(s);
-    fprintf(stderr, "medbot: %s:%d: %s failed: %s (%d)%s\n", file, line, what, text ? text : "?", (int)s,
-            s == 3 ? " --> out of GPU memory" : s == 13 ? " --> a GEMM failed to launch: rerun with MEDBOT_CUDA_SYNC=1" : "");
-    exit(1);
-}
-#define cublas_check(call) cublas_check_((call), #call, __FILE__, __LINE__)
-
 /* NVRTC errors return a status (they happen while the backend starts). */
 static MbStatus nvrtc_check_(MbNvrtcResult r, const char *what, const char *file, int line) {
     if (r == 0) return MB_OK;
@@ -10681,30 +10663,30 @@ static MbStatus nvrtc_check_(MbNvrtcResult r, const char *what, const char *file
 }
 #define nvrtc_check(call) nvrtc_check_((call), #call, __FILE__, __LINE__)
 
-/* A driver call while the backend starts: an MbStatus instead of an exit */
-static MbStatus cu_status_(MbCuResult r, const char *what, const char *file, int line) {
+/* A driver call as a status (while the backend starts, and in the NCCL rank's calls) */
+static MbStatus cu_status_(const MbCudaLibs *L, MbCuResult r, const char *what, const char *file, int line) {
     if (r == 0) return MB_OK;
     const char *name = NULL, *text = NULL;
-    mb_cuda_libs.cu.cuGetErrorName(r, &name);
-    mb_cuda_libs.cu.cuGetErrorString(r, &text);
-    return mb_fail(MB_ERR_DEVICE, "%s:%d: %s failed: %s (%d): %s%s", file, line, what, name ? name : "?", (int)r,
-                   text ? text : "?", cu_hint((int)r));
+    L->cu.cuGetErrorName(r, &name);
+    L->cu.cuGetErrorString(r, &text);
+    return mb_fail(r == 2 ? MB_ERR_OOM : MB_ERR_DEVICE, "%s:%d: %s failed: %s (%d): %s%s", file, line, what,
+                   name ? name : "?", (int)r, text ? text : "?", cu_hint((int)r));
 }
-#define cu_status(call) cu_status_((call), #call, __FILE__, __LINE__)
+#define cu_status(L, call) cu_status_((L), (call), #call, __FILE__, __LINE__)
 
 /* ---- kernels: the specialization table, NVRTC, the on-disk cache ---- */
 
 #include "kernels.gen.h" /* the source's lines, MB_KERNELS_HASH, mb_kernel_specs, mb_kernel_spec_common */
 
-/* kernels.cu.in as one string (malloc'd) */
+/* kernels.cu.in as one string (malloc'd), or NULL (out of memory) */
 static char *kernels_source(void) {
     char *s = mb_malloc(MB_KERNELS_BYTES + 1), *p = s;
-    for (size_t i = 0; i < MB_KERNELS_LINES; i++) {
+    for (size_t i = 0; s && i < MB_KERNELS_LINES; i++) {
         size_t n = strlen(mb_kernels_src_lines[i]);
         memcpy(p, mb_kernels_src_lines[i], n);
         p += n;
     }
-    *p = 0;
+    if (s) *p = 0;
     return s;
 }
 
@@ -10795,10 +10777,12 @@ static MbStatus kernels_compile(const char *options, char **image, size_t *n, in
     const MbNvrtcApi *nv = &mb_cuda_libs.nvrtc;
     MbNvrtcProgram prog = NULL;
     char *src = kernels_source();
+    if (!src) return MB_ERR_OOM;
     MbStatus rc = nvrtc_check(nv->nvrtcCreateProgram(&prog, src, "kernels.cu", 0, NULL, NULL));
     free(src);
     if (rc) return rc;
     char *buf = mb_strdup(options);
+    if (!buf) return nv->nvrtcDestroyProgram(&prog), MB_ERR_OOM;
     const char *opts[64];
     int nopt = split_words(buf, opts, 64);
     MbNvrtcResult r = nv->nvrtcCompileProgram(prog, nopt, opts);
@@ -10806,14 +10790,14 @@ static MbStatus kernels_compile(const char *options, char **image, size_t *n, in
         size_t logn = 0;
         nv->nvrtcGetProgramLogSize(prog, &logn);
         char *log = mb_calloc(logn + 1, 1);
-        nv->nvrtcGetProgramLog(prog, log);
+        if (log) nv->nvrtcGetProgramLog(prog, log);
         rc = mb_fail(MB_ERR_DEVICE, "cuda: NVRTC could not compile kernels.cu.in (%s): %.600s --> this is a bug in "
-                     "medbot's kernels for this NVRTC; use --device cpu", options, log);
+                     "medbot's kernels for this NVRTC; use --device cpu", options, log ? log : "(out of memory for its log)");
         free(log);
     } else {
         rc = nvrtc_check(ptx ? nv->nvrtcGetPTXSize(prog, n) : nv->nvrtcGetCUBINSize(prog, n));
+        if (!rc && !(*image = mb_malloc(*n + 1))) rc = MB_ERR_OOM;
         if (!rc) {
-            *image = mb_malloc(*n + 1);
             rc = nvrtc_check(ptx ? nv->nvrtcGetPTX(prog, *image) : nv->nvrtcGetCUBIN(prog, *image));
             if (rc) free(*image), *image = NULL;
         }
@@ -10832,6 +10816,7 @@ static MbStatus kernels_target(int cc, char *arch, size_t cap, int *ptx) {
     MbStatus rc = nvrtc_check(nv->nvrtcGetNumSupportedArchs(&n));
     if (rc) return rc;
     int *archs = mb_calloc((size_t)n + 1, sizeof *archs);
+    if (!archs) return MB_ERR_OOM;
     if (!(rc = nvrtc_check(nv->nvrtcGetSupportedArchs(archs))))
         for (int i = 0; i < n; i++) {
             if (archs[i] == cc) exact = 1;
@@ -10901,6 +10886,7 @@ typedef struct {
 
 typedef struct {
     const MbCudaLibs *lib;
+    MbOps *ops;                /* the op table (its err is this backend's failure) */
     int gpu;
     MbCuDevice dev;
     MbCuContext ctx;
@@ -10960,10 +10946,48 @@ MB_UNUSED static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, s
 static MbCuDevPtr dptr(const void *p) { return (MbCuDevPtr)(uintptr_t)p; }
 static void *hptr(MbCuDevPtr p) { return (void *)(uintptr_t)p; }
 
-/* Makes the backend's context current on this thread (ranks and tests switch threads). */
-static void cu_enter(MbCuda *g) { cu_check(g->lib->cu.cuCtxSetCurrent(g->ctx)); }
+/* Whether the backend has failed (MbOps.err): then its ops make no call but to free. */
+static int cu_failed(const MbCuda *g) { return g->ops && g->ops->err; }
 
-static void cu_sync(MbCuda *g) { cu_check(g->lib->cu.cuStreamSynchronize(g->stream)); }
+/* Makes st, with the message, the backend's failure unless it has one; the message is also this
+ * thread's. */
+static void cu_fail(MbCuda *g, MbStatus st, const char *fmt, ...) MB_PRINTF(3, 4);
+static void cu_fail(MbCuda *g, MbStatus st, const char *fmt, ...) {
+    char msg[sizeof mb_errbuf];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    mb_fail(st, "%s", msg);
+    if (g->ops) mb_ops_fail(g->ops, st);
+}
+
+static int cu_check_(MbCuda *g, int skipped, MbCuResult r, const char *what, const char *file, int line) {
+    if (skipped) return 1;
+    if (r == 0) return 0;
+    MbStatus st = cu_status_(g->lib, r, what, file, line);
+    if (g->ops) mb_ops_fail(g->ops, st);
+    return 1;
+}
+/* A driver call inside an op: 1 when it failed (now the backend's failure) or when the backend
+ * had failed already (then the call is not made); 0 when it worked. */
+#define cu_check(g, call) cu_check_((g), cu_failed(g), cu_failed(g) ? 0 : (call), #call, __FILE__, __LINE__)
+
+static int cublas_check_(MbCuda *g, int skipped, MbLtStatus s, const char *what, const char *file, int line) {
+    if (skipped) return 1;
+    if (s == 0) return 0;
+    const char *text = g->lib->lt.cublasLtGetStatusString(s);
+    cu_fail(g, s == 3 ? MB_ERR_OOM : MB_ERR_DEVICE, "%s:%d: %s failed: %s (%d)%s", file, line, what, text ? text : "?",
+            (int)s, s == 3 ? " --> out of GPU memory" : s == 13 ? " --> a GEMM failed to launch: rerun with MEDBOT_CUDA_SYNC=1" : "");
+    return 1;
+}
+#define cublas_check(g, call) cublas_check_((g), cu_failed(g), cu_failed(g) ? 0 : (call), #call, __FILE__, __LINE__)
+
+/* Makes the backend's context current on this thread (ranks and tests switch threads); 1 when
+ * the backend has failed (now or before). */
+static int cu_enter(MbCuda *g) { return cu_check(g, g->lib->cu.cuCtxSetCurrent(g->ctx)); }
+
+static int cu_sync(MbCuda *g) { return cu_check(g, g->lib->cu.cuStreamSynchronize(g->stream)); }
 
 static void cu_note_usage(MbCuda *g) {
     size_t free_b = 0, total = 0;
@@ -10971,41 +10995,54 @@ static void cu_note_usage(MbCuda *g) {
         g->device_used_peak = total - free_b;
 }
 
-/* Device memory, zeroed; an allocation failure stops with what was asked and what is left. */
+/* Device memory, zeroed, or 0 with the message naming what was asked and what is left (out of
+ * memory: MB_ERR_OOM, not the backend's failure; a later failed call is). */
 static MbCuDevPtr cu_malloc(MbCuda *g, size_t bytes) {
     MbCuDevPtr p = 0;
+    if (cu_failed(g)) return mb_ops_status(g->ops), 0;
     MbCuResult r = g->lib->cu.cuMemAlloc(&p, bytes ? bytes : 1);
     if (r) {
         size_t free_b = 0, total = 0;
         g->lib->cu.cuMemGetInfo(&free_b, &total);
-        fprintf(stderr, "medbot: out of GPU memory on GPU %d (%s): %.2f GiB wanted, %.2f of %.2f GiB free, medbot holds "
+        mb_fail(MB_ERR_OOM, "out of GPU memory on GPU %d (%s): %.2f GiB wanted, %.2f of %.2f GiB free, medbot holds "
                 "%.2f GiB --> lower --per_device_train_batch_size or --max_length, use --gradient_checkpointing and "
-                "--load_in_4bit\n", g->gpu, g->name, (double)bytes / 1073741824.0, (double)free_b / 1073741824.0,
+                "--load_in_4bit", g->gpu, g->name, (double)bytes / 1073741824.0, (double)free_b / 1073741824.0,
                 (double)total / 1073741824.0, (double)g->bytes_now / 1073741824.0);
-        exit(1);
+        return 0;
     }
-    cu_check(g->lib->cu.cuMemsetD8Async(p, 0, bytes, g->stream));
+    if (cu_check(g, g->lib->cu.cuMemsetD8Async(p, 0, bytes, g->stream))) {
+        g->lib->cu.cuMemFree(p);
+        return 0;
+    }
     g->bytes_now += bytes;
     if (g->bytes_now > g->bytes_peak) g->bytes_peak = g->bytes_now;
     cu_note_usage(g);
     return p;
 }
 
+/* After cu_malloc returned 0 inside an op: its out of memory becomes the backend's failure */
+static void cu_oom(MbCuda *g) {
+    if (g->ops && !cu_failed(g)) mb_ops_fail(g->ops, MB_ERR_OOM);
+}
+
+/* Frees device memory, also after a failure (the calls' errors are then ignored). */
 static void cu_mfree(MbCuda *g, MbCuDevPtr p, size_t bytes) {
     if (!p) return;
-    cu_sync(g); /* kernels already queued may still read it */
-    cu_check(g->lib->cu.cuMemFree(p));
+    if (cu_failed(g)) g->lib->cu.cuMemFree(p);
+    else if (!cu_sync(g)) cu_check(g, g->lib->cu.cuMemFree(p)); /* kernels already queued may still read it */
     g->bytes_now -= bytes;
 }
 
-/* A scratch buffer of at least `bytes` (its old contents are not kept). */
+/* A scratch buffer of at least `bytes` (its old contents are not kept); 0 when the backend failed
+ * (out of memory here is its failure: the op cannot go on). */
 static MbCuDevPtr cu_scratch(MbCuda *g, CuBuf *b, size_t bytes) {
     if (b->bytes < bytes) {
         cu_mfree(g, b->p, b->bytes);
+        b->bytes = 0;
+        if (!(b->p = cu_malloc(g, bytes))) return cu_oom(g), 0;
         b->bytes = bytes;
-        b->p = cu_malloc(g, b->bytes);
     }
-    return b->p;
+    return cu_failed(g) ? 0 : b->p;
 }
 
 /* n host ints on the device in c: copied only when they differ from what c holds (a copy from
@@ -11015,9 +11052,12 @@ static MbCuDevPtr cu_ints(MbCuda *g, CuInts *c, const int *h, size_t n) {
     if (!h || !n) return 0;
     if (c->n == n && c->buf.p && !memcmp(c->shadow, h, n * sizeof(int))) return c->buf.p;
     MbCuDevPtr d = cu_scratch(g, &c->buf, n * sizeof(int));
-    cu_check(g->lib->cu.cuMemcpyHtoDAsync(d, h, n * sizeof(int), g->stream));
+    c->n = 0; /* (what buf holds is known again below) */
+    if (!d || cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(d, h, n * sizeof(int), g->stream))) return 0;
+    int *shadow = mb_malloc(n * sizeof(int));
+    if (!shadow) return cu_oom(g), 0;
     free(c->shadow);
-    c->shadow = mb_malloc(n * sizeof(int));
+    c->shadow = shadow;
     memcpy(c->shadow, h, n * sizeof(int));
     c->n = n;
     return d;
@@ -11036,19 +11076,24 @@ static unsigned cu_grid(const MbCuda *g, size_t n) {
     return (unsigned)MB_MAX((size_t)1, MB_MIN(blocks, cap));
 }
 
+/* Launches kernel k (nothing once the backend has failed; a failure to launch, or with
+ * MEDBOT_CUDA_SYNC=1 in the kernel, becomes the backend's failure, naming the kernel). */
 static void cu_launch(MbCuda *g, int k, unsigned gx, unsigned gy, unsigned gz, unsigned threads, unsigned smem,
                       void **args) {
-    if (!gx || !gy || !gz) return;
+    if (!gx || !gy || !gz || cu_failed(g)) return;
+    char why[sizeof mb_errbuf];
     MbCuResult r = g->lib->cu.cuLaunchKernel(g->fn[k], gx, gy, gz, threads, 1, 1, smem, g->stream, args, NULL);
     if (r) {
-        fprintf(stderr, "medbot: launching %s (grid %u x %u x %u, %u threads, %u bytes shared):\n", mb_kernel_names[k],
-                gx, gy, gz, threads, smem);
-        cu_check(r);
+        MbStatus st = cu_status_(g->lib, r, "cuLaunchKernel", __FILE__, __LINE__);
+        snprintf(why, sizeof why, "%s", mb_last_error());
+        cu_fail(g, st, "launching %s (grid %u x %u x %u, %u threads, %u bytes shared): %s", mb_kernel_names[k], gx, gy, gz,
+                threads, smem, why);
+        return;
     }
-    if (g->sync_each) {
-        r = g->lib->cu.cuStreamSynchronize(g->stream);
-        if (r) fprintf(stderr, "medbot: kernel %s failed:\n", mb_kernel_names[k]);
-        cu_check(r);
+    if (g->sync_each && (r = g->lib->cu.cuStreamSynchronize(g->stream))) {
+        MbStatus st = cu_status_(g->lib, r, "cuStreamSynchronize", __FILE__, __LINE__);
+        snprintf(why, sizeof why, "%s", mb_last_error());
+        cu_fail(g, st, "kernel %s failed: %s", mb_kernel_names[k], why);
     }
 }
 
@@ -11066,34 +11111,36 @@ typedef struct {
     CuNf4 q;       /* CUW_NF4 */
 } CuW;
 
-/* bytes host -> new device memory owned by the weight maps */
+/* bytes host -> new device memory owned by the weight maps; 0 when the backend failed */
 static MbCuDevPtr cu_upload(MbCuda *g, const void *h, size_t bytes) {
     MbCuDevPtr p = cu_malloc(g, bytes);
-    cu_check(g->lib->cu.cuMemcpyHtoDAsync(p, h, bytes, g->stream));
+    if (!p) return cu_oom(g), 0;
     CuBuf b = {p, bytes};
     arrput(g->uploads, b);
-    return p;
+    return cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(p, h, bytes, g->stream)) ? 0 : p;
 }
 
-/* A dense F32 / F16 / BF16 host weight as bf16 in device memory (converted a chunk at a time). */
+/* A dense F32 / F16 / BF16 host weight as bf16 in device memory (converted a chunk at a time);
+ * 0 when the backend failed. */
 static MbCuDevPtr cu_upload_bf16(MbCuda *g, const MbWeight *w) {
     size_t n = w->rows * w->cols, es = mb_dtype_size(w->dtype);
     if (w->dtype == MB_DT_BF16) return cu_upload(g, w->data, n * 2);
     MbCuDevPtr p = cu_malloc(g, n * 2);
+    if (!p) return cu_oom(g), 0;
     CuBuf b = {p, n * 2};
     arrput(g->uploads, b);
     size_t chunk = (size_t)1 << 20;
     float *f = mb_malloc(chunk * sizeof(float));
-    uint16_t *h = mb_malloc(chunk * sizeof(uint16_t));
-    for (size_t i = 0; i < n; i += chunk) {
+    uint16_t *h = f ? mb_malloc(chunk * sizeof(uint16_t)) : NULL;
+    if (!h) cu_oom(g);
+    for (size_t i = 0; h && i < n; i += chunk) {
         size_t m = MB_MIN(chunk, n - i);
         mb_convert_to_f32(w->dtype, (const unsigned char *)w->data + i * es, f, m);
         mb_convert_from_f32(MB_DT_BF16, f, h, m);
-        cu_check(g->lib->cu.cuMemcpyHtoDAsync(p + i * 2, h, m * 2, g->stream));
-        cu_sync(g); /* h is reused */
+        if (cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(p + i * 2, h, m * 2, g->stream)) || cu_sync(g)) break; /* h is reused */
     }
     free(f), free(h);
-    return p;
+    return cu_failed(g) ? 0 : p;
 }
 
 /* The device copy of an NF4 state: arrays already in this backend's memory (random init) are
@@ -11119,20 +11166,21 @@ static CuNf4 cu_nf4_state(MbCuda *g, const MbWeight *w, const MbNf4 *q) {
     c.blocksize = (int)q->blocksize;
     c.nested_bs = (int)(q->nested_blocksize ? q->nested_blocksize : 1);
     c.compute = q->compute == MB_DT_BF16 ? 1 : q->compute == MB_DT_F16 ? 2 : 0;
-    hmput(g->nf4, key, c);
+    if (!cu_failed(g)) hmput(g->nf4, key, c); /* (a failed upload is not kept) */
     return c;
 }
 
 /* Host weights must stay unchanged and alive while the backend keeps their copies (a model's
- * weights live as long as its backend); a key found with another shape means that was broken. */
-static void cu_cache_check(const CuDense *e, const MbWeight *w) {
-    if (e->rows != w->rows || e->cols != w->cols) {
-        fprintf(stderr, "medbot: cuda: the weight at %p changed shape (%zu x %zu, uploaded %zu x %zu): host weights "
-                "must outlive the backend that uploaded them\n", w->data, w->rows, w->cols, e->rows, e->cols);
-        exit(1);
-    }
+ * weights live as long as its backend); a key found with another shape means that was broken:
+ * the backend's failure, and 1. */
+static int cu_cache_check(MbCuda *g, const CuDense *e, const MbWeight *w) {
+    if (e->rows == w->rows && e->cols == w->cols) return 0;
+    cu_fail(g, MB_ERR_DEVICE, "cuda: the weight at %p changed shape (%zu x %zu, uploaded %zu x %zu): host weights "
+            "must outlive the backend that uploaded them", w->data, w->rows, w->cols, e->rows, e->cols);
+    return 1;
 }
 
+/* A weight as the ops read it on the device (uploaded on first use); p 0 when the backend failed */
 static CuW cu_weight(MbCuda *g, const MbWeight *w) {
     CuW cw;
     memset(&cw, 0, sizeof cw);
@@ -11145,8 +11193,8 @@ static CuW cu_weight(MbCuda *g, const MbWeight *w) {
     size_t bytes = w->rows * w->cols * mb_dtype_size(w->dtype);
     if (cu_owns(g, w->data, bytes)) { /* LoRA A/B (fp32), random init (bf16): used in place */
         if (w->dtype != MB_DT_BF16 && w->dtype != MB_DT_F32) {
-            fprintf(stderr, "medbot: cuda: a %s weight in device memory is not supported\n", mb_dtype_name(w->dtype));
-            exit(1);
+            cu_fail(g, MB_ERR_DEVICE, "cuda: a %s weight in device memory is not supported", mb_dtype_name(w->dtype));
+            return cw;
         }
         cw.kind = w->dtype == MB_DT_BF16 ? CUW_BF16 : CUW_F32;
         cw.p = dptr(w->data);
@@ -11156,34 +11204,31 @@ static CuW cu_weight(MbCuda *g, const MbWeight *w) {
     const void *key = w->data;
     ptrdiff_t i = hmgeti(g->dense, key);
     if (i >= 0) {
-        cu_cache_check(&g->dense[i].value, w);
-        cw.p = g->dense[i].value.p;
+        if (!cu_cache_check(g, &g->dense[i].value, w)) cw.p = g->dense[i].value.p;
     } else {
         CuDense e = {cu_upload_bf16(g, w), w->rows, w->cols};
-        hmput(g->dense, key, e);
+        if (e.p) hmput(g->dense, key, e);
         cw.p = e.p;
     }
     return cw;
 }
 
-/* A norm weight (1, C) as fp32 in device memory */
+/* A norm weight (1, C) as fp32 in device memory; 0 when the backend failed */
 static MbCuDevPtr cu_vector(MbCuda *g, const MbWeight *w) {
     size_t n = w->rows * w->cols;
     if (w->dtype == MB_DT_F32 && cu_owns(g, w->data, n * 4)) return dptr(w->data);
     const void *key = w->data;
     ptrdiff_t i = hmgeti(g->vec, key);
-    if (i >= 0) return cu_cache_check(&g->vec[i].value, w), g->vec[i].value.p;
-    if (cu_owns(g, w->data, 1)) {
-        fprintf(stderr, "medbot: cuda: a norm weight in device memory must be fp32\n");
-        exit(1);
-    }
+    if (i >= 0) return cu_cache_check(g, &g->vec[i].value, w) ? 0 : g->vec[i].value.p;
+    if (cu_owns(g, w->data, 1)) return cu_fail(g, MB_ERR_DEVICE, "cuda: a norm weight in device memory must be fp32"), 0;
     float *f = mb_malloc(n * sizeof(float));
+    if (!f) return cu_oom(g), 0;
     weight_row_f32(w, 0, 0, n, f);
     MbCuDevPtr p = cu_upload(g, f, n * sizeof(float));
-    cu_sync(g);
+    if (p && cu_sync(g)) p = 0;
     free(f);
     CuDense e = {p, w->rows, w->cols};
-    hmput(g->vec, key, e);
+    if (p) hmput(g->vec, key, e);
     return p;
 }
 
@@ -11197,6 +11242,15 @@ static int cu_align(MbCuDevPtr p) {
     return a;
 }
 
+static void cu_gemm_plan_free(MbCuda *g, GemmPlan *p) {
+    const MbLtApi *lt = &g->lib->lt;
+    if (p->la) lt->cublasLtMatrixLayoutDestroy(p->la);
+    if (p->lb) lt->cublasLtMatrixLayoutDestroy(p->lb);
+    if (p->lc) lt->cublasLtMatrixLayoutDestroy(p->lc);
+    if (p->desc) lt->cublasLtMatmulDescDestroy(p->desc);
+}
+
+/* The plan of a GEMM of this shape (made on first use), or NULL when the backend failed */
 static const GemmPlan *cu_gemm_plan(MbCuda *g, const GemmKey *key) {
     GemmKey k = *key;
     ptrdiff_t i = hmgeti(g->plan_index, k);
@@ -11206,51 +11260,55 @@ static const GemmPlan *cu_gemm_plan(MbCuda *g, const GemmKey *key) {
     memset(&p, 0, sizeof p);
     p.key = *key;
     int32_t ta = key->ta, tb = key->tb;
-    cublas_check(lt->cublasLtMatmulDescCreate(&p.desc, MB_CUBLAS_COMPUTE_32F, MB_CUDA_R_32F));
-    cublas_check(lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSA, &ta, sizeof ta));
-    cublas_check(lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSB, &tb, sizeof tb));
     uint64_t ar = ta == MB_CUBLAS_OP_N ? (uint64_t)key->m : (uint64_t)key->k, ac = ta == MB_CUBLAS_OP_N ? (uint64_t)key->k : (uint64_t)key->m;
     uint64_t br = tb == MB_CUBLAS_OP_N ? (uint64_t)key->k : (uint64_t)key->n, bc = tb == MB_CUBLAS_OP_N ? (uint64_t)key->n : (uint64_t)key->k;
-    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.la, MB_CUDA_R_16BF, ar, ac, key->lda));
-    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.lb, MB_CUDA_R_16BF, br, bc, key->ldb));
-    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.lc, key->ctype, (uint64_t)key->m, (uint64_t)key->n, key->ldc));
-    MbLtPref pref;
-    cublas_check(lt->cublasLtMatmulPreferenceCreate(&pref));
+    MbLtPref pref = NULL;
     uint64_t ws = g->lt_ws.bytes;
-    cublas_check(lt->cublasLtMatmulPreferenceSetAttribute(pref, MB_LT_PREF_MAX_WORKSPACE, &ws, sizeof ws));
+    int bad = cublas_check(g, lt->cublasLtMatmulDescCreate(&p.desc, MB_CUBLAS_COMPUTE_32F, MB_CUDA_R_32F)) ||
+              cublas_check(g, lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSA, &ta, sizeof ta)) ||
+              cublas_check(g, lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSB, &tb, sizeof tb)) ||
+              cublas_check(g, lt->cublasLtMatrixLayoutCreate(&p.la, MB_CUDA_R_16BF, ar, ac, key->lda)) ||
+              cublas_check(g, lt->cublasLtMatrixLayoutCreate(&p.lb, MB_CUDA_R_16BF, br, bc, key->ldb)) ||
+              cublas_check(g, lt->cublasLtMatrixLayoutCreate(&p.lc, key->ctype, (uint64_t)key->m, (uint64_t)key->n, key->ldc)) ||
+              cublas_check(g, lt->cublasLtMatmulPreferenceCreate(&pref)) ||
+              cublas_check(g, lt->cublasLtMatmulPreferenceSetAttribute(pref, MB_LT_PREF_MAX_WORKSPACE, &ws, sizeof ws));
     const MbLtPrefAttr attrs[4] = {MB_LT_PREF_ALIGN_A, MB_LT_PREF_ALIGN_B, MB_LT_PREF_ALIGN_C, MB_LT_PREF_ALIGN_D};
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 4 && !bad; k++) {
         uint32_t al = (uint32_t)key->align[k];
-        cublas_check(lt->cublasLtMatmulPreferenceSetAttribute(pref, attrs[k], &al, sizeof al));
+        bad = cublas_check(g, lt->cublasLtMatmulPreferenceSetAttribute(pref, attrs[k], &al, sizeof al));
     }
     MbLtHeuristic h;
     int found = 0;
     memset(&h, 0, sizeof h);
-    cublas_check(lt->cublasLtMatmulAlgoGetHeuristic(g->lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &h, &found));
-    lt->cublasLtMatmulPreferenceDestroy(pref);
-    if (found < 1) {
-        fprintf(stderr, "medbot: cuda: cuBLASLt has no algorithm for a %s%s GEMM m=%d n=%d k=%d (lda %lld ldb %lld "
-                "ldc %lld, %s output) --> report it with your GPU (%s)\n", ta ? "T" : "N", tb ? "T" : "N", key->m,
+    if (!bad) bad = cublas_check(g, lt->cublasLtMatmulAlgoGetHeuristic(g->lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &h, &found));
+    if (pref) lt->cublasLtMatmulPreferenceDestroy(pref);
+    if (!bad && found < 1) {
+        cu_fail(g, MB_ERR_DEVICE, "cuda: cuBLASLt has no algorithm for a %s%s GEMM m=%d n=%d k=%d (lda %lld ldb %lld "
+                "ldc %lld, %s output) --> report it with your GPU (%s)", ta ? "T" : "N", tb ? "T" : "N", key->m,
                 key->n, key->k, key->lda, key->ldb, key->ldc, key->ctype == MB_CUDA_R_32F ? "fp32" : "bf16", g->name);
-        exit(1);
+        bad = 1;
     }
+    if (bad) return cu_gemm_plan_free(g, &p), NULL;
     p.algo = h.algo;
     arrput(g->plans, p);
     hmput(g->plan_index, k, (int)arrlen(g->plans) - 1);
     return &g->plans[arrlen(g->plans) - 1];
 }
 
+/* Nothing once the backend has failed (then A, B or C may be 0) */
 static void cu_gemm(MbCuda *g, int ta, int tb, size_t m, size_t n, size_t k, float alpha, MbCuDevPtr A, size_t lda,
                     MbCuDevPtr B, size_t ldb, float beta, MbCuDevPtr C, int ctype, size_t ldc) {
-    if (!m || !n || !k) return;
+    if (!m || !n || !k || cu_failed(g)) return;
     GemmKey key;
     memset(&key, 0, sizeof key); /* hashed as bytes */
     key.ta = ta, key.tb = tb, key.m = (int)m, key.n = (int)n, key.k = (int)k, key.ctype = ctype, key.beta_nz = beta != 0.0f;
     key.lda = (long long)lda, key.ldb = (long long)ldb, key.ldc = (long long)ldc;
     key.align[0] = cu_align(A), key.align[1] = cu_align(B), key.align[2] = key.align[3] = cu_align(C);
     const GemmPlan *p = cu_gemm_plan(g, &key);
-    cublas_check(g->lib->lt.cublasLtMatmul(g->lt, p->desc, &alpha, hptr(A), p->la, hptr(B), p->lb, &beta, hptr(C), p->lc,
-                                           hptr(C), p->lc, &p->algo, hptr(g->lt_ws.p), g->lt_ws.bytes, g->stream));
+    if (!p || cublas_check(g, g->lib->lt.cublasLtMatmul(g->lt, p->desc, &alpha, hptr(A), p->la, hptr(B), p->lb, &beta,
+                                                        hptr(C), p->lc, hptr(C), p->lc, &p->algo, hptr(g->lt_ws.p),
+                                                        g->lt_ws.bytes, g->stream)))
+        return;
     if (g->sync_each) cu_sync(g);
 }
 
@@ -11320,53 +11378,62 @@ static void cu_matmul_backward(MbCuda *g, MbCuDevPtr dinp, MbCuDevPtr dout, cons
 
 /* ---- the ops ---- */
 
-#define CU_CTX(ops) MbCuda *g = (ops)->ctx; cu_enter(g)
+/* An op's start: g, with its context current; a backend that has failed does nothing more
+ * (CU_CTX_OR returns the value given). */
+#define CU_CTX(ops) \
+    MbCuda *g = (ops)->ctx; \
+    if (cu_enter(g)) return
+#define CU_CTX_OR(ops, value) \
+    MbCuda *g = (ops)->ctx; \
+    if (cu_enter(g)) return (value)
 
+/* Device memory, zeroed, or NULL (out of GPU memory, or the backend failed: mb_ops_oom) */
 static void *cuda_alloc(MbOps *ops, size_t bytes) {
-    CU_CTX(ops);
+    CU_CTX_OR(ops, NULL);
     CuBuf b = {cu_malloc(g, bytes), bytes};
+    if (!b.p) return NULL;
     arrput(g->allocs, b);
     return hptr(b.p);
 }
 
+/* Frees what cuda_alloc returned, also after the backend failed */
 static void cuda_free(MbOps *ops, void *p) {
-    CU_CTX(ops);
+    MbCuda *g = ops->ctx;
     if (!p) return;
+    if (!cu_failed(g)) cu_enter(g);
     for (ptrdiff_t i = 0; i < arrlen(g->allocs); i++)
         if (g->allocs[i].p == dptr(p)) {
             cu_mfree(g, g->allocs[i].p, g->allocs[i].bytes);
             arrdelswap(g->allocs, i);
             return;
         }
-    fprintf(stderr, "medbot: cuda: free of %p, which this backend did not allocate\n", p);
-    exit(1);
+    cu_fail(g, MB_ERR_DEVICE, "cuda: free of %p, which this backend did not allocate", p);
 }
 
 static void cuda_to_host(MbOps *ops, void *dst, const void *src, size_t bytes) {
     CU_CTX(ops);
     if (!bytes) return;
-    cu_check(g->lib->cu.cuMemcpyDtoHAsync(dst, dptr(src), bytes, g->stream));
-    cu_sync(g);
+    if (!cu_check(g, g->lib->cu.cuMemcpyDtoHAsync(dst, dptr(src), bytes, g->stream))) cu_sync(g);
 }
 
 static void cuda_from_host(MbOps *ops, void *dst, const void *src, size_t bytes) {
     CU_CTX(ops);
     if (!bytes) return;
-    cu_check(g->lib->cu.cuMemcpyHtoDAsync(dptr(dst), src, bytes, g->stream));
-    cu_sync(g); /* src may be pinned by the caller's allocator some day: never leave it in flight */
+    /* src may be pinned by the caller's allocator some day: never leave it in flight */
+    if (!cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(dptr(dst), src, bytes, g->stream))) cu_sync(g);
 }
 
 static void cuda_zero(MbOps *ops, void *p, size_t bytes) {
     CU_CTX(ops);
-    cu_check(g->lib->cu.cuMemsetD8Async(dptr(p), 0, bytes, g->stream));
+    cu_check(g, g->lib->cu.cuMemsetD8Async(dptr(p), 0, bytes, g->stream));
 }
 
 static void cuda_embedding_forward(MbOps *ops, float *out, const int32_t *tokens, const MbWeight *wte, size_t N) {
     CU_CTX(ops);
     CuW cw = cu_weight(g, wte);
     if (cw.kind != CUW_BF16) {
-        fprintf(stderr, "medbot: cuda: the embedding must be a dense weight\n");
-        exit(1);
+        cu_fail(g, MB_ERR_DEVICE, "cuda: the embedding must be a dense weight");
+        return;
     }
     MbCuDevPtr o = dptr(out), t = cu_ints(g, &g->tokens, (const int *)tokens, N);
     int C = (int)wte->cols;
@@ -11414,8 +11481,8 @@ typedef struct {
 
 static void cu_rope(MbCuda *g, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
     if (D != g->head_dim) {
-        fprintf(stderr, "medbot: cuda: rope on head dim %d, kernels built for %d\n", D, g->head_dim);
-        exit(1);
+        cu_fail(g, MB_ERR_DEVICE, "cuda: rope on head dim %d, kernels built for %d", D, g->head_dim);
+        return;
     }
     CuRopeFreq rf;
     memset(&rf, 0, sizeof rf);
@@ -11442,17 +11509,17 @@ static void cuda_kv_store(MbOps *ops, float *cache, const float *x, int B, int T
     cu_launch(g, K_KV_STORE, (unsigned)T, (unsigned)B, 1, MB_CUDA_BLOCK, 0, args);
 }
 
-static void cu_check_heads(const MbCuda *g, int H, int K, int D) {
-    if (D != g->head_dim || K < 1 || H % K) {
-        fprintf(stderr, "medbot: cuda: attention with H=%d K=%d D=%d, kernels built for D=%d\n", H, K, D, g->head_dim);
-        exit(1);
-    }
+/* 1 (and the backend's failure) when the kernels were not built for these heads */
+static int cu_check_heads(MbCuda *g, int H, int K, int D) {
+    if (D == g->head_dim && K >= 1 && H % K == 0) return 0;
+    cu_fail(g, MB_ERR_DEVICE, "cuda: attention with H=%d K=%d D=%d, kernels built for D=%d", H, K, D, g->head_dim);
+    return 1;
 }
 
 static void cuda_attention_forward(MbOps *ops, float *out, float *lse, const float *q, const float *kc, const float *vc,
                                    const int *lens, int B, int T, int S, int pos0, int H, int K, int D) {
     CU_CTX(ops);
-    cu_check_heads(g, H, K, D);
+    if (cu_check_heads(g, H, K, D)) return;
     MbCuDevPtr o = dptr(out), l = dptr(lse), qq = dptr(q), k = dptr(kc), v = dptr(vc), ln = cu_ints(g, &g->lens, lens, (size_t)B);
     void *args[] = {&o, &l, &qq, &k, &v, &ln, &T, &S, &pos0, &H, &K};
     cu_launch(g, K_ATT_FWD, (unsigned)((T + g->att_bq - 1) / g->att_bq), (unsigned)H, (unsigned)B, 256,
@@ -11463,10 +11530,10 @@ static void cuda_attention_backward(MbOps *ops, float *dq, float *dk, float *dv,
                                     const float *k, const float *v, const float *out, const float *lse, const int *lens,
                                     int B, int T, int H, int K, int D) {
     CU_CTX(ops);
-    cu_check_heads(g, H, K, D);
+    if (cu_check_heads(g, H, K, D)) return;
     size_t rows = (size_t)B * T * H, n = rows * (size_t)D;
     MbCuDevPtr dq32 = cu_scratch(g, &g->att_dq, n * 4), delta = cu_scratch(g, &g->att_delta, rows * 4);
-    cu_check(g->lib->cu.cuMemsetD8Async(dq32, 0, n * 4, g->stream));
+    if (!dq32 || !delta || cu_check(g, g->lib->cu.cuMemsetD8Async(dq32, 0, n * 4, g->stream))) return;
     MbCuDevPtr g_out = dptr(dout), o = dptr(out), qq = dptr(q), kk = dptr(k), vv = dptr(v), l = dptr(lse);
     MbCuDevPtr dkk = dptr(dk), dvv = dptr(dv), dqq = dptr(dq), ln = cu_ints(g, &g->lens, lens, (size_t)B);
     uint64_t urows = rows, un = n;
@@ -11507,7 +11574,7 @@ static void cuda_gather_rows(MbOps *ops, float *out, const float *inp, const int
 static void cuda_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
     CU_CTX(ops);
     MbCuDevPtr o = dptr(out), x = dptr(inp);
-    cu_check(g->lib->cu.cuMemsetD8Async(o, 0, N * C * 2, g->stream));
+    cu_check(g, g->lib->cu.cuMemsetD8Async(o, 0, N * C * 2, g->stream));
     MbCuDevPtr r = cu_ints(g, &g->rows, rows, n);
     int c = (int)C;
     void *args[] = {&o, &x, &r, &c};
@@ -11533,10 +11600,8 @@ static void cuda_dropout_forward(MbOps *ops, float *out, const float *inp, size_
 /* A LoRA matrix (fp32 in this backend's memory) as bf16 in b, for the tensor cores */
 static MbCuDevPtr cu_lora_bf16(MbCuda *g, CuBuf *b, const MbWeight *w) {
     size_t n = w->rows * w->cols;
-    if (w->dtype != MB_DT_F32 || !cu_owns(g, w->data, n * 4)) {
-        fprintf(stderr, "medbot: cuda: LoRA weights must be fp32 in this backend's memory\n");
-        exit(1);
-    }
+    if (w->dtype != MB_DT_F32 || !cu_owns(g, w->data, n * 4))
+        return cu_fail(g, MB_ERR_DEVICE, "cuda: LoRA weights must be fp32 in this backend's memory"), 0;
     return cu_to_bf16(g, b, dptr(w->data), n);
 }
 
@@ -11569,10 +11634,7 @@ static void cuda_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, cons
  * (fp32) exist at a time, folded into per-row running statistics. */
 static MbCuDevPtr cu_lm_head(MbCuda *g, const MbWeight *w) {
     CuW cw = cu_weight(g, w);
-    if (cw.kind != CUW_BF16) {
-        fprintf(stderr, "medbot: cuda: lm_head must be a dense weight\n");
-        exit(1);
-    }
+    if (cw.kind != CUW_BF16) return cu_fail(g, MB_ERR_DEVICE, "cuda: lm_head must be a dense weight"), 0;
     return cw.p;
 }
 
@@ -11628,8 +11690,9 @@ static void cuda_logprob_backward(MbOps *ops, float *dx, const float *gr, const 
     }
 }
 
+/* The sum of squares (0 when the backend failed: the caller reads its status) */
 static double cuda_sumsq(MbOps *ops, const float *x, size_t n) {
-    CU_CTX(ops);
+    CU_CTX_OR(ops, 0.0);
     if (!n) return 0.0;
     unsigned grid = cu_grid(g, n);
     MbCuDevPtr part = cu_scratch(g, &g->partial, grid * sizeof(double)), xx = dptr(x);
@@ -11637,9 +11700,9 @@ static double cuda_sumsq(MbOps *ops, const float *x, size_t n) {
     void *args[] = {&part, &xx, &un};
     cu_launch(g, K_SUMSQ, grid, 1, 1, MB_CUDA_BLOCK, 0, args);
     double *h = mb_malloc(grid * sizeof(double)), s = 0.0;
-    cu_check(g->lib->cu.cuMemcpyDtoHAsync(h, part, grid * sizeof(double), g->stream));
-    cu_sync(g);
-    for (unsigned i = 0; i < grid; i++) s += h[i];
+    if (!h) return cu_oom(g), 0.0;
+    if (!cu_check(g, g->lib->cu.cuMemcpyDtoHAsync(h, part, grid * sizeof(double), g->stream)) && !cu_sync(g))
+        for (unsigned i = 0; i < grid; i++) s += h[i];
     free(h);
     return s;
 }
@@ -11690,7 +11753,7 @@ static void cuda_from_f64(MbOps *ops, float *out, const double *in, size_t n) {
 
 static void cuda_fill_f64(MbOps *ops, double *x, size_t n) {
     CU_CTX(ops);
-    cu_check(g->lib->cu.cuMemsetD8Async(dptr(x), 0, n * sizeof(double), g->stream));
+    cu_check(g, g->lib->cu.cuMemsetD8Async(dptr(x), 0, n * sizeof(double), g->stream));
 }
 
 static void cuda_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
@@ -11743,24 +11806,24 @@ static MbStatus cuda_kernels_image(MbCuda *g) {
         double t0 = mb_now();
         if ((rc = kernels_compile(options, &image, &n, ptx))) return fprintf(stderr, "\n"), rc;
         fprintf(stderr, " %.1f s\n", mb_now() - t0);
-        rc = cu_status(L->cu.cuModuleLoadData(&g->mod, image));
+        rc = cu_status(L, L->cu.cuModuleLoadData(&g->mod, image));
         if (!rc && dir[0] && mb_write_file(path, image, n) != MB_OK)
             fprintf(stderr, "medbot: note: cannot write the kernel cache %s (%s)\n", path, mb_last_error());
         free(image);
         if (rc) return rc;
     }
-    for (int k = 0; k < K_COUNT && !rc; k++) rc = cu_status(L->cu.cuModuleGetFunction(&g->fn[k], g->mod, mb_kernel_names[k]));
+    for (int k = 0; k < K_COUNT && !rc; k++) rc = cu_status(L, L->cu.cuModuleGetFunction(&g->fn[k], g->mod, mb_kernel_names[k]));
     MbCuDevPtr params = 0;
     size_t psize = 0;
     int p[6];
-    if (!rc) rc = cu_status(L->cu.cuModuleGetGlobal(&params, &psize, g->mod, "mb_kernel_params"));
+    if (!rc) rc = cu_status(L, L->cu.cuModuleGetGlobal(&params, &psize, g->mod, "mb_kernel_params"));
     if (!rc && psize != sizeof p) rc = mb_fail(MB_ERR_DEVICE, "cuda: kernels.cu.in's mb_kernel_params has %zu bytes", psize);
-    if (!rc) rc = cu_status(L->cu.cuMemcpyDtoHAsync(p, params, sizeof p, g->stream));
-    if (!rc) rc = cu_status(L->cu.cuStreamSynchronize(g->stream));
+    if (!rc) rc = cu_status(L, L->cu.cuMemcpyDtoHAsync(p, params, sizeof p, g->stream));
+    if (!rc) rc = cu_status(L, L->cu.cuStreamSynchronize(g->stream));
     if (rc) return rc;
     g->att_fwd_smem = p[0], g->att_bwd_smem = p[1], g->att_bq = p[2], g->att_bk = p[3], g->att_bwd_bq = p[4], g->att_bwd_bk = p[5];
-    if (!rc) rc = cu_status(L->cu.cuFuncSetAttribute(g->fn[K_ATT_FWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_fwd_smem));
-    if (!rc) rc = cu_status(L->cu.cuFuncSetAttribute(g->fn[K_ATT_BWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_bwd_smem));
+    if (!rc) rc = cu_status(L, L->cu.cuFuncSetAttribute(g->fn[K_ATT_FWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_fwd_smem));
+    if (!rc) rc = cu_status(L, L->cu.cuFuncSetAttribute(g->fn[K_ATT_BWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_bwd_smem));
     return rc;
 }
 
@@ -11776,13 +11839,13 @@ static MbStatus cuda_kernels_load(MbCuda *g) {
 static MbStatus cuda_start(MbCuda *g) {
     const MbCuApi *cu = &g->lib->cu;
     int major = 0, minor = 0, sms = 0, optin = 0;
-    MbStatus rc = cu_status(cu->cuDeviceGet(&g->dev, g->gpu));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&major, MB_CU_ATTR_CC_MAJOR, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&minor, MB_CU_ATTR_CC_MINOR, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&sms, MB_CU_ATTR_SM_COUNT, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&optin, MB_CU_ATTR_SMEM_OPTIN, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetName(g->name, (int)sizeof g->name, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceTotalMem(&g->total_mem, g->dev));
+    MbStatus rc = cu_status(g->lib, cu->cuDeviceGet(&g->dev, g->gpu));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&major, MB_CU_ATTR_CC_MAJOR, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&minor, MB_CU_ATTR_CC_MINOR, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&sms, MB_CU_ATTR_SM_COUNT, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&optin, MB_CU_ATTR_SMEM_OPTIN, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetName(g->name, (int)sizeof g->name, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceTotalMem(&g->total_mem, g->dev));
     if (rc) return rc;
     g->cc = major * 10 + minor, g->sms = sms, g->smem_optin = (size_t)optin;
     if (g->cc < 80)
@@ -11795,12 +11858,12 @@ static MbStatus cuda_start(MbCuda *g) {
         return mb_fail(MB_ERR_UNSUPPORTED, "cuda: no kernel specialization for head_dim %d (kernels.cu.in has %s) --> "
                        "add a row to its table, or use --device cpu", g->head_dim, dims);
     }
-    if ((rc = cu_status(cu->cuDevicePrimaryCtxRetain(&g->ctx, g->dev)))) return g->ctx = NULL, rc;
-    if ((rc = cu_status(cu->cuCtxSetCurrent(g->ctx)))) return rc;
+    if ((rc = cu_status(g->lib, cu->cuDevicePrimaryCtxRetain(&g->ctx, g->dev)))) return g->ctx = NULL, rc;
+    if ((rc = cu_status(g->lib, cu->cuCtxSetCurrent(g->ctx)))) return rc;
     size_t free_b = 0, total = 0;
-    if ((rc = cu_status(cu->cuMemGetInfo(&free_b, &total)))) return rc;
+    if ((rc = cu_status(g->lib, cu->cuMemGetInfo(&free_b, &total)))) return rc;
     g->device_used_start = g->device_used_peak = total - free_b;
-    if ((rc = cu_status(cu->cuStreamCreate(&g->stream, 0)))) return rc;
+    if ((rc = cu_status(g->lib, cu->cuStreamCreate(&g->stream, 0)))) return rc;
     if ((rc = cuda_kernels_load(g))) return rc;
     MbLtStatus s = g->lib->lt.cublasLtCreate(&g->lt);
     if (s) {
@@ -11808,8 +11871,8 @@ static MbStatus cuda_start(MbCuda *g) {
         return mb_fail(MB_ERR_DEVICE, "cuda: cublasLtCreate failed: %s (%d) --> check the cuBLAS installation, or use "
                        "--device cpu", g->lib->lt.cublasLtGetStatusString(s), (int)s);
     }
+    if (!(g->lt_ws.p = cu_malloc(g, MB_CUDA_LT_WORKSPACE))) return mb_ops_oom(g->ops);
     g->lt_ws.bytes = MB_CUDA_LT_WORKSPACE;
-    g->lt_ws.p = cu_malloc(g, g->lt_ws.bytes);
     fprintf(stderr, "medbot: CUDA on GPU %d: %s (%s, %d SMs, %.1f GiB), kernels for head_dim %d, driver %d.%d\n", g->gpu,
             g->name, g->arch, g->sms, (double)g->total_mem / 1073741824.0, g->head_dim, g->lib->driver_version / 1000,
             g->lib->driver_version % 1000 / 10);
@@ -11858,6 +11921,7 @@ static void cuda_destroy(MbOps *ops) {
 
 /* The functions of the CUDA op table (a test checks that none is missing) */
 static void cuda_ops_table(MbOps *ops) {
+    ((MbCuda *)ops->ctx)->ops = ops;
     ops->alloc = cuda_alloc;
     ops->free = cuda_free;
     ops->to_host = cuda_to_host;
@@ -11905,11 +11969,12 @@ static MbStatus mb_cuda_ops_new(int gpu, int head_dim, MbOps **out) {
         return mb_fail(MB_ERR_ARG, "cuda: there is no GPU %d (this machine has %d) --> check CUDA_VISIBLE_DEVICES", gpu,
                        L->devices);
     MbCuda *g = mb_calloc(1, sizeof *g);
-    g->lib = L, g->gpu = gpu, g->head_dim = head_dim;
+    MbOps *ops = g ? mb_calloc(1, sizeof *ops) : NULL;
+    if (!ops) return free(g), MB_ERR_OOM;
+    g->lib = L, g->gpu = gpu, g->head_dim = head_dim, g->ops = ops;
     g->tile_bytes = MB_CUDA_TILE_BYTES, g->lp_rows = MB_CUDA_LP_ROWS, g->lp_vocab = MB_CUDA_LP_VOCAB;
     const char *sync = getenv("MEDBOT_CUDA_SYNC");
     g->sync_each = sync && sync[0] == '1';
-    MbOps *ops = mb_calloc(1, sizeof *ops);
     ops->name = "cuda";
     ops->ctx = g;
     ops->act_size = 2; /* bf16 */
@@ -11990,10 +12055,10 @@ static MbStatus nccl_rank_open(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, 
     MbNcclRank *k = mb_calloc(1, sizeof *k);
     if (!k) return L->nccl.ncclCommDestroy(comm), MB_ERR_OOM;
     k->lib = L, k->comm = comm;
-    MbStatus rc = cu_status(L->cu.cuDeviceGet(&k->dev, gpu));
-    if (!rc && (rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev)))) k->ctx = NULL;
-    if (!rc) rc = cu_status(L->cu.cuCtxSetCurrent(k->ctx));
-    if (!rc && (rc = cu_status(L->cu.cuStreamCreate(&k->stream, 0)))) k->stream = NULL;
+    MbStatus rc = cu_status(L, L->cu.cuDeviceGet(&k->dev, gpu));
+    if (!rc && (rc = cu_status(L, L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev)))) k->ctx = NULL;
+    if (!rc) rc = cu_status(L, L->cu.cuCtxSetCurrent(k->ctx));
+    if (!rc && (rc = cu_status(L, L->cu.cuStreamCreate(&k->stream, 0)))) k->stream = NULL;
     if (rc) {
         nccl_rank_free(k);
         return rc;
@@ -12016,7 +12081,7 @@ static MbStatus nccl_rank_new(int rank, int world, int gpu, MbStatus (*exchange)
     memset(&id, 0, sizeof id);
     MbCuDevice dev;
     MbCuContext ctx;
-    if ((rc = cu_status(L->cu.cuDeviceGet(&dev, gpu))) || (rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&ctx, dev))))
+    if ((rc = cu_status(L, L->cu.cuDeviceGet(&dev, gpu))) || (rc = cu_status(L, L->cu.cuDevicePrimaryCtxRetain(&ctx, dev))))
         return rc;
     L->cu.cuCtxSetCurrent(ctx);
     if (rank == 0) rc = nccl_check(L, L->nccl.ncclGetUniqueId(&id));
@@ -12055,8 +12120,8 @@ static MbStatus nccl_ranks_new_all(int world, int gpu0, MbNcclRank **out) {
 /* Makes k's context current and waits for the work queued on the device (the op table's stream). */
 static MbStatus nccl_rank_enter(MbNcclRank *k) {
     if (!k->comm) return mb_fail(MB_ERR_DEVICE, "NCCL: the communicator was aborted");
-    MbStatus rc = cu_status(k->lib->cu.cuCtxSetCurrent(k->ctx));
-    return rc ? rc : cu_status(k->lib->cu.cuCtxSynchronize());
+    MbStatus rc = cu_status(k->lib, k->lib->cu.cuCtxSetCurrent(k->ctx));
+    return rc ? rc : cu_status(k->lib, k->lib->cu.cuCtxSynchronize());
 }
 
 static MbStatus nccl_rank_start(MbNcclRank *k, int op, int f64, const void *send, void *recv, size_t count, int root) {
@@ -12078,16 +12143,16 @@ static MbStatus nccl_rank_start_host(MbNcclRank *k, double *x, size_t n) {
     size_t bytes = n * sizeof(double);
     MbStatus rc = nccl_rank_enter(k);
     if (!rc && k->scratch_bytes < bytes) {
-        if (k->scratch) rc = cu_status(L->cu.cuMemFree(k->scratch));
+        if (k->scratch) rc = cu_status(L, L->cu.cuMemFree(k->scratch));
         k->scratch = 0, k->scratch_bytes = 0;
-        if (!rc) rc = cu_status(L->cu.cuMemAlloc(&k->scratch, bytes));
+        if (!rc) rc = cu_status(L, L->cu.cuMemAlloc(&k->scratch, bytes));
         if (!rc) k->scratch_bytes = bytes;
         else k->scratch = 0;
     }
-    if (!rc) rc = cu_status(L->cu.cuMemcpyHtoDAsync(k->scratch, x, bytes, k->stream));
+    if (!rc) rc = cu_status(L, L->cu.cuMemcpyHtoDAsync(k->scratch, x, bytes, k->stream));
     if (!rc) rc = nccl_check(L, L->nccl.ncclAllReduce(hptr(k->scratch), hptr(k->scratch), n, MB_NCCL_FLOAT64, MB_NCCL_SUM,
                                                      k->comm, k->stream));
-    if (!rc) rc = cu_status(L->cu.cuMemcpyDtoHAsync(x, k->scratch, bytes, k->stream));
+    if (!rc) rc = cu_status(L, L->cu.cuMemcpyDtoHAsync(x, k->scratch, bytes, k->stream));
     return rc;
 }
 
@@ -12096,7 +12161,7 @@ static int nccl_rank_poll(MbNcclRank *k, const char **nccl_error) {
     *nccl_error = NULL;
     MbCuResult r = L->cu.cuStreamQuery(k->stream);
     if (r == 0) return 1;
-    if (r != MB_CU_ERROR_NOT_READY) return cu_status_(r, "cuStreamQuery", __FILE__, __LINE__), -1;
+    if (r != MB_CU_ERROR_NOT_READY) return cu_status_(L, r, "cuStreamQuery", __FILE__, __LINE__), -1;
     MbNcclResult e = 0;
     L->nccl.ncclCommGetAsyncError(k->comm, &e);
     if (e) return *nccl_error = L->nccl.ncclGetErrorString(e), -1;
