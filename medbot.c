@@ -8277,6 +8277,7 @@ MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir
     g->n_stop_ids = 0;
     int from_file = 0;
     char *path = model_dir ? mb_path_join(model_dir, "generation_config.json") : NULL;
+    if (model_dir && !path) return MB_ERR_OOM;
     if (path && mb_is_file(path)) { /* generate takes eos_token_id from here first */
         char *text;
         size_t n;
@@ -8335,12 +8336,14 @@ MbStatus mb_sampler_new(const MbGenerationConfig *g, size_t V, MbSampler **out) 
     if (V < 1 || V > INT32_MAX) return mb_fail(MB_ERR_ARG, "sampler: vocabulary of %zu tokens", V);
     if (bad) return mb_fail(MB_ERR_ARG, "%s %s", bad, why);
     MbSampler *s = mb_calloc(1, sizeof *s);
+    if (!s) return MB_ERR_OOM;
     s->cfg = *g;
     s->V = V;
     mb_rng_seed(&s->rng, g->seed);
     s->work = mb_malloc(V * sizeof *s->work);
     s->seen = mb_calloc(V, 1);
     s->sorted = mb_malloc(V * sizeof *s->sorted);
+    if (!s->work || !s->seen || !s->sorted) return mb_sampler_free(s), MB_ERR_OOM;
     *out = s;
     return MB_OK;
 }
@@ -8507,6 +8510,7 @@ typedef struct {
     MbTokenStream ts;
     MbTokenCallback cb;
     void *ctx;
+    MbStatus rc;            /* out of memory for the text: generation stops with it */
 } MbGenStream;
 
 static void gen_stream_init(MbGenStream *g, const MbTokenizer *tok, MbTokenCallback cb, void *ctx) {
@@ -8520,17 +8524,20 @@ static void gen_stream_init(MbGenStream *g, const MbTokenizer *tok, MbTokenCallb
 static int gen_stream_put(MbGenStream *g, int32_t id) {
     const char *text = "";
     size_t len = 0, n;
-    if (g->tok && mb_tokenizer_token_bytes(g->tok, id, &n)) mb_token_stream_put(&g->ts, id, &text, &len);
+    if (g->tok && mb_tokenizer_token_bytes(g->tok, id, &n) && (g->rc = mb_token_stream_put(&g->ts, id, &text, &len)))
+        return 1;
     return g->cb ? g->cb(g->ctx, id, text, len) : 0;
 }
 
-static void gen_stream_finish(MbGenStream *g) {
-    if (!g->tok) return;
+/* The text still held, then the stream's status (out of memory for its text) */
+static MbStatus gen_stream_finish(MbGenStream *g) {
+    if (!g->tok) return MB_OK;
     const char *text;
     size_t len;
-    mb_token_stream_finish(&g->ts, &text, &len);
-    if (len && g->cb) g->cb(g->ctx, -1, text, len);
+    MbStatus rc = g->rc ? g->rc : mb_token_stream_finish(&g->ts, &text, &len);
+    if (!rc && len && g->cb) g->cb(g->ctx, -1, text, len);
     mb_token_stream_free(&g->ts);
+    return rc;
 }
 
 MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer *tok, const int32_t *ids,
@@ -8545,6 +8552,7 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
     size_t max_new = MB_MIN((size_t)s->cfg.max_new_tokens, S - n + 1); /* the last new id is never run */
     int32_t *seq = mb_malloc((n + max_new) * sizeof *seq);
     float *logits = mb_malloc(V * sizeof *logits);
+    if (!seq || !logits) return free(seq), free(logits), MB_ERR_OOM;
     memcpy(seq, ids, n * sizeof *seq);
     MbGenStream gs;
     gen_stream_init(&gs, tok, cb, ctx);
@@ -8557,7 +8565,8 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
         if (gen_stream_put(&gs, next) || mb_generation_is_stop(&s->cfg, next) || t + 1 == max_new) break;
         rc = mb_model_forward(m, kv, &next, 1, 1, NULL, logits, 1);
     }
-    gen_stream_finish(&gs);
+    MbStatus text_rc = gen_stream_finish(&gs);
+    if (!rc) rc = text_rc;
     free(seq);
     free(logits);
     return rc;
@@ -8574,9 +8583,10 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
 // backends sum over the ranks in rank order, so every rank gets bit-identical results, and both
 // give the same bits. A rank that dies or hangs fails the collectives of every rank with a
 // message within --ddp_timeout on every backend, never a hang: the failure is sticky, the
-// training step returns it, and the command prints it and exits 1. At the rendezvous every rank shows the job's fingerprint (model, tokenizer, data,
-// options) and, with MEDBOT_RDV_SECRET, proves it knows the secret; which process is which rank
-// comes from torchrun's, Open MPI's, MPICH's or SLURM's variables (the end of this section).
+// training step returns it, and the command prints it and exits 1. At the rendezvous every rank
+// shows the job's fingerprint (model, tokenizer, data, options) and, with MEDBOT_RDV_SECRET,
+// proves it knows the secret; which process is which rank comes from torchrun's, Open MPI's,
+// MPICH's or SLURM's variables (the end of this section).
 // ============================================================================================
 
 /* ---- MbComm: the collectives, on fp32 and fp64 buffers of the backend's memory ---- */
@@ -8969,7 +8979,7 @@ static MbStatus fp_model(const MbTrainJob *job, unsigned char out[32]) {
     MbSha256 s;
     sha256_init(&s);
     char *cfg = mb_path_join(job->model_dir, "config.json");
-    MbStatus rc = fp_file(&s, cfg);
+    MbStatus rc = cfg ? fp_file(&s, cfg) : MB_ERR_OOM;
     free(cfg);
     if (!rc && job->random_init) { /* the weights are drawn from the seed */
         fp_part(&s, "random_init", 11), fp_u64(&s, (uint64_t)(int64_t)job->cfg.seed);
@@ -9015,7 +9025,7 @@ static MbStatus fp_adapter(const char *dir, unsigned char out[32]) {
     MbSha256 s;
     sha256_init(&s);
     char *cfg = mb_path_join(dir, "adapter_config.json"), *st = mb_path_join(dir, "adapter_model.safetensors");
-    MbStatus rc = fp_file(&s, cfg);
+    MbStatus rc = cfg && st ? fp_file(&s, cfg) : MB_ERR_OOM;
     if (!rc) rc = fp_safetensors(&s, st);
     free(cfg), free(st);
     if (!rc) sha256_final(&s, out);
@@ -9287,6 +9297,7 @@ typedef struct {
 static int rdv_answer(int fd, const char *secret, int status, const void *payload, size_t n, const unsigned char *nonce1,
                       const unsigned char *nonce0) {
     unsigned char *a = mb_malloc(16 + n + 32);
+    if (!a) return 0; /* (out of memory: as a connection that took nothing) */
     rdv_put_u64(a, (uint64_t)status), rdv_put_u64(a + 8, n);
     if (n) memcpy(a + 16, payload, n);
     rdv_mac(secret, "answer", nonce1, nonce0, a, 16 + n, a + 16 + n);
@@ -9322,8 +9333,11 @@ static void rdv_accept(MbRdvServer *S, int lfd, double deadline) {
         close(c);
         return;
     }
+    if (!(k->buf = mb_malloc(MB_RDV_HELLO + MB_RDV_MAX_TEXT + 32))) { /* out of memory: closed, as in a flood */
+        close(c);
+        return;
+    }
     k->fd = c, k->got = 0;
-    k->buf = mb_malloc(MB_RDV_HELLO + MB_RDV_MAX_TEXT + 32);
 }
 
 /* A hello that could not prove MEDBOT_RDV_SECRET: told why and closed; rank 0 waits on. */
@@ -9363,10 +9377,14 @@ static void rdv_admit(MbRdvServer *S, int i) {
                  r <= 0 || r >= S->world ? "outside 1..WORLD_SIZE-1" : "taken twice");
     else {
         MbJobFingerprint *theirs = mb_calloc(1, sizeof *theirs);
-        memcpy(theirs->model, h + 64, 32), memcpy(theirs->tokenizer, h + 96, 32);
-        memcpy(theirs->data, h + 128, 32), memcpy(theirs->options, h + 160, 32);
-        memcpy(theirs->options_text, h + MB_RDV_HELLO, len);
-        rdv_compare(S->fp, theirs, r, why, sizeof why);
+        if (theirs) {
+            memcpy(theirs->model, h + 64, 32), memcpy(theirs->tokenizer, h + 96, 32);
+            memcpy(theirs->data, h + 128, 32), memcpy(theirs->options, h + 160, 32);
+            memcpy(theirs->options_text, h + MB_RDV_HELLO, len);
+            rdv_compare(S->fp, theirs, r, why, sizeof why);
+        } else {
+            snprintf(why, sizeof why, "%s", mb_last_error());
+        }
         free(theirs);
     }
     if (why[0]) { /* tell the offender too */
@@ -9452,9 +9470,13 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const MbJobFing
                 "set: any process that reaches it can join the job --> give every rank the same " MB_RDV_SECRET "\n",
                 addr, port);
     MbRdvServer *S = mb_calloc(1, sizeof *S);
+    if (S) S->peer = mb_malloc((size_t)world * sizeof *S->peer), S->nonces = mb_malloc((size_t)world * sizeof *S->nonces);
+    if (!S || !S->peer || !S->nonces) {
+        if (S) free(S->peer), free(S->nonces), free(S);
+        close(lfd);
+        return MB_ERR_OOM;
+    }
     S->addr = addr, S->port = port, S->world = world, S->fp = fp, S->secret = secret;
-    S->peer = mb_malloc((size_t)world * sizeof *S->peer);
-    S->nonces = mb_malloc((size_t)world * sizeof *S->nonces);
     for (int r = 0; r < world; r++) S->peer[r] = -1;
     for (int i = 0; i < MB_RDV_MAX_PENDING; i++) S->conn[i].fd = -1;
     rdv_wait(S, lfd, mb_now() + timeout);
@@ -9465,10 +9487,11 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const MbJobFing
     if (!why[0] && S->joined < world - 1) {
         int *missing = mb_malloc((size_t)world * sizeof *missing), nm = 0;
         char names[200];
-        for (int r = 1; r < world; r++)
+        for (int r = 1; missing && r < world; r++)
             if (S->peer[r] < 0) missing[nm++] = r;
-        snprintf(why, sizeof S->why, "%s of %d never arrived within %g s", rank_list(names, sizeof names, missing, nm),
-                 world, timeout);
+        if (missing) rank_list(names, sizeof names, missing, nm);
+        else snprintf(names, sizeof names, "%d rank%s", world - 1 - S->joined, world - 1 - S->joined > 1 ? "s" : "");
+        snprintf(why, sizeof S->why, "%s of %d never arrived within %g s", names, world, timeout);
         if (S->n_turned)
             snprintf(why + strlen(why), sizeof S->why - strlen(why), "; %d connection%s that did not prove " MB_RDV_SECRET
                      " turned away (the first: %s) --> set the same " MB_RDV_SECRET " on every rank", S->n_turned,
@@ -9574,6 +9597,7 @@ static MbStatus rdv_open(const char *addr, int port, int rank, int world, const 
         for (int r = 0; r < (rank == 0 ? world : 1); r++) keep[r] = -1;
     if (world == 1) return MB_OK;
     MbJobFingerprint *none = fp ? NULL : mb_calloc(1, sizeof *none);
+    if (!fp && !none) return MB_ERR_OOM;
     const char *secret = getenv(MB_RDV_SECRET);
     if (secret && !secret[0]) secret = NULL; /* set but empty: unset */
     MbStatus rc = rank == 0 ? rdv_serve(addr, port, world, fp ? fp : none, secret, blob, n, timeout, keep)
@@ -12016,7 +12040,7 @@ static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **
         return mb_fail(MB_ERR_ARG, "device %d is not cpu or cuda", dev);
     }
     *out = mb_cpu_ops_new(opt ? opt->threads : 0);
-    return MB_OK;
+    return *out ? MB_OK : MB_ERR_OOM;
 }
 
 /* ---- NCCL: the device side of a rank of the coordinator's NCCL backend (section 11) ---- */
@@ -12383,6 +12407,7 @@ static MbStatus args_read_config(MbArgs *a, const char *path) {
     a->cfg_path = path;
     a->cfg_opt = mb_calloc(a->n_cfg + 1, sizeof *a->cfg_opt);
     a->cfg_used = mb_calloc(a->n_cfg + 1, 1);
+    if (!a->cfg_opt || !a->cfg_used) return MB_ERR_OOM; /* (args_free frees them) */
     for (size_t i = 0; i < a->n_cfg; i++) {
         a->cfg_opt[i] = a->cfg[i].key;
         for (size_t k = 0; k < sizeof rename_keys / sizeof *rename_keys; k++)
@@ -12529,6 +12554,7 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     if (targets) {
         o.targets = 0;
         char *list = mb_strdup(targets), *save = list;
+        if (!list) return MB_ERR_OOM;
         for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
             int found = 0;
             for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
@@ -12549,7 +12575,7 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     /* config.json alone is enough: a folder without weights, or the file itself */
     char *cfg_path = mb_is_dir(dir) ? mb_path_join(dir, "config.json") : mb_strdup(dir);
     MbConfig c;
-    rc = mb_config_load(cfg_path, &c);
+    rc = cfg_path ? mb_config_load(cfg_path, &c) : MB_ERR_OOM;
     if (rc) {
         free(cfg_path);
         return rc;
@@ -12899,11 +12925,17 @@ static int cmd_train(MbArgs *a, int sft) {
         while (mb_demo_args[n]) n++;
         int total = n + a->argc + 1;
         char **argv = mb_calloc((size_t)total + 1, sizeof *argv);
+        char *used = argv ? mb_calloc((size_t)total, 1) : NULL;
+        if (!used) {
+            free(argv);
+            fprintf(stderr, "medbot: %s\n", mb_last_error());
+            return 1;
+        }
         argv[0] = a->argv[0], argv[1] = a->argv[1];
         for (int i = 0; i < n; i++) argv[i + 2] = (char *)mb_demo_args[i];
         argv[n + 2] = "--overwrite_output_dir";
         for (int i = 2; i < a->argc; i++) argv[n + 1 + i] = a->argv[i];
-        demo.argc = total, demo.argv = argv, demo.used = mb_calloc((size_t)total, 1), demo.cmd = a->cmd;
+        demo.argc = total, demo.argv = argv, demo.used = used, demo.cmd = a->cmd;
         demo.used[n + 2] = 1;
         printf("medbot dpo demo: the tiny Llama in weights/tiny learns the bilingual preference pairs of "
                "weights/demo/pairs.jsonl (%s)\n", "a held-out 15% measures it");
@@ -13224,7 +13256,7 @@ static MbStatus gen_one(MbGenSession *ss, const MbGenArgs *o, const char *where,
     MbAnswer ans = {json ? NULL : stdout, NULL, 0, NULL};
     size_t n_out = 0;
     int cut = 0;
-    MbStatus rc = gen_encode(ss->tok, prompt, o->add_bos, 0, &ids);
+    MbStatus rc = prompt && out ? gen_encode(ss->tok, prompt, o->add_bos, 0, &ids) : MB_ERR_OOM;
     if (!rc) rc = gen_answer(ss, ids, (size_t)arrlen(ids), &ans, out, &n_out, &cut);
     if (!rc && json) json_line_out(key, text, &ans, n_out);
     if (!rc && !json) printf("\n");
@@ -13269,7 +13301,8 @@ static MbStatus gen_file(MbGenSession *ss, const MbGenArgs *o, const char *path,
             rc = mb_fail(MB_ERR_FORMAT, "%s: the %s is empty", where, q ? "question" : "prompt");
         else {
             Item it = {mb_strdup(where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL, q != NULL};
-            arrput(items, it);
+            if (!it.where || !it.prompt || (sys && !it.system)) rc = MB_ERR_OOM;
+            arrput(items, it); /* (freed with the others, also when one is missing) */
         }
         json_free(&doc);
     }
@@ -13314,6 +13347,7 @@ static MbStatus chat_turn(const MbGenSession *ss, const MbGenArgs *o, const char
     char *text = NULL;
     if (first) {
         char *p = mb_render_prompt(o->system, q);
+        if (!p) return MB_ERR_OOM;
         sb_printf(&text, "%s", p);
         free(p);
     } else {
@@ -13328,10 +13362,12 @@ static int cmd_chat(MbArgs *a) {
     MbGenArgs o;
     MbGenSession ss;
     memset(&ss, 0, sizeof ss);
+    int32_t *out = NULL;
     MbStatus rc = gen_args(a, &o);
     if (!rc) rc = args_done(a);
     if (!rc) rc = gen_session_open("chat", &o, &ss);
     if (!rc) rc = mb_kvcache_new(ss.m, 1, ss.ctx, &ss.kv);
+    if (!rc && !(out = mb_malloc((size_t)MB_MIN(o.gen.max_new_tokens, ss.ctx) * sizeof *out))) rc = MB_ERR_OOM;
     if (rc) {
         gen_session_close(&ss);
         fprintf(stderr, "medbot: %s\n", mb_last_error());
@@ -13342,7 +13378,7 @@ static int cmd_chat(MbArgs *a) {
     if (tty)
         printf("medbot chat with %s%s%s: type a question; /reset starts over, /quit (or Ctrl-D) leaves; Ctrl-C stops "
                "an answer.\n", o.model, o.lora ? " + " : "", o.lora ? o.lora : "");
-    int32_t *hist = NULL, *turn = NULL, *out = mb_malloc((size_t)MB_MIN(max_new, ss.ctx) * sizeof *out);
+    int32_t *hist = NULL, *turn = NULL;
     char *line = NULL;
     size_t cap = 0;
     for (;;) {
@@ -13504,6 +13540,10 @@ int main(int argc, char **argv) {
         MbArgs a;
         memset(&a, 0, sizeof a);
         a.argc = argc, a.argv = argv, a.used = mb_calloc((size_t)argc, 1), a.cmd = mb_commands[i].name;
+        if (!a.used) {
+            fprintf(stderr, "medbot: %s\n", mb_last_error());
+            return 1;
+        }
         int rc = mb_commands[i].fn(&a);
         args_free(&a);
         return rc;
