@@ -19,7 +19,8 @@
  *
  * Conventions
  *   - Functions that can fail return MbStatus and set a one-line message (mb_fail); only the
- *     CLI prints it and exits.
+ *     CLI prints it and exits. Nothing outside main exits or aborts: out of memory, a failed GPU
+ *     call and a failed collective are statuses too (see medbot.h).
  *   - Counts and byte offsets are size_t. Tensors are row-major, last index fastest.
  *   - Each op names the PyTorch / Hugging Face function it must equal.
  *   - Gradients (from the DPO issue on): parameter gradients +=, activation gradients =.
@@ -9617,8 +9618,9 @@ MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, const Mb
  * (mb_sum_ranks: the thread backend's sums, bit for bit) and answers each rank with its part. A
  * rank that dies closes its socket: rank 0 sees it at once, tells the others why, and every
  * rank's collective fails (the group's failure, with a one-line message that the command prints
- * before it exits with status 1). A rank that hangs is named when --ddp_timeout runs out. Checkpoints are written to a temporary folder and renamed, so the last
- * one is whole and the job resumes from it (--resume_from_checkpoint latest). */
+ * before it exits with status 1). A rank that hangs is named when --ddp_timeout runs out.
+ * Checkpoints are written to a temporary folder and renamed, so the last one is whole and the
+ * job resumes from it (--resume_from_checkpoint latest). */
 
 enum { MB_TCP_ALL_REDUCE, MB_TCP_REDUCE_SCATTER, MB_TCP_ALL_GATHER, MB_TCP_BROADCAST, MB_TCP_BARRIER };
 static const char *const mb_tcp_op_names[] = {"all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"};
@@ -10179,8 +10181,9 @@ static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm
 // used in place. GEMMs: cuBLASLt, bf16 operands, fp32 accumulation; NF4 weights are dequantized a
 // tile of rows (forward) or columns (backward) at a time into a workspace feeding cuBLASLt, or,
 // for decode (N <= 8), inside a fused matrix-vector kernel. Ops run on one stream per backend;
-// to_host, sumsq and free synchronize. A failure inside an op (a void function) stops the
-// process with the call, file, line and a hint; setup failures return MbStatus.
+// to_host, sumsq and free synchronize. Every failure is an MbStatus with the call, file, line and
+// a hint: setup returns it; inside an op (a void function) it becomes the backend's sticky
+// failure (MbOps.err), after which the ops only free, and the model returns it.
 // ============================================================================================
 
 #include <dlfcn.h>
@@ -11945,7 +11948,7 @@ static void cuda_destroy(MbOps *ops) {
 
 /* The functions of the CUDA op table (a test checks that none is missing) */
 static void cuda_ops_table(MbOps *ops) {
-    ((MbCuda *)ops->ctx)->ops = ops;
+    if (ops->ctx) ((MbCuda *)ops->ctx)->ops = ops;
     ops->alloc = cuda_alloc;
     ops->free = cuda_free;
     ops->to_host = cuda_to_host;

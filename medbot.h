@@ -19,7 +19,13 @@
  *  13. cli          medbot info | init | ...; main() behind #ifndef MEDBOT_NO_MAIN
  *
  * Conventions: every function that can fail returns an MbStatus (MB_OK == 0) and leaves a
- * one-line message in mb_last_error() that names the file and the problem. Only the CLI exits.
+ * one-line message in mb_last_error() that names the file and the problem. The library never
+ * ends its host process (no exit or abort outside main: the CLI prints the message and main
+ * returns 1): running out of memory is MB_ERR_OOM ("out of memory allocating N bytes at FILE:LINE"),
+ * a GPU failure MB_ERR_DEVICE (a backend that failed inside an op does nothing more but free, and
+ * the next call that can return a status returns it), and a data-parallel rank that dies or hangs
+ * fails the collectives of the job, so mb_train returns that. stb_ds's growth of small arrays
+ * (realloc inside arrput) is the one allocation that cannot report a failure.
  * Counts and byte offsets are size_t. Shapes use the legend at the top of medbot.c.
  */
 #ifndef MEDBOT_H
