@@ -6892,6 +6892,7 @@ static MbStatus comm_reduce_scatter_f64(MbComm *c, double *shard, const double *
 static MbStatus comm_all_gather(MbComm *c, float *x, const float *shard, size_t n);
 /* a rank that stops fails its group: the others leave their collectives instead of waiting */
 static void comm_leave(MbComm *c);
+static double comm_timeout(double timeout); /* --ddp_timeout in seconds (0: the default) */
 static void comm_destroy(MbComm *c);
 static MbStatus mb_comm_threads_new(int world, double timeout, MbComm **comms);
 static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
@@ -8110,30 +8111,72 @@ done:
     return rc;
 }
 
+/* The ranks of this process that have returned, and how many of them failed */
 typedef struct {
-    const MbTrainJob *job;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int finished, failed;
+} MbRankWait;
+
+typedef struct {
+    MbTrainJob job;
     MbComm *comm;
     int threads, gpu;
     MbStatus rc;
     char err[1024];
+    int done;                /* returned (under wait->mu) */
+    MbRankWait *wait;
 } MbRankRun;
 
 static void *train_rank_thread(void *arg) {
     MbRankRun *r = arg;
-    r->rc = train_rank(r->job, r->comm, r->threads, r->gpu);
-    if (r->rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
+    MbStatus rc = train_rank(&r->job, r->comm, r->threads, r->gpu);
+    pthread_mutex_lock(&r->wait->mu);
+    r->rc = rc;
+    if (rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
+    r->done = 1, r->wait->finished++, r->wait->failed += rc != MB_OK;
+    pthread_cond_broadcast(&r->wait->cv);
+    pthread_mutex_unlock(&r->wait->mu);
     return NULL;
 }
 
+/* Waits for the `started` ranks. Once one has failed, the others have `grace` seconds to leave
+ * (they do at their next collective; one hung outside any collective never does). 1 when a rank
+ * is still running. */
+static int train_ranks_wait(MbRankWait *w, int started, double grace) {
+    struct timespec until;
+    int limited = 0, timed_out = 0;
+    pthread_mutex_lock(&w->mu);
+    while (w->finished < started && !timed_out) {
+        if (w->failed && !limited) {
+            clock_gettime(CLOCK_REALTIME, &until);
+            double t = (double)until.tv_sec + until.tv_nsec * 1e-9 + grace;
+            until.tv_sec = (time_t)t, until.tv_nsec = (long)((t - floor(t)) * 1e9), limited = 1;
+        }
+        if (limited) timed_out = pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT;
+        else pthread_cond_wait(&w->cv, &w->mu);
+    }
+    int running = w->finished < started;
+    pthread_mutex_unlock(&w->mu);
+    return running;
+}
+
 /* The world ranks of this process (--nproc), a thread each, joined by comms. A rank that cannot
- * start fails the group, so that the ranks already running leave it. */
-static MbStatus train_ranks(const MbTrainJob *job, MbComm **comms, int world, int threads) {
+ * start fails the group, so that the ranks already running leave it. *stuck: a rank hung past
+ * --ddp_timeout after the job failed is left running (detached), and with it comms and what this
+ * allocated: the caller keeps them. */
+static MbStatus train_ranks(const MbTrainJob *job, MbComm **comms, int world, int threads, int *stuck) {
     MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
     pthread_t *th = mb_calloc((size_t)world, sizeof *th);
-    MbStatus rc = runs && th ? MB_OK : MB_ERR_OOM;
+    MbRankWait *w = mb_calloc(1, sizeof *w);
+    *stuck = 0;
+    if (!runs || !th || !w) return free(runs), free(th), free(w), MB_ERR_OOM;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    MbStatus rc = MB_OK;
     int started = 0;
     for (int r = 0; !rc && r < world; r++) {
-        runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = threads, runs[r].gpu = job->gpu + r;
+        runs[r].job = *job, runs[r].comm = comms[r], runs[r].threads = threads, runs[r].gpu = job->gpu + r, runs[r].wait = w;
         int e = mb_thread_start(&th[r], train_rank_thread, &runs[r]);
         if (!e) {
             started++;
@@ -8141,14 +8184,28 @@ static MbStatus train_ranks(const MbTrainJob *job, MbComm **comms, int world, in
         }
         rc = mb_fail(MB_ERR_OOM, "cannot start rank %d of %d: %s", r, world, strerror(e));
         comm_leave(comms[r]); /* the ranks already started stop at their next collective */
+        pthread_mutex_lock(&w->mu);
+        w->failed++;
+        pthread_mutex_unlock(&w->mu);
     }
-    for (int r = 0; r < started; r++) pthread_join(th[r], NULL);
-    /* report the rank that failed first, not the ranks that stopped because of it */
+    *stuck = train_ranks_wait(w, started, comm_timeout(job->ddp_timeout));
+    for (int r = 0; r < started; r++) {
+        pthread_mutex_lock(&w->mu);
+        int done = runs[r].done;
+        pthread_mutex_unlock(&w->mu);
+        if (done) pthread_join(th[r], NULL);
+        else pthread_detach(th[r]);
+    }
+    /* report the rank that failed first, not the ranks that stopped because of it (nor one hung:
+     * the others name it) */
     for (int r = 0; r < started && !rc; r++)
-        if (runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+        if (runs[r].done && runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
     for (int r = 0; r < started && !rc; r++)
-        if (runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
-    free(runs), free(th);
+        if (runs[r].done && runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+    if (*stuck) return rc; /* (runs and w stay: the hung rank holds them) */
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(runs), free(th), free(w);
     return rc;
 }
 
@@ -8186,8 +8243,10 @@ MbStatus mb_train(const MbTrainJob *job) {
         return rc;
     }
     job = &j;
+    int stuck = 0;
     if (world == 1) rc = train_rank(job, comms[0], per, job->gpu);
-    else rc = train_ranks(job, comms, world, per);
+    else rc = train_ranks(job, comms, world, per, &stuck);
+    if (stuck) return rc; /* a rank hung outside the collectives still holds its communicator */
     for (int r = 0; r < world; r++) comm_destroy(comms[r]);
     free(comms);
     return rc;
@@ -9384,7 +9443,7 @@ static void rdv_admit(MbRdvServer *S, int i) {
             memcpy(theirs->options_text, h + MB_RDV_HELLO, len);
             rdv_compare(S->fp, theirs, r, why, sizeof why);
         } else {
-            snprintf(why, sizeof why, "%s", mb_last_error());
+            snprintf(why, sizeof why, "%.500s", mb_last_error());
         }
         free(theirs);
     }
