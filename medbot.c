@@ -10943,12 +10943,12 @@ typedef struct {
 } CuDense;
 
 typedef struct {
-    const void *key;           /* the weight's host data pointer */
+    uint64_t key;              /* cu_key of the weight's host data pointer */
     CuDense value;
 } CuDenseEntry;
 
 typedef struct {
-    const void *key;           /* the MbNf4 */
+    uint64_t key;              /* cu_key of the MbNf4 */
     CuNf4 value;
 } CuNf4Entry;
 
@@ -11031,6 +11031,13 @@ MB_UNUSED static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, s
 
 static MbCuDevPtr dptr(const void *p) { return (MbCuDevPtr)(uintptr_t)p; }
 static void *hptr(MbCuDevPtr p) { return (void *)(uintptr_t)p; }
+
+/* A host pointer as a key of the weight maps: its bits moved up past bit 31, so that bits 31 and
+ * 63 are clear (stb_ds hashes 8-byte keys with `d[3] << 24` on an int: see tok_hash) */
+static uint64_t cu_key(const void *p) {
+    uint64_t a = (uint64_t)(uintptr_t)p;
+    return (a & 0x7FFFFFFFull) | (a >> 31 << 32);
+}
 
 /* Whether the backend has failed (MbOps.err): then its ops make no call but to free. */
 static int cu_failed(const MbCuda *g) { return g->ops && g->ops->err; }
@@ -11232,7 +11239,7 @@ static MbCuDevPtr cu_upload_bf16(MbCuda *g, const MbWeight *w) {
 /* The device copy of an NF4 state: arrays already in this backend's memory (random init) are
  * used in place, the others uploaded once. */
 static CuNf4 cu_nf4_state(MbCuda *g, const MbWeight *w, const MbNf4 *q) {
-    const void *key = q; /* stb_ds keys are lvalues here (see the tokenizer section) */
+    uint64_t key = cu_key(q); /* stb_ds keys are lvalues here (see the tokenizer section) */
     ptrdiff_t i = hmgeti(g->nf4, key);
     if (i >= 0) return g->nf4[i].value;
     size_t n = w->rows * w->cols, ns = q->absmax_q ? (q->nblocks + q->nested_blocksize - 1) / q->nested_blocksize : 0;
@@ -11287,7 +11294,7 @@ static CuW cu_weight(MbCuda *g, const MbWeight *w) {
         return cw;
     }
     cw.kind = CUW_BF16;
-    const void *key = w->data;
+    uint64_t key = cu_key(w->data);
     ptrdiff_t i = hmgeti(g->dense, key);
     if (i >= 0) {
         if (!cu_cache_check(g, &g->dense[i].value, w)) cw.p = g->dense[i].value.p;
@@ -11303,7 +11310,7 @@ static CuW cu_weight(MbCuda *g, const MbWeight *w) {
 static MbCuDevPtr cu_vector(MbCuda *g, const MbWeight *w) {
     size_t n = w->rows * w->cols;
     if (w->dtype == MB_DT_F32 && cu_owns(g, w->data, n * 4)) return dptr(w->data);
-    const void *key = w->data;
+    uint64_t key = cu_key(w->data);
     ptrdiff_t i = hmgeti(g->vec, key);
     if (i >= 0) return cu_cache_check(g, &g->vec[i].value, w) ? 0 : g->vec[i].value.p;
     if (cu_owns(g, w->data, 1)) return cu_fail(g, MB_ERR_DEVICE, "cuda: a norm weight in device memory must be fp32"), 0;
