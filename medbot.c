@@ -5864,12 +5864,13 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
     free(idx);
+    if (!(rc = mb_ops_status(ops))) { /* (on a failure the cache holds nothing valid past kv->len) */
+        kv->len += T;
+        for (int b = 0; lens && b < B; b++)
+            if (lens[b] < T) kv->padded = 1;
+    }
     mb_kvcache_free(tmp_kv);
-    if ((rc = mb_ops_status(ops))) return rc; /* the cache holds nothing valid past kv->len */
-    kv->len += T;
-    for (int b = 0; lens && b < B; b++)
-        if (lens[b] < T) kv->padded = 1;
-    return MB_OK;
+    return rc;
 }
 
 /* The training forward: tokens (B, T) right-padded to lens, positions 0..T-1. For each of the
