@@ -34,7 +34,8 @@
  *
  * Conventions
  *   - Functions that can fail return MbStatus and set a one-line message (mb_fail); the caller
- *     decides what to do with it. Nothing but the CLI's main exits the process.
+ *     decides what to do with it. Nothing but the CLI's main exits the process: out of memory, a
+ *     failed GPU call and a failed collective are statuses too (see medbot.h).
  *   - Counts and byte offsets are size_t. Tensors are row-major, last index fastest.
  *   - Each op names the PyTorch / Hugging Face function it must equal.
  *   - Gradients: parameter gradients +=, activation gradients =.
@@ -131,47 +132,44 @@ static MbStatus mb_fail_at(MbStatus st, const char *where) {
     return mb_fail(st, "%s: %s", where, msg);
 }
 
-/* Allocation that never returns NULL: out of memory is not recoverable for an engine that
- * sized its buffers up front, so it stops with the size it wanted. */
+/* Allocation. Out of memory is an error like any other: the helpers return NULL with the
+ * thread's message set ("out of memory allocating N bytes at FILE:LINE"), and every caller
+ * frees what it holds and returns MB_ERR_OOM (or its own NULL) up to the command. */
 static void *mb_malloc_(size_t n, const char *file, int line) {
     void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "medbot: out of memory allocating %zu bytes at %s:%d\n", n, file, line);
-        exit(1);
-    }
+    if (!p) mb_fail(MB_ERR_OOM, "out of memory allocating %zu bytes at %s:%d", n, file, line);
     return p;
 }
 static void *mb_calloc_(size_t count, size_t size, const char *file, int line) {
     if (size && count > SIZE_MAX / size) {
-        fprintf(stderr, "medbot: allocation of %zu x %zu bytes overflows at %s:%d\n", count, size,
-                file, line);
-        exit(1);
+        mb_fail(MB_ERR_OOM, "out of memory: an allocation of %zu x %zu bytes overflows at %s:%d", count, size, file,
+                line);
+        return NULL;
     }
     void *p = calloc(count ? count : 1, size ? size : 1);
-    if (!p) {
-        fprintf(stderr, "medbot: out of memory allocating %zu bytes at %s:%d\n", count * size,
-                file, line);
-        exit(1);
-    }
+    if (!p) mb_fail(MB_ERR_OOM, "out of memory allocating %zu bytes at %s:%d", count * size, file, line);
     return p;
 }
 #define mb_malloc(n) mb_malloc_((n), __FILE__, __LINE__)
 #define mb_calloc(c, s) mb_calloc_((c), (s), __FILE__, __LINE__)
 
-/* 64-byte aligned allocation for activation and weight buffers (SIMD loads, cache lines). */
-static void *mb_aligned_alloc(size_t n) {
+/* 64-byte aligned allocation for activation and weight buffers (SIMD loads, cache lines); NULL
+ * with the message set, as mb_malloc. */
+static void *mb_aligned_alloc_(size_t n, const char *file, int line) {
     void *p = NULL;
     if (posix_memalign(&p, 64, n ? n : 64) != 0) {
-        fprintf(stderr, "medbot: out of memory allocating %zu bytes\n", n);
-        exit(1);
+        mb_fail(MB_ERR_OOM, "out of memory allocating %zu bytes at %s:%d", n, file, line);
+        return NULL;
     }
     return p;
 }
+#define mb_aligned_alloc(n) mb_aligned_alloc_((n), __FILE__, __LINE__)
 
+/* A copy of s, or NULL (out of memory, message set) */
 static char *mb_strdup(const char *s) {
     size_t n = strlen(s);
     char *d = mb_malloc(n + 1);
-    memcpy(d, s, n + 1);
+    if (d) memcpy(d, s, n + 1);
     return d;
 }
 
@@ -203,9 +201,11 @@ static int range_why(double x, int is_int, double lo, double hi, int open, char 
 
 /* ---- paths and whole files ---- */
 
+/* dir/name (malloc'd), or NULL (out of memory, message set), as every string helper here */
 static char *mb_path_join(const char *dir, const char *name) {
     size_t a = strlen(dir), b = strlen(name);
     char *p = mb_malloc(a + b + 2);
+    if (!p) return NULL;
     memcpy(p, dir, a);
     size_t k = a;
     if (a && dir[a - 1] != '/') p[k++] = '/';
@@ -219,6 +219,7 @@ static char *mb_path_dirname(const char *path) {
     size_t n = (size_t)(slash - path);
     if (n == 0) n = 1;
     char *d = mb_malloc(n + 1);
+    if (!d) return NULL;
     memcpy(d, path, n);
     d[n] = 0;
     return d;
@@ -254,7 +255,7 @@ static MbStatus mb_rmdir_r(const char *path) {
     while (!rc && (e = readdir(d))) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         char *p = mb_path_join(path, e->d_name);
-        rc = mb_remove_path(p);
+        rc = p ? mb_remove_path(p) : MB_ERR_OOM;
         free(p);
     }
     closedir(d);
@@ -367,7 +368,7 @@ typedef struct {
 static MbStatus mb_wfile_open(MbWFile *w, const char *path) {
     memset(w, 0, sizeof *w);
     size_t n = strlen(path) + 32;
-    w->tmp = mb_malloc(n);
+    if (!(w->tmp = mb_malloc(n))) return MB_ERR_OOM;
     snprintf(w->tmp, n, "%s.tmp.%ld", path, (long)getpid());
     w->f = fopen(w->tmp, "wb");
     if (!w->f) {
@@ -376,7 +377,11 @@ static MbStatus mb_wfile_open(MbWFile *w, const char *path) {
         w->tmp = NULL;
         return st;
     }
-    w->path = mb_strdup(path);
+    if (!(w->path = mb_strdup(path))) {
+        fclose(w->f), remove(w->tmp), free(w->tmp);
+        memset(w, 0, sizeof *w);
+        return MB_ERR_OOM;
+    }
     return MB_OK;
 }
 
@@ -454,7 +459,12 @@ static MbStatus mb_remove_stale(const char *dir) {
     size_t len;
     while (d && !rc && (e = readdir(d))) {
         if (!stale_temporary(e->d_name, &len)) continue;
-        char *p = mb_path_join(dir, e->d_name), *base = mb_strdup(p);
+        char *p = mb_path_join(dir, e->d_name), *base = p ? mb_strdup(p) : NULL;
+        if (!base) {
+            free(p);
+            rc = MB_ERR_OOM;
+            break;
+        }
         base[strlen(dir) + (dir[strlen(dir) - 1] != '/') + len] = 0;
         if (strstr(e->d_name, ".old.") && !mb_is_dir(base)) {
             if (rename(p, base) != 0) rc = mb_fail(MB_ERR_IO, "%s: cannot restore as %s: %s", p, base, strerror(errno));
@@ -482,22 +492,26 @@ static MbStatus mb_copy_file(const char *from, const char *to) {
 static MbStatus mb_mkdir_p(const char *path, char ***made) {
     if (mb_is_dir(path)) return MB_OK;
     char *parent = mb_path_dirname(path);
+    if (!parent) return MB_ERR_OOM;
     MbStatus rc = strcmp(parent, path) && strcmp(parent, ".") ? mb_mkdir_p(parent, made) : MB_OK;
     free(parent);
     if (rc) return rc;
     if (mkdir(path, 0755) == 0) {
-        if (made) arrput(*made, mb_strdup(path)); /* (not one another process made meanwhile) */
+        char *copy = made ? mb_strdup(path) : NULL;
+        if (made && !copy) return rmdir(path), MB_ERR_OOM;
+        if (made) arrput(*made, copy); /* (not one another process made meanwhile) */
         return MB_OK;
     }
     if (errno == EEXIST && mb_is_dir(path)) return MB_OK;
     return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", path, strerror(errno));
 }
 
-/* present[i]: whether names[i] (NULL-terminated) is a file in dir. */
+/* present[i]: whether names[i] (NULL-terminated) is a file in dir (out of memory: counted as
+ * present, so that it is never removed). */
 static void mb_files_present(const char *dir, const char *const *names, int *present) {
     for (size_t i = 0; names[i]; i++) {
         char *p = mb_path_join(dir, names[i]);
-        present[i] = mb_is_file(p);
+        present[i] = !p || mb_is_file(p);
         free(p);
     }
 }
@@ -507,7 +521,7 @@ static void mb_files_present(const char *dir, const char *const *names, int *pre
 static void mb_remove_new_files(const char *dir, const char *const *names, const int *present) {
     for (size_t i = 0; names[i]; i++) {
         char *p = mb_path_join(dir, names[i]);
-        if (!present[i]) remove(p);
+        if (p && !present[i]) remove(p);
         free(p);
     }
 }
@@ -524,6 +538,7 @@ static MbStatus mb_guard_output(const char *cmd, const char *out, const char *co
                            "another --output folder", cmd, out, inputs[i]);
         for (const char *const *nm = names; *nm; nm++) {
             char *dst = mb_path_join(out, *nm);
+            if (!dst) return MB_ERR_OOM;
             int same = mb_same_file(inputs[i], dst);
             free(dst);
             if (same)
@@ -567,7 +582,7 @@ static MbStatus mb_map_file(const char *path, MbMap *m) {
     if (m->size == 0) {
         close(fd);
         m->data = mb_calloc(1, 1);
-        return MB_OK;
+        return m->data ? MB_OK : MB_ERR_OOM;
     }
     void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
@@ -654,15 +669,23 @@ static int mb_thread_start(pthread_t *t, void *(*fn)(void *), void *arg) {
     return rc;
 }
 
+/* A pool of n threads, or NULL (out of memory, message set); a thread that cannot start leaves
+ * the pool smaller. */
 static MbPool *mb_pool_new(int n) {
     MbPool *p = mb_calloc(1, sizeof *p);
+    if (!p) return NULL;
     p->n = n < 1 ? 1 : n;
+    p->threads = mb_calloc((size_t)p->n, sizeof *p->threads);
+    if (!p->threads) return free(p), NULL;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->start, NULL);
     pthread_cond_init(&p->done, NULL);
-    p->threads = mb_calloc((size_t)p->n, sizeof *p->threads);
     for (int i = 1; i < p->n; i++) {
         MbPoolArg *a = mb_malloc(sizeof *a);
+        if (!a) {
+            p->n = i; /* run with the threads we got */
+            break;
+        }
         a->pool = p;
         a->tid = i;
         if (mb_thread_start(&p->threads[i], mb_pool_worker, a) != 0) {
@@ -897,7 +920,7 @@ static MbStatus json_number(MbJsonParser *p, MbJson *node) {
     }
     char small[64], *buf = small;
     size_t len = p->i - start;
-    if (len >= sizeof small) buf = mb_malloc(len + 1);
+    if (len >= sizeof small && !(buf = mb_malloc(len + 1))) return MB_ERR_OOM;
     memcpy(buf, p->s + start, len);
     buf[len] = 0;
     node->num = strtod(buf, NULL);
@@ -1231,7 +1254,7 @@ static MbStatus kv_quoted(const MbKvParser *p, const char *s, size_t n, size_t *
     arrput(v, 0);
     *out = rc ? NULL : mb_strdup(v);
     arrfree(v);
-    return rc;
+    return rc || *out ? rc : MB_ERR_OOM;
 }
 
 /* A plain scalar from s[*i] to a comment, the end of the line or (flow: inside [...]) a ',' or
@@ -1251,7 +1274,7 @@ static MbStatus kv_plain(const MbKvParser *p, const char *s, size_t n, size_t *i
         if (!kv_blank(c)) end = j + 1;
     }
     *i = end;
-    *out = mb_malloc(end - start + 1);
+    if (!(*out = mb_malloc(end - start + 1))) return MB_ERR_OOM;
     memcpy(*out, s + start, end - start);
     (*out)[end - start] = 0;
     return MB_OK;
@@ -1271,11 +1294,15 @@ static MbStatus kv_list_add(const MbKvParser *p, char **value, char *item) {
     if (!rc) {
         size_t a = strlen(*value), b = strlen(item);
         char *v = mb_malloc(a + b + 2);
-        memcpy(v, *value, a);
-        if (a) v[a++] = ',';
-        memcpy(v + a, item, b + 1);
-        free(*value);
-        *value = v;
+        if (v) {
+            memcpy(v, *value, a);
+            if (a) v[a++] = ',';
+            memcpy(v + a, item, b + 1);
+            free(*value);
+            *value = v;
+        } else {
+            rc = MB_ERR_OOM;
+        }
     }
     free(item);
     return rc;
@@ -1307,7 +1334,7 @@ static MbStatus kv_flow_list(const MbKvParser *p, const char *s, size_t n, size_
  * [a, b], or a scalar. */
 static MbStatus kv_value(MbKvParser *p, const char *s, size_t n, size_t i, MbKv *e) {
     while (i < n && kv_blank(s[i])) i++;
-    if (i == n || s[i] == '#' || s[i] == '[') e->value = mb_strdup("");
+    if ((i == n || s[i] == '#' || s[i] == '[') && !(e->value = mb_strdup(""))) return MB_ERR_OOM;
     if (i == n || s[i] == '#') {
         p->list = arrlen(p->kv), p->list_indent = -1;
         return MB_OK;
@@ -1333,7 +1360,7 @@ static MbStatus kv_entry(MbKvParser *p, const char *s, size_t n) {
         for (i = 0; i < n && colon == n && !(s[i] == '#' && i && kv_blank(s[i - 1])); i++)
             if (s[i] == ':' && kv_sep(s, n, i + 1)) colon = i;
         for (i = colon; i > 0 && kv_blank(s[i - 1]);) i--;
-        e.key = mb_malloc(i + 1);
+        if (!(e.key = mb_malloc(i + 1))) return MB_ERR_OOM;
         memcpy(e.key, s, i);
         e.key[i] = 0;
     }
@@ -1909,7 +1936,10 @@ static MbStatus st_add_file(MbSafetensors *st, const char *path) {
             rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' appears twice in the checkpoint", path, name);
             goto fail;
         }
-        t.name = mb_strdup(name);
+        if (!(t.name = mb_strdup(name))) {
+            rc = MB_ERR_OOM;
+            goto fail;
+        }
         t.data = data + begin;
         t.nbytes = end - begin;
         arrput(st->tensors, t);
@@ -1926,10 +1956,15 @@ static MbStatus st_add_file(MbSafetensors *st, const char *path) {
                          ranges[2 * i], hint);
             goto fail;
         }
+    char *file = mb_strdup(path);
+    if (!file) {
+        rc = MB_ERR_OOM;
+        goto fail;
+    }
     arrfree(ranges);
     json_free(&doc);
     arrput(st->maps, m);
-    arrput(st->files, mb_strdup(path));
+    arrput(st->files, file);
     for (size_t i = first; i < (size_t)arrlen(st->tensors); i++)
         st->tensors[i].file = st->files[arrlen(st->files) - 1];
     return MB_OK;
@@ -1952,6 +1987,10 @@ static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
     if (rc) return rc;
     char *dir = mb_path_dirname(index_path);
     const MbJson *wm = json_get(&doc, json_root(&doc), "weight_map");
+    if (!dir) {
+        rc = MB_ERR_OOM;
+        goto done;
+    }
     if (!wm || wm->kind != MB_JSON_OBJECT) {
         rc = mb_fail(MB_ERR_FORMAT, "%s: no \"weight_map\" object", index_path);
         goto done;
@@ -1971,9 +2010,10 @@ static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
         }
         char *path = mb_path_join(dir, shard);
         int seen = 0;
-        for (ptrdiff_t i = 0; i < arrlen(st->files); i++)
+        for (ptrdiff_t i = 0; path && i < arrlen(st->files); i++)
             if (!strcmp(st->files[i], path)) seen = 1;
-        if (!seen) rc = st_add_file(st, path);
+        if (!path) rc = MB_ERR_OOM;
+        else if (!seen) rc = st_add_file(st, path);
         free(path);
         if (rc) goto done;
     }
@@ -1981,6 +2021,10 @@ static MbStatus st_add_index(MbSafetensors *st, const char *index_path) {
     for (const MbJson *e = json_first(&doc, wm); e; e = json_next(&doc, e)) {
         const MbTensorInfo *t = mb_safetensors_find(st, json_key(&doc, e));
         char *path = mb_path_join(dir, json_str(&doc, e));
+        if (!path) {
+            rc = MB_ERR_OOM;
+            goto done;
+        }
         if (!t || strcmp(t->file, path)) {
             rc = mb_fail(MB_ERR_FORMAT, "%s: tensor '%s' is missing from shard %s (the index says "
                          "it is there) --> the download is incomplete", index_path,
@@ -2001,13 +2045,15 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     MbStatus rc = mb_check_host();
     if (rc) return rc;
     MbSafetensors *st = mb_calloc(1, sizeof *st);
+    if (!st) return MB_ERR_OOM;
     /* keys are the tensors' own names (alive as long as st): no copies, and no arena, whose
      * char storage[8] trick trips clang's bounds sanitizer */
     if (mb_is_dir(path)) {
         char *index = mb_path_join(path, "model.safetensors.index.json");
         char *single = mb_path_join(path, "model.safetensors");
         int err;
-        if (mb_is_file(index)) rc = st_add_index(st, index);
+        if (!index || !single) rc = MB_ERR_OOM;
+        else if (mb_is_file(index)) rc = st_add_index(st, index);
         else if (mb_path_kind(single, &err), !err) rc = st_add_file(st, single); /* (names a FIFO or a folder) */
         else rc = mb_fail(MB_ERR_IO, "%s: no model.safetensors or model.safetensors.index.json "
                           "--> is this a Hugging Face model folder with safetensors weights?", path);
@@ -2092,7 +2138,8 @@ static MbStatus st_write(const char *path, const MbTensorOut *tensors, size_t n,
         }
         free(buf);
         buf = mb_malloc(bytes);
-        if ((rc = fill(ctx, i, buf))) {
+        rc = buf ? fill(ctx, i, buf) : MB_ERR_OOM;
+        if (rc) {
             free(buf);
             mb_wfile_abort(&w);
             return rc;
@@ -2507,7 +2554,7 @@ static MbStatus tok_alloc(MbTokenizer *t, size_t n_vocab) {
     t->off = mb_calloc(n_vocab, sizeof *t->off);
     t->len = mb_calloc(n_vocab, sizeof *t->len);
     t->flags = mb_calloc(n_vocab, 1);
-    return MB_OK;
+    return t->off && t->len && t->flags ? MB_OK : MB_ERR_OOM; /* (the tokenizer's free takes what came) */
 }
 
 /* Hash maps of the vocabulary and of the added tokens by bytes. The hash seed is changed until
@@ -2566,10 +2613,11 @@ static MbStatus tok_finish(MbTokenizer *t) {
 }
 
 /* The merges of two single bytes as a table: every piece BPE merges starts with those pairs. */
-static void tok_byte_merges(MbTokenizer *t) {
-    t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges);
+static MbStatus tok_byte_merges(MbTokenizer *t) {
+    if (!(t->byte_merges = mb_malloc(256 * 256 * sizeof *t->byte_merges))) return MB_ERR_OOM;
     for (int a = 0; a < 256; a++)
         for (int b = 0; b < 256; b++) t->byte_merges[a * 256 + b] = tok_merge(t, t->byte_id[a], t->byte_id[b]);
+    return MB_OK;
 }
 
 /* ---- tokenizer.json (Hugging Face) ---- */
@@ -2793,7 +2841,7 @@ static MbStatus tok_from_json(MbTokenizer *t, const char *text, size_t n) {
     }
     if ((st = tokjson_template(t, d, json_get(d, root, "post_processor"))) || (st = tok_finish(t)))
         goto done;
-    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) tok_byte_merges(t);
+    if (!(st = tokjson_merges(t, d, merges, byte_of_cp))) st = tok_byte_merges(t);
 done:
     arrfree(buf);
     json_free(&doc);
@@ -2925,7 +2973,7 @@ static MbStatus tok_from_tiktoken(MbTokenizer *t, const unsigned char *s, size_t
     t->ignore_merges = 1;            /* tiktoken looks a whole piece up before merging */
     if ((st = tok_finish(t))) goto done;
     tok_merges_from_ranks(t);
-    tok_byte_merges(t);
+    st = tok_byte_merges(t);
 done:
     arrfree(lines);
     arrfree(buf);
@@ -2936,7 +2984,8 @@ done:
 static MbStatus tok_from_text(const char *name, const char *text, size_t n, MbTokenizer **out) {
     *out = NULL;
     MbTokenizer *t = mb_calloc(1, sizeof *t);
-    t->path = mb_strdup(name);
+    if (!t) return MB_ERR_OOM;
+    if (!(t->path = mb_strdup(name))) return free(t), MB_ERR_OOM;
     size_t i = 0;
     while (i < n && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
     MbStatus st = i < n && text[i] == '{' ? tok_from_json(t, text, n)
@@ -2949,20 +2998,26 @@ static MbStatus tok_from_text(const char *name, const char *text, size_t n, MbTo
     return MB_OK;
 }
 
-/* The tokenizer file of a folder (tokenizer.json, else tokenizer.model; malloc'd), or NULL. */
-static char *tokenizer_in(const char *dir) {
+/* The tokenizer file of a folder (tokenizer.json, else tokenizer.model; malloc'd) in *file, or
+ * NULL when it has none. */
+static MbStatus tokenizer_in(const char *dir, char **file) {
     const char *names[2] = {"tokenizer.json", "tokenizer.model"};
+    *file = NULL;
     for (int i = 0; i < 2; i++) {
         char *f = mb_path_join(dir, names[i]);
-        if (mb_is_file(f)) return f;
+        if (!f) return MB_ERR_OOM;
+        if (mb_is_file(f)) return *file = f, MB_OK;
         free(f);
     }
-    return NULL;
+    return MB_OK;
 }
 
 /* The tokenizer file PATH names: PATH itself, or the tokenizer file of a folder. *file is malloc'd. */
 static MbStatus tok_file(const char *path, char **file) {
-    *file = mb_is_dir(path) ? tokenizer_in(path) : mb_strdup(path);
+    MbStatus rc = MB_OK;
+    if (mb_is_dir(path)) rc = tokenizer_in(path, file);
+    else if (!(*file = mb_strdup(path))) rc = MB_ERR_OOM;
+    if (rc) return rc;
     return *file ? MB_OK : mb_fail(MB_ERR_IO, "%s: no tokenizer.json or tokenizer.model in this folder", path);
 }
 
@@ -2976,7 +3031,8 @@ MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out) {
     if (!st) st = tok_from_text(file, text, n, out);
     free(text);
     /* tokenizer_config.json beside the tokenizer names its bos/eos, as AutoTokenizer reads it */
-    char *dir = mb_path_dirname(file), *cfg = mb_path_join(dir, "tokenizer_config.json");
+    char *dir = mb_path_dirname(file), *cfg = dir ? mb_path_join(dir, "tokenizer_config.json") : NULL;
+    if (!st && !cfg) st = MB_ERR_OOM;
     if (!st && mb_is_file(cfg)) st = mb_tokenizer_load_config(*out, cfg);
     if (st && *out) mb_tokenizer_free(*out), *out = NULL;
     free(cfg), free(dir), free(file);
@@ -3015,11 +3071,13 @@ MbStatus mb_tokenizer_load_config(MbTokenizer *t, const char *path) {
     }
     if (!rc && add && add->kind != MB_JSON_BOOL && add->kind != MB_JSON_NULL)
         rc = mb_fail(MB_ERR_FORMAT, "%s: add_bos_token must be true or false", path);
+    char *config = rc ? NULL : mb_strdup(path);
+    if (!rc && !config) rc = MB_ERR_OOM;
     if (!rc) {
         t->bos_id = ids[0], t->eos_id = ids[1];
         if (add && add->kind == MB_JSON_BOOL && llama_class) t->add_bos_token = add->boolean;
         free(t->config);
-        t->config = mb_strdup(path);
+        t->config = config;
     }
     json_free(&d);
     return rc;
@@ -3034,21 +3092,22 @@ const char *mb_tokenizer_config_path(const MbTokenizer *t) { return t->config; }
 static MbStatus tokenizer_locate(const char *tokenizer, const char *model_dir, const char *lora_dir, char **file,
                                  char **config) {
     *file = *config = NULL;
-    if (tokenizer) {
-        MbStatus rc = tok_file(tokenizer, file);
-        if (rc) return rc;
-    } else if (!(*file = tokenizer_in(model_dir)) && !(lora_dir && (*file = tokenizer_in(lora_dir)))) {
+    MbStatus rc = tokenizer ? tok_file(tokenizer, file) : tokenizer_in(model_dir, file);
+    if (!rc && !tokenizer && !*file && lora_dir) rc = tokenizer_in(lora_dir, file);
+    if (rc) return rc;
+    if (!*file)
         return mb_fail(MB_ERR_IO, "%s%s%s: no tokenizer.json or tokenizer.model --> pass --tokenizer PATH (tokenizer.json, "
                        "tokenizer.model or a folder)", model_dir, lora_dir ? " and " : "", lora_dir ? lora_dir : "");
-    }
     char *dir = mb_path_dirname(*file);
     const char *where[2] = {dir, model_dir};
-    for (int i = 0; i < 2 && !*config; i++) {
-        *config = mb_path_join(where[i], "tokenizer_config.json");
-        if (!mb_is_file(*config)) free(*config), *config = NULL;
+    for (int i = 0; i < 2 && !*config && !rc; i++) {
+        *config = where[i] ? mb_path_join(where[i], "tokenizer_config.json") : NULL;
+        if (!*config) rc = MB_ERR_OOM;
+        else if (!mb_is_file(*config)) free(*config), *config = NULL;
     }
     free(dir);
-    return MB_OK;
+    if (rc) free(*file), *file = NULL;
+    return rc;
 }
 
 MbStatus mb_tokenizer_open(const char *tokenizer, const char *model_dir, const char *lora_dir, MbTokenizer **out) {
@@ -3069,9 +3128,10 @@ static MbStatus tokenizer_copy_files(const MbTokenizer *t, const char *dir) {
     char *text = NULL, *cfg_dir = t->config ? mb_path_dirname(t->config) : NULL;
     char *map = cfg_dir ? mb_path_join(cfg_dir, "special_tokens_map.json") : NULL;
     size_t n, i = 0;
-    MbStatus rc = mb_read_file(t->path, &text, &n); /* (tokenizer.json starts with '{') */
+    MbStatus rc = t->config && !map ? MB_ERR_OOM : mb_read_file(t->path, &text, &n); /* (tokenizer.json starts with '{') */
     while (!rc && i < n && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
-    char *to = mb_path_join(dir, !rc && i < n && text[i] == '{' ? "tokenizer.json" : "tokenizer.model");
+    char *to = rc ? NULL : mb_path_join(dir, i < n && text[i] == '{' ? "tokenizer.json" : "tokenizer.model");
+    if (!rc && !to) rc = MB_ERR_OOM;
     if (!rc && !mb_same_file(t->path, to)) rc = mb_write_file(to, text, n);
     const char *src[2] = {t->config, map && mb_is_file(map) ? map : NULL};
     const char *dst[2] = {"tokenizer_config.json", "special_tokens_map.json"};
@@ -3079,7 +3139,8 @@ static MbStatus tokenizer_copy_files(const MbTokenizer *t, const char *dir) {
         if (!src[k]) continue;
         free(to);
         to = mb_path_join(dir, dst[k]);
-        if (!mb_same_file(src[k], to)) rc = mb_copy_file(src[k], to);
+        if (!to) rc = MB_ERR_OOM;
+        else if (!mb_same_file(src[k], to)) rc = mb_copy_file(src[k], to);
     }
     free(to), free(text), free(map), free(cfg_dir);
     return rc;
@@ -3169,6 +3230,10 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     uint32_t *prev = mb_malloc(n * sizeof *prev), *next = mb_malloc(n * sizeof *next);
     MbBpeEntry *heap = mb_malloc(3 * n * sizeof *heap);
     size_t nh = 0, m = 0;
+    if (!id || !prev || !next || !heap) { /* 0 tokens: out of memory (a piece gives at least one) */
+        free(id), free(prev), free(next), free(heap);
+        return 0;
+    }
     for (size_t k = 0; k < n; k++) id[k] = t->byte_id[s[k]], prev[k] = (uint32_t)k - 1, next[k] = (uint32_t)k + 1;
     for (size_t k = 0; k + 1 < n; k++) {
         MbMerge mg = t->byte_merges[s[k] * 256 + s[k + 1]];
@@ -3198,7 +3263,7 @@ static size_t bpe_long(const MbTokenizer *t, const unsigned char *s, size_t n, i
     return m;
 }
 
-/* One pre-tokenized piece -> ids appended at out; returns their count. */
+/* One pre-tokenized piece -> ids appended at out; returns their count (0: out of memory). */
 static size_t encode_piece(const MbTokenizer *t, const unsigned char *s, size_t n, int32_t *out) {
     if (n == 1) {
         out[0] = t->byte_id[s[0]];
@@ -3208,9 +3273,10 @@ static size_t encode_piece(const MbTokenizer *t, const unsigned char *s, size_t 
     return n <= MB_BPE_SMALL ? bpe_small(t, s, n, out) : bpe_long(t, s, n, out);
 }
 
-/* Text without added tokens: valid UTF-8 runs through the regex, invalid bytes alone. */
-static size_t encode_ordinary(const MbTokenizer *t, const unsigned char *s, size_t n, int32_t *out) {
-    size_t m = 0, i = 0;
+/* Text without added tokens: valid UTF-8 runs through the regex, invalid bytes alone; the ids
+ * are appended at out[*m], *m counts them. */
+static MbStatus encode_ordinary(const MbTokenizer *t, const unsigned char *s, size_t n, int32_t *out, size_t *m) {
+    size_t i = 0;
     while (i < n) {
         size_t j = i, k;
         while (j < n) {
@@ -3219,14 +3285,15 @@ static size_t encode_ordinary(const MbTokenizer *t, const unsigned char *s, size
             else break;
         }
         for (size_t p = i; p < j;) {
-            size_t e = pretok_next(s + i, j - i, p - i) + i;
-            m += encode_piece(t, s + p, e - p, out + m);
+            size_t e = pretok_next(s + i, j - i, p - i) + i, k = encode_piece(t, s + p, e - p, out + *m);
+            if (!k) return MB_ERR_OOM;
+            *m += k;
             p = e;
         }
-        if (j < n) out[m++] = t->byte_id[s[j++]]; /* a byte that is not valid UTF-8 */
+        if (j < n) out[(*m)++] = t->byte_id[s[j++]]; /* a byte that is not valid UTF-8 */
         i = j;
     }
-    return m;
+    return MB_OK;
 }
 
 /* The added token that starts at s[i] (the longest), or -1; its length in *len. */
@@ -3250,18 +3317,21 @@ MbStatus mb_tokenizer_encode(const MbTokenizer *t, const char *text, size_t len,
         return mb_fail(MB_ERR_ARG, "%s: a text of %zu bytes is too long to encode (the limit is 4 GiB)", t->path, len);
     int32_t *out = mb_malloc((len + np) * sizeof *out); /* a token covers at least one byte */
     size_t m = 0, start = 0, L;
+    if (!out) return MB_ERR_OOM;
     if (flags & MB_ENCODE_ADD_BOS)
         for (ptrdiff_t k = 0; k < arrlen(t->prefix); k++) out[m++] = t->prefix[k];
+    MbStatus rc = MB_OK;
     if (!(flags & MB_ENCODE_SPECIALS_AS_TEXT))
-        for (size_t i = 0; i < len; i++) {
+        for (size_t i = 0; i < len && !rc; i++) {
             int32_t id;
             if (!t->added_first[s[i]] || (id = added_at(t, s, len, i, &L)) < 0) continue;
-            m += encode_ordinary(t, s + start, i - start, out + m);
+            rc = encode_ordinary(t, s + start, i - start, out, &m);
             out[m++] = id;
             i += L - 1;
             start = i + 1;
         }
-    m += encode_ordinary(t, s + start, len - start, out + m);
+    if (!rc) rc = encode_ordinary(t, s + start, len - start, out, &m);
+    if (rc) return free(out), rc;
     if (flags & MB_ENCODE_ADD_BOS)
         for (ptrdiff_t k = 0; k < arrlen(t->suffix); k++) out[m++] = t->suffix[k];
     *ids = out;
@@ -3318,13 +3388,14 @@ MbStatus mb_tokenizer_decode(const MbTokenizer *t, const int32_t *ids, size_t n,
         total += t->len[ids[i]];
     }
     unsigned char *raw = mb_malloc(total);
+    char *out = raw ? mb_malloc(3 * total + 1) : NULL;
+    if (!out) return free(raw), MB_ERR_OOM;
     size_t r = 0;
     for (size_t i = 0; i < n; i++) {
         if (skip_special_tokens && (t->flags[ids[i]] & MB_TOK_SPECIAL)) continue;
         memcpy(raw + r, t->bytes + t->off[ids[i]], t->len[ids[i]]);
         r += t->len[ids[i]];
     }
-    char *out = mb_malloc(3 * r + 1);
     utf8_lossy(raw, r, 1, out, len);
     out[*len] = 0;
     free(raw);
@@ -3338,14 +3409,17 @@ void mb_token_stream_init(MbTokenStream *s, const MbTokenizer *tok, int skip_spe
     s->skip_special_tokens = skip_special_tokens;
 }
 
-/* Converts held + bytes, keeping an incomplete character at the end unless final. */
-static void stream_emit(MbTokenStream *s, const unsigned char *bytes, size_t n, int final, const char **text,
-                        size_t *len) {
+/* Converts held + bytes, keeping an incomplete character at the end unless final. Out of
+ * memory: no text (*text ""), the stream unchanged. */
+static MbStatus stream_emit(MbTokenStream *s, const unsigned char *bytes, size_t n, int final, const char **text,
+                            size_t *len) {
     size_t raw_n = s->n_held + n;
+    *text = "", *len = 0;
     if (s->cap < 4 * raw_n + 16) {
-        s->cap = 4 * raw_n + 16;
+        char *buf = mb_malloc(4 * raw_n + 16);
+        if (!buf) return MB_ERR_OOM;
         free(s->buf);
-        s->buf = mb_malloc(s->cap);
+        s->buf = buf, s->cap = 4 * raw_n + 16;
     }
     unsigned char *raw = (unsigned char *)s->buf + 3 * raw_n + 4; /* the tail of buf holds the input */
     memcpy(raw, s->held, s->n_held);
@@ -3355,6 +3429,7 @@ static void stream_emit(MbTokenStream *s, const unsigned char *bytes, size_t n, 
     memmove(s->held, raw + used, s->n_held);
     s->buf[*len] = 0;
     *text = s->buf;
+    return MB_OK;
 }
 
 MbStatus mb_token_stream_put(MbTokenStream *s, int32_t id, const char **text, size_t *len) {
@@ -3362,12 +3437,11 @@ MbStatus mb_token_stream_put(MbTokenStream *s, int32_t id, const char **text, si
     if (st) return st;
     const MbTokenizer *t = s->tok;
     int skip = s->skip_special_tokens && (t->flags[id] & MB_TOK_SPECIAL);
-    stream_emit(s, t->bytes + t->off[id], skip ? 0 : t->len[id], 0, text, len);
-    return MB_OK;
+    return stream_emit(s, t->bytes + t->off[id], skip ? 0 : t->len[id], 0, text, len);
 }
 
-void mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len) {
-    stream_emit(s, NULL, 0, 1, text, len);
+MbStatus mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len) {
+    return stream_emit(s, NULL, 0, 1, text, len);
 }
 
 void mb_token_stream_free(MbTokenStream *s) {
@@ -3722,7 +3796,7 @@ static MbStatus weight_from_tensor(const MbTensorInfo *t, size_t rows, size_t co
     w->cols = cols;
     w->data = t->data;
     if ((uintptr_t)t->data % mb_dtype_size(t->dtype)) { /* misaligned in the file: copy once */
-        w->owned = mb_aligned_alloc(t->nbytes);
+        if (!(w->owned = mb_aligned_alloc(t->nbytes))) return MB_ERR_OOM;
         memcpy(w->owned, t->data, t->nbytes);
         w->data = w->owned;
     }
@@ -3840,14 +3914,16 @@ static void blockwise8_quantize(const float *a, size_t n, size_t blocksize, cons
 
 /* Double quantization of the nb block absmax values into q (offset, map), codes and scales: the
  * second half of bitsandbytes' quantize_4bit(compress_statistics=True). */
-static void nf4_double_quant(const float *absmax, size_t nb, MbNf4 *q, uint8_t *codes, float *scales) {
+static MbStatus nf4_double_quant(const float *absmax, size_t nb, MbNf4 *q, uint8_t *codes, float *scales) {
     nf4_dynamic_map(q->nested_quant_map);
     q->nested_blocksize = MB_NF4_NESTED_BLOCKSIZE;
     q->offset = torch_sum_f32(absmax, nb) / (float)nb; /* torch.mean */
     float *a = mb_malloc(nb * sizeof(float));
+    if (!a) return MB_ERR_OOM;
     for (size_t i = 0; i < nb; i++) a[i] = absmax[i] - q->offset;
     blockwise8_quantize(a, nb, MB_NF4_NESTED_BLOCKSIZE, q->nested_quant_map, codes, scales);
     free(a);
+    return MB_OK;
 }
 
 /* The first half of quantize_4bit: blocks [b0, b1) of w -> packed codes and absmax. Threads take
@@ -3887,11 +3963,13 @@ static MbStatus weight_quantize_nf4(MbWeight *w, const char *name, MbDtype compu
     /* one block: the MbNf4, the nested scales (fp32), the packed codes, the absmax codes */
     size_t head = (sizeof(MbNf4) + 63) / 64 * 64;
     unsigned char *block = mb_aligned_alloc(head + 4 * ns + n / 2 + nb);
+    float *absmax = block ? mb_malloc(nb * sizeof(float)) : NULL;
+    if (!absmax) return free(block), MB_ERR_OOM;
     MbNf4 *q = (MbNf4 *)(void *)block;
     memset(q, 0, sizeof *q);
     float *scales = (float *)(void *)(block + head);
     uint8_t *packed = block + head + 4 * ns, *codes = packed + n / 2;
-    Nf4QuantTask task = {w, n, nb, {0}, mb_malloc(nb * sizeof(float)), packed};
+    Nf4QuantTask task = {w, n, nb, {0}, absmax, packed};
     nf4_thresholds(task.t);
     if (pool) mb_pool_run(pool, nf4_quantize_task, &task);
     else nf4_quantize_task(&task, 0, 1);
@@ -3899,7 +3977,7 @@ static MbStatus weight_quantize_nf4(MbWeight *w, const char *name, MbDtype compu
     q->blocksize = MB_NF4_BLOCKSIZE;
     q->nblocks = nb;
     q->compute = compute;
-    nf4_double_quant(task.absmax, nb, q, codes, scales);
+    if (nf4_double_quant(task.absmax, nb, q, codes, scales)) return free(absmax), free(block), MB_ERR_OOM;
     q->absmax_q = codes;
     q->nested_absmax = (const unsigned char *)scales;
     free(task.absmax);
@@ -4063,6 +4141,10 @@ static MbStatus weight_from_bnb(const MbSafetensors *st, const MbTensorInfo *t, 
         memcpy(q.nested_quant_map, nmap->data, sizeof q.nested_quant_map);
     }
     MbNf4 *state = mb_malloc(sizeof q);
+    if (!state) {
+        rc = MB_ERR_OOM;
+        goto done;
+    }
     *state = q;
     w->dtype = MB_DT_U8;
     w->rows = rows;
@@ -4095,6 +4177,12 @@ struct MbOps {
     void *ctx;                 /* backend state */
     size_t act_size;           /* bytes per activation element */
     int host_memory;           /* activations live in host memory (the CPU backend) */
+    /* The first failure of an op that returns nothing (out of memory for its scratch, a device
+     * error), kept with its message: a device backend then does nothing more but free, and the
+     * model, the trainer and generation return it (mb_ops_status) after a forward, a backward, an
+     * optimizer step or a copy to the host. alloc returns NULL without setting it. */
+    MbStatus err;
+    char err_msg[1024];
     void (*destroy)(MbOps *);
     /* Memory. Activation buffers hold act_size-byte values; every other buffer (norm statistics,
      * per-row log-probs, logits, LoRA parameters and gradients, optimizer state) is fp32 or fp64
@@ -4196,26 +4284,66 @@ static MbAct *mb_act_at(const MbOps *ops, MbAct *base, size_t elems) {
     return (MbAct *)(void *)((char *)base + elems * ops->act_size);
 }
 
+static pthread_mutex_t mb_ops_err_mu = PTHREAD_MUTEX_INITIALIZER; /* guards MbOps.err of every backend */
+
+/* Makes st, with this thread's message, ops' failure unless it already has one (any thread of the
+ * backend may call it); returns st. */
+static MbStatus mb_ops_fail(MbOps *ops, MbStatus st) {
+    pthread_mutex_lock(&mb_ops_err_mu);
+    if (!ops->err) {
+        ops->err = st;
+        snprintf(ops->err_msg, sizeof ops->err_msg, "%s", mb_last_error());
+    }
+    pthread_mutex_unlock(&mb_ops_err_mu);
+    return st;
+}
+
+/* MB_OK, or ops' failure with its message on this thread */
+static MbStatus mb_ops_status(MbOps *ops) {
+    pthread_mutex_lock(&mb_ops_err_mu);
+    MbStatus st = ops->err ? mb_fail(ops->err, "%s", ops->err_msg) : MB_OK;
+    pthread_mutex_unlock(&mb_ops_err_mu);
+    return st;
+}
+
+/* The status of a NULL from ops->alloc: the backend's failure when it has one, else out of
+ * memory (the message is set) */
+static MbStatus mb_ops_oom(MbOps *ops) {
+    MbStatus st = mb_ops_status(ops);
+    return st ? st : MB_ERR_OOM;
+}
+
 typedef struct {
+    MbOps *ops;
     MbPool *pool;
     float **scratch;      /* per thread */
     size_t *scratch_n;
 } MbCpu;
 
-/* Per-thread scratch of at least n floats (each thread grows only its own slot). */
+/* Per-thread scratch of at least n floats (each thread grows only its own slot); NULL when out
+ * of memory, which is then the backend's failure (the op skips its work). */
 static float *cpu_scratch(MbCpu *cpu, int tid, size_t n) {
     if (cpu->scratch_n[tid] < n) {
+        float *p = mb_aligned_alloc(n * sizeof(float));
+        if (!p) return mb_ops_fail(cpu->ops, MB_ERR_OOM), NULL;
         free(cpu->scratch[tid]);
-        cpu->scratch[tid] = mb_aligned_alloc(n * sizeof(float));
+        cpu->scratch[tid] = p;
         cpu->scratch_n[tid] = n;
     }
     return cpu->scratch[tid];
 }
 
+/* A host buffer of n bytes for an op, or NULL with the failure recorded in ops */
+static void *cpu_op_alloc(MbOps *ops, size_t bytes) {
+    void *p = mb_aligned_alloc(bytes);
+    if (!p) mb_ops_fail(ops, MB_ERR_OOM);
+    return p;
+}
+
 static void *cpu_alloc(MbOps *ops, size_t bytes) {
     (void)ops;
     void *p = mb_aligned_alloc(bytes);
-    memset(p, 0, bytes);
+    if (p) memset(p, 0, bytes);
     return p;
 }
 
@@ -4297,7 +4425,7 @@ static void matmul_task(void *ctx, int tid, int nt) {
     size_t nblocks = (O + MM_OB - 1) / MM_OB, b0, b1;
     mb_split(nblocks, tid, nt, &b0, &b1);
     float *wt = cpu_scratch(t->cpu, tid, (size_t)MM_IB * MM_OB);
-    for (size_t b = b0; b < b1; b++) {
+    for (size_t b = b0; wt && b < b1; b++) {
         size_t o0 = b * MM_OB, no = MB_MIN((size_t)MM_OB, O - o0);
         for (size_t i0 = 0; i0 < I; i0 += MM_IB) {
             size_t ni = MB_MIN((size_t)MM_IB, I - i0);
@@ -4332,7 +4460,7 @@ static void matvec_task(void *ctx, int tid, int nt) {
     size_t O = t->w->rows, I = t->w->cols, o0, o1;
     mb_split(O, tid, nt, &o0, &o1);
     float *wf = cpu_scratch(t->cpu, tid, MM_IB);
-    for (size_t o = o0; o < o1; o++) {
+    for (size_t o = o0; wf && o < o1; o++) {
         for (size_t n = 0; n < t->N; n++) t->out[n * O + o] = 0.0f;
         for (size_t i0 = 0; i0 < I; i0 += MM_IB) {
             size_t ni = MB_MIN((size_t)MM_IB, I - i0);
@@ -4361,9 +4489,9 @@ static void cpu_matmul_backward(MbOps *ops, float *dinp, const float *dout, cons
 
 static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float *inp, const MbWeight *w,
                                 size_t N, float eps) {
-    (void)ops;
     size_t C = w->cols;
-    float *wf = mb_malloc(C * sizeof(float));
+    float *wf = cpu_op_alloc(ops, C * sizeof(float));
+    if (!wf) return;
     weight_row_f32(w, 0, 0, C, wf);
     for (size_t n = 0; n < N; n++) {
         const float *x = inp + n * C;
@@ -4380,9 +4508,9 @@ static void cpu_rmsnorm_forward(MbOps *ops, float *out, float *rstd, const float
  * dx = r * (w dy) - r^3 / C * x * sum(w dy x) */
 static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, const float *inp, const MbWeight *w,
                                  const float *rstd, size_t N, int accumulate) {
-    (void)ops;
     size_t C = w->cols;
-    float *wf = mb_malloc(C * sizeof(float));
+    float *wf = cpu_op_alloc(ops, C * sizeof(float));
+    if (!wf) return;
     weight_row_f32(w, 0, 0, C, wf);
     for (size_t n = 0; n < N; n++) {
         const float *x = inp + n * C, *dy = dout + n * C;
@@ -4401,9 +4529,11 @@ static void cpu_rmsnorm_backward(MbOps *ops, float *dinp, const float *dout, con
 /* Rotates x (B, T, nh, D) by the rope angles of positions pos0 + t: x1' = x1 c - x2 s,
  * x2' = x2 c + x1 s (HF's rotate_half layout, j paired with j + D/2). sign -1 rotates back, which
  * is the backward (the rotation's transpose). */
-static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
+static void rope_rotate(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D,
+                        float sign) {
     int half = D / 2;
-    float *cs = mb_malloc((size_t)T * (size_t)D * sizeof(float)); /* (T, cos[half], sin[half]) */
+    float *cs = cpu_op_alloc(ops, (size_t)T * (size_t)D * sizeof(float)); /* (T, cos[half], sin[half]) */
+    if (!cs) return;
     for (int t = 0; t < T; t++)
         for (int j = 0; j < half; j++) {
             float f = (float)(pos0 + t) * inv_freq[j];
@@ -4426,14 +4556,12 @@ static void rope_rotate(float *x, const float *inv_freq, int B, int T, int pos0,
 }
 
 static void cpu_rope_forward(MbOps *ops, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D) {
-    (void)ops;
-    rope_rotate(x, inv_freq, B, T, pos0, nh, D, 1.0f);
+    rope_rotate(ops, x, inv_freq, B, T, pos0, nh, D, 1.0f);
 }
 
 static void cpu_rope_backward(MbOps *ops, float *dx, const float *inv_freq, int B, int T, int pos0, int nh,
                               int D) {
-    (void)ops;
-    rope_rotate(dx, inv_freq, B, T, pos0, nh, D, -1.0f);
+    rope_rotate(ops, dx, inv_freq, B, T, pos0, nh, D, -1.0f);
 }
 
 static void cpu_kv_store(MbOps *ops, float *cache, const float *x, int B, int T, int S, int pos0, int KD) {
@@ -4457,6 +4585,7 @@ static void attention_task(void *ctx, int tid, int nt) {
     int D = a->D, KD = a->K * a->D, group = a->H / a->K;
     float scale = 1.0f / sqrtf((float)D);
     float *p = cpu_scratch(a->cpu, tid, (size_t)a->S + (size_t)D);
+    if (!p) return;
     float *acc = p + a->S;
     for (size_t bh = lo; bh < hi; bh++) {
         int b = (int)(bh / (size_t)a->H), h = (int)(bh % (size_t)a->H), kh = h / group;
@@ -4516,7 +4645,7 @@ static void attention_backward_task(void *ctx, int tid, int nt) {
     int D = a->D, T = a->T, H = a->H, K = a->K, group = H / K, QD = H * D, KD = K * D;
     float scale = 1.0f / sqrtf((float)D);
     float *p = cpu_scratch(a->cpu, tid, (size_t)T);
-    for (size_t bk = lo; bk < hi; bk++) {
+    for (size_t bk = lo; p && bk < hi; bk++) {
         int b = (int)(bk / (size_t)K), kh = (int)(bk % (size_t)K), len = a->lens ? a->lens[b] : T;
         size_t seq = (size_t)b * T;
         for (int t = 0; t < T; t++)
@@ -4681,7 +4810,8 @@ static void cpu_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, const
                               const float *u, const MbWeight *A, const MbWeight *B, size_t N, float scale) {
     MbCpu *cpu = ops->ctx;
     size_t R = A->rows, I = A->cols, O = B->rows;
-    float *du = mb_aligned_alloc(N * R * sizeof(float));
+    float *du = cpu_op_alloc(ops, N * R * sizeof(float));
+    if (!du) return;
     cpu_gemm_tn_acc(cpu, dB, dout, u, N, O, R, scale);         /* dB += scale dout^T u */
     cpu_matmul_backward(ops, du, dout, B, N, 0);                /* du = dout @ B */
     for (size_t i = 0; i < N * R; i++) du[i] *= scale;
@@ -4737,8 +4867,8 @@ static void cpu_logprob_forward(MbOps *ops, float *logp, float *lse, float *lsum
                                 const int32_t *targets, size_t M) {
     MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
-    float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
-    for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
+    float *logits = cpu_op_alloc(ops, LP_ROWS * V * sizeof(float));
+    for (size_t m0 = 0; logits && m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
         LogprobTask t = {logits, rows, V, m0, targets, logp, lse, lsum, NULL};
@@ -4751,8 +4881,8 @@ static void cpu_logprob_backward(MbOps *ops, float *dx, const float *g, const fl
                                  const int32_t *targets, const float *lse, size_t M) {
     MbCpu *cpu = ops->ctx;
     size_t V = w->rows, C = w->cols;
-    float *logits = mb_aligned_alloc(LP_ROWS * V * sizeof(float));
-    for (size_t m0 = 0; m0 < M; m0 += LP_ROWS) {
+    float *logits = cpu_op_alloc(ops, LP_ROWS * V * sizeof(float));
+    for (size_t m0 = 0; logits && m0 < M; m0 += LP_ROWS) {
         size_t rows = MB_MIN((size_t)LP_ROWS, M - m0);
         cpu_matmul_forward(ops, logits, x + m0 * C, w, rows);
         LogprobTask t = {logits, rows, V, m0, targets, NULL, (float *)lse, NULL, g};
@@ -4812,7 +4942,7 @@ static void cpu_adamw(MbOps *ops, float *p, const float *g, float *m, float *v, 
 
 static void cpu_destroy(MbOps *ops) {
     MbCpu *cpu = ops->ctx;
-    for (int i = 0; i < cpu->pool->n; i++) free(cpu->scratch[i]);
+    for (int i = 0; cpu->scratch && i < cpu->pool->n; i++) free(cpu->scratch[i]);
     free(cpu->scratch);
     free(cpu->scratch_n);
     mb_pool_free(cpu->pool);
@@ -4820,17 +4950,23 @@ static void cpu_destroy(MbOps *ops) {
     free(ops);
 }
 
+/* The CPU backend on `threads` threads (0: all cores), or NULL (out of memory, message set) */
 static MbOps *mb_cpu_ops_new(int threads) {
     MbCpu *cpu = mb_calloc(1, sizeof *cpu);
+    MbOps *ops = cpu ? mb_calloc(1, sizeof *ops) : NULL;
+    if (!ops) return free(cpu), NULL;
+    ops->ctx = cpu;
+    ops->destroy = cpu_destroy;
+    cpu->ops = ops;
     cpu->pool = mb_pool_new(threads > 0 ? threads : mb_cpu_count());
+    if (!cpu->pool) return free(cpu), free(ops), NULL;
     cpu->scratch = mb_calloc((size_t)cpu->pool->n, sizeof *cpu->scratch);
     cpu->scratch_n = mb_calloc((size_t)cpu->pool->n, sizeof *cpu->scratch_n);
-    MbOps *ops = mb_calloc(1, sizeof *ops);
+    if (!cpu->scratch || !cpu->scratch_n) return cpu_destroy(ops), NULL;
     ops->name = "cpu";
     ops->ctx = cpu;
     ops->act_size = sizeof(float);
     ops->host_memory = 1;
-    ops->destroy = cpu_destroy;
     ops->alloc = cpu_alloc;
     ops->free = cpu_free;
     ops->to_host = cpu_copy;
@@ -5064,9 +5200,9 @@ static void buf_spec(MbBufSpec **spec, float **p, size_t n) {
 
 /* The buffers of an activation block for a's settings (N, train, checkpointing, R, lora_targets,
  * dropout): activation-dtype ones into *spec, fp32 ones into *spec32, each pointing at the field
- * of a it fills. Allocates a->stream and a->layer. host_logits: the backend's memory is the
- * host's (inference logits go straight to the caller). */
-static void acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec **spec, MbBufSpec **spec32) {
+ * of a it fills. Allocates a->stream and a->layer (the caller frees them, also on a failure).
+ * host_logits: the backend's memory is the host's (inference logits go straight to the caller). */
+static MbStatus acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec **spec, MbBufSpec **spec32) {
     size_t N = a->N, C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
            F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
            H = (size_t)c->num_attention_heads;
@@ -5076,6 +5212,7 @@ static void acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec
     a->n_layer_sets = train && !a->checkpointing ? (int)L : 1;
     a->stream = mb_calloc(n_stream, sizeof *a->stream);
     a->layer = mb_calloc((size_t)a->n_layer_sets, sizeof *a->layer);
+    if (!a->stream || !a->layer) return MB_ERR_OOM;
 #define BUF(p, n) buf_spec(spec, &(p), (n))
 #define F32(p, n) buf_spec(spec32, &(p), (n))
     for (size_t i = 0; i < n_stream; i++) BUF(a->stream[i], N * C);
@@ -5099,6 +5236,7 @@ static void acts_layout(MbActs *a, const MbConfig *c, int host_logits, MbBufSpec
     if (a->dropout) BUF(a->drop, N * MB_MAX(C, F)), BUF(a->ddrop, N * MB_MAX(C, F));
 #undef BUF
 #undef F32
+    return MB_OK;
 }
 
 static size_t buf_spec_total(const MbBufSpec *spec) {
@@ -5108,21 +5246,22 @@ static size_t buf_spec_total(const MbBufSpec *spec) {
 }
 
 /* Values in the activation block and in the fp32 block of a training step over N rows (what
- * acts_ensure allocates; the memory plan counts with it). */
-static void acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
-                       size_t *f32) {
+ * acts_ensure allocates; the memory plan counts with it). Out of memory: 0 and 0. */
+static MbStatus acts_count(const MbConfig *c, size_t N, int ckpt, int R, unsigned targets, int dropout, size_t *acts,
+                           size_t *f32) {
     MbActs a;
     memset(&a, 0, sizeof a);
     a.N = N, a.train = 1, a.checkpointing = ckpt, a.R = R, a.lora_targets = targets, a.dropout = dropout;
     MbBufSpec *spec = NULL, *spec32 = NULL;
-    acts_layout(&a, c, 0, &spec, &spec32);
-    *acts = buf_spec_total(spec), *f32 = buf_spec_total(spec32);
+    MbStatus rc = acts_layout(&a, c, 0, &spec, &spec32);
+    *acts = rc ? 0 : buf_spec_total(spec), *f32 = rc ? 0 : buf_spec_total(spec32);
     arrfree(spec), arrfree(spec32);
     free(a.stream), free(a.layer);
+    return rc;
 }
 
 /* Makes the activation block hold N rows for inference (train 0) or training (train 1). */
-static void acts_ensure(MbModel *m, size_t N, int train) {
+static MbStatus acts_ensure(MbModel *m, size_t N, int train) {
     MbActs *a = &m->acts;
     const MbLora *lo = m->lora;
     int R = lo ? lo->r : 0, ckpt = train && m->gradient_checkpointing;
@@ -5130,13 +5269,21 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     int dropout = train && lo && lo->dropout > 0;
     if (a->block && a->N >= N && a->train == train && a->checkpointing == ckpt && a->R == R &&
         a->lora_targets == targets && a->dropout == dropout)
-        return;
+        return MB_OK;
     acts_free(m);
     a->N = N, a->train = train, a->checkpointing = ckpt, a->R = R, a->lora_targets = targets, a->dropout = dropout;
     MbBufSpec *spec = NULL, *spec32 = NULL; /* stb_ds arrays: activations, fp32 values */
-    acts_layout(a, &m->cfg, m->ops->host_memory, &spec, &spec32);
-    a->block = m->ops->alloc(m->ops, buf_spec_total(spec) * m->ops->act_size);
-    a->block32 = m->ops->alloc(m->ops, buf_spec_total(spec32) * sizeof(float));
+    MbStatus rc = acts_layout(a, &m->cfg, m->ops->host_memory, &spec, &spec32);
+    size_t n = buf_spec_total(spec), n32 = buf_spec_total(spec32), bytes = 0, bytes32 = 0;
+    if (!rc && (mb_mul_overflows(n, m->ops->act_size, &bytes) || mb_mul_overflows(n32, sizeof(float), &bytes32)))
+        rc = mb_fail(MB_ERR_OOM, "out of memory: the activations of %zu tokens do not fit the address space", N);
+    if (!rc && !(a->block = m->ops->alloc(m->ops, bytes))) rc = mb_ops_oom(m->ops);
+    if (!rc && !(a->block32 = m->ops->alloc(m->ops, bytes32))) rc = mb_ops_oom(m->ops);
+    if (rc) {
+        arrfree(spec), arrfree(spec32);
+        acts_free(m);
+        return rc;
+    }
     size_t off = 0;
     for (ptrdiff_t i = 0; i < arrlen(spec); i++) {
         *spec[i].ptr = mb_act_at(m->ops, a->block, off);
@@ -5149,6 +5296,7 @@ static void acts_ensure(MbModel *m, size_t N, int train) {
     }
     arrfree(spec);
     arrfree(spec32);
+    return MB_OK;
 }
 
 /* ---- the memory plan (info --plan): one DPO training step, per device, from config.json alone ----
@@ -5168,7 +5316,7 @@ static const char *const plan_kinds[MB_PLAN_ROWS] = {
 
 static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
 
-void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
+MbStatus mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
     memset(p, 0, sizeof *p);
     for (int k = 0; k < MB_PLAN_ROWS; k++) p->kind[k] = plan_kinds[k];
     size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
@@ -5232,7 +5380,8 @@ void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
      * checkpointing keeps the residual stream at the L + 1 layer boundaries and one layer's
      * saved set, recomputed during its backward; without it every layer keeps its set. */
     size_t acts = 0, f32 = 0;
-    acts_count(c, N, o->gradient_checkpointing, o->lora_r, tg, 0, &acts, &f32);
+    MbStatus rc = acts_count(c, N, o->gradient_checkpointing, o->lora_r, tg, 0, &acts, &f32);
+    if (rc) return rc;
     p->bytes[MB_PLAN_ACTS] = 2 * acts + 4 * f32;
     snprintf(p->how[MB_PLAN_ACTS], sizeof p->how[0], "%zu tokens: %zu values x 2 B (bf16) + %zu x 4 B (fp32)%s", N, acts,
              f32, o->gradient_checkpointing ? "; checkpointing: L+1 layer inputs + one layer" : "");
@@ -5250,6 +5399,7 @@ void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
              o->load_in_4bit ? ", NF4 dequant tile <= 64 MiB" : "");
     (void)H, (void)QD, (void)KVD, (void)F, (void)lin_max;
 #undef TARGETED
+    return MB_OK;
 }
 
 void mb_model_free(MbModel *m) {
@@ -5353,8 +5503,8 @@ static void *carve(MbCarve *c, size_t bytes) {
 /* One weight of --random_init, carved from the block (pass 0 only counts its bytes): a norm (one
  * row) fp32 ones; with nf4 random NF4 codes and double-quant state whose absmax is 2.5 x std in
  * every block (about the absmax of 64 draws of normal(0, std)); else bf16 normal(0, std). */
-static void random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, size_t cols, int nf4, MbDtype compute,
-                          uint64_t *key) {
+static MbStatus random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, size_t cols, int nf4,
+                              MbDtype compute, uint64_t *key) {
     const float std = 0.02f;
     size_t n = rows * cols;
     if (rows == 1) {
@@ -5364,8 +5514,9 @@ static void random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, siz
         size_t nb = (n + MB_NF4_BLOCKSIZE - 1) / MB_NF4_BLOCKSIZE, ns = (nb + MB_NF4_NESTED_BLOCKSIZE - 1) / MB_NF4_NESTED_BLOCKSIZE;
         uint8_t *packed = carve(cv, n / 2), *codes = carve(cv, nb);
         float *scales = carve(cv, ns * 4);
-        if (!packed) return;
+        if (!packed) return MB_OK;
         MbNf4 *q = mb_calloc(1, sizeof *q);
+        if (!q) return MB_ERR_OOM;
         q->packed = packed, q->blocksize = MB_NF4_BLOCKSIZE, q->nblocks = nb, q->absmax_q = codes;
         q->nested_absmax = (const unsigned char *)scales, q->nested_blocksize = MB_NF4_NESTED_BLOCKSIZE;
         q->offset = 2.5f * std, q->compute = compute;
@@ -5378,28 +5529,31 @@ static void random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows, siz
         void *p = carve(cv, n * 2);
         if (p) *w = (MbWeight){MB_DT_BF16, rows, cols, p, NULL}, ops->random_normal(ops, p, n, (*key)++, std);
     }
+    return MB_OK;
 }
 
 /* --random_init: every weight drawn on the backend from seed, in one block of backend memory
  * (embeddings, lm_head and projections as transformers initialises a Llama; projections NF4 with
  * load_in_4bit). The same seed gives the same weights on every backend. */
-static void model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t seed) {
+static MbStatus model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t seed) {
     const MbConfig *c = &m->cfg;
     size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
-    m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
-    for (int pass = 0; pass < 2; pass++) {
+    if (!(m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers))) return MB_ERR_OOM;
+    MbStatus rc = MB_OK;
+    for (int pass = 0; pass < 2 && !rc; pass++) {
         MbCarve cv = {pass ? m->rand_block : NULL, 0};
         uint64_t key = seed * 1000003u;
-        random_weight(m->ops, &cv, &m->embed_tokens, V, C, 0, compute, &key);
-        if (!c->tie_word_embeddings) random_weight(m->ops, &cv, &m->lm_head, V, C, 0, compute, &key);
-        random_weight(m->ops, &cv, &m->norm, 1, C, 0, compute, &key);
+        rc = random_weight(m->ops, &cv, &m->embed_tokens, V, C, 0, compute, &key);
+        if (!rc && !c->tie_word_embeddings) rc = random_weight(m->ops, &cv, &m->lm_head, V, C, 0, compute, &key);
+        if (!rc) rc = random_weight(m->ops, &cv, &m->norm, 1, C, 0, compute, &key);
         for (int l = 0; l < c->num_hidden_layers; l++)
-            for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
-                random_weight(m->ops, &cv, &m->layers[l].w[i], mb_dim(c, mb_layer_weights[i].rows),
-                              mb_dim(c, mb_layer_weights[i].cols), nf4, compute, &key);
-        if (!pass) m->rand_block = m->ops->alloc(m->ops, cv.off);
+            for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++)
+                rc = random_weight(m->ops, &cv, &m->layers[l].w[i], mb_dim(c, mb_layer_weights[i].rows),
+                                   mb_dim(c, mb_layer_weights[i].cols), nf4, compute, &key);
+        if (!rc && !pass && !(m->rand_block = m->ops->alloc(m->ops, cv.off))) rc = mb_ops_oom(m->ops);
     }
     if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
+    return rc ? rc : mb_ops_status(m->ops);
 }
 
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
@@ -5412,8 +5566,9 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
                        err == ENOENT ? "no such folder" : err ? strerror(err) : !kind ? "is a file, not a folder"
                                                                                : "is not a folder");
     MbModel *m = mb_calloc(1, sizeof *m);
-    char *cfg_path = mb_path_join(dir, "config.json");
-    char cfg_compute[32];
+    char *cfg_path = m ? mb_path_join(dir, "config.json") : NULL;
+    char cfg_compute[32] = "";
+    if (!cfg_path) return free(m), MB_ERR_OOM;
     MbStatus rc = mb_config_load(cfg_path, &m->cfg);
     if (!rc) rc = bnb_config_load(cfg_path, cfg_compute, sizeof cfg_compute);
     free(cfg_path);
@@ -5424,8 +5579,9 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
                      "%s: bnb_4bit_compute_dtype \"%s\" is not float32, bfloat16 or float16", dir, cname);
     if (!rc) rc = mb_ops_new(opt, &m->cfg, &m->ops);
     if (!rc && opt && opt->random_init) { /* no checkpoint: random weights on the backend */
-        model_random_init(m, opt->load_in_4bit, compute, opt->seed);
-        m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float));
+        rc = model_random_init(m, opt->load_in_4bit, compute, opt->seed);
+        if (!rc && !(m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
+        if (rc) return mb_model_free(m), rc;
         rope_inv_freq(&m->cfg, m->inv_freq);
         *out = m;
         return MB_OK;
@@ -5442,8 +5598,8 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     MbPool *pool = mb_pool_new(opt && opt->threads > 0 ? opt->threads : mb_cpu_count());
     int quantize = opt && opt->load_in_4bit;
     char name[256];
-    rc = model_weight(m, dir, "model.embed_tokens.weight", V, C, pool, &m->embed_tokens);
-    m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
+    rc = pool ? model_weight(m, dir, "model.embed_tokens.weight", V, C, pool, &m->embed_tokens) : MB_ERR_OOM;
+    if (!rc && !(m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers))) rc = MB_ERR_OOM;
     for (int l = 0; !rc && l < c->num_hidden_layers; l++)
         for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
             size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
@@ -5457,11 +5613,11 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
         else rc = model_weight(m, dir, "lm_head.weight", V, C, pool, &m->lm_head);
     }
     mb_pool_free(pool);
+    if (!rc && !(m->inv_freq = mb_malloc((size_t)c->head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
     if (rc) {
         mb_model_free(m);
         return rc;
     }
-    m->inv_freq = mb_malloc((size_t)c->head_dim / 2 * sizeof(float));
     rope_inv_freq(c, m->inv_freq);
     *out = m;
     return MB_OK;
@@ -5471,15 +5627,24 @@ MbStatus mb_kvcache_new(MbModel *m, int B, int S, MbKVCache **out) {
     *out = NULL;
     if (B < 1 || S < 1) return mb_fail(MB_ERR_ARG, "kv cache: batch %d and capacity %d must be >= 1", B, S);
     const MbConfig *c = &m->cfg;
-    size_t L = (size_t)c->num_hidden_layers, per = (size_t)B * (size_t)S * mb_dim(c, MB_DIM_KVD);
+    size_t L = (size_t)c->num_hidden_layers, per, bytes;
+    if (mb_mul_overflows((size_t)B * (size_t)S, mb_dim(c, MB_DIM_KVD), &per) || mb_mul_overflows(2 * L, per, &bytes) ||
+        mb_mul_overflows(bytes, m->ops->act_size, &bytes))
+        return mb_fail(MB_ERR_OOM, "out of memory: a kv cache of %d x %d tokens does not fit the address space", B, S);
     MbKVCache *kv = mb_calloc(1, sizeof *kv);
+    if (!kv) return MB_ERR_OOM;
     kv->m = m;
     kv->B = B;
     kv->S = S;
     kv->lens = mb_calloc((size_t)B, sizeof *kv->lens);
-    kv->block = m->ops->alloc(m->ops, 2 * L * per * m->ops->act_size);
     kv->k = mb_calloc(L, sizeof *kv->k);
     kv->v = mb_calloc(L, sizeof *kv->v);
+    MbStatus rc = kv->lens && kv->k && kv->v ? MB_OK : MB_ERR_OOM;
+    if (!rc && !(kv->block = m->ops->alloc(m->ops, bytes))) rc = mb_ops_oom(m->ops);
+    if (rc) {
+        mb_kvcache_free(kv);
+        return rc;
+    }
     for (size_t l = 0; l < L; l++) {
         kv->k[l] = mb_act_at(m->ops, kv->block, (2 * l) * per);
         kv->v[l] = mb_act_at(m->ops, kv->block, (2 * l + 1) * per);
@@ -5490,7 +5655,7 @@ MbStatus mb_kvcache_new(MbModel *m, int B, int S, MbKVCache **out) {
 
 void mb_kvcache_free(MbKVCache *kv) {
     if (!kv) return;
-    kv->m->ops->free(kv->m->ops, kv->block);
+    if (kv->block) kv->m->ops->free(kv->m->ops, kv->block);
     free(kv->k);
     free(kv->v);
     free(kv->lens);
@@ -5654,7 +5819,15 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
 
     MbOps *ops = m->ops;
     size_t N = (size_t)B * T, C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
-    acts_ensure(m, N, 0);
+    int *idx = logits && last_only ? mb_malloc((size_t)B * sizeof *idx) : NULL;
+    if (logits && last_only && !idx) rc = MB_ERR_OOM;
+    if (!rc) rc = acts_ensure(m, N, 0);
+    if (!rc) rc = mb_ops_status(ops); /* a device that failed before runs nothing */
+    if (rc) {
+        free(idx);
+        mb_kvcache_free(tmp_kv);
+        return rc;
+    }
     MbActs *a = &m->acts;
     MbAct *x = a->stream[0];
     ops->embedding_forward(ops, x, tokens, &m->embed_tokens, N);
@@ -5664,10 +5837,8 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
     if (logits) {
         size_t rows = N;
         if (last_only) { /* the last real position of each sequence */
-            int *idx = mb_malloc((size_t)B * sizeof *idx);
             for (int b = 0; b < B; b++) idx[b] = b * T + (lens ? lens[b] : T) - 1;
             ops->gather_rows(ops, a->tmp, x, idx, (size_t)B, C);
-            free(idx);
             rows = (size_t)B;
         }
         ops->rmsnorm_forward(ops, a->xf, a->rstd_f, last_only ? a->tmp : x, &m->norm, rows, c->rms_norm_eps);
@@ -5675,11 +5846,14 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         ops->logits_forward(ops, dst, a->xf, &m->lm_head, rows);
         ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
-    kv->len += T;
-    for (int b = 0; lens && b < B; b++)
-        if (lens[b] < T) kv->padded = 1;
+    free(idx);
+    if (!(rc = mb_ops_status(ops))) { /* (on a failure the cache holds nothing valid past kv->len) */
+        kv->len += T;
+        for (int b = 0; lens && b < B; b++)
+            if (lens[b] < T) kv->padded = 1;
+    }
     mb_kvcache_free(tmp_kv);
-    return MB_OK;
+    return rc;
 }
 
 /* The training forward: tokens (B, T) right-padded to lens, positions 0..T-1. For each of the
@@ -5699,7 +5873,7 @@ static MbStatus model_forward_rows(MbModel *m, const int32_t *tokens, const int 
             return mb_fail(MB_ERR_ARG, "forward: loss row %zu (position %d, target %d) out of range", i, pos[i],
                            (int)target[i]);
     MbOps *ops = m->ops;
-    acts_ensure(m, N, 1);
+    if ((rc = acts_ensure(m, N, 1)) || (rc = mb_ops_status(ops))) return rc;
     MbActs *a = &m->acts;
     ops->embedding_forward(ops, a->stream[0], tokens, &m->embed_tokens, N);
     for (size_t l = 0; l < L; l++) {
@@ -5714,12 +5888,13 @@ static MbStatus model_forward_rows(MbModel *m, const int32_t *tokens, const int 
     ops->to_host(ops, lsum, a->lsum_rows, M * sizeof(float));
     m->train_lens = lens, m->train_B = B, m->train_T = T;
     m->train_pos = pos, m->train_target = target, m->train_M = train ? M : 0;
-    return MB_OK;
+    return mb_ops_status(ops);
 }
 
 /* Backpropagates sum_i g[i] * logp[i] of the last training forward into the LoRA gradients
- * (+=). With gradient checkpointing each layer's activations are recomputed from its input. */
-static void model_backward_rows(MbModel *m, const float *g) {
+ * (+=). With gradient checkpointing each layer's activations are recomputed from its input.
+ * Returns the backend's failure, if any. */
+static MbStatus model_backward_rows(MbModel *m, const float *g) {
     const MbConfig *c = &m->cfg;
     MbOps *ops = m->ops;
     MbActs *a = &m->acts;
@@ -5737,6 +5912,7 @@ static void model_backward_rows(MbModel *m, const float *g) {
         }
         layer_backward(m, (int)l, la, a->dx, B, T, m->train_lens);
     }
+    return mb_ops_status(ops);
 }
 
 static MbStatus init_random_weights(const MbConfig *c, const char *outdir, uint64_t seed, MbDtype dt, double std);
@@ -5756,6 +5932,7 @@ MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t
     if ((rc = mb_guard_output("init", outdir, &cfg_path, 1, written))) return rc;
     char **made = NULL;
     char *cfg_out = mb_path_join(outdir, "config.json");
+    if (!cfg_out) return MB_ERR_OOM;
     int new_cfg = !mb_same_file(cfg_out, cfg_path), had_cfg = mb_is_file(cfg_out);
     rc = mb_mkdir_p(outdir, &made);
     if (!rc) rc = mb_remove_stale(outdir); /* what a killed init left */
@@ -5770,15 +5947,15 @@ MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t
 /* model.safetensors of mb_model_init_random */
 static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint64_t seed, MbDtype dt, double std) {
     MbConfig c = *cp;
-    MbStatus rc;
+    MbStatus rc = MB_OK;
     MbTensorOut *ts = NULL; /* stb_ds array */
     char **names = NULL;
     MbRng rng;
     mb_rng_seed(&rng, seed);
     size_t C = mb_dim(&c, MB_DIM_C), V = (size_t)c.vocab_size;
-    for (int l = -1; l <= c.num_hidden_layers; l++) {
+    for (int l = -1; !rc && l <= c.num_hidden_layers; l++) {
         int nw = (l < 0 || l == c.num_hidden_layers) ? 1 : MB_LAYER_WEIGHTS;
-        for (int i = 0; i < nw; i++) {
+        for (int i = 0; !rc && i < nw; i++) {
             char name[256];
             size_t rows, cols;
             if (l < 0) snprintf(name, sizeof name, "model.embed_tokens.weight"), rows = V, cols = C;
@@ -5789,13 +5966,19 @@ static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint
             }
             int is_norm = rows == 1;
             float *f = mb_malloc(rows * cols * sizeof(float));
+            void *data = f ? mb_malloc(rows * cols * mb_dtype_size(dt)) : NULL;
+            char *tname = data ? mb_strdup(name) : NULL;
+            if (!tname) {
+                free(f), free(data);
+                rc = MB_ERR_OOM;
+                break;
+            }
             for (size_t k = 0; k < rows * cols; k++) f[k] = is_norm ? 1.0f : (float)(std * mb_rng_normal(&rng));
-            void *data = mb_malloc(rows * cols * mb_dtype_size(dt));
             mb_convert_from_f32(dt, f, data, rows * cols);
             free(f);
             MbTensorOut t;
             memset(&t, 0, sizeof t);
-            t.name = mb_strdup(name);
+            t.name = tname;
             t.dtype = dt;
             t.ndim = is_norm ? 1 : 2;
             t.shape[0] = is_norm ? cols : rows;
@@ -5805,21 +5988,28 @@ static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint
             arrput(names, (char *)t.name);
         }
     }
-    if (!c.tie_word_embeddings) {
+    if (!rc && !c.tie_word_embeddings) {
         MbTensorOut t = ts[0]; /* a separate lm_head drawn from the same distribution */
         float *f = mb_malloc(V * C * sizeof(float));
-        for (size_t k = 0; k < V * C; k++) f[k] = (float)(std * mb_rng_normal(&rng));
-        void *data = mb_malloc(V * C * mb_dtype_size(dt));
-        mb_convert_from_f32(dt, f, data, V * C);
+        void *data = f ? mb_malloc(V * C * mb_dtype_size(dt)) : NULL;
+        char *tname = data ? mb_strdup("lm_head.weight") : NULL;
+        if (tname) {
+            for (size_t k = 0; k < V * C; k++) f[k] = (float)(std * mb_rng_normal(&rng));
+            mb_convert_from_f32(dt, f, data, V * C);
+            t.name = tname;
+            t.data = data;
+            arrput(ts, t);
+            arrput(names, tname);
+        } else {
+            free(data);
+            rc = MB_ERR_OOM;
+        }
         free(f);
-        t.name = mb_strdup("lm_head.weight");
-        t.data = data;
-        arrput(ts, t);
-        arrput(names, (char *)t.name);
     }
-    char *st_path = mb_path_join(outdir, "model.safetensors");
+    char *st_path = rc ? NULL : mb_path_join(outdir, "model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
-    rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
+    if (!rc && !st_path) rc = MB_ERR_OOM;
+    if (!rc) rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
     free(st_path);
     for (ptrdiff_t i = 0; i < arrlen(ts); i++) {
         free((void *)ts[i].data);
@@ -5887,15 +6077,18 @@ static void lora_tensor_name(char *name, size_t n, int l, int id, int ab) {
 void mb_lora_free(MbLora *lo) {
     if (!lo) return;
     free(lo->pairs);
-    lo->ops->free(lo->ops, lo->params);
-    lo->ops->free(lo->ops, lo->grads);
+    if (lo->params) lo->ops->free(lo->ops, lo->params);
+    if (lo->grads) lo->ops->free(lo->ops, lo->grads);
     free(lo);
 }
 
-/* The parameters (or gradients) in host memory, for writing and merging; malloc'd. */
+/* The parameters (or gradients) in host memory, for writing and merging; malloc'd. NULL when
+ * out of memory or when the backend failed (mb_ops_oom(lo->ops) is the status). */
 static float *lora_download(const MbLora *lo, const float *block) {
     float *h = mb_malloc(lo->n_params * sizeof(float) + 4);
+    if (!h) return NULL;
     lo->ops->to_host(lo->ops, h, block, lo->n_params * sizeof(float));
+    if (mb_ops_status(lo->ops)) return free(h), NULL;
     return h;
 }
 
@@ -5926,6 +6119,8 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
     if (!cfg->targets) return mb_fail(MB_ERR_ARG, "lora: no target modules");
     const MbConfig *c = &m->cfg;
     MbLora *lo = mb_calloc(1, sizeof *lo);
+    if (!lo) return MB_ERR_OOM;
+    lo->ops = m->ops;
     lo->r = cfg->r;
     lo->alpha = cfg->alpha;
     lo->dropout = cfg->dropout;
@@ -5942,8 +6137,15 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
         n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
     lo->ops = m->ops;
-    lo->params = m->ops->alloc(m->ops, n * sizeof(float));
-    lo->grads = m->ops->alloc(m->ops, n * sizeof(float));
+    MbStatus rc = lo->pairs ? MB_OK : MB_ERR_OOM;
+    if (!rc && n > SIZE_MAX / sizeof(float))
+        rc = mb_fail(MB_ERR_OOM, "out of memory: an adapter of %zu parameters does not fit the address space", n);
+    if (!rc && !(lo->params = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
+    if (!rc && !(lo->grads = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
+    if (rc) {
+        mb_lora_free(lo);
+        return rc;
+    }
     for (k = 0; (p = lora_next(lo, &k, &l, &i));) {
         size_t in = mb_dim(c, mb_layer_weights[i].cols), outd = mb_dim(c, mb_layer_weights[i].rows);
         p->A = (MbWeight){.dtype = MB_DT_F32, .rows = R, .cols = in, .data = lo->params + off};
@@ -5962,6 +6164,10 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     if (rc) return rc;
     MbLora *lo = *out;
     float *host = mb_calloc(lo->n_params + 1, sizeof(float));
+    if (!host) {
+        mb_lora_free(lo), *out = NULL;
+        return MB_ERR_OOM;
+    }
     MbRng rng;
     mb_rng_seed(&rng, seed);
     MbLoraPair *p;
@@ -5972,15 +6178,22 @@ MbStatus mb_lora_new(const MbModel *m, const MbLoraConfig *cfg, uint64_t seed, M
     }
     lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
     free(host);
-    return MB_OK;
+    if ((rc = mb_ops_status(lo->ops))) mb_lora_free(lo), *out = NULL;
+    return rc;
 }
 
 /* Grows the adapter's parameter and gradient blocks to n_pad values (zeros past n_params), so
  * ZeRO's slices are equal; the views into them follow. */
-static void lora_reserve(MbLora *lo, size_t n_pad) {
+static MbStatus lora_reserve(MbLora *lo, size_t n_pad) {
     MbOps *ops = lo->ops;
-    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = ops->alloc(ops, n_pad * sizeof(float));
-    float *host = lora_download(lo, lo->params);
+    float *p = ops->alloc(ops, n_pad * sizeof(float)), *g = p ? ops->alloc(ops, n_pad * sizeof(float)) : NULL;
+    float *host = g ? lora_download(lo, lo->params) : NULL;
+    if (!host) {
+        MbStatus rc = mb_ops_oom(ops);
+        if (p) ops->free(ops, p);
+        if (g) ops->free(ops, g);
+        return rc;
+    }
     ops->from_host(ops, p, host, lo->n_params * sizeof(float));
     free(host);
     MbLoraPair *q;
@@ -5991,6 +6204,7 @@ static void lora_reserve(MbLora *lo, size_t n_pad) {
     }
     ops->free(ops, lo->params), ops->free(ops, lo->grads);
     lo->params = p, lo->grads = g;
+    return mb_ops_status(ops);
 }
 
 void mb_model_set_lora(MbModel *m, MbLora *lo) { m->lora = lo; }
@@ -6082,10 +6296,11 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
     MbLoraConfig cfg;
     MbSafetensors *st = NULL;
     MbLora *lo = NULL;
-    MbStatus rc = lora_read_config(cfg_path, &cfg);
+    MbStatus rc = cfg_path && st_path ? lora_read_config(cfg_path, &cfg) : MB_ERR_OOM;
     if (!rc) rc = mb_safetensors_open(st_path, &st);
     if (!rc) rc = lora_alloc(m, &cfg, &lo);
     float *host = lo ? mb_calloc(lo->n_params + 1, sizeof(float)) : NULL;
+    if (!rc && !host) rc = MB_ERR_OOM;
     char name[256];
     size_t found = 0;
     MbLoraPair *p;
@@ -6118,6 +6333,7 @@ MbStatus mb_lora_load(const MbModel *m, const char *dir, MbLora **out) {
         rc = mb_fail(MB_ERR_UNSUPPORTED, "%s: holds %zu tensors, medbot used %zu (adapters on other modules, or "
                      "modules_to_save?)", st_path, mb_safetensors_count(st), found);
     if (!rc) lo->ops->from_host(lo->ops, lo->params, host, lo->n_params * sizeof(float));
+    if (!rc) rc = mb_ops_status(lo->ops);
     free(host);
     mb_safetensors_close(st);
     free(cfg_path);
@@ -6151,9 +6367,9 @@ static char *lora_config_json(const MbLora *lo, const char *base_model) {
     return j;
 }
 
-/* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block. */
-static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***names) {
-    MbTensorOut *ts = NULL;
+/* The adapter's tensors under their PEFT names (fp32), in the order of the parameter block, into
+ * *ts (stb_ds); the names are malloc'd into *names (freed by the caller, also on a failure). */
+static MbStatus lora_tensors(const MbLora *lo, const float *host, MbTensorOut **ts, char ***names) {
     const MbLoraPair *p;
     int l, i;
     for (size_t k = 0; (p = lora_next(lo, &k, &l, &i));)
@@ -6162,10 +6378,11 @@ static MbTensorOut *lora_tensors(const MbLora *lo, const float *host, char ***na
             char name[256];
             lora_tensor_name(name, sizeof name, l, i, ab);
             MbTensorOut t = {mb_strdup(name), MB_DT_F32, 2, {w->rows, w->cols}, lora_host_view(lo, host, w->data)};
+            if (!t.name) return MB_ERR_OOM;
             arrput(*names, (char *)t.name);
-            arrput(ts, t);
+            arrput(*ts, t);
         }
-    return ts;
+    return MB_OK;
 }
 
 /* Writes DIR/adapter_model.safetensors and DIR/adapter_config.json (each through a temporary
@@ -6174,11 +6391,13 @@ MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model)
     if (!mb_is_dir(dir) && mkdir(dir, 0755) != 0)
         return mb_fail(MB_ERR_IO, "%s: cannot create the folder: %s", dir, strerror(errno));
     char **names = NULL;
+    MbTensorOut *ts = NULL;
     float *host = lora_download(lo, lo->params);
-    MbTensorOut *ts = lora_tensors(lo, host, &names);
-    char *st_path = mb_path_join(dir, "adapter_model.safetensors");
+    MbStatus rc = host ? lora_tensors(lo, host, &ts, &names) : mb_ops_oom(lo->ops);
+    char *st_path = rc ? NULL : mb_path_join(dir, "adapter_model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
-    MbStatus rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
+    if (!rc && !st_path) rc = MB_ERR_OOM;
+    if (!rc) rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
     free(st_path);
     free(host);
     for (ptrdiff_t i = 0; i < arrlen(names); i++) free(names[i]);
@@ -6187,7 +6406,7 @@ MbStatus mb_lora_save(const MbLora *lo, const char *dir, const char *base_model)
     if (rc) return rc;
     char *j = lora_config_json(lo, base_model);
     char *cfg_path = mb_path_join(dir, "adapter_config.json");
-    rc = mb_write_file(cfg_path, j, strlen(j));
+    rc = cfg_path ? mb_write_file(cfg_path, j, strlen(j)) : MB_ERR_OOM;
     free(cfg_path);
     arrfree(j);
     return rc;
@@ -6206,17 +6425,19 @@ typedef struct {
 
 /* Row r of W + scale B A in fp32 (PEFT's merge: W += (B @ A) * scaling); A (R, cols) and B
  * (rows, R) in host memory, NULL for an unadapted weight. */
-static void lora_merge_row(const MbWeight *w, const float *A, const float *B, size_t R, float scale, size_t r,
-                           float *row) {
+static MbStatus lora_merge_row(const MbWeight *w, const float *A, const float *B, size_t R, float scale, size_t r,
+                               float *row) {
     size_t cols = w->cols;
     weight_row_f32(w, r, 0, cols, row);
-    if (!A) return;
+    if (!A) return MB_OK;
     B += r * R;
     float *ba = mb_calloc(cols, sizeof(float));
+    if (!ba) return MB_ERR_OOM;
     for (size_t k = 0; k < R; k++)
         for (size_t c = 0; c < cols; c++) ba[c] += B[k] * A[k * cols + c];
     for (size_t c = 0; c < cols; c++) row[c] += ba[c] * scale;
     free(ba);
+    return MB_OK;
 }
 
 static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
@@ -6224,17 +6445,19 @@ static MbStatus merge_fill(void *ctx, size_t i, void *dst) {
     const MbWeight *w = mc->src[i];
     size_t rows = w->rows, cols = w->cols;
     float *row = mb_malloc(cols * sizeof(float));
+    if (!row) return MB_ERR_OOM;
     const MbLoraPair *p = mc->id[i] >= 0 && (mc->lo->targets & (1u << mc->id[i]))
                               ? &mc->lo->pairs[(size_t)mc->layer[i] * MB_LAYER_WEIGHTS + mc->id[i]]
                               : NULL;
     const float *A = p ? lora_host_view(mc->lo, mc->host, p->A.data) : NULL;
     const float *B = p ? lora_host_view(mc->lo, mc->host, p->B.data) : NULL;
-    for (size_t r = 0; r < rows; r++) {
-        lora_merge_row(w, A, B, (size_t)mc->lo->r, mc->lo->scale, r, row);
+    MbStatus rc = MB_OK;
+    for (size_t r = 0; r < rows && !rc; r++) {
+        rc = lora_merge_row(w, A, B, (size_t)mc->lo->r, mc->lo->scale, r, row);
         mb_convert_from_f32(MB_DT_BF16, row, (unsigned char *)dst + r * cols * 2, cols);
     }
     free(row);
-    return MB_OK;
+    return rc;
 }
 
 /* The files merge writes into its output folder. */
@@ -6274,7 +6497,7 @@ static MbStatus merged_config_json(const char *path, char **out) {
     arrfree(sb);
     json_free(&d);
     free(text);
-    return MB_OK;
+    return *out ? MB_OK : MB_ERR_OOM;
 }
 
 /* Writes OUT/model.safetensors: every weight of m in bf16, with the adapter merged into its
@@ -6291,14 +6514,18 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     const MbWeight **src = mb_calloc(cap, sizeof *src);
     char **names = mb_calloc(cap, sizeof *names);
     char name[256];
+    if (!ts || !layer || !id || !src || !names) rc = MB_ERR_OOM;
 #define ADD(nm, w, lay, idx, nd)                                                                   \
     do {                                                                                          \
-        names[n] = mb_strdup(nm);                                                                 \
+        if (rc || !(names[n] = mb_strdup(nm))) {                                                  \
+            rc = MB_ERR_OOM;                                                                      \
+            break;                                                                                \
+        }                                                                                         \
         ts[n] = (MbTensorOut){names[n], MB_DT_BF16, (nd), {(nd) == 1 ? (w)->cols : (w)->rows, (w)->cols}, NULL}; \
         src[n] = (w), layer[n] = (lay), id[n] = (idx), n++;                                       \
     } while (0)
     ADD("model.embed_tokens.weight", &m->embed_tokens, -1, -1, 2);
-    for (size_t l = 0; l < L; l++)
+    for (size_t l = 0; !rc && l < L; l++)
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
             snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, mb_layer_weights[i].name);
             int is_norm = mb_layer_weights[i].rows == MB_DIM_1;
@@ -6307,11 +6534,13 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     ADD("model.norm.weight", &m->norm, -1, -1, 1);
     if (!c->tie_word_embeddings) ADD("lm_head.weight", &m->lm_head, -1, -1, 2);
 #undef ADD
-    float *host = lora_download(lo, lo->params);
+    float *host = rc ? NULL : lora_download(lo, lo->params);
+    if (!rc && !host) rc = mb_ops_oom(lo->ops);
     MergeCtx mc = {m, lo, ts, layer, id, src, host};
-    char *st_path = mb_path_join(out_dir, "model.safetensors");
+    char *st_path = rc ? NULL : mb_path_join(out_dir, "model.safetensors");
     const char *meta[] = {"format", "pt", NULL};
-    rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
+    if (!rc && !st_path) rc = MB_ERR_OOM;
+    if (!rc) rc = st_write(st_path, ts, n, meta, merge_fill, &mc);
     free(st_path);
     free(host);
     for (size_t i = 0; i < n; i++) free(names[i]);
@@ -6319,7 +6548,8 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     if (rc) return rc;
     char *cfg_in = mb_path_join(model_dir, "config.json"), *cfg_out = mb_path_join(out_dir, "config.json"), *text;
     char *gen_in = mb_path_join(model_dir, "generation_config.json"), *gen_out = mb_path_join(out_dir, "generation_config.json");
-    if (!(rc = merged_config_json(cfg_in, &text))) {
+    if (!cfg_in || !cfg_out || !gen_in || !gen_out) rc = MB_ERR_OOM;
+    else if (!(rc = merged_config_json(cfg_in, &text))) {
         rc = mb_write_file(cfg_out, text, strlen(text));
         free(text);
     }
@@ -6367,7 +6597,7 @@ MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *token
 
 #define MB_DEFAULT_SYSTEM "You are a Medical Chatbot, you should friendly answer the question."
 
-/* The card's prompt template. Returns a malloc'd string. */
+/* The card's prompt template. Returns a malloc'd string, or NULL (out of memory, message set). */
 static char *mb_render_prompt(const char *system, const char *question) {
     char *s = NULL;
     sb_printf(&s, "###System: %s\n###Question: %s\n###Answer: ", system ? system : MB_DEFAULT_SYSTEM, question);
@@ -6447,6 +6677,10 @@ static MbStatus pair_tokenize(const MbTokenizer *tok, const MbDataOptions *opt, 
     }
     if (opt->add_bos && bos >= 0 && !(n[0] > 0 && ids[0][0] == bos)) { /* never a second BOS */
         int32_t *q = mb_malloc((n[0] + 1) * sizeof *q);
+        if (!q) {
+            rc = MB_ERR_OOM;
+            goto fail;
+        }
         q[0] = bos;
         memcpy(q + 1, ids[0], n[0] * sizeof *q);
         free(ids[0]);
@@ -6520,7 +6754,7 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
     MbJsonDoc doc;
     MbStatus rc = jsonl_open(&jl, path, text, n);
     if (rc) return rc;
-    ds->path = mb_strdup(path);
+    if (!(ds->path = mb_strdup(path))) return MB_ERR_OOM;
     while (!rc && jsonl_read(&jl, &doc, &rc)) {
         const MbJson *r = json_root(&doc);
         const MbJson *p = json_get(&doc, r, "prompt"), *q = json_get(&doc, r, "question"),
@@ -6542,6 +6776,11 @@ static MbStatus dataset_parse(const char *path, const char *text, size_t n, cons
         }
         char *prompt = p ? mb_strdup(json_str(&doc, p))
                          : mb_render_prompt(sys ? json_str(&doc, sys) : NULL, json_str(&doc, q));
+        if (!prompt) {
+            rc = MB_ERR_OOM;
+            json_free(&doc);
+            break;
+        }
         int empty = !prompt[0] || !c->len || !j->len;
         MbPair pair;
         memset(&pair, 0, sizeof pair);
@@ -6604,10 +6843,13 @@ static void batch_free(MbBatch *b) {
     memset(b, 0, sizeof *b);
 }
 
-static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with_rejected, int max_length, int32_t pad) {
+/* Builds bt for P pairs (freed with batch_free; out of memory leaves it empty). */
+static MbStatus batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with_rejected, int max_length,
+                            int32_t pad) {
     memset(bt, 0, sizeof *bt);
     int B = with_rejected ? 2 * P : P, T = 1;
     int *np = mb_calloc((size_t)B, sizeof *np), *nc = mb_calloc((size_t)B, sizeof *nc);
+    if (!np || !nc) return free(np), free(nc), MB_ERR_OOM;
     for (int b = 0; b < B; b++) {
         const MbPair *p = pairs[b % P];
         int n = p->np + (b < P ? p->nc : p->nr), cut = max_length > 0 && n > max_length ? n - max_length : 0;
@@ -6622,6 +6864,11 @@ static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with
     bt->pos = mb_malloc((size_t)B * T * sizeof *bt->pos);
     bt->target = mb_malloc((size_t)B * T * sizeof *bt->target);
     bt->seq = mb_malloc((size_t)B * T * sizeof *bt->seq);
+    if (!bt->tokens || !bt->lens || !bt->count || !bt->pos || !bt->target || !bt->seq) {
+        free(np), free(nc);
+        batch_free(bt);
+        return MB_ERR_OOM;
+    }
     for (int b = 0; b < B; b++) {
         const MbPair *p = pairs[b % P];
         const int32_t *comp = b < P ? p->chosen : p->rejected;
@@ -6641,6 +6888,7 @@ static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with
     }
     free(np);
     free(nc);
+    return MB_OK;
 }
 
 // ============================================================================================
@@ -6653,31 +6901,30 @@ static void batch_build(MbBatch *bt, const MbPair *const *pairs, int P, int with
 // optimizer step, is backpropagated. Then: global grad norm, clipping, AdamW, the schedule.
 // ============================================================================================
 
-/* The collectives a data-parallel run needs (their backends are in section 11). */
+/* The collectives a data-parallel run needs: MbComm, its backends (in-process threads, TCP, NCCL)
+ * and these calls are in section 11. A collective returns MB_OK or the failure of its group (a
+ * rank that died, hangs or failed), which is sticky: every later collective of the group returns
+ * it at once, and the step that met it returns it up to mb_train. */
 typedef struct MbComm MbComm;
-struct MbComm {
-    int rank, world;
-    void *ctx;
-    void (*all_reduce)(MbComm *, float *x, size_t n);                           /* x = sum over ranks */
-    /* shard (n / world) = the sum over ranks of this rank's slice of x (n); n % world == 0 */
-    void (*reduce_scatter)(MbComm *, float *shard, const float *x, size_t n);
-    /* x (n) = every rank's shard (n / world), in rank order */
-    void (*all_gather)(MbComm *, float *x, const float *shard, size_t n);
-    void (*broadcast)(MbComm *, float *x, size_t n, int root);
-    void (*barrier)(MbComm *);
-    void (*destroy)(MbComm *);
-    /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
-    void (*all_reduce_f64)(MbComm *, double *x, size_t n);
-    void (*reduce_scatter_f64)(MbComm *, double *shard, const double *x, size_t n);
-    /* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
-    void (*all_reduce_host)(MbComm *, double *x, size_t n);
-};
-
 #define MB_DDP_TIMEOUT 1800.0 /* seconds: TrainingArguments.ddp_timeout */
-static void mb_comm_threads_new(int world, double timeout, MbComm **comms);
+static int comm_rank(const MbComm *c);
+static int comm_world(const MbComm *c);
+static MbStatus comm_barrier(MbComm *c);
+/* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
+static MbStatus comm_all_reduce_host(MbComm *c, double *x, size_t n);
+/* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
+static MbStatus comm_all_reduce_f64(MbComm *c, double *x, size_t n);
+static MbStatus comm_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n);
+/* x (n) = every rank's shard (n / world), in rank order */
+static MbStatus comm_all_gather(MbComm *c, float *x, const float *shard, size_t n);
+/* a rank that stops fails its group: the others leave their collectives instead of waiting */
+static void comm_leave(MbComm *c);
+static double comm_timeout(double timeout); /* --ddp_timeout in seconds (0: the default) */
+static void comm_destroy(MbComm *c);
+static MbStatus mb_comm_threads_new(int world, double timeout, MbComm **comms);
 static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
                                 double timeout, MbComm **out);
-/* section 12: NCCL between GPUs (one rank per process, or `world` GPUs driven by one process) */
+/* NCCL between GPUs (one rank per process, or `world` GPUs driven by one process) */
 static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
                                  double timeout, MbComm **out);
 static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms);
@@ -6849,13 +7096,14 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
                                  int backward, double grad_scale, double *met) {
     MbTrainConfig *c = &tr->cfg;
     const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
-    for (int i = 0; i < P; i++) pairs[i] = &ds->pairs[idx[i]];
+    for (int i = 0; pairs && i < P; i++) pairs[i] = &ds->pairs[idx[i]];
     MbBatch bt;
-    batch_build(&bt, pairs, P, !tr->sft, c->max_length, tr->pad);
-    float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
+    memset(&bt, 0, sizeof bt);
+    MbStatus rc = pairs ? batch_build(&bt, pairs, P, !tr->sft, c->max_length, tr->pad) : MB_ERR_OOM;
+    float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum), *g = NULL;
     double *pol = mb_calloc((size_t)bt.B, sizeof *pol), *ref = mb_calloc((size_t)bt.B, sizeof *ref);
-    MbStatus rc = MB_OK;
-    if (!tr->sft) { /* the reference: adapter disabled, no gradient */
+    if (!rc && (!logp || !lsum || !pol || !ref)) rc = MB_ERR_OOM;
+    if (!rc && !tr->sft) { /* the reference: adapter disabled, no gradient */
         if (tr->ref_cache) {
             for (int b = 0; b < bt.B; b++) ref[b] = tr->ref_cache[2 * (ref_base + (size_t)idx[b % P]) + (b >= P)];
         } else {
@@ -6877,7 +7125,10 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         else lsum_r += lsum[i], rows_r++;
     }
     for (int k = 0; k < MET_COUNT; k++) met[k] = 0;
-    float *g = mb_calloc(bt.M, sizeof *g);
+    if (!(g = mb_calloc(bt.M, sizeof *g))) {
+        rc = MB_ERR_OOM;
+        goto done;
+    }
     if (tr->sft) { /* mean next-token loss over the completion tokens of the micro-batch */
         double nll = 0;
         for (size_t i = 0; i < bt.M; i++) nll -= logp[i], g[i] = (float)(-grad_scale / (double)bt.M);
@@ -6907,12 +7158,11 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         met[MET_LOGITS_CHOSEN] = rows_c ? lsum_c / ((double)rows_c * V) : 0;
         met[MET_LOGITS_REJECTED] = rows_r ? lsum_r / ((double)rows_r * V) : 0;
     }
-    if (backward) model_backward_rows(tr->m, g);
-    model_set_dropout(tr->m, 0);
-    free(g);
+    if (backward) rc = model_backward_rows(tr->m, g);
     for (int b = 0; b < bt.B; b++) tr->tokens_seen += bt.lens[b];
 done:
-    free(logp), free(lsum), free(pol), free(ref), free(pairs);
+    model_set_dropout(tr->m, 0);
+    free(g), free(logp), free(lsum), free(pol), free(ref), free(pairs);
     batch_free(&bt);
     return rc;
 }
@@ -6982,12 +7232,14 @@ static uint64_t trainer_fingerprint(const MbTrainer *tr) {
 
 static MbStatus precompute_ref(MbTrainer *tr) {
     MbComm *comm = tr->comm;
-    int lead = comm->rank == 0;
+    int lead = comm_rank(comm) == 0, world = comm_world(comm);
     size_t nt = (size_t)arrlen(tr->train.pairs), ne = (size_t)arrlen(tr->eval.pairs);
     char *path = mb_path_join(tr->output_dir, "ref_logps.safetensors");
     char key[32];
     snprintf(key, sizeof key, "%016llx", (unsigned long long)tr->fingerprint);
     tr->ref_cache = mb_calloc((nt + ne) * 2, sizeof(float));
+    double *sum = mb_calloc((nt + ne) * 2 + 1, sizeof(double)); /* the last entry: failed */
+    if (!path || !tr->ref_cache || !sum) return free(path), free(sum), MB_ERR_OOM; /* (ref_cache: trainer_free) */
     MbSafetensors *st = NULL;
     int cached = 0, stale = 0;
     if (mb_is_file(path) && mb_safetensors_open(path, &st) == MB_OK) {
@@ -7000,30 +7252,31 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         }
         mb_safetensors_close(st);
     }
-    comm->barrier(comm); /* every rank has looked before rank 0 may write */
-    if (cached) {
-        if (lead) printf("reference log-probs: %s (cached, key %s)\n", path, key);
-        free(path);
-        return MB_OK;
+    MbStatus rc = comm_barrier(comm); /* every rank has looked before rank 0 may write */
+    if (rc || cached) {
+        if (!rc && lead) printf("reference log-probs: %s (cached, key %s)\n", path, key);
+        free(path), free(sum);
+        return rc;
     }
     if (stale && lead) printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
     mb_lora_set_enabled(tr->lo, 0);
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
     size_t base = 0, batch = 0;
-    MbStatus rc = MB_OK;
-    double *sum = mb_calloc((nt + ne) * 2 + 1, sizeof(double)); /* the last entry: failed */
     for (int s = 0; s < 2; s++) {
         size_t n = (size_t)arrlen(sets[s]->pairs);
         int bs = tr->cfg.per_device_train_batch_size;
         for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs, batch++) {
-            if ((int)(batch % (size_t)comm->world) != comm->rank) continue; /* the batches are dealt to the ranks */
+            if ((int)(batch % (size_t)world) != comm_rank(comm)) continue; /* the batches are dealt to the ranks */
             int P = (int)MB_MIN((size_t)bs, n - i0);
             const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
-            for (int i = 0; i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
+            for (int i = 0; pairs && i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
             MbBatch bt;
-            batch_build(&bt, pairs, P, 1, tr->cfg.max_length, tr->pad);
+            memset(&bt, 0, sizeof bt);
+            rc = pairs ? batch_build(&bt, pairs, P, 1, tr->cfg.max_length, tr->pad) : MB_ERR_OOM;
             float *logp = mb_malloc(bt.M * sizeof *logp), *lsum = mb_malloc(bt.M * sizeof *lsum);
-            rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
+            if (!rc && (!logp || !lsum)) rc = MB_ERR_OOM;
+            if (!rc)
+                rc = model_forward_rows(tr->m, bt.tokens, bt.lens, bt.B, bt.T, bt.pos, bt.target, bt.M, logp, lsum, 0);
             for (size_t i = 0; !rc && i < bt.M; i++) {
                 int b = bt.seq[i];
                 sum[2 * (base + i0 + (size_t)(b % P)) + (b >= P)] += logp[i];
@@ -7035,10 +7288,11 @@ static MbStatus precompute_ref(MbTrainer *tr) {
     }
     mb_lora_set_enabled(tr->lo, 1);
     sum[(nt + ne) * 2] = rc != MB_OK;
-    comm->all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
+    MbStatus crc = comm_all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
     for (size_t i = 0; i < (nt + ne) * 2; i++) tr->ref_cache[i] = (float)sum[i];
     double failed = sum[(nt + ne) * 2];
     free(sum);
+    if (!rc) rc = crc;
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "computing the reference log-probs failed on another rank");
     failed = 0;
     if (!rc && lead) {
@@ -7048,8 +7302,9 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         if (!rc) printf("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
         failed = rc != MB_OK;
     }
-    comm->all_reduce_host(comm, &failed, 1);
-    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "rank 0 could not write the reference log-probs");
+    if (!(crc = comm_all_reduce_host(comm, &failed, 1)) && !rc && failed > 0)
+        rc = mb_fail(MB_ERR_ARG, "rank 0 could not write the reference log-probs");
+    if (!rc) rc = crc;
     free(path);
     return rc;
 }
@@ -7070,7 +7325,7 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
         char *p = mb_path_join(tmp, "optimizer.safetensors");
         size_t n = tr->lo->n_params;
         MbTensorOut ts[2] = {{"exp_avg", MB_DT_F32, 1, {n}, exp_avg}, {"exp_avg_sq", MB_DT_F32, 1, {n}, exp_avg_sq}};
-        rc = mb_safetensors_write(p, ts, 2, NULL);
+        rc = p ? mb_safetensors_write(p, ts, 2, NULL) : MB_ERR_OOM;
         free(p);
     }
     if (!rc) {
@@ -7079,9 +7334,9 @@ static MbStatus checkpoint_write(MbTrainer *tr, const float *exp_avg, const floa
                   "  \"tokens_seen\": %.0f,\n  \"fingerprint\": \"%016llx\",\n  \"seed\": %d,\n  \"world_size\": %d,\n"
                   "  \"zero_stage\": %d\n}\n",
                   tr->step, tr->micro_done, tr->total_steps, tr->tokens_seen, (unsigned long long)tr->fingerprint,
-                  tr->cfg.seed, tr->comm->world, tr->zero);
+                  tr->cfg.seed, comm_world(tr->comm), tr->zero);
         char *p = mb_path_join(tmp, "trainer_state.json");
-        rc = mb_write_file(p, j, strlen(j));
+        rc = p ? mb_write_file(p, j, strlen(j)) : MB_ERR_OOM;
         free(p);
         arrfree(j);
     }
@@ -7106,21 +7361,29 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
     MbOps *ops = tr->m->ops;
     float *m1 = tr->exp_avg, *m2 = tr->exp_avg_sq;
     size_t bytes = tr->n_pad * sizeof(float);
-    if (tr->zero && comm->world > 1) { /* every rank's slice, in one file */
-        m1 = ops->alloc(ops, bytes), m2 = ops->alloc(ops, bytes);
-        comm->all_gather(comm, m1, tr->exp_avg, tr->n_pad);
-        comm->all_gather(comm, m2, tr->exp_avg_sq, tr->n_pad);
-    }
     MbStatus rc = MB_OK;
-    if (comm->rank == 0) {
+    if (tr->zero && comm_world(comm) > 1) { /* every rank's slice, in one file */
+        m1 = ops->alloc(ops, bytes), m2 = ops->alloc(ops, bytes);
+        if (!m1 || !m2) rc = mb_ops_oom(ops); /* (this rank leaves; train_rank releases the others) */
+        if (!rc) rc = comm_all_gather(comm, m1, tr->exp_avg, tr->n_pad);
+        if (!rc) rc = comm_all_gather(comm, m2, tr->exp_avg_sq, tr->n_pad);
+        if (rc) {
+            if (m1) ops->free(ops, m1);
+            if (m2) ops->free(ops, m2);
+            return rc;
+        }
+    }
+    if (!rc && comm_rank(comm) == 0) {
         float *h1 = mb_malloc(bytes), *h2 = mb_malloc(bytes);
-        ops->to_host(ops, h1, m1, bytes), ops->to_host(ops, h2, m2, bytes);
-        rc = checkpoint_write(tr, h1, h2);
+        if (h1 && h2) ops->to_host(ops, h1, m1, bytes), ops->to_host(ops, h2, m2, bytes);
+        rc = !h1 || !h2 ? MB_ERR_OOM : mb_ops_status(ops);
+        if (!rc) rc = checkpoint_write(tr, h1, h2);
         free(h1), free(h2);
     }
     if (m1 != tr->exp_avg) ops->free(ops, m1), ops->free(ops, m2);
     double failed = rc != MB_OK;
-    comm->all_reduce_host(comm, &failed, 1);
+    MbStatus crc = comm_all_reduce_host(comm, &failed, 1);
+    if (!rc && crc) rc = crc;
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_IO, "rank 0 could not write checkpoint-%ld", tr->step);
     return rc;
 }
@@ -7131,7 +7394,7 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
     memset(&doc, 0, sizeof doc);
     MbLora *lo = NULL;
     MbSafetensors *st = NULL;
-    MbStatus rc = mb_is_dir(dir) ? MB_OK : mb_fail(MB_ERR_IO, "%s: no such checkpoint folder", dir);
+    MbStatus rc = !state || !opt ? MB_ERR_OOM : mb_is_dir(dir) ? MB_OK : mb_fail(MB_ERR_IO, "%s: no such checkpoint folder", dir);
     if (!rc) rc = json_read_file(state, &doc);
     if (!rc) {
         const MbJson *r = json_root(&doc), *gs = json_get(&doc, r, "global_step"),
@@ -7162,18 +7425,20 @@ static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
                          "corrupt", opt);
         else { /* the file holds every slice: any world size can take its own */
             MbOps *ops = tr->m->ops;
-            size_t off = tr->zero ? (size_t)tr->comm->rank * tr->shard : 0, len = tr->zero ? tr->shard : tr->n_pad;
+            size_t off = tr->zero ? (size_t)comm_rank(tr->comm) * tr->shard : 0, len = tr->zero ? tr->shard : tr->n_pad;
             float *h1 = mb_calloc(len + 1, sizeof(float)), *h2 = mb_calloc(len + 1, sizeof(float));
-            for (size_t i = 0; i < len && off + i < np; i++) {
+            float *hp = h1 && h2 ? lora_download(lo, lo->params) : NULL;
+            for (size_t i = 0; hp && i < len && off + i < np; i++) {
                 memcpy(&h1[i], (const char *)a->data + 4 * (off + i), 4);
                 memcpy(&h2[i], (const char *)b->data + 4 * (off + i), 4);
             }
-            ops->from_host(ops, tr->exp_avg, h1, len * sizeof(float));
-            ops->from_host(ops, tr->exp_avg_sq, h2, len * sizeof(float));
-            free(h1), free(h2);
-            float *hp = lora_download(lo, lo->params);
-            ops->from_host(ops, tr->lo->params, hp, np * sizeof(float));
-            free(hp);
+            if (hp) {
+                ops->from_host(ops, tr->exp_avg, h1, len * sizeof(float));
+                ops->from_host(ops, tr->exp_avg_sq, h2, len * sizeof(float));
+                ops->from_host(ops, tr->lo->params, hp, np * sizeof(float));
+            }
+            rc = !h1 || !h2 ? MB_ERR_OOM : !hp ? mb_ops_oom(lo->ops) : mb_ops_status(ops);
+            free(h1), free(h2), free(hp);
         }
     }
     mb_safetensors_close(st);
@@ -7206,10 +7471,10 @@ static MbStatus log_append(const MbTrainer *tr, const MbLogRow *r, const char *p
     }
     sb_printf(&j, "}\n");
     char *p = mb_path_join(tr->output_dir, "metrics.jsonl");
-    FILE *f = fopen(p, "ab");
+    FILE *f = p ? fopen(p, "ab") : NULL;
     int ok = f && fputs(j, f) >= 0;
     if (f && fclose(f) != 0) ok = 0;
-    MbStatus rc = ok ? MB_OK : mb_fail(MB_ERR_IO, "%s: cannot append the metrics: %s", p, strerror(errno));
+    MbStatus rc = ok ? MB_OK : !p ? MB_ERR_OOM : mb_fail(MB_ERR_IO, "%s: cannot append the metrics: %s", p, strerror(errno));
     free(p);
     arrfree(j);
     return rc;
@@ -7221,7 +7486,7 @@ static MbStatus metrics_cut(const char *out, long step) {
     char *p = mb_path_join(out, "metrics.jsonl"), *text = NULL, *keep = NULL;
     size_t n, at = 0;
     int line = 0, dropped = 0;
-    MbStatus rc = mb_is_file(p) ? mb_read_file(p, &text, &n) : MB_OK;
+    MbStatus rc = !p ? MB_ERR_OOM : mb_is_file(p) ? mb_read_file(p, &text, &n) : MB_OK;
     const char *l;
     size_t len;
     while (text && !rc && jsonl_next(text, n, &at, &line, &l, &len)) {
@@ -7291,7 +7556,7 @@ static MbStatus write_svg(const MbTrainer *tr, const MbLogRow *rows, size_t n) {
     }
     sb_printf(&s, "</svg>\n");
     char *p = mb_path_join(tr->output_dir, "training.svg");
-    MbStatus rc = mb_write_file(p, s, strlen(s));
+    MbStatus rc = p ? mb_write_file(p, s, strlen(s)) : MB_ERR_OOM;
     free(p);
     arrfree(s);
     return rc;
@@ -7305,10 +7570,10 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
     MbComm *comm = tr->comm;
     double bm[MET_COUNT] = {0};
     double sums[MET_COUNT + 3] = {0}; /* metric sums, loss x pairs, batches, failed */
-    MbStatus rc = MB_OK;
+    MbStatus rc = idx ? MB_OK : MB_ERR_OOM;
     size_t b = 0;
     for (size_t i0 = 0; i0 < n; i0 += (size_t)bs, b++) {
-        if ((int)(b % (size_t)comm->world) != comm->rank || rc) continue;
+        if ((int)(b % (size_t)comm_world(comm)) != comm_rank(comm) || rc) continue;
         int P = (int)MB_MIN((size_t)bs, n - i0);
         for (int i = 0; i < P; i++) idx[i] = (int)(i0 + (size_t)i);
         rc = train_microbatch(tr, &tr->eval, idx, P, nt, 0, 1.0, bm);
@@ -7317,9 +7582,10 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
         sums[MET_COUNT + 1] += 1;
     }
     sums[MET_COUNT + 2] = rc != MB_OK;
-    comm->all_reduce_host(comm, sums, MET_COUNT + 3);
+    MbStatus crc = comm_all_reduce_host(comm, sums, MET_COUNT + 3);
     for (int k = 0; k < MET_COUNT; k++) met[k] = sums[k] / MB_MAX(sums[MET_COUNT + 1], 1.0);
     met[MET_LOSS] = sums[MET_COUNT] / (double)MB_MAX(n, 1);
+    if (!rc) rc = crc;
     if (!rc && sums[MET_COUNT + 2] > 0) rc = mb_fail(MB_ERR_ARG, "evaluation failed on another rank");
     free(idx);
     return rc;
@@ -7328,41 +7594,47 @@ static MbStatus train_evaluate(MbTrainer *tr, double *met) {
 /* The summed gradient of this step, clipped, applied with AdamW. Without ZeRO every rank sums
  * the whole gradient and updates every parameter; with ZeRO-1 each rank gets the sum of its
  * slice (reduce-scatter), updates that slice with its slice of the moments, and the slices are
- * all-gathered. Returns the global gradient norm before clipping. */
-static double optimizer_step(MbTrainer *tr, double lr) {
+ * all-gathered. *norm: the global gradient norm before clipping (not finite: nothing applied). */
+static MbStatus optimizer_step(MbTrainer *tr, double lr, double *norm) {
     MbTrainConfig *c = &tr->cfg;
     MbOps *ops = tr->m->ops;
     MbComm *comm = tr->comm;
+    int world = comm_world(comm), rank = comm_rank(comm);
     float *p = tr->lo->params, *g = tr->lo->grads;
-    size_t off = (size_t)comm->rank * tr->shard, len = tr->n_pad;
+    size_t off = (size_t)rank * tr->shard, len = tr->n_pad;
     float *gs = g;
+    MbStatus rc = MB_OK;
+    *norm = 0;
     if (tr->zero) {
-        comm->reduce_scatter_f64(comm, tr->acc_shard, tr->acc, tr->n_pad);
+        rc = comm_reduce_scatter_f64(comm, tr->acc_shard, tr->acc, tr->n_pad);
         ops->from_f64(ops, tr->gshard, tr->acc_shard, tr->shard);
         gs = tr->gshard, len = tr->shard;
     } else {
-        if (comm->world > 1) comm->all_reduce_f64(comm, tr->acc, tr->n_pad);
+        if (world > 1) rc = comm_all_reduce_f64(comm, tr->acc, tr->n_pad);
         ops->from_f64(ops, g, tr->acc, tr->n_pad);
     }
     double ss = ops->sumsq(ops, gs, len);
-    if (tr->zero && comm->world > 1) { /* the slices' sums of squares, added in fp64 */
-        double *one = mb_calloc((size_t)comm->world, sizeof(double));
-        one[comm->rank] = ss;
-        comm->all_reduce_host(comm, one, (size_t)comm->world);
+    if (!rc) rc = mb_ops_status(ops);
+    if (!rc && tr->zero && world > 1) { /* the slices' sums of squares, added in fp64 */
+        double *one = mb_calloc((size_t)world, sizeof(double));
+        if (!one) return MB_ERR_OOM;
+        one[rank] = ss;
+        rc = comm_all_reduce_host(comm, one, (size_t)world);
         ss = 0;
-        for (int r = 0; r < comm->world; r++) ss += one[r];
+        for (int r = 0; r < world; r++) ss += one[r];
         free(one);
     }
-    double norm = sqrt(ss);
-    if (!isfinite(norm)) return norm;
+    if (rc) return rc;
+    *norm = sqrt(ss);
+    if (!isfinite(*norm)) return MB_OK;
     if (c->max_grad_norm > 0) { /* torch.nn.utils.clip_grad_norm_ */
-        double coef = c->max_grad_norm / (norm + 1e-6);
+        double coef = c->max_grad_norm / (*norm + 1e-6);
         if (coef < 1.0) ops->scale(ops, gs, (float)coef, len);
     }
     ops->adamw(ops, tr->zero ? p + off : p, gs, tr->exp_avg, tr->exp_avg_sq, len, lr, c->adam_beta1, c->adam_beta2,
                c->adam_epsilon, c->weight_decay, tr->step + 1);
-    if (tr->zero) comm->all_gather(comm, p, p + off, tr->n_pad);
-    return norm;
+    if ((rc = mb_ops_status(ops))) return rc;
+    return tr->zero ? comm_all_gather(comm, p, p + off, tr->n_pad) : MB_OK;
 }
 
 /* The training loop of transformers' Trainer: epochs of micro-batches, grouped into optimizer
@@ -7373,9 +7645,9 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     MbTrainConfig *c = &tr->cfg;
     MbOps *ops = tr->m->ops;
     MbComm *comm = tr->comm;
-    int lead = comm->rank == 0;
+    int lead = comm_rank(comm) == 0;
     size_t n = (size_t)arrlen(tr->train.pairs);
-    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps * comm->world;
+    int bs = c->per_device_train_batch_size, ga = c->gradient_accumulation_steps * comm_world(comm);
     long mb_per_epoch = (long)((n + (size_t)bs - 1) / (size_t)bs);
     long steps_per_epoch = MB_MAX(1, (mb_per_epoch + ga - 1) / ga);
     tr->total_steps = c->max_steps > 0 ? c->max_steps : (long)ceil(c->num_train_epochs * (double)steps_per_epoch);
@@ -7383,17 +7655,20 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     size_t moments = tr->zero ? tr->shard : tr->n_pad;
     tr->exp_avg = ops->alloc(ops, moments * sizeof(float));
     tr->exp_avg_sq = ops->alloc(ops, moments * sizeof(float));
+    if (!tr->exp_avg || !tr->exp_avg_sq) return mb_ops_oom(ops); /* (trainer_free frees what came) */
     MbStatus rc = MB_OK;
     if (resume && (rc = checkpoint_load(tr, resume))) return rc;
     long saved = 0; /* the step whose checkpoint is in OUT (0: none) */
     if (resume) { /* rank 0 keeps the files: metrics.jsonl cut to the step; is OUT's checkpoint this one? */
         double flags[2] = {0, 0};
         char *ck = mb_malloc(strlen(tr->output_dir) + 40);
+        if (!ck) return MB_ERR_OOM;
         sprintf(ck, "%s/checkpoint-%ld", tr->output_dir, tr->step);
         if (lead && (rc = metrics_cut(tr->output_dir, tr->step))) flags[0] = 1;
         if (lead) flags[1] = mb_is_dir(ck);
         free(ck);
-        comm->all_reduce_host(comm, flags, 2);
+        MbStatus crc = comm_all_reduce_host(comm, flags, 2);
+        if (!rc) rc = crc;
         if (!rc && flags[0] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: rank 0 could not cut metrics.jsonl");
         if (rc) return rc;
         saved = flags[1] > 0 ? tr->step : 0;
@@ -7401,6 +7676,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     }
     MbStatus log_rc = MB_OK; /* rank 0 could not write metrics.jsonl: every rank stops at the next step */
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
+    if (!order || !idx) return free(order), free(idx), MB_ERR_OOM;
     MbLogRow *hist = NULL, win;
     memset(&win, 0, sizeof win);
     int win_micro = 0, win_steps = 0;
@@ -7413,7 +7689,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         if (in_epoch == 0 && tr->micro_done / mb_per_epoch != epoch) epoch_order(c, n, epoch = tr->micro_done / mb_per_epoch, order);
         long count = MB_MIN((long)ga, mb_per_epoch - in_epoch); /* micro-batches of this optimizer step */
         size_t mine0, mine1;
-        mb_split((size_t)count, comm->rank, comm->world, &mine0, &mine1);
+        mb_split((size_t)count, comm_rank(comm), comm_world(comm), &mine0, &mine1);
         ops->fill_f64(ops, tr->acc, tr->n_pad);
         double sums[MET_COUNT + 3] = {0}; /* metric sums over the step's micro-batches, tokens, failed, stopped */
         double tokens0 = tr->tokens_seen;
@@ -7431,7 +7707,11 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         sums[MET_COUNT] = tr->tokens_seen - tokens0;
         sums[MET_COUNT + 1] = rc != MB_OK || log_rc != MB_OK;
         if (tr->interrupt && *tr->interrupt) sums[MET_COUNT + 2] = 1;
-        comm->all_reduce_host(comm, sums, MET_COUNT + 3); /* also tells every rank when one failed or stopped */
+        MbStatus crc = comm_all_reduce_host(comm, sums, MET_COUNT + 3); /* also tells every rank when one failed or stopped */
+        if (crc) { /* the group failed (a rank died, hangs or failed): this step stops here, unsaved */
+            if (!rc) rc = crc;
+            break;
+        }
         tr->tokens_seen = tokens0 + sums[MET_COUNT];
         if (!rc && log_rc) rc = log_rc;
         if (!rc && sums[MET_COUNT + 1] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: another rank failed");
@@ -7447,7 +7727,8 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         double step_met[MET_COUNT];
         for (int q = 0; q < MET_COUNT; q++) step_met[q] = sums[q] / (double)count, win.met[q] += sums[q];
         win_micro += (int)count;
-        double lr = sched_lr(c, tr->step, tr->total_steps, warmup), norm = optimizer_step(tr, lr);
+        double lr = sched_lr(c, tr->step, tr->total_steps, warmup), norm;
+        if ((rc = optimizer_step(tr, lr, &norm))) break;
         if (!isfinite(norm)) {
             rc = mb_fail(MB_ERR_ARG, "training stopped at step %ld: the gradient norm is %g; the last checkpoint (if "
                          "any) is intact", tr->step + 1, norm);
@@ -7506,7 +7787,8 @@ static void trainer_free(MbTrainer *tr) {
     dataset_free(&tr->train);
     dataset_free(&tr->eval);
     free(tr->ref_cache);
-    if (tr->m && tr->exp_avg) tr->m->ops->free(tr->m->ops, tr->exp_avg), tr->m->ops->free(tr->m->ops, tr->exp_avg_sq);
+    if (tr->m && tr->exp_avg) tr->m->ops->free(tr->m->ops, tr->exp_avg);
+    if (tr->m && tr->exp_avg_sq) tr->m->ops->free(tr->m->ops, tr->exp_avg_sq);
     if (tr->m) mb_model_set_lora(tr->m, NULL);
     mb_lora_free(tr->lo);
     mb_tokenizer_free((MbTokenizer *)tr->tok);
@@ -7524,6 +7806,7 @@ static MbStatus split_eval(MbDataset *train, MbDataset *eval, double frac, int s
                        "--> hold out a share that leaves pairs on both sides, or pass --eval_data FILE", train->path, frac,
                        n, n == 1 ? "" : "s", k, n - MB_MIN(k, n));
     char *pick = mb_calloc(n, 1);
+    if (!pick || !(eval->path = mb_strdup(train->path))) return free(pick), MB_ERR_OOM;
     MbRng rng;
     mb_rng_seed(&rng, (uint64_t)seed ^ 0xe7a1u);
     for (size_t chosen = 0; chosen < k;) {
@@ -7537,7 +7820,6 @@ static MbStatus split_eval(MbDataset *train, MbDataset *eval, double frac, int s
     }
     arrfree(train->pairs);
     train->pairs = keep;
-    eval->path = mb_strdup(train->path);
     free(pick);
     return MB_OK;
 }
@@ -7599,10 +7881,10 @@ static void report_skips(const MbDataset *ds) {
                ds->first_skipped_line);
 }
 
-/* The newest OUTPUT/checkpoint-N, or NULL. */
-static char *latest_checkpoint(const char *out) {
+/* N of the newest OUTPUT/checkpoint-N, or -1 when there is none. */
+static long latest_checkpoint_step(const char *out) {
     DIR *d = opendir(out);
-    if (!d) return NULL;
+    if (!d) return -1;
     long best = -1;
     struct dirent *e;
     while ((e = readdir(d))) {
@@ -7612,6 +7894,12 @@ static char *latest_checkpoint(const char *out) {
         if (*end == 0 && k > best) best = k;
     }
     closedir(d);
+    return best;
+}
+
+/* The newest OUTPUT/checkpoint-N (malloc'd), or NULL when there is none or out of memory. */
+static char *latest_checkpoint(const char *out) {
+    long best = latest_checkpoint_step(out);
     if (best < 0) return NULL;
     char buf[64];
     snprintf(buf, sizeof buf, "checkpoint-%ld", best);
@@ -7633,23 +7921,26 @@ static int output_holds_run(const char *out, char *what, size_t cap) {
     const char *marks[] = {"metrics.jsonl", "adapter_model.safetensors"};
     for (int i = 0; i < 2; i++) {
         char *p = mb_path_join(out, marks[i]);
-        int there = mb_is_file(p);
+        int there = !p || mb_is_file(p); /* (out of memory: a run, so that nothing is written over) */
         free(p);
         if (there) return snprintf(what, cap, "%s", marks[i]), 1;
     }
-    char *ck = latest_checkpoint(out);
-    if (ck) snprintf(what, cap, "%s", ck + strlen(out) + (out[strlen(out) - 1] != '/'));
-    free(ck);
-    return ck != NULL;
+    long ck = latest_checkpoint_step(out);
+    if (ck >= 0) snprintf(what, cap, "checkpoint-%ld", ck);
+    return ck >= 0;
 }
 
 /* 1 when path lies inside the folder dir: one of path's parents (path/.., path/../.., ... as
- * the system resolves them, links included) is dir. */
+ * the system resolves them, links included) is dir; 0 when not, -1 when out of memory. */
 static int path_inside(const char *path, const char *dir) {
     char *p = mb_is_dir(path) ? mb_path_join(path, "..") : mb_path_dirname(path);
-    int inside = 0;
+    int inside = p ? 0 : -1; /* -1: out of memory (the message is set) */
     for (int depth = 0; depth < 256 && !inside; depth++) {
         char *up = mb_path_join(p, "..");
+        if (!up) {
+            inside = -1;
+            break;
+        }
         inside = mb_same_file(p, dir);
         int top = mb_same_file(p, up) || !mb_is_dir(p); /* "/" is its own parent */
         free(p);
@@ -7673,17 +7964,22 @@ static MbStatus train_check_output(const MbTrainJob *job) {
     while (d && !rc && (e = readdir(d))) {
         if (strncmp(e->d_name, "checkpoint-", 11)) continue;
         char *ck = mb_path_join(out, e->d_name);
-        for (size_t i = 0; !rc && i < n; i++)
-            if (inputs[i] && (mb_same_file(inputs[i], ck) || path_inside(inputs[i], ck)))
+        if (!ck) rc = MB_ERR_OOM;
+        for (size_t i = 0; !rc && i < n; i++) {
+            int inside = inputs[i] && !mb_same_file(inputs[i], ck) ? path_inside(inputs[i], ck) : inputs[i] != NULL;
+            if (inside < 0) rc = MB_ERR_OOM;
+            else if (inside)
                 rc = mb_fail(MB_ERR_ARG, "%s: the input %s is in a checkpoint folder of %s (%s), which this run "
                              "writes --> copy it elsewhere, or choose another --output", cmd, inputs[i], out, e->d_name);
+        }
         free(ck);
     }
     if (d) closedir(d);
     char what[300];
     /* resuming continues the run in OUT when the checkpoint is OUT's ("latest" or a folder in it) */
-    int resume = job->resume && job->resume[0] &&
-                 (!strcmp(job->resume, "latest") || !strcmp(job->resume, "true") || path_inside(job->resume, out));
+    int resume = job->resume && job->resume[0];
+    if (resume && strcmp(job->resume, "latest") && strcmp(job->resume, "true")) resume = path_inside(job->resume, out);
+    if (!rc && resume < 0) rc = MB_ERR_OOM;
     if (!rc && !resume && !job->overwrite_output_dir && mb_is_dir(out) && output_holds_run(out, what, sizeof what))
         rc = mb_fail(MB_ERR_ARG, "%s: %s already holds a run (%s) --> --resume_from_checkpoint latest continues it, "
                      "--overwrite_output_dir replaces it, or choose another --output", cmd, out, what);
@@ -7711,7 +8007,7 @@ static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
             own |= strcmp(mb_run_outputs[i], "ref_logps.safetensors") && !strcmp(e->d_name, mb_run_outputs[i]);
         if (!ckpt && !own) continue;
         char *p = mb_path_join(out, e->d_name);
-        rc = mb_remove_path(p);
+        rc = p ? mb_remove_path(p) : MB_ERR_OOM;
         free(p);
     }
     if (d) closedir(d);
@@ -7722,10 +8018,8 @@ static MbStatus output_prepare(MbTrainer *tr, const MbTrainJob *job) {
 /* Rank 0, after a run that failed (or stopped) before any checkpoint: removes the files and
  * folders it created. A run with a checkpoint keeps everything: it can be resumed. */
 static void output_undo(MbTrainer *tr, const char *out, int failed) {
-    char *ck = failed && mb_is_dir(out) ? latest_checkpoint(out) : NULL;
-    int undo = failed && !ck;
+    int undo = failed && !(mb_is_dir(out) && latest_checkpoint_step(out) >= 0);
     if (undo) mb_remove_new_files(out, mb_run_outputs, tr->existed);
-    free(ck);
     mb_undo_mkdirs(&tr->made, !undo);
 }
 
@@ -7736,23 +8030,27 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     j.threads = threads;
     j.gpu = gpu;
     MbTrainer tr;
-    int lead = comm->rank == 0;
+    int lead = comm_rank(comm) == 0, world = comm_world(comm);
     MbStatus rc = trainer_setup(&tr, &j, 1);
     double failed = rc != MB_OK; /* a rank that cannot start stops every rank */
-    comm->all_reduce_host(comm, &failed, 1);
-    if (rc) return rc;
-    if (failed > 0) {
+    MbStatus crc = comm_all_reduce_host(comm, &failed, 1);
+    if (!rc && (crc || failed > 0)) {
         trainer_free(&tr);
-        return mb_fail(MB_ERR_ARG, "another rank could not start");
+        return crc ? crc : mb_fail(MB_ERR_ARG, "another rank could not start");
     }
+    if (rc) return rc;
     tr.comm = comm;
-    tr.zero = job->zero_stage < 0 ? comm->world > 1 : job->zero_stage >= 1;
-    tr.shard = (tr.lo->n_params + (size_t)comm->world - 1) / (size_t)comm->world;
-    tr.n_pad = tr.shard * (size_t)comm->world;
-    lora_reserve(tr.lo, tr.n_pad);
+    tr.zero = job->zero_stage < 0 ? world > 1 : job->zero_stage >= 1;
+    tr.shard = (tr.lo->n_params + (size_t)world - 1) / (size_t)world;
+    tr.n_pad = tr.shard * (size_t)world;
     MbOps *ops = tr.m->ops;
-    if (tr.zero) tr.gshard = ops->alloc(ops, tr.shard * sizeof(float)), tr.acc_shard = ops->alloc(ops, tr.shard * sizeof(double));
-    tr.acc = ops->alloc(ops, tr.n_pad * sizeof(double));
+    rc = lora_reserve(tr.lo, tr.n_pad);
+    if (!rc && tr.zero) {
+        tr.gshard = ops->alloc(ops, tr.shard * sizeof(float)), tr.acc_shard = ops->alloc(ops, tr.shard * sizeof(double));
+        if (!tr.gshard || !tr.acc_shard) rc = mb_ops_oom(ops);
+    }
+    if (!rc && !(tr.acc = ops->alloc(ops, tr.n_pad * sizeof(double)))) rc = mb_ops_oom(ops);
+    if (rc) goto done;
     tr.fingerprint = trainer_fingerprint(&tr);
     const MbTrainConfig *c = &tr.cfg;
     if (lead) {
@@ -7768,29 +8066,27 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
             printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
                    c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
                    c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
-        if (comm->world > 1)
+        if (world > 1)
             printf("data parallel: %d ranks x %s, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
-                   comm->world, !ops->host_memory ? "one GPU" : job->world_size > 1 ? "CPU processes" : "CPU threads",
-                   c->per_device_train_batch_size * c->gradient_accumulation_steps * comm->world, tr.zero,
+                   world, !ops->host_memory ? "one GPU" : job->world_size > 1 ? "CPU processes" : "CPU threads",
+                   c->per_device_train_batch_size * c->gradient_accumulation_steps * world, tr.zero,
                    tr.zero ? tr.shard : tr.lo->n_params);
     }
     tr.interrupt = job->interrupt;
     if (lead) rc = output_prepare(&tr, job);
     failed = rc != MB_OK;
-    comm->all_reduce_host(comm, &failed, 1);
+    if ((crc = comm_all_reduce_host(comm, &failed, 1)) && !rc) rc = crc;
     if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     if (!rc && !job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
     char *resume = NULL;
     if (!rc && job->resume && job->resume[0]) {
-        if (!strcmp(job->resume, "true") || !strcmp(job->resume, "latest")) {
-            resume = latest_checkpoint(job->output_dir);
-            if (!resume) rc = mb_fail(MB_ERR_ARG, "%s: no checkpoint-N folder to resume from", job->output_dir);
-        } else {
-            resume = mb_strdup(job->resume);
-        }
+        if (strcmp(job->resume, "true") && strcmp(job->resume, "latest")) resume = mb_strdup(job->resume);
+        else if (latest_checkpoint_step(job->output_dir) >= 0) resume = latest_checkpoint(job->output_dir);
+        else rc = mb_fail(MB_ERR_ARG, "%s: no checkpoint-N folder to resume from", job->output_dir);
+        if (!rc && !resume) rc = MB_ERR_OOM;
     }
     double stop[2] = {rc != MB_OK, job->interrupt && *job->interrupt}; /* failed; Ctrl-C while loading */
-    comm->all_reduce_host(comm, stop, 2);
+    if ((crc = comm_all_reduce_host(comm, stop, 2)) && !rc) rc = crc;
     if (!rc && stop[0] > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     if (!rc && stop[1] > 0)
         rc = mb_fail(MB_INTERRUPTED, "interrupted while loading, before this run's first optimizer step: nothing "
@@ -7805,25 +8101,111 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
         printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
                "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
                job->output_dir, job->output_dir);
-    if (tr.gshard) ops->free(ops, tr.gshard), ops->free(ops, tr.acc_shard);
-    ops->free(ops, tr.acc);
+done:
+    if (rc) comm_leave(comm); /* ranks still in (or yet to reach) a collective must not wait for this one */
+    if (tr.gshard) ops->free(ops, tr.gshard);
+    if (tr.acc_shard) ops->free(ops, tr.acc_shard);
+    if (tr.acc) ops->free(ops, tr.acc);
     trainer_free(&tr);
     return rc;
 }
 
+/* The ranks of this process that have returned, and how many of them failed */
 typedef struct {
-    const MbTrainJob *job;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int finished, failed;
+} MbRankWait;
+
+typedef struct {
+    MbTrainJob job;
     MbComm *comm;
     int threads, gpu;
     MbStatus rc;
     char err[1024];
+    int done;                /* returned (under wait->mu) */
+    MbRankWait *wait;
 } MbRankRun;
 
 static void *train_rank_thread(void *arg) {
     MbRankRun *r = arg;
-    r->rc = train_rank(r->job, r->comm, r->threads, r->gpu);
-    if (r->rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
+    MbStatus rc = train_rank(&r->job, r->comm, r->threads, r->gpu);
+    pthread_mutex_lock(&r->wait->mu);
+    r->rc = rc;
+    if (rc) snprintf(r->err, sizeof r->err, "%s", mb_last_error());
+    r->done = 1, r->wait->finished++, r->wait->failed += rc != MB_OK;
+    pthread_cond_broadcast(&r->wait->cv);
+    pthread_mutex_unlock(&r->wait->mu);
     return NULL;
+}
+
+/* Waits for the `started` ranks. Once one has failed, the others have `grace` seconds to leave
+ * (they do at their next collective; one hung outside any collective never does). 1 when a rank
+ * is still running. */
+static int train_ranks_wait(MbRankWait *w, int started, double grace) {
+    struct timespec until;
+    int limited = 0, timed_out = 0;
+    pthread_mutex_lock(&w->mu);
+    while (w->finished < started && !timed_out) {
+        if (w->failed && !limited) {
+            clock_gettime(CLOCK_REALTIME, &until);
+            double t = (double)until.tv_sec + until.tv_nsec * 1e-9 + grace;
+            until.tv_sec = (time_t)t, until.tv_nsec = (long)((t - floor(t)) * 1e9), limited = 1;
+        }
+        if (limited) timed_out = pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT;
+        else pthread_cond_wait(&w->cv, &w->mu);
+    }
+    int running = w->finished < started;
+    pthread_mutex_unlock(&w->mu);
+    return running;
+}
+
+/* The world ranks of this process (--nproc), a thread each, joined by comms. A rank that cannot
+ * start fails the group, so that the ranks already running leave it. *stuck: a rank hung past
+ * --ddp_timeout after the job failed is left running (detached), and with it comms and what this
+ * allocated: the caller keeps them. */
+static MbStatus train_ranks(const MbTrainJob *job, MbComm **comms, int world, int threads, int *stuck) {
+    MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
+    pthread_t *th = mb_calloc((size_t)world, sizeof *th);
+    MbRankWait *w = mb_calloc(1, sizeof *w);
+    *stuck = 0;
+    if (!runs || !th || !w) return free(runs), free(th), free(w), MB_ERR_OOM;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    MbStatus rc = MB_OK;
+    int started = 0;
+    for (int r = 0; !rc && r < world; r++) {
+        runs[r].job = *job, runs[r].comm = comms[r], runs[r].threads = threads, runs[r].gpu = job->gpu + r, runs[r].wait = w;
+        int e = mb_thread_start(&th[r], train_rank_thread, &runs[r]);
+        if (!e) {
+            started++;
+            continue;
+        }
+        rc = mb_fail(MB_ERR_OOM, "cannot start rank %d of %d: %s", r, world, strerror(e));
+        comm_leave(comms[r]); /* the ranks already started stop at their next collective */
+        pthread_mutex_lock(&w->mu);
+        w->failed++;
+        pthread_mutex_unlock(&w->mu);
+    }
+    *stuck = train_ranks_wait(w, started, comm_timeout(job->ddp_timeout));
+    for (int r = 0; r < started; r++) {
+        pthread_mutex_lock(&w->mu);
+        int done = runs[r].done;
+        pthread_mutex_unlock(&w->mu);
+        if (done) pthread_join(th[r], NULL);
+        else pthread_detach(th[r]);
+    }
+    /* report the rank that failed first, not the ranks that stopped because of it (nor one hung:
+     * the others name it) */
+    for (int r = 0; r < started && !rc; r++)
+        if (runs[r].done && runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+    for (int r = 0; r < started && !rc; r++)
+        if (runs[r].done && runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
+    if (*stuck) return rc; /* (runs and w stay: the hung rank holds them) */
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(runs), free(th), free(w);
+    return rc;
 }
 
 MbStatus mb_train(const MbTrainJob *job) {
@@ -7844,6 +8226,7 @@ MbStatus mb_train(const MbTrainJob *job) {
     const char *addr = job->master_addr ? job->master_addr : "127.0.0.1";
     /* the ranks of a multi-process job prove at the rendezvous that they run the same job */
     MbJobFingerprint *fp = dist ? mb_malloc(sizeof *fp) : NULL;
+    if (!comms || (dist && !fp)) return free(comms), free(fp), MB_ERR_OOM;
     MbStatus fp_rc = fp ? mb_job_fingerprint(job, fp) : MB_OK;
     char *fp_err = fp_rc ? mb_strdup(mb_last_error()) : NULL; /* more precise than the rendezvous' refusal */
     int port = job->master_port, rank = job->rank, size = job->world_size;
@@ -7851,7 +8234,7 @@ MbStatus mb_train(const MbTrainJob *job) {
         rc = mb_comm_nccl_new(addr, port, rank, size, job->gpu, fp, job->ddp_timeout, &comms[0]);
     else if (dist) rc = mb_comm_tcp_new(addr, port, rank, size, fp, job->ddp_timeout, &comms[0]);
     else if (device == MB_DEVICE_CUDA && world > 1) rc = mb_comm_nccl_new_all(world, job->gpu, job->ddp_timeout, comms), j.device = device;
-    else mb_comm_threads_new(world, job->ddp_timeout, comms);
+    else rc = mb_comm_threads_new(world, job->ddp_timeout, comms);
     if (rc && fp_err) rc = mb_fail(fp_rc, "%s", fp_err);
     free(fp), free(fp_err);
     if (rc) {
@@ -7859,27 +8242,11 @@ MbStatus mb_train(const MbTrainJob *job) {
         return rc;
     }
     job = &j;
-    if (world == 1) {
-        rc = train_rank(job, comms[0], per, job->gpu);
-    } else {
-        MbRankRun *runs = mb_calloc((size_t)world, sizeof *runs);
-        pthread_t *th = mb_calloc((size_t)world, sizeof *th);
-        for (int r = 0; r < world; r++) {
-            runs[r].job = job, runs[r].comm = comms[r], runs[r].threads = per, runs[r].gpu = job->gpu + r;
-            if (mb_thread_start(&th[r], train_rank_thread, &runs[r]) != 0) {
-                fprintf(stderr, "medbot: cannot start rank %d of %d\n", r, world);
-                exit(1); /* the ranks already started wait for it forever */
-            }
-        }
-        for (int r = 0; r < world; r++) pthread_join(th[r], NULL);
-        /* report the rank that failed first, not the ranks that stopped because of it */
-        for (int r = 0; r < world && !rc; r++)
-            if (runs[r].rc && !strstr(runs[r].err, "another rank")) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
-        for (int r = 0; r < world && !rc; r++)
-            if (runs[r].rc) rc = mb_fail(runs[r].rc, "%s", runs[r].err);
-        free(runs), free(th);
-    }
-    for (int r = 0; r < world; r++) comms[r]->destroy(comms[r]);
+    int stuck = 0;
+    if (world == 1) rc = train_rank(job, comms[0], per, job->gpu);
+    else rc = train_ranks(job, comms, world, per, &stuck);
+    if (stuck) return rc; /* a rank hung outside the collectives still holds its communicator */
+    for (int r = 0; r < world; r++) comm_destroy(comms[r]);
     free(comms);
     return rc;
 }
@@ -7893,9 +8260,9 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
     report_eos(tr.tok);
     report_skips(&tr.eval);
     double met[MET_COUNT];
-    mb_comm_threads_new(1, 0, &tr.comm);
-    rc = train_evaluate(&tr, met);
-    tr.comm->destroy(tr.comm);
+    rc = mb_comm_threads_new(1, 0, &tr.comm);
+    if (!rc) rc = train_evaluate(&tr, met);
+    if (tr.comm) comm_destroy(tr.comm);
     if (!rc) {
         printf("%zu pairs of %s\n", (size_t)arrlen(tr.eval.pairs), job->data_path);
         for (int k = 0; k < (job->sft ? 1 : MET_COUNT); k++) printf("  eval_%-20s %.6f\n", mb_metric_names[k], met[k]);
@@ -7972,6 +8339,7 @@ MbStatus mb_generation_set_stop_ids(MbGenerationConfig *g, const char *model_dir
     g->n_stop_ids = 0;
     int from_file = 0;
     char *path = model_dir ? mb_path_join(model_dir, "generation_config.json") : NULL;
+    if (model_dir && !path) return MB_ERR_OOM;
     if (path && mb_is_file(path)) { /* generate takes eos_token_id from here first */
         MbJsonDoc doc;
         MbStatus rc = json_read_file(path, &doc);
@@ -8024,12 +8392,14 @@ MbStatus mb_sampler_new(const MbGenerationConfig *g, size_t V, MbSampler **out) 
     if (V < 1 || V > INT32_MAX) return mb_fail(MB_ERR_ARG, "sampler: vocabulary of %zu tokens", V);
     if (bad) return mb_fail(MB_ERR_ARG, "%s %s", bad, why);
     MbSampler *s = mb_calloc(1, sizeof *s);
+    if (!s) return MB_ERR_OOM;
     s->cfg = *g;
     s->V = V;
     mb_rng_seed(&s->rng, g->seed);
     s->work = mb_malloc(V * sizeof *s->work);
     s->seen = mb_calloc(V, 1);
     s->sorted = mb_malloc(V * sizeof *s->sorted);
+    if (!s->work || !s->seen || !s->sorted) return mb_sampler_free(s), MB_ERR_OOM;
     *out = s;
     return MB_OK;
 }
@@ -8196,6 +8566,7 @@ typedef struct {
     MbTokenStream ts;
     MbTokenCallback cb;
     void *ctx;
+    MbStatus rc;            /* out of memory for the text: generation stops with it */
 } MbGenStream;
 
 static void gen_stream_init(MbGenStream *g, const MbTokenizer *tok, MbTokenCallback cb, void *ctx) {
@@ -8209,17 +8580,20 @@ static void gen_stream_init(MbGenStream *g, const MbTokenizer *tok, MbTokenCallb
 static int gen_stream_put(MbGenStream *g, int32_t id) {
     const char *text = "";
     size_t len = 0, n;
-    if (g->tok && mb_tokenizer_token_bytes(g->tok, id, &n)) mb_token_stream_put(&g->ts, id, &text, &len);
+    if (g->tok && mb_tokenizer_token_bytes(g->tok, id, &n) && (g->rc = mb_token_stream_put(&g->ts, id, &text, &len)))
+        return 1;
     return g->cb ? g->cb(g->ctx, id, text, len) : 0;
 }
 
-static void gen_stream_finish(MbGenStream *g) {
-    if (!g->tok) return;
+/* The text still held, then the stream's status (out of memory for its text) */
+static MbStatus gen_stream_finish(MbGenStream *g) {
+    if (!g->tok) return MB_OK;
     const char *text;
     size_t len;
-    mb_token_stream_finish(&g->ts, &text, &len);
-    if (len && g->cb) g->cb(g->ctx, -1, text, len);
+    MbStatus rc = g->rc ? g->rc : mb_token_stream_finish(&g->ts, &text, &len);
+    if (!rc && len && g->cb) g->cb(g->ctx, -1, text, len);
     mb_token_stream_free(&g->ts);
+    return rc;
 }
 
 MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer *tok, const int32_t *ids,
@@ -8234,6 +8608,7 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
     size_t max_new = MB_MIN((size_t)s->cfg.max_new_tokens, S - n + 1); /* the last new id is never run */
     int32_t *seq = mb_malloc((n + max_new) * sizeof *seq);
     float *logits = mb_malloc(V * sizeof *logits);
+    if (!seq || !logits) return free(seq), free(logits), MB_ERR_OOM;
     memcpy(seq, ids, n * sizeof *seq);
     MbGenStream gs;
     gen_stream_init(&gs, tok, cb, ctx);
@@ -8246,7 +8621,8 @@ MbStatus mb_generate(MbModel *m, MbKVCache *kv, MbSampler *s, const MbTokenizer 
         if (gen_stream_put(&gs, next) || mb_generation_is_stop(&s->cfg, next) || t + 1 == max_new) break;
         rc = mb_model_forward(m, kv, &next, 1, 1, NULL, logits, 1);
     }
-    gen_stream_finish(&gs);
+    MbStatus text_rc = gen_stream_finish(&gs);
+    if (!rc) rc = text_rc;
     free(seq);
     free(logits);
     return rc;
@@ -8287,6 +8663,7 @@ MbStatus mb_chat_open(const MbChatOptions *o, MbChat **out) {
     const char *name = o->name ? o->name : "chat";
     if (!o->model) return mb_fail(MB_ERR_ARG, "%s: no model folder", name);
     MbChat *ch = mb_calloc(1, sizeof *ch);
+    if (!ch) return MB_ERR_OOM;
     MbGenerationConfig g = o->gen;
     MbStatus rc = mb_model_load(o->model, &o->load, &ch->m);
     if (!rc && o->lora && !(rc = mb_lora_load(ch->m, o->lora, &ch->lo))) mb_model_set_lora(ch->m, ch->lo);
@@ -8304,13 +8681,13 @@ MbStatus mb_chat_open(const MbChatOptions *o, MbChat **out) {
             rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", name,
                          ch->ctx, c->max_position_embeddings);
     }
+    if (!rc && o->system && !(ch->system = mb_strdup(o->system))) rc = MB_ERR_OOM;
+    /* at most ctx new ids: generation stops when the cache is full (max_new_tokens may be huge) */
+    if (!rc && !(ch->out = mb_malloc((size_t)MB_MIN(g.max_new_tokens, ch->ctx) * sizeof *ch->out))) rc = MB_ERR_OOM;
     if (rc) {
         mb_chat_close(ch); /* frees only: the message stays */
         return rc;
     }
-    ch->system = o->system ? mb_strdup(o->system) : NULL;
-    /* at most ctx new ids: generation stops when the cache is full (max_new_tokens may be huge) */
-    ch->out = mb_malloc((size_t)MB_MIN(g.max_new_tokens, ch->ctx) * sizeof *ch->out);
     *out = ch;
     return MB_OK;
 }
@@ -8349,7 +8726,7 @@ MbStatus mb_chat_generate(MbChat *ch, const char *text, const char *system, int 
     if (!text[0]) return mb_fail(MB_ERR_ARG, "the prompt is empty");
     char *prompt = raw ? mb_strdup(text) : mb_render_prompt(system ? system : ch->system, text);
     int32_t *ids = NULL; /* stb_ds */
-    MbStatus rc = chat_encode(ch->tok, prompt, ch->add_bos, 0, &ids);
+    MbStatus rc = prompt ? chat_encode(ch->tok, prompt, ch->add_bos, 0, &ids) : MB_ERR_OOM;
     free(prompt);
     size_t n = (size_t)arrlen(ids);
     r->prompt_tokens = n;
@@ -8388,6 +8765,7 @@ static MbStatus chat_question(const MbChat *ch, const char *q, int first, int32_
     char *text = NULL;
     if (first) {
         char *p = mb_render_prompt(ch->system, q);
+        if (!p) return MB_ERR_OOM;
         sb_printf(&text, "%s", p);
         free(p);
     } else {
@@ -8428,13 +8806,132 @@ MbStatus mb_chat_turn(MbChat *ch, const char *question, MbTokenCallback cb, void
 // collective interface, on fp32 buffers, with three backends: in-process threads (CPU ranks with
 // --nproc; what most tests use), TCP (CPU ranks in separate processes joined by a rendezvous at
 // MASTER_ADDR / MASTER_PORT) and NCCL (one rank per GPU: processes joined by the same rendezvous,
-// or one process driving several GPUs with --nproc; in section 12). The CPU backends sum over the
-// ranks in rank order, so every rank gets bit-identical results, and both give the same bits. A
-// rank that dies or hangs stops the job with a message within --ddp_timeout on every backend,
-// never a hang. At the rendezvous every rank shows the job's fingerprint (model, tokenizer, data,
-// options) and, with MEDBOT_RDV_SECRET, proves it knows the secret; which process is which rank
-// comes from torchrun's, Open MPI's, MPICH's or SLURM's variables (the end of this section).
+// or one process driving several GPUs with --nproc; its device side is in section 12). The CPU
+// backends sum over the ranks in rank order, so every rank gets bit-identical results, and both
+// give the same bits. A rank that dies or hangs fails the collectives of every rank with a
+// message within --ddp_timeout on every backend, never a hang: the failure is sticky, the
+// training step returns it, and the command prints it and exits 1. At the rendezvous every rank
+// shows the job's fingerprint (model, tokenizer, data, options) and, with MEDBOT_RDV_SECRET,
+// proves it knows the secret; which process is which rank comes from torchrun's, Open MPI's,
+// MPICH's or SLURM's variables (the end of this section).
 // ============================================================================================
+
+/* ---- MbComm: the collectives, on fp32 and fp64 buffers of the backend's memory ---- */
+
+/* The failure of a group of communicators (the ranks of one process: the threads of --nproc, or
+ * the one rank of a launcher's process): the first collective that times out or fails records
+ * it, with the message that names what happened, and from then on every collective of the group
+ * returns it at once. A failed in-process group wakes the ranks that wait in it. */
+typedef struct {
+    pthread_mutex_t mu;
+    MbStatus err;
+    char msg[1024];
+    int refs;           /* communicators that share it */
+} MbCommFail;
+
+struct MbComm {
+    int rank, world;
+    void *ctx;
+    MbCommFail *fail;
+    MbStatus (*all_reduce)(MbComm *, float *x, size_t n);                       /* x = sum over ranks */
+    /* shard (n / world) = the sum over ranks of this rank's slice of x (n); n % world == 0 */
+    MbStatus (*reduce_scatter)(MbComm *, float *shard, const float *x, size_t n);
+    /* x (n) = every rank's shard (n / world), in rank order */
+    MbStatus (*all_gather)(MbComm *, float *x, const float *shard, size_t n);
+    MbStatus (*broadcast)(MbComm *, float *x, size_t n, int root);
+    MbStatus (*barrier)(MbComm *);
+    void (*destroy)(MbComm *);
+    /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
+    MbStatus (*all_reduce_f64)(MbComm *, double *x, size_t n);
+    MbStatus (*reduce_scatter_f64)(MbComm *, double *shard, const double *x, size_t n);
+    /* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
+    MbStatus (*all_reduce_host)(MbComm *, double *x, size_t n);
+    /* NULL, or wakes the ranks of this process that wait in a collective of a failed group */
+    void (*wake)(MbComm *);
+};
+
+/* MB_OK, or the group's failure with its message on this thread */
+static MbStatus comm_status(MbComm *c) {
+    pthread_mutex_lock(&c->fail->mu);
+    MbStatus st = c->fail->err ? mb_fail(c->fail->err, "%s", c->fail->msg) : MB_OK;
+    pthread_mutex_unlock(&c->fail->mu);
+    return st;
+}
+
+/* Fails c's group with st and the message (unless it failed already: the first one stays) and
+ * returns the group's failure, its message on this thread. The caller wakes the waiting ranks. */
+static MbStatus comm_fail(MbComm *c, MbStatus st, const char *fmt, ...) MB_PRINTF(3, 4);
+static MbStatus comm_fail(MbComm *c, MbStatus st, const char *fmt, ...) {
+    pthread_mutex_lock(&c->fail->mu);
+    if (!c->fail->err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->fail->msg, sizeof c->fail->msg, fmt, ap);
+        va_end(ap);
+        c->fail->err = st;
+    }
+    pthread_mutex_unlock(&c->fail->mu);
+    return comm_status(c);
+}
+
+/* A rank that stops (its run failed or was interrupted) fails its group, so that the ranks still
+ * in a collective, or yet to reach one, do not wait for it; a group that failed already stays as
+ * it is. The message is this thread's. */
+static void comm_leave(MbComm *c) {
+    char why[sizeof mb_errbuf];
+    snprintf(why, sizeof why, "%s", mb_last_error());
+    comm_fail(c, MB_ERR_ARG, "another rank failed (rank %d of %d): %s", c->rank, c->world, why);
+    if (c->wake) c->wake(c);
+    mb_fail(MB_ERR_ARG, "%s", why); /* this rank keeps its own message */
+}
+
+/* A communicator of backend proto (its functions) for rank `rank` of `world`, sharing the group
+ * failure fail (one more reference). NULL when out of memory. */
+static MbComm *comm_new(const MbComm *proto, int rank, int world, void *ctx, MbCommFail *fail) {
+    MbComm *c = mb_malloc(sizeof *c);
+    if (!c) return NULL;
+    *c = *proto;
+    c->rank = rank, c->world = world, c->ctx = ctx, c->fail = fail;
+    pthread_mutex_lock(&fail->mu);
+    fail->refs++;
+    pthread_mutex_unlock(&fail->mu);
+    return c;
+}
+
+/* A group failure of no communicators yet (comm_new adds them), or NULL when out of memory */
+static MbCommFail *comm_fail_new(void) {
+    MbCommFail *f = mb_calloc(1, sizeof *f);
+    if (f) pthread_mutex_init(&f->mu, NULL);
+    return f;
+}
+
+/* Frees c (its backend state is the caller's) and, with the last reference, its group failure. */
+static void comm_free(MbComm *c) {
+    MbCommFail *f = c->fail;
+    pthread_mutex_lock(&f->mu);
+    int last = --f->refs == 0;
+    pthread_mutex_unlock(&f->mu);
+    if (last) {
+        pthread_mutex_destroy(&f->mu);
+        free(f);
+    }
+    free(c);
+}
+
+/* --ddp_timeout in seconds (0: TrainingArguments' default) */
+static double comm_timeout(double timeout) { return timeout > 0 ? timeout : MB_DDP_TIMEOUT; }
+
+/* The calls the trainer makes (section 9); every backend returns at once when the group has failed. */
+static int comm_rank(const MbComm *c) { return c->rank; }
+static int comm_world(const MbComm *c) { return c->world; }
+static MbStatus comm_barrier(MbComm *c) { return c->barrier(c); }
+static MbStatus comm_all_reduce_host(MbComm *c, double *x, size_t n) { return c->all_reduce_host(c, x, n); }
+static MbStatus comm_all_reduce_f64(MbComm *c, double *x, size_t n) { return c->all_reduce_f64(c, x, n); }
+static MbStatus comm_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return c->reduce_scatter_f64(c, shard, x, n);
+}
+static MbStatus comm_all_gather(MbComm *c, float *x, const float *shard, size_t n) { return c->all_gather(c, x, shard, n); }
+static void comm_destroy(MbComm *c) { c->destroy(c); }
 
 /* "rank 2" or "ranks 1, 3" (the n ranks in ranks), for the messages that name missing ranks */
 static const char *rank_list(char *buf, size_t cap, const int *ranks, int n) {
@@ -8454,7 +8951,7 @@ typedef struct {
     const void **slot;    /* (world) each rank's published buffer */
     unsigned long *entered; /* (world) barriers each rank has entered */
     double timeout;       /* seconds a rank waits for the others */
-    void **part;          /* (world) each rank's reduced slice */
+    void **part;          /* (world) each rank's reduced slice (a failed group frees them) */
     int refs;
 } MbThreadGroup;
 
@@ -8462,11 +8959,21 @@ typedef struct {
     MbThreadGroup *g;
 } MbThreadComm;
 
-/* Waits until every rank of the group has called it as often as this one. A rank that does not
- * come within the group's timeout (--ddp_timeout) stops the process with a message naming it:
- * the ranks are threads of one process, so one that hangs would otherwise hang the job forever. */
-static void tc_barrier(MbComm *c) {
+static void tc_wake(MbComm *c) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    pthread_mutex_lock(&g->mu);
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Waits until every rank of the group has called it as often as this one. A rank that does not
+ * come within the group's timeout (--ddp_timeout) fails the group with a message naming it, and
+ * every rank waiting in it returns that failure: the ranks are threads of one process, so one
+ * that hangs would otherwise hang the job forever. */
+static MbStatus tc_barrier(MbComm *c) {
+    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     pthread_mutex_lock(&g->mu);
     unsigned long gen = g->generation;
     g->entered[c->rank]++;
@@ -8479,22 +8986,23 @@ static void tc_barrier(MbComm *c) {
         clock_gettime(CLOCK_REALTIME, &until);
         double t = (double)until.tv_sec + until.tv_nsec * 1e-9 + g->timeout;
         until.tv_sec = (time_t)t, until.tv_nsec = (long)((t - floor(t)) * 1e9);
-        while (gen == g->generation) {
+        while (gen == g->generation && !(rc = comm_status(c))) {
             int e = pthread_cond_timedwait(&g->cv, &g->mu, &until);
             if (e == ETIMEDOUT && gen == g->generation) {
-                int *late = mb_malloc((size_t)g->world * sizeof *late), nl = 0;
+                int late[256], nl = 0; /* (at most 256 ranks) */
                 char names[256];
-                for (int r = 0; r < g->world; r++)
+                for (int r = 0; r < g->world && nl < 256; r++)
                     if (g->entered[r] < g->entered[c->rank]) late[nl++] = r;
-                fprintf(stderr, "medbot: %s of %d did not reach the collective within %g s (--ddp_timeout): "
-                        "stopping --> resume from the last checkpoint with --resume_from_checkpoint latest\n",
-                        rank_list(names, sizeof names, late, nl), g->world, g->timeout);
-                fflush(stdout);
-                _exit(1); /* not exit: the ranks are stopped mid-step, no atexit handler should run */
+                rc = comm_fail(c, MB_ERR_IO, "%s of %d did not reach the collective within %g s (--ddp_timeout): "
+                               "stopping --> resume from the last checkpoint with --resume_from_checkpoint latest",
+                               rank_list(names, sizeof names, late, nl), g->world, g->timeout);
+                pthread_cond_broadcast(&g->cv);
+                break;
             }
         }
     }
     pthread_mutex_unlock(&g->mu);
+    return rc;
 }
 
 /* out[0..len) = the sum over ranks r, in rank order, of element off + i of slot[r] (fp32, or fp64
@@ -8513,96 +9021,136 @@ static void mb_sum_ranks(const void *const *slot, int world, void *out, size_t o
     }
 }
 
-/* Each rank reduces its slice of x into its own buffer; then every rank copies every slice. */
-static void tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
+/* Each rank reduces its slice of x into its own buffer; then every rank copies every slice. A
+ * rank that fails may leave ranks still reading its slice: the group then frees it. */
+static MbStatus tc_all_reduce_any(MbComm *c, void *x, size_t n, int f64) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t es = f64 ? sizeof(double) : sizeof(float), lo, hi;
     mb_split(n, c->rank, c->world, &lo, &hi);
-    void *mine = mb_malloc((hi - lo + 1) * es);
+    MbStatus rc = comm_status(c);
+    void *mine = rc ? NULL : mb_malloc((hi - lo + 1) * es);
+    if (!rc && !mine) { /* this rank cannot take part: the group fails */
+        rc = comm_fail(c, MB_ERR_OOM, "%s", mb_last_error());
+        tc_wake(c);
+    }
+    if (rc) return rc;
     g->slot[c->rank] = x;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return free(mine), rc;
     mb_sum_ranks(g->slot, g->world, mine, lo, hi - lo, f64);
     g->part[c->rank] = mine;
-    tc_barrier(c); /* every slice reduced: now x may be overwritten */
-    for (int r = 0; r < c->world; r++) {
-        size_t a, b;
-        mb_split(n, r, c->world, &a, &b);
-        memcpy((char *)x + a * es, g->part[r], (b - a) * es);
+    if (!(rc = tc_barrier(c))) { /* every slice reduced: now x may be overwritten */
+        for (int r = 0; r < c->world; r++) {
+            size_t a, b;
+            mb_split(n, r, c->world, &a, &b);
+            memcpy((char *)x + a * es, g->part[r], (b - a) * es);
+        }
+        rc = tc_barrier(c);
     }
-    tc_barrier(c);
-    free(mine);
+    if (!rc) g->part[c->rank] = NULL, free(mine);
+    return rc;
 }
 
-static void tc_reduce_scatter_any(MbComm *c, void *shard, const void *x, size_t n, int f64) {
+static MbStatus tc_reduce_scatter_any(MbComm *c, void *shard, const void *x, size_t n, int f64) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     g->slot[c->rank] = x;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return rc;
     mb_sum_ranks(g->slot, g->world, shard, (size_t)c->rank * per, per, f64);
-    tc_barrier(c);
+    return tc_barrier(c);
 }
 
-static void tc_all_reduce(MbComm *c, float *x, size_t n) { tc_all_reduce_any(c, x, n, 0); }
-static void tc_all_reduce_f64(MbComm *c, double *x, size_t n) { tc_all_reduce_any(c, x, n, 1); }
-static void tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) { tc_reduce_scatter_any(c, shard, x, n, 0); }
-static void tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    tc_reduce_scatter_any(c, shard, x, n, 1);
+static MbStatus tc_all_reduce(MbComm *c, float *x, size_t n) { return tc_all_reduce_any(c, x, n, 0); }
+static MbStatus tc_all_reduce_f64(MbComm *c, double *x, size_t n) { return tc_all_reduce_any(c, x, n, 1); }
+static MbStatus tc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    return tc_reduce_scatter_any(c, shard, x, n, 0);
+}
+static MbStatus tc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return tc_reduce_scatter_any(c, shard, x, n, 1);
 }
 
-static void tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+static MbStatus tc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
     size_t per = n / (size_t)c->world;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     g->slot[c->rank] = shard;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return rc;
     for (int r = 0; r < c->world; r++)
         if ((const void *)(x + (size_t)r * per) != g->slot[r]) memcpy(x + (size_t)r * per, g->slot[r], per * sizeof(float));
-    tc_barrier(c);
+    return tc_barrier(c);
 }
 
-static void tc_broadcast(MbComm *c, float *x, size_t n, int root) {
+static MbStatus tc_broadcast(MbComm *c, float *x, size_t n, int root) {
     MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     g->slot[c->rank] = x;
-    tc_barrier(c);
+    if ((rc = tc_barrier(c))) return rc;
     if (c->rank != root) memcpy(x, g->slot[root], n * sizeof(float));
-    tc_barrier(c);
+    return tc_barrier(c);
 }
 
-static void tc_destroy(MbComm *c) {
-    MbThreadGroup *g = ((MbThreadComm *)c->ctx)->g;
+/* The group's last rank frees it */
+static void tc_group_release(MbThreadGroup *g) {
     pthread_mutex_lock(&g->mu);
     int last = --g->refs == 0;
     pthread_mutex_unlock(&g->mu);
-    if (last) {
-        pthread_mutex_destroy(&g->mu);
-        pthread_cond_destroy(&g->cv);
-        free(g->slot), free(g->part), free(g->entered), free(g);
-    }
-    free(c->ctx);
-    free(c);
+    if (!last) return;
+    for (int r = 0; g->part && r < g->world; r++) free(g->part[r]);
+    pthread_mutex_destroy(&g->mu);
+    pthread_cond_destroy(&g->cv);
+    free(g->slot), free(g->part), free(g->entered), free(g);
 }
 
+static void tc_destroy(MbComm *c) {
+    MbThreadComm *tc = c->ctx;
+    tc_group_release(tc->g);
+    free(tc);
+    comm_free(c);
+}
+
+static const MbComm mb_comm_threads_proto = {
+    .all_reduce = tc_all_reduce, .reduce_scatter = tc_reduce_scatter, .all_gather = tc_all_gather,
+    .broadcast = tc_broadcast, .barrier = tc_barrier, .destroy = tc_destroy, .all_reduce_f64 = tc_all_reduce_f64,
+    .reduce_scatter_f64 = tc_reduce_scatter_f64,
+    .all_reduce_host = tc_all_reduce_f64, /* the CPU ranks' memory is the host's */
+    .wake = tc_wake};
+
 /* world communicators of one in-process group (rank r is comms[r]); each destroys its own. */
-static void mb_comm_threads_new(int world, double timeout, MbComm **comms) {
+static MbStatus mb_comm_threads_new(int world, double timeout, MbComm **comms) {
     MbThreadGroup *g = mb_calloc(1, sizeof *g);
+    MbCommFail *fail = comm_fail_new();
+    if (!g || !fail) return free(g), free(fail), MB_ERR_OOM;
     g->world = world;
-    g->timeout = timeout > 0 ? timeout : MB_DDP_TIMEOUT;
+    g->timeout = comm_timeout(timeout);
     g->entered = mb_calloc((size_t)world, sizeof *g->entered);
-    g->refs = world;
-    pthread_mutex_init(&g->mu, NULL);
-    pthread_cond_init(&g->cv, NULL);
     g->slot = mb_calloc((size_t)world, sizeof *g->slot);
     g->part = mb_calloc((size_t)world, sizeof *g->part);
-    for (int r = 0; r < world; r++) {
-        MbComm *c = mb_calloc(1, sizeof *c);
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->refs = 1; /* this function's, until every rank has its own */
+    MbStatus rc = g->entered && g->slot && g->part ? MB_OK : MB_ERR_OOM;
+    int made = 0;
+    for (int r = 0; !rc && r < world; r++, made++) {
         MbThreadComm *tc = mb_calloc(1, sizeof *tc);
+        MbComm *c = tc ? comm_new(&mb_comm_threads_proto, r, world, tc, fail) : NULL;
+        if (!c) {
+            free(tc);
+            rc = MB_ERR_OOM;
+            break;
+        }
         tc->g = g;
-        c->rank = r, c->world = world, c->ctx = tc;
-        c->all_reduce = tc_all_reduce, c->reduce_scatter = tc_reduce_scatter, c->all_gather = tc_all_gather;
-        c->broadcast = tc_broadcast, c->barrier = tc_barrier, c->destroy = tc_destroy;
-        c->all_reduce_f64 = tc_all_reduce_f64, c->reduce_scatter_f64 = tc_reduce_scatter_f64;
-        c->all_reduce_host = tc_all_reduce_f64; /* the CPU ranks' memory is the host's */
+        g->refs++;
         comms[r] = c;
     }
+    if (rc) {
+        for (int r = 0; r < made; r++) tc_destroy(comms[r]), comms[r] = NULL;
+        if (!made) free(fail);
+    }
+    tc_group_release(g);
+    return rc;
 }
 
 /* ---- the job fingerprint: what every rank of a job must share ----
@@ -8658,7 +9206,7 @@ static MbStatus fp_model(const MbTrainJob *job, unsigned char out[32]) {
     MbSha256 s;
     sha256_init(&s);
     char *cfg = mb_path_join(job->model_dir, "config.json");
-    MbStatus rc = fp_file(&s, cfg);
+    MbStatus rc = cfg ? fp_file(&s, cfg) : MB_ERR_OOM;
     free(cfg);
     if (!rc && job->random_init) { /* the weights are drawn from the seed */
         fp_part(&s, "random_init", 11), fp_u64(&s, (uint64_t)(int64_t)job->cfg.seed);
@@ -8704,7 +9252,7 @@ static MbStatus fp_adapter(const char *dir, unsigned char out[32]) {
     MbSha256 s;
     sha256_init(&s);
     char *cfg = mb_path_join(dir, "adapter_config.json"), *st = mb_path_join(dir, "adapter_model.safetensors");
-    MbStatus rc = fp_file(&s, cfg);
+    MbStatus rc = cfg && st ? fp_file(&s, cfg) : MB_ERR_OOM;
     if (!rc) rc = fp_safetensors(&s, st);
     free(cfg), free(st);
     if (!rc) sha256_final(&s, out);
@@ -8976,6 +9524,7 @@ typedef struct {
 static int rdv_answer(int fd, const char *secret, int status, const void *payload, size_t n, const unsigned char *nonce1,
                       const unsigned char *nonce0) {
     unsigned char *a = mb_malloc(16 + n + 32);
+    if (!a) return 0; /* (out of memory: as a connection that took nothing) */
     rdv_put_u64(a, (uint64_t)status), rdv_put_u64(a + 8, n);
     if (n) memcpy(a + 16, payload, n);
     rdv_mac(secret, "answer", nonce1, nonce0, a, 16 + n, a + 16 + n);
@@ -9011,8 +9560,11 @@ static void rdv_accept(MbRdvServer *S, int lfd, double deadline) {
         close(c);
         return;
     }
+    if (!(k->buf = mb_malloc(MB_RDV_HELLO + MB_RDV_MAX_TEXT + 32))) { /* out of memory: closed, as in a flood */
+        close(c);
+        return;
+    }
     k->fd = c, k->got = 0;
-    k->buf = mb_malloc(MB_RDV_HELLO + MB_RDV_MAX_TEXT + 32);
 }
 
 /* A hello that could not prove MEDBOT_RDV_SECRET: told why and closed; rank 0 waits on. */
@@ -9052,10 +9604,14 @@ static void rdv_admit(MbRdvServer *S, int i) {
                  r <= 0 || r >= S->world ? "outside 1..WORLD_SIZE-1" : "taken twice");
     else {
         MbJobFingerprint *theirs = mb_calloc(1, sizeof *theirs);
-        memcpy(theirs->model, h + 64, 32), memcpy(theirs->tokenizer, h + 96, 32);
-        memcpy(theirs->data, h + 128, 32), memcpy(theirs->options, h + 160, 32);
-        memcpy(theirs->options_text, h + MB_RDV_HELLO, len);
-        rdv_compare(S->fp, theirs, r, why, sizeof why);
+        if (theirs) {
+            memcpy(theirs->model, h + 64, 32), memcpy(theirs->tokenizer, h + 96, 32);
+            memcpy(theirs->data, h + 128, 32), memcpy(theirs->options, h + 160, 32);
+            memcpy(theirs->options_text, h + MB_RDV_HELLO, len);
+            rdv_compare(S->fp, theirs, r, why, sizeof why);
+        } else {
+            snprintf(why, sizeof why, "%.500s", mb_last_error());
+        }
         free(theirs);
     }
     if (why[0]) { /* tell the offender too */
@@ -9141,9 +9697,13 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const MbJobFing
                 "set: any process that reaches it can join the job --> give every rank the same " MB_RDV_SECRET "\n",
                 addr, port);
     MbRdvServer *S = mb_calloc(1, sizeof *S);
+    if (S) S->peer = mb_malloc((size_t)world * sizeof *S->peer), S->nonces = mb_malloc((size_t)world * sizeof *S->nonces);
+    if (!S || !S->peer || !S->nonces) {
+        if (S) free(S->peer), free(S->nonces), free(S);
+        close(lfd);
+        return MB_ERR_OOM;
+    }
     S->addr = addr, S->port = port, S->world = world, S->fp = fp, S->secret = secret;
-    S->peer = mb_malloc((size_t)world * sizeof *S->peer);
-    S->nonces = mb_malloc((size_t)world * sizeof *S->nonces);
     for (int r = 0; r < world; r++) S->peer[r] = -1;
     for (int i = 0; i < MB_RDV_MAX_PENDING; i++) S->conn[i].fd = -1;
     rdv_wait(S, lfd, mb_now() + timeout);
@@ -9154,10 +9714,11 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const MbJobFing
     if (!why[0] && S->joined < world - 1) {
         int *missing = mb_malloc((size_t)world * sizeof *missing), nm = 0;
         char names[200];
-        for (int r = 1; r < world; r++)
+        for (int r = 1; missing && r < world; r++)
             if (S->peer[r] < 0) missing[nm++] = r;
-        snprintf(why, sizeof S->why, "%s of %d never arrived within %g s", rank_list(names, sizeof names, missing, nm),
-                 world, timeout);
+        if (missing) rank_list(names, sizeof names, missing, nm);
+        else snprintf(names, sizeof names, "%d rank%s", world - 1 - S->joined, world - 1 - S->joined > 1 ? "s" : "");
+        snprintf(why, sizeof S->why, "%s of %d never arrived within %g s", names, world, timeout);
         if (S->n_turned)
             snprintf(why + strlen(why), sizeof S->why - strlen(why), "; %d connection%s that did not prove " MB_RDV_SECRET
                      " turned away (the first: %s) --> set the same " MB_RDV_SECRET " on every rank", S->n_turned,
@@ -9263,6 +9824,7 @@ static MbStatus rdv_open(const char *addr, int port, int rank, int world, const 
         for (int r = 0; r < (rank == 0 ? world : 1); r++) keep[r] = -1;
     if (world == 1) return MB_OK;
     MbJobFingerprint *none = fp ? NULL : mb_calloc(1, sizeof *none);
+    if (!fp && !none) return MB_ERR_OOM;
     const char *secret = getenv(MB_RDV_SECRET);
     if (secret && !secret[0]) secret = NULL; /* set but empty: unset */
     MbStatus rc = rank == 0 ? rdv_serve(addr, port, world, fp ? fp : none, secret, blob, n, timeout, keep)
@@ -9281,9 +9843,10 @@ MbStatus mb_rendezvous(const char *addr, int port, int rank, int world, const Mb
  * collectives through rank 0: every rank sends its contribution, rank 0 adds them in rank order
  * (mb_sum_ranks: the thread backend's sums, bit for bit) and answers each rank with its part. A
  * rank that dies closes its socket: rank 0 sees it at once, tells the others why, and every
- * process stops with a one-line message and exit status 1. A rank that hangs is named when
- * --ddp_timeout runs out. Checkpoints are written to a temporary folder and renamed, so the last
- * one is whole and the job resumes from it (--resume_from_checkpoint latest). */
+ * rank's collective fails (the group's failure, with a one-line message that the command prints
+ * before it exits with status 1). A rank that hangs is named when --ddp_timeout runs out.
+ * Checkpoints are written to a temporary folder and renamed, so the last one is whole and the
+ * job resumes from it (--resume_from_checkpoint latest). */
 
 enum { MB_TCP_ALL_REDUCE, MB_TCP_REDUCE_SCATTER, MB_TCP_ALL_GATHER, MB_TCP_BROADCAST, MB_TCP_BARRIER };
 static const char *const mb_tcp_op_names[] = {"all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"};
@@ -9297,9 +9860,10 @@ typedef struct {
     size_t *cap;          /* (world) bytes allocated in in[r] */
 } MbTcpComm;
 
-/* Stops this process: the message goes to stderr (rank 0 first tells every other rank, which
- * prints it too); exit status 1. */
-static void tcp_stop(MbComm *c, const char *fmt, ...) {
+/* Fails the group with the message (rank 0 first tells every other rank, which fails with it too)
+ * and returns that failure. */
+static MbStatus tcp_stop(MbComm *c, const char *fmt, ...) MB_PRINTF(2, 3);
+static MbStatus tcp_stop(MbComm *c, const char *fmt, ...) {
     MbTcpComm *t = c->ctx;
     char why[512];
     va_list ap;
@@ -9322,18 +9886,19 @@ static void tcp_stop(MbComm *c, const char *fmt, ...) {
             while (t->fd[r] >= 0 && sock_io(t->fd[r], sink, sizeof sink, until, 0) == 1) {}
         }
     }
-    fflush(stdout);
-    fprintf(stderr, "medbot: rank %d: %s --> the job stops; resume it from the last checkpoint with "
-            "--resume_from_checkpoint latest\n", c->rank, why);
-    _exit(1); /* not exit: the rank is stopped mid-step, no atexit handler should run */
+    return comm_fail(c, MB_ERR_IO, "rank %d: %s --> the job stops; resume it from the last checkpoint with "
+                     "--resume_from_checkpoint latest", c->rank, why);
 }
 
-static void tcp_reserve(MbTcpComm *t, int r, size_t bytes) {
+/* in[r] of at least `bytes`; 0 when out of memory */
+static int tcp_reserve(MbTcpComm *t, int r, size_t bytes) {
     if (t->cap[r] < bytes) {
         free(t->in[r]);
-        t->in[r] = mb_malloc(bytes);
+        t->cap[r] = 0;
+        if (!(t->in[r] = mb_malloc(bytes))) return 0;
         t->cap[r] = bytes;
     }
+    return 1;
 }
 
 /* bytes rank r contributes to a collective, and bytes it gets back */
@@ -9349,16 +9914,19 @@ static size_t tcp_answer(int op, int r, int root, size_t n, size_t per, size_t e
 
 /* Rank 0: every other rank's header and contribution, read as they come. A header must agree
  * with rank 0's (want) on the collective's number, kind and size. */
-static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, size_t n, size_t per, size_t es) {
+static MbStatus tcp_gather(MbComm *c, const unsigned char *want, int op, int root, size_t n, size_t per, size_t es) {
     MbTcpComm *t = c->ctx;
     int world = c->world, pending = world - 1;
     size_t *got = mb_calloc((size_t)world, sizeof *got);
     unsigned char *hdr = mb_malloc((size_t)world * MB_TCP_HDR);
     struct pollfd *pf = mb_malloc((size_t)world * sizeof *pf);
     int *who = mb_malloc((size_t)world * sizeof *who);
-    for (int r = 1; r < world; r++) tcp_reserve(t, r, tcp_contrib(op, r, root, n, per, es));
+    MbStatus rc = got && hdr && pf && who ? MB_OK : MB_ERR_OOM;
+    for (int r = 1; !rc && r < world; r++)
+        if (!tcp_reserve(t, r, tcp_contrib(op, r, root, n, per, es))) rc = MB_ERR_OOM;
+    if (rc) rc = tcp_stop(c, "%s", mb_last_error());
     double deadline = mb_now() + t->timeout;
-    while (pending) {
+    while (!rc && pending) {
         int np = 0;
         for (int r = 1; r < world; r++)
             if (got[r] < MB_TCP_HDR + tcp_contrib(op, r, root, n, per, es))
@@ -9366,11 +9934,12 @@ static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, s
         int ms = (int)((deadline - mb_now()) * 1000);
         if (ms <= 0) {
             char names[256];
-            tcp_stop(c, "%s of %d did not reach %s within %g s (--ddp_timeout)", rank_list(names, sizeof names, who, np),
-                     world, mb_tcp_op_names[op], t->timeout);
+            rc = tcp_stop(c, "%s of %d did not reach %s within %g s (--ddp_timeout)", rank_list(names, sizeof names, who, np),
+                          world, mb_tcp_op_names[op], t->timeout);
+            break;
         }
         if (poll(pf, (nfds_t)np, ms) <= 0) continue;
-        for (int i = 0; i < np; i++) {
+        for (int i = 0; !rc && i < np; i++) {
             if (!pf[i].revents) continue;
             int r = who[i];
             size_t total = MB_TCP_HDR + tcp_contrib(op, r, root, n, per, es);
@@ -9379,32 +9948,38 @@ static void tcp_gather(MbComm *c, const unsigned char *want, int op, int root, s
             ssize_t k = recv(t->fd[r], dst, room, 0);
             if (k < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
             if (k <= 0) {
+                int e = errno;
                 close(t->fd[r]), t->fd[r] = -1;
-                tcp_stop(c, "rank %d of %d stopped (its connection closed%s%s) during %s", r, world, k < 0 ? ": " : "",
-                         k < 0 ? strerror(errno) : "", mb_tcp_op_names[op]);
+                rc = tcp_stop(c, "rank %d of %d stopped (its connection closed%s%s) during %s", r, world, k < 0 ? ": " : "",
+                              k < 0 ? strerror(e) : "", mb_tcp_op_names[op]);
+                break;
             }
             got[r] += (size_t)k;
             if (got[r] == MB_TCP_HDR && (memcmp(hdr + (size_t)r * MB_TCP_HDR, want, 24) != 0 ||
                                          rdv_get_u64(hdr + (size_t)r * MB_TCP_HDR + 24) != total - MB_TCP_HDR)) {
                 const unsigned char *h = hdr + (size_t)r * MB_TCP_HDR;
                 uint64_t o = rdv_get_u64(h + 8) & 0xff;
-                tcp_stop(c, "rank %d is at collective #%llu (%s of %llu values), rank 0 at #%llu (%s of %zu values): the "
-                         "ranks disagree --> give every rank the same data and options", r,
-                         (unsigned long long)rdv_get_u64(h), o < 5 ? mb_tcp_op_names[o] : "?",
-                         (unsigned long long)rdv_get_u64(h + 16), (unsigned long long)t->seq, mb_tcp_op_names[op], n);
+                rc = tcp_stop(c, "rank %d is at collective #%llu (%s of %llu values), rank 0 at #%llu (%s of %zu values): "
+                              "the ranks disagree --> give every rank the same data and options", r,
+                              (unsigned long long)rdv_get_u64(h), o < 5 ? mb_tcp_op_names[o] : "?",
+                              (unsigned long long)rdv_get_u64(h + 16), (unsigned long long)t->seq, mb_tcp_op_names[op], n);
+                break;
             }
             if (got[r] == total) pending--;
         }
     }
     free(got), free(hdr), free(pf), free(who);
+    return rc;
 }
 
 /* One collective. x: this rank's contribution (NULL when it has none); out: where its answer
  * goes (n, or per values of es bytes; NULL when none). */
-static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, const void *x, void *out) {
+static MbStatus tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, const void *x, void *out) {
     MbTcpComm *t = c->ctx;
     int world = c->world;
     size_t per = n / (size_t)world;
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
     unsigned char hdr[MB_TCP_HDR];
     rdv_put_u64(hdr, t->seq++);
     rdv_put_u64(hdr + 8, (uint64_t)op | (uint64_t)es << 8 | (uint64_t)root << 16);
@@ -9424,24 +9999,25 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
             char why[513];
             size_t len = (size_t)MB_MIN(rdv_get_u64(st + 8), 512);
             why[sock_io(fd, why, len, mb_now() + 2.0, 0) == 1 ? len : 0] = 0;
-            tcp_stop(c, "stopping: %s", why[0] ? why : "rank 0 stopped");
+            return tcp_stop(c, "stopping: %s", why[0] ? why : "rank 0 stopped");
         }
         if (got == -1 && ok != 0)
-            tcp_stop(c, "rank 0 did not answer %s within %g s (--ddp_timeout)", mb_tcp_op_names[op], t->timeout);
-        if (got != 1 || ok != 1) tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
-        if (rdv_get_u64(st + 8) != back) tcp_stop(c, "rank 0 answered %s with a wrong size", mb_tcp_op_names[op]);
+            return tcp_stop(c, "rank 0 did not answer %s within %g s (--ddp_timeout)", mb_tcp_op_names[op], t->timeout);
+        if (got != 1 || ok != 1) return tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
+        if (rdv_get_u64(st + 8) != back) return tcp_stop(c, "rank 0 answered %s with a wrong size", mb_tcp_op_names[op]);
         if (back && sock_io(fd, out, back, deadline, 0) != 1)
-            tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
-        return;
+            return tcp_stop(c, "rank 0 stopped (its connection closed) during %s", mb_tcp_op_names[op]);
+        return MB_OK;
     }
     rdv_put_u64(hdr + 24, 0);
-    tcp_gather(c, hdr, op, root, n, per, es); /* every rank's header must agree with rank 0's */
+    if ((rc = tcp_gather(c, hdr, op, root, n, per, es))) return rc; /* every rank's header must agree with rank 0's */
     const void **slot = mb_malloc((size_t)world * sizeof *slot);
+    if (!slot || ((op == MB_TCP_ALL_REDUCE || op == MB_TCP_REDUCE_SCATTER) && !tcp_reserve(t, 0, n * es)))
+        return free(slot), tcp_stop(c, "%s", mb_last_error());
     slot[0] = x;
     for (int r = 1; r < world; r++) slot[r] = t->in[r];
     const void *answer = NULL; /* what every rank gets (or, for reduce_scatter, the whole sum) */
     if (op == MB_TCP_ALL_REDUCE || op == MB_TCP_REDUCE_SCATTER) {
-        tcp_reserve(t, 0, n * es);
         mb_sum_ranks(slot, world, t->in[0], 0, n, es == sizeof(double));
         answer = t->in[0];
         memcpy(out, t->in[0], (op == MB_TCP_ALL_REDUCE ? n : per) * es);
@@ -9453,6 +10029,7 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
         if (root != 0) memcpy(out, slot[root], n * es);
         answer = out;
     }
+    free(slot);
     double deadline = mb_now() + t->timeout;
     for (int r = 1; r < world; r++) {
         size_t back = tcp_answer(op, r, root, n, per, es);
@@ -9463,37 +10040,56 @@ static void tcp_collective(MbComm *c, int op, int root, size_t es, size_t n, con
         if (ok == 1 && back) ok = sock_io(t->fd[r], (void *)part, back, deadline, 1);
         if (ok == 0) close(t->fd[r]), t->fd[r] = -1;
         if (ok != 1)
-            tcp_stop(c, "rank %d of %d %s during %s", r, world, ok ? "did not take its answer within the timeout"
-                     : "stopped (its connection closed)", mb_tcp_op_names[op]);
+            return tcp_stop(c, "rank %d of %d %s during %s", r, world, ok ? "did not take its answer within the timeout"
+                            : "stopped (its connection closed)", mb_tcp_op_names[op]);
     }
-    free(slot);
+    return MB_OK;
 }
 
-static void tcp_all_reduce(MbComm *c, float *x, size_t n) { tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x); }
-static void tcp_all_reduce_f64(MbComm *c, double *x, size_t n) {
-    tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x);
+static MbStatus tcp_all_reduce(MbComm *c, float *x, size_t n) {
+    return tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x);
 }
-static void tcp_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
-    tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
+static MbStatus tcp_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    return tcp_collective(c, MB_TCP_ALL_REDUCE, 0, sizeof *x, n, x, x);
 }
-static void tcp_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
+static MbStatus tcp_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    return tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
 }
-static void tcp_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
-    tcp_collective(c, MB_TCP_ALL_GATHER, 0, sizeof *x, n, shard, x);
+static MbStatus tcp_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return tcp_collective(c, MB_TCP_REDUCE_SCATTER, 0, sizeof *x, n, x, shard);
 }
-static void tcp_broadcast(MbComm *c, float *x, size_t n, int root) {
-    tcp_collective(c, MB_TCP_BROADCAST, root, sizeof *x, n, x, x);
+static MbStatus tcp_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    return tcp_collective(c, MB_TCP_ALL_GATHER, 0, sizeof *x, n, shard, x);
 }
-static void tcp_barrier(MbComm *c) { tcp_collective(c, MB_TCP_BARRIER, 0, 1, 0, NULL, NULL); }
+static MbStatus tcp_broadcast(MbComm *c, float *x, size_t n, int root) {
+    return tcp_collective(c, MB_TCP_BROADCAST, root, sizeof *x, n, x, x);
+}
+static MbStatus tcp_barrier(MbComm *c) { return tcp_collective(c, MB_TCP_BARRIER, 0, 1, 0, NULL, NULL); }
+
+static void tcp_state_free(MbTcpComm *t, int rank, int world) {
+    for (int r = 0; t->fd && r < (rank == 0 ? world : 1); r++)
+        if (t->fd[r] >= 0) close(t->fd[r]);
+    for (int r = 0; t->in && r < world; r++) free(t->in[r]);
+    free(t->in), free(t->cap), free(t->fd), free(t);
+}
 
 static void tcp_destroy(MbComm *c) {
-    MbTcpComm *t = c->ctx;
-    for (int r = 0; r < (c->rank == 0 ? c->world : 1); r++)
-        if (t->fd[r] >= 0) close(t->fd[r]);
-    for (int r = 0; r < c->world; r++) free(t->in[r]);
-    free(t->in), free(t->cap), free(t->fd), free(t);
-    free(c);
+    tcp_state_free(c->ctx, c->rank, c->world);
+    comm_free(c);
+}
+
+static const MbComm mb_comm_tcp_proto = {
+    .all_reduce = tcp_all_reduce, .reduce_scatter = tcp_reduce_scatter, .all_gather = tcp_all_gather,
+    .broadcast = tcp_broadcast, .barrier = tcp_barrier, .destroy = tcp_destroy, .all_reduce_f64 = tcp_all_reduce_f64,
+    .reduce_scatter_f64 = tcp_reduce_scatter_f64, .all_reduce_host = tcp_all_reduce_f64};
+
+/* The communicator of a process that is one rank of a job (TCP, NCCL): backend proto around
+ * ctx, in a group of its own. NULL when out of memory (then ctx is still the caller's). */
+static MbComm *comm_new_process(const MbComm *proto, int rank, int world, void *ctx) {
+    MbCommFail *fail = comm_fail_new();
+    MbComm *c = fail ? comm_new(proto, rank, world, ctx, fail) : NULL;
+    if (!c) free(fail);
+    return c;
 }
 
 /* This process's rank of a CPU job of `world` processes, joined at addr:port (fp: the job's
@@ -9501,12 +10097,11 @@ static void tcp_destroy(MbComm *c) {
 static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world, const MbJobFingerprint *fp,
                                 double timeout, MbComm **out) {
     *out = NULL;
-    if (timeout <= 0) timeout = MB_DDP_TIMEOUT;
     MbTcpComm *t = mb_calloc(1, sizeof *t);
-    t->fd = mb_malloc((size_t)world * sizeof *t->fd);
-    t->timeout = timeout;
+    if (!t || !(t->fd = mb_malloc((size_t)world * sizeof *t->fd))) return free(t), MB_ERR_OOM;
+    t->timeout = comm_timeout(timeout);
     char blob[8] = "medbot";
-    MbStatus rc = rdv_open(addr, port, rank, world, fp, blob, sizeof blob, timeout, t->fd);
+    MbStatus rc = rdv_open(addr, port, rank, world, fp, blob, sizeof blob, t->timeout, t->fd);
     if (rc) {
         free(t->fd), free(t);
         return rc;
@@ -9520,12 +10115,11 @@ static MbStatus mb_comm_tcp_new(const char *addr, int port, int rank, int world,
         }
     t->in = mb_calloc((size_t)world, sizeof *t->in);
     t->cap = mb_calloc((size_t)world, sizeof *t->cap);
-    MbComm *c = mb_calloc(1, sizeof *c);
-    c->rank = rank, c->world = world, c->ctx = t;
-    c->all_reduce = tcp_all_reduce, c->reduce_scatter = tcp_reduce_scatter, c->all_gather = tcp_all_gather;
-    c->broadcast = tcp_broadcast, c->barrier = tcp_barrier, c->destroy = tcp_destroy;
-    c->all_reduce_f64 = tcp_all_reduce_f64, c->reduce_scatter_f64 = tcp_reduce_scatter_f64;
-    c->all_reduce_host = tcp_all_reduce_f64;
+    MbComm *c = t->in && t->cap ? comm_new_process(&mb_comm_tcp_proto, rank, world, t) : NULL;
+    if (!c) {
+        tcp_state_free(t, rank, world);
+        return MB_ERR_OOM;
+    }
     *out = c;
     return MB_OK;
 }
@@ -9618,9 +10212,182 @@ MB_UNUSED static MbStatus mb_launch_env(MbLaunchEnv *e) {
 }
 
 /* ---- NCCL: one rank per GPU ----
- * The NCCL backend of MbComm lives in section 12 beside the CUDA driver it needs (NCCL and the
- * driver are loaded at run time): mb_comm_nccl_new (one rank of a torchrun job, after the
- * rendezvous above) and mb_comm_nccl_new_all (--nproc N GPUs in one process). */
+ * Buffers are device memory of the rank's GPU. A collective first waits for the work already
+ * queued on the device, runs on the communicator's stream and is waited for here, so the callers
+ * see the plain synchronous semantics of MbComm. A rank that died or hangs never joins it: NCCL
+ * reports the broken connection as an asynchronous error, or --ddp_timeout runs out; either way
+ * the communicator is aborted and the group fails with a message, as the TCP backend does (the
+ * last checkpoint on disk is whole). The device side (the driver, NCCL's calls, the
+ * communicator's context and stream) is section 12's, declared here. */
+
+typedef struct MbNcclRank MbNcclRank; /* section 12: one rank's NCCL communicator on its GPU */
+enum { MB_NCCL_ALL_REDUCE, MB_NCCL_REDUCE_SCATTER, MB_NCCL_ALL_GATHER, MB_NCCL_BROADCAST };
+/* This process's rank of a job of `world` processes on GPU gpu; rank 0 makes the NCCL unique id
+ * and exchange(arg, id, n) (the rendezvous) hands it to every rank. */
+static MbStatus nccl_rank_new(int rank, int world, int gpu, MbStatus (*exchange)(void *arg, void *id, size_t n),
+                              void *arg, MbNcclRank **out);
+/* world ranks of one process on GPUs gpu0 .. gpu0 + world - 1 (out: world of them) */
+static MbStatus nccl_ranks_new_all(int world, int gpu0, MbNcclRank **out);
+/* Queues collective op (fp32, or fp64 with f64) of count values per rank's part (root: a
+ * broadcast's) after the work queued on the device. */
+static MbStatus nccl_rank_start(MbNcclRank *k, int op, int f64, const void *send, void *recv, size_t count, int root);
+/* Queues the sum over ranks of n host doubles, in place (through device scratch). */
+static MbStatus nccl_rank_start_host(MbNcclRank *k, double *x, size_t n);
+/* 1: the queued collective finished; 0: not yet; -1: it failed: *nccl_error is NCCL's asynchronous
+ * error, or NULL for a failed driver call (its message is set) */
+static int nccl_rank_poll(MbNcclRank *k, const char **nccl_error);
+static void nccl_rank_abort(MbNcclRank *k);
+static void nccl_rank_free(MbNcclRank *k);
+
+typedef struct {
+    MbNcclRank *k;
+    double timeout; /* seconds a collective may take (--ddp_timeout) */
+} MbNcclComm;
+
+/* Fails the group with an NCCL collective's failure: the communicator is aborted (the others'
+ * collectives then fail too, or time out) and the ranks of this process leave theirs. */
+static MbStatus nc_fail(MbComm *c, const char *fmt, ...) MB_PRINTF(2, 3);
+static MbStatus nc_fail(MbComm *c, const char *fmt, ...) {
+    char why[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    nccl_rank_abort(((MbNcclComm *)c->ctx)->k);
+    return comm_fail(c, MB_ERR_DEVICE, "rank %d of %d: %s --> the job stops; resume it from the last checkpoint with "
+                     "--resume_from_checkpoint latest", c->rank, c->world, why);
+}
+
+/* Waits for the collective `what` that start queued (start: its status, message set). */
+static MbStatus nc_done(MbComm *c, MbStatus start, const char *what) {
+    MbNcclComm *n = c->ctx;
+    if (start) return nccl_rank_abort(n->k), comm_fail(c, start, "%s", mb_last_error());
+    double deadline = mb_now() + n->timeout;
+    for (;;) {
+        const char *nccl_error = NULL;
+        int done = nccl_rank_poll(n->k, &nccl_error);
+        if (done > 0) return MB_OK;
+        if (done < 0 && !nccl_error) return nccl_rank_abort(n->k), comm_fail(c, MB_ERR_DEVICE, "%s", mb_last_error());
+        if (done < 0) return nc_fail(c, "NCCL %s failed: %s", what, nccl_error);
+        MbStatus rc = comm_status(c); /* another rank of this process failed the group */
+        if (rc) return nccl_rank_abort(n->k), rc;
+        if (mb_now() > deadline)
+            return nc_fail(c, "NCCL %s did not finish within %g s (--ddp_timeout): another rank died or hangs", what,
+                           n->timeout);
+        struct timespec ts = {0, 20 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static MbStatus nc_collective(MbComm *c, int op, int f64, const void *send, void *recv, size_t count, int root,
+                              const char *what) {
+    MbStatus rc = comm_status(c);
+    if (rc) return rc;
+    return nc_done(c, nccl_rank_start(((MbNcclComm *)c->ctx)->k, op, f64, send, recv, count, root), what);
+}
+
+static MbStatus nc_all_reduce(MbComm *c, float *x, size_t n) {
+    return nc_collective(c, MB_NCCL_ALL_REDUCE, 0, x, x, n, 0, "all_reduce");
+}
+static MbStatus nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
+    return nc_collective(c, MB_NCCL_REDUCE_SCATTER, 0, x, shard, n / (size_t)c->world, 0, "reduce_scatter");
+}
+static MbStatus nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
+    return nc_collective(c, MB_NCCL_ALL_GATHER, 0, shard, x, n / (size_t)c->world, 0, "all_gather");
+}
+static MbStatus nc_broadcast(MbComm *c, float *x, size_t n, int root) {
+    return nc_collective(c, MB_NCCL_BROADCAST, 0, x, x, n, root, "broadcast");
+}
+static MbStatus nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
+    return nc_collective(c, MB_NCCL_ALL_REDUCE, 1, x, x, n, 0, "all_reduce");
+}
+static MbStatus nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
+    return nc_collective(c, MB_NCCL_REDUCE_SCATTER, 1, x, shard, n / (size_t)c->world, 0, "reduce_scatter");
+}
+/* metrics and flags: host doubles through the device */
+static MbStatus nc_all_reduce_host(MbComm *c, double *x, size_t n) {
+    MbStatus rc = comm_status(c);
+    return rc ? rc : nc_done(c, nccl_rank_start_host(((MbNcclComm *)c->ctx)->k, x, n), "all_reduce");
+}
+static MbStatus nc_barrier(MbComm *c) {
+    double one = 1;
+    return nc_all_reduce_host(c, &one, 1);
+}
+static void nc_destroy(MbComm *c) {
+    MbNcclComm *n = c->ctx;
+    nccl_rank_free(n->k);
+    free(n);
+    comm_free(c);
+}
+
+static const MbComm mb_comm_nccl_proto = {
+    .all_reduce = nc_all_reduce, .reduce_scatter = nc_reduce_scatter, .all_gather = nc_all_gather,
+    .broadcast = nc_broadcast, .barrier = nc_barrier, .destroy = nc_destroy, .all_reduce_f64 = nc_all_reduce_f64,
+    .reduce_scatter_f64 = nc_reduce_scatter_f64, .all_reduce_host = nc_all_reduce_host};
+
+/* The MbComm of rank `rank` of `world` around k (which it then owns), in group fail (NULL: a
+ * group of its own). On a failure k is freed. */
+static MbStatus nc_comm_new(MbNcclRank *k, int rank, int world, double timeout, MbCommFail *fail, MbComm **out) {
+    MbNcclComm *n = mb_calloc(1, sizeof *n);
+    MbComm *c = NULL;
+    if (n) {
+        n->k = k, n->timeout = comm_timeout(timeout);
+        c = fail ? comm_new(&mb_comm_nccl_proto, rank, world, n, fail) : comm_new_process(&mb_comm_nccl_proto, rank, world, n);
+    }
+    if (!c) {
+        free(n);
+        nccl_rank_free(k);
+        return MB_ERR_OOM;
+    }
+    *out = c;
+    return MB_OK;
+}
+
+typedef struct {
+    const char *addr;
+    int port, rank, world;
+    const MbJobFingerprint *fp;
+    double timeout;
+} MbRdvArgs;
+
+/* the rendezvous as nccl_rank_new's exchange: rank 0's unique id to every rank */
+static MbStatus nc_rendezvous(void *arg, void *id, size_t n) {
+    const MbRdvArgs *a = arg;
+    return rdv_open(a->addr, a->port, a->rank, a->world, a->fp, id, n, a->timeout, NULL);
+}
+
+/* A communicator of a multi-process job (torchrun, SLURM, MPI): rank 0 makes the NCCL unique id
+ * and the TCP rendezvous hands it to the ranks whose fingerprint fp matches. This process's rank
+ * runs on GPU `gpu` (its local rank). */
+static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
+                                 double timeout, MbComm **out) {
+    *out = NULL;
+    MbRdvArgs a = {addr, port, rank, world, fp, comm_timeout(timeout)};
+    MbNcclRank *k;
+    MbStatus rc = nccl_rank_new(rank, world, gpu, nc_rendezvous, &a, &k);
+    return rc ? rc : nc_comm_new(k, rank, world, timeout, NULL, out);
+}
+
+/* world communicators of one process driving GPUs gpu0 .. gpu0 + world - 1 (--nproc with CUDA),
+ * one group: a rank whose collective fails makes the others leave theirs. */
+static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms) {
+    MbNcclRank **ks = mb_calloc((size_t)world, sizeof *ks);
+    MbCommFail *fail = comm_fail_new();
+    MbStatus rc = ks && fail ? nccl_ranks_new_all(world, gpu0, ks) : MB_ERR_OOM;
+    int made = 0;
+    for (int r = 0; !rc && r < world; r++) {
+        rc = nc_comm_new(ks[r], r, world, timeout, fail, &comms[r]); /* owns ks[r], also when it fails */
+        ks[r] = NULL;
+        made += rc == MB_OK;
+    }
+    if (rc) {
+        for (int r = 0; ks && r < world; r++) nccl_rank_free(ks[r]);
+        for (int r = 0; r < made; r++) nc_destroy(comms[r]), comms[r] = NULL;
+        if (!made) free(fail);
+    }
+    free(ks);
+    return rc;
+}
 
 // ============================================================================================
 // ---------- 12. cuda ----------
@@ -9640,8 +10407,9 @@ MB_UNUSED static MbStatus mb_launch_env(MbLaunchEnv *e) {
 // used in place. GEMMs: cuBLASLt, bf16 operands, fp32 accumulation; NF4 weights are dequantized a
 // tile of rows (forward) or columns (backward) at a time into a workspace feeding cuBLASLt, or,
 // for decode (N <= 8), inside a fused matrix-vector kernel. Ops run on one stream per backend;
-// to_host, sumsq and free synchronize. A failure inside an op (a void function) stops the
-// process with the call, file, line and a hint; setup failures return MbStatus.
+// to_host, sumsq and free synchronize. Every failure is an MbStatus with the call, file, line and
+// a hint: setup returns it; inside an op (a void function) it becomes the backend's sticky
+// failure (MbOps.err), after which the ops only free, and the model returns it.
 // ============================================================================================
 
 #include <dlfcn.h>
@@ -10122,8 +10890,10 @@ static int mb_cuda_device_count(void) {
 }
 
 /* ---- checked calls ----
- * Inside an op a failed call stops the process: "medbot: FILE:LINE: CALL failed: NAME (code):
- * text --> hint". The hint names the likely cause of the common codes. */
+ * A failed call is a status with the message "FILE:LINE: CALL failed: NAME (code): text --> hint"
+ * (the hint names the likely cause of the common codes). Inside an op, which returns nothing, it
+ * becomes the backend's failure (MbOps.err): the ops that follow do nothing but free, and the
+ * model returns it after the forward, the backward or the optimizer step. */
 
 static const char *cu_hint(int code) {
     switch (code) {
@@ -10138,26 +10908,6 @@ static const char *cu_hint(int code) {
     }
 }
 
-static void cu_check_(MbCuResult r, const char *what, const char *file, int line) {
-    if (r == 0) return;
-    const char *name = NULL, *text = NULL;
-    mb_cuda_libs.cu.cuGetErrorName(r, &name);
-    mb_cuda_libs.cu.cuGetErrorString(r, &text);
-    fprintf(stderr, "medbot: %s:%d: %s failed: %s (%d): %s%s\n", file, line, what, name ? name : "?", (int)r,
-            text ? text : "?", cu_hint((int)r));
-    exit(1);
-}
-#define cu_check(call) cu_check_((call), #call, __FILE__, __LINE__)
-
-static void cublas_check_(MbLtStatus s, const char *what, const char *file, int line) {
-    if (s == 0) return;
-    const char *text = mb_cuda_libs.lt.cublasLtGetStatusString(s);
-    fprintf(stderr, "medbot: %s:%d: %s failed: %s (%d)%s\n", file, line, what, text ? text : "?", (int)s,
-            s == 3 ? " --> out of GPU memory" : s == 13 ? " --> a GEMM failed to launch: rerun with MEDBOT_CUDA_SYNC=1" : "");
-    exit(1);
-}
-#define cublas_check(call) cublas_check_((call), #call, __FILE__, __LINE__)
-
 /* NVRTC errors return a status (they happen while the backend starts). */
 static MbStatus nvrtc_check_(MbNvrtcResult r, const char *what, const char *file, int line) {
     if (r == 0) return MB_OK;
@@ -10166,16 +10916,16 @@ static MbStatus nvrtc_check_(MbNvrtcResult r, const char *what, const char *file
 }
 #define nvrtc_check(call) nvrtc_check_((call), #call, __FILE__, __LINE__)
 
-/* A driver call while the backend starts: an MbStatus instead of an exit */
-static MbStatus cu_status_(MbCuResult r, const char *what, const char *file, int line) {
+/* A driver call as a status (while the backend starts, and in the NCCL rank's calls) */
+static MbStatus cu_status_(const MbCudaLibs *L, MbCuResult r, const char *what, const char *file, int line) {
     if (r == 0) return MB_OK;
     const char *name = NULL, *text = NULL;
-    mb_cuda_libs.cu.cuGetErrorName(r, &name);
-    mb_cuda_libs.cu.cuGetErrorString(r, &text);
-    return mb_fail(MB_ERR_DEVICE, "%s:%d: %s failed: %s (%d): %s%s", file, line, what, name ? name : "?", (int)r,
-                   text ? text : "?", cu_hint((int)r));
+    L->cu.cuGetErrorName(r, &name);
+    L->cu.cuGetErrorString(r, &text);
+    return mb_fail(r == 2 ? MB_ERR_OOM : MB_ERR_DEVICE, "%s:%d: %s failed: %s (%d): %s%s", file, line, what,
+                   name ? name : "?", (int)r, text ? text : "?", cu_hint((int)r));
 }
-#define cu_status(call) cu_status_((call), #call, __FILE__, __LINE__)
+#define cu_status(L, call) cu_status_((L), (call), #call, __FILE__, __LINE__)
 
 /* ---- kernels: the specialization table, NVRTC, the on-disk cache ---- */
 
@@ -10190,16 +10940,16 @@ typedef struct {
 } MbKernelSource;
 static const MbKernelSource *mb_kernel_source(void);
 
-/* kernels.cu.in as one string (malloc'd) */
+/* kernels.cu.in as one string (malloc'd), or NULL (out of memory) */
 static char *kernels_source(void) {
     const MbKernelSource *k = mb_kernel_source();
     char *s = mb_malloc(k->bytes + 1), *p = s;
-    for (size_t i = 0; i < k->n_lines; i++) {
+    for (size_t i = 0; s && i < k->n_lines; i++) {
         size_t n = strlen(k->lines[i]);
         memcpy(p, k->lines[i], n);
         p += n;
     }
-    *p = 0;
+    if (s) *p = 0;
     return s;
 }
 
@@ -10292,10 +11042,12 @@ static MbStatus kernels_compile(const char *options, char **image, size_t *n, in
     const MbNvrtcApi *nv = &mb_cuda_libs.nvrtc;
     MbNvrtcProgram prog = NULL;
     char *src = kernels_source();
+    if (!src) return MB_ERR_OOM;
     MbStatus rc = nvrtc_check(nv->nvrtcCreateProgram(&prog, src, "kernels.cu", 0, NULL, NULL));
     free(src);
     if (rc) return rc;
     char *buf = mb_strdup(options);
+    if (!buf) return nv->nvrtcDestroyProgram(&prog), MB_ERR_OOM;
     const char *opts[64];
     int nopt = split_words(buf, opts, 64);
     MbNvrtcResult r = nv->nvrtcCompileProgram(prog, nopt, opts);
@@ -10303,14 +11055,14 @@ static MbStatus kernels_compile(const char *options, char **image, size_t *n, in
         size_t logn = 0;
         nv->nvrtcGetProgramLogSize(prog, &logn);
         char *log = mb_calloc(logn + 1, 1);
-        nv->nvrtcGetProgramLog(prog, log);
+        if (log) nv->nvrtcGetProgramLog(prog, log);
         rc = mb_fail(MB_ERR_DEVICE, "cuda: NVRTC could not compile kernels.cu.in (%s): %.600s --> this is a bug in "
-                     "medbot's kernels for this NVRTC; use --device cpu", options, log);
+                     "medbot's kernels for this NVRTC; use --device cpu", options, log ? log : "(out of memory for its log)");
         free(log);
     } else {
         rc = nvrtc_check(ptx ? nv->nvrtcGetPTXSize(prog, n) : nv->nvrtcGetCUBINSize(prog, n));
+        if (!rc && !(*image = mb_malloc(*n + 1))) rc = MB_ERR_OOM;
         if (!rc) {
-            *image = mb_malloc(*n + 1);
             rc = nvrtc_check(ptx ? nv->nvrtcGetPTX(prog, *image) : nv->nvrtcGetCUBIN(prog, *image));
             if (rc) free(*image), *image = NULL;
         }
@@ -10329,6 +11081,7 @@ static MbStatus kernels_target(int cc, char *arch, size_t cap, int *ptx) {
     MbStatus rc = nvrtc_check(nv->nvrtcGetNumSupportedArchs(&n));
     if (rc) return rc;
     int *archs = mb_calloc((size_t)n + 1, sizeof *archs);
+    if (!archs) return MB_ERR_OOM;
     if (!(rc = nvrtc_check(nv->nvrtcGetSupportedArchs(archs))))
         for (int i = 0; i < n; i++) {
             if (archs[i] == cc) exact = 1;
@@ -10369,12 +11122,12 @@ typedef struct {
 } CuDense;
 
 typedef struct {
-    const void *key;           /* the weight's host data pointer */
+    uint64_t key;              /* cu_key of the weight's host data pointer */
     CuDense value;
 } CuDenseEntry;
 
 typedef struct {
-    const void *key;           /* the MbNf4 */
+    uint64_t key;              /* cu_key of the MbNf4 */
     CuNf4 value;
 } CuNf4Entry;
 
@@ -10398,6 +11151,7 @@ typedef struct {
 
 typedef struct {
     const MbCudaLibs *lib;
+    MbOps *ops;                /* the op table (its err is this backend's failure) */
     int gpu;
     MbCuDevice dev;
     MbCuContext ctx;
@@ -10459,10 +11213,55 @@ static void cuda_step_scratch(const MbConfig *c, size_t N, size_t M, size_t R, u
 static MbCuDevPtr dptr(const void *p) { return (MbCuDevPtr)(uintptr_t)p; }
 static void *hptr(MbCuDevPtr p) { return (void *)(uintptr_t)p; }
 
-/* Makes the backend's context current on this thread (ranks and tests switch threads). */
-static void cu_enter(MbCuda *g) { cu_check(g->lib->cu.cuCtxSetCurrent(g->ctx)); }
+/* A host pointer as a key of the weight maps: its bits moved up past bit 31, so that bits 31 and
+ * 63 are clear (stb_ds hashes 8-byte keys with `d[3] << 24` on an int: see tok_hash) */
+static uint64_t cu_key(const void *p) {
+    uint64_t a = (uint64_t)(uintptr_t)p;
+    return (a & 0x7FFFFFFFull) | (a >> 31 << 32);
+}
 
-static void cu_sync(MbCuda *g) { cu_check(g->lib->cu.cuStreamSynchronize(g->stream)); }
+/* Whether the backend has failed (MbOps.err): then its ops make no call but to free. */
+static int cu_failed(const MbCuda *g) { return g->ops && g->ops->err; }
+
+/* Makes st, with the message, the backend's failure unless it has one; the message is also this
+ * thread's. */
+static void cu_fail(MbCuda *g, MbStatus st, const char *fmt, ...) MB_PRINTF(3, 4);
+static void cu_fail(MbCuda *g, MbStatus st, const char *fmt, ...) {
+    char msg[sizeof mb_errbuf];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    mb_fail(st, "%s", msg);
+    if (g->ops) mb_ops_fail(g->ops, st);
+}
+
+static int cu_check_(MbCuda *g, int skipped, MbCuResult r, const char *what, const char *file, int line) {
+    if (skipped) return 1;
+    if (r == 0) return 0;
+    MbStatus st = cu_status_(g->lib, r, what, file, line);
+    if (g->ops) mb_ops_fail(g->ops, st);
+    return 1;
+}
+/* A driver call inside an op: 1 when it failed (now the backend's failure) or when the backend
+ * had failed already (then the call is not made); 0 when it worked. */
+#define cu_check(g, call) cu_check_((g), cu_failed(g), cu_failed(g) ? 0 : (call), #call, __FILE__, __LINE__)
+
+static int cublas_check_(MbCuda *g, int skipped, MbLtStatus s, const char *what, const char *file, int line) {
+    if (skipped) return 1;
+    if (s == 0) return 0;
+    const char *text = g->lib->lt.cublasLtGetStatusString(s);
+    cu_fail(g, s == 3 ? MB_ERR_OOM : MB_ERR_DEVICE, "%s:%d: %s failed: %s (%d)%s", file, line, what, text ? text : "?",
+            (int)s, s == 3 ? " --> out of GPU memory" : s == 13 ? " --> a GEMM failed to launch: rerun with MEDBOT_CUDA_SYNC=1" : "");
+    return 1;
+}
+#define cublas_check(g, call) cublas_check_((g), cu_failed(g), cu_failed(g) ? 0 : (call), #call, __FILE__, __LINE__)
+
+/* Makes the backend's context current on this thread (ranks and tests switch threads); 1 when
+ * the backend has failed (now or before). */
+static int cu_enter(MbCuda *g) { return cu_check(g, g->lib->cu.cuCtxSetCurrent(g->ctx)); }
+
+static int cu_sync(MbCuda *g) { return cu_check(g, g->lib->cu.cuStreamSynchronize(g->stream)); }
 
 static void cu_note_usage(MbCuda *g) {
     size_t free_b = 0, total = 0;
@@ -10470,41 +11269,54 @@ static void cu_note_usage(MbCuda *g) {
         g->device_used_peak = total - free_b;
 }
 
-/* Device memory, zeroed; an allocation failure stops with what was asked and what is left. */
+/* Device memory, zeroed, or 0 with the message naming what was asked and what is left (out of
+ * memory: MB_ERR_OOM, not the backend's failure; a later failed call is). */
 static MbCuDevPtr cu_malloc(MbCuda *g, size_t bytes) {
     MbCuDevPtr p = 0;
+    if (cu_failed(g)) return mb_ops_status(g->ops), 0;
     MbCuResult r = g->lib->cu.cuMemAlloc(&p, bytes ? bytes : 1);
     if (r) {
         size_t free_b = 0, total = 0;
         g->lib->cu.cuMemGetInfo(&free_b, &total);
-        fprintf(stderr, "medbot: out of GPU memory on GPU %d (%s): %.2f GiB wanted, %.2f of %.2f GiB free, medbot holds "
+        mb_fail(MB_ERR_OOM, "out of GPU memory on GPU %d (%s): %.2f GiB wanted, %.2f of %.2f GiB free, medbot holds "
                 "%.2f GiB --> lower --per_device_train_batch_size or --max_length, use --gradient_checkpointing and "
-                "--load_in_4bit\n", g->gpu, g->name, (double)bytes / 1073741824.0, (double)free_b / 1073741824.0,
+                "--load_in_4bit", g->gpu, g->name, (double)bytes / 1073741824.0, (double)free_b / 1073741824.0,
                 (double)total / 1073741824.0, (double)g->bytes_now / 1073741824.0);
-        exit(1);
+        return 0;
     }
-    cu_check(g->lib->cu.cuMemsetD8Async(p, 0, bytes, g->stream));
+    if (cu_check(g, g->lib->cu.cuMemsetD8Async(p, 0, bytes, g->stream))) {
+        g->lib->cu.cuMemFree(p);
+        return 0;
+    }
     g->bytes_now += bytes;
     if (g->bytes_now > g->bytes_peak) g->bytes_peak = g->bytes_now;
     cu_note_usage(g);
     return p;
 }
 
+/* After cu_malloc returned 0 inside an op: its out of memory becomes the backend's failure */
+static void cu_oom(MbCuda *g) {
+    if (g->ops && !cu_failed(g)) mb_ops_fail(g->ops, MB_ERR_OOM);
+}
+
+/* Frees device memory, also after a failure (the calls' errors are then ignored). */
 static void cu_mfree(MbCuda *g, MbCuDevPtr p, size_t bytes) {
     if (!p) return;
-    cu_sync(g); /* kernels already queued may still read it */
-    cu_check(g->lib->cu.cuMemFree(p));
+    if (cu_failed(g)) g->lib->cu.cuMemFree(p);
+    else if (!cu_sync(g)) cu_check(g, g->lib->cu.cuMemFree(p)); /* kernels already queued may still read it */
     g->bytes_now -= bytes;
 }
 
-/* A scratch buffer of at least `bytes` (its old contents are not kept). */
+/* A scratch buffer of at least `bytes` (its old contents are not kept); 0 when the backend failed
+ * (out of memory here is its failure: the op cannot go on). */
 static MbCuDevPtr cu_scratch(MbCuda *g, CuBuf *b, size_t bytes) {
     if (b->bytes < bytes) {
         cu_mfree(g, b->p, b->bytes);
+        b->bytes = 0;
+        if (!(b->p = cu_malloc(g, bytes))) return cu_oom(g), 0;
         b->bytes = bytes;
-        b->p = cu_malloc(g, b->bytes);
     }
-    return b->p;
+    return cu_failed(g) ? 0 : b->p;
 }
 
 /* n host ints on the device in c: copied only when they differ from what c holds (a copy from
@@ -10514,9 +11326,12 @@ static MbCuDevPtr cu_ints(MbCuda *g, CuInts *c, const int *h, size_t n) {
     if (!h || !n) return 0;
     if (c->n == n && c->buf.p && !memcmp(c->shadow, h, n * sizeof(int))) return c->buf.p;
     MbCuDevPtr d = cu_scratch(g, &c->buf, n * sizeof(int));
-    cu_check(g->lib->cu.cuMemcpyHtoDAsync(d, h, n * sizeof(int), g->stream));
+    c->n = 0; /* (what buf holds is known again below) */
+    if (!d || cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(d, h, n * sizeof(int), g->stream))) return 0;
+    int *shadow = mb_malloc(n * sizeof(int));
+    if (!shadow) return cu_oom(g), 0;
     free(c->shadow);
-    c->shadow = mb_malloc(n * sizeof(int));
+    c->shadow = shadow;
     memcpy(c->shadow, h, n * sizeof(int));
     c->n = n;
     return d;
@@ -10535,19 +11350,24 @@ static unsigned cu_grid(const MbCuda *g, size_t n) {
     return (unsigned)MB_MAX((size_t)1, MB_MIN(blocks, cap));
 }
 
+/* Launches kernel k (nothing once the backend has failed; a failure to launch, or with
+ * MEDBOT_CUDA_SYNC=1 in the kernel, becomes the backend's failure, naming the kernel). */
 static void cu_launch(MbCuda *g, int k, unsigned gx, unsigned gy, unsigned gz, unsigned threads, unsigned smem,
                       void **args) {
-    if (!gx || !gy || !gz) return;
+    if (!gx || !gy || !gz || cu_failed(g)) return;
+    char why[sizeof mb_errbuf];
     MbCuResult r = g->lib->cu.cuLaunchKernel(g->fn[k], gx, gy, gz, threads, 1, 1, smem, g->stream, args, NULL);
     if (r) {
-        fprintf(stderr, "medbot: launching %s (grid %u x %u x %u, %u threads, %u bytes shared):\n", mb_kernel_names[k],
-                gx, gy, gz, threads, smem);
-        cu_check(r);
+        MbStatus st = cu_status_(g->lib, r, "cuLaunchKernel", __FILE__, __LINE__);
+        snprintf(why, sizeof why, "%s", mb_last_error());
+        cu_fail(g, st, "launching %s (grid %u x %u x %u, %u threads, %u bytes shared): %s", mb_kernel_names[k], gx, gy, gz,
+                threads, smem, why);
+        return;
     }
-    if (g->sync_each) {
-        r = g->lib->cu.cuStreamSynchronize(g->stream);
-        if (r) fprintf(stderr, "medbot: kernel %s failed:\n", mb_kernel_names[k]);
-        cu_check(r);
+    if (g->sync_each && (r = g->lib->cu.cuStreamSynchronize(g->stream))) {
+        MbStatus st = cu_status_(g->lib, r, "cuStreamSynchronize", __FILE__, __LINE__);
+        snprintf(why, sizeof why, "%s", mb_last_error());
+        cu_fail(g, st, "kernel %s failed: %s", mb_kernel_names[k], why);
     }
 }
 
@@ -10565,40 +11385,42 @@ typedef struct {
     CuNf4 q;       /* CUW_NF4 */
 } CuW;
 
-/* bytes host -> new device memory owned by the weight maps */
+/* bytes host -> new device memory owned by the weight maps; 0 when the backend failed */
 static MbCuDevPtr cu_upload(MbCuda *g, const void *h, size_t bytes) {
     MbCuDevPtr p = cu_malloc(g, bytes);
-    cu_check(g->lib->cu.cuMemcpyHtoDAsync(p, h, bytes, g->stream));
+    if (!p) return cu_oom(g), 0;
     CuBuf b = {p, bytes};
     arrput(g->uploads, b);
-    return p;
+    return cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(p, h, bytes, g->stream)) ? 0 : p;
 }
 
-/* A dense F32 / F16 / BF16 host weight as bf16 in device memory (converted a chunk at a time). */
+/* A dense F32 / F16 / BF16 host weight as bf16 in device memory (converted a chunk at a time);
+ * 0 when the backend failed. */
 static MbCuDevPtr cu_upload_bf16(MbCuda *g, const MbWeight *w) {
     size_t n = w->rows * w->cols, es = mb_dtype_size(w->dtype);
     if (w->dtype == MB_DT_BF16) return cu_upload(g, w->data, n * 2);
     MbCuDevPtr p = cu_malloc(g, n * 2);
+    if (!p) return cu_oom(g), 0;
     CuBuf b = {p, n * 2};
     arrput(g->uploads, b);
     size_t chunk = (size_t)1 << 20;
     float *f = mb_malloc(chunk * sizeof(float));
-    uint16_t *h = mb_malloc(chunk * sizeof(uint16_t));
-    for (size_t i = 0; i < n; i += chunk) {
+    uint16_t *h = f ? mb_malloc(chunk * sizeof(uint16_t)) : NULL;
+    if (!h) cu_oom(g);
+    for (size_t i = 0; h && i < n; i += chunk) {
         size_t m = MB_MIN(chunk, n - i);
         mb_convert_to_f32(w->dtype, (const unsigned char *)w->data + i * es, f, m);
         mb_convert_from_f32(MB_DT_BF16, f, h, m);
-        cu_check(g->lib->cu.cuMemcpyHtoDAsync(p + i * 2, h, m * 2, g->stream));
-        cu_sync(g); /* h is reused */
+        if (cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(p + i * 2, h, m * 2, g->stream)) || cu_sync(g)) break; /* h is reused */
     }
     free(f), free(h);
-    return p;
+    return cu_failed(g) ? 0 : p;
 }
 
 /* The device copy of an NF4 state: arrays already in this backend's memory (random init) are
  * used in place, the others uploaded once. */
 static CuNf4 cu_nf4_state(MbCuda *g, const MbWeight *w, const MbNf4 *q) {
-    const void *key = q; /* stb_ds keys are lvalues here (see the tokenizer section) */
+    uint64_t key = cu_key(q); /* stb_ds keys are lvalues here (see the tokenizer section) */
     ptrdiff_t i = hmgeti(g->nf4, key);
     if (i >= 0) return g->nf4[i].value;
     size_t n = w->rows * w->cols, ns = q->absmax_q ? (q->nblocks + q->nested_blocksize - 1) / q->nested_blocksize : 0;
@@ -10618,20 +11440,21 @@ static CuNf4 cu_nf4_state(MbCuda *g, const MbWeight *w, const MbNf4 *q) {
     c.blocksize = (int)q->blocksize;
     c.nested_bs = (int)(q->nested_blocksize ? q->nested_blocksize : 1);
     c.compute = q->compute == MB_DT_BF16 ? 1 : q->compute == MB_DT_F16 ? 2 : 0;
-    hmput(g->nf4, key, c);
+    if (!cu_failed(g)) hmput(g->nf4, key, c); /* (a failed upload is not kept) */
     return c;
 }
 
 /* Host weights must stay unchanged and alive while the backend keeps their copies (a model's
- * weights live as long as its backend); a key found with another shape means that was broken. */
-static void cu_cache_check(const CuDense *e, const MbWeight *w) {
-    if (e->rows != w->rows || e->cols != w->cols) {
-        fprintf(stderr, "medbot: cuda: the weight at %p changed shape (%zu x %zu, uploaded %zu x %zu): host weights "
-                "must outlive the backend that uploaded them\n", w->data, w->rows, w->cols, e->rows, e->cols);
-        exit(1);
-    }
+ * weights live as long as its backend); a key found with another shape means that was broken:
+ * the backend's failure, and 1. */
+static int cu_cache_check(MbCuda *g, const CuDense *e, const MbWeight *w) {
+    if (e->rows == w->rows && e->cols == w->cols) return 0;
+    cu_fail(g, MB_ERR_DEVICE, "cuda: the weight at %p changed shape (%zu x %zu, uploaded %zu x %zu): host weights "
+            "must outlive the backend that uploaded them", w->data, w->rows, w->cols, e->rows, e->cols);
+    return 1;
 }
 
+/* A weight as the ops read it on the device (uploaded on first use); p 0 when the backend failed */
 static CuW cu_weight(MbCuda *g, const MbWeight *w) {
     CuW cw;
     memset(&cw, 0, sizeof cw);
@@ -10644,45 +11467,42 @@ static CuW cu_weight(MbCuda *g, const MbWeight *w) {
     size_t bytes = w->rows * w->cols * mb_dtype_size(w->dtype);
     if (cu_owns(g, w->data, bytes)) { /* LoRA A/B (fp32), random init (bf16): used in place */
         if (w->dtype != MB_DT_BF16 && w->dtype != MB_DT_F32) {
-            fprintf(stderr, "medbot: cuda: a %s weight in device memory is not supported\n", mb_dtype_name(w->dtype));
-            exit(1);
+            cu_fail(g, MB_ERR_DEVICE, "cuda: a %s weight in device memory is not supported", mb_dtype_name(w->dtype));
+            return cw;
         }
         cw.kind = w->dtype == MB_DT_BF16 ? CUW_BF16 : CUW_F32;
         cw.p = dptr(w->data);
         return cw;
     }
     cw.kind = CUW_BF16;
-    const void *key = w->data;
+    uint64_t key = cu_key(w->data);
     ptrdiff_t i = hmgeti(g->dense, key);
     if (i >= 0) {
-        cu_cache_check(&g->dense[i].value, w);
-        cw.p = g->dense[i].value.p;
+        if (!cu_cache_check(g, &g->dense[i].value, w)) cw.p = g->dense[i].value.p;
     } else {
         CuDense e = {cu_upload_bf16(g, w), w->rows, w->cols};
-        hmput(g->dense, key, e);
+        if (e.p) hmput(g->dense, key, e);
         cw.p = e.p;
     }
     return cw;
 }
 
-/* A norm weight (1, C) as fp32 in device memory */
+/* A norm weight (1, C) as fp32 in device memory; 0 when the backend failed */
 static MbCuDevPtr cu_vector(MbCuda *g, const MbWeight *w) {
     size_t n = w->rows * w->cols;
     if (w->dtype == MB_DT_F32 && cu_owns(g, w->data, n * 4)) return dptr(w->data);
-    const void *key = w->data;
+    uint64_t key = cu_key(w->data);
     ptrdiff_t i = hmgeti(g->vec, key);
-    if (i >= 0) return cu_cache_check(&g->vec[i].value, w), g->vec[i].value.p;
-    if (cu_owns(g, w->data, 1)) {
-        fprintf(stderr, "medbot: cuda: a norm weight in device memory must be fp32\n");
-        exit(1);
-    }
+    if (i >= 0) return cu_cache_check(g, &g->vec[i].value, w) ? 0 : g->vec[i].value.p;
+    if (cu_owns(g, w->data, 1)) return cu_fail(g, MB_ERR_DEVICE, "cuda: a norm weight in device memory must be fp32"), 0;
     float *f = mb_malloc(n * sizeof(float));
+    if (!f) return cu_oom(g), 0;
     weight_row_f32(w, 0, 0, n, f);
     MbCuDevPtr p = cu_upload(g, f, n * sizeof(float));
-    cu_sync(g);
+    if (p && cu_sync(g)) p = 0;
     free(f);
     CuDense e = {p, w->rows, w->cols};
-    hmput(g->vec, key, e);
+    if (p) hmput(g->vec, key, e);
     return p;
 }
 
@@ -10696,6 +11516,15 @@ static int cu_align(MbCuDevPtr p) {
     return a;
 }
 
+static void cu_gemm_plan_free(MbCuda *g, GemmPlan *p) {
+    const MbLtApi *lt = &g->lib->lt;
+    if (p->la) lt->cublasLtMatrixLayoutDestroy(p->la);
+    if (p->lb) lt->cublasLtMatrixLayoutDestroy(p->lb);
+    if (p->lc) lt->cublasLtMatrixLayoutDestroy(p->lc);
+    if (p->desc) lt->cublasLtMatmulDescDestroy(p->desc);
+}
+
+/* The plan of a GEMM of this shape (made on first use), or NULL when the backend failed */
 static const GemmPlan *cu_gemm_plan(MbCuda *g, const GemmKey *key) {
     GemmKey k = *key;
     ptrdiff_t i = hmgeti(g->plan_index, k);
@@ -10705,51 +11534,55 @@ static const GemmPlan *cu_gemm_plan(MbCuda *g, const GemmKey *key) {
     memset(&p, 0, sizeof p);
     p.key = *key;
     int32_t ta = key->ta, tb = key->tb;
-    cublas_check(lt->cublasLtMatmulDescCreate(&p.desc, MB_CUBLAS_COMPUTE_32F, MB_CUDA_R_32F));
-    cublas_check(lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSA, &ta, sizeof ta));
-    cublas_check(lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSB, &tb, sizeof tb));
     uint64_t ar = ta == MB_CUBLAS_OP_N ? (uint64_t)key->m : (uint64_t)key->k, ac = ta == MB_CUBLAS_OP_N ? (uint64_t)key->k : (uint64_t)key->m;
     uint64_t br = tb == MB_CUBLAS_OP_N ? (uint64_t)key->k : (uint64_t)key->n, bc = tb == MB_CUBLAS_OP_N ? (uint64_t)key->n : (uint64_t)key->k;
-    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.la, MB_CUDA_R_16BF, ar, ac, key->lda));
-    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.lb, MB_CUDA_R_16BF, br, bc, key->ldb));
-    cublas_check(lt->cublasLtMatrixLayoutCreate(&p.lc, key->ctype, (uint64_t)key->m, (uint64_t)key->n, key->ldc));
-    MbLtPref pref;
-    cublas_check(lt->cublasLtMatmulPreferenceCreate(&pref));
+    MbLtPref pref = NULL;
     uint64_t ws = g->lt_ws.bytes;
-    cublas_check(lt->cublasLtMatmulPreferenceSetAttribute(pref, MB_LT_PREF_MAX_WORKSPACE, &ws, sizeof ws));
+    int bad = cublas_check(g, lt->cublasLtMatmulDescCreate(&p.desc, MB_CUBLAS_COMPUTE_32F, MB_CUDA_R_32F)) ||
+              cublas_check(g, lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSA, &ta, sizeof ta)) ||
+              cublas_check(g, lt->cublasLtMatmulDescSetAttribute(p.desc, MB_LT_DESC_TRANSB, &tb, sizeof tb)) ||
+              cublas_check(g, lt->cublasLtMatrixLayoutCreate(&p.la, MB_CUDA_R_16BF, ar, ac, key->lda)) ||
+              cublas_check(g, lt->cublasLtMatrixLayoutCreate(&p.lb, MB_CUDA_R_16BF, br, bc, key->ldb)) ||
+              cublas_check(g, lt->cublasLtMatrixLayoutCreate(&p.lc, key->ctype, (uint64_t)key->m, (uint64_t)key->n, key->ldc)) ||
+              cublas_check(g, lt->cublasLtMatmulPreferenceCreate(&pref)) ||
+              cublas_check(g, lt->cublasLtMatmulPreferenceSetAttribute(pref, MB_LT_PREF_MAX_WORKSPACE, &ws, sizeof ws));
     const MbLtPrefAttr attrs[4] = {MB_LT_PREF_ALIGN_A, MB_LT_PREF_ALIGN_B, MB_LT_PREF_ALIGN_C, MB_LT_PREF_ALIGN_D};
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 4 && !bad; k++) {
         uint32_t al = (uint32_t)key->align[k];
-        cublas_check(lt->cublasLtMatmulPreferenceSetAttribute(pref, attrs[k], &al, sizeof al));
+        bad = cublas_check(g, lt->cublasLtMatmulPreferenceSetAttribute(pref, attrs[k], &al, sizeof al));
     }
     MbLtHeuristic h;
     int found = 0;
     memset(&h, 0, sizeof h);
-    cublas_check(lt->cublasLtMatmulAlgoGetHeuristic(g->lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &h, &found));
-    lt->cublasLtMatmulPreferenceDestroy(pref);
-    if (found < 1) {
-        fprintf(stderr, "medbot: cuda: cuBLASLt has no algorithm for a %s%s GEMM m=%d n=%d k=%d (lda %lld ldb %lld "
-                "ldc %lld, %s output) --> report it with your GPU (%s)\n", ta ? "T" : "N", tb ? "T" : "N", key->m,
+    if (!bad) bad = cublas_check(g, lt->cublasLtMatmulAlgoGetHeuristic(g->lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &h, &found));
+    if (pref) lt->cublasLtMatmulPreferenceDestroy(pref);
+    if (!bad && found < 1) {
+        cu_fail(g, MB_ERR_DEVICE, "cuda: cuBLASLt has no algorithm for a %s%s GEMM m=%d n=%d k=%d (lda %lld ldb %lld "
+                "ldc %lld, %s output) --> report it with your GPU (%s)", ta ? "T" : "N", tb ? "T" : "N", key->m,
                 key->n, key->k, key->lda, key->ldb, key->ldc, key->ctype == MB_CUDA_R_32F ? "fp32" : "bf16", g->name);
-        exit(1);
+        bad = 1;
     }
+    if (bad) return cu_gemm_plan_free(g, &p), NULL;
     p.algo = h.algo;
     arrput(g->plans, p);
     hmput(g->plan_index, k, (int)arrlen(g->plans) - 1);
     return &g->plans[arrlen(g->plans) - 1];
 }
 
+/* Nothing once the backend has failed (then A, B or C may be 0) */
 static void cu_gemm(MbCuda *g, int ta, int tb, size_t m, size_t n, size_t k, float alpha, MbCuDevPtr A, size_t lda,
                     MbCuDevPtr B, size_t ldb, float beta, MbCuDevPtr C, int ctype, size_t ldc) {
-    if (!m || !n || !k) return;
+    if (!m || !n || !k || cu_failed(g)) return;
     GemmKey key;
     memset(&key, 0, sizeof key); /* hashed as bytes */
     key.ta = ta, key.tb = tb, key.m = (int)m, key.n = (int)n, key.k = (int)k, key.ctype = ctype, key.beta_nz = beta != 0.0f;
     key.lda = (long long)lda, key.ldb = (long long)ldb, key.ldc = (long long)ldc;
     key.align[0] = cu_align(A), key.align[1] = cu_align(B), key.align[2] = key.align[3] = cu_align(C);
     const GemmPlan *p = cu_gemm_plan(g, &key);
-    cublas_check(g->lib->lt.cublasLtMatmul(g->lt, p->desc, &alpha, hptr(A), p->la, hptr(B), p->lb, &beta, hptr(C), p->lc,
-                                           hptr(C), p->lc, &p->algo, hptr(g->lt_ws.p), g->lt_ws.bytes, g->stream));
+    if (!p || cublas_check(g, g->lib->lt.cublasLtMatmul(g->lt, p->desc, &alpha, hptr(A), p->la, hptr(B), p->lb, &beta,
+                                                        hptr(C), p->lc, hptr(C), p->lc, &p->algo, hptr(g->lt_ws.p),
+                                                        g->lt_ws.bytes, g->stream)))
+        return;
     if (g->sync_each) cu_sync(g);
 }
 
@@ -10819,53 +11652,62 @@ static void cu_matmul_backward(MbCuda *g, MbCuDevPtr dinp, MbCuDevPtr dout, cons
 
 /* ---- the ops ---- */
 
-#define CU_CTX(ops) MbCuda *g = (ops)->ctx; cu_enter(g)
+/* An op's start: g, with its context current; a backend that has failed does nothing more
+ * (CU_CTX_OR returns the value given). */
+#define CU_CTX(ops) \
+    MbCuda *g = (ops)->ctx; \
+    if (cu_enter(g)) return
+#define CU_CTX_OR(ops, value) \
+    MbCuda *g = (ops)->ctx; \
+    if (cu_enter(g)) return (value)
 
+/* Device memory, zeroed, or NULL (out of GPU memory, or the backend failed: mb_ops_oom) */
 static void *cuda_alloc(MbOps *ops, size_t bytes) {
-    CU_CTX(ops);
+    CU_CTX_OR(ops, NULL);
     CuBuf b = {cu_malloc(g, bytes), bytes};
+    if (!b.p) return NULL;
     arrput(g->allocs, b);
     return hptr(b.p);
 }
 
+/* Frees what cuda_alloc returned, also after the backend failed */
 static void cuda_free(MbOps *ops, void *p) {
-    CU_CTX(ops);
+    MbCuda *g = ops->ctx;
     if (!p) return;
+    if (!cu_failed(g)) cu_enter(g);
     for (ptrdiff_t i = 0; i < arrlen(g->allocs); i++)
         if (g->allocs[i].p == dptr(p)) {
             cu_mfree(g, g->allocs[i].p, g->allocs[i].bytes);
             arrdelswap(g->allocs, i);
             return;
         }
-    fprintf(stderr, "medbot: cuda: free of %p, which this backend did not allocate\n", p);
-    exit(1);
+    cu_fail(g, MB_ERR_DEVICE, "cuda: free of %p, which this backend did not allocate", p);
 }
 
 static void cuda_to_host(MbOps *ops, void *dst, const void *src, size_t bytes) {
     CU_CTX(ops);
     if (!bytes) return;
-    cu_check(g->lib->cu.cuMemcpyDtoHAsync(dst, dptr(src), bytes, g->stream));
-    cu_sync(g);
+    if (!cu_check(g, g->lib->cu.cuMemcpyDtoHAsync(dst, dptr(src), bytes, g->stream))) cu_sync(g);
 }
 
 static void cuda_from_host(MbOps *ops, void *dst, const void *src, size_t bytes) {
     CU_CTX(ops);
     if (!bytes) return;
-    cu_check(g->lib->cu.cuMemcpyHtoDAsync(dptr(dst), src, bytes, g->stream));
-    cu_sync(g); /* src may be pinned by the caller's allocator some day: never leave it in flight */
+    /* src may be pinned by the caller's allocator some day: never leave it in flight */
+    if (!cu_check(g, g->lib->cu.cuMemcpyHtoDAsync(dptr(dst), src, bytes, g->stream))) cu_sync(g);
 }
 
 static void cuda_zero(MbOps *ops, void *p, size_t bytes) {
     CU_CTX(ops);
-    cu_check(g->lib->cu.cuMemsetD8Async(dptr(p), 0, bytes, g->stream));
+    cu_check(g, g->lib->cu.cuMemsetD8Async(dptr(p), 0, bytes, g->stream));
 }
 
 static void cuda_embedding_forward(MbOps *ops, float *out, const int32_t *tokens, const MbWeight *wte, size_t N) {
     CU_CTX(ops);
     CuW cw = cu_weight(g, wte);
     if (cw.kind != CUW_BF16) {
-        fprintf(stderr, "medbot: cuda: the embedding must be a dense weight\n");
-        exit(1);
+        cu_fail(g, MB_ERR_DEVICE, "cuda: the embedding must be a dense weight");
+        return;
     }
     MbCuDevPtr o = dptr(out), t = cu_ints(g, &g->tokens, (const int *)tokens, N);
     int C = (int)wte->cols;
@@ -10913,8 +11755,8 @@ typedef struct {
 
 static void cu_rope(MbCuda *g, float *x, const float *inv_freq, int B, int T, int pos0, int nh, int D, float sign) {
     if (D != g->head_dim) {
-        fprintf(stderr, "medbot: cuda: rope on head dim %d, kernels built for %d\n", D, g->head_dim);
-        exit(1);
+        cu_fail(g, MB_ERR_DEVICE, "cuda: rope on head dim %d, kernels built for %d", D, g->head_dim);
+        return;
     }
     CuRopeFreq rf;
     memset(&rf, 0, sizeof rf);
@@ -10941,17 +11783,17 @@ static void cuda_kv_store(MbOps *ops, float *cache, const float *x, int B, int T
     cu_launch(g, K_KV_STORE, (unsigned)T, (unsigned)B, 1, MB_CUDA_BLOCK, 0, args);
 }
 
-static void cu_check_heads(const MbCuda *g, int H, int K, int D) {
-    if (D != g->head_dim || K < 1 || H % K) {
-        fprintf(stderr, "medbot: cuda: attention with H=%d K=%d D=%d, kernels built for D=%d\n", H, K, D, g->head_dim);
-        exit(1);
-    }
+/* 1 (and the backend's failure) when the kernels were not built for these heads */
+static int cu_check_heads(MbCuda *g, int H, int K, int D) {
+    if (D == g->head_dim && K >= 1 && H % K == 0) return 0;
+    cu_fail(g, MB_ERR_DEVICE, "cuda: attention with H=%d K=%d D=%d, kernels built for D=%d", H, K, D, g->head_dim);
+    return 1;
 }
 
 static void cuda_attention_forward(MbOps *ops, float *out, float *lse, const float *q, const float *kc, const float *vc,
                                    const int *lens, int B, int T, int S, int pos0, int H, int K, int D) {
     CU_CTX(ops);
-    cu_check_heads(g, H, K, D);
+    if (cu_check_heads(g, H, K, D)) return;
     MbCuDevPtr o = dptr(out), l = dptr(lse), qq = dptr(q), k = dptr(kc), v = dptr(vc), ln = cu_ints(g, &g->lens, lens, (size_t)B);
     void *args[] = {&o, &l, &qq, &k, &v, &ln, &T, &S, &pos0, &H, &K};
     cu_launch(g, K_ATT_FWD, (unsigned)((T + g->att_bq - 1) / g->att_bq), (unsigned)H, (unsigned)B, 256,
@@ -10962,10 +11804,10 @@ static void cuda_attention_backward(MbOps *ops, float *dq, float *dk, float *dv,
                                     const float *k, const float *v, const float *out, const float *lse, const int *lens,
                                     int B, int T, int H, int K, int D) {
     CU_CTX(ops);
-    cu_check_heads(g, H, K, D);
+    if (cu_check_heads(g, H, K, D)) return;
     size_t rows = (size_t)B * T * H, n = rows * (size_t)D;
     MbCuDevPtr dq32 = cu_scratch(g, &g->att_dq, n * 4), delta = cu_scratch(g, &g->att_delta, rows * 4);
-    cu_check(g->lib->cu.cuMemsetD8Async(dq32, 0, n * 4, g->stream));
+    if (!dq32 || !delta || cu_check(g, g->lib->cu.cuMemsetD8Async(dq32, 0, n * 4, g->stream))) return;
     MbCuDevPtr g_out = dptr(dout), o = dptr(out), qq = dptr(q), kk = dptr(k), vv = dptr(v), l = dptr(lse);
     MbCuDevPtr dkk = dptr(dk), dvv = dptr(dv), dqq = dptr(dq), ln = cu_ints(g, &g->lens, lens, (size_t)B);
     uint64_t urows = rows, un = n;
@@ -11006,7 +11848,7 @@ static void cuda_gather_rows(MbOps *ops, float *out, const float *inp, const int
 static void cuda_scatter_rows(MbOps *ops, float *out, const float *inp, const int *rows, size_t n, size_t N, size_t C) {
     CU_CTX(ops);
     MbCuDevPtr o = dptr(out), x = dptr(inp);
-    cu_check(g->lib->cu.cuMemsetD8Async(o, 0, N * C * 2, g->stream));
+    cu_check(g, g->lib->cu.cuMemsetD8Async(o, 0, N * C * 2, g->stream));
     MbCuDevPtr r = cu_ints(g, &g->rows, rows, n);
     int c = (int)C;
     void *args[] = {&o, &x, &r, &c};
@@ -11032,10 +11874,8 @@ static void cuda_dropout_forward(MbOps *ops, float *out, const float *inp, size_
 /* A LoRA matrix (fp32 in this backend's memory) as bf16 in b, for the tensor cores */
 static MbCuDevPtr cu_lora_bf16(MbCuda *g, CuBuf *b, const MbWeight *w) {
     size_t n = w->rows * w->cols;
-    if (w->dtype != MB_DT_F32 || !cu_owns(g, w->data, n * 4)) {
-        fprintf(stderr, "medbot: cuda: LoRA weights must be fp32 in this backend's memory\n");
-        exit(1);
-    }
+    if (w->dtype != MB_DT_F32 || !cu_owns(g, w->data, n * 4))
+        return cu_fail(g, MB_ERR_DEVICE, "cuda: LoRA weights must be fp32 in this backend's memory"), 0;
     return cu_to_bf16(g, b, dptr(w->data), n);
 }
 
@@ -11068,10 +11908,7 @@ static void cuda_lora_backward(MbOps *ops, float *dx, float *dA, float *dB, cons
  * (fp32) exist at a time, folded into per-row running statistics. */
 static MbCuDevPtr cu_lm_head(MbCuda *g, const MbWeight *w) {
     CuW cw = cu_weight(g, w);
-    if (cw.kind != CUW_BF16) {
-        fprintf(stderr, "medbot: cuda: lm_head must be a dense weight\n");
-        exit(1);
-    }
+    if (cw.kind != CUW_BF16) return cu_fail(g, MB_ERR_DEVICE, "cuda: lm_head must be a dense weight"), 0;
     return cw.p;
 }
 
@@ -11127,8 +11964,9 @@ static void cuda_logprob_backward(MbOps *ops, float *dx, const float *gr, const 
     }
 }
 
+/* The sum of squares (0 when the backend failed: the caller reads its status) */
 static double cuda_sumsq(MbOps *ops, const float *x, size_t n) {
-    CU_CTX(ops);
+    CU_CTX_OR(ops, 0.0);
     if (!n) return 0.0;
     unsigned grid = cu_grid(g, n);
     MbCuDevPtr part = cu_scratch(g, &g->partial, grid * sizeof(double)), xx = dptr(x);
@@ -11136,9 +11974,9 @@ static double cuda_sumsq(MbOps *ops, const float *x, size_t n) {
     void *args[] = {&part, &xx, &un};
     cu_launch(g, K_SUMSQ, grid, 1, 1, MB_CUDA_BLOCK, 0, args);
     double *h = mb_malloc(grid * sizeof(double)), s = 0.0;
-    cu_check(g->lib->cu.cuMemcpyDtoHAsync(h, part, grid * sizeof(double), g->stream));
-    cu_sync(g);
-    for (unsigned i = 0; i < grid; i++) s += h[i];
+    if (!h) return cu_oom(g), 0.0;
+    if (!cu_check(g, g->lib->cu.cuMemcpyDtoHAsync(h, part, grid * sizeof(double), g->stream)) && !cu_sync(g))
+        for (unsigned i = 0; i < grid; i++) s += h[i];
     free(h);
     return s;
 }
@@ -11189,7 +12027,7 @@ static void cuda_from_f64(MbOps *ops, float *out, const double *in, size_t n) {
 
 static void cuda_fill_f64(MbOps *ops, double *x, size_t n) {
     CU_CTX(ops);
-    cu_check(g->lib->cu.cuMemsetD8Async(dptr(x), 0, n * sizeof(double), g->stream));
+    cu_check(g, g->lib->cu.cuMemsetD8Async(dptr(x), 0, n * sizeof(double), g->stream));
 }
 
 static void cuda_random_bytes(MbOps *ops, void *dst, size_t n, uint64_t seed) {
@@ -11243,24 +12081,24 @@ static MbStatus cuda_kernels_image(MbCuda *g) {
         double t0 = mb_now();
         if ((rc = kernels_compile(options, &image, &n, ptx))) return fprintf(stderr, "\n"), rc;
         fprintf(stderr, " %.1f s\n", mb_now() - t0);
-        rc = cu_status(L->cu.cuModuleLoadData(&g->mod, image));
+        rc = cu_status(L, L->cu.cuModuleLoadData(&g->mod, image));
         if (!rc && dir[0] && mb_write_file(path, image, n) != MB_OK)
             fprintf(stderr, "medbot: note: cannot write the kernel cache %s (%s)\n", path, mb_last_error());
         free(image);
         if (rc) return rc;
     }
-    for (int k = 0; k < K_COUNT && !rc; k++) rc = cu_status(L->cu.cuModuleGetFunction(&g->fn[k], g->mod, mb_kernel_names[k]));
+    for (int k = 0; k < K_COUNT && !rc; k++) rc = cu_status(L, L->cu.cuModuleGetFunction(&g->fn[k], g->mod, mb_kernel_names[k]));
     MbCuDevPtr params = 0;
     size_t psize = 0;
     int p[6];
-    if (!rc) rc = cu_status(L->cu.cuModuleGetGlobal(&params, &psize, g->mod, "mb_kernel_params"));
+    if (!rc) rc = cu_status(L, L->cu.cuModuleGetGlobal(&params, &psize, g->mod, "mb_kernel_params"));
     if (!rc && psize != sizeof p) rc = mb_fail(MB_ERR_DEVICE, "cuda: kernels.cu.in's mb_kernel_params has %zu bytes", psize);
-    if (!rc) rc = cu_status(L->cu.cuMemcpyDtoHAsync(p, params, sizeof p, g->stream));
-    if (!rc) rc = cu_status(L->cu.cuStreamSynchronize(g->stream));
+    if (!rc) rc = cu_status(L, L->cu.cuMemcpyDtoHAsync(p, params, sizeof p, g->stream));
+    if (!rc) rc = cu_status(L, L->cu.cuStreamSynchronize(g->stream));
     if (rc) return rc;
     g->att_fwd_smem = p[0], g->att_bwd_smem = p[1], g->att_bq = p[2], g->att_bk = p[3], g->att_bwd_bq = p[4], g->att_bwd_bk = p[5];
-    if (!rc) rc = cu_status(L->cu.cuFuncSetAttribute(g->fn[K_ATT_FWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_fwd_smem));
-    if (!rc) rc = cu_status(L->cu.cuFuncSetAttribute(g->fn[K_ATT_BWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_bwd_smem));
+    if (!rc) rc = cu_status(L, L->cu.cuFuncSetAttribute(g->fn[K_ATT_FWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_fwd_smem));
+    if (!rc) rc = cu_status(L, L->cu.cuFuncSetAttribute(g->fn[K_ATT_BWD], MB_CU_FUNC_MAX_DYNAMIC_SMEM, g->att_bwd_smem));
     return rc;
 }
 
@@ -11276,13 +12114,13 @@ static MbStatus cuda_kernels_load(MbCuda *g) {
 static MbStatus cuda_start(MbCuda *g) {
     const MbCuApi *cu = &g->lib->cu;
     int major = 0, minor = 0, sms = 0, optin = 0;
-    MbStatus rc = cu_status(cu->cuDeviceGet(&g->dev, g->gpu));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&major, MB_CU_ATTR_CC_MAJOR, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&minor, MB_CU_ATTR_CC_MINOR, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&sms, MB_CU_ATTR_SM_COUNT, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetAttribute(&optin, MB_CU_ATTR_SMEM_OPTIN, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceGetName(g->name, (int)sizeof g->name, g->dev));
-    if (!rc) rc = cu_status(cu->cuDeviceTotalMem(&g->total_mem, g->dev));
+    MbStatus rc = cu_status(g->lib, cu->cuDeviceGet(&g->dev, g->gpu));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&major, MB_CU_ATTR_CC_MAJOR, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&minor, MB_CU_ATTR_CC_MINOR, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&sms, MB_CU_ATTR_SM_COUNT, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetAttribute(&optin, MB_CU_ATTR_SMEM_OPTIN, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceGetName(g->name, (int)sizeof g->name, g->dev));
+    if (!rc) rc = cu_status(g->lib, cu->cuDeviceTotalMem(&g->total_mem, g->dev));
     if (rc) return rc;
     g->cc = major * 10 + minor, g->sms = sms, g->smem_optin = (size_t)optin;
     if (g->cc < 80)
@@ -11295,12 +12133,12 @@ static MbStatus cuda_start(MbCuda *g) {
         return mb_fail(MB_ERR_UNSUPPORTED, "cuda: no kernel specialization for head_dim %d (kernels.cu.in has %s) --> "
                        "add a row to its table, or use --device cpu", g->head_dim, dims);
     }
-    if ((rc = cu_status(cu->cuDevicePrimaryCtxRetain(&g->ctx, g->dev)))) return g->ctx = NULL, rc;
-    if ((rc = cu_status(cu->cuCtxSetCurrent(g->ctx)))) return rc;
+    if ((rc = cu_status(g->lib, cu->cuDevicePrimaryCtxRetain(&g->ctx, g->dev)))) return g->ctx = NULL, rc;
+    if ((rc = cu_status(g->lib, cu->cuCtxSetCurrent(g->ctx)))) return rc;
     size_t free_b = 0, total = 0;
-    if ((rc = cu_status(cu->cuMemGetInfo(&free_b, &total)))) return rc;
+    if ((rc = cu_status(g->lib, cu->cuMemGetInfo(&free_b, &total)))) return rc;
     g->device_used_start = g->device_used_peak = total - free_b;
-    if ((rc = cu_status(cu->cuStreamCreate(&g->stream, 0)))) return rc;
+    if ((rc = cu_status(g->lib, cu->cuStreamCreate(&g->stream, 0)))) return rc;
     if ((rc = cuda_kernels_load(g))) return rc;
     MbLtStatus s = g->lib->lt.cublasLtCreate(&g->lt);
     if (s) {
@@ -11308,8 +12146,8 @@ static MbStatus cuda_start(MbCuda *g) {
         return mb_fail(MB_ERR_DEVICE, "cuda: cublasLtCreate failed: %s (%d) --> check the cuBLAS installation, or use "
                        "--device cpu", g->lib->lt.cublasLtGetStatusString(s), (int)s);
     }
+    if (!(g->lt_ws.p = cu_malloc(g, MB_CUDA_LT_WORKSPACE))) return mb_ops_oom(g->ops);
     g->lt_ws.bytes = MB_CUDA_LT_WORKSPACE;
-    g->lt_ws.p = cu_malloc(g, g->lt_ws.bytes);
     fprintf(stderr, "medbot: CUDA on GPU %d: %s (%s, %d SMs, %.1f GiB), kernels for head_dim %d, driver %d.%d\n", g->gpu,
             g->name, g->arch, g->sms, (double)g->total_mem / 1073741824.0, g->head_dim, g->lib->driver_version / 1000,
             g->lib->driver_version % 1000 / 10);
@@ -11358,6 +12196,7 @@ static void cuda_destroy(MbOps *ops) {
 
 /* The functions of the CUDA op table (a test checks that none is missing) */
 static void cuda_ops_table(MbOps *ops) {
+    if (ops->ctx) ((MbCuda *)ops->ctx)->ops = ops;
     ops->alloc = cuda_alloc;
     ops->free = cuda_free;
     ops->to_host = cuda_to_host;
@@ -11405,11 +12244,12 @@ static MbStatus mb_cuda_ops_new(int gpu, int head_dim, MbOps **out) {
         return mb_fail(MB_ERR_ARG, "cuda: there is no GPU %d (this machine has %d) --> check CUDA_VISIBLE_DEVICES", gpu,
                        L->devices);
     MbCuda *g = mb_calloc(1, sizeof *g);
-    g->lib = L, g->gpu = gpu, g->head_dim = head_dim;
+    MbOps *ops = g ? mb_calloc(1, sizeof *ops) : NULL;
+    if (!ops) return free(g), MB_ERR_OOM;
+    g->lib = L, g->gpu = gpu, g->head_dim = head_dim, g->ops = ops;
     g->tile_bytes = MB_CUDA_TILE_BYTES, g->lp_rows = MB_CUDA_LP_ROWS, g->lp_vocab = MB_CUDA_LP_VOCAB;
     const char *sync = getenv("MEDBOT_CUDA_SYNC");
     g->sync_each = sync && sync[0] == '1';
-    MbOps *ops = mb_calloc(1, sizeof *ops);
     ops->name = "cuda";
     ops->ctx = g;
     ops->act_size = 2; /* bf16 */
@@ -11451,157 +12291,59 @@ static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **
         return mb_fail(MB_ERR_ARG, "device %d is not cpu or cuda", dev);
     }
     *out = mb_cpu_ops_new(opt ? opt->threads : 0);
-    return MB_OK;
+    return *out ? MB_OK : MB_ERR_OOM;
 }
 
-/* ---- NCCL: the coordinator's collectives between GPUs (one rank per GPU) ----
- * Buffers are device memory of the rank's GPU. Each call first waits for the work already queued
- * on the device (the backend's stream), runs the collective on the communicator's stream and
- * waits for it, so the callers see the plain synchronous semantics of MbComm. */
+/* ---- NCCL: the device side of a rank of the coordinator's NCCL backend (section 11) ---- */
 
-typedef struct {
+struct MbNcclRank {
     const MbCudaLibs *lib;
-    MbNcclComm_t comm;
+    MbNcclComm_t comm;  /* NULL once aborted */
     MbCuDevice dev;
     MbCuContext ctx;
     MbCuStream stream;
     MbCuDevPtr scratch;
     size_t scratch_bytes;
-    double timeout; /* seconds a collective may take (--ddp_timeout) */
-} MbNccl;
+};
 
-static void nccl_check_(MbNcclResult r, const char *what, const char *file, int line) {
-    if (r == 0) return;
-    fprintf(stderr, "medbot: %s:%d: %s failed: %s --> rerun with NCCL_DEBUG=INFO\n", file, line, what,
-            mb_cuda_libs.nccl.ncclGetErrorString(r));
-    exit(1);
+/* An NCCL call's failure as a status: "FILE:LINE: CALL failed: text --> hint" */
+static MbStatus nccl_check_(const MbCudaLibs *L, MbNcclResult r, const char *what, const char *file, int line) {
+    if (r == 0) return MB_OK;
+    return mb_fail(MB_ERR_DEVICE, "%s:%d: %s failed: %s --> rerun with NCCL_DEBUG=INFO", file, line, what,
+                   L->nccl.ncclGetErrorString(r));
 }
-#define nccl_check(call) nccl_check_((call), #call, __FILE__, __LINE__)
+#define nccl_check(L, call) nccl_check_((L), (call), #call, __FILE__, __LINE__)
 
-static MbNccl *nc_enter(MbComm *c) {
-    MbNccl *k = c->ctx;
-    cu_check(k->lib->cu.cuCtxSetCurrent(k->ctx));
-    cu_check(k->lib->cu.cuCtxSynchronize());
-    return k;
-}
-/* Waits for the collective queued on the communicator's stream. A rank that died or hangs never
- * joins it: NCCL reports the broken connection as an asynchronous error, or --ddp_timeout runs
- * out; either way the communicator is aborted and the process stops with a message, as the TCP
- * backend does (the last checkpoint on disk is whole). */
-static void nc_done(MbComm *c, const char *what) {
-    MbNccl *k = c->ctx;
-    double deadline = mb_now() + k->timeout;
-    for (;;) {
-        MbCuResult r = k->lib->cu.cuStreamQuery(k->stream);
-        if (r == 0) return;
-        if (r != MB_CU_ERROR_NOT_READY) cu_check(r);
-        MbNcclResult e = 0;
-        k->lib->nccl.ncclCommGetAsyncError(k->comm, &e);
-        if (e != 0 || mb_now() > deadline) {
-            k->lib->nccl.ncclCommAbort(k->comm);
-            fflush(stdout);
-            if (e) fprintf(stderr, "medbot: rank %d of %d: NCCL %s failed: %s", c->rank, c->world, what,
-                           k->lib->nccl.ncclGetErrorString(e));
-            else fprintf(stderr, "medbot: rank %d of %d: NCCL %s did not finish within %g s (--ddp_timeout): another "
-                         "rank died or hangs", c->rank, c->world, what, k->timeout);
-            fprintf(stderr, " --> the job stops; resume it from the last checkpoint with --resume_from_checkpoint latest\n");
-            _exit(1);
-        }
-        struct timespec ts = {0, 20 * 1000};
-        nanosleep(&ts, NULL);
-    }
-}
-
-static void nc_all_reduce(MbComm *c, float *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "all_reduce");
-}
-static void nc_reduce_scatter(MbComm *c, float *shard, const float *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT32, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "reduce_scatter");
-}
-static void nc_all_gather(MbComm *c, float *x, const float *shard, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclAllGather(shard, x, n / (size_t)c->world, MB_NCCL_FLOAT32, k->comm, k->stream));
-    nc_done(c, "all_gather");
-}
-static void nc_broadcast(MbComm *c, float *x, size_t n, int root) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclBroadcast(x, x, n, MB_NCCL_FLOAT32, root, k->comm, k->stream));
-    nc_done(c, "broadcast");
-}
-static void nc_all_reduce_f64(MbComm *c, double *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclAllReduce(x, x, n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "all_reduce");
-}
-static void nc_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    nccl_check(k->lib->nccl.ncclReduceScatter(x, shard, n / (size_t)c->world, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    nc_done(c, "reduce_scatter");
-}
-static MbCuDevPtr nc_scratch(MbNccl *k, size_t bytes) {
-    if (k->scratch_bytes < bytes) {
-        if (k->scratch) cu_check(k->lib->cu.cuMemFree(k->scratch));
-        cu_check(k->lib->cu.cuMemAlloc(&k->scratch, bytes));
-        k->scratch_bytes = bytes;
-    }
-    return k->scratch;
-}
-/* metrics and flags: host doubles through the device */
-static void nc_all_reduce_host(MbComm *c, double *x, size_t n) {
-    MbNccl *k = nc_enter(c);
-    MbCuDevPtr d = nc_scratch(k, n * sizeof(double));
-    cu_check(k->lib->cu.cuMemcpyHtoDAsync(d, x, n * sizeof(double), k->stream));
-    nccl_check(k->lib->nccl.ncclAllReduce(hptr(d), hptr(d), n, MB_NCCL_FLOAT64, MB_NCCL_SUM, k->comm, k->stream));
-    cu_check(k->lib->cu.cuMemcpyDtoHAsync(x, d, n * sizeof(double), k->stream));
-    nc_done(c, "all_reduce");
-}
-static void nc_barrier(MbComm *c) {
-    double one = 1;
-    nc_all_reduce_host(c, &one, 1);
-}
-static void nc_destroy(MbComm *c) {
-    MbNccl *k = c->ctx;
-    k->lib->cu.cuCtxSetCurrent(k->ctx);
-    k->lib->nccl.ncclCommDestroy(k->comm);
-    if (k->scratch) k->lib->cu.cuMemFree(k->scratch);
-    if (k->stream) k->lib->cu.cuStreamDestroy(k->stream);
-    k->lib->cu.cuDevicePrimaryCtxRelease(k->dev);
+static void nccl_rank_free(MbNcclRank *k) {
+    if (!k) return;
+    const MbCudaLibs *L = k->lib;
+    if (k->ctx) L->cu.cuCtxSetCurrent(k->ctx);
+    if (k->comm) L->nccl.ncclCommDestroy(k->comm);
+    if (k->scratch) L->cu.cuMemFree(k->scratch);
+    if (k->stream) L->cu.cuStreamDestroy(k->stream);
+    if (k->ctx) L->cu.cuDevicePrimaryCtxRelease(k->dev);
     free(k);
-    free(c);
 }
 
-/* The MbComm of rank `rank` around an initialized NCCL communicator on GPU gpu */
-static MbStatus nc_wrap(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, int rank, int world, double timeout,
-                        MbComm **out) {
-    MbNccl *k = mb_calloc(1, sizeof *k);
-    k->lib = L, k->comm = comm, k->timeout = timeout > 0 ? timeout : MB_DDP_TIMEOUT;
-    MbStatus rc = cu_status(L->cu.cuDeviceGet(&k->dev, gpu));
-    if (!rc) rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev));
-    if (!rc) rc = cu_status(L->cu.cuCtxSetCurrent(k->ctx));
-    if (!rc) rc = cu_status(L->cu.cuStreamCreate(&k->stream, 0));
+/* The device side of an initialized NCCL communicator on GPU gpu (freed with k on a failure) */
+static MbStatus nccl_rank_open(const MbCudaLibs *L, MbNcclComm_t comm, int gpu, MbNcclRank **out) {
+    MbNcclRank *k = mb_calloc(1, sizeof *k);
+    if (!k) return L->nccl.ncclCommDestroy(comm), MB_ERR_OOM;
+    k->lib = L, k->comm = comm;
+    MbStatus rc = cu_status(L, L->cu.cuDeviceGet(&k->dev, gpu));
+    if (!rc && (rc = cu_status(L, L->cu.cuDevicePrimaryCtxRetain(&k->ctx, k->dev)))) k->ctx = NULL;
+    if (!rc) rc = cu_status(L, L->cu.cuCtxSetCurrent(k->ctx));
+    if (!rc && (rc = cu_status(L, L->cu.cuStreamCreate(&k->stream, 0)))) k->stream = NULL;
     if (rc) {
-        free(k);
+        nccl_rank_free(k);
         return rc;
     }
-    MbComm *c = mb_calloc(1, sizeof *c);
-    c->rank = rank, c->world = world, c->ctx = k;
-    c->all_reduce = nc_all_reduce, c->reduce_scatter = nc_reduce_scatter, c->all_gather = nc_all_gather;
-    c->broadcast = nc_broadcast, c->barrier = nc_barrier, c->destroy = nc_destroy;
-    c->all_reduce_f64 = nc_all_reduce_f64, c->reduce_scatter_f64 = nc_reduce_scatter_f64;
-    c->all_reduce_host = nc_all_reduce_host;
-    *out = c;
+    *out = k;
     return MB_OK;
 }
 
-/* A communicator of a multi-process job (torchrun, SLURM, MPI): rank 0 makes the NCCL unique id
- * and the TCP rendezvous hands it to the ranks whose fingerprint fp matches. This process's rank
- * runs on GPU `gpu` (its local rank). */
-static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world, int gpu, const MbJobFingerprint *fp,
-                                 double timeout, MbComm **out) {
+static MbStatus nccl_rank_new(int rank, int world, int gpu, MbStatus (*exchange)(void *arg, void *id, size_t n),
+                              void *arg, MbNcclRank **out) {
     *out = NULL;
     const MbCudaLibs *L;
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
@@ -11614,20 +12356,19 @@ static MbStatus mb_comm_nccl_new(const char *addr, int port, int rank, int world
     memset(&id, 0, sizeof id);
     MbCuDevice dev;
     MbCuContext ctx;
-    if ((rc = cu_status(L->cu.cuDeviceGet(&dev, gpu))) || (rc = cu_status(L->cu.cuDevicePrimaryCtxRetain(&ctx, dev))))
+    if ((rc = cu_status(L, L->cu.cuDeviceGet(&dev, gpu))) || (rc = cu_status(L, L->cu.cuDevicePrimaryCtxRetain(&ctx, dev))))
         return rc;
     L->cu.cuCtxSetCurrent(ctx);
-    if (rank == 0) nccl_check(L->nccl.ncclGetUniqueId(&id));
-    rc = rdv_open(addr, port, rank, world, fp, &id, sizeof id, timeout > 0 ? timeout : MB_DDP_TIMEOUT, NULL);
+    if (rank == 0) rc = nccl_check(L, L->nccl.ncclGetUniqueId(&id));
+    if (!rc) rc = exchange(arg, &id, sizeof id);
     MbNcclComm_t comm = NULL;
-    if (!rc) nccl_check(L->nccl.ncclCommInitRank(&comm, world, id, rank));
-    if (!rc) rc = nc_wrap(L, comm, gpu, rank, world, timeout, out);
+    if (!rc) rc = nccl_check(L, L->nccl.ncclCommInitRank(&comm, world, id, rank));
+    if (!rc) rc = nccl_rank_open(L, comm, gpu, out);
     L->cu.cuDevicePrimaryCtxRelease(dev);
     return rc;
 }
 
-/* world communicators of one process driving GPUs gpu0 .. gpu0 + world - 1 (--nproc with CUDA). */
-static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm **comms) {
+static MbStatus nccl_ranks_new_all(int world, int gpu0, MbNcclRank **out) {
     const MbCudaLibs *L;
     MbStatus rc = cuda_libs(MB_LIB_DRIVER | MB_LIB_NCCL, &L);
     if (rc) return rc;
@@ -11636,11 +12377,78 @@ static MbStatus mb_comm_nccl_new_all(int world, int gpu0, double timeout, MbComm
                        gpu0 + world - 1, L->devices);
     int *devs = mb_malloc((size_t)world * sizeof *devs);
     MbNcclComm_t *raw = mb_calloc((size_t)world, sizeof *raw);
-    for (int r = 0; r < world; r++) devs[r] = gpu0 + r;
-    nccl_check(L->nccl.ncclCommInitAll(raw, world, devs));
-    for (int r = 0; r < world && !rc; r++) rc = nc_wrap(L, raw[r], gpu0 + r, r, world, timeout, &comms[r]);
+    if (!devs || !raw) rc = MB_ERR_OOM;
+    for (int r = 0; !rc && r < world; r++) devs[r] = gpu0 + r;
+    if (!rc) rc = nccl_check(L, L->nccl.ncclCommInitAll(raw, world, devs));
+    for (int r = 0; !rc && r < world; r++) {
+        rc = nccl_rank_open(L, raw[r], gpu0 + r, &out[r]); /* (destroys raw[r] when it fails) */
+        raw[r] = NULL;
+        if (rc) {
+            for (int q = r + 1; q < world; q++) L->nccl.ncclCommDestroy(raw[q]);
+            for (int q = 0; q < r; q++) nccl_rank_free(out[q]), out[q] = NULL;
+        }
+    }
     free(devs), free(raw);
     return rc;
+}
+
+/* Makes k's context current and waits for the work queued on the device (the op table's stream). */
+static MbStatus nccl_rank_enter(MbNcclRank *k) {
+    if (!k->comm) return mb_fail(MB_ERR_DEVICE, "NCCL: the communicator was aborted");
+    MbStatus rc = cu_status(k->lib, k->lib->cu.cuCtxSetCurrent(k->ctx));
+    return rc ? rc : cu_status(k->lib, k->lib->cu.cuCtxSynchronize());
+}
+
+static MbStatus nccl_rank_start(MbNcclRank *k, int op, int f64, const void *send, void *recv, size_t count, int root) {
+    const MbCudaLibs *L = k->lib;
+    MbNcclDataType dt = f64 ? MB_NCCL_FLOAT64 : MB_NCCL_FLOAT32;
+    MbStatus rc = nccl_rank_enter(k);
+    if (rc) return rc;
+    switch (op) {
+    case MB_NCCL_ALL_REDUCE: return nccl_check(L, L->nccl.ncclAllReduce(send, recv, count, dt, MB_NCCL_SUM, k->comm, k->stream));
+    case MB_NCCL_REDUCE_SCATTER:
+        return nccl_check(L, L->nccl.ncclReduceScatter(send, recv, count, dt, MB_NCCL_SUM, k->comm, k->stream));
+    case MB_NCCL_ALL_GATHER: return nccl_check(L, L->nccl.ncclAllGather(send, recv, count, dt, k->comm, k->stream));
+    default: return nccl_check(L, L->nccl.ncclBroadcast(send, recv, count, dt, root, k->comm, k->stream));
+    }
+}
+
+static MbStatus nccl_rank_start_host(MbNcclRank *k, double *x, size_t n) {
+    const MbCudaLibs *L = k->lib;
+    size_t bytes = n * sizeof(double);
+    MbStatus rc = nccl_rank_enter(k);
+    if (!rc && k->scratch_bytes < bytes) {
+        if (k->scratch) rc = cu_status(L, L->cu.cuMemFree(k->scratch));
+        k->scratch = 0, k->scratch_bytes = 0;
+        if (!rc) rc = cu_status(L, L->cu.cuMemAlloc(&k->scratch, bytes));
+        if (!rc) k->scratch_bytes = bytes;
+        else k->scratch = 0;
+    }
+    if (!rc) rc = cu_status(L, L->cu.cuMemcpyHtoDAsync(k->scratch, x, bytes, k->stream));
+    if (!rc) rc = nccl_check(L, L->nccl.ncclAllReduce(hptr(k->scratch), hptr(k->scratch), n, MB_NCCL_FLOAT64, MB_NCCL_SUM,
+                                                     k->comm, k->stream));
+    if (!rc) rc = cu_status(L, L->cu.cuMemcpyDtoHAsync(x, k->scratch, bytes, k->stream));
+    return rc;
+}
+
+static int nccl_rank_poll(MbNcclRank *k, const char **nccl_error) {
+    const MbCudaLibs *L = k->lib;
+    *nccl_error = NULL;
+    MbCuResult r = L->cu.cuStreamQuery(k->stream);
+    if (r == 0) return 1;
+    if (r != MB_CU_ERROR_NOT_READY) return cu_status_(L, r, "cuStreamQuery", __FILE__, __LINE__), -1;
+    MbNcclResult e = 0;
+    L->nccl.ncclCommGetAsyncError(k->comm, &e);
+    if (e) return *nccl_error = L->nccl.ncclGetErrorString(e), -1;
+    return 0;
+}
+
+/* Aborts the communicator (its queued work stops); k then only frees. */
+static void nccl_rank_abort(MbNcclRank *k) {
+    if (!k->comm) return;
+    k->lib->cu.cuCtxSetCurrent(k->ctx);
+    k->lib->nccl.ncclCommAbort(k->comm);
+    k->comm = NULL;
 }
 
 // ============================================================================================
@@ -11850,6 +12658,7 @@ static MbStatus args_read_config(MbArgs *a, const char *path) {
     a->cfg_path = path;
     a->cfg_opt = mb_calloc(a->n_cfg + 1, sizeof *a->cfg_opt);
     a->cfg_used = mb_calloc(a->n_cfg + 1, 1);
+    if (!a->cfg_opt || !a->cfg_used) return MB_ERR_OOM; /* (args_free frees them) */
     for (size_t i = 0; i < a->n_cfg; i++) {
         a->cfg_opt[i] = a->cfg[i].key;
         for (size_t k = 0; k < sizeof rename_keys / sizeof *rename_keys; k++)
@@ -11887,13 +12696,16 @@ static int cmd_info_plan(MbArgs *a, const char *dir) {
     /* config.json alone is enough: a folder without weights, or the file itself */
     char *cfg_path = mb_is_dir(dir) ? mb_path_join(dir, "config.json") : mb_strdup(dir);
     MbConfig c;
-    rc = mb_config_load(cfg_path, &c);
+    rc = cfg_path ? mb_config_load(cfg_path, &c) : MB_ERR_OOM;
     if (rc) {
         free(cfg_path);
         return rc;
     }
     MbPlan p;
-    mb_plan_compute(&c, &o, &p);
+    if ((rc = mb_plan_compute(&c, &o, &p))) {
+        free(cfg_path);
+        return rc;
+    }
     printf("memory plan per device: %s (L=%d C=%d H=%d K=%d D=%d F=%d V=%d)\n", cfg_path, c.num_hidden_layers,
            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
            c.vocab_size);
@@ -12244,11 +13056,17 @@ static int cmd_train(MbArgs *a, int sft) {
         while (mb_demo_args[n]) n++;
         int total = n + a->argc + 1;
         char **argv = mb_calloc((size_t)total + 1, sizeof *argv);
+        char *used = argv ? mb_calloc((size_t)total, 1) : NULL;
+        if (!used) {
+            free(argv);
+            fprintf(stderr, "medbot: %s\n", mb_last_error());
+            return 1;
+        }
         argv[0] = a->argv[0], argv[1] = a->argv[1];
         for (int i = 0; i < n; i++) argv[i + 2] = (char *)mb_demo_args[i];
         argv[n + 2] = "--overwrite_output_dir";
         for (int i = 2; i < a->argc; i++) argv[n + 1 + i] = a->argv[i];
-        demo.argc = total, demo.argv = argv, demo.used = mb_calloc((size_t)total, 1), demo.cmd = a->cmd;
+        demo.argc = total, demo.argv = argv, demo.used = used, demo.cmd = a->cmd;
         demo.used[n + 2] = 1;
         printf("medbot dpo demo: the tiny Llama in weights/tiny learns the bilingual preference pairs of "
                "weights/demo/pairs.jsonl (%s)\n", "a held-out 15% measures it");
@@ -12507,7 +13325,8 @@ static MbStatus gen_file(MbChat *ch, const char *path, int raw) {
         else {
             Item it = {mb_strdup(jl.where), mb_strdup(json_str(&doc, v)), sys ? mb_strdup(json_str(&doc, sys)) : NULL,
                        q != NULL};
-            arrput(items, it);
+            if (!it.where || !it.prompt || (sys && !it.system)) rc = MB_ERR_OOM;
+            arrput(items, it); /* (freed with the others, also when one is missing) */
         }
         json_free(&doc);
     }
@@ -12720,6 +13539,10 @@ int main(int argc, char **argv) {
         MbArgs a;
         memset(&a, 0, sizeof a);
         a.argc = argc, a.argv = argv, a.used = mb_calloc((size_t)argc, 1), a.cmd = mb_commands[i].name;
+        if (!a.used) {
+            fprintf(stderr, "medbot: %s\n", mb_last_error());
+            return 1;
+        }
         int rc = mb_commands[i].fn(&a);
         args_free(&a);
         return rc;

@@ -21,7 +21,13 @@
  *  13. cli          medbot info | init | ...; main() behind #ifndef MEDBOT_NO_MAIN
  *
  * Conventions: every function that can fail returns an MbStatus (MB_OK == 0) and leaves a
- * one-line message in mb_last_error() that names the file and the problem. Only the CLI exits.
+ * one-line message in mb_last_error() that names the file and the problem. The library never
+ * ends its host process (no exit or abort outside main: the CLI prints the message and main
+ * returns 1): running out of memory is MB_ERR_OOM ("out of memory allocating N bytes at FILE:LINE"),
+ * a GPU failure MB_ERR_DEVICE (a backend that failed inside an op does nothing more but free, and
+ * the next call that can return a status returns it), and a data-parallel rank that dies or hangs
+ * fails the collectives of the job, so mb_train returns that. stb_ds's growth of small arrays
+ * (realloc inside arrput) is the one allocation that cannot report a failure.
  * Counts and byte offsets are size_t. Shapes use the legend at the top of medbot.c.
  */
 #ifndef MEDBOT_H
@@ -194,7 +200,7 @@ void mb_token_stream_init(MbTokenStream *s, const MbTokenizer *tok, int skip_spe
 /* *text points into s and stays valid until the next call on s. */
 MbStatus mb_token_stream_put(MbTokenStream *s, int32_t id, const char **text, size_t *len);
 /* End of stream: a character still held back (it never completed) comes out as U+FFFD. */
-void mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len);
+MbStatus mb_token_stream_finish(MbTokenStream *s, const char **text, size_t *len);
 void mb_token_stream_free(MbTokenStream *s);
 
 /* ---------- model ---------- */
@@ -299,7 +305,7 @@ typedef struct {
     size_t full_logits;           /* bytes of the batch's (N, V) fp32 logits, which the fused lm_head never holds */
 } MbPlan;
 
-void mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p);
+MbStatus mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p); /* MB_ERR_OOM only */
 
 /* ---------- lora ---------- */
 

@@ -1,8 +1,10 @@
-/* tests/cuda_fake.h: the CUDA driver and cuBLASLt as host functions on host memory, so that
+/* tests/cuda_fake.h: the CUDA driver, cuBLASLt and NCCL as host functions on host memory, so that
  * section 12's code runs without a GPU (tests/test_cuda_host.c, tests/test_cuda_emu.c). "Device"
  * pointers are host pointers; cublasLtMatmul is a plain column-major GEMM that reads back the
  * layouts and transposes medbot created (and checks they agree); kernels go to fake_kernel, which
- * the test sets. Include after test.h. */
+ * the test sets (a non-zero answer is a failed launch); NCCL's collectives do nothing (no peer).
+ * Failures are injected with fake_alloc_fail, fake_stream_busy and fake_nccl_*. Include after
+ * test.h. */
 #ifndef MB_CUDA_FAKE_H
 #define MB_CUDA_FAKE_H
 
@@ -11,6 +13,8 @@ typedef int (*FakeKernelFn)(int lib, int k, unsigned gx, unsigned gy, unsigned g
                             void **args);
 static FakeKernelFn fake_kernel;
 static int launches[K_COUNT];
+static int fake_alloc_fail;  /* cuMemAlloc answers CUDA_ERROR_OUT_OF_MEMORY */
+static int fake_stream_busy; /* cuStreamQuery answers CUDA_ERROR_NOT_READY: queued work never finishes */
 
 /* ---- the driver ---- */
 
@@ -18,6 +22,7 @@ static MbCuResult f_ok0(void) { return 0; }
 static MbCuResult f_set_ctx(MbCuContext c) { return (void)c, 0; }
 static MbCuResult f_sync(MbCuStream s) { return (void)s, 0; }
 static MbCuResult f_alloc(MbCuDevPtr *p, size_t n) {
+    if (fake_alloc_fail) return 2;
     *p = (MbCuDevPtr)(uintptr_t)calloc(1, n ? n : 1);
     return *p ? 0 : 2;
 }
@@ -48,6 +53,12 @@ static MbCuResult f_err(MbCuResult r, const char **s) {
 }
 
 static MbCuResult f_release(MbCuDevice d) { return (void)d, 0; }
+static MbCuResult f_device(MbCuDevice *d, int ordinal) { return *d = ordinal, 0; }
+static int fake_handle; /* what the opaque handles below point at */
+static MbCuResult f_retain(MbCuContext *c, MbCuDevice d) { return (void)d, *c = (MbCuContext)(void *)&fake_handle, 0; }
+static MbCuResult f_stream_new(MbCuStream *s, unsigned f) { return (void)f, *s = (MbCuStream)(void *)&fake_handle, 0; }
+static MbCuResult f_stream_free(MbCuStream s) { return (void)s, 0; }
+static MbCuResult f_query(MbCuStream s) { return (void)s, fake_stream_busy ? 600 : 0; }
 
 static MbCuResult f_launch(MbCuFunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                            unsigned smem, MbCuStream s, void **args, void **extra) {
@@ -148,6 +159,31 @@ static const char *l_status(MbLtStatus s) { return (void)s, "fake"; }
 
 static MbLtStatus l_destroy(MbLtHandle h) { return (void)h, 0; }
 
+/* ---- NCCL: a communicator without peers; its calls fail as the knobs say ---- */
+
+static int fake_nccl_fail;  /* the collectives' calls return this (0: they work) */
+static int fake_nccl_async; /* ncclCommGetAsyncError reports this */
+static int nccl_calls, nccl_aborts, nccl_destroys;
+#define FAKE_NCCL_COMM ((MbNcclComm_t)(void *)&fake_handle)
+
+static MbNcclResult n_reduce(const void *s, void *r, size_t n, MbNcclDataType t, MbNcclRedOp op, MbNcclComm_t c,
+                             MbCuStream st) {
+    (void)s, (void)r, (void)n, (void)t, (void)op, (void)c, (void)st;
+    return nccl_calls++, fake_nccl_fail;
+}
+static MbNcclResult n_gather(const void *s, void *r, size_t n, MbNcclDataType t, MbNcclComm_t c, MbCuStream st) {
+    (void)s, (void)r, (void)n, (void)t, (void)c, (void)st;
+    return nccl_calls++, fake_nccl_fail;
+}
+static MbNcclResult n_bcast(const void *s, void *r, size_t n, MbNcclDataType t, int root, MbNcclComm_t c, MbCuStream st) {
+    (void)s, (void)r, (void)n, (void)t, (void)root, (void)c, (void)st;
+    return nccl_calls++, fake_nccl_fail;
+}
+static MbNcclResult n_async(MbNcclComm_t c, MbNcclResult *e) { return (void)c, *e = fake_nccl_async, 0; }
+static MbNcclResult n_abort(MbNcclComm_t c) { return (void)c, nccl_aborts++, 0; }
+static MbNcclResult n_destroy(MbNcclComm_t c) { return (void)c, nccl_destroys++, 0; }
+static const char *n_error(MbNcclResult r) { return (void)r, "unhandled system error (fake)"; }
+
 static MbCudaLibs fake_libs;
 
 static void fake_libs_init(void) {
@@ -156,13 +192,17 @@ static void fake_libs_init(void) {
     L->cu.cuMemAlloc = f_alloc, L->cu.cuMemFree = f_free, L->cu.cuMemcpyHtoDAsync = f_htod;
     L->cu.cuMemcpyDtoHAsync = f_dtoh, L->cu.cuMemsetD8Async = f_memset, L->cu.cuMemGetInfo = f_info;
     L->cu.cuLaunchKernel = f_launch, L->cu.cuGetErrorName = f_err, L->cu.cuGetErrorString = f_err;
-    L->cu.cuDevicePrimaryCtxRelease = f_release;
+    L->cu.cuDevicePrimaryCtxRelease = f_release, L->cu.cuDeviceGet = f_device, L->cu.cuDevicePrimaryCtxRetain = f_retain;
+    L->cu.cuStreamCreate = f_stream_new, L->cu.cuStreamDestroy = f_stream_free, L->cu.cuStreamQuery = f_query;
     L->lt.cublasLtMatrixLayoutCreate = l_layout, L->lt.cublasLtMatrixLayoutDestroy = l_layout_free;
     L->lt.cublasLtMatmulDescCreate = l_desc, L->lt.cublasLtMatmulDescDestroy = l_desc_free;
     L->lt.cublasLtMatmulDescSetAttribute = l_desc_set, L->lt.cublasLtMatmulPreferenceCreate = l_pref;
     L->lt.cublasLtMatmulPreferenceDestroy = l_pref_free, L->lt.cublasLtMatmulPreferenceSetAttribute = l_pref_set;
     L->lt.cublasLtMatmulAlgoGetHeuristic = l_heur, L->lt.cublasLtMatmul = l_matmul;
     L->lt.cublasLtGetStatusString = l_status, L->lt.cublasLtDestroy = l_destroy;
+    L->nccl.ncclAllReduce = n_reduce, L->nccl.ncclReduceScatter = n_reduce, L->nccl.ncclAllGather = n_gather;
+    L->nccl.ncclBroadcast = n_bcast, L->nccl.ncclCommGetAsyncError = n_async, L->nccl.ncclCommAbort = n_abort;
+    L->nccl.ncclCommDestroy = n_destroy, L->nccl.ncclGetErrorString = n_error;
 }
 
 /* The CUDA backend (section 12's op table and state) on the fake driver, for head dim D; its

@@ -294,6 +294,156 @@ static void memory_is_accounted(void) {
     printf("    peak of medbot's buffers in these tests: %zu bytes; %td GEMM plans cached\n", g->bytes_peak, arrlen(g->plans));
 }
 
+/* ---- failures: each reaches the caller as a status with its message; the backend is then freed
+ * and the process goes on ---- */
+
+static int failing_kernel(int lib, int k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, void **args) {
+    (void)lib, (void)k, (void)gx, (void)gy, (void)gz, (void)bx, (void)smem, (void)args;
+    return 1; /* every launch fails (CUDA_ERROR_INVALID_VALUE) */
+}
+
+static int all_launches(void) {
+    int n = 0;
+    for (int k = 0; k < K_COUNT; k++) n += launches[k];
+    return n;
+}
+
+/* mb_model_load's CUDA backend: a fresh one on the fake driver */
+static MbStatus fake_backend_new(int gpu, int D, MbOps **out) {
+    (void)gpu;
+    *out = fake_cuda_ops(D, 0, NULL);
+    return MB_OK;
+}
+
+static void device_out_of_memory_is_a_status(void) {
+    MbOps *ops = fake_cuda_ops(128, 0, NULL);
+    float one[16];
+    for (int i = 0; i < 16; i++) one[i] = 1.0f;
+    void *x = t_up_f32(ops, one, 16);
+    /* ops->alloc: NULL and MB_ERR_OOM with the message; the backend goes on */
+    fake_alloc_fail = 1;
+    void *big = ops->alloc(ops, (size_t)1 << 30);
+    MbStatus st = big ? MB_OK : mb_ops_oom(ops);
+    printf("    cuMemAlloc fails in ops->alloc -> %d: %s\n", (int)st, mb_last_error());
+    CHECK(!big && st == MB_ERR_OOM && strstr(mb_last_error(), "out of GPU memory on GPU"), "alloc: %s", mb_last_error());
+    CHECK(mb_ops_status(ops) == MB_OK, "a refused alloc leaves the backend usable");
+    /* inside an op (sumsq's scratch): the op cannot answer, the backend keeps the failure */
+    int before = all_launches();
+    double ss = ops->sumsq(ops, x, 16);
+    st = mb_ops_status(ops);
+    printf("    cuMemAlloc fails inside sumsq -> %g, then the backend's status %d: %s\n", ss, (int)st, mb_last_error());
+    CHECK(st == MB_ERR_OOM && strstr(mb_last_error(), "out of GPU memory on GPU"), "sumsq: %s", mb_last_error());
+    fake_alloc_fail = 0;
+    ops->scale(ops, x, 2.0f, 16);
+    CHECK(all_launches() == before, "no kernel runs on a failed backend");
+    CHECK(!ops->alloc(ops, 64) && mb_ops_oom(ops) == MB_ERR_OOM, "a failed backend allocates nothing more");
+    ops->free(ops, x); /* freeing still works */
+    CHECK(((MbCuda *)ops->ctx)->bytes_now == 1024, "everything but the workspace freed");
+    ops->destroy(ops);
+}
+
+static void kernel_launch_failure_reaches_the_caller(void) {
+    MbStatus (*saved)(int, int, MbOps **) = mb_cuda_backend_new;
+    mb_cuda_backend_new = fake_backend_new;
+    MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CUDA};
+    MbModel *m = NULL;
+    MbKVCache *kv = NULL;
+    CHECK_OK(mb_model_load("tests/fixtures/dpo/model", &opt, &m));
+    if (!m) {
+        mb_cuda_backend_new = saved;
+        return;
+    }
+    /* cuMemAlloc fails for the KV cache: refused with a message, the model goes on */
+    fake_alloc_fail = 1;
+    MbStatus st = mb_kvcache_new(m, 1, 64, &kv);
+    printf("    cuMemAlloc fails for the KV cache -> %d: %s\n", (int)st, mb_last_error());
+    CHECK(st == MB_ERR_OOM && !kv && strstr(mb_last_error(), "out of GPU memory on GPU"), "%s", mb_last_error());
+    fake_alloc_fail = 0;
+    CHECK_OK(mb_kvcache_new(m, 1, 64, &kv));
+    /* a kernel launch fails: the forward returns the device's error, naming the kernel */
+    fake_kernel = failing_kernel;
+    int32_t tokens[4] = {1, 2, 3, 4};
+    float logits[440];
+    st = mb_model_forward(m, kv, tokens, 1, 4, NULL, logits, 1);
+    printf("    cuLaunchKernel fails -> %d: %s\n", (int)st, mb_last_error());
+    CHECK(st == MB_ERR_DEVICE && strstr(mb_last_error(), "launching embedding_forward") &&
+          strstr(mb_last_error(), "cuLaunchKernel failed"), "%s", mb_last_error());
+    CHECK(kv && mb_kvcache_len(kv) == 0, "the cache holds nothing of a failed forward");
+    int before = all_launches();
+    st = mb_model_forward(m, kv, tokens, 1, 4, NULL, logits, 1);
+    CHECK(st == MB_ERR_DEVICE && strstr(mb_last_error(), "launching embedding_forward") && all_launches() == before,
+          "the next forward returns the same failure at once: %s", mb_last_error());
+    fake_kernel = host_kernel;
+    mb_kvcache_free(kv); /* a failed backend still frees */
+    mb_model_free(m);
+    mb_cuda_backend_new = saved;
+}
+
+/* two ranks of one process on the fake NCCL (one group), or one rank alone (fail NULL) */
+static void fake_nccl_comms(MbComm **c, int world, double timeout, MbCommFail *fail) {
+    for (int r = 0; r < world; r++) {
+        MbNcclRank *k = NULL;
+        c[r] = NULL;
+        CHECK_OK(nccl_rank_open(&fake_libs, FAKE_NCCL_COMM, 0, &k));
+        if (k) CHECK_OK(nc_comm_new(k, r, world, timeout, fail, &c[r]));
+    }
+}
+
+static void nccl_failure_reaches_the_caller(void) {
+    if (!fake_libs.cu.cuLaunchKernel) fake_libs_init();
+    MbComm *c[2];
+    double x[3] = {1, 2, 3};
+    float *dev = mb_calloc(8, sizeof(float));
+    fake_nccl_comms(c, 2, 30, comm_fail_new());
+    if (!c[0] || !c[1]) {
+        free(dev);
+        return;
+    }
+    CHECK_OK(c[0]->all_reduce_host(c[0], x, 3));
+    /* an NCCL call fails: its message, the communicator aborted, the group failed */
+    fake_nccl_fail = 2;
+    int calls = nccl_calls;
+    MbStatus st = c[0]->all_reduce(c[0], dev, 8);
+    printf("    ncclAllReduce fails -> %d: %s\n", (int)st, mb_last_error());
+    CHECK(st == MB_ERR_DEVICE && strstr(mb_last_error(), "ncclAllReduce") && strstr(mb_last_error(), "NCCL_DEBUG=INFO"),
+          "%s", mb_last_error());
+    CHECK(nccl_aborts == 1, "the failed rank's communicator is aborted");
+    fake_nccl_fail = 0;
+    st = c[1]->barrier(c[1]); /* the other rank of this process: the same failure, no NCCL call */
+    CHECK(st == MB_ERR_DEVICE && strstr(mb_last_error(), "ncclAllReduce") && nccl_calls == calls + 1,
+          "the group's other rank leaves at once: %s", mb_last_error());
+    c[0]->destroy(c[0]), c[1]->destroy(c[1]);
+    CHECK(nccl_destroys == 1, "the aborted communicator is not destroyed again");
+    /* a peer that died: NCCL's asynchronous error while the collective waits */
+    fake_nccl_comms(c, 1, 30, NULL);
+    if (!c[0]) {
+        free(dev);
+        return;
+    }
+    fake_stream_busy = 1, fake_nccl_async = 2;
+    st = c[0]->all_gather(c[0], dev, dev, 8);
+    printf("    an asynchronous NCCL error -> %d: %s\n", (int)st, mb_last_error());
+    CHECK(st == MB_ERR_DEVICE && strstr(mb_last_error(), "rank 0 of 1: NCCL all_gather failed: unhandled system error") &&
+          strstr(mb_last_error(), "--> the job stops; resume it from the last checkpoint with --resume_from_checkpoint latest"),
+          "%s", mb_last_error());
+    CHECK(c[0]->broadcast(c[0], dev, 8, 0) == MB_ERR_DEVICE, "the failure is sticky");
+    c[0]->destroy(c[0]);
+    /* a peer that hangs: --ddp_timeout */
+    fake_nccl_comms(c, 1, 0.05, NULL);
+    if (!c[0]) {
+        free(dev);
+        return;
+    }
+    fake_nccl_async = 0;
+    st = c[0]->barrier(c[0]);
+    printf("    a collective that never finishes (timeout 0.05 s) -> %d: %s\n", (int)st, mb_last_error());
+    CHECK(st == MB_ERR_DEVICE && strstr(mb_last_error(), "NCCL all_reduce did not finish within 0.05 s (--ddp_timeout)"),
+          "%s", mb_last_error());
+    c[0]->destroy(c[0]);
+    fake_stream_busy = 0;
+    free(dev);
+}
+
 static void teardown(void) {
     if (gpu) gpu->destroy(gpu), gpu = NULL; /* section 12's own teardown, on the fake driver */
     if (cpu) cpu->destroy(cpu), cpu = NULL;
@@ -302,4 +452,5 @@ static void teardown(void) {
 }
 
 MB_TEST_MAIN("cuda_host", T(matmuls_through_cublaslt_and_nf4_tiles), T(lora_through_cublaslt), T(fused_logprob_chunks),
-             T(memory_is_accounted), T(teardown))
+             T(memory_is_accounted), T(device_out_of_memory_is_a_status), T(kernel_launch_failure_reaches_the_caller),
+             T(nccl_failure_reaches_the_caller), T(teardown))

@@ -941,10 +941,11 @@ static void hung_rank_is_named_when_ddp_timeout_runs_out(void) {
     CHECK(field(out, "seconds=") >= 2, "the others waited for the timeout: %s", out);
 }
 
-/* the thread backend: a rank thread that never reaches the barrier */
+/* the thread backend: a rank thread that never reaches the barrier; the others' barrier fails and
+ * they report it as the CLI does (the library returns, it never exits) */
 static void *barrier_once(void *p) {
     MbComm *c = p;
-    c->barrier(c);
+    if (c->barrier(c)) fprintf(stderr, "medbot: %s\n", mb_last_error());
     return NULL;
 }
 
@@ -959,7 +960,9 @@ static void thread_rank_that_hangs_is_named(void) {
         pthread_t th[2];
         for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, barrier_once, comms[r]); /* rank 2 never comes */
         for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
-        _exit(0);
+        int failed = comms[2]->barrier(comms[2]) != MB_OK; /* the late rank: the group failed, it returns at once */
+        for (int r = 0; r < 3; r++) comms[r]->destroy(comms[r]);
+        _exit(failed ? 1 : 0);
     }
     close(fds[1]);
     char msg[1024];
@@ -974,6 +977,44 @@ static void thread_rank_that_hangs_is_named(void) {
           "%s", msg);
 }
 
+/* a rank that stops (its run failed) releases the ranks waiting for it at once, with its reason */
+typedef struct {
+    MbComm *c;
+    MbStatus st;
+    char msg[1024];
+} BarrierArg;
+
+static void *barrier_status(void *p) {
+    BarrierArg *a = p;
+    a->st = a->c->barrier(a->c);
+    snprintf(a->msg, sizeof a->msg, "%s", mb_last_error());
+    return NULL;
+}
+
+static void a_rank_that_leaves_releases_the_others(void) {
+    MbComm *comms[3];
+    CHECK_OK(mb_comm_threads_new(3, 60, comms)); /* a long timeout: only the leave can release them */
+    BarrierArg args[2];
+    pthread_t th[2];
+    for (int r = 0; r < 2; r++) args[r] = (BarrierArg){comms[r], MB_OK, ""}, pthread_create(&th[r], NULL, barrier_status, &args[r]);
+    struct timespec wait = {0, 50 * 1000 * 1000};
+    nanosleep(&wait, NULL); /* (they wait in the barrier, or come to it already failed: either way) */
+    double t0 = mb_now();
+    mb_fail(MB_ERR_OOM, "out of memory allocating 123 bytes at here:1");
+    comm_leave(comms[2]);
+    CHECK(strstr(mb_last_error(), "out of memory allocating 123 bytes"), "the leaving rank keeps its own message: %s",
+          mb_last_error());
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    double dt = mb_now() - t0;
+    printf("    rank 2 of 3 leaves while ranks 0 and 1 wait (timeout 60 s): released after %.3f s: %s\n", dt, args[0].msg);
+    for (int r = 0; r < 2; r++)
+        CHECK(args[r].st != MB_OK && strstr(args[r].msg, "another rank failed (rank 2 of 3): out of memory allocating 123"),
+              "rank %d: %s", r, args[r].msg);
+    CHECK(dt < 10, "released at once, not after --ddp_timeout");
+    CHECK(comms[2]->all_reduce_host(comms[2], (double[1]){1}, 1) != MB_OK, "the group stays failed");
+    for (int r = 0; r < 3; r++) comms[r]->destroy(comms[r]);
+}
+
 MB_TEST_MAIN("dist", T(collectives_of_thread_ranks), T(data_parallel_equals_one_rank),
              T(data_parallel_world_size_not_dividing_parameters), T(checkpoint_resumes_on_another_world_size),
              T(sha256_and_hmac_match_published_vectors), T(job_fingerprint_reads_bytes_not_paths),
@@ -983,4 +1024,5 @@ MB_TEST_MAIN("dist", T(collectives_of_thread_ranks), T(data_parallel_equals_one_
              T(rendezvous_secret_is_proven_by_both_sides), T(rendezvous_joiner_checks_rank_0s_proof),
              T(processes_over_tcp_equal_thread_ranks), T(slurm_openmpi_and_pmi_launch_the_same_job),
              T(ranks_of_another_job_are_refused), T(killed_rank_stops_the_others_and_resume_matches),
-             T(hung_rank_is_named_when_ddp_timeout_runs_out), T(thread_rank_that_hangs_is_named))
+             T(hung_rank_is_named_when_ddp_timeout_runs_out), T(thread_rank_that_hangs_is_named),
+             T(a_rank_that_leaves_releases_the_others))

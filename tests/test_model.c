@@ -3,6 +3,8 @@
  * with the KV cache. Tolerance: max |logit - ref| / max |ref| <= 1e-5, F32 and BF16 weights. */
 #include "test.h"
 
+#include <sys/resource.h>
+
 #define FORWARD_TOL 1e-5
 
 static const char *fixture_models[] = {"gqa2_f32", "gqa4_bf16_sharded", "tied_mqa_bf16"};
@@ -178,6 +180,59 @@ static void forward_same_result_with_any_thread_count(void) {
     fixture_close(&f3);
 }
 
+/* Sizes from input that no memory holds are MB_ERR_OOM with a message, and the model goes on: a KV
+ * cache whose size overflows, and (the plain run: a forked child under RLIMIT_AS, which the
+ * sanitizers' shadow memory cannot run under) one the system refuses. */
+static void absurd_sizes_are_out_of_memory_not_an_exit(void) {
+    Fixture f;
+    if (!fixture_open("gqa2_f32", &f, 1)) return;
+    MbKVCache *kv = NULL;
+    MbStatus st = mb_kvcache_new(f.m, INT_MAX, INT_MAX, &kv);
+    printf("    a KV cache of %d x %d tokens -> %d: %s\n", INT_MAX, INT_MAX, (int)st, mb_last_error());
+    CHECK(st == MB_ERR_OOM && !kv && strstr(mb_last_error(), "out of memory"), "%s", mb_last_error());
+    if (t_sanitized()) {
+        printf("    (the RLIMIT_AS child runs in the plain build only)\n");
+        fixture_close(&f);
+        return;
+    }
+    const MbConfig *c = mb_model_config(f.m);
+    size_t want = 2 * (size_t)c->num_hidden_layers * ((size_t)1 << 24) * (size_t)c->num_key_value_heads * (size_t)c->head_dim * 4;
+    char needle[100];
+    snprintf(needle, sizeof needle, "out of memory allocating %zu bytes at", want);
+    float *logits = mb_malloc(2 * (size_t)c->vocab_size * sizeof(float));
+    int fds[2];
+    if (pipe(fds) != 0) T_FAIL("pipe");
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) { /* 1 GiB of address space: a cache of 2^24 tokens (12 GiB here) cannot be had */
+        struct rlimit lim = {(rlim_t)1 << 30, (rlim_t)1 << 30};
+        char msg[1200];
+        MbKVCache *big = NULL, *small = NULL;
+        int32_t tok[2] = {1, 2};
+        MbStatus a = setrlimit(RLIMIT_AS, &lim) == 0 ? mb_kvcache_new(f.m, 1, 1 << 24, &big) : MB_ERR_ARG;
+        snprintf(msg, sizeof msg, "%d %s\n", (int)a, mb_last_error());
+        MbStatus b = mb_kvcache_new(f.m, 1, 8, &small); /* the model goes on */
+        if (!b) b = mb_model_forward(f.m, small, tok, 1, 2, NULL, logits, 0);
+        snprintf(msg + strlen(msg), sizeof msg - strlen(msg), "%d", (int)b);
+        if (write(fds[1], msg, strlen(msg)) < 0) _exit(3);
+        _exit(big ? 2 : 0);
+    }
+    close(fds[1]);
+    char msg[1200];
+    ssize_t k = read(fds[0], msg, sizeof msg - 1);
+    msg[k > 0 ? k : 0] = 0;
+    close(fds[0]);
+    int wst;
+    waitpid(pid, &wst, 0);
+    printf("    a KV cache of 2^24 tokens under a 1 GiB RLIMIT_AS (child exit %d) -> %s\n",
+           WIFEXITED(wst) ? WEXITSTATUS(wst) : -1, msg);
+    CHECK(WIFEXITED(wst) && WEXITSTATUS(wst) == 0, "the child ends normally");
+    CHECK(atoi(msg) == MB_ERR_OOM && strstr(msg, needle), "want '%s': %s", needle, msg);
+    CHECK(strchr(msg, '\n') && atoi(strchr(msg, '\n') + 1) == MB_OK, "then a small cache and a forward work: %s", msg);
+    free(logits);
+    fixture_close(&f);
+}
+
 MB_TEST_MAIN("model", T(forward_prefill_matches_transformers), T(forward_padded_batch_matches_transformers),
              T(decode_with_kv_cache_matches_transformers), T(forward_rejects_bad_tokens),
-             T(forward_same_result_with_any_thread_count))
+             T(forward_same_result_with_any_thread_count), T(absurd_sizes_are_out_of_memory_not_an_exit))

@@ -510,9 +510,49 @@ static void metrics_jsonl_lines_are_json(void) {
     free(text), free(p);
 }
 
+/* An adapter no memory holds (--lora_r 2^31-1 on every projection: terabytes) stops the run with
+ * one line, "out of memory allocating N bytes at FILE:LINE", and exit 1 (never a crash), having
+ * written nothing. The plain build runs under a 4 GiB `ulimit -v` (a system that overcommits would
+ * otherwise hand the memory out); the sanitizers' allocator, which reserves more than that for its
+ * shadow, is told to return NULL as malloc does (its log, in a file, may then hold only its
+ * warning that it did). */
+static void absurd_lora_rank_is_out_of_memory(void) {
+    const char *run = t_tmp("absurd_rank"), *logs = t_tmp("absurd_asan"), *asan = getenv("ASAN_OPTIONS");
+    char pre[900], cmd[2000];
+    static char out[8192];
+    mkdir(logs, 0755);
+    if (t_sanitized())
+        snprintf(pre, sizeof pre, "ASAN_OPTIONS='%s:allocator_may_return_null=1:log_path=%s/asan'", asan ? asan : "", logs);
+    else snprintf(pre, sizeof pre, "ulimit -v 4194304;");
+    snprintf(cmd, sizeof cmd, "%s %s dpo --model " FIX "/model --data " FIX "/data.jsonl --output %s --lora_r 2147483647 "
+             "--lora_target_modules all-linear --max_steps 1 --threads 1", pre, t_medbot(), run);
+    int rc = t_run(cmd, out, sizeof out);
+    size_t lines = 0;
+    for (char *p = out; *p; p++) lines += *p == '\n';
+    printf("    dpo --lora_r 2147483647 --lora_target_modules all-linear -> exit %d: %s", rc, out);
+    CHECK(rc == 1 && lines == 1 && strstr(out, "medbot: out of memory allocating ") && strstr(out, " bytes at "),
+          "want one line naming the allocation: %s", out);
+    CHECK(!strstr(out, "Sanitizer"), "sanitizer report");
+    CHECK(!mb_is_dir(run), "nothing written");
+    DIR *d = opendir(logs);
+    struct dirent *e;
+    while (d && (e = readdir(d))) { /* every line of the sanitizers' log: "==PID==WARNING: ... failed to allocate" */
+        char *p = e->d_name[0] == '.' ? NULL : mb_path_join(logs, e->d_name), *text = NULL;
+        size_t n = 0;
+        if (p && !mb_read_file(p, &text, &n))
+            for (char *l = strtok(text, "\n"); l; l = strtok(NULL, "\n")) {
+                const char *w = strstr(l, "==WARNING: AddressSanitizer failed to allocate ");
+                CHECK(w && l[0] == '=' && strspn(l + 2, "0123456789") == (size_t)(w - l - 2), "sanitizer report: %.300s", l);
+            }
+        free(p), free(text);
+    }
+    if (d) closedir(d);
+}
+
 MB_TEST_MAIN("train", T(gradients_match_finite_differences), T(resume_after_sigkill_is_bit_identical),
              T(corrupt_checkpoints_are_refused), T(bad_data_gives_file_and_line),
              T(nan_loss_stops_and_keeps_the_last_checkpoint), T(reference_cache_is_keyed_and_never_stale),
              T(eval_command_prints_trl_metrics), T(peft_files_round_trip), T(card_config_yaml_is_read),
              T(config_block_list_trains_like_the_flow_list), T(data_files_bom_read_utf16_named),
-             T(eval_split_leaving_a_side_empty_stops), T(metrics_jsonl_lines_are_json))
+             T(eval_split_leaving_a_side_empty_stops), T(metrics_jsonl_lines_are_json),
+             T(absurd_lora_rank_is_out_of_memory))

@@ -120,7 +120,11 @@ int main(int argc, char **argv) {
             return 1;
         }
         ops->accumulate_f64(ops, tr.acc, tr.lo->grads, tr.n_pad);
-        double norm = optimizer_step(&tr, tr.cfg.learning_rate);
+        double norm;
+        if (optimizer_step(&tr, tr.cfg.learning_rate, &norm)) {
+            fprintf(stderr, "bench_gpu: %s\n", mb_last_error());
+            return 1;
+        }
         tr.step++;
         double dt = now(ops) - t0;
         if (s >= 0) t[s] = dt;
