@@ -98,6 +98,17 @@ MB_UNUSED static int t_run(const char *cmd, char *out, size_t cap) {
     return WEXITSTATUS(status);
 }
 
+/* What a forked child wrote to fd (at most cap - 1 bytes, NUL-terminated; fd is closed), once it
+ * ended: its exit status, or -1 when it did not exit normally. */
+MB_UNUSED static int t_child_wait(pid_t pid, int fd, char *msg, size_t cap) {
+    ssize_t k = read(fd, msg, cap - 1);
+    msg[k > 0 ? k : 0] = 0;
+    close(fd);
+    int st;
+    waitpid(pid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
 MB_UNUSED static const char *t_medbot(void) {
     const char *b = getenv("MEDBOT_BIN");
     return b && b[0] ? b : "./medbot";

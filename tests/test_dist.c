@@ -966,15 +966,9 @@ static void thread_rank_that_hangs_is_named(void) {
     }
     close(fds[1]);
     char msg[1024];
-    ssize_t k = read(fds[0], msg, sizeof msg - 1);
-    msg[k > 0 ? k : 0] = 0;
-    close(fds[0]);
-    int st;
-    waitpid(pid, &st, 0);
-    printf("    ranks 0 and 1 of 3 threads in a barrier, rank 2 never comes (timeout 0.5 s) -> exit %d: %s",
-           WIFEXITED(st) ? WEXITSTATUS(st) : -1, msg);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(msg, "rank 2 of 3 did not reach the collective within 0.5 s"),
-          "%s", msg);
+    int st = t_child_wait(pid, fds[0], msg, sizeof msg);
+    printf("    ranks 0 and 1 of 3 threads in a barrier, rank 2 never comes (timeout 0.5 s) -> exit %d: %s", st, msg);
+    CHECK(st == 1 && strstr(msg, "rank 2 of 3 did not reach the collective within 0.5 s"), "%s", msg);
 }
 
 /* a rank that stops (its run failed) releases the ranks waiting for it at once, with its reason */

@@ -219,14 +219,9 @@ static void absurd_sizes_are_out_of_memory_not_an_exit(void) {
     }
     close(fds[1]);
     char msg[1200];
-    ssize_t k = read(fds[0], msg, sizeof msg - 1);
-    msg[k > 0 ? k : 0] = 0;
-    close(fds[0]);
-    int wst;
-    waitpid(pid, &wst, 0);
-    printf("    a KV cache of 2^24 tokens under a 1 GiB RLIMIT_AS (child exit %d) -> %s\n",
-           WIFEXITED(wst) ? WEXITSTATUS(wst) : -1, msg);
-    CHECK(WIFEXITED(wst) && WEXITSTATUS(wst) == 0, "the child ends normally");
+    int child = t_child_wait(pid, fds[0], msg, sizeof msg);
+    printf("    a KV cache of 2^24 tokens under a 1 GiB RLIMIT_AS (child exit %d) -> %s\n", child, msg);
+    CHECK(child == 0, "the child ends normally");
     CHECK(atoi(msg) == MB_ERR_OOM && strstr(msg, needle), "want '%s': %s", needle, msg);
     CHECK(strchr(msg, '\n') && atoi(strchr(msg, '\n') + 1) == MB_OK, "then a small cache and a forward work: %s", msg);
     free(logits);
