@@ -6130,15 +6130,18 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
     lo->L = c->num_hidden_layers;
     lo->enabled = 1;
     lo->pairs = mb_calloc((size_t)lo->L * MB_LAYER_WEIGHTS, sizeof *lo->pairs);
+    if (!lo->pairs) {
+        mb_lora_free(lo);
+        return MB_ERR_OOM;
+    }
     size_t R = (size_t)cfg->r, n = 0, off = 0, k;
     MbLoraPair *p;
     int l, i;
     for (k = 0; lora_next(lo, &k, &l, &i);)
         n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
-    lo->ops = m->ops;
-    MbStatus rc = lo->pairs ? MB_OK : MB_ERR_OOM;
-    if (!rc && n > SIZE_MAX / sizeof(float))
+    MbStatus rc = MB_OK;
+    if (n > SIZE_MAX / sizeof(float))
         rc = mb_fail(MB_ERR_OOM, "out of memory: an adapter of %zu parameters does not fit the address space", n);
     if (!rc && !(lo->params = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
     if (!rc && !(lo->grads = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
@@ -7159,7 +7162,7 @@ static MbStatus train_microbatch(MbTrainer *tr, const MbDataset *ds, const int *
         met[MET_LOGITS_REJECTED] = rows_r ? lsum_r / ((double)rows_r * V) : 0;
     }
     if (backward) rc = model_backward_rows(tr->m, g);
-    for (int b = 0; b < bt.B; b++) tr->tokens_seen += bt.lens[b];
+    for (int b = 0; !rc && b < bt.B; b++) tr->tokens_seen += bt.lens[b];
 done:
     model_set_dropout(tr->m, 0);
     free(g), free(logp), free(lsum), free(pol), free(ref), free(pairs);
@@ -8677,7 +8680,8 @@ MbStatus mb_chat_open(const MbChatOptions *o, MbChat **out) {
     if (!rc && (rc = mb_sampler_new(&g, (size_t)c->vocab_size, &ch->s))) rc = mb_fail_at(rc, name);
     if (!rc) {
         ch->ctx = o->max_context ? o->max_context : MB_MIN(c->max_position_embeddings, 4096);
-        if (ch->ctx > c->max_position_embeddings)
+        if (ch->ctx < 1) rc = mb_fail(MB_ERR_ARG, "%s: max_context %d: it must be at least 1", name, ch->ctx);
+        else if (ch->ctx > c->max_position_embeddings)
             rc = mb_fail(MB_ERR_ARG, "%s: --max_context %d is more than the model's max_position_embeddings %d", name,
                          ch->ctx, c->max_position_embeddings);
     }

@@ -506,8 +506,8 @@ MbStatus mb_chat_generate(MbChat *ch, const char *text, const char *system, int 
 /* Asks the next question of the conversation: the first is the template (with <|begin_of_text|> when
  * add_bos), each later one continues it with "\n###Question: {question}\n###Answer: ". The question is
  * encoded as text (a typed "<|eot_id|>" stays text); the answer streams to cb and joins the
- * conversation, which the KV cache holds, so a turn runs only its new tokens. A failed turn ends
- * the conversation. */
+ * conversation, which the KV cache holds, so a turn runs only its new tokens. A turn that fails
+ * while generating ends the conversation; one that fails before (encoding) leaves it as it was. */
 MbStatus mb_chat_turn(MbChat *ch, const char *question, MbTokenCallback cb, void *ctx, MbChatReply *r);
 /* Starts a new conversation. The first call (or the first turn) makes the conversation's KV cache
  * of max_context tokens: call it after mb_chat_open to learn early that it does not fit. */

@@ -55,7 +55,7 @@ static void collectives_of_thread_ranks(void) {
     for (int world = 1; world <= 4; world++)
         for (size_t s = 0; s < 4; s++) {
             MbComm *comms[4];
-            mb_comm_threads_new(world, 0, comms);
+            CHECK_OK(mb_comm_threads_new(world, 0, comms));
             CollArg args[4];
             pthread_t th[4];
             for (int r = 0; r < world; r++) {

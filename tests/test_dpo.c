@@ -112,7 +112,7 @@ static void data_matches_trl_tokenization_and_truncation(void) {
         /* the concatenated, keep_end-truncated sequences TRL fed the model */
         const MbPair *one[1] = {p};
         MbBatch bt;
-        batch_build(&bt, one, 1, 1, 36, 0);
+        CHECK_OK(batch_build(&bt, one, 1, 1, 36, 0));
         for (int b = 0; b < 2; b++) {
             snprintf(name, sizeof name, "input_ids.%zu.%s", i, b ? "rejected" : "chosen");
             want = fx_tensor(FIX "/tokens.safetensors", name, 1, &k);

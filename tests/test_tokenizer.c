@@ -283,7 +283,7 @@ static void stream_decode_never_breaks_a_character(void) {
             size_t pl;
             for (size_t j = 0; j <= n; j++) {
                 if (j < n) CHECK_OK(mb_token_stream_put(&s, ids[j], &piece, &pl));
-                else mb_token_stream_finish(&s, &piece, &pl);
+                else CHECK_OK(mb_token_stream_finish(&s, &piece, &pl));
                 broken += !utf8_valid_n(piece, pl);
                 if (pl) memcpy(arraddnptr(joined, pl), piece, pl);
             }
@@ -325,7 +325,7 @@ static void stream_decode_holds_back_partial_characters(void) {
     CHECK_OK(mb_token_stream_put(&s, t->byte_id[0xE4], &pieces[0], &lens[0]));
     CHECK_OK(mb_token_stream_put(&s, t->byte_id[0xBD], &pieces[0], &lens[0]));
     CHECK(lens[0] == 0, "E4 BD is held");
-    mb_token_stream_finish(&s, &pieces[0], &lens[0]);
+    CHECK_OK(mb_token_stream_finish(&s, &pieces[0], &lens[0]));
     CHECK(lens[0] == 3 && !memcmp(pieces[0], "\xEF\xBF\xBD", 3), "held bytes flush as U+FFFD");
     /* a special token right after a partial character: U+FFFD, then its text */
     CHECK_OK(mb_token_stream_put(&s, t->byte_id[0xE4], &pieces[0], &lens[0]));

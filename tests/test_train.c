@@ -39,7 +39,7 @@ static void gradients_match_finite_differences(void) {
         m->gradient_checkpointing = ck;
         memset(lo->grads, 0, lo->n_params * sizeof(float));
         CHECK_OK(model_forward_rows(m, tok, lens, B, T, pos, tgt, M, logp, lsum, 1));
-        model_backward_rows(m, w);
+        CHECK_OK(model_backward_rows(m, w));
         double maxerr = 0, maxg = 0;
         for (int k = 0; k < checks; k++) {
             size_t i = (size_t)(mb_rng_u64(&rng) % lo->n_params);

@@ -72,7 +72,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (i < n) {
             if (mb_token_stream_put(&s, ids[i], &piece, &pl)) die(mb_last_error());
         } else {
-            mb_token_stream_finish(&s, &piece, &pl);
+            if (mb_token_stream_finish(&s, &piece, &pl)) die(mb_last_error());
         }
         if (!valid_utf8(piece, pl) || joined + pl > dl || memcmp(dec + joined, piece, pl)) die("stream");
         joined += pl;

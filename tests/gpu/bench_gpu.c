@@ -92,7 +92,10 @@ int main(int argc, char **argv) {
         return 1;
     }
     mb_model_set_lora(m, tr.lo);
-    mb_comm_threads_new(1, 0, &tr.comm);
+    if (mb_comm_threads_new(1, 0, &tr.comm)) {
+        fprintf(stderr, "bench_gpu: %s\n", mb_last_error());
+        return 1;
+    }
     tr.n_pad = tr.shard = tr.lo->n_params;
     tr.acc = ops->alloc(ops, tr.n_pad * sizeof(double));
     tr.exp_avg = ops->alloc(ops, tr.n_pad * 4), tr.exp_avg_sq = ops->alloc(ops, tr.n_pad * 4);
