@@ -109,6 +109,17 @@ MB_UNUSED static int t_child_wait(pid_t pid, int fd, char *msg, size_t cap) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+/* The compiler and the stb include flag build.sh used ($MB_CC, $MB_STB_INCLUDE), for tests that
+ * compile C themselves */
+MB_UNUSED static const char *t_cc(void) {
+    const char *c = getenv("MB_CC");
+    return c && c[0] ? c : "cc";
+}
+MB_UNUSED static const char *t_stb_include(void) {
+    const char *s = getenv("MB_STB_INCLUDE");
+    return s ? s : "";
+}
+
 MB_UNUSED static const char *t_medbot(void) {
     const char *b = getenv("MEDBOT_BIN");
     return b && b[0] ? b : "./medbot";

@@ -156,11 +156,11 @@ static void runtime_compile_yields_every_kernel(void) {
  * and struct layout is the headers' (compile errors under -Werror otherwise) */
 static void declarations_match_the_toolkit_headers(void) {
     if (!toolkit()) return;
-    const char *cuda = getenv("MB_CUDA_DIR"), *cc = getenv("MB_CC"), *inc = getenv("MB_STB_INCLUDE");
+    const char *cuda = getenv("MB_CUDA_DIR");
     char cmd[2048];
     static char out[1 << 16];
     snprintf(cmd, sizeof cmd, "%s -std=c99 -Wall -Wextra -Wpedantic -Werror -O1 -DMEDBOT_NO_MAIN -DMB_CUDA_HEADER_CHECK %s "
-             "-isystem %s/include -c -o build/cuda_header_check.o medbot.c", cc && cc[0] ? cc : "cc", inc ? inc : "", cuda);
+             "-isystem %s/include -c -o build/cuda_header_check.o medbot.c", t_cc(), t_stb_include(), cuda);
     int rc = t_run(cmd, out, sizeof out);
     printf("    %s\n    -> exit %d%s%.2000s\n", cmd, rc, out[0] ? ": " : "", out);
     CHECK(rc == 0, "medbot's CUDA declarations differ from the toolkit's headers");
@@ -238,13 +238,12 @@ static void the_driver_stub_is_refused(void) {
 }
 
 static void gpu_programs_build(void) {
-    const char *cc = getenv("MB_CC"), *inc = getenv("MB_STB_INCLUDE");
     const char *progs[] = {"check_ops", "bench_gpu"};
     for (size_t i = 0; i < 2; i++) {
         char cmd[1024];
         static char out[1 << 16];
         snprintf(cmd, sizeof cmd, "%s -std=c99 -Wall -Wextra -Wpedantic -Werror -O1 %s -o build/%s_ci tests/gpu/%s.c -lm "
-                 "-lpthread -ldl", cc && cc[0] ? cc : "cc", inc ? inc : "", progs[i], progs[i]);
+                 "-lpthread -ldl", t_cc(), t_stb_include(), progs[i], progs[i]);
         int rc = t_run(cmd, out, sizeof out);
         printf("    tests/gpu/%s.c -> exit %d%s%.1500s\n", progs[i], rc, out[0] ? ": " : "", out);
         CHECK(rc == 0, "tests/gpu/%s.c does not build warning-free", progs[i]);

@@ -7,16 +7,6 @@
  *  - medbot.o defines no global symbol outside mb_ / Mb / MB_ (and none of stb_ds's: the host's). */
 #include "test.h"
 
-static const char *cc(void) {
-    const char *c = getenv("MB_CC");
-    return c && c[0] ? c : "cc";
-}
-
-static const char *stb(void) {
-    const char *s = getenv("MB_STB_INCLUDE"); /* "-I/usr/include" from build.sh */
-    return s ? s : "";
-}
-
 /* extra flags: the sanitizers when the suite runs under them */
 static const char *san(void) {
     return t_sanitized() ? "-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
@@ -43,7 +33,7 @@ static void compiles_alone_without_warnings(void) {
     if (!vendor_folder(dir)) return;
     char cmd[1024];
     static char out[1 << 16];
-    snprintf(cmd, sizeof cmd, "cd %s && %s -std=c99 -Wall -Wextra -Wpedantic -c medbot.c -o medbot.o", dir, cc());
+    snprintf(cmd, sizeof cmd, "cd %s && %s -std=c99 -Wall -Wextra -Wpedantic -c medbot.c -o medbot.o", dir, t_cc());
     if (!vsh("cc -std=c99 -Wall -Wextra -Wpedantic -c medbot.c", cmd, out, sizeof out)) return;
     CHECK(out[0] == 0, "the compiler printed something (warnings): %.500s", out);
 }
@@ -54,11 +44,11 @@ static void host_program_links_trains_and_generates(void) {
     char cmd[2048];
     static char out[1 << 16];
     const char *warn = "-std=c99 -Wall -Wextra -Wpedantic -Werror";
-    snprintf(cmd, sizeof cmd, "%s %s %s %s -DMEDBOT_NO_MAIN -DMEDBOT_HOST_STB_DS -c %s/medbot.c -o %s/medbot.o", cc(),
-             warn, san(), stb(), dir, dir);
+    snprintf(cmd, sizeof cmd, "%s %s %s %s -DMEDBOT_NO_MAIN -DMEDBOT_HOST_STB_DS -c %s/medbot.c -o %s/medbot.o", t_cc(),
+             warn, san(), t_stb_include(), dir, dir);
     if (!vsh("compile medbot.c (MEDBOT_NO_MAIN, MEDBOT_HOST_STB_DS)", cmd, out, sizeof out)) return;
     snprintf(cmd, sizeof cmd, "%s %s %s %s -I%s -c tests/vendor/host.c -o %s/host.o && %s %s -o %s/host %s/host.o %s/medbot.o "
-             "-lm -lpthread -ldl", cc(), warn, san(), stb(), dir, dir, cc(), san(), dir, dir, dir);
+             "-lm -lpthread -ldl", t_cc(), warn, san(), t_stb_include(), dir, dir, t_cc(), san(), dir, dir, dir);
     if (!vsh("compile and link the host", cmd, out, sizeof out)) return;
 
     /* symbols: medbot's globals are prefixed; stb_ds's implementation is the host's */
