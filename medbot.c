@@ -600,6 +600,15 @@ static void mb_unmap(MbMap *m) {
 
 /* ---- time ---- */
 
+/* The CLOCK_REALTIME instant secs from now, for pthread_cond_timedwait */
+MB_UNUSED static struct timespec mb_deadline_in(double secs) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    double t = (double)ts.tv_sec + ts.tv_nsec * 1e-9 + secs;
+    ts.tv_sec = (time_t)t, ts.tv_nsec = (long)((t - floor(t)) * 1e9);
+    return ts;
+}
+
 MB_UNUSED static double mb_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -4964,7 +4973,6 @@ static MbOps *mb_cpu_ops_new(int threads) {
     cpu->scratch_n = mb_calloc((size_t)cpu->pool->n, sizeof *cpu->scratch_n);
     if (!cpu->scratch || !cpu->scratch_n) return cpu_destroy(ops), NULL;
     ops->name = "cpu";
-    ops->ctx = cpu;
     ops->act_size = sizeof(float);
     ops->host_memory = 1;
     ops->alloc = cpu_alloc;
@@ -5319,27 +5327,25 @@ static size_t plan_ceil(size_t a, size_t b) { return (a + b - 1) / b; }
 MbStatus mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
     memset(p, 0, sizeof *p);
     for (int k = 0; k < MB_PLAN_ROWS; k++) p->kind[k] = plan_kinds[k];
-    size_t C = mb_dim(c, MB_DIM_C), QD = mb_dim(c, MB_DIM_QD), KVD = mb_dim(c, MB_DIM_KVD),
-           F = mb_dim(c, MB_DIM_F), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
-           H = (size_t)c->num_attention_heads, R = (size_t)o->lora_r, T = (size_t)o->max_length,
-           N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
+    size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers,
+           R = (size_t)o->lora_r, T = (size_t)o->max_length, N = 2 * (size_t)o->batch * T, G = (size_t)o->gpus;
     unsigned tg = o->targets;
 #define TARGETED(id) ((tg >> (id)) & 1u)
 
-    /* Weights. The 7 projections of a layer hold `lin` values (the largest `lin_max`); with
+    /* Weights. The 7 projections of a layer hold `lin` values; with
      * load_in_4bit each is NF4: n/2 bytes of codes, and absmax per block of 64 as a 1-byte code,
      * plus an fp32 scale per 256 blocks and the fp32 offset (double quant). Embeddings, norms
      * and lm_head (and the projections without load_in_4bit) are bf16: 2 bytes a value. */
-    size_t lin = 0, lin_max = 0, packed = 0, absmax = 0, ntarget = 0;
+    size_t lin = 0, packed = 0, absmax = 0;
     for (int i = 0; i < MB_LAYER_WEIGHTS; i++) {
         if (mb_layer_weights[i].rows == MB_DIM_1) continue;
         size_t rows = mb_dim(c, mb_layer_weights[i].rows), cols = mb_dim(c, mb_layer_weights[i].cols);
         size_t n = rows * cols, nb = plan_ceil(n, MB_NF4_BLOCKSIZE);
-        lin += L * n, lin_max = MB_MAX(lin_max, n);
+        lin += L * n;
         packed += L * (n / 2);
         absmax += L * (nb + 4 * plan_ceil(nb, MB_NF4_NESTED_BLOCKSIZE) + 4);
         /* LoRA on this projection: A (R, cols) + B (rows, R) per layer */
-        if (TARGETED(i)) p->trainable += L * R * (rows + cols), ntarget++;
+        if (TARGETED(i)) p->trainable += L * R * (rows + cols);
     }
     size_t dense = V * C * (c->tie_word_embeddings ? 1 : 2) + (2 * L + 1) * C + (o->load_in_4bit ? 0 : lin);
     if (o->load_in_4bit) {
@@ -5397,7 +5403,6 @@ MbStatus mb_plan_compute(const MbConfig *c, const MbPlanOptions *o, MbPlan *p) {
              chunk_rows, chunk_vocab);
     snprintf(p->how[MB_PLAN_WORKSPACE], sizeof p->how[0], "cuBLASLt 32 MiB%s, attention's fp32 dq, LoRA in bf16",
              o->load_in_4bit ? ", NF4 dequant tile <= 64 MiB" : "");
-    (void)H, (void)QD, (void)KVD, (void)F, (void)lin_max;
 #undef TARGETED
     return MB_OK;
 }
@@ -6141,10 +6146,11 @@ static MbStatus lora_alloc(const MbModel *m, const MbLoraConfig *cfg, MbLora **o
         n += R * (mb_dim(c, mb_layer_weights[i].cols) + mb_dim(c, mb_layer_weights[i].rows));
     lo->n_params = n;
     MbStatus rc = MB_OK;
-    if (n > SIZE_MAX / sizeof(float))
+    size_t bytes = 0;
+    if (mb_mul_overflows(n, sizeof(float), &bytes))
         rc = mb_fail(MB_ERR_OOM, "out of memory: an adapter of %zu parameters does not fit the address space", n);
-    if (!rc && !(lo->params = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
-    if (!rc && !(lo->grads = m->ops->alloc(m->ops, n * sizeof(float)))) rc = mb_ops_oom(m->ops);
+    if (!rc && !(lo->params = m->ops->alloc(m->ops, bytes))) rc = mb_ops_oom(m->ops);
+    if (!rc && !(lo->grads = m->ops->alloc(m->ops, bytes))) rc = mb_ops_oom(m->ops);
     if (rc) {
         mb_lora_free(lo);
         return rc;
@@ -6915,6 +6921,14 @@ static int comm_world(const MbComm *c);
 static MbStatus comm_barrier(MbComm *c);
 /* a small array in host memory (metrics, flags, norms): x = sum over ranks, in fp64 */
 static MbStatus comm_all_reduce_host(MbComm *c, double *x, size_t n);
+
+/* Whether every rank got through a step that may fail on some: rc when this rank failed, else the
+ * collective's failure, else (err, why) when another rank failed, else MB_OK. */
+static MbStatus comm_agree(MbComm *c, MbStatus rc, MbStatus err, const char *why) {
+    double failed = rc != MB_OK;
+    MbStatus crc = comm_all_reduce_host(c, &failed, 1);
+    return rc ? rc : crc ? crc : failed > 0 ? mb_fail(err, "%s", why) : MB_OK;
+}
 /* the gradient sums, in fp64 (see MbOps.accumulate_f64) */
 static MbStatus comm_all_reduce_f64(MbComm *c, double *x, size_t n);
 static MbStatus comm_reduce_scatter_f64(MbComm *c, double *shard, const double *x, size_t n);
@@ -7384,11 +7398,9 @@ static MbStatus checkpoint_save(MbTrainer *tr) {
         free(h1), free(h2);
     }
     if (m1 != tr->exp_avg) ops->free(ops, m1), ops->free(ops, m2);
-    double failed = rc != MB_OK;
-    MbStatus crc = comm_all_reduce_host(comm, &failed, 1);
-    if (!rc && crc) rc = crc;
-    if (!rc && failed > 0) rc = mb_fail(MB_ERR_IO, "rank 0 could not write checkpoint-%ld", tr->step);
-    return rc;
+    char why[64];
+    snprintf(why, sizeof why, "rank 0 could not write checkpoint-%ld", tr->step);
+    return comm_agree(comm, rc, MB_ERR_IO, why);
 }
 
 static MbStatus checkpoint_load(MbTrainer *tr, const char *dir) {
@@ -8035,13 +8047,11 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     MbTrainer tr;
     int lead = comm_rank(comm) == 0, world = comm_world(comm);
     MbStatus rc = trainer_setup(&tr, &j, 1);
-    double failed = rc != MB_OK; /* a rank that cannot start stops every rank */
-    MbStatus crc = comm_all_reduce_host(comm, &failed, 1);
-    if (!rc && (crc || failed > 0)) {
-        trainer_free(&tr);
-        return crc ? crc : mb_fail(MB_ERR_ARG, "another rank could not start");
+    MbStatus arc = comm_agree(comm, rc, MB_ERR_ARG, "another rank could not start"); /* then none starts */
+    if (arc) {
+        if (!rc) trainer_free(&tr);
+        return arc;
     }
-    if (rc) return rc;
     tr.comm = comm;
     tr.zero = job->zero_stage < 0 ? world > 1 : job->zero_stage >= 1;
     tr.shard = (tr.lo->n_params + (size_t)world - 1) / (size_t)world;
@@ -8077,19 +8087,18 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     }
     tr.interrupt = job->interrupt;
     if (lead) rc = output_prepare(&tr, job);
-    failed = rc != MB_OK;
-    if ((crc = comm_all_reduce_host(comm, &failed, 1)) && !rc) rc = crc;
-    if (!rc && failed > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
+    rc = comm_agree(comm, rc, MB_ERR_ARG, "another rank could not start");
     if (!rc && !job->sft && c->precompute_ref_log_probs) rc = precompute_ref(&tr);
     char *resume = NULL;
     if (!rc && job->resume && job->resume[0]) {
         if (strcmp(job->resume, "true") && strcmp(job->resume, "latest")) resume = mb_strdup(job->resume);
-        else if (latest_checkpoint_step(job->output_dir) >= 0) resume = latest_checkpoint(job->output_dir);
-        else rc = mb_fail(MB_ERR_ARG, "%s: no checkpoint-N folder to resume from", job->output_dir);
+        else if (!(resume = latest_checkpoint(job->output_dir)) && latest_checkpoint_step(job->output_dir) < 0)
+            rc = mb_fail(MB_ERR_ARG, "%s: no checkpoint-N folder to resume from", job->output_dir);
         if (!rc && !resume) rc = MB_ERR_OOM;
     }
     double stop[2] = {rc != MB_OK, job->interrupt && *job->interrupt}; /* failed; Ctrl-C while loading */
-    if ((crc = comm_all_reduce_host(comm, stop, 2)) && !rc) rc = crc;
+    MbStatus crc = comm_all_reduce_host(comm, stop, 2);
+    if (crc && !rc) rc = crc;
     if (!rc && stop[0] > 0) rc = mb_fail(MB_ERR_ARG, "another rank could not start");
     if (!rc && stop[1] > 0)
         rc = mb_fail(MB_INTERRUPTED, "interrupted while loading, before this run's first optimizer step: nothing "
@@ -8151,9 +8160,7 @@ static int train_ranks_wait(MbRankWait *w, int started, double grace) {
     pthread_mutex_lock(&w->mu);
     while (w->finished < started && !timed_out) {
         if (w->failed && !limited) {
-            clock_gettime(CLOCK_REALTIME, &until);
-            double t = (double)until.tv_sec + until.tv_nsec * 1e-9 + grace;
-            until.tv_sec = (time_t)t, until.tv_nsec = (long)((t - floor(t)) * 1e9), limited = 1;
+            until = mb_deadline_in(grace), limited = 1;
         }
         if (limited) timed_out = pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT;
         else pthread_cond_wait(&w->cv, &w->mu);
@@ -8986,10 +8993,7 @@ static MbStatus tc_barrier(MbComm *c) {
         g->generation++;
         pthread_cond_broadcast(&g->cv);
     } else {
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        double t = (double)until.tv_sec + until.tv_nsec * 1e-9 + g->timeout;
-        until.tv_sec = (time_t)t, until.tv_nsec = (long)((t - floor(t)) * 1e9);
+        struct timespec until = mb_deadline_in(g->timeout);
         while (gen == g->generation && !(rc = comm_status(c))) {
             int e = pthread_cond_timedwait(&g->cv, &g->mu, &until);
             if (e == ETIMEDOUT && gen == g->generation) {
