@@ -615,6 +615,161 @@ MB_UNUSED static double mb_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* ---- progress and log lines (the terminal is one per process: its state is the one global) ---- */
+
+static struct {
+    pthread_mutex_t mu;
+    int bar;           /* a bar is on stderr's current line */
+    double drawn;      /* when it was last drawn (mb_now) */
+    double logged;     /* when a task's last "still going" line was printed (no terminal) */
+} mb_console = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0};
+
+static void console_clear_locked(void) {
+    if (!mb_console.bar) return;
+    fputs("\r\033[K", stderr); /* back to the line's start and erase it */
+    fflush(stderr);
+    mb_console.bar = 0;
+}
+
+void mb_say(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    pthread_mutex_lock(&mb_console.mu);
+    console_clear_locked();
+    vprintf(fmt, ap);
+    fflush(stdout);
+    pthread_mutex_unlock(&mb_console.mu);
+    va_end(ap);
+}
+
+/* "12.3 GB", "512 kB" (bytes) or "12 tensors" */
+static void progress_amount(char *out, size_t n, double x, const char *unit) {
+    if (strcmp(unit, "bytes")) {
+        snprintf(out, n, "%.0f %s", x, unit);
+        return;
+    }
+    const char *u[] = {"B", "kB", "MB", "GB", "TB"};
+    int k = 0;
+    while (x >= 1000 && k < 4) x /= 1000, k++;
+    snprintf(out, n, k ? "%.1f %s" : "%.0f %s", x, u[k]);
+}
+
+static void progress_hms(char *out, size_t n, double s) {
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(out, n, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+    else snprintf(out, n, "%ld:%02ld", t / 60, t % 60);
+}
+
+/* "6.2 GB of 16.1 GB (38%), 1.2 GB/s, 0:08 left" or "12/36 steps (33%), ...": what is known */
+static void progress_figures(char *out, size_t n, const MbProgressEvent *ev) {
+    char done[32], total[32], rate[40] = "", left[40] = "";
+    double per_s = ev->seconds > 0.05 ? (ev->done - ev->start) / ev->seconds : 0;
+    progress_amount(done, sizeof done, ev->done, ev->unit);
+    progress_amount(total, sizeof total, ev->total, ev->unit);
+    if (per_s > 0) {
+        char q[32];
+        if (strcmp(ev->unit, "bytes")) snprintf(q, sizeof q, "%.3g %s", per_s, ev->unit);
+        else progress_amount(q, sizeof q, per_s, ev->unit);
+        snprintf(rate, sizeof rate, ", %s/s", q);
+    }
+    if (per_s > 0 && ev->total > ev->done && ev->state != MB_PROGRESS_END) {
+        char t[24];
+        progress_hms(t, sizeof t, (ev->total - ev->done) / per_s);
+        snprintf(left, sizeof left, ", %s left", t);
+    }
+    if (ev->total > 0 && strcmp(ev->unit, "bytes"))
+        snprintf(out, n, "%.0f/%s (%.0f%%)%s%s", ev->done, total, 100.0 * ev->done / ev->total, rate, left);
+    else if (ev->total > 0)
+        snprintf(out, n, "%s of %s (%.0f%%)%s%s", done, total, 100.0 * ev->done / ev->total, rate, left);
+    else snprintf(out, n, "%s%s", done, rate);
+}
+
+/* The bar: "loading weights/x  [#########...........]  6.2 GB of 16.1 GB (38%), ..." on one terminal
+ * line (cut to 150 columns, so that it does not wrap on most terminals) */
+static void progress_draw_locked(const MbProgressEvent *ev) {
+    char fig[160], line[400], bar[24];
+    int fill = ev->total > 0 ? (int)(20.0 * MB_MIN(1.0, ev->done / ev->total)) : 0;
+    for (int i = 0; i < 20; i++) bar[i] = i < fill ? '#' : '.';
+    bar[20] = 0;
+    progress_figures(fig, sizeof fig, ev);
+    if (ev->total > 0) snprintf(line, sizeof line, "%s [%s] %s%s%s", ev->task, bar, fig, ev->note ? "  " : "", ev->note ? ev->note : "");
+    else snprintf(line, sizeof line, "%s: %s%s%s", ev->task, fig, ev->note ? "  " : "", ev->note ? ev->note : "");
+    fprintf(stderr, "\r%.150s\033[K", line);
+    fflush(stderr);
+    mb_console.bar = 1;
+}
+
+void mb_progress_print(void *ctx, const MbProgressEvent *ev) {
+    const MbProgressLines *where = ctx;
+    FILE *out = where && where->out ? where->out : stdout;
+    double min_seconds = where ? where->min_seconds : 1.0;
+    int tty = isatty(fileno(stderr));
+    double now = mb_now();
+    char fig[160], t[24];
+    pthread_mutex_lock(&mb_console.mu);
+    if (ev->state == MB_PROGRESS_BEGIN) mb_console.logged = now;
+    if (ev->state != MB_PROGRESS_END && tty && (ev->state == MB_PROGRESS_BEGIN || now - mb_console.drawn >= 0.1)) {
+        progress_draw_locked(ev);
+        mb_console.drawn = now;
+    } else if (ev->state == MB_PROGRESS_STEP && !tty && now - mb_console.logged >= 30) {
+        progress_figures(fig, sizeof fig, ev);
+        fprintf(out, "%s: %s%s%s\n", ev->task, fig, ev->note ? ", " : "", ev->note ? ev->note : "");
+        fflush(out);
+        mb_console.logged = now;
+    } else if (ev->state == MB_PROGRESS_END && (ev->seconds < min_seconds || !ev->ok)) { /* a failure: the caller's message says it */
+        console_clear_locked();
+    } else if (ev->state == MB_PROGRESS_END) { /* "loading x: 33.5 MB in 0.4 s, 84 MB/s" */
+        char done[32], per_s[32], rate[40] = "";
+        console_clear_locked();
+        progress_amount(done, sizeof done, ev->done, ev->unit);
+        if (ev->seconds < 60) snprintf(t, sizeof t, "%.1f s", ev->seconds);
+        else progress_hms(t, sizeof t, ev->seconds);
+        if (ev->seconds > 0.05 && ev->done > ev->start) {
+            double r = (ev->done - ev->start) / ev->seconds;
+            if (strcmp(ev->unit, "bytes")) snprintf(per_s, sizeof per_s, "%.3g %s", r, ev->unit);
+            else progress_amount(per_s, sizeof per_s, r, ev->unit);
+            snprintf(rate, sizeof rate, ", %s/s", per_s);
+        }
+        fprintf(out, "%s: %s in %s%s%s%s\n", ev->task, done, t, rate, ev->note ? ", " : "", ev->note ? ev->note : "");
+        fflush(out);
+    }
+    pthread_mutex_unlock(&mb_console.mu);
+}
+
+/* A task of the library reporting through an MbProgress (none: silent): task_begin, task_add as
+ * work gets done (events at most ten a second), task_end. */
+typedef struct {
+    const MbProgress *p;
+    MbProgressEvent ev;
+    double t0, sent;
+} MbTask;
+
+static void task_send(MbTask *t, MbProgressState state) {
+    double now = mb_now();
+    if (!t->p || !t->p->fn) return;
+    if (state == MB_PROGRESS_STEP && now - t->sent < 0.1) return;
+    t->ev.state = state, t->ev.seconds = now - t->t0, t->sent = now;
+    t->p->fn(t->p->ctx, &t->ev);
+}
+
+MB_UNUSED static void task_begin(MbTask *t, const MbProgress *p, const char *task, const char *unit, double start,
+                                 double total) {
+    memset(t, 0, sizeof *t);
+    t->p = p, t->ev.task = task, t->ev.unit = unit, t->ev.total = total, t->t0 = mb_now();
+    t->ev.start = t->ev.done = start;
+    task_send(t, MB_PROGRESS_BEGIN);
+}
+
+MB_UNUSED static void task_add(MbTask *t, double amount) {
+    t->ev.done += amount;
+    task_send(t, MB_PROGRESS_STEP);
+}
+
+MB_UNUSED static void task_end(MbTask *t, int ok) {
+    t->ev.ok = ok;
+    task_send(t, MB_PROGRESS_END);
+}
+
 /* ---- thread pool ----
  * mb_pool_run(pool, fn, ctx) calls fn(ctx, tid, n) once on each of the n threads (the caller is
  * thread 0) and returns when all are done. Ops split their work by tid. */
@@ -4842,19 +4997,148 @@ typedef struct {
     const float *g;         /* backward: d loss / d logp */
 } LogprobTask;
 
+/* e^x for the log-softmax rows (libm's expf, a call per value, was half of a small model's DPO
+ * step): x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes' expf
+ * coefficients, within 2 ulp of expf), 2^n put in the exponent bits. x below -87.33 (about
+ * 2^-126) is taken as -87.33: a value below every sum it enters. exp_lane is one value; exp_vf
+ * the same steps on a vector when the compiler targets AVX-512 or AVX2 (the lanes give the same
+ * values as exp_lane, up to the fused multiply-adds the compiler may form). */
+static inline float exp_lane(float x) {
+    x = x < -87.33f ? -87.33f : x > 88.0f ? 88.0f : x;
+    float n = floorf(x * 1.44269504f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+#if defined(__AVX512F__)
+#define VF_N 16 /* floats per vector; doubles per vector: VF_N / 2 */
+typedef __m512 MbVf;
+typedef __m512d MbVd;
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_set1 _mm512_set1_ps
+#define vf_add _mm512_add_ps
+#define vf_sub _mm512_sub_ps
+#define vf_mul _mm512_mul_ps
+#define vf_max _mm512_max_ps
+#define vf_min _mm512_min_ps
+#define vf_floor(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+#define vf_pow2i(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define vd_zero _mm512_setzero_pd
+#define vd_add _mm512_add_pd
+#define vd_store _mm512_storeu_pd
+#define vd_lo(x) _mm512_cvtps_pd(_mm512_castps512_ps256(x))
+#define vd_hi(x) _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
+#elif defined(__AVX2__)
+#define VF_N 8
+typedef __m256 MbVf;
+typedef __m256d MbVd;
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_set1 _mm256_set1_ps
+#define vf_add _mm256_add_ps
+#define vf_sub _mm256_sub_ps
+#define vf_mul _mm256_mul_ps
+#define vf_max _mm256_max_ps
+#define vf_min _mm256_min_ps
+#define vf_floor _mm256_floor_ps
+#define vf_pow2i(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define vd_zero _mm256_setzero_pd
+#define vd_add _mm256_add_pd
+#define vd_store _mm256_storeu_pd
+#define vd_lo(x) _mm256_cvtps_pd(_mm256_castps256_ps128(x))
+#define vd_hi(x) _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))
+#endif
+
+#ifdef VF_N
+static inline MbVf exp_vf(MbVf x) {
+    x = vf_min(vf_max(x, vf_set1(-87.33f)), vf_set1(88.0f));
+    MbVf n = vf_floor(vf_add(vf_mul(x, vf_set1(1.44269504f)), vf_set1(0.5f)));
+    MbVf r = vf_add(vf_sub(x, vf_mul(n, vf_set1(0.693359375f))), vf_mul(n, vf_set1(2.12194440e-4f)));
+    MbVf p = vf_set1(1.9875691500e-4f);
+    p = vf_add(vf_mul(p, r), vf_set1(1.3981999507e-3f));
+    p = vf_add(vf_mul(p, r), vf_set1(8.3334519073e-3f));
+    p = vf_add(vf_mul(p, r), vf_set1(4.1665795894e-2f));
+    p = vf_add(vf_mul(p, r), vf_set1(1.6666665459e-1f));
+    p = vf_add(vf_mul(p, r), vf_set1(5.0000001201e-1f));
+    p = vf_add(vf_add(vf_mul(vf_mul(p, r), r), r), vf_set1(1.0f));
+    return vf_mul(p, vf_pow2i(n));
+}
+#endif
+
+/* One row of logits: its max, the sum of exp(l - max) and the plain sum, over vectors where the
+ * build has them, then the scalar loop for the rest. The exps are summed in fp32 over runs of 1024
+ * values and the runs in fp64 (a row of 128256 values in fp32 lanes alone was 8e-6 off). */
+static void logprob_row_stats(const float *l, size_t V, float *mx_out, double *se_out, double *sum_out) {
+    size_t v = 0;
+    float mx = -INFINITY;
+    double sum = 0.0, se = 0.0;
+#ifdef VF_N
+    float fl[VF_N];
+    double dl[VF_N / 2];
+    size_t full = V - V % VF_N;
+    MbVf vm = vf_set1(-INFINITY);
+    MbVd s0 = vd_zero(), s1 = vd_zero();
+    for (; v < full; v += VF_N) {
+        MbVf x = vf_load(l + v);
+        vm = vf_max(vm, x), s0 = vd_add(s0, vd_lo(x)), s1 = vd_add(s1, vd_hi(x));
+    }
+    vf_store(fl, vm);
+    vd_store(dl, vd_add(s0, s1));
+    for (int j = 0; j < VF_N; j++) mx = MB_MAX(mx, fl[j]);
+    for (int j = 0; j < VF_N / 2; j++) sum += dl[j];
+#endif
+    for (size_t k = v; k < V; k++) mx = MB_MAX(mx, l[k]), sum += l[k];
+#ifdef VF_N
+    MbVf vmx = vf_set1(mx);
+    s0 = s1 = vd_zero();
+    for (v = 0; v < full;) {
+        MbVf ve = vf_set1(0.0f);
+        for (size_t end = MB_MIN(full, v + 1024); v < end; v += VF_N) ve = vf_add(ve, exp_vf(vf_sub(vf_load(l + v), vmx)));
+        s0 = vd_add(s0, vd_lo(ve)), s1 = vd_add(s1, vd_hi(ve));
+    }
+    vd_store(dl, vd_add(s0, s1));
+    for (int j = 0; j < VF_N / 2; j++) se += dl[j];
+#endif
+    for (size_t end = v; v < V; end = v) {
+        float run = 0.0f;
+        for (end = MB_MIN(V, v + 1024); v < end; v++) run += exp_lane(l[v] - mx);
+        se += run;
+    }
+    *mx_out = mx, *se_out = se, *sum_out = sum;
+}
+
+/* l[v] = -g * exp(l[v] - lse) over a row: the log-softmax's gradient, less the target's one */
+static void logprob_row_grad(float *l, size_t V, float g, float lse) {
+    size_t v = 0;
+#ifdef VF_N
+    MbVf vg = vf_set1(-g), vl = vf_set1(lse);
+    for (; v + VF_N <= V; v += VF_N) vf_store(l + v, vf_mul(vg, exp_vf(vf_sub(vf_load(l + v), vl))));
+#endif
+    for (; v < V; v++) l[v] = -g * exp_lane(l[v] - lse);
+}
+
 static void logprob_rows_forward(void *ctx, int tid, int nt) {
     LogprobTask *t = ctx;
     size_t lo, hi;
     mb_split(t->rows, tid, nt, &lo, &hi);
     for (size_t r = lo; r < hi; r++) {
         const float *l = t->logits + r * t->V;
-        float mx = -INFINITY;
-        double sum = 0.0;
-        for (size_t v = 0; v < t->V; v++) mx = MB_MAX(mx, l[v]), sum += l[v];
-        float se = 0.0f;
-        for (size_t v = 0; v < t->V; v++) se += expf(l[v] - mx);
+        float mx;
+        double se, sum;
+        logprob_row_stats(l, t->V, &mx, &se, &sum);
         size_t m = t->m0 + r;
-        t->lse[m] = mx + logf(se);
+        t->lse[m] = (float)((double)mx + log(se));
         t->logp[m] = l[t->targets[m]] - t->lse[m];
         t->lsum[m] = (float)sum;
     }
@@ -4866,9 +5150,9 @@ static void logprob_rows_backward(void *ctx, int tid, int nt) {
     mb_split(t->rows, tid, nt, &lo, &hi);
     for (size_t r = lo; r < hi; r++) { /* d logp / d logits = onehot(target) - softmax */
         size_t m = t->m0 + r;
-        float *l = t->logits + r * t->V, gr = t->g[m], ls = t->lse[m];
-        for (size_t v = 0; v < t->V; v++) l[v] = -gr * expf(l[v] - ls);
-        l[t->targets[m]] += gr;
+        float *l = t->logits + r * t->V;
+        logprob_row_grad(l, t->V, t->g[m], t->lse[m]);
+        l[t->targets[m]] += t->g[m];
     }
 }
 
@@ -5540,25 +5824,46 @@ static MbStatus random_weight(MbOps *ops, MbCarve *cv, MbWeight *w, size_t rows,
 /* --random_init: every weight drawn on the backend from seed, in one block of backend memory
  * (embeddings, lm_head and projections as transformers initialises a Llama; projections NF4 with
  * load_in_4bit). The same seed gives the same weights on every backend. */
-static MbStatus model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t seed) {
+static MbStatus model_random_init(MbModel *m, int nf4, MbDtype compute, uint64_t seed, const MbProgress *progress) {
     const MbConfig *c = &m->cfg;
-    size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size;
-    if (!(m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers))) return MB_ERR_OOM;
+    size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size, L = (size_t)c->num_hidden_layers;
+    if (!(m->layers = mb_calloc(L, sizeof *m->layers))) return MB_ERR_OOM;
     MbStatus rc = MB_OK;
+    MbTask task; /* progress: the second pass's tensors */
+    memset(&task, 0, sizeof task);
     for (int pass = 0; pass < 2 && !rc; pass++) {
         MbCarve cv = {pass ? m->rand_block : NULL, 0};
         uint64_t key = seed * 1000003u;
+        if (pass)
+            task_begin(&task, progress, nf4 ? "random weights (NF4 projections)" : "random weights", "tensors", 0,
+                       (double)(L * MB_LAYER_WEIGHTS + 3 - (size_t)!!c->tie_word_embeddings));
         rc = random_weight(m->ops, &cv, &m->embed_tokens, V, C, 0, compute, &key);
         if (!rc && !c->tie_word_embeddings) rc = random_weight(m->ops, &cv, &m->lm_head, V, C, 0, compute, &key);
         if (!rc) rc = random_weight(m->ops, &cv, &m->norm, 1, C, 0, compute, &key);
-        for (int l = 0; l < c->num_hidden_layers; l++)
-            for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++)
+        if (pass) task_add(&task, c->tie_word_embeddings ? 2 : 3);
+        for (size_t l = 0; l < L; l++)
+            for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
                 rc = random_weight(m->ops, &cv, &m->layers[l].w[i], mb_dim(c, mb_layer_weights[i].rows),
                                    mb_dim(c, mb_layer_weights[i].cols), nf4, compute, &key);
+                if (pass) task_add(&task, 1);
+            }
         if (!rc && !pass && !(m->rand_block = m->ops->alloc(m->ops, cv.off))) rc = mb_ops_oom(m->ops);
     }
     if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
-    return rc ? rc : mb_ops_status(m->ops);
+    if (!rc) rc = mb_ops_status(m->ops);
+    if (task.t0 > 0) task_end(&task, !rc);
+    return rc;
+}
+
+/* The bytes of a checkpoint's tensor NAME with the ones bitsandbytes saves beside a 4-bit weight
+ * (NAME.absmax, ...): what loading it read. */
+static size_t tensor_bytes_of(const MbSafetensors *st, const char *name) {
+    size_t n = 0, len = strlen(name);
+    for (size_t i = 0; i < mb_safetensors_count(st); i++) {
+        const MbTensorInfo *t = mb_safetensors_at(st, i);
+        if (!strncmp(t->name, name, len) && (!t->name[len] || t->name[len] == '.')) n += t->nbytes;
+    }
+    return n;
 }
 
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
@@ -5584,7 +5889,7 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
                      "%s: bnb_4bit_compute_dtype \"%s\" is not float32, bfloat16 or float16", dir, cname);
     if (!rc) rc = mb_ops_new(opt, &m->cfg, &m->ops);
     if (!rc && opt && opt->random_init) { /* no checkpoint: random weights on the backend */
-        rc = model_random_init(m, opt->load_in_4bit, compute, opt->seed);
+        rc = model_random_init(m, opt->load_in_4bit, compute, opt->seed, &opt->progress);
         if (!rc && !(m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
         if (rc) return mb_model_free(m), rc;
         rope_inv_freq(&m->cfg, m->inv_freq);
@@ -5602,8 +5907,14 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
      * they are read, on as many threads as the ops */
     MbPool *pool = mb_pool_new(opt && opt->threads > 0 ? opt->threads : mb_cpu_count());
     int quantize = opt && opt->load_in_4bit;
-    char name[256];
+    char name[256], what[600];
+    MbTask task; /* progress: the bytes of the checkpoint's tensors read (and checked, quantized) */
+    double total = 0;
+    for (size_t i = 0; i < mb_safetensors_count(m->st); i++) total += (double)mb_safetensors_at(m->st, i)->nbytes;
+    snprintf(what, sizeof what, "loading %s%s", dir, quantize ? " (quantizing to NF4)" : "");
+    task_begin(&task, opt ? &opt->progress : NULL, what, "bytes", 0, total);
     rc = pool ? model_weight(m, dir, "model.embed_tokens.weight", V, C, pool, &m->embed_tokens) : MB_ERR_OOM;
+    if (!rc) task_add(&task, (double)tensor_bytes_of(m->st, "model.embed_tokens.weight"));
     if (!rc && !(m->layers = mb_calloc((size_t)c->num_hidden_layers, sizeof *m->layers))) rc = MB_ERR_OOM;
     for (int l = 0; !rc && l < c->num_hidden_layers; l++)
         for (int i = 0; !rc && i < MB_LAYER_WEIGHTS; i++) {
@@ -5611,12 +5922,15 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, mb_layer_weights[i].name);
             if (mb_layer_weights[i].rows == MB_DIM_1) rc = model_weight(m, dir, name, rows, cols, pool, &m->layers[l].w[i]);
             else rc = model_linear(m, dir, name, rows, cols, pool, quantize, compute, &m->layers[l].w[i]);
+            if (!rc) task_add(&task, (double)tensor_bytes_of(m->st, name));
         }
     if (!rc) rc = model_weight(m, dir, "model.norm.weight", 1, C, pool, &m->norm);
     if (!rc) {
         if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
         else rc = model_weight(m, dir, "lm_head.weight", V, C, pool, &m->lm_head);
     }
+    if (!rc) task.ev.done = total; /* the norm, lm_head and any tensor medbot does not use */
+    task_end(&task, !rc);
     mb_pool_free(pool);
     if (!rc && !(m->inv_freq = mb_malloc((size_t)c->head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
     if (rc) {
@@ -7103,6 +7417,8 @@ typedef struct {
     const char *model_dir, *output_dir;
     uint64_t fingerprint;    /* model + data + settings: checkpoints and the reference cache */
     volatile sig_atomic_t *interrupt; /* MbTrainJob.interrupt */
+    const MbProgress *progress; /* MbTrainJob.progress on rank 0, else NULL */
+    MbTask steps;            /* the optimizer steps as a task of progress */
     char **made;             /* stb_ds: the output folders this run created (rank 0) */
     int existed[16];         /* which of mb_run_outputs were in the output folder before the run */
 } MbTrainer;
@@ -7271,20 +7587,22 @@ static MbStatus precompute_ref(MbTrainer *tr) {
     }
     MbStatus rc = comm_barrier(comm); /* every rank has looked before rank 0 may write */
     if (rc || cached) {
-        if (!rc && lead) printf("reference log-probs: %s (cached, key %s)\n", path, key);
+        if (!rc && lead) mb_say("reference log-probs: %s (cached, key %s)\n", path, key);
         free(path), free(sum);
         return rc;
     }
-    if (stale && lead) printf("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
+    if (stale && lead) mb_say("reference log-probs: %s is stale (model, data or settings changed); recomputing\n", path);
     mb_lora_set_enabled(tr->lo, 0);
     const MbDataset *sets[2] = {&tr->train, &tr->eval};
-    size_t base = 0, batch = 0;
+    size_t base = 0, batch = 0, bs = (size_t)tr->cfg.per_device_train_batch_size;
+    size_t batches = (nt + bs - 1) / bs + (ne + bs - 1) / bs, mine = batches / (size_t)world + (batches % (size_t)world > 0);
+    MbTask task;
+    task_begin(&task, tr->progress, "reference log-probs", "batches", 0, (double)mine);
     for (int s = 0; s < 2; s++) {
         size_t n = (size_t)arrlen(sets[s]->pairs);
-        int bs = tr->cfg.per_device_train_batch_size;
-        for (size_t i0 = 0; i0 < n && !rc; i0 += (size_t)bs, batch++) {
+        for (size_t i0 = 0; i0 < n && !rc; i0 += bs, batch++) {
             if ((int)(batch % (size_t)world) != comm_rank(comm)) continue; /* the batches are dealt to the ranks */
-            int P = (int)MB_MIN((size_t)bs, n - i0);
+            int P = (int)MB_MIN(bs, n - i0);
             const MbPair **pairs = mb_malloc((size_t)P * sizeof *pairs);
             for (int i = 0; pairs && i < P; i++) pairs[i] = &sets[s]->pairs[i0 + (size_t)i];
             MbBatch bt;
@@ -7300,9 +7618,11 @@ static MbStatus precompute_ref(MbTrainer *tr) {
             }
             free(logp), free(lsum), free(pairs);
             batch_free(&bt);
+            task_add(&task, 1);
         }
         base += n;
     }
+    task_end(&task, rc == MB_OK);
     mb_lora_set_enabled(tr->lo, 1);
     sum[(nt + ne) * 2] = rc != MB_OK;
     MbStatus crc = comm_all_reduce_host(comm, sum, (nt + ne) * 2 + 1); /* each pair was computed by one rank */
@@ -7316,7 +7636,7 @@ static MbStatus precompute_ref(MbTrainer *tr) {
         float one = 1;
         MbTensorOut ts[2] = {{"ref_logps", MB_DT_F32, 2, {nt + ne, 2}, tr->ref_cache}, {key, MB_DT_F32, 1, {1}, &one}};
         rc = mb_safetensors_write(path, ts, 2, NULL);
-        if (!rc) printf("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
+        if (!rc) mb_say("reference log-probs: computed for %zu pairs, cached in %s (key %s)\n", nt + ne, path, key);
         failed = rc != MB_OK;
     }
     if (!(crc = comm_all_reduce_host(comm, &failed, 1)) && !rc && failed > 0)
@@ -7519,28 +7839,26 @@ static MbStatus metrics_cut(const char *out, long step) {
 }
 
 static void log_print(const MbTrainer *tr, const MbLogRow *r, const char *prefix, int eval) {
-    printf("%sstep %ld/%ld epoch %.2f", eval ? "eval " : "", r->step, tr->total_steps, r->epoch);
-    printf(" %sloss %.4f", prefix, r->met[MET_LOSS]);
-    if (!tr->sft)
-        printf(" %srewards/accuracies %.3f %srewards/margins %.4f", prefix, r->met[MET_REWARDS_ACCURACIES], prefix,
-               r->met[MET_REWARDS_MARGINS]);
-    if (!eval) printf(" lr %.3g grad_norm %.4f", r->lr, r->grad_norm);
-    printf("\n");
-    fflush(stdout);
+    char line[400];
+    int n = snprintf(line, sizeof line, "%sstep %ld/%ld epoch %.2f %sloss %.4f", eval ? "eval " : "", r->step,
+                     tr->total_steps, r->epoch, prefix, r->met[MET_LOSS]);
+    if (!tr->sft && n > 0 && (size_t)n < sizeof line)
+        n += snprintf(line + n, sizeof line - (size_t)n, " %srewards/accuracies %.3f %srewards/margins %.4f", prefix,
+                      r->met[MET_REWARDS_ACCURACIES], prefix, r->met[MET_REWARDS_MARGINS]);
+    if (!eval && n > 0 && (size_t)n < sizeof line)
+        snprintf(line + n, sizeof line - (size_t)n, " lr %.3g grad_norm %.4f", r->lr, r->grad_norm);
+    mb_say("%s\n", line);
 }
 
-static void progress_bar(const MbTrainer *tr, double loss, double acc, double t0) {
-    if (!isatty(fileno(stderr))) return;
-    double el = mb_now() - t0, frac = (double)tr->step / (double)MB_MAX(1, tr->total_steps);
-    double eta = frac > 0 ? el * (1 - frac) / frac : 0;
-    char bar[31];
-    int fill = (int)(frac * 30);
-    for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
-    bar[30] = 0;
-    fprintf(stderr, "\r%ld/%ld [%s] loss %.4f acc %.2f %.0f tok/s ETA %dm%02ds  ", tr->step, tr->total_steps, bar, loss,
-            acc, tr->tokens_seen / MB_MAX(el, 1e-9), (int)eta / 60, (int)eta % 60);
-    if (tr->step == tr->total_steps) fprintf(stderr, "\n");
-    fflush(stderr);
+/* The optimizer steps as a task of the job's progress: "training [####....] 12/36 steps (33%), ..." */
+static void progress_steps(MbTrainer *tr, double loss, double acc, double t0) {
+    char note[96], acc_text[24] = "";
+    if (!tr->sft) snprintf(acc_text, sizeof acc_text, " acc %.2f", acc);
+    snprintf(note, sizeof note, "loss %.4f%s, %.0f tok/s", loss, acc_text, tr->tokens_seen / MB_MAX(mb_now() - t0, 1e-9));
+    tr->steps.ev.note = note;
+    tr->steps.ev.done = (double)tr->step;
+    task_send(&tr->steps, MB_PROGRESS_STEP);
+    tr->steps.ev.note = NULL;
 }
 
 /* An SVG with one panel per series (loss, margins, accuracies) over the optimizer steps. */
@@ -7687,7 +8005,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         if (!rc && flags[0] > 0) rc = mb_fail(MB_ERR_ARG, "training stopped: rank 0 could not cut metrics.jsonl");
         if (rc) return rc;
         saved = flags[1] > 0 ? tr->step : 0;
-        if (lead) printf("resumed from %s at step %ld\n", resume, tr->step);
+        if (lead) mb_say("resumed from %s at step %ld\n", resume, tr->step);
     }
     MbStatus log_rc = MB_OK; /* rank 0 could not write metrics.jsonl: every rank stops at the next step */
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
@@ -7697,6 +8015,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     int win_micro = 0, win_steps = 0;
     double win_loss = 0;
     double t0 = mb_now(), met[MET_COUNT] = {0};
+    if (lead) task_begin(&tr->steps, tr->progress, "training", "steps", (double)tr->step, (double)tr->total_steps);
     long epoch = tr->micro_done / mb_per_epoch;
     epoch_order(c, n, epoch, order);
     while (!rc && tr->step < tr->total_steps) {
@@ -7756,7 +8075,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         MbLogRow row = {tr->step, (double)tr->micro_done / (double)mb_per_epoch, lr, norm, {0}};
         for (int q = 0; q < MET_COUNT; q++) row.met[q] = step_met[q];
         arrput(hist, row);
-        if (lead) progress_bar(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
+        if (lead) progress_steps(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
         if ((c->logging_steps > 0 && tr->step % c->logging_steps == 0) || tr->step == tr->total_steps) {
             /* TRL: stored metrics averaged over the micro-batches since the last log */
             MbLogRow lr_row = row;
@@ -7777,11 +8096,12 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
             if (lead && !log_rc) log_rc = log_append(tr, &er, "eval_", 1);
             if (lead) log_print(tr, &er, "eval_", 1);
             if (lead && last && !tr->sft)
-                printf("held-out eval_rewards/accuracies %.3f (%zu pairs)\n", em[MET_REWARDS_ACCURACIES],
+                mb_say("held-out eval_rewards/accuracies %.3f (%zu pairs)\n", em[MET_REWARDS_ACCURACIES],
                        (size_t)arrlen(tr->eval.pairs));
         }
         if ((c->save_steps > 0 && tr->step % c->save_steps == 0) || last) rc = checkpoint_save(tr), saved = tr->step;
     }
+    if (lead) task_end(&tr->steps, rc == MB_OK);
     if (rc == MB_INTERRUPTED) { /* the last finished step is saved, unless it already was */
         MbStatus sv = tr->step > saved ? checkpoint_save(tr) : MB_OK;
         if (sv) rc = sv;
@@ -7851,7 +8171,7 @@ static MbStatus trainer_setup(MbTrainer *tr, const MbTrainJob *job, int need_tra
     if (rc) return rc;
     MbLoadOptions lopt = {.threads = job->threads, .load_in_4bit = job->load_in_4bit,
                           .bnb_4bit_compute_dtype = job->bnb_4bit_compute_dtype, .device = job->device, .gpu = job->gpu,
-                          .random_init = job->random_init, .seed = (uint64_t)c->seed};
+                          .random_init = job->random_init, .seed = (uint64_t)c->seed, .progress = job->progress};
     rc = mb_model_load(job->model_dir, &lopt, &tr->m);
     MbTokenizer *tok = NULL;
     if (!rc) rc = mb_tokenizer_open(job->tokenizer_path, job->model_dir, job->lora_init, &tok);
@@ -7881,18 +8201,18 @@ static void report_eos(const MbTokenizer *tok) {
     size_t len = 0;
     const char *text = eos >= 0 ? mb_tokenizer_token_bytes(tok, eos, &len) : NULL;
     const char *cfg = mb_tokenizer_config_path(tok);
-    if (cfg) printf("EOS of the completions: %.*s (%d), the eos_token of %s\n", (int)len, text ? text : "", (int)eos, cfg);
-    else printf("EOS of the completions: %.*s (%d): no tokenizer_config.json beside the tokenizer or in the model folder, "
+    if (cfg) mb_say("EOS of the completions: %.*s (%d), the eos_token of %s\n", (int)len, text ? text : "", (int)eos, cfg);
+    else mb_say("EOS of the completions: %.*s (%d): no tokenizer_config.json beside the tokenizer or in the model folder, "
                 "so Llama 3's <|end_of_text|> (an Instruct tokenizer's config would name <|eot_id|>)\n", (int)len,
                 text ? text : "", (int)eos);
 }
 
 static void report_skips(const MbDataset *ds) {
     if (ds->skipped_empty)
-        printf("%s: skipped %d pairs with an empty prompt or completion (first at line %d)\n", ds->path,
+        mb_say("%s: skipped %d pairs with an empty prompt or completion (first at line %d)\n", ds->path,
                ds->skipped_empty, ds->first_skipped_line);
     if (ds->skipped_long)
-        printf("%s: skipped %d pairs whose prompt fills max_length (first at line %d)\n", ds->path, ds->skipped_long,
+        mb_say("%s: skipped %d pairs whose prompt fills max_length (first at line %d)\n", ds->path, ds->skipped_long,
                ds->first_skipped_line);
 }
 
@@ -8046,6 +8366,7 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     j.gpu = gpu;
     MbTrainer tr;
     int lead = comm_rank(comm) == 0, world = comm_world(comm);
+    if (!lead) j.progress.fn = NULL; /* rank 0 shows the job's progress */
     MbStatus rc = trainer_setup(&tr, &j, 1);
     MbStatus arc = comm_agree(comm, rc, MB_ERR_ARG, "another rank could not start"); /* then none starts */
     if (arc) {
@@ -8053,6 +8374,7 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
         return arc;
     }
     tr.comm = comm;
+    tr.progress = lead ? &job->progress : NULL;
     tr.zero = job->zero_stage < 0 ? world > 1 : job->zero_stage >= 1;
     tr.shard = (tr.lo->n_params + (size_t)world - 1) / (size_t)world;
     tr.n_pad = tr.shard * (size_t)world;
@@ -8070,17 +8392,20 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
         report_eos(tr.tok);
         report_skips(&tr.train);
         if (arrlen(tr.eval.pairs) && job->eval_data_path) report_skips(&tr.eval);
-        printf("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on", job->sft ? "sft" : "dpo",
-               (size_t)arrlen(tr.train.pairs), (size_t)arrlen(tr.eval.pairs), tr.lo->r, tr.lo->alpha);
+        char mods[160] = "";
+        size_t at = 0;
         for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
-            if (tr.lo->targets & (1u << i)) printf(" %s", lora_module_name(i));
-        printf(" (%zu trainable parameters)\n", tr.lo->n_params);
+            if (tr.lo->targets & (1u << i) && at < sizeof mods)
+                at += (size_t)snprintf(mods + at, sizeof mods - at, " %s", lora_module_name(i));
+        mb_say("%s: %zu pairs for training, %zu held out; LoRA r=%d alpha=%g on%s (%zu trainable parameters)\n",
+               job->sft ? "sft" : "dpo", (size_t)arrlen(tr.train.pairs), (size_t)arrlen(tr.eval.pairs), tr.lo->r,
+               tr.lo->alpha, mods, tr.lo->n_params);
         if (!job->sft)
-            printf("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
+            mb_say("loss %s, beta %g, lr %g %s, batch %d x %d accumulation%s\n", mb_loss_names[c->loss_type], c->beta,
                    c->learning_rate, mb_sched_names[c->lr_scheduler_type], c->per_device_train_batch_size,
                    c->gradient_accumulation_steps, c->gradient_checkpointing ? ", gradient checkpointing" : "");
         if (world > 1)
-            printf("data parallel: %d ranks x %s, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
+            mb_say("data parallel: %d ranks x %s, %d pairs per optimizer step, ZeRO stage %d (%zu moments per rank)\n",
                    world, !ops->host_memory ? "one GPU" : job->world_size > 1 ? "CPU processes" : "CPU threads",
                    c->per_device_train_batch_size * c->gradient_accumulation_steps * world, tr.zero,
                    tr.zero ? tr.shard : tr.lo->n_params);
@@ -8110,7 +8435,7 @@ static MbStatus train_rank(const MbTrainJob *job, MbComm *comm, int threads, int
     if (!rc && lead) rc = tokenizer_copy_files(tr.tok, job->output_dir); /* as TRL saves its processing_class */
     if (lead) output_undo(&tr, job->output_dir, rc != MB_OK);
     if (!rc && lead)
-        printf("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
+        mb_say("saved the adapter to %s (%.1fs, %.0f tokens/s); metrics in %s/metrics.jsonl, chart in "
                "%s/training.svg\n", job->output_dir, mb_now() - t0, tr.tokens_seen / MB_MAX(mb_now() - t0, 1e-9),
                job->output_dir, job->output_dir);
 done:
@@ -8274,8 +8599,8 @@ MbStatus mb_evaluate(const MbTrainJob *job) {
     if (!rc) rc = train_evaluate(&tr, met);
     if (tr.comm) comm_destroy(tr.comm);
     if (!rc) {
-        printf("%zu pairs of %s\n", (size_t)arrlen(tr.eval.pairs), job->data_path);
-        for (int k = 0; k < (job->sft ? 1 : MET_COUNT); k++) printf("  eval_%-20s %.6f\n", mb_metric_names[k], met[k]);
+        mb_say("%zu pairs of %s\n", (size_t)arrlen(tr.eval.pairs), job->data_path);
+        for (int k = 0; k < (job->sft ? 1 : MET_COUNT); k++) mb_say("  eval_%-20s %.6f\n", mb_metric_names[k], met[k]);
     }
     trainer_free(&tr);
     return rc;
@@ -12770,7 +13095,9 @@ static void info_nf4(const MbModel *m) {
 static int cmd_info(MbArgs *a) {
     MbStatus rc;
     int threads = 0, plan = 0;
-    MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CPU}; /* reads the files only */
+    static MbProgressLines loading = {NULL, 1.0}; /* stderr: stdout holds the report */
+    loading.out = stderr;
+    MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CPU, .progress = {mb_progress_print, &loading}}; /* reads the files only */
     if ((rc = arg_int_in(a, "threads", &threads, 0, INFINITY)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
@@ -12939,7 +13266,7 @@ static void catch_signals(void (*fn)(int), int sigterm, int restart) {
 /* The demo that `medbot dpo` runs with no arguments: the tiny model in weights/ learns the
  * preferences of the bilingual sample pairs in weights/demo/. */
 static const char *const mb_demo_args[] = {
-    "--model", "weights/tiny", "--tokenizer", "weights/llama3/tokenizer.model", "--data",
+    "--model", "weights/tiny", "--data",
     "weights/demo/pairs.jsonl", "--eval_split", "0.15", "--output", "demo-output", "--lora_r", "16", "--lora_alpha",
     "32", "--lora_target_modules", "all-linear", "--learning_rate", "2e-3", "--lr_scheduler_type", "cosine",
     "--warmup_ratio", "0.05", "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
@@ -13044,7 +13371,43 @@ static void print_resume_command(const MbArgs *a) {
     fprintf(stderr, " --resume_from_checkpoint latest\n");
 }
 
+/* The folder the demo's files are read from: "" when ./weights/tiny is here, else the folder of
+ * the executable (argv0 with a slash in it, or /proc/self/exe), which must hold them. */
+static MbStatus demo_root(const char *argv0, char **out) {
+    *out = NULL;
+    if (mb_is_file("weights/tiny/config.json") && mb_is_file("weights/demo/pairs.jsonl")) return (*out = mb_strdup("")) ? MB_OK : MB_ERR_OOM;
+    char exe[4096] = "";
+    ssize_t n = -1;
+#if defined(__linux__)
+    n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+#endif
+    if (n > 0) exe[n] = 0;
+    else if (strchr(argv0, '/')) snprintf(exe, sizeof exe, "%s", argv0);
+    char *dir = exe[0] ? mb_path_dirname(exe) : NULL, *cfg = dir ? mb_path_join(dir, "weights/tiny/config.json") : NULL;
+    char *pairs = dir ? mb_path_join(dir, "weights/demo/pairs.jsonl") : NULL;
+    int found = cfg && pairs && mb_is_file(cfg) && mb_is_file(pairs);
+    free(cfg), free(pairs);
+    if (found) return *out = dir, MB_OK;
+    MbStatus rc = mb_fail(MB_ERR_IO, "dpo (the demo): weights/tiny and weights/demo are not in this folder%s%s --> "
+                          "run it from medbot's folder: cd %s && ./medbot dpo", dir ? " nor in " : "", dir ? dir : "",
+                          dir ? dir : "/path/to/medbot");
+    free(dir);
+    return rc;
+}
+
+/* The demo's last lines: what to do with the adapter it trained, as commands to paste. */
+static void demo_next_steps(const char *argv0, const char *root, double t0) {
+    const char *w = root[0] ? root : "", *sep = root[0] ? "/" : "";
+    mb_say("demo done in %.1f s. Next, with the adapter in demo-output:\n", mb_now() - t0);
+    mb_say("  talk to it:   %s chat --model %s%sweights/tiny --lora demo-output\n", argv0, w, sep);
+    mb_say("  measure it:   %s eval --model %s%sweights/tiny --lora demo-output --data %s%sweights/demo/pairs.jsonl\n",
+           argv0, w, sep, w, sep);
+    mb_say("  merge it:     %s merge --model %s%sweights/tiny --lora demo-output --output demo-merged\n", argv0, w, sep);
+    mb_say("  the chart:    demo-output/training.svg (open it in a browser)\n");
+}
+
 static int cmd_train(MbArgs *a, int sft) {
+    double t0 = mb_now();
     MbArgs demo;
     /* `medbot dpo` alone: the bundled demo, which replaces demo-output each time; it takes the
      * options that do not change what it writes where (--resume_from_checkpoint latest resumes it) */
@@ -13058,32 +13421,41 @@ static int cmd_train(MbArgs *a, int sft) {
         }
         is_demo = known;
     }
+    char *root = NULL, **owned = NULL; /* the demo: the folder that holds weights/, the paths made from it */
     if (is_demo) {
         memset(&demo, 0, sizeof demo);
+        MbStatus drc = demo_root(a->argv[0], &root);
         int n = 0;
         while (mb_demo_args[n]) n++;
         int total = n + a->argc + 1;
-        char **argv = mb_calloc((size_t)total + 1, sizeof *argv);
+        char **argv = drc ? NULL : mb_calloc((size_t)total + 1, sizeof *argv);
         char *used = argv ? mb_calloc((size_t)total, 1) : NULL;
-        if (!used) {
-            free(argv);
+        owned = used ? mb_calloc((size_t)n, sizeof *owned) : NULL;
+        if (!owned) {
+            free(argv), free(used), free(root);
             fprintf(stderr, "medbot: %s\n", mb_last_error());
             return 1;
         }
         argv[0] = a->argv[0], argv[1] = a->argv[1];
-        for (int i = 0; i < n; i++) argv[i + 2] = (char *)mb_demo_args[i];
+        for (int i = 0; i < n; i++) {
+            argv[i + 2] = (char *)mb_demo_args[i];
+            if (root[0] && !strncmp(mb_demo_args[i], "weights/", 8) && (owned[i] = mb_path_join(root, mb_demo_args[i])))
+                argv[i + 2] = owned[i];
+        }
         argv[n + 2] = "--overwrite_output_dir";
         for (int i = 2; i < a->argc; i++) argv[n + 1 + i] = a->argv[i];
         demo.argc = total, demo.argv = argv, demo.used = used, demo.cmd = a->cmd;
         demo.used[n + 2] = 1;
-        printf("medbot dpo demo: the tiny Llama in weights/tiny learns the bilingual preference pairs of "
-               "weights/demo/pairs.jsonl (%s)\n", "a held-out 15% measures it");
+        const char *sep = root[0] ? "/" : "";
+        mb_say("medbot dpo demo: the tiny Llama in %s%sweights/tiny learns the bilingual preference pairs of "
+               "%s%sweights/demo/pairs.jsonl (%s)\n", root, sep, root, sep, "a held-out 15% measures it");
     }
     MbArgs *args = is_demo ? &demo : a;
     MbTrainJob job;
     MbLaunchEnv env;
     int overwrite = is_demo;
     MbStatus rc = train_args(args, &job, sft);
+    job.progress.fn = mb_progress_print; /* a bar on a terminal, a line per phase in a file */
     if (!rc) rc = arg_bool(args, "overwrite_output_dir", &overwrite);
     if (!rc) rc = args_done(args);
     if (!rc && !job.output_dir) rc = mb_fail(MB_ERR_ARG, "%s: --output DIR is required", a->cmd);
@@ -13103,7 +13475,10 @@ static int cmd_train(MbArgs *a, int sft) {
     fflush(stdout);
     if (rc) fprintf(stderr, "medbot: %s\n", mb_last_error());
     if (rc == MB_INTERRUPTED && strstr(mb_last_error(), "checkpoint-")) print_resume_command(a);
+    if (is_demo && !rc) demo_next_steps(a->argv[0], root, t0);
     if (is_demo) {
+        for (int i = 0; mb_demo_args[i]; i++) free(owned[i]);
+        free(owned), free(root);
         free(demo.argv);
         free(demo.used);
     }
@@ -13119,6 +13494,7 @@ static int cmd_eval(MbArgs *a) {
     int sft = 0;
     MbStatus rc = arg_bool(a, "sft", &sft);
     if (!rc) rc = train_args(a, &job, sft);
+    job.progress.fn = mb_progress_print;
     if (!rc) rc = args_done(a);
     if (!rc) rc = mb_evaluate(&job);
     if (rc) {
@@ -13219,8 +13595,11 @@ fail:
 
 /* Options shared by generate and chat (HF GenerationConfig names) into the session's options. */
 static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
+    static MbProgressLines loading = {NULL, 1.0}; /* stderr (set below): stdout holds the answers */
     memset(o, 0, sizeof *o);
     mb_generation_config_defaults(&o->gen);
+    loading.out = stderr;
+    o->load.progress.fn = mb_progress_print, o->load.progress.ctx = &loading;
     o->add_bos = -1; /* not given: tokenizer(prompt) as in the card's usage (tokenizer_config.json's add_bos_token) */
     o->name = a->cmd;
     int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;

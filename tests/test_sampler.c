@@ -755,7 +755,7 @@ static void generate_cli_bad_input(void) {
     snprintf(args, sizeof args, M "--input %s", notjson);
     t_expect_failure(args, "notjson.jsonl:2: invalid JSON", NULL);
     t_expect_failure("generate --prompt hi", "--model DIR is required", NULL);
-    t_expect_failure("generate --model weights/tiny --prompt hi", "--tokenizer PATH", NULL);
+    t_expect_failure("generate --model tests/fixtures/llama/gqa2_f32 --prompt hi", "--tokenizer PATH", NULL);
     t_expect_failure("generate --model tests/fixtures/llama/gqa2_f32 --tokenizer weights/llama3/tokenizer.model --prompt hi",
                  "vocab_size is 517", NULL);
     t_expect_failure("chat --model " DPO "/model --seed x", "--seed needs an integer", NULL);
