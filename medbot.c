@@ -7861,36 +7861,133 @@ static void progress_steps(MbTrainer *tr, double loss, double acc, double t0) {
     tr->steps.ev.note = NULL;
 }
 
-/* An SVG with one panel per series (loss, margins, accuracies) over the optimizer steps. */
-static MbStatus write_svg(const MbTrainer *tr, const MbLogRow *rows, size_t n) {
-    int series[] = {MET_LOSS, MET_REWARDS_MARGINS, MET_REWARDS_ACCURACIES};
-    int ns = tr->sft ? 1 : 3, W = 900, Hp = 220;
-    char *s = NULL;
-    sb_printf(&s, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
-              "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, Hp * ns + 20);
-    for (int k = 0; k < ns && n > 0; k++) {
-        double lo = 1e300, hi = -1e300;
-        for (size_t i = 0; i < n; i++) lo = MB_MIN(lo, rows[i].met[series[k]]), hi = MB_MAX(hi, rows[i].met[series[k]]);
-        if (hi - lo < 1e-12) hi = lo + 1;
-        int y0 = k * Hp + 20, x0 = 70, pw = W - 100, ph = Hp - 60;
-        sb_printf(&s, "<text x=\"%d\" y=\"%d\" font-weight=\"bold\">%s</text>\n", x0, y0 + 5, mb_metric_names[series[k]]);
-        sb_printf(&s, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", x0, y0 + 15,
-                  pw, ph);
-        sb_printf(&s, "<text x=\"5\" y=\"%d\">%.4g</text><text x=\"5\" y=\"%d\">%.4g</text>\n", y0 + 25, hi, y0 + 15 + ph,
-                  lo);
-        sb_printf(&s, "<text x=\"%d\" y=\"%d\">step %ld</text>\n", x0 + pw - 60, y0 + ph + 30, rows[n - 1].step);
-        sb_printf(&s, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"");
-        for (size_t i = 0; i < n; i++) {
-            double x = x0 + (n > 1 ? (double)i / (double)(n - 1) : 0.5) * pw;
-            double y = y0 + 15 + ph - (rows[i].met[series[k]] - lo) / (hi - lo) * ph;
-            sb_printf(&s, "%.1f,%.1f ", x, y);
-        }
-        sb_printf(&s, "\"/>\n");
+/* ---- the chart: training.svg, drawn from metrics.jsonl ---- */
+
+/* A tick spacing of 1, 2 or 5 x 10^k that cuts span into about n intervals. */
+static double chart_tick(double span, int n) {
+    double raw = span / n, p = pow(10, floor(log10(raw))), f = raw / p;
+    return (f < 1.5 ? 1 : f < 3.5 ? 2 : f < 7.5 ? 5 : 10) * p;
+}
+
+/* A tick value v printed with as many digits as the spacing step needs ("0.25", "1e-05", "120"). */
+static void chart_number(char *buf, size_t cap, double v, double step) {
+    if (fabs(v) < step * 1e-6) v = 0;
+    int digits = v == 0 ? 1 : (int)floor(log10(fabs(v))) - (int)floor(log10(step)) + 1;
+    snprintf(buf, cap, "%.*g", MB_MIN(MB_MAX(digits, 1), 15), v);
+}
+
+/* One line of a panel: its metrics.jsonl key, its legend label and colour, its points. */
+typedef struct {
+    const char *key, *label, *color;
+    double *step, *value; /* stb_ds arrays, in the file's order */
+} MbChartSeries;
+
+/* One panel at (left, top): a title, a legend, gridlines with tick values, the series over steps
+ * [0, last]. Data maps into the frame less a margin of 6 px (a point on a tick stays off the
+ * frame); that area and its ranges are written as data- attributes, so that a program can map
+ * the points back to steps and values. */
+static void chart_panel(char **s, const char *title, const MbChartSeries *ser, int ns, double last, int left, int top) {
+    int fx = left + 64, fy = top + 36, fw = 400, fh = 200;  /* the frame */
+    int x0 = fx + 6, y0 = fy + 6, w = fw - 12, h = fh - 12; /* where the data goes */
+    double lo = INFINITY, hi = -INFINITY;
+    int shown = 0;
+    for (int k = 0; k < ns; k++) {
+        shown += arrlen(ser[k].value) > 0;
+        for (ptrdiff_t i = 0; i < arrlen(ser[k].value); i++) lo = MB_MIN(lo, ser[k].value[i]), hi = MB_MAX(hi, ser[k].value[i]);
     }
+    if (lo > hi) lo = 0, hi = 1; /* nothing logged */
+    if (hi - lo <= 1e-9 * MB_MAX(fabs(hi), 1e-300)) lo -= fabs(lo) > 0 ? fabs(lo) / 10 : 1, hi = 2 * hi - lo;
+    double ys = chart_tick(hi - lo, 5), xs = MB_MAX(1, chart_tick(last, 6));
+    lo = floor(lo / ys) * ys, hi = ceil(hi / ys) * ys;
+    double sx = w / last, sy = h / (hi - lo); /* pixels per step, per unit of value */
+    sb_printf(s, "<g data-panel=\"%s\" data-plot=\"%d %d %d %d\" data-steps=\"0 %.17g\" data-values=\"%.17g %.17g\">\n",
+              title, x0, y0, w, h, last, lo, hi);
+    sb_printf(s, "<text x=\"%d\" y=\"%d\" font-weight=\"bold\">%s</text>\n", fx, top + 18, title);
+    char num[64];
+    for (int i = 0; lo + i * ys <= hi + ys * 1e-6; i++) { /* y gridlines with their values */
+        double y = y0 + h - i * ys * sy;
+        chart_number(num, sizeof num, lo + i * ys, ys);
+        sb_printf(s, "<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#e5e5e5\"/>", fx, fx + fw, y, y);
+        sb_printf(s, "<text x=\"%d\" y=\"%.1f\" text-anchor=\"end\" fill=\"#555\">%s</text>\n", fx - 6, y + 4, num);
+    }
+    for (double t = 0; t <= last + 1e-9; t += xs) { /* x gridlines at steps, with their numbers */
+        double x = x0 + t * sx;
+        sb_printf(s, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\" stroke=\"#e5e5e5\"/>", x, x, fy, fy + fh + 4);
+        sb_printf(s, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\" fill=\"#555\">%.0f</text>\n", x, fy + fh + 17, t);
+    }
+    sb_printf(s, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", fx, fy, fw, fh);
+    sb_printf(s, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\" fill=\"#555\">step</text>\n", fx + fw, fy + fh + 32);
+    for (int k = 0, lx = fx + fw - 110 * shown; k < ns; k++) {
+        size_t n = (size_t)arrlen(ser[k].step);
+        if (!n) continue;
+        double v = ser[k].value[n - 1]; /* the legend: the series' colour, name and last value */
+        chart_number(num, sizeof num, v, fabs(v) / 1000);
+        sb_printf(s, "<line x1=\"%d\" x2=\"%d\" y1=\"%d\" y2=\"%d\" stroke=\"%s\" stroke-width=\"2\"/>", lx, lx + 16,
+                  top + 14, top + 14, ser[k].color);
+        sb_printf(s, "<text x=\"%d\" y=\"%d\">%s %s</text>\n", lx + 20, top + 18, ser[k].label, num);
+        lx += 110;
+        sb_printf(s, "<polyline data-series=\"%s\" fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\" points=\"", ser[k].key,
+                  ser[k].color);
+        for (size_t i = 0; i < n; i++)
+            sb_printf(s, "%s%.2f,%.2f", i ? " " : "", x0 + ser[k].step[i] * sx, y0 + h - (ser[k].value[i] - lo) * sy);
+        sb_printf(s, "\"/>\n");
+        for (size_t i = 0; n <= 40 && i < n; i++) /* a sparse series (eval, a short run): a dot per point */
+            sb_printf(s, "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"2.5\" fill=\"%s\"/>%s", x0 + ser[k].step[i] * sx,
+                      y0 + h - (ser[k].value[i] - lo) * sy, ser[k].color, i + 1 == n ? "\n" : "");
+    }
+    sb_printf(s, "</g>\n");
+}
+
+/* training.svg: the whole run's metrics.jsonl (the lines before a resume too) as TensorBoard
+ * shows them: one panel per metric (loss, rewards/margins, rewards/accuracies; SFT: loss) with
+ * its train and eval series over the optimizer step, and the learning rate. A value that was
+ * not finite (null) is left out. */
+static MbStatus write_svg(const MbTrainer *tr) {
+    static const char *const panels[4][2] = {{"loss", "eval_loss"},
+                                             {"rewards/margins", "eval_rewards/margins"},
+                                             {"rewards/accuracies", "eval_rewards/accuracies"},
+                                             {"learning_rate", NULL}};
+    int show[4] = {0, 1, 2, 3}, np = tr->sft ? 2 : 4;
+    if (tr->sft) show[1] = 3;
+    MbChartSeries ser[4][2];
+    memset(ser, 0, sizeof ser);
+    for (int p = 0; p < 4; p++)
+        for (int k = 0; k < 2; k++) {
+            ser[p][k].key = panels[p][k], ser[p][k].label = k ? "eval" : "train";
+            ser[p][k].color = k ? "#ff7f0e" : "#1f77b4";
+        }
+    char *path = mb_path_join(tr->output_dir, "metrics.jsonl"), *text = NULL, *s = NULL;
+    size_t n = 0, at = 0, len;
+    int line = 0;
+    const char *l;
+    MbStatus rc = !path ? MB_ERR_OOM : mb_read_file(path, &text, &n);
+    double last = 1;
+    while (!rc && jsonl_next(text, n, &at, &line, &l, &len)) {
+        MbJsonDoc d;
+        if (json_parse(path, l, len, &d)) continue; /* (a line a kill cut short) */
+        const MbJson *st = json_get(&d, json_root(&d), "step");
+        int ok = st && st->kind == MB_JSON_NUMBER && isfinite(st->num) && st->num >= 0;
+        for (int p = 0; p < 4 && ok; p++)
+            for (int k = 0; k < 2 && panels[p][k]; k++) {
+                const MbJson *v = json_get(&d, json_root(&d), panels[p][k]);
+                if (!v || v->kind != MB_JSON_NUMBER || !isfinite(v->num)) continue;
+                arrput(ser[p][k].step, st->num);
+                arrput(ser[p][k].value, v->num);
+                last = MB_MAX(last, st->num);
+            }
+        json_free(&d);
+    }
+    int W = 960, H = 280 * ((np + 1) / 2);
+    sb_printf(&s, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+              "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
+    for (int i = 0; i < np; i++) chart_panel(&s, panels[show[i]][0], ser[show[i]], 2, last, 480 * (i % 2), 280 * (i / 2));
     sb_printf(&s, "</svg>\n");
-    char *p = mb_path_join(tr->output_dir, "training.svg");
-    MbStatus rc = p ? mb_write_file(p, s, strlen(s)) : MB_ERR_OOM;
-    free(p);
+    free(path);
+    path = mb_path_join(tr->output_dir, "training.svg");
+    if (!rc) rc = path ? mb_write_file(path, s, strlen(s)) : MB_ERR_OOM;
+    for (int p = 0; p < 4; p++)
+        for (int k = 0; k < 2; k++) arrfree(ser[p][k].step), arrfree(ser[p][k].value);
+    free(path), free(text);
     arrfree(s);
     return rc;
 }
@@ -8010,7 +8107,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
     MbStatus log_rc = MB_OK; /* rank 0 could not write metrics.jsonl: every rank stops at the next step */
     int *order = mb_malloc(n * sizeof *order), *idx = mb_malloc((size_t)bs * sizeof *idx);
     if (!order || !idx) return free(order), free(idx), MB_ERR_OOM;
-    MbLogRow *hist = NULL, win;
+    MbLogRow win;
     memset(&win, 0, sizeof win);
     int win_micro = 0, win_steps = 0;
     double win_loss = 0;
@@ -8074,7 +8171,6 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         win_loss += step_met[MET_LOSS];
         MbLogRow row = {tr->step, (double)tr->micro_done / (double)mb_per_epoch, lr, norm, {0}};
         for (int q = 0; q < MET_COUNT; q++) row.met[q] = step_met[q];
-        arrput(hist, row);
         if (lead) progress_steps(tr, step_met[MET_LOSS], step_met[MET_REWARDS_ACCURACIES], t0);
         if ((c->logging_steps > 0 && tr->step % c->logging_steps == 0) || tr->step == tr->total_steps) {
             /* TRL: stored metrics averaged over the micro-batches since the last log */
@@ -8111,8 +8207,7 @@ static MbStatus trainer_run(MbTrainer *tr, const char *resume) {
         else rc = mb_fail(MB_INTERRUPTED, "interrupted before the first optimizer step: nothing to save");
     }
     if (!rc && log_rc) rc = log_rc;
-    if (!rc && lead && arrlen(hist)) rc = write_svg(tr, hist, (size_t)arrlen(hist));
-    arrfree(hist);
+    if (!rc && lead && tr->step > 0) rc = write_svg(tr);
     free(order), free(idx);
     return rc;
 }

@@ -3,7 +3,8 @@
  * removes the half-written temporaries and cuts metrics.jsonl back to the checkpoint; a failed
  * run leaves nothing it created; missing parent folders are made; Ctrl-C (SIGINT) during
  * training writes a checkpoint and prints the command that resumes, a second one stops at once;
- * input files that are folders, FIFOs or link loops are named; NaN/inf weights are named at load. */
+ * input files that are folders, FIFOs or link loops are named; NaN/inf weights are named at load;
+ * training.svg shows the whole run after a resume, each point at its step. */
 #include "test.h"
 
 #include <signal.h>
@@ -48,6 +49,50 @@ static void metric_steps(const char *path, char *out, size_t cap) {
         json_free(&d);
     }
     free(text);
+}
+
+/* The (step, value) points of key in a metrics.jsonl, in the file's order; returns the count. */
+static int metric_points(const char *path, const char *key, double *steps, double *values, int cap) {
+    char *text = NULL;
+    size_t n = 0, at = 0, len;
+    int line = 0, k = 0;
+    const char *s;
+    if (mb_read_file(path, &text, &n)) return 0;
+    while (k < cap && jsonl_next(text, n, &at, &line, &s, &len)) {
+        MbJsonDoc d;
+        if (json_parse(path, s, len, &d)) continue;
+        const MbJson *st = json_get(&d, json_root(&d), "step"), *v = json_get(&d, json_root(&d), key);
+        if (st && v && v->kind == MB_JSON_NUMBER) steps[k] = st->num, values[k++] = v->num;
+        json_free(&d);
+    }
+    free(text);
+    return k;
+}
+
+/* The points of the series key in training.svg text, mapped back to steps and values through
+ * their panel's data-plot, data-steps and data-values (*range: the panel's value range, when
+ * not NULL); returns the count (-1: no such series). */
+static int svg_points(const char *svg, const char *key, double *steps, double *values, int cap, double *range) {
+    char want[128];
+    snprintf(want, sizeof want, "data-series=\"%s\"", key);
+    const char *at = strstr(svg, want), *g = NULL;
+    for (const char *q = svg; at && (q = strstr(q, "data-plot=\"")) && q < at; q++) g = q; /* the panel it is in */
+    double x0, y0, w, h, s0, s1, v0, v1;
+    if (!at || !g || sscanf(g, "data-plot=\"%lf %lf %lf %lf\" data-steps=\"%lf %lf\" data-values=\"%lf %lf\"", &x0, &y0,
+                            &w, &h, &s0, &s1, &v0, &v1) != 8)
+        return -1;
+    const char *p = strstr(at, "points=\"");
+    int k = 0;
+    if (range) *range = v1 - v0;
+    for (p = p ? p + 8 : ""; k < cap && *p && *p != '"';) {
+        char *end;
+        double x = strtod(p, &end);
+        if (*end != ',') break;
+        double y = strtod(end + 1, &end);
+        steps[k] = s0 + (x - x0) / w * (s1 - s0), values[k++] = v0 + (y0 + h - y) / h * (v1 - v0);
+        p = end + (*end == ' ');
+    }
+    return k;
 }
 
 static void merge_and_dpo_never_write_over_their_inputs(void) {
@@ -564,7 +609,84 @@ static void merged_folder_is_complete_and_generates_as_base_plus_adapter(void) {
     (void)err;
 }
 
+/* training.svg is drawn from the whole metrics.jsonl: after a resume (here with more steps) its
+ * train, eval and learning-rate series cover every step logged, the ones before the resume too,
+ * each point at its step and value. */
+static void training_svg_after_a_resume_covers_every_step(void) {
+    static char out[1 << 16];
+    static double ms[64], mv[64], ss[64], sv[64];
+    char cmd[2048], path[512];
+    const char *run = t_tmp("chart");
+    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 3 --save_steps 3 --eval_split 0.25 --eval_steps 2");
+    CHECK(t_run(cmd, out, sizeof out) == 0, "first run: %s", out);
+    snprintf(path, sizeof path, "%s/training.svg", run);
+    remove(path); /* the chart must come from the resumed run */
+    dpo_cmd(cmd, sizeof cmd, run, "--max_steps 7 --save_steps 3 --eval_split 0.25 --eval_steps 2 --resume_from_checkpoint latest");
+    CHECK(t_run(cmd, out, sizeof out) == 0 && strstr(out, "at step 3"), "resumed: %s", out);
+    char *svg = NULL, metrics[512];
+    size_t n = 0;
+    CHECK_OK(mb_read_file(path, &svg, &n));
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", run);
+    const char *keys[] = {"loss", "eval_loss", "rewards/margins", "eval_rewards/margins", "rewards/accuracies",
+                          "eval_rewards/accuracies", "learning_rate"};
+    const char *want[] = {"1 2 3 4 5 6 7", "2 3 4 6 7"}; /* eval: every 2 steps and the last of each run */
+    for (int k = 0; svg && k < 7; k++) {
+        double range = 1, serr = 0, verr = 0;
+        int nm = metric_points(metrics, keys[k], ms, mv, 64), ns = svg_points(svg, keys[k], ss, sv, 64, &range);
+        char got[256] = "";
+        for (int i = 0; i < ns && i < nm; i++) {
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%.0f", i ? " " : "", ss[i]);
+            serr = fmax(serr, fabs(ss[i] - ms[i]));
+            verr = fmax(verr, fabs(sv[i] - mv[i]) / range);
+        }
+        printf("    %-24s svg steps '%s' (|step err| %.3f, |value err| %.1e of the axis)\n", keys[k], got, serr, verr);
+        CHECK(ns == nm && nm > 0, "%s: %d points in the chart, %d in metrics.jsonl", keys[k], ns, nm);
+        CHECK(serr < 0.01 && verr < 1e-3, "%s: a point off its step or value", keys[k]);
+        CHECK(!strcmp(got, want[strncmp(keys[k], "eval_", 5) == 0]), "%s: steps '%s', want '%s'", keys[k], got,
+              want[strncmp(keys[k], "eval_", 5) == 0]);
+    }
+    CHECK(svg && strstr(svg, ">step</text>") && strstr(svg, "eval ") && strstr(svg, "train "), "axis title and legend");
+    free(svg);
+}
+
+/* A value that was not finite (null in metrics.jsonl) is left out of its series, a series of one
+ * point is drawn as a dot, SFT has loss and learning_rate panels only. */
+static void training_svg_skips_null_values_and_draws_a_lone_point(void) {
+    static double s[16], v[16], es[16];
+    const char *run = t_tmp("chart_null");
+    mkdir(run, 0755);
+    char path[512];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
+    const char *text = "{\"step\": 1, \"learning_rate\": 0.001, \"loss\": 0.7, \"rewards/margins\": null}\n"
+                       "{\"step\": 2, \"learning_rate\": 0.002, \"loss\": null, \"rewards/margins\": 0.5}\n"
+                       "{\"step\": 2, \"eval_loss\": 0.6}\n"
+                       "{\"step\": 3, \"learning_rate\": 0.001, \"loss\": 0.5, \"rewards/margins\": 0.25}\n"
+                       "{\"step\": 4, \"lea";
+    CHECK_OK(mb_write_file(path, text, strlen(text)));
+    MbTrainer tr;
+    memset(&tr, 0, sizeof tr);
+    tr.output_dir = run;
+    for (int sft = 0; sft < 2; sft++) {
+        tr.sft = sft;
+        CHECK_OK(write_svg(&tr));
+        char *svg = NULL;
+        size_t n = 0;
+        snprintf(path, sizeof path, "%s/training.svg", run);
+        CHECK_OK(mb_read_file(path, &svg, &n));
+        if (!svg) continue;
+        int nl = svg_points(svg, "loss", s, v, 16, NULL), ne = svg_points(svg, "eval_loss", es, v, 16, NULL);
+        int nm = svg_points(svg, "rewards/margins", s, v, 16, NULL), nr = svg_points(svg, "learning_rate", s, v, 16, NULL);
+        printf("    %s: points loss %d, eval_loss %d (at step %.2f), rewards/margins %d, learning_rate %d\n",
+               sft ? "sft" : "dpo", nl, ne, ne == 1 ? es[0] : -1.0, nm, nr);
+        CHECK(nl == 2 && ne == 1 && nr == 3, "loss skips its null, eval has its one point, the cut line is left out");
+        CHECK(nm == (sft ? -1 : 2), "rewards/margins: %s", sft ? "no panel for sft" : "skips its null");
+        CHECK(strstr(svg, "r=\"2.5\" fill=\"#ff7f0e\""), "the lone eval point is a dot");
+        free(svg);
+    }
+}
+
 MB_TEST_MAIN("output", T(merge_and_dpo_never_write_over_their_inputs), T(an_output_that_holds_a_run_needs_overwrite_or_resume),
              T(resume_removes_stale_temporaries_and_cuts_the_metrics), T(a_failed_run_leaves_nothing_and_parents_are_made),
              T(sigint_saves_a_checkpoint_and_prints_the_resume_command), T(input_files_that_are_not_files_are_named),
-             T(nonfinite_weights_are_named_at_load), T(merged_folder_is_complete_and_generates_as_base_plus_adapter))
+             T(nonfinite_weights_are_named_at_load), T(merged_folder_is_complete_and_generates_as_base_plus_adapter),
+             T(training_svg_after_a_resume_covers_every_step), T(training_svg_skips_null_values_and_draws_a_lone_point))
