@@ -620,9 +620,10 @@ MB_UNUSED static double mb_now(void) {
 static struct {
     pthread_mutex_t mu;
     int bar;           /* a bar is on stderr's current line */
+    char line[160];    /* the bar's text, drawn again after a log line took it off */
     double drawn;      /* when it was last drawn (mb_now) */
     double logged;     /* when a task's last "still going" line was printed (no terminal) */
-} mb_console = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0};
+} mb_console = {PTHREAD_MUTEX_INITIALIZER, 0, "", 0, 0};
 
 static void console_clear_locked(void) {
     if (!mb_console.bar) return;
@@ -631,14 +632,34 @@ static void console_clear_locked(void) {
     mb_console.bar = 0;
 }
 
+/* A line on f with a bar taken off the terminal first and drawn again under it. */
+static void console_vprint(FILE *f, const char *fmt, va_list ap) {
+    pthread_mutex_lock(&mb_console.mu);
+    int bar = mb_console.bar;
+    console_clear_locked();
+    vfprintf(f, fmt, ap);
+    fflush(f);
+    if (bar) {
+        fprintf(stderr, "%s\033[K", mb_console.line);
+        fflush(stderr);
+        mb_console.bar = 1;
+    }
+    pthread_mutex_unlock(&mb_console.mu);
+}
+
 void mb_say(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    pthread_mutex_lock(&mb_console.mu);
-    console_clear_locked();
-    vprintf(fmt, ap);
-    fflush(stdout);
-    pthread_mutex_unlock(&mb_console.mu);
+    console_vprint(stdout, fmt, ap);
+    va_end(ap);
+}
+
+/* mb_say for stderr: the library's notes ("medbot: note: ...") */
+MB_UNUSED static void mb_note(const char *fmt, ...) MB_PRINTF(1, 2);
+MB_UNUSED static void mb_note(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    console_vprint(stderr, fmt, ap);
     va_end(ap);
 }
 
@@ -694,7 +715,8 @@ static void progress_draw_locked(const MbProgressEvent *ev) {
     progress_figures(fig, sizeof fig, ev);
     if (ev->total > 0) snprintf(line, sizeof line, "%s [%s] %s%s%s", ev->task, bar, fig, ev->note ? "  " : "", ev->note ? ev->note : "");
     else snprintf(line, sizeof line, "%s: %s%s%s", ev->task, fig, ev->note ? "  " : "", ev->note ? ev->note : "");
-    fprintf(stderr, "\r%.150s\033[K", line);
+    snprintf(mb_console.line, sizeof mb_console.line, "%.150s", line);
+    fprintf(stderr, "\r%s\033[K", mb_console.line);
     fflush(stderr);
     mb_console.bar = 1;
 }
@@ -10003,7 +10025,7 @@ static void rdv_turn_away(MbRdvServer *S, int i, int r) {
     snprintf(why, sizeof why, "rank %d did not prove " MB_RDV_SECRET ": the secret differs or is unset on one side --> "
              "set the same " MB_RDV_SECRET " on every rank", r);
     rdv_answer(k->fd, S->secret, 1, why, strlen(why), k->buf + 32, k->nonce);
-    fprintf(stderr, "medbot: rendezvous on %s:%d: turned away a connection from %s that claims rank %d: it did not "
+    mb_note("medbot: rendezvous on %s:%d: turned away a connection from %s that claims rank %d: it did not "
             "prove " MB_RDV_SECRET "; waiting on for the job's ranks\n", S->addr, S->port, from, r);
     if (!S->n_turned++) snprintf(S->turned, sizeof S->turned, "rank %d from %s", r, from);
     rdv_drop(S, i, 1);
@@ -10121,7 +10143,7 @@ static MbStatus rdv_serve(const char *addr, int port, int world, const MbJobFing
     MbStatus rc = rdv_listen(addr, port, &lfd, &loopback);
     if (rc) return rc;
     if (!loopback && !secret)
-        fprintf(stderr, "medbot: note: the rendezvous on %s:%d is open to the network and " MB_RDV_SECRET " is not "
+        mb_note("medbot: note: the rendezvous on %s:%d is open to the network and " MB_RDV_SECRET " is not "
                 "set: any process that reaches it can join the job --> give every rank the same " MB_RDV_SECRET "\n",
                 addr, port);
     MbRdvServer *S = mb_calloc(1, sizeof *S);
@@ -12503,15 +12525,14 @@ static MbStatus cuda_kernels_image(MbCuda *g) {
     free(image);
     image = NULL;
     if (!cached) {
-        fprintf(stderr, "medbot: compiling the CUDA kernels for %s (head_dim %d) with NVRTC %d.%d...", g->arch,
-                g->head_dim, L->nvrtc_major, L->nvrtc_minor);
-        fflush(stderr);
         double t0 = mb_now();
-        if ((rc = kernels_compile(options, &image, &n, ptx))) return fprintf(stderr, "\n"), rc;
-        fprintf(stderr, " %.1f s\n", mb_now() - t0);
+        mb_note("medbot: compiling the CUDA kernels for %s (head_dim %d) with NVRTC %d.%d (cached afterwards)\n",
+                g->arch, g->head_dim, L->nvrtc_major, L->nvrtc_minor);
+        if ((rc = kernels_compile(options, &image, &n, ptx))) return rc;
+        mb_note("medbot: compiled the CUDA kernels in %.1f s\n", mb_now() - t0);
         rc = cu_status(L, L->cu.cuModuleLoadData(&g->mod, image));
         if (!rc && dir[0] && mb_write_file(path, image, n) != MB_OK)
-            fprintf(stderr, "medbot: note: cannot write the kernel cache %s (%s)\n", path, mb_last_error());
+            mb_note("medbot: note: cannot write the kernel cache %s (%s)\n", path, mb_last_error());
         free(image);
         if (rc) return rc;
     }
@@ -12576,7 +12597,7 @@ static MbStatus cuda_start(MbCuda *g) {
     }
     if (!(g->lt_ws.p = cu_malloc(g, MB_CUDA_LT_WORKSPACE))) return mb_ops_oom(g->ops);
     g->lt_ws.bytes = MB_CUDA_LT_WORKSPACE;
-    fprintf(stderr, "medbot: CUDA on GPU %d: %s (%s, %d SMs, %.1f GiB), kernels for head_dim %d, driver %d.%d\n", g->gpu,
+    mb_note("medbot: CUDA on GPU %d: %s (%s, %d SMs, %.1f GiB), kernels for head_dim %d, driver %d.%d\n", g->gpu,
             g->name, g->arch, g->sms, (double)g->total_mem / 1073741824.0, g->head_dim, g->lib->driver_version / 1000,
             g->lib->driver_version % 1000 / 10);
     return MB_OK;
@@ -12713,7 +12734,7 @@ static MbStatus mb_ops_new(const MbLoadOptions *opt, const MbConfig *c, MbOps **
     if (dev == MB_DEVICE_CUDA) {
         MbStatus rc = mb_cuda_backend_new(opt ? opt->gpu : 0, c->head_dim, out);
         if (!rc || explicit_choice) return rc;
-        fprintf(stderr, "medbot: note: %s; running on the CPU (--device cpu chooses it, --device cuda makes this an "
+        mb_note("medbot: note: %s; running on the CPU (--device cpu chooses it, --device cuda makes this an "
                 "error)\n", mb_last_error());
     } else if (dev != MB_DEVICE_CPU) {
         return mb_fail(MB_ERR_ARG, "device %d is not cpu or cuda", dev);
@@ -14003,6 +14024,7 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, BUFSIZ); /* every line out as it is written, also into a file or pipe */
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
