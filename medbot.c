@@ -6903,7 +6903,8 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
     return rc;
 }
 
-MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *tokenizer, const char *out_dir, int threads) {
+MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *tokenizer, const char *out_dir, int threads,
+                  const MbProgress *progress) {
     const char *inputs[3] = {model_dir, lora_dir, tokenizer};
     MbStatus rc = mb_guard_output("merge", out_dir, inputs, 3, mb_merge_outputs);
     if (rc) return rc;
@@ -6914,6 +6915,7 @@ MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *token
     MbTokenizer *tok = NULL; /* it travels with the merged model */
     char **made = NULL;
     MbLoadOptions opt = {.threads = threads, .device = MB_DEVICE_CPU}; /* the merge is host work */
+    if (progress) opt.progress = *progress;
     if (!(rc = mb_tokenizer_open(tokenizer, model_dir, lora_dir, &tok)))
         if (!(rc = mb_model_load(model_dir, &opt, &m))) rc = mb_lora_load(m, lora_dir, &lo);
     if (!rc) rc = mb_mkdir_p(out_dir, &made);
@@ -13632,7 +13634,8 @@ static int cmd_merge(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "merge: --model DIR --lora ADAPTER_DIR --output DIR are required");
         goto fail;
     }
-    if ((rc = mb_merge(model, lora, tok, out, threads))) goto fail;
+    MbProgress progress = {mb_progress_print, NULL};
+    if ((rc = mb_merge(model, lora, tok, out, threads, &progress))) goto fail;
     printf("merged %s into %s: %s/model.safetensors (bf16), config.json, tokenizer\n", lora, model, out);
     return 0;
 fail:

@@ -383,9 +383,10 @@ MbStatus mb_model_merge_save(const MbModel *m, const MbLora *lo, const char *mod
 /* The whole merge command: loads MODEL_DIR and the adapter, writes OUT (made with its parents)
  * as mb_model_merge_save plus the tokenizer files (tokenizer, a path, else the model's, else the
  * adapter's), so that OUT loads in transformers and in medbot as a model folder. Refuses an OUT
- * that would write over an input; a failure leaves nothing it wrote. threads: 0 = all cores. */
+ * that would write over an input; a failure leaves nothing it wrote. threads: 0 = all cores;
+ * progress (NULL: silent): loading the base. */
 MbStatus mb_merge(const char *model_dir, const char *lora_dir, const char *tokenizer, const char *out_dir,
-                  int threads);
+                  int threads, const MbProgress *progress);
 
 /* ---------- training (DPO, SFT) ---------- */
 
