@@ -3204,7 +3204,9 @@ static MbStatus tok_file(const char *path, char **file) {
     if (mb_is_dir(path)) rc = tokenizer_in(path, file);
     else if (!(*file = mb_strdup(path))) rc = MB_ERR_OOM;
     if (rc) return rc;
-    return *file ? MB_OK : mb_fail(MB_ERR_IO, "%s: no tokenizer.json or tokenizer.model in this folder", path);
+    return *file ? MB_OK
+                 : mb_fail(MB_ERR_IO, "%s: no tokenizer.json or tokenizer.model in this folder --> pass --tokenizer PATH "
+                           "naming one of them (or a folder that holds one)", path);
 }
 
 MbStatus mb_tokenizer_load(const char *path, MbTokenizer **out) {
