@@ -12604,6 +12604,8 @@ static const MbOpt mb_opts_gen_model[] = {
     {"lora", "ADAPTER_DIR", "answer with this PEFT adapter on the model"},
     {"tokenizer", "PATH", "tokenizer.json, tokenizer.model or a folder holding one (default: the model's, else the "
                           "adapter's)"},
+    {"random_init", NULL, "read no weights: random ones drawn from --seed (default 42, the weights of dpo "
+                          "--random_init)"},
     {"system", "TEXT", "the template's system text (default: the card's \"" MB_DEFAULT_SYSTEM "\")"},
     {"add_bos", "true|false", "<|begin_of_text|> in front of the prompt (default true, as tokenizer(prompt): a Llama "
                               "tokenizer_config.json may say add_bos_token false)"},
@@ -13588,7 +13590,7 @@ static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
         (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
         (rc = arg_double(a, "repetition_penalty", &o->gen.repetition_penalty)) ||
         (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) ||
-        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)))
+        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)) || (rc = arg_bool(a, "random_init", &o->load.random_init)))
         return rc;
     o->system = arg_get(a, "system");
     if ((rc = arg_compute_dtype(a, &o->load.bnb_4bit_compute_dtype))) return rc;
@@ -13599,6 +13601,7 @@ static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
     const char *bad = generation_config_invalid(&o->gen, why, sizeof why);
     if (bad) return arg_fail(a, bad, "%s", why);
     o->gen.seed = seed_given ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    o->load.seed = seed_given ? (uint64_t)seed : 42; /* --random_init's weights: dpo's default seed draws the same */
     if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
     return MB_OK;
 }

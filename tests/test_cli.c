@@ -435,8 +435,9 @@ static void help_shows_every_option_of_the_table(void) {
     CHECK(!cli_command("frobnicate") && !cli_option(cli_command("dpo"), "frobnicate"), "no table for unknown names");
     /* the cases */
     CHECK(cli_option(cli_command("dpo"), "load_in_4bit") && cli_option(cli_command("dpo"), "bnb_4bit_compute_dtype") &&
-              cli_option(cli_command("eval"), "tokenizer"),
-          "dpo's 4-bit options, eval's --tokenizer");
+              cli_option(cli_command("eval"), "tokenizer") && cli_option(cli_command("generate"), "random_init") &&
+              cli_option(cli_command("chat"), "random_init"),
+          "dpo's 4-bit options, eval's --tokenizer, generate's and chat's --random_init");
     printf("    %zu commands, %zu options: each in its command's --help\n", ncmd, total);
 }
 
@@ -569,6 +570,36 @@ static void config_keys_map_onto_options(void) {
     }
 }
 
+/* generate --random_init draws the weights from --seed: no weight file is read (a folder whose
+ * model.safetensors is garbage answers), the answer is that of the same seed on any folder of
+ * that config, and not the real weights' answer. */
+static void generate_random_init_reads_no_weights(void) {
+    static char out[4][4096];
+    char cmd[2048], path[512];
+    const char *dir = t_tmp("randmodel");
+    mkdir(dir, 0755);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    CHECK_OK(mb_copy_file("weights/tiny/config.json", path));
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    CHECK_OK(mb_write_file(path, "not a safetensors file", 22));
+    const char *models[] = {"weights/tiny", dir, "weights/tiny", dir};
+    const char *flags[] = {"--random_init", "--random_init", "", ""};
+    int rc[4];
+    for (int i = 0; i < 4; i++) {
+        snprintf(cmd, sizeof cmd, "%s generate --model %s %s --seed 1 --prompt hi --raw --greedy --max_new_tokens 4 "
+                 "--tokenizer weights/llama3/tokenizer.model 2>/dev/null", t_medbot(), models[i], flags[i]);
+        rc[i] = t_run(cmd, out[i], sizeof out[i]);
+        printf("    %-40s %-14s exit %d: %s", models[i], flags[i], rc[i], out[i]);
+    }
+    CHECK(rc[0] == 0 && rc[1] == 0 && out[0][0] && !strcmp(out[0], out[1]), "random weights from the seed alone");
+    CHECK(rc[2] == 0 && strcmp(out[0], out[2]), "not the real weights' answer");
+    CHECK(rc[3] == 1, "without --random_init the garbage file is read, and refused");
+    /* chat takes it too */
+    snprintf(cmd, sizeof cmd, "echo hi | %s chat --model %s --random_init --seed 1 --greedy --max_new_tokens 4 "
+             "--tokenizer weights/llama3/tokenizer.model", t_medbot(), dir);
+    CHECK(t_run(cmd, out[0], sizeof out[0]) == 0, "chat --random_init: %s", out[0]);
+}
+
 MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad_input_truncated_safetensors),
              T(bad_input_offsets_past_the_end), T(bad_input_shape_size_mismatch),
              T(bad_input_config_without_required_field), T(bad_input_tensor_missing_from_a_shard),
@@ -576,4 +607,5 @@ MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad
              T(config_reader_refuses_other_yaml), T(option_values_are_range_checked),
              T(library_entry_points_check_ranges), T(help_shows_every_option_of_the_table),
              T(every_option_the_source_reads_is_declared), T(every_option_of_a_table_is_read),
-             T(config_keys_map_onto_options))
+             T(config_keys_map_onto_options),
+             T(generate_random_init_reads_no_weights))
