@@ -13314,7 +13314,7 @@ static MbStatus train_args_training(MbArgs *a, MbTrainJob *job) {
         (rc = arg_bool(a, "gradient_checkpointing", &c->gradient_checkpointing)) ||
         (rc = arg_int(a, "logging_steps", &c->logging_steps)) || (rc = arg_int(a, "save_steps", &c->save_steps)) ||
         (rc = arg_int(a, "eval_steps", &c->eval_steps)) ||
-        /* the card's other settings: accepted, checked or noted */
+        /* the card's other settings: accepted, checked or noted (print_settings notes them) */
         (rc = arg_bool(a, "bf16", &ignored_bool)) || (rc = arg_int_in(a, "effective_batch_size", &effective, 1, INFINITY)) ||
         (rc = arg_bool(a, "bnb_4bit_use_double_quant", &ignored_bool)))
         return rc;
@@ -13327,10 +13327,6 @@ static MbStatus train_args_training(MbArgs *a, MbTrainJob *job) {
     if (job->nproc < 1) return arg_fail(a, "nproc", "must be >= 1, got %d", job->nproc);
     if (job->zero_stage > 1)
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: --zero_stage %d: medbot implements ZeRO stages 0 and 1", a->cmd, job->zero_stage);
-    if (effective && effective != c->per_device_train_batch_size * c->gradient_accumulation_steps)
-        printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
-               "this run uses one process: %d pairs per step\n", effective,
-               c->per_device_train_batch_size * c->gradient_accumulation_steps);
     return MB_OK;
 }
 
@@ -13370,6 +13366,149 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
     if (!job->model_dir || !job->data_path)
         return mb_fail(MB_ERR_ARG, "%s: --model DIR and --data FILE are required (medbot %s --help)", a->cmd, a->cmd);
     return MB_OK;
+}
+
+/* ---- the settings a run starts with, one line a group, as TRL prints its config ---- */
+
+/* The --config entry that gave option name its value, or -1 (the command line, or the default). */
+static ptrdiff_t arg_config_entry(const MbArgs *a, const char *name) {
+    for (int i = 2; i < a->argc; i++)
+        if (arg_match(a->argv[i], name)) return -1;
+    for (size_t i = 0; i < a->n_cfg; i++)
+        if (a->cfg_used[i] == 1 && !strcmp(a->cfg_opt[i], name)) return (ptrdiff_t)i;
+    return -1;
+}
+
+/* One line: "name=value, ..." and the --config keys that set them (stb_ds strings). */
+typedef struct {
+    const MbArgs *a;
+    char *text, *keys;
+} MbSettingsLine;
+
+static void set_add(MbSettingsLine *l, const char *name, const char *fmt, ...) MB_PRINTF(3, 4);
+static void set_add(MbSettingsLine *l, const char *name, const char *fmt, ...) {
+    char v[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(v, sizeof v, fmt, ap);
+    va_end(ap);
+    sb_printf(&l->text, "%s%s=%s", arrlen(l->text) > 1 ? ", " : "", name, v);
+    ptrdiff_t k = arg_config_entry(l->a, name);
+    if (k >= 0) sb_printf(&l->keys, "%s%s", arrlen(l->keys) > 1 ? ", " : "", l->a->cfg[k].key);
+}
+
+static void set_bool(MbSettingsLine *l, const char *name, int v) { set_add(l, name, "%s", v ? "true" : "false"); }
+
+/* Prints the line (to stdout) and empties it. */
+static void set_print(MbSettingsLine *l, const char *group) {
+    printf("  %-10s %s", group, l->text ? l->text : "");
+    if (l->keys) printf("   (from %s: %s)", l->a->cfg_path, l->keys);
+    printf("\n");
+    arrfree(l->text), arrfree(l->keys);
+    l->text = l->keys = NULL;
+}
+
+/* The model line: folder, tokenizer, weights, 4-bit loading, device. */
+static void settings_model(MbSettingsLine *l, const MbTrainJob *job, int train) {
+    set_add(l, "model", "%s", job->model_dir);
+    if (!train) set_add(l, "lora", "%s", job->lora_init ? job->lora_init : "(none: the base model)");
+    set_add(l, "tokenizer", "%s", job->tokenizer_path ? job->tokenizer_path : "(the model's)");
+    if (job->random_init) set_add(l, "random_init", "true (no weights read: drawn from seed %d)", job->cfg.seed);
+    set_bool(l, "load_in_4bit", job->load_in_4bit);
+    if (job->load_in_4bit && cli_option(l->a->def, "bnb_4bit_quant_type"))
+        set_add(l, "bnb_4bit_quant_type", "nf4"), set_bool(l, "bnb_4bit_use_double_quant", 1);
+    if (job->load_in_4bit || job->bnb_4bit_compute_dtype) /* (or a checkpoint saved 4-bit) */
+        set_add(l, "bnb_4bit_compute_dtype", "%s", job->bnb_4bit_compute_dtype ? job->bnb_4bit_compute_dtype
+                                                                               : "(the checkpoint's, else float32)");
+    set_add(l, "device", "%s", job->device == MB_DEVICE_CPU ? "cpu" : job->device == MB_DEVICE_CUDA ? "cuda" : "auto");
+    if (job->device == MB_DEVICE_CUDA || job->gpu) set_add(l, "gpu", "%d", job->gpu);
+    set_add(l, "threads", job->threads ? "%d" : "%d (all cores)", job->threads);
+    set_print(l, "model");
+}
+
+/* Prints the settings of a dpo, sft or eval run (from train_args) before anything loads, and
+ * flushes them: each line ends with the keys of the --config file that set its values. */
+static void print_settings(MbArgs *a, const MbTrainJob *job) {
+    const MbTrainConfig *c = &job->cfg;
+    int train = strcmp(a->cmd, "eval") != 0;
+    MbSettingsLine l = {a, NULL, NULL};
+    printf("%s settings (TRL's names%s%s):\n", a->cmd, a->cfg_path ? "; the command line wins over " : "",
+           a->cfg_path ? a->cfg_path : "");
+    settings_model(&l, job, train);
+    if (train) {
+        if (job->lora_init) set_add(&l, "lora", "%s (r, lora_alpha, target_modules and use_rslora from it)", job->lora_init);
+        else {
+            set_add(&l, "lora_r", "%d", c->lora.r);
+            set_add(&l, "lora_alpha", "%g (scale %g)", c->lora.alpha,
+                    c->lora.use_rslora ? c->lora.alpha / sqrt((double)c->lora.r) : c->lora.alpha / c->lora.r);
+            char targets[128] = "";
+            for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+                if ((c->lora.targets >> i) & 1u)
+                    snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%s", targets[0] ? "," : "",
+                             lora_module_name(i));
+            set_add(&l, "lora_target_modules", "%s", targets);
+            set_bool(&l, "use_rslora", c->lora.use_rslora);
+        }
+        set_add(&l, "lora_dropout", "%g", c->lora.dropout);
+        set_add(&l, "bias", "none");
+        set_print(&l, "lora");
+    }
+    if (job->sft) set_add(&l, "loss", "next-token cross-entropy of the chosen completions (sft)");
+    else {
+        set_add(&l, "loss_type", "%s", mb_loss_names[c->loss_type]);
+        set_add(&l, "beta", "%g", c->beta);
+        set_add(&l, "label_smoothing", "%g", c->label_smoothing);
+        if (train) set_bool(&l, "precompute_ref_log_probs", c->precompute_ref_log_probs);
+    }
+    set_print(&l, job->sft ? "loss" : "dpo");
+    if (train) {
+        set_add(&l, "learning_rate", "%g", c->learning_rate);
+        set_add(&l, "lr_scheduler_type", "%s", mb_sched_names[c->lr_scheduler_type]);
+        if (c->warmup_steps > 0) set_add(&l, "warmup_steps", "%d", c->warmup_steps);
+        else set_add(&l, "warmup_ratio", "%g", c->warmup_ratio);
+        set_add(&l, "weight_decay", "%g", c->weight_decay);
+        set_add(&l, "adam_beta1", "%g", c->adam_beta1), set_add(&l, "adam_beta2", "%g", c->adam_beta2);
+        set_add(&l, "adam_epsilon", "%g", c->adam_epsilon), set_add(&l, "max_grad_norm", "%g", c->max_grad_norm);
+        set_add(&l, "num_train_epochs", "%g", c->num_train_epochs);
+        if (c->max_steps > 0) set_add(&l, "max_steps", "%d (overrides num_train_epochs)", c->max_steps);
+        set_print(&l, "optimizer");
+        set_add(&l, "per_device_train_batch_size", "%d", c->per_device_train_batch_size);
+        set_add(&l, "gradient_accumulation_steps", "%d", c->gradient_accumulation_steps);
+    }
+    set_add(&l, "per_device_eval_batch_size", "%d", c->per_device_eval_batch_size);
+    set_add(&l, "max_length", "%d", c->max_length), set_add(&l, "max_prompt_length", "%d", c->max_prompt_length);
+    set_add(&l, "max_completion_length", "%d", c->max_completion_length);
+    set_bool(&l, "add_bos", c->add_bos);
+    if (train) set_bool(&l, "gradient_checkpointing", c->gradient_checkpointing);
+    const char *bf16 = train ? arg_get(a, "bf16") : NULL, *effective = train ? arg_get(a, "effective_batch_size") : NULL;
+    if (bf16) set_add(&l, "bf16", "%s (noted)", bf16);
+    if (effective) set_add(&l, "effective_batch_size", "%s (noted)", effective);
+    set_print(&l, "batch");
+    set_add(&l, "data", "%s", job->data_path);
+    if (job->eval_data_path) set_add(&l, "eval_data", "%s", job->eval_data_path);
+    else if (train) set_add(&l, "eval_split", "%g", c->eval_split);
+    if (train) {
+        set_bool(&l, "shuffle", c->shuffle);
+        set_add(&l, "output", "%s", job->output_dir ? job->output_dir : "(none)");
+        if (job->resume) set_add(&l, "resume_from_checkpoint", "%s", job->resume);
+        set_add(&l, "logging_steps", "%d", c->logging_steps), set_add(&l, "eval_steps", "%d", c->eval_steps);
+        set_add(&l, "save_steps", "%d", c->save_steps);
+    }
+    set_add(&l, "seed", "%d", c->seed);
+    if (train) set_add(&l, "nproc", "%d", job->nproc);
+    if (train && job->nproc > 1) set_add(&l, "zero_stage", "%d", job->zero_stage < 0 ? 1 : job->zero_stage);
+    set_print(&l, "run");
+    char *ignored = NULL;
+    for (size_t i = 0; i < a->n_cfg; i++)
+        if (a->cfg_used[i] == 2) sb_printf(&ignored, "%s%s", ignored ? ", " : "", a->cfg[i].key);
+    if (ignored) printf("  %-10s %s (settings of dpo that %s does not take)\n", "ignored", ignored, a->cmd);
+    arrfree(ignored);
+    int eff = effective ? atoi(effective) : 0;
+    if (eff && eff != c->per_device_train_batch_size * c->gradient_accumulation_steps)
+        printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
+               "this run uses one process: %d pairs per step\n", eff,
+               c->per_device_train_batch_size * c->gradient_accumulation_steps);
+    fflush(stdout);
 }
 
 /* Prints the command line that resumes this run: the same arguments with
@@ -13450,6 +13589,7 @@ static int cmd_train(MbArgs *a, int sft) {
             printf("data parallel: %d ranks from %s, rendezvous on %s:%d\n", env.world, env.source, env.addr, env.port);
         fflush(stdout);
     }
+    if (!rc && (env.world <= 1 || env.rank == 0)) print_settings(args, &job);
     job.overwrite_output_dir = overwrite;
     job.interrupt = &mb_cli_stop;
     catch_signals(on_stop_signal, 1, 1);
@@ -13475,6 +13615,7 @@ static int cmd_eval(MbArgs *a) {
     MbStatus rc = arg_bool(a, "sft", &sft);
     if (!rc) rc = train_args(a, &job, sft);
     if (!rc) rc = args_done(a);
+    if (!rc) print_settings(a, &job);
     if (!rc) rc = mb_evaluate(&job);
     if (rc) {
         fprintf(stderr, "medbot: %s\n", mb_last_error());

@@ -570,6 +570,58 @@ static void config_keys_map_onto_options(void) {
     }
 }
 
+/* dpo, sft and eval print their settings first, one line a group, flushed before anything loads,
+ * each line naming the --config keys that set its values. */
+static void training_prints_its_settings_first(void) {
+    static char out[1 << 16];
+    char cmd[2048];
+    /* the card switches 4-bit on: the model line says so, and names the file's key */
+    snprintf(cmd, sizeof cmd, "%s dpo --config weights/dpo_card.yaml --model /nonexistent/m --data " FIX
+             "/data.jsonl --output %s --max_steps 1 --learning_rate 1e-4", t_medbot(), t_tmp("set"));
+    int rc = t_run(cmd, out, sizeof out);
+    printf("%s", out);
+    const char *model = strstr(out, "\n  model ");
+    const char *err = strstr(out, "medbot: /nonexistent/m");
+    CHECK(rc == 1 && !strncmp(out, "dpo settings (TRL's names; the command line wins over weights/dpo_card.yaml)", 76),
+          "the first line: %.100s", out);
+    CHECK(model && err && model < err, "the settings come before the failure to load (flushed)");
+    size_t mlen = model ? strcspn(model + 1, "\n") : 0;
+    char line[2048];
+    snprintf(line, sizeof line, "%.*s", (int)mlen, model ? model + 1 : "");
+    CHECK(strstr(line, "load_in_4bit=true") && strstr(line, "bnb_4bit_compute_dtype=bfloat16") &&
+              strstr(line, "(from weights/dpo_card.yaml: load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, "
+                           "bnb_4bit_compute_dtype)"),
+          "the model line: %s", line);
+    const char *groups[] = {"\n  lora       lora_r=64, lora_alpha=8 (scale 0.125)", "\n  dpo        loss_type=sigmoid",
+                            "\n  optimizer  learning_rate=0.0001, lr_scheduler_type=cosine", "\n  batch      ",
+                            "\n  run        data=" FIX "/data.jsonl", "\nnote: effective_batch_size 256"};
+    for (size_t i = 0; i < sizeof groups / sizeof *groups; i++) CHECK(strstr(out, groups[i]), "%s", groups[i] + 1);
+    const char *opt = strstr(out, "\n  optimizer");
+    CHECK(opt && strstr(opt, "(from weights/dpo_card.yaml: lr_scheduler_type, warmup_ratio, num_train_epochs)\n"),
+          "the command line's learning_rate is not the file's");
+    /* the command line switches it off again: no mark */
+    snprintf(cmd, sizeof cmd, "%s dpo --config weights/dpo_card.yaml --load_in_4bit false --model /nonexistent/m "
+             "--data /nonexistent/d --output %s", t_medbot(), t_tmp("set"));
+    t_run(cmd, out, sizeof out);
+    model = strstr(out, "\n  model ");
+    CHECK(model && strstr(model, "load_in_4bit=false") && !strstr(model, "(from weights/dpo_card.yaml: load_in_4bit"),
+          "--load_in_4bit false wins: %s", out);
+    /* sft and eval: their own lines, and the card's settings they ignore */
+    snprintf(cmd, sizeof cmd, "%s eval --config weights/dpo_card.yaml --model /nonexistent/m --data /nonexistent/d",
+             t_medbot());
+    t_run(cmd, out, sizeof out);
+    CHECK(!strncmp(out, "eval settings", 13) && strstr(out, "\n  model      model=/nonexistent/m, lora=(none") &&
+              strstr(out, "\n  ignored    batch_size, gradient_accumulation_steps, effective_batch_size") &&
+              !strstr(out, "\n  optimizer"),
+          "eval: %s", out);
+    snprintf(cmd, sizeof cmd, "%s sft --config weights/dpo_card.yaml --model /nonexistent/m --data /nonexistent/d "
+             "--output %s", t_medbot(), t_tmp("set"));
+    t_run(cmd, out, sizeof out);
+    CHECK(!strncmp(out, "sft settings", 12) && strstr(out, "\n  loss       loss=next-token") &&
+              strstr(out, "\n  ignored    beta, loss_type (settings of dpo that sft does not take)"),
+          "sft: %s", out);
+}
+
 /* generate --random_init draws the weights from --seed: no weight file is read (a folder whose
  * model.safetensors is garbage answers), the answer is that of the same seed on any folder of
  * that config, and not the real weights' answer. */
@@ -607,5 +659,5 @@ MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad
              T(config_reader_refuses_other_yaml), T(option_values_are_range_checked),
              T(library_entry_points_check_ranges), T(help_shows_every_option_of_the_table),
              T(every_option_the_source_reads_is_declared), T(every_option_of_a_table_is_read),
-             T(config_keys_map_onto_options),
+             T(config_keys_map_onto_options), T(training_prints_its_settings_first),
              T(generate_random_init_reads_no_weights))
