@@ -13985,12 +13985,13 @@ static void help_wrap(FILE *f, const char *text, int at, int indent) {
     fputc('\n', f);
 }
 
-/* The first line of usage (its forms after "medbot "), indented. */
+/* The command's usage lines: the first after `first` ("...medbot "), the others aligned under it. */
 static void help_usage(FILE *f, const MbCliCommand *c, const char *first) {
     const char *u = c->usage;
     for (int i = 0; *u; i++) {
         size_t n = strcspn(u, "\n");
-        fprintf(f, "%s%.*s\n", i ? "       medbot " : first, (int)n, u);
+        if (i) fprintf(f, "%*smedbot %.*s\n", (int)strlen(first) - 7, "", (int)n, u);
+        else fprintf(f, "%s%.*s\n", first, (int)n, u);
         u += n + (u[n] == '\n');
     }
 }
@@ -14022,9 +14023,12 @@ static void usage(FILE *f) {
     fprintf(f, "medbot %s: train (LoRA + DPO) and serve a Llama-3.1 medical chatbot\n\nusage: medbot COMMAND [options]\n\n",
             MEDBOT_VERSION);
     for (size_t i = 0; i < sizeof mb_cli_commands / sizeof *mb_cli_commands; i++) {
+        const char *about = mb_cli_commands[i].about, *end = strstr(about, ". ");
+        char first[512]; /* its first sentence */
+        snprintf(first, sizeof first, "%.*s", end ? (int)(end - about + 1) : (int)strlen(about), about);
         help_usage(f, &mb_cli_commands[i], "  medbot ");
         fprintf(f, "    ");
-        help_wrap(f, mb_cli_commands[i].about, 4, 4);
+        help_wrap(f, first, 4, 4);
     }
     fprintf(f, "\nmedbot COMMAND --help lists a command's options.\n");
 }
