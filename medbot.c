@@ -12907,8 +12907,330 @@ static void nccl_rank_abort(MbNcclRank *k) {
 // ============================================================================================
 // ---------- 13. cli ----------
 // medbot COMMAND [options]. Options are --name value (or --name=value), named as in TRL / HF.
-// Compiled out with MEDBOT_NO_MAIN (vendoring users and the tests call the library instead).
+// Each command's options are declared once, in groups that several commands share (the tables
+// below): `medbot CMD --help` is printed from them, and reading an option that is not in the
+// command's table is refused, so the help cannot omit one. The tables are compiled always (the
+// tests read them); the rest is compiled out with MEDBOT_NO_MAIN (vendoring users and the tests
+// call the library instead).
 // ============================================================================================
+
+/* One option: --name VALUE, and one line of help that gives its default. */
+typedef struct {
+    const char *name;
+    const char *value;  /* the value's placeholder ("N", "DIR", "sigmoid|hinge"); NULL: a boolean, true
+                           when given alone (--name false turns it off) */
+    const char *help;
+} MbOpt;
+
+/* A heading of a command's --help over a group of options (title NULL: the group goes on under
+ * the heading above). */
+typedef struct {
+    const char *title;
+    const MbOpt *opts;  /* up to the {NULL} entry */
+} MbOptSection;
+
+#define MB_CLI_SECTIONS 16
+typedef struct {
+    const char *name;
+    const char *usage;  /* its command lines, one a line, each after "medbot " */
+    const char *about;  /* what it does: one paragraph (wrapped when printed) */
+    MbOptSection sections[MB_CLI_SECTIONS]; /* up to the first without opts */
+    const char *config_of; /* its --config file may hold this command's settings too: those it does
+                              not take are ignored (one card serves dpo, sft and eval) */
+} MbCliCommand;
+
+/* ---- groups of options, each declared once ---- */
+
+static const MbOpt mb_opts_train_model[] = {
+    {"model", "DIR", "the base model: a Hugging Face folder, config.json and *.safetensors (required)"},
+    {"tokenizer", "PATH", "tokenizer.json, tokenizer.model or a folder holding one (default: the model's, else the "
+                          "adapter's)"},
+    {"lora", "ADAPTER_DIR", "start from this PEFT adapter (its r, lora_alpha and target_modules) instead of a new one"},
+    {"random_init", NULL, "read no weights: random ones drawn from --seed, for speed and memory at real shapes"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_eval_model[] = {
+    {"model", "DIR", "the base model: a Hugging Face folder, config.json and *.safetensors (required)"},
+    {"lora", "ADAPTER_DIR", "the PEFT adapter to evaluate (default: none, the base model itself)"},
+    {"tokenizer", "PATH", "tokenizer.json, tokenizer.model or a folder holding one (default: the model's, else the "
+                          "adapter's)"},
+    {"sft", NULL, "the next-token loss of the chosen completions (what medbot sft trains) instead of DPO's metrics"},
+    {"random_init", NULL, "read no weights: random ones drawn from --seed"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_4bit[] = {
+    {"load_in_4bit", NULL, "quantize the 7 projections of each layer to NF4 while loading, as bitsandbytes does "
+                           "(QLoRA: blocksize 64, double quant; default false)"},
+    {"bnb_4bit_compute_dtype", "float32|bfloat16|float16", "what 4-bit weights are dequantized to (default: the "
+                                                          "checkpoint's quantization_config, else float32)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_device[] = {
+    {"device", "cpu|cuda", "where the model runs (default: cuda when a GPU is present; MEDBOT_DEVICE=cpu|cuda "
+                           "overrides the default)"},
+    {"gpu", "N", "the first CUDA device used (default 0)"},
+    {"threads", "N", "CPU threads (default 0: all cores)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_train_data[] = {
+    {"data", "FILE.jsonl", "preference pairs, a JSON object a line: {prompt, chosen, rejected} or {system?, question, "
+                           "chosen, rejected} (required)"},
+    {"eval_data", "FILE.jsonl", "pairs to evaluate on (default: --eval_split of --data)"},
+    {"eval_split", "X", "without --eval_data: hold out this share of --data for evaluation (default 0)"},
+    {"shuffle", "true|false", "shuffle the pairs each epoch, seeded by --seed (default true)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_eval_data[] = {
+    {"data", "FILE.jsonl", "the preference pairs to evaluate (as dpo reads them; required)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_lora[] = {
+    {"lora_r", "N", "the adapter's rank r (default 8)"},
+    {"lora_alpha", "X", "scale = lora_alpha / r (default 8)"},
+    {"lora_dropout", "X", "dropout on the adapter's input while training (default 0)"},
+    {"lora_target_modules", "LIST", "the projections adapted: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+                                    "or all-linear (default q_proj,k_proj)"},
+    {"use_rslora", NULL, "rank-stabilized LoRA: scale = lora_alpha / sqrt(r) (default false)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_dpo_loss[] = {
+    {"loss_type", "sigmoid|hinge|ipo|robust", "the DPO loss (default sigmoid)"},
+    {"beta", "X", "the DPO temperature: how far the policy may move from the reference (default 0.1)"},
+    {"label_smoothing", "X", "the share of preference labels assumed wrong, for sigmoid and robust (default 0)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_dpo_ref[] = {
+    {"precompute_ref_log_probs", NULL, "compute the reference model's log-probs once before training (kept in the "
+                                       "output folder) instead of at each step (default false)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_optim[] = {
+    {"learning_rate", "X", "AdamW's peak learning rate (default 1e-6)"},
+    {"lr_scheduler_type", "linear|cosine|constant|constant_with_warmup", "the schedule after warmup (default linear)"},
+    {"warmup_ratio", "X", "warm up over this share of the steps (default 0)"},
+    {"warmup_steps", "N", "warm up over N steps; > 0 overrides --warmup_ratio (default 0)"},
+    {"weight_decay", "X", "AdamW's decoupled weight decay (default 0)"},
+    {"adam_beta1", "X", "(default 0.9)"},
+    {"adam_beta2", "X", "(default 0.999)"},
+    {"adam_epsilon", "X", "(default 1e-8)"},
+    {"max_grad_norm", "X", "clip the gradient's global norm to this; 0: no clipping (default 1)"},
+    {"num_train_epochs", "X", "passes over the training pairs (default 3)"},
+    {"max_steps", "N", "optimizer steps; > 0 overrides --num_train_epochs (default -1)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_lengths[] = {
+    {"max_length", "N", "a sequence, prompt + completion, keeps its last N tokens (default 1024)"},
+    {"max_prompt_length", "N", "a prompt keeps its last N tokens (default 512)"},
+    {"max_completion_length", "N", "a completion keeps its first N tokens; 0: no limit (default 0)"},
+    {"add_bos", NULL, "<|begin_of_text|> in front of each prompt (default false, as TRL does)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_eval_batch[] = {
+    {"per_device_eval_batch_size", "N", "pairs per evaluation batch (default 8)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_train_batch[] = {
+    {"per_device_train_batch_size", "N", "pairs per micro-batch on each rank (default 8)"},
+    {"gradient_accumulation_steps", "N", "micro-batches per optimizer step (default 1)"},
+    {"gradient_checkpointing", NULL, "recompute each layer's activations in the backward pass: less memory, more "
+                                     "time (default false)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_train_run[] = {
+    {"output", "DIR", "the adapter, checkpoint-N/, metrics.jsonl and training.svg go here (required)"},
+    {"overwrite_output_dir", NULL, "replace the run an output folder holds (default false: refused)"},
+    {"resume_from_checkpoint", "DIR|latest", "go on from a checkpoint folder, or OUTPUT's newest"},
+    {"logging_steps", "N", "print and record the metrics every N steps (default 10)"},
+    {"eval_steps", "N", "evaluate every N steps; 0: at the end only (default 0)"},
+    {"save_steps", "N", "write checkpoint-N/ every N steps (default 500)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_seed[] = {
+    {"seed", "S", "seeds the adapter's initialization, dropout, shuffling, the eval split and --random_init's "
+                  "weights (default 42)"},
+    {"config", "FILE.yaml", "read settings from a key: value file (the card's block, weights/dpo_card.yaml, or a "
+                            "TRL / PEFT YAML); the command line wins"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_dist[] = {
+    {"nproc", "N", "data-parallel ranks in this process: CPU threads, or N GPUs with CUDA (default 1). Under "
+                   "torchrun (WORLD_SIZE > 1) each process is one rank: one GPU each (NCCL), or CPU processes joined "
+                   "over TCP"},
+    {"zero_stage", "0|1", "ZeRO-1 shards AdamW's moments across ranks (default: 1 with several ranks, else 0)"},
+    {"ddp_timeout", "S", "a rank that dies or hangs stops the job within S seconds (default 1800)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_gen_model[] = {
+    {"model", "DIR", "a Hugging Face model folder, config.json and *.safetensors (required)"},
+    {"lora", "ADAPTER_DIR", "answer with this PEFT adapter on the model"},
+    {"tokenizer", "PATH", "tokenizer.json, tokenizer.model or a folder holding one (default: the model's, else the "
+                          "adapter's)"},
+    {"random_init", NULL, "read no weights: random ones drawn from --seed (default 42, the weights of dpo "
+                          "--random_init)"},
+    {"system", "TEXT", "the template's system text (default: the card's \"" MB_DEFAULT_SYSTEM "\")"},
+    {"add_bos", "true|false", "<|begin_of_text|> in front of the prompt (default true, as tokenizer(prompt): a Llama "
+                              "tokenizer_config.json may say add_bos_token false)"},
+    {"max_context", "N", "the most tokens the model runs at once (default: max_position_embeddings, at most 4096)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_sampling[] = {
+    {"max_new_tokens", "N", "the longest answer (default 256); an answer also stops at eos_token_id, <|eot_id|> or "
+                            "<|eom_id|>"},
+    {"do_sample", NULL, "draw each token from the processed softmax (the default)"},
+    {"greedy", NULL, "take the most likely token each time (do_sample false)"},
+    {"temperature", "X", "(default 0.7)"},
+    {"top_p", "X", "(default 0.9; 1 = off)"},
+    {"top_k", "N", "(default 50, transformers' default; 0 = off)"},
+    {"repetition_penalty", "X", "(default 1.1; 1 = off)"},
+    {"no_repeat_ngram_size", "N", "never repeat an n-gram of this size (default 0: off)"},
+    {"seed", "S", "the sampling's seed (default: a new one each run)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_generate[] = {
+    {"prompt", "TEXT", "the question to answer, in the card's template (or as it is with --raw)"},
+    {"input", "FILE.jsonl", "one prompt a line, {\"question\"[, \"system\"]} or {\"prompt\"} (as it is): one JSON line "
+                            "{\"question\"|\"prompt\", \"answer\", \"tokens\"} each"},
+    {"raw", NULL, "the prompt as it is, without the template (special tokens in it are parsed)"},
+    {NULL, NULL, NULL}};
+
+static const MbOpt mb_opts_info[] = {
+    {"plan", NULL, "print the memory per device of a DPO training step instead, from config.json alone (MODEL_DIR "
+                   "may be the file)"},
+    {"threads", "N", "CPU threads that read and check the weights (default 1; 0: all cores)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_plan[] = {
+    {"lora_r", "N", "(default 64, the card's)"},
+    {"lora_alpha", "X", "(default 8)"},
+    {"lora_target_modules", "LIST", "(default q_proj,k_proj)"},
+    {"per_device_train_batch_size", "N", "pairs in a micro-batch (default 4)"},
+    {"max_length", "N", "tokens per sequence (default 512)"},
+    {"gradient_checkpointing", NULL, "(default false)"},
+    {"gpus", "N", "data-parallel GPUs (default 1)"},
+    {"zero_stage", "0|1|2", "how the training state is sharded across them (default 0)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_init[] = {
+    {"config", "CONFIG_JSON", "the model's config.json (required)"},
+    {"output", "DIR", "the folder to write (required)"},
+    {"seed", "S", "(default 0)"},
+    {"dtype", "bf16|f16|f32", "the weights' dtype (default bf16)"},
+    {"std", "X", "the standard deviation of the normal weights, initializer_range (default 0.02)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_merge[] = {
+    {"model", "DIR", "the base model folder (required)"},
+    {"lora", "ADAPTER_DIR", "the PEFT adapter to merge (required)"},
+    {"output", "DIR", "the folder to write; never over an input (required)"},
+    {"tokenizer", "PATH", "the tokenizer to copy (default: the model's, else the adapter's)"},
+    {"threads", "N", "CPU threads (default 0: all cores)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_encode[] = {
+    {"tokenizer", "PATH", "tokenizer.json, tokenizer.model or a model folder (required)"},
+    {"add_bos", NULL, "<|begin_of_text|> in front (default false)"},
+    {NULL, NULL, NULL}};
+static const MbOpt mb_opts_decode[] = {
+    {"tokenizer", "PATH", "tokenizer.json, tokenizer.model or a model folder (required)"},
+    {"skip_special_tokens", NULL, "leave out special tokens such as <|eot_id|> (default false)"},
+    {NULL, NULL, NULL}};
+
+static const MbOpt mb_opts_card[] = { /* settings of the card's block that medbot has fixed or only notes */
+    {"bnb_4bit_quant_type", "nf4", "checked: nf4 is the 4-bit type medbot implements"},
+    {"bnb_4bit_use_double_quant", "true|false", "accepted: medbot's NF4 is always double-quantized"},
+    {"bias", "none", "checked: medbot trains LoRA with bias none"},
+    {"bf16", "true|false", "accepted: the CPU computes in fp32, CUDA keeps bf16 activations either way"},
+    {"effective_batch_size", "N", "pairs per optimizer step on all GPUs (batch x accumulation x GPUs): a note when "
+                                  "this run's differs"},
+    {"trainable_params", "TEXT", "the card's note (~54MB): accepted, not used"},
+    {NULL, NULL, NULL}};
+
+/* The --config keys (the card's names) of options named otherwise. */
+static const char *const mb_cli_config_renames[][2] = {
+    {"seq_length", "max_length"}, {"batch_size", "per_device_train_batch_size"}, {"r", "lora_r"},
+    {"target_modules", "lora_target_modules"}, {"output_dir", "output"}};
+
+
+/* Every command: its --help is printed from this table (main holds the functions). */
+static const MbCliCommand mb_cli_commands[] = {
+    {"info", "info MODEL_DIR [options]\ninfo MODEL_DIR --plan [options]",
+     "Prints the model's config, its parameter count by kind and bytes per dtype (and those of the 4-bit weights); "
+     "with --plan, the memory per device of a DPO training step, from config.json alone.",
+     {{"options", mb_opts_info}, {"4-bit loading (QLoRA, as bitsandbytes)", mb_opts_4bit},
+      {"--plan: the training step planned (the card's settings, flags off)", mb_opts_plan}},
+     NULL},
+    {"dpo", "dpo --model DIR --data FILE.jsonl --output DIR [options]\n"
+            "dpo [--resume_from_checkpoint latest] [--threads N] [--device cpu|cuda] [--gpu N]",
+     "Trains a LoRA adapter with DPO as TRL's DPOTrainer does. With no option but those of the second line it runs "
+     "the bundled demo: the tiny Llama in weights/tiny learns the preference pairs of weights/demo/pairs.jsonl, "
+     "into demo-output/. Options have TRL's names; --config reads them from a file.",
+     {{"model", mb_opts_train_model}, {"4-bit loading (QLoRA, as bitsandbytes)", mb_opts_4bit},
+      {"device", mb_opts_device}, {"data", mb_opts_train_data}, {NULL, mb_opts_lengths},
+      {"LoRA (PEFT's LoraConfig)", mb_opts_lora}, {"DPO loss", mb_opts_dpo_loss}, {NULL, mb_opts_dpo_ref},
+      {"optimizer and schedule", mb_opts_optim}, {"batch", mb_opts_train_batch}, {NULL, mb_opts_eval_batch},
+      {"run and output", mb_opts_train_run}, {NULL, mb_opts_seed}, {"ranks (data parallel)", mb_opts_dist},
+      {"the model card's other settings (for --config)", mb_opts_card}},
+     NULL},
+    {"sft", "sft --model DIR --data FILE.jsonl --output DIR [options]",
+     "Trains a LoRA adapter with the next-token loss of the chosen completions (the options of dpo but its loss; "
+     "a --config file's DPO settings are ignored).",
+     {{"model", mb_opts_train_model}, {"4-bit loading (QLoRA, as bitsandbytes)", mb_opts_4bit},
+      {"device", mb_opts_device}, {"data", mb_opts_train_data}, {NULL, mb_opts_lengths},
+      {"LoRA (PEFT's LoraConfig)", mb_opts_lora}, {"optimizer and schedule", mb_opts_optim},
+      {"batch", mb_opts_train_batch}, {NULL, mb_opts_eval_batch}, {"run and output", mb_opts_train_run},
+      {NULL, mb_opts_seed}, {"ranks (data parallel)", mb_opts_dist},
+      {"the model card's other settings (for --config)", mb_opts_card}},
+     "dpo"},
+    {"eval", "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [options]",
+     "Prints TRL's DPO metrics (eval_loss, eval_rewards/..., eval_logps/..., eval_logits/...) of the model with the "
+     "adapter on a file. A --config file may hold training settings too: those of dpo that eval does not take are "
+     "ignored.",
+     {{"model", mb_opts_eval_model}, {"4-bit loading (QLoRA, as bitsandbytes)", mb_opts_4bit},
+      {"device", mb_opts_device}, {"data", mb_opts_eval_data}, {NULL, mb_opts_lengths},
+      {"DPO loss", mb_opts_dpo_loss}, {"batch", mb_opts_eval_batch}, {"run", mb_opts_seed}},
+     "dpo"},
+    {"merge", "merge --model DIR --lora ADAPTER_DIR --output DIR [options]",
+     "Writes the model with the adapter merged (fp32 math): bf16 safetensors, config.json (dtype bfloat16), "
+     "generation_config.json and the tokenizer.",
+     {{"options", mb_opts_merge}},
+     NULL},
+    {"init", "init --config CONFIG_JSON --output DIR [options]",
+     "Writes a model folder with random weights (transformers' init) for a config.",
+     {{"options", mb_opts_init}},
+     NULL},
+    {"encode", "encode --tokenizer PATH [--add_bos]",
+     "Reads standard input as one text and prints its token ids on one line (special tokens in the text are split "
+     "out).",
+     {{"options", mb_opts_encode}},
+     NULL},
+    {"decode", "decode --tokenizer PATH [--skip_special_tokens]",
+     "Reads token ids (whitespace separated) from standard input and prints their text.",
+     {{"options", mb_opts_decode}},
+     NULL},
+    {"generate", "generate --model DIR (--prompt TEXT | --input FILE.jsonl) [options]",
+     "Answers with the card's prompt \"###System: {system}\\n###Question: {question}\\n###Answer: \", "
+     "<|begin_of_text|> in front, streamed to stdout; --input answers a file of prompts with one JSON line each.",
+     {{"model", mb_opts_gen_model}, {"prompts", mb_opts_generate},
+      {"sampling (HF generate's names, the card's defaults)", mb_opts_sampling},
+      {"4-bit loading (QLoRA, as bitsandbytes)", mb_opts_4bit}, {"device", mb_opts_device}},
+     NULL},
+    {"chat", "chat --model DIR [--lora ADAPTER_DIR] [options]",
+     "A conversation in the card's format, kept in the KV cache: type a question, the answer streams; /reset starts "
+     "over, /quit or Ctrl-D leaves, Ctrl-C stops an answer (the conversation goes on). From a pipe: one output line "
+     "per input line, no prompt: the answer with \\\\, \\n, \\r for a backslash, newline and carriage return; an empty "
+     "line or /reset gets an empty line. A conversation that would outgrow --max_context starts over (with a "
+     "message).",
+     {{"model", mb_opts_gen_model}, {"sampling (HF generate's names, the card's defaults)", mb_opts_sampling},
+      {"4-bit loading (QLoRA, as bitsandbytes)", mb_opts_4bit}, {"device", mb_opts_device}},
+     NULL},
+};
+
+/* The command called name, or NULL. */
+MB_UNUSED static const MbCliCommand *cli_command(const char *name) {
+    for (size_t i = 0; i < sizeof mb_cli_commands / sizeof *mb_cli_commands; i++)
+        if (!strcmp(mb_cli_commands[i].name, name)) return &mb_cli_commands[i];
+    return NULL;
+}
+
+/* Option name of command c, or NULL when c does not take it. */
+MB_UNUSED static const MbOpt *cli_option(const MbCliCommand *c, const char *name) {
+    for (int s = 0; c && s < MB_CLI_SECTIONS && c->sections[s].opts; s++)
+        for (const MbOpt *o = c->sections[s].opts; o->name; o++)
+            if (!strcmp(o->name, name)) return o;
+    return NULL;
+}
+
+/* 1 when command c reads a --config FILE.yaml of settings (dpo, sft, eval; init's --config is a config.json). */
+MB_UNUSED static int cli_reads_yaml(const MbCliCommand *c) {
+    const MbOpt *o = cli_option(c, "config");
+    return o && o->value && !strcmp(o->value, "FILE.yaml");
+}
+
+/* The option a --config key sets (the card's names renamed). */
+MB_UNUSED static const char *cli_config_option(const char *key) {
+    for (size_t k = 0; k < sizeof mb_cli_config_renames / sizeof *mb_cli_config_renames; k++)
+        if (!strcmp(key, mb_cli_config_renames[k][0])) return mb_cli_config_renames[k][1];
+    return key;
+}
+
 #ifndef MEDBOT_NO_MAIN
 
 typedef struct {
@@ -12916,13 +13238,26 @@ typedef struct {
     char **argv;
     char *used;        /* (argc) which argv entries a command consumed */
     const char *cmd;
+    const MbCliCommand *def; /* cmd's table: the options it may read */
+    const char *undeclared;  /* the first option read that is not in it (args_done fails) */
     /* settings from a --config file: consulted after the command line */
     MbKv *cfg;         /* (n_cfg) as the file has them */
     size_t n_cfg;
     const char **cfg_opt; /* (n_cfg) the option each sets (the card's names renamed) */
-    char *cfg_used;    /* (n_cfg) */
+    char *cfg_used;    /* (n_cfg) 1: read; 2: a setting of def->config_of that this command ignores */
     const char *cfg_path;
 } MbArgs;
+
+/* Options are read by name from the command's table only: any other name is a bug of medbot's (its
+ * help would not show the option), refused here rather than passed over. */
+static MbStatus arg_check(MbArgs *a, const char *name) {
+    if (cli_option(a->def, name)) return MB_OK;
+    if (!a->undeclared) a->undeclared = name;
+    return mb_fail(MB_ERR_ARG, "internal: option --%s is not in medbot %s's table", name, a->cmd);
+}
+
+/* What a reader returns when the option is absent: MB_OK, or the failure of an undeclared read. */
+static MbStatus arg_absent(MbArgs *a) { return a->undeclared ? arg_check(a, a->undeclared) : MB_OK; }
 
 /* s as option name: "=VALUE" for --name=VALUE, "" for --name alone, NULL for anything else. */
 static const char *arg_match(const char *s, const char *name) {
@@ -12935,6 +13270,8 @@ static const char *arg_match(const char *s, const char *name) {
  * setting for it, or NULL. *from: the config entry it came from, or -1 (the command line). */
 static const char *arg_find(MbArgs *a, const char *name, ptrdiff_t *from) {
     const char *found = NULL;
+    if (from) *from = -1;
+    if (arg_check(a, name)) return NULL;
     for (int i = 2; i < a->argc; i++) {
         const char *v = arg_match(a->argv[i], name);
         if (v && v[0]) {
@@ -12949,7 +13286,6 @@ static const char *arg_find(MbArgs *a, const char *name, ptrdiff_t *from) {
             }
         }
     }
-    if (from) *from = -1;
     for (size_t i = 0; i < a->n_cfg; i++)
         if (!strcmp(a->cfg_opt[i], name)) {
             a->cfg_used[i] = 1; /* known, even when the command line wins */
@@ -12989,6 +13325,8 @@ static int is_bool_word(const char *v, int *out) {
  * a boolean is left for the positional arguments. */
 static MbStatus arg_bool(MbArgs *a, const char *name, int *out) {
     int found = 0;
+    MbStatus rc = arg_check(a, name);
+    if (rc) return rc;
     for (int i = 2; i < a->argc; i++) { /* the last one wins */
         const char *v = arg_match(a->argv[i], name);
         if (!v) continue;
@@ -13017,7 +13355,7 @@ static MbStatus arg_bool(MbArgs *a, const char *name, int *out) {
 
 static MbStatus arg_int(MbArgs *a, const char *name, int *out) {
     const char *v = arg_get(a, name);
-    if (!v) return MB_OK;
+    if (!v) return arg_absent(a);
     char *end;
     errno = 0;
     long x = strtol(v, &end, 10);
@@ -13046,7 +13384,7 @@ static int is_decimal(const char *s) {
 
 static MbStatus arg_double(MbArgs *a, const char *name, double *out) {
     const char *v = arg_get(a, name);
-    if (!v) return MB_OK;
+    if (!v) return arg_absent(a);
     if (!is_decimal(v)) return arg_fail(a, name, "needs a finite decimal number, got '%s'", v);
     double x = strtod(v, NULL);
     if (!isfinite(x)) return arg_fail(a, name, "is out of range, got %s", v);
@@ -13081,6 +13419,7 @@ static const char *arg_positional(MbArgs *a) {
 }
 
 static MbStatus args_done(MbArgs *a) {
+    if (a->undeclared) return arg_check(a, a->undeclared);
     for (int i = 2; i < a->argc; i++)
         if (!a->used[i])
             return mb_fail(MB_ERR_ARG, "%s: unknown option or extra argument '%s' --> see medbot %s --help",
@@ -13101,11 +13440,9 @@ static void args_free(MbArgs *a) {
 
 /* A --config file (mb_kv_read: the card's `key: value  # comment` block as written, or a TRL /
  * PEFT YAML) as options. Keys the card uses for an option with another name are renamed; two
- * keys for one option are refused. */
+ * keys for one option are refused, and so is a key that names no option of the command (nor, for
+ * sft and eval, of dpo: those are ignored). */
 static MbStatus args_read_config(MbArgs *a, const char *path) {
-    static const char *const rename_keys[][2] = {
-        {"seq_length", "max_length"}, {"batch_size", "per_device_train_batch_size"}, {"r", "lora_r"},
-        {"target_modules", "lora_target_modules"}, {"output_dir", "output"}};
     MbStatus rc = mb_kv_read(path, &a->cfg, &a->n_cfg);
     if (rc) return rc;
     a->cfg_path = path;
@@ -13113,13 +13450,16 @@ static MbStatus args_read_config(MbArgs *a, const char *path) {
     a->cfg_used = mb_calloc(a->n_cfg + 1, 1);
     if (!a->cfg_opt || !a->cfg_used) return MB_ERR_OOM; /* (args_free frees them) */
     for (size_t i = 0; i < a->n_cfg; i++) {
-        a->cfg_opt[i] = a->cfg[i].key;
-        for (size_t k = 0; k < sizeof rename_keys / sizeof *rename_keys; k++)
-            if (!strcmp(a->cfg[i].key, rename_keys[k][0])) a->cfg_opt[i] = rename_keys[k][1];
+        a->cfg_opt[i] = cli_config_option(a->cfg[i].key);
         for (size_t j = 0; j < i; j++)
             if (!strcmp(a->cfg_opt[i], a->cfg_opt[j]))
                 return mb_fail(MB_ERR_ARG, "%s:%d: '%s' sets %s, as '%s' of line %d does", path, a->cfg[i].line,
                                a->cfg[i].key, a->cfg_opt[i], a->cfg[j].key, a->cfg[j].line);
+        if (cli_option(a->def, a->cfg_opt[i])) continue;
+        if (a->def->config_of && cli_option(cli_command(a->def->config_of), a->cfg_opt[i])) a->cfg_used[i] = 2;
+        else
+            return mb_fail(MB_ERR_ARG, "%s:%d: unknown setting '%s' for medbot %s", path, a->cfg[i].line, a->cfg[i].key,
+                           a->cmd);
     }
     return MB_OK;
 }
@@ -13214,11 +13554,11 @@ static void info_nf4(const MbModel *m) {
 
 static int cmd_info(MbArgs *a) {
     MbStatus rc;
-    int threads = 0, plan = 0;
+    int plan = 0;
     static MbProgressLines loading = {NULL, 1.0}; /* stderr: stdout holds the report */
     loading.out = stderr;
     MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CPU, .progress = {mb_progress_print, &loading}}; /* reads the files only */
-    if ((rc = arg_int_in(a, "threads", &threads, 0, INFINITY)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
+    if ((rc = arg_int_in(a, "threads", &opt.threads, 0, INFINITY)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
     const char *dir = arg_positional(a);
     if (!dir) {
         rc = mb_fail(MB_ERR_ARG, "info: which model? --> medbot info MODEL_DIR");
@@ -13309,7 +13649,7 @@ fail:
 
 static MbStatus arg_choice(MbArgs *a, const char *name, const char *const *choices, int n, int *out) {
     const char *v = arg_get(a, name);
-    if (!v) return MB_OK;
+    if (!v) return arg_absent(a);
     for (int i = 0; i < n; i++)
         if (!strcmp(v, choices[i])) return *out = i, MB_OK;
     char list[256] = "";
@@ -13330,6 +13670,7 @@ static MbStatus arg_device(MbArgs *a, int *out) {
 static MbStatus arg_compute_dtype(MbArgs *a, const char **out) {
     const char *v = *out = arg_get(a, "bnb_4bit_compute_dtype");
     MbDtype d;
+    if (!v) return arg_absent(a);
     if (v && (!compute_dtype_parse(v, &d) || strcmp(v, compute_dtype_name(d))))
         return mb_fail(MB_ERR_ARG, "%s: --bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got '%s'", a->cmd,
                        v);
@@ -13338,7 +13679,7 @@ static MbStatus arg_compute_dtype(MbArgs *a, const char **out) {
 
 static MbStatus arg_path(MbArgs *a, const char *name, const char **out) {
     const char *v = arg_get(a, name);
-    if (!v) return MB_OK;
+    if (!v) return arg_absent(a);
     if (!v[0]) return mb_fail(MB_ERR_ARG, "%s: --%s needs a path", a->cmd, name);
     *out = v;
     return MB_OK;
@@ -13394,50 +13735,33 @@ static const char *const mb_demo_args[] = {
     "--max_completion_length", "128", "--logging_steps", "5", "--eval_steps", "10", "--save_steps", "1000",
     "--gradient_checkpointing", "true", "--seed", "42", NULL};
 
-/* Options shared by dpo, sft and eval, with TRL's names. */
-static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
-    memset(job, 0, sizeof *job);
-    job->sft = sft;
-    job->nproc = 1, job->zero_stage = -1;
+/* The options of dpo and sft that eval does not take: data and evaluation, output, LoRA,
+ * optimizer, batch, ranks and the card's other settings. */
+static MbStatus train_args_training(MbArgs *a, MbTrainJob *job) {
     MbTrainConfig *c = &job->cfg;
-    mb_train_config_defaults(c);
+    const char *targets = NULL, *bnb;
+    int ignored_bool = 0, effective = 0;
     MbStatus rc;
-    const char *cfg_file = arg_get(a, "config");
-    if (cfg_file && (rc = args_read_config(a, cfg_file))) return rc;
-    const char *targets = NULL, *bnb = NULL;
-    int ignored_bool = 0, effective = 0, load_4bit = 0;
-    if ((rc = arg_path(a, "model", &job->model_dir)) || (rc = arg_path(a, "tokenizer", &job->tokenizer_path)) ||
-        (rc = arg_path(a, "data", &job->data_path)) || (rc = arg_path(a, "eval_data", &job->eval_data_path)) ||
-        (rc = arg_path(a, "output", &job->output_dir)) || (rc = arg_path(a, "lora", &job->lora_init)) ||
-        (rc = arg_path(a, "resume_from_checkpoint", &job->resume)) || (rc = arg_int(a, "threads", &job->threads)) ||
-        (rc = arg_int(a, "nproc", &job->nproc)) || (rc = arg_int(a, "zero_stage", &job->zero_stage)) ||
-        (rc = arg_double(a, "ddp_timeout", &job->ddp_timeout)) ||
-        (rc = arg_choice(a, "loss_type", mb_loss_names, 4, &c->loss_type)) ||
+    if ((rc = arg_path(a, "eval_data", &job->eval_data_path)) || (rc = arg_double(a, "eval_split", &c->eval_split)) ||
+        (rc = arg_bool(a, "shuffle", &c->shuffle)) || (rc = arg_path(a, "output", &job->output_dir)) ||
+        (rc = arg_path(a, "resume_from_checkpoint", &job->resume)) || (rc = arg_int(a, "nproc", &job->nproc)) ||
+        (rc = arg_int(a, "zero_stage", &job->zero_stage)) || (rc = arg_double(a, "ddp_timeout", &job->ddp_timeout)) ||
         (rc = arg_choice(a, "lr_scheduler_type", mb_sched_names, 4, &c->lr_scheduler_type)) ||
-        (rc = arg_double(a, "beta", &c->beta)) || (rc = arg_double(a, "label_smoothing", &c->label_smoothing)) ||
         (rc = arg_double(a, "learning_rate", &c->learning_rate)) ||
         (rc = arg_double(a, "weight_decay", &c->weight_decay)) || (rc = arg_double(a, "adam_beta1", &c->adam_beta1)) ||
         (rc = arg_double(a, "adam_beta2", &c->adam_beta2)) || (rc = arg_double(a, "adam_epsilon", &c->adam_epsilon)) ||
         (rc = arg_double(a, "max_grad_norm", &c->max_grad_norm)) ||
         (rc = arg_double(a, "warmup_ratio", &c->warmup_ratio)) || (rc = arg_int(a, "warmup_steps", &c->warmup_steps)) ||
         (rc = arg_int(a, "per_device_train_batch_size", &c->per_device_train_batch_size)) ||
-        (rc = arg_int(a, "per_device_eval_batch_size", &c->per_device_eval_batch_size)) ||
         (rc = arg_int(a, "gradient_accumulation_steps", &c->gradient_accumulation_steps)) ||
         (rc = arg_double(a, "num_train_epochs", &c->num_train_epochs)) || (rc = arg_int(a, "max_steps", &c->max_steps)) ||
-        (rc = arg_int(a, "max_length", &c->max_length)) || (rc = arg_int(a, "max_prompt_length", &c->max_prompt_length)) ||
-        (rc = arg_int(a, "max_completion_length", &c->max_completion_length)) ||
-        (rc = arg_bool(a, "add_bos", &c->add_bos)) ||
         (rc = arg_int(a, "lora_r", &c->lora.r)) || (rc = arg_double(a, "lora_alpha", &c->lora.alpha)) ||
         (rc = arg_double(a, "lora_dropout", &c->lora.dropout)) || (rc = arg_bool(a, "use_rslora", &c->lora.use_rslora)) ||
         (rc = arg_path(a, "lora_target_modules", &targets)) ||
         (rc = arg_bool(a, "gradient_checkpointing", &c->gradient_checkpointing)) ||
-        (rc = arg_bool(a, "precompute_ref_log_probs", &c->precompute_ref_log_probs)) ||
-        (rc = arg_bool(a, "shuffle", &c->shuffle)) || (rc = arg_int(a, "seed", &c->seed)) ||
         (rc = arg_int(a, "logging_steps", &c->logging_steps)) || (rc = arg_int(a, "save_steps", &c->save_steps)) ||
-        (rc = arg_int(a, "eval_steps", &c->eval_steps)) || (rc = arg_double(a, "eval_split", &c->eval_split)) ||
-        (rc = arg_bool(a, "load_in_4bit", &load_4bit)) || (rc = arg_device(a, &job->device)) ||
-        (rc = arg_int(a, "gpu", &job->gpu)) || (rc = arg_bool(a, "random_init", &job->random_init)) ||
-        /* the card's informational settings: accepted, checked or noted */
+        (rc = arg_int(a, "eval_steps", &c->eval_steps)) ||
+        /* the card's other settings: accepted, checked or noted (print_settings notes them) */
         (rc = arg_bool(a, "bf16", &ignored_bool)) || (rc = arg_int_in(a, "effective_batch_size", &effective, 1, INFINITY)) ||
         (rc = arg_bool(a, "bnb_4bit_use_double_quant", &ignored_bool)))
         return rc;
@@ -13446,22 +13770,192 @@ static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bnb_4bit_quant_type '%s': medbot implements nf4", a->cmd, bnb);
     if ((bnb = arg_get(a, "bias")) && strcmp(bnb, "none"))
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: bias '%s': medbot trains LoRA with bias none", a->cmd, bnb);
-    job->load_in_4bit = load_4bit;
-    if ((rc = arg_compute_dtype(a, &job->bnb_4bit_compute_dtype))) return rc;
-    if (targets && (rc = lora_parse_targets(targets, &c->lora.targets))) return rc;
+    if ((rc = arg_absent(a)) || (targets && (rc = lora_parse_targets(targets, &c->lora.targets)))) return rc;
     if (job->nproc < 1) return arg_fail(a, "nproc", "must be >= 1, got %d", job->nproc);
     if (job->zero_stage > 1)
         return mb_fail(MB_ERR_UNSUPPORTED, "%s: --zero_stage %d: medbot implements ZeRO stages 0 and 1", a->cmd, job->zero_stage);
+    return MB_OK;
+}
+
+/* Options of dpo, sft and eval, with TRL's names: each reads those of its table (eval: what
+ * evaluating uses; sft: all but DPO's loss). */
+static MbStatus train_args(MbArgs *a, MbTrainJob *job, int sft) {
+    memset(job, 0, sizeof *job);
+    int train = strcmp(a->cmd, "eval") != 0;
+    job->sft = sft;
+    job->nproc = 1, job->zero_stage = -1;
+    MbTrainConfig *c = &job->cfg;
+    mb_train_config_defaults(c);
+    const char *cfg_file = arg_get(a, "config");
+    MbStatus rc = arg_absent(a);
+    if (rc || (cfg_file && (rc = args_read_config(a, cfg_file)))) return rc;
+    if ((rc = arg_path(a, "model", &job->model_dir)) || (rc = arg_path(a, "tokenizer", &job->tokenizer_path)) ||
+        (rc = arg_path(a, "lora", &job->lora_init)) || (rc = arg_bool(a, "random_init", &job->random_init)) ||
+        (rc = arg_bool(a, "load_in_4bit", &job->load_in_4bit)) ||
+        (rc = arg_compute_dtype(a, &job->bnb_4bit_compute_dtype)) || (rc = arg_device(a, &job->device)) ||
+        (rc = arg_int(a, "gpu", &job->gpu)) || (rc = arg_int(a, "threads", &job->threads)) ||
+        (rc = arg_path(a, "data", &job->data_path)) || (rc = arg_int(a, "max_length", &c->max_length)) ||
+        (rc = arg_int(a, "max_prompt_length", &c->max_prompt_length)) ||
+        (rc = arg_int(a, "max_completion_length", &c->max_completion_length)) ||
+        (rc = arg_bool(a, "add_bos", &c->add_bos)) ||
+        (rc = arg_int(a, "per_device_eval_batch_size", &c->per_device_eval_batch_size)) ||
+        (rc = arg_int(a, "seed", &c->seed)))
+        return rc;
+    if ((!train || !sft) && ((rc = arg_choice(a, "loss_type", mb_loss_names, 4, &c->loss_type)) ||
+                             (rc = arg_double(a, "beta", &c->beta)) ||
+                             (rc = arg_double(a, "label_smoothing", &c->label_smoothing))))
+        return rc;
+    if (train && !sft && (rc = arg_bool(a, "precompute_ref_log_probs", &c->precompute_ref_log_probs))) return rc;
+    if (train && (rc = train_args_training(a, job))) return rc;
     char why[160]; /* every number in its range, before anything is loaded or written */
     const char *bad = train_job_invalid(job, why, sizeof why);
     if (bad) return arg_fail(a, bad, "%s", why);
-    if (!job->model_dir || (!job->data_path && a->cmd[0] != 'm'))
+    if (!job->model_dir || !job->data_path)
         return mb_fail(MB_ERR_ARG, "%s: --model DIR and --data FILE are required (medbot %s --help)", a->cmd, a->cmd);
-    if (effective && effective != c->per_device_train_batch_size * c->gradient_accumulation_steps)
-        printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
-               "this run uses one process: %d pairs per step\n", effective,
-               c->per_device_train_batch_size * c->gradient_accumulation_steps);
     return MB_OK;
+}
+
+/* ---- the settings a run starts with, one line a group, as TRL prints its config ---- */
+
+/* The --config entry that gave option name its value, or -1 (the command line, or the default). */
+static ptrdiff_t arg_config_entry(const MbArgs *a, const char *name) {
+    for (int i = 2; i < a->argc; i++)
+        if (arg_match(a->argv[i], name)) return -1;
+    for (size_t i = 0; i < a->n_cfg; i++)
+        if (a->cfg_used[i] == 1 && !strcmp(a->cfg_opt[i], name)) return (ptrdiff_t)i;
+    return -1;
+}
+
+/* One line: "name=value, ..." and the --config keys that set them (stb_ds strings). */
+typedef struct {
+    const MbArgs *a;
+    char *text, *keys;
+} MbSettingsLine;
+
+static void set_add(MbSettingsLine *l, const char *name, const char *fmt, ...) MB_PRINTF(3, 4);
+static void set_add(MbSettingsLine *l, const char *name, const char *fmt, ...) {
+    char v[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(v, sizeof v, fmt, ap);
+    va_end(ap);
+    sb_printf(&l->text, "%s%s=%s", arrlen(l->text) > 1 ? ", " : "", name, v);
+    ptrdiff_t k = arg_config_entry(l->a, name);
+    if (k >= 0) sb_printf(&l->keys, "%s%s", arrlen(l->keys) > 1 ? ", " : "", l->a->cfg[k].key);
+}
+
+static void set_bool(MbSettingsLine *l, const char *name, int v) { set_add(l, name, "%s", v ? "true" : "false"); }
+
+/* Prints the line (to stdout) and empties it. */
+static void set_print(MbSettingsLine *l, const char *group) {
+    printf("  %-10s %s", group, l->text ? l->text : "");
+    if (l->keys) printf("   (from %s: %s)", l->a->cfg_path, l->keys);
+    printf("\n");
+    arrfree(l->text), arrfree(l->keys);
+    l->text = l->keys = NULL;
+}
+
+/* The model line: folder, tokenizer, weights, 4-bit loading, device. */
+static void settings_model(MbSettingsLine *l, const MbTrainJob *job, int train) {
+    set_add(l, "model", "%s", job->model_dir);
+    if (!train) set_add(l, "lora", "%s", job->lora_init ? job->lora_init : "(none: the base model)");
+    set_add(l, "tokenizer", "%s", job->tokenizer_path ? job->tokenizer_path : "(the model's)");
+    if (job->random_init) set_add(l, "random_init", "true (no weights read: drawn from seed %d)", job->cfg.seed);
+    set_bool(l, "load_in_4bit", job->load_in_4bit);
+    if (job->load_in_4bit && cli_option(l->a->def, "bnb_4bit_quant_type"))
+        set_add(l, "bnb_4bit_quant_type", "nf4"), set_bool(l, "bnb_4bit_use_double_quant", 1);
+    if (job->load_in_4bit || job->bnb_4bit_compute_dtype) /* (or a checkpoint saved 4-bit) */
+        set_add(l, "bnb_4bit_compute_dtype", "%s", job->bnb_4bit_compute_dtype ? job->bnb_4bit_compute_dtype
+                                                                               : "(the checkpoint's, else float32)");
+    set_add(l, "device", "%s", job->device == MB_DEVICE_CPU ? "cpu" : job->device == MB_DEVICE_CUDA ? "cuda" : "auto");
+    if (job->device == MB_DEVICE_CUDA || job->gpu) set_add(l, "gpu", "%d", job->gpu);
+    set_add(l, "threads", job->threads ? "%d" : "%d (all cores)", job->threads);
+    set_print(l, "model");
+}
+
+/* Prints the settings of a dpo, sft or eval run (from train_args) before anything loads, and
+ * flushes them: each line ends with the keys of the --config file that set its values. */
+static void print_settings(MbArgs *a, const MbTrainJob *job) {
+    const MbTrainConfig *c = &job->cfg;
+    int train = strcmp(a->cmd, "eval") != 0;
+    MbSettingsLine l = {a, NULL, NULL};
+    printf("%s settings (TRL's names%s%s):\n", a->cmd, a->cfg_path ? "; the command line wins over " : "",
+           a->cfg_path ? a->cfg_path : "");
+    settings_model(&l, job, train);
+    if (train) {
+        if (job->lora_init) set_add(&l, "lora", "%s (r, lora_alpha, target_modules and use_rslora from it)", job->lora_init);
+        else {
+            set_add(&l, "lora_r", "%d", c->lora.r);
+            set_add(&l, "lora_alpha", "%g (scale %g)", c->lora.alpha,
+                    c->lora.use_rslora ? c->lora.alpha / sqrt((double)c->lora.r) : c->lora.alpha / c->lora.r);
+            char targets[128] = "";
+            for (int i = 0; i < MB_LAYER_WEIGHTS; i++)
+                if ((c->lora.targets >> i) & 1u)
+                    snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%s", targets[0] ? "," : "",
+                             lora_module_name(i));
+            set_add(&l, "lora_target_modules", "%s", targets);
+            set_bool(&l, "use_rslora", c->lora.use_rslora);
+        }
+        set_add(&l, "lora_dropout", "%g", c->lora.dropout);
+        set_add(&l, "bias", "none");
+        set_print(&l, "lora");
+    }
+    if (job->sft) set_add(&l, "loss", "next-token cross-entropy of the chosen completions (sft)");
+    else {
+        set_add(&l, "loss_type", "%s", mb_loss_names[c->loss_type]);
+        set_add(&l, "beta", "%g", c->beta);
+        set_add(&l, "label_smoothing", "%g", c->label_smoothing);
+        if (train) set_bool(&l, "precompute_ref_log_probs", c->precompute_ref_log_probs);
+    }
+    set_print(&l, job->sft ? "loss" : "dpo");
+    if (train) {
+        set_add(&l, "learning_rate", "%g", c->learning_rate);
+        set_add(&l, "lr_scheduler_type", "%s", mb_sched_names[c->lr_scheduler_type]);
+        if (c->warmup_steps > 0) set_add(&l, "warmup_steps", "%d", c->warmup_steps);
+        else set_add(&l, "warmup_ratio", "%g", c->warmup_ratio);
+        set_add(&l, "weight_decay", "%g", c->weight_decay);
+        set_add(&l, "adam_beta1", "%g", c->adam_beta1), set_add(&l, "adam_beta2", "%g", c->adam_beta2);
+        set_add(&l, "adam_epsilon", "%g", c->adam_epsilon), set_add(&l, "max_grad_norm", "%g", c->max_grad_norm);
+        set_add(&l, "num_train_epochs", "%g", c->num_train_epochs);
+        if (c->max_steps > 0) set_add(&l, "max_steps", "%d (overrides num_train_epochs)", c->max_steps);
+        set_print(&l, "optimizer");
+        set_add(&l, "per_device_train_batch_size", "%d", c->per_device_train_batch_size);
+        set_add(&l, "gradient_accumulation_steps", "%d", c->gradient_accumulation_steps);
+    }
+    set_add(&l, "per_device_eval_batch_size", "%d", c->per_device_eval_batch_size);
+    set_add(&l, "max_length", "%d", c->max_length), set_add(&l, "max_prompt_length", "%d", c->max_prompt_length);
+    set_add(&l, "max_completion_length", "%d", c->max_completion_length);
+    set_bool(&l, "add_bos", c->add_bos);
+    if (train) set_bool(&l, "gradient_checkpointing", c->gradient_checkpointing);
+    const char *bf16 = train ? arg_get(a, "bf16") : NULL, *effective = train ? arg_get(a, "effective_batch_size") : NULL;
+    if (bf16) set_add(&l, "bf16", "%s (noted)", bf16);
+    if (effective) set_add(&l, "effective_batch_size", "%s (noted)", effective);
+    set_print(&l, "batch");
+    set_add(&l, "data", "%s", job->data_path);
+    if (job->eval_data_path) set_add(&l, "eval_data", "%s", job->eval_data_path);
+    else if (train) set_add(&l, "eval_split", "%g", c->eval_split);
+    if (train) {
+        set_bool(&l, "shuffle", c->shuffle);
+        set_add(&l, "output", "%s", job->output_dir ? job->output_dir : "(none)");
+        if (job->resume) set_add(&l, "resume_from_checkpoint", "%s", job->resume);
+        set_add(&l, "logging_steps", "%d", c->logging_steps), set_add(&l, "eval_steps", "%d", c->eval_steps);
+        set_add(&l, "save_steps", "%d", c->save_steps);
+    }
+    set_add(&l, "seed", "%d", c->seed);
+    if (train) set_add(&l, "nproc", "%d", job->nproc);
+    if (train && job->nproc > 1) set_add(&l, "zero_stage", "%d", job->zero_stage < 0 ? 1 : job->zero_stage);
+    set_print(&l, "run");
+    char *ignored = NULL;
+    for (size_t i = 0; i < a->n_cfg; i++)
+        if (a->cfg_used[i] == 2) sb_printf(&ignored, "%s%s", ignored ? ", " : "", a->cfg[i].key);
+    if (ignored) printf("  %-10s %s (settings of dpo that %s does not take)\n", "ignored", ignored, a->cmd);
+    arrfree(ignored);
+    int eff = effective ? atoi(effective) : 0;
+    if (eff && eff != c->per_device_train_batch_size * c->gradient_accumulation_steps)
+        printf("note: effective_batch_size %d is per_device_train_batch_size x gradient_accumulation_steps x GPUs; "
+               "this run uses one process: %d pairs per step\n", eff,
+               c->per_device_train_batch_size * c->gradient_accumulation_steps);
+    fflush(stdout);
 }
 
 /* Prints the command line that resumes this run: the same arguments with
@@ -13564,7 +14058,7 @@ static int cmd_train(MbArgs *a, int sft) {
         }
         argv[n + 2] = "--overwrite_output_dir";
         for (int i = 2; i < a->argc; i++) argv[n + 1 + i] = a->argv[i];
-        demo.argc = total, demo.argv = argv, demo.used = used, demo.cmd = a->cmd;
+        demo.argc = total, demo.argv = argv, demo.used = used, demo.cmd = a->cmd, demo.def = a->def;
         demo.used[n + 2] = 1;
         const char *sep = root[0] ? "/" : "";
         mb_say("medbot dpo demo: the tiny Llama in %s%sweights/tiny learns the bilingual preference pairs of "
@@ -13587,6 +14081,7 @@ static int cmd_train(MbArgs *a, int sft) {
             printf("data parallel: %d ranks from %s, rendezvous on %s:%d\n", env.world, env.source, env.addr, env.port);
         fflush(stdout);
     }
+    if (!rc && (env.world <= 1 || env.rank == 0)) print_settings(args, &job);
     job.overwrite_output_dir = overwrite;
     job.interrupt = &mb_cli_stop;
     catch_signals(on_stop_signal, 1, 1);
@@ -13616,6 +14111,7 @@ static int cmd_eval(MbArgs *a) {
     if (!rc) rc = train_args(a, &job, sft);
     job.progress.fn = mb_progress_print;
     if (!rc) rc = args_done(a);
+    if (!rc) print_settings(a, &job);
     if (!rc) rc = mb_evaluate(&job);
     if (rc) {
         fprintf(stderr, "medbot: %s\n", mb_last_error());
@@ -13735,7 +14231,7 @@ static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
         (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
         (rc = arg_double(a, "repetition_penalty", &o->gen.repetition_penalty)) ||
         (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) ||
-        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)))
+        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)) || (rc = arg_bool(a, "random_init", &o->load.random_init)))
         return rc;
     o->system = arg_get(a, "system");
     if ((rc = arg_compute_dtype(a, &o->load.bnb_4bit_compute_dtype))) return rc;
@@ -13746,6 +14242,7 @@ static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
     const char *bad = generation_config_invalid(&o->gen, why, sizeof why);
     if (bad) return arg_fail(a, bad, "%s", why);
     o->gen.seed = seed_given ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    o->load.seed = seed_given ? (uint64_t)seed : 42; /* --random_init's weights: dpo's default seed draws the same */
     if (!o->model) return mb_fail(MB_ERR_ARG, "%s: --model DIR is required (medbot %s --help)", a->cmd, a->cmd);
     return MB_OK;
 }
@@ -13956,76 +14453,84 @@ static int cmd_chat(MbArgs *a) {
     return 0;
 }
 
+/* The function of each command of mb_cli_commands. */
 static const struct {
     const char *name;
     int (*fn)(MbArgs *);
-    const char *usage;
-} mb_commands[] = {
-    {"info", cmd_info, "info MODEL_DIR [--load_in_4bit] [--bnb_4bit_compute_dtype float32|bfloat16]\n"
-                       "    config, parameter count by kind, bytes per dtype (and of the 4-bit weights)\n"
-                       "  medbot info MODEL_DIR --plan [--load_in_4bit] [--lora_r 64 --lora_alpha 8\n"
-                       "      --lora_target_modules q_proj,k_proj] [--per_device_train_batch_size 4 --max_length 512\n"
-                       "      --gradient_checkpointing] [--gpus 1 --zero_stage 0]\n"
-                       "    memory per device of a DPO training step, from config.json alone"},
-    {"dpo", cmd_dpo, "dpo --model DIR --data FILE.jsonl --output DIR [options]   (no arguments: the bundled demo)\n"
-                     "    trains a LoRA adapter with DPO as TRL's DPOTrainer. Options (TRL names): --beta --loss_type\n"
-                     "    sigmoid|hinge|ipo|robust --label_smoothing --learning_rate --lr_scheduler_type\n"
-                     "    linear|cosine|constant|constant_with_warmup --warmup_ratio --warmup_steps --num_train_epochs\n"
-                     "    --max_steps --per_device_train_batch_size --per_device_eval_batch_size\n"
-                     "    --gradient_accumulation_steps --max_length --max_prompt_length --max_completion_length\n"
-                     "    --max_grad_norm --weight_decay --lora_r --lora_alpha --lora_dropout --lora_target_modules\n"
-                     "    --use_rslora --gradient_checkpointing --precompute_ref_log_probs --seed --logging_steps\n"
-                     "    --save_steps --eval_steps --eval_data FILE --eval_split 0.05 --resume_from_checkpoint DIR|latest\n"
-                     "    --lora ADAPTER_DIR (start from an adapter) --tokenizer PATH --shuffle true|false --add_bos\n"
-                     "    --threads N --config FILE.yaml (the card's key: value block, e.g. weights/dpo_card.yaml)\n"
-                     "    --nproc N (data-parallel ranks in this process: CPU threads, or N GPUs with CUDA)\n"
-                     "    --zero_stage 0|1 (default 1 with ranks); under torchrun (WORLD_SIZE > 1) one GPU per process\n"
-                     "      (NCCL), or CPU processes joined over TCP; --ddp_timeout S (1800): a rank that dies or hangs\n"
-                     "      stops the job within S seconds\n"
-                     "    --device cpu|cuda (default: cuda when a GPU is present) --gpu N (first GPU)\n"
-                     "    --random_init (no weights read: random ones from --seed, for speed and memory at real shapes)"},
-    {"sft", cmd_sft, "sft --model DIR --data FILE.jsonl --output DIR [options]\n"
-                     "    trains a LoRA adapter with next-token loss on the chosen completions (options as dpo)"},
-    {"eval", cmd_eval, "eval --model DIR --lora ADAPTER_DIR --data FILE.jsonl [--sft] [--device cpu|cuda]\n"
-                       "    prints TRL's DPO metrics (eval_loss, eval_rewards/..., eval_logps/...) on a file"},
-    {"merge", cmd_merge, "merge --model DIR --lora ADAPTER_DIR --output DIR [--tokenizer PATH] [--threads N]\n"
-                         "    writes the model with the adapter merged (fp32 math): bf16 safetensors, config.json (dtype\n"
-                         "    bfloat16), generation_config.json and the tokenizer (--tokenizer, else the model's, else the\n"
-                         "    adapter's); never over an input"},
-    {"init", cmd_init, "init --config CONFIG_JSON --output DIR [--seed S] [--dtype bf16|f16|f32] [--std 0.02]\n"
-                       "    writes a model folder with random weights (transformers' init) for a config"},
-    {"encode", cmd_encode, "encode --tokenizer PATH [--add_bos]\n"
-                           "    reads standard input as one text, prints its token ids on one line (PATH: tokenizer.json,\n"
-                           "    tokenizer.model or a model folder; special tokens in the text are split out)"},
-    {"decode", cmd_decode, "decode --tokenizer PATH [--skip_special_tokens]\n"
-                           "    reads token ids (whitespace separated) from standard input, prints their text"},
-    {"generate", cmd_generate,
-     "generate --model DIR (--prompt TEXT | --input FILE.jsonl) [options]\n"
-     "    answers with the card's prompt \"###System: {system}\\n###Question: {question}\\n###Answer: \" (--raw: the\n"
-     "    text as it is; <|begin_of_text|> in front unless --add_bos false), streamed to stdout; --input: one JSON\n"
-     "    line per line of {\"question\"[, \"system\"]} or {\"prompt\"}: {\"question\", \"answer\", \"tokens\"}.\n"
-     "    Options (HF generate's names, the card's defaults): --max_new_tokens 256 --do_sample | --greedy\n"
-     "    --temperature 0.7 --top_p 0.9 --top_k 50 (transformers' default; 0 = off) --repetition_penalty 1.1\n"
-     "    --no_repeat_ngram_size 0 --seed S (default: a new one each run) --system TEXT --lora ADAPTER_DIR\n"
-     "    --tokenizer PATH --max_context N (default: max_position_embeddings, at most 4096) --threads N\n"
-     "    --load_in_4bit [--bnb_4bit_compute_dtype float32|bfloat16] (NF4 base, as bitsandbytes)\n"
-     "    --device cpu|cuda (default: cuda when a GPU is present) --gpu N.\n"
-     "    Stops at eos_token_id, <|eot_id|>, <|eom_id|> or max_new_tokens."},
-    {"chat", cmd_chat,
-     "chat --model DIR [--lora ADAPTER_DIR] [options as generate]\n"
-     "    a conversation in the card's format, kept in the KV cache: type a question, the answer streams; /reset\n"
-     "    starts over, /quit or Ctrl-D leaves, Ctrl-C stops an answer (the conversation goes on). From a pipe: one\n"
-     "    output line per input line, no prompt: the answer with \\\\, \\n, \\r for a backslash, newline and\n"
-     "    carriage return; an empty line or /reset gets an empty line. A conversation that would outgrow\n"
-     "    --max_context starts over (with a message)."},
-};
+} mb_command_fns[] = {{"info", cmd_info},     {"dpo", cmd_dpo},       {"sft", cmd_sft},       {"eval", cmd_eval},
+                      {"merge", cmd_merge},   {"init", cmd_init},     {"encode", cmd_encode}, {"decode", cmd_decode},
+                      {"generate", cmd_generate}, {"chat", cmd_chat}};
+
+#define MB_HELP_WIDTH 100 /* columns of --help */
+#define MB_HELP_COLUMN 36 /* where an option's help starts */
+
+/* Writes text from column `at` (where the cursor is), wrapped at MB_HELP_WIDTH, each further line
+ * indented to column indent; ends the line. */
+static void help_wrap(FILE *f, const char *text, int at, int indent) {
+    for (const char *p = text; *p;) {
+        while (*p == ' ') p++;
+        size_t n = strcspn(p, " ");
+        if (!n) break;
+        if (at > indent && at + 1 + (int)n > MB_HELP_WIDTH) {
+            fprintf(f, "\n%*s", indent, "");
+            at = indent;
+        } else if (at > indent) {
+            fputc(' ', f);
+            at++;
+        }
+        fprintf(f, "%.*s", (int)n, p);
+        at += (int)n;
+        p += n;
+    }
+    fputc('\n', f);
+}
+
+/* The command's usage lines: the first after `first` ("...medbot "), the others aligned under it. */
+static void help_usage(FILE *f, const MbCliCommand *c, const char *first) {
+    const char *u = c->usage;
+    for (int i = 0; *u; i++) {
+        size_t n = strcspn(u, "\n");
+        if (i) fprintf(f, "%*smedbot %.*s\n", (int)strlen(first) - 7, "", (int)n, u);
+        else fprintf(f, "%s%.*s\n", first, (int)n, u);
+        u += n + (u[n] == '\n');
+    }
+}
+
+/* medbot CMD --help: usage, what it does, then every option of its table, under its headings. */
+static void help_command(FILE *f, const MbCliCommand *c) {
+    help_usage(f, c, "usage: medbot ");
+    fputc('\n', f);
+    help_wrap(f, c->about, 0, 0);
+    for (int s = 0; s < MB_CLI_SECTIONS && c->sections[s].opts; s++) {
+        if (c->sections[s].title) fprintf(f, "\n%s:\n", c->sections[s].title);
+        for (const MbOpt *o = c->sections[s].opts; o->name; o++) {
+            char head[128], keys[64] = "";
+            int n = snprintf(head, sizeof head, "  --%s%s%s", o->name, o->value ? " " : "", o->value ? o->value : "");
+            for (size_t k = 0; k < sizeof mb_cli_config_renames / sizeof *mb_cli_config_renames; k++)
+                if (!strcmp(mb_cli_config_renames[k][1], o->name))
+                    snprintf(keys, sizeof keys, " (--config key: %s)", mb_cli_config_renames[k][0]);
+            fputs(head, f);
+            if (n + 2 > MB_HELP_COLUMN) fprintf(f, "\n%*s", MB_HELP_COLUMN, "");
+            else fprintf(f, "%*s", MB_HELP_COLUMN - n, "");
+            char text[512];
+            snprintf(text, sizeof text, "%s%s", o->help, cli_reads_yaml(c) ? keys : "");
+            help_wrap(f, text, MB_HELP_COLUMN, MB_HELP_COLUMN);
+        }
+    }
+}
 
 static void usage(FILE *f) {
     fprintf(f, "medbot %s: train (LoRA + DPO) and serve a Llama-3.1 medical chatbot\n\nusage: medbot COMMAND [options]\n\n",
             MEDBOT_VERSION);
-    for (size_t i = 0; i < sizeof mb_commands / sizeof *mb_commands; i++)
-        fprintf(f, "  medbot %s\n", mb_commands[i].usage);
-    fprintf(f, "\nmedbot COMMAND --help shows one command.\n");
+    for (size_t i = 0; i < sizeof mb_cli_commands / sizeof *mb_cli_commands; i++) {
+        const char *about = mb_cli_commands[i].about, *end = strstr(about, ". ");
+        char first[512]; /* its first sentence */
+        snprintf(first, sizeof first, "%.*s", end ? (int)(end - about + 1) : (int)strlen(about), about);
+        help_usage(f, &mb_cli_commands[i], "  medbot ");
+        fprintf(f, "    ");
+        help_wrap(f, first, 4, 4);
+    }
+    fprintf(f, "\nmedbot COMMAND --help lists a command's options.\n");
 }
 
 int main(int argc, char **argv) {
@@ -14038,21 +14543,22 @@ int main(int argc, char **argv) {
         printf("medbot %s\n", MEDBOT_VERSION);
         return 0;
     }
-    for (size_t i = 0; i < sizeof mb_commands / sizeof *mb_commands; i++) {
-        if (strcmp(argv[1], mb_commands[i].name)) continue;
+    for (size_t i = 0; i < sizeof mb_command_fns / sizeof *mb_command_fns; i++) {
+        if (strcmp(argv[1], mb_command_fns[i].name)) continue;
+        const MbCliCommand *def = cli_command(argv[1]);
         for (int k = 2; k < argc; k++)
             if (!strcmp(argv[k], "--help") || !strcmp(argv[k], "-h")) {
-                printf("usage: medbot %s\n", mb_commands[i].usage);
+                help_command(stdout, def);
                 return 0;
             }
         MbArgs a;
         memset(&a, 0, sizeof a);
-        a.argc = argc, a.argv = argv, a.used = mb_calloc((size_t)argc, 1), a.cmd = mb_commands[i].name;
+        a.argc = argc, a.argv = argv, a.used = mb_calloc((size_t)argc, 1), a.cmd = def->name, a.def = def;
         if (!a.used) {
             fprintf(stderr, "medbot: %s\n", mb_last_error());
             return 1;
         }
-        int rc = mb_commands[i].fn(&a);
+        int rc = mb_command_fns[i].fn(&a);
         args_free(&a);
         return rc;
     }

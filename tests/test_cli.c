@@ -3,6 +3,8 @@
  * non-zero exit code, and no crash. */
 #include "test.h"
 
+#define FIX "tests/fixtures/dpo"
+
 static void sh(const char *fmt, const char *a, const char *b) {
     char cmd[1024];
     snprintf(cmd, sizeof cmd, fmt, a, b);
@@ -388,9 +390,274 @@ static void library_entry_points_check_ranges(void) {
           "%s", mb_last_error());
 }
 
+/* ---- every option a command reads is in its table, and its --help shows the whole table ---- */
+
+/* 1 when text holds "--name" as a whole option (followed by a blank, '=', or the line's end). */
+static int has_option(const char *text, const char *name) {
+    size_t n = strlen(name);
+    for (const char *p = strstr(text, "--"); p; p = strstr(p + 2, "--"))
+        if (!strncmp(p + 2, name, n) && (p[2 + n] == ' ' || p[2 + n] == '\n' || p[2 + n] == '=' || !p[2 + n]) &&
+            (p == text || p[-1] == ' ' || p[-1] == '\n' || p[-1] == '['))
+            return 1;
+    return 0;
+}
+
+static void help_shows_every_option_of_the_table(void) {
+    static char out[1 << 16];
+    char cmd[256];
+    size_t ncmd = sizeof mb_cli_commands / sizeof *mb_cli_commands, total = 0;
+    for (size_t i = 0; i < ncmd; i++) {
+        const MbCliCommand *c = &mb_cli_commands[i];
+        snprintf(cmd, sizeof cmd, "%s %s --help", t_medbot(), c->name);
+        int rc = t_run(cmd, out, sizeof out);
+        CHECK(rc == 0 && !strncmp(out, "usage: medbot ", 14), "%s --help: exit %d: %.200s", c->name, rc, out);
+        size_t n = 0;
+        for (int s = 0; s < MB_CLI_SECTIONS && c->sections[s].opts; s++)
+            for (const MbOpt *o = c->sections[s].opts; o->name; o++, n++) {
+                CHECK(has_option(out, o->name), "medbot %s --help does not show --%s", c->name, o->name);
+                CHECK(cli_option(c, o->name) == o, "%s: --%s is in its table twice", c->name, o->name);
+                CHECK(o->help && o->help[0], "%s: --%s has no help", c->name, o->name);
+            }
+        for (const char *line = out; *line;) { /* readable in a 100-column terminal */
+            size_t len = strcspn(line, "\n");
+            CHECK(len <= 100, "%s --help: a line of %zu columns: %.*s", c->name, len, (int)len, line);
+            line += len + (line[len] == '\n');
+        }
+        CHECK(n > 0 && strlen(out) + 1 < sizeof out, "%s: %zu options, %zu bytes of help", c->name, n, strlen(out));
+        total += n;
+    }
+    /* the overview names every command; an unknown one has no table */
+    int rc = t_run("./medbot --help", out, sizeof out);
+    for (size_t i = 0; i < ncmd; i++) {
+        snprintf(cmd, sizeof cmd, "medbot %s ", mb_cli_commands[i].name);
+        CHECK(rc == 0 && strstr(out, cmd), "medbot --help: no '%s'", cmd);
+    }
+    CHECK(!cli_command("frobnicate") && !cli_option(cli_command("dpo"), "frobnicate"), "no table for unknown names");
+    /* the issue's cases */
+    CHECK(cli_option(cli_command("dpo"), "load_in_4bit") && cli_option(cli_command("dpo"), "bnb_4bit_compute_dtype") &&
+              cli_option(cli_command("eval"), "tokenizer") && cli_option(cli_command("generate"), "random_init") &&
+              cli_option(cli_command("chat"), "random_init"),
+          "dpo's 4-bit options, eval's --tokenizer, generate's and chat's --random_init");
+    printf("    %zu commands, %zu options: each in its command's --help\n", ncmd, total);
+}
+
+static int ident_char(char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+/* The names medbot.c reads options by: the string after arg_xxx(args, in the CLI's source. Each must
+ * be an option of some command's table (at run time a command may read only its own: see below). */
+static void every_option_the_source_reads_is_declared(void) {
+    char *src = NULL;
+    size_t n = 0, found = 0;
+    CHECK_OK(mb_read_file("medbot.c", &src, &n));
+    if (!src) return;
+    const char *cli = strstr(src, "// ---------- 13. cli ----------");
+    CHECK(cli != NULL, "medbot.c has no CLI section");
+    for (const char *p = cli ? cli : src; (p = strstr(p, "arg_")); p += 4) {
+        if (p > src && ident_char(p[-1])) continue; /* (not xarg_) */
+        const char *q = p + 4;
+        while (ident_char(*q)) q++;
+        if (*q != '(') continue;
+        q += strcspn(q, ",;)\n");
+        if (*q != ',') continue; /* the call's first argument, then the name */
+        while (*++q == ' ') {}
+        if (*q != '"') continue;
+        size_t len = strcspn(q + 1, "\"");
+        char name[64];
+        snprintf(name, sizeof name, "%.*s", (int)len, q + 1);
+        int declared = 0;
+        for (size_t i = 0; i < sizeof mb_cli_commands / sizeof *mb_cli_commands; i++)
+            declared |= cli_option(&mb_cli_commands[i], name) != NULL;
+        CHECK(declared, "medbot.c reads --%s (%.*s), which no command's table declares", name, (int)(q - p + len + 2), p);
+        found++;
+    }
+    free(src);
+    CHECK(found > 100, "only %zu option reads found in medbot.c: has the CLI's style changed?", found);
+    printf("    %zu option reads in medbot.c's CLI, each of a declared option\n", found);
+}
+
+/* A value for an option from its placeholder: the first of a|b|c, a path for a file or folder, a
+ * number, or the word itself (nf4, none). */
+static const char *sample_value(const MbOpt *o, char *buf, size_t cap) {
+    const char *v = o->value;
+    if (strchr(v, '|')) snprintf(buf, cap, "%.*s", (int)strcspn(v, "|"), v);
+    else snprintf(buf, cap, "%s", v);
+    if (!strcmp(buf, "N") || !strcmp(buf, "S")) return "1";
+    if (!strcmp(buf, "X")) return "0.25";
+    if (!strcmp(buf, "TEXT")) return "x";
+    if (!strcmp(buf, "LIST")) return "q_proj";
+    if (strstr(buf, "DIR") || strstr(buf, "PATH") || strstr(buf, "FILE") || strstr(buf, "JSON")) {
+        snprintf(buf, cap, "%s/none", t_tmp_root()); /* (nothing there: the run stops once it looks) */
+        return buf;
+    }
+    return buf;
+}
+
+/* Each command with each option of its table, after the options it needs: every one is read
+ * (never "unknown option"), and no read of an option outside the table ("internal: ...") happens
+ * on the way. Each run stops at its missing model, tokenizer or config. */
+static void every_option_of_a_table_is_read(void) {
+    static char out[1 << 16];
+    char cmd[2048], buf[300];
+    const char *T = t_tmp_root();
+    struct {
+        const char *name, *base, *alt; /* alt: the base for the options base does not read */
+    } runs[] = {
+        {"info", "/nonexistent/model", "/nonexistent/model --plan"},
+        {"dpo", "--model /nonexistent/m --data /nonexistent/d.jsonl --output %s/o", NULL},
+        {"sft", "--model /nonexistent/m --data /nonexistent/d.jsonl --output %s/o", NULL},
+        {"eval", "--model /nonexistent/m --lora /nonexistent/a --data /nonexistent/d.jsonl", NULL},
+        {"merge", "--model /nonexistent/m --lora /nonexistent/a --output %s/o", NULL},
+        {"init", "--config /nonexistent/config.json --output %s/o", NULL},
+        {"encode", "--tokenizer /nonexistent/t.json", NULL},
+        {"decode", "--tokenizer /nonexistent/t.json", NULL},
+        {"generate", "--model /nonexistent/m --prompt hi", NULL},
+        {"chat", "--model /nonexistent/m", NULL},
+    };
+    size_t nruns = sizeof runs / sizeof *runs, tried = 0;
+    CHECK(nruns == sizeof mb_cli_commands / sizeof *mb_cli_commands, "a run for each command");
+    for (size_t i = 0; i < nruns; i++) {
+        const MbCliCommand *c = cli_command(runs[i].name);
+        CHECK(c != NULL, "no table for %s", runs[i].name);
+        if (!c) continue;
+        char base[512], alt[512];
+        snprintf(base, sizeof base, runs[i].base, T);
+        snprintf(alt, sizeof alt, "%s", runs[i].alt ? runs[i].alt : "");
+        for (int s = -1; s < MB_CLI_SECTIONS && (s < 0 || c->sections[s].opts); s++)
+            for (const MbOpt *o = s < 0 ? NULL : c->sections[s].opts; s < 0 || o->name; o = o ? o + 1 : NULL) {
+                char opt[400] = "";
+                if (o) snprintf(opt, sizeof opt, "--%s %s", o->name, o->value ? sample_value(o, buf, sizeof buf) : "");
+                int rc = -2;
+                for (int k = 0; k < (alt[0] ? 2 : 1); k++) {
+                    snprintf(cmd, sizeof cmd, "%s %s %s %s </dev/null", t_medbot(), c->name, k ? alt : base, opt);
+                    rc = t_run(cmd, out, sizeof out);
+                    if (!strstr(out, "unknown option")) break;
+                }
+                CHECK(rc > 0 && rc < 128 && !strstr(out, "unknown option") && !strstr(out, "internal:") &&
+                          !strstr(out, "Sanitizer"),
+                      "medbot %s %s: exit %d: %s", c->name, opt[0] ? opt : "(no option)", rc, out);
+                tried++;
+                if (!o) break;
+            }
+    }
+    printf("    %zu runs: every option of every table read, none outside it\n", tried);
+}
+
+/* --config keys: the card's names renamed onto options of dpo; sft and eval take the same file,
+ * ignoring dpo's settings they do not use, and an unknown key is refused by every command. */
+static void config_keys_map_onto_options(void) {
+    const MbCliCommand *dpo = cli_command("dpo");
+    for (size_t k = 0; k < sizeof mb_cli_config_renames / sizeof *mb_cli_config_renames; k++)
+        CHECK(cli_option(dpo, mb_cli_config_renames[k][1]), "the config key %s sets --%s, not an option of dpo",
+              mb_cli_config_renames[k][0], mb_cli_config_renames[k][1]);
+    MbKv *kv = NULL;
+    size_t n = 0;
+    CHECK_OK(mb_kv_read("weights/dpo_card.yaml", &kv, &n));
+    for (size_t i = 0; i < n; i++)
+        CHECK(cli_option(dpo, cli_config_option(kv[i].key)), "weights/dpo_card.yaml:%d: %s is no option of dpo",
+              kv[i].line, kv[i].key);
+    mb_kv_free(kv, n);
+    const char *y = t_tmp("k.yaml");
+    char args[600];
+    const char *cmds[] = {"dpo", "sft", "eval"};
+    for (int i = 0; i < 3; i++) {
+        CHECK_OK(mb_write_file(y, "beta: 0.1\nfrobnicate: 3\n", 24));
+        snprintf(args, sizeof args, "%s --config %s --model /nonexistent/m --data /nonexistent/d --output %s", cmds[i],
+                 y, t_tmp("kout"));
+        if (i == 2) snprintf(args, sizeof args, "eval --config %s --model /nonexistent/m --data /nonexistent/d", y);
+        t_expect_failure(args, "k.yaml:2: unknown setting 'frobnicate' for medbot", cmds[i]);
+    }
+}
+
+/* dpo, sft and eval print their settings first, one line a group, flushed before anything loads,
+ * each line naming the --config keys that set its values. */
+static void training_prints_its_settings_first(void) {
+    static char out[1 << 16];
+    char cmd[2048];
+    /* the card switches 4-bit on: the model line says so, and names the file's key */
+    snprintf(cmd, sizeof cmd, "%s dpo --config weights/dpo_card.yaml --model /nonexistent/m --data " FIX
+             "/data.jsonl --output %s --max_steps 1 --learning_rate 1e-4", t_medbot(), t_tmp("set"));
+    int rc = t_run(cmd, out, sizeof out);
+    printf("%s", out);
+    const char *model = strstr(out, "\n  model ");
+    const char *err = strstr(out, "medbot: /nonexistent/m");
+    CHECK(rc == 1 && !strncmp(out, "dpo settings (TRL's names; the command line wins over weights/dpo_card.yaml)", 76),
+          "the first line: %.100s", out);
+    CHECK(model && err && model < err, "the settings come before the failure to load (flushed)");
+    size_t mlen = model ? strcspn(model + 1, "\n") : 0;
+    char line[2048];
+    snprintf(line, sizeof line, "%.*s", (int)mlen, model ? model + 1 : "");
+    CHECK(strstr(line, "load_in_4bit=true") && strstr(line, "bnb_4bit_compute_dtype=bfloat16") &&
+              strstr(line, "(from weights/dpo_card.yaml: load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, "
+                           "bnb_4bit_compute_dtype)"),
+          "the model line: %s", line);
+    const char *groups[] = {"\n  lora       lora_r=64, lora_alpha=8 (scale 0.125)", "\n  dpo        loss_type=sigmoid",
+                            "\n  optimizer  learning_rate=0.0001, lr_scheduler_type=cosine", "\n  batch      ",
+                            "\n  run        data=" FIX "/data.jsonl", "\nnote: effective_batch_size 256"};
+    for (size_t i = 0; i < sizeof groups / sizeof *groups; i++) CHECK(strstr(out, groups[i]), "%s", groups[i] + 1);
+    const char *opt = strstr(out, "\n  optimizer");
+    CHECK(opt && strstr(opt, "(from weights/dpo_card.yaml: lr_scheduler_type, warmup_ratio, num_train_epochs)\n"),
+          "the command line's learning_rate is not the file's");
+    /* the command line switches it off again: no mark */
+    snprintf(cmd, sizeof cmd, "%s dpo --config weights/dpo_card.yaml --load_in_4bit false --model /nonexistent/m "
+             "--data /nonexistent/d --output %s", t_medbot(), t_tmp("set"));
+    t_run(cmd, out, sizeof out);
+    model = strstr(out, "\n  model ");
+    CHECK(model && strstr(model, "load_in_4bit=false") && !strstr(model, "(from weights/dpo_card.yaml: load_in_4bit"),
+          "--load_in_4bit false wins: %s", out);
+    /* sft and eval: their own lines, and the card's settings they ignore */
+    snprintf(cmd, sizeof cmd, "%s eval --config weights/dpo_card.yaml --model /nonexistent/m --data /nonexistent/d",
+             t_medbot());
+    t_run(cmd, out, sizeof out);
+    CHECK(!strncmp(out, "eval settings", 13) && strstr(out, "\n  model      model=/nonexistent/m, lora=(none") &&
+              strstr(out, "\n  ignored    batch_size, gradient_accumulation_steps, effective_batch_size") &&
+              !strstr(out, "\n  optimizer"),
+          "eval: %s", out);
+    snprintf(cmd, sizeof cmd, "%s sft --config weights/dpo_card.yaml --model /nonexistent/m --data /nonexistent/d "
+             "--output %s", t_medbot(), t_tmp("set"));
+    t_run(cmd, out, sizeof out);
+    CHECK(!strncmp(out, "sft settings", 12) && strstr(out, "\n  loss       loss=next-token") &&
+              strstr(out, "\n  ignored    beta, loss_type (settings of dpo that sft does not take)"),
+          "sft: %s", out);
+}
+
+/* generate --random_init draws the weights from --seed: no weight file is read (a folder whose
+ * model.safetensors is garbage answers), the answer is that of the same seed on any folder of
+ * that config, and not the real weights' answer. */
+static void generate_random_init_reads_no_weights(void) {
+    static char out[4][4096];
+    char cmd[2048], path[512];
+    const char *dir = t_tmp("randmodel");
+    mkdir(dir, 0755);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    CHECK_OK(mb_copy_file("weights/tiny/config.json", path));
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    CHECK_OK(mb_write_file(path, "not a safetensors file", 22));
+    const char *models[] = {"weights/tiny", dir, "weights/tiny", dir};
+    const char *flags[] = {"--random_init", "--random_init", "", ""};
+    int rc[4];
+    for (int i = 0; i < 4; i++) {
+        snprintf(cmd, sizeof cmd, "%s generate --model %s %s --seed 1 --prompt hi --raw --greedy --max_new_tokens 4 "
+                 "--tokenizer weights/llama3/tokenizer.model 2>/dev/null", t_medbot(), models[i], flags[i]);
+        rc[i] = t_run(cmd, out[i], sizeof out[i]);
+        printf("    %-40s %-14s exit %d: %s", models[i], flags[i], rc[i], out[i]);
+    }
+    CHECK(rc[0] == 0 && rc[1] == 0 && out[0][0] && !strcmp(out[0], out[1]), "random weights from the seed alone");
+    CHECK(rc[2] == 0 && strcmp(out[0], out[2]), "not the real weights' answer");
+    CHECK(rc[3] == 1, "without --random_init the garbage file is read, and refused");
+    /* chat takes it too */
+    snprintf(cmd, sizeof cmd, "echo hi | %s chat --model %s --random_init --seed 1 --greedy --max_new_tokens 4 "
+             "--tokenizer weights/llama3/tokenizer.model", t_medbot(), dir);
+    CHECK(t_run(cmd, out[0], sizeof out[0]) == 0, "chat --random_init: %s", out[0]);
+}
+
 MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad_input_truncated_safetensors),
              T(bad_input_offsets_past_the_end), T(bad_input_shape_size_mismatch),
              T(bad_input_config_without_required_field), T(bad_input_tensor_missing_from_a_shard),
              T(bad_input_unknown_command_and_option), T(config_reader_takes_the_yaml_subset),
              T(config_reader_refuses_other_yaml), T(option_values_are_range_checked),
-             T(library_entry_points_check_ranges))
+             T(library_entry_points_check_ranges), T(help_shows_every_option_of_the_table),
+             T(every_option_the_source_reads_is_declared), T(every_option_of_a_table_is_read),
+             T(config_keys_map_onto_options), T(training_prints_its_settings_first),
+             T(generate_random_init_reads_no_weights))
