@@ -160,13 +160,42 @@ stale() {
     [ -n "$(find tests -maxdepth 2 \( -name '*.h' -o -path 'tests/gpu/*.c' \) -newer "$1" 2>/dev/null | head -1)" ]
 }
 
+# compile WHAT OUT SRC EXTRA_FLAGS...: compiles SRC into OUT, saying WHAT it compiles and, at the
+# end, how long it took. On a terminal one line counts the seconds while the compiler runs (its
+# messages are printed when it ends, so that they do not land on that line); otherwise WHAT is one
+# line before the compiler's output.
+compile() {
+  local what=$1 out=$2 src=$3; shift 3
+  local t0=$SECONDS rc=0
+  if [ -t 1 ]; then
+    local log=$BUILD/compile.log ticker
+    ( while kill -0 $$ 2>/dev/null; do printf '\r%s... %d s ' "$what" $((SECONDS - t0)); sleep 1; done ) &
+    ticker=$!
+    trap 'kill "$ticker" 2>/dev/null' EXIT  # an interrupted build leaves no ticker behind
+    # shellcheck disable=SC2086
+    $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS > "$log" 2>&1 || rc=$?
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    trap - EXIT
+    printf '\r\033[K'
+    cat "$log" >&2
+    rm -f "$log"
+  else
+    echo "$what..."
+    # shellcheck disable=SC2086
+    $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS || rc=$?
+  fi
+  [ $rc = 0 ] || return $rc
+  echo "compiled $(shown "$out") in $((SECONDS - t0)) s"
+}
+
+# shown PATH: PATH as a user types it (./medbot, build/tests)
+shown() { case $1 in */*) echo "$1" ;; *) echo "./$1" ;; esac; }
+
 # build_bin OUT SRC EXTRA_FLAGS...: compiles SRC into OUT when OUT is stale
 build_bin() {
-  local out=$1 src=$2; shift 2
-  if stale "$out" "$src"; then
-    # shellcheck disable=SC2086
-    $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS
-  fi
+  local out=$1 src=$2
+  if stale "$out" "$src"; then compile "compiling $(shown "$out") from $src" "$@"; fi
 }
 
 build_medbot() {
@@ -211,7 +240,7 @@ gen_unity() {
 }
 
 run_tests() {
-  local sanitize=0 filter=""
+  local sanitize=0 filter="" t_start=$SECONDS
   for a in "$@"; do
     case "$a" in
       --sanitize) sanitize=1 ;;
@@ -233,21 +262,20 @@ run_tests() {
   gen_unity "$dir/tests.c"
   # the unit also depends on the test files it includes
   if stale "$dir/tests" "$dir/tests.c" || [ -n "$(find "${srcs[@]}" -newer "$dir/tests" | head -1)" ]; then
-    local t0=$SECONDS
-    echo "compiling $dir/tests: medbot.c and the ${#srcs[@]} test files in one unit (about a minute)..."
     rm -f "$dir/tests"
-    build_bin "$dir/tests" "$dir/tests.c" $flags || die "building the tests failed"
-    echo "compiled $dir/tests in $((SECONDS - t0)) s"
+    # shellcheck disable=SC2086
+    compile "compiling $dir/tests: medbot.c + ${#srcs[@]} test files in one unit" \
+      "$dir/tests" "$dir/tests.c" $flags || die "building the tests failed"
   fi
   for src in "${srcs[@]}"; do ln -sf tests "$dir/$(basename "$src" .c)"; done
-  local passed=0 failed=0 out line rc
+  local passed=0 failed=0 line rc
   for src in "${srcs[@]}"; do
     local name; name=$(basename "$src" .c)
+    # each test's name is printed as it starts (test.h): shown as it is written, and kept in the log
     set +e
-    "$dir/$name" "$filter" > "$dir/$name.log" 2>&1
-    rc=$?
+    "$dir/$name" "$filter" 2>&1 | tee "$dir/$name.log"
+    rc=${PIPESTATUS[0]}
     set -e
-    cat "$dir/$name.log"
     line=$(tail -1 "$dir/$name.log" | grep -E '^[0-9]+ passed, [0-9]+ failed$' || true)
     if [ -z "$line" ]; then
       echo "FAIL $name: crashed or exited without a summary (exit $rc)" >&2
@@ -261,7 +289,9 @@ run_tests() {
       failed=$((failed + 1))
     fi
   done
-  echo "$passed passed, $failed failed"
+  local took=$((SECONDS - t_start))
+  echo "tests took $([ $took -ge 60 ] && echo "$((took / 60)) min ")$((took % 60)) s (compiling included)"
+  echo "$passed passed, $failed failed"  # the last line: .ci/run and tools read it
   [ $failed = 0 ]
 }
 
