@@ -62,7 +62,8 @@ pkg_install() {
     if ! command -v sudo >/dev/null 2>&1; then
       NO_INSTALL="not root and no sudo"; return 1
     elif sudo -n true 2>/dev/null; then sudo="sudo "
-    elif [ -t 0 ]; then sudo="sudo "  # sudo asks for the password on the terminal
+    elif [ -t 0 ] && { : < /dev/tty; } 2>/dev/null; then
+      sudo="sudo "  # someone at the terminal: sudo asks them for the password (on /dev/tty)
     else NO_INSTALL="sudo needs a password and there is no terminal to type it on"; return 1
     fi
   fi
