@@ -74,11 +74,11 @@ pkg_install() {
       local update=""
       # shellcheck disable=SC2086
       apt-cache show $pkgs >/dev/null 2>&1 || update="${sudo}apt-get update && "
-      say "$what is missing; installing $pkgs with: ${update}${sudo}apt-get install -y $pkgs"
+      say "$what is missing; installing $pkgs with: ${update}${sudo}apt-get install -y --no-install-recommends $pkgs"
       if [ -n "$update" ]; then ${sudo}apt-get update || { NO_INSTALL="apt-get update failed"; return 1; }; fi
       # a stale list names files the mirror no longer has: read the lists again and retry once
-      ${sudo}apt-get install -y $pkgs ||
-        { [ -z "$update" ] && say "retrying after: ${sudo}apt-get update" && ${sudo}apt-get update && ${sudo}apt-get install -y $pkgs; } ;;
+      ${sudo}apt-get install -y --no-install-recommends $pkgs ||
+        { [ -z "$update" ] && say "retrying after: ${sudo}apt-get update" && ${sudo}apt-get update && ${sudo}apt-get install -y --no-install-recommends $pkgs; } ;;
     dnf)
       say "$what is missing; installing $pkgs with: ${sudo}dnf install -y $pkgs"
       ${sudo}dnf install -y $pkgs ;;
