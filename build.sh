@@ -9,13 +9,19 @@
 #   ./build.sh clean
 # Environment: CC (default cc), CFLAGS (extra flags), STB_INCLUDE (folder holding stb/stb_ds.h),
 # MEDBOT_NATIVE=0 to build without -march=native (for a binary that runs on other CPUs),
-# CUDA_HOME (the CUDA toolkit, else nvcc's or /usr/local/cuda).
+# CUDA_HOME (the CUDA toolkit, else nvcc's or /usr/local/cuda),
+# MEDBOT_NO_INSTALL=1 to stop with a message instead of installing what is missing.
+# What is missing (stb_ds; a C compiler when CC is not set) is installed through the system's
+# package manager: apt-get (libstb-dev), dnf (stb_ds-devel), pacman (stb) or brew (stb), as root or
+# with sudo (which may ask for your password on a terminal; never where there is none). build.sh
+# says the command it runs, and stops with a hint where it cannot install.
 # One binary everywhere: the CUDA backend needs no toolkit to compile (the driver, NVRTC, cuBLASLt
 # and NCCL are loaded at run time); the toolkit, when found, builds gen_kernels with NVRTC (the
 # compile check of every kernel specialization) and its lib folder is where medbot looks first.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+CC_SET=${CC:-}
 CC=${CC:-cc}
 WARN="-std=c99 -Wall -Wextra -Wpedantic"
 OPT="-O3 -ffp-contract=fast"
@@ -23,19 +29,84 @@ LIBS="-lm -lpthread"
 BUILD=build
 
 die() { echo "build.sh: $*" >&2; exit 1; }
+say() { echo "build.sh: $*" >&2; }
 
 find_stb() {
-  local d
-  for d in "${STB_INCLUDE:-}" /usr/include /usr/local/include /opt/homebrew/include; do
+  local d brew_inc=""
+  if command -v brew >/dev/null 2>&1; then brew_inc="$(brew --prefix 2>/dev/null)/include"; fi
+  for d in "${STB_INCLUDE:-}" /usr/include /usr/local/include /opt/homebrew/include "$brew_inc"; do
     if [ -n "$d" ] && [ -f "$d/stb/stb_ds.h" ]; then echo "$d"; return 0; fi
   done
   return 1
 }
 
+# pkg_install WHAT APT DNF PACMAN BREW: installs WHAT (words for the user) with the first package
+# manager found, the package names given for each ("-" where that manager has none). Returns 1,
+# with the reason in NO_INSTALL, where it cannot: MEDBOT_NO_INSTALL set, no known package manager,
+# not root and no sudo that can run without a password or ask for one on a terminal.
+pkg_install() {
+  local what=$1 apt=$2 dnf=$3 pacman=$4 brew=$5 pm pkgs
+  NO_INSTALL=""
+  if [ -n "${MEDBOT_NO_INSTALL:-}" ] && [ "${MEDBOT_NO_INSTALL}" != 0 ]; then
+    NO_INSTALL="MEDBOT_NO_INSTALL is set"; return 1
+  fi
+  if command -v apt-get >/dev/null 2>&1; then pm=apt-get pkgs=$apt
+  elif command -v dnf >/dev/null 2>&1; then pm=dnf pkgs=$dnf
+  elif command -v pacman >/dev/null 2>&1; then pm=pacman pkgs=$pacman
+  elif command -v brew >/dev/null 2>&1; then pm=brew pkgs=$brew
+  else NO_INSTALL="no apt-get, dnf, pacman or brew here"; return 1
+  fi
+  [ "$pkgs" != - ] || { NO_INSTALL="$pm has no package for it"; return 1; }
+  local sudo=""
+  if [ $pm != brew ] && [ "$(id -u)" != 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      NO_INSTALL="not root and no sudo"; return 1
+    elif sudo -n true 2>/dev/null; then sudo="sudo "
+    elif [ -t 0 ] && { : < /dev/tty; } 2>/dev/null; then
+      sudo="sudo "  # someone at the terminal: sudo asks them for the password (on /dev/tty)
+    else NO_INSTALL="sudo needs a password and there is no terminal to type it on"; return 1
+    fi
+  fi
+  # shellcheck disable=SC2086
+  case $pm in
+    apt-get)
+      # a fresh container has empty package lists: read them first when they do not know the package
+      local update=""
+      # shellcheck disable=SC2086
+      apt-cache show $pkgs >/dev/null 2>&1 || update="${sudo}apt-get update && "
+      say "$what is missing; installing $pkgs with: ${update}${sudo}apt-get install -y --no-install-recommends $pkgs"
+      if [ -n "$update" ]; then ${sudo}apt-get update || { NO_INSTALL="apt-get update failed"; return 1; }; fi
+      # a stale list names files the mirror no longer has: read the lists again and retry once
+      ${sudo}apt-get install -y --no-install-recommends $pkgs ||
+        { [ -z "$update" ] && say "retrying after: ${sudo}apt-get update" && ${sudo}apt-get update && ${sudo}apt-get install -y --no-install-recommends $pkgs; } ;;
+    dnf)
+      say "$what is missing; installing $pkgs with: ${sudo}dnf install -y $pkgs"
+      ${sudo}dnf install -y $pkgs ;;
+    pacman)
+      say "$what is missing; installing $pkgs with: ${sudo}pacman -S --needed --noconfirm $pkgs"
+      ${sudo}pacman -S --needed --noconfirm $pkgs ;;
+    brew)
+      say "$what is missing; installing $pkgs with: brew install $pkgs"
+      brew install $pkgs ;;
+  esac || { NO_INSTALL="'$pm' could not install $pkgs"; return 1; }
+}
+
 setup() {
-  command -v "$CC" >/dev/null || die "no C compiler '$CC' --> install gcc or clang, or set CC"
-  local stb
-  stb=$(find_stb) || die "stb_ds.h not found --> Debian/Ubuntu: sudo apt-get install libstb-dev; macOS: brew install stb; or set STB_INCLUDE to the folder that holds stb/stb_ds.h"
+  if ! command -v "$CC" >/dev/null 2>&1; then
+    # only the default compiler is installed: a CC the user named is theirs to install
+    if [ -n "${CC_SET:-}" ] || ! pkg_install "a C compiler" "gcc libc6-dev" gcc gcc -; then
+      die "no C compiler '$CC'${NO_INSTALL:+ and build.sh did not install one ($NO_INSTALL)} --> install gcc or clang (Debian/Ubuntu: sudo apt-get install gcc; macOS: xcode-select --install), or set CC"
+    fi
+    command -v "$CC" >/dev/null 2>&1 || die "installed a C compiler, but there is still no '$CC' --> set CC to the compiler"
+  fi
+  local stb hint="Debian/Ubuntu: sudo apt-get install libstb-dev; Fedora: sudo dnf install stb_ds-devel; Arch: sudo pacman -S stb; macOS: brew install stb; or set STB_INCLUDE to the folder that holds stb/stb_ds.h"
+  if ! stb=$(find_stb); then
+    if [ -n "${STB_INCLUDE:-}" ]; then
+      die "no stb/stb_ds.h in STB_INCLUDE=$STB_INCLUDE --> set STB_INCLUDE to the folder that holds stb/stb_ds.h, or unset it"
+    fi
+    pkg_install stb_ds.h libstb-dev stb_ds-devel stb stb || die "stb_ds.h not found and build.sh did not install it ($NO_INSTALL) --> $hint"
+    stb=$(find_stb) || die "installed stb, but stb/stb_ds.h is still not found --> $hint"
+  fi
   INC="-I$stb"
   NATIVE=""
   if [ "${MEDBOT_NATIVE:-1}" != 0 ] && echo 'int main(void){return 0;}' | $CC -march=native -x c - -o /dev/null 2>/dev/null; then
@@ -90,13 +161,42 @@ stale() {
     [ -n "$(find tests -maxdepth 2 \( -name '*.h' -o -path 'tests/gpu/*.c' \) -newer "$1" 2>/dev/null | head -1)" ]
 }
 
+# compile WHAT OUT SRC EXTRA_FLAGS...: compiles SRC into OUT, saying WHAT it compiles and, at the
+# end, how long it took. On a terminal one line counts the seconds while the compiler runs (its
+# messages are printed when it ends, so that they do not land on that line); otherwise WHAT is one
+# line before the compiler's output.
+compile() {
+  local what=$1 out=$2 src=$3; shift 3
+  local t0=$SECONDS rc=0
+  if [ -t 1 ]; then
+    local log=$BUILD/compile.log ticker
+    ( while kill -0 $$ 2>/dev/null; do printf '\r%s... %d s ' "$what" $((SECONDS - t0)); sleep 1; done ) &
+    ticker=$!
+    trap 'kill "$ticker" 2>/dev/null' EXIT  # an interrupted build leaves no ticker behind
+    # shellcheck disable=SC2086
+    $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS > "$log" 2>&1 || rc=$?
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    trap - EXIT
+    printf '\r\033[K'
+    cat "$log" >&2
+    rm -f "$log"
+  else
+    echo "$what..."
+    # shellcheck disable=SC2086
+    $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS || rc=$?
+  fi
+  [ $rc = 0 ] || return $rc
+  echo "compiled $(shown "$out") in $((SECONDS - t0)) s"
+}
+
+# shown PATH: PATH as a user types it (./medbot, build/tests)
+shown() { case $1 in */*) echo "$1" ;; *) echo "./$1" ;; esac; }
+
 # build_bin OUT SRC EXTRA_FLAGS...: compiles SRC into OUT when OUT is stale
 build_bin() {
-  local out=$1 src=$2; shift 2
-  if stale "$out" "$src"; then
-    # shellcheck disable=SC2086
-    $CC $WARN "$@" $INC $CUDEF ${CFLAGS:-} -o "$out" "$src" $LIBS
-  fi
+  local out=$1 src=$2
+  if stale "$out" "$src"; then compile "compiling $(shown "$out") from $src" "$@"; fi
 }
 
 build_medbot() {
@@ -141,7 +241,7 @@ gen_unity() {
 }
 
 run_tests() {
-  local sanitize=0 filter=""
+  local sanitize=0 filter="" t_start=$SECONDS
   for a in "$@"; do
     case "$a" in
       --sanitize) sanitize=1 ;;
@@ -163,21 +263,20 @@ run_tests() {
   gen_unity "$dir/tests.c"
   # the unit also depends on the test files it includes
   if stale "$dir/tests" "$dir/tests.c" || [ -n "$(find "${srcs[@]}" -newer "$dir/tests" | head -1)" ]; then
-    local t0=$SECONDS
-    echo "compiling $dir/tests: medbot.c and the ${#srcs[@]} test files in one unit (about a minute)..."
     rm -f "$dir/tests"
-    build_bin "$dir/tests" "$dir/tests.c" $flags || die "building the tests failed"
-    echo "compiled $dir/tests in $((SECONDS - t0)) s"
+    # shellcheck disable=SC2086
+    compile "compiling $dir/tests: medbot.c + ${#srcs[@]} test files in one unit" \
+      "$dir/tests" "$dir/tests.c" $flags || die "building the tests failed"
   fi
   for src in "${srcs[@]}"; do ln -sf tests "$dir/$(basename "$src" .c)"; done
-  local passed=0 failed=0 out line rc
+  local passed=0 failed=0 line rc
   for src in "${srcs[@]}"; do
     local name; name=$(basename "$src" .c)
+    # each test's name is printed as it starts (test.h): shown as it is written, and kept in the log
     set +e
-    "$dir/$name" "$filter" > "$dir/$name.log" 2>&1
-    rc=$?
+    "$dir/$name" "$filter" 2>&1 | tee "$dir/$name.log"
+    rc=${PIPESTATUS[0]}
     set -e
-    cat "$dir/$name.log"
     line=$(tail -1 "$dir/$name.log" | grep -E '^[0-9]+ passed, [0-9]+ failed$' || true)
     if [ -z "$line" ]; then
       echo "FAIL $name: crashed or exited without a summary (exit $rc)" >&2
@@ -191,7 +290,9 @@ run_tests() {
       failed=$((failed + 1))
     fi
   done
-  echo "$passed passed, $failed failed"
+  local took=$((SECONDS - t_start))
+  echo "tests took $([ $took -ge 60 ] && echo "$((took / 60)) min ")$((took % 60)) s (compiling included)"
+  echo "$passed passed, $failed failed"  # the last line: .ci/run and tools read it
   [ $failed = 0 ]
 }
 
@@ -221,6 +322,6 @@ case "$cmd" in
   bench) setup; run_bench "$@" ;;
   gpu) setup; build_gpu; echo "built $(ls tests/gpu/*.c | sed 's|tests/gpu/|build/|; s|\.c$||' | tr '\n' ' ')" ;;
   clean) rm -rf "$BUILD" medbot weights/tiny/model.safetensors; echo "cleaned" ;;
-  -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$cmd' --> ./build.sh [build|test [--sanitize] [FILTER]|bench|kernels|gpu|clean]" ;;
 esac
