@@ -622,7 +622,7 @@ static struct {
     int bar;           /* a bar is on stderr's current line */
     char line[160];    /* the bar's text, drawn again after a log line took it off */
     double drawn;      /* when it was last drawn (mb_now) */
-    double logged;     /* when a task's last "still going" line was printed (no terminal) */
+    double logged;     /* the task's seconds at its last "still going" line (no terminal) */
 } mb_console = {PTHREAD_MUTEX_INITIALIZER, 0, "", 0, 0};
 
 static void console_clear_locked(void) {
@@ -663,7 +663,7 @@ MB_UNUSED static void mb_note(const char *fmt, ...) {
     va_end(ap);
 }
 
-/* "12.3 GB", "512 kB" (bytes) or "12 tensors" */
+/* "12.3 GB", "512 kB", "161 MB" (bytes) or "12 tensors" */
 static void progress_amount(char *out, size_t n, double x, const char *unit) {
     if (strcmp(unit, "bytes")) {
         snprintf(out, n, "%.0f %s", x, unit);
@@ -672,7 +672,7 @@ static void progress_amount(char *out, size_t n, double x, const char *unit) {
     const char *u[] = {"B", "kB", "MB", "GB", "TB"};
     int k = 0;
     while (x >= 1000 && k < 4) x /= 1000, k++;
-    snprintf(out, n, k ? "%.1f %s" : "%.0f %s", x, u[k]);
+    snprintf(out, n, k && x < 100 ? "%.1f %s" : "%.0f %s", x, u[k]);
 }
 
 static void progress_hms(char *out, size_t n, double s) {
@@ -729,15 +729,15 @@ void mb_progress_print(void *ctx, const MbProgressEvent *ev) {
     double now = mb_now();
     char fig[160], t[24];
     pthread_mutex_lock(&mb_console.mu);
-    if (ev->state == MB_PROGRESS_BEGIN) mb_console.logged = now;
+    if (ev->state == MB_PROGRESS_BEGIN) mb_console.logged = 0;
     if (ev->state != MB_PROGRESS_END && tty && (ev->state == MB_PROGRESS_BEGIN || now - mb_console.drawn >= 0.1)) {
         progress_draw_locked(ev);
         mb_console.drawn = now;
-    } else if (ev->state == MB_PROGRESS_STEP && !tty && now - mb_console.logged >= 30) {
+    } else if (ev->state == MB_PROGRESS_STEP && !tty && ev->seconds - mb_console.logged >= 30) {
         progress_figures(fig, sizeof fig, ev);
         fprintf(out, "%s: %s%s%s\n", ev->task, fig, ev->note ? ", " : "", ev->note ? ev->note : "");
         fflush(out);
-        mb_console.logged = now;
+        mb_console.logged = ev->seconds;
     } else if (ev->state == MB_PROGRESS_END && (ev->seconds < min_seconds || !ev->ok)) { /* a failure: the caller's message says it */
         console_clear_locked();
     } else if (ev->state == MB_PROGRESS_END) { /* "loading x: 33.5 MB in 0.4 s, 84 MB/s" */

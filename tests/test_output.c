@@ -685,8 +685,56 @@ static void training_svg_skips_null_values_and_draws_a_lone_point(void) {
     }
 }
 
+/* mb_progress_print without a terminal (the test's stderr is a file): no bar, one line when a task
+ * of a second or more ends, a line each 30 s of a long one, nothing for a short or failed task. */
+static void progress_lines_when_output_is_a_file(void) {
+    FILE *f = tmpfile();
+    if (!f) {
+        T_FAIL("tmpfile: %s", strerror(errno));
+        return;
+    }
+    MbProgressLines where = {f, 1.0};
+    MbProgressEvent ev = {.state = MB_PROGRESS_BEGIN, .task = "loading big", .unit = "bytes", .total = 16.1e9};
+    mb_progress_print(&where, &ev);
+    ev.state = MB_PROGRESS_STEP;
+    for (int s = 1; s <= 95; s++) ev.seconds = s, ev.done = 16.1e9 * s / 100.0, mb_progress_print(&where, &ev);
+    ev.state = MB_PROGRESS_END, ev.ok = 1, ev.done = 16.1e9, ev.seconds = 100;
+    mb_progress_print(&where, &ev);
+    MbProgressEvent quick = {.state = MB_PROGRESS_BEGIN, .task = "loading small", .unit = "bytes", .total = 1e6};
+    mb_progress_print(&where, &quick);
+    quick.state = MB_PROGRESS_END, quick.ok = 1, quick.done = 1e6, quick.seconds = 0.2;
+    mb_progress_print(&where, &quick);
+    MbProgressEvent bad = {.state = MB_PROGRESS_BEGIN, .task = "writing", .unit = "tensors", .total = 10};
+    mb_progress_print(&where, &bad);
+    bad.state = MB_PROGRESS_END, bad.ok = 0, bad.done = 3, bad.seconds = 5;
+    mb_progress_print(&where, &bad);
+    MbProgressEvent steps = {.state = MB_PROGRESS_BEGIN, .task = "training", .unit = "steps", .done = 12, .total = 36,
+                             .start = 12}; /* resumed at step 12 */
+    mb_progress_print(&where, &steps);
+    steps.state = MB_PROGRESS_END, steps.ok = 1, steps.done = 36, steps.seconds = 12;
+    mb_progress_print(&where, &steps);
+    char text[2048] = "";
+    rewind(f);
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    text[n] = 0;
+    fclose(f);
+    printf("    lines written:\n%s", text);
+    const char *want[] = {"loading big: 4.8 GB of 16.1 GB (30%), 161 MB/s, 1:10 left\n",
+                          "loading big: 9.7 GB of 16.1 GB (60%), 161 MB/s, 0:40 left\n",
+                          "loading big: 14.5 GB of 16.1 GB (90%), 161 MB/s, 0:10 left\n",
+                          "loading big: 16.1 GB in 1:40, 161 MB/s\n", "training: 36 steps in 12.0 s, 2 steps/s\n"};
+    const char *at = text;
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+        const char *hit = strstr(at, want[i]);
+        CHECK(hit == at, "line %zu: want '%.*s' next", i + 1, (int)strlen(want[i]) - 1, want[i]);
+        if (hit) at = hit + strlen(want[i]);
+    }
+    CHECK(*at == 0 && !strchr(text, '\r') && !strchr(text, '\033'), "nothing else: no bar, no short or failed task");
+}
+
 MB_TEST_MAIN("output", T(merge_and_dpo_never_write_over_their_inputs), T(an_output_that_holds_a_run_needs_overwrite_or_resume),
              T(resume_removes_stale_temporaries_and_cuts_the_metrics), T(a_failed_run_leaves_nothing_and_parents_are_made),
              T(sigint_saves_a_checkpoint_and_prints_the_resume_command), T(input_files_that_are_not_files_are_named),
              T(nonfinite_weights_are_named_at_load), T(merged_folder_is_complete_and_generates_as_base_plus_adapter),
-             T(training_svg_after_a_resume_covers_every_step), T(training_svg_skips_null_values_and_draws_a_lone_point))
+             T(training_svg_after_a_resume_covers_every_step), T(training_svg_skips_null_values_and_draws_a_lone_point),
+             T(progress_lines_when_output_is_a_file))

@@ -1006,6 +1006,50 @@ static void chat_ctrl_c_stops_an_answer(void) {
     tmux(sock, "kill-server", out, sizeof out);
 }
 
+/* dpo in a terminal: the progress bar (stderr) is taken off before each log line (stdout) and drawn
+ * again under it, so that no log line starts after a bar's text (tmux records the raw bytes). */
+static void training_in_a_terminal_keeps_the_bar_off_log_lines(void) {
+    static char out[1 << 16], screen[1 << 16];
+    const char *expect = getenv("MB_EXPECT_TMUX");
+    if (t_run("tmux -V", out, sizeof out) != 0) {
+        if (expect && !strcmp(expect, "1")) T_FAIL("MB_EXPECT_TMUX=1 but tmux does not run: %s", out);
+        else printf("    tmux not found: the terminal progress test did not run on this machine\n");
+        return;
+    }
+    char sock[64], cmd[4096], dpo[2048], cwd[1024];
+    const char *raw_path = t_tmp("dpo-terminal.raw"), *outdir = t_tmp("dpo-terminal");
+    snprintf(sock, sizeof sock, "medbot-bar-%ld", (long)getpid());
+    if (!getcwd(cwd, sizeof cwd)) snprintf(cwd, sizeof cwd, ".");
+    t_dpo_cmd(dpo, sizeof dpo, outdir, "--max_steps 8 --logging_steps 1 --eval_split 0.25 --eval_steps 4");
+    /* the command waits for pipe-pane to be in place */
+    snprintf(cmd, sizeof cmd, "new-session -d -s chat -x 200 -y 50 -c '%s' \"sleep 1; %s; echo DPO-EXIT-\\$?; sleep 30\"",
+             cwd, dpo);
+    CHECK(tmux(sock, cmd, out, sizeof out) == 0, "tmux new-session: %s", out);
+    snprintf(cmd, sizeof cmd, "pipe-pane -o -t chat 'cat > %s'", raw_path);
+    CHECK(tmux(sock, cmd, out, sizeof out) == 0, "tmux pipe-pane: %s", out);
+    long at = pane_wait(sock, "DPO-EXIT-", 0, t_sanitized() ? 120 : 40, screen, sizeof screen);
+    CHECK(at >= 0 && strstr(screen, "DPO-EXIT-0"), "dpo ran in the terminal:\n%s", screen);
+    tmux(sock, "kill-session -t chat", out, sizeof out);
+    char *raw = NULL;
+    size_t n = 0;
+    CHECK_OK(mb_read_file(raw_path, &raw, &n));
+    int bars = 0, logs = 0, glued = 0;
+    for (const char *p = raw; p && (p = strstr(p, "training [")); p++) bars++;
+    /* on the screen (wrapped lines joined), each log line is a line of its own */
+    for (char *line = strtok(screen, "\n"); line; line = strtok(NULL, "\n")) {
+        if (!strstr(line, "loss ") || !strstr(line, "step ")) continue;
+        if (strstr(line, "training [")) continue; /* the bar's own text (it shows a loss too) */
+        logs++;
+        if (strncmp(line, "step ", 5) && strncmp(line, "eval step ", 10)) glued++, printf("    glued: '%s'\n", line);
+    }
+    printf("    raw output %zu bytes: the bar drawn %d times; %d log lines on the screen, %d glued\n", n, bars, logs, glued);
+    CHECK(bars >= 1, "the bar was drawn on the terminal");
+    CHECK(logs >= 8 + 2, "8 step lines and the eval lines are on the screen");
+    CHECK(glued == 0, "no log line shares a line with the bar");
+    CHECK(raw && strstr(raw, "\r\033[Kstep 1/8"), "the bar is erased before the first log line");
+    free(raw);
+}
+
 MB_TEST_MAIN("sampler", T(sampler_processors_match_transformers), T(sampler_top_k_and_top_p_edge_cases),
              T(sampler_greedy_generate_matches_transformers), T(sampler_generate_with_lora_and_template_matches_transformers),
              T(sampler_seeded_sampling_is_reproducible), T(sampler_draws_follow_the_distribution),
@@ -1013,4 +1057,5 @@ MB_TEST_MAIN("sampler", T(sampler_processors_match_transformers), T(sampler_top_
              T(sampler_streaming_never_breaks_a_character), T(generate_cli_matches_transformers),
              T(generate_cli_samples_reproducibly_on_the_tiny_model), T(generate_cli_bad_input),
              T(chat_through_a_pipe_matches_transformers), T(chat_pipe_escapes_line_breaks), T(chat_in_a_terminal_with_tmux),
-             T(chat_ctrl_c_stops_an_answer))
+             T(chat_ctrl_c_stops_an_answer),
+             T(training_in_a_terminal_keeps_the_bar_off_log_lines))
