@@ -1842,7 +1842,8 @@ static void mb_random_bytes(void *out, size_t n) {
 // ============================================================================================
 // ---------- 2. files ----------
 // dtype conversion; safetensors read (mmap, sharded via model.safetensors.index.json) and
-// write; config.json. Every field of a header is validated before it is used: files are input.
+// write (one file, or a model's weights streamed and sharded as save_pretrained shards them);
+// config.json. Every field of a header is validated before it is used: files are input.
 // ============================================================================================
 
 static const struct {
@@ -2458,8 +2459,8 @@ static MbStatus st_ckpt_begin(StCkpt *ck, const char *dir, const MbTensorOut *t,
         ck->total_size += ck->bytes[i];
         ck->total_params += ck->bytes[i] / mb_dtype_size(t[i].dtype);
     }
-    ck->n_files = MB_MAX(st_split(ck->bytes, order, n, max_shard_size ? max_shard_size : MB_MAX_SHARD_SIZE, ck->file), 1);
-    size_t F = ck->n_files;
+    size_t F = st_split(ck->bytes, order, n, max_shard_size ? max_shard_size : MB_MAX_SHARD_SIZE, ck->file);
+    ck->n_files = F = F ? F : 1;
     ck->left = mb_calloc(F, sizeof *ck->left), ck->w = mb_calloc(F, sizeof *ck->w);
     ck->paths = mb_calloc(F, sizeof *ck->paths), ck->hdr = mb_calloc(F, sizeof *ck->hdr);
     if (!ck->left || !ck->w || !ck->paths || !ck->hdr) goto oom;
@@ -13573,7 +13574,8 @@ static int cmd_init(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "init: --dtype must be bf16, f16 or f32, got '%s'", dts);
         goto fail;
     }
-    MbInitOptions o = {(uint64_t)seed, dt, std, shard, &mb_cli_stop, {mb_progress_print, NULL}};
+    MbInitOptions o = {.seed = (uint64_t)seed, .dtype = dt, .std = std, .max_shard_size = shard,
+                       .interrupt = &mb_cli_stop, .progress = {mb_progress_print, NULL}};
     catch_signals(on_chat_interrupt, 1, 1); /* Ctrl-C: stop, leaving nothing */
     rc = mb_model_init_random(cfg, out, &o);
     signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);

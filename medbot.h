@@ -5,7 +5,8 @@
  * Table of contents (sections of medbot.c, in data-flow order)
  *   1. platform     errors, checked alloc/IO, mmap, thread pool, timers, JSON, key: value files, RNG,
  *                   SHA-256
- *   2. files        safetensors read (mmap, sharded) and write, config.json, dtype conversion
+ *   2. files        safetensors read (mmap, sharded) and write (streamed, sharded as save_pretrained),
+ *                   config.json, dtype conversion
  *   3. tokenizer    Llama 3 byte-level BPE, specials, streaming UTF-8 decode
  *   4. weights      linear weights as f32/f16/bf16 or NF4 (bitsandbytes 4-bit, double quant)
  *   5. ops (CPU)    the op table MbOps: matmul, rmsnorm, rope, attention, swiglu, ...
