@@ -397,14 +397,26 @@ static void mb_wfile_abort(MbWFile *w) {
     memset(w, 0, sizeof *w);
 }
 
-static MbStatus mb_wfile_commit(MbWFile *w) {
+/* Closes the file and checks that every byte reached it, keeping it as PATH.tmp.PID: a writer of
+ * several files finishes each as it completes and renames them all together (mb_wfile_commit). */
+static MbStatus mb_wfile_finish(MbWFile *w) {
     int failed = w->failed;
     if (fflush(w->f) != 0 && !failed) failed = errno ? errno : EIO;
     if (fclose(w->f) != 0 && !failed) failed = errno ? errno : EIO;
     w->f = NULL;
-    if (!failed && rename(w->tmp, w->path) != 0) failed = errno ? errno : EIO;
     if (failed) {
         MbStatus st = mb_fail(MB_ERR_IO, "%s: write failed: %s", w->path, strerror(failed));
+        mb_wfile_abort(w);
+        return st;
+    }
+    return MB_OK;
+}
+
+static MbStatus mb_wfile_commit(MbWFile *w) {
+    MbStatus st = w->f ? mb_wfile_finish(w) : MB_OK;
+    if (st) return st;
+    if (rename(w->tmp, w->path) != 0) {
+        st = mb_fail(MB_ERR_IO, "%s: write failed: %s", w->path, strerror(errno ? errno : EIO));
         mb_wfile_abort(w);
         return st;
     }
@@ -426,7 +438,17 @@ static MbStatus mb_write_file(const char *path, const void *data, size_t n) {
 static const char *const mb_written_names[] = {
     "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
     "tokenizer_config.json", "special_tokens_map.json", "adapter_model.safetensors", "adapter_config.json",
-    "ref_logps.safetensors", "training.svg", NULL};
+    "ref_logps.safetensors", "training.svg", "model.safetensors.index.json", NULL};
+
+/* Whether the first len characters of name are a shard's name as save_pretrained gives it:
+ * model-00001-of-00004.safetensors */
+static int is_shard_name(const char *name, size_t len) {
+    static const char form[] = "model-#####-of-#####.safetensors";
+    if (len != sizeof form - 1) return 0;
+    for (size_t i = 0; i < len; i++)
+        if (form[i] == '#' ? name[i] < '0' || name[i] > '9' : name[i] != form[i]) return 0;
+    return 1;
+}
 
 /* What a killed writer left: NAME.tmp.PID of a file medbot writes, or checkpoint-N.tmp.PID and
  * checkpoint-N.old.PID (a checkpoint being written, one moved aside), whose process is gone
@@ -447,6 +469,7 @@ static int stale_temporary(const char *name, size_t *len) {
     }
     for (const char *const *nm = mb_written_names; !ours && !old && *nm; nm++)
         ours = strlen(*nm) == *len && !strncmp(name, *nm, *len);
+    if (!old && is_shard_name(name, *len)) ours = 1;
     return ours && (pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH));
 }
 
@@ -1841,7 +1864,8 @@ static void mb_random_bytes(void *out, size_t n) {
 // ============================================================================================
 // ---------- 2. files ----------
 // dtype conversion; safetensors read (mmap, sharded via model.safetensors.index.json) and
-// write; config.json. Every field of a header is validated before it is used: files are input.
+// write (one file, or a model's weights streamed and sharded as save_pretrained shards them);
+// config.json. Every field of a header is validated before it is used: files are input.
 // ============================================================================================
 
 static const struct {
@@ -2260,16 +2284,20 @@ MbStatus mb_safetensors_open(const char *path, MbSafetensors **out) {
     return MB_OK;
 }
 
-/* Fills dst with the bytes of tensor i (for tensors too big to hold all at once). */
-typedef MbStatus (*MbTensorFill)(void *ctx, size_t i, void *dst);
+/* the bytes of a tensor's data */
+static size_t st_out_bytes(const MbTensorOut *t) {
+    size_t numel = 1;
+    for (int d = 0; d < t->ndim; d++) numel *= t->shape[d];
+    return numel * mb_dtype_size(t->dtype);
+}
 
-/* Writes a safetensors file; tensor data comes from tensors[i].data or, when that is NULL,
- * from fill (one tensor in memory at a time). */
-static MbStatus st_write(const char *path, const MbTensorOut *tensors, size_t n, const char *const *metadata,
-                         MbTensorFill fill, void *ctx) {
+/* The header of a safetensors file holding tensors[idx[0..n-1]] (idx NULL: all n, in order), data
+ * in that order: the 8-byte little-endian length, then the JSON padded with spaces so that the data
+ * starts 8-byte aligned. Returns an stb_ds array (arrlen: its bytes). */
+static char *st_header(const MbTensorOut *tensors, const size_t *idx, size_t n, const char *const *metadata) {
     char *hdr = NULL;
     size_t offset = 0;
-    sb_printf(&hdr, "{");
+    sb_printf(&hdr, "%8s{", ""); /* room for the length */
     int first = 1;
     if (metadata && metadata[0]) {
         sb_printf(&hdr, "\"__metadata__\":{");
@@ -2283,10 +2311,8 @@ static MbStatus st_write(const char *path, const MbTensorOut *tensors, size_t n,
         first = 0;
     }
     for (size_t i = 0; i < n; i++) {
-        const MbTensorOut *t = &tensors[i];
-        size_t numel = 1;
-        for (int d = 0; d < t->ndim; d++) numel *= t->shape[d];
-        size_t bytes = numel * mb_dtype_size(t->dtype);
+        const MbTensorOut *t = &tensors[idx ? idx[i] : i];
+        size_t bytes = st_out_bytes(t);
         sb_printf(&hdr, "%s", first ? "" : ",");
         first = 0;
         sb_json_string(&hdr, t->name, strlen(t->name));
@@ -2296,28 +2322,33 @@ static MbStatus st_write(const char *path, const MbTensorOut *tensors, size_t n,
         offset += bytes;
     }
     sb_printf(&hdr, "}");
-    size_t hlen = strlen(hdr);
-    while (hlen % 8) { /* pad with spaces so the data section is 8-byte aligned */
-        sb_printf(&hdr, " ");
-        hlen++;
-    }
-    unsigned char lenbuf[8];
-    for (int i = 0; i < 8; i++) lenbuf[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
+    while ((size_t)(arrlen(hdr) - 1) % 8) sb_printf(&hdr, " "); /* (arrlen counts sb_printf's NUL) */
+    size_t hlen = (size_t)arrlen(hdr) - 1 - 8;
+    for (int i = 0; i < 8; i++) hdr[i] = (char)(unsigned char)((uint64_t)hlen >> (8 * i));
+    arrsetlen(hdr, hlen + 8); /* (the NUL sb_printf keeps past the end is not part of it) */
+    return hdr;
+}
+
+/* Fills dst with the bytes of tensor i (for tensors too big to hold all at once). */
+typedef MbStatus (*MbTensorFill)(void *ctx, size_t i, void *dst);
+
+/* Writes a safetensors file; tensor data comes from tensors[i].data or, when that is NULL,
+ * from fill (one tensor in memory at a time). */
+static MbStatus st_write(const char *path, const MbTensorOut *tensors, size_t n, const char *const *metadata,
+                         MbTensorFill fill, void *ctx) {
+    char *hdr = st_header(tensors, NULL, n, metadata);
     MbWFile w;
     MbStatus rc = mb_wfile_open(&w, path);
     if (rc) {
         arrfree(hdr);
         return rc;
     }
-    mb_wfile_write(&w, lenbuf, 8);
-    mb_wfile_write(&w, hdr, hlen);
+    mb_wfile_write(&w, hdr, (size_t)arrlen(hdr));
     arrfree(hdr);
     void *buf = NULL;
     for (size_t i = 0; i < n; i++) {
         const MbTensorOut *t = &tensors[i];
-        size_t numel = 1;
-        for (int d = 0; d < t->ndim; d++) numel *= t->shape[d];
-        size_t bytes = numel * mb_dtype_size(t->dtype);
+        size_t bytes = st_out_bytes(t);
         if (t->data) {
             mb_wfile_write(&w, t->data, bytes);
             continue;
@@ -2341,6 +2372,249 @@ MbStatus mb_safetensors_write(const char *path, const MbTensorOut *tensors, size
     for (size_t i = 0; i < n; i++)
         if (!tensors[i].data) return mb_fail(MB_ERR_ARG, "%s: tensor '%s' has no data", path, tensors[i].name);
     return st_write(path, tensors, n, metadata, NULL, NULL);
+}
+
+/* ---- a model's weights as save_pretrained writes them: streamed and sharded ----
+ * The layout comes first, from the tensors' names, dtypes and shapes alone: which file each tensor
+ * goes to and each file's header. The data then arrives in order, a piece of any size at a time
+ * (st_ckpt_put), so that a model of any size is written holding one piece in memory. The files
+ * are split as save_pretrained splits a state dict (huggingface_hub's
+ * split_torch_state_dict_into_shards): going through the tensors in the state dict's order, a
+ * tensor that would take the shard being filled past max_shard_size closes it and starts the next
+ * one, and a tensor bigger than the limit gets a shard of its own, listed before the one being
+ * filled. One shard is DIR/model.safetensors; several are model-00001-of-0000N.safetensors ... and
+ * model.safetensors.index.json (as transformers writes it: {"metadata": {"total_parameters",
+ * "total_size"}, "weight_map": {name: file}}, keys sorted, indent 2). Within a file the data is
+ * in arrival order. Every file is written as NAME.tmp.PID and renamed only once all of them are
+ * complete (st_ckpt_commit): a failure or an interruption leaves the folder as it was. */
+
+#define MB_MAX_SHARD_SIZE ((size_t)5000000000ull) /* save_pretrained's default max_shard_size, "5GB" */
+
+/* A size as save_pretrained reads max_shard_size (huggingface_hub's parse_size_to_int): a decimal
+ * number and TB, GB, MB or KB in any case, powers of 1000 ("5GB" is 5 * 10^9 bytes, "200kB"
+ * 200000), or a plain number of bytes; at least 1 byte. */
+static MbStatus parse_size(const char *what, const char *s, size_t *out) {
+    static const char *const units[] = {"KB", "MB", "GB", "TB"};
+    char num[64];
+    while (*s == ' ') s++;
+    size_t n = strlen(s);
+    while (n && s[n - 1] == ' ') n--;
+    double mult = 1;
+    for (int u = 0; u < 4 && n >= 2 && mult == 1; u++)
+        if ((s[n - 2] & ~0x20) == units[u][0] && (s[n - 1] & ~0x20) == 'B') mult = pow(1000, u + 1), n -= 2;
+    while (n && s[n - 1] == ' ') n--;
+    if (n >= sizeof num) n = 0;
+    memcpy(num, s, n), num[n] = 0;
+    char *end = num;
+    double v = n && strspn(num, "0123456789.eE+-") == n ? strtod(num, &end) * mult : -1; /* (no hex, inf, nan) */
+    if (v >= 0 && end != num + n) v = -1;
+    if (!(v >= 1 && v < 1.8e19))
+        return mb_fail(MB_ERR_ARG, "%s: '%s' is not a size of at least 1 byte: a number and TB, GB, MB or KB, "
+                       "as save_pretrained reads max_shard_size (\"5GB\", \"500MB\")", what, s);
+    *out = (size_t)v;
+    return MB_OK;
+}
+
+typedef struct {
+    const MbTensorOut *t;  /* (n) in the order their data arrives; data unused */
+    size_t n, n_files;
+    size_t *file, *bytes;  /* (n) each tensor's file and data bytes */
+    size_t *left;          /* (n_files) tensors of the file not yet complete */
+    char **paths, **hdr;   /* (n_files) the file and its header (st_header) */
+    MbWFile *w;            /* (n_files) open from the first byte of its data to the last */
+    char *dir, *index, *task_name;
+    size_t at, at_done;    /* the tensor being written and its bytes so far */
+    size_t total_size, total_params;
+    MbTask task;
+} StCkpt;
+
+/* save_pretrained's split: file[i] for each of the n tensors of `bytes`, taken in the state dict's
+ * order `order` (a permutation of 0..n-1); returns the number of files. */
+static size_t st_split(const size_t *bytes, const size_t *order, size_t n, size_t max, size_t *file) {
+    const size_t FILLING = SIZE_MAX; /* in the shard being filled: numbered when it closes */
+    size_t n_files = 0, filling = 0, start = 0;
+    for (size_t k = 0; k <= n; k++) {
+        size_t i = k < n ? order[k] : 0;
+        if (k < n && bytes[i] > max) { /* a shard of its own, listed now */
+            file[i] = n_files++;
+            continue;
+        }
+        if (k == n || filling + bytes[i] > max) { /* the shard being filled closes (if it holds any) */
+            int any = 0;
+            for (size_t j = start; j < k; j++)
+                if (file[order[j]] == FILLING) file[order[j]] = n_files, any = 1;
+            n_files += (size_t)any;
+            start = k, filling = 0;
+        }
+        if (k < n) file[i] = FILLING, filling += bytes[i];
+    }
+    return n_files;
+}
+
+static void st_ckpt_free(StCkpt *ck) {
+    for (size_t f = 0; f < ck->n_files; f++) {
+        mb_wfile_abort(&ck->w[f]); /* (nothing left after a commit) */
+        free(ck->paths[f]);
+        arrfree(ck->hdr[f]);
+    }
+    free(ck->file), free(ck->bytes), free(ck->left), free(ck->paths), free(ck->hdr), free(ck->w);
+    free(ck->dir), free(ck->index), free(ck->task_name);
+    memset(ck, 0, sizeof *ck);
+}
+
+/* Lays out the checkpoint of the n tensors t (in the order their data will arrive; save_order: the
+ * state dict's order that the shards follow, NULL: the same) in dir, and begins the task `what`
+ * (in bytes of all files) on progress. max_shard_size 0: save_pretrained's default. */
+static MbStatus st_ckpt_begin(StCkpt *ck, const char *dir, const MbTensorOut *t, size_t n, const size_t *save_order,
+                              size_t max_shard_size, const char *const *metadata, const MbProgress *progress,
+                              const char *what) {
+    memset(ck, 0, sizeof *ck);
+    ck->t = t, ck->n = n;
+    size_t *order = mb_malloc((n ? n : 1) * sizeof *order);
+    ck->file = mb_calloc(n, sizeof *ck->file), ck->bytes = mb_calloc(n, sizeof *ck->bytes);
+    ck->dir = mb_strdup(dir), ck->index = mb_path_join(dir, "model.safetensors.index.json");
+    ck->task_name = mb_strdup(what);
+    if (!order || !ck->file || !ck->bytes || !ck->dir || !ck->index || !ck->task_name) goto oom;
+    for (size_t i = 0; i < n; i++) {
+        order[i] = save_order ? save_order[i] : i;
+        ck->bytes[i] = st_out_bytes(&t[i]);
+        ck->total_size += ck->bytes[i];
+        ck->total_params += ck->bytes[i] / mb_dtype_size(t[i].dtype);
+    }
+    size_t F = st_split(ck->bytes, order, n, max_shard_size ? max_shard_size : MB_MAX_SHARD_SIZE, ck->file);
+    ck->n_files = F = F ? F : 1;
+    ck->left = mb_calloc(F, sizeof *ck->left), ck->w = mb_calloc(F, sizeof *ck->w);
+    ck->paths = mb_calloc(F, sizeof *ck->paths), ck->hdr = mb_calloc(F, sizeof *ck->hdr);
+    if (!ck->left || !ck->w || !ck->paths || !ck->hdr) goto oom;
+    double total = 0;
+    for (size_t f = 0; f < F; f++) {
+        char name[64];
+        if (F == 1) snprintf(name, sizeof name, "model.safetensors");
+        else snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", f + 1, F);
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++)
+            if (ck->file[i] == f) order[m++] = i, total += (double)ck->bytes[i];
+        ck->left[f] = m;
+        if (!(ck->paths[f] = mb_path_join(dir, name))) goto oom;
+        ck->hdr[f] = st_header(t, order, m, metadata);
+        total += (double)arrlen(ck->hdr[f]);
+    }
+    free(order);
+    task_begin(&ck->task, progress, ck->task_name, "bytes", 0, total);
+    return MB_OK;
+oom:
+    free(order);
+    st_ckpt_free(ck);
+    return MB_ERR_OOM;
+}
+
+/* The next n bytes of data: the rest of the tensor being written, then of the ones after it. */
+static MbStatus st_ckpt_put(StCkpt *ck, const void *data, size_t n) {
+    const unsigned char *p = data;
+    while (ck->at < ck->n) {
+        size_t f = ck->file[ck->at];
+        MbWFile *w = &ck->w[f];
+        if (!w->tmp) { /* the file's first byte */
+            MbStatus rc = mb_wfile_open(w, ck->paths[f]);
+            if (rc) return rc;
+            mb_wfile_write(w, ck->hdr[f], (size_t)arrlen(ck->hdr[f]));
+            task_add(&ck->task, (double)arrlen(ck->hdr[f]));
+        }
+        size_t k = MB_MIN(n, ck->bytes[ck->at] - ck->at_done);
+        mb_wfile_write(w, p, k);
+        if (w->failed) return mb_fail(MB_ERR_IO, "%s: write failed: %s", w->path, strerror(w->failed));
+        p += k, n -= k, ck->at_done += k;
+        task_add(&ck->task, (double)k);
+        if (ck->at_done < ck->bytes[ck->at]) return MB_OK;
+        ck->at++, ck->at_done = 0;
+        if (--ck->left[f] == 0) { /* the file's last byte */
+            MbStatus rc = mb_wfile_finish(w);
+            if (rc) return rc;
+        }
+        if (!n && ck->at < ck->n && ck->bytes[ck->at]) return MB_OK; /* (empty tensors pass on) */
+    }
+    return n ? mb_fail(MB_ERR_ARG, "%s: %zu bytes more than the tensors hold", ck->dir, n) : MB_OK;
+}
+
+static int st_cmp_name(const void *a, const void *b) {
+    return strcmp((*(const MbTensorOut *const *)a)->name, (*(const MbTensorOut *const *)b)->name);
+}
+
+/* model.safetensors.index.json, byte for byte as transformers' save_pretrained writes it
+ * (json.dumps(index, indent=2, sort_keys=True) + "\n") */
+static MbStatus st_ckpt_write_index(const StCkpt *ck) {
+    const MbTensorOut **by_name = mb_malloc((ck->n ? ck->n : 1) * sizeof *by_name);
+    if (!by_name) return MB_ERR_OOM;
+    for (size_t i = 0; i < ck->n; i++) by_name[i] = &ck->t[i];
+    qsort(by_name, ck->n, sizeof *by_name, st_cmp_name);
+    char *sb = NULL;
+    sb_printf(&sb, "{\n  \"metadata\": {\n    \"total_parameters\": %zu,\n    \"total_size\": %zu\n  },\n"
+              "  \"weight_map\": {\n", ck->total_params, ck->total_size);
+    for (size_t k = 0; k < ck->n; k++) {
+        const char *path = ck->paths[ck->file[by_name[k] - ck->t]], *base = strrchr(path, '/');
+        base = base ? base + 1 : path;
+        sb_printf(&sb, "    ");
+        sb_json_string(&sb, by_name[k]->name, strlen(by_name[k]->name));
+        sb_printf(&sb, ": ");
+        sb_json_string(&sb, base, strlen(base));
+        sb_printf(&sb, "%s\n", k + 1 < ck->n ? "," : "");
+    }
+    sb_printf(&sb, "  }\n}\n");
+    MbStatus rc = mb_write_file(ck->index, sb, strlen(sb));
+    arrfree(sb);
+    free(by_name);
+    return rc;
+}
+
+/* After a commit, the weights of an earlier save in the folder that this one replaces: the shards
+ * it did not rewrite (save_pretrained removes them too), and model.safetensors beside a new index
+ * or an index beside a new model.safetensors (two models in one folder: transformers would read
+ * the one, medbot the other). */
+static MbStatus st_ckpt_remove_old(const StCkpt *ck) {
+    DIR *d = opendir(ck->dir);
+    struct dirent *e;
+    MbStatus rc = MB_OK;
+    while (d && !rc && (e = readdir(d))) {
+        const char *nm = e->d_name;
+        int old = ck->n_files > 1 ? !strcmp(nm, "model.safetensors") : !strcmp(nm, "model.safetensors.index.json");
+        if (!old && is_shard_name(nm, strlen(nm))) {
+            old = 1;
+            for (size_t f = 0; old && ck->n_files > 1 && f < ck->n_files; f++)
+                old = strcmp(strrchr(ck->paths[f], '/') ? strrchr(ck->paths[f], '/') + 1 : ck->paths[f], nm) != 0;
+        }
+        char *p = old ? mb_path_join(ck->dir, nm) : NULL;
+        if (old && !p) rc = MB_ERR_OOM;
+        else if (old && remove(p) != 0)
+            rc = mb_fail(MB_ERR_IO, "%s: the new weights are written, but the earlier %s cannot be removed: %s "
+                         "--> remove it by hand", ck->dir, nm, strerror(errno));
+        free(p);
+    }
+    if (d) closedir(d);
+    return rc;
+}
+
+/* Puts every file in place once all the data has arrived (a failure removes what it renamed),
+ * writes the index of a sharded checkpoint, removes an earlier save's weights, and frees ck. */
+static MbStatus st_ckpt_commit(StCkpt *ck) {
+    MbStatus rc = st_ckpt_put(ck, NULL, 0); /* (empty tensors at the end) */
+    if (!rc && ck->at < ck->n)
+        rc = mb_fail(MB_ERR_ARG, "%s: tensor '%s' is incomplete (%zu of %zu bytes)", ck->dir, ck->t[ck->at].name,
+                     ck->at_done, ck->bytes[ck->at]);
+    size_t renamed = 0;
+    while (!rc && renamed < ck->n_files && !(rc = mb_wfile_commit(&ck->w[renamed]))) renamed++;
+    if (!rc && ck->n_files > 1) rc = st_ckpt_write_index(ck);
+    if (rc)
+        for (size_t f = 0; f < renamed; f++) remove(ck->paths[f]);
+    if (!rc) rc = st_ckpt_remove_old(ck);
+    task_end(&ck->task, rc == MB_OK);
+    st_ckpt_free(ck);
+    return rc;
+}
+
+/* Drops the checkpoint being written: its temporary files go, nothing else changes. */
+static void st_ckpt_abort(StCkpt *ck) {
+    task_end(&ck->task, 0);
+    st_ckpt_free(ck);
 }
 
 /* ---- config.json (transformers' LlamaConfig) ---- */
@@ -6258,108 +6532,127 @@ static MbStatus model_backward_rows(MbModel *m, const float *g) {
     return mb_ops_status(ops);
 }
 
-static MbStatus init_random_weights(const MbConfig *c, const char *outdir, uint64_t seed, MbDtype dt, double std);
+static MbStatus init_random_weights(const MbConfig *c, const char *outdir, const MbInitOptions *o);
 
 /* Writes a model folder with random weights (transformers' init: normal(0, std) for linear and
  * embedding weights, ones for norms) for the config at cfg_path; the folder is made with its
  * parents, and a failure leaves nothing it made. */
-MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, uint64_t seed, MbDtype dt,
-                                  double std) {
+MbStatus mb_model_init_random(const char *cfg_path, const char *outdir, const MbInitOptions *o) {
     char why[160];
-    if (range_why(std, 0, 0, INFINITY, MB_LO_OPEN, why, sizeof why))
+    if (range_why(o->std, 0, 0, INFINITY, MB_LO_OPEN, why, sizeof why))
         return mb_fail(MB_ERR_ARG, "mb_model_init_random: std %s", why);
+    if (o->dtype != MB_DT_BF16 && o->dtype != MB_DT_F16 && o->dtype != MB_DT_F32)
+        return mb_fail(MB_ERR_ARG, "mb_model_init_random: dtype %s: bf16, f16 or f32 only", mb_dtype_name(o->dtype));
     MbConfig c;
     MbStatus rc = mb_config_load(cfg_path, &c);
     if (rc) return rc;
-    const char *written[] = {"model.safetensors", NULL}; /* and config.json, unless it is the input */
+    /* what it writes, and config.json unless it is the input (shards are not listed: an input
+     * named like one is not worth the lines) */
+    const char *written[] = {"model.safetensors", "model.safetensors.index.json", NULL};
     if ((rc = mb_guard_output("init", outdir, &cfg_path, 1, written))) return rc;
-    char **made = NULL;
+    char **made = NULL, *text = NULL;
+    size_t len = 0;
     char *cfg_out = mb_path_join(outdir, "config.json");
     if (!cfg_out) return MB_ERR_OOM;
-    int new_cfg = !mb_same_file(cfg_out, cfg_path), had_cfg = mb_is_file(cfg_out);
+    int new_cfg = !mb_same_file(cfg_out, cfg_path);
+    MbWFile cw = {0}; /* config.json goes in place with the weights, not before them */
     rc = mb_mkdir_p(outdir, &made);
     if (!rc) rc = mb_remove_stale(outdir); /* what a killed init left */
-    if (!rc && new_cfg) rc = mb_copy_file(cfg_path, cfg_out);
-    if (!rc) rc = init_random_weights(&c, outdir, seed, dt, std);
-    if (rc && new_cfg && !had_cfg) remove(cfg_out);
+    if (!rc && new_cfg && !(rc = mb_read_file(cfg_path, &text, &len)) && !(rc = mb_wfile_open(&cw, cfg_out))) {
+        mb_wfile_write(&cw, text, len);
+        rc = mb_wfile_finish(&cw);
+    }
+    if (!rc) rc = init_random_weights(&c, outdir, o);
+    if (!rc && new_cfg) rc = mb_wfile_commit(&cw);
+    mb_wfile_abort(&cw); /* (nothing left after a commit) */
     mb_undo_mkdirs(&made, rc == MB_OK);
-    free(cfg_out);
+    free(cfg_out), free(text);
     return rc;
 }
 
-/* model.safetensors of mb_model_init_random */
-static MbStatus init_random_weights(const MbConfig *cp, const char *outdir, uint64_t seed, MbDtype dt, double std) {
-    MbConfig c = *cp;
-    MbStatus rc = MB_OK;
-    MbTensorOut *ts = NULL; /* stb_ds array */
-    char **names = NULL;
-    MbRng rng;
-    mb_rng_seed(&rng, seed);
-    size_t C = mb_dim(&c, MB_DIM_C), V = (size_t)c.vocab_size;
-    for (int l = -1; !rc && l <= c.num_hidden_layers; l++) {
-        int nw = (l < 0 || l == c.num_hidden_layers) ? 1 : MB_LAYER_WEIGHTS;
-        for (int i = 0; !rc && i < nw; i++) {
-            char name[256];
-            size_t rows, cols;
-            if (l < 0) snprintf(name, sizeof name, "model.embed_tokens.weight"), rows = V, cols = C;
-            else if (l == c.num_hidden_layers) snprintf(name, sizeof name, "model.norm.weight"), rows = 1, cols = C;
-            else {
-                snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, mb_layer_weights[i].name);
-                rows = mb_dim(&c, mb_layer_weights[i].rows), cols = mb_dim(&c, mb_layer_weights[i].cols);
-            }
-            int is_norm = rows == 1;
-            float *f = mb_malloc(rows * cols * sizeof(float));
-            void *data = f ? mb_malloc(rows * cols * mb_dtype_size(dt)) : NULL;
-            char *tname = data ? mb_strdup(name) : NULL;
-            if (!tname) {
-                free(f), free(data);
-                rc = MB_ERR_OOM;
-                break;
-            }
-            for (size_t k = 0; k < rows * cols; k++) f[k] = is_norm ? 1.0f : (float)(std * mb_rng_normal(&rng));
-            mb_convert_from_f32(dt, f, data, rows * cols);
-            free(f);
-            MbTensorOut t;
-            memset(&t, 0, sizeof t);
-            t.name = tname;
-            t.dtype = dt;
-            t.ndim = is_norm ? 1 : 2;
-            t.shape[0] = is_norm ? cols : rows;
-            t.shape[1] = cols;
-            t.data = data;
-            arrput(ts, t);
-            arrput(names, (char *)t.name);
-        }
+/* The order of a decoder layer's weights in transformers' state dict (LlamaDecoderLayer's
+ * modules: self_attn, mlp, input_layernorm, post_attention_layernorm), which save_pretrained
+ * shards in. */
+static const MbLayerWeightId hf_layer_order[MB_LAYER_WEIGHTS] = {
+    MB_W_Q_PROJ, MB_W_K_PROJ, MB_W_V_PROJ, MB_W_O_PROJ, MB_W_GATE_PROJ, MB_W_UP_PROJ, MB_W_DOWN_PROJ,
+    MB_W_INPUT_LAYERNORM, MB_W_POST_ATTENTION_LAYERNORM};
+
+/* The model's weights (names, dtype dt, shapes; no data) in the order mb_model_init_random draws
+ * them: embed_tokens, each layer's in mb_layer_weights order, norm, then lm_head unless tied.
+ * save[k]: the index of the k-th tensor of transformers' state dict. Arrays are malloc'd; the
+ * names are *names (one block). */
+static MbStatus llama_weight_list(const MbConfig *c, MbDtype dt, MbTensorOut **out, size_t **save, size_t *count,
+                                  char **names) {
+    size_t L = (size_t)c->num_hidden_layers, n = 2 + L * MB_LAYER_WEIGHTS + !c->tie_word_embeddings;
+    size_t C = mb_dim(c, MB_DIM_C), V = (size_t)c->vocab_size, NAME = 96;
+    MbTensorOut *t = mb_calloc(n, sizeof *t);
+    size_t *s = mb_calloc(n, sizeof *s);
+    char *nm = mb_calloc(n, NAME);
+    if (!t || !s || !nm) {
+        free(t), free(s), free(nm);
+        return MB_ERR_OOM;
     }
-    if (!rc && !c.tie_word_embeddings) {
-        MbTensorOut t = ts[0]; /* a separate lm_head drawn from the same distribution */
-        float *f = mb_malloc(V * C * sizeof(float));
-        void *data = f ? mb_malloc(V * C * mb_dtype_size(dt)) : NULL;
-        char *tname = data ? mb_strdup("lm_head.weight") : NULL;
-        if (tname) {
-            for (size_t k = 0; k < V * C; k++) f[k] = (float)(std * mb_rng_normal(&rng));
-            mb_convert_from_f32(dt, f, data, V * C);
-            t.name = tname;
-            t.data = data;
-            arrput(ts, t);
-            arrput(names, tname);
-        } else {
-            free(data);
-            rc = MB_ERR_OOM;
+    for (size_t i = 0; i < n; i++) {
+        char *name = nm + i * NAME;
+        size_t rows = V, cols = C, l = (i - 1) / MB_LAYER_WEIGHTS, w = (i - 1) % MB_LAYER_WEIGHTS;
+        int norm = 0;
+        if (i == 0) snprintf(name, NAME, "model.embed_tokens.weight");
+        else if (i == 1 + L * MB_LAYER_WEIGHTS) snprintf(name, NAME, "model.norm.weight"), norm = 1;
+        else if (i == 2 + L * MB_LAYER_WEIGHTS) snprintf(name, NAME, "lm_head.weight");
+        else {
+            snprintf(name, NAME, "model.layers.%zu.%s.weight", l, mb_layer_weights[w].name);
+            rows = mb_dim(c, mb_layer_weights[w].rows), cols = mb_dim(c, mb_layer_weights[w].cols);
+            norm = mb_layer_weights[w].rows == MB_DIM_1;
         }
-        free(f);
+        /* norms are (C), and the only 1-D weights */
+        t[i] = (MbTensorOut){name, dt, norm ? 1 : 2, {norm ? cols : rows, cols}, NULL};
     }
-    char *st_path = rc ? NULL : mb_path_join(outdir, "model.safetensors");
+    size_t k = 0;
+    s[k++] = 0;
+    for (size_t l = 0; l < L; l++)
+        for (int w = 0; w < MB_LAYER_WEIGHTS; w++) s[k++] = 1 + l * MB_LAYER_WEIGHTS + (size_t)hf_layer_order[w];
+    for (size_t i = 1 + L * MB_LAYER_WEIGHTS; i < n; i++) s[k++] = i;
+    *out = t, *save = s, *count = n, *names = nm;
+    return MB_OK;
+}
+
+/* The weights of mb_model_init_random, drawn and written a piece at a time (at most
+ * INIT_PIECE values in memory) as save_pretrained shards them. The draws are the same whatever
+ * the pieces and the shards: one stream, tensor after tensor in llama_weight_list's order. */
+#define INIT_PIECE ((size_t)1 << 20)
+static MbStatus init_random_weights(const MbConfig *c, const char *outdir, const MbInitOptions *o) {
+    MbTensorOut *ts;
+    size_t *save, n, dsize = mb_dtype_size(o->dtype);
+    char *names, what[300];
+    MbStatus rc = llama_weight_list(c, o->dtype, &ts, &save, &n, &names);
+    if (rc) return rc;
+    snprintf(what, sizeof what, "writing random weights to %s", outdir);
     const char *meta[] = {"format", "pt", NULL};
-    if (!rc && !st_path) rc = MB_ERR_OOM;
-    if (!rc) rc = mb_safetensors_write(st_path, ts, (size_t)arrlen(ts), meta);
-    free(st_path);
-    for (ptrdiff_t i = 0; i < arrlen(ts); i++) {
-        free((void *)ts[i].data);
-        free(names[i]);
+    StCkpt ck;
+    float *f = mb_malloc(INIT_PIECE * sizeof *f);
+    void *piece = f ? mb_malloc(INIT_PIECE * dsize) : NULL;
+    if (!piece) rc = MB_ERR_OOM;
+    if (!rc) rc = st_ckpt_begin(&ck, outdir, ts, n, save, o->max_shard_size, meta, &o->progress, what);
+    if (rc) {
+        free(f), free(piece), free(ts), free(save), free(names);
+        return rc;
     }
-    arrfree(ts);
-    arrfree(names);
+    MbRng rng;
+    mb_rng_seed(&rng, o->seed);
+    for (size_t i = 0; !rc && i < n; i++) {
+        int is_norm = ts[i].ndim == 1;
+        size_t numel = st_out_bytes(&ts[i]) / dsize;
+        for (size_t k = 0; !rc && k < numel; k += INIT_PIECE) {
+            size_t m = MB_MIN(INIT_PIECE, numel - k);
+            for (size_t j = 0; j < m; j++) f[j] = is_norm ? 1.0f : (float)(o->std * mb_rng_normal(&rng));
+            mb_convert_from_f32(o->dtype, f, piece, m);
+            rc = st_ckpt_put(&ck, piece, m * dsize);
+            if (!rc && o->interrupt && *o->interrupt)
+                rc = mb_fail(MB_INTERRUPTED, "init: interrupted: %s is left as it was", outdir);
+        }
+    }
+    rc = rc ? (st_ckpt_abort(&ck), rc) : st_ckpt_commit(&ck);
+    free(f), free(piece), free(ts), free(save), free(names);
     return rc;
 }
 
@@ -13096,6 +13389,9 @@ static const MbOpt mb_opts_init[] = {
     {"seed", "S", "(default 0)"},
     {"dtype", "bf16|f16|f32", "the weights' dtype (default bf16)"},
     {"std", "X", "the standard deviation of the normal weights, initializer_range (default 0.02)"},
+    {"max_shard_size", "SIZE", "shards of at most SIZE bytes, as save_pretrained writes them (\"5GB\", \"500MB\": "
+                               "powers of 1000; default 5GB): model-0000K-of-0000N.safetensors and "
+                               "model.safetensors.index.json; a model under SIZE is one model.safetensors"},
     {NULL, NULL, NULL}};
 static const MbOpt mb_opts_merge[] = {
     {"model", "DIR", "the base model folder (required)"},
@@ -13173,7 +13469,8 @@ static const MbCliCommand mb_cli_commands[] = {
      {{"options", mb_opts_merge}},
      NULL},
     {"init", "init --config CONFIG_JSON --output DIR [options]",
-     "Writes a model folder with random weights (transformers' init) for a config.",
+     "Writes a model folder with random weights (transformers' init) for a config, tensor by tensor (memory: "
+     "a few MB at any size), sharded as save_pretrained does.",
      {{"options", mb_opts_init}},
      NULL},
     {"encode", "encode --tokenizer PATH [--add_bos]",
@@ -13620,12 +13917,19 @@ fail:
     return 1;
 }
 
+static volatile sig_atomic_t mb_cli_stop;
+static void on_chat_interrupt(int sig);
+static void catch_signals(void (*fn)(int), int sigterm, int restart);
+
 static int cmd_init(MbArgs *a) {
     MbStatus rc;
     int seed = 0;
     double std = 0.02;
+    size_t shard = 0;
     const char *cfg = arg_get(a, "config"), *out = arg_get(a, "output"), *dts = arg_get(a, "dtype");
-    if ((rc = arg_int_in(a, "seed", &seed, 0, INFINITY)) ||
+    const char *shard_s = arg_get(a, "max_shard_size");
+    if ((shard_s && (rc = parse_size("init: --max_shard_size", shard_s, &shard))) ||
+        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)) ||
         (rc = arg_double_in(a, "std", &std, 0, INFINITY, MB_LO_OPEN)) || (rc = args_done(a)))
         goto fail;
     if (!cfg || !out || !cfg[0] || !out[0]) {
@@ -13639,8 +13943,20 @@ static int cmd_init(MbArgs *a) {
         rc = mb_fail(MB_ERR_ARG, "init: --dtype must be bf16, f16 or f32, got '%s'", dts);
         goto fail;
     }
-    if ((rc = mb_model_init_random(cfg, out, (uint64_t)seed, dt, std))) goto fail;
-    printf("wrote %s/model.safetensors (random init, seed %d, %s)\n", out, seed, mb_dtype_name(dt));
+    MbInitOptions o = {.seed = (uint64_t)seed, .dtype = dt, .std = std, .max_shard_size = shard,
+                       .interrupt = &mb_cli_stop, .progress = {mb_progress_print, NULL}};
+    catch_signals(on_chat_interrupt, 1, 1); /* Ctrl-C: stop, leaving nothing */
+    rc = mb_model_init_random(cfg, out, &o);
+    signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
+    if (rc == MB_INTERRUPTED) {
+        fprintf(stderr, "medbot: %s\n", mb_last_error());
+        return 128 + (int)mb_cli_stop;
+    }
+    if (rc) goto fail;
+    char *index = mb_path_join(out, "model.safetensors.index.json");
+    printf("wrote %s/%s (random init, seed %d, %s)\n", out, index && mb_is_file(index) ?
+           "model.safetensors.index.json and its shards" : "model.safetensors", seed, mb_dtype_name(dt));
+    free(index);
     return 0;
 fail:
     fprintf(stderr, "medbot: %s\n", mb_last_error());

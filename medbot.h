@@ -5,7 +5,8 @@
  * Table of contents (sections of medbot.c, in data-flow order)
  *   1. platform     errors, checked alloc/IO, mmap, thread pool, timers, JSON, key: value files, RNG,
  *                   SHA-256
- *   2. files        safetensors read (mmap, sharded) and write, config.json, dtype conversion
+ *   2. files        safetensors read (mmap, sharded) and write (streamed, sharded as save_pretrained),
+ *                   config.json, dtype conversion
  *   3. tokenizer    Llama 3 byte-level BPE, specials, streaming UTF-8 decode
  *   4. weights      linear weights as f32/f16/bf16 or NF4 (bitsandbytes 4-bit, double quant)
  *   5. ops (CPU)    the op table MbOps: matmul, rmsnorm, rope, attention, swiglu, ...
@@ -325,11 +326,28 @@ void mb_kvcache_reset(MbKVCache *c);
 MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, int B, int T,
                           const int *lens, float *logits, int last_only);
 
-/* Writes DIR/config.json (a copy of cfg_path) and DIR/model.safetensors with random weights
- * drawn as transformers initialises a Llama: normal(0, std) for linear and embedding weights,
- * ones for norms. dtype: MB_DT_BF16, MB_DT_F16 or MB_DT_F32. */
-MbStatus mb_model_init_random(const char *cfg_path, const char *dir, uint64_t seed, MbDtype dtype,
-                              double std);
+/* What mb_model_init_random draws and how it writes it. */
+typedef struct {
+    uint64_t seed;
+    MbDtype dtype;                    /* MB_DT_BF16, MB_DT_F16 or MB_DT_F32 */
+    double std;                       /* normal(0, std) (> 0; transformers' initializer_range is 0.02) */
+    size_t max_shard_size;            /* bytes per file, save_pretrained's max_shard_size; 0: its default,
+                                         5 GB (5 * 10^9) */
+    volatile sig_atomic_t *interrupt; /* NULL, or a flag a signal handler sets: the folder is left as it
+                                         was and MB_INTERRUPTED returned */
+    MbProgress progress;              /* "writing random weights to DIR", in bytes (none: silent) */
+} MbInitOptions;
+
+/* Writes DIR/config.json (a copy of cfg_path) and the weights, random, drawn as transformers
+ * initialises a Llama: normal(0, std) for linear and embedding weights, ones for norms, from one
+ * seeded stream (the same values whatever the shards). The weights are written as save_pretrained
+ * writes them: DIR/model.safetensors, or shards of at most max_shard_size (a bigger tensor gets
+ * one of its own) named model-00001-of-0000N.safetensors with model.safetensors.index.json; a
+ * tensor at a time, in pieces, so that memory stays small for any model. Every file is written as
+ * a temporary and renamed once all are complete: a failure (a full disk, an interrupt) leaves no
+ * file and no folder it made, and an earlier model in DIR as it was; a success removes the earlier
+ * model's weights that the new ones do not replace. */
+MbStatus mb_model_init_random(const char *cfg_path, const char *dir, const MbInitOptions *opt);
 
 /* The memory plan of `medbot info --plan`: the bytes per device of one DPO training step on the
  * CUDA backend (bf16 activations, fp32 trainable state, the base in NF4 or bf16), from the config

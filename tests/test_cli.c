@@ -334,6 +334,8 @@ static void option_values_are_range_checked(void) {
         {"init --config weights/tiny/config.json --output O --std 0", "init: --std must be > 0, got 0"},
         {"init --config weights/tiny/config.json --output O --std nan", "init: --std needs a finite decimal number"},
         {"init --config weights/tiny/config.json --output O --seed -1", "init: --seed must be >= 0"},
+        {"init --config weights/tiny/config.json --output O --max_shard_size 5GiB",
+         "init: --max_shard_size: '5GiB' is not a size"},
         {"merge --model M --lora L --output O --threads -1", "merge: --threads must be >= 0"},
     };
     for (size_t i = 0; i < sizeof other / sizeof *other; i++) t_expect_failure(other[i][0], other[i][1], NULL);
@@ -385,7 +387,7 @@ static void library_entry_points_check_ranges(void) {
     g.temperature = 0.7, g.top_p = NAN;
     CHECK(mb_sampler_new(&g, 10, &s) == MB_ERR_ARG && strstr(mb_last_error(), "top_p must be a finite number"), "%s",
           mb_last_error());
-    CHECK(mb_model_init_random("weights/tiny/config.json", t_tmp_root(), 0, MB_DT_BF16, NAN) == MB_ERR_ARG &&
+    CHECK(mb_model_init_random("weights/tiny/config.json", t_tmp_root(), &(MbInitOptions){.dtype = MB_DT_BF16, .std = NAN}) == MB_ERR_ARG &&
               strstr(mb_last_error(), "std must be a finite number"),
           "%s", mb_last_error());
 }

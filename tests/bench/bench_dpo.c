@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
     snprintf(cfg, sizeof cfg, "%s/config.json", dir);
     snprintf(st, sizeof st, "%s/model.safetensors", dir);
     if (!mb_is_file(cfg) && mb_write_file(cfg, config_100m, strlen(config_100m))) return 1;
-    if (!mb_is_file(st) && mb_model_init_random(cfg, dir, 42, MB_DT_F32, 0.02)) {
+    if (!mb_is_file(st) && mb_model_init_random(cfg, dir, &(MbInitOptions){.seed = 42, .dtype = MB_DT_F32, .std = 0.02})) {
         fprintf(stderr, "bench: %s\n", mb_last_error());
         return 1;
     }

@@ -117,7 +117,7 @@ int main(int argc, char **argv) {
         }
         char st[160];
         snprintf(st, sizeof st, "%s/model.safetensors", dir);
-        if (!mb_is_file(st) && mb_model_init_random(cfg, dir, 42, mdt[i], 0.02)) {
+        if (!mb_is_file(st) && mb_model_init_random(cfg, dir, &(MbInitOptions){.seed = 42, .dtype = mdt[i], .std = 0.02})) {
             fprintf(stderr, "bench: %s\n", mb_last_error());
             return 1;
         }

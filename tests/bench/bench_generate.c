@@ -219,7 +219,7 @@ static int prepare_model(void) {
     if (!rc && !mb_is_file(DIR "/model.safetensors")) {
         printf("(writing random bf16 weights to %s, once)\n", DIR);
         fflush(stdout);
-        rc = mb_model_init_random(DIR "/config.json", DIR, 42, MB_DT_BF16, 0.02);
+        rc = mb_model_init_random(DIR "/config.json", DIR, &(MbInitOptions){.seed = 42, .dtype = MB_DT_BF16, .std = 0.02});
     }
     if (rc) fprintf(stderr, "bench: %s\n", mb_last_error());
     return rc == MB_OK;
