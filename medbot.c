@@ -688,8 +688,9 @@ MB_UNUSED static void mb_note(const char *fmt, ...) {
 
 /* "12.3 GB", "512 kB", "161 MB" (bytes) or "12 tensors" */
 static void progress_amount(char *out, size_t n, double x, const char *unit) {
-    if (strcmp(unit, "bytes")) {
-        snprintf(out, n, "%.0f %s", x, unit);
+    if (strcmp(unit, "bytes")) { /* "1 step", "36 steps" */
+        size_t len = strlen(unit);
+        snprintf(out, n, "%.0f %.*s", x, (int)(x == 1 && len > 1 && unit[len - 1] == 's' ? len - 1 : len), unit);
         return;
     }
     const char *u[] = {"B", "kB", "MB", "GB", "TB"};
