@@ -67,6 +67,8 @@ pkg_install() {
     else NO_INSTALL="sudo needs a password and there is no terminal to type it on"; return 1
     fi
   fi
+  # no terminal: no package may stop to ask a question (root's apt-get; sudo may drop the variable)
+  [ -t 0 ] || export DEBIAN_FRONTEND="${DEBIAN_FRONTEND:-noninteractive}"
   # shellcheck disable=SC2086
   case $pm in
     apt-get)
@@ -82,9 +84,9 @@ pkg_install() {
     dnf)
       say "$what is missing; installing $pkgs with: ${sudo}dnf install -y $pkgs"
       ${sudo}dnf install -y $pkgs ;;
-    pacman)
-      say "$what is missing; installing $pkgs with: ${sudo}pacman -S --needed --noconfirm $pkgs"
-      ${sudo}pacman -S --needed --noconfirm $pkgs ;;
+    pacman)  # a fresh container has no sync database: -Sy reads it first
+      say "$what is missing; installing $pkgs with: ${sudo}pacman -Sy --needed --noconfirm $pkgs"
+      ${sudo}pacman -Sy --needed --noconfirm $pkgs ;;
     brew)
       say "$what is missing; installing $pkgs with: brew install $pkgs"
       brew install $pkgs ;;
@@ -169,7 +171,7 @@ compile() {
   local what=$1 out=$2 src=$3; shift 3
   local t0=$SECONDS rc=0
   if [ -t 1 ]; then
-    local log=$BUILD/compile.log ticker
+    local log=$BUILD/compile.$$.log ticker  # (one per build.sh: two builds at once keep their messages apart)
     ( while kill -0 $$ 2>/dev/null; do printf '\r%s... %d s ' "$what" $((SECONDS - t0)); sleep 1; done ) &
     ticker=$!
     trap 'kill "$ticker" 2>/dev/null' EXIT  # an interrupted build leaves no ticker behind

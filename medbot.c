@@ -69,6 +69,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -688,6 +689,7 @@ MB_UNUSED static void mb_note(const char *fmt, ...) {
 
 /* "12.3 GB", "512 kB", "161 MB" (bytes) or "12 tensors" */
 static void progress_amount(char *out, size_t n, double x, const char *unit) {
+    if (!unit) unit = "";
     if (strcmp(unit, "bytes")) { /* "1 step", "36 steps" */
         size_t len = strlen(unit);
         snprintf(out, n, "%.0f %.*s", x, (int)(x == 1 && len > 1 && unit[len - 1] == 's' ? len - 1 : len), unit);
@@ -729,8 +731,18 @@ static void progress_figures(char *out, size_t n, const MbProgressEvent *ev) {
     else snprintf(out, n, "%s%s", done, rate);
 }
 
+/* The terminal's width in columns (80 when it does not say) */
+static int progress_columns(void) {
+#if defined(TIOCGWINSZ)
+    struct winsize ws;
+    if (ioctl(fileno(stderr), TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 20) return ws.ws_col;
+#endif
+    return 80;
+}
+
 /* The bar: "loading weights/x  [#########...........]  6.2 GB of 16.1 GB (38%), ..." on one terminal
- * line (cut to 150 columns, so that it does not wrap on most terminals) */
+ * line, cut to the terminal's width less one (a line that wrapped could not be taken off again),
+ * at a character's start */
 static void progress_draw_locked(const MbProgressEvent *ev) {
     char fig[160], line[400], bar[24];
     int fill = ev->total > 0 ? (int)(20.0 * MB_MIN(1.0, ev->done / ev->total)) : 0;
@@ -739,17 +751,25 @@ static void progress_draw_locked(const MbProgressEvent *ev) {
     progress_figures(fig, sizeof fig, ev);
     if (ev->total > 0) snprintf(line, sizeof line, "%s [%s] %s%s%s", ev->task, bar, fig, ev->note ? "  " : "", ev->note ? ev->note : "");
     else snprintf(line, sizeof line, "%s: %s%s%s", ev->task, fig, ev->note ? "  " : "", ev->note ? ev->note : "");
-    snprintf(mb_console.line, sizeof mb_console.line, "%.150s", line);
+    size_t cut = MB_MIN(strlen(line), MB_MIN(sizeof mb_console.line, (size_t)progress_columns()) - 1);
+    while (cut > 0 && ((unsigned char)line[cut] & 0xC0) == 0x80) cut--; /* (a UTF-8 continuation byte) */
+    snprintf(mb_console.line, sizeof mb_console.line, "%.*s", (int)cut, line);
     fprintf(stderr, "\r%s\033[K", mb_console.line);
     fflush(stderr);
     mb_console.bar = 1;
+}
+
+/* Whether stderr is a terminal a bar can be drawn on (not one that cannot move the cursor) */
+static int progress_terminal(void) {
+    const char *term = getenv("TERM");
+    return isatty(fileno(stderr)) && !(term && !strcmp(term, "dumb"));
 }
 
 void mb_progress_print(void *ctx, const MbProgressEvent *ev) {
     const MbProgressLines *where = ctx;
     FILE *out = where && where->out ? where->out : stdout;
     double min_seconds = where ? where->min_seconds : 1.0;
-    int tty = isatty(fileno(stderr));
+    int tty = !(where && where->lines_only) && progress_terminal();
     double now = mb_now();
     char fig[160], t[24];
     pthread_mutex_lock(&mb_console.mu);
@@ -2394,7 +2414,7 @@ MbStatus mb_safetensors_write(const char *path, const MbTensorOut *tensors, size
 /* A size as save_pretrained reads max_shard_size (huggingface_hub's parse_size_to_int): a decimal
  * number and TB, GB, MB or KB in any case, powers of 1000 ("5GB" is 5 * 10^9 bytes, "200kB"
  * 200000), or a plain number of bytes; at least 1 byte. */
-static MbStatus parse_size(const char *what, const char *s, size_t *out) {
+MB_UNUSED static MbStatus parse_size(const char *what, const char *s, size_t *out) {
     static const char *const units[] = {"KB", "MB", "GB", "TB"};
     char num[64];
     while (*s == ' ') s++;
@@ -2483,10 +2503,11 @@ static MbStatus st_ckpt_begin(StCkpt *ck, const char *dir, const MbTensorOut *t,
         ck->total_params += ck->bytes[i] / mb_dtype_size(t[i].dtype);
     }
     size_t F = st_split(ck->bytes, order, n, max_shard_size ? max_shard_size : MB_MAX_SHARD_SIZE, ck->file);
-    ck->n_files = F = F ? F : 1;
+    F = F ? F : 1;
     ck->left = mb_calloc(F, sizeof *ck->left), ck->w = mb_calloc(F, sizeof *ck->w);
     ck->paths = mb_calloc(F, sizeof *ck->paths), ck->hdr = mb_calloc(F, sizeof *ck->hdr);
     if (!ck->left || !ck->w || !ck->paths || !ck->hdr) goto oom;
+    ck->n_files = F; /* (st_ckpt_free walks the per-file arrays) */
     double total = 0;
     for (size_t f = 0; f < F; f++) {
         char name[64];
@@ -2543,7 +2564,7 @@ static int st_cmp_name(const void *a, const void *b) {
 
 /* model.safetensors.index.json, byte for byte as transformers' save_pretrained writes it
  * (json.dumps(index, indent=2, sort_keys=True) + "\n") */
-static MbStatus st_ckpt_write_index(const StCkpt *ck) {
+static MbStatus st_ckpt_write_index(const StCkpt *ck, MbWFile *w) {
     const MbTensorOut **by_name = mb_malloc((ck->n ? ck->n : 1) * sizeof *by_name);
     if (!by_name) return MB_ERR_OOM;
     for (size_t i = 0; i < ck->n; i++) by_name[i] = &ck->t[i];
@@ -2561,7 +2582,8 @@ static MbStatus st_ckpt_write_index(const StCkpt *ck) {
         sb_printf(&sb, "%s\n", k + 1 < ck->n ? "," : "");
     }
     sb_printf(&sb, "  }\n}\n");
-    MbStatus rc = mb_write_file(ck->index, sb, strlen(sb));
+    MbStatus rc = mb_wfile_open(w, ck->index);
+    if (!rc) mb_wfile_write(w, sb, strlen(sb)), rc = mb_wfile_finish(w);
     arrfree(sb);
     free(by_name);
     return rc;
@@ -2602,8 +2624,11 @@ static MbStatus st_ckpt_commit(StCkpt *ck) {
         rc = mb_fail(MB_ERR_ARG, "%s: tensor '%s' is incomplete (%zu of %zu bytes)", ck->dir, ck->t[ck->at].name,
                      ck->at_done, ck->bytes[ck->at]);
     size_t renamed = 0;
+    MbWFile iw = {0}; /* the index, complete as a temporary before any file is renamed */
+    if (!rc && ck->n_files > 1) rc = st_ckpt_write_index(ck, &iw);
     while (!rc && renamed < ck->n_files && !(rc = mb_wfile_commit(&ck->w[renamed]))) renamed++;
-    if (!rc && ck->n_files > 1) rc = st_ckpt_write_index(ck);
+    if (!rc && ck->n_files > 1) rc = mb_wfile_commit(&iw);
+    mb_wfile_abort(&iw); /* (nothing left after a commit) */
     if (rc)
         for (size_t f = 0; f < renamed; f++) remove(ck->paths[f]);
     if (!rc) rc = st_ckpt_remove_old(ck);
@@ -5303,7 +5328,7 @@ typedef struct {
  * the same steps on a vector when the compiler targets AVX-512 or AVX2 (the lanes give the same
  * values as exp_lane, up to the fused multiply-adds the compiler may form). */
 static inline float exp_lane(float x) {
-    x = x < -87.33f ? -87.33f : x > 88.0f ? 88.0f : x;
+    x = !(x >= -87.33f) ? -87.33f : x > 88.0f ? 88.0f : x; /* (NaN too: the caller looks for it) */
     float n = floorf(x * 1.44269504f + 0.5f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -5414,6 +5439,7 @@ static void logprob_row_stats(const float *l, size_t V, float *mx_out, double *s
         for (end = MB_MIN(V, v + 1024); v < end; v++) run += exp_lane(l[v] - mx);
         se += run;
     }
+    if (!isfinite(sum)) se = NAN; /* a NaN or inf logit (the vector max and min pass NaN by): a NaN loss */
     *mx_out = mx, *se_out = se, *sum_out = sum;
 }
 
@@ -12910,7 +12936,7 @@ static void cuda_destroy(MbOps *ops) {
         if (g->lt) {
             size_t weights = 0;
             for (ptrdiff_t i = 0; i < arrlen(g->uploads); i++) weights += g->uploads[i].bytes;
-            printf("peak GPU memory: %.2f GiB on GPU %d (%s): medbot's buffers peaked at %.2f GiB (%.2f GiB of "
+            mb_say("peak GPU memory: %.2f GiB on GPU %d (%s): medbot's buffers peaked at %.2f GiB (%.2f GiB of "
                    "uploaded weights), the rest is the CUDA context, cuBLAS, kernels and other processes\n",
                    (double)g->device_used_peak / 1073741824.0, g->gpu, g->name, (double)g->bytes_peak / 1073741824.0,
                    (double)weights / 1073741824.0);
@@ -13853,7 +13879,7 @@ static void info_nf4(const MbModel *m) {
 static int cmd_info(MbArgs *a) {
     MbStatus rc;
     int plan = 0;
-    static MbProgressLines loading = {NULL, 1.0}; /* stderr: stdout holds the report */
+    static MbProgressLines loading = {NULL, 1.0, 0}; /* stderr: stdout holds the report */
     loading.out = stderr;
     MbLoadOptions opt = {.threads = 1, .device = MB_DEVICE_CPU, .progress = {mb_progress_print, &loading}}; /* reads the files only */
     if ((rc = arg_int_in(a, "threads", &opt.threads, 0, INFINITY)) || (rc = arg_bool(a, "plan", &plan))) goto fail;
@@ -14326,14 +14352,38 @@ static MbStatus demo_root(const char *argv0, char **out) {
     return rc;
 }
 
+/* s as one shell word: as it is when plain, else in single quotes ('\'' for a quote), cut to
+ * fit n (>= 8) bytes */
+static void shell_word(char *out, size_t n, const char *s) {
+    int plain = s[0] != 0;
+    for (const char *c = s; *c; c++)
+        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./=:,@%+-", *c)) plain = 0;
+    if (plain) {
+        snprintf(out, n, "%s", s);
+        return;
+    }
+    size_t at = 0;
+    out[at++] = '\'';
+    for (const char *c = s; *c && at + 6 < n; c++) {
+        if (*c == '\'') memcpy(out + at, "'\\''", 4), at += 4;
+        else out[at++] = *c;
+    }
+    out[at++] = '\'';
+    out[at] = 0;
+}
+
 /* The demo's last lines: what to do with the adapter it trained, as commands to paste. */
 static void demo_next_steps(const char *argv0, const char *root, double t0) {
-    const char *w = root[0] ? root : "", *sep = root[0] ? "/" : "";
+    char exe[1024], tiny[1024], pairs[1024], path[1024];
+    shell_word(exe, sizeof exe, argv0);
+    snprintf(path, sizeof path, "%s%sweights/tiny", root, root[0] ? "/" : "");
+    shell_word(tiny, sizeof tiny, path);
+    snprintf(path, sizeof path, "%s%sweights/demo/pairs.jsonl", root, root[0] ? "/" : "");
+    shell_word(pairs, sizeof pairs, path);
     mb_say("demo done in %.1f s. Next, with the adapter in demo-output:\n", mb_now() - t0);
-    mb_say("  talk to it:   %s chat --model %s%sweights/tiny --lora demo-output\n", argv0, w, sep);
-    mb_say("  measure it:   %s eval --model %s%sweights/tiny --lora demo-output --data %s%sweights/demo/pairs.jsonl\n",
-           argv0, w, sep, w, sep);
-    mb_say("  merge it:     %s merge --model %s%sweights/tiny --lora demo-output --output demo-merged\n", argv0, w, sep);
+    mb_say("  talk to it:   %s chat --model %s --lora demo-output\n", exe, tiny);
+    mb_say("  measure it:   %s eval --model %s --lora demo-output --data %s\n", exe, tiny, pairs);
+    mb_say("  merge it:     %s merge --model %s --lora demo-output --output demo-merged\n", exe, tiny);
     mb_say("  the chart:    demo-output/training.svg (open it in a browser)\n");
 }
 
@@ -14529,7 +14579,7 @@ fail:
 
 /* Options shared by generate and chat (HF GenerationConfig names) into the session's options. */
 static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
-    static MbProgressLines loading = {NULL, 1.0}; /* stderr (set below): stdout holds the answers */
+    static MbProgressLines loading = {NULL, 1.0, 0}; /* stderr (set below): stdout holds the answers */
     memset(o, 0, sizeof *o);
     mb_generation_config_defaults(&o->gen);
     loading.out = stderr;

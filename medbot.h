@@ -93,6 +93,7 @@ typedef struct {
 typedef struct {
     FILE *out;
     double min_seconds;
+    int lines_only;       /* 1: no bar even on a terminal */
 } MbProgressLines;
 void mb_progress_print(void *ctx, const MbProgressEvent *ev);
 

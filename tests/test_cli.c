@@ -654,6 +654,26 @@ static void generate_random_init_reads_no_weights(void) {
     CHECK(t_run(cmd, out[0], sizeof out[0]) == 0, "chat --random_init: %s", out[0]);
 }
 
+/* `medbot dpo` (the demo) from another folder: a copy of the binary with no weights/ beside it, run
+ * from an empty folder, says where to run it from (the folder of the executable it looked in). */
+static void demo_elsewhere_says_where_to_run_it(void) {
+    static char out[1 << 14];
+    char cmd[4096], root[1024];
+    const char *exe_dir = t_tmp("demo-exe"), *here = t_tmp("demo-here");
+    snprintf(cmd, sizeof cmd, "mkdir -p %s %s && cp %s %s/medbot", exe_dir, here, t_medbot(), exe_dir);
+    CHECK(t_run(cmd, out, sizeof out) == 0, "%s: %s", cmd, out);
+    if (!realpath(exe_dir, root)) snprintf(root, sizeof root, "%s", exe_dir);
+    snprintf(cmd, sizeof cmd, "cd %s && %s/medbot dpo", here, root);
+    int rc = t_run(cmd, out, sizeof out);
+    printf("    $ %s\n    -> exit %d: %s", cmd, rc, out);
+    char want[1200];
+    snprintf(want, sizeof want, "cd %s && ./medbot dpo", root);
+    CHECK(rc == 1, "exit 1");
+    CHECK(strstr(out, "weights/tiny and weights/demo are not in this folder"), "names what is missing");
+    CHECK(strstr(out, want), "says where to run it from: '%s'", want);
+    CHECK(!mb_is_dir(t_tmp("demo-here/demo-output")), "nothing written");
+}
+
 MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad_input_truncated_safetensors),
              T(bad_input_offsets_past_the_end), T(bad_input_shape_size_mismatch),
              T(bad_input_config_without_required_field), T(bad_input_tensor_missing_from_a_shard),
@@ -662,4 +682,4 @@ MB_TEST_MAIN("cli", T(info_prints_the_model), T(bad_input_missing_folder), T(bad
              T(library_entry_points_check_ranges), T(help_shows_every_option_of_the_table),
              T(every_option_the_source_reads_is_declared), T(every_option_of_a_table_is_read),
              T(config_keys_map_onto_options), T(training_prints_its_settings_first),
-             T(generate_random_init_reads_no_weights))
+             T(generate_random_init_reads_no_weights), T(demo_elsewhere_says_where_to_run_it))

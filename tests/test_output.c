@@ -693,7 +693,7 @@ static void progress_lines_when_output_is_a_file(void) {
         T_FAIL("tmpfile: %s", strerror(errno));
         return;
     }
-    MbProgressLines where = {f, 1.0};
+    MbProgressLines where = {f, 1.0, 1}; /* lines only, also when the test runs on a terminal */
     MbProgressEvent ev = {.state = MB_PROGRESS_BEGIN, .task = "loading big", .unit = "bytes", .total = 16.1e9};
     mb_progress_print(&where, &ev);
     ev.state = MB_PROGRESS_STEP;
