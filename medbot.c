@@ -707,24 +707,31 @@ static void progress_hms(char *out, size_t n, double s) {
     else snprintf(out, n, "%ld:%02ld", t / 60, t % 60);
 }
 
+/* ", 161 MB/s" or ", 2 steps/s": the rate since the task began (counted from its start), or ""
+ * while there is none; returns it per second (0: none) */
+static double progress_rate(char *out, size_t n, const MbProgressEvent *ev) {
+    double per_s = ev->seconds > 0.05 ? (ev->done - ev->start) / ev->seconds : 0;
+    char q[32];
+    out[0] = 0;
+    if (per_s <= 0) return 0;
+    if (ev->unit && strcmp(ev->unit, "bytes")) snprintf(q, sizeof q, "%.3g %s", per_s, ev->unit);
+    else progress_amount(q, sizeof q, per_s, ev->unit);
+    snprintf(out, n, ", %s/s", q);
+    return per_s;
+}
+
 /* "6.2 GB of 16.1 GB (38%), 1.2 GB/s, 0:08 left" or "12/36 steps (33%), ...": what is known */
 static void progress_figures(char *out, size_t n, const MbProgressEvent *ev) {
-    char done[32], total[32], rate[40] = "", left[40] = "";
-    double per_s = ev->seconds > 0.05 ? (ev->done - ev->start) / ev->seconds : 0;
+    char done[32], total[32], rate[48], left[40] = "";
+    double per_s = progress_rate(rate, sizeof rate, ev);
     progress_amount(done, sizeof done, ev->done, ev->unit);
     progress_amount(total, sizeof total, ev->total, ev->unit);
-    if (per_s > 0) {
-        char q[32];
-        if (strcmp(ev->unit, "bytes")) snprintf(q, sizeof q, "%.3g %s", per_s, ev->unit);
-        else progress_amount(q, sizeof q, per_s, ev->unit);
-        snprintf(rate, sizeof rate, ", %s/s", q);
-    }
     if (per_s > 0 && ev->total > ev->done && ev->state != MB_PROGRESS_END) {
         char t[24];
         progress_hms(t, sizeof t, (ev->total - ev->done) / per_s);
         snprintf(left, sizeof left, ", %s left", t);
     }
-    if (ev->total > 0 && strcmp(ev->unit, "bytes"))
+    if (ev->total > 0 && ev->unit && strcmp(ev->unit, "bytes"))
         snprintf(out, n, "%.0f/%s (%.0f%%)%s%s", ev->done, total, 100.0 * ev->done / ev->total, rate, left);
     else if (ev->total > 0)
         snprintf(out, n, "%s of %s (%.0f%%)%s%s", done, total, 100.0 * ev->done / ev->total, rate, left);
@@ -785,17 +792,12 @@ void mb_progress_print(void *ctx, const MbProgressEvent *ev) {
     } else if (ev->state == MB_PROGRESS_END && (ev->seconds < min_seconds || !ev->ok)) { /* a failure: the caller's message says it */
         console_clear_locked();
     } else if (ev->state == MB_PROGRESS_END) { /* "loading x: 33.5 MB in 0.4 s, 84 MB/s" */
-        char done[32], per_s[32], rate[40] = "";
+        char done[32], rate[48];
         console_clear_locked();
         progress_amount(done, sizeof done, ev->done, ev->unit);
         if (ev->seconds < 60) snprintf(t, sizeof t, "%.1f s", ev->seconds);
         else progress_hms(t, sizeof t, ev->seconds);
-        if (ev->seconds > 0.05 && ev->done > ev->start) {
-            double r = (ev->done - ev->start) / ev->seconds;
-            if (strcmp(ev->unit, "bytes")) snprintf(per_s, sizeof per_s, "%.3g %s", r, ev->unit);
-            else progress_amount(per_s, sizeof per_s, r, ev->unit);
-            snprintf(rate, sizeof rate, ", %s/s", per_s);
-        }
+        progress_rate(rate, sizeof rate, ev);
         fprintf(out, "%s: %s in %s%s%s%s\n", ev->task, done, t, rate, ev->note ? ", " : "", ev->note ? ev->note : "");
         fflush(out);
     }
@@ -14301,6 +14303,26 @@ static void print_settings(MbArgs *a, const MbTrainJob *job) {
     fflush(stdout);
 }
 
+/* s as one shell word: as it is when plain, else in single quotes ('\'' for a quote), cut to
+ * fit n (>= 8) bytes */
+static void shell_word(char *out, size_t n, const char *s) {
+    int plain = s[0] != 0;
+    for (const char *c = s; *c; c++)
+        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./=:,@%+-", *c)) plain = 0;
+    if (plain) {
+        snprintf(out, n, "%s", s);
+        return;
+    }
+    size_t at = 0;
+    out[at++] = '\'';
+    for (const char *c = s; *c && at + 6 < n; c++) {
+        if (*c == '\'') memcpy(out + at, "'\\''", 4), at += 4;
+        else out[at++] = *c;
+    }
+    out[at++] = '\'';
+    out[at] = 0;
+}
+
 /* Prints the command line that resumes this run: the same arguments with
  * --resume_from_checkpoint latest (and without --overwrite_output_dir), quoted for a shell. */
 static void print_resume_command(const MbArgs *a) {
@@ -14315,15 +14337,11 @@ static void print_resume_command(const MbArgs *a) {
             if (next && overwrite && !overwrite[0] && is_bool_word(next, &skip_value)) i++;
             continue;
         }
-        int plain = s[0] != 0;
-        for (const char *c = s; *c; c++)
-            if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./=:,@%+-", *c)) plain = 0;
-        if (plain) fprintf(stderr, " %s", s);
-        else {
-            fputs(" '", stderr);
-            for (const char *c = s; *c; c++) *c == '\'' ? fputs("'\\''", stderr) : fputc(*c, stderr);
-            fputc('\'', stderr);
-        }
+        size_t cap = 4 * strlen(s) + 8; /* every character a quote: 4 bytes each, and the quotes */
+        char *word = mb_malloc(cap);
+        if (word) shell_word(word, cap, s);
+        fprintf(stderr, " %s", word ? word : s);
+        free(word);
     }
     fprintf(stderr, " --resume_from_checkpoint latest\n");
 }
@@ -14350,26 +14368,6 @@ static MbStatus demo_root(const char *argv0, char **out) {
                           dir ? dir : "/path/to/medbot");
     free(dir);
     return rc;
-}
-
-/* s as one shell word: as it is when plain, else in single quotes ('\'' for a quote), cut to
- * fit n (>= 8) bytes */
-static void shell_word(char *out, size_t n, const char *s) {
-    int plain = s[0] != 0;
-    for (const char *c = s; *c; c++)
-        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./=:,@%+-", *c)) plain = 0;
-    if (plain) {
-        snprintf(out, n, "%s", s);
-        return;
-    }
-    size_t at = 0;
-    out[at++] = '\'';
-    for (const char *c = s; *c && at + 6 < n; c++) {
-        if (*c == '\'') memcpy(out + at, "'\\''", 4), at += 4;
-        else out[at++] = *c;
-    }
-    out[at++] = '\'';
-    out[at] = 0;
 }
 
 /* The demo's last lines: what to do with the adapter it trained, as commands to paste. */
