@@ -4667,6 +4667,9 @@ struct MbOps {
     void *ctx;                 /* backend state */
     size_t act_size;           /* bytes per activation element */
     int host_memory;           /* activations live in host memory (the CPU backend) */
+    int fast;                  /* the fast path may serve matmul_forward / logits_forward: set by
+                                  mb_model_forward for a model loaded with MbLoadOptions.fast, for
+                                  that call only (training and eval never see it) */
     /* The first failure of an op that returns nothing (out of memory for its scratch, a device
      * error), kept with its message: a device backend then does nothing more but free, and the
      * model, the trainer and generation return it (mb_ops_status) after a forward, a backward, an
@@ -4962,8 +4965,30 @@ static void matvec_task(void *ctx, int tid, int nt) {
     }
 }
 
+/* ---- the fast path (inference only: MbOps.fast) ----
+ * Not the exact numbers: NF4 weights meet activations quantized to 8 bits per block of 64 in
+ * integer dot products; bf16 weights meet activations rounded to bf16. Each returns 1 when it
+ * computed out, 0 when this weight or shape is not one it serves (the exact kernels then do). */
+
+/* -- fast NF4 -- */
+static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWeight *w, size_t N) {
+    (void)cpu, (void)out, (void)inp, (void)w, (void)N;
+    return 0;
+}
+/* -- end fast NF4 -- */
+
+/* -- fast bf16 -- */
+static int fast_bf16_matmul(MbCpu *cpu, float *out, const float *inp, const MbWeight *w, size_t N) {
+    (void)cpu, (void)out, (void)inp, (void)w, (void)N;
+    return 0;
+}
+/* -- end fast bf16 -- */
+
 static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const MbWeight *w, size_t N) {
     MbCpu *cpu = ops->ctx;
+    if (ops->fast && (weight_nf4(w) ? fast_nf4_matmul(cpu, out, inp, w, N)
+                                    : w->dtype == MB_DT_BF16 && fast_bf16_matmul(cpu, out, inp, w, N)))
+        return;
     MatmulTask t = {cpu, out, inp, w, N, 0, 0};
     mb_pool_run(cpu->pool, N < MM_MR ? matvec_task : matmul_task, &t);
 }
@@ -5751,6 +5776,7 @@ struct MbModel {
     MbActs acts;
     MbLora *lora;           /* attached adapters, or NULL (not owned) */
     int gradient_checkpointing;
+    int fast;               /* MbLoadOptions.fast: mb_model_forward through the fast path */
     uint64_t dropout_seed;  /* != 0: LoRA dropout is on (a training forward); keys the masks */
     /* the training batch the saved activations belong to (for the backward) */
     const int *train_lens;
@@ -6215,6 +6241,7 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
         rc = mb_fail(opt && opt->bnb_4bit_compute_dtype ? MB_ERR_ARG : MB_ERR_UNSUPPORTED,
                      "%s: bnb_4bit_compute_dtype \"%s\" is not float32, bfloat16 or float16", dir, cname);
     if (!rc) rc = mb_ops_new(opt, &m->cfg, &m->ops);
+    m->fast = opt && opt->fast;
     if (!rc && opt && opt->random_init) { /* no checkpoint: random weights on the backend */
         rc = model_random_init(m, opt->load_in_4bit, compute, opt->seed, &opt->progress);
         if (!rc && !(m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
@@ -6476,6 +6503,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
     }
     MbActs *a = &m->acts;
     MbAct *x = a->stream[0];
+    ops->fast = m->fast; /* this forward only */
     ops->embedding_forward(ops, x, tokens, &m->embed_tokens, N);
     a->layer[0].x_in = x;
     for (int l = 0; l < c->num_hidden_layers; l++)
@@ -6492,6 +6520,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         ops->logits_forward(ops, dst, a->xf, &m->lm_head, rows);
         ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
+    ops->fast = 0;
     free(idx);
     if (!(rc = mb_ops_status(ops))) { /* (on a failure the cache holds nothing valid past kv->len) */
         kv->len += T;
@@ -13377,6 +13406,8 @@ static const MbOpt mb_opts_gen_model[] = {
     {"add_bos", "true|false", "<|begin_of_text|> in front of the prompt (default true, as tokenizer(prompt): a Llama "
                               "tokenizer_config.json may say add_bos_token false)"},
     {"max_context", "N", "the most tokens the model runs at once (default: max_position_embeddings, at most 4096)"},
+    {"exact", NULL, "compute as transformers does, bit for bit as the parity tests check (default: the CPU's fast "
+                    "path, 8-bit activations against NF4 and bf16 products; README: \"The fast path\")"},
     {NULL, NULL, NULL}};
 static const MbOpt mb_opts_sampling[] = {
     {"max_new_tokens", "N", "the longest answer (default 256); an answer also stops at eos_token_id, <|eot_id|> or "
@@ -14584,7 +14615,7 @@ static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
     o->load.progress.fn = mb_progress_print, o->load.progress.ctx = &loading;
     o->add_bos = -1; /* not given: tokenizer(prompt) as in the card's usage (tokenizer_config.json's add_bos_token) */
     o->name = a->cmd;
-    int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL;
+    int greedy = 0, do_sample = -1 /* not given */, seed = 0, seed_given = arg_get(a, "seed") != NULL, exact = 0;
     MbStatus rc;
     if ((rc = arg_path(a, "model", &o->model)) || (rc = arg_path(a, "tokenizer", &o->tokenizer)) ||
         (rc = arg_path(a, "lora", &o->lora)) || (rc = arg_int_in(a, "threads", &o->load.threads, 0, INFINITY)) ||
@@ -14596,8 +14627,10 @@ static MbStatus gen_args(MbArgs *a, MbChatOptions *o) {
         (rc = arg_double(a, "top_p", &o->gen.top_p)) || (rc = arg_int(a, "top_k", &o->gen.top_k)) ||
         (rc = arg_double(a, "repetition_penalty", &o->gen.repetition_penalty)) ||
         (rc = arg_int(a, "no_repeat_ngram_size", &o->gen.no_repeat_ngram_size)) ||
-        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)) || (rc = arg_bool(a, "random_init", &o->load.random_init)))
+        (rc = arg_int_in(a, "seed", &seed, 0, INFINITY)) || (rc = arg_bool(a, "random_init", &o->load.random_init)) ||
+        (rc = arg_bool(a, "exact", &exact)))
         return rc;
+    o->load.fast = !exact;
     o->system = arg_get(a, "system");
     if ((rc = arg_compute_dtype(a, &o->load.bnb_4bit_compute_dtype))) return rc;
     if (greedy && do_sample == 1)

@@ -304,6 +304,14 @@ typedef struct {
                                      measurements at real shapes without the real weights. */
     uint64_t seed;
     MbProgress progress;          /* reading, checking and quantizing the weights (none: silent) */
+    int fast;                     /* inference (mb_model_forward, mb_generate) on the CPU through the
+                                     fast path: NF4 weights against activations quantized to 8 bits
+                                     with integer dot products, bf16 weights with bf16 products.
+                                     Its logits differ from the exact path's (README: "The fast path"
+                                     gives the measured KL divergence). 0: the exact path, whose
+                                     numbers equal transformers' (what training, eval and the parity
+                                     tests always use, whatever this says). The CLI's generate and
+                                     chat set it unless --exact. */
 } MbLoadOptions;
 
 /* Loads a Hugging Face model folder (config.json + *.safetensors). Weights stay mapped in
