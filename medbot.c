@@ -840,17 +840,26 @@ MB_UNUSED static void task_end(MbTask *t, int ok) {
 
 /* ---- thread pool ----
  * mb_pool_run(pool, fn, ctx) calls fn(ctx, tid, n) once on each of the n threads (the caller is
- * thread 0) and returns when all are done. Ops split their work by tid. */
+ * thread 0) and returns when all are done. Ops split their work by tid.
+ * Decode runs ~150 pool runs a token, a few microseconds of work each: a worker woken through a
+ * condition variable costs 20-90 us, more than the work. So a worker that has finished waits for
+ * the next run spinning for at most MB_POOL_SPIN_US, and only then sleeps on the condition
+ * variable (as does the caller waiting for the workers): busy between the runs of one forward,
+ * asleep while the machine does anything else (sampling, reading a prompt, an idle chat). */
 
 typedef void (*MbTaskFn)(void *ctx, int tid, int nthreads);
+
+#define MB_POOL_SPIN_US 100.0
 
 typedef struct {
     int n;
     pthread_t *threads;
     pthread_mutex_t mu;
     pthread_cond_t start, done;
-    unsigned long generation;
-    int pending, quit;
+    unsigned long generation; /* atomic: a new run was published (fn, ctx written before it) */
+    int pending;              /* atomic: workers still running the current run */
+    int sleepers;             /* workers waiting on `start` (under mu) */
+    int quit;                 /* atomic */
     MbTaskFn fn;
     void *ctx;
 } MbPool;
@@ -860,6 +869,30 @@ typedef struct {
     int tid;
 } MbPoolArg;
 
+/* one iteration of a spin-wait: lets the sibling hyper-thread run */
+static void mb_spin_pause(void) {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_ia32_pause();
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spins until *v != old or MB_POOL_SPIN_US pass; returns the last value read. */
+static unsigned long mb_spin_while_ul(const unsigned long *v, unsigned long old) {
+    double t0 = 0;
+    for (unsigned i = 1;; i++) {
+        unsigned long now = __atomic_load_n(v, __ATOMIC_ACQUIRE);
+        if (now != old) return now;
+        mb_spin_pause();
+        if ((i & 255) == 0) { /* the clock every 256 pauses (~10 us) */
+            double t = mb_now();
+            if (t0 == 0) t0 = t;
+            else if (t - t0 > MB_POOL_SPIN_US * 1e-6) return now;
+        }
+    }
+}
+
 static void *mb_pool_worker(void *arg) {
     MbPoolArg *a = arg;
     MbPool *p = a->pool;
@@ -867,20 +900,23 @@ static void *mb_pool_worker(void *arg) {
     free(a);
     unsigned long seen = 0;
     for (;;) {
-        pthread_mutex_lock(&p->mu);
-        while (p->generation == seen && !p->quit) pthread_cond_wait(&p->start, &p->mu);
-        if (p->quit) {
+        unsigned long g = mb_spin_while_ul(&p->generation, seen);
+        if (g == seen) { /* nothing came while spinning: sleep */
+            pthread_mutex_lock(&p->mu);
+            p->sleepers++;
+            while (__atomic_load_n(&p->generation, __ATOMIC_ACQUIRE) == seen && !__atomic_load_n(&p->quit, __ATOMIC_ACQUIRE))
+                pthread_cond_wait(&p->start, &p->mu);
+            p->sleepers--;
             pthread_mutex_unlock(&p->mu);
-            return NULL;
         }
-        seen = p->generation;
-        MbTaskFn fn = p->fn;
-        void *ctx = p->ctx;
-        pthread_mutex_unlock(&p->mu);
-        fn(ctx, tid, p->n);
-        pthread_mutex_lock(&p->mu);
-        if (--p->pending == 0) pthread_cond_signal(&p->done);
-        pthread_mutex_unlock(&p->mu);
+        if (__atomic_load_n(&p->quit, __ATOMIC_ACQUIRE)) return NULL;
+        seen = __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE);
+        p->fn(p->ctx, tid, p->n);
+        if (__atomic_sub_fetch(&p->pending, 1, __ATOMIC_ACQ_REL) == 0) {
+            pthread_mutex_lock(&p->mu); /* the caller may be asleep on `done` */
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
 }
 
@@ -934,23 +970,35 @@ static void mb_pool_run(MbPool *p, MbTaskFn fn, void *ctx) {
         fn(ctx, 0, 1);
         return;
     }
-    pthread_mutex_lock(&p->mu);
     p->fn = fn;
     p->ctx = ctx;
-    p->pending = p->n - 1;
-    p->generation++;
-    pthread_cond_broadcast(&p->start);
+    __atomic_store_n(&p->pending, p->n - 1, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&p->mu); /* a worker checks generation under mu before it sleeps */
+    __atomic_add_fetch(&p->generation, 1, __ATOMIC_RELEASE);
+    if (p->sleepers) pthread_cond_broadcast(&p->start);
     pthread_mutex_unlock(&p->mu);
     fn(ctx, 0, p->n);
-    pthread_mutex_lock(&p->mu);
-    while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    /* the workers: spin a while (they finish within microseconds of each other), then sleep */
+    double t0 = 0;
+    for (unsigned i = 1; __atomic_load_n(&p->pending, __ATOMIC_ACQUIRE) > 0; i++) {
+        mb_spin_pause();
+        if ((i & 255) == 0) {
+            double t = mb_now();
+            if (t0 == 0) t0 = t;
+            else if (t - t0 > MB_POOL_SPIN_US * 1e-6) break;
+        }
+    }
+    if (__atomic_load_n(&p->pending, __ATOMIC_ACQUIRE) > 0) {
+        pthread_mutex_lock(&p->mu);
+        while (__atomic_load_n(&p->pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&p->done, &p->mu);
+        pthread_mutex_unlock(&p->mu);
+    }
 }
 
 static void mb_pool_free(MbPool *p) {
     if (!p) return;
     pthread_mutex_lock(&p->mu);
-    p->quit = 1;
+    __atomic_store_n(&p->quit, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&p->start);
     pthread_mutex_unlock(&p->mu);
     for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
