@@ -13,6 +13,7 @@
  * It asserts nothing about speed.
  *   ./build.sh bench generate          (speed, roofline, accuracy)
  *   ./build.sh bench generate_speed    (or generate_accuracy: one part)
+ *   ./build.sh bench generate_8b       (not in the above: an 8B-shaped checkpoint, see bench_8b)
  * Environment:
  *   MEDBOT_THREADS             threads for both engines (default: all cores)
  *   MEDBOT_LLAMA_CPP           a folder holding llama.cpp's llama-bench, llama-quantize and
@@ -25,6 +26,7 @@
 #define MEDBOT_NO_MAIN
 #include "../../medbot.c"
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 /* Llama-3.2-1B: L=16 C=2048 H=32 K=8 D=64 F=8192 V=128256, tied embeddings, llama3 rope */
@@ -491,8 +493,85 @@ static int prepare_model(void) {
     return rc == MB_OK;
 }
 
+/* ---- the 8B shape (./build.sh bench generate_8b, MEDBOT_BENCH_8B=DIR: a bf16 Llama-3.1-8B-shaped
+ * folder, e.g. from medbot init --config weights/llama-3.1-8b/config.json; MEDBOT_BENCH_8B_GGUF: its
+ * llama.cpp Q4_0 file, optional): load with load_in_4bit (quantizing), time to first token after a
+ * 128-token prompt, decode tokens/s, peak RSS; llama-bench on the GGUF with the same threads ---- */
+
+static long peak_rss_kb(void) {
+    struct rusage u;
+    return getrusage(RUSAGE_SELF, &u) == 0 ? u.ru_maxrss : -1;
+}
+
+static void bench_8b(const char *dir, const char *gguf, const char *bin, int threads) {
+    printf("the 8B shape: %s, --load_in_4bit (fast path), %d threads; prompt %d random tokens, then %d decoded\n", dir,
+           threads, PREFILL_T, DECODE_N);
+    MbLoadOptions opt;
+    memset(&opt, 0, sizeof opt);
+    opt.threads = threads, opt.load_in_4bit = 1, opt.fast = 1;
+    static MbProgressLines lines = {NULL, 1.0, 1};
+    lines.out = stdout;
+    opt.progress.fn = mb_progress_print, opt.progress.ctx = &lines;
+    MbModel *m;
+    double t0 = mb_now();
+    if (mb_model_load(dir, &opt, &m)) {
+        printf("medbot: %s\n", mb_last_error());
+        return;
+    }
+    double t_load = mb_now() - t0;
+    long rss_load = peak_rss_kb();
+    int V = m->cfg.vocab_size;
+    int32_t tokens[PREFILL_T], out[DECODE_N];
+    MbRng rng;
+    mb_rng_seed(&rng, 0);
+    for (int i = 0; i < PREFILL_T; i++) tokens[i] = (int32_t)(mb_rng_u64(&rng) % (uint64_t)V);
+    MbGenerationConfig g;
+    mb_generation_config_defaults(&g);
+    g.max_new_tokens = DECODE_N;
+    g.seed = 1;
+    MbKVCache *kv = NULL;
+    MbSampler *smp = NULL;
+    Clock c = {0, 0, 0};
+    size_t n_out;
+    if (mb_kvcache_new(m, 1, PREFILL_T + DECODE_N, &kv) || mb_sampler_new(&g, (size_t)V, &smp)) {
+        printf("medbot: %s\n", mb_last_error());
+    } else {
+        t0 = mb_now();
+        if (mb_generate(m, kv, smp, NULL, tokens, PREFILL_T, out, &n_out, on_token, &c) || c.n < 2)
+            printf("medbot: %s\n", mb_last_error());
+        else
+            printf("medbot    load + quantize %.1f s (peak RSS then %.2f GB); time to first token %.2f s; decode %.2f tok/s; "
+                   "NF4 weights %.2f GB a token; peak RSS %.2f GB\n", t_load, rss_load / 1048576.0, c.t_first - t0,
+                   (c.n - 1) / (c.t_last - c.t_first), decode_bytes(m) / 1e9, peak_rss_kb() / 1048576.0);
+    }
+    mb_sampler_free(smp);
+    mb_kvcache_free(kv);
+    mb_model_free(m);
+    if (!gguf || !bin) {
+        printf("llama.cpp not measured: set MEDBOT_LLAMA_CPP and MEDBOT_BENCH_8B_GGUF (a Q4_0 GGUF of the same weights)\n");
+        return;
+    }
+    char cmd[2048];
+    for (int part = 0; part < 2; part++) {
+        snprintf(cmd, sizeof cmd, "/usr/bin/time -f 'llama.cpp %s: wall %%e s, peak RSS %%M kB' %s/llama-bench -m %s -t %d -r 1 %s "
+                 "-o md 2>&1 | grep -E 'q4_0|llama.cpp'", part ? "decode" : "prefill", bin, gguf, threads,
+                 part ? "-p 0 -n 32 -d 128" : "-p 128 -n 0");
+        fflush(stdout);
+        if (sh(cmd)) printf("llama.cpp: llama-bench failed on %s\n", gguf);
+    }
+}
+
 int main(int argc, char **argv) {
     const char *filter = argc > 1 ? argv[1] : "";
+    if (filter[0] && !strcmp(filter, "generate_8b")) {
+        const char *dir = getenv("MEDBOT_BENCH_8B"), *th = getenv("MEDBOT_THREADS"), *bin = getenv("MEDBOT_LLAMA_CPP");
+        if (!dir || !dir[0]) {
+            printf("generate_8b: set MEDBOT_BENCH_8B to a bf16 Llama-3.1-8B-shaped folder\n");
+            return 1;
+        }
+        bench_8b(dir, getenv("MEDBOT_BENCH_8B_GGUF"), bin && bin[0] ? bin : NULL, th && atoi(th) > 0 ? atoi(th) : mb_cpu_count());
+        return 0;
+    }
     int speed = !filter[0] || strstr("generate_speed", filter), acc = !filter[0] || strstr("generate_accuracy", filter);
     if (!speed && !acc) return 0;
     const char *th = getenv("MEDBOT_THREADS"), *bin = getenv("MEDBOT_LLAMA_CPP");
