@@ -255,7 +255,7 @@ run_tests() {
   export MEDBOT_BIN=./medbot
   if [ $sanitize = 1 ]; then
     dir=$BUILD/san
-    flags="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+    flags="$NATIVE -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
     mkdir -p "$dir"
     build_bin "$dir/medbot" medbot.c $flags
     export MEDBOT_BIN=$dir/medbot MB_TEST_SANITIZE=1

@@ -4087,7 +4087,8 @@ typedef struct {
 } MbNf4;
 
 typedef struct {
-    MbDtype dtype;      /* F32 / F16 / BF16; U8: NF4 (bitsandbytes stores the codes as uint8) */
+    MbDtype dtype;      /* F32 / F16 / BF16; U8: NF4 (bitsandbytes stores the codes as uint8); I8:
+                           the fast path's 8-bit copy of an lm_head (MbQ8, section 5) */
     size_t rows, cols;  /* (O, I) for a linear layer, (V, C) for the embedding, (1, C) a norm */
     const void *data;   /* rows * cols values, row-major (mapped file or `owned`); NF4: its MbNf4 */
     void *owned;        /* our copy when the file's bytes are misaligned, or random init; NF4: the
@@ -5032,10 +5033,159 @@ static int fast_bf16_matmul(MbCpu *cpu, float *out, const float *inp, const MbWe
 }
 /* -- end fast bf16 -- */
 
+/* -- fast Q8 -- */
+/* An 8-bit copy of a weight, made at load for the fast path: the lm_head of a model whose
+ * projections are NF4 (bitsandbytes leaves it in bf16, 2 bytes a value, which would be half of
+ * what a decoded token reads; llama.cpp keeps it in 6 bits). Per block of MB_Q8_BLOCK values of
+ * a row: scale = max |w| / 127, q = round(w / scale). Activations meet it quantized the same way
+ * (q8_quantize_rows); each block's integer dot product is scaled by both scales. An MbWeight of
+ * dtype MB_DT_I8 whose data is an MbQ8; only fast_q8_matmul reads it. */
+#define MB_Q8_BLOCK 64
+
+typedef struct {
+    const int8_t *q;     /* (rows, cols) */
+    const float *scale;  /* (rows, cols / MB_Q8_BLOCK) */
+} MbQ8;
+
+/* n values (a multiple of MB_Q8_BLOCK) -> q[n] and scale[n / MB_Q8_BLOCK] */
+static void q8_quantize(const float *x, size_t n, int8_t *q, float *scale) {
+    for (size_t b = 0; b < n / MB_Q8_BLOCK; b++) {
+        const float *xb = x + b * MB_Q8_BLOCK;
+        float amax = 0.0f;
+        for (size_t i = 0; i < MB_Q8_BLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+        scale[b] = s;
+        for (size_t i = 0; i < MB_Q8_BLOCK; i++) q[b * MB_Q8_BLOCK + i] = (int8_t)lrintf(xb[i] * inv);
+    }
+}
+
+/* sum over nb blocks of (int dot of w and x in the block) * ws[b] * xs[b]: the reference */
+MB_UNUSED static float q8_dot_scalar(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t nb) {
+    float acc = 0.0f;
+    for (size_t b = 0; b < nb; b++) {
+        int32_t s = 0;
+        for (size_t i = 0; i < MB_Q8_BLOCK; i++) s += (int32_t)w[b * MB_Q8_BLOCK + i] * x[b * MB_Q8_BLOCK + i];
+        acc += (float)s * (ws[b] * xs[b]);
+    }
+    return acc;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* |w| times x with w's sign (maddubs takes unsigned x signed); each 32-byte half to int32 on its
+ * own (two maddubs results added in int16 could overflow) */
+MB_UNUSED static float q8_dot_avx2(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < nb; b++) {
+        __m256i s = _mm256_setzero_si256();
+        for (size_t h = 0; h < MB_Q8_BLOCK; h += 32) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(const void *)(w + b * MB_Q8_BLOCK + h));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(x + b * MB_Q8_BLOCK + h));
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ws[b] * xs[b]), acc);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* vpdpbusd takes unsigned x signed: x + 128 against w, less 128 * w summed the same way */
+static float q8_dot_avx512(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t nb) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i bias = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    for (size_t b = 0; b < nb; b++) {
+        __m512i wv = _mm512_loadu_si512((const void *)(w + b * MB_Q8_BLOCK));
+        __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x + b * MB_Q8_BLOCK)), bias);
+        __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xu, wv), _mm512_dpbusd_epi32(zero, bias, wv));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(ws[b] * xs[b]), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#define q8_dot q8_dot_avx512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define q8_dot q8_dot_avx2
+#else
+#define q8_dot q8_dot_scalar
+#endif
+
+typedef struct {
+    float *out;
+    const MbQ8 *w;
+    const int8_t *xq;
+    const float *xs;
+    size_t N, O, I;
+} Q8Task;
+
+static void q8_matmul_task(void *ctx, int tid, int nt) {
+    Q8Task *t = ctx;
+    size_t o0, o1, nb = t->I / MB_Q8_BLOCK;
+    mb_split(t->O, tid, nt, &o0, &o1);
+    for (size_t o = o0; o < o1; o++)
+        for (size_t n = 0; n < t->N; n++)
+            t->out[n * t->O + o] = q8_dot(t->w->q + o * t->I, t->w->scale + o * nb, t->xq + n * t->I, t->xs + n * nb, nb);
+}
+
+/* out (N, O) = inp (N, I) @ W^T for an MB_DT_I8 weight (always served: it has no exact path) */
+static int fast_q8_matmul(MbCpu *cpu, float *out, const float *inp, const MbWeight *w, size_t N) {
+    size_t I = w->cols, nb = I / MB_Q8_BLOCK;
+    float *buf = cpu_scratch(cpu, 0, N * I / sizeof(float) + N * nb + 16);
+    if (!buf) return 1; /* out of memory: recorded in ops */
+    float *xs = buf;
+    int8_t *xq = (int8_t *)(void *)(buf + N * nb);
+    for (size_t n = 0; n < N; n++) q8_quantize(inp + n * I, I, xq + n * I, xs + n * nb);
+    Q8Task t = {out, w->data, xq, xs, N, w->rows, I};
+    mb_pool_run(cpu->pool, q8_matmul_task, &t);
+    return 1;
+}
+
+typedef struct {
+    const MbWeight *src;
+    int8_t *q;
+    float *scale;
+    int failed;
+} Q8MakeTask;
+
+static void q8_make_task(void *ctx, int tid, int nt) {
+    Q8MakeTask *t = ctx;
+    size_t r0, r1, C = t->src->cols;
+    mb_split(t->src->rows, tid, nt, &r0, &r1);
+    float *row = malloc(C * sizeof *row);
+    if (!row) {
+        t->failed = 1; /* a race of equal writes */
+        return;
+    }
+    for (size_t r = r0; r < r1; r++) {
+        weight_row_f32(t->src, r, 0, C, row);
+        q8_quantize(row, C, t->q + r * C, t->scale + r * (C / MB_Q8_BLOCK));
+    }
+    free(row);
+}
+
+/* The 8-bit copy of src (cols a multiple of MB_Q8_BLOCK) into *dst, made on pool's threads */
+static MbStatus weight_to_q8(const MbWeight *src, MbPool *pool, MbWeight *dst) {
+    size_t n = src->rows * src->cols, nb = n / MB_Q8_BLOCK;
+    unsigned char *block = mb_aligned_alloc(sizeof(MbQ8) + nb * sizeof(float) + n);
+    if (!block) return MB_ERR_OOM;
+    MbQ8 *q = (MbQ8 *)(void *)block;
+    Q8MakeTask t = {src, (int8_t *)(block + sizeof(MbQ8) + nb * sizeof(float)), (float *)(void *)(block + sizeof(MbQ8)), 0};
+    q->q = t.q, q->scale = t.scale;
+    mb_pool_run(pool, q8_make_task, &t);
+    if (t.failed) return free(block), mb_fail(MB_ERR_OOM, "out of memory: the 8-bit lm_head of the fast path");
+    *dst = (MbWeight){MB_DT_I8, src->rows, src->cols, q, q};
+    return MB_OK;
+}
+/* -- end fast Q8 -- */
+
 static void cpu_matmul_forward(MbOps *ops, float *out, const float *inp, const MbWeight *w, size_t N) {
     MbCpu *cpu = ops->ctx;
-    if (ops->fast && (weight_nf4(w) ? fast_nf4_matmul(cpu, out, inp, w, N)
-                                    : w->dtype == MB_DT_BF16 && fast_bf16_matmul(cpu, out, inp, w, N)))
+    if (w->dtype == MB_DT_I8 ? fast_q8_matmul(cpu, out, inp, w, N)
+                             : ops->fast && (weight_nf4(w) ? fast_nf4_matmul(cpu, out, inp, w, N)
+                                                           : w->dtype == MB_DT_BF16 && fast_bf16_matmul(cpu, out, inp, w, N)))
         return;
     MatmulTask t = {cpu, out, inp, w, N, 0, 0};
     mb_pool_run(cpu->pool, N < MM_MR ? matvec_task : matmul_task, &t);
@@ -5818,6 +5968,7 @@ struct MbModel {
     MbLayer *layers;        /* (L) */
     MbWeight norm;          /* (1, C) */
     MbWeight lm_head;       /* (V, C); a view of embed_tokens when tied */
+    MbWeight lm_head_q8;    /* fast path with NF4 projections: lm_head in 8 bits (MbQ8), else empty */
     float *inv_freq;        /* (D/2) rope frequencies, llama3-scaled */
     MbOps *ops;
     void *rand_block;       /* --random_init: every weight's storage, in backend memory */
@@ -6102,6 +6253,7 @@ void mb_model_free(MbModel *m) {
     free(m->layers);
     weight_free(&m->norm);
     if (!m->cfg.tie_word_embeddings) weight_free(&m->lm_head);
+    weight_free(&m->lm_head_q8);
     free(m->inv_freq);
     mb_safetensors_close(m->st);
     if (m->rand_block) m->ops->free(m->ops, m->rand_block);
@@ -6267,6 +6419,18 @@ static size_t tensor_bytes_of(const MbSafetensors *st, const char *name) {
     return n;
 }
 
+/* What the fast path makes at load (m->fast, on the CPU): with NF4 projections, the 8-bit lm_head
+ * (on pool's threads, or a pool of its own when NULL). */
+static MbStatus model_fast_prepare(MbModel *m, MbPool *pool) {
+    size_t C = mb_dim(&m->cfg, MB_DIM_C);
+    if (!m->fast || !m->ops->host_memory || !weight_nf4(&m->layers[0].w[MB_W_Q_PROJ]) || C % MB_Q8_BLOCK) return MB_OK;
+    MbPool *own = pool ? NULL : mb_pool_new(mb_cpu_count());
+    if (!pool && !own) return MB_ERR_OOM;
+    MbStatus rc = weight_to_q8(&m->lm_head, pool ? pool : own, &m->lm_head_q8);
+    mb_pool_free(own);
+    return rc;
+}
+
 MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out) {
     *out = NULL;
     int err;
@@ -6292,6 +6456,7 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
     m->fast = opt && opt->fast;
     if (!rc && opt && opt->random_init) { /* no checkpoint: random weights on the backend */
         rc = model_random_init(m, opt->load_in_4bit, compute, opt->seed, &opt->progress);
+        if (!rc) rc = model_fast_prepare(m, NULL);
         if (!rc && !(m->inv_freq = mb_malloc((size_t)m->cfg.head_dim / 2 * sizeof(float)))) rc = MB_ERR_OOM;
         if (rc) return mb_model_free(m), rc;
         rope_inv_freq(&m->cfg, m->inv_freq);
@@ -6331,6 +6496,7 @@ MbStatus mb_model_load(const char *dir, const MbLoadOptions *opt, MbModel **out)
         if (c->tie_word_embeddings) m->lm_head = m->embed_tokens;
         else rc = model_weight(m, dir, "lm_head.weight", V, C, pool, &m->lm_head);
     }
+    if (!rc) rc = model_fast_prepare(m, pool);
     if (!rc) task.ev.done = total; /* the norm, lm_head and any tensor medbot does not use */
     task_end(&task, !rc);
     mb_pool_free(pool);
@@ -6565,7 +6731,7 @@ MbStatus mb_model_forward(MbModel *m, MbKVCache *cache, const int32_t *tokens, i
         }
         ops->rmsnorm_forward(ops, a->xf, a->rstd_f, last_only ? a->tmp : x, &m->norm, rows, c->rms_norm_eps);
         float *dst = a->logits ? a->logits : logits;
-        ops->logits_forward(ops, dst, a->xf, &m->lm_head, rows);
+        ops->logits_forward(ops, dst, a->xf, m->lm_head_q8.data ? &m->lm_head_q8 : &m->lm_head, rows);
         ops->to_host(ops, logits, dst, rows * V * sizeof(float));
     }
     ops->fast = 0;
