@@ -12,7 +12,8 @@
 
 #define FIX "tests/fixtures/sampler"
 #define DPO "tests/fixtures/dpo"
-#define GREEDY_ARGS "--greedy --repetition_penalty 1.1 --no_repeat_ngram_size 3 --max_new_tokens 64"
+/* --exact: the answers equal transformers' on the exact path (the fast path, generate's default, rounds) */
+#define GREEDY_ARGS "--exact --greedy --repetition_penalty 1.1 --no_repeat_ngram_size 3 --max_new_tokens 64"
 
 /* The models of the greedy fixtures (GREEDY_MODELS in make_sampler_fixtures.py) and how medbot
  * loads them: F32 and BF16 weights, NF4 quantized at load time (load_in_4bit, compute dtype
