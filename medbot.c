@@ -5078,6 +5078,7 @@ MB_UNUSED static float q8_dot_avx2(const int8_t *w, const float *ws, const int8_
     const __m256i ones = _mm256_set1_epi16(1);
     for (size_t b = 0; b < nb; b++) {
         __m256i s = _mm256_setzero_si256();
+        _mm_prefetch((const char *)(w + b * MB_Q8_BLOCK) + 4096, _MM_HINT_T0);
         for (size_t h = 0; h < MB_Q8_BLOCK; h += 32) {
             __m256i wv = _mm256_loadu_si256((const __m256i *)(const void *)(w + b * MB_Q8_BLOCK + h));
             __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(x + b * MB_Q8_BLOCK + h));
@@ -5099,6 +5100,8 @@ static float q8_dot_avx512(const int8_t *w, const float *ws, const int8_t *x, co
     __m512 acc = _mm512_setzero_ps();
     const __m512i bias = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     for (size_t b = 0; b < nb; b++) {
+        _mm_prefetch((const char *)(w + b * MB_Q8_BLOCK) + 4096, _MM_HINT_T0); /* a thread streams at half
+                                                                                the bandwidth without */
         __m512i wv = _mm512_loadu_si512((const void *)(w + b * MB_Q8_BLOCK));
         __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x + b * MB_Q8_BLOCK)), bias);
         __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xu, wv), _mm512_dpbusd_epi32(zero, bias, wv));
