@@ -5051,11 +5051,22 @@ typedef struct {
 static void q8_quantize(const float *x, size_t n, int8_t *q, float *scale) {
     for (size_t b = 0; b < n / MB_Q8_BLOCK; b++) {
         const float *xb = x + b * MB_Q8_BLOCK;
-        float amax = 0.0f;
-        for (size_t i = 0; i < MB_Q8_BLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float amax = 0.0f, nonfinite = 0.0f;
+        for (size_t i = 0; i < MB_Q8_BLOCK; i++) { /* vectorizes */
+            amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+            nonfinite += xb[i] * 0.0f; /* NaN when a value is NaN or inf */
+        }
+        if (nonfinite != 0.0f) { /* NaN scale, zero codes: the dot products come out NaN, as exact ones would */
+            scale[b] = NAN;
+            memset(q + b * MB_Q8_BLOCK, 0, MB_Q8_BLOCK);
+            continue;
+        }
         float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
         scale[b] = s;
-        for (size_t i = 0; i < MB_Q8_BLOCK; i++) q[b * MB_Q8_BLOCK + i] = (int8_t)lrintf(xb[i] * inv);
+        for (size_t i = 0; i < MB_Q8_BLOCK; i++) { /* to nearest, halves away from 0; |v| <= 127 */
+            float v = xb[i] * inv;
+            q[b * MB_Q8_BLOCK + i] = (int8_t)(int)(v + (v < 0.0f ? -0.5f : 0.5f));
+        }
     }
 }
 

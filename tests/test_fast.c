@@ -97,6 +97,30 @@ static void q8_matmul_within_the_rounding_bound(void) {
     }
 }
 
+/* an activation block holding NaN or inf gives NaN outputs (no undefined cast), the others stay */
+static void q8_nonfinite_activations_give_nan(void) {
+    size_t O = 3, I = 128;
+    uint16_t wb[3 * 128];
+    for (size_t i = 0; i < O * I; i++) wb[i] = f32_to_bf16(0.01f * (float)(i % 13) - 0.05f);
+    MbWeight w = {MB_DT_BF16, O, I, wb, NULL}, q;
+    MbPool *pool = mb_pool_new(1);
+    CHECK_OK(weight_to_q8(&w, pool, &q));
+    mb_pool_free(pool);
+    MbOps *ops = mb_cpu_ops_new(1);
+    float x[3 * 128], out[3 * 3];
+    for (size_t i = 0; i < 3 * I; i++) x[i] = 0.5f;
+    x[5] = NAN, x[I + 70] = INFINITY;
+    ops->fast = 1;
+    ops->matmul_forward(ops, out, x, &q, 3);
+    for (size_t o = 0; o < O; o++) {
+        CHECK(isnan(out[o]) && isnan(out[O + o]), "row with NaN / inf: output %zu is %g / %g", o, out[o], out[O + o]);
+        CHECK(isfinite(out[2 * O + o]), "a finite row stays finite: %g", out[2 * O + o]);
+    }
+    printf("    NaN and inf activations -> NaN outputs; the finite row finite\n");
+    ops->destroy(ops);
+    weight_free(&q);
+}
+
 /* logits of a few positions through mb_model_forward */
 static float *t_logits(const char *dir, int load_in_4bit, int fast, int32_t *ids, int T, MbModel **keep) {
     MbLoadOptions o;
@@ -162,5 +186,5 @@ static void f32_weights_take_the_exact_path(void) {
     free(ex), free(fa);
 }
 
-MB_TEST_MAIN("fast", T(q8_dot_variants_equal_scalar), T(q8_matmul_within_the_rounding_bound),
+MB_TEST_MAIN("fast", T(q8_dot_variants_equal_scalar), T(q8_matmul_within_the_rounding_bound), T(q8_nonfinite_activations_give_nan),
              T(fast_model_holds_an_8bit_lm_head_only_with_nf4), T(f32_weights_take_the_exact_path))
