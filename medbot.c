@@ -5030,6 +5030,13 @@ static FnAct fn_act_layout(size_t N, size_t I, void *buf) {
     return x;
 }
 
+/* 127 / max|x|; 0 when that is not finite (a block of zeros, of NaN or inf, or of values so
+ * small that 127 / max overflows): then q is 0 */
+static float fn_inverse(float m, int finite) {
+    float inv = finite && m > 0.0f ? 127.0f / m : 0.0f;
+    return inv <= FLT_MAX ? inv : 0.0f;
+}
+
 /* Block b of row n (64 values at xb) into a */
 static void fn_quantize_block(FnAct *a, size_t n, size_t b, const float *xb) {
     float m = 0.0f, inf = 0.0f;
@@ -5039,7 +5046,7 @@ static void fn_quantize_block(FnAct *a, size_t n, size_t b, const float *xb) {
         inf += xb[i] * 0.0f; /* NaN once a value is NaN or inf */
     }
     int finite = inf == 0.0f;
-    float inv = finite && m > 0.0f ? 127.0f / m : 0.0f;
+    float inv = fn_inverse(m, finite);
     int8_t *qe = a->q + (n * a->pairs + b / 2) * 128 + (b % 2) * 32, *qo = qe + 64;
     int32_t *lane = a->lane + (n * a->pairs + b / 2) * 16 + (b % 2) * 8, sum = 0;
     for (int l = 0; l < 8; l++) {
@@ -5066,7 +5073,7 @@ static void fn_quantize_pad(FnAct *a, size_t n) {
 }
 
 /* Row n of inp (x: I values) into a */
-static void fn_quantize_row(FnAct *a, size_t n, const float *x) {
+MB_UNUSED static void fn_quantize_row(FnAct *a, size_t n, const float *x) {
     for (size_t b = 0; b < a->nb; b++) fn_quantize_block(a, n, b, x + b * FN_BLOCK);
     fn_quantize_pad(a, n);
 }
@@ -5187,6 +5194,53 @@ static __m512i fn_lut_u8_512(void) {
     fn_levels(lv);
     for (int k = 0; k < 64; k++) u[k] = (uint8_t)(lv[k % 16] + 128);
     return _mm512_loadu_si512(u);
+}
+
+/* fn_quantize_row, 16 values a step: the same bytes (vcvtps2dq rounds as rintf does) */
+static void fn_quantize_row_avx512(FnAct *a, size_t n, const float *x) {
+    const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    size_t nb = a->nb, pairs = a->pairs; /* locals: the int8 stores below may alias any field */
+    int8_t *q = a->q + n * pairs * 128;
+    int32_t *lane = a->lane + n * pairs * 16, *sum = a->sum + n * 2 * pairs;
+    float *d = a->d + n * 2 * pairs;
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * FN_BLOCK;
+        __m512 v[4], m = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm512_loadu_ps(xb + 16 * k);
+            __m512 av = _mm512_abs_ps(v[k]);
+            bad |= _mm512_cmp_ps_mask(av, big, _CMP_NLE_UQ); /* NaN or inf */
+            m = _mm512_max_ps(m, av);
+        }
+        if (bad) {
+            fn_quantize_block(a, n, b, xb);
+            continue;
+        }
+        float mx = _mm512_reduce_max_ps(m);
+        __m512 inv = _mm512_set1_ps(fn_inverse(mx, 1));
+        __m128i c[4], t[4];
+        for (int k = 0; k < 4; k++) {
+            c[k] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v[k], inv))); /* values 16k .. 16k+15 */
+            t[k] = _mm_shuffle_epi8(c[k], split); /* their 8 even ones, then the 8 odd ones */
+        }
+        int8_t *qe = q + (b / 2) * 128 + (b % 2) * 32, *qo = qe + 64;
+        _mm_storeu_si128((__m128i *)(void *)qe, _mm_unpacklo_epi64(t[0], t[1]));
+        _mm_storeu_si128((__m128i *)(void *)(qe + 16), _mm_unpacklo_epi64(t[2], t[3]));
+        _mm_storeu_si128((__m128i *)(void *)qo, _mm_unpackhi_epi64(t[0], t[1]));
+        _mm_storeu_si128((__m128i *)(void *)(qo + 16), _mm_unpackhi_epi64(t[2], t[3]));
+        /* sums of 8 consecutive q: vpsadbw of q + 128 (q ^ 0x80 as unsigned bytes) minus 8 * 128 */
+        __m512i all = _mm512_inserti32x4(_mm512_castsi128_si512(c[0]), c[1], 1);
+        all = _mm512_inserti32x4(_mm512_inserti32x4(all, c[2], 2), c[3], 3);
+        __m512i sad = _mm512_sad_epu8(_mm512_xor_si512(all, _mm512_set1_epi8((char)0x80)), _mm512_setzero_si512());
+        __m256i lanes = _mm256_sub_epi32(_mm256_set1_epi32(1024), _mm512_cvtepi64_epi32(sad));
+        _mm256_storeu_si256((__m256i *)(void *)(lane + (b / 2) * 16 + (b % 2) * 8),
+                            _mm256_slli_epi32(lanes, 7)); /* -128 * (sad - 1024) */
+        sum[b] = 128 * (8 * 1024 - (int32_t)_mm512_reduce_add_epi64(sad));
+        d[b] = mx / 127.0f / 127.0f;
+    }
+    fn_quantize_pad(a, n);
 }
 
 /* Rows [n0, n0 + rn) of out at output o, rn <= 4 (a constant where it is inlined with one): a
@@ -5370,12 +5424,15 @@ MB_UNUSED static void fn_matmul_avx512(const FnAct *x, const MbNf4 *w, size_t O,
 
 typedef void (*FnMatmul)(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o0, size_t o1, void *tile);
 #if defined(FN_HAVE_AVX512)
+#define FN_QUANTIZE_ROW fn_quantize_row_avx512
 #define FN_MATMUL fn_matmul_avx512
 #define FN_KERNEL "AVX-512 VNNI"
 #elif defined(FN_HAVE_AVX2)
+#define FN_QUANTIZE_ROW fn_quantize_row
 #define FN_MATMUL fn_matmul_avx2
 #define FN_KERNEL "AVX2"
 #else
+#define FN_QUANTIZE_ROW fn_quantize_row
 #define FN_MATMUL fn_matmul_scalar
 #define FN_KERNEL "scalar"
 #endif
@@ -5406,7 +5463,7 @@ static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWei
     float *s0 = cpu_scratch(cpu, 0, (act + FN_TILE_BYTES) / sizeof(float));
     if (!s0) return 1; /* out of memory: the backend's failure, the op skips its work */
     FnAct x = fn_act_layout(N, I, s0);
-    for (size_t n = 0; n < N; n++) fn_quantize_row(&x, n, inp + n * I);
+    for (size_t n = 0; n < N; n++) FN_QUANTIZE_ROW(&x, n, inp + n * I);
     FnTask t = {cpu, &x, q, O, out, (unsigned char *)s0 + act};
     mb_pool_run(cpu->pool, fn_task, &t);
     return 1;

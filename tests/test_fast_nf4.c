@@ -202,6 +202,38 @@ static void fast_nf4_activation_quantization(void) {
     free(buf);
 }
 
+/* The quantization this build runs (FN_QUANTIZE_ROW) gives fn_quantize_row's bytes: random rows
+ * with ties, zeros, -0, subnormal and huge blocks, NaN and inf */
+static void fast_nf4_quantization_of_this_build_is_the_scalar_one(void) {
+    size_t N = 40, I = 64 * 9;
+    float *x = fnt_inp(N, I, 21);
+    MbRng rng;
+    mb_rng_seed(&rng, 22);
+    for (size_t n = 0; n < N; n++) {
+        float *r = x + n * I;
+        for (size_t i = 0; i < I; i++) /* ties: q = k + 0.5 where 1 / d is a power of two */
+            if (n % 4 == 1) r[i] = (float)((int)(mb_rng_u64(&rng) % 254) - 127) * 0.5f / 16.0f;
+        r[0] = n % 4 == 1 ? 127.0f / 16.0f : r[0];
+        if (n == 2) r[70] = NAN;
+        if (n == 3) r[200] = -INFINITY;
+        if (n == 5) for (size_t i = 0; i < 64; i++) r[i] = 1e-40f * (float)i;  /* subnormal */
+        if (n == 6) for (size_t i = 64; i < 128; i++) r[i] = 3e38f * (i % 2 ? 1 : -1); /* huge */
+        if (n == 7) for (size_t i = 128; i < 192; i++) r[i] = -0.0f;
+    }
+    void *b1 = mb_aligned_alloc(fn_act_bytes(N, I)), *b2 = mb_aligned_alloc(fn_act_bytes(N, I));
+    memset(b1, 0x55, fn_act_bytes(N, I)), memset(b2, 0x55, fn_act_bytes(N, I));
+    FnAct a = fn_act_layout(N, I, b1), c = fn_act_layout(N, I, b2);
+    for (size_t n = 0; n < N; n++) {
+        fn_quantize_row(&a, n, x + n * I);
+        FN_QUANTIZE_ROW(&c, n, x + n * I);
+    }
+    int same = !memcmp(b1, b2, fn_act_bytes(N, I));
+    CHECK(same, "the build's quantization (%s) differs from fn_quantize_row", FN_KERNEL);
+    printf("    %zu rows x %zu: the %s quantization %s the scalar one's bytes\n", N, I, FN_KERNEL,
+           same ? "gives" : "DOES NOT give");
+    free(x), free(b1), free(b2);
+}
+
 /* Per output of inp @ W^T: the standard deviation of the error the two roundings make, taking
  * each as independent: the level's own rounding error (L/127 - level, known) times x, and q's
  * (uniform over a step of d) times the weight. Then 6 sigma plus fp32 rounding bounds it. */
@@ -316,6 +348,7 @@ static void fast_nf4_declines_what_it_does_not_serve(void) {
     ops->destroy(ops);
 }
 
-MB_TEST_MAIN("fast_nf4", T(fast_nf4_activation_quantization), T(fast_nf4_kernels_match_scalar),
+MB_TEST_MAIN("fast_nf4", T(fast_nf4_activation_quantization),
+             T(fast_nf4_quantization_of_this_build_is_the_scalar_one), T(fast_nf4_kernels_match_scalar),
              T(fast_nf4_kernels_match_scalar_without_double_quant), T(fast_nf4_against_exact),
              T(fast_nf4_same_bits_on_any_thread_count), T(fast_nf4_declines_what_it_does_not_serve))
