@@ -4995,6 +4995,7 @@ static void matvec_task(void *ctx, int tid, int nt) {
 #define FN_KB 8          /* ... x blocks of 64 inputs: 32 KB of int8, in L1 */
 #define FN_RN 3          /* GEMM register block: rows ... */
 #define FN_RV 4          /* ... x vectors of 16 outputs (12 int32 + 12 fp32 accumulators) */
+#define FN_PREFETCH 4096 /* bytes ahead a decode kernel asks for: without, a thread reads at half speed */
 #define FN_TILE_BYTES ((size_t)FN_KB * 16 * FN_TO * 4 + (size_t)FN_KB * FN_TO * sizeof(float))
 
 /* inp quantized. Per row, per pair of blocks (2p, 2p+1), 128 bytes: the even-indexed values of
@@ -5136,49 +5137,64 @@ static float fn_hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* AVX2: one block of a weight row (32 bytes, 64 codes) at a time, looked up once and met by up
- * to 4 rows of inp. Every N takes this path (no tiled GEMM in this build). */
+/* Rows [n0, n0 + rn) of out at output o, rn <= 4 (a constant where it is inlined with one), over
+ * blocks [b0, b1) of the weight row: one block (32 bytes, 64 codes) at a time, looked up once. */
+static inline void fn_gemv_rows_avx2(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o, size_t n0,
+                                     size_t rn, const float *absmax, size_t b0, size_t b1, __m256i lut) {
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    size_t nb = x->nb, ld = 2 * x->pairs;
+    __m256 acc[2][4]; /* [b % 2][row]: two accumulators hide the FMA latency */
+    for (size_t r = 0; r < rn; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+    for (size_t b = b0; b < b1; b++) {
+        const uint8_t *cp = w->packed + (o * nb + b) * 32;
+        _mm_prefetch((const char *)(uintptr_t)((uintptr_t)cp + FN_PREFETCH), _MM_HINT_T0);
+        __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)cp);
+        __m256i we = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), m4));
+        __m256i wo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, m4));
+        __m256i ae = _mm256_sign_epi8(we, we), ao = _mm256_sign_epi8(wo, wo);
+        for (size_t r = 0; r < rn; r++) {
+            const int8_t *qe = x->q + ((n0 + r) * x->pairs + b / 2) * 128 + (b % 2) * 32;
+            __m256i xe = _mm256_loadu_si256((const __m256i *)(const void *)qe);
+            __m256i xo = _mm256_loadu_si256((const __m256i *)(const void *)(qe + 64));
+            /* each maddubs pair is at most 2 * 127 * 127; the two go to int32 apart */
+            __m256i pe = _mm256_maddubs_epi16(ae, _mm256_sign_epi8(xe, we));
+            __m256i po = _mm256_maddubs_epi16(ao, _mm256_sign_epi8(xo, wo));
+            __m256i s = _mm256_add_epi32(_mm256_madd_epi16(pe, ones), _mm256_madd_epi16(po, ones));
+            __m256 scale = _mm256_set1_ps(absmax[b - b0] * x->d[(n0 + r) * ld + b]);
+            acc[0][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[0][r]);
+        }
+        for (size_t r = 0; r < rn; r++) {
+            __m256 t = acc[0][r];
+            acc[0][r] = acc[1][r], acc[1][r] = t;
+        }
+    }
+    for (size_t r = 0; r < rn; r++) {
+        float v = fn_hsum256(_mm256_add_ps(acc[0][r], acc[1][r]));
+        out[(n0 + r) * O + o] = b0 ? out[(n0 + r) * O + o] + v : v;
+    }
+}
+
+/* AVX2: each weight row streamed once (its absmax FN_RUN blocks at a time first) and met by up to
+ * 4 rows of inp at a time. Every N takes this path (no tiled GEMM in this build). */
 MB_UNUSED static void fn_matmul_avx2(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o0, size_t o1,
                                      void *tile) {
     (void)tile;
     int8_t lv[32];
     fn_levels(lv);
     memcpy(lv + 16, lv, 16);
-    const __m256i lut = _mm256_loadu_si256((const __m256i *)(const void *)lv), m4 = _mm256_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i lut = _mm256_loadu_si256((const __m256i *)(const void *)lv);
     size_t nb = x->nb;
     float absmax[FN_RUN];
     for (size_t o = o0; o < o1; o++)
         for (size_t b0 = 0; b0 < nb; b0 += FN_RUN) {
-          size_t b1 = MB_MIN(nb, b0 + FN_RUN);
-          fn_absmax(w, o * nb + b0, b1 - b0, absmax);
-          for (size_t n0 = 0; n0 < x->N; n0 += 4) {
-            size_t rn = MB_MIN((size_t)4, x->N - n0);
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (size_t b = b0; b < b1; b++) {
-                __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)(w->packed + (o * nb + b) * 32));
-                __m256i we = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), m4));
-                __m256i wo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, m4));
-                __m256i ae = _mm256_sign_epi8(we, we), ao = _mm256_sign_epi8(wo, wo);
-                float a = absmax[b - b0];
-                for (size_t r = 0; r < 4; r++) {
-                    if (r >= rn) break;
-                    const int8_t *qe = x->q + ((n0 + r) * x->pairs + b / 2) * 128 + (b % 2) * 32;
-                    __m256i xe = _mm256_loadu_si256((const __m256i *)(const void *)qe);
-                    __m256i xo = _mm256_loadu_si256((const __m256i *)(const void *)(qe + 64));
-                    /* each maddubs pair is at most 2 * 127 * 127; the two go to int32 apart */
-                    __m256i pe = _mm256_maddubs_epi16(ae, _mm256_sign_epi8(xe, we));
-                    __m256i po = _mm256_maddubs_epi16(ao, _mm256_sign_epi8(xo, wo));
-                    __m256i s = _mm256_add_epi32(_mm256_madd_epi16(pe, ones), _mm256_madd_epi16(po, ones));
-                    __m256 scale = _mm256_set1_ps(a * x->d[(n0 + r) * 2 * x->pairs + b]);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
-                }
+            size_t b1 = MB_MIN(nb, b0 + FN_RUN);
+            fn_absmax(w, o * nb + b0, b1 - b0, absmax);
+            for (size_t n0 = 0; n0 < x->N; n0 += 4) {
+                size_t rn = MB_MIN((size_t)4, x->N - n0);
+                if (rn == 4) fn_gemv_rows_avx2(x, w, O, out, o, n0, 4, absmax, b0, b1, lut);
+                else if (rn == 1) fn_gemv_rows_avx2(x, w, O, out, o, n0, 1, absmax, b0, b1, lut);
+                else fn_gemv_rows_avx2(x, w, O, out, o, n0, rn, absmax, b0, b1, lut);
             }
-            for (size_t r = 0; r < rn; r++) {
-                float v = fn_hsum256(acc[r]);
-                out[(n0 + r) * O + o] = b0 ? out[(n0 + r) * O + o] + v : v;
-            }
-          }
         }
 }
 #endif
@@ -5255,6 +5271,7 @@ static inline void fn_gemv_rows_avx512(const FnAct *x, const MbNf4 *w, size_t O,
     for (size_t r = 0; r < rn; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
     for (size_t p = p0; p < p1; p++) {
         const uint8_t *cp = w->packed + (o * nb + 2 * p) * 32;
+        _mm_prefetch((const char *)(uintptr_t)((uintptr_t)cp + FN_PREFETCH), _MM_HINT_T0);
         __m512i c = 2 * p + 1 < nb ? _mm512_loadu_si512(cp) : _mm512_maskz_loadu_epi8(0xffffffffu, cp);
         __m512i wh = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(c, 4), m4));
         __m512i wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(c, m4));
