@@ -5050,7 +5050,7 @@ static void fn_quantize_block(FnAct *a, size_t n, size_t b, const float *xb) {
     float inv = fn_inverse(m, finite);
     int8_t *qe = a->q + (n * a->pairs + b / 2) * 128 + (b % 2) * 32, *qo = qe + 64;
     int32_t *lane = a->lane + (n * a->pairs + b / 2) * 16 + (b % 2) * 8, sum = 0;
-    for (int l = 0; l < 8; l++) {
+    for (int l = 0; l < 8 * finite; l++) { /* not finite: q = 0, and d NaN below */
         int32_t s = 0;
         for (int j = 0; j < 4; j++) { /* rintf: to nearest, ties to even (the default rounding) */
             int e = (int)rintf(xb[8 * l + 2 * j] * inv), o = (int)rintf(xb[8 * l + 2 * j + 1] * inv);
@@ -5060,6 +5060,7 @@ static void fn_quantize_block(FnAct *a, size_t n, size_t b, const float *xb) {
         lane[l] = -128 * s;
         sum += s;
     }
+    if (!finite) memset(qe, 0, 32), memset(qo, 0, 32), memset(lane, 0, 8 * sizeof(int32_t));
     a->sum[n * 2 * a->pairs + b] = -128 * sum;
     a->d[n * 2 * a->pairs + b] = finite ? m / 127.0f / 127.0f : NAN;
 }
