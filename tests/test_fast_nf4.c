@@ -228,8 +228,8 @@ static void fast_nf4_quantization_of_this_build_is_the_scalar_one(void) {
         FN_QUANTIZE_ROW(&c, n, x + n * I);
     }
     int same = !memcmp(b1, b2, fn_act_bytes(N, I));
-    CHECK(same, "the build's quantization (%s) differs from fn_quantize_row", FN_KERNEL);
-    printf("    %zu rows x %zu: the %s quantization %s the scalar one's bytes\n", N, I, FN_KERNEL,
+    CHECK(same, "the build's quantization (%s) differs from fn_quantize_row", FN_QUANTIZER);
+    printf("    %zu rows x %zu: the %s quantization %s the scalar one's bytes\n", N, I, FN_QUANTIZER,
            same ? "gives" : "DOES NOT give");
     free(x), free(b1), free(b2);
 }
