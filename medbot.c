@@ -5476,22 +5476,32 @@ typedef void (*FnMatmul)(const FnAct *x, const MbNf4 *w, size_t O, float *out, s
 #define FN_KERNEL "scalar"
 #endif
 
+/* Threads take chunks of `unit` outputs in turn until none is left: a thread that wakes late (the
+ * pool's wake-up, another program on the core) takes fewer. Each output is computed the same
+ * way whoever takes it. */
 typedef struct {
     MbCpu *cpu;
     const FnAct *x;
     const MbNf4 *w;
     size_t O;
     float *out;
-    void *tile0; /* thread 0's tile, after the activations in its scratch */
+    void *tile0;        /* thread 0's tile, after the activations in its scratch */
+    size_t unit, next;  /* outputs per chunk (whole tiles or vectors); the next chunk to take */
+    pthread_mutex_t mu; /* guards next */
 } FnTask;
 
 static void fn_task(void *ctx, int tid, int nt) {
     FnTask *t = ctx;
-    size_t unit = t->x->N >= FN_ROWS_GEMM ? FN_TO : 16, lo, hi; /* whole tiles, whole vectors */
-    mb_split((t->O + unit - 1) / unit, tid, nt, &lo, &hi);
-    size_t o0 = lo * unit, o1 = MB_MIN(hi * unit, t->O);
+    (void)nt;
     void *tile = tid == 0 ? t->tile0 : cpu_scratch(t->cpu, tid, FN_TILE_BYTES / sizeof(float));
-    if (o0 < o1 && tile) FN_MATMUL(t->x, t->w, t->O, t->out, o0, o1, tile);
+    while (tile) {
+        pthread_mutex_lock(&t->mu);
+        size_t o0 = t->next * t->unit;
+        t->next++;
+        pthread_mutex_unlock(&t->mu);
+        if (o0 >= t->O) break;
+        FN_MATMUL(t->x, t->w, t->O, t->out, o0, MB_MIN(o0 + t->unit, t->O), tile);
+    }
 }
 
 static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWeight *w, size_t N) {
@@ -5503,8 +5513,11 @@ static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWei
     if (!s0) return 1; /* out of memory: the backend's failure, the op skips its work */
     FnAct x = fn_act_layout(N, I, s0);
     for (size_t n = 0; n < N; n++) FN_QUANTIZE_ROW(&x, n, inp + n * I);
-    FnTask t = {cpu, &x, q, O, out, (unsigned char *)s0 + act};
+    /* chunks: GEMM tiles; for decode about 64 KB of codes, whole vectors */
+    size_t unit = N >= FN_ROWS_GEMM ? FN_TO : MB_MAX((size_t)16, ((size_t)131072 / I) / 16 * 16);
+    FnTask t = {cpu, &x, q, O, out, (unsigned char *)s0 + act, unit, 0, PTHREAD_MUTEX_INITIALIZER};
     mb_pool_run(cpu->pool, fn_task, &t);
+    pthread_mutex_destroy(&t.mu);
     return 1;
 }
 /* -- end fast NF4 -- */
