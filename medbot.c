@@ -4991,9 +4991,9 @@ static void matvec_task(void *ctx, int tid, int nt) {
  * Threads own disjoint outputs and every output is summed in the same order whatever the split,
  * so the result does not depend on the thread count. The activations are quantized once per call
  * on the calling thread (AVX-512: 0.3 ns a value), before the one pool run.
- * Measured with tests/bench/bench_nf4.c on a 2-core Xeon VM (AVX-512 VNNI, 2 threads): decode
- * reads 80-94% of the machine's read bandwidth, prefill runs at 210-560 GOP/s (the exact path
- * 70-170), both depending on what else ran on the machine. */
+ * Measured with tests/bench/bench_nf4.c on a shared 2-core Xeon VM (AVX-512 VNNI, 2 threads):
+ * decode at 75-91% of the read bandwidth measured beside it (9-13 GB/s; exact 1.5-2.4), prefill
+ * at 210-560 GOP/s (exact 70-155), the spread being what else ran on the machine. */
 #define FN_BLOCK 64      /* values per block (bitsandbytes' blocksize) */
 #define FN_ROWS_GEMM 4   /* from this many rows on, the tiled GEMM (where the build has one) */
 #define FN_TO 64         /* GEMM tile: outputs (4 vectors of 16) ... */
