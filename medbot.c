@@ -5515,7 +5515,10 @@ static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWei
     for (size_t n = 0; n < N; n++) FN_QUANTIZE_ROW(&x, n, inp + n * I);
     /* chunks: GEMM tiles; for decode about 64 KB of codes, whole vectors */
     size_t unit = N >= FN_ROWS_GEMM ? FN_TO : MB_MAX((size_t)16, ((size_t)131072 / I) / 16 * 16);
-    FnTask t = {cpu, &x, q, O, out, (unsigned char *)s0 + act, unit, 0, PTHREAD_MUTEX_INITIALIZER};
+    FnTask t;
+    t.cpu = cpu, t.x = &x, t.w = q, t.O = O, t.out = out, t.tile0 = (unsigned char *)s0 + act;
+    t.unit = unit, t.next = 0;
+    pthread_mutex_init(&t.mu, NULL);
     mb_pool_run(cpu->pool, fn_task, &t);
     pthread_mutex_destroy(&t.mu);
     return 1;
