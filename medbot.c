@@ -5020,9 +5020,557 @@ static void matvec_task(void *ctx, int tid, int nt) {
  * computed out, 0 when this weight or shape is not one it serves (the exact kernels then do). */
 
 /* -- fast NF4 -- */
+/* out (N, O) = inp (N, I) @ W^T on an NF4 weight in integer arithmetic (llama.cpp's scheme of
+ * 8-bit activations against 4-bit weights, on bitsandbytes' layout as it is: no repacking):
+ *   - each row of inp is quantized per block of 64 to int8: d = max|x| / 127, q = round(x / d);
+ *   - the 16 NF4 levels become int8 L = round(level * 127), looked up per code;
+ *   - per block b the int32 dot of L with q is scaled by absmax(b) * d / 127, summed in fp32.
+ * Each product is off by at most half a step of either grid, about absmax * max|x| / 127 in all
+ * (a block's 64 products: 64 times that; the errors mostly cancel, tests/test_fast_nf4.c bounds
+ * them at 6 sigma). The compute dtype's rounding (MbNf4.compute) plays no part. Served:
+ * blocksize 64 and I % 64 == 0 (no block straddles two rows); else 0: the exact kernels run.
+ * Kernels, one function each (the scalar one is the reference and always compiled):
+ *   - scalar: the definition, loop by loop;
+ *   - AVX2: llama.cpp's sign trick, maddubs(|L|, sign(q, L)) -> int16 pairs -> int32;
+ *   - AVX-512 VNNI: vpdpbusd on L + 128 (unsigned) and q (signed); the excess 128 * sum(q) is
+ *     taken off by starting the accumulator at -128 * sum(q) (FnAct.lane, FnAct.sum).
+ * Few rows (decode) stream each weight row once through registers. Many rows (prefill, AVX-512)
+ * unpack a tile of FN_TO outputs x FN_KB blocks to int8 once, transposed so that one vector holds
+ * 16 outputs x 4 inputs, and run a register-blocked int8 GEMM over all N rows against it.
+ * Threads own disjoint outputs and every output is summed in the same order whatever the split,
+ * so the result does not depend on the thread count. The activations are quantized once per call
+ * on the calling thread (AVX-512: 0.3 ns a value), before the one pool run.
+ * Measured with tests/bench/bench_nf4.c on a shared 2-core Xeon VM (AVX-512 VNNI, 2 threads):
+ * decode at 75-91% of the read bandwidth measured beside it (9-13 GB/s; exact 1.5-2.4), prefill
+ * at 210-560 GOP/s (exact 70-155), the spread being what else ran on the machine. */
+#define FN_BLOCK 64      /* values per block (bitsandbytes' blocksize) */
+#define FN_ROWS_GEMM 4   /* from this many rows on, the tiled GEMM (where the build has one) */
+#define FN_TO 64         /* GEMM tile: outputs (4 vectors of 16) ... */
+#define FN_KB 8          /* ... x blocks of 64 inputs: 32 KB of int8, in L1 */
+#define FN_RN 3          /* GEMM register block: rows ... */
+#define FN_RV 4          /* ... x vectors of 16 outputs (12 int32 + 12 fp32 accumulators) */
+#define FN_PREFETCH 4096 /* bytes ahead a decode kernel asks for: without, a thread reads at half speed */
+#define FN_TILE_BYTES ((size_t)FN_KB * 16 * FN_TO * 4 + (size_t)FN_KB * FN_TO * sizeof(float))
+
+/* inp quantized. Per row, per pair of blocks (2p, 2p+1), 128 bytes: the even-indexed values of
+ * 2p, those of 2p+1, the odd-indexed of 2p, those of 2p+1 (32 each), the order in which the two
+ * nibbles of bitsandbytes' bytes give the codes (value 2j is byte j's high nibble). A missing
+ * block 2p+1 (nb odd) is zeros, with zero sums and scale. */
+typedef struct {
+    size_t N, nb, pairs; /* rows, blocks per row, (nb + 1) / 2 */
+    int8_t *q;           /* (N, pairs, 128) */
+    int32_t *lane;       /* (N, pairs, 16): -128 * sum of q over values [8l, 8l + 8) of block 2p
+                            (lane l < 8) or of 2p+1 (lane 8 + l): what int32 lane l of a 64-byte
+                            load of the pair's even values (and of its odd ones) meets */
+    int32_t *sum;        /* (N, 2 * pairs): -128 * sum of the block's q */
+    float *d;            /* (N, 2 * pairs): max|x| / 127 / 127, the weight of one q * L product over
+                            absmax (NaN when the block holds a NaN or an inf: its outputs are NaN) */
+} FnAct;
+
+/* Bytes of FnAct's arrays for (N, I), each 64-byte aligned */
+static size_t fn_act_bytes(size_t N, size_t I) {
+    size_t pairs = (I / FN_BLOCK + 1) / 2;
+    return N * pairs * (128 + 64) + (N * pairs * 8 + 63) / 64 * 64 * 2;
+}
+
+/* FnAct for (N, I) over buf (fn_act_bytes, 64-byte aligned) */
+static FnAct fn_act_layout(size_t N, size_t I, void *buf) {
+    FnAct x;
+    x.N = N, x.nb = I / FN_BLOCK, x.pairs = (x.nb + 1) / 2;
+    unsigned char *p = buf;
+    x.q = (int8_t *)p, p += N * x.pairs * 128;
+    x.lane = (int32_t *)(void *)p, p += N * x.pairs * 64;
+    x.sum = (int32_t *)(void *)p, p += (N * x.pairs * 8 + 63) / 64 * 64;
+    x.d = (float *)(void *)p;
+    return x;
+}
+
+/* 127 / m for a block's finite max|x| = m; 0 (then q is 0) for a block of zeros or of values so
+ * small that 127 / m overflows */
+static float fn_inverse(float m) {
+    float inv = m > 0.0f ? 127.0f / m : 0.0f;
+    return inv <= FLT_MAX ? inv : 0.0f;
+}
+
+/* Block b of row n (64 values at xb) into a */
+static void fn_quantize_block(FnAct *a, size_t n, size_t b, const float *xb) {
+    float m = 0.0f, inf = 0.0f;
+    for (int i = 0; i < FN_BLOCK; i++) {
+        float v = fabsf(xb[i]);
+        m = v > m ? v : m;
+        inf += xb[i] * 0.0f; /* NaN once a value is NaN or inf */
+    }
+    int8_t *qe = a->q + (n * a->pairs + b / 2) * 128 + (b % 2) * 32, *qo = qe + 64;
+    int32_t *lane = a->lane + (n * a->pairs + b / 2) * 16 + (b % 2) * 8, sum = 0;
+    if (inf != 0.0f) { /* NaN or inf: q = 0 (no rounding of NaN), a NaN scale */
+        memset(qe, 0, 32), memset(qo, 0, 32), memset(lane, 0, 8 * sizeof(int32_t));
+        a->sum[n * 2 * a->pairs + b] = 0, a->d[n * 2 * a->pairs + b] = NAN;
+        return;
+    }
+    float inv = fn_inverse(m);
+    for (int l = 0; l < 8; l++) {
+        int32_t s = 0;
+        for (int j = 0; j < 4; j++) { /* rintf: to nearest, ties to even (the default rounding) */
+            int e = (int)rintf(xb[8 * l + 2 * j] * inv), o = (int)rintf(xb[8 * l + 2 * j + 1] * inv);
+            qe[4 * l + j] = (int8_t)e, qo[4 * l + j] = (int8_t)o;
+            s += e + o;
+        }
+        lane[l] = -128 * s;
+        sum += s;
+    }
+    a->sum[n * 2 * a->pairs + b] = -128 * sum;
+    a->d[n * 2 * a->pairs + b] = m / 127.0f / 127.0f;
+}
+
+/* The missing second block of row n's last pair (nb odd): zeros */
+static void fn_quantize_pad(FnAct *a, size_t n) {
+    if (a->nb % 2 == 0) return;
+    size_t p = n * a->pairs + a->pairs - 1;
+    memset(a->q + p * 128 + 32, 0, 32), memset(a->q + p * 128 + 96, 0, 32);
+    memset(a->lane + p * 16 + 8, 0, 8 * sizeof(int32_t));
+    a->sum[n * 2 * a->pairs + a->nb] = 0, a->d[n * 2 * a->pairs + a->nb] = 0.0f;
+}
+
+/* Row n of inp (x: I values) into a */
+MB_UNUSED static void fn_quantize_row(FnAct *a, size_t n, const float *x) {
+    for (size_t b = 0; b < a->nb; b++) fn_quantize_block(a, n, b, x + b * FN_BLOCK);
+    fn_quantize_pad(a, n);
+}
+
+/* round(level * 127) of the 16 NF4 levels */
+static void fn_levels(int8_t lv[16]) {
+    for (int k = 0; k < 16; k++) lv[k] = (int8_t)rintf(mb_nf4_code[k] * 127.0f);
+}
+
+/* The absmax of blocks [b, b + n) (flattened), as nf4_absmax gives them: the product rounded
+ * to fp32 before the offset is added (the two loops keep the compiler from fusing them). With
+ * AVX-512, 16 map lookups a gather: decode reads 90% of the machine's bandwidth, not 80%. */
+#define FN_RUN 256 /* blocks whose absmax a kernel takes at once (its stack array) */
+static void fn_absmax(const MbNf4 *q, size_t b, size_t n, float *a) {
+    if (!q->absmax_q) {
+        memcpy(a, q->absmax + 4 * b, 4 * n);
+        return;
+    }
+    for (size_t i = 0; i < n;) {
+        size_t k = (b + i) / q->nested_blocksize, end = MB_MIN(n, (k + 1) * q->nested_blocksize - b);
+        float s;
+        memcpy(&s, q->nested_absmax + 4 * k, 4);
+#ifdef __AVX512F__
+        for (; i + 16 <= end; i += 16) {
+            __m512i k16 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(const void *)(q->absmax_q + b + i)));
+            __m512 map = _mm512_i32gather_ps(k16, q->nested_quant_map, 4);
+            _mm512_storeu_ps(a + i, _mm512_mul_ps(map, _mm512_set1_ps(s)));
+        }
+#endif
+        for (; i < end; i++) a[i] = q->nested_quant_map[q->absmax_q[b + i]] * s;
+    }
+    for (size_t i = 0; i < n; i++) a[i] += q->offset;
+}
+
+/* The reference: out[n][o] for o in [o0, o1), every n; tile unused */
+MB_UNUSED static void fn_matmul_scalar(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o0,
+                                       size_t o1, void *tile) {
+    (void)tile;
+    int8_t lv[16];
+    fn_levels(lv);
+    size_t nb = x->nb;
+    float absmax[FN_RUN];
+    for (size_t o = o0; o < o1; o++)
+        for (size_t b0 = 0; b0 < nb; b0 += FN_RUN) {
+            size_t b1 = MB_MIN(nb, b0 + FN_RUN);
+            fn_absmax(w, o * nb + b0, b1 - b0, absmax);
+            for (size_t n = 0; n < x->N; n++) {
+                float acc = 0.0f;
+                for (size_t b = b0; b < b1; b++) {
+                    const uint8_t *c = w->packed + (o * nb + b) * 32;
+                    const int8_t *qe = x->q + (n * x->pairs + b / 2) * 128 + (b % 2) * 32, *qo = qe + 64;
+                    int32_t dot = 0;
+                    for (int j = 0; j < 32; j++) dot += lv[c[j] >> 4] * qe[j] + lv[c[j] & 15] * qo[j];
+                    acc += (float)dot * (absmax[b - b0] * x->d[n * 2 * x->pairs + b]);
+                }
+                out[n * O + o] = b0 ? out[n * O + o] + acc : acc;
+            }
+        }
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define FN_HAVE_AVX2 1
+
+static float fn_hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* Rows [n0, n0 + rn) of out at output o, rn <= 4 (a constant where it is inlined with one), over
+ * blocks [b0, b1) of the weight row: one block (32 bytes, 64 codes) at a time, looked up once. */
+static inline void fn_gemv_rows_avx2(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o, size_t n0,
+                                     size_t rn, const float *absmax, size_t b0, size_t b1, __m256i lut) {
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    size_t nb = x->nb, ld = 2 * x->pairs;
+    __m256 acc[2][4]; /* [b % 2][row]: two accumulators hide the FMA latency */
+    for (size_t r = 0; r < rn; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+    for (size_t b = b0; b < b1; b++) {
+        const uint8_t *cp = w->packed + (o * nb + b) * 32;
+        _mm_prefetch((const char *)(uintptr_t)((uintptr_t)cp + FN_PREFETCH), _MM_HINT_T0);
+        __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)cp);
+        __m256i we = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), m4));
+        __m256i wo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, m4));
+        __m256i ae = _mm256_sign_epi8(we, we), ao = _mm256_sign_epi8(wo, wo);
+        for (size_t r = 0; r < rn; r++) {
+            const int8_t *qe = x->q + ((n0 + r) * x->pairs + b / 2) * 128 + (b % 2) * 32;
+            __m256i xe = _mm256_loadu_si256((const __m256i *)(const void *)qe);
+            __m256i xo = _mm256_loadu_si256((const __m256i *)(const void *)(qe + 64));
+            /* each maddubs pair is at most 2 * 127 * 127; the two go to int32 apart */
+            __m256i pe = _mm256_maddubs_epi16(ae, _mm256_sign_epi8(xe, we));
+            __m256i po = _mm256_maddubs_epi16(ao, _mm256_sign_epi8(xo, wo));
+            __m256i s = _mm256_add_epi32(_mm256_madd_epi16(pe, ones), _mm256_madd_epi16(po, ones));
+            __m256 scale = _mm256_set1_ps(absmax[b - b0] * x->d[(n0 + r) * ld + b]);
+            acc[0][r] = _mm256_add_ps(acc[0][r], _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale)); /* an FMA with -mfma */
+        }
+        for (size_t r = 0; r < rn; r++) {
+            __m256 t = acc[0][r];
+            acc[0][r] = acc[1][r], acc[1][r] = t;
+        }
+    }
+    for (size_t r = 0; r < rn; r++) {
+        float v = fn_hsum256(_mm256_add_ps(acc[0][r], acc[1][r]));
+        out[(n0 + r) * O + o] = b0 ? out[(n0 + r) * O + o] + v : v;
+    }
+}
+
+/* AVX2: each weight row streamed once (its absmax FN_RUN blocks at a time first) and met by up to
+ * 4 rows of inp at a time. Every N takes this path (no tiled GEMM in this build). */
+MB_UNUSED static void fn_matmul_avx2(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o0, size_t o1,
+                                     void *tile) {
+    (void)tile;
+    int8_t lv[32];
+    fn_levels(lv);
+    memcpy(lv + 16, lv, 16);
+    const __m256i lut = _mm256_loadu_si256((const __m256i *)(const void *)lv);
+    size_t nb = x->nb;
+    float absmax[FN_RUN];
+    for (size_t o = o0; o < o1; o++)
+        for (size_t b0 = 0; b0 < nb; b0 += FN_RUN) {
+            size_t b1 = MB_MIN(nb, b0 + FN_RUN);
+            fn_absmax(w, o * nb + b0, b1 - b0, absmax);
+            for (size_t n0 = 0; n0 < x->N; n0 += 4) {
+                size_t rn = MB_MIN((size_t)4, x->N - n0);
+                if (rn == 4) fn_gemv_rows_avx2(x, w, O, out, o, n0, 4, absmax, b0, b1, lut);
+                else if (rn == 1) fn_gemv_rows_avx2(x, w, O, out, o, n0, 1, absmax, b0, b1, lut);
+                else fn_gemv_rows_avx2(x, w, O, out, o, n0, rn, absmax, b0, b1, lut);
+            }
+        }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define FN_QUANTIZE_ROW fn_quantize_row_avx512
+#define FN_QUANTIZER "AVX-512"
+
+/* fn_quantize_row, 16 values a step: the same bytes (vcvtps2dq rounds as rintf does) */
+static void fn_quantize_row_avx512(FnAct *a, size_t n, const float *x) {
+    const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    size_t nb = a->nb, pairs = a->pairs; /* locals: the int8 stores below may alias any field */
+    int8_t *q = a->q + n * pairs * 128;
+    int32_t *lane = a->lane + n * pairs * 16, *sum = a->sum + n * 2 * pairs;
+    float *d = a->d + n * 2 * pairs;
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * FN_BLOCK;
+        __m512 v[4], m = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm512_loadu_ps(xb + 16 * k);
+            __m512 av = _mm512_abs_ps(v[k]);
+            bad |= _mm512_cmp_ps_mask(av, big, _CMP_NLE_UQ); /* NaN or inf */
+            m = _mm512_max_ps(m, av);
+        }
+        if (bad) {
+            fn_quantize_block(a, n, b, xb);
+            continue;
+        }
+        float mx = _mm512_reduce_max_ps(m);
+        __m512 inv = _mm512_set1_ps(fn_inverse(mx));
+        __m128i c[4], t[4];
+        for (int k = 0; k < 4; k++) {
+            c[k] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v[k], inv))); /* values 16k .. 16k+15 */
+            t[k] = _mm_shuffle_epi8(c[k], split); /* their 8 even ones, then the 8 odd ones */
+        }
+        int8_t *qe = q + (b / 2) * 128 + (b % 2) * 32, *qo = qe + 64;
+        _mm_storeu_si128((__m128i *)(void *)qe, _mm_unpacklo_epi64(t[0], t[1]));
+        _mm_storeu_si128((__m128i *)(void *)(qe + 16), _mm_unpacklo_epi64(t[2], t[3]));
+        _mm_storeu_si128((__m128i *)(void *)qo, _mm_unpackhi_epi64(t[0], t[1]));
+        _mm_storeu_si128((__m128i *)(void *)(qo + 16), _mm_unpackhi_epi64(t[2], t[3]));
+        /* sums of 8 consecutive q: vpsadbw of q + 128 (q ^ 0x80 as unsigned bytes) minus 8 * 128 */
+        __m512i all = _mm512_inserti32x4(_mm512_castsi128_si512(c[0]), c[1], 1);
+        all = _mm512_inserti32x4(_mm512_inserti32x4(all, c[2], 2), c[3], 3);
+        __m512i sad = _mm512_sad_epu8(_mm512_xor_si512(all, _mm512_set1_epi8((char)0x80)), _mm512_setzero_si512());
+        __m256i lanes = _mm256_sub_epi32(_mm256_set1_epi32(1024), _mm512_cvtepi64_epi32(sad));
+        _mm256_storeu_si256((__m256i *)(void *)(lane + (b / 2) * 16 + (b % 2) * 8),
+                            _mm256_slli_epi32(lanes, 7)); /* -128 * (sad - 1024) */
+        sum[b] = 128 * (8 * 1024 - (int32_t)_mm512_reduce_add_epi64(sad));
+        d[b] = mx / 127.0f / 127.0f;
+    }
+    fn_quantize_pad(a, n);
+}
+#else
+#define FN_QUANTIZE_ROW fn_quantize_row
+#define FN_QUANTIZER "scalar"
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define FN_HAVE_AVX512 1
+
+/* the 16 levels + 128 as unsigned bytes, in each 128-bit lane (vpshufb looks up per lane) */
+static __m512i fn_lut_u8_512(void) {
+    int8_t lv[16];
+    uint8_t u[64];
+    fn_levels(lv);
+    for (int k = 0; k < 64; k++) u[k] = (uint8_t)(lv[k % 16] + 128);
+    return _mm512_loadu_si512(u);
+}
+
+/* Rows [n0, n0 + rn) of out at output o, rn <= 4 (a constant where it is inlined with one): a
+ * pair of blocks of the weight row (64 bytes) at a time. int32 lane l holds the dot of values
+ * [8l, 8l + 8) of block 2p (l < 8) or of 2p+1; two accumulators per row hide the FMA latency. */
+static inline void fn_gemv_rows_avx512(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o, size_t n0,
+                                       size_t rn, const float *absmax, size_t p0, size_t p1, int first, __m512i lut) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    size_t nb = x->nb, ld = 2 * x->pairs;
+    __m512 acc[2][4]; /* [p % 2][row] */
+    for (size_t r = 0; r < rn; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    for (size_t p = p0; p < p1; p++) {
+        const uint8_t *cp = w->packed + (o * nb + 2 * p) * 32;
+        _mm_prefetch((const char *)(uintptr_t)((uintptr_t)cp + FN_PREFETCH), _MM_HINT_T0);
+        __m512i c = 2 * p + 1 < nb ? _mm512_loadu_si512(cp) : _mm512_maskz_loadu_epi8(0xffffffffu, cp);
+        __m512i wh = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(c, 4), m4));
+        __m512i wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(c, m4));
+        __m128 a01 = _mm_castpd_ps(_mm_load_sd((const double *)(const void *)(absmax + 2 * (p - p0))));
+        for (size_t r = 0; r < rn; r++) {
+            size_t np = (n0 + r) * x->pairs + p;
+            __m512i s = _mm512_load_si512(x->lane + np * 16);
+            s = _mm512_dpbusd_epi32(s, wh, _mm512_load_si512(x->q + np * 128));
+            s = _mm512_dpbusd_epi32(s, wl, _mm512_load_si512(x->q + np * 128 + 64));
+            __m128 d01 = _mm_castpd_ps(_mm_load_sd((const double *)(const void *)(x->d + (n0 + r) * ld + 2 * p)));
+            __m512 scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(a01, d01)));
+            acc[0][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[0][r]);
+        }
+        for (size_t r = 0; r < rn; r++) { /* the other accumulator for the next pair */
+            __m512 t = acc[0][r];
+            acc[0][r] = acc[1][r], acc[1][r] = t;
+        }
+    }
+    for (size_t r = 0; r < rn; r++) {
+        float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]));
+        out[(n0 + r) * O + o] = first ? v : out[(n0 + r) * O + o] + v;
+    }
+}
+
+/* Few rows: each weight row streamed once, its absmax (FN_RUN blocks at a time) first */
+static void fn_gemv_avx512(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o0, size_t o1) {
+    float absmax[FN_RUN];
+    const __m512i lut = fn_lut_u8_512();
+    size_t nb = x->nb;
+    for (size_t o = o0; o < o1; o++)
+        for (size_t p0 = 0; p0 < x->pairs; p0 += FN_RUN / 2) {
+            size_t p1 = MB_MIN(x->pairs, p0 + FN_RUN / 2), n = MB_MIN(nb, 2 * p1) - 2 * p0;
+            fn_absmax(w, o * nb + 2 * p0, n, absmax);
+            if (n % 2) absmax[n] = 0.0f; /* the missing block of the last pair */
+            for (size_t n0 = 0; n0 < x->N; n0 += 4) {
+                size_t rn = MB_MIN((size_t)4, x->N - n0);
+                if (rn == 1) fn_gemv_rows_avx512(x, w, O, out, o, n0, 1, absmax, p0, p1, p0 == 0, lut);
+                else fn_gemv_rows_avx512(x, w, O, out, o, n0, rn, absmax, p0, p1, p0 == 0, lut);
+            }
+        }
+}
+
+/* 16 x 16 int32 transpose in place: r[i] lane g -> r[g] lane i */
+static void fn_transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int k = 0; k < 8; k++) {
+        t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    for (int m = 0; m < 4; m++) { /* u[4m + j], 128-bit lane L: rows 4m .. 4m+3 at column 4L + j */
+        u[4 * m + 0] = _mm512_unpacklo_epi64(t[4 * m], t[4 * m + 2]);
+        u[4 * m + 1] = _mm512_unpackhi_epi64(t[4 * m], t[4 * m + 2]);
+        u[4 * m + 2] = _mm512_unpacklo_epi64(t[4 * m + 1], t[4 * m + 3]);
+        u[4 * m + 3] = _mm512_unpackhi_epi64(t[4 * m + 1], t[4 * m + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+        __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+        r[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+        r[4 + j] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+    }
+}
+
+/* GEMM tile: outputs [ot, ot + FN_TO) (those from o1 on: zero weights) x blocks [b0, b0 + kb) as
+ * L + 128: wt (kb, 16, FN_TO, 4) bytes, group g of block b holding what q's 4 bytes at the same
+ * place hold (g < 8: even values 8g .. 8g+6; else odd ones); at (kb, FN_TO): the absmax. */
+static void fn_unpack_avx512(const MbNf4 *w, size_t nb, size_t ot, size_t o1, size_t b0, size_t kb,
+                             uint8_t *wt, float *at, __m512i lut) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    float absmax[FN_KB];
+    for (size_t i = 0; i < FN_TO; i++) {
+        if (ot + i < o1) fn_absmax(w, (ot + i) * nb + b0, kb, absmax);
+        for (size_t b = 0; b < kb; b++) at[b * FN_TO + i] = ot + i < o1 ? absmax[b] : 0.0f;
+    }
+    for (size_t v = 0; v < FN_TO / 16; v++)
+        for (size_t b = 0; b < kb; b++) {
+            __m512i r[16];
+            for (size_t i = 0; i < 16; i++) {
+                size_t o = ot + 16 * v + i;
+                if (o >= o1) {
+                    r[i] = _mm512_set1_epi8((char)-128); /* L + 128 of level 0 */
+                    continue;
+                }
+                __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)(w->packed + (o * nb + b0 + b) * 32));
+                __m512i hl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(c, 4)), c, 1);
+                r[i] = _mm512_shuffle_epi8(lut, _mm512_and_si512(hl, m4)); /* evens, then odds */
+            }
+            fn_transpose16(r);
+            for (size_t g = 0; g < 16; g++) _mm512_store_si512(wt + ((b * 16 + g) * FN_TO + 16 * v) * 4, r[g]);
+        }
+}
+
+/* out rows [n0, n0 + rn) x vectors [v0, v0 + FN_RV) of the tile at ot, += the tile's kb blocks
+ * (first: out starts at 0). rn is a constant where it is inlined with one. */
+static inline void fn_micro_avx512(const FnAct *x, size_t n0, size_t rn, size_t b0, size_t kb, const uint8_t *wt,
+                                   const float *at, size_t v0, float *out, size_t O, size_t ot, size_t o1, int first) {
+    __m512 f[FN_RN][FN_RV];
+    __mmask16 mask[FN_RV];
+    for (size_t v = 0; v < FN_RV; v++) {
+        size_t o = ot + 16 * (v0 + v);
+        mask[v] = o >= o1 ? 0 : o1 - o >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (o1 - o)) - 1);
+    }
+    for (size_t r = 0; r < rn; r++)
+        for (size_t v = 0; v < FN_RV; v++)
+            f[r][v] = first ? _mm512_setzero_ps()
+                            : _mm512_maskz_loadu_ps(mask[v], out + (n0 + r) * O + ot + 16 * (v0 + v));
+    for (size_t b = 0; b < kb; b++) {
+        size_t bb = b0 + b;
+        __m512i s[FN_RN][FN_RV];
+        const int8_t *xq[FN_RN];
+        for (size_t r = 0; r < rn; r++) {
+            xq[r] = x->q + ((n0 + r) * x->pairs + bb / 2) * 128 + (bb % 2) * 32;
+            for (size_t v = 0; v < FN_RV; v++) s[r][v] = _mm512_set1_epi32(x->sum[(n0 + r) * 2 * x->pairs + bb]);
+        }
+        const uint8_t *wb = wt + (b * 16 * FN_TO + 16 * v0) * 4;
+        for (size_t g = 0; g < 16; g++) {
+            __m512i wv[FN_RV];
+            for (size_t v = 0; v < FN_RV; v++) wv[v] = _mm512_load_si512(wb + (g * FN_TO + 16 * v) * 4);
+            size_t off = g < 8 ? 4 * g : 64 + 4 * (g - 8);
+            for (size_t r = 0; r < rn; r++) {
+                int32_t xi;
+                memcpy(&xi, xq[r] + off, 4);
+                __m512i xb = _mm512_set1_epi32(xi);
+                for (size_t v = 0; v < FN_RV; v++) s[r][v] = _mm512_dpbusd_epi32(s[r][v], wv[v], xb);
+            }
+        }
+        for (size_t r = 0; r < rn; r++) {
+            __m512 d = _mm512_set1_ps(x->d[(n0 + r) * 2 * x->pairs + bb]);
+            for (size_t v = 0; v < FN_RV; v++) {
+                __m512 scale = _mm512_mul_ps(_mm512_load_ps(at + b * FN_TO + 16 * (v0 + v)), d);
+                f[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][v]), scale, f[r][v]);
+            }
+        }
+    }
+    for (size_t r = 0; r < rn; r++)
+        for (size_t v = 0; v < FN_RV; v++)
+            _mm512_mask_storeu_ps(out + (n0 + r) * O + ot + 16 * (v0 + v), mask[v], f[r][v]);
+}
+
+/* AVX-512 VNNI: few rows through fn_gemv_avx512, many through tiles of FN_TO x FN_KB blocks
+ * (tile: FN_TILE_BYTES, 64-byte aligned), each unpacked once and met by all N rows. */
+MB_UNUSED static void fn_matmul_avx512(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o0, size_t o1,
+                                       void *tile) {
+    if (x->N < FN_ROWS_GEMM) {
+        fn_gemv_avx512(x, w, O, out, o0, o1);
+        return;
+    }
+    const __m512i lut = fn_lut_u8_512();
+    uint8_t *wt = tile;
+    float *at = (float *)(void *)(wt + (size_t)FN_KB * 16 * FN_TO * 4);
+    for (size_t ot = o0; ot < o1; ot += FN_TO)
+        for (size_t b0 = 0; b0 < x->nb; b0 += FN_KB) {
+            size_t kb = MB_MIN((size_t)FN_KB, x->nb - b0);
+            fn_unpack_avx512(w, x->nb, ot, o1, b0, kb, wt, at, lut);
+            for (size_t n0 = 0; n0 < x->N; n0 += FN_RN) {
+                size_t rn = MB_MIN((size_t)FN_RN, x->N - n0);
+                for (size_t v0 = 0; v0 < FN_TO / 16 && ot + 16 * v0 < o1; v0 += FN_RV) {
+                    if (rn == FN_RN) fn_micro_avx512(x, n0, FN_RN, b0, kb, wt, at, v0, out, O, ot, o1, b0 == 0);
+                    else fn_micro_avx512(x, n0, rn, b0, kb, wt, at, v0, out, O, ot, o1, b0 == 0);
+                }
+            }
+        }
+}
+#endif
+
+typedef void (*FnMatmul)(const FnAct *x, const MbNf4 *w, size_t O, float *out, size_t o0, size_t o1, void *tile);
+#if defined(FN_HAVE_AVX512)
+#define FN_MATMUL fn_matmul_avx512
+#define FN_KERNEL "AVX-512 VNNI"
+#elif defined(FN_HAVE_AVX2)
+#define FN_MATMUL fn_matmul_avx2
+#define FN_KERNEL "AVX2"
+#else
+#define FN_MATMUL fn_matmul_scalar
+#define FN_KERNEL "scalar"
+#endif
+
+/* Threads take chunks of `unit` outputs in turn until none is left: a thread that wakes late (the
+ * pool's wake-up, another program on the core) takes fewer. Each output is computed the same
+ * way whoever takes it. */
+typedef struct {
+    MbCpu *cpu;
+    const FnAct *x;
+    const MbNf4 *w;
+    size_t O;
+    float *out;
+    void *tile0;        /* thread 0's tile, after the activations in its scratch */
+    size_t unit, next;  /* outputs per chunk (whole tiles or vectors); the next chunk to take */
+    pthread_mutex_t mu; /* guards next */
+} FnTask;
+
+static void fn_task(void *ctx, int tid, int nt) {
+    FnTask *t = ctx;
+    (void)nt;
+    void *tile = tid == 0 ? t->tile0 : cpu_scratch(t->cpu, tid, FN_TILE_BYTES / sizeof(float));
+    while (tile) {
+        pthread_mutex_lock(&t->mu);
+        size_t o0 = t->next * t->unit;
+        t->next++;
+        pthread_mutex_unlock(&t->mu);
+        if (o0 >= t->O) break;
+        FN_MATMUL(t->x, t->w, t->O, t->out, o0, MB_MIN(o0 + t->unit, t->O), tile);
+    }
+}
+
 static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWeight *w, size_t N) {
-    (void)cpu, (void)out, (void)inp, (void)w, (void)N;
-    return 0;
+    const MbNf4 *q = weight_nf4(w);
+    size_t O = w->rows, I = w->cols;
+    if (!q || q->blocksize != FN_BLOCK || I % FN_BLOCK || !I || !O || !N) return 0;
+    size_t act = fn_act_bytes(N, I);
+    float *s0 = cpu_scratch(cpu, 0, (act + FN_TILE_BYTES) / sizeof(float));
+    if (!s0) return 1; /* out of memory: the backend's failure, the op skips its work */
+    FnAct x = fn_act_layout(N, I, s0);
+    for (size_t n = 0; n < N; n++) FN_QUANTIZE_ROW(&x, n, inp + n * I);
+    /* chunks: GEMM tiles; for decode about 64 KB of codes, whole vectors */
+    size_t unit = N >= FN_ROWS_GEMM ? FN_TO : MB_MAX((size_t)16, ((size_t)131072 / I) / 16 * 16);
+    FnTask t;
+    t.cpu = cpu, t.x = &x, t.w = q, t.O = O, t.out = out, t.tile0 = (unsigned char *)s0 + act;
+    t.unit = unit, t.next = 0;
+    pthread_mutex_init(&t.mu, NULL);
+    mb_pool_run(cpu->pool, fn_task, &t);
+    pthread_mutex_destroy(&t.mu);
+    return 1;
 }
 /* -- end fast NF4 -- */
 
