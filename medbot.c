@@ -5575,9 +5575,423 @@ static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWei
 /* -- end fast NF4 -- */
 
 /* -- fast bf16 -- */
+/* ---- bf16 weights ----
+ * out (N, O) = inp (N, I) @ W^T with W bf16 (O, I) row-major, inp and out fp32. Each weight is
+ * widened to fp32 exactly (a bf16 is the top half of an fp32) and meets the fp32 activation in an
+ * fp32 multiply-add: the exact path's products, summed in another order, so the error is fp32
+ * rounding alone (|err| <= I u sum_i |w_i x_i|, u = 2^-24; about sqrt(I) u sum |w_i x_i| in practice).
+ * Not activations rounded to bf16 and vdpbf16ps (llama.cpp's way): on the Xeon this was tuned on
+ * (Sapphire Rapids) one vdpbf16ps zmm (32 products) retires every 2 cycles but two vfmadd231ps
+ * zmm (16 each) every cycle, so the bf16 dot product would be slower and less exact.
+ * Two shapes of work:
+ *   - few rows (decode: N < FB_GEMM_N): a matvec that reads each weight once, at memory speed:
+ *     8 (AVX-512) or 4 (AVX2) weight rows at a time, each prefetched FB_PF bytes ahead (more
+ *     streams in flight: 8 rows read 1.5x faster than 1 here), against 1 or 2 activation rows;
+ *   - more rows (prefill): a GEMM. A panel of NC outputs x FB_KC inputs is widened and
+ *     transposed once into fp32 scratch, wp (kc, NC) with wp[k][o] = w[o][k], then MR activation
+ *     rows at a time meet it in MR x NR vector accumulators: per input k, NR vector loads of wp,
+ *     MR broadcasts of activations, MR x NR fused multiply-adds.
+ * Threads take disjoint groups of outputs (a matvec's rows, or a panel), so the result does not
+ * depend on the thread count. Variants: scalar (the reference, always compiled), AVX2 + FMA and
+ * AVX-512, each callable on its own (the tests run every one the build can). */
+#define FB_GEMM_N 4 /* rows from which the GEMM serves */
+#define FB_PF 512   /* bytes of a weight row the matvec prefetches ahead of its reads */
+#define FB_KC 128   /* inputs per packed panel */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FB_INLINE static inline __attribute__((always_inline))
+#else
+#define FB_INLINE static inline
+#endif
+
+/* A way to compute outputs [o0, o1) of out (N, O), o0 a multiple of group(N); scratch holds
+ * `scratch` floats (64-byte aligned) of the calling thread. */
+typedef struct {
+    const char *name;
+    size_t mv_group, gemm_group; /* outputs a thread takes at a time: matvec, GEMM */
+    size_t scratch;              /* floats of per-thread scratch */
+    void (*rows)(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I, size_t o0,
+                 size_t o1, float *scratch);
+} FbVariant;
+
+static size_t fb_group(const FbVariant *v, size_t N) { return N < FB_GEMM_N ? v->mv_group : v->gemm_group; }
+
+/* The reference: one sequential fp32 sum per output. */
+static void fb_rows_scalar(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
+                           size_t o0, size_t o1, float *scratch) {
+    (void)scratch;
+    for (size_t o = o0; o < o1; o++)
+        for (size_t n = 0; n < N; n++) {
+            const uint16_t *wr = w + o * I;
+            const float *x = inp + n * I;
+            float s = 0.0f;
+            for (size_t i = 0; i < I; i++) s += bf16_to_f32(wr[i]) * x[i];
+            out[n * O + o] = s;
+        }
+}
+
+MB_UNUSED static const FbVariant fb_scalar = {"scalar", 1, 1, 0, fb_rows_scalar};
+
+/* the sum of w[o][k] x[n][k] over k in [k0, I) in a fixed order: the vector loops' tail */
+MB_UNUSED static float fb_tail(const uint16_t *wr, const float *x, size_t k0, size_t I) {
+    float s = 0.0f;
+    for (size_t k = k0; k < I; k++) s += bf16_to_f32(wr[k]) * x[k];
+    return s;
+}
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* The GEMM's next block after (panel p of nc rows, inputs from k0) into L2 while this one is
+ * multiplied: the pack reads 4 lines from each of nc rows, too many streams for the hardware
+ * prefetcher when the weights come from memory (5-10% of a prefill here). */
+static void fb_prefetch_next(const uint16_t *w, size_t O, size_t I, size_t p, size_t k0, size_t o1, size_t nc) {
+    size_t np = k0 + FB_KC < I ? p : p + nc, nk = k0 + FB_KC < I ? k0 + FB_KC : 0;
+    size_t nkc = MB_MIN((size_t)FB_KC, I - nk);
+    for (size_t r = np; r < MB_MIN(MB_MIN(np + nc, O), o1); r++)
+        for (size_t k = 0; k < nkc; k += 32) _mm_prefetch((const char *)(w + r * I + nk + k), _MM_HINT_T1);
+}
+#endif
+
+#if defined(__AVX512F__)
+#define FB512_NR 4 /* vectors of 16 outputs in a panel: 64 outputs */
+#define FB512_MR 6 /* activation rows per kernel call */
+#define FB512_NC (16 * FB512_NR)
+#define FB512_MV_R 8 /* weight rows a matvec step reads */
+#define FB512_MV_N 2 /* activation rows it meets them with */
+
+FB_INLINE __m512 fb_widen16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p)), 16));
+}
+
+/* out[n][o .. o+nr) for n < nn; rows[r]: the weight rows (a short group repeats its last) */
+FB_INLINE void fb_mv_avx512(size_t nn, float *out, size_t O, const float *inp, const uint16_t *const rows[FB512_MV_R],
+                            size_t I, size_t nr) {
+    __m512 acc[FB512_MV_N][FB512_MV_R];
+    for (size_t n = 0; n < nn; n++)
+        for (size_t r = 0; r < FB512_MV_R; r++) acc[n][r] = _mm512_setzero_ps();
+    size_t k = 0;
+    for (; k + 16 <= I; k += 16) {
+        __m512 wv[FB512_MV_R];
+        for (size_t r = 0; r < FB512_MV_R; r++) wv[r] = fb_widen16(rows[r] + k);
+        if (k % 32 == 0 && k + 32 + FB_PF / 2 <= I) /* a line of 64 bytes every other step, inside the row */
+            for (size_t r = 0; r < FB512_MV_R; r++) _mm_prefetch((const char *)(rows[r] + k) + FB_PF, _MM_HINT_T0);
+        for (size_t n = 0; n < nn; n++) {
+            __m512 xv = _mm512_loadu_ps(inp + n * I + k);
+            for (size_t r = 0; r < FB512_MV_R; r++) acc[n][r] = _mm512_fmadd_ps(wv[r], xv, acc[n][r]);
+        }
+    }
+    for (size_t n = 0; n < nn; n++)
+        for (size_t r = 0; r < nr; r++)
+            out[n * O + r] = _mm512_reduce_add_ps(acc[n][r]) + fb_tail(rows[r], inp + n * I, k, I);
+}
+
+static void fb_matvec_avx512(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
+                             size_t o0, size_t o1) {
+    for (size_t o = o0; o < o1; o += FB512_MV_R) {
+        size_t nr = MB_MIN((size_t)FB512_MV_R, o1 - o);
+        const uint16_t *rows[FB512_MV_R];
+        for (size_t r = 0; r < FB512_MV_R; r++) rows[r] = w + (o + MB_MIN(r, nr - 1)) * I;
+        for (size_t n0 = 0; n0 < N; n0 += FB512_MV_N) {
+            if (N - n0 >= 2) fb_mv_avx512(2, out + n0 * O + o, O, inp + n0 * I, rows, I, nr);
+            else fb_mv_avx512(1, out + n0 * O + o, O, inp + n0 * I, rows, I, nr);
+        }
+    }
+}
+
+/* 16 x 16 transpose of 32-bit values: r[i] lane j -> r[j] lane i */
+static void fb_transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* b[4g + c] lane L: column 4L + c of rows 4g .. 4g+3 */
+    for (int g = 0; g < 16; g += 4) {
+        b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+        b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+        b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+        b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+        __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+    }
+}
+
+/* wp (kc, FB512_NC): wp[k][o] = w[o0 + o][k0 + k], 0 for rows o0 + o >= O. 16 rows x 32 inputs at
+ * a time: their bf16 pairs transposed as 32-bit values, then each pair split into two fp32. */
+static void fb_pack_avx512(float *wp, const uint16_t *w, size_t O, size_t I, size_t o0, size_t k0, size_t kc) {
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (size_t g = 0; g < FB512_NR; g++) {
+        size_t og = o0 + 16 * g;
+        size_t k = 0;
+        for (; k + 32 <= kc; k += 32) {
+            __m512i r[16];
+            for (size_t i = 0; i < 16; i++)
+                r[i] = og + i < O ? _mm512_loadu_si512((const void *)(w + (og + i) * I + k0 + k)) : _mm512_setzero_si512();
+            fb_transpose16(r);
+            for (size_t j = 0; j < 16; j++) {
+                float *d = wp + (k + 2 * j) * FB512_NC + 16 * g;
+                _mm512_store_ps(d, _mm512_castsi512_ps(_mm512_slli_epi32(r[j], 16)));
+                _mm512_store_ps(d + FB512_NC, _mm512_castsi512_ps(_mm512_and_si512(r[j], hi)));
+            }
+        }
+        for (; k < kc; k++)
+            for (size_t i = 0; i < 16; i++)
+                wp[k * FB512_NC + 16 * g + i] = og + i < O ? bf16_to_f32(w[(og + i) * I + k0 + k]) : 0.0f;
+    }
+}
+
+/* out (mr, ld O)[.., 0 .. no) (+)= x (mr, ld I) [.., 0 .. kc) @ wp (kc, FB512_NC) */
+FB_INLINE void fb_tile_avx512(size_t mr, float *out, size_t O, const float *x, size_t I, const float *wp, size_t kc,
+                              size_t no, int first) {
+    __m512 acc[FB512_MR][FB512_NR];
+    __mmask16 m[FB512_NR];
+    for (size_t j = 0; j < FB512_NR; j++) {
+        size_t left = no > 16 * j ? no - 16 * j : 0;
+        m[j] = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    }
+    for (size_t r = 0; r < mr; r++)
+        for (size_t j = 0; j < FB512_NR; j++)
+            acc[r][j] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m[j], out + r * O + 16 * j);
+    for (size_t k = 0; k < kc; k++) {
+        __m512 wv[FB512_NR];
+        for (size_t j = 0; j < FB512_NR; j++) wv[j] = _mm512_load_ps(wp + k * FB512_NC + 16 * j);
+        for (size_t r = 0; r < mr; r++) {
+            __m512 xv = _mm512_set1_ps(x[r * I + k]);
+            for (size_t j = 0; j < FB512_NR; j++) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+        }
+    }
+    for (size_t r = 0; r < mr; r++)
+        for (size_t j = 0; j < FB512_NR; j++) _mm512_mask_storeu_ps(out + r * O + 16 * j, m[j], acc[r][j]);
+}
+
+static void fb_gemm_avx512(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
+                           size_t o0, size_t o1, float *wp) {
+    for (size_t p = o0; p < o1; p += FB512_NC) {
+        size_t no = MB_MIN((size_t)FB512_NC, O - p);
+        for (size_t k0 = 0; k0 < I; k0 += FB_KC) {
+            size_t kc = MB_MIN((size_t)FB_KC, I - k0);
+            fb_pack_avx512(wp, w, O, I, p, k0, kc);
+            fb_prefetch_next(w, O, I, p, k0, o1, FB512_NC);
+            for (size_t n0 = 0; n0 < N; n0 += FB512_MR) {
+                float *po = out + n0 * O + p;
+                const float *px = inp + n0 * I + k0;
+                int first = k0 == 0;
+                switch (MB_MIN((size_t)FB512_MR, N - n0)) {
+                case 1: fb_tile_avx512(1, po, O, px, I, wp, kc, no, first); break;
+                case 2: fb_tile_avx512(2, po, O, px, I, wp, kc, no, first); break;
+                case 3: fb_tile_avx512(3, po, O, px, I, wp, kc, no, first); break;
+                case 4: fb_tile_avx512(4, po, O, px, I, wp, kc, no, first); break;
+                case 5: fb_tile_avx512(5, po, O, px, I, wp, kc, no, first); break;
+                default: fb_tile_avx512(FB512_MR, po, O, px, I, wp, kc, no, first); break;
+                }
+            }
+        }
+    }
+}
+
+static void fb_rows_avx512(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
+                           size_t o0, size_t o1, float *scratch) {
+    if (N < FB_GEMM_N) fb_matvec_avx512(out, inp, w, N, O, I, o0, o1);
+    else fb_gemm_avx512(out, inp, w, N, O, I, o0, o1, scratch);
+}
+
+MB_UNUSED static const FbVariant fb_avx512 = {"AVX-512", FB512_MV_R, FB512_NC, (size_t)FB_KC * FB512_NC, fb_rows_avx512};
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define FB256_NR 3 /* vectors of 8 outputs in a panel: 24 outputs */
+#define FB256_MR 4
+#define FB256_NC (8 * FB256_NR)
+#define FB256_MV_R 4
+#define FB256_MV_N 2
+
+FB_INLINE __m256 fb_widen8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)), 16));
+}
+
+FB_INLINE float fb_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+FB_INLINE void fb_mv_avx2(size_t nn, float *out, size_t O, const float *inp, const uint16_t *const rows[FB256_MV_R],
+                          size_t I, size_t nr) {
+    __m256 acc[FB256_MV_N][FB256_MV_R];
+    for (size_t n = 0; n < nn; n++)
+        for (size_t r = 0; r < FB256_MV_R; r++) acc[n][r] = _mm256_setzero_ps();
+    size_t k = 0;
+    for (; k + 8 <= I; k += 8) {
+        __m256 wv[FB256_MV_R];
+        for (size_t r = 0; r < FB256_MV_R; r++) wv[r] = fb_widen8(rows[r] + k);
+        if (k % 32 == 0 && k + 32 + FB_PF / 2 <= I)
+            for (size_t r = 0; r < FB256_MV_R; r++) _mm_prefetch((const char *)(rows[r] + k) + FB_PF, _MM_HINT_T0);
+        for (size_t n = 0; n < nn; n++) {
+            __m256 xv = _mm256_loadu_ps(inp + n * I + k);
+            for (size_t r = 0; r < FB256_MV_R; r++) acc[n][r] = _mm256_fmadd_ps(wv[r], xv, acc[n][r]);
+        }
+    }
+    for (size_t n = 0; n < nn; n++)
+        for (size_t r = 0; r < nr; r++) out[n * O + r] = fb_hsum256(acc[n][r]) + fb_tail(rows[r], inp + n * I, k, I);
+}
+
+static void fb_matvec_avx2(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
+                           size_t o0, size_t o1) {
+    for (size_t o = o0; o < o1; o += FB256_MV_R) {
+        size_t nr = MB_MIN((size_t)FB256_MV_R, o1 - o);
+        const uint16_t *rows[FB256_MV_R];
+        for (size_t r = 0; r < FB256_MV_R; r++) rows[r] = w + (o + MB_MIN(r, nr - 1)) * I;
+        for (size_t n0 = 0; n0 < N; n0 += FB256_MV_N) {
+            if (N - n0 >= 2) fb_mv_avx2(2, out + n0 * O + o, O, inp + n0 * I, rows, I, nr);
+            else fb_mv_avx2(1, out + n0 * O + o, O, inp + n0 * I, rows, I, nr);
+        }
+    }
+}
+
+/* 8 x 8 transpose of 32-bit values: r[i] lane j -> r[j] lane i */
+static void fb_transpose8(__m256i r[8]) {
+    __m256i a[8], b[8];
+    for (int i = 0; i < 8; i += 2) {
+        a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* b[4g + c] lane L (128 bits): column 4L + c of rows 4g .. 4g+3 */
+    for (int g = 0; g < 8; g += 4) {
+        b[g] = _mm256_unpacklo_epi64(a[g], a[g + 2]);
+        b[g + 1] = _mm256_unpackhi_epi64(a[g], a[g + 2]);
+        b[g + 2] = _mm256_unpacklo_epi64(a[g + 1], a[g + 3]);
+        b[g + 3] = _mm256_unpackhi_epi64(a[g + 1], a[g + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm256_permute2x128_si256(b[c], b[4 + c], 0x20);
+        r[4 + c] = _mm256_permute2x128_si256(b[c], b[4 + c], 0x31);
+    }
+}
+
+/* wp (kc, FB256_NC): wp[k][o] = w[o0 + o][k0 + k], 0 for rows o0 + o >= O; 8 rows x 16 inputs at a time */
+static void fb_pack_avx2(float *wp, const uint16_t *w, size_t O, size_t I, size_t o0, size_t k0, size_t kc) {
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (size_t g = 0; g < FB256_NR; g++) {
+        size_t og = o0 + 8 * g;
+        size_t k = 0;
+        for (; k + 16 <= kc; k += 16) {
+            __m256i r[8];
+            for (size_t i = 0; i < 8; i++)
+                r[i] = og + i < O ? _mm256_loadu_si256((const __m256i *)(const void *)(w + (og + i) * I + k0 + k))
+                                  : _mm256_setzero_si256();
+            fb_transpose8(r);
+            for (size_t j = 0; j < 8; j++) {
+                float *d = wp + (k + 2 * j) * FB256_NC + 8 * g;
+                _mm256_store_ps(d, _mm256_castsi256_ps(_mm256_slli_epi32(r[j], 16)));
+                _mm256_store_ps(d + FB256_NC, _mm256_castsi256_ps(_mm256_and_si256(r[j], hi)));
+            }
+        }
+        for (; k < kc; k++)
+            for (size_t i = 0; i < 8; i++)
+                wp[k * FB256_NC + 8 * g + i] = og + i < O ? bf16_to_f32(w[(og + i) * I + k0 + k]) : 0.0f;
+    }
+}
+
+FB_INLINE void fb_tile_avx2(size_t mr, float *out, size_t O, const float *x, size_t I, const float *wp, size_t kc,
+                            size_t no, int first) {
+    __m256 acc[FB256_MR][FB256_NR];
+    __m256i m[FB256_NR]; /* lanes of outputs < no */
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (size_t j = 0; j < FB256_NR; j++) {
+        size_t left = no > 8 * j ? MB_MIN(no - 8 * j, (size_t)8) : 0;
+        m[j] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), lane);
+    }
+    for (size_t r = 0; r < mr; r++)
+        for (size_t j = 0; j < FB256_NR; j++)
+            acc[r][j] = first ? _mm256_setzero_ps() : _mm256_maskload_ps(out + r * O + 8 * j, m[j]);
+    for (size_t k = 0; k < kc; k++) {
+        __m256 wv[FB256_NR];
+        for (size_t j = 0; j < FB256_NR; j++) wv[j] = _mm256_load_ps(wp + k * FB256_NC + 8 * j);
+        for (size_t r = 0; r < mr; r++) {
+            __m256 xv = _mm256_broadcast_ss(x + r * I + k);
+            for (size_t j = 0; j < FB256_NR; j++) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+        }
+    }
+    for (size_t r = 0; r < mr; r++)
+        for (size_t j = 0; j < FB256_NR; j++) _mm256_maskstore_ps(out + r * O + 8 * j, m[j], acc[r][j]);
+}
+
+static void fb_gemm_avx2(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
+                         size_t o0, size_t o1, float *wp) {
+    for (size_t p = o0; p < o1; p += FB256_NC) {
+        size_t no = MB_MIN((size_t)FB256_NC, O - p);
+        for (size_t k0 = 0; k0 < I; k0 += FB_KC) {
+            size_t kc = MB_MIN((size_t)FB_KC, I - k0);
+            fb_pack_avx2(wp, w, O, I, p, k0, kc);
+            fb_prefetch_next(w, O, I, p, k0, o1, FB256_NC);
+            for (size_t n0 = 0; n0 < N; n0 += FB256_MR) {
+                float *po = out + n0 * O + p;
+                const float *px = inp + n0 * I + k0;
+                int first = k0 == 0;
+                switch (MB_MIN((size_t)FB256_MR, N - n0)) {
+                case 1: fb_tile_avx2(1, po, O, px, I, wp, kc, no, first); break;
+                case 2: fb_tile_avx2(2, po, O, px, I, wp, kc, no, first); break;
+                case 3: fb_tile_avx2(3, po, O, px, I, wp, kc, no, first); break;
+                default: fb_tile_avx2(FB256_MR, po, O, px, I, wp, kc, no, first); break;
+                }
+            }
+        }
+    }
+}
+
+static void fb_rows_avx2(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
+                         size_t o0, size_t o1, float *scratch) {
+    if (N < FB_GEMM_N) fb_matvec_avx2(out, inp, w, N, O, I, o0, o1);
+    else fb_gemm_avx2(out, inp, w, N, O, I, o0, o1, scratch);
+}
+
+MB_UNUSED static const FbVariant fb_avx2 = {"AVX2", FB256_MV_R, FB256_NC, (size_t)FB_KC * FB256_NC, fb_rows_avx2};
+#endif
+
+/* One fast bf16 matmul over the thread pool: thread tid takes a share of the variant's groups
+ * of outputs. */
+typedef struct {
+    const FbVariant *v;
+    MbCpu *cpu;
+    float *out;
+    const float *inp;
+    const uint16_t *w;
+    size_t N, O, I;
+} FbTask;
+
+static void fb_task(void *ctx, int tid, int nt) {
+    FbTask *t = ctx;
+    size_t g = fb_group(t->v, t->N), g0, g1;
+    mb_split((t->O + g - 1) / g, tid, nt, &g0, &g1);
+    size_t o0 = g0 * g, o1 = MB_MIN(t->O, g1 * g);
+    float *scratch = o0 < o1 && t->v->scratch ? cpu_scratch(t->cpu, tid, t->v->scratch) : NULL;
+    if (o0 < o1 && (scratch || !t->v->scratch)) t->v->rows(t->out, t->inp, t->w, t->N, t->O, t->I, o0, o1, scratch);
+}
+
+/* The fastest variant this build has, or NULL where it has no vector kernels (the exact kernels,
+ * which the compiler vectorizes, are then as fast as the scalar loop) */
+static const FbVariant *fb_best(void) {
+#if defined(__AVX512F__)
+    return &fb_avx512;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return &fb_avx2;
+#else
+    return NULL;
+#endif
+}
+
 static int fast_bf16_matmul(MbCpu *cpu, float *out, const float *inp, const MbWeight *w, size_t N) {
-    (void)cpu, (void)out, (void)inp, (void)w, (void)N;
-    return 0;
+    const FbVariant *v = fb_best();
+    if (!v) return 0;
+    FbTask t = {v, cpu, out, inp, (const uint16_t *)w->data, N, w->rows, w->cols};
+    mb_pool_run(cpu->pool, fb_task, &t);
+    return 1;
 }
 /* -- end fast bf16 -- */
 
