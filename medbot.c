@@ -6095,15 +6095,22 @@ typedef struct {
     const int8_t *xq;
     const float *xs;
     size_t N, O, I;
+    size_t unit, next; /* rows per chunk; the next chunk (atomic) */
 } Q8Task;
 
+/* Threads take chunks of rows in turn (a thread that wakes late or shares its core takes fewer);
+ * each output is computed the same way whoever takes it. */
 static void q8_matmul_task(void *ctx, int tid, int nt) {
     Q8Task *t = ctx;
-    size_t o0, o1, nb = t->I / MB_Q8_BLOCK;
-    mb_split(t->O, tid, nt, &o0, &o1);
-    for (size_t o = o0; o < o1; o++)
-        for (size_t n = 0; n < t->N; n++)
-            t->out[n * t->O + o] = q8_dot(t->w->q + o * t->I, t->w->scale + o * nb, t->xq + n * t->I, t->xs + n * nb, nb);
+    size_t nb = t->I / MB_Q8_BLOCK;
+    (void)tid, (void)nt;
+    for (;;) {
+        size_t o0 = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED) * t->unit;
+        if (o0 >= t->O) break;
+        for (size_t o = o0; o < MB_MIN(o0 + t->unit, t->O); o++)
+            for (size_t n = 0; n < t->N; n++)
+                t->out[n * t->O + o] = q8_dot(t->w->q + o * t->I, t->w->scale + o * nb, t->xq + n * t->I, t->xs + n * nb, nb);
+    }
 }
 
 /* out (N, O) = inp (N, I) @ W^T for an MB_DT_I8 weight (always served: it has no exact path) */
@@ -6114,7 +6121,7 @@ static int fast_q8_matmul(MbCpu *cpu, float *out, const float *inp, const MbWeig
     float *xs = buf;
     int8_t *xq = (int8_t *)(void *)(buf + N * nb);
     for (size_t n = 0; n < N; n++) q8_quantize(inp + n * I, I, xq + n * I, xs + n * nb);
-    Q8Task t = {out, w->data, xq, xs, N, w->rows, I};
+    Q8Task t = {out, w->data, xq, xs, N, w->rows, I, MB_MAX((size_t)16, (size_t)65536 / I), 0}; /* ~64 KB a chunk */
     mb_pool_run(cpu->pool, q8_matmul_task, &t);
     return 1;
 }
