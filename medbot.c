@@ -5597,6 +5597,8 @@ static int fast_nf4_matmul(MbCpu *cpu, float *out, const float *inp, const MbWei
 #define FB_GEMM_N 4 /* rows from which the GEMM serves */
 #define FB_PF 512   /* bytes of a weight row the matvec prefetches ahead of its reads */
 #define FB_KC 128   /* inputs per packed panel */
+#define FB_NB 128   /* activation rows and */
+#define FB_KB 2048  /* their inputs that the GEMM keeps in L2 (1 MB) while all its panels pass */
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FB_INLINE static inline __attribute__((always_inline))
@@ -5640,12 +5642,13 @@ MB_UNUSED static float fb_tail(const uint16_t *wr, const float *x, size_t k0, si
 }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-/* The GEMM's next block after (panel p of nc rows, inputs from k0) into L2 while this one is
- * multiplied: the pack reads 4 lines from each of nc rows, too many streams for the hardware
+/* The GEMM's next block after (panel p of nc rows, inputs k0 of [kb, ke)) into L2 while this one
+ * is multiplied: the pack reads 4 lines from each of nc rows, too many streams for the hardware
  * prefetcher when the weights come from memory (5-10% of a prefill here). */
-static void fb_prefetch_next(const uint16_t *w, size_t O, size_t I, size_t p, size_t k0, size_t o1, size_t nc) {
-    size_t np = k0 + FB_KC < I ? p : p + nc, nk = k0 + FB_KC < I ? k0 + FB_KC : 0;
-    size_t nkc = MB_MIN((size_t)FB_KC, I - nk);
+static void fb_prefetch_next(const uint16_t *w, size_t O, size_t I, size_t p, size_t k0, size_t kb, size_t ke,
+                             size_t o1, size_t nc) {
+    size_t np = k0 + FB_KC < ke ? p : p + nc, nk = k0 + FB_KC < ke ? k0 + FB_KC : kb;
+    size_t nkc = MB_MIN((size_t)FB_KC, ke - nk);
     for (size_t r = np; r < MB_MIN(MB_MIN(np + nc, O), o1); r++)
         for (size_t k = 0; k < nkc; k += 32) _mm_prefetch((const char *)(w + r * I + nk + k), _MM_HINT_T1);
 }
@@ -5771,17 +5774,19 @@ FB_INLINE void fb_tile_avx512(size_t mr, float *out, size_t O, const float *x, s
 
 static void fb_gemm_avx512(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
                            size_t o0, size_t o1, float *wp) {
+    for (size_t nb = 0; nb < N; nb += FB_NB)
+    for (size_t kb = 0; kb < I; kb += FB_KB)
     for (size_t p = o0; p < o1; p += FB512_NC) {
-        size_t no = MB_MIN((size_t)FB512_NC, O - p);
-        for (size_t k0 = 0; k0 < I; k0 += FB_KC) {
-            size_t kc = MB_MIN((size_t)FB_KC, I - k0);
+        size_t no = MB_MIN((size_t)FB512_NC, O - p), ne = MB_MIN(N, nb + FB_NB), ke = MB_MIN(I, kb + FB_KB);
+        for (size_t k0 = kb; k0 < ke; k0 += FB_KC) {
+            size_t kc = MB_MIN((size_t)FB_KC, ke - k0);
             fb_pack_avx512(wp, w, O, I, p, k0, kc);
-            fb_prefetch_next(w, O, I, p, k0, o1, FB512_NC);
-            for (size_t n0 = 0; n0 < N; n0 += FB512_MR) {
+            fb_prefetch_next(w, O, I, p, k0, kb, ke, o1, FB512_NC);
+            for (size_t n0 = nb; n0 < ne; n0 += FB512_MR) {
                 float *po = out + n0 * O + p;
                 const float *px = inp + n0 * I + k0;
                 int first = k0 == 0;
-                switch (MB_MIN((size_t)FB512_MR, N - n0)) {
+                switch (MB_MIN((size_t)FB512_MR, ne - n0)) {
                 case 1: fb_tile_avx512(1, po, O, px, I, wp, kc, no, first); break;
                 case 2: fb_tile_avx512(2, po, O, px, I, wp, kc, no, first); break;
                 case 3: fb_tile_avx512(3, po, O, px, I, wp, kc, no, first); break;
@@ -5924,17 +5929,19 @@ FB_INLINE void fb_tile_avx2(size_t mr, float *out, size_t O, const float *x, siz
 
 static void fb_gemm_avx2(float *out, const float *inp, const uint16_t *w, size_t N, size_t O, size_t I,
                          size_t o0, size_t o1, float *wp) {
+    for (size_t nb = 0; nb < N; nb += FB_NB)
+    for (size_t kb = 0; kb < I; kb += FB_KB)
     for (size_t p = o0; p < o1; p += FB256_NC) {
-        size_t no = MB_MIN((size_t)FB256_NC, O - p);
-        for (size_t k0 = 0; k0 < I; k0 += FB_KC) {
-            size_t kc = MB_MIN((size_t)FB_KC, I - k0);
+        size_t no = MB_MIN((size_t)FB256_NC, O - p), ne = MB_MIN(N, nb + FB_NB), ke = MB_MIN(I, kb + FB_KB);
+        for (size_t k0 = kb; k0 < ke; k0 += FB_KC) {
+            size_t kc = MB_MIN((size_t)FB_KC, ke - k0);
             fb_pack_avx2(wp, w, O, I, p, k0, kc);
-            fb_prefetch_next(w, O, I, p, k0, o1, FB256_NC);
-            for (size_t n0 = 0; n0 < N; n0 += FB256_MR) {
+            fb_prefetch_next(w, O, I, p, k0, kb, ke, o1, FB256_NC);
+            for (size_t n0 = nb; n0 < ne; n0 += FB256_MR) {
                 float *po = out + n0 * O + p;
                 const float *px = inp + n0 * I + k0;
                 int first = k0 == 0;
-                switch (MB_MIN((size_t)FB256_MR, N - n0)) {
+                switch (MB_MIN((size_t)FB256_MR, ne - n0)) {
                 case 1: fb_tile_avx2(1, po, O, px, I, wp, kc, no, first); break;
                 case 2: fb_tile_avx2(2, po, O, px, I, wp, kc, no, first); break;
                 case 3: fb_tile_avx2(3, po, O, px, I, wp, kc, no, first); break;

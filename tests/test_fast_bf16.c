@@ -14,7 +14,7 @@
 
 static const size_t fbt_Ns[] = {1, 2, 3, 7, 9, 130};
 static const size_t fbt_Os[] = {1, 3, 17, 33, 100};
-static const size_t fbt_Is[] = {1, 2, 3, 63, 64, 130, 2048};
+static const size_t fbt_Is[] = {1, 2, 3, 63, 64, 130, 2048, 4099}; /* 4099: the GEMM blocks inputs by 2048 */
 #define FBT_LEN(a) (sizeof a / sizeof *a)
 #define FBT_U 0x1.0p-24
 
