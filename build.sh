@@ -197,8 +197,14 @@ shown() { case $1 in */*) echo "$1" ;; *) echo "./$1" ;; esac; }
 
 # build_bin OUT SRC EXTRA_FLAGS...: compiles SRC into OUT when OUT is stale
 build_bin() {
-  local out=$1 src=$2
-  if stale "$out" "$src"; then compile "compiling $(shown "$out") from $src" "$@"; fi
+  local out=$1 src=$2 stamp; shift 2
+  # the flags it was built with beside it: other flags (CFLAGS, MEDBOT_NATIVE=0) build it again
+  stamp="$BUILD/$(echo "$out" | tr '/' '_').flags"
+  if stale "$out" "$src" || [ "$(cat "$stamp" 2>/dev/null)" != "$* ${CFLAGS:-}" ]; then
+    rm -f "$stamp"
+    compile "compiling $(shown "$out") from $src" "$out" "$src" "$@"
+    echo "$* ${CFLAGS:-}" > "$stamp"
+  fi
 }
 
 build_medbot() {
