@@ -563,6 +563,7 @@ static void bench_8b(const char *dir, const char *gguf, const char *bin, int thr
 
 int main(int argc, char **argv) {
     const char *filter = argc > 1 ? argv[1] : "";
+    setvbuf(stdout, NULL, _IOLBF, 0); /* each line as it comes, also into a file */
     if (filter[0] && !strcmp(filter, "generate_8b")) {
         const char *dir = getenv("MEDBOT_BENCH_8B"), *th = getenv("MEDBOT_THREADS"), *bin = getenv("MEDBOT_LLAMA_CPP");
         if (!dir || !dir[0]) {
