@@ -352,7 +352,7 @@ static void kl_print(const char *model, const char *weights, const char *mode, K
     for (size_t i = 0; i < n; i++) mean += k->kl[i];
     mean /= (double)n;
     printf("%-26s %-7s %-22s %10.6f %10.6f %12.3e %6zu%s\n", model, weights, mode, mean,
-           k->kl[(size_t)floor(0.99 * (double)(n - 1))], k->max_rel, n, served ? "" : "  (not served: the exact path)");
+           k->kl[(size_t)floor(0.99 * (double)(n - 1))], k->max_rel, n, served ? "" : "  (bit for bit the exact path's)");
     arrfree(k->kl);
     k->kl = NULL, k->max_rel = 0;
 }
@@ -422,15 +422,16 @@ static void accuracy_model(const char *label, const char *dir, int load_in_4bit,
 /* llama-perplexity --kl-divergence of a quantized GGUF against the bf16 one's saved logits */
 static void accuracy_llama_cpp(const char *bin, int threads) {
     char cmd[2048], line[512];
-    snprintf(cmd, sizeof cmd, "%s/llama-perplexity -m %s -f %s -c %d -b 2048 -t %d --kl-divergence-base %s/base-bf16.kld "
-             "> %s/kld-base.log 2>&1", bin, llama_rows[0].file, KL_TEXT, KL_CTX, threads, DIR, DIR);
+    snprintf(cmd, sizeof cmd, "%s/llama-perplexity -m %s -f %s -c %d -b 2048 --chunks %d -t %d --kl-divergence-base "
+             "%s/base-bf16.kld > %s/kld-base.log 2>&1", bin, llama_rows[0].file, KL_TEXT, KL_CTX, KL_CHUNKS, threads, DIR, DIR);
     if (sh(cmd)) {
         printf("llama.cpp: llama-perplexity on the bf16 GGUF failed (see %s/kld-base.log)\n", DIR);
         return;
     }
     for (int r = 1; r < 3; r++) {
-        snprintf(cmd, sizeof cmd, "%s/llama-perplexity -m %s -t %d --kl-divergence-base %s/base-bf16.kld --kl-divergence "
-                 "2>&1 | grep -E '^(Mean    KLD|99.0%%   KLD|Maximum KLD)'", bin, llama_rows[r].file, threads, DIR);
+        snprintf(cmd, sizeof cmd, "%s/llama-perplexity -m %s -c %d -b 2048 --chunks %d -t %d --kl-divergence-base "
+                 "%s/base-bf16.kld --kl-divergence 2>&1 | grep -E '^(Mean    KLD|99.0%%   KLD|Maximum KLD)'", bin, llama_rows[r].file, KL_CTX,
+                 KL_CHUNKS, threads, DIR);
         FILE *f = popen(cmd, "r");
         double mean = NAN, p99 = NAN;
         while (f && fgets(line, sizeof line, f)) {
