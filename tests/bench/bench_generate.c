@@ -565,7 +565,7 @@ static void bench_8b(const char *dir, const char *gguf, const char *bin, int thr
     char cmd[2048];
     for (int part = 0; part < 2; part++) {
         snprintf(cmd, sizeof cmd, "/usr/bin/time -f 'llama.cpp %s: wall %%e s, peak RSS %%M kB' %s/llama-bench -m %s -t %d -r 1 %s "
-                 "-o md 2>&1 | grep -E 'q4_0|llama.cpp'", part ? "decode" : "prefill", bin, gguf, threads,
+                 "-o md 2>&1 | grep -iE 'q4_0|llama.cpp'", part ? "decode" : "prefill", bin, gguf, threads,
                  part ? "-p 0 -n 32 -d 128" : "-p 128 -n 0");
         fflush(stdout);
         if (sh(cmd)) printf("llama.cpp: llama-bench failed on %s\n", gguf);
